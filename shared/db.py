@@ -1,0 +1,158 @@
+"""Databases: one per service, SQLite by default and PostgreSQL in production, plus the two tables every
+service has for reliable messaging: the transactional outbox and the processed-event tracking rows."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+import threading
+from contextlib import contextmanager, nullcontext
+from datetime import datetime, timezone
+
+import sqlalchemy as sa
+from sqlalchemy import event as sa_event
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Field, Session, SQLModel, select
+
+from shared.events import STREAM_OF, Event, utcnow
+from shared.logs import current_correlation_id
+
+log = logging.getLogger("relais.events")
+
+
+class UTCDateTime(sa.TypeDecorator):
+    """Aware datetimes in, aware UTC datetimes out, on SQLite (which keeps no offset) as on PostgreSQL."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):  # noqa: ANN001
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the database; use an aware one")
+        value = value.astimezone(timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value, dialect):  # noqa: ANN001
+        if value is None:
+            return None
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+class OutboxMessage(SQLModel, table=True):
+    """An event committed with the state change that caused it, waiting for the relay to publish it."""
+
+    __tablename__ = "outbox"
+    id: int | None = Field(default=None, primary_key=True)
+    event_id: str = Field(unique=True, max_length=64)
+    stream: str = Field(max_length=64)
+    type: str = Field(max_length=64)
+    payload: str
+    created_at: datetime = Field(sa_type=UTCDateTime)
+    published_at: datetime | None = Field(default=None, index=True, sa_type=UTCDateTime)
+
+
+class ProcessedEvent(SQLModel, table=True):
+    """Written in the same transaction as a consumer's work, so a second delivery of the event is a no-op."""
+
+    __tablename__ = "processed_event"
+    consumer: str = Field(primary_key=True, max_length=64)
+    event_id: str = Field(primary_key=True, max_length=64)
+    processed_at: datetime = Field(sa_type=UTCDateTime)
+
+
+MESSAGING_TABLES = (OutboxMessage.__table__, ProcessedEvent.__table__)
+
+
+def emit(session: Session, event: Event) -> None:
+    """Put an event in the outbox, inside the caller's transaction: it is published only if that commits.
+    An event without a correlation id takes the one of the work in hand (the HTTP request or the event consumed)."""
+    if event.correlation_id is None and (correlation_id := current_correlation_id()):
+        event = event.model_copy(update={"correlation_id": correlation_id})
+    # Type and ids only: the payload may hold personal data.
+    log.info("emit %s", event.type, extra={"event_type": event.type, "event_id": event.event_id,
+                                            "need_id": event.need_id, "correlation_id": event.correlation_id})
+    session.add(OutboxMessage(
+        event_id=event.event_id, stream=STREAM_OF[event.type], type=event.type,
+        payload=event.model_dump_json(), created_at=utcnow(),
+    ))
+
+
+def claim_event(session: Session, consumer: str, event_id: str) -> bool:
+    """Record that `consumer` processes `event_id` now; False when it already did (a redelivery)."""
+    if session.get(ProcessedEvent, (consumer, event_id)) is not None:
+        return False
+    session.add(ProcessedEvent(consumer=consumer, event_id=event_id, processed_at=utcnow()))
+    return True
+
+
+class Database:
+    def __init__(self, url: str, tables: Sequence[sa.Table]) -> None:
+        self.url = url
+        self.tables = [*tables, *MESSAGING_TABLES]
+        self.is_sqlite = url.startswith("sqlite")
+        if self.is_sqlite:
+            # hide_parameters: a failing statement's values (a person's address) stay out of errors and logs.
+            self.engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
+                                           hide_parameters=True)
+            _sqlite_pragmas(self.engine, begin="BEGIN IMMEDIATE")
+            self.read_engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
+                                                hide_parameters=True)
+            _sqlite_pragmas(self.read_engine, begin="BEGIN")
+            # Writers of this process queue here and are woken at once; SQLite's own busy handler sleeps
+            # in steps and left the lock idle between waiters (see docs/benchmarks.md).
+            self._write_lock: threading.RLock | None = threading.RLock()
+        else:
+            self.engine = sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10,
+                                           hide_parameters=True)
+            self.read_engine = self.engine
+            self._write_lock = None
+
+    def create_all(self) -> None:
+        SQLModel.metadata.create_all(self.engine, tables=self.tables)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """A read-write transaction (on SQLite it holds the database's write lock from its first statement)."""
+        with self._write_lock or nullcontext():
+            with Session(self.engine, expire_on_commit=False) as session, session.begin():
+                yield session
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A read-only transaction: on SQLite it never waits for writers (WAL snapshot)."""
+        with Session(self.read_engine, expire_on_commit=False) as session, session.begin():
+            yield session
+
+    def ping(self) -> None:
+        with self.engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+
+    def outbox_backlog(self) -> int:
+        with self.read() as s:
+            return s.exec(select(sa.func.count()).select_from(OutboxMessage).where(
+                OutboxMessage.published_at.is_(None))).one()
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+        self.read_engine.dispose()
+
+
+def _sqlite_pragmas(engine: sa.Engine, begin: str) -> None:
+    """WAL, and BEGIN IMMEDIATE for writers: readers never block, and writers queue on the lock instead of
+    failing with 'database is locked' when two transactions both try to upgrade a read lock."""
+
+    @sa_event.listens_for(engine, "connect")
+    def _connect(dbapi_conn, _record):  # noqa: ANN001
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @sa_event.listens_for(engine, "begin")
+    def _begin(conn):  # noqa: ANN001
+        conn.exec_driver_sql(begin)

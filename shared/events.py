@@ -1,0 +1,237 @@
+"""The events the services exchange: frozen, versioned pydantic models, and the streams that carry them.
+
+Each service publishes on its own stream (so one stream keeps one producer's order); a consumer
+reads the streams it needs and ignores the event types it has no handler for. Events carry ids and
+the facts the next service needs, not copies of whole records. The person's contact details travel
+only in `need.recorded`, because the partner who takes the need must be able to reach the person.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+from typing import Annotated, Literal, Union
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter
+
+# Stream names, before the deployment's namespace prefix (see Settings.key).
+NEEDS = "needs"  # published by intake
+REFERRALS = "referrals"  # published by referral
+DELIVERIES = "deliveries"  # published by notifications
+ACCESS = "access"  # sign-in links asked for on any service's web pages, sent by notifications
+STREAMS = (NEEDS, REFERRALS, DELIVERIES, ACCESS)
+DEAD_LETTER_SUFFIX = ".dlq"
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Event(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    type: str
+    version: int = 1
+    event_id: str = Field(default_factory=new_id)
+    need_id: str
+    occurred_at: AwareDatetime = Field(default_factory=utcnow)
+    correlation_id: str | None = None  # carried from the HTTP request that started the need's path
+
+
+# --- intake -------------------------------------------------------------------------------------
+
+
+class PersonContact(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    display_name: str | None = None
+    email: str | None = None
+    phone: str | None = None  # E.164
+    preferred_channel: Literal["email", "sms", "none"] = "none"
+    language: Literal["fr", "en"] = "fr"
+
+
+class NeedRecorded(Event):
+    type: Literal["need.recorded"] = "need.recorded"
+    library_id: str
+    category: str
+    summary: str
+    postal_code: str | None
+    urgency: Literal["normal", "urgent"]
+    recorded_at: AwareDatetime
+    person: PersonContact
+
+
+class NeedCancelled(Event):
+    """Ops withdrew a need recorded in error: its open referral is cancelled and its clock stops."""
+
+    type: Literal["need.cancelled"] = "need.cancelled"
+    library_id: str
+    reason: str
+    actor: str  # the ops user who cancelled it
+
+
+NeedEvent = Annotated[Union[NeedRecorded, NeedCancelled], Field(discriminator="type")]
+
+
+# --- referral -----------------------------------------------------------------------------------
+
+
+class ReferralEvent(Event):
+    sequence: int  # per need, in the order referral decided: consumers apply the newest state only
+    referral_id: str
+    partner_id: str
+    library_id: str  # so the desk's contacts can be told without asking anyone
+    category: str
+    actor: str | None = None  # user id or "system"
+
+
+class ReferralAssigned(ReferralEvent):
+    type: Literal["referral.assigned"] = "referral.assigned"
+    contact_id: str
+    respond_by: AwareDatetime
+    routed_because: str
+
+
+class ReferralAccepted(ReferralEvent):
+    type: Literal["referral.accepted"] = "referral.accepted"
+
+
+class ReferralResponded(ReferralEvent):
+    type: Literal["referral.responded"] = "referral.responded"
+    message: str
+
+
+class ReferralDeclined(ReferralEvent):
+    type: Literal["referral.declined"] = "referral.declined"
+    reason: str
+
+
+class ReferralClosed(ReferralEvent):
+    type: Literal["referral.closed"] = "referral.closed"
+    outcome: str
+
+
+class ReferralCancelled(ReferralEvent):
+    """Ops withdrew the referral: a need recorded in error, or a reassignment to another partner."""
+
+    type: Literal["referral.cancelled"] = "referral.cancelled"
+    reason: str
+    reassigned: bool = False  # a referral.assigned for another partner follows
+
+
+class ReferralClockEvent(ReferralEvent):
+    """A timer of the need's clock fired: who was waiting to answer, and by when."""
+
+    contact_id: str
+    respond_by: AwareDatetime
+
+
+class ReferralReminderDue(ReferralClockEvent):
+    type: Literal["referral.reminder_due"] = "referral.reminder_due"
+    reminder_number: int
+
+
+class ReferralEscalated(ReferralClockEvent):
+    type: Literal["referral.escalated"] = "referral.escalated"
+
+
+class ReferralBreached(ReferralClockEvent):
+    type: Literal["referral.breached"] = "referral.breached"
+
+
+class NeedUnroutable(Event):
+    type: Literal["need.unroutable"] = "need.unroutable"
+    sequence: int
+    library_id: str
+    category: str
+    reason: str
+
+
+ReferralStreamEvent = Annotated[
+    Union[
+        ReferralAssigned,
+        ReferralAccepted,
+        ReferralResponded,
+        ReferralDeclined,
+        ReferralClosed,
+        ReferralCancelled,
+        ReferralReminderDue,
+        ReferralEscalated,
+        ReferralBreached,
+        NeedUnroutable,
+    ],
+    Field(discriminator="type"),
+]
+
+
+# --- notifications ------------------------------------------------------------------------------
+
+
+class DeliveryEvent(Event):
+    need_id: str | None = None  # None for a sign-in link, which concerns no need
+    delivery_id: str
+    referral_id: str | None
+    kind: str
+    channel: Literal["email", "sms"]
+    recipient_role: str
+
+
+class DeliverySent(DeliveryEvent):
+    type: Literal["delivery.sent"] = "delivery.sent"
+
+
+class DeliveryFailed(DeliveryEvent):
+    type: Literal["delivery.failed"] = "delivery.failed"
+    error: str
+
+
+DeliveryStreamEvent = Annotated[Union[DeliverySent, DeliveryFailed], Field(discriminator="type")]
+
+# --- access -------------------------------------------------------------------------------------
+
+
+class AccessLinkRequested(Event):
+    """A staff member asked for a sign-in link; notifications emails it. The link is single use and
+    expires within minutes, so its stay in the stream does not outlive its use."""
+
+    type: Literal["access.link_requested"] = "access.link_requested"
+    need_id: str | None = None  # about a person, not a need
+    user_id: str
+    email: str
+    link: str
+    expires_at: AwareDatetime
+    service: Literal["intake", "referral", "notifications"]
+
+
+AccessEvent = AccessLinkRequested
+
+AnyEvent = Annotated[
+    Union[NeedRecorded, NeedCancelled, ReferralStreamEvent, DeliveryStreamEvent, AccessLinkRequested],
+    Field(discriminator="type"),
+]
+_any_event = TypeAdapter(AnyEvent)
+
+# Which stream carries which event type: the producer's own stream.
+STREAM_OF: dict[str, str] = {
+    "need.recorded": NEEDS,
+    "need.cancelled": NEEDS,
+    **{t: REFERRALS for t in (
+        "referral.assigned", "referral.accepted", "referral.responded", "referral.declined",
+        "referral.closed", "referral.cancelled", "referral.reminder_due", "referral.escalated", "referral.breached",
+        "need.unroutable",
+    )},
+    "delivery.sent": DELIVERIES,
+    "delivery.failed": DELIVERIES,
+    "access.link_requested": ACCESS,
+}
+
+
+def parse_event(data: bytes | str | dict) -> Event:
+    if isinstance(data, dict):
+        return _any_event.validate_python(data)
+    return _any_event.validate_json(data)

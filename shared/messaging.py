@@ -1,0 +1,322 @@
+"""Reliable messaging on Redis Streams, written once for every service.
+
+FastStream reads the streams (consumer groups, typed payloads, the AsyncAPI document); what it does not
+do for Redis Streams is here (see docs/architecture.md):
+- the outbox relay publishes committed outbox rows in pipelined batches and marks them published;
+- each stream has two subscribers per service: one reads new entries, one claims (XAUTOCLAIM) entries
+  left pending by a dead consumer;
+- `ReliableDelivery` acks after success, leaves a failed entry pending for a retry, and after
+  `max_deliveries` moves it to `<stream>.dlq` atomically with its XACK;
+- `Bus.process` runs a handler and writes the (consumer, event_id) tracking row in one transaction;
+- `trim_stream` never trims an entry some group has not yet delivered or acknowledged;
+- `replay` puts dead-lettered entries back on their stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import redis
+import redis.asyncio as aioredis
+from faststream import AckPolicy
+from faststream._internal.middlewares import BaseMiddleware
+from faststream.redis import RedisBroker, StreamSub
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, select
+
+from shared.db import Database, OutboxMessage, claim_event
+from shared.events import DEAD_LETTER_SUFFIX, Event, utcnow
+from shared.logs import current_correlation_id, describe_error, log_context
+from shared.settings import Settings, consumer_name
+
+log = logging.getLogger("relais.messaging")
+
+DATA_FIELD = "__data__"  # FastStream's field for the message envelope
+DLQ_FIELDS = ("dlq_error", "dlq_source_id", "dlq_group", "dlq_failed_at")
+RELAY_BATCH = 500
+READ_BATCH = 50  # entries per read: a whole backlog at once would sit unacked long enough to be claimed again
+
+
+def stream_fields(row: OutboxMessage) -> dict[str, str]:
+    """A stream entry FastStream can parse (JSON envelope with headers), plus plain fields for people and tools."""
+    payload = json.loads(row.payload)
+    need_id, correlation_id = payload.get("need_id") or "", payload.get("correlation_id") or row.event_id
+    envelope = {"data": row.payload, "headers": {
+        "content-type": "application/json", "message_id": row.event_id,
+        "correlation_id": correlation_id, "event_type": row.type,
+    }}
+    return {DATA_FIELD: json.dumps(envelope), "type": row.type, "event_id": row.event_id, "need_id": need_id}
+
+
+# --- outbox relay -------------------------------------------------------------------------------
+
+
+def publish_pending(db: Database, client: redis.Redis, settings: Settings, limit: int = RELAY_BATCH) -> int:
+    """Publish the oldest unpublished outbox rows in one pipeline and mark them published.
+
+    Rows are locked (SKIP LOCKED on PostgreSQL) while they are published, so replicas share the
+    backlog; a crash between XADD and commit republishes them, which idempotent consumers absorb.
+    """
+    with db.read() as session:  # the common case, nothing to publish, takes no write lock
+        if session.exec(select(OutboxMessage.id).where(OutboxMessage.published_at.is_(None)).limit(1)).first() is None:
+            return 0
+    with db.transaction() as session:
+        query = select(OutboxMessage).where(OutboxMessage.published_at.is_(None)).order_by(OutboxMessage.id).limit(limit)
+        if not db.is_sqlite:
+            query = query.with_for_update(skip_locked=True)
+        rows = session.exec(query).all()
+        if not rows:
+            return 0
+        pipe = client.pipeline(transaction=False)
+        for row in rows:
+            pipe.xadd(settings.key(row.stream), stream_fields(row))
+        pipe.execute()
+        now = utcnow()
+        for row in rows:
+            row.published_at = now
+    return len(rows)
+
+
+class OutboxRelay:
+    def __init__(self, db: Database, settings: Settings) -> None:
+        self.db, self.settings = db, settings
+        self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def wake(self) -> None:
+        """Called after a commit that emitted events, from any thread, so they go out at once."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        client = redis.Redis.from_url(self.settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+        down_since = None
+        try:
+            while True:
+                self._wake.clear()
+                try:
+                    published = await anyio.to_thread.run_sync(publish_pending, self.db, client, self.settings)
+                except redis.RedisError as exc:
+                    if down_since is None:
+                        down_since = time.monotonic()
+                        log.warning("outbox relay: Redis unavailable (%s); events stay in the outbox", exc)
+                    await asyncio.sleep(1)
+                    continue
+                if down_since is not None:
+                    log.info("outbox relay: Redis is back after %.1f s", time.monotonic() - down_since)
+                    down_since = None
+                if published == RELAY_BATCH:
+                    continue
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.settings.poll_ms / 1000)
+                except TimeoutError:
+                    pass
+        finally:
+            client.close()
+
+
+# --- consuming ----------------------------------------------------------------------------------
+
+
+async def dead_letter(client: aioredis.Redis, stream: str, group: str, entry_id: bytes | str,
+                      fields: dict, error: str) -> None:
+    """Move one entry to `<stream>.dlq` and ack it, in one MULTI/EXEC: it is in exactly one place."""
+    entry = {k: v for k, v in fields.items() if (k.decode() if isinstance(k, bytes) else k) not in DLQ_FIELDS}
+    entry.update({"dlq_error": error[:4000], "dlq_source_id": entry_id, "dlq_group": group,
+                  "dlq_failed_at": utcnow().isoformat()})
+    async with client.pipeline(transaction=True) as pipe:
+        pipe.xadd(stream + DEAD_LETTER_SUFFIX, entry)
+        pipe.xack(stream, group, entry_id)
+        await pipe.execute()
+
+
+def reliable_delivery(bus: Bus) -> type[BaseMiddleware]:
+    class ReliableDelivery(BaseMiddleware):
+        reached_handler = False
+
+        async def consume_scope(self, call_next: Callable[[Any], Awaitable[Any]], msg: Any) -> Any:
+            self.reached_handler = True
+            raw = msg.raw_message
+            if raw.get("type") != "stream" or not msg.group:
+                return await call_next(msg)
+            stream, entry_id = raw["channel"], raw["message_ids"][0]
+            try:
+                result = await call_next(msg)
+            except Exception as exc:  # noqa: BLE001 - any failure is retried, then dead-lettered
+                await self.failed(stream, msg.group, entry_id, raw["data"], exc, await msg.get_delivery_count())
+                return None
+            await msg.ack()
+            return result
+
+        async def after_processed(self, exc_type: Any = None, exc_val: BaseException | None = None,
+                                  exc_tb: Any = None) -> bool | None:
+            # FastStream parses an entry before any consume_scope runs: an entry it cannot parse (no
+            # `__data__` envelope and fields that are not UTF-8, say) fails out here, not in consume_scope.
+            # Count that failure the same way, or the claimer would take the entry back forever.
+            raw = self.msg
+            if isinstance(exc_val, Exception) and not self.reached_handler and raw.get("type") == "stream":
+                stream, entry_id = raw["channel"], raw["message_ids"][0]
+                pel = await bus.redis.xpending_range(stream, bus.group, min=entry_id, max=entry_id, count=1)
+                await self.failed(stream, bus.group, entry_id, raw.get("data") or {}, exc_val,
+                                  int(pel[0]["times_delivered"]) if pel else 1)
+            return False
+
+        async def failed(self, stream: str, group: str, entry_id: bytes, fields: dict, exc: Exception,
+                         deliveries: int) -> None:
+            error = describe_error(exc)  # logged and kept with the dead letter: no payload values
+            if deliveries >= bus.settings.max_deliveries:
+                await dead_letter(bus.redis, stream, group, entry_id, fields, error)
+                log.error("dead-lettered %s %s after %d deliveries: %s", stream, entry_id, deliveries, error)
+            else:
+                log.warning("%s %s failed (delivery %d of %d), retried after %d ms idle: %s", stream, entry_id,
+                            deliveries, bus.settings.max_deliveries, bus.settings.claim_idle_ms, error)
+
+    return ReliableDelivery
+
+
+class Bus:
+    """One service's connection to the streams: subscribers, idempotent processing, outbox relay, trimming."""
+
+    def __init__(self, settings: Settings, service: str, db: Database) -> None:
+        self.settings, self.service, self.db = settings, service, db
+        self.group = service  # one consumer group per consuming service
+        self.consumer = consumer_name(service)  # one consumer name per process
+        self.broker = RedisBroker(settings.redis_url or "redis://localhost:6379",
+                                  middlewares=[reliable_delivery(self)], logger=logging.getLogger(f"relais.{service}.broker"))
+        self.relay = OutboxRelay(db, settings)
+        self.redis: aioredis.Redis | None = None
+        self.streams: list[str] = []
+        self._tasks: list[asyncio.Task] = []
+
+    def subscriber(self, stream: str, description: str) -> Callable:
+        """Decorate a thin async handler taking the stream's event union: it gets new entries and claimed ones."""
+        key = self.settings.key(stream)
+        self.streams.append(key)
+        reader = self.broker.subscriber(
+            stream=StreamSub(key, group=self.group, consumer=self.consumer, polling_interval=1000,
+                             max_records=READ_BATCH),
+            ack_policy=AckPolicy.MANUAL, title=f"{key}:{self.group}", description=description)
+        claimer = self.broker.subscriber(
+            stream=StreamSub(key, group=self.group, consumer=self.consumer,
+                             min_idle_time=self.settings.claim_idle_ms, polling_interval=max(100, self.settings.claim_idle_ms // 4)),
+            ack_policy=AckPolicy.MANUAL, title=f"{key}:{self.group}:recovery",
+            description="Claims entries left pending by a dead consumer (XAUTOCLAIM).", include_in_schema=False)
+        return lambda fn: reader(claimer(fn))
+
+    def documents_publisher(self, stream: str, schema: Any, description: str) -> None:
+        """Declare what this service publishes (through its outbox), for the AsyncAPI document."""
+        self.broker.publisher(stream=self.settings.key(stream), schema=schema, title=self.settings.key(stream),
+                              description=description)
+
+    async def process(self, handler: Callable[[Session, Any], None], event: Event) -> bool:
+        """Run `handler(session, event)` once per event for this service; False for a redelivery."""
+
+        def work() -> bool:
+            try:
+                with self.db.transaction() as session:
+                    if not claim_event(session, self.group, event.event_id):
+                        return False
+                    handler(session, event)
+                return True
+            except IntegrityError:
+                # Another replica committed the same event between our check and our commit.
+                with self.db.transaction() as session:
+                    if not claim_event(session, self.group, event.event_id):
+                        return False
+                raise
+
+        # The event's own ids win over the stream entry's (read by EventLogContext): the handler's log lines and
+        # the events it emits carry them.
+        with log_context(need_id=event.need_id, correlation_id=event.correlation_id or current_correlation_id()):
+            done = await anyio.to_thread.run_sync(work)
+        if done:
+            self.relay.wake()
+        return done
+
+    async def ensure_groups(self) -> None:
+        """Create the groups at the start of each stream, so events published before we first ran are read."""
+        for key in self.streams:
+            try:
+                await self.redis.xgroup_create(key, self.group, id="0", mkstream=True)
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    async def start(self) -> None:
+        self.redis = aioredis.Redis.from_url(self.settings.redis_url)
+        await self.ensure_groups()
+        await self.broker.start()
+        self._tasks = [asyncio.create_task(self.relay.run(), name="outbox-relay"),
+                       asyncio.create_task(self._trim_forever(), name="stream-trim")]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.broker.stop()
+        if self.redis is not None:
+            await self.redis.aclose()
+
+    async def _trim_forever(self) -> None:
+        while True:
+            await asyncio.sleep(60)
+            for key in self.streams:
+                try:
+                    await trim_stream(self.redis, key, self.settings.stream_max_len, self.settings.stream_max_age_s)
+                except redis.RedisError as exc:
+                    log.warning("trimming %s failed: %s", key, exc)
+
+
+# --- stream maintenance -------------------------------------------------------------------------
+
+
+def _id(value: bytes | str) -> tuple[int, int]:
+    ms, _, seq = (value.decode() if isinstance(value, bytes) else value).partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _fmt(entry_id: tuple[int, int]) -> str:
+    return f"{entry_id[0]}-{entry_id[1]}"
+
+
+async def trim_stream(client: aioredis.Redis, stream: str, max_len: int, max_age_s: float,
+                      now_ms: int | None = None) -> int:
+    """Trim by age and length, but never at or past an entry some group has pending or not yet read."""
+    length = await client.xlen(stream)
+    if length == 0:
+        return 0
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    cut = (max(0, now_ms - int(max_age_s * 1000)), 0)
+    if length > max_len:
+        oldest = await client.xrange(stream, count=length - max_len)
+        last = _id(oldest[-1][0])
+        cut = max(cut, (last[0], last[1] + 1))
+    for group in await client.xinfo_groups(stream):
+        delivered = _id(group["last-delivered-id"])
+        bound = (delivered[0], delivered[1] + 1)  # entries after last-delivered-id are unread by this group
+        if group["pending"]:
+            bound = min(bound, _id((await client.xpending(stream, group["name"]))["min"]))
+        cut = min(cut, bound)
+    return await client.xtrim(stream, minid=_fmt(cut))
+
+
+async def replay(client: aioredis.Redis, stream: str, entry_ids: list[str] | None = None) -> int:
+    """Put dead-lettered entries back on their stream (as new entries) and remove them from the DLQ."""
+    replayed = 0
+    for entry_id, fields in await client.xrange(stream + DEAD_LETTER_SUFFIX):
+        if entry_ids and _fmt(_id(entry_id)) not in entry_ids:
+            continue
+        entry = {k: v for k, v in fields.items() if k.decode() not in DLQ_FIELDS}
+        async with client.pipeline(transaction=True) as pipe:
+            pipe.xadd(stream, entry)
+            pipe.xdel(stream + DEAD_LETTER_SUFFIX, entry_id)
+            await pipe.execute()
+        replayed += 1
+    return replayed

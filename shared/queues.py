@@ -1,0 +1,119 @@
+"""What ops need to know about the streams, read from Redis: lengths, each consumer group's pending count,
+lag and oldest pending age, live consumers, dead letters; and which queue is stuck, and why."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+
+from shared.events import DEAD_LETTER_SUFFIX, STREAMS
+
+LIVE_CONSUMER_IDLE_MS = 30_000  # readers block for at most a second between reads: silent longer means gone
+STUCK_LAG = 1_000  # entries published but not yet read by a group
+STUCK_OLDEST_PENDING_MS = 5 * 60_000  # claims retry after seconds; pending for minutes means it keeps failing
+LAG_COUNT_CAP = 10_000  # Redis 6.2 has no lag field: count at most this many unread entries
+
+
+@dataclass
+class ConsumerReport:
+    name: str
+    pending: int
+    idle_ms: int
+
+    @property
+    def live(self) -> bool:
+        return self.idle_ms < LIVE_CONSUMER_IDLE_MS
+
+
+@dataclass
+class GroupReport:
+    name: str
+    pending: int
+    lag: int
+    oldest_pending_ms: int | None
+    consumers: list[ConsumerReport] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def live_consumers(self) -> int:
+        return sum(c.live for c in self.consumers)
+
+    @property
+    def stuck(self) -> bool:
+        return bool(self.problems)
+
+
+@dataclass
+class StreamReport:
+    stream: str
+    length: int
+    dead_letters: int
+    groups: list[GroupReport]
+
+    @property
+    def stuck(self) -> bool:
+        return any(g.stuck for g in self.groups)
+
+
+def _decode(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _next_id(entry_id: str) -> str:
+    ms, _, seq = entry_id.partition("-")
+    return f"{ms}-{int(seq or 0) + 1}"
+
+
+async def group_lag(client: aioredis.Redis, stream: str, info: dict) -> int:
+    if info.get("lag") is not None:  # Redis 7 counts it for us
+        return int(info["lag"])
+    unread = await client.xrange(stream, min=_next_id(_decode(info["last-delivered-id"])), count=LAG_COUNT_CAP)
+    return len(unread)
+
+
+async def stream_report(client: aioredis.Redis, stream: str, previous: StreamReport | None = None) -> StreamReport:
+    """One stream's figures; with the previous report, a pending count that only grows is flagged too."""
+    length = await client.xlen(stream)
+    dead = await client.xlen(stream + DEAD_LETTER_SUFFIX)
+    groups = []
+    try:
+        infos = await client.xinfo_groups(stream)
+    except aioredis.ResponseError:  # no such stream yet
+        infos = []
+    before = {g.name: g for g in previous.groups} if previous else {}
+    for info in infos:
+        name = _decode(info["name"])
+        oldest = None
+        if info["pending"]:
+            first = await client.xpending_range(stream, name, min="-", max="+", count=1)
+            oldest = int(first[0]["time_since_delivered"]) if first else None
+        consumers = [ConsumerReport(_decode(c["name"]), int(c["pending"]), int(c["idle"]))
+                     for c in await client.xinfo_consumers(stream, name)]
+        group = GroupReport(name, int(info["pending"]), await group_lag(client, stream, info), oldest, consumers)
+        group.problems = problems_of(group, before.get(name))
+        groups.append(group)
+    return StreamReport(stream, length, dead, groups)
+
+
+def problems_of(group: GroupReport, previous: GroupReport | None) -> list[str]:
+    """Why a group is stuck, in words for the dashboard (empty when it is fine)."""
+    problems = []
+    if (group.pending or group.lag) and not group.live_consumers:
+        problems.append("no_live_consumer")
+    if group.lag > STUCK_LAG:
+        problems.append("lag")
+    if group.oldest_pending_ms is not None and group.oldest_pending_ms > STUCK_OLDEST_PENDING_MS:
+        problems.append("old_pending")
+    if previous is not None and group.pending > previous.pending > 0:
+        problems.append("pending_growing")
+    return problems
+
+
+async def queues_report(client: aioredis.Redis, namespace: str,
+                        previous: dict[str, StreamReport] | None = None) -> list[StreamReport]:
+    reports = []
+    for name in STREAMS:
+        stream = f"{namespace}:{name}"
+        reports.append(await stream_report(client, stream, (previous or {}).get(stream)))
+    return reports

@@ -1,0 +1,268 @@
+"""What every service process has: settings, its database, the directory, the bus, and the HTTP basics
+(bearer-token auth, /healthz, /readyz, /metrics, list pagination). Each service's app.py builds one."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import inspect
+import logging
+import signal
+import time
+from collections.abc import Callable, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Annotated, Any
+
+import anyio
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from faststream.redis.prometheus import RedisPrometheusMiddleware
+from faststream.specification import AsyncAPI
+import sqlalchemy as sa
+from sqlmodel import select
+
+from shared.db import Database, OutboxMessage
+from shared.migrations import check_current
+from shared.directory import Directory, User, load_directory
+from shared.events import utcnow
+from shared.logs import EventLogContext, log_context, new_correlation_id, valid_correlation_id
+from shared.messaging import Bus
+from shared.settings import Settings
+
+log = logging.getLogger("relais.service")
+http_log = logging.getLogger("relais.http")
+
+INTERNAL_USER_ID = "relais-internal"  # the services' own credential, when no person is named as the actor
+ACTOR_HEADER = "X-Relais-Actor"  # with the internal credential: the ops user on whose behalf a service calls
+QUIET_PATHS = ("/metrics", "/healthz", "/readyz", "/static/")  # probes and assets: not logged per request
+
+
+def internal_token(settings: Settings) -> str:
+    """The bearer token one service uses to call another's ops API: derived from the shared signing key, so it is
+    never configured separately and changes when the key does. Accepted as role ops by `Service.require`."""
+    return hmac.new(settings.signing_key.encode(), b"relais-internal-ops", hashlib.sha256).hexdigest()
+
+
+class Service:
+    def __init__(self, name: str, settings: Settings, tables: list, clock: Callable[[], datetime] = utcnow) -> None:
+        self.name, self.settings, self.clock = name, settings, clock
+        self.directory: Directory = load_directory(settings.directory)
+        self.db = Database(settings.database_url(name), tables)
+        self.bus = Bus(settings, name, self.db)
+        self.background: list[Callable[[], Any]] = []  # coroutine functions run for the app's lifetime
+        self.on_scrape: list[Callable[[], Any]] = []  # update gauges before /metrics answers (sync or async)
+        self.metrics = CollectorRegistry()
+        # Messages consumed and failed per stream (faststream_received_*), innermost: it sees the handler's
+        # exceptions before ReliableDelivery turns them into a retry or a dead letter. The log context is
+        # outermost, so ReliableDelivery's own log lines carry the event's need and correlation ids too.
+        self.bus.broker.add_middleware(RedisPrometheusMiddleware(registry=self.metrics, app_name=name))
+        self.bus.broker.insert_middleware(EventLogContext)
+        self.http_requests = Counter("relais_http_requests", "HTTP requests", ["service", "method", "route", "status"],
+                                     registry=self.metrics)
+        self.http_seconds = Histogram("relais_http_request_seconds", "HTTP request duration", ["service", "route"],
+                                      registry=self.metrics)
+        self.outbox_backlog = Gauge("relais_outbox_backlog", "Events committed but not yet published",
+                                    ["service"], registry=self.metrics)
+
+    def reload_directory(self) -> None:
+        """SIGHUP: load the directory again; a bad file keeps the old one (and says why in the log)."""
+        try:
+            self.directory = load_directory(self.settings.directory)
+            log.info("%s: directory reloaded from %s", self.name, self.settings.directory)
+        except Exception as exc:  # noqa: BLE001
+            log.error("%s: directory NOT reloaded, keeping the previous one: %s", self.name, exc)
+
+    def asyncapi(self) -> dict:
+        # FastStream 0.7's AsyncAPI is a factory: the document is its to_specification().
+        spec = AsyncAPI(self.bus.broker, title=f"Relais {self.name} events", version="1.0.0").to_specification()
+        return spec.to_jsonable()
+
+    # --- auth ---
+
+    def caller(self, credentials: HTTPAuthorizationCredentials | None, actor: str | None = None) -> User:
+        if credentials and hmac.compare_digest(credentials.credentials.encode(), internal_token(self.settings).encode()):
+            return self.internal_caller(actor)
+        user = self.directory.user_by_token(credentials.credentials) if credentials else None
+        if user is None:
+            raise HTTPException(401, "missing or unknown bearer token", headers={"WWW-Authenticate": "Bearer"})
+        return user
+
+    def require(self, *roles: str) -> Callable[..., User]:
+        """A dependency giving the signed-in user, 401 without a known token, 403 when their role may not call."""
+
+        def dependency(request: Request,
+                       credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> User:
+            user = self.caller(credentials, request.headers.get(ACTOR_HEADER))
+            if user.role not in roles:
+                raise HTTPException(403, f"role {user.role} may not do this")
+            return user
+
+        return dependency
+
+    def internal_caller(self, actor: str | None) -> User:
+        """Another Relais service, acting for the ops user it names (recorded as the actor) or for itself."""
+        named = self.directory.user(actor) if actor else None
+        if named is not None and named.role == "ops":
+            return named
+        return User(id=INTERNAL_USER_ID, role="ops")
+
+    def outbox_state(self) -> dict:
+        """How many events wait in this service's outbox, and since when."""
+        with self.db.transaction() as session:
+            count, oldest = session.exec(select(sa.func.count(), sa.func.min(OutboxMessage.created_at))
+                                         .where(OutboxMessage.published_at.is_(None))).one()
+        if oldest is not None and oldest.tzinfo is None:
+            oldest = oldest.replace(tzinfo=utcnow().tzinfo)  # SQLite's aggregate skips the column type
+        age = (utcnow() - oldest).total_seconds() if oldest else None
+        return {"service": self.name, "backlog": count, "oldest_at": oldest, "oldest_age_seconds": age}
+
+    # --- the FastAPI app ---
+
+    def create_app(self, *routers, title: str, pages: Sequence[APIRouter] = ()) -> FastAPI:
+        """`routers` are JSON APIs, mounted under /api/v1; `pages` are web pages (shared.web), mounted at the root
+        with /static."""
+        @asynccontextmanager
+        async def lifespan(app: FastAPI):
+            # `relais migrate` runs before start; an empty database (first start, tests) is migrated here.
+            check_current(self.name, self.db.engine, self.db.url)
+            await self.bus.start()
+            with anyio.CancelScope() as scope:
+                async with anyio.create_task_group() as tasks:
+                    for run in self.background:
+                        tasks.start_soon(run)
+                    _on_sighup(self.reload_directory)
+                    try:
+                        yield
+                    finally:
+                        tasks.cancel_scope.cancel()
+                        scope.cancel()
+            await self.bus.stop()
+            self.db.dispose()
+
+        app = FastAPI(title=title, version="1.0.0", lifespan=lifespan)
+        for router in (*routers, self.ops_router()):
+            app.include_router(router, prefix="/api/v1")
+        if pages:
+            from shared import web
+
+            web.mount(app, pages)
+
+        @app.middleware("http")
+        async def measure(request: Request, call_next):
+            start = time.perf_counter()
+            correlation_id = valid_correlation_id(request.headers.get("x-correlation-id")) or new_correlation_id()
+            with log_context(correlation_id=correlation_id):
+                response = await call_next(request)
+                route = getattr(request.scope.get("route"), "path", None)  # the template: no token in it
+                # FastAPI keeps an included router's paths without its prefix; put /api/v1 back for people reading.
+                route = "unmatched" if route is None else (
+                    "/api/v1" + route if request.url.path.startswith("/api/v1/") else route)
+                elapsed = time.perf_counter() - start
+                self.http_requests.labels(self.name, request.method, route, response.status_code).inc()
+                self.http_seconds.labels(self.name, route).observe(elapsed)
+                if not request.url.path.startswith(QUIET_PATHS):
+                    http_log.info("%s %s %s", request.method, route, response.status_code,
+                                  extra={"duration_ms": round(elapsed * 1000, 1)})
+            response.headers["X-Correlation-ID"] = correlation_id
+            return response
+
+        @app.get("/healthz", include_in_schema=False)
+        def healthz() -> dict:
+            return {"status": "ok", "service": self.name}
+
+        @app.get("/readyz", include_in_schema=False)
+        async def readyz() -> JSONResponse:
+            problems = {}
+            try:
+                await anyio.to_thread.run_sync(self.db.ping)
+            except Exception as exc:  # noqa: BLE001
+                problems["database"] = str(exc)
+            try:
+                await self.bus.redis.ping()
+            except Exception as exc:  # noqa: BLE001
+                problems["redis"] = str(exc)
+            if problems:
+                return JSONResponse({"status": "unavailable", "detail": problems}, status_code=503)
+            return JSONResponse({"status": "ready", "service": self.name})
+
+        @app.get("/metrics", include_in_schema=False)
+        async def metrics() -> Response:
+            self.outbox_backlog.labels(self.name).set(await anyio.to_thread.run_sync(self.db.outbox_backlog))
+            for update in self.on_scrape:
+                try:
+                    if inspect.iscoroutinefunction(update):
+                        await update()
+                    else:
+                        await anyio.to_thread.run_sync(update)
+                except Exception:  # noqa: BLE001 - one failing figure must not hide the others
+                    log.exception("%s: a metrics update failed", self.name)
+            return Response(generate_latest(self.metrics), media_type=CONTENT_TYPE_LATEST)
+
+        @app.get("/asyncapi.json", include_in_schema=False)
+        def asyncapi() -> dict:
+            return self.asyncapi()
+
+        return app
+
+    def ops_router(self) -> APIRouter:
+        """What every service tells ops about itself, as JSON (the dashboard reads it)."""
+        router = APIRouter(tags=["ops"])
+
+        @router.get("/ops/outbox")
+        async def outbox(user: User = Depends(self.require("ops"))) -> dict:
+            """Events committed but not yet published to Redis: a backlog that grows means the relay is stuck."""
+            return await anyio.to_thread.run_sync(self.outbox_state)
+
+        return router
+
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+def _on_sighup(callback: Callable[[], None]) -> None:
+    try:
+        import asyncio
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, callback)
+    except (NotImplementedError, RuntimeError, ValueError):
+        pass  # not the main thread (tests running the app in a thread): no reload by signal
+
+
+# --- lists: newest first, opaque cursor -----------------------------------------------------------
+
+
+def encode_cursor(at: datetime, id_: str) -> str:
+    return base64.urlsafe_b64encode(f"{at.isoformat()}|{id_}".encode()).decode()
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        at, id_ = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
+        return datetime.fromisoformat(at), id_
+    except Exception:  # noqa: BLE001
+        raise HTTPException(422, [{"loc": ["query", "cursor"], "msg": "not a cursor from a previous page",
+                                   "type": "value_error"}]) from None
+
+
+def page(query, created_col, id_col, limit: int, cursor: str | None, session) -> tuple[list, str | None]:
+    """Run `query` newest first from `cursor`; returns (rows, next_cursor)."""
+    if cursor:
+        at, id_ = decode_cursor(cursor)
+        query = query.where((created_col < at) | ((created_col == at) & (id_col < id_)))
+    rows = session.exec(query.order_by(created_col.desc(), id_col.desc()).limit(limit + 1)).all()
+    next_cursor = None
+    if len(rows) > limit:
+        rows = rows[:limit]
+        last = rows[-1]
+        next_cursor = encode_cursor(getattr(last, created_col.key), getattr(last, id_col.key))
+    return rows, next_cursor
+
+
+def field_error(field: str, message: str, where: str = "body") -> HTTPException:
+    """A 422 in FastAPI's own shape, naming the failing field."""
+    path = [where, *field.split(".")]
+    return HTTPException(422, [{"loc": path, "msg": message, "type": "value_error"}])

@@ -1,0 +1,181 @@
+"""Test helpers shared by the test suite and the benchmarks: a small directory, real SMTP sink, services
+served over real HTTP in a thread, and polling for what crosses processes."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+import time
+from email import message_from_bytes, policy
+
+from shared.cli import free_port  # noqa: F401 - one way to pick a port, for tests and `relais up`
+from shared.settings import Settings
+
+def wait_for(predicate, timeout: float = 15.0, step: float = 0.05):
+    """Poll until `predicate()` is truthy (events cross processes); returns its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(step)
+
+
+TOKENS = {"desk": "test-desk", "desk2": "test-desk2", "caf": "test-caf", "cpam": "test-cpam", "ops": "test-ops"}
+
+
+def sha(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+DESK_EMAIL = "agent@chatelet.test.example"  # the Châtelet desk signs in by a link sent here
+
+
+def directory_data() -> dict:
+    """A small directory like the contract's example; tests change copies of it."""
+    return {
+        "timezone": "Europe/Paris",
+        "sla": {"respond_within": "PT72H", "remind_after": ["PT24H", "PT48H"], "escalate_after": "PT60H"},
+        "escalation_contacts": [{"name": "Coordination 76", "email": "coordination@test.example"}],
+        "categories": [{"id": "caf", "label": "Allocations familiales (CAF)"}, {"id": "sante", "label": "Assurance maladie"},
+                       {"id": "logement", "label": "Logement"}],
+        "libraries": [
+            {"id": "chatelet", "name": "Bibliothèque du Châtelet", "timezone": "Europe/Paris", "territory": ["76000"],
+             "contacts": [{"name": "Accueil", "email": "accueil@chatelet.test.example"}]},
+            {"id": "bihorel", "name": "Médiathèque de Bihorel", "timezone": "Europe/Paris", "territory": ["76420"],
+             "contacts": [{"name": "Accueil", "email": "accueil@bihorel.test.example"}]},
+        ],
+        "partners": [
+            {"id": "caf-76", "name": "CAF de la Seine-Maritime", "categories": ["caf"], "territory": ["76"],
+             "contacts": [{"id": "caf-ref", "name": "Référent", "email": "referent@caf.test.example", "role": "primary"},
+                          {"id": "caf-backup", "name": "Accueil partenaires", "email": "backup@caf.test.example",
+                           "role": "backup"}]},
+            {"id": "caf-national", "name": "CAF plateforme nationale", "categories": ["caf"], "territory": [""],
+             "contacts": [{"id": "cafn-ref", "name": "Plateforme", "email": "plateforme@caf.test.example",
+                           "role": "primary"}]},
+            {"id": "cpam-76", "name": "CPAM Rouen-Elbeuf-Dieppe", "categories": ["sante"], "territory": ["76"],
+             "contacts": [{"id": "cpam-ref", "name": "Référent", "email": "referent@cpam.test.example", "role": "primary"}]},
+        ],
+        "users": [
+            {"id": "desk", "role": "front_desk", "library": "chatelet", "email": DESK_EMAIL,
+             "token_sha256": sha(TOKENS["desk"])},
+            {"id": "desk2", "role": "front_desk", "library": "bihorel", "token_sha256": sha(TOKENS["desk2"])},
+            {"id": "op-caf", "role": "partner", "partner": "caf-76", "token_sha256": sha(TOKENS["caf"]),
+             "email": "op@caf.test.example"},
+            {"id": "op-cpam", "role": "partner", "partner": "cpam-76", "token_sha256": sha(TOKENS["cpam"]),
+             "email": "op@cpam.test.example"},
+            {"id": "ops", "role": "ops", "token_sha256": sha(TOKENS["ops"]), "email": "ops@coordination.test.example"},
+        ],
+    }
+
+
+class MailSink:
+    """A real aiosmtpd server on loopback that keeps what it receives; can be told to refuse."""
+
+    def __init__(self) -> None:
+        from aiosmtpd.controller import Controller
+
+        self.messages: list = []
+        self.lock = threading.Lock()
+        self.port = free_port()
+        self.replies: list[str] = []  # scripted replies to DATA, used first; then "250 OK"
+        self.controller = Controller(self, hostname="127.0.0.1", port=self.port)
+
+    @property
+    def url(self) -> str:
+        return f"smtp://127.0.0.1:{self.port}"
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802, ANN001
+        with self.lock:
+            if self.replies:
+                return self.replies.pop(0)
+            msg = message_from_bytes(envelope.content, policy=policy.default)
+            self.messages.append({"to": [r.lower() for r in envelope.rcpt_tos], "subject": str(msg["subject"]),
+                                  "message": msg})
+        return "250 OK"
+
+    def to(self, address: str) -> list[dict]:
+        with self.lock:
+            return [m for m in self.messages if address in m["to"]]
+
+
+class RunningService:
+    """A service's FastAPI app served by uvicorn in a thread of this process, over real HTTP."""
+
+    def __init__(self, name: str, settings: Settings) -> None:
+        import importlib
+
+        import uvicorn
+
+        self.name, self.settings = name, settings
+        self.svc = importlib.import_module(f"services.{name}.app").build(settings)
+        self.server = uvicorn.Server(uvicorn.Config(self.svc.app, host="127.0.0.1", port=settings.port(name),
+                                                    log_level="warning", lifespan="on"))
+        self.server.install_signal_handlers = lambda: None
+        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.port(self.name)}"
+
+    def start(self) -> RunningService:
+        self.thread.start()
+        assert wait_for(lambda: self.server.started, 30), f"{self.name} did not start"
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    def client(self, who: str | None = None):
+        import httpx
+
+        headers = {"Authorization": f"Bearer {TOKENS[who]}"} if who else {}
+        return httpx.Client(base_url=f"{self.url}/api/v1", headers=headers, timeout=30)
+
+
+def record_need(svc, *, category: str = "caf", postal_code: str | None = "76000", library_id: str = "chatelet",
+                summary: str = "Dossier APL bloqué depuis trois mois", urgency: str = "normal", recorded_at=None,
+                person: dict | None = None) -> str:
+    """Hand a need to a referral service of this process as its consumer would; returns the new referral's id."""
+    from sqlmodel import select
+
+    from services.referral import handlers
+    from services.referral.store import Referral
+    from shared.events import NeedRecorded, PersonContact, new_id
+
+    event = NeedRecorded(need_id=new_id(), library_id=library_id, category=category, summary=summary,
+                         postal_code=postal_code, urgency=urgency, recorded_at=recorded_at or svc.clock(),
+                         person=PersonContact(**(person or {})))
+    with svc.db.transaction() as session:
+        handlers.on_need_recorded(session, event, svc.directory, svc.clock())
+    svc.bus.relay.wake()
+    with svc.db.transaction() as session:
+        return session.exec(select(Referral.id).where(Referral.need_id == event.need_id)).one()
+
+
+# --- browser tests (tests/browser): helpers given a Playwright page; playwright is not imported here -----
+
+VIEWPORT_DESK = {"width": 1280, "height": 900}
+VIEWPORT_PHONE = {"width": 375, "height": 740}
+
+
+def focused(page, selector: str) -> bool:
+    return page.evaluate("s => document.activeElement && document.activeElement.matches(s)", selector)
+
+
+def tab_to(page, selector: str, limit: int = 60) -> None:
+    """Press Tab until `selector` has the focus, as a keyboard user would."""
+    for _ in range(limit):
+        page.keyboard.press("Tab")
+        if focused(page, selector):
+            return
+    raise AssertionError(f"{selector} never got the keyboard focus")
+
+
+def focus_is_visible(page) -> bool:
+    return page.evaluate("""() => {
+        const s = getComputedStyle(document.activeElement);
+        return (s.outlineStyle !== "none" && parseFloat(s.outlineWidth) > 0) || s.boxShadow !== "none";
+    }""")
