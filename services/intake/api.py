@@ -1,0 +1,345 @@
+"""Intake's HTTP API (contract: /api/v1/needs)."""
+
+
+import csv
+import hashlib
+import io
+import json
+from datetime import date, datetime
+from typing import Annotated, Literal
+
+import anyio
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import select
+
+from services.intake import domain
+from services.intake.handlers import AlreadyClosed, RecordNeed, cancel_need, record_need
+from services.intake.reports import Reports, csv_response, library_report
+from services.intake.store import IdempotencyKey, Need, NeedHistory
+from shared.directory import Directory, User, normalize_email, normalize_phone
+from shared.events import PersonContact
+from shared.logs import current_correlation_id
+from shared.service import Service, page
+
+MAX_SUMMARY = 2000
+MAX_IDEMPOTENCY_KEY = 200
+NEED_STATUSES = ("recorded", "referred", "accepted", "responded", "closed", "unroutable")
+
+
+def _coded(code: str, exc: ValueError) -> PydanticCustomError:
+    """A validation error whose `type` names the rule, so the web form can word it in French."""
+    return PydanticCustomError(code, "{reason}", {"reason": str(exc)})
+
+
+class PersonIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    display_name: str | None = Field(None, max_length=120)
+    email: str | None = Field(None, max_length=254)
+    phone: str | None = Field(None, max_length=40)
+    preferred_channel: Literal["email", "sms", "none"] | None = None
+    language: Literal["fr", "en"] = "fr"
+
+    @field_validator("email")
+    @classmethod
+    def _email(cls, v: str | None) -> str | None:
+        try:
+            return normalize_email(v) if v else None
+        except ValueError as exc:
+            raise _coded("bad_email", exc) from None
+
+    @field_validator("phone")
+    @classmethod
+    def _phone(cls, v: str | None) -> str | None:
+        try:
+            return normalize_phone(v) if v else None
+        except ValueError as exc:
+            raise _coded("bad_phone", exc) from None
+
+
+class NeedCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    library_id: str = Field(min_length=1, max_length=64)
+    category: str = Field(min_length=1, max_length=64)
+    summary: str = Field(min_length=1, max_length=MAX_SUMMARY)
+    postal_code: str | None = Field(None, max_length=10)
+    urgency: Literal["normal", "urgent"] = "normal"
+    person: PersonIn = PersonIn()
+    consent: bool = Field(strict=True)  # JSON true only: "yes", 1 or "true" is not the person's recorded consent
+    # Not in the contract's body, optional: another need of the same person in this visit (reports count people).
+    same_person_as: str | None = Field(None, max_length=32)
+
+    @field_validator("consent")
+    @classmethod
+    def _consent(cls, v: bool) -> bool:
+        if v is not True:
+            raise _coded("consent_required", ValueError(
+                "consent must be true: record a need only once the person agreed that it and their contact details "
+                "go to a partner"))
+        return v
+
+    @field_validator("postal_code")
+    @classmethod
+    def _postal_code(cls, v: str | None) -> str | None:
+        try:
+            return domain.normalize_postal_code(v) if v else None
+        except ValueError as exc:
+            raise _coded("bad_postal_code", exc) from None
+
+    @field_validator("summary")
+    @classmethod
+    def _summary(cls, v: str) -> str:
+        if not v.strip():
+            raise _coded("blank", ValueError("summary is empty: say in a few words what the person needs"))
+        return v  # kept exactly as typed
+
+
+class Invalid(Exception):
+    """The need breaks rules; `errors` are pydantic-shaped ({"loc", "msg", "type"}), loc inside the body."""
+
+    def __init__(self, errors: list[dict]) -> None:
+        super().__init__(errors)
+        self.errors = errors
+
+
+class KeyReused(Exception):
+    """An Idempotency-Key already used for another body; `need_id` is what it recorded."""
+
+    def __init__(self, need_id: str) -> None:
+        super().__init__(need_id)
+        self.need_id = need_id
+
+
+class OtherLibrary(Exception):
+    """A front desk may record needs for its own library only."""
+
+
+def _error(loc: tuple, code: str, msg: str) -> dict:
+    return {"loc": list(loc), "msg": msg, "type": code}
+
+
+def directory_errors(library_id: object, category: object, directory: Directory) -> list[dict]:
+    """A library or category the directory does not know."""
+    errors = []
+    if isinstance(library_id, str) and library_id and directory.library(library_id) is None:
+        errors.append(_error(("library_id",), "unknown_library", f"unknown library '{library_id}'"))
+    if isinstance(category, str) and category and directory.category(category) is None:
+        known = ", ".join(c.id for c in directory.categories)
+        errors.append(_error(("category",), "unknown_category", f"unknown category '{category}'; known: {known}"))
+    return errors
+
+
+def reference_errors(body: NeedCreate, directory: Directory) -> list[dict]:
+    """What the directory refuses in a well-formed body, and a preferred channel without its address."""
+    errors = directory_errors(body.library_id, body.category, directory)
+    channel = body.person.preferred_channel
+    address = {"email": body.person.email, "sms": body.person.phone}.get(channel or "none", "-")
+    if not address:
+        field = "email" if channel == "email" else "phone"
+        errors.append(_error(("person", field), "address_needed",
+                             f"preferred_channel is {channel}: give the person's {field}, or choose another channel"))
+    return errors
+
+
+def validate_need(data: dict, directory: Directory) -> NeedCreate:
+    """The API's rules applied to `data` (the JSON body's shape), for callers other than the API (web form)."""
+    try:
+        body = NeedCreate.model_validate(data)
+    except ValidationError as exc:
+        errors = [_error(e["loc"], e["type"], e["msg"]) for e in exc.errors(include_url=False)]
+        named = {tuple(e["loc"]) for e in errors}
+        # Name every failing field at once, the directory's refusals too.
+        errors += [e for e in directory_errors(data.get("library_id"), data.get("category"), directory)
+                   if tuple(e["loc"]) not in named]
+        raise Invalid(errors) from None
+    if errors := reference_errors(body, directory):
+        raise Invalid(errors)
+    return body
+
+
+def record_once(svc: Service, user: User, body: NeedCreate, idempotency_key: str | None,
+                correlation_id: str | None = None) -> Need:
+    """Record the need (a thread's work: it blocks on the database). With a key, a repeat of the same body answers
+    the need the first recorded, even when the repeats race; the same key with another body raises KeyReused."""
+    if user.library != body.library_id:
+        raise OtherLibrary(body.library_id)
+    person = body.person
+    channel = person.preferred_channel or ("email" if person.email else "sms" if person.phone else "none")
+    contact = PersonContact(display_name=person.display_name, email=person.email, phone=person.phone,
+                            preferred_channel=channel, language=person.language)
+    request_hash = hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+    def replayed(session) -> Need | None:
+        if idempotency_key is None:
+            return None
+        seen = session.get(IdempotencyKey, (user.id, idempotency_key))
+        if seen is None:
+            return None
+        if seen.request_hash != request_hash:
+            raise KeyReused(seen.need_id)
+        return session.get(Need, seen.need_id)
+
+    def person_id(session) -> str | None:
+        if body.same_person_as is None:
+            return None
+        earlier = session.get(Need, body.same_person_as)
+        if earlier is None or earlier.library_id != user.library:
+            raise Invalid([_error(("same_person_as",), "unknown_need",
+                                  f"no need '{body.same_person_as}' recorded at this library")])
+        return earlier.person_id
+
+    try:
+        with svc.db.transaction() as session:
+            if (earlier := replayed(session)) is not None:
+                return earlier
+            now = svc.clock()
+            cmd = RecordNeed(library_id=body.library_id, category=body.category, summary=body.summary,
+                             postal_code=body.postal_code, urgency=body.urgency, person=contact, recorded_by=user.id,
+                             person_id=person_id(session), correlation_id=correlation_id)
+            need = record_need(session, cmd, now, svc.directory.sla.respond_within)
+            if idempotency_key is not None:
+                session.add(IdempotencyKey(user_id=user.id, key=idempotency_key, request_hash=request_hash,
+                                           need_id=need.id, created_at=now))
+    except IntegrityError:  # the same key committed concurrently: answer what it recorded
+        with svc.db.read() as session:
+            need = replayed(session)
+        if need is None:
+            raise
+    svc.bus.relay.wake()
+    return need
+
+
+class HistoryEntry(BaseModel):
+    at: datetime
+    event: str
+    partner_id: str | None
+    detail: str | None
+
+
+class NeedPublic(BaseModel):
+    id: str
+    library_id: str
+    category: str
+    summary: str
+    postal_code: str | None
+    urgency: str
+    status: str
+    partner_id: str | None
+    referral_id: str | None
+    recorded_at: datetime
+    respond_by: datetime
+    answered_at: datetime | None
+    sla: str
+    person_id: str
+    person: PersonContact
+    history: list[HistoryEntry] | None = None
+
+
+class CancelNeed(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field(min_length=1, max_length=2000)
+
+
+class NeedPage(BaseModel):
+    items: list[NeedPublic]
+    next_cursor: str | None
+
+
+def public(need: Need, history: list[NeedHistory] | None = None) -> NeedPublic:
+    return NeedPublic(
+        **need.model_dump(include={"id", "library_id", "category", "summary", "postal_code", "urgency", "status",
+                                   "partner_id", "referral_id", "recorded_at", "respond_by", "answered_at", "sla",
+                                   "person_id"}),
+        person=PersonContact(display_name=need.person_display_name, email=need.person_email, phone=need.person_phone,
+                             preferred_channel=need.preferred_channel, language=need.language),
+        history=None if history is None else [HistoryEntry(**h.model_dump(include={"at", "event", "partner_id", "detail"}))
+                                              for h in history],
+    )
+
+
+def build_router(svc: Service) -> APIRouter:
+    router = APIRouter(tags=["needs"])
+    FrontDesk = Annotated[User, Depends(svc.require("front_desk"))]
+    Reader = Annotated[User, Depends(svc.require("front_desk", "ops"))]
+
+    @router.post("/needs", status_code=201, response_model=NeedPublic)
+    async def create_need(body: NeedCreate, user: FrontDesk, request: Request,
+                          idempotency_key: Annotated[str | None, Header(max_length=MAX_IDEMPOTENCY_KEY)] = None
+                          ) -> NeedPublic:
+        if errors := reference_errors(body, svc.directory):
+            raise HTTPException(422, [{**e, "loc": ["body", *e["loc"]]} for e in errors])
+        try:
+            need = await anyio.to_thread.run_sync(record_once, svc, user, body, idempotency_key,
+                                                  current_correlation_id())  # the request's (see shared.logs)
+        except OtherLibrary:
+            raise HTTPException(403, "a front desk records needs for its own library only") from None
+        except KeyReused:
+            raise HTTPException(409, "this Idempotency-Key was already used with another body") from None
+        except Invalid as exc:
+            raise HTTPException(422, [{**e, "loc": ["body", *e["loc"]]} for e in exc.errors]) from None
+        return public(need)
+
+    @router.post("/needs/{need_id}/cancel", response_model=NeedPublic)
+    def cancel(need_id: str, body: CancelNeed, user: Annotated[User, Depends(svc.require("ops"))]) -> NeedPublic:
+        """Ops withdraw a need recorded in error: closed at once; referral cancels its referral and stops its clock."""
+        try:
+            with svc.db.transaction() as session:
+                need = session.get(Need, need_id)
+                if need is None:
+                    raise HTTPException(404, "no such need")
+                cancel_need(session, need, body.reason, user.id, svc.clock())
+        except AlreadyClosed:
+            raise HTTPException(409, "this need is closed already; nothing was changed") from None
+        svc.bus.relay.wake()
+        return get_need(need_id, user)
+
+    @router.get("/reports", response_model=Reports,
+                responses={200: {"content": {"text/csv": {}}, "description": "JSON, or CSV with format=csv"}})
+    def reports(user: Reader, month: Annotated[str | None, Query(pattern=r"^\d{4}-(0[1-9]|1[0-2])$")] = None,
+                library_id: str | None = None, format: Literal["json", "csv"] = "json") -> Reports | Response:
+        """People helped, needs recorded, by category, and the share answered in time, per library for a month
+        (default: this month in the directory's time zone). A front desk sees its own library. `format=csv`: the
+        same as a spreadsheet (French headers, `;`-separated, UTF-8 with a BOM)."""
+        if month:
+            wanted = date(int(month[:4]), int(month[5:]), 1)
+        else:
+            wanted = svc.clock().astimezone(svc.directory.zoneinfo).date().replace(day=1)
+        libraries = svc.directory.libraries
+        if user.role == "front_desk":
+            libraries = [lib for lib in libraries if lib.id == user.library]
+        if library_id:
+            libraries = [lib for lib in libraries if lib.id == library_id]
+        items = [library_report(svc, lib, wanted) for lib in libraries]
+        if format == "csv":
+            name = library_id if library_id and items else "lieux"
+            return csv_response(items, svc.directory, f"relais-{name}-{wanted:%Y-%m}.csv")
+        return Reports(month=wanted.strftime("%Y-%m"), items=items)
+
+    @router.get("/needs/{need_id}", response_model=NeedPublic)
+    def get_need(need_id: str, user: Reader) -> NeedPublic:
+        with svc.db.read() as session:
+            need = session.get(Need, need_id)
+            if need is None or (user.role == "front_desk" and need.library_id != user.library):
+                raise HTTPException(404, "no such need")
+            history = session.exec(select(NeedHistory).where(NeedHistory.need_id == need_id)
+                                   .order_by(NeedHistory.at, NeedHistory.id)).all()
+            return public(need, list(history))
+
+    @router.get("/needs", response_model=NeedPage)
+    def list_needs(user: Reader, library_id: str | None = None,
+                   status: Literal["recorded", "referred", "accepted", "responded", "closed", "unroutable"] | None = None,
+                   limit: Annotated[int, Query(ge=1, le=200)] = 50, cursor: str | None = None) -> NeedPage:
+        query = select(Need)
+        if user.role == "front_desk":
+            query = query.where(Need.library_id == user.library)
+        if library_id:
+            query = query.where(Need.library_id == library_id)
+        if status:
+            query = query.where(Need.status == status)
+        with svc.db.read() as session:
+            rows, next_cursor = page(query, Need.recorded_at, Need.id, limit, cursor, session)
+            return NeedPage(items=[public(n) for n in rows], next_cursor=next_cursor)
+
+    return router

@@ -1,0 +1,16 @@
+"""Intake's subscribers: the referral service's events keep the desk's view of each need in step."""
+
+from __future__ import annotations
+
+from shared.events import NEEDS, REFERRALS, NeedEvent, ReferralStreamEvent
+from shared.service import Service
+from services.intake import handlers
+
+
+def register(svc: Service) -> None:
+    svc.bus.documents_publisher(NEEDS, NeedEvent, "Needs recorded at a desk, with the person's consent; needs "
+                                                  "cancelled by ops as recorded in error.")
+
+    @svc.bus.subscriber(REFERRALS, "Referral events update the desk's view: status, partner, SLA, history.")
+    async def on_referral_event(event: ReferralStreamEvent) -> None:
+        await svc.bus.process(handlers.on_referral_event, event)

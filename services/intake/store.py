@@ -1,0 +1,68 @@
+"""Intake's tables: needs as the desk recorded them, their history as the desk may see it, idempotency
+keys, and the single-use sign-in links already used on the desk's pages."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlmodel import Field, Session, SQLModel, select
+
+from services.intake.domain import CountedNeed
+from shared.db import UTCDateTime
+from shared.web import USED_TOKEN_TABLE
+
+
+class Need(SQLModel, table=True):
+    __tablename__ = "need"
+    id: str = Field(primary_key=True, max_length=32)
+    library_id: str = Field(index=True, max_length=64)
+    category: str = Field(max_length=64)
+    summary: str
+    postal_code: str | None = Field(default=None, max_length=10)
+    urgency: str = Field(default="normal", max_length=10)
+    person_id: str = Field(index=True, max_length=32)  # one per person and visit: reports count people apart
+    person_display_name: str | None = None
+    person_email: str | None = None
+    person_phone: str | None = None
+    preferred_channel: str = Field(default="none", max_length=8)
+    language: str = Field(default="fr", max_length=2)
+    recorded_by: str = Field(max_length=64)
+    recorded_at: datetime = Field(sa_type=UTCDateTime, index=True)
+    respond_by: datetime = Field(sa_type=UTCDateTime)
+    status: str = Field(default="recorded", index=True, max_length=16)
+    sla: str = Field(default="on_track", max_length=16)
+    partner_id: str | None = Field(default=None, max_length=64)
+    referral_id: str | None = Field(default=None, max_length=32)
+    referral_sequence: int = 0  # of the newest referral event applied to the status
+    answered_at: datetime | None = Field(default=None, sa_type=UTCDateTime)  # the partner's first accept or answer
+    cancelled_at: datetime | None = Field(default=None, sa_type=UTCDateTime)  # by ops: recorded in error
+
+
+class NeedHistory(SQLModel, table=True):
+    __tablename__ = "need_history"
+    id: int | None = Field(default=None, primary_key=True)
+    need_id: str = Field(index=True, foreign_key="need.id", max_length=32)
+    at: datetime = Field(sa_type=UTCDateTime)
+    event: str = Field(max_length=64)
+    partner_id: str | None = Field(default=None, max_length=64)
+    detail: str | None = None
+
+
+class IdempotencyKey(SQLModel, table=True):
+    __tablename__ = "idempotency_key"
+    user_id: str = Field(primary_key=True, max_length=64)
+    key: str = Field(primary_key=True, max_length=200)
+    request_hash: str = Field(max_length=64)
+    need_id: str = Field(max_length=32)
+    created_at: datetime = Field(sa_type=UTCDateTime)
+
+
+TABLES = [Need.__table__, NeedHistory.__table__, IdempotencyKey.__table__, USED_TOKEN_TABLE]
+
+
+def counted_needs(session: Session, library_id: str, start: datetime, end: datetime) -> list[CountedNeed]:
+    """The needs a library recorded in [start, end) that count in its figures (not those cancelled as errors)."""
+    rows = session.exec(select(Need.person_id, Need.category, Need.status, Need.sla, Need.respond_by)
+                        .where(Need.library_id == library_id, Need.recorded_at >= start, Need.recorded_at < end,
+                               Need.cancelled_at.is_(None))).all()
+    return [CountedNeed(*row) for row in rows]

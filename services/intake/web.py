@@ -1,0 +1,338 @@
+"""Intake's web pages for front-desk staff (French, usable without JavaScript).
+
+- `/nouvelle`: record a need (the API's rules, worded in French next to each field); `?meme_personne=ID` starts
+  another need for the person of need ID, with their details filled in;
+- `/demandes/{id}/enregistree`: the confirmation, with the deadline and, as soon as referral has routed the
+  need, the partner and why (or "aucun partenaire" and what happens next);
+- `/demandes`: "Mes demandes", the library's needs, overdue first, with filters; `/demandes/{id}`: one need and
+  its history as the desk may see it;
+- `/chiffres` and `/chiffres.csv`: the library's monthly figures;
+- `/connexion`, `/deconnexion`: sign-in by emailed link (shared.web).
+
+Live parts: a page's `[data-live]` region is fetched again with `?partiel=1` by /scripts/suivi.js and replaced
+when its version changes; the answer says when nothing more will change. Without JavaScript the confirmation
+page refreshes itself (noscript meta refresh) until the need is routed, and the other pages on reload.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import anyio
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, Response
+from markupsafe import Markup
+from sqlmodel import select
+
+from services.intake import domain
+from services.intake.api import MAX_SUMMARY, NEED_STATUSES, Invalid, KeyReused, record_once, validate_need
+from services.intake.reports import CategoryFigures, LibraryReport, csv_response, library_report
+from services.intake.store import Need, NeedHistory
+from shared.directory import Library, User
+from shared.service import Service
+from shared.web import MONTHS_FR, SECURITY_HEADERS, Pages
+
+TEMPLATES = Path(__file__).with_name("templates")
+STATIC = Path(__file__).with_name("static")
+HOME = "/nouvelle"
+LIST_LIMIT = 200  # newest needs shown besides every overdue one
+OVERDUE_LIMIT = 500
+MONTHS_OFFERED = 13  # this month and the twelve before
+LIVE_EVERY_S = {"enregistree": 2, "demande": 10, "demandes": 20}
+# Pages with a live region load /scripts/suivi.js, which fetches the region again.
+CSP = SECURITY_HEADERS["Content-Security-Policy"] + "; script-src 'self'; connect-src 'self'"
+SLA_FILTERS = ("overdue", "on_track", "at_risk", "met", "breached")
+STATUS_FILTERS = ("waiting", *NEED_STATUSES)
+FINAL_STATUSES = ("closed",)
+PERSON_FIELDS = ("display_name", "email", "phone", "preferred_channel", "language")
+
+
+@dataclass(frozen=True)
+class Desk:
+    user: User
+    library: Library
+
+
+def form_errors(errors: list[dict]) -> dict[str, str]:
+    """API errors (loc inside the body) as form field -> rule code; the template words them."""
+    found: dict[str, str] = {}
+    for error in errors:
+        loc = [str(part) for part in error["loc"]]
+        field = loc[1] if loc[0] == "person" and len(loc) > 1 else loc[0]
+        found.setdefault(field, error["type"])
+    return found
+
+
+def month_value(raw: str | None, today: date) -> date:
+    """The month asked for as YYYY-MM, or this month."""
+    try:
+        year, month = (int(part) for part in (raw or "").split("-"))
+        return date(year, month, 1)
+    except ValueError:
+        return today.replace(day=1)
+
+
+def months_before(today: date, count: int) -> list[date]:
+    months, year, month = [], today.year, today.month
+    for _ in range(count):
+        months.append(date(year, month, 1))
+        year, month = (year, month - 1) if month > 1 else (year - 1, 12)
+    return months
+
+
+def month_label(month: date) -> str:
+    return f"{MONTHS_FR[month.month - 1]} {month.year}"
+
+
+def build_router(svc: Service) -> APIRouter:
+    pages = Pages(svc, TEMPLATES, roles=("front_desk",), home=HOME)
+    router = APIRouter()
+    router.include_router(pages.sign_in_router())
+
+    # --- helpers
+
+    def desk(request: Request) -> Desk:
+        user = pages.require_user(request, "front_desk")
+        library = svc.directory.library(user.library or "")
+        if library is None:
+            raise pages.error(request, 403, "role")
+        return Desk(user, library)
+
+    def show(request: Request, template: str, status: int = 200, **context: Any) -> Response:
+        response = pages.render(request, template, status=status, **context)
+        response.headers["Content-Security-Policy"] = CSP
+        return response
+
+    def live(request: Request, desk_: Desk, fragment: str, every_key: str, final: bool, **context: Any
+             ) -> tuple[Response | None, dict[str, Any]]:
+        """The live region's HTML: the answer itself for `?partiel=1`, else context for the whole page."""
+        html = pages.env.get_template(fragment).render(request=request, user=desk_.user, library=desk_.library,
+                                                       **context)
+        version = hashlib.sha256(html.encode()).hexdigest()[:16]
+        if request.query_params.get("partiel") == "1":
+            headers = {**SECURITY_HEADERS, "X-Relais-Partiel": "1", "X-Relais-Version": version,
+                       "X-Relais-Final": "1" if final else "0"}
+            return Response(html, media_type="text/html; charset=utf-8", headers=headers), {}
+        url = request.url.path + "?" + urlencode(
+            [(k, v) for k, v in request.query_params.multi_items() if k != "partiel"] + [("partiel", "1")])
+        return None, dict(live_html=Markup(html), live_version=version, live_url=url, live_final=final,
+                          live_every=LIVE_EVERY_S[every_key])
+
+    def category_label(category_id: str) -> str:
+        category = svc.directory.category(category_id)
+        return category.label if category else category_id
+
+    def partner_name(partner_id: str | None) -> str | None:
+        if partner_id is None:
+            return None
+        partner = svc.directory.partner(partner_id)
+        return partner.name if partner else partner_id
+
+    def load(need_id: str, library_id: str) -> tuple[Need, list[NeedHistory]] | None:
+        with svc.db.read() as session:
+            need = session.get(Need, need_id)
+            if need is None or need.library_id != library_id:
+                return None
+            history = session.exec(select(NeedHistory).where(NeedHistory.need_id == need_id)
+                                   .order_by(NeedHistory.at, NeedHistory.id)).all()
+            return need, list(history)
+
+    async def found(request: Request, desk_: Desk, need_id: str) -> tuple[Need, list[NeedHistory]]:
+        result = await anyio.to_thread.run_sync(load, need_id, desk_.library.id)
+        if result is None:
+            raise pages.error(request, 404, "not_found")  # never 403: ids cannot be probed
+        return result
+
+    def need_context(need: Need, now: datetime) -> dict[str, Any]:
+        return dict(need=need, category=category_label(need.category), partner=partner_name(need.partner_id),
+                    overdue=domain.is_overdue(need.status, need.respond_by, now))
+
+    # --- static files of these pages
+
+    @router.get("/scripts/{name}")
+    async def script(name: str) -> Response:
+        if name not in ("suivi.js", "accueil.css"):
+            return Response(status_code=404)
+        return FileResponse(STATIC / name, headers={"Cache-Control": "public, max-age=3600",
+                                                    "X-Content-Type-Options": "nosniff"})
+
+    @router.get("/")
+    async def root() -> Response:
+        return pages.redirect(HOME)
+
+    # --- recording a need
+
+    def default_postal_code(library: Library) -> str:
+        """The library's territory when it is a whole postal code (a prefix like "76" or "J2B" is not)."""
+        try:
+            return domain.normalize_postal_code(library.territory[0])
+        except ValueError:
+            return ""
+
+    def blank_form(library: Library) -> dict[str, str]:
+        return {"category": "", "summary": "", "postal_code": default_postal_code(library), "urgency": "normal",
+                "display_name": "", "email": "", "phone": "", "preferred_channel": "", "language": "fr",
+                "consent": "", "same_person_as": "", "idempotency_key": secrets.token_urlsafe(18)}
+
+    def form_page(request: Request, desk_: Desk, values: dict[str, str], status: int = 200,
+                  errors: dict[str, str] | None = None, suggestions: list[str] | None = None,
+                  earlier: Need | None = None, key_reused: str | None = None) -> Response:
+        return show(request, "nouvelle.html", status=status, library=desk_.library, values=values,
+                    errors=errors or {}, suggestions=[category_label(c) for c in suggestions or []],
+                    categories=svc.directory.categories, earlier=earlier, key_reused=key_reused,
+                    default_postal_code=default_postal_code(desk_.library), max_summary=MAX_SUMMARY)
+
+    @router.get("/nouvelle")
+    async def new_need(request: Request, meme_personne: str = "") -> Response:
+        desk_ = desk(request)
+        values, earlier = blank_form(desk_.library), None
+        if meme_personne:
+            loaded = await anyio.to_thread.run_sync(load, meme_personne, desk_.library.id)
+            if loaded is not None:
+                earlier = loaded[0]
+                values.update(display_name=earlier.person_display_name or "", email=earlier.person_email or "",
+                              phone=earlier.person_phone or "", preferred_channel=earlier.preferred_channel,
+                              language=earlier.language, postal_code=earlier.postal_code or values["postal_code"],
+                              same_person_as=earlier.id)
+        return form_page(request, desk_, values, earlier=earlier)
+
+    @router.post("/nouvelle")
+    async def record(request: Request) -> Response:
+        desk_ = desk(request)
+        fields = await pages.form(request)
+        values = {name: fields.get(name, "") for name in blank_form(desk_.library)}
+        values["urgency"] = values["urgency"] or "normal"
+        values["language"] = values["language"] or "fr"
+        values["summary"] = values["summary"].replace("\r\n", "\n")  # browsers send a textarea's lines with CRLF
+        values["idempotency_key"] = values["idempotency_key"][:200] or secrets.token_urlsafe(18)
+        category_id, suggestions = domain.find_category(
+            values["category"], [(c.id, c.label) for c in svc.directory.categories])
+        person = {"display_name": values["display_name"].strip() or None, "email": values["email"].strip() or None,
+                  "phone": values["phone"].strip() or None,
+                  "preferred_channel": values["preferred_channel"] or None, "language": values["language"] or "fr"}
+        data = {"library_id": desk_.library.id, "category": category_id or values["category"].strip(),
+                "summary": values["summary"], "postal_code": values["postal_code"].strip() or None,
+                "urgency": values["urgency"] or "normal", "person": person, "consent": values["consent"] == "oui",
+                "same_person_as": values["same_person_as"] or None}
+        earlier = None
+        if values["same_person_as"]:
+            loaded = await anyio.to_thread.run_sync(load, values["same_person_as"], desk_.library.id)
+            earlier = loaded[0] if loaded else None
+        try:
+            body = validate_need(data, svc.directory)
+            need = await anyio.to_thread.run_sync(record_once, svc, desk_.user, body, values["idempotency_key"],
+                                                  request.headers.get("x-correlation-id"))
+        except Invalid as exc:
+            return form_page(request, desk_, values, status=422, errors=form_errors(exc.errors),
+                             suggestions=suggestions, earlier=earlier)
+        except KeyReused as exc:  # this form already recorded a need, then was changed and sent again
+            values["idempotency_key"] = secrets.token_urlsafe(18)
+            return form_page(request, desk_, values, status=409, key_reused=exc.need_id, earlier=earlier)
+        return pages.redirect(f"/demandes/{need.id}/enregistree")
+
+    # --- the confirmation
+
+    @router.get("/demandes/{need_id}/enregistree")
+    async def recorded(request: Request, need_id: str) -> Response:
+        desk_ = desk(request)
+        need, history = await found(request, desk_, need_id)
+        now = svc.clock()
+        routed_because = next((h.detail for h in reversed(history)
+                               if h.event in ("referral.assigned", "need.unroutable")), None)
+        context = need_context(need, now) | dict(routed_because=routed_because)
+        partial, live_context = live(request, desk_, "_suivi.html", "enregistree", final=need.status != "recorded",
+                                     **context)
+        if partial is not None:
+            return partial
+        return show(request, "enregistree.html", library=desk_.library, **context, **live_context)
+
+    # --- Mes demandes
+
+    @router.get("/demandes")
+    async def needs(request: Request, statut: str = "", thematique: str = "", delai: str = "") -> Response:
+        desk_ = desk(request)
+        status = statut if statut in STATUS_FILTERS else ""
+        category = thematique if svc.directory.category(thematique) else ""
+        sla = delai if delai in SLA_FILTERS else ""
+        now = svc.clock()
+
+        def rows() -> tuple[list[Need], bool]:
+            query = select(Need).where(Need.library_id == desk_.library.id)
+            if status == "waiting":
+                query = query.where(Need.status.in_(domain.WAITING_FOR_PARTNER))
+            elif status:
+                query = query.where(Need.status == status)
+            if category:
+                query = query.where(Need.category == category)
+            if sla == "overdue":
+                query = query.where(Need.status.in_(domain.WAITING_FOR_PARTNER), Need.respond_by <= now)
+            elif sla:
+                query = query.where(Need.sla == sla)
+            overdue = query.where(Need.status.in_(domain.WAITING_FOR_PARTNER), Need.respond_by <= now)
+            with svc.db.read() as session:
+                late = list(session.exec(overdue.order_by(Need.respond_by).limit(OVERDUE_LIMIT)).all())
+                newest = list(session.exec(query.order_by(Need.recorded_at.desc(), Need.id.desc())
+                                           .limit(LIST_LIMIT + 1)).all())
+            truncated = len(newest) > LIST_LIMIT
+            by_id = {n.id: n for n in [*late, *newest[:LIST_LIMIT]]}
+            ordered = sorted(by_id.values(), key=lambda n: domain.desk_order(n.status, n.respond_by, n.recorded_at, now))
+            return ordered, truncated
+
+        found_rows, truncated = await anyio.to_thread.run_sync(rows)
+        items = [need_context(n, now) for n in found_rows]
+        filters = dict(filter_status=status, filter_category=category, filter_sla=sla)
+        partial, live_context = live(request, desk_, "_liste.html", "demandes", final=False, items=items,
+                                     truncated=truncated, filtered=bool(status or category or sla), **filters)
+        if partial is not None:
+            return partial
+        return show(request, "demandes.html", library=desk_.library, categories=svc.directory.categories,
+                    statuses=STATUS_FILTERS, slas=SLA_FILTERS, **filters, **live_context)
+
+    @router.get("/demandes/{need_id}")
+    async def need_page(request: Request, need_id: str) -> Response:
+        desk_ = desk(request)
+        need, history = await found(request, desk_, need_id)
+        now = svc.clock()
+        entries = [dict(h=h, partner=partner_name(h.partner_id)) for h in history]
+        context = need_context(need, now) | dict(history=entries)
+        partial, live_context = live(request, desk_, "_demande_etat.html", "demande",
+                                     final=need.status in FINAL_STATUSES, **context)
+        if partial is not None:
+            return partial
+        return show(request, "demande.html", library=desk_.library, **context, **live_context)
+
+    # --- monthly figures
+
+    def month_figures(library: Library, month: date) -> tuple[LibraryReport, list[tuple[str, CategoryFigures]]]:
+        report = library_report(svc, library, month)
+        return report, [(category_label(f.category), f) for f in report.by_category]
+
+    def month_choice(library: Library, raw: str) -> tuple[date, list[date]]:
+        today = svc.clock().astimezone(library.zoneinfo).date()
+        offered = months_before(today, MONTHS_OFFERED)
+        month = month_value(raw, today)
+        return (month if month in offered else offered[0]), offered
+
+    @router.get("/chiffres")
+    async def figures(request: Request, mois: str = "") -> Response:
+        desk_ = desk(request)
+        month, offered = month_choice(desk_.library, mois)
+        total, by_category = await anyio.to_thread.run_sync(month_figures, desk_.library, month)
+        return show(request, "chiffres.html", library=desk_.library, month=month, month_label=month_label(month),
+                    months=[(m.strftime("%Y-%m"), month_label(m)) for m in offered], total=total,
+                    by_category=by_category)
+
+    @router.get("/chiffres.csv")
+    async def figures_csv(request: Request, mois: str = "") -> Response:
+        desk_ = desk(request)
+        month, _ = month_choice(desk_.library, mois)
+        report, _ = await anyio.to_thread.run_sync(month_figures, desk_.library, month)
+        return csv_response([report], svc.directory, f"relais-{desk_.library.id}-{month:%Y-%m}.csv")
+
+    return router
