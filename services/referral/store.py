@@ -1,0 +1,148 @@
+"""Referral's tables: the needs it routes (the facts it was told), the referrals, and their history."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlmodel import Field, Session, SQLModel, select
+
+from shared.db import UTCDateTime
+from shared.web import USED_TOKEN_TABLE  # sign-in links on the partner pages are single use
+
+OPEN_STATUSES = ("assigned", "accepted", "responded")
+
+
+class NeedCase(SQLModel, table=True):
+    """A need as referral knows it from `need.recorded`; its clock (`respond_by`) is fixed at first routing."""
+
+    __tablename__ = "need_case"
+    need_id: str = Field(primary_key=True, max_length=32)
+    library_id: str = Field(max_length=64)
+    category: str = Field(max_length=64)
+    summary: str
+    postal_code: str | None = Field(default=None, max_length=10)
+    urgency: str = Field(max_length=10)
+    person_display_name: str | None = None
+    person_email: str | None = None
+    person_phone: str | None = None
+    preferred_channel: str = Field(default="none", max_length=8)
+    language: str = Field(default="fr", max_length=2)
+    recorded_at: datetime = Field(sa_type=UTCDateTime)
+    respond_by: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    correlation_id: str | None = Field(default=None, max_length=64)
+    sequence: int = 0  # of the last event emitted about this need
+
+    def next_sequence(self) -> int:
+        self.sequence += 1
+        return self.sequence
+
+
+class Referral(SQLModel, table=True):
+    __tablename__ = "referral"
+    id: str = Field(primary_key=True, max_length=32)
+    need_id: str = Field(index=True, foreign_key="need_case.need_id", max_length=32)
+    partner_id: str = Field(index=True, max_length=64)
+    contact_id: str = Field(max_length=64)
+    library_id: str = Field(max_length=64)
+    category: str = Field(max_length=64)
+    status: str = Field(default="assigned", index=True, max_length=16)
+    sla: str = Field(default="on_track", index=True, max_length=16)
+    respond_by: datetime = Field(sa_type=UTCDateTime, index=True)
+    routed_because: str
+    created_at: datetime = Field(sa_type=UTCDateTime, index=True)
+    updated_at: datetime = Field(sa_type=UTCDateTime)
+
+
+class ReferralHistory(SQLModel, table=True):
+    __tablename__ = "referral_history"
+    id: int | None = Field(default=None, primary_key=True)
+    referral_id: str = Field(index=True, foreign_key="referral.id", max_length=32)
+    at: datetime = Field(sa_type=UTCDateTime)
+    action: str = Field(max_length=32)
+    actor: str = Field(max_length=64)
+    detail: str | None = None
+
+
+class ClockTimer(SQLModel, table=True):
+    """A durable timer of a need's clock; fired (or found moot) once, in the transaction that emits its event."""
+
+    __tablename__ = "clock_timer"
+    __table_args__ = (sa.UniqueConstraint("need_id", "kind", "number", name="one_timer_per_step"),)
+    id: int | None = Field(default=None, primary_key=True)
+    need_id: str = Field(foreign_key="need_case.need_id", max_length=32)
+    kind: str = Field(max_length=16)
+    number: int = 0
+    due_at: datetime = Field(sa_type=UTCDateTime, index=True)
+    fired_at: datetime | None = Field(default=None, sa_type=UTCDateTime, index=True)
+    outcome: str | None = Field(default=None, max_length=16)  # "fired" or "moot" (the clock had stopped)
+
+
+class PartnerPause(SQLModel, table=True):
+    """Ops paused a partner until a date: routing skips it meanwhile."""
+
+    __tablename__ = "partner_pause"
+    partner_id: str = Field(primary_key=True, max_length=64)
+    until: datetime = Field(sa_type=UTCDateTime)
+    reason: str
+    paused_by: str = Field(max_length=64)
+    paused_at: datetime = Field(sa_type=UTCDateTime)
+
+
+class OpsAction(SQLModel, table=True):
+    """What ops did from the dashboard or the API, by whom and why."""
+
+    __tablename__ = "ops_action"
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime = Field(sa_type=UTCDateTime, index=True)
+    actor: str = Field(max_length=64)
+    action: str = Field(max_length=32)
+    target: str = Field(max_length=200)
+    reason: str
+
+
+TABLES = [NeedCase.__table__, Referral.__table__, ReferralHistory.__table__, ClockTimer.__table__,
+          PartnerPause.__table__, OpsAction.__table__, USED_TOKEN_TABLE]
+
+
+def open_referral_counts(session: Session) -> dict[str, int]:
+    rows = session.exec(select(Referral.partner_id, sa.func.count()).where(Referral.status.in_(OPEN_STATUSES))
+                        .group_by(Referral.partner_id)).all()
+    return dict(rows)
+
+
+def partners_who_declined(session: Session, need_id: str) -> set[str]:
+    return set(session.exec(select(Referral.partner_id).where(Referral.need_id == need_id,
+                                                               Referral.status == "declined")).all())
+
+
+def lock_referral(session: Session, referral_id: str) -> Referral | None:
+    """The referral, locked for this transaction (SQLite's BEGIN IMMEDIATE already serialises writers)."""
+    return session.exec(select(Referral).where(Referral.id == referral_id).with_for_update()).first()
+
+
+def history_of(session: Session, referral_id: str) -> list[ReferralHistory]:
+    return list(session.exec(select(ReferralHistory).where(ReferralHistory.referral_id == referral_id)
+                             .order_by(ReferralHistory.at, ReferralHistory.id)).all())
+
+
+def current_referral(session: Session, need_id: str) -> Referral | None:
+    """The need's open referral, if any (there is at most one)."""
+    return session.exec(select(Referral).where(Referral.need_id == need_id, Referral.status.in_(OPEN_STATUSES))
+                        .order_by(Referral.created_at.desc())).first()
+
+
+def due_timers(session: Session, now: datetime, skip_locked: bool, limit: int = 100) -> list[ClockTimer]:
+    query = (select(ClockTimer).where(ClockTimer.fired_at.is_(None), ClockTimer.due_at <= now)
+             .order_by(ClockTimer.due_at, ClockTimer.id).limit(limit))
+    if skip_locked:  # replicas share the due timers; each row is fired by exactly one of them
+        query = query.with_for_update(skip_locked=True)
+    return list(session.exec(query).all())
+
+
+def next_timer_due(session: Session) -> datetime | None:
+    return session.exec(select(sa.func.min(ClockTimer.due_at)).where(ClockTimer.fired_at.is_(None))).one()
+
+
+def paused_partners(session: Session, now: datetime) -> set[str]:
+    return set(session.exec(select(PartnerPause.partner_id).where(PartnerPause.until > now)).all())

@@ -1,0 +1,226 @@
+"""Referral's web pages (French, no JavaScript needed): what a partner sees of its referrals and does with them.
+
+- `/r/{token}`: one referral, opened from the signed link in the handoff email, no account needed;
+- `/boite`: the inbox of a signed-in partner user (its organisation's referrals; ops see all);
+- `/boite/{id}`: one referral for a signed-in user, the same page as the link's;
+- `/connexion`, `/deconnexion`: sign-in by email link (shared.web).
+Actions are POST forms (CSRF-checked) followed by a 303 back to the page with a confirmation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import anyio
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from sqlmodel import select
+
+from services.referral import dashboard_pages, domain
+from services.referral.handlers import act
+from services.referral.store import OPEN_STATUSES, NeedCase, Referral, ReferralHistory, history_of
+from shared.directory import User
+from shared.service import Service
+from shared.web import Pages, TokenExpired, TokenInvalid, read_referral_token
+
+TEMPLATES = Path(__file__).with_name("templates")
+
+ACTIONS = ("accept", "respond", "decline", "close")  # what a partner may do from its pages
+DECLINE_REASONS = ("hors_champ", "hors_territoire", "capacite", "doublon", "autre")  # labels in _labels.html
+STATUSES = ("assigned", "accepted", "responded", "closed", "declined", "cancelled")
+MAX_TEXT = {"message": 4000, "detail": 2000, "outcome": 2000}  # as the JSON API
+INBOX_LIMIT = 200
+
+
+@dataclass(frozen=True)
+class Viewer:
+    """Who looks at a referral page, and what their forms do."""
+
+    partner_id: str | None  # None: ops, who see every partner's referrals and do not act for partners
+    actor: str  # written in the referral's history
+    page_url: str  # the page; its forms post to page_url + "/" + action
+    csrf: str | None  # the link's own CSRF token; None: the session's
+
+    @property
+    def can_act(self) -> bool:
+        return self.partner_id is not None
+
+
+@dataclass(frozen=True)
+class ReferralCase:
+    referral: Referral
+    case: NeedCase
+    history: list[ReferralHistory]
+
+
+def allowed_actions(status: str) -> list[str]:
+    return [a for a in ACTIONS if status in domain.TRANSITIONS[a][0]]
+
+
+def is_late(referral: Referral, now: datetime) -> bool:
+    """Past its deadline without a first answer from the partner."""
+    return referral.status == "assigned" and referral.respond_by <= now
+
+
+def build_router(svc: Service) -> APIRouter:
+    pages = Pages(svc, TEMPLATES, roles=("partner", "ops"), home="/boite")
+    router = APIRouter()
+    router.include_router(pages.sign_in_router())
+    router.include_router(dashboard_pages.build_router(svc, pages))
+
+    # --- reading
+
+    def load(referral_id: str) -> ReferralCase | None:
+        with svc.db.transaction() as session:
+            referral = session.get(Referral, referral_id)
+            if referral is None:
+                return None
+            return ReferralCase(referral, session.get(NeedCase, referral.need_id), history_of(session, referral_id))
+
+    def show(request: Request, found: ReferralCase, viewer: Viewer, status: int = 200, **context) -> Response:
+        directory, referral = svc.directory, found.referral
+        library = directory.library(referral.library_id)
+        partner = directory.partner(referral.partner_id)
+        category = directory.category(referral.category)
+        contact = next((c for c in partner.contacts if c.id == referral.contact_id), None) if partner else None
+        context.setdefault("errors", {})
+        context.setdefault("values", {})
+        context.setdefault("refused", None)
+        if viewer.csrf:
+            context["csrf"] = viewer.csrf  # else the session's, set by render
+        return pages.render(
+            request, "demande.html", status=status, r=referral, case=found.case, history=found.history,
+            library=library, partner=partner, category=category, contact=contact,
+            timezone=library.timezone if library else directory.timezone, late=is_late(referral, svc.clock()),
+            actions=allowed_actions(referral.status) if viewer.can_act else [], viewer=viewer,
+            done=request.query_params.get("fait") if request.query_params.get("fait") in ACTIONS else None,
+            reasons=DECLINE_REASONS, **context)
+
+    # --- acting
+
+    def read_action(action: str, fields: dict[str, str]) -> tuple[str | None, dict[str, str]]:
+        """The text the action records, or the errors of the form (field -> problem code)."""
+        errors: dict[str, str] = {}
+
+        def text(name: str, required: bool = True) -> str:
+            value = fields.get(name, "").strip()
+            if required and not value:
+                errors[name] = "required"
+            elif len(value) > MAX_TEXT[name]:
+                errors[name] = "too_long"
+            return value
+
+        if action == "accept":
+            return None, errors
+        if action == "respond":
+            return text("message"), errors
+        if action == "close":
+            return text("outcome"), errors
+        reason = fields.get("reason", "")
+        if reason not in DECLINE_REASONS:
+            errors["reason"] = "choose"
+        detail = text("detail", required=reason == "autre")
+        return pages.text("motif_refus.txt", reason=reason, detail=detail) if not errors else None, errors
+
+    async def perform(request: Request, referral_id: str, action: str, viewer: Viewer) -> Response:
+        if action not in ACTIONS:
+            raise pages.error(request, 404, "not_found")
+        fields = await pages.form(request, viewer.csrf)
+        found = await anyio.to_thread.run_sync(load, referral_id)
+        if found is None or found.referral.partner_id != viewer.partner_id:
+            raise pages.error(request, 404, "not_found")
+        text, errors = read_action(action, fields)
+        if errors:
+            return show(request, found, viewer, status=422, errors={action: errors}, values={action: fields})
+
+        def work() -> None:
+            with svc.db.transaction() as session:
+                act(session, referral_id, action, viewer.actor, svc.clock(), svc.directory, text)
+
+        try:
+            await anyio.to_thread.run_sync(work)
+        except domain.TransitionRefused:
+            found = await anyio.to_thread.run_sync(load, referral_id)
+            return show(request, found, viewer, status=409, refused=action)
+        svc.bus.relay.wake()
+        return pages.redirect(f"{viewer.page_url}?fait={action}")
+
+    # --- the signed link from the handoff email
+
+    def link_viewer(request: Request, token: str) -> tuple[Viewer, str]:
+        try:
+            grant = read_referral_token(svc.settings, token, svc.clock())
+        except TokenExpired:
+            raise pages.error(request, 410, "link_expired", template="lien_erreur.html") from None
+        except TokenInvalid:
+            raise pages.error(request, 400, "link_invalid", template="lien_erreur.html") from None
+        viewer = Viewer(partner_id=grant.partner_id, actor=f"link:{grant.partner_id}", page_url=f"/r/{token}",
+                        csrf=pages.link_csrf(token))
+        return viewer, grant.referral_id
+
+    @router.get("/r/{token}")
+    async def referral_by_link(request: Request, token: str) -> Response:
+        viewer, referral_id = link_viewer(request, token)
+        found = await anyio.to_thread.run_sync(load, referral_id)
+        if found is None or found.referral.partner_id != viewer.partner_id:
+            raise pages.error(request, 410, "link_moved", template="lien_erreur.html")
+        return show(request, found, viewer)
+
+    @router.post("/r/{token}/{action}")
+    async def act_by_link(request: Request, token: str, action: str) -> Response:
+        viewer, referral_id = link_viewer(request, token)
+        return await perform(request, referral_id, action, viewer)
+
+    # --- signed-in users
+
+    def user_viewer(user: User, referral_id: str) -> Viewer:
+        return Viewer(partner_id=user.partner if user.role == "partner" else None, actor=user.id,
+                      page_url=f"/boite/{referral_id}", csrf=None)
+
+    @router.get("/")
+    async def root() -> Response:
+        return pages.redirect("/boite")
+
+    @router.get("/boite")
+    async def inbox(request: Request, statut: str = "open", partenaire: str = "") -> Response:
+        user = pages.require_user(request, "partner", "ops")
+        status = statut if statut in ("open", *STATUSES) else "open"
+        partner_id = user.partner if user.role == "partner" else (partenaire or None)
+        now = svc.clock()
+
+        def rows() -> list[tuple[Referral, NeedCase]]:
+            query = select(Referral, NeedCase).join(NeedCase, NeedCase.need_id == Referral.need_id)
+            if partner_id:
+                query = query.where(Referral.partner_id == partner_id)
+            query = query.where(Referral.status.in_(OPEN_STATUSES) if status == "open" else Referral.status == status)
+            query = query.order_by(Referral.respond_by, Referral.created_at, Referral.id).limit(INBOX_LIMIT + 1)
+            with svc.db.transaction() as session:
+                return list(session.exec(query).all())
+
+        found = await anyio.to_thread.run_sync(rows)
+        directory = svc.directory
+        items = [dict(r=r, case=case, late=is_late(r, now), library=directory.library(r.library_id),
+                      partner=directory.partner(r.partner_id), category=directory.category(r.category))
+                 for r, case in found[:INBOX_LIMIT]]
+        return pages.render(request, "boite.html", items=items, truncated=len(found) > INBOX_LIMIT, filter_status=status,
+                            statuses=STATUSES, partner=directory.partner(user.partner) if user.partner else None,
+                            partners=directory.partners if user.role == "ops" else [], partner_filter=partenaire,
+                            default_timezone=directory.timezone)
+
+    @router.get("/boite/{referral_id}")
+    async def referral_signed_in(request: Request, referral_id: str) -> Response:
+        user = pages.require_user(request, "partner", "ops")
+        viewer = user_viewer(user, referral_id)
+        found = await anyio.to_thread.run_sync(load, referral_id)
+        if found is None or (viewer.partner_id is not None and found.referral.partner_id != viewer.partner_id):
+            raise pages.error(request, 404, "not_found")  # never 403: ids cannot be probed
+        return show(request, found, viewer)
+
+    @router.post("/boite/{referral_id}/{action}")
+    async def act_signed_in(request: Request, referral_id: str, action: str) -> Response:
+        user = pages.require_user(request, "partner")
+        return await perform(request, referral_id, action, user_viewer(user, referral_id))
+
+    return router
