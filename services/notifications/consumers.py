@@ -1,0 +1,41 @@
+"""Notifications' subscribers: thin, each hands its event to a handler through `Bus.process` (once per event)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from services.notifications import handlers
+from shared.events import (ACCESS, DELIVERIES, NEEDS, REFERRALS, AccessLinkRequested, DeliveryStreamEvent, NeedEvent,
+                           ReferralStreamEvent)
+from shared.service import Service
+from shared.web import referral_link
+
+
+def register(svc: Service, wake_senders: Callable[[], None]) -> None:
+    def link_for(event) -> str:
+        """The signed link that opens the referral for its partner, without an account."""
+        return referral_link(svc.settings, event.referral_id, event.partner_id, svc.clock())
+
+    transliterate = svc.settings.sms_transliterate
+    svc.bus.documents_publisher(DELIVERIES, DeliveryStreamEvent, "What was sent, and what failed after its last attempt.")
+
+    @svc.bus.subscriber(NEEDS, "The person's contact and choices (channel, language) for the messages meant for them.")
+    async def on_need_event(event: NeedEvent) -> None:
+        if event.type == "need.recorded":
+            handler = lambda s, e: handlers.on_need_recorded(s, e, svc.directory, svc.clock(), transliterate)  # noqa: E731
+        else:
+            handler = lambda s, e: handlers.on_need_cancelled(s, e, svc.clock())  # noqa: E731
+        if await svc.bus.process(handler, event):
+            wake_senders()
+
+    @svc.bus.subscriber(REFERRALS, "Referral events are turned into emails and SMS to the people concerned.")
+    async def on_referral_event(event: ReferralStreamEvent) -> None:
+        if await svc.bus.process(lambda s, e: handlers.on_referral_event(s, e, svc.directory, svc.clock(), link_for,
+                                                                         transliterate), event):
+            wake_senders()
+
+    @svc.bus.subscriber(ACCESS, "Sign-in links asked for on any service's pages are emailed.")
+    async def on_access_event(event: AccessLinkRequested) -> None:
+        if await svc.bus.process(lambda s, e: handlers.on_access_link_requested(s, e, svc.directory, svc.clock()),
+                                 event):
+            wake_senders()

@@ -1,0 +1,276 @@
+"""Notifications' event handlers: each turns an event into rendered deliveries, queued in the same transaction
+as the event's tracking row (so one message per event, recipient and channel), or records what a provider
+told us (a receipt, a STOP reply)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from datetime import datetime
+
+from sqlmodel import Session, select
+
+from services.notifications import domain
+from services.notifications.render import Rendered, render, render_email
+from services.notifications.store import Delivery, NeedPerson, SmsSuppression, WaitingForPerson, lock_person_of
+from shared.db import emit
+from shared.directory import Directory
+from shared.events import (AccessLinkRequested, DeliveryFailed, Event, NeedCancelled, NeedRecorded, new_id,
+                           parse_event)
+
+log = logging.getLogger("relais.notifications")
+
+
+# --- referral events: staff by email, the person on their channel -------------------------------------
+
+
+def on_referral_event(session: Session, event: Event, directory: Directory, now: datetime,
+                      link_for: Callable[[Event], str | None], transliterate: bool = True) -> int:
+    """Queue one rendered message per recipient the event concerns; returns how many."""
+    if event.type == "referral.closed":
+        lock_person_of(session, event.need_id)
+        forget_person(session, event.need_id)
+        return 0
+    kind = domain.KIND_OF.get(event.type)
+    count = 0
+    if kind is not None:
+        count += queue_for_staff(session, event, kind, directory, now, link_for)
+    if event.type in domain.PERSON_KIND_OF:
+        lock_person_of(session, event.need_id)
+        person = session.get(NeedPerson, event.need_id)
+        if person is None:  # need.recorded comes on another stream: wait for it
+            session.add(WaitingForPerson(event_id=event.event_id, need_id=event.need_id,
+                                         payload=event.model_dump_json()))
+        else:
+            count += queue_for_person(session, event, person, directory, now, transliterate)
+    return count
+
+
+def queue_for_staff(session: Session, event: Event, kind: str, directory: Directory, now: datetime,
+                    link_for: Callable[[Event], str | None]) -> int:
+    partner_id = getattr(event, "partner_id", None)
+    library = directory.library(event.library_id)
+    partner = directory.partner(partner_id) if partner_id else None
+    if library is None or (partner_id and partner is None):
+        raise LookupError(f"{event.type} {event.event_id}: library {event.library_id} or partner {partner_id} "
+                          "is not in the directory")
+    people = domain.recipients(directory, kind, partner_id=partner_id, contact_id=getattr(event, "contact_id", None),
+                               library_id=event.library_id)
+    category = directory.category(event.category)
+    respond_by = getattr(event, "respond_by", None)
+    context = dict(
+        partner=partner, library=library, category=category, category_id=event.category, timezone=library.timezone,
+        respond_by=respond_by, routed_because=getattr(event, "routed_because", None),
+        referral_id=getattr(event, "referral_id", None), need_id=event.need_id,
+        reminder_number=getattr(event, "reminder_number", None), reason=getattr(event, "reason", None),
+        message=getattr(event, "message", None), answered=event.type.removeprefix("referral."),
+    )
+    for person in people:
+        link = link_for(event) if person.role in ("partner_contact", "backup_contact") else None
+        rendered = render_email(kind, recipient=person, link=link, **context)
+        delivery = queue(session, event, now, kind=kind, channel="email", recipient_role=person.role,
+                         recipient=person.email, rendered=rendered,
+                         reply_to=domain.reply_to(directory, event.library_id, person.role))
+        if kind == "handoff" and person.digest_at is not None:
+            zone = domain.digest_timezone(directory, partner)
+            delivery.next_attempt_at = domain.next_digest_at(now, person.digest_at, zone)
+            delivery.held_reason = "digest"
+            delivery.facts = json.dumps({
+                "recipient_name": person.name, "library": library.name, "partner": partner.name,
+                "category": category.label if category else event.category, "respond_by": respond_by.isoformat(),
+                "timezone": library.timezone, "link": link, "referral_id": delivery.referral_id})
+    return len(people)
+
+
+# --- the person ----------------------------------------------------------------------------------------
+
+
+def on_need_recorded(session: Session, event: NeedRecorded, directory: Directory, now: datetime,
+                     transliterate: bool = True) -> int:
+    """Keep the person's contact for this need; handle the referral events that came before it."""
+    p = event.person
+    lock_person_of(session, event.need_id)
+    person = session.get(NeedPerson, event.need_id) or NeedPerson(need_id=event.need_id, library_id=event.library_id,
+                                                                  preferred_channel="none", recorded_at=event.recorded_at)
+    person.library_id, person.email, person.phone = event.library_id, p.email, p.phone
+    person.preferred_channel, person.language, person.recorded_at = p.preferred_channel, p.language, event.recorded_at
+    session.add(person)
+    count = 0
+    waiting = session.exec(select(WaitingForPerson).where(WaitingForPerson.need_id == event.need_id)).all()
+    for row in sorted(waiting, key=lambda w: parse_event(w.payload).occurred_at):
+        count += queue_for_person(session, parse_event(row.payload), person, directory, now, transliterate)
+        session.delete(row)
+    return count
+
+
+def on_need_cancelled(session: Session, event: NeedCancelled, now: datetime) -> None:
+    """A need recorded in error: nothing more goes to its person, and their contact is forgotten."""
+    lock_person_of(session, event.need_id)
+    for d in session.exec(select(Delivery).where(Delivery.need_id == event.need_id, Delivery.status == "queued",
+                                                 Delivery.recipient_role == "person")).all():
+        d.status, d.suppressed_reason, d.leased_until = "suppressed", "need_cancelled", None
+        session.add(d)
+    forget_person(session, event.need_id)
+
+
+def forget_person(session: Session, need_id: str) -> None:
+    """The need is over: its person's contact is not kept (queued messages to them still go)."""
+    if (person := session.get(NeedPerson, need_id)) is not None:
+        session.delete(person)
+    for row in session.exec(select(WaitingForPerson).where(WaitingForPerson.need_id == need_id)).all():
+        session.delete(row)
+
+
+def person_facts(event: Event, directory: Directory, person: NeedPerson) -> dict:
+    """What a message to the person says: who will contact them and by when, and how to reach the desk;
+    nothing about the need itself."""
+    library = directory.library(event.library_id)
+    partner = directory.partner(event.partner_id)
+    if library is None or partner is None:
+        raise LookupError(f"{event.type} {event.event_id}: library {event.library_id} or partner "
+                          f"{event.partner_id} is not in the directory")
+    desk = library.contacts[0] if library.contacts else None
+    respond_by = getattr(event, "respond_by", None)
+    return {
+        "template": "person_confirmation" if event.type == "referral.assigned" else "partner_answered_person",
+        "partner": partner.name, "library": library.name, "desk_email": desk.email if desk else None,
+        "desk_phone": desk.phone if desk else None, "respond_by": respond_by.isoformat() if respond_by else None,
+        "timezone": library.timezone, "language": person.language, "recorded_at": person.recorded_at.isoformat(),
+    }
+
+
+def render_for_person(facts: dict, channel: str, transliterate: bool = True) -> Rendered:
+    context = {k: v for k, v in facts.items() if k not in ("template", "language")}
+    context["respond_by"] = datetime.fromisoformat(facts["respond_by"]) if facts["respond_by"] else None
+    return render(facts["template"], channel, facts["language"], transliterate=transliterate, **context)
+
+
+def queue_for_person(session: Session, event: Event, person: NeedPerson, directory: Directory, now: datetime,
+                     transliterate: bool = True) -> int:
+    kind = domain.PERSON_KIND_OF[event.type]
+    route = domain.person_route(person.preferred_channel, person.email, person.phone)
+    facts = person_facts(event, directory, person)
+    suppressed = route.suppressed
+    if not suppressed and route.channel == "sms" and session.get(SmsSuppression, route.address) is not None:
+        suppressed = "opted_out"
+    rendered = (render_for_person(facts, route.channel, transliterate) if not suppressed
+                else Rendered(subject="", text="", html=None))
+    delivery = queue(session, event, now, kind=kind, channel=route.channel, recipient_role="person",
+                     recipient=route.address, rendered=rendered, language=person.language,
+                     reply_to=domain.reply_to(directory, event.library_id, "person"), facts=facts)
+    if suppressed:
+        delivery.status, delivery.suppressed_reason = "suppressed", suppressed
+    elif route.channel == "sms":
+        delivery.quiet_timezone = facts["timezone"]  # its retries keep quiet hours too
+        delivery.next_attempt_at, delivery.held_reason = quiet_time(delivery, now)
+    return 1
+
+
+def quiet_time(d: Delivery, at: datetime) -> tuple[datetime, str | None]:
+    """When an SMS to the person due `at` may go, and why it waits if it does."""
+    recorded_at = datetime.fromisoformat(json.loads(d.facts)["recorded_at"]) if d.facts else None
+    if not d.quiet_timezone or not domain.held_by_quiet_hours(d.kind, d.recipient_role, d.channel, recorded_at, at):
+        return at, None
+    allowed = domain.sms_allowed_at(at, d.quiet_timezone)
+    return allowed, "quiet_hours" if allowed > at else None
+
+
+def fall_back_to_email(session: Session, sms: Delivery, now: datetime) -> Delivery | None:
+    """An SMS to the person that failed goes again by email, when the person gave an address."""
+    person = session.get(NeedPerson, sms.need_id) if sms.need_id else None
+    if sms.channel != "sms" or sms.recipient_role != "person" or person is None or not person.email or not sms.facts:
+        return None
+    facts = json.loads(sms.facts)
+    if session.exec(select(Delivery.id).where(Delivery.event_id == sms.event_id, Delivery.channel == "email",
+                                              Delivery.recipient == person.email)).first():
+        return None
+    delivery = Delivery(
+        id=new_id(), event_id=sms.event_id, need_id=sms.need_id, referral_id=sms.referral_id, kind=sms.kind,
+        channel="email", recipient_role="person", recipient=person.email, language=sms.language,
+        reply_to=sms.reply_to, facts=sms.facts, fallback_for=sms.id, next_attempt_at=now, created_at=now,
+        correlation_id=sms.correlation_id, **_bodies(render_for_person(facts, "email")))
+    session.add(delivery)
+    return delivery
+
+
+# --- sign-in links -------------------------------------------------------------------------------------
+
+SIGN_IN_ROLE = {"partner": "partner_contact", "front_desk": "front_desk", "ops": "escalation"}
+
+
+def on_access_link_requested(session: Session, event: AccessLinkRequested, directory: Directory, now: datetime) -> None:
+    user = directory.user(event.user_id)
+    if user is None:
+        return  # removed from the directory since it asked: nothing to send
+    rendered = render_email("sign_in", recipient=domain.Recipient(SIGN_IN_ROLE[user.role], user.id, event.email),
+                            link=event.link, expires_at=event.expires_at, timezone=directory.timezone)
+    queue(session, event, now, kind="sign_in", channel="email", recipient_role=SIGN_IN_ROLE[user.role],
+          recipient=event.email, rendered=rendered)
+
+
+# --- what the SMS providers tell us --------------------------------------------------------------------
+
+
+def on_sms_receipt(session: Session, provider: str, provider_message_id: str, delivered: bool, error: str | None,
+                   now: datetime) -> Delivery | None:
+    """A delivery receipt: `sent` becomes `delivered`, or `failed` (then the person gets an email instead)."""
+    d = session.exec(select(Delivery).where(Delivery.provider == provider,
+                                            Delivery.provider_message_id == provider_message_id)).first()
+    if d is None or d.status not in ("sent", "delivered"):
+        return d
+    if delivered:
+        d.status, d.delivered_at = "delivered", d.delivered_at or now
+    elif d.status == "sent":
+        d.status, d.last_error = "failed", (error or "undelivered")[:2000]
+        emit(session, DeliveryFailed(**event_fields(d, now), error=d.last_error))
+        fall_back_to_email(session, d, now)
+    session.add(d)
+    return d
+
+
+def on_sms_reply(session: Session, provider: str, phone: str, text: str, now: datetime) -> str | None:
+    """STOP or ARRET: no more SMS to that number (queued ones are suppressed); START: they may come again."""
+    if domain.is_stop_reply(text):
+        opt_out(session, phone, provider, now)
+        return "stop"
+    if domain.is_start_reply(text) and (row := session.get(SmsSuppression, phone)) is not None:
+        session.delete(row)
+        return "start"
+    return None
+
+
+def opt_out(session: Session, phone: str, source: str, now: datetime) -> None:
+    if session.get(SmsSuppression, phone) is None:
+        session.add(SmsSuppression(phone=phone, at=now, source=source))
+    for d in session.exec(select(Delivery).where(Delivery.channel == "sms", Delivery.recipient == phone,
+                                                 Delivery.status == "queued")).all():
+        d.status, d.suppressed_reason, d.leased_until = "suppressed", "opted_out", None
+        session.add(d)
+
+
+# --- queueing ------------------------------------------------------------------------------------------
+
+
+def _bodies(rendered: Rendered) -> dict:
+    return dict(subject=rendered.subject, body_text=rendered.text, body_html=rendered.html)
+
+
+def queue(session: Session, event, now: datetime, *, kind: str, channel: str, recipient_role: str, recipient: str,
+          rendered: Rendered, language: str = "fr", reply_to: str | None = None, facts: dict | None = None) -> Delivery:
+    delivery = Delivery(
+        id=new_id(), event_id=event.event_id, need_id=event.need_id, referral_id=getattr(event, "referral_id", None),
+        kind=kind, channel=channel, recipient_role=recipient_role, recipient=recipient, language=language,
+        reply_to=reply_to, next_attempt_at=now, created_at=now, correlation_id=event.correlation_id,
+        facts=json.dumps(facts) if facts else None, **_bodies(rendered))
+    if channel == "sms" and rendered.text:
+        count = domain.sms_count(rendered.text)
+        delivery.sms_encoding, delivery.sms_segments = count.encoding, count.segments
+    session.add(delivery)
+    return delivery
+
+
+def event_fields(d: Delivery, now: datetime) -> dict:
+    """What delivery.sent and delivery.failed say of a delivery (no address)."""
+    return dict(need_id=d.need_id, delivery_id=d.id, referral_id=d.referral_id, kind=d.kind, channel=d.channel,
+                recipient_role=d.recipient_role, occurred_at=now, correlation_id=d.correlation_id)

@@ -1,0 +1,178 @@
+"""The outbox pages (French, ops only): what the system sends, with filters, each delivery's attempts, and,
+when the embedded SMTP sink (`relais up`) or the `outbox` SMS provider is in use, the message itself as its
+recipient sees it: the email as received by the sink (headers, text part, HTML part in a sandboxed frame),
+the SMS with its segment count.
+
+- `/envois`: the deliveries, newest first, filtered by kind, channel, status and need;
+- `/envois/{id}`: one delivery;
+- `/envois/{id}/apercu`: the HTML part of its email, for the frame;
+- `/connexion`, `/deconnexion`: sign-in by email link (shared.web).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+from email.parser import BytesHeaderParser
+from pathlib import Path
+
+import anyio
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, Response
+from sqlmodel import select
+
+from services.notifications import channels
+from services.notifications.store import Delivery, DeliveryAttempt
+from shared.service import Service, decode_cursor, encode_cursor
+from shared.web import SECURITY_HEADERS, Pages
+
+TEMPLATES = Path(__file__).with_name("templates") / "web"
+KINDS = ("handoff", "person_confirmation", "reminder", "escalation", "breach", "partner_answered", "unroutable",
+         "sign_in")
+CHANNELS = ("email", "sms")
+STATUSES = ("queued", "sent", "delivered", "failed", "suppressed")
+PAGE_SIZE = 50
+
+# The page frames the email's HTML part, served by this service; the part itself runs no script and may
+# only be framed here.
+PAGE_CSP = SECURITY_HEADERS["Content-Security-Policy"] + "; frame-src 'self'"
+PREVIEW_CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'self'; "
+               "base-uri 'none'; form-action 'none'; sandbox")
+
+
+def masked(address: str) -> str:
+    """A person's address as ops see it in lists: enough to tell two apart, not to write to them."""
+    if "@" in address:
+        local, _, domain = address.partition("@")
+        return f"{local[:1]}…@{domain}"
+    return f"{address[:4]}…{address[-2:]}" if len(address) > 6 else "…"
+
+
+class MailSinkFolder:
+    """The .eml files the embedded sink keeps, found by Message-ID (headers read once per file)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._by_id: dict[str, Path] = {}
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def find(self, message_id: str) -> EmailMessage | None:
+        with self._lock:
+            if message_id not in self._by_id and self.folder.is_dir():
+                for path in self.folder.glob("*.eml"):
+                    if path.name in self._seen:
+                        continue
+                    self._seen.add(path.name)
+                    with path.open("rb") as f:
+                        found = BytesHeaderParser().parse(f).get("Message-ID")
+                    if found:
+                        self._by_id[str(found).strip()] = path
+            path = self._by_id.get(message_id)
+        return message_from_bytes(path.read_bytes(), policy=policy.default) if path else None
+
+
+@dataclass(frozen=True)
+class Shown:
+    """A message as its recipient sees it."""
+
+    headers: dict[str, str]
+    text: str | None
+    has_html: bool
+
+
+def build_router(svc: Service) -> APIRouter:
+    pages = Pages(svc, TEMPLATES, roles=("ops",), home="/envois")
+    router = APIRouter()
+    router.include_router(pages.sign_in_router())
+    sink = MailSinkFolder(svc.settings.mail_sink_dir) if svc.settings.mail_sink_dir else None
+
+    def received_email(d: Delivery) -> EmailMessage | None:
+        if sink is None or d.channel != "email" or d.status not in ("sent", "delivered"):
+            return None
+        key = f"digest-{d.digest_of}" if d.digest_of else d.id
+        return sink.find(channels.message_id(key, svc.settings.mail_from))
+
+    def load(delivery_id: str) -> tuple[Delivery, list[DeliveryAttempt]] | None:
+        with svc.db.transaction() as session:
+            d = session.get(Delivery, delivery_id)
+            if d is None:
+                return None
+            attempts = session.exec(select(DeliveryAttempt).where(DeliveryAttempt.delivery_id == delivery_id)
+                                    .order_by(DeliveryAttempt.number, DeliveryAttempt.id)).all()
+            return d, list(attempts)
+
+    @router.get("/")
+    async def root() -> Response:
+        return pages.redirect("/envois")
+
+    @router.get("/envois.css")
+    async def stylesheet() -> Response:
+        return Response((TEMPLATES / "envois.css").read_text(), media_type="text/css",
+                        headers={"Cache-Control": "max-age=3600"})
+
+    @router.get("/envois")
+    async def outbox(request: Request, type: str = "", canal: str = "", statut: str = "", demande: str = "",
+                     avant: str = "") -> Response:
+        pages.require_user(request, "ops")
+        filters = {"type": type if type in KINDS else "", "canal": canal if canal in CHANNELS else "",
+                   "statut": statut if statut in STATUSES else "", "demande": demande.strip()[:64]}
+
+        def rows() -> tuple[list[Delivery], str | None]:
+            query = select(Delivery)
+            for column, value in ((Delivery.kind, filters["type"]), (Delivery.channel, filters["canal"]),
+                                  (Delivery.status, filters["statut"]), (Delivery.need_id, filters["demande"])):
+                if value:
+                    query = query.where(column == value)
+            if avant:
+                try:
+                    at, id_ = decode_cursor(avant)
+                except Exception:  # noqa: BLE001 - a hand-edited link: start from the newest
+                    pass
+                else:
+                    query = query.where((Delivery.created_at < at) | ((Delivery.created_at == at) & (Delivery.id < id_)))
+            query = query.order_by(Delivery.created_at.desc(), Delivery.id.desc()).limit(PAGE_SIZE + 1)
+            with svc.db.transaction() as session:
+                found = list(session.exec(query).all())
+            more = None
+            if len(found) > PAGE_SIZE:
+                found = found[:PAGE_SIZE]
+                more = encode_cursor(found[-1].created_at, found[-1].id)
+            return found, more
+
+        items, more = await anyio.to_thread.run_sync(rows)
+        return pages.render(request, "envois.html", items=items, more=more, filters=filters, kinds=KINDS,
+                            channels=CHANNELS, statuses=STATUSES, masked=masked, timezone=svc.directory.timezone,
+                            showing_messages=sink is not None or svc.settings.sms_provider == "outbox")
+
+    @router.get("/envois/{delivery_id}")
+    async def one(request: Request, delivery_id: str) -> Response:
+        pages.require_user(request, "ops")
+        found = await anyio.to_thread.run_sync(load, delivery_id)
+        if found is None:
+            raise pages.error(request, 404, "not_found")
+        d, attempts = found
+        shown = None
+        if d.channel == "email" and (msg := await anyio.to_thread.run_sync(received_email, d)) is not None:
+            text_part, html_part = msg.get_body(("plain",)), msg.get_body(("html",))
+            shown = Shown(headers={name: str(msg[name]) for name in ("From", "To", "Reply-To", "Subject", "Date",
+                                                                      "Message-ID") if msg[name]},
+                          text=text_part.get_content() if text_part else None, has_html=html_part is not None)
+        sms_kept = d.channel == "sms" and d.provider == "outbox" and d.status in ("sent", "delivered")
+        return pages.render(request, "envoi.html", d=d, attempts=attempts, shown=shown, sms_kept=sms_kept,
+                            sink=sink is not None, sms_provider=svc.settings.sms_provider, masked=masked,
+                            timezone=svc.directory.timezone, headers={"Content-Security-Policy": PAGE_CSP})
+
+    @router.get("/envois/{delivery_id}/apercu")
+    async def preview(request: Request, delivery_id: str) -> Response:
+        pages.require_user(request, "ops")
+        found = await anyio.to_thread.run_sync(load, delivery_id)
+        msg = await anyio.to_thread.run_sync(received_email, found[0]) if found else None
+        html_part = msg.get_body(("html",)) if msg is not None else None
+        if html_part is None:
+            raise pages.error(request, 404, "not_found")
+        return HTMLResponse(html_part.get_content(), headers={**SECURITY_HEADERS, "Content-Security-Policy": PREVIEW_CSP})
+
+    return router
