@@ -1,0 +1,148 @@
+"""The ops dashboard in a real browser (Debian's chromium driven by Playwright) with its Content-Security-Policy
+enforced: the figures shown are the API's, they refresh in place without a reload, an action goes through its
+confirmation page; with the other services down the page still shows, with those parts marked unavailable; a
+partner gets 403. axe-core on every page (no serious violation); screenshots under test-artifacts/browser/."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import timedelta
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from shared.events import NeedRecorded, PersonContact, utcnow
+from shared.messaging import DATA_FIELD
+from shared.testing import VIEWPORT_DESK, VIEWPORT_PHONE, wait_for
+from shared.web import sign_in_link
+
+pytestmark = pytest.mark.browser
+
+def sign_in(page, referral, user_id: str) -> None:
+    link, _ = sign_in_link(referral.settings, "referral", user_id)
+    page.goto(link)
+
+
+def cell(page, selector: str) -> str:
+    return page.locator(selector).inner_text().strip()
+
+
+def test_the_dashboard_shows_the_apis_figures_refreshes_itself_and_confirms_an_action(
+        page, check_page, settings, mail_sink, start_service):
+    settings = settings.model_copy(update={"smtp_url": mail_sink.url})
+    intake = start_service("intake", settings)
+    referral = start_service("referral", settings)
+    start_service("notifications", settings)
+    desk = intake.client("desk")
+    for category in ("caf", "caf", "sante"):
+        assert desk.post("/needs", json={"library_id": "chatelet", "category": category, "summary": "x",
+                                         "postal_code": "76000", "consent": True}).status_code == 201
+    ops = referral.client("ops")
+    board = wait_for(lambda: (b := ops.get("/dashboard").json())["deliveries"]["available"]
+                     and b["deliveries"]["data"]["totals"].get("sent", 0) >= 3 and b, 30)
+    assert board
+
+    sign_in(page, referral, "ops")
+    page.goto(f"{referral.url}/tableau-de-bord")
+    assert page.get_by_role("heading", level=1).inner_text() == "Tableau de bord de la coordination"
+    for state, count in board["deadlines"]["open_by_sla"].items():
+        assert cell(page, f'td[data-sla="{state}"]') == str(count)
+    caf = next(p for p in board["partners"] if p["id"] == "caf-76")
+    assert cell(page, "#partenaire-caf-76 td:nth-of-type(1)") == f"{caf['open']} / ∞" == "2 / ∞"
+    for status, count in board["deliveries"]["data"]["totals"].items():
+        assert cell(page, f'tfoot td[data-status="{status}"]') == str(count)
+    month = utcnow().astimezone(ZoneInfo("Europe/Paris")).strftime("%Y-%m")
+    report = next(r for r in board["reports"]["data"]["months"][0]["items"] if r["library_id"] == "chatelet")
+    assert cell(page, f'tr[data-library="chatelet"][data-month="{month}"] td:nth-of-type(3)') == str(report["needs"]) == "3"
+    assert page.get_by_role("link", name="Tableau de bord").first.get_attribute("aria-current") == "page"
+    check_page(page, "dashboard")
+
+    # live: a new need appears after a refresh of the figures, without reloading the page
+    marker = page.evaluate("() => { window.notReloaded = true; return true; }")
+    assert desk.post("/needs", json={"library_id": "chatelet", "category": "caf", "summary": "x",
+                                     "postal_code": "76000", "consent": True}).status_code == 201
+    expected = str(board["deadlines"]["open_by_sla"]["on_track"] + 1)
+    assert wait_for(lambda: ops.get("/dashboard").json()["deadlines"]["open_by_sla"]["on_track"] == int(expected))
+    assert page.evaluate("() => window.relaisDashboardRefresh()") is True
+    assert cell(page, 'td[data-sla="on_track"]') == expected
+    assert marker and page.evaluate("() => window.notReloaded") is True
+    pause = page.get_by_role("button", name="Suspendre la mise à jour automatique")
+    pause.click()
+    assert page.get_by_role("button", name="Reprendre la mise à jour automatique").get_attribute("aria-pressed") == "true"
+    page.set_viewport_size(VIEWPORT_PHONE)
+    # wide tables scroll inside
+    assert page.evaluate("document.documentElement.scrollWidth") <= VIEWPORT_PHONE["width"]
+    check_page(page, "dashboard-phone")
+    page.set_viewport_size(VIEWPORT_DESK)
+
+    # an action: its confirmation page asks for the reason, then the dashboard says it is done
+    page.get_by_role("link", name="Mettre en pause CAF de la Seine-Maritime").click()
+    assert page.get_by_role("heading", level=1).inner_text() == "Mettre un partenaire en pause"
+    check_page(page, "dashboard-confirm-pause")
+    page.get_by_role("button", name="Confirmer").click()
+    assert page.get_by_role("alert").first.inner_text().startswith("Le formulaire contient une erreur")
+    assert page.get_by_label("Motif").get_attribute("aria-invalid") == "true"
+    check_page(page, "dashboard-confirm-pause-error")
+    resume_on = (utcnow().astimezone(ZoneInfo("Europe/Paris")) + timedelta(days=2)).date().isoformat()
+    page.get_by_label("Reprise automatique le").fill(resume_on)
+    page.get_by_label("Motif").fill("Fermeture exceptionnelle")
+    page.get_by_role("button", name="Confirmer").click()
+    assert page.url.endswith("/tableau-de-bord?fait=pause")
+    assert "Le partenaire est en pause" in page.get_by_role("status").first.inner_text()
+    assert "En pause" in cell(page, "#partenaire-caf-76")
+    check_page(page, "dashboard-after-pause")
+
+    # the other confirmation pages, and a referral's page with its ops links
+    page.get_by_role("link", name="Remettre en service CAF de la Seine-Maritime").click()
+    check_page(page, "dashboard-confirm-resume")
+    referral_id = ops.get("/referrals", params={"partner_id": "caf-76"}).json()["items"][0]["id"]
+    page.goto(f"{referral.url}/boite/{referral_id}")
+    check_page(page, "referral-as-ops")
+    page.get_by_role("link", name="Réaffecter cette orientation à un autre partenaire").click()
+    assert page.get_by_label("Nouveau partenaire").locator("option").all_inner_texts() == [
+        "Choisir un partenaire", "CAF plateforme nationale"]
+    check_page(page, "dashboard-confirm-reassign")
+    page.go_back()
+    page.get_by_role("link", name="Annuler la demande (enregistrée par erreur)").click()
+    assert page.get_by_role("heading", level=1).inner_text() == "Annuler une demande enregistrée par erreur"
+    check_page(page, "dashboard-confirm-cancel")
+
+
+def test_with_the_other_services_down_the_page_still_shows_and_partners_get_403(
+        page, check_page, settings, start_service):
+    referral = start_service("referral", settings)  # intake and notifications are not running
+    import redis
+
+    client = redis.Redis.from_url(settings.redis_url)
+    event = NeedRecorded(need_id="n-poison", library_id="nowhere", category="caf", summary="x", postal_code=None,
+                         urgency="normal", recorded_at=utcnow(), person=PersonContact())
+    client.xadd(settings.key("needs"), {DATA_FIELD: json.dumps({"data": event.model_dump_json(), "headers": {}}),
+                                        "type": event.type, "event_id": event.event_id, "need_id": event.need_id})
+    client.close()
+    ops = referral.client("ops")
+    assert wait_for(lambda: next(s for s in ops.get("/dashboard").json()["queues"]["streams"]
+                                 if s["name"] == "needs")["dead_letters"] == 1, 30)
+
+    sign_in(page, referral, "ops")
+    page.goto(f"{referral.url}/tableau-de-bord")
+    alerts = page.locator("#alertes").inner_text()
+    assert "1 message en échec" in alerts
+    assert "Chiffres des envois : le service d'envoi ne répond pas (notifications unreachable" in alerts
+    assert "Rapports mensuels : le service d'accueil ne répond pas (intake unreachable" in alerts
+    assert "Chiffres indisponibles" in page.locator("#envois").inner_text()
+    check_page(page, "dashboard-services-down")
+    page.get_by_role("link", name=re.compile("1 en échec : voir et rejouer")).click()
+    assert "nowhere" in page.locator("table").inner_text()
+    check_page(page, "dashboard-confirm-replay")
+
+    answer = page.goto(f"{referral.url}/tableau-de-bord/rapports.csv")
+    assert answer.status == 502 and page.get_by_role("heading", level=1).inner_text() == "Rapport indisponible"
+    check_page(page, "dashboard-csv-intake-down")
+
+    page.context.clear_cookies()
+    sign_in(page, referral, "op-caf")
+    answer = page.goto(f"{referral.url}/tableau-de-bord")
+    assert answer.status == 403
+    assert page.get_by_role("heading", level=1).inner_text() == "Accès non autorisé"
+    check_page(page, "dashboard-partner-403")

@@ -1,0 +1,230 @@
+"""The ops dashboard's figures over HTTP, on seeded data: counts, percentiles, the clock's lag, the partner that
+stopped answering; the parts read from other services shown as unavailable when those are down; the queue of a
+stopped consumer marked stuck, then a dead-lettered message replayed from the dashboard and processed."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+
+import httpx
+import pytest
+import yaml
+from sqlmodel import select
+
+from services.referral.store import ClockTimer, NeedCase, OpsAction, Referral, ReferralHistory
+from shared import queues
+from shared.events import NeedRecorded, PersonContact, utcnow
+from shared.testing import directory_data, wait_for
+from shared.web import sign_in_link
+
+NOW = utcnow().replace(microsecond=0)
+H = timedelta(hours=1)
+D = timedelta(days=1)
+
+
+def seed(db) -> None:
+    """Referrals, history and timers whose figures are worked out by hand in the tests below."""
+    with db.transaction() as s:
+        def referral(rid, partner, created, respond_by=None, status="assigned", sla="on_track", category="caf",
+                     history=(), recorded=None):
+            s.add(NeedCase(need_id=f"n-{rid}", library_id="chatelet", category=category, summary="x",
+                           urgency="normal", recorded_at=recorded or created))
+            s.flush()
+            s.add(Referral(id=rid, need_id=f"n-{rid}", partner_id=partner, contact_id="c", library_id="chatelet",
+                           category=category, status=status, sla=sla, respond_by=respond_by or created + 72 * H,
+                           routed_because="test", created_at=created, updated_at=created))
+            s.flush()
+            s.add(ReferralHistory(referral_id=rid, at=created, action="assigned", actor="system"))
+            for action, at, detail in history:
+                s.add(ReferralHistory(referral_id=rid, at=at, action=action, actor="system" if action == "breach"
+                                      else "op", detail=detail))
+
+        # caf-76: first answers after 1, 2, 3, 4 h (in time), 80 h (late) and 1 h; one unanswered past its deadline
+        for n, hours in enumerate((1, 2, 3, 4), start=1):
+            created = NOW - 10 * D
+            referral(f"a{n}", "caf-76", created, status="accepted", sla="met",
+                     history=[("accept", created + hours * H, None)])
+        created = NOW - 9 * D
+        referral("a5", "caf-76", created, status="responded", sla="breached",
+                 history=[("breach", created + 72 * H, None), ("respond", created + 80 * H, "Rappelée")])
+        created = NOW - 5 * D
+        referral("a6", "caf-76", created, sla="breached", history=[("breach", created + 72 * H, None)])
+        referral("a7", "caf-76", NOW - 3 * H, status="accepted", sla="met", history=[("accept", NOW - 2 * H, None)])
+        # waiting for a first answer, due in 2 h, 20 h and 30 h
+        referral("d1", "caf-76", NOW - 70 * H, respond_by=NOW + 2 * H, sla="at_risk")
+        referral("d2", "caf-76", NOW - 52 * H, respond_by=NOW + 20 * H)
+        referral("d3", "caf-76", NOW - 1 * H, respond_by=NOW + 30 * H)
+        # caf-national: waiting for 30 h, nothing done since an answer 40 days ago: it stopped answering
+        referral("s1", "caf-national", NOW - 30 * H)
+        referral("o1", "caf-national", NOW - 40 * D, status="closed", sla="met",
+                 history=[("accept", NOW - 40 * D + H, None), ("breach", NOW - 37 * D, None)])
+        # cpam-76: three declines within 30 days (two for capacity), one older
+        for rid, days, detail in (("c1", 3, "Capacité atteinte : plus de place"), ("c2", 2, "Hors de notre champ"),
+                                  ("c3", 1, "Capacité atteinte"), ("c4", 40, "Doublon")):
+            referral(rid, "cpam-76", NOW - days * D, status="declined", category="sante",
+                     history=[("decline", NOW - days * D + H, detail)])
+        # the clock: four timers fired within 24 h, 1, 2, 3 and 10 s late; older or cancelled ones do not count
+        for need, kind, late in (("n-a1", "reminder", 1), ("n-a2", "reminder", 2), ("n-a3", "escalation", 3),
+                                 ("n-a4", "breach", 10)):
+            s.add(ClockTimer(need_id=need, kind=kind, number=1 if kind == "reminder" else 0, due_at=NOW - H,
+                             fired_at=NOW - H + late * timedelta(seconds=1), outcome="fired"))
+        s.add(ClockTimer(need_id="n-a5", kind="reminder", number=1, due_at=NOW - 2 * D, fired_at=NOW - 2 * D,
+                         outcome="fired"))
+        s.add(ClockTimer(need_id="n-a6", kind="reminder", number=2, due_at=NOW - H, fired_at=NOW, outcome="cancelled"))
+        # due five minutes ago and not fired yet: the running clock fires it (moot: a1 was answered), 300 s late
+        s.add(ClockTimer(need_id="n-a1", kind="reminder", number=2, due_at=NOW - 5 * timedelta(minutes=1)))
+        s.add(OpsAction(at=NOW - H, actor="ops", action="pause_partner", target="caf-76", reason="Fermeture"))
+
+
+@pytest.fixture
+def referral(settings, start_service):
+    service = start_service("referral", settings)
+    service.svc.clock = lambda: NOW  # the figures below are worked out at this instant
+    seed(service.svc.db)
+    service.svc.clock_wake.set()
+    return service
+
+
+def test_every_figure_on_seeded_data(referral):
+    ops = referral.client("ops")
+    board = wait_for(lambda: (b := ops.get("/dashboard").json())["clock"]["fired_24h"] == 5 and b)
+    assert board, ops.get("/dashboard").json()["clock"]
+
+    deadlines = board["deadlines"]
+    assert deadlines["open_by_sla"] == {"on_track": 3, "at_risk": 1, "met": 5, "breached": 2}
+    assert deadlines["open_total"] == 11
+    assert [r["id"] for r in deadlines["due_soon"]] == ["d1", "d2"]  # soonest first; d3 is due in 30 h
+    assert deadlines["due_soon"][0]["url"] == "/boite/d1"
+    assert [r["id"] for r in deadlines["breaches"]] == ["a6", "a5"] and deadlines["breaches_count"] == 2
+
+    partners = {p["id"]: p for p in board["partners"]}
+    caf = partners["caf-76"]
+    assert (caf["open"], caf["waiting"], caf["referrals_30d"], caf["answered_30d"]) == (10, 4, 10, 6)
+    assert caf["median_answer_seconds"] == 2.5 * 3600  # 1, 1, 2, 3, 4, 80 h
+    assert caf["p90_answer_seconds"] == pytest.approx(42 * 3600)  # 4 + 0.5 × (80 - 4) h
+    assert caf["in_time_share"] == pytest.approx(5 / 7)  # 5 in time; late: a5 answered, a6 never
+    assert not caf["stopped_answering"]
+    national = partners["caf-national"]
+    assert national["stopped_answering"] and national["waiting"] == 1 and national["referrals_30d"] == 1
+    assert national["median_answer_seconds"] is None and national["in_time_share"] is None
+    cpam = partners["cpam-76"]
+    assert cpam["declines_30d"] == 3
+    assert cpam["decline_reasons"] == [{"reason": "Capacité atteinte", "count": 2},
+                                       {"reason": "Hors de notre champ", "count": 1}]
+
+    clock = board["clock"]
+    assert clock["lag_max_seconds"] == 300 and clock["lag_p50_seconds"] == 3  # 1, 2, 3, 10, 300 s
+    assert clock["lag_p90_seconds"] == pytest.approx(184)  # 10 + 0.6 × 290
+    assert clock["overdue"] == 0
+
+    charts = board["charts"]
+    assert len(charts["needs_per_hour"]) == 24 and sum(b["count"] for b in charts["needs_per_hour"]) == 2
+    assert [b["count"] for b in charts["answer_times"]] == [0, 4, 1, 0, 0, 0, 1]
+    assert board["recent_actions"][0]["reason"] == "Fermeture"
+
+    # intake and notifications are not running: their parts say so, the rest is there
+    assert board["deliveries"] == {"available": False, "error": "notifications unreachable (ConnectError)",
+                                   "data": None}
+    assert board["reports"]["available"] is False
+    assert {o["service"]: o["available"] for o in board["queues"]["outboxes"]} == {
+        "intake": False, "referral": True, "notifications": False}
+    assert [s["name"] for s in board["queues"]["streams"]] == ["needs", "referrals", "deliveries", "access"]
+
+    metrics = httpx.get(f"{referral.url}/metrics").text
+    assert 'relais_open_referrals{sla="breached"} 2.0' in metrics
+    assert 'relais_timer_firing_lag_seconds_bucket{kind="reminder",le="300.0"} 1.0' in metrics
+    assert 'relais_timer_firing_lag_seconds_bucket{kind="reminder",le="60.0"} 0.0' in metrics
+    assert re.search(r'relais_group_pending\{group="referral",stream="needs"\} 0\.0', metrics)
+
+
+def test_a_timer_left_unfired_is_counted_overdue(tmp_path):
+    """The clock normally fires every due timer within a second: an overdue one means it is stuck. Checked on the
+    query itself, because a running referral service would fire the timer at once."""
+    from services.referral import dashboard
+    from services.referral.store import TABLES
+    from shared.db import Database
+
+    db = Database(f"sqlite:///{tmp_path / 'referral.db'}", TABLES)
+    db.create_all()
+    with db.transaction() as s:
+        s.add(NeedCase(need_id="n1", library_id="chatelet", category="caf", summary="x", urgency="normal",
+                       recorded_at=NOW))
+        s.flush()
+        s.add(ClockTimer(need_id="n1", kind="reminder", number=1, due_at=NOW - 2 * timedelta(minutes=1)))
+        s.add(ClockTimer(need_id="n1", kind="breach", number=0, due_at=NOW - timedelta(seconds=30)))
+    with db.read() as s:
+        assert dashboard.clock(s, NOW).overdue == 1  # due 2 min ago; the other only 30 s
+    db.dispose()
+
+
+def signed_in(service, user_id: str) -> httpx.Client:
+    client = httpx.Client(base_url=service.url, follow_redirects=True, timeout=30)
+    link, _ = sign_in_link(service.settings, "referral", user_id)
+    assert client.get(httpx.URL(link).raw_path.decode()).status_code == 200
+    return client
+
+
+def csrf_of(html: str) -> str:
+    return re.search(r'name="csrf" value="([^"]+)"', html).group(1)
+
+
+def test_a_stopped_consumer_is_marked_stuck_and_a_dead_letter_replayed_after_a_fix(
+        settings, start_service, monkeypatch, tmp_path):
+    monkeypatch.setattr(queues, "LIVE_CONSUMER_IDLE_MS", 1500)  # silent 1.5 s = gone, instead of 30 s
+    intake = start_service("intake", settings)
+    referral = start_service("referral", settings)
+    ops = referral.client("ops")
+    desk = intake.client("desk")
+    need = desk.post("/needs", json={"library_id": "chatelet", "category": "caf", "summary": "x",
+                                     "postal_code": "76000", "consent": True}).json()
+    wait_for(lambda: desk.get(f"/needs/{need['id']}").json()["status"] == "referred")
+
+    def intake_group(board):
+        stream = next(s for s in board["queues"]["streams"] if s["name"] == "referrals")
+        return next(g for g in stream["groups"] if g["name"] == "intake")
+
+    assert not intake_group(ops.get("/dashboard").json())["stuck"]
+    intake.stop()  # its consumer is gone; referral events for it pile up
+    from shared.testing import record_need
+    record_need(referral.svc)
+    group = wait_for(lambda: (g := intake_group(ops.get("/dashboard").json()))["stuck"] and g, 20)
+    assert group and group["problems"] == ["no_live_consumer"] and group["lag"] >= 1
+    page = signed_in(referral, "ops").get("/tableau-de-bord")
+    assert "Bloquée" in page.text and "aucun lecteur actif alors que des messages attendent" in page.text
+
+    # A need from a library the directory does not know yet fails routing every time: it is dead-lettered.
+    import redis
+
+    client = redis.Redis.from_url(settings.redis_url)
+    event = NeedRecorded(need_id="n-new-library", library_id="bois-guillaume", category="caf", summary="x",
+                         postal_code="76230", urgency="normal", recorded_at=utcnow(), person=PersonContact())
+    from shared.messaging import DATA_FIELD
+    import json
+    client.xadd(settings.key("needs"), {DATA_FIELD: json.dumps({"data": event.model_dump_json(), "headers": {}}),
+                                        "type": event.type, "event_id": event.event_id, "need_id": event.need_id})
+    needs = lambda: next(s for s in ops.get("/dashboard").json()["queues"]["streams"] if s["name"] == "needs")  # noqa: E731
+    assert wait_for(lambda: needs()["dead_letters"] == 1, 30)
+
+    # The fix: the library is added to the directory (and reloaded, as SIGHUP does). Then replay from the page.
+    data = directory_data()
+    data["libraries"].append({"id": "bois-guillaume", "name": "Médiathèque de Bois-Guillaume",
+                              "timezone": "Europe/Paris", "territory": ["76230"],
+                              "contacts": [{"name": "Accueil", "email": "accueil@bg.test.example"}]})
+    settings.directory.write_text(yaml.safe_dump(data, allow_unicode=True))
+    referral.svc.reload_directory()
+    browser = signed_in(referral, "ops")
+    confirm = browser.get("/tableau-de-bord/confirmer/rejouer", params={"flux": "needs"})
+    assert confirm.status_code == 200 and "bois-guillaume" in confirm.text
+    refused = browser.post("/tableau-de-bord/actions/rejouer", data={"csrf": csrf_of(confirm.text), "flux": "needs"})
+    assert refused.status_code == 422 and 'aria-invalid="true"' in refused.text  # the reason is required
+    done = browser.post("/tableau-de-bord/actions/rejouer",
+                        data={"csrf": csrf_of(confirm.text), "flux": "needs", "motif": "Bibliothèque ajoutée"})
+    assert done.status_code == 200 and done.url.path == "/tableau-de-bord" and "Messages rejoués : 1" in done.text
+    routed = wait_for(lambda: ops.get("/referrals", params={"need_id": "n-new-library"}).json()["items"], 30)
+    assert routed and routed[0]["partner_id"] == "caf-76"
+    assert needs()["dead_letters"] == 0
+    with referral.svc.db.read() as s:
+        assert [(a.actor, a.action, a.target, a.reason) for a in s.exec(select(OpsAction))] == [
+            ("ops", "replay", "needs:*", "Bibliothèque ajoutée")]
+    client.close()

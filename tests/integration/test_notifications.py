@@ -1,0 +1,487 @@
+"""The notifications service over real Redis, a real SMTP server (aiosmtpd) and real HTTP servers on loopback
+speaking Twilio's and Brevo's APIs. Events are put on the streams as referral and intake would publish them."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import threading
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs
+from zoneinfo import ZoneInfo
+
+import httpx
+import pytest
+import redis
+import yaml
+from sqlmodel import select
+
+from services.notifications import channels, handlers
+from services.notifications.store import Delivery, DeliveryAttempt, SmsSuppression
+from shared.db import OutboxMessage
+from shared.events import (STREAM_OF, NeedRecorded, PersonContact, ReferralAccepted, ReferralAssigned,
+                           ReferralBreached, ReferralReminderDue, new_id, utcnow)
+from shared.messaging import stream_fields
+from shared.testing import MailSink, directory_data, free_port, wait_for
+
+PHONE = "+33612345678"
+
+
+# --- the outside world ---------------------------------------------------------------------------------
+
+
+class Sink(MailSink):
+    """The test SMTP server, which can also refuse chosen recipients and counts connections."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refuse: set[str] = set()
+        self.sessions: set[int] = set()
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: N802, ANN001
+        self.sessions.add(id(session))
+        if address.lower() in self.refuse:
+            return "550 5.1.1 <%s>: no such mailbox" % address
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+
+@pytest.fixture
+def sink():
+    s = Sink()
+    s.controller.start()
+    yield s
+    s.controller.stop()
+
+
+class Provider:
+    """An SMS provider's API on loopback: answers each POST with the next scripted (status, headers, body), then
+    with `default`; keeps every request."""
+
+    def __init__(self, default: tuple[int, dict, dict]) -> None:
+        self.requests: list[dict] = []
+        self.script: list[tuple[int, dict, dict]] = []
+        self.default = default
+        provider = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                provider.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                status, headers, payload = provider.script.pop(0) if provider.script else provider.default
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                for name, value in {"Content-Type": "application/json", **headers}.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_port}"
+
+    def form(self, i: int) -> dict[str, str]:
+        return {k: v[0] for k, v in parse_qs(self.requests[i]["body"].decode()).items()}
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def twilio():
+    p = Provider((201, {}, {"sid": "SMdefault", "status": "queued"}))
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def brevo():
+    p = Provider((201, {}, {"messageId": 1}))
+    yield p
+    p.close()
+
+
+FAST_RETRIES = {"delivery_retry_base_s": 0.02, "delivery_retry_max_s": 0.1}
+
+
+def with_twilio(settings, sink, twilio):
+    return settings.model_copy(update={
+        "smtp_url": sink.url, "sms_provider": "twilio", "twilio_account_sid": "AC0123", "twilio_auth_token": "tw-token",
+        "twilio_from": "+33700000000", "twilio_base_url": twilio.url, **FAST_RETRIES})
+
+
+# --- events as the other services publish them -------------------------------------------------------
+
+
+def publish(settings, *events) -> None:
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        for event in events:
+            row = OutboxMessage(event_id=event.event_id, stream=STREAM_OF[event.type], type=event.type,
+                                payload=event.model_dump_json(), created_at=utcnow())
+            client.xadd(settings.key(row.stream), stream_fields(row))
+    finally:
+        client.close()
+
+
+def recorded(person: dict | None = None, recorded_at: datetime | None = None, need_id: str | None = None):
+    return NeedRecorded(need_id=need_id or new_id(), library_id="chatelet", category="caf", summary="Dossier APL",
+                        postal_code="76000", urgency="normal", recorded_at=recorded_at or utcnow(),
+                        person=PersonContact(**(person or {})))
+
+
+def referral_fields(need_id: str, referral_id: str | None = None, sequence: int = 1) -> dict:
+    return dict(need_id=need_id, sequence=sequence, referral_id=referral_id or new_id(), partner_id="caf-76",
+                library_id="chatelet", category="caf")
+
+
+def assigned(need_id: str, referral_id: str | None = None) -> ReferralAssigned:
+    return ReferralAssigned(**referral_fields(need_id, referral_id), contact_id="caf-ref",
+                            respond_by=utcnow() + timedelta(hours=48), routed_because="préfixe « 76 » de CAF")
+
+
+def deliveries(service, **where) -> list[Delivery]:
+    with service.svc.db.transaction() as session:
+        query = select(Delivery)
+        for name, value in where.items():
+            query = query.where(getattr(Delivery, name) == value)
+        return list(session.exec(query.order_by(Delivery.created_at, Delivery.id)).all())
+
+
+def attempts(service, delivery_id: str) -> list[DeliveryAttempt]:
+    with service.svc.db.transaction() as session:
+        return list(session.exec(select(DeliveryAttempt).where(DeliveryAttempt.delivery_id == delivery_id)
+                                 .order_by(DeliveryAttempt.number)).all())
+
+
+def settled(service, **where) -> Delivery | None:
+    """The delivery matching `where` once it left `queued`."""
+    found = [d for d in deliveries(service, **where) if d.status != "queued"]
+    return found[0] if found else None
+
+
+def stream_events(settings, stream: str) -> list[dict]:
+    client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    try:
+        return [fields for _, fields in client.xrange(settings.key(stream))]
+    finally:
+        client.close()
+
+
+# --- email ---------------------------------------------------------------------------------------------
+
+
+def test_emails_have_both_parts_reply_to_the_desk_a_message_id_and_share_one_connection(settings, sink,
+                                                                                          start_service):
+    notif = start_service("notifications", settings.model_copy(update={"smtp_url": sink.url}))
+    need = recorded({"email": "personne@example.org", "preferred_channel": "email", "language": "en"})
+    handoff = assigned(need.need_id)
+    reminder = ReferralReminderDue(**referral_fields(need.need_id, handoff.referral_id, 2), contact_id="caf-ref",
+                                   respond_by=handoff.respond_by, reminder_number=1)
+    publish(settings, need, handoff, reminder)
+
+    assert wait_for(lambda: len(sink.to("referent@caf.test.example")) == 2 and sink.to("personne@example.org"))
+    [d] = deliveries(notif, kind="handoff")
+    msg = next(m["message"] for m in sink.to("referent@caf.test.example") if m["subject"].startswith("Nouvelle"))
+    assert msg["Reply-To"] == "accueil@chatelet.test.example"
+    assert msg["Message-ID"] == f"<{d.id}@localhost>"
+    assert msg["Auto-Submitted"] == "auto-generated"
+    assert msg.get_content_type() == "multipart/alternative"
+    text, html = msg.get_body(("plain",)).get_content(), msg.get_body(("html",)).get_content()
+    assert "/r/" in text and 'href="http://' in html and "Bibliothèque du Châtelet" in text
+    assert "Dossier APL" not in text + html  # what the need is about stays in Relais
+
+    [to_person] = sink.to("personne@example.org")
+    assert to_person["subject"].startswith("Your request has been passed on: CAF de la Seine-Maritime will contact you")
+    assert to_person["message"]["Content-Language"] == "en"
+    assert to_person["message"]["Reply-To"] == "accueil@chatelet.test.example"
+    assert len(sink.sessions) == 1  # three messages, one SMTP connection
+
+
+def test_a_server_that_answers_451_twice_is_retried_and_the_message_goes_once(settings, sink, start_service):
+    sink.replies = ["451 4.3.0 Try again later", "451 4.3.0 Try again later"]
+    notif = start_service("notifications", settings.model_copy(update={"smtp_url": sink.url, **FAST_RETRIES}))
+    publish(settings, assigned(new_id()))  # need.recorded not seen: only the partner is written to
+
+    d = wait_for(lambda: settled(notif, kind="handoff"))
+    assert (d.status, d.attempts) == ("sent", 3)
+    log = attempts(notif, d.id)
+    assert [a.outcome for a in log] == ["retry", "retry", "sent"]
+    assert "451" in log[0].error and log[0].retry_at > log[0].at
+    assert len(sink.to("referent@caf.test.example")) == 1
+    detail = notif.client("ops").get(f"/deliveries/{d.id}").json()
+    assert [a["outcome"] for a in detail["attempt_log"]] == ["retry", "retry", "sent"]
+    assert (detail["status"], detail["provider"], detail["next_attempt_at"]) == ("sent", "smtp", None)
+
+
+def test_550_on_one_recipient_fails_that_one_at_once_and_the_others_are_sent(settings, sink, start_service):
+    sink.refuse = {"coordination@test.example"}
+    notif = start_service("notifications", settings.model_copy(update={"smtp_url": sink.url, **FAST_RETRIES}))
+    need_id = new_id()
+    publish(settings, ReferralBreached(**referral_fields(need_id), contact_id="caf-ref", respond_by=utcnow()))
+
+    refused = wait_for(lambda: settled(notif, recipient="coordination@test.example"))
+    assert (refused.status, refused.attempts) == ("failed", 1) and "550" in refused.last_error
+    assert wait_for(lambda: settled(notif, recipient="accueil@chatelet.test.example")).status == "sent"
+    assert len(sink.to("accueil@chatelet.test.example")) == 1 and not sink.to("coordination@test.example")
+    failed = wait_for(lambda: [e for e in stream_events(settings, "deliveries") if e["type"] == "delivery.failed"])
+    assert [json.loads(json.loads(e["__data__"])["data"])["delivery_id"] for e in failed] == [refused.id]
+    stats = notif.client("ops").get("/deliveries/stats").json()
+    assert (stats["totals"], stats["sms_segments"]) == ({"failed": 1, "sent": 1}, 0)
+    assert [(f["recipient_role"], f["attempts"]) for f in stats["latest_failures"]] == [("escalation", 1)]
+    assert [d["id"] for d in notif.client("ops").get("/deliveries", params={"status": "failed",
+                                                                            "kind": "breach"}).json()["items"]] == [refused.id]
+
+
+# --- SMS -----------------------------------------------------------------------------------------------
+
+
+def signed_twilio_post(notif, params: dict[str, str], token: str = "tw-token") -> httpx.Response:
+    url = f"{notif.url}/webhooks/sms/twilio"
+    return httpx.post(url, data=params, headers={"X-Twilio-Signature": channels.twilio_signature(token, url, params)})
+
+
+def test_twilio_500_then_201_a_receipt_and_a_stop_reply(settings, sink, twilio, start_service):
+    twilio.script = [(500, {}, {"code": 20500, "message": "Internal Server Error"}),
+                     (201, {}, {"sid": "SM0001", "status": "queued"})]
+    notif = start_service("notifications", with_twilio(settings, sink, twilio))
+    need = recorded({"phone": PHONE, "preferred_channel": "sms"})  # recorded just now: the person is at the desk
+    handoff = assigned(need.need_id)
+    publish(settings, need, handoff)
+
+    sms = wait_for(lambda: settled(notif, kind="person_confirmation"))
+    assert (sms.status, sms.channel, sms.attempts, sms.provider_message_id) == ("sent", "sms", 2, "SM0001")
+    assert [a.outcome for a in attempts(notif, sms.id)] == ["retry", "sent"]
+    assert (sms.sms_encoding, sms.sms_segments) == ("GSM-7", 2)
+    request = twilio.requests[1]
+    assert request["path"] == "/2010-04-01/Accounts/AC0123/Messages.json"
+    assert request["headers"]["Authorization"] == "Basic " + base64.b64encode(b"AC0123:tw-token").decode()
+    form = twilio.form(1)
+    assert (form["To"], form["From"]) == (PHONE, "+33700000000")
+    assert form["StatusCallback"] == f"{notif.url}/webhooks/sms/twilio"
+    assert form["Body"] == sms.body_text and "Chatelet" in form["Body"]
+
+    receipt = {"MessageSid": "SM0001", "MessageStatus": "delivered", "To": PHONE, "AccountSid": "AC0123"}
+    assert signed_twilio_post(notif, receipt, token="not-the-token").status_code == 403
+    assert signed_twilio_post(notif, receipt).status_code == 200
+    assert deliveries(notif, id=sms.id)[0].status == "delivered"
+
+    assert signed_twilio_post(notif, {"MessageSid": "SM9", "From": PHONE, "To": "+33700000000",
+                                      "Body": "Stop"}).status_code == 200
+    publish(settings, ReferralAccepted(**referral_fields(need.need_id, handoff.referral_id, 2)))
+    answered = wait_for(lambda: settled(notif, kind="partner_answered", recipient_role="person"))
+    assert (answered.status, answered.suppressed_reason) == ("suppressed", "opted_out")
+    assert wait_for(lambda: sink.to("accueil@chatelet.test.example"))  # the desk is told as usual
+    assert len(twilio.requests) == 2
+
+
+def test_brevo_429_with_retry_after_a_receipt_and_an_arret_reply(settings, sink, brevo, start_service):
+    brevo.script = [(429, {"Retry-After": "1"}, {"code": "too_many_requests", "message": "slow down"}),
+                    (201, {}, {"messageId": 4242})]
+    notif = start_service("notifications", settings.model_copy(update={
+        "smtp_url": sink.url, "sms_provider": "brevo", "brevo_api_key": "xkeysib-test", "brevo_base_url": brevo.url,
+        "sms_webhook_secret": "hook-secret", **FAST_RETRIES}))
+    need = recorded({"phone": PHONE, "preferred_channel": "sms"})
+    publish(settings, need, assigned(need.need_id))
+
+    sms = wait_for(lambda: settled(notif, kind="person_confirmation"), 20)
+    assert (sms.status, sms.attempts, sms.provider, sms.provider_message_id) == ("sent", 2, "brevo", "4242")
+    first = attempts(notif, sms.id)[0]
+    assert first.outcome == "retry" and first.retry_at - first.at >= timedelta(seconds=1)  # Retry-After honoured
+    request = brevo.requests[1]
+    assert request["path"] == "/v3/transactionalSMS/send" and request["headers"]["api-key"] == "xkeysib-test"
+    body = json.loads(request["body"])
+    assert (body["recipient"], body["type"], body["sender"]) == ("33612345678", "transactional", "Relais")
+    assert body["webUrl"] == f"{notif.url}/webhooks/sms/brevo/hook-secret"
+
+    assert httpx.post(f"{notif.url}/webhooks/sms/brevo/wrong", json={}).status_code == 403
+    r = httpx.post(body["webUrl"], json={"id": 1, "to": "33612345678", "messageId": 4242, "msg_status": "delivered"})
+    assert r.status_code == 204
+    assert deliveries(notif, id=sms.id)[0].status == "delivered"
+
+    r = httpx.post(f"{notif.url}/webhooks/sms/brevo", headers={"Authorization": "Bearer hook-secret"},
+                   json={"event": "replied", "from": "33612345678", "reply": "ARRÊT"})
+    assert r.status_code == 204
+    with notif.svc.db.transaction() as session:
+        assert session.get(SmsSuppression, PHONE).source == "brevo"
+
+
+def test_a_400_fails_the_sms_at_once_and_the_person_gets_an_email_instead(settings, sink, twilio, start_service):
+    twilio.script = [(400, {}, {"code": 21211, "message": "The 'To' number is not a valid phone number."})]
+    notif = start_service("notifications", with_twilio(settings, sink, twilio))
+    need = recorded({"phone": PHONE, "email": "personne@example.org", "preferred_channel": "sms"})
+    publish(settings, need, assigned(need.need_id))
+
+    sms = wait_for(lambda: settled(notif, kind="person_confirmation", channel="sms"))
+    assert (sms.status, sms.attempts) == ("failed", 1) and "21211" in sms.last_error
+    mail = wait_for(lambda: settled(notif, kind="person_confirmation", channel="email"))
+    assert (mail.status, mail.fallback_for) == ("sent", sms.id)
+    [received] = wait_for(lambda: sink.to("personne@example.org"))
+    assert received["subject"].startswith("Votre demande est transmise : CAF de la Seine-Maritime vous contactera")
+    assert wait_for(lambda: [e for e in stream_events(settings, "deliveries")
+                             if e["type"] == "delivery.failed"])
+    assert len(twilio.requests) == 1
+
+
+# --- once, whatever the replicas -------------------------------------------------------------------------
+
+
+def test_the_same_event_delivered_to_two_replicas_makes_one_message(settings, sink, start_service):
+    settings = settings.model_copy(update={"smtp_url": sink.url})
+    one = start_service("notifications", settings)
+    two = start_service("notifications", settings.model_copy(update={"notifications_port": free_port()}))
+    event = assigned(new_id())
+    publish(settings, event, event)  # redelivered: two entries, one event id, one consumer group
+
+    assert wait_for(lambda: sink.to("referent@caf.test.example"))
+    client = redis.Redis.from_url(settings.redis_url)
+    key = settings.key("referrals")
+    last = client.xinfo_stream(key)["last-generated-id"]
+    assert wait_for(lambda: (g := client.xinfo_groups(key)[0])["pending"] == 0 and g["last-delivered-id"] == last)
+    client.close()
+
+    # And the two replicas racing on one event in the same instant: one of them does it.
+    race = assigned(new_id())
+    barrier, done = threading.Barrier(2), []
+
+    def handle(replica) -> None:
+        svc = replica.svc
+        barrier.wait()
+        done.append(asyncio.run(svc.bus.process(
+            lambda s, e: handlers.on_referral_event(s, e, svc.directory, svc.clock(), lambda e: "http://lien"), race)))
+
+    threads = [threading.Thread(target=handle, args=(r,)) for r in (one, two)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(done) == [False, True]
+    assert wait_for(lambda: len(sink.to("referent@caf.test.example")) == 2)
+    assert len(deliveries(one, kind="handoff")) == 2
+    assert len(sink.to("referent@caf.test.example")) == 2
+
+
+# --- time: quiet hours and digests, with the service's clock set by the test -----------------------------
+
+
+def test_quiet_hours_and_the_daily_digest_wait_in_the_database_for_their_time(settings, sink, start_service,
+                                                                              tmp_path):
+    data = directory_data()
+    data["partners"][0]["contacts"][0]["digest_at"] = "08:30"
+    directory = tmp_path / "digest.yaml"
+    directory.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
+    notif = start_service("notifications", settings.model_copy(update={"smtp_url": sink.url,
+                                                                        "directory": directory}))
+    paris = ZoneInfo("Europe/Paris")
+    now = [datetime(2026, 11, 23, 7, 0, tzinfo=paris).astimezone(timezone.utc)]  # a Monday, 7 h in Paris
+    notif.svc.clock = lambda: now[0]
+
+    need = recorded({"phone": PHONE, "preferred_channel": "sms"}, recorded_at=now[0] - timedelta(hours=1))
+    first, second = assigned(need.need_id), assigned(new_id())
+    reminder = ReferralReminderDue(**referral_fields(new_id()), contact_id="caf-ref",
+                                   respond_by=utcnow() + timedelta(hours=10), reminder_number=1)
+    publish(settings, need, first, second, reminder)
+
+    # A reminder is never held back by a digest.
+    [sent] = wait_for(lambda: sink.to("referent@caf.test.example"))
+    assert sent["subject"].startswith("Relance")
+    held = wait_for(lambda: [d for d in deliveries(notif, kind="handoff")] if len(deliveries(notif, kind="handoff")) == 2
+                    else None)
+    assert {(d.status, d.held_reason) for d in held} == {("queued", "digest")}
+    assert {d.next_attempt_at for d in held} == {datetime(2026, 11, 23, 8, 30, tzinfo=paris)}
+    [sms] = wait_for(lambda: deliveries(notif, kind="person_confirmation"))
+    assert (sms.status, sms.held_reason) == ("queued", "quiet_hours")
+    assert sms.next_attempt_at == datetime(2026, 11, 23, 8, 0, tzinfo=paris)
+
+    now[0] = datetime(2026, 11, 23, 8, 1, tzinfo=paris).astimezone(timezone.utc)
+    assert wait_for(lambda: settled(notif, kind="person_confirmation")).status == "sent"  # the outbox provider
+    assert [d.status for d in deliveries(notif, kind="handoff")] == ["queued", "queued"]
+
+    now[0] = datetime(2026, 11, 23, 8, 31, tzinfo=paris).astimezone(timezone.utc)
+    assert wait_for(lambda: len(sink.to("referent@caf.test.example")) == 2)
+    digest = sink.to("referent@caf.test.example")[1]
+    assert digest["subject"].startswith("2 nouvelles demandes à traiter")
+    text = digest["message"].get_body(("plain",)).get_content()
+    assert first.referral_id in text and second.referral_id in text
+    sent_handoffs = deliveries(notif, kind="handoff")
+    assert {d.status for d in sent_handoffs} == {"sent"}
+    assert len({d.digest_of for d in sent_handoffs}) == 1
+
+
+# --- the SMTP connection: STARTTLS or TLS, authentication, one connection reused -------------------------
+
+
+@pytest.fixture
+def certificate(tmp_path):
+    """A self-signed certificate for 127.0.0.1, made with the openssl command."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("openssl"):
+        pytest.skip("the openssl command is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+@pytest.mark.parametrize("scheme", ["smtp", "smtps"])
+async def test_the_pool_speaks_starttls_or_tls_logs_in_and_reuses_its_connection(scheme, certificate):
+    import ssl
+
+    from aiosmtpd.controller import Controller
+    from aiosmtpd.smtp import AuthResult
+
+    cert, key = certificate
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    logins: list[bytes] = []
+
+    def authenticator(server, session, envelope, mechanism, auth_data):  # noqa: ANN001
+        logins.append(auth_data.login)
+        return AuthResult(success=auth_data.login == b"relais" and auth_data.password == b"p@ss/word")
+
+    sink = Sink()
+    # aiosmtpd counts only STARTTLS as TLS for AUTH; on an smtps port the whole connection is TLS already.
+    options = ({"tls_context": context, "require_starttls": True, "auth_require_tls": True} if scheme == "smtp"
+               else {"ssl_context": context, "auth_require_tls": False})
+
+    def serve() -> None:
+        sink.controller = Controller(sink, hostname="127.0.0.1", port=sink.port, authenticator=authenticator,
+                                     **options)
+        sink.controller.start()
+
+    serve()
+    try:
+        query = f"?cafile={cert}" + ("&starttls=require" if scheme == "smtp" else "")
+        pool = channels.SmtpPool(channels.SmtpTarget.from_url(
+            f"{scheme}://relais:p%40ss%2Fword@127.0.0.1:{sink.port}{query}"))
+
+        def message(n: int):
+            return channels.build_message(sender="Relais <relais@example.org>", to="a@example.org", subject=f"n°{n}",
+                                          text="texte", html="<p>html</p>", message_id=f"<{n}@example.org>")
+
+        for n in range(3):
+            assert (await pool.send(message(n))).provider == "smtp"
+        assert pool.connections_opened == 1 and logins == [b"relais"]
+
+        # The server goes away and comes back: the next message opens a new connection by itself.
+        sink.controller.stop()
+        serve()
+        await pool.send(message(3))
+        assert pool.connections_opened == 2
+        await pool.close()
+    finally:
+        sink.controller.stop()
+    assert [m["subject"] for m in sink.messages] == ["n°0", "n°1", "n°2", "n°3"]

@@ -1,0 +1,69 @@
+"""The dashboard's small arithmetic and wording: percentiles, chart geometry, durations, the pending-growth
+baseline, and the log guard that masks addresses and phone numbers."""
+
+import pytest
+
+from services.referral.dashboard import QueueWatch, bucket_label, percentile
+from services.referral.dashboard_pages import chart, duration_fr, nice_top, percent_fr
+from shared.logs import redact, valid_correlation_id
+
+
+def test_percentiles_interpolate_between_closest_ranks():
+    assert percentile([], 50) is None
+    assert percentile([7.0], 90) == 7.0
+    assert percentile([1, 2, 3, 4], 50) == 2.5
+    assert percentile([4, 1, 3, 2, 80], 90) == pytest.approx(49.6)  # 4 + 0.6 × 76, order does not matter
+    assert percentile([1, 2, 3], 100) == 3 and percentile([1, 2, 3], 0) == 1
+
+
+def test_charts_scale_to_a_round_top_with_whole_ticks():
+    assert [nice_top(v) for v in (0, 1, 3, 7, 12, 150)] == [1, 1, 5, 10, 20, 200]
+    c = chart([("a", 0), ("b", 5), ("c", 10)], width=336, height=200)
+    assert c.top == 10 and [v for _, v in c.ticks] == [0, 5, 10]
+    a, b, full = c.bars
+    assert a.height == 0 and full.y == 10.0 and b.height == pytest.approx(full.height / 2, abs=0.1)
+    assert full.y + full.height == c.base  # bars stand on the axis
+    assert [v for _, v in chart([("a", 3)]).ticks] == [0, 5]  # an odd top: no middle tick
+    assert [v for _, v in chart([("a", 1)]).ticks] == [0, 1]  # no half-person tick
+
+
+def test_durations_and_shares_in_french():
+    assert [duration_fr(s) for s in (None, 4.6, 59, 60, 3599, 3600, 2 * 3600 + 5 * 60, 86400, 90000)] == [
+        "–", "5 s", "59 s", "1 min", "59 min", "1 h", "2 h 05 min", "1 j", "1 j 1 h"]
+    assert percent_fr(None) == "–" and percent_fr(5 / 7) == "71\u00a0%"
+    assert bucket_label(1, 4) == "1-4 h" and bucket_label(72, None) == "≥ 72 h"
+
+
+def test_pending_counts_are_compared_with_a_snapshot_at_least_a_minute_old():
+    watch = QueueWatch()
+    assert watch.baseline(0) is None
+    watch.keep(0, [])
+    watch.keep(5, [])  # too soon after the first: not kept
+    assert len(watch.snapshots) == 1
+    assert watch.baseline(30) is None and watch.baseline(60) == {}
+    watch.keep(400, [])  # the first is now too old to keep
+    assert [at for at, _ in watch.snapshots] == [400]
+
+
+def test_logs_mask_addresses_and_phones_but_not_ids():
+    assert redact("to jean.dupont@example.org, +33612345678 or 06 12 34 56 78") == "to [email], [phone] or [phone]"
+    assert redact("entry 1732200000000-0 of need 4f2a9c") == "entry 1732200000000-0 of need 4f2a9c"
+    assert valid_correlation_id("req-42.a:b") == "req-42.a:b"
+    assert valid_correlation_id("x" * 65) is None and valid_correlation_id("a b\n") is None
+
+
+def test_a_validation_error_is_described_without_the_values_it_was_given():
+    from pydantic import ValidationError
+
+    from shared.events import NeedRecorded
+    from shared.logs import describe_error
+
+    try:
+        NeedRecorded.model_validate({"need_id": "n1", "library_id": "l", "category": "c", "summary": "Zoé Martin",
+                                     "postal_code": None, "urgency": "whenever", "recorded_at": "2026-11-21T10:00:00Z",
+                                     "person": {"display_name": "Zoé Martin", "email": "not an address"}, "x": 1})
+    except ValidationError as exc:
+        described = describe_error(exc)
+    assert described.startswith("ValidationError: 2 validation errors for NeedRecorded: urgency: Input should be")
+    assert "x: Extra inputs are not permitted" in described and "Zoé" not in described
+    assert describe_error(LookupError("no partner for zoe@example.org")) == "LookupError: no partner for [email]"
