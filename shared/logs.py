@@ -132,6 +132,7 @@ def configure(service: str | None = None, fmt: str = "json", level: str = "INFO"
     root.addHandler(handler)
     root.setLevel(level)
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd (relais up's sink) logs every recipient
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # a line per plugin on every start
 
 
 def _field(fields: dict, name: str) -> str | None:

@@ -260,6 +260,14 @@ class Bus:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        # FastStream's broker.stop() cancels each subscriber's read without waiting for it to end, then closes
+        # the connection pool: a read still blocked in XREADGROUP then fails with "Connection closed by server"
+        # and is logged as an ERROR on every clean stop. Stop the subscribers first and wait for their reads to
+        # be gone; the broker then closes connections nobody uses.
+        subscribers = list(self.broker.subscribers)
+        reads = [task for sub in subscribers for task in getattr(sub, "tasks", ())]
+        await asyncio.gather(*(sub.stop() for sub in subscribers), return_exceptions=True)
+        await asyncio.gather(*reads, return_exceptions=True)
         await self.broker.stop()
         if self.redis is not None:
             await self.redis.aclose()
