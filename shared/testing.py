@@ -161,6 +161,28 @@ VIEWPORT_DESK = {"width": 1280, "height": 900}
 VIEWPORT_PHONE = {"width": 375, "height": 740}
 
 
+def use_sign_in_link(client, link: str):
+    """Open an emailed sign-in link with an httpx client and press its "Me connecter" button, as a person does;
+    the response of the last step (the home page when following redirects, or the error page)."""
+    import re
+
+    import httpx
+
+    page = client.get(httpx.URL(link).raw_path.decode())
+    found = re.search(r'<form method="post" action="([^"]+)"[^>]*>\s*<input type="hidden" name="csrf" value="([^"]+)"',
+                      page.text)
+    if page.status_code != 200 or found is None:
+        return page
+    return client.post(found.group(1), data={"csrf": found.group(2)})
+
+
+def sign_in_in_browser(page, link: str) -> None:
+    """Open an emailed sign-in link in a Playwright page and press its button."""
+    page.goto(link)
+    page.get_by_role("button", name="Me connecter").click()
+    page.wait_for_load_state()
+
+
 def focused(page, selector: str) -> bool:
     return page.evaluate("s => document.activeElement && document.activeElement.matches(s)", selector)
 

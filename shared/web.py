@@ -235,6 +235,11 @@ class UsedToken(SQLModel, table=True):
 USED_TOKEN_TABLE = UsedToken.__table__
 
 
+def was_used(db, jti: str) -> bool:
+    with db.read() as session:
+        return session.get(UsedToken, jti) is not None
+
+
 def use_once(db, jti: str, now: datetime) -> bool:
     """Record the use of a single-use token; False when it was used before (even by a concurrent request)."""
     try:
@@ -431,18 +436,34 @@ class Pages:
                 response.background = BackgroundTask(self._send_link, user)
             return response
 
-        @router.get("/connexion/{token}")
-        async def use_link(request: Request, token: str) -> Response:
-            now = svc.clock()
+        # The emailed link opens a page with one button; only the button's POST uses the link up. Mail scanners and
+        # link previews that fetch every URL of a message (GET) therefore cannot spend it before its owner does.
+        def check_link(request: Request, token: str, now: datetime) -> tuple[User, SignInGrant]:
             try:
                 grant = read_sign_in_token(self.settings, svc.name, token, now)
             except TokenExpired:
-                return self.render(request, "erreur.html", status=410, problem="sign_in_expired")
+                raise self.error(request, 410, "sign_in_expired") from None
             except TokenInvalid:
-                return self.render(request, "erreur.html", status=400, problem="sign_in_invalid")
+                raise self.error(request, 400, "sign_in_invalid") from None
             user = next((u for u in svc.directory.users if u.id == grant.user_id and u.role in self.roles), None)
             if user is None:
-                return self.render(request, "erreur.html", status=403, problem="role")
+                raise self.error(request, 403, "role")
+            return user, grant
+
+        @router.get("/connexion/{token}")
+        async def confirm_link(request: Request, token: str) -> Response:
+            now = svc.clock()
+            user, grant = check_link(request, token, now)
+            if await anyio.to_thread.run_sync(was_used, svc.db, grant.jti):
+                return self.render(request, "erreur.html", status=410, problem="sign_in_used")
+            return self.render(request, "connexion_confirmer.html", token=token, csrf=self.link_csrf(token),
+                               email=user.email)
+
+        @router.post("/connexion/{token}")
+        async def use_link(request: Request, token: str) -> Response:
+            await self.form(request, csrf=self.link_csrf(token))
+            now = svc.clock()
+            user, grant = check_link(request, token, now)
             if not await anyio.to_thread.run_sync(use_once, svc.db, grant.jti, now):
                 return self.render(request, "erreur.html", status=410, problem="sign_in_used")
             response = self.redirect(self.home)

@@ -14,14 +14,14 @@ import pytest
 
 from shared.events import NeedRecorded, PersonContact, utcnow
 from shared.messaging import DATA_FIELD
-from shared.testing import VIEWPORT_DESK, VIEWPORT_PHONE, wait_for
+from shared.testing import VIEWPORT_DESK, VIEWPORT_PHONE, sign_in_in_browser, wait_for
 from shared.web import sign_in_link
 
 pytestmark = pytest.mark.browser
 
 def sign_in(page, referral, user_id: str) -> None:
     link, _ = sign_in_link(referral.settings, "referral", user_id)
-    page.goto(link)
+    sign_in_in_browser(page, link)
 
 
 def cell(page, selector: str) -> str:

@@ -13,7 +13,7 @@ from shared.cli import MailSink
 from shared.db import OutboxMessage
 from shared.events import (STREAM_OF, NeedRecorded, PersonContact, ReferralAssigned, new_id, utcnow)
 from shared.messaging import stream_fields
-from shared.testing import VIEWPORT_DESK, VIEWPORT_PHONE, wait_for
+from shared.testing import VIEWPORT_DESK, VIEWPORT_PHONE, sign_in_in_browser, wait_for
 from shared.web import sign_in_link
 
 pytestmark = pytest.mark.browser
@@ -58,7 +58,7 @@ def test_ops_see_what_was_sent_as_its_recipients_see_it(page, check_page, notifi
     page.goto(f"{notifications.url}/envois")
     assert page.url.endswith("/connexion")
     link, _ = sign_in_link(notifications.settings, "notifications", "ops")
-    page.goto(link)
+    sign_in_in_browser(page, link)
     assert page.url.endswith("/envois")
     assert page.get_by_role("heading", level=1).inner_text() == "Messages envoyés"
     assert page.locator("table.deliveries tbody tr").count() == 2

@@ -10,7 +10,7 @@ from datetime import timedelta
 import pytest
 
 from shared.events import utcnow
-from shared.testing import VIEWPORT_DESK, VIEWPORT_PHONE, focus_is_visible, record_need, tab_to
+from shared.testing import VIEWPORT_DESK, VIEWPORT_PHONE, focus_is_visible, record_need, sign_in_in_browser, tab_to
 from shared.web import referral_link, sign_in_link
 
 pytestmark = pytest.mark.browser
@@ -82,7 +82,7 @@ def test_sign_in_inbox_and_referral_pages_on_desk_and_phone(page, check_page, re
     check_page(page, "sign-in-sent")
 
     link, _ = sign_in_link(referral.settings, "referral", "op-caf")
-    page.goto(link)
+    sign_in_in_browser(page, link)
     assert page.url.endswith("/boite")
     assert page.locator(".cards > li").count() == 2
     assert page.locator(".cards > li").first.get_by_text("En retard").is_visible()

@@ -18,14 +18,14 @@ from services.referral.store import OpsAction
 from shared.events import utcnow
 from shared.logs import ContextFilter, JsonFormatter
 from shared.service import internal_token
-from shared.testing import TOKENS, wait_for
+from shared.testing import TOKENS, use_sign_in_link, wait_for
 from shared.web import sign_in_link
 
 
 def signed_in(service, user_id: str) -> httpx.Client:
     client = httpx.Client(base_url=service.url, follow_redirects=True, timeout=30)
     link, _ = sign_in_link(service.settings, "referral", user_id)
-    answer = client.get(httpx.URL(link).raw_path.decode())
+    answer = use_sign_in_link(client, link)
     assert answer.status_code == 200, answer.text
     return client
 

@@ -13,7 +13,7 @@ import pytest
 from sqlmodel import select
 
 from services.intake.store import Need
-from shared.testing import DESK_EMAIL, wait_for
+from shared.testing import DESK_EMAIL, use_sign_in_link, wait_for
 from shared.web import sign_in_link
 
 
@@ -28,7 +28,7 @@ def hidden(html: str, name: str) -> str:
 def signed_in(service, user_id: str = "desk") -> httpx.Client:
     client = browser(service)
     link, _ = sign_in_link(service.settings, "intake", user_id)
-    assert client.get(httpx.URL(link).raw_path.decode()).url.path == "/nouvelle"
+    assert use_sign_in_link(client, link).url.path == "/nouvelle"
     return client
 
 
@@ -70,7 +70,10 @@ def test_sign_in_by_emailed_link_and_sign_out(intake):
     link = httpx.URL(event["link"])
     assert f"{link.scheme}://{link.host}:{link.port}" == intake.url
 
-    landed = client.get(link.raw_path.decode())
+    confirm = client.get(link.raw_path.decode())  # a button to press: fetching the link does not use it
+    assert confirm.status_code == 200 and "Me connecter" in confirm.text
+    assert client.get("/nouvelle").url.path == "/connexion"
+    landed = use_sign_in_link(client, event["link"])
     assert landed.url.path == "/nouvelle" and "<h1>Nouvelle demande</h1>" in landed.text
     assert "Bibliothèque du Châtelet" in landed.text
     assert browser(intake).get(link.raw_path.decode()).status_code == 410  # single use

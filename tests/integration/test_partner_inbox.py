@@ -11,7 +11,7 @@ from sqlmodel import select
 
 from shared.db import OutboxMessage
 from shared.events import utcnow
-from shared.testing import record_need, wait_for
+from shared.testing import record_need, use_sign_in_link, wait_for
 from shared.web import referral_link, referral_token, sign, sign_in_link
 
 CAF_EMAIL = "op@caf.test.example"
@@ -49,7 +49,7 @@ def access_links(service) -> list[dict]:
 def signed_in(service, user_id: str) -> httpx.Client:
     client = browser(service)
     link, _ = sign_in_link(service.settings, "referral", user_id)
-    assert client.get(path_of(link)).status_code == 200
+    assert use_sign_in_link(client, link).status_code == 200
     return client
 
 
@@ -185,12 +185,22 @@ def test_a_partner_signs_in_with_a_single_use_link_from_the_outbox(referral):
     assert event["user_id"] == "op-caf" and event["email"] == CAF_EMAIL and event["service"] == "referral"
     assert event["link"].startswith(f"{referral.url}/connexion/") and event["need_id"] is None
 
-    inbox = client.get(path_of(event["link"]))
+    # Opening the link (as a mail scanner or a link preview does) only shows a button; it signs in nobody and
+    # leaves the link usable.
+    scanner = browser(referral)
+    confirm = scanner.get(path_of(event["link"]))
+    assert confirm.status_code == 200 and "Me connecter" in confirm.text and CAF_EMAIL in confirm.text
+    assert scanner.get("/boite").url.path == "/connexion"
+    # The button's form needs the token bound to this link.
+    assert scanner.post(path_of(event["link"]), data={"csrf": "forged"}).status_code == 403
+
+    inbox = use_sign_in_link(client, event["link"])
     assert inbox.status_code == 200 and inbox.url.path == "/boite"
     assert "Demandes de CAF de la Seine-Maritime" in inbox.text and "Se déconnecter" in inbox.text
 
     second = browser(referral).get(path_of(event["link"]))
     assert second.status_code == 410 and "déjà utilisé" in second.text
+    assert use_sign_in_link(browser(referral), event["link"]).status_code == 410
 
     signed_out = client.post("/deconnexion", data={"csrf": csrf_of(inbox.text)})
     assert signed_out.url.path == "/connexion" and "Vous êtes déconnecté" in signed_out.text
