@@ -7,14 +7,14 @@
 - `/tableau-de-bord/confirmer/{action}`: the confirmation step of each action, which asks for the reason;
 - `POST /tableau-de-bord/actions/{action}`: the action itself, through the owning service (referral's handlers,
   the shared replay, intake's API for a need), recorded in `ops_action` with who and why; then back (303).
-Charts are SVG drawn on the server (`chart`): no script is needed to see them, and each has its data as a table.
+Charts: each is a `<figure>` whose data is a table (what a page without JavaScript and a screen reader get) and,
+as JSON in a `data-chart` attribute, drawn in the browser by uPlot (vendored in shared/static/vendor/uplot) from
+`tableau-de-bord.js`, after the first load and after each refresh.
 """
 
 from __future__ import annotations
 
-import math
 import re
-from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -37,57 +37,9 @@ TEMPLATES = Path(__file__).with_name("templates")
 ACTIONS = ("rejouer", "reaffecter", "pause", "reprise", "annuler")
 MAX_REASON = 2000
 REFRESH_SECONDS = 30
-# The dashboard page runs its own refresh script, from this origin only.
+# The dashboard page runs its own scripts (refresh, charts with the vendored uPlot), from this origin only.
 DASHBOARD_CSP = SECURITY_HEADERS["Content-Security-Policy"] + "; script-src 'self'; connect-src 'self'"
 PROBLEMS = ("no_live_consumer", "lag", "old_pending", "pending_growing")  # labels in _tableau_labels.html
-
-
-# --- SVG charts ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Bar:
-    x: float
-    y: float
-    width: float
-    height: float
-    label: str
-    value: int
-
-
-@dataclass(frozen=True)
-class Chart:
-    width: int
-    height: int
-    bars: list[Bar]
-    top: int  # the value of the highest gridline
-    ticks: list[tuple[float, int]]  # (y, value) of the gridlines
-    base: float  # y of the axis
-    left: float
-
-
-def nice_top(value: int) -> int:
-    """A round axis maximum at or above `value` (1, 2, 5, 10, 20, 50...)."""
-    if value <= 0:
-        return 1
-    magnitude = 10 ** math.floor(math.log10(value))
-    return next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= value)
-
-
-def chart(values: list[tuple[str, int]], width: int = 640, height: int = 200) -> Chart:
-    """Bars for `values` (label, count), scaled to a round maximum, in an SVG coordinate box."""
-    left, top_margin, bottom_margin = 36.0, 10.0, 28.0
-    base = height - bottom_margin
-    top = nice_top(max((v for _, v in values), default=0))
-    slot = (width - left) / max(1, len(values))
-    bars = []
-    for i, (label, value) in enumerate(values):
-        h = (base - top_margin) * value / top
-        bars.append(Bar(x=round(left + i * slot + slot * 0.15, 1), y=round(base - h, 1), width=round(slot * 0.7, 1),
-                        height=round(h, 1), label=label, value=value))
-    values = (0, top // 2, top) if top % 2 == 0 else (0, top)  # whole numbers only: counts have no halves
-    ticks = [(round(base - (base - top_margin) * v / top, 1), v) for v in values]
-    return Chart(width=width, height=height, bars=bars, top=top, ticks=ticks, base=base, left=left)
 
 
 # --- French wording of figures --------------------------------------------------------------------------
@@ -146,9 +98,10 @@ def build_router(svc: Service, pages: Pages) -> APIRouter:
         names = dict(partners={p.id: p.name for p in directory.partners},
                      categories={c.id: c.label for c in directory.categories},
                      libraries={lib.id: lib.name for lib in directory.libraries})
-        return dict(d=data, tz=data.timezone, names=names, needs_chart=chart([(hour_fr(b.start, data.timezone), b.count)
-                                                                  for b in data.charts.needs_per_hour]),
-                    answers_chart=chart([(b.label, b.count) for b in data.charts.answer_times]),
+        # the bars of each chart (label, count): its table and its drawing both come from these
+        needs_bars = [{"label": hour_fr(b.start, data.timezone), "count": b.count} for b in data.charts.needs_per_hour]
+        answers_bars = [{"label": b.label, "count": b.count} for b in data.charts.answer_times]
+        return dict(d=data, tz=data.timezone, names=names, needs_bars=needs_bars, answers_bars=answers_bars,
                     problems=PROBLEMS, refresh=REFRESH_SECONDS)
 
     @router.get("/tableau-de-bord")

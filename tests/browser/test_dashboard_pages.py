@@ -1,13 +1,17 @@
 """The ops dashboard in a real browser (Debian's chromium driven by Playwright) with its Content-Security-Policy
 enforced: the figures shown are the API's, they refresh in place without a reload, an action goes through its
-confirmation page; with the other services down the page still shows, with those parts marked unavailable; a
-partner gets 403. axe-core on every page (no serious violation); screenshots under test-artifacts/browser/."""
+confirmation page; the charts are drawn by the vendored uPlot from the API's figures (again after a refresh, at
+phone and desk widths), and without JavaScript their tables show instead; no request leaves 127.0.0.1. With the
+other services down the page still shows, with those parts marked unavailable; a partner gets 403. axe-core on
+every page (no serious violation); screenshots under test-artifacts/browser/."""
 
 from __future__ import annotations
 
 import json
 import re
-from datetime import timedelta
+from datetime import datetime, timedelta
+from pathlib import Path
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -18,6 +22,7 @@ from shared.testing import VIEWPORT_DESK, VIEWPORT_PHONE, sign_in_in_browser, wa
 from shared.web import sign_in_link
 
 pytestmark = pytest.mark.browser
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "browser"  # as conftest's check_page
 
 def sign_in(page, referral, user_id: str) -> None:
     link, _ = sign_in_link(referral.settings, "referral", user_id)
@@ -28,8 +33,47 @@ def cell(page, selector: str) -> str:
     return page.locator(selector).inner_text().strip()
 
 
+CHARTS_JS = """() => Array.from(document.querySelectorAll('#chiffres figure[data-chart]')).map(f => {
+    const plot = f.querySelector('.chart-plot[aria-hidden="true"] .uplot');
+    return {id: f.id, data: JSON.parse(f.dataset.chart), open: f.querySelector('details').open,
+            drawn: plot !== null && plot.querySelector('canvas') !== null,
+            width: plot ? plot.getBoundingClientRect().width : 0,
+            box: f.querySelector('.chart-plot').getBoundingClientRect().width,
+            rows: Array.from(f.querySelectorAll('tbody tr')).map(r => Array.from(r.cells).map(c => c.textContent.trim()))};
+})"""
+
+
+def charts(page) -> dict[str, dict]:
+    """Each chart figure: its JSON data, its table's rows, whether uPlot drew it (a canvas in its aria-hidden box)."""
+    return {c["id"]: c for c in page.evaluate(CHARTS_JS)}
+
+
+def check_charts(page, board: dict, opened: tuple[str, ...] = ()) -> dict[str, dict]:
+    """Both charts are drawn by uPlot and show the API's figures, in their table and their drawing; their table is
+    folded away unless the reader opened it (`opened`)."""
+    shown = charts(page)
+    assert set(shown) == {"graphique-flux", "graphique-reponses"}
+    zone = ZoneInfo(board["timezone"])
+    expected = {"graphique-flux": [(f"{datetime.fromisoformat(b['start']).astimezone(zone).hour} h", b["count"])
+                                   for b in board["charts"]["needs_per_hour"]],
+                "graphique-reponses": [(b["label"], b["count"]) for b in board["charts"]["answer_times"]]}
+    for name, bars in expected.items():
+        chart = shown[name]
+        assert chart["rows"] == [[label, str(count)] for label, count in bars]
+        assert list(zip(chart["data"]["labels"], chart["data"]["counts"])) == bars
+        assert chart["drawn"] and chart["open"] is (name in opened)
+    return shown
+
+
+def requests_seen(page) -> list[str]:
+    """Every URL the page asks for, from now on."""
+    seen: list[str] = []
+    page.on("request", lambda r: seen.append(r.url))
+    return seen
+
+
 def test_the_dashboard_shows_the_apis_figures_refreshes_itself_and_confirms_an_action(
-        page, check_page, settings, mail_sink, start_service):
+        chromium, page, check_page, settings, mail_sink, start_service):
     settings = settings.model_copy(update={"smtp_url": mail_sink.url})
     intake = start_service("intake", settings)
     referral = start_service("referral", settings)
@@ -43,6 +87,7 @@ def test_the_dashboard_shows_the_apis_figures_refreshes_itself_and_confirms_an_a
                      and b["deliveries"]["data"]["totals"].get("sent", 0) >= 3 and b, 30)
     assert board
 
+    seen = requests_seen(page)
     sign_in(page, referral, "ops")
     page.goto(f"{referral.url}/tableau-de-bord")
     assert page.get_by_role("heading", level=1).inner_text() == "Tableau de bord de la coordination"
@@ -56,7 +101,27 @@ def test_the_dashboard_shows_the_apis_figures_refreshes_itself_and_confirms_an_a
     report = next(r for r in board["reports"]["data"]["months"][0]["items"] if r["library_id"] == "chatelet")
     assert cell(page, f'tr[data-library="chatelet"][data-month="{month}"] td:nth-of-type(3)') == str(report["needs"]) == "3"
     assert page.get_by_role("link", name="Tableau de bord").first.get_attribute("aria-current") == "page"
+    page.wait_for_function("() => window.relaisDashboardCharts && window.relaisDashboardCharts() === 2")
+    drawn = check_charts(page, ops.get("/dashboard").json())
+    assert sum(drawn["graphique-flux"]["data"]["counts"]) >= 3
+    assert drawn["graphique-reponses"]["width"] == drawn["graphique-reponses"]["box"] == 768  # 48rem at most
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.locator("#graphiques").screenshot(path=str(ARTIFACTS / "dashboard-charts.png"))
     check_page(page, "dashboard")
+
+    # without JavaScript, each chart's table is there, open: it is the chart
+    plain = chromium.new_context(viewport=VIEWPORT_PHONE, locale="fr-FR", java_script_enabled=False)
+    bare = plain.new_page()
+    bare_seen = requests_seen(bare)
+    sign_in(bare, referral, "ops")
+    bare.goto(f"{referral.url}/tableau-de-bord")
+    for name in ("flux", "reponses"):
+        figure = bare.locator(f"#graphique-{name}")
+        assert figure.locator("details").get_attribute("open") == ""
+        assert figure.locator("table").is_visible() and figure.locator(".uplot").count() == 0
+    bare.locator("#graphiques").screenshot(path=str(ARTIFACTS / "dashboard-charts-no-js.png"))
+    plain.close()
+    assert bare_seen and {urlsplit(u).hostname for u in bare_seen} == {"127.0.0.1"}
 
     # live: a new need appears after a refresh of the figures, without reloading the page
     marker = page.evaluate("() => { window.notReloaded = true; return true; }")
@@ -64,17 +129,29 @@ def test_the_dashboard_shows_the_apis_figures_refreshes_itself_and_confirms_an_a
                                      "postal_code": "76000", "consent": True}).status_code == 201
     expected = str(board["deadlines"]["open_by_sla"]["on_track"] + 1)
     assert wait_for(lambda: ops.get("/dashboard").json()["deadlines"]["open_by_sla"]["on_track"] == int(expected))
+    page.locator("#graphique-reponses summary").click()  # a reader opens a chart's table: kept open on refresh
+    page.locator("#graphique-reponses summary").blur()  # (no refresh while the focus is in the figures)
     assert page.evaluate("() => window.relaisDashboardRefresh()") is True
     assert cell(page, 'td[data-sla="on_track"]') == expected
     assert marker and page.evaluate("() => window.notReloaded") is True
+    assert page.evaluate("() => window.relaisDashboardCharts()") == 2
+    board = ops.get("/dashboard").json()
+    shown = check_charts(page, board, opened=("graphique-reponses",))
+    assert sum(shown["graphique-flux"]["data"]["counts"]) == sum(drawn["graphique-flux"]["data"]["counts"]) + 1
+    assert page.locator("#chiffres .uplot").count() == 2  # the charts before the refresh are gone
     pause = page.get_by_role("button", name="Suspendre la mise à jour automatique")
     pause.click()
     assert page.get_by_role("button", name="Reprendre la mise à jour automatique").get_attribute("aria-pressed") == "true"
     page.set_viewport_size(VIEWPORT_PHONE)
-    # wide tables scroll inside
+    # wide tables scroll inside; the charts shrink to the phone's width
+    page.wait_for_function("() => Array.from(document.querySelectorAll('#chiffres .uplot')).every("
+                           "p => p.getBoundingClientRect().width === p.parentNode.getBoundingClientRect().width)")
     assert page.evaluate("document.documentElement.scrollWidth") <= VIEWPORT_PHONE["width"]
+    assert all(300 <= c["width"] == c["box"] <= VIEWPORT_PHONE["width"] - 32 for c in charts(page).values())
+    page.locator("#graphiques").screenshot(path=str(ARTIFACTS / "dashboard-charts-phone.png"))
     check_page(page, "dashboard-phone")
     page.set_viewport_size(VIEWPORT_DESK)
+    page.wait_for_function("() => document.querySelector('#chiffres .uplot').getBoundingClientRect().width === 768")
 
     # an action: its confirmation page asks for the reason, then the dashboard says it is done
     page.get_by_role("link", name="Mettre en pause CAF de la Seine-Maritime").click()
@@ -107,6 +184,10 @@ def test_the_dashboard_shows_the_apis_figures_refreshes_itself_and_confirms_an_a
     page.get_by_role("link", name="Annuler la demande (enregistrée par erreur)").click()
     assert page.get_by_role("heading", level=1).inner_text() == "Annuler une demande enregistrée par erreur"
     check_page(page, "dashboard-confirm-cancel")
+    # everything the pages asked for (uPlot included) came from the services on 127.0.0.1
+    assert seen and {urlsplit(u).hostname for u in seen} == {"127.0.0.1"}
+    assert any(u.endswith("/static/vendor/uplot/uPlot.iife.min.js") for u in seen)
+    assert not page.console_problems
 
 
 def test_with_the_other_services_down_the_page_still_shows_and_partners_get_403(

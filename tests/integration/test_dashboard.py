@@ -1,11 +1,15 @@
 """The ops dashboard's figures over HTTP, on seeded data: counts, percentiles, the clock's lag, the partner that
-stopped answering; the parts read from other services shown as unavailable when those are down; the queue of a
-stopped consumer marked stuck, then a dead-lettered message replayed from the dashboard and processed."""
+stopped answering; the parts read from other services shown as unavailable when those are down; the charts' data
+on the page (table and JSON) is the API's, and the vendored uPlot is served; the queue of a stopped consumer marked
+stuck, then a dead-lettered message replayed from the dashboard and processed."""
 
 from __future__ import annotations
 
+import json
 import re
-from datetime import timedelta
+from datetime import datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
@@ -136,6 +140,44 @@ def test_every_figure_on_seeded_data(referral):
     assert 'relais_timer_firing_lag_seconds_bucket{kind="reminder",le="300.0"} 1.0' in metrics
     assert 'relais_timer_firing_lag_seconds_bucket{kind="reminder",le="60.0"} 0.0' in metrics
     assert re.search(r'relais_group_pending\{group="referral",stream="needs"\} 0\.0', metrics)
+
+
+UPLOT = Path(__file__).resolve().parents[2] / "shared" / "static" / "vendor" / "uplot"
+
+
+def test_the_charts_data_is_the_apis_and_the_vendored_uplot_is_served(referral):
+    board = referral.client("ops").get("/dashboard").json()
+    browser = httpx.Client(base_url=referral.url, follow_redirects=True, timeout=30)
+    link, _ = sign_in_link(referral.settings, "referral", "ops", NOW)  # dated by the service's frozen clock
+    assert use_sign_in_link(browser, link).status_code == 200
+    page = browser.get("/tableau-de-bord")
+    browser.close()
+    assert page.status_code == 200
+    figures = dict(re.findall(r'<figure class="chart" id="graphique-(\w+)".*?data-chart=\'([^\']*)\'.*?</figure>',
+                              page.text, re.S))
+    charts = {name: json.loads(data) for name, data in figures.items()}
+    zone = ZoneInfo(board["timezone"])
+    needs, answers = board["charts"]["needs_per_hour"], board["charts"]["answer_times"]
+    assert charts["flux"] == {"x": "Heure", "y": "Demandes", "counts": [b["count"] for b in needs],
+                              "labels": [f"{datetime.fromisoformat(b['start']).astimezone(zone).hour} h" for b in needs]}
+    assert charts["reponses"] == {"x": "Délai", "y": "Réponses", "counts": [0, 4, 1, 0, 0, 0, 1],
+                                  "labels": [b["label"] for b in answers]}
+    assert [b["count"] for b in answers] == [0, 4, 1, 0, 0, 0, 1]
+    # the table under each chart has the same rows
+    for name, chart in charts.items():
+        block = re.search(rf'id="graphique-{name}".*?<tbody>(.*?)</tbody>', page.text, re.S).group(1)
+        rows = re.findall(r'<tr><td>(.*?)</td><td class="num">(\d+)</td></tr>', block)
+        assert rows == [(label, str(count)) for label, count in zip(chart["labels"], chart["counts"])]
+    assert '<script src="/static/vendor/uplot/uPlot.iife.min.js" defer></script>' in page.text
+    assert '<link rel="stylesheet" href="/static/vendor/uplot/uPlot.min.css">' in page.text
+
+    for name, kind in (("uPlot.iife.min.js", ("text/javascript", "application/javascript")),
+                       ("uPlot.min.css", ("text/css",)), ("LICENSE", None)):
+        answer = httpx.get(f"{referral.url}/static/vendor/uplot/{name}")
+        assert answer.status_code == 200 and answer.content == (UPLOT / name).read_bytes()
+        if kind:
+            assert answer.headers["content-type"].split(";")[0].strip() in kind, answer.headers["content-type"]
+    assert b"uPlot (v1.6.32)" in (UPLOT / "uPlot.iife.min.js").read_bytes()[:100]
 
 
 def test_a_timer_left_unfired_is_counted_overdue(tmp_path):

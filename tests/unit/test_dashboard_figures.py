@@ -1,10 +1,10 @@
-"""The dashboard's small arithmetic and wording: percentiles, chart geometry, durations, the pending-growth
+"""The dashboard's small arithmetic and wording: percentiles, durations, the pending-growth
 baseline, and the log guard that masks addresses and phone numbers."""
 
 import pytest
 
 from services.referral.dashboard import QueueWatch, bucket_label, percentile
-from services.referral.dashboard_pages import chart, duration_fr, nice_top, percent_fr
+from services.referral.dashboard_pages import duration_fr, percent_fr
 from shared.logs import redact, valid_correlation_id
 
 
@@ -14,17 +14,6 @@ def test_percentiles_interpolate_between_closest_ranks():
     assert percentile([1, 2, 3, 4], 50) == 2.5
     assert percentile([4, 1, 3, 2, 80], 90) == pytest.approx(49.6)  # 4 + 0.6 × 76, order does not matter
     assert percentile([1, 2, 3], 100) == 3 and percentile([1, 2, 3], 0) == 1
-
-
-def test_charts_scale_to_a_round_top_with_whole_ticks():
-    assert [nice_top(v) for v in (0, 1, 3, 7, 12, 150)] == [1, 1, 5, 10, 20, 200]
-    c = chart([("a", 0), ("b", 5), ("c", 10)], width=336, height=200)
-    assert c.top == 10 and [v for _, v in c.ticks] == [0, 5, 10]
-    a, b, full = c.bars
-    assert a.height == 0 and full.y == 10.0 and b.height == pytest.approx(full.height / 2, abs=0.1)
-    assert full.y + full.height == c.base  # bars stand on the axis
-    assert [v for _, v in chart([("a", 3)]).ticks] == [0, 5]  # an odd top: no middle tick
-    assert [v for _, v in chart([("a", 1)]).ticks] == [0, 1]  # no half-person tick
 
 
 def test_durations_and_shares_in_french():
