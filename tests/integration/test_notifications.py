@@ -413,9 +413,11 @@ def test_quiet_hours_and_the_daily_digest_wait_in_the_database_for_their_time(se
     assert digest["subject"].startswith("2 nouvelles demandes à traiter")
     text = digest["message"].get_body(("plain",)).get_content()
     assert first.referral_id in text and second.referral_id in text
-    sent_handoffs = deliveries(notif, kind="handoff")
-    assert {d.status for d in sent_handoffs} == {"sent"}
-    assert len({d.digest_of for d in sent_handoffs}) == 1
+    # The sink has the message before the sender records the outcome: wait for the record too.
+    sent_handoffs = wait_for(lambda: [d for d in deliveries(notif, kind="handoff") if d.status == "sent"]
+                             if {d.status for d in deliveries(notif, kind="handoff")} == {"sent"} else None)
+    assert sent_handoffs, [(d.status, d.held_reason) for d in deliveries(notif, kind="handoff")]
+    assert len(sent_handoffs) == 2 and len({d.digest_of for d in sent_handoffs}) == 1
 
 
 # --- the SMTP connection: STARTTLS or TLS, authentication, one connection reused -------------------------
