@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlencode
 from zoneinfo import ZoneInfo
 
 import anyio
@@ -286,6 +286,26 @@ async def read_form(request: Request) -> dict[str, str] | None:
         return None
     fields = parse_qs(body.decode("utf-8", errors="replace"), keep_blank_values=True)
     return {name: values[0] for name, values in fields.items()}
+
+
+# --- long lists ----------------------------------------------------------------------------------
+
+
+def page_number(raw: str) -> int:
+    """The `page` query parameter of a long list: 1 for anything that is not a positive number."""
+    return int(raw) if raw.isdigit() and 0 < int(raw) < 100_000 else 1
+
+
+def page_links(request: Request, page: int, has_more: bool) -> dict[str, str | None]:
+    """Links to the previous and next pages of a long list, keeping the list's filters (for shared/templates/
+    _pages.html)."""
+    def url(number: int) -> str:
+        kept = [(k, v) for k, v in request.query_params.multi_items() if k not in ("page", "partiel")]
+        query = urlencode(kept + ([("page", str(number))] if number > 1 else []))
+        return request.url.path + ("?" + query if query else "")
+
+    return {"page": page, "newer_url": url(page - 1) if page > 1 else None,
+            "older_url": url(page + 1) if has_more else None}
 
 
 # --- one service's pages --------------------------------------------------------------------------

@@ -36,12 +36,12 @@ from services.intake.reports import CategoryFigures, LibraryReport, csv_response
 from services.intake.store import Need, NeedHistory
 from shared.directory import Library, User
 from shared.service import Service
-from shared.web import MONTHS_FR, SECURITY_HEADERS, Pages
+from shared.web import MONTHS_FR, SECURITY_HEADERS, Pages, page_links, page_number
 
 TEMPLATES = Path(__file__).with_name("templates")
 STATIC = Path(__file__).with_name("static")
 HOME = "/nouvelle"
-LIST_LIMIT = 200  # newest needs shown besides every overdue one
+LIST_LIMIT = 200  # needs per page of "Mes demandes" (the first page also shows every overdue one)
 OVERDUE_LIMIT = 500
 MONTHS_OFFERED = 13  # this month and the twelve before
 LIVE_EVERY_S = {"enregistree": 2, "demande": 10, "demandes": 20}
@@ -255,11 +255,13 @@ def build_router(svc: Service) -> APIRouter:
     # --- Mes demandes
 
     @router.get("/demandes")
-    async def needs(request: Request, statut: str = "", thematique: str = "", delai: str = "") -> Response:
+    async def needs(request: Request, statut: str = "", thematique: str = "", delai: str = "", page: str = "1"
+                    ) -> Response:
         desk_ = desk(request)
         status = statut if statut in STATUS_FILTERS else ""
         category = thematique if svc.directory.category(thematique) else ""
         sla = delai if delai in SLA_FILTERS else ""
+        number = page_number(page)
         now = svc.clock()
 
         def rows() -> tuple[list[Need], bool]:
@@ -276,19 +278,22 @@ def build_router(svc: Service) -> APIRouter:
                 query = query.where(Need.sla == sla)
             overdue = query.where(Need.status.in_(domain.WAITING_FOR_PARTNER), Need.respond_by <= now)
             with svc.db.read() as session:
-                late = list(session.exec(overdue.order_by(Need.respond_by).limit(OVERDUE_LIMIT)).all())
+                # Every overdue need stays on the first page, above the newest ones; later pages go back in time.
+                late = [] if number > 1 else list(
+                    session.exec(overdue.order_by(Need.respond_by).limit(OVERDUE_LIMIT)).all())
                 newest = list(session.exec(query.order_by(Need.recorded_at.desc(), Need.id.desc())
-                                           .limit(LIST_LIMIT + 1)).all())
-            truncated = len(newest) > LIST_LIMIT
+                                           .offset((number - 1) * LIST_LIMIT).limit(LIST_LIMIT + 1)).all())
+            has_more = len(newest) > LIST_LIMIT
             by_id = {n.id: n for n in [*late, *newest[:LIST_LIMIT]]}
             ordered = sorted(by_id.values(), key=lambda n: domain.desk_order(n.status, n.respond_by, n.recorded_at, now))
-            return ordered, truncated
+            return ordered, has_more
 
-        found_rows, truncated = await anyio.to_thread.run_sync(rows)
+        found_rows, has_more = await anyio.to_thread.run_sync(rows)
         items = [need_context(n, now) for n in found_rows]
         filters = dict(filter_status=status, filter_category=category, filter_sla=sla)
         partial, live_context = live(request, desk_, "_liste.html", "demandes", final=False, items=items,
-                                     truncated=truncated, filtered=bool(status or category or sla), **filters)
+                                     filtered=bool(status or category or sla), **page_links(request, number, has_more),
+                                     **filters)
         if partial is not None:
             return partial
         return show(request, "demandes.html", library=desk_.library, categories=svc.directory.categories,

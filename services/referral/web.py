@@ -23,7 +23,7 @@ from services.referral.handlers import act
 from services.referral.store import OPEN_STATUSES, NeedCase, Referral, ReferralHistory, history_of
 from shared.directory import User
 from shared.service import Service
-from shared.web import Pages, TokenExpired, TokenInvalid, read_referral_token
+from shared.web import Pages, TokenExpired, TokenInvalid, page_links, page_number, read_referral_token
 
 TEMPLATES = Path(__file__).with_name("templates")
 
@@ -31,7 +31,7 @@ ACTIONS = ("accept", "respond", "decline", "close")  # what a partner may do fro
 DECLINE_REASONS = ("hors_champ", "hors_territoire", "capacite", "doublon", "autre")  # labels in _labels.html
 STATUSES = ("assigned", "accepted", "responded", "closed", "declined", "cancelled")
 MAX_TEXT = {"message": 4000, "detail": 2000, "outcome": 2000}  # as the JSON API
-INBOX_LIMIT = 200
+INBOX_LIMIT = 200  # referrals per page of the inbox
 
 
 @dataclass(frozen=True)
@@ -184,10 +184,11 @@ def build_router(svc: Service) -> APIRouter:
         return pages.redirect("/boite")
 
     @router.get("/boite")
-    async def inbox(request: Request, statut: str = "open", partenaire: str = "") -> Response:
+    async def inbox(request: Request, statut: str = "open", partenaire: str = "", page: str = "1") -> Response:
         user = pages.require_user(request, "partner", "ops")
         status = statut if statut in ("open", *STATUSES) else "open"
         partner_id = user.partner if user.role == "partner" else (partenaire or None)
+        number = page_number(page)
         now = svc.clock()
 
         def rows() -> list[tuple[Referral, NeedCase]]:
@@ -195,7 +196,8 @@ def build_router(svc: Service) -> APIRouter:
             if partner_id:
                 query = query.where(Referral.partner_id == partner_id)
             query = query.where(Referral.status.in_(OPEN_STATUSES) if status == "open" else Referral.status == status)
-            query = query.order_by(Referral.respond_by, Referral.created_at, Referral.id).limit(INBOX_LIMIT + 1)
+            query = query.order_by(Referral.respond_by, Referral.created_at, Referral.id)
+            query = query.offset((number - 1) * INBOX_LIMIT).limit(INBOX_LIMIT + 1)
             with svc.db.transaction() as session:
                 return list(session.exec(query).all())
 
@@ -204,7 +206,8 @@ def build_router(svc: Service) -> APIRouter:
         items = [dict(r=r, case=case, late=is_late(r, now), library=directory.library(r.library_id),
                       partner=directory.partner(r.partner_id), category=directory.category(r.category))
                  for r, case in found[:INBOX_LIMIT]]
-        return pages.render(request, "boite.html", items=items, truncated=len(found) > INBOX_LIMIT, filter_status=status,
+        return pages.render(request, "boite.html", items=items, **page_links(request, number, len(found) > INBOX_LIMIT),
+                            filter_status=status,
                             statuses=STATUSES, partner=directory.partner(user.partner) if user.partner else None,
                             partners=directory.partners if user.role == "ops" else [], partner_filter=partenaire,
                             default_timezone=directory.timezone)

@@ -209,3 +209,36 @@ def test_my_needs_overdue_first_with_filters_and_each_need_history(settings, int
     assert "En retard : la réponse était attendue" in need and "Demande enregistrée à l&#39;accueil" in need
     assert client.get(f"/demandes/{other}").status_code == 404
     assert client.get("/demandes/nope").status_code == 404
+
+
+def test_my_needs_go_back_in_time_page_by_page_with_every_overdue_need_on_the_first(intake, monkeypatch):
+    import services.intake.web as desk_web
+
+    monkeypatch.setattr(desk_web, "LIST_LIMIT", 2)
+    client = signed_in(intake)
+    ids = []
+    for number in range(5):
+        r = client.post("/nouvelle", data={**form_of(client), **A_NEED, "summary": f"Demande numéro {number}"})
+        ids.append(r.url.path.split("/")[2])
+    with intake.svc.db.transaction() as session:
+        session.get(Need, ids[0]).respond_by = intake.svc.clock() - timedelta(hours=2)  # the oldest is overdue
+
+    def shown(html: str) -> list[int]:
+        return [int(n) for n in re.findall(r"Demande numéro (\d)", html)]
+
+    first = client.get("/demandes").text
+    assert shown(first) == [0, 3, 4]  # the overdue one, then the two newest (waiting: soonest deadline first)
+    assert "La liste continue sur une autre page" in first and "Demandes plus récentes" not in first
+    older = re.search(r'<a href="([^"]+)" rel="next">Demandes plus anciennes</a>', first).group(1)
+    assert older == "/demandes?page=2"
+    second = client.get(older).text
+    assert shown(second) == [1, 2]
+    assert '<a href="/demandes" rel="prev">Demandes plus récentes</a>' in second
+    third = client.get("/demandes?page=3").text
+    assert shown(third) == [0] and 'rel="next"' not in third
+    # Filters are kept from page to page, also by the live region; a page number that is not one means page 1.
+    filtered = client.get("/demandes", params={"thematique": "caf", "page": "2"}).text
+    assert 'href="/demandes?thematique=caf&amp;page=3" rel="next"' in filtered
+    assert "page=2" in re.search(r'data-live="([^"]+)"', filtered).group(1)
+    assert shown(client.get("/demandes?page=zéro").text) == [0, 3, 4]
+

@@ -268,6 +268,23 @@ def test_the_inbox_lists_the_partners_open_referrals_by_deadline_late_ones_marke
     assert client.get(f"/boite/{cpam}").status_code == 404  # another partner's: never 403
 
 
+def test_a_long_inbox_is_read_page_by_page_soonest_deadline_first(referral, monkeypatch):
+    import services.referral.web as inbox_web
+
+    monkeypatch.setattr(inbox_web, "INBOX_LIMIT", 2)
+    svc, now = referral.svc, utcnow()
+    ids = [record_need(svc, summary=f"Demande {hours}", recorded_at=now - timedelta(hours=hours))
+           for hours in (10, 50, 30)]  # deadlines in 62, 22 and 42 hours
+
+    client = signed_in(referral, "op-caf")
+    first = client.get("/boite").text
+    assert re.findall(r'href="/boite/([0-9a-f]{32})"', first) == [ids[1], ids[2]]
+    older = re.search(r'<a href="([^"]+)" rel="next">Échéances suivantes</a>', first).group(1)
+    second = client.get(older.replace("&amp;", "&")).text
+    assert re.findall(r'href="/boite/([0-9a-f]{32})"', second) == [ids[0]]
+    assert 'rel="next"' not in second and '<a href="/boite" rel="prev">Échéances précédentes</a>' in second
+
+
 def test_a_signed_in_partner_acts_from_the_inbox_and_ops_see_everything(referral):
     rid = record_need(referral.svc)
     cpam = record_need(referral.svc, category="sante")
