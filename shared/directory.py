@@ -102,9 +102,12 @@ def normalize_phone(text: str) -> str:
 
 
 def normalize_email(text: str) -> str:
-    """The normalized address; raises ValueError with email-validator's reason."""
+    """The normalized address; raises ValueError with email-validator's reason.
+
+    Syntax only, no DNS. `test_environment` lets addresses under the reserved `.test` domain through (RFC 2606):
+    test and demo directories use them, and refusing them would say nothing about a real address."""
     try:
-        return validate_email(text, check_deliverability=False).normalized
+        return validate_email(text, check_deliverability=False, test_environment=True).normalized
     except EmailNotValidError as exc:
         raise ValueError(f"not an email address: {text!r} ({exc})") from None
 
@@ -276,8 +279,8 @@ class Library(_Frozen):
 
     id: Id
     name: Text
-    timezone: TimeZoneName
-    territory: list[PostalPrefix] = Field(min_length=1)
+    timezone: TimeZoneName | None = None  # absent: the directory's; Directory fills it in at load time
+    territory: list[PostalPrefix] = []  # the first prefix stands for a need recorded without a postal code
     contacts: list[Person] = []
 
     @property
@@ -328,9 +331,19 @@ class User(_Frozen):
     token_sha256: TokenHash | None = None
 
 
+DEFAULT_TIMEZONE = "Europe/Paris"
+
+
+def default_sla() -> SlaPolicy:
+    """The France Services window, when the file gives no `sla`: answer within 72 hours, reminders at 24 and 48
+    hours, escalation at 60."""
+    return SlaPolicy(respond_within=timedelta(hours=72), remind_after=[timedelta(hours=24), timedelta(hours=48)],
+                     escalate_after=timedelta(hours=60))
+
+
 class _DirectoryBase(_Frozen):
-    timezone: TimeZoneName
-    sla: SlaPolicy
+    timezone: TimeZoneName = DEFAULT_TIMEZONE
+    sla: SlaPolicy = Field(default_factory=default_sla)
     escalation_contacts: list[EscalationContact] = []
     categories: list[Category] = Field(min_length=1)
     libraries: list[Library]
@@ -450,8 +463,12 @@ def _build(parsed: _DirectoryFile) -> Directory:
         )
         for entry in parsed.partners
     ]
+    # A library without its own time zone shows deadlines in the directory's.
+    libraries = [lib if lib.timezone else lib.model_copy(update={"timezone": parsed.timezone})
+                 for lib in parsed.libraries]
     return Directory(
-        **{name: getattr(parsed, name) for name in _DirectoryBase.model_fields}, partners=partners
+        **{name: getattr(parsed, name) for name in _DirectoryBase.model_fields if name != "libraries"},
+        libraries=libraries, partners=partners,
     )
 
 
@@ -694,8 +711,11 @@ def _duration_or_none(value: Any) -> timedelta | None:
 
 def _check_deadlines(data: Mapping) -> list[tuple[tuple, str]]:
     problems = []
-    default = data.get("sla") if isinstance(data.get("sla"), Mapping) else {}
-    problems += _deadline_problems(("sla",), default, fields=set(default))
+    if "sla" in data:
+        default = data["sla"] if isinstance(data["sla"], Mapping) else {}
+        problems += _deadline_problems(("sla",), default, fields=set(default))
+    else:  # the default policy (default_sla), valid by construction
+        default = {"respond_within": "PT72H", "remind_after": ["PT24H", "PT48H"], "escalate_after": "PT60H"}
     for i, partner in _entries(data, "partners"):
         override = partner.get("sla")
         if not isinstance(override, Mapping):

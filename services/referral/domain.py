@@ -90,7 +90,7 @@ def route_need(
     if code:
         where = t["where_code"].format(code=_display_postal_code(code))
     else:
-        code = library.territory[0]
+        code = library.territory[0] if library.territory else ""  # no territory: partners covering everywhere
         where = t["where_library"].format(prefix=code, library=library.name)
     known_category = directory.category(category)
     label = known_category.label if known_category else category

@@ -67,6 +67,29 @@ def partner(data, i=0):
     return data["partners"][i]
 
 
+def test_what_the_file_leaves_out_takes_the_documented_defaults(tmp_path):
+    # No top-level time zone or SLA, a library with neither time zone nor territory, addresses on the reserved
+    # .test domain (RFC 2606): a test or demo directory like this loads.
+    data = changed(lambda d: (d.pop("timezone"), d.pop("sla"), d["libraries"][0].pop("timezone"),
+                              d["libraries"][0].pop("territory"),
+                              d["escalation_contacts"][0].update(email="coord@relais.test")))
+    directory = load_directory(write(tmp_path, data))
+
+    assert directory.timezone == "Europe/Paris"
+    assert directory.library("rouen-chatelet").timezone == "Europe/Paris"  # the directory's
+    assert directory.library("drummondville").timezone == "America/Toronto"  # its own
+    assert directory.library("rouen-chatelet").territory == []
+    assert directory.sla.respond_within == timedelta(hours=72)
+    assert directory.sla.remind_after == [timedelta(hours=24), timedelta(hours=48)]
+    assert directory.sla.escalate_after == timedelta(hours=60)
+    assert directory.partner("la-piaule").sla == directory.sla
+    assert directory.partner("caf-76").sla.respond_within == timedelta(hours=48)
+    assert directory.escalation_contacts[0].email == "coord@relais.test"
+
+    in_america = changed(lambda d: (d.update(timezone="America/Toronto"), d["libraries"][0].pop("timezone")))
+    assert load_directory(write(tmp_path, in_america)).library("rouen-chatelet").timezone == "America/Toronto"
+
+
 def test_good_file_loads_with_normalized_values(tmp_path):
     directory = load_directory(write(tmp_path, GOOD))
 

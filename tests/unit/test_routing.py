@@ -31,6 +31,7 @@ DIRECTORY = parse_directory({
          "territory": ["76560", "76460"]},
         {"id": "drummondville", "name": "Bibliothèque de Drummondville", "timezone": "America/Toronto",
          "territory": ["J2B"]},
+        {"id": "sans-territoire", "name": "Point numérique"},  # no territory (and the directory's time zone)
     ],
     "partners": [
         a_partner("caf-national", "CAF plateforme nationale", ["caf"], [""]),
@@ -58,6 +59,8 @@ CASES = [
     ('"" covers everywhere', dict(category="caf", postal_code="H2X 1Y4"), "caf-national"),
     ("no postal code: the library's first prefix",
      dict(category="caf", postal_code=None, library_id="rouen-chatelet"), "caf-rouen"),
+    ("no postal code, a library without territory: partners covering everywhere",
+     dict(category="caf", postal_code=None, library_id="sans-territoire"), "caf-national"),
     ("blank postal code: the library's first prefix",
      dict(category="caf", postal_code="  ", library_id="bus-caux"), "caf-76"),
     ("a partner at capacity is skipped",
