@@ -171,7 +171,7 @@ def build_router(svc: Service) -> APIRouter:
     def default_postal_code(library: Library) -> str:
         """The library's territory when it is a whole postal code (a prefix like "76" or "J2B" is not)."""
         try:
-            return domain.normalize_postal_code(library.territory[0])
+            return domain.normalize_postal_code(library.territory[0]) if library.territory else ""
         except ValueError:
             return ""
 
