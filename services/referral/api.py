@@ -2,7 +2,7 @@
 
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 import anyio
 from fastapi import APIRouter, Body, Depends, HTTPException, Query
@@ -16,6 +16,10 @@ from shared.events import DEAD_LETTER_SUFFIX, STREAMS
 from shared.messaging import replay
 from shared.directory import User
 from shared.service import Service, field_error, page
+
+# The contract's values; a filter outside them is a 422 naming the parameter, not an empty page.
+ReferralStatus = Literal["assigned", "accepted", "responded", "closed", "declined", "cancelled"]
+SlaState = Literal["on_track", "at_risk", "met", "breached"]
 
 
 class HistoryEntry(BaseModel):
@@ -128,7 +132,7 @@ def build_router(svc: Service) -> APIRouter:
 
     @router.get("/referrals", response_model=ReferralPage)
     def list_referrals(user: Reader, need_id: str | None = None, partner_id: str | None = None,
-                       status: str | None = None, sla: str | None = None,
+                       status: ReferralStatus | None = None, sla: SlaState | None = None,
                        limit: Annotated[int, Query(ge=1, le=200)] = 50, cursor: str | None = None) -> ReferralPage:
         query = select(Referral)
         if user.role == "partner":

@@ -124,6 +124,14 @@ def test_referral_list_limit_is_at_most_200(system):
     assert ops.get("/referrals", params={"limit": 200}).status_code == 200
 
 
+def test_a_referral_filter_outside_the_contracts_values_is_a_422_naming_it(system):
+    ops = system.referral.client("ops")
+    for name in ("status", "sla"):
+        r = ops.get("/referrals", params={name: "bogus"})
+        assert r.status_code == 422 and [e["loc"][-1] for e in r.json()["detail"]] == [name]
+    assert ops.get("/referrals", params={"status": "declined", "sla": "breached"}).json()["items"] == []
+
+
 # --- actions --------------------------------------------------------------------------------------
 
 
