@@ -17,6 +17,8 @@ from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -169,6 +171,18 @@ class Service:
                                   extra={"duration_ms": round(elapsed * 1000, 1)})
             response.headers["X-Correlation-ID"] = correlation_id
             return response
+
+        @app.exception_handler(RequestValidationError)
+        async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
+            # FastAPI decodes a JSON body before it runs the route's dependencies: without this, a malformed body
+            # sent with no token (or an unknown one) got 422 where the contract says 401.
+            if request.url.path.startswith("/api/v1/") and any(e.get("type") == "json_invalid" for e in exc.errors()):
+                try:
+                    self.caller(await _bearer(request), request.headers.get(ACTOR_HEADER))
+                except HTTPException as denied:
+                    return JSONResponse({"detail": denied.detail}, status_code=denied.status_code,
+                                        headers=denied.headers)
+            return await request_validation_exception_handler(request, exc)
 
         @app.get("/healthz", include_in_schema=False)
         def healthz() -> dict:

@@ -124,6 +124,21 @@ def test_referral_list_limit_is_at_most_200(system):
     assert ops.get("/referrals", params={"limit": 200}).status_code == 200
 
 
+def test_a_malformed_body_without_a_known_token_is_401_not_422(system):
+    import httpx
+
+    url = f"{system.referral.url}/api/v1/referrals/whatever/decline"
+    garbage = {"content": b"{not json", "headers": {"Content-Type": "application/json"}}
+    assert httpx.post(url, **garbage).status_code == 401
+    r = httpx.post(url, content=garbage["content"],
+                   headers={**garbage["headers"], "Authorization": "Bearer not-a-token"})
+    assert r.status_code == 401 and r.json() == {"detail": "missing or unknown bearer token"}
+    # A known token: the body's problem is the answer.
+    r = system.referral.client("caf").post("/referrals/whatever/decline", content=b"{not json",
+                                            headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"][0]["type"] == "json_invalid"
+
+
 def test_a_referral_filter_outside_the_contracts_values_is_a_422_naming_it(system):
     ops = system.referral.client("ops")
     for name in ("status", "sla"):
