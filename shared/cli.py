@@ -8,6 +8,7 @@ import ctypes
 import logging
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -48,15 +49,129 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(service=getattr(args, "service", None), fmt=os.environ.get("RELAIS_LOG_FORMAT", default_format),
                    level=os.environ.get("RELAIS_LOG_LEVEL", "INFO"))
 
-    if args.command == "directory":
-        return directory_check(args.file)
-    if args.command == "serve":
-        return serve_one(args.service)
-    if args.command == "migrate":
-        return migrate_one(args.service, args.new)
-    if args.command == "replay":
-        return replay_dead_letters(args.stream, args.ids)
-    return Up(args.directory, args.data_dir).run()
+    try:
+        if args.command == "directory":
+            return directory_check(args.file)
+        if args.command == "serve":
+            return serve_one(args.service)
+        if args.command == "migrate":
+            return migrate_one(args.service, args.new)
+        if args.command == "replay":
+            return replay_dead_letters(args.stream, args.ids)
+        return Up(args.directory, args.data_dir).run()
+    except BadSettings as exc:  # the one place a bad RELAIS_* variable ends a command: what to fix, no traceback
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 2
+
+
+# --- settings: every problem named by its variable ------------------------------------------------
+
+
+class BadSettings(Exception):
+    """Settings a command cannot run with: one line per problem, each starting with its RELAIS_* variable."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+_PATTERN_HINTS = {"namespace": "may hold only letters, digits, '_', '.' and '-' (it prefixes Redis keys)"}
+DATABASE_URL_FORMS = "sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST:PORT/DATABASE"
+
+
+def load_settings(*, redis: bool = False, databases: tuple[str, ...] = (), notifications: bool = False,
+                  smtp_required: bool = False) -> Settings:
+    """The settings from the environment, and the URLs this command will use checked before anything starts:
+    Redis (`redis`), the named services' databases, the SMTP server and SMS provider (`notifications`; the SMTP
+    URL must be set with `smtp_required`). Raises BadSettings listing every problem."""
+    from pydantic import ValidationError
+
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        raise BadSettings([_explain(error) for error in exc.errors()]) from None
+    problems = []
+    if redis and settings.redis_url:
+        import redis as redis_client
+
+        try:
+            redis_client.ConnectionPool.from_url(settings.redis_url)
+        except ValueError as exc:
+            problems.append(f"RELAIS_REDIS_URL: {exc}, e.g. redis://HOST:6379/0 "
+                            f"(got {_hide_password(settings.redis_url)!r})")
+    for service in databases:
+        url = getattr(settings, f"{service}_database_url")
+        if url and (problem := _database_url_problem(url)):
+            problems.append(f"RELAIS_{service.upper()}_DATABASE_URL: {problem} (got {_hide_password(url)!r})")
+    if notifications:
+        from services.notifications import channels
+
+        if settings.smtp_url:
+            try:
+                channels.SmtpTarget.from_url(settings.smtp_url)
+            except ValueError:
+                problems.append("RELAIS_SMTP_URL: must look like smtp://[user:pass@]host:port, or smtps://... for TLS "
+                                f"(got {_hide_password(settings.smtp_url)!r})")
+        elif smtp_required:
+            problems.append("RELAIS_SMTP_URL: not set; give the SMTP server, e.g. smtp://mailpit:1025 "
+                            "(`relais up` starts an embedded sink and sets it)")
+        try:
+            channels.check_sms_settings(settings)
+        except SystemExit as exc:
+            problems.append(str(exc.code))
+    if problems:
+        raise BadSettings(problems)
+    return settings
+
+
+def _explain(error: dict) -> str:
+    """One pydantic error on a Settings field as `RELAIS_FIELD: what it must be (got 'value')`."""
+    field = str(error["loc"][0]) if error.get("loc") else "?"
+    kind, ctx = error["type"], error.get("ctx") or {}
+    if kind.startswith("int_"):
+        what = "must be a whole number"
+    elif kind.startswith("float_"):
+        what = "must be a number"
+    elif kind.startswith("bool_"):
+        what = "must be true or false"
+    elif kind == "literal_error":
+        what = f"must be one of {ctx.get('expected')}"
+    elif kind == "string_pattern_mismatch":
+        what = _PATTERN_HINTS.get(field, f"must match {ctx.get('pattern')}")
+    elif kind in ("greater_than_equal", "greater_than"):
+        what = f"must be at least {ctx.get('ge', ctx.get('gt'))}"
+    elif kind in ("less_than_equal", "less_than"):
+        what = f"must be at most {ctx.get('le', ctx.get('lt'))}"
+    else:
+        msg = str(error.get("msg", "is not valid"))
+        what = msg[:1].lower() + msg[1:]
+    got = error.get("input")
+    return f"RELAIS_{field.upper()}: {what}" + (f" (got {got!r})" if isinstance(got, str) else "")
+
+
+def _database_url_problem(url: str) -> str | None:
+    """Why SQLAlchemy could not use this URL (parsed, its dialect found, its driver importable), or None."""
+    import sqlalchemy as sa
+
+    try:
+        parsed = sa.make_url(url)
+    except sa.exc.ArgumentError:
+        return f"is not a database URL; use {DATABASE_URL_FORMS}"
+    try:
+        dialect = parsed.get_dialect()
+    except sa.exc.NoSuchModuleError:
+        return f"unknown kind of database {parsed.drivername!r}; use {DATABASE_URL_FORMS}"
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        return f"the driver for {parsed.drivername!r} is not installed ({exc.name or exc}); use {DATABASE_URL_FORMS}"
+    return None
+
+
+def _hide_password(url: str) -> str:
+    """A URL as it may be printed: the password in its user part replaced by ***."""
+    return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", url)
 
 
 def directory_check(path: Path) -> int:
@@ -84,7 +199,8 @@ def serve_one(service: str) -> int:
     from shared.directory import DirectoryError
     from shared.migrations import MigrationNeeded, check_current
 
-    settings = Settings()
+    settings = load_settings(redis=True, databases=(service,), notifications=service == "notifications",
+                             smtp_required=service == "notifications")
     if not settings.redis_url:
         print("RELAIS_REDIS_URL is not set: `relais serve` needs a Redis (or use `relais up`)", file=sys.stderr)
         return 2
@@ -111,7 +227,7 @@ def migrate_one(service: str, new_revision: str | None = None) -> int:
     if new_revision:
         migrations.new_revision(service, new_revision)
         return 0
-    settings = Settings()
+    settings = load_settings(databases=(service,))
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         migrations.upgrade(service, settings.database_url(service))
@@ -127,7 +243,7 @@ def replay_dead_letters(stream: str, ids: list[str]) -> int:
 
     from shared.messaging import replay
 
-    settings = Settings()
+    settings = load_settings(redis=True)
     if not settings.redis_url:
         print("RELAIS_REDIS_URL is not set", file=sys.stderr)
         return 2
@@ -208,11 +324,12 @@ class Up:
             os.environ["RELAIS_DIRECTORY"] = str(directory.resolve())
         if data_dir:
             os.environ["RELAIS_DATA_DIR"] = str(data_dir.resolve())
-        self.settings = Settings()
+        self.settings = load_settings(redis=True, databases=SERVICES, notifications=True)
         self.data_dir = self.settings.data_dir.resolve()
         self.children: list[tuple[str, subprocess.Popen]] = []
         self.sink: MailSink | None = None
         self.stopping = False
+        self.reload_asked = False
 
     def run(self) -> int:
         from shared.directory import DirectoryError, load_directory
@@ -229,6 +346,9 @@ class Up:
         env.setdefault("RELAIS_LOG_FORMAT", "text")  # the services' lines go to this terminal
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._stop_signal)
+        # SIGHUP reloads the directory (as each service does); answered once everything is ready, since a service
+        # not yet listening for it would die of it.
+        signal.signal(signal.SIGHUP, self._reload_signal)
         try:
             env["RELAIS_REDIS_URL"] = self.settings.redis_url or self._start_redis()
             if not self.settings.smtp_url:
@@ -250,7 +370,10 @@ class Up:
                     if proc.poll() is not None:
                         print(f"relais: {name} exited with status {proc.returncode}; stopping everything", file=sys.stderr)
                         return 1
-                time.sleep(0.5)
+                if self.reload_asked:
+                    self.reload_asked = False
+                    self._reload_directory()
+                time.sleep(0.2)
             return 0
         except KeyboardInterrupt:
             return 0
@@ -259,6 +382,26 @@ class Up:
 
     def _stop_signal(self, signum, frame) -> None:  # noqa: ANN001
         self.stopping = True
+
+    def _reload_signal(self, signum, frame) -> None:  # noqa: ANN001
+        self.reload_asked = True
+
+    def _reload_directory(self) -> None:
+        """Check the directory file, then have the three services load it again; a bad file changes nothing."""
+        from shared.directory import check_directory_file
+
+        path = self.settings.directory
+        errors = check_directory_file(path)
+        if errors:
+            print(f"relais: {path}: the directory file is invalid; still using the previous one. Fix these and "
+                  "send SIGHUP again:", file=sys.stderr)
+            for error in errors:
+                print(f"  {error}", file=sys.stderr)
+            return
+        for name, proc in self.children:
+            if name in SERVICES and proc.poll() is None:
+                proc.send_signal(signal.SIGHUP)
+        print(f"relais: directory {path} checked; intake, referral and notifications reload it", flush=True)
 
     def _spawn(self, name: str, cmd: list[str], env: dict) -> subprocess.Popen:
         proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)

@@ -38,9 +38,9 @@ class Settings(BaseSettings):
     referral_database_url: str | None = None
     notifications_database_url: str | None = None
     host: str = "127.0.0.1"
-    intake_port: int = 8001
-    referral_port: int = 8002
-    notifications_port: int = 8003
+    intake_port: int = Field(8001, ge=1, le=65535)
+    referral_port: int = Field(8002, ge=1, le=65535)
+    notifications_port: int = Field(8003, ge=1, le=65535)
     smtp_url: str | None = None
     mail_from: str = "Relais <relais@localhost>"
     sms_provider: Literal["outbox", "twilio", "brevo"] = "outbox"

@@ -2,7 +2,8 @@
 
 - `relais migrate` + `relais serve NAME` for each service, against one real Redis, configured only through
   RELAIS_* environment variables, as docker-compose runs them;
-- `relais up`, which starts its own Redis and SMTP sink, and stops its whole process tree on SIGTERM.
+- `relais up`, which starts its own Redis and SMTP sink, has its services reload the directory on SIGHUP, and
+  stops its whole process tree on SIGTERM.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from shared.settings import SERVICES
-from shared.testing import TOKENS, free_port, wait_for
+from shared.testing import TOKENS, directory_data, free_port, sha, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -280,6 +282,36 @@ def test_relais_up_runs_everything_and_stops_its_whole_tree(processes, tmp_path,
     assert msg is not None, up.output()
     assert "nouvelle demande" in str(msg["subject"]).lower()
     assert (data_dir / "intake.db").exists() and (data_dir / "referral.db").exists()
+
+    # SIGHUP: the directory is checked, then each service loads it again; nothing stops.
+    need_id = r.json()["id"]
+    new_token = "test-ops-after-reload"
+    calls = {"intake": f"/needs/{need_id}", "referral": "/referrals", "notifications": "/deliveries"}
+
+    def status_with(token: str) -> dict[str, int] | None:
+        try:
+            return {s: httpx.get(f"{urls[s]}/api/v1{path}", headers={"Authorization": f"Bearer {token}"},
+                                 timeout=30).status_code for s, path in calls.items()}
+        except httpx.HTTPError:  # a service gone: the assertion says so, with relais up's output
+            return None
+
+    assert status_with(new_token) == dict.fromkeys(SERVICES, 401)
+    bad = directory_data()
+    bad["partners"][0]["contacts"][0]["email"] = "not-an-email"
+    directory_file.write_text(yaml.safe_dump(bad, allow_unicode=True))
+    up.popen.send_signal(signal.SIGHUP)
+    assert wait_for(lambda: "partners[0].contacts[0].email: not an email address" in up.output() or not up.running(),
+                    START_TIMEOUT) and up.running(), up.output()
+    assert status_with(TOKENS["ops"]) == dict.fromkeys(SERVICES, 200), up.output()  # the previous one still serves
+
+    changed = directory_data()
+    changed["users"].append({"id": "ops-2", "role": "ops", "token_sha256": sha(new_token),
+                             "email": "ops2@coordination.test.example"})
+    directory_file.write_text(yaml.safe_dump(changed, allow_unicode=True))
+    up.popen.send_signal(signal.SIGHUP)
+    assert wait_for(lambda: status_with(new_token) == dict.fromkeys(SERVICES, 200) or not up.running(),
+                    START_TIMEOUT) and up.running(), up.output()
+    assert all(alive(pid, started) for pid, started in tree.items()), up.output()
 
     up.popen.send_signal(signal.SIGTERM)
     try:

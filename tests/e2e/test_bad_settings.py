@@ -1,0 +1,75 @@
+"""A bad RELAIS_* variable stops `relais serve` and `relais up` before anything starts, with exit status 2 and a
+line naming the variable and what it must be: never a Python traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+TIMEOUT = 90  # a refusal comes at once; should it start instead, the run ends here (its children die with it)
+
+BAD = [  # (variable, value, what the line must say besides the variable)
+    ("INTAKE_PORT", "abc", "must be a whole number (got 'abc')"),
+    ("REFERRAL_PORT", "70000", "must be at most 65535"),
+    ("SMS_PROVIDER", "carrier-pigeon", "must be one of 'outbox', 'twilio' or 'brevo'"),
+    ("NAMESPACE", "a b", "letters, digits"),
+    ("SMS_TRANSLITERATE", "maybe", "must be true or false"),
+    ("INTAKE_DATABASE_URL", "nonsense://", "sqlite:///"),
+    ("INTAKE_DATABASE_URL", "not a url", "not a database URL"),
+    ("REDIS_URL", "localhost:6379", "redis://"),
+]
+
+
+def relais(args: list[str], tmp_path, **variables) -> subprocess.CompletedProcess:
+    """`relais ARGS` with only the given RELAIS_* variables (lower-case names, without the prefix)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAIS_")}
+    env.update({f"RELAIS_{k.upper()}": str(v) for k, v in {"data_dir": tmp_path / "data", **variables}.items()})
+    return subprocess.run([sys.executable, "-m", "shared.cli", *args], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=TIMEOUT)
+
+
+def assert_refused(run: subprocess.CompletedProcess, variable: str, says: str) -> None:
+    output = f"stdout:\n{run.stdout}\nstderr:\n{run.stderr}"
+    assert run.returncode == 2, output
+    assert "Traceback" not in run.stderr, output
+    [line] = [line for line in run.stderr.splitlines() if line.startswith(f"RELAIS_{variable}: ")] or [None]
+    assert line and says in line, output
+
+
+@pytest.mark.parametrize(("variable", "value", "says"), BAD, ids=[f"{v}={x}" for v, x, _ in BAD])
+def test_relais_serve_refuses_a_bad_setting_and_names_it(tmp_path, variable, value, says):
+    variables = {"redis_url": "redis://127.0.0.1:9/0", variable.lower(): value}  # never reached: nothing starts
+    assert_refused(relais(["serve", "intake"], tmp_path, **variables), variable, says)
+
+
+def test_relais_serve_notifications_refuses_a_bad_smtp_url(tmp_path):
+    run = relais(["serve", "notifications"], tmp_path, redis_url="redis://127.0.0.1:9/0", smtp_url="http://u:pw@x")
+    assert_refused(run, "SMTP_URL", "smtp://")
+    assert "pw" not in run.stderr  # a password in the URL is not printed
+
+
+@pytest.mark.parametrize(("variable", "value", "says"), [
+    ("INTAKE_PORT", "abc", "must be a whole number (got 'abc')"),
+    ("SMS_PROVIDER", "carrier-pigeon", "must be one of"),
+    ("NAMESPACE", "a b", "letters, digits"),
+    ("NOTIFICATIONS_DATABASE_URL", "nonsense://", "sqlite:///"),
+    ("SMTP_URL", "http://x", "smtp://"),
+], ids=lambda value: str(value)[:20])
+def test_relais_up_refuses_a_bad_setting_and_names_it(tmp_path, variable, value, says):
+    run = relais(["up", "--data-dir", str(tmp_path / "up")], tmp_path, **{variable.lower(): value})
+    assert_refused(run, variable, says)
+    assert "Relais is running" not in run.stdout
+
+
+def test_every_problem_is_listed_at_once(tmp_path):
+    run = relais(["serve", "intake"], tmp_path, redis_url="redis://127.0.0.1:9/0", intake_port="abc",
+                 namespace="a b")
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert "RELAIS_INTAKE_PORT: " in run.stderr and "RELAIS_NAMESPACE: " in run.stderr, run.stderr
