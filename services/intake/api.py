@@ -5,11 +5,12 @@ import csv
 import hashlib
 import io
 import json
+from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import anyio
-from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Body, Depends, Header, HTTPException, Query, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 from sqlalchemy.exc import IntegrityError
@@ -112,66 +113,95 @@ class KeyReused(Exception):
         self.need_id = need_id
 
 
-class OtherLibrary(Exception):
-    """A front desk may record needs for its own library only."""
-
-
 def _error(loc: tuple, code: str, msg: str) -> dict:
     return {"loc": list(loc), "msg": msg, "type": code}
 
 
-def directory_errors(library_id: object, category: object, directory: Directory) -> list[dict]:
-    """A library or category the directory does not know."""
+def _not_your_library() -> dict:
+    """One answer for a library the directory does not know and for another desk's: ids cannot be probed."""
+    return _error(("library_id",), "unknown_library", "unknown library, or not yours")
+
+
+def rule_errors(data: object, directory: Directory, library: str) -> list[dict]:
+    """What the body as sent breaks beyond its shape: a library other than the desk's own (`library`) or unknown, a
+    category the directory does not know, a preferred channel without its address. Read from the raw body, so they
+    are found even when pydantic refuses other fields."""
+    if not isinstance(data, dict):
+        return []
     errors = []
-    if isinstance(library_id, str) and library_id and directory.library(library_id) is None:
-        errors.append(_error(("library_id",), "unknown_library", f"unknown library '{library_id}'"))
+    library_id, category = data.get("library_id"), data.get("category")
+    if isinstance(library_id, str) and library_id and (library_id != library or directory.library(library_id) is None):
+        errors.append(_not_your_library())
     if isinstance(category, str) and category and directory.category(category) is None:
         known = ", ".join(c.id for c in directory.categories)
         errors.append(_error(("category",), "unknown_category", f"unknown category '{category}'; known: {known}"))
-    return errors
-
-
-def reference_errors(body: NeedCreate, directory: Directory) -> list[dict]:
-    """What the directory refuses in a well-formed body, and a preferred channel without its address."""
-    errors = directory_errors(body.library_id, body.category, directory)
-    channel = body.person.preferred_channel
-    address = {"email": body.person.email, "sms": body.person.phone}.get(channel or "none", "-")
-    if not address:
+    person = data.get("person")
+    channel = person.get("preferred_channel") if isinstance(person, dict) else None
+    if channel in ("email", "sms"):
         field = "email" if channel == "email" else "phone"
-        errors.append(_error(("person", field), "address_needed",
-                             f"preferred_channel is {channel}: give the person's {field}, or choose another channel"))
+        if not person.get(field):  # a bad address is pydantic's to name; a non-empty one normalizes to non-empty
+            errors.append(_error(("person", field), "address_needed",
+                                 f"preferred_channel is {channel}: give the person's {field}, or choose another "
+                                 "channel"))
     return errors
 
 
-def validate_need(data: dict, directory: Directory) -> NeedCreate:
-    """The API's rules applied to `data` (the JSON body's shape), for callers other than the API (web form)."""
+def validate_need(data: object, directory: Directory, *, library: str) -> NeedCreate:
+    """Every rule of a need's body (`data`: the JSON body as sent) for a desk of `library`, in one place for the API
+    and the web form. Raises Invalid naming every failing field at once, pydantic's refusals and the directory's
+    together (one error a field)."""
     try:
-        body = NeedCreate.model_validate(data)
+        body, errors = NeedCreate.model_validate(data), []
     except ValidationError as exc:
-        errors = [_error(e["loc"], e["type"], e["msg"]) for e in exc.errors(include_url=False)]
-        named = {tuple(e["loc"]) for e in errors}
-        # Name every failing field at once, the directory's refusals too.
-        errors += [e for e in directory_errors(data.get("library_id"), data.get("category"), directory)
-                   if tuple(e["loc"]) not in named]
-        raise Invalid(errors) from None
-    if errors := reference_errors(body, directory):
+        body, errors = None, [_error(e["loc"], e["type"], e["msg"]) for e in exc.errors(include_url=False)]
+    named = {tuple(e["loc"]) for e in errors}
+    errors += [e for e in rule_errors(data, directory, library) if tuple(e["loc"]) not in named]
+    if errors:
         raise Invalid(errors)
     return body
 
 
+def _schema_inlined(model: type[BaseModel]) -> dict:
+    """The model's JSON schema with its `$defs` put in place, to document a body the handler validates itself."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if str(node.get("$ref", "")).startswith("#/$defs/"):
+                rest = {k: v for k, v in node.items() if k != "$ref"}
+                return inline({**defs[node["$ref"].removeprefix("#/$defs/")], **rest})
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return inline(schema)
+
+
+NEED_CREATE_SCHEMA = _schema_inlined(NeedCreate)
+
+
+@dataclass(frozen=True)
+class Recorded:
+    id: str  # the need's
+    response_body: str  # the JSON of the 201 that recorded it: a repeat with its Idempotency-Key answers exactly it
+
+
 def record_once(svc: Service, user: User, body: NeedCreate, idempotency_key: str | None,
-                correlation_id: str | None = None) -> Need:
+                correlation_id: str | None = None) -> Recorded:
     """Record the need (a thread's work: it blocks on the database). With a key, a repeat of the same body answers
-    the need the first recorded, even when the repeats race; the same key with another body raises KeyReused."""
+    what the first answered (the need as it was recorded, whatever happened to it since), even when the repeats
+    race; the same key with another body raises KeyReused."""
     if user.library != body.library_id:
-        raise OtherLibrary(body.library_id)
+        raise Invalid([_not_your_library()])
     person = body.person
     channel = person.preferred_channel or ("email" if person.email else "sms" if person.phone else "none")
     contact = PersonContact(display_name=person.display_name, email=person.email, phone=person.phone,
                             preferred_channel=channel, language=person.language)
     request_hash = hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
-    def replayed(session) -> Need | None:
+    def replayed(session) -> Recorded | None:
         if idempotency_key is None:
             return None
         seen = session.get(IdempotencyKey, (user.id, idempotency_key))
@@ -179,7 +209,9 @@ def record_once(svc: Service, user: User, body: NeedCreate, idempotency_key: str
             return None
         if seen.request_hash != request_hash:
             raise KeyReused(seen.need_id)
-        return session.get(Need, seen.need_id)
+        if seen.response_body is None:  # a key kept before its answer was: the need as it is now
+            return Recorded(seen.need_id, public(session.get(Need, seen.need_id)).model_dump_json())
+        return Recorded(seen.need_id, seen.response_body)
 
     def person_id(session) -> str | None:
         if body.same_person_as is None:
@@ -199,16 +231,17 @@ def record_once(svc: Service, user: User, body: NeedCreate, idempotency_key: str
                              postal_code=body.postal_code, urgency=body.urgency, person=contact, recorded_by=user.id,
                              person_id=person_id(session), correlation_id=correlation_id)
             need = record_need(session, cmd, now, svc.directory.sla.respond_within)
+            recorded = Recorded(need.id, public(need).model_dump_json())
             if idempotency_key is not None:
                 session.add(IdempotencyKey(user_id=user.id, key=idempotency_key, request_hash=request_hash,
-                                           need_id=need.id, created_at=now))
-    except IntegrityError:  # the same key committed concurrently: answer what it recorded
+                                           need_id=need.id, created_at=now, response_body=recorded.response_body))
+    except IntegrityError:  # the same key committed concurrently: answer what it answered
         with svc.db.read() as session:
-            need = replayed(session)
-        if need is None:
+            recorded = replayed(session)
+        if recorded is None:
             raise
     svc.bus.relay.wake()
-    return need
+    return recorded
 
 
 class HistoryEntry(BaseModel):
@@ -265,21 +298,22 @@ def build_router(svc: Service) -> APIRouter:
     Reader = Annotated[User, Depends(svc.require("front_desk", "ops"))]
 
     @router.post("/needs", status_code=201, response_model=NeedPublic)
-    async def create_need(body: NeedCreate, user: FrontDesk, request: Request,
+    async def create_need(data: Annotated[dict[str, Any], Body(title="NeedCreate",
+                                                               json_schema_extra=NEED_CREATE_SCHEMA)],
+                          user: FrontDesk,
                           idempotency_key: Annotated[str | None, Header(max_length=MAX_IDEMPOTENCY_KEY)] = None
-                          ) -> NeedPublic:
-        if errors := reference_errors(body, svc.directory):
-            raise HTTPException(422, [{**e, "loc": ["body", *e["loc"]]} for e in errors])
+                          ) -> Response:
+        # The body (documented as NeedCreate) is validated here, not by FastAPI, so that a 422 names every failing
+        # field at once, the directory's refusals with pydantic's (validate_need).
         try:
-            need = await anyio.to_thread.run_sync(record_once, svc, user, body, idempotency_key,
-                                                  current_correlation_id())  # the request's (see shared.logs)
-        except OtherLibrary:
-            raise HTTPException(403, "a front desk records needs for its own library only") from None
+            body = validate_need(data, svc.directory, library=user.library)
+            recorded = await anyio.to_thread.run_sync(record_once, svc, user, body, idempotency_key,
+                                                      current_correlation_id())  # the request's (see shared.logs)
         except KeyReused:
             raise HTTPException(409, "this Idempotency-Key was already used with another body") from None
         except Invalid as exc:
             raise HTTPException(422, [{**e, "loc": ["body", *e["loc"]]} for e in exc.errors]) from None
-        return public(need)
+        return Response(recorded.response_body, status_code=201, media_type="application/json")
 
     @router.post("/needs/{need_id}/cancel", response_model=NeedPublic)
     def cancel(need_id: str, body: CancelNeed, user: Annotated[User, Depends(svc.require("ops"))]) -> NeedPublic:

@@ -55,6 +55,9 @@ class IdempotencyKey(SQLModel, table=True):
     request_hash: str = Field(max_length=64)
     need_id: str = Field(max_length=32)
     created_at: datetime = Field(sa_type=UTCDateTime)
+    # The JSON body the first 201 carried, stored with the need: a repeat answers exactly it, not the need as it is
+    # now. None for keys recorded before it was kept (they answer the need as it is now).
+    response_body: str | None = None
 
 
 TABLES = [Need.__table__, NeedHistory.__table__, IdempotencyKey.__table__, USED_TOKEN_TABLE]

@@ -225,7 +225,7 @@ def build_router(svc: Service) -> APIRouter:
             loaded = await anyio.to_thread.run_sync(load, values["same_person_as"], desk_.library.id)
             earlier = loaded[0] if loaded else None
         try:
-            body = validate_need(data, svc.directory)
+            body = validate_need(data, svc.directory, library=desk_.library.id)
             need = await anyio.to_thread.run_sync(record_once, svc, desk_.user, body, values["idempotency_key"],
                                                   request.headers.get("x-correlation-id"))
         except Invalid as exc:

@@ -135,13 +135,25 @@ def test_every_failing_field_is_named_at_once(desk):
     assert failing_fields(desk.post("/needs", json=body)) >= {"summary", "postal_code", "person.email", "consent"}
 
 
+def test_the_directorys_refusals_are_named_with_the_bodys(desk, settings):
+    """A body pydantic refuses is still checked against the directory and the channel rule: all at once."""
+    r = desk.post("/needs", json={"library_id": "zzz", "category": "zzz", "summary": "x", "consent": False})
+    assert failing_fields(r) == {"library_id", "category", "consent"}
+    r = desk.post("/needs", json={"library_id": "chatelet", "category": "zzz", "consent": True,
+                                  "person": {"preferred_channel": "sms", "email": "bad"}})
+    assert failing_fields(r) == {"category", "summary", "person.email", "person.phone"}
+    assert needs_in_db(settings) == []
+
+
 # --- auth and scope -------------------------------------------------------------------------------
 
 
 def test_a_desk_records_for_its_own_library_only(desk, settings):
-    r = desk.post("/needs", json=a_need(library_id="bihorel"))
-    assert r.status_code == 403, r.text
-    assert "detail" in r.json()
+    # another library's id answers as an unknown one does: ids cannot be probed
+    theirs = desk.post("/needs", json=a_need(library_id="bihorel"))
+    unknown = desk.post("/needs", json=a_need(library_id="nowhere"))
+    assert failing_fields(theirs) == failing_fields(unknown) == {"library_id"}
+    assert theirs.json() == unknown.json()
     assert needs_in_db(settings) == []
 
 
@@ -257,6 +269,23 @@ def test_a_repeat_with_the_same_key_and_body_records_nothing_more(desk, settings
     assert len(desk.get("/needs").json()["items"]) == 2
 
 
+def test_a_repeat_answers_the_first_answer_not_the_need_as_it_is_now(intake, desk, settings):
+    first = desk.post("/needs", json=a_need(), headers={"Idempotency-Key": "k-1"})
+    assert first.status_code == 201, first.text
+    assert first.json()["status"] == "recorded" and first.json()["partner_id"] is None
+    with intake.svc.db.transaction() as session:  # as a routing would leave it
+        need = session.get(Need, first.json()["id"])
+        need.status, need.partner_id, need.referral_id = "referred", "caf", "ref-1"
+        need.respond_by = need.respond_by + timedelta(hours=5)
+    assert desk.get(f"/needs/{first.json()['id']}").json()["status"] == "referred"
+    again = desk.post("/needs", json=a_need(), headers={"Idempotency-Key": "k-1"})
+    assert again.status_code == 201, again.text
+    assert again.content == first.content
+    assert again.json() == first.json()
+    assert len(needs_in_db(settings)) == 1
+    assert recorded_events(settings) == 1
+
+
 def test_the_same_key_with_another_body_is_a_conflict(desk, settings):
     first = desk.post("/needs", json=a_need(), headers={"Idempotency-Key": "k-1"})
     assert first.status_code == 201
@@ -294,6 +323,7 @@ def test_concurrent_repeats_record_one_need(intake, settings):
     assert all(a is not None for a in answers)
     assert all(a.status_code in (200, 201) for a in answers), [a.text for a in answers]
     assert len({a.json()["id"] for a in answers}) == 1
+    assert len({a.content for a in answers}) == 1  # every repeat answers what the first answered
     assert [n.id for n in needs_in_db(settings)] == [answers[0].json()["id"]]
     assert recorded_events(settings) == 1
     with intake.client("desk") as client:

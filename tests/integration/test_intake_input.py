@@ -87,6 +87,12 @@ def test_a_body_over_64_kib_is_refused_before_it_is_read(intake, desk):
     ({"person": {"display_name": "x" * 121}}, {"person.display_name": "string_too_long"}),
     ({"person": {"language": "de"}}, {"person.language": "literal_error"}),
     ({"same_person_as": "no-such-need"}, {"same_person_as": "unknown_need"}),
+    ({"library_id": "bihorel"}, {"library_id": "unknown_library"}),  # another desk's: as unknown, not 403
+    # pydantic's refusals and the directory's at once
+    ({"category": "zzz", "consent": False}, {"category": "unknown_category", "consent": "consent_required"}),
+    ({"category": "zzz", "summary": None, "person": {"preferred_channel": "sms", "email": "bad"}},
+     {"category": "unknown_category", "summary": "string_type", "person.email": "bad_email",
+      "person.phone": "address_needed"}),
 ])
 def test_each_rule_names_its_field_and_code(desk, intake, change, expected):
     assert errors_of(desk.post("/needs", json=a_need(**change))) == expected
