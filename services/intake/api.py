@@ -230,7 +230,9 @@ def record_once(svc: Service, user: User, body: NeedCreate, idempotency_key: str
             cmd = RecordNeed(library_id=body.library_id, category=body.category, summary=body.summary,
                              postal_code=body.postal_code, urgency=body.urgency, person=contact, recorded_by=user.id,
                              person_id=person_id(session), correlation_id=correlation_id)
-            need = record_need(session, cmd, now, svc.directory.sla.respond_within)
+            need = record_need(session, cmd, now, domain.expected_respond_by(
+                svc.directory, category=cmd.category, postal_code=cmd.postal_code, library_id=cmd.library_id,
+                recorded_at=now))
             recorded = Recorded(need.id, public(need).model_dump_json())
             if idempotency_key is not None:
                 session.add(IdempotencyKey(user_id=user.id, key=idempotency_key, request_hash=request_hash,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from sqlmodel import Session
 
@@ -26,14 +26,14 @@ class RecordNeed:
     correlation_id: str | None = None
 
 
-def record_need(session: Session, cmd: RecordNeed, now: datetime, respond_within: timedelta) -> Need:
+def record_need(session: Session, cmd: RecordNeed, now: datetime, respond_by: datetime) -> Need:
     need = Need(
         id=new_id(), library_id=cmd.library_id, category=cmd.category, summary=cmd.summary,
         postal_code=cmd.postal_code, urgency=cmd.urgency, person_id=cmd.person_id or new_id(),
         person_display_name=cmd.person.display_name,
         person_email=cmd.person.email, person_phone=cmd.person.phone,
         preferred_channel=cmd.person.preferred_channel, language=cmd.person.language,
-        recorded_by=cmd.recorded_by, recorded_at=now, respond_by=domain.respond_by(now, respond_within),
+        recorded_by=cmd.recorded_by, recorded_at=now, respond_by=respond_by,
     )
     session.add(need)
     session.add(NeedHistory(need_id=need.id, at=now, event="need.recorded"))

@@ -203,6 +203,28 @@ def test_a_recorded_need_answers_its_id_status_and_deadline(desk):
     assert datetime.fromisoformat(seen["respond_by"]) == respond_by
 
 
+def test_the_deadline_answered_at_recording_is_the_window_of_the_partner_the_rule_picks(settings, start_service,
+                                                                                      tmp_path):
+    import yaml
+
+    from shared.testing import directory_data
+
+    data = directory_data()
+    caf = next(p for p in data["partners"] if p["id"] == "caf-76")
+    caf["sla"] = {"respond_within": "PT48H"}  # as in the contract's example
+    directory = tmp_path / "sla48.yaml"
+    directory.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
+    intake = start_service("intake", settings.model_copy(update={"directory": directory}))
+
+    need = intake.client("desk").post("/needs", json=a_need()).json()
+    assert (datetime.fromisoformat(need["respond_by"]) - datetime.fromisoformat(need["recorded_at"])
+            == timedelta(hours=48))
+    # Nobody takes the category: the directory's default window.
+    nobody = intake.client("desk").post("/needs", json=a_need(postal_code="H2X 1Y4")).json()
+    assert (datetime.fromisoformat(nobody["respond_by"]) - datetime.fromisoformat(nobody["recorded_at"])
+            == timedelta(hours=72))
+
+
 # --- lists ----------------------------------------------------------------------------------------
 
 
