@@ -103,7 +103,8 @@ def build_router(svc: Service) -> APIRouter:
     def list_deliveries(user: Ops, need_id: str | None = None, referral_id: str | None = None, status: str | None = None,
                         kind: str | None = None, channel: str | None = None,
                         limit: Annotated[int, Query(ge=1, le=200)] = 50, cursor: str | None = None) -> DeliveryPage:
-        query = select(Delivery)
+        # The contract's kinds; sign-in links (no need, not in the contract) only when asked for by kind=sign_in.
+        query = select(Delivery) if kind else select(Delivery).where(Delivery.kind != "sign_in")
         for column, value in ((Delivery.need_id, need_id), (Delivery.referral_id, referral_id),
                               (Delivery.status, status), (Delivery.kind, kind), (Delivery.channel, channel)):
             if value:

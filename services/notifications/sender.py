@@ -74,7 +74,8 @@ def record_outcome(db, ids: list[str], now: datetime, outcome: Outcome, settings
                 d.digest_of = ids[0] if len(ids) > 1 else None
                 if d.kind in REDACT_AFTER_SENDING:
                     d.body_text, d.body_html = "(lien de connexion envoyé, effacé)", None
-                emit(session, DeliverySent(**handlers.event_fields(d, now)))
+                if d.need_id is not None:  # delivery events are about a need; a sign-in link is not
+                    emit(session, DeliverySent(**handlers.event_fields(d, now)))
             elif outcome.suppressed or (error is not None and error.opted_out):
                 d.status, d.suppressed_reason = "suppressed", outcome.suppressed or "opted_out"
                 attempt.outcome, attempt.error = "suppressed", str(error) if error else d.suppressed_reason
@@ -84,7 +85,8 @@ def record_outcome(db, ids: list[str], now: datetime, outcome: Outcome, settings
                 d.last_error = attempt.error = str(error)[:2000]
                 if error.permanent or d.attempts >= settings.delivery_max_attempts:
                     d.status, attempt.outcome = "failed", "failed"
-                    emit(session, DeliveryFailed(**handlers.event_fields(d, now), error=d.last_error))
+                    if d.need_id is not None:
+                        emit(session, DeliveryFailed(**handlers.event_fields(d, now), error=d.last_error))
                     handlers.fall_back_to_email(session, d, now)
                 else:
                     retry_at = now + domain.retry_delay(d.attempts, settings.delivery_retry_base_s,

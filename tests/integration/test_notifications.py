@@ -21,10 +21,10 @@ from sqlmodel import select
 from services.notifications import channels, handlers
 from services.notifications.store import Delivery, DeliveryAttempt, SmsSuppression
 from shared.db import OutboxMessage
-from shared.events import (STREAM_OF, NeedRecorded, PersonContact, ReferralAccepted, ReferralAssigned,
-                           ReferralBreached, ReferralReminderDue, new_id, utcnow)
+from shared.events import (STREAM_OF, AccessLinkRequested, NeedRecorded, PersonContact, ReferralAccepted,
+                           ReferralAssigned, ReferralBreached, ReferralReminderDue, new_id, utcnow)
 from shared.messaging import stream_fields
-from shared.testing import MailSink, directory_data, free_port, wait_for
+from shared.testing import DESK_EMAIL, MailSink, directory_data, free_port, wait_for
 
 PHONE = "+33612345678"
 
@@ -206,6 +206,26 @@ def test_emails_have_both_parts_reply_to_the_desk_a_message_id_and_share_one_con
     assert to_person["message"]["Content-Language"] == "en"
     assert to_person["message"]["Reply-To"] == "accueil@chatelet.test.example"
     assert len(sink.sessions) == 1  # three messages, one SMTP connection
+
+
+def test_a_sign_in_link_is_emailed_but_kept_out_of_the_contracts_deliveries_and_events(settings, sink,
+                                                                                      start_service):
+    notif = start_service("notifications", settings.model_copy(update={"smtp_url": sink.url}))
+    link = AccessLinkRequested(user_id="desk", email=DESK_EMAIL, link="http://127.0.0.1:1/connexion/jeton",
+                               expires_at=utcnow() + timedelta(minutes=15), service="intake")
+    publish(settings, link, assigned(new_id()))
+
+    [mail] = wait_for(lambda: sink.to(DESK_EMAIL))
+    assert "connexion/jeton" in mail["message"].get_body(("plain",)).get_content()
+    assert wait_for(lambda: settled(notif, kind="sign_in")).status == "sent"
+    assert wait_for(lambda: settled(notif, kind="handoff")).status == "sent"
+    ops = notif.client("ops")
+    # /deliveries lists the contract's kinds; a sign-in (about no need) only when asked for by its kind.
+    assert [d["kind"] for d in ops.get("/deliveries").json()["items"]] == ["handoff"]
+    assert [d["kind"] for d in ops.get("/deliveries", params={"kind": "sign_in"}).json()["items"]] == ["sign_in"]
+    # Every delivery event carries a need: the sign-in's outcome is not one.
+    sent = wait_for(lambda: [e for e in stream_events(settings, "deliveries") if e["type"] == "delivery.sent"])
+    assert len(sent) == 1 and json.loads(json.loads(sent[0]["__data__"])["data"])["need_id"]
 
 
 def test_a_server_that_answers_451_twice_is_retried_and_the_message_goes_once(settings, sink, start_service):
