@@ -18,6 +18,7 @@ from datetime import datetime
 from email import message_from_bytes, policy
 from pathlib import Path
 
+from shared.events import STREAMS
 from shared.settings import DEMO_DIRECTORY, DEMO_TOKENS, SERVICES, Settings
 
 log = logging.getLogger("relais")
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     check = directory_sub.add_parser("check", help="validate a directory file; prints every error with its path")
     check.add_argument("file", type=Path)
     replay = sub.add_parser("replay", help="put dead-lettered messages back on their stream")
-    replay.add_argument("stream", help="stream name without namespace: needs, referrals or deliveries")
+    replay.add_argument("stream", choices=STREAMS, help="stream name without namespace: " + ", ".join(STREAMS))
     replay.add_argument("ids", nargs="*", help="dead-letter entry ids (default: all)")
     args = parser.parse_args(argv)
     from shared import logs

@@ -73,3 +73,9 @@ def test_every_problem_is_listed_at_once(tmp_path):
                  namespace="a b")
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
     assert "RELAIS_INTAKE_PORT: " in run.stderr and "RELAIS_NAMESPACE: " in run.stderr, run.stderr
+
+
+def test_relais_replay_refuses_a_stream_that_does_not_exist_and_lists_those_that_do(tmp_path):
+    run = relais(["replay", "bogus"], tmp_path, redis_url="redis://127.0.0.1:9/0")
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert "invalid choice: 'bogus'" in run.stderr and "'needs', 'referrals', 'deliveries', 'access'" in run.stderr
