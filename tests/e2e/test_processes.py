@@ -246,6 +246,24 @@ def test_replicas_share_the_work_and_each_need_is_handled_once(processes, served
     assert len(mail_sink.to("referent@caf.test.example")) == len(needs)
 
 
+def test_relais_serve_alone_uses_an_embedded_redis_and_mail_sink_as_the_settings_default(processes, tmp_path):
+    # The contract's defaults for RELAIS_REDIS_URL and RELAIS_SMTP_URL are embedded ones: one service served alone
+    # starts its own, says so, and stops them after itself, even when its whole process group is signalled (a
+    # Ctrl-C in a terminal) — no "connection closed" error while it stops.
+    port = free_port()
+    env = clean_env(namespace=f"e2e{uuid.uuid4().hex[:10]}", data_dir=tmp_path / "alone", notifications_port=port)
+    served = processes("notifications-alone", ["serve", "notifications"], env)
+    wait_ready(served, f"http://127.0.0.1:{port}")
+    assert "started an embedded Redis" in served.output() and "messages are kept in" in served.output()
+    tree = descendants(served.pid)
+    assert "redis-server" in sorted(command_name(pid) for pid in tree)
+
+    os.killpg(served.pid, signal.SIGINT)  # the whole group, as a terminal does; Redis has a session of its own
+    assert served.popen.wait(STOP_TIMEOUT) in (0, -signal.SIGINT), served.output()
+    assert "Traceback" not in served.output() and " ERROR " not in served.output(), served.output()
+    assert wait_for(lambda: not [pid for pid, started in tree.items() if alive(pid, started)], STOP_TIMEOUT)
+
+
 # --- relais up ------------------------------------------------------------------------------------
 
 
