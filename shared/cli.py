@@ -500,6 +500,8 @@ class Up:
         else:
             lines.append(f"  {'smtp':<14} {env['RELAIS_SMTP_URL']}")
         lines.append(f"  {'data':<14} {self.data_dir}")
+        for service in SERVICES:
+            lines.append(f"  {service + ' db':<14} {_hide_password(self.settings.database_url(service))}")
         lines.append(f"  {'directory':<14} {self.settings.directory}")
         if Path(self.settings.directory).resolve() == DEMO_DIRECTORY.resolve():
             lines += ["", "Demo tokens (Authorization: Bearer TOKEN), from the demo directory:"]

@@ -280,6 +280,8 @@ def test_relais_up_runs_everything_and_stops_its_whole_tree(processes, tmp_path,
     assert wait_for(lambda: "Relais is running" in up.output() or not up.running(), START_TIMEOUT), up.output()
     for url in urls.values():
         assert url in up.output()
+    for service in SERVICES:  # the SQLite databases under the data dir, as URLs
+        assert f"sqlite:///{(data_dir / f'{service}.db').resolve()}" in up.output()
 
     tree = descendants(up.pid)
     names = sorted(command_name(pid) for pid in tree)
