@@ -81,11 +81,10 @@ _PATTERN_HINTS = {"namespace": "may hold only letters, digits, '_', '.' and '-' 
 DATABASE_URL_FORMS = "sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST:PORT/DATABASE"
 
 
-def load_settings(*, redis: bool = False, databases: tuple[str, ...] = (), notifications: bool = False,
-                  smtp_required: bool = False) -> Settings:
+def load_settings(*, redis: bool = False, databases: tuple[str, ...] = (), notifications: bool = False) -> Settings:
     """The settings from the environment, and the URLs this command will use checked before anything starts:
-    Redis (`redis`), the named services' databases, the SMTP server and SMS provider (`notifications`; the SMTP
-    URL must be set with `smtp_required`). Raises BadSettings listing every problem."""
+    Redis (`redis`), the named services' databases, the SMTP server and SMS provider (`notifications`). Raises
+    BadSettings listing every problem."""
     from pydantic import ValidationError
 
     try:
@@ -114,9 +113,6 @@ def load_settings(*, redis: bool = False, databases: tuple[str, ...] = (), notif
             except ValueError:
                 problems.append("RELAIS_SMTP_URL: must look like smtp://[user:pass@]host:port, or smtps://... for TLS "
                                 f"(got {_hide_password(settings.smtp_url)!r})")
-        elif smtp_required:
-            problems.append("RELAIS_SMTP_URL: not set; give the SMTP server, e.g. smtp://mailpit:1025 "
-                            "(`relais up` starts an embedded sink and sets it)")
         try:
             channels.check_sms_settings(settings)
         except SystemExit as exc:
@@ -175,6 +171,13 @@ def _hide_password(url: str) -> str:
     return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", url)
 
 
+def print_directory_errors(path: object, errors: list[str], then: str) -> None:
+    """A refused directory file on stderr: what to do (`then`), and its errors with their paths."""
+    print(f"{path}: the directory file is invalid; {then}:", file=sys.stderr)
+    for error in errors:
+        print(f"  {error}", file=sys.stderr)
+
+
 def directory_check(path: Path) -> int:
     from shared.directory import check_directory_file
 
@@ -210,10 +213,9 @@ def serve_one(service: str) -> int:
                   "only this process uses (other services will not see its events)", file=sys.stderr)
         if service == "notifications" and not settings.smtp_url:
             sink = MailSink(settings.data_dir.resolve() / "mail")
-            sink.controller.start()
-            settings = settings.model_copy(update={"smtp_url": f"smtp://127.0.0.1:{sink.port}",
+            os.environ.update(sink.start())
+            settings = settings.model_copy(update={"smtp_url": os.environ["RELAIS_SMTP_URL"],
                                                    "mail_sink_dir": sink.folder})
-            os.environ.update(RELAIS_SMTP_URL=settings.smtp_url, RELAIS_MAIL_SINK_DIR=str(sink.folder))
             print(f"relais serve notifications: RELAIS_SMTP_URL is not set; messages are kept in {sink.folder} "
                   f"(embedded SMTP sink at {settings.smtp_url})", file=sys.stderr)
         return _serve(service, settings)
@@ -234,9 +236,7 @@ def _serve(service: str, settings: Settings) -> int:
     try:
         svc = _service_module(service).build(settings)
     except DirectoryError as exc:
-        print(f"{settings.directory}: the directory file is invalid; fix these and start again:", file=sys.stderr)
-        for error in exc.errors:
-            print(f"  {error}", file=sys.stderr)
+        print_directory_errors(settings.directory, exc.errors, "fix these and start again")
         return 2
     try:
         check_current(service, svc.db.engine, svc.db.url)
@@ -362,6 +362,11 @@ class MailSink:
         self.port = free_port()
         self.controller = Controller(self, hostname="127.0.0.1", port=self.port)
 
+    def start(self) -> dict[str, str]:
+        """Start receiving; the settings that send to this sink (the outbox page shows what it received)."""
+        self.controller.start()
+        return {"RELAIS_SMTP_URL": f"smtp://127.0.0.1:{self.port}", "RELAIS_MAIL_SINK_DIR": str(self.folder)}
+
     async def handle_DATA(self, server, session, envelope):  # noqa: N802, ANN001
         name = f"{time.time_ns()}.eml"
         (self.folder / name).write_bytes(envelope.content)
@@ -389,9 +394,7 @@ class Up:
         try:
             directory = load_directory(self.settings.directory)
         except DirectoryError as exc:
-            print(f"{self.settings.directory}: the directory file is invalid:", file=sys.stderr)
-            for error in exc.errors:
-                print(f"  {error}", file=sys.stderr)
+            print_directory_errors(self.settings.directory, exc.errors, "fix these and start again")
             return 2
         self.data_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "RELAIS_DATA_DIR": str(self.data_dir), "RELAIS_DIRECTORY": str(self.settings.directory)}
@@ -405,9 +408,7 @@ class Up:
             env["RELAIS_REDIS_URL"] = self.settings.redis_url or self._start_redis()
             if not self.settings.smtp_url:
                 self.sink = MailSink(self.data_dir / "mail")
-                self.sink.controller.start()
-                env["RELAIS_SMTP_URL"] = f"smtp://127.0.0.1:{self.sink.port}"
-                env["RELAIS_MAIL_SINK_DIR"] = str(self.sink.folder)  # the outbox page shows what it received
+                env.update(self.sink.start())
             for service in SERVICES:
                 if subprocess.run([sys.executable, "-m", "shared.cli", "migrate", service], env=env,
                                   stdout=subprocess.DEVNULL).returncode != 0:
@@ -445,10 +446,7 @@ class Up:
         path = self.settings.directory
         errors = check_directory_file(path)
         if errors:
-            print(f"relais: {path}: the directory file is invalid; still using the previous one. Fix these and "
-                  "send SIGHUP again:", file=sys.stderr)
-            for error in errors:
-                print(f"  {error}", file=sys.stderr)
+            print_directory_errors(path, errors, "still using the previous one. Fix these and send SIGHUP again")
             return
         for name, proc in self.children:
             if name in SERVICES and proc.poll() is None:

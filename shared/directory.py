@@ -334,11 +334,12 @@ class User(_Frozen):
 DEFAULT_TIMEZONE = "Europe/Paris"
 
 
+# The France Services window, when the file gives no `sla`, as the file would write it.
+DEFAULT_SLA = {"respond_within": "PT72H", "remind_after": ["PT24H", "PT48H"], "escalate_after": "PT60H"}
+
+
 def default_sla() -> SlaPolicy:
-    """The France Services window, when the file gives no `sla`: answer within 72 hours, reminders at 24 and 48
-    hours, escalation at 60."""
-    return SlaPolicy(respond_within=timedelta(hours=72), remind_after=[timedelta(hours=24), timedelta(hours=48)],
-                     escalate_after=timedelta(hours=60))
+    return SlaPolicy.model_validate(DEFAULT_SLA)
 
 
 class _DirectoryBase(_Frozen):
@@ -714,8 +715,8 @@ def _check_deadlines(data: Mapping) -> list[tuple[tuple, str]]:
     if "sla" in data:
         default = data["sla"] if isinstance(data["sla"], Mapping) else {}
         problems += _deadline_problems(("sla",), default, fields=set(default))
-    else:  # the default policy (default_sla), valid by construction
-        default = {"respond_within": "PT72H", "remind_after": ["PT24H", "PT48H"], "escalate_after": "PT60H"}
+    else:  # DEFAULT_SLA, valid by construction: only the partners' overrides can clash with it
+        default = DEFAULT_SLA
     for i, partner in _entries(data, "partners"):
         override = partner.get("sla")
         if not isinstance(override, Mapping):
