@@ -12,6 +12,17 @@ from email import message_from_bytes, policy
 from shared.cli import free_port  # noqa: F401 - one way to pick a port, for tests and `relais up`
 from shared.settings import Settings
 
+def clean_env(**relais) -> dict[str, str]:
+    """For a `relais` subprocess: this environment without any RELAIS_* variable, plus the given ones (lower-case
+    names without the prefix), its output unbuffered."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAIS_")}
+    env.update({f"RELAIS_{k.upper()}": str(v) for k, v in relais.items()})
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
 def wait_for(predicate, timeout: float = 15.0, step: float = 0.05):
     """Poll until `predicate()` is truthy (events cross processes); returns its last value."""
     deadline = time.monotonic() + timeout

@@ -3,12 +3,13 @@ line naming the variable and what it must be: never a Python traceback."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from shared.testing import clean_env
 
 pytestmark = pytest.mark.e2e
 
@@ -29,8 +30,7 @@ BAD = [  # (variable, value, what the line must say besides the variable)
 
 def relais(args: list[str], tmp_path, **variables) -> subprocess.CompletedProcess:
     """`relais ARGS` with only the given RELAIS_* variables (lower-case names, without the prefix)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAIS_")}
-    env.update({f"RELAIS_{k.upper()}": str(v) for k, v in {"data_dir": tmp_path / "data", **variables}.items()})
+    env = clean_env(**{"data_dir": tmp_path / "data", **variables})
     return subprocess.run([sys.executable, "-m", "shared.cli", *args], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=TIMEOUT)
 

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from shared.settings import SERVICES
-from shared.testing import TOKENS, directory_data, free_port, sha, wait_for
+from shared.testing import TOKENS, clean_env, directory_data, free_port, sha, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -31,14 +31,6 @@ STOP_TIMEOUT = 60
 
 
 # --- processes ------------------------------------------------------------------------------------
-
-
-def clean_env(**relais) -> dict[str, str]:
-    """This environment without any RELAIS_* variable, plus the given ones (RELAIS_ prefixed, upper-cased)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAIS_")}
-    env.update({f"RELAIS_{k.upper()}": str(v) for k, v in relais.items()})
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 class Process:
