@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import threading
 import time
+from datetime import datetime, timedelta
 from email import message_from_bytes, policy
 
 from shared.cli import free_port  # noqa: F401 - one way to pick a port, for tests and `relais up`
@@ -21,6 +23,41 @@ def clean_env(**relais) -> dict[str, str]:
     env.update({f"RELAIS_{k.upper()}": str(v) for k, v in relais.items()})
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+# --- time: the tests' clock ------------------------------------------------------------------------
+
+# The instant every test system starts at, unless RELAIS_TEST_NOW names another (the date sweep of .ci/run runs
+# the date-sensitive tests at a year end, both DST changes, 29 February and a summer holiday). A Tuesday morning
+# whose 48 h and 72 h deadlines fall in "décembre": a month whose name is not plain ASCII.
+DEFAULT_TEST_NOW = "2026-12-01T10:15:00+01:00"
+
+
+def clock_start() -> datetime:
+    """The instant the tests' clocks start at: RELAIS_TEST_NOW (ISO 8601 with an offset) or DEFAULT_TEST_NOW."""
+    value = os.environ.get("RELAIS_TEST_NOW") or DEFAULT_TEST_NOW
+    at = datetime.fromisoformat(value)
+    if at.tzinfo is None:
+        raise ValueError(f"RELAIS_TEST_NOW={value!r} needs an offset, e.g. 2026-12-31T23:30:00+01:00")
+    return at
+
+
+class TestClock:
+    """A service's clock in tests: starts at a fixed instant (`clock_start()`) and runs at real speed from there, so
+    what the services do in a test does not depend on the day the suite runs; `advance` jumps ahead."""
+
+    __test__ = False  # not a test class, despite its name
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self.start = start or clock_start()
+        self._began = time.monotonic()
+        self._skipped = timedelta()
+
+    def __call__(self) -> datetime:
+        return self.start + timedelta(seconds=time.monotonic() - self._began) + self._skipped
+
+    def advance(self, delta: timedelta) -> None:
+        self._skipped += delta
 
 
 def wait_for(predicate, timeout: float = 15.0, step: float = 0.05):
@@ -114,13 +151,13 @@ class MailSink:
 class RunningService:
     """A service's FastAPI app served by uvicorn in a thread of this process, over real HTTP."""
 
-    def __init__(self, name: str, settings: Settings) -> None:
+    def __init__(self, name: str, settings: Settings, clock=None) -> None:
         import importlib
 
         import uvicorn
 
         self.name, self.settings = name, settings
-        self.svc = importlib.import_module(f"services.{name}.app").build(settings)
+        self.svc = importlib.import_module(f"services.{name}.app").build(settings, clock=clock or TestClock())
         self.server = uvicorn.Server(uvicorn.Config(self.svc.app, host="127.0.0.1", port=settings.port(name),
                                                     log_level="warning", lifespan="on"))
         self.server.install_signal_handlers = lambda: None

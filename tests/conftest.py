@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from shared.settings import Settings
-from shared.testing import MailSink, RunningService, directory_data, free_port, wait_for
+from shared.testing import MailSink, RunningService, TestClock, directory_data, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 POSTGRES_URL = os.environ.get("RELAIS_TEST_POSTGRES_URL")
@@ -154,12 +154,20 @@ def mail_sink() -> Iterator[MailSink]:
 
 
 @pytest.fixture
-def start_service():
-    """start_service("intake", settings) -> RunningService, stopped at the end of the test."""
+def clock() -> TestClock:
+    """The test system's clock: every service a test starts reads it, and so do the browser's pages (page.clock).
+    It starts at a fixed instant (RELAIS_TEST_NOW or DEFAULT_TEST_NOW), never at the day the suite runs."""
+    return TestClock()
+
+
+@pytest.fixture
+def start_service(clock):
+    """start_service("intake", settings) -> RunningService on the test's clock, stopped at the end of the test.
+    A test that also runs a service as a real process passes `clock=utcnow`: that process keeps the real time."""
     started: list[RunningService] = []
 
-    def start(name: str, settings: Settings) -> RunningService:
-        service = RunningService(name, settings).start()
+    def start(name: str, settings: Settings, clock=clock) -> RunningService:
+        service = RunningService(name, settings, clock).start()
         started.append(service)
         return service
 

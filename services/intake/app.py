@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from datetime import datetime
+
 import json
 
 from fastapi import FastAPI
 
 from services.intake import api, consumers, web
 from services.intake.store import TABLES
+from shared.events import utcnow
 from shared.service import Service
 from shared.settings import Settings
 
@@ -59,8 +63,8 @@ class BodySizeLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-def build(settings: Settings | None = None) -> Service:
-    svc = Service("intake", settings or Settings(), TABLES)
+def build(settings: Settings | None = None, *, clock: Callable[[], datetime] = utcnow) -> Service:
+    svc = Service("intake", settings or Settings(), TABLES, clock)
     consumers.register(svc)
     svc.app = svc.create_app(api.build_router(svc), title="Relais intake", pages=[web.build_router(svc)])
     svc.app.add_middleware(BodySizeLimit)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from datetime import datetime
+
 import asyncio
 
 import sqlalchemy as sa
@@ -11,12 +14,13 @@ from sqlmodel import select
 
 from services.notifications import api, channels, consumers, pages, sender
 from services.notifications.store import TABLES, Delivery
+from shared.events import utcnow
 from shared.service import Service
 from shared.settings import Settings
 
 
-def build(settings: Settings | None = None) -> Service:
-    svc = Service("notifications", settings or Settings(), TABLES)
+def build(settings: Settings | None = None, *, clock: Callable[[], datetime] = utcnow) -> Service:
+    svc = Service("notifications", settings or Settings(), TABLES, clock)
     if not svc.settings.smtp_url:
         raise SystemExit("RELAIS_SMTP_URL is not set: give the SMTP server, e.g. smtp://mailpit:1025 "
                          "(`relais up` starts an embedded sink and sets it)")

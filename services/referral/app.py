@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from datetime import datetime
+
 from fastapi import FastAPI
 
 from services.referral import api, consumers, dashboard, web
 from services.referral.store import TABLES
+from shared.events import utcnow
 from shared.service import Service
 from shared.settings import Settings
 
 
-def build(settings: Settings | None = None) -> Service:
-    svc = Service("referral", settings or Settings(), TABLES)
+def build(settings: Settings | None = None, *, clock: Callable[[], datetime] = utcnow) -> Service:
+    svc = Service("referral", settings or Settings(), TABLES, clock)
     consumers.register(svc)
     dashboard.register(svc)
     svc.app = svc.create_app(api.build_router(svc), dashboard.build_router(svc), title="Relais referral",

@@ -16,16 +16,16 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from shared.events import NeedRecorded, PersonContact, utcnow
+from shared.events import NeedRecorded, PersonContact
 from shared.messaging import DATA_FIELD
 from shared.testing import VIEWPORT_DESK, VIEWPORT_PHONE, sign_in_in_browser, wait_for
 from shared.web import sign_in_link
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.date_sensitive]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "browser"  # as conftest's check_page
 
 def sign_in(page, referral, user_id: str) -> None:
-    link, _ = sign_in_link(referral.settings, "referral", user_id)
+    link, _ = sign_in_link(referral.settings, "referral", user_id, now=referral.svc.clock())
     sign_in_in_browser(page, link)
 
 
@@ -97,7 +97,7 @@ def test_the_dashboard_shows_the_apis_figures_refreshes_itself_and_confirms_an_a
     assert cell(page, "#partenaire-caf-76 td:nth-of-type(1)") == f"{caf['open']} / ∞" == "2 / ∞"
     for status, count in board["deliveries"]["data"]["totals"].items():
         assert cell(page, f'tfoot td[data-status="{status}"]') == str(count)
-    month = utcnow().astimezone(ZoneInfo("Europe/Paris")).strftime("%Y-%m")
+    month = referral.svc.clock().astimezone(ZoneInfo("Europe/Paris")).strftime("%Y-%m")
     report = next(r for r in board["reports"]["data"]["months"][0]["items"] if r["library_id"] == "chatelet")
     assert cell(page, f'tr[data-library="chatelet"][data-month="{month}"] td:nth-of-type(3)') == str(report["needs"]) == "3"
     assert page.get_by_role("link", name="Tableau de bord").first.get_attribute("aria-current") == "page"
@@ -161,7 +161,7 @@ def test_the_dashboard_shows_the_apis_figures_refreshes_itself_and_confirms_an_a
     assert page.get_by_role("alert").first.inner_text().startswith("Le formulaire contient une erreur")
     assert page.get_by_label("Motif").get_attribute("aria-invalid") == "true"
     check_page(page, "dashboard-confirm-pause-error")
-    resume_on = (utcnow().astimezone(ZoneInfo("Europe/Paris")) + timedelta(days=2)).date().isoformat()
+    resume_on = (referral.svc.clock().astimezone(ZoneInfo("Europe/Paris")) + timedelta(days=2)).date().isoformat()
     page.get_by_label("Reprise automatique le").fill(resume_on)
     page.get_by_label("Motif").fill("Fermeture exceptionnelle")
     page.get_by_role("button", name="Confirmer").click()
@@ -197,7 +197,7 @@ def test_with_the_other_services_down_the_page_still_shows_and_partners_get_403(
 
     client = redis.Redis.from_url(settings.redis_url)
     event = NeedRecorded(need_id="n-poison", library_id="nowhere", category="caf", summary="x", postal_code=None,
-                         urgency="normal", recorded_at=utcnow(), person=PersonContact())
+                         urgency="normal", recorded_at=referral.svc.clock(), person=PersonContact())
     client.xadd(settings.key("needs"), {DATA_FIELD: json.dumps({"data": event.model_dump_json(), "headers": {}}),
                                         "type": event.type, "event_id": event.event_id, "need_id": event.need_id})
     client.close()

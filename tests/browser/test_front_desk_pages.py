@@ -12,9 +12,10 @@ import pytest
 from sqlmodel import select
 
 from services.intake.store import Need
+from shared.web import deadline_fr
 from shared.testing import DESK_EMAIL, VIEWPORT_DESK, VIEWPORT_PHONE, focus_is_visible, tab_to, wait_for
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.date_sensitive]
 
 SUMMARY = "Dossier APL bloqué depuis « mars » 😟"
 
@@ -76,7 +77,9 @@ def test_a_desk_signs_in_by_email_records_a_need_by_keyboard_and_follows_it(page
     live = page.locator("#suivi")
     live.get_by_text("CAF de la Seine-Maritime", exact=True).wait_for()
     assert page.evaluate("window.relaisNotReloaded === true"), "the page reloaded instead of updating"
-    assert re.search(r"Le partenaire doit répondre avant \w+ \d+ \w+ à \d+ h", live.inner_text())
+    with intake.svc.db.read() as session:
+        respond_by = session.get(Need, page.url.split("/")[-2]).respond_by
+    assert f"Le partenaire doit répondre {deadline_fr(respond_by, 'Europe/Paris')}." in live.inner_text()
     assert "Pourquoi ce partenaire" in live.inner_text()
     check_page(page, "desk-confirmation")
 

@@ -13,7 +13,7 @@ from shared.cli import MailSink
 from shared.db import OutboxMessage
 from shared.events import (STREAM_OF, NeedRecorded, PersonContact, ReferralAssigned, new_id, utcnow)
 from shared.messaging import stream_fields
-from shared.testing import VIEWPORT_DESK, VIEWPORT_PHONE, sign_in_in_browser, wait_for
+from shared.testing import VIEWPORT_DESK, VIEWPORT_PHONE, sign_in_in_browser, clock_start, wait_for
 from shared.web import sign_in_link
 
 pytestmark = pytest.mark.browser
@@ -46,18 +46,18 @@ def test_ops_see_what_was_sent_as_its_recipients_see_it(page, check_page, notifi
     need_id = new_id()
     publish(notifications.settings,
             NeedRecorded(need_id=need_id, library_id="chatelet", category="caf", summary="Dossier APL",
-                         postal_code="76000", urgency="normal", recorded_at=utcnow(),
+                         postal_code="76000", urgency="normal", recorded_at=clock_start(),
                          person=PersonContact(phone="+33612345678", preferred_channel="sms")),
             ReferralAssigned(need_id=need_id, sequence=1, referral_id=new_id(), partner_id="caf-76",
                              library_id="chatelet", category="caf", contact_id="caf-ref",
-                             respond_by=utcnow() + timedelta(hours=48), routed_because="préfixe « 76 »"))
+                             respond_by=clock_start() + timedelta(hours=48), routed_because="préfixe « 76 »"))
     sent = wait_for(lambda: (d := deliveries(notifications)) and all(
         d.get(k, {}).get("status") == "sent" for k in (("handoff", "email"), ("person_confirmation", "sms"))) and d)
     assert sent
 
     page.goto(f"{notifications.url}/envois")
     assert page.url.endswith("/connexion")
-    link, _ = sign_in_link(notifications.settings, "notifications", "ops")
+    link, _ = sign_in_link(notifications.settings, "notifications", "ops", now=notifications.svc.clock())
     sign_in_in_browser(page, link)
     assert page.url.endswith("/envois")
     assert page.get_by_role("heading", level=1).inner_text() == "Messages envoyés"

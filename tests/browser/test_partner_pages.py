@@ -5,15 +5,14 @@ under test-artifacts/browser/."""
 from __future__ import annotations
 
 import re
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 
-from shared.events import utcnow
 from shared.testing import VIEWPORT_DESK, VIEWPORT_PHONE, focus_is_visible, record_need, sign_in_in_browser, tab_to
-from shared.web import referral_link, sign_in_link
+from shared.web import deadline_fr, referral_link, sign_in_link
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.date_sensitive]
 
 @pytest.fixture
 def referral(settings, start_service):
@@ -24,9 +23,10 @@ def test_a_partner_declines_from_the_email_link_with_the_keyboard_only(page, che
     rid = record_need(referral.svc, summary="Loyer impayé, dossier d'aide au logement à compléter",
                       person={"display_name": "M. Martin", "email": "martin@example.org",
                               "preferred_channel": "email"})
-    page.goto(referral_link(referral.settings, rid, "caf-76"))
+    page.goto(referral_link(referral.settings, rid, "caf-76", now=referral.svc.clock()))
     assert page.get_by_role("heading", level=1).inner_text() == "Demande : Allocations familiales (CAF)"
-    assert page.get_by_text(re.compile(r"À répondre avant \w+ \d+ \w+ à \d+ h")).is_visible()
+    respond_by = datetime.fromisoformat(referral.client("ops").get(f"/referrals/{rid}").json()["respond_by"])
+    assert page.get_by_text(f"À répondre {deadline_fr(respond_by, 'Europe/Paris')}.").is_visible()
     check_page(page, "referral-link")
 
     page.keyboard.press("Tab")
@@ -55,7 +55,7 @@ def test_a_partner_declines_from_the_email_link_with_the_keyboard_only(page, che
 
 def test_a_form_error_is_announced_next_to_its_field(page, check_page, referral):
     rid = record_need(referral.svc)
-    page.goto(referral_link(referral.settings, rid, "caf-76"))
+    page.goto(referral_link(referral.settings, rid, "caf-76", now=referral.svc.clock()))
     page.locator("#decline-reason").select_option("autre")
     page.get_by_role("button", name="Décliner la demande").click()
 
@@ -68,7 +68,7 @@ def test_a_form_error_is_announced_next_to_its_field(page, check_page, referral)
 
 
 def test_sign_in_inbox_and_referral_pages_on_desk_and_phone(page, check_page, referral):
-    now = utcnow()
+    now = referral.svc.clock()
     late = record_need(referral.svc, summary="Attestation de paiement introuvable", urgency="urgent",
                        recorded_at=now - timedelta(hours=80))
     record_need(referral.svc, summary="Changement de situation à déclarer", recorded_at=now - timedelta(hours=30))
@@ -81,7 +81,7 @@ def test_sign_in_inbox_and_referral_pages_on_desk_and_phone(page, check_page, re
     assert "Si cette adresse est connue" in page.get_by_role("status").inner_text()
     check_page(page, "sign-in-sent")
 
-    link, _ = sign_in_link(referral.settings, "referral", "op-caf")
+    link, _ = sign_in_link(referral.settings, "referral", "op-caf", now=referral.svc.clock())
     sign_in_in_browser(page, link)
     assert page.url.endswith("/boite")
     assert page.locator(".cards > li").count() == 2
@@ -108,6 +108,6 @@ def test_sign_in_inbox_and_referral_pages_on_desk_and_phone(page, check_page, re
 
 def test_an_expired_link_page(page, check_page, referral):
     rid = record_need(referral.svc)
-    page.goto(referral_link(referral.settings, rid, "caf-76", now=utcnow() - timedelta(days=40)))
+    page.goto(referral_link(referral.settings, rid, "caf-76", now=referral.svc.clock() - timedelta(days=40)))
     assert page.get_by_role("heading", level=1).inner_text() == "Lien expiré"
     check_page(page, "referral-link-expired")

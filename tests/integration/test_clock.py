@@ -8,6 +8,7 @@ import sys
 import threading
 from datetime import timedelta
 
+import pytest
 import yaml
 from sqlmodel import select
 
@@ -36,6 +37,7 @@ def record(intake, category="caf"):
     return r.json()
 
 
+@pytest.mark.date_sensitive
 def test_reminder_escalation_and_breach_reach_the_right_people_in_order(settings, mail_sink, start_service, tmp_path):
     settings = settings.model_copy(update={"smtp_url": mail_sink.url, "directory": fast_directory(tmp_path)})
     intake = start_service("intake", settings)
@@ -137,8 +139,8 @@ def test_a_timer_due_while_every_referral_process_was_dead_fires_once_after_rest
                                                                                     start_service):
     settings = settings.model_copy(update={"smtp_url": mail_sink.url, "directory": fast_directory(
         tmp_path, {"respond_within": "PT6S", "remind_after": ["PT4S"]})})
-    intake = start_service("intake", settings)
-    start_service("notifications", settings)
+    intake = start_service("intake", settings, clock=utcnow)  # referral runs as a real process, on the real time
+    start_service("notifications", settings, clock=utcnow)
     env = {**os.environ, **{f"RELAIS_{k.upper()}": str(v) for k, v in settings.model_dump().items() if v is not None}}
     serve = [sys.executable, "-m", "shared.cli", "serve", "referral"]
     first = subprocess.Popen(serve, env=env)

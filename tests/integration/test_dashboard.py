@@ -19,10 +19,12 @@ from sqlmodel import select
 from services.referral.store import ClockTimer, NeedCase, OpsAction, Referral, ReferralHistory
 from shared import queues
 from shared.events import NeedRecorded, PersonContact, utcnow
-from shared.testing import directory_data, use_sign_in_link, wait_for
+from shared.testing import directory_data, clock_start, use_sign_in_link, wait_for
 from shared.web import sign_in_link
 
-NOW = utcnow().replace(microsecond=0)
+pytestmark = pytest.mark.date_sensitive  # deadlines in words, months, dates to come
+
+NOW = clock_start()
 H = timedelta(hours=1)
 D = timedelta(days=1)
 
@@ -202,7 +204,7 @@ def test_a_timer_left_unfired_is_counted_overdue(tmp_path):
 
 def signed_in(service, user_id: str) -> httpx.Client:
     client = httpx.Client(base_url=service.url, follow_redirects=True, timeout=30)
-    link, _ = sign_in_link(service.settings, "referral", user_id)
+    link, _ = sign_in_link(service.settings, "referral", user_id, now=service.svc.clock())
     assert use_sign_in_link(client, link).status_code == 200
     return client
 

@@ -15,16 +15,17 @@ import pytest
 from sqlmodel import select
 
 from services.referral.store import OpsAction
-from shared.events import utcnow
 from shared.logs import ContextFilter, JsonFormatter
 from shared.service import internal_token
-from shared.testing import TOKENS, use_sign_in_link, wait_for
+from shared.testing import use_sign_in_link, wait_for
 from shared.web import sign_in_link
+
+pytestmark = pytest.mark.date_sensitive  # deadlines in words, months, dates to come
 
 
 def signed_in(service, user_id: str) -> httpx.Client:
     client = httpx.Client(base_url=service.url, follow_redirects=True, timeout=30)
-    link, _ = sign_in_link(service.settings, "referral", user_id)
+    link, _ = sign_in_link(service.settings, "referral", user_id, now=service.svc.clock())
     answer = use_sign_in_link(client, link)
     assert answer.status_code == 200, answer.text
     return client
@@ -70,7 +71,7 @@ def test_reassign_pause_resume_and_cancel_from_the_dashboard(settings, start_ser
     assert again[0] == 409 and "ne peut plus être réaffectée" in again[1]
 
     # pause until a day to come, then resume
-    today = utcnow().astimezone(ZoneInfo("Europe/Paris")).date()
+    today = referral.svc.clock().astimezone(ZoneInfo("Europe/Paris")).date()
     past = confirm_and_post(browser, "pause", {"partenaire": "caf-76"}, {"reprise": today.isoformat(), "motif": "x"})
     assert past[0] == 422 and "Choisissez une date à venir" in past[1]
     resume_on = today + timedelta(days=3)
@@ -113,7 +114,7 @@ def test_reassign_pause_resume_and_cancel_from_the_dashboard(settings, start_ser
     assert "Saisie en double" in board and "Demande annulée" in board  # the latest actions, with who and why
 
     # the monthly reports as CSV, fetched from intake by referral (the cancelled need does not count)
-    month = utcnow().astimezone(ZoneInfo("Europe/Paris")).strftime("%Y-%m")
+    month = referral.svc.clock().astimezone(ZoneInfo("Europe/Paris")).strftime("%Y-%m")
     sheet = browser.get("/tableau-de-bord/rapports.csv", params={"mois": month})
     assert sheet.status_code == 200 and sheet.headers["content-type"].startswith("text/csv")
     rows = sheet.text.lstrip("\ufeff").splitlines()
@@ -141,12 +142,12 @@ def test_partners_and_desks_get_403_on_every_ops_page_and_endpoint(settings, mai
 
     # A desk cannot even sign in here; its sign-in link is refused with 403.
     desk_browser = httpx.Client(base_url=referral.url, timeout=30)
-    link, _ = sign_in_link(referral.settings, "referral", "desk")
+    link, _ = sign_in_link(referral.settings, "referral", "desk", now=referral.svc.clock())
     assert desk_browser.get(httpx.URL(link).raw_path.decode()).status_code == 403
 
     endpoints = [
         (referral, "GET", "/dashboard", None), (referral, "GET", "/partners", None),
-        (referral, "POST", "/partners/caf-76/pause", {"until": (utcnow() + timedelta(days=1)).isoformat(), "reason": "x"}),
+        (referral, "POST", "/partners/caf-76/pause", {"until": (referral.svc.clock() + timedelta(days=1)).isoformat(), "reason": "x"}),
         (referral, "POST", "/partners/caf-76/resume", {"reason": "x"}),
         (referral, "GET", "/dead-letters/needs", None), (referral, "POST", "/dead-letters/needs/replay", {"reason": "x"}),
         (referral, "POST", "/referrals/x/reassign", {"partner_id": "caf-national"}),

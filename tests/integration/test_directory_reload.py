@@ -9,6 +9,7 @@ import sys
 import httpx
 import yaml
 
+from shared.events import utcnow
 from shared.testing import directory_data, wait_for
 
 
@@ -31,7 +32,7 @@ def test_a_service_refuses_to_start_with_a_bad_directory_and_says_what_to_fix(se
 
 
 def test_sighup_reloads_the_directory_without_moving_assigned_referrals(settings, start_service, tmp_path):
-    intake = start_service("intake", settings)
+    intake = start_service("intake", settings, clock=utcnow)  # referral runs as a real process, on the real time
     referral = subprocess.Popen([sys.executable, "-m", "shared.cli", "serve", "referral"], env=env_of(settings))
     api = httpx.Client(base_url=f"{settings.base_url('referral')}/api/v1",
                        headers={"Authorization": "Bearer test-ops"}, timeout=10)

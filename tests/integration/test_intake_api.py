@@ -187,6 +187,7 @@ def test_another_librarys_need_is_not_found(intake, desk):
 # --- what a recorded need looks like --------------------------------------------------------------
 
 
+@pytest.mark.date_sensitive
 def test_a_recorded_need_answers_its_id_status_and_deadline(desk):
     r = desk.post("/needs", json=a_need())
     assert r.status_code == 201, r.text
@@ -203,6 +204,7 @@ def test_a_recorded_need_answers_its_id_status_and_deadline(desk):
     assert datetime.fromisoformat(seen["respond_by"]) == respond_by
 
 
+@pytest.mark.date_sensitive
 def test_the_deadline_answered_at_recording_is_the_window_of_the_partner_the_rule_picks(settings, start_service,
                                                                                       tmp_path):
     import yaml

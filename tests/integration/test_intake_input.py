@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
 import httpx
 import pytest
@@ -183,7 +183,7 @@ def test_reports_count_people_and_needs_apart(intake, desk):
     intake.client("ops").post(f"/needs/{error['id']}/cancel", json={"reason": "erreur"})
     with intake.svc.db.transaction() as session:  # as referral's events would have left them
         session.get(Need, answered["id"]).sla = "met"
-        session.get(Need, late["id"]).respond_by = datetime.now(timezone.utc) - timedelta(hours=1)
+        session.get(Need, late["id"]).respond_by = intake.svc.clock() - timedelta(hours=1)
 
     report = desk.get("/reports").json()
     [mine] = report["items"]

@@ -24,7 +24,7 @@ from shared.db import OutboxMessage
 from shared.events import (STREAM_OF, AccessLinkRequested, NeedRecorded, PersonContact, ReferralAccepted,
                            ReferralAssigned, ReferralBreached, ReferralReminderDue, new_id, utcnow)
 from shared.messaging import stream_fields
-from shared.testing import DESK_EMAIL, MailSink, directory_data, free_port, wait_for
+from shared.testing import DESK_EMAIL, MailSink, directory_data, free_port, clock_start, wait_for
 
 PHONE = "+33612345678"
 
@@ -136,7 +136,7 @@ def publish(settings, *events) -> None:
 
 def recorded(person: dict | None = None, recorded_at: datetime | None = None, need_id: str | None = None):
     return NeedRecorded(need_id=need_id or new_id(), library_id="chatelet", category="caf", summary="Dossier APL",
-                        postal_code="76000", urgency="normal", recorded_at=recorded_at or utcnow(),
+                        postal_code="76000", urgency="normal", recorded_at=recorded_at or clock_start(),
                         person=PersonContact(**(person or {})))
 
 
@@ -147,7 +147,7 @@ def referral_fields(need_id: str, referral_id: str | None = None, sequence: int 
 
 def assigned(need_id: str, referral_id: str | None = None) -> ReferralAssigned:
     return ReferralAssigned(**referral_fields(need_id, referral_id), contact_id="caf-ref",
-                            respond_by=utcnow() + timedelta(hours=48), routed_because="préfixe « 76 » de CAF")
+                            respond_by=clock_start() + timedelta(hours=48), routed_because="préfixe « 76 » de CAF")
 
 
 def deliveries(service, **where) -> list[Delivery]:
@@ -212,7 +212,7 @@ def test_a_sign_in_link_is_emailed_but_kept_out_of_the_contracts_deliveries_and_
                                                                                       start_service):
     notif = start_service("notifications", settings.model_copy(update={"smtp_url": sink.url}))
     link = AccessLinkRequested(user_id="desk", email=DESK_EMAIL, link="http://127.0.0.1:1/connexion/jeton",
-                               expires_at=utcnow() + timedelta(minutes=15), service="intake")
+                               expires_at=notif.svc.clock() + timedelta(minutes=15), service="intake")
     publish(settings, link, assigned(new_id()))
 
     [mail] = wait_for(lambda: sink.to(DESK_EMAIL))
@@ -248,7 +248,7 @@ def test_550_on_one_recipient_fails_that_one_at_once_and_the_others_are_sent(set
     sink.refuse = {"coordination@test.example"}
     notif = start_service("notifications", settings.model_copy(update={"smtp_url": sink.url, **FAST_RETRIES}))
     need_id = new_id()
-    publish(settings, ReferralBreached(**referral_fields(need_id), contact_id="caf-ref", respond_by=utcnow()))
+    publish(settings, ReferralBreached(**referral_fields(need_id), contact_id="caf-ref", respond_by=notif.svc.clock()))
 
     refused = wait_for(lambda: settled(notif, recipient="coordination@test.example"))
     assert (refused.status, refused.attempts) == ("failed", 1) and "550" in refused.last_error
@@ -409,7 +409,7 @@ def test_quiet_hours_and_the_daily_digest_wait_in_the_database_for_their_time(se
     need = recorded({"phone": PHONE, "preferred_channel": "sms"}, recorded_at=now[0] - timedelta(hours=1))
     first, second = assigned(need.need_id), assigned(new_id())
     reminder = ReferralReminderDue(**referral_fields(new_id()), contact_id="caf-ref",
-                                   respond_by=utcnow() + timedelta(hours=10), reminder_number=1)
+                                   respond_by=now[0] + timedelta(hours=10), reminder_number=1)
     publish(settings, need, first, second, reminder)
 
     # A reminder is never held back by a digest.

@@ -3,11 +3,13 @@ Every action is recorded with who and why."""
 
 from datetime import timedelta
 
+import pytest
 from sqlmodel import select
 
 from services.referral.store import OpsAction
-from shared.events import utcnow
 from shared.testing import wait_for
+
+pytestmark = pytest.mark.date_sensitive  # deadlines in words, months, dates to come
 
 
 def record(intake, category="caf"):
@@ -21,10 +23,10 @@ def test_a_paused_partner_is_skipped_by_routing_until_resumed(settings, start_se
     intake = start_service("intake", settings)
     referral = start_service("referral", settings)
     ops = referral.client("ops")
-    until = (utcnow() + timedelta(days=3)).isoformat()
+    until = (referral.svc.clock() + timedelta(days=3)).isoformat()
     assert referral.client("caf").post("/partners/caf-76/pause", json={"until": until, "reason": "x"}).status_code == 403
     assert ops.post("/partners/nobody/pause", json={"until": until, "reason": "x"}).status_code == 404
-    past = ops.post("/partners/caf-76/pause", json={"until": (utcnow() - timedelta(days=1)).isoformat(), "reason": "x"})
+    past = ops.post("/partners/caf-76/pause", json={"until": (referral.svc.clock() - timedelta(days=1)).isoformat(), "reason": "x"})
     assert past.status_code == 422 and "until" in past.text
     r = ops.post("/partners/caf-76/pause", json={"until": until, "reason": "Fermeture exceptionnelle"})
     assert r.status_code == 200 and r.json()["paused_until"] and r.json()["pause_reason"] == "Fermeture exceptionnelle"
@@ -52,7 +54,7 @@ async def test_dead_letters_are_listed_and_replayed(settings, start_service):
 
     from shared.events import NeedRecorded, PersonContact
     event = NeedRecorded(need_id="n-poison", library_id="nowhere", category="caf", summary="x", postal_code=None,
-                         urgency="normal", recorded_at=utcnow(), person=PersonContact())
+                         urgency="normal", recorded_at=referral.svc.clock(), person=PersonContact())
     client = redis.Redis.from_url(settings.redis_url)
     client.xadd(settings.key("needs"), {"__data__": event.model_dump_json(), "type": event.type,
                                         "event_id": event.event_id})

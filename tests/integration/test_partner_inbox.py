@@ -10,9 +10,10 @@ import pytest
 from sqlmodel import select
 
 from shared.db import OutboxMessage
-from shared.events import utcnow
 from shared.testing import record_need, use_sign_in_link, wait_for
 from shared.web import referral_link, referral_token, sign, sign_in_link
+
+pytestmark = pytest.mark.date_sensitive  # deadlines in words, months, dates to come
 
 CAF_EMAIL = "op@caf.test.example"
 
@@ -48,7 +49,7 @@ def access_links(service) -> list[dict]:
 
 def signed_in(service, user_id: str) -> httpx.Client:
     client = browser(service)
-    link, _ = sign_in_link(service.settings, "referral", user_id)
+    link, _ = sign_in_link(service.settings, "referral", user_id, now=service.svc.clock())
     assert use_sign_in_link(client, link).status_code == 200
     return client
 
@@ -59,7 +60,7 @@ def signed_in(service, user_id: str) -> httpx.Client:
 def test_the_link_opens_the_referral_as_its_partner_sees_it(referral):
     rid = record_need(referral.svc, summary="Dossier APL bloqué depuis trois mois",
                       person={"display_name": "Mme Durand", "phone": "+33235123456", "preferred_channel": "sms"})
-    link = referral_link(referral.settings, rid, "caf-76")
+    link = referral_link(referral.settings, rid, "caf-76", now=referral.svc.clock())
     assert link.startswith(f"{referral.url}/r/")
 
     page = browser(referral).get(path_of(link))
@@ -78,7 +79,7 @@ def test_the_link_opens_the_referral_as_its_partner_sees_it(referral):
 def test_accepting_through_the_form_changes_the_referral(referral):
     rid = record_need(referral.svc)
     client = browser(referral)
-    path = path_of(referral_link(referral.settings, rid, "caf-76"))
+    path = path_of(referral_link(referral.settings, rid, "caf-76", now=referral.svc.clock()))
     csrf = csrf_of(client.get(path).text)
 
     answer = client.post(f"{path}/accept", data={"csrf": csrf})
@@ -98,7 +99,7 @@ def test_accepting_through_the_form_changes_the_referral(referral):
 def test_declining_records_the_reason_and_routes_the_need_on(referral):
     rid = record_need(referral.svc)
     client = browser(referral)
-    path = path_of(referral_link(referral.settings, rid, "caf-76"))
+    path = path_of(referral_link(referral.settings, rid, "caf-76", now=referral.svc.clock()))
     csrf = csrf_of(client.get(path).text)
 
     missing = client.post(f"{path}/decline", data={"csrf": csrf, "reason": "autre", "detail": " "})
@@ -118,7 +119,7 @@ def test_declining_records_the_reason_and_routes_the_need_on(referral):
 def test_a_form_without_its_csrf_token_changes_nothing(referral):
     rid = record_need(referral.svc)
     client = browser(referral)
-    path = path_of(referral_link(referral.settings, rid, "caf-76"))
+    path = path_of(referral_link(referral.settings, rid, "caf-76", now=referral.svc.clock()))
     client.get(path)
 
     for data in ({}, {"csrf": "forged"}):
@@ -131,8 +132,8 @@ def test_a_link_for_one_referral_cannot_act_on_another(referral):
     mine = record_need(referral.svc)
     other = record_need(referral.svc)
     client = browser(referral)
-    my_path = path_of(referral_link(referral.settings, mine, "caf-76"))
-    other_path = path_of(referral_link(referral.settings, other, "caf-76"))
+    my_path = path_of(referral_link(referral.settings, mine, "caf-76", now=referral.svc.clock()))
+    other_path = path_of(referral_link(referral.settings, other, "caf-76", now=referral.svc.clock()))
     my_csrf = csrf_of(client.get(my_path).text)
 
     # My page's CSRF token is bound to my link: it does not work on another link.
@@ -143,7 +144,7 @@ def test_a_link_for_one_referral_cannot_act_on_another(referral):
     forged_payload = referral_token(referral.settings, other, "caf-76").partition(".")[0]
     assert client.get(f"/r/{forged_payload}.{signature}").status_code == 400
     # A genuine link for a partner that no longer holds the referral opens nothing.
-    moved = client.get(path_of(referral_link(referral.settings, mine, "cpam-76")))
+    moved = client.get(path_of(referral_link(referral.settings, mine, "cpam-76", now=referral.svc.clock())))
     assert moved.status_code == 410 and "confiée à un autre partenaire" in moved.text
     assert status_of(referral, mine) == status_of(referral, other) == "assigned"
 
@@ -152,14 +153,14 @@ def test_an_expired_or_broken_link_says_what_to_do(referral):
     rid = record_need(referral.svc)
     client = browser(referral)
 
-    old = client.get(path_of(referral_link(referral.settings, rid, "caf-76", now=utcnow() - timedelta(days=31))))
+    old = client.get(path_of(referral_link(referral.settings, rid, "caf-76", now=referral.svc.clock() - timedelta(days=31))))
     assert old.status_code == 410
     assert "Lien expiré" in old.text and "Demandez au lieu d&#39;accueil" in old.text and 'href="/connexion"' in old.text
 
     broken = client.get("/r/not-a-token")
     assert broken.status_code == 400 and "Lien invalide" in broken.text
     # A token signed for another purpose (here a sign-in link) is not a referral link.
-    other_purpose = sign(referral.settings, "sign-in", {"r": rid, "p": "caf-76"})
+    other_purpose = sign(referral.settings, "sign-in", {"r": rid, "p": "caf-76"}, now=referral.svc.clock())
     assert client.get(f"/r/{other_purpose}").status_code == 400
 
 
@@ -230,10 +231,10 @@ def test_sign_in_links_are_rate_limited_per_email(referral):
 def test_sign_in_needs_the_form_csrf_token_and_an_expired_link_is_refused(referral):
     client = browser(referral)
     assert client.post("/connexion", data={"email": CAF_EMAIL}).status_code == 403
-    old, _ = sign_in_link(referral.settings, "referral", "op-caf", now=utcnow() - timedelta(minutes=16))
+    old, _ = sign_in_link(referral.settings, "referral", "op-caf", now=referral.svc.clock() - timedelta(minutes=16))
     answer = client.get(path_of(old))
     assert answer.status_code == 410 and "expiré" in answer.text
-    intake_link, _ = sign_in_link(referral.settings, "intake", "op-caf")  # made for another service
+    intake_link, _ = sign_in_link(referral.settings, "intake", "op-caf", now=referral.svc.clock())  # made for another service
     assert client.get("/connexion/" + intake_link.rsplit("/", 1)[1]).status_code == 400
     assert access_links(referral) == []
 
@@ -242,7 +243,7 @@ def test_sign_in_needs_the_form_csrf_token_and_an_expired_link_is_refused(referr
 
 
 def test_the_inbox_lists_the_partners_open_referrals_by_deadline_late_ones_marked(referral):
-    svc, now = referral.svc, utcnow()
+    svc, now = referral.svc, referral.svc.clock()
     soon = record_need(svc, summary="Échéance dans 10 heures", recorded_at=now - timedelta(hours=62))
     later = record_need(svc, summary="Échéance dans 70 heures", recorded_at=now - timedelta(hours=2))
     late = record_need(svc, summary="Échéance dépassée", recorded_at=now - timedelta(hours=80))
@@ -272,7 +273,7 @@ def test_a_long_inbox_is_read_page_by_page_soonest_deadline_first(referral, monk
     import services.referral.web as inbox_web
 
     monkeypatch.setattr(inbox_web, "INBOX_LIMIT", 2)
-    svc, now = referral.svc, utcnow()
+    svc, now = referral.svc, referral.svc.clock()
     ids = [record_need(svc, summary=f"Demande {hours}", recorded_at=now - timedelta(hours=hours))
            for hours in (10, 50, 30)]  # deadlines in 62, 22 and 42 hours
 

@@ -193,6 +193,7 @@ def test_a_decline_needs_a_reason(system):
     assert caf.get(f"/referrals/{ref['id']}").json()["status"] == "assigned"
 
 
+@pytest.mark.date_sensitive
 def test_a_decline_routes_the_need_to_the_next_candidate_with_the_same_deadline(system):
     need = system.record()
     [first] = system.referral_of(need["id"])
@@ -354,6 +355,7 @@ def test_referral_pages_return_every_referral_once(system):
             .json()["items"]] == seen
 
 
+@pytest.mark.date_sensitive
 def test_the_first_partners_deadline_is_kept_when_the_need_moves(settings, mail_sink, start_service, tmp_path):
     """caf-76 promises 48 h, caf-national 24 h: after caf-76 declines, the need keeps caf-76's deadline."""
     import yaml
