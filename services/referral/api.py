@@ -10,7 +10,8 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from sqlmodel import select
 
 from services.referral import domain
-from services.referral.handlers import act, pause_partner, record_ops_action, resume_partner
+from services.referral.handlers import (ReassignRefused, act, pause_partner, reassign as reassign_referral,
+                                       record_ops_action, resume_partner)
 from services.referral.store import PartnerPause, Referral, ReferralHistory, history_of, open_referral_counts
 from shared.events import DEAD_LETTER_SUFFIX, STREAMS
 from shared.messaging import replay
@@ -63,6 +64,8 @@ class ReassignBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     partner_id: str = Field(min_length=1, max_length=64)
     reason: str | None = Field(None, max_length=2000)
+    # A partner outside the need's category only with force: true and a reason (recorded as an override).
+    force: bool = False
 
 
 class CancelBody(BaseModel):
@@ -187,10 +190,24 @@ def build_router(svc: Service) -> APIRouter:
 
     @router.post("/referrals/{referral_id}/reassign", response_model=ReferralPublic)
     async def reassign(referral_id: str, user: Ops, body: ReassignBody) -> ReferralPublic:
-        """Ops hand the need to another partner; the old referral is cancelled, the need keeps its deadline."""
-        if svc.directory.partner(body.partner_id) is None:
-            raise field_error("partner_id", f"unknown partner '{body.partner_id}'")
-        return await run_action(referral_id, user, "reassign", body.reason, body.partner_id)
+        """Ops hand the need to another partner that takes its category; the old referral is cancelled, the need
+        keeps its deadline. `force: true` (with a reason) overrides the category, recorded as an override."""
+        def work() -> ReferralPublic:
+            with svc.db.transaction() as session:
+                if session.get(Referral, referral_id) is None:
+                    raise HTTPException(404, "no such referral")
+                try:
+                    referral = reassign_referral(session, referral_id, body.partner_id, user.id, body.reason,
+                                                 svc.clock(), svc.directory, body.force)
+                except ReassignRefused as exc:
+                    raise field_error(exc.field, str(exc)) from None
+                except domain.TransitionRefused as exc:
+                    raise HTTPException(409, str(exc)) from None
+                return public(referral, history_of(session, referral_id))
+
+        result = await anyio.to_thread.run_sync(work)
+        svc.bus.relay.wake()
+        return result
 
     @router.post("/referrals/{referral_id}/cancel", response_model=ReferralPublic)
     async def cancel(referral_id: str, user: Ops, body: CancelBody) -> ReferralPublic:

@@ -269,6 +269,11 @@ def timer_fires(referral_status: str | None, referral_sla: str | None) -> bool:
 SLA_AFTER_TIMER = {"reminder": "at_risk", "escalation": "at_risk", "breach": "breached"}
 
 
+def takes_category(partner: Partner, category: str) -> bool:
+    """Whether ops may hand the partner a need of this category without an explicit override."""
+    return category in partner.categories
+
+
 def assign_by_hand(directory: Directory, partner_id: str, actor: str) -> RoutingDecision:
     """Ops chose the partner: its primary contact gets the handoff, whatever the routing rule says."""
     partner = directory.partner(partner_id)
