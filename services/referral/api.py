@@ -42,6 +42,8 @@ class ReferralPublic(BaseModel):
     sla: str
     routed_because: str
     created_at: datetime
+    # When the need left this referral's partner (declined, reassigned, cancelled); null while the partner has it.
+    left_at: datetime | None = None
     history: list[HistoryEntry] | None = None
 
 
@@ -116,11 +118,16 @@ class CloseBody(BaseModel):
     outcome: str = Field(min_length=1, max_length=2000)
 
 
-def public(referral: Referral, history: list[ReferralHistory] | None = None) -> ReferralPublic:
+def public(referral: Referral, history: list[ReferralHistory] | None = None,
+           user: User | None = None) -> ReferralPublic:
+    left = domain.left_partner(referral.status)
+    # The partner the need left keeps its status and date, not the texts of its history (messages, reasons).
+    redact = left and user is not None and user.role == "partner"
     return ReferralPublic(
-        **referral.model_dump(exclude={"updated_at"}),
-        history=None if history is None else [HistoryEntry(**h.model_dump(include={"at", "action", "actor", "detail"}))
-                                              for h in history],
+        **referral.model_dump(exclude={"updated_at"}), left_at=referral.updated_at if left else None,
+        history=None if history is None else [
+            HistoryEntry(**h.model_dump(include={"at", "action", "actor"}), detail=None if redact else h.detail)
+            for h in history],
     )
 
 
@@ -146,7 +153,7 @@ def build_router(svc: Service) -> APIRouter:
                 query = query.where(column == value)
         with svc.db.read() as session:
             rows, next_cursor = page(query, Referral.created_at, Referral.id, limit, cursor, session)
-            return ReferralPage(items=[public(r) for r in rows], next_cursor=next_cursor)
+            return ReferralPage(items=[public(r, user=user) for r in rows], next_cursor=next_cursor)
 
     @router.get("/referrals/{referral_id}", response_model=ReferralPublic)
     def get_referral(referral_id: str, user: Reader) -> ReferralPublic:
@@ -154,7 +161,7 @@ def build_router(svc: Service) -> APIRouter:
             referral = session.get(Referral, referral_id)
             if not visible(referral, user):
                 raise HTTPException(404, "no such referral")
-            return public(referral, history_of(session, referral_id))
+            return public(referral, history_of(session, referral_id), user)
 
     async def run_action(referral_id: str, user: User, action: str, text: str | None = None,
                          partner_id: str | None = None) -> ReferralPublic:
@@ -166,7 +173,7 @@ def build_router(svc: Service) -> APIRouter:
                     referral = act(session, referral_id, action, user.id, svc.clock(), svc.directory, text, partner_id)
                 except domain.TransitionRefused as exc:
                     raise HTTPException(409, str(exc)) from None
-                return public(referral, history_of(session, referral_id))
+                return public(referral, history_of(session, referral_id), user)
 
         result = await anyio.to_thread.run_sync(work)
         svc.bus.relay.wake()
