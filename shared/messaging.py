@@ -8,7 +8,8 @@ do for Redis Streams is here (see docs/architecture.md):
 - `ReliableDelivery` acks after success, leaves a failed entry pending for a retry, and after
   `max_deliveries` moves it to `<stream>.dlq` atomically with its XACK;
 - `Bus.process` runs a handler and writes the (consumer, event_id) tracking row in one transaction;
-- `trim_stream` never trims an entry some group has not yet delivered or acknowledged;
+- `trim_stream` never trims an entry some group has not yet delivered or acknowledged; `Bus.trim` applies it to
+  each stream and to its dead-letter stream;
 - `replay` puts dead-lettered entries back on their stream.
 """
 
@@ -275,11 +276,20 @@ class Bus:
     async def _trim_forever(self) -> None:
         while True:
             await asyncio.sleep(60)
-            for key in self.streams:
+            await self.trim()
+
+    async def trim(self, now_ms: int | None = None) -> int:
+        """Trim each stream this service reads and its dead-letter stream, by the same age and length policy
+        (a dead letter kept forever would keep the personal data of its payload forever)."""
+        removed = 0
+        for key in self.streams:
+            for stream in (key, key + DEAD_LETTER_SUFFIX):
                 try:
-                    await trim_stream(self.redis, key, self.settings.stream_max_len, self.settings.stream_max_age_s)
+                    removed += await trim_stream(self.redis, stream, self.settings.stream_max_len,
+                                                 self.settings.stream_max_age_s, now_ms)
                 except redis.RedisError as exc:
-                    log.warning("trimming %s failed: %s", key, exc)
+                    log.warning("trimming %s failed: %s", stream, exc)
+        return removed
 
 
 # --- stream maintenance -------------------------------------------------------------------------
