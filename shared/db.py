@@ -7,7 +7,7 @@ import logging
 from collections.abc import Iterator, Sequence
 import threading
 from contextlib import contextmanager, nullcontext
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
@@ -85,6 +85,26 @@ def claim_event(session: Session, consumer: str, event_id: str) -> bool:
         return False
     session.add(ProcessedEvent(consumer=consumer, event_id=event_id, processed_at=utcnow()))
     return True
+
+
+# A processed-event row makes a redelivery a no-op, so it must outlive every copy of its event still in a stream
+# or dead-letter stream (trimmed past stream_max_age): it goes only once older than that, plus a day, too.
+PROCESSED_EVENT_MARGIN = timedelta(days=1)
+
+
+def purge_technical_rows(db: Database, now: datetime, retention: timedelta,
+                         stream_max_age: timedelta) -> tuple[int, int]:
+    """Delete outbox rows published more than `retention` ago and processed-event rows older than both `retention`
+    and the streams' age (see PROCESSED_EVENT_MARGIN); (outbox rows, processed-event rows) deleted.
+    Idempotent, so replicas may run it at the same time: a row is deleted by one of them, the others skip it."""
+    outbox_cutoff = now - retention
+    processed_cutoff = now - max(retention, stream_max_age + PROCESSED_EVENT_MARGIN)
+    with db.transaction() as session:
+        outbox = session.execute(sa.delete(OutboxMessage).where(
+            OutboxMessage.published_at.is_not(None), OutboxMessage.published_at < outbox_cutoff)).rowcount
+        processed = session.execute(sa.delete(ProcessedEvent).where(
+            ProcessedEvent.processed_at < processed_cutoff)).rowcount
+    return outbox, processed
 
 
 class Database:

@@ -8,7 +8,9 @@ do for Redis Streams is here (see docs/architecture.md):
 - `ReliableDelivery` acks after success, leaves a failed entry pending for a retry, and after
   `max_deliveries` moves it to `<stream>.dlq` atomically with its XACK;
 - `Bus.process` runs a handler and writes the (consumer, event_id) tracking row in one transaction;
-- `trim_stream` never trims an entry some group has not yet delivered or acknowledged;
+- `trim_stream` never trims an entry some group has not yet delivered or acknowledged; `Bus.trim` applies it to
+  each stream and to its dead-letter stream;
+- `Bus.purge` deletes published outbox rows and processed-event rows past their retention, hourly;
 - `replay` puts dead-lettered entries back on their stream.
 """
 
@@ -19,6 +21,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
 from typing import Any
 
 import anyio
@@ -30,7 +33,7 @@ from faststream.redis import RedisBroker, StreamSub
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
-from shared.db import Database, OutboxMessage, claim_event
+from shared.db import Database, OutboxMessage, claim_event, purge_technical_rows
 from shared.events import DEAD_LETTER_SUFFIX, Event, utcnow
 from shared.logs import current_correlation_id, describe_error, log_context
 from shared.settings import Settings, consumer_name
@@ -40,6 +43,7 @@ log = logging.getLogger("relais.messaging")
 DATA_FIELD = "__data__"  # FastStream's field for the message envelope
 DLQ_FIELDS = ("dlq_error", "dlq_source_id", "dlq_group", "dlq_failed_at")
 RELAY_BATCH = 500
+PURGE_EVERY = timedelta(hours=1)  # old technical rows: outbox rows published, events processed
 READ_BATCH = 50  # entries per read: a whole backlog at once would sit unacked long enough to be claimed again
 
 
@@ -254,7 +258,8 @@ class Bus:
         await self.ensure_groups()
         await self.broker.start()
         self._tasks = [asyncio.create_task(self.relay.run(), name="outbox-relay"),
-                       asyncio.create_task(self._trim_forever(), name="stream-trim")]
+                       asyncio.create_task(self._trim_forever(), name="stream-trim"),
+                       asyncio.create_task(self._purge_forever(), name="technical-purge")]
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -272,14 +277,40 @@ class Bus:
         if self.redis is not None:
             await self.redis.aclose()
 
+    def purge(self, now: datetime | None = None) -> tuple[int, int]:
+        """Delete this service's old technical rows (published outbox rows, processed-event rows)."""
+        return purge_technical_rows(self.db, now or utcnow(), self.settings.technical_retention,
+                                    timedelta(seconds=self.settings.stream_max_age_s))
+
+    async def _purge_forever(self) -> None:
+        while True:
+            # First after a period, not at start: a restarted service claims its leftover entries before.
+            await asyncio.sleep(PURGE_EVERY.total_seconds())
+            try:
+                outbox, processed = await anyio.to_thread.run_sync(self.purge)
+            except Exception as exc:  # noqa: BLE001 - a database hiccup must not stop the purge for good
+                log.warning("purging technical rows failed: %s", describe_error(exc))
+                continue
+            if outbox or processed:
+                log.info("purged %d published outbox rows and %d processed-event rows", outbox, processed)
+
     async def _trim_forever(self) -> None:
         while True:
             await asyncio.sleep(60)
-            for key in self.streams:
+            await self.trim()
+
+    async def trim(self, now_ms: int | None = None) -> int:
+        """Trim each stream this service reads and its dead-letter stream, by the same age and length policy
+        (a dead letter kept forever would keep the personal data of its payload forever)."""
+        removed = 0
+        for key in self.streams:
+            for stream in (key, key + DEAD_LETTER_SUFFIX):
                 try:
-                    await trim_stream(self.redis, key, self.settings.stream_max_len, self.settings.stream_max_age_s)
+                    removed += await trim_stream(self.redis, stream, self.settings.stream_max_len,
+                                                 self.settings.stream_max_age_s, now_ms)
                 except redis.RedisError as exc:
-                    log.warning("trimming %s failed: %s", key, exc)
+                    log.warning("trimming %s failed: %s", stream, exc)
+        return removed
 
 
 # --- stream maintenance -------------------------------------------------------------------------

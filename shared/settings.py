@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -70,6 +71,9 @@ class Settings(BaseSettings):
     poll_ms: int = 200
     stream_max_len: int = 100_000
     stream_max_age_s: int = 7 * 24 * 3600
+    # Published outbox rows and processed-event rows are deleted after this (ISO 8601, e.g. `P7D`);
+    # processed-event rows never before the streams' age plus a day (shared.db.purge_technical_rows).
+    technical_retention: timedelta = Field(timedelta(days=7), gt=timedelta(0))
 
     def database_url(self, service: ServiceName) -> str:
         url = getattr(self, f"{service}_database_url")

@@ -10,7 +10,8 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from sqlmodel import select
 
 from services.referral import domain
-from services.referral.handlers import act, pause_partner, record_ops_action, resume_partner
+from services.referral.handlers import (ReassignRefused, act, pause_partner, reassign as reassign_referral,
+                                       record_ops_action, resume_partner)
 from services.referral.store import PartnerPause, Referral, ReferralHistory, history_of, open_referral_counts
 from shared.events import DEAD_LETTER_SUFFIX, STREAMS
 from shared.messaging import replay
@@ -41,6 +42,8 @@ class ReferralPublic(BaseModel):
     sla: str
     routed_because: str
     created_at: datetime
+    # When the need left this referral's partner (declined, reassigned, cancelled); null while the partner has it.
+    left_at: datetime | None = None
     history: list[HistoryEntry] | None = None
 
 
@@ -63,6 +66,8 @@ class ReassignBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     partner_id: str = Field(min_length=1, max_length=64)
     reason: str | None = Field(None, max_length=2000)
+    # A partner outside the need's category only with force: true and a reason (recorded as an override).
+    force: bool = False
 
 
 class CancelBody(BaseModel):
@@ -113,11 +118,16 @@ class CloseBody(BaseModel):
     outcome: str = Field(min_length=1, max_length=2000)
 
 
-def public(referral: Referral, history: list[ReferralHistory] | None = None) -> ReferralPublic:
+def public(referral: Referral, history: list[ReferralHistory] | None = None,
+           user: User | None = None) -> ReferralPublic:
+    left = domain.left_partner(referral.status)
+    # The partner the need left keeps its status and date, not the texts of its history (messages, reasons).
+    redact = left and user is not None and user.role == "partner"
     return ReferralPublic(
-        **referral.model_dump(exclude={"updated_at"}),
-        history=None if history is None else [HistoryEntry(**h.model_dump(include={"at", "action", "actor", "detail"}))
-                                              for h in history],
+        **referral.model_dump(exclude={"updated_at"}), left_at=referral.updated_at if left else None,
+        history=None if history is None else [
+            HistoryEntry(**h.model_dump(include={"at", "action", "actor"}), detail=None if redact else h.detail)
+            for h in history],
     )
 
 
@@ -143,7 +153,7 @@ def build_router(svc: Service) -> APIRouter:
                 query = query.where(column == value)
         with svc.db.read() as session:
             rows, next_cursor = page(query, Referral.created_at, Referral.id, limit, cursor, session)
-            return ReferralPage(items=[public(r) for r in rows], next_cursor=next_cursor)
+            return ReferralPage(items=[public(r, user=user) for r in rows], next_cursor=next_cursor)
 
     @router.get("/referrals/{referral_id}", response_model=ReferralPublic)
     def get_referral(referral_id: str, user: Reader) -> ReferralPublic:
@@ -151,7 +161,7 @@ def build_router(svc: Service) -> APIRouter:
             referral = session.get(Referral, referral_id)
             if not visible(referral, user):
                 raise HTTPException(404, "no such referral")
-            return public(referral, history_of(session, referral_id))
+            return public(referral, history_of(session, referral_id), user)
 
     async def run_action(referral_id: str, user: User, action: str, text: str | None = None,
                          partner_id: str | None = None) -> ReferralPublic:
@@ -163,7 +173,7 @@ def build_router(svc: Service) -> APIRouter:
                     referral = act(session, referral_id, action, user.id, svc.clock(), svc.directory, text, partner_id)
                 except domain.TransitionRefused as exc:
                     raise HTTPException(409, str(exc)) from None
-                return public(referral, history_of(session, referral_id))
+                return public(referral, history_of(session, referral_id), user)
 
         result = await anyio.to_thread.run_sync(work)
         svc.bus.relay.wake()
@@ -187,10 +197,24 @@ def build_router(svc: Service) -> APIRouter:
 
     @router.post("/referrals/{referral_id}/reassign", response_model=ReferralPublic)
     async def reassign(referral_id: str, user: Ops, body: ReassignBody) -> ReferralPublic:
-        """Ops hand the need to another partner; the old referral is cancelled, the need keeps its deadline."""
-        if svc.directory.partner(body.partner_id) is None:
-            raise field_error("partner_id", f"unknown partner '{body.partner_id}'")
-        return await run_action(referral_id, user, "reassign", body.reason, body.partner_id)
+        """Ops hand the need to another partner that takes its category; the old referral is cancelled, the need
+        keeps its deadline. `force: true` (with a reason) overrides the category, recorded as an override."""
+        def work() -> ReferralPublic:
+            with svc.db.transaction() as session:
+                if session.get(Referral, referral_id) is None:
+                    raise HTTPException(404, "no such referral")
+                try:
+                    referral = reassign_referral(session, referral_id, body.partner_id, user.id, body.reason,
+                                                 svc.clock(), svc.directory, body.force)
+                except ReassignRefused as exc:
+                    raise field_error(exc.field, str(exc)) from None
+                except domain.TransitionRefused as exc:
+                    raise HTTPException(409, str(exc)) from None
+                return public(referral, history_of(session, referral_id))
+
+        result = await anyio.to_thread.run_sync(work)
+        svc.bus.relay.wake()
+        return result
 
     @router.post("/referrals/{referral_id}/cancel", response_model=ReferralPublic)
     async def cancel(referral_id: str, user: Ops, body: CancelBody) -> ReferralPublic:

@@ -25,7 +25,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from services.referral import dashboard, domain
-from services.referral.handlers import act, pause_partner, record_ops_action, resume_partner
+from services.referral.handlers import ReassignRefused, pause_partner, reassign, record_ops_action, resume_partner
 from services.referral.store import NeedCase, Referral, current_referral
 from shared.directory import User
 from shared.events import DEAD_LETTER_SUFFIX, STREAMS
@@ -250,14 +250,14 @@ def build_router(svc: Service, pages: Pages) -> APIRouter:
         elif action == "reaffecter":
             def work() -> None:
                 with svc.db.transaction() as session:
-                    act(session, subject["referral"].id, "reassign", user.id, now, svc.directory, reason,
-                        fields["partenaire"])
-                    record_ops_action(session, user.id, "reassign", f"{subject['referral'].id}:{fields['partenaire']}",
-                                      reason, now)
+                    reassign(session, subject["referral"].id, fields["partenaire"], user.id, reason, now,
+                             svc.directory)
             try:
                 await anyio.to_thread.run_sync(work)
             except domain.TransitionRefused:
                 return await confirm_page(request, action, subject, 409, values=fields, failure="transition")
+            except ReassignRefused:  # the directory changed since the page listed its candidates
+                return await confirm_page(request, action, subject, 422, {"partenaire": "choose"}, fields)
         elif action == "pause":
             def work() -> None:
                 with svc.db.transaction() as session:

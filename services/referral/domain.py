@@ -269,8 +269,30 @@ def timer_fires(referral_status: str | None, referral_sla: str | None) -> bool:
 SLA_AFTER_TIMER = {"reminder": "at_risk", "escalation": "at_risk", "breach": "breached"}
 
 
+def takes_category(partner: Partner, category: str) -> bool:
+    """Whether ops may hand the partner a need of this category without an explicit override."""
+    return category in partner.categories
+
+
 def assign_by_hand(directory: Directory, partner_id: str, actor: str) -> RoutingDecision:
     """Ops chose the partner: its primary contact gets the handoff, whatever the routing rule says."""
     partner = directory.partner(partner_id)
     return RoutingDecision(partner=partner, contact=directory.primary_contact(partner),
                            reason=ROUTING_TEXTS["by_hand"].format(actor=actor, partner=partner.name))
+
+
+# --- A partner's access ends with its part --------------------------------------------------------
+# Once a need left a partner (it declined, ops reassigned it, or the need was cancelled), the partner's
+# pages and API say so and since when, and show nothing more of the person or of what they asked.
+
+LEFT_PARTNER = frozenset({"declined", "cancelled"})  # final statuses: nothing moves the referral after them
+HOW_IT_LEFT = ("decline", "reassign", "cancel")  # history actions that end a partner's part
+
+
+def left_partner(status: str) -> bool:
+    return status in LEFT_PARTNER
+
+
+def how_it_left(actions: list[str]) -> str | None:
+    """The action that ended the partner's part (the last of HOW_IT_LEFT in its history), if any."""
+    return next((a for a in reversed(actions) if a in HOW_IT_LEFT), None)

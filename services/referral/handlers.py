@@ -182,3 +182,41 @@ def resume_partner(session: Session, partner_id: str, reason: str, actor: str, n
     session.delete(pause)
     record_ops_action(session, actor, "resume_partner", partner_id, reason, now)
     return True
+
+
+class ReassignRefused(ValueError):
+    """A reassignment the caller can fix: `field` names the input to change."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def reassign(session: Session, referral_id: str, partner_id: str, actor: str, reason: str | None, now: datetime,
+             directory: Directory, force: bool = False) -> Referral | None:
+    """Ops hand the need to another partner that takes its category (the old referral is cancelled, the need keeps
+    its deadline), recorded in the ops log. `force` hands it to a partner outside the category: an override that
+    needs a reason and is recorded as such, in the ops log and in the old referral's history.
+    None when there is no such referral; raises ReassignRefused, or domain.TransitionRefused."""
+    referral = session.get(Referral, referral_id)
+    if referral is None:
+        return None
+    partner = directory.partner(partner_id)
+    if partner is None:
+        raise ReassignRefused("partner_id", f"unknown partner '{partner_id}'")
+    takes_category = domain.takes_category(partner, referral.category)
+    if not takes_category and not force:
+        raise ReassignRefused("partner_id", f"partner '{partner_id}' does not take the need's category "
+                                            f"'{referral.category}': choose one that does, or set force: true "
+                                            "with a reason to override")
+    override = force and not takes_category
+    if override and not (reason or "").strip():
+        raise ReassignRefused("reason", "an override (force: true for a partner outside the need's category) "
+                                        "needs a reason")
+    act(session, referral_id, "reassign", actor, now, directory, reason, partner_id)
+    if override:
+        session.add(ReferralHistory(referral_id=referral_id, at=now, action="reassign_override", actor=actor,
+                                    detail=reason))
+    record_ops_action(session, actor, "reassign_override" if override else "reassign", f"{referral_id}:{partner_id}",
+                      reason or "", now)
+    return referral

@@ -80,6 +80,8 @@ def build_router(svc: Service) -> APIRouter:
             return ReferralCase(referral, session.get(NeedCase, referral.need_id), history_of(session, referral_id))
 
     def show(request: Request, found: ReferralCase, viewer: Viewer, status: int = 200, **context) -> Response:
+        if viewer.can_act and domain.left_partner(found.referral.status):
+            return show_left(request, found, viewer, status, refused=context.get("refused"))
         directory, referral = svc.directory, found.referral
         library = directory.library(referral.library_id)
         partner = directory.partner(referral.partner_id)
@@ -97,6 +99,21 @@ def build_router(svc: Service) -> APIRouter:
             actions=allowed_actions(referral.status) if viewer.can_act else [], viewer=viewer,
             done=request.query_params.get("fait") if request.query_params.get("fait") in ACTIONS else None,
             reasons=DECLINE_REASONS, **context)
+
+    def show_left(request: Request, found: ReferralCase, viewer: Viewer, status: int = 200,
+                  refused: str | None = None) -> Response:
+        """The need left this partner: its status and since when, and nothing of the person nor of the need
+        (the case and the history's texts are not even given to the template)."""
+        directory, referral = svc.directory, found.referral
+        library = directory.library(referral.library_id)
+        category = directory.category(referral.category)
+        return pages.render(
+            request, "demande_quittee.html", status=status, r=referral, left_at=referral.updated_at,
+            how=domain.how_it_left([h.action for h in found.history]), library=library, category=category,
+            partner=directory.partner(referral.partner_id),
+            history=[(h.at, h.action, h.actor) for h in found.history],
+            timezone=library.timezone if library else directory.timezone, viewer=viewer, refused=refused,
+            done=request.query_params.get("fait") if request.query_params.get("fait") in ACTIONS else None)
 
     # --- acting
 
@@ -131,6 +148,8 @@ def build_router(svc: Service) -> APIRouter:
         found = await anyio.to_thread.run_sync(load, referral_id)
         if found is None or found.referral.partner_id != viewer.partner_id:
             raise pages.error(request, 404, "not_found")
+        if domain.left_partner(found.referral.status):  # nothing left to do, and no form to show back
+            return show(request, found, viewer, status=409, refused=action)
         text, errors = read_action(action, fields)
         if errors:
             return show(request, found, viewer, status=422, errors={action: errors}, values={action: fields})
@@ -203,9 +222,12 @@ def build_router(svc: Service) -> APIRouter:
 
         found = await anyio.to_thread.run_sync(rows)
         directory = svc.directory
-        items = [dict(r=r, case=case, late=is_late(r, now), library=directory.library(r.library_id),
+        # A need that left the partner shows as such, without its case (summary, the person) in the page.
+        items = [dict(r=r, case=None if left else case, left=left, left_at=r.updated_at if left else None,
+                      late=is_late(r, now), library=directory.library(r.library_id),
                       partner=directory.partner(r.partner_id), category=directory.category(r.category))
-                 for r, case in found[:INBOX_LIMIT]]
+                 for r, case in found[:INBOX_LIMIT]
+                 for left in [user.role == "partner" and domain.left_partner(r.status)]]
         return pages.render(request, "boite.html", items=items, **page_links(request, number, len(found) > INBOX_LIMIT),
                             filter_status=status,
                             statuses=STATUSES, partner=directory.partner(user.partner) if user.partner else None,

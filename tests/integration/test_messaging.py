@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import Future
@@ -492,3 +493,37 @@ def test_the_asyncapi_document_lists_the_referral_streams_event_types(redis_only
 
 if __name__ == "__main__":
     _dying_consumer(json.loads(sys.argv[1]))
+
+
+# --- 7. dead-letter streams are trimmed like their streams ------------------------------------------
+
+
+def test_dead_letter_streams_are_trimmed_by_the_age_and_length_of_their_streams(redis_only_settings, r, tmp_path,
+                                                                             loop_thread):
+    settings = redis_only_settings.model_copy(update={"stream_max_age_s": 3600, "stream_max_len": 200})
+    ledger = Ledger(settings, f"sqlite:///{tmp_path / 'ledger.db'}")
+    loop_thread.run(ledger.bus.start())
+    dlq = settings.key(NEEDS) + DEAD_LETTER_SUFFIX
+    now_ms = int(time.time() * 1000)
+    pipe = r.pipeline(transaction=False)
+    for n in range(300):  # dead-lettered two hours ago: past the streams' age
+        pipe.xadd(dlq, {"n": str(n)}, id=f"{now_ms - 2 * 3600 * 1000}-{n}")
+    for n in range(150):  # a minute ago
+        pipe.xadd(dlq, {"n": str(n)}, id=f"{now_ms - 60_000}-{n}")
+    ids = pipe.execute()
+    try:
+        # Approximate trimming (XTRIM MINID ~) drops whole nodes before the cut: some of the old, none of the new.
+        assert loop_thread.run(ledger.bus.trim(now_ms)) > 0
+        left = [entry_id for entry_id, _ in r.xrange(dlq)]
+        assert left == ids[-len(left):] and len(left) < 450 and ids[300] in left
+
+        pipe = r.pipeline(transaction=False)
+        for n in range(300):  # now too many, all young
+            pipe.xadd(dlq, {"n": str(n)})
+        pipe.execute()
+        before = r.xlen(dlq)
+        loop_thread.run(ledger.bus.trim(now_ms))
+        assert 200 <= r.xlen(dlq) < before
+    finally:
+        loop_thread.run(ledger.bus.stop())
+        ledger.db.dispose()
