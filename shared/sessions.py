@@ -16,7 +16,7 @@ import hashlib
 import logging
 import secrets
 from datetime import timedelta
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Depends, HTTPException
 from pydantic import BaseModel
@@ -93,10 +93,11 @@ class SessionsRevoked(BaseModel):
 def api_router(svc: Service) -> APIRouter:
     """`POST /users/{user_id}/sessions/revoke` (ops): the same call on any service ends the user's sessions on all."""
     router = APIRouter(tags=["ops"])
+    require_ops = svc.require("ops")
 
     @router.post("/users/{user_id}/sessions/revoke", response_model=SessionsRevoked,
                  responses={404: {"description": "No such user in the directory"}})
-    async def revoke(user_id: str, user: Annotated[User, Depends(svc.require("ops"))]) -> SessionsRevoked:
+    async def revoke(user_id: str, user: User = Depends(require_ops)) -> SessionsRevoked:
         """End every web session of a user on every service (a lost phone, a departure); API tokens are not
         sessions: remove them from the directory."""
         if svc.directory.user(user_id) is None:
