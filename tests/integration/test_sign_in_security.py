@@ -325,3 +325,24 @@ def test_the_access_stream_carries_no_link_and_no_address(intake):
     assert DESK_EMAIL not in written and link.rsplit("/", 1)[1] not in written and "/connexion/" not in written
     # the reference is no sign-in token: used as one, it is refused
     assert browser(intake).get(f"/connexion/{event['reference']}").status_code == 400
+
+
+def test_ops_close_a_users_sessions_from_the_dashboard_with_a_reason(settings, intake, start_service):
+    referral = start_service("referral", settings)
+    lost_phone, _ = signed_in(intake, "desk")
+    ops, board = signed_in(referral, "ops")
+    board = ops.get("/tableau-de-bord")
+    assert "Fermer les sessions d'un utilisateur" in board.text and '<option value="desk">' in board.text
+
+    confirm = ops.get("/tableau-de-bord/confirmer/deconnecter", params={"utilisateur": "desk"})
+    assert confirm.status_code == 200 and DESK_EMAIL in confirm.text
+    assert ops.get("/tableau-de-bord/confirmer/deconnecter", params={"utilisateur": "nobody"}).status_code == 404
+    missing = ops.post("/tableau-de-bord/actions/deconnecter", data={"csrf": csrf_of(confirm.text), "utilisateur": "desk"})
+    assert missing.status_code == 422
+    assert lost_phone.get("/nouvelle").url.path == "/nouvelle"  # nothing done without a reason
+
+    done = ops.post("/tableau-de-bord/actions/deconnecter",
+                    data={"csrf": csrf_of(confirm.text), "utilisateur": "desk", "motif": "Téléphone perdu"})
+    assert done.url.path == "/tableau-de-bord" and "Sessions fermées : 1." in done.text
+    assert lost_phone.get("/nouvelle").url.path == "/connexion"
+    assert "Téléphone perdu" in ops.get("/tableau-de-bord").text  # in the journal of ops actions, with who
