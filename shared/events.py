@@ -196,16 +196,18 @@ DeliveryStreamEvent = Annotated[Union[DeliverySent, DeliveryFailed], Field(discr
 
 
 class AccessLinkRequested(Event):
-    """A staff member asked for a sign-in link; notifications emails it. The link is single use and
-    expires within minutes, so its stay in the stream does not outlive its use."""
+    """A staff member asked for a sign-in link; notifications emails it. Version 2 carries neither the link nor
+    the address: `reference` is signed with the deployment's key (shared.web.sign_in_reference), notifications
+    checks it, rebuilds the link from its own settings and writes to the user's address in the directory. A
+    reader of the stream learns who asked, not how to sign in; a writer cannot make Relais mail anyone else."""
 
     type: Literal["access.link_requested"] = "access.link_requested"
+    version: Literal[2] = 2
     need_id: str | None = None  # about a person, not a need
     user_id: str
-    email: str
-    link: str
-    expires_at: AwareDatetime
     service: Literal["intake", "referral", "notifications"]
+    reference: str = Field(max_length=512)
+    expires_at: AwareDatetime
 
 
 AccessEvent = AccessLinkRequested

@@ -146,12 +146,14 @@ class Service:
             self.db.dispose()
 
         app = FastAPI(title=title, version="1.0.0", lifespan=lifespan)
-        for router in (*routers, self.ops_router()):
+        from shared import sessions
+
+        for router in (*routers, self.ops_router(), sessions.api_router(self)):
             app.include_router(router, prefix="/api/v1")
         if pages:
             from shared import web
 
-            web.mount(app, pages)
+            web.mount(app, pages, self)
 
         @app.middleware("http")
         async def measure(request: Request, call_next):

@@ -10,9 +10,17 @@ Tokens are signed with itsdangerous (`settings.signing_key`, one salt per purpos
 service's injected clock:
 - referral links ("referral-link", 30 days): one referral, one partner, no account needed;
 - sign-in links ("sign-in", 15 minutes, single use): each use is recorded in the `used_token` table.
-  A service that offers sign-in must add `USED_TOKEN_TABLE` to its database TABLES;
-- the session cookie ("session:<service>", 12 hours): the signed-in user id and the CSRF token.
+  A service that offers sign-in must add `USED_TOKEN_TABLE` to its database TABLES. The link itself never
+  crosses Redis: `access.link_requested` carries a signed reference ("sign-in-request") from which
+  notifications rebuilds the very same link (`link_for_request`), and the address comes from the directory;
+- the session cookie ("session:<service>", 12 hours): the signed-in user id, the CSRF token and a session id
+  whose record in Redis (shared.sessions) must still exist: signing out or an ops revocation ends it at once.
 Cookies are per host, not per port, so each service has its own cookie name.
+
+Sign-in is guarded against login CSRF: its POSTs are refused when `Sec-Fetch-Site` or `Origin` says another
+site sent them, and the confirmation page of an emailed link sets a short-lived cookie that its button's POST
+must bring back (the link is bound to the browser that opened it). Requests for a link are limited per client
+address and per email address; using a link is never limited.
 
 CSRF: every POST form carries `csrf`; a session's forms carry the session's token; the forms of a
 referral-link page carry a token derived from the link's token (`Pages.link_csrf`), so a form cannot
@@ -24,13 +32,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
+import logging
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, urlencode
+from urllib.parse import parse_qs, urlencode, urlsplit
 from zoneinfo import ZoneInfo
 
 import anyio
@@ -46,7 +56,8 @@ from starlette.background import BackgroundTask
 from shared.db import UTCDateTime, emit
 from shared.directory import User
 from shared.events import AccessLinkRequested, utcnow
-from shared.settings import Settings
+from shared.sessions import SESSION_MAX_AGE, end_session, open_session, session_is_live
+from shared.settings import SERVICES, Settings
 
 if TYPE_CHECKING:
     from shared.service import Service
@@ -54,12 +65,15 @@ if TYPE_CHECKING:
 TEMPLATES = Path(__file__).with_name("templates")
 STATIC = Path(__file__).with_name("static")
 
+log = logging.getLogger("relais.web")
+
 REFERRAL_LINK = "referral-link"
 SIGN_IN = "sign-in"
+SIGN_IN_REQUEST = "sign-in-request"  # the reference in access.link_requested: not itself a sign-in token
 REFERRAL_LINK_MAX_AGE = timedelta(days=30)
 SIGN_IN_MAX_AGE = timedelta(minutes=15)
-SESSION_MAX_AGE = timedelta(hours=12)  # a working day; then sign in again
-SIGN_IN_REQUESTS_PER_WINDOW = 5  # per email address, whether known or not
+SIGN_IN_REQUESTS_PER_WINDOW = 5  # per email address, whether known or not: no address gets more links
+SIGN_IN_REQUESTS_PER_CLIENT = 20  # per client address (IPv6: per /64), whatever addresses it asks for
 SIGN_IN_REQUEST_WINDOW = timedelta(minutes=15)
 MAX_FORM_BYTES = 64 * 1024
 DASHBOARD_PATH = "/tableau-de-bord"  # the ops dashboard, served by referral; every service's pages link to it
@@ -124,10 +138,12 @@ SECURITY_HEADERS = {
 }
 
 
-def mount(app: FastAPI, pages: Sequence[APIRouter]) -> None:
-    """Mount page routers at the root (not in the OpenAPI document), /static, and the Interrupt handler."""
+def mount(app: FastAPI, pages: Sequence[APIRouter], svc: Service) -> None:
+    """Mount page routers at the root (not in the OpenAPI document), /static, the Interrupt handler, and the check
+    of each request's session against its server-side record."""
     for router in pages:
         app.include_router(router, include_in_schema=False)
+    app.add_middleware(LiveSessions, svc=svc)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     async def interrupted(request: Request, exc: Interrupt) -> Response:
@@ -205,11 +221,57 @@ class SignInGrant:
     jti: str  # recorded in used_token at first use
 
 
+@dataclass(frozen=True)
+class SignInRequest:
+    """A sign-in link asked for: enough for the holder of the signing key to build the link, and nothing else."""
+
+    user_id: str
+    service: str
+    jti: str
+    requested_at: datetime  # whole seconds: the link's token is dated by it
+
+    @property
+    def expires_at(self) -> datetime:
+        return self.requested_at + SIGN_IN_MAX_AGE
+
+
+def new_sign_in_request(service: str, user_id: str, now: datetime | None = None) -> SignInRequest:
+    stamp = datetime.fromtimestamp(int((now or utcnow()).timestamp()), timezone.utc)
+    return SignInRequest(user_id=user_id, service=service, jti=secrets.token_urlsafe(16), requested_at=stamp)
+
+
+def link_for_request(settings: Settings, request: SignInRequest) -> str:
+    """The single-use sign-in link of `request`: the same link whoever builds it, built from our own settings."""
+    token = sign(settings, SIGN_IN, {"u": request.user_id, "s": request.service, "j": request.jti},
+                 request.requested_at)
+    return f"{settings.link_base(request.service)}/connexion/{token}"
+
+
+def sign_in_reference(settings: Settings, request: SignInRequest) -> str:
+    """What access.link_requested carries instead of the link: signed for another purpose, so a reader of the stream
+    can neither sign in with it nor forge one."""
+    return sign(settings, SIGN_IN_REQUEST, {"u": request.user_id, "s": request.service, "j": request.jti,
+                                            "t": int(request.requested_at.timestamp())}, request.requested_at)
+
+
+def read_sign_in_reference(settings: Settings, reference: str, now: datetime | None = None) -> SignInRequest:
+    """The request behind a reference signed by this deployment; raises TokenExpired (the link would be dead
+    already) or TokenInvalid (not ours: a forged event)."""
+    payload = unsign(settings, SIGN_IN_REQUEST, reference, SIGN_IN_MAX_AGE, now)
+    try:
+        request = SignInRequest(user_id=str(payload["u"]), service=str(payload["s"]), jti=str(payload["j"]),
+                                requested_at=datetime.fromtimestamp(int(payload["t"]), timezone.utc))
+    except (TypeError, KeyError, ValueError, OverflowError):
+        raise TokenInvalid(SIGN_IN_REQUEST) from None
+    if request.service not in SERVICES:
+        raise TokenInvalid(SIGN_IN_REQUEST)
+    return request
+
+
 def sign_in_link(settings: Settings, service: str, user_id: str, now: datetime | None = None) -> tuple[str, datetime]:
     """A single-use sign-in link to `service` for `user_id`, and when it expires."""
-    now = now or utcnow()
-    token = sign(settings, SIGN_IN, {"u": user_id, "s": service, "j": secrets.token_urlsafe(16)}, now)
-    return f"{settings.link_base(service)}/connexion/{token}", now + SIGN_IN_MAX_AGE
+    request = new_sign_in_request(service, user_id, now)
+    return link_for_request(settings, request), request.expires_at
 
 
 def read_sign_in_token(settings: Settings, service: str, token: str, now: datetime | None = None) -> SignInGrant:
@@ -255,17 +317,50 @@ def use_once(db, jti: str, now: datetime) -> bool:
 # --- sign-in rate limit ---------------------------------------------------------------------------
 
 
-async def allow_sign_in_request(redis, settings: Settings, email: str,
-                                limit: int = SIGN_IN_REQUESTS_PER_WINDOW,
-                                window: timedelta = SIGN_IN_REQUEST_WINDOW) -> bool:
-    """Count a sign-in request for `email` (known or not, so the limit tells nothing); False past `limit`."""
-    digest = hashlib.sha256(email.strip().casefold().encode()).hexdigest()
-    key = settings.key(f"ratelimit:signin:{digest}")
+async def _count_in_window(redis, key: str, window: timedelta) -> int:
     async with redis.pipeline(transaction=True) as pipe:
         pipe.set(key, 0, ex=int(window.total_seconds()), nx=True)  # the window starts at the first request
         pipe.incr(key)
         _, count = await pipe.execute()
-    return count <= limit
+    return count
+
+
+def _address_key(settings: Settings, email: str) -> str:
+    return settings.key(f"ratelimit:signin:{hashlib.sha256(email.strip().casefold().encode()).hexdigest()}")
+
+
+async def allow_sign_in_request(redis, settings: Settings, email: str,
+                                limit: int = SIGN_IN_REQUESTS_PER_WINDOW,
+                                window: timedelta = SIGN_IN_REQUEST_WINDOW) -> bool:
+    """Count a sign-in request for `email` (known or not, so the limit tells nothing); False past `limit`: one
+    address never gets more than `limit` links per window, whoever asks."""
+    return await _count_in_window(redis, _address_key(settings, email), window) <= limit
+
+
+def client_of(request: Request) -> str:
+    """The client address the limits count: an IPv6 client may hold a whole /64, so it counts as one."""
+    host = request.client.host if request.client else "unknown"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if address.version == 6:
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
+
+
+async def allow_sign_in_from(redis, settings: Settings, client: str, limit: int = SIGN_IN_REQUESTS_PER_CLIENT,
+                             window: timedelta = SIGN_IN_REQUEST_WINDOW) -> bool:
+    """Count a sign-in request from `client`; False past `limit`, whatever addresses it asks links for."""
+    key = settings.key(f"ratelimit:signin-client:{hashlib.sha256(client.encode()).hexdigest()}")
+    return await _count_in_window(redis, key, window) <= limit
+
+
+async def forget_sign_in_requests(redis, settings: Settings, email: str) -> None:
+    """The owner of `email` just used a link sent there: what strangers asked for that address no longer counts."""
+    await redis.delete(_address_key(settings, email))
 
 
 # --- forms ----------------------------------------------------------------------------------------
@@ -318,6 +413,46 @@ _UNREAD = object()
 class WebSession:
     user_id: str | None
     csrf: str
+    session_id: str | None = None  # a signed-in session's server-side record (shared.sessions)
+
+
+def session_cookie(service: str) -> str:
+    return f"relais_{service}_session"
+
+
+async def read_session(svc: Service, raw: str) -> WebSession | None:
+    """The session in a cookie value: None when it is not ours, too old, or a signed-in session whose record was
+    ended (signed out, revoked)."""
+    try:
+        data = unsign(svc.settings, f"session:{svc.name}", raw, SESSION_MAX_AGE, svc.clock())
+        found = WebSession(user_id=data.get("u"), csrf=str(data["c"]), session_id=data.get("s"))
+    except (TokenExpired, TokenInvalid, AttributeError, KeyError, TypeError):
+        return None
+    if found.user_id is None:
+        return found
+    if not isinstance(found.session_id, str) or not await session_is_live(
+            svc.bus.redis, svc.settings, svc.name, str(found.user_id), found.session_id):
+        return None
+    return found
+
+
+class LiveSessions:
+    """ASGI middleware: reads the service's session cookie once per request, checking a signed-in session against
+    its record in Redis, before any page runs (the page helpers are synchronous)."""
+
+    def __init__(self, app, svc: Service) -> None:
+        self.app, self.svc, self.cookie = app, svc, session_cookie(svc.name)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            raw = Request(scope).cookies.get(self.cookie)
+            scope.setdefault("state", {})["web_session"] = await read_session(self.svc, raw) if raw else None
+        await self.app(scope, receive, send)
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}".lower()
 
 
 class Pages:
@@ -329,7 +464,8 @@ class Pages:
     def __init__(self, svc: Service, template_dir: Path | None, *, roles: Sequence[str], home: str) -> None:
         self.svc, self.roles, self.home = svc, tuple(roles), home
         self.env = environment(*([template_dir] if template_dir else []))
-        self.cookie = f"relais_{svc.name}_session"
+        self.cookie = session_cookie(svc.name)
+        self.link_cookie = f"relais_{svc.name}_lien"  # binds a sign-in link's confirmation page to its browser
         self.secure = svc.settings.link_base(svc.name).startswith("https://")
 
     @property
@@ -339,21 +475,13 @@ class Pages:
     # --- sessions
 
     def session(self, request: Request) -> WebSession | None:
-        """The request's valid session cookie, if any (cached on the request)."""
-        if getattr(request.state, "web_session", _UNREAD) is _UNREAD:
-            found = None
-            if raw := request.cookies.get(self.cookie):
-                try:
-                    data = unsign(self.settings, f"session:{self.svc.name}", raw, SESSION_MAX_AGE, self.svc.clock())
-                    found = WebSession(user_id=data.get("u"), csrf=str(data["c"]))
-                except (TokenExpired, TokenInvalid, AttributeError, KeyError, TypeError):
-                    found = None
-            request.state.web_session = found
-        return request.state.web_session
+        """The request's valid session, read and checked by `LiveSessions` before the page ran."""
+        found = getattr(request.state, "web_session", _UNREAD)
+        return None if found is _UNREAD else found  # no middleware: nobody is signed in (fail closed)
 
     def _set_session(self, response: Response, session: WebSession) -> None:
-        value = sign(self.settings, f"session:{self.svc.name}", {"u": session.user_id, "c": session.csrf},
-                     self.svc.clock())
+        value = sign(self.settings, f"session:{self.svc.name}",
+                     {"u": session.user_id, "c": session.csrf, "s": session.session_id}, self.svc.clock())
         response.set_cookie(self.cookie, value, max_age=int(SESSION_MAX_AGE.total_seconds()), path="/",
                             httponly=True, samesite="lax", secure=self.secure)
 
@@ -407,6 +535,28 @@ class Pages:
 
     # --- CSRF
 
+    def cross_site(self, request: Request) -> bool:
+        """True when the browser says another site sent this POST (Sec-Fetch-Site, else Origin); a client that
+        sends neither header (not a browser) is let through: the form's CSRF token still applies."""
+        site = request.headers.get("sec-fetch-site")
+        if site is not None:
+            return site.lower() not in ("same-origin", "none")
+        origin = request.headers.get("origin")
+        if origin is None:
+            return False
+        return origin.lower().rstrip("/") not in {_origin(self.settings.link_base(self.svc.name)),
+                                                  _origin(str(request.base_url))}
+
+    def refuse_cross_site(self, request: Request) -> None:
+        if self.cross_site(request):
+            log.warning("%s: cross-site POST to %s refused", self.svc.name, request.url.path.split("/")[1])
+            raise self.error(request, 403, "cross_site")
+
+    def sign_in_csrf(self, token: str, browser: str) -> str:
+        """The CSRF token of a sign-in link's confirmation form: bound to that link and to the browser's cookie."""
+        key = self.settings.signing_key.encode()
+        return hmac.new(key, f"sign-in|{self.svc.name}|{token}|{browser}".encode(), hashlib.sha256).hexdigest()
+
     def link_csrf(self, token: str) -> str:
         """The CSRF token of the forms on a signed-link page: bound to that link."""
         key = self.settings.signing_key.encode()
@@ -440,13 +590,16 @@ class Pages:
 
         @router.post("/connexion")
         async def ask_for_link(request: Request) -> Response:
+            self.refuse_cross_site(request)
             fields = await self.form(request)
             email = fields.get("email", "").strip()
             if "@" not in email or len(email) > 320:
                 return self.render(request, "connexion.html", status=422, email=email, error="email",
                                    signed_out=False)
+            if not await allow_sign_in_from(svc.bus.redis, self.settings, client_of(request)):
+                return self.render(request, "connexion_limite.html", status=429, limit="client")
             if not await allow_sign_in_request(svc.bus.redis, self.settings, email):
-                return self.render(request, "connexion_limite.html", status=429)
+                return self.render(request, "connexion_limite.html", status=429, limit="address")
             wanted = email.casefold()
             user = next((u for u in svc.directory.users
                          if u.email and u.email.casefold() == wanted and u.role in self.roles), None)
@@ -470,29 +623,51 @@ class Pages:
                 raise self.error(request, 403, "role")
             return user, grant
 
+        # The confirmation page gives its browser a random cookie that the button's form is bound to: a page on
+        # another site that got the form of its own link (login CSRF) cannot make another browser use it.
         @router.get("/connexion/{token}")
         async def confirm_link(request: Request, token: str) -> Response:
             now = svc.clock()
             user, grant = check_link(request, token, now)
             if await anyio.to_thread.run_sync(was_used, svc.db, grant.jti):
                 return self.render(request, "erreur.html", status=410, problem="sign_in_used")
-            return self.render(request, "connexion_confirmer.html", token=token, csrf=self.link_csrf(token),
-                               email=user.email)
+            browser = request.cookies.get(self.link_cookie, "")
+            if not 20 <= len(browser) <= 64:  # one per browser, so two open links both work
+                browser = secrets.token_urlsafe(24)
+            response = self.render(request, "connexion_confirmer.html", token=token,
+                                   csrf=self.sign_in_csrf(token, browser), email=user.email)
+            response.set_cookie(self.link_cookie, browser, max_age=int(SIGN_IN_MAX_AGE.total_seconds()),
+                                path="/connexion/", httponly=True, samesite="strict", secure=self.secure)
+            return response
 
         @router.post("/connexion/{token}")
         async def use_link(request: Request, token: str) -> Response:
-            await self.form(request, csrf=self.link_csrf(token))
+            self.refuse_cross_site(request)
+            browser = request.cookies.get(self.link_cookie)
+            if not browser:
+                raise self.error(request, 403, "sign_in_browser")
+            await self.form(request, csrf=self.sign_in_csrf(token, browser))
             now = svc.clock()
             user, grant = check_link(request, token, now)
             if not await anyio.to_thread.run_sync(use_once, svc.db, grant.jti, now):
                 return self.render(request, "erreur.html", status=410, problem="sign_in_used")
+            session_id = await open_session(svc.bus.redis, self.settings, svc.name, user.id)
+            if user.email:  # the owner of the address proved it: strangers' requests for it no longer count
+                await forget_sign_in_requests(svc.bus.redis, self.settings, user.email)
             response = self.redirect(self.home)
-            self._set_session(response, WebSession(user_id=user.id, csrf=secrets.token_urlsafe(24)))
+            self._set_session(response, WebSession(user_id=user.id, csrf=secrets.token_urlsafe(24),
+                                                   session_id=session_id))
+            response.delete_cookie(self.link_cookie, path="/connexion/", httponly=True, samesite="strict",
+                                   secure=self.secure)
             return response
 
         @router.post("/deconnexion")
         async def sign_out(request: Request) -> Response:
+            self.refuse_cross_site(request)
             await self.form(request)
+            session = self.session(request)
+            if session is not None and session.user_id and session.session_id:
+                await end_session(svc.bus.redis, self.settings, session.user_id, session.session_id)
             response = self.redirect("/connexion?fin=1")
             response.delete_cookie(self.cookie, path="/", httponly=True, samesite="lax", secure=self.secure)
             return response
@@ -502,12 +677,13 @@ class Pages:
     async def _send_link(self, user: User) -> None:
         svc = self.svc
         now = svc.clock()
-        link, expires_at = sign_in_link(self.settings, svc.name, user.id, now)
+        request = new_sign_in_request(svc.name, user.id, now)
 
         def record() -> None:
             with svc.db.transaction() as session:
-                emit(session, AccessLinkRequested(user_id=user.id, email=user.email, link=link, expires_at=expires_at,
-                                                  service=svc.name, occurred_at=now))
+                emit(session, AccessLinkRequested(user_id=user.id, service=svc.name,
+                                                  reference=sign_in_reference(self.settings, request),
+                                                  expires_at=request.expires_at, occurred_at=now))
 
         await anyio.to_thread.run_sync(record)
         svc.bus.relay.wake()

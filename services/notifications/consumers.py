@@ -36,6 +36,7 @@ def register(svc: Service, wake_senders: Callable[[], None]) -> None:
 
     @svc.bus.subscriber(ACCESS, "Sign-in links asked for on any service's pages are emailed.")
     async def on_access_event(event: AccessLinkRequested) -> None:
-        if await svc.bus.process(lambda s, e: handlers.on_access_link_requested(s, e, svc.directory, svc.clock()),
+        if await svc.bus.process(lambda s, e: handlers.on_access_link_requested(s, e, svc.directory, svc.settings,
+                                                                                svc.clock()),
                                  event):
             wake_senders()

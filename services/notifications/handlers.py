@@ -18,6 +18,8 @@ from shared.db import emit
 from shared.directory import Directory
 from shared.events import (AccessLinkRequested, DeliveryFailed, Event, NeedCancelled, NeedRecorded, new_id,
                            parse_event)
+from shared.settings import Settings
+from shared.web import TokenExpired, TokenInvalid, link_for_request, read_sign_in_reference
 
 log = logging.getLogger("relais.notifications")
 
@@ -199,14 +201,36 @@ def fall_back_to_email(session: Session, sms: Delivery, now: datetime) -> Delive
 SIGN_IN_ROLE = {"partner": "partner_contact", "front_desk": "front_desk", "ops": "escalation"}
 
 
-def on_access_link_requested(session: Session, event: AccessLinkRequested, directory: Directory, now: datetime) -> None:
-    user = directory.user(event.user_id)
-    if user is None:
-        return  # removed from the directory since it asked: nothing to send
-    rendered = render_email("sign_in", recipient=domain.Recipient(SIGN_IN_ROLE[user.role], user.id, event.email),
-                            link=event.link, expires_at=event.expires_at, timezone=directory.timezone)
-    queue(session, event, now, kind="sign_in", channel="email", recipient_role=SIGN_IN_ROLE[user.role],
-          recipient=event.email, rendered=rendered)
+class ForgedEvent(ValueError):
+    """An event that no Relais service wrote (not signed with the deployment's key): dead-lettered, never acted on."""
+
+
+def on_access_link_requested(session: Session, event: AccessLinkRequested, directory: Directory, settings: Settings,
+                             now: datetime) -> None:
+    """Email a sign-in link to the user's address in the directory, built here from the event's signed reference
+    and our own settings; the event names no address and carries no link (see shared.web.sign_in_reference)."""
+    try:
+        request = read_sign_in_reference(settings, event.reference, now)
+    except TokenExpired:
+        log.info("sign-in link for %s on %s asked for too long ago: not sent", event.user_id, event.service)
+        return
+    except TokenInvalid:
+        raise ForgedEvent(f"access.link_requested {event.event_id}: reference not signed by this deployment") from None
+    if (request.user_id, request.service) != (event.user_id, event.service):
+        raise ForgedEvent(f"access.link_requested {event.event_id}: reference is for another user or service")
+    user = directory.user(request.user_id)
+    if user is None or not user.email:
+        return  # removed from the directory (or its address) since it asked: nothing to send
+    once = f"sign-in:{request.jti}"  # the same reference written again (a replayed entry) sends nothing more
+    if session.exec(select(Delivery.id).where(Delivery.event_id == once)).first() is not None:
+        return
+    role = SIGN_IN_ROLE[user.role]
+    rendered = render_email("sign_in", recipient=domain.Recipient(role, user.id, user.email),
+                            link=link_for_request(settings, request), expires_at=request.expires_at,
+                            timezone=directory.timezone)
+    delivery = queue(session, event, now, kind="sign_in", channel="email", recipient_role=role, recipient=user.email,
+                     rendered=rendered)
+    delivery.event_id = once
 
 
 # --- what the SMS providers tell us --------------------------------------------------------------------

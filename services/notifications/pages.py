@@ -11,6 +11,7 @@ the SMS with its segment count.
 
 from __future__ import annotations
 
+import re
 import threading
 from dataclasses import dataclass
 from email import message_from_bytes, policy
@@ -40,6 +41,16 @@ PAGE_SIZE = 50
 PAGE_CSP = SECURITY_HEADERS["Content-Security-Policy"] + "; frame-src 'self'"
 PREVIEW_CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'self'; "
                "base-uri 'none'; form-action 'none'; sandbox")
+
+
+# A sign-in link in a message shown to ops: the path keeps its shape, the token is gone. Ops can do anything
+# already, but a live link on a screen would let whoever sees it sign in as someone else.
+SIGN_IN_TOKEN = re.compile(r"(/connexion/)[A-Za-z0-9_.\-]+")
+MASKED_TOKEN = "••••••"
+
+
+def mask_sign_in_links(text: str) -> str:
+    return SIGN_IN_TOKEN.sub(lambda m: m.group(1) + MASKED_TOKEN, text)
 
 
 def masked(address: str) -> str:
@@ -159,7 +170,8 @@ def build_router(svc: Service) -> APIRouter:
             text_part, html_part = msg.get_body(("plain",)), msg.get_body(("html",))
             shown = Shown(headers={name: str(msg[name]) for name in ("From", "To", "Reply-To", "Subject", "Date",
                                                                       "Message-ID") if msg[name]},
-                          text=text_part.get_content() if text_part else None, has_html=html_part is not None)
+                          text=mask_sign_in_links(text_part.get_content()) if text_part else None,
+                          has_html=html_part is not None)
         sms_kept = d.channel == "sms" and d.provider == "outbox" and d.status in ("sent", "delivered")
         return pages.render(request, "envoi.html", d=d, attempts=attempts, shown=shown, sms_kept=sms_kept,
                             sink=sink is not None, sms_provider=svc.settings.sms_provider, masked=masked,
@@ -173,6 +185,6 @@ def build_router(svc: Service) -> APIRouter:
         html_part = msg.get_body(("html",)) if msg is not None else None
         if html_part is None:
             raise pages.error(request, 404, "not_found")
-        return HTMLResponse(html_part.get_content(), headers={**SECURITY_HEADERS, "Content-Security-Policy": PREVIEW_CSP})
+        return HTMLResponse(mask_sign_in_links(html_part.get_content()), headers={**SECURITY_HEADERS, "Content-Security-Policy": PREVIEW_CSP})
 
     return router

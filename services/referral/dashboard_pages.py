@@ -6,7 +6,8 @@
 - `/tableau-de-bord/rapports.csv`: intake's monthly report as CSV, fetched server-side;
 - `/tableau-de-bord/confirmer/{action}`: the confirmation step of each action, which asks for the reason;
 - `POST /tableau-de-bord/actions/{action}`: the action itself, through the owning service (referral's handlers,
-  the shared replay, intake's API for a need), recorded in `ops_action` with who and why; then back (303).
+  the shared replay, intake's API for a need, shared.sessions for a user's sessions), recorded in `ops_action`
+  with who and why; then back (303).
 Charts: each is a `<figure>` whose data is a table (what a page without JavaScript and a screen reader get) and,
 as JSON in a `data-chart` attribute, drawn in the browser by uPlot (vendored in shared/static/vendor/uplot) from
 `tableau-de-bord.js`, after the first load and after each refresh.
@@ -31,10 +32,11 @@ from shared.directory import User
 from shared.events import DEAD_LETTER_SUFFIX, STREAMS
 from shared.messaging import replay
 from shared.service import ACTOR_HEADER, Service, internal_token
+from shared.sessions import revoke_user_sessions
 from shared.web import SECURITY_HEADERS, Pages, datetime_fr
 
 TEMPLATES = Path(__file__).with_name("templates")
-ACTIONS = ("rejouer", "reaffecter", "pause", "reprise", "annuler")
+ACTIONS = ("rejouer", "reaffecter", "pause", "reprise", "annuler", "deconnecter")
 MAX_REASON = 2000
 REFRESH_SECONDS = 30
 # The dashboard page runs its own scripts (refresh, charts with the vendored uPlot), from this origin only.
@@ -110,7 +112,7 @@ def build_router(svc: Service, pages: Pages) -> APIRouter:
         done = request.query_params.get("fait")
         return pages.render(request, "tableau_de_bord.html", headers=headers,
                             done=done if done in ACTIONS else None, count=request.query_params.get("nombre"),
-                            **await figures(request))
+                            users=svc.directory.users, **await figures(request))
 
     @router.get("/tableau-de-bord/chiffres")
     async def board_figures(request: Request) -> Response:
@@ -147,6 +149,11 @@ def build_router(svc: Service, pages: Pages) -> APIRouter:
             if stream not in STREAMS:
                 raise pages.error(request, 404, "not_found")
             return {"stream": stream, "id": params.get("id") or None}
+        if action == "deconnecter":
+            user = directory.user(params.get("utilisateur", ""))
+            if user is None:
+                raise pages.error(request, 404, "not_found")
+            return {"user": user}
         if action in ("pause", "reprise"):
             partner = directory.partner(params.get("partenaire", ""))
             if partner is None:
@@ -247,6 +254,9 @@ def build_router(svc: Service, pages: Pages) -> APIRouter:
             count = await replay(svc.bus.redis, key, ids)
             target = f"{subject['stream']}:{subject['id'] or '*'}"
             await anyio.to_thread.run_sync(record, user, "replay", target, reason)
+        elif action == "deconnecter":
+            count = await revoke_user_sessions(svc.bus.redis, svc.settings, subject["user"].id)
+            await anyio.to_thread.run_sync(record, user, "revoke_sessions", subject["user"].id, reason)
         elif action == "reaffecter":
             def work() -> None:
                 with svc.db.transaction() as session:

@@ -36,7 +36,7 @@ def test_the_partner_pages_after_the_need_left(exit, page, check_page, settings,
         "person": {"display_name": NAME, "email": EMAIL, "phone": PHONE_TYPED, "preferred_channel": "email"}}).json()
     ops = referral.client("ops")
     rid = wait_for(lambda: ops.get("/referrals", params={"need_id": need["id"]}).json()["items"])[0]["id"]
-    link = referral_link(settings, rid, "caf-76")
+    link = referral_link(settings, rid, "caf-76", now=referral.svc.clock())
     page.goto(link)
     assert page.get_by_text(NAME).is_visible()  # before: the partner sees the person
 
@@ -60,7 +60,7 @@ def test_the_partner_pages_after_the_need_left(exit, page, check_page, settings,
     assert_no_person(page, "the link's page")
     check_page(page, f"referral-link-left-{exit}")
 
-    sign_in_in_browser(page, sign_in_link(settings, "referral", "op-caf")[0])
+    sign_in_in_browser(page, sign_in_link(settings, "referral", "op-caf", now=referral.svc.clock())[0])
     page.get_by_label("Statut").select_option(status)
     page.get_by_role("button", name="Filtrer").click()
     assert page.locator(".cards > li").count() == 1 and page.locator(".cards > li").get_by_text(LEFT).is_visible()

@@ -24,7 +24,8 @@ from shared.db import OutboxMessage
 from shared.events import (STREAM_OF, AccessLinkRequested, NeedRecorded, PersonContact, ReferralAccepted,
                            ReferralAssigned, ReferralBreached, ReferralReminderDue, new_id, utcnow)
 from shared.messaging import stream_fields
-from shared.testing import DESK_EMAIL, MailSink, directory_data, free_port, clock_start, wait_for
+from shared.testing import DESK_EMAIL, MailSink, clock_start, directory_data, free_port, wait_for
+from shared.web import link_for_request, new_sign_in_request, sign_in_reference
 
 PHONE = "+33612345678"
 
@@ -211,12 +212,13 @@ def test_emails_have_both_parts_reply_to_the_desk_a_message_id_and_share_one_con
 def test_a_sign_in_link_is_emailed_but_kept_out_of_the_contracts_deliveries_and_events(settings, sink,
                                                                                       start_service):
     notif = start_service("notifications", settings.model_copy(update={"smtp_url": sink.url}))
-    link = AccessLinkRequested(user_id="desk", email=DESK_EMAIL, link="http://127.0.0.1:1/connexion/jeton",
-                               expires_at=notif.svc.clock() + timedelta(minutes=15), service="intake")
+    request = new_sign_in_request("intake", "desk", now=notif.svc.clock())
+    link = AccessLinkRequested(user_id="desk", service="intake", reference=sign_in_reference(settings, request),
+                               expires_at=request.expires_at)
     publish(settings, link, assigned(new_id()))
 
     [mail] = wait_for(lambda: sink.to(DESK_EMAIL))
-    assert "connexion/jeton" in mail["message"].get_body(("plain",)).get_content()
+    assert link_for_request(settings, request) in mail["message"].get_body(("plain",)).get_content()
     assert wait_for(lambda: settled(notif, kind="sign_in")).status == "sent"
     assert wait_for(lambda: settled(notif, kind="handoff")).status == "sent"
     ops = notif.client("ops")

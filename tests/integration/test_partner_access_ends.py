@@ -50,7 +50,7 @@ def leave(exit: str, intake, referral, need_id: str, rid: str) -> None:
 
 def signed_in(service, user_id: str) -> httpx.Client:
     client = httpx.Client(base_url=service.url, follow_redirects=True, timeout=30)
-    link, _ = sign_in_link(service.settings, "referral", user_id)
+    link, _ = sign_in_link(service.settings, "referral", user_id, now=service.svc.clock())
     assert use_sign_in_link(client, link).status_code == 200
     return client
 
@@ -67,7 +67,7 @@ def test_after_the_need_left_the_partner_sees_when_and_nothing_of_the_person(exi
     referral = start_service("referral", settings)
     need_id = record(intake)
     rid = wait_for(lambda: referral.client("ops").get("/referrals", params={"need_id": need_id}).json()["items"])[0]["id"]
-    link = httpx.URL(referral_link(settings, rid, "caf-76")).raw_path.decode()
+    link = httpx.URL(referral_link(settings, rid, "caf-76", now=referral.svc.clock())).raw_path.decode()
     pages = httpx.Client(base_url=referral.url, timeout=30)
     partner = signed_in(referral, "op-caf")
     before = pages.get(link).text

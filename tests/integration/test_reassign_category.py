@@ -72,7 +72,7 @@ def test_a_reassignment_within_the_category_needs_no_force_and_is_recorded(refer
 def test_the_dashboard_offers_and_accepts_only_partners_of_the_category(referral):
     rid = record_need(referral.svc, category="caf")
     browser = httpx.Client(base_url=referral.url, follow_redirects=True, timeout=30)
-    link, _ = sign_in_link(referral.settings, "referral", "ops")
+    link, _ = sign_in_link(referral.settings, "referral", "ops", now=referral.svc.clock())
     assert use_sign_in_link(browser, link).status_code == 200
 
     page = browser.get("/tableau-de-bord/confirmer/reaffecter", params={"orientation": rid})
