@@ -67,8 +67,8 @@ def demo_token_hashes() -> frozenset[str]:
 
 
 def private_dir(path: Path) -> Path:
-    """Create `path` (and its parents) readable by this user only; a folder of ours left open by an older version is
-    closed (not a shared one such as /tmp, which has the sticky bit, or one owned by someone else)."""
+    """Create the folder `path` readable by this user only (missing parents as usual); a folder of ours that an older
+    version left open is closed (not a shared one such as /tmp, which has the sticky bit, or someone else's)."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     info = path.stat()
     if info.st_mode & 0o077 and info.st_uid == os.getuid() and not info.st_mode & stat.S_ISVTX:
@@ -153,12 +153,19 @@ class Settings(BaseSettings):
         path = self.data_dir / "secret_key"
         if not path.exists():
             private_dir(self.data_dir)
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:  # another process of this system wrote it first
-                return path.read_text().strip()
+            draft = path.with_name(f".secret_key.{os.getpid()}")
+            fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(secrets.token_urlsafe(48))
+            try:
+                os.link(draft, path)  # whole or not at all: a process starting at the same time never reads half a key
+            except FileExistsError:
+                pass  # another process of this system wrote it first: its key is the one
+            except OSError:  # a filesystem without hard links
+                if not path.exists():
+                    os.replace(draft, path)
+            finally:
+                draft.unlink(missing_ok=True)
         return path.read_text().strip()
 
     def production_problems(self) -> list[str]:
