@@ -133,7 +133,7 @@ def mode(path: Path) -> int:
 
 
 def redis_url_in(output: str) -> str | None:
-    found = re.search(r"redis://\S+", output)
+    found = re.search(r"rediss?://[^\s,]+", output)
     return found.group(0) if found else None
 
 
