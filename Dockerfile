@@ -18,10 +18,11 @@ RUN pip install --no-deps . \
     && rm -rf build ./*.egg-info \
     && useradd --system --create-home --uid 10001 --user-group relais \
     && mkdir -p /data \
-    && chown relais:relais /data
+    && chown relais:relais /data \
+    && chmod 700 /data
 
 USER relais
-# Data dir of a process (the secret key lands here when RELAIS_SECRET_KEY is unset).
+# Data dir of a process, this user's only (a secret key is generated here only in the demo, RELAIS_DEMO=true).
 ENV RELAIS_DATA_DIR=/data \
     RELAIS_HOST=0.0.0.0
 EXPOSE 8001 8002 8003

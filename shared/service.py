@@ -33,7 +33,7 @@ from shared.directory import Directory, User, load_directory
 from shared.events import utcnow
 from shared.logs import EventLogContext, log_context, new_correlation_id, valid_correlation_id
 from shared.messaging import Bus
-from shared.settings import Settings
+from shared.settings import Settings, weak_secret
 
 log = logging.getLogger("relais.service")
 http_log = logging.getLogger("relais.http")
@@ -44,9 +44,24 @@ QUIET_PATHS = ("/metrics", "/healthz", "/readyz", "/static/")  # probes and asse
 
 
 def internal_token(settings: Settings) -> str:
-    """The bearer token one service uses to call another's ops API: derived from the shared signing key, so it is
-    never configured separately and changes when the key does. Accepted as role ops by `Service.require`."""
+    """The bearer token one service uses to call another's ops API: RELAIS_INTERNAL_TOKEN when set, else derived
+    from the shared secret key with a purpose string of its own (so it changes when the key does). Accepted as
+    role ops by `Service.require`, only when `internal_token_refused` finds nothing to object."""
+    if settings.internal_token:
+        return settings.internal_token
     return hmac.new(settings.signing_key.encode(), b"relais-internal-ops", hashlib.sha256).hexdigest()
+
+
+def internal_token_refused(settings: Settings) -> str | None:
+    """Why the internal credential is not accepted, or None: a key (or token) anyone could know would let anyone
+    compute it. A key generated into the data dir is only for the demo; production sets its own."""
+    if settings.internal_token:
+        why = weak_secret(settings.internal_token)
+        return f"RELAIS_INTERNAL_TOKEN {why}" if why else None
+    if settings.secret_key is None:
+        return None if settings.demo else "RELAIS_SECRET_KEY is not set (outside the demo)"
+    why = weak_secret(settings.secret_key)
+    return f"RELAIS_SECRET_KEY {why}" if why else None
 
 
 class Service:
@@ -67,6 +82,10 @@ class Service:
                                      registry=self.metrics)
         self.http_seconds = Histogram("relais_http_request_seconds", "HTTP request duration", ["service", "route"],
                                       registry=self.metrics)
+        if refused := internal_token_refused(settings):
+            log.warning("%s: the services' internal ops credential is refused: %s; the dashboard cannot read the other "
+                        "services' figures until it is fixed (see docs/security.md)", name, refused)
+        self.internal_token_ok = refused is None
         self.outbox_backlog = Gauge("relais_outbox_backlog", "Events committed but not yet published",
                                     ["service"], registry=self.metrics)
 
@@ -86,7 +105,8 @@ class Service:
     # --- auth ---
 
     def caller(self, credentials: HTTPAuthorizationCredentials | None, actor: str | None = None) -> User:
-        if credentials and hmac.compare_digest(credentials.credentials.encode(), internal_token(self.settings).encode()):
+        if (credentials and self.internal_token_ok
+                and hmac.compare_digest(credentials.credentials.encode(), internal_token(self.settings).encode())):
             return self.internal_caller(actor)
         user = self.directory.user_by_token(credentials.credentials) if credentials else None
         if user is None:

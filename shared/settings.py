@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import socket
+import stat
 from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
@@ -13,7 +15,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.directory import DEMO_DIRECTORY
+from shared.directory import DEMO_DIRECTORY, DirectoryError, load_directory
 
 SERVICES = ("intake", "referral", "notifications")
 ServiceName = Literal["intake", "referral", "notifications"]
@@ -26,6 +28,53 @@ DEMO_TOKENS = {
     "op-piaule": "demo-partner-piaule",
     "coord": "demo-ops",
 }
+
+# --- modes: what production refuses (docs/security.md, "Modes, secrets and files at rest") ---------------
+
+SECRET_MIN_LENGTH = 32
+# Secret values this repository ships (compose file, docs, tests, CI), and the usual placeholders: public, so never
+# a production key. tests/unit/test_modes.py fails when a file of the repository ships one missing here.
+SHIPPED_SECRETS = frozenset({
+    "dev-only-insecure-secret-override-in-production",
+    "ci-compose-validation-only-not-a-real-secret-0000",
+    "ci-compose-validation-only",
+    "test-secret",
+    "e2e-secret",
+    "changethis",
+    "changeme",
+    "change-me",
+    "secret",
+    "your-secret-key",
+})
+DEMO_HINT = "or set RELAIS_DEMO=true to run the demo, never with real people's data"
+
+
+def weak_secret(value: str | None) -> str | None:
+    """Why `value` cannot protect a production deployment (unset, shipped by the repository, short), or None."""
+    if not value:
+        return "is not set"
+    if value.strip().lower() in SHIPPED_SECRETS:
+        return "is a value the Relais repository ships, so anyone can read it"
+    if len(value) < SECRET_MIN_LENGTH:
+        return f"is shorter than {SECRET_MIN_LENGTH} characters"
+    return None
+
+
+def demo_token_hashes() -> frozenset[str]:
+    """The SHA-256 of every demo token: public, since `relais up` prints the tokens and the demo file ships."""
+    hashes = {hashlib.sha256(token.encode()).hexdigest() for token in DEMO_TOKENS.values()}
+    hashes |= {u.token_sha256.lower() for u in load_directory(DEMO_DIRECTORY).users if u.token_sha256}
+    return frozenset(hashes)
+
+
+def private_dir(path: Path) -> Path:
+    """Create the folder `path` readable by this user only (missing parents as usual); a folder of ours that an older
+    version left open is closed (not a shared one such as /tmp, which has the sticky bit, or someone else's)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.stat()
+    if info.st_mode & 0o077 and info.st_uid == os.getuid() and not info.st_mode & stat.S_ISVTX:
+        path.chmod(0o700)
+    return path
 
 
 class Settings(BaseSettings):
@@ -61,6 +110,10 @@ class Settings(BaseSettings):
     delivery_max_attempts: int = Field(6, ge=1)
     mail_sink_dir: Path | None = None  # set by `relais up`: the embedded SMTP sink's folder of .eml files
     secret_key: str | None = None
+    # Production (`relais serve`) unless true: see production_problems(). `relais up` is always the demo.
+    demo: bool = False
+    # The ops credential services use between themselves; default derived from the secret key (shared.service).
+    internal_token: str | None = None
     public_url: str | None = None
     # Where referral's dashboard reads the other services' figures (their JSON APIs, server to server).
     intake_url: str | None = None  # default: base_url("intake")
@@ -79,7 +132,7 @@ class Settings(BaseSettings):
         url = getattr(self, f"{service}_database_url")
         if url:
             return url
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.data_dir)
         return f"sqlite:///{(self.data_dir / f'{service}.db').resolve()}"
 
     def port(self, service: ServiceName) -> int:
@@ -103,11 +156,49 @@ class Settings(BaseSettings):
             return self.secret_key
         path = self.data_dir / "secret_key"
         if not path.exists():
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            private_dir(self.data_dir)
+            draft = path.with_name(f".secret_key.{os.getpid()}")
+            fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(secrets.token_urlsafe(48))
+            try:
+                os.link(draft, path)  # whole or not at all: a process starting at the same time never reads half a key
+            except FileExistsError:
+                pass  # another process of this system wrote it first: its key is the one
+            except OSError:  # a filesystem without hard links
+                if not path.exists():
+                    os.replace(draft, path)
+            finally:
+                draft.unlink(missing_ok=True)
         return path.read_text().strip()
+
+    def production_problems(self) -> list[str]:
+        """Why `relais serve` may not run in production with these settings (RELAIS_DEMO is not true): a secret key
+        anyone could know, or a directory whose tokens are public. One line per problem, naming its variable."""
+        problems = []
+        if why := weak_secret(self.secret_key):
+            problems.append(f"RELAIS_SECRET_KEY: {why}; production needs a random key of at least "
+                            f"{SECRET_MIN_LENGTH} characters that only this deployment knows (e.g. the output of "
+                            f"`openssl rand -base64 48`), the same for every service; {DEMO_HINT}")
+        if self.internal_token is not None and (why := weak_secret(self.internal_token)):
+            problems.append(f"RELAIS_INTERNAL_TOKEN: {why}; set a random value of at least {SECRET_MIN_LENGTH} "
+                            "characters (e.g. `openssl rand -hex 32`), the same for every service, or leave it "
+                            "unset to derive it from RELAIS_SECRET_KEY")
+        if Path(self.directory).resolve() == DEMO_DIRECTORY.resolve():
+            problems.append(f"RELAIS_DIRECTORY: is the demo directory ({DEMO_DIRECTORY}), whose tokens are public; "
+                            f"give the path of your own directory file; {DEMO_HINT}")
+            return problems
+        try:
+            users = load_directory(self.directory).users
+        except DirectoryError:
+            return problems  # `relais serve` lists the file's own errors when it loads it
+        public = demo_token_hashes()
+        for user in users:
+            if user.token_sha256 and user.token_sha256.lower() in public:
+                problems.append(f"RELAIS_DIRECTORY: user {user.id!r} in {self.directory} has a token_sha256 of the "
+                                "demo directory, whose tokens are public; give them a new random token and put its "
+                                f"SHA-256 there; {DEMO_HINT}")
+        return problems
 
     def key(self, name: str) -> str:
         """A Redis key or stream name inside this deployment's namespace."""

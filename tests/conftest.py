@@ -9,6 +9,7 @@ never see each other's streams.
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -138,7 +139,7 @@ def settings(tmp_path, redis_url, namespace, directory_file, database_url_factor
         intake_database_url=database_url_factory("intake"), referral_database_url=database_url_factory("referral"),
         notifications_database_url=database_url_factory("notifications"),
         intake_port=free_port(), referral_port=free_port(), notifications_port=free_port(),
-        claim_idle_ms=500, max_deliveries=3, poll_ms=50, secret_key="test-secret",
+        claim_idle_ms=500, max_deliveries=3, poll_ms=50, secret_key=secrets.token_urlsafe(32),  # as production needs
     )
 
 

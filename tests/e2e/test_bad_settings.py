@@ -29,8 +29,10 @@ BAD = [  # (variable, value, what the line must say besides the variable)
 
 
 def relais(args: list[str], tmp_path, **variables) -> subprocess.CompletedProcess:
-    """`relais ARGS` with only the given RELAIS_* variables (lower-case names, without the prefix)."""
-    env = clean_env(**{"data_dir": tmp_path / "data", **variables})
+    """`relais ARGS` with only the given RELAIS_* variables (lower-case names, without the prefix), in the demo mode so
+    that the demo directory and a generated key are no problem: only the bad setting is (tests/e2e/test_modes.py
+    covers what production refuses)."""
+    env = clean_env(**{"data_dir": tmp_path / "data", "demo": "true", **variables})
     return subprocess.run([sys.executable, "-m", "shared.cli", *args], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=TIMEOUT)
 

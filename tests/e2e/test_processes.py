@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -169,7 +170,7 @@ def served_env(tmp_path, redis_url, namespace, directory_file, database_url_fact
     ports = {service: free_port() for service in SERVICES}
     env = clean_env(
         redis_url=redis_url, namespace=namespace, directory=directory_file, data_dir=tmp_path / "data",
-        smtp_url=mail_sink.url, secret_key="e2e-secret", poll_ms=50, claim_idle_ms=1000, log_level="WARNING",
+        smtp_url=mail_sink.url, secret_key=secrets.token_urlsafe(32), poll_ms=50, claim_idle_ms=1000, log_level="WARNING",
         **{f"{s}_database_url": database_url_factory(s) for s in SERVICES},
         **{f"{s}_port": port for s, port in ports.items()},
     )
@@ -243,7 +244,8 @@ def test_relais_serve_alone_uses_an_embedded_redis_and_mail_sink_as_the_settings
     # starts its own, says so, and stops them after itself, even when its whole process group is signalled (a
     # Ctrl-C in a terminal) — no "connection closed" error while it stops.
     port = free_port()
-    env = clean_env(namespace=f"e2e{uuid.uuid4().hex[:10]}", data_dir=tmp_path / "alone", notifications_port=port)
+    env = clean_env(namespace=f"e2e{uuid.uuid4().hex[:10]}", data_dir=tmp_path / "alone", notifications_port=port,
+                    demo="true")  # the demo directory and a generated key: production would refuse both
     served = processes("notifications-alone", ["serve", "notifications"], env)
     wait_ready(served, f"http://127.0.0.1:{port}")
     assert "started an embedded Redis" in served.output() and "messages are kept in" in served.output()
