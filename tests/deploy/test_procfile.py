@@ -1,6 +1,6 @@
 """The Procfile as a PaaS runs it: one app per service (RELAIS_SERVICE), each command through bash with the
-platform's $PORT; `postdeploy` migrates the app's database, `web` serves on $PORT, and the three apps hand a need
-to its partner through one Redis."""
+platform's $PORT; `web` migrates the app's database then serves on $PORT, and the three apps hand a need to its
+partner through one Redis."""
 
 from __future__ import annotations
 
@@ -15,7 +15,10 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from alembic import command
+from alembic.script import ScriptDirectory
 
+from shared import migrations
 from shared.settings import SERVICES
 from shared.testing import TOKENS, clean_env, free_port, wait_for
 
@@ -34,7 +37,7 @@ def procfile() -> dict[str, str]:
 
 def test_the_procfile_reads_the_same_as_a_line_parser_and_as_yaml():
     processes = procfile()
-    assert set(processes) == {"web", "postdeploy", "worker"}
+    assert set(processes) == {"web", "worker"}
     assert yaml.safe_load((ROOT / "Procfile").read_text()) == processes
 
 
@@ -53,9 +56,9 @@ class App:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def run(self, process: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", "-c", procfile()[process]], env=self.env, cwd=ROOT, capture_output=True,
-                              text=True, timeout=START_TIMEOUT)
+    @property
+    def database_url(self) -> str:
+        return self.env[f"RELAIS_{self.service.upper()}_DATABASE_URL"]
 
     def start(self, process: str) -> subprocess.Popen:
         log = self.logs / f"{self.service}-{process}.log"
@@ -107,10 +110,6 @@ def apps(tmp_path, redis_url, namespace, directory_file, database_url_factory, m
 
 def test_three_apps_from_the_procfile_hand_a_need_to_the_partner(apps, mail_sink):
     for app in apps.values():
-        migrated = app.run("postdeploy")
-        assert migrated.returncode == 0, migrated.stderr
-        assert f"{app.service}: database at the newest schema" in migrated.stdout
-    for app in apps.values():
         app.wait_ready(app.start("web"))  # on $PORT, the only port the platform routes to
 
     answer = httpx.post(f"{apps['intake'].url}/api/v1/needs", headers={"Authorization": f"Bearer {TOKENS['desk']}"},
@@ -122,11 +121,19 @@ def test_three_apps_from_the_procfile_hand_a_need_to_the_partner(apps, mail_sink
     assert "nouvelle demande" in mails[0]["subject"].lower()
 
 
+def test_web_brings_a_database_left_behind_by_the_previous_release_to_the_newest_schema(apps):
+    # A platform starts the new release's containers on the previous release's database.
+    intake = apps["intake"]
+    previous = ScriptDirectory.from_config(migrations.config("intake", intake.database_url)).get_revision("head")
+    assert previous.down_revision, "intake needs two revisions for this test"
+    command.upgrade(migrations.config("intake", intake.database_url), previous.down_revision)
+    web = intake.start("web")
+    intake.wait_ready(web)
+    assert "intake: database at the newest schema" in web.log.read_text()
+
+
 def test_a_worker_serves_the_same_service_beside_web(apps):
     referral = apps["referral"]
-    assert referral.run("postdeploy").returncode == 0
     # A worker gets no routed port: it keeps the service's own (RELAIS_REFERRAL_PORT), here a free one.
-    referral.env["RELAIS_REFERRAL_PORT"] = str(free_port())
-    worker = referral.start("worker")
-    referral.port = int(referral.env["RELAIS_REFERRAL_PORT"])
-    referral.wait_ready(worker)
+    referral.env["RELAIS_REFERRAL_PORT"] = str(referral.port)
+    referral.wait_ready(referral.start("worker"))
