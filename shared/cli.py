@@ -243,7 +243,8 @@ def _serve(service: str, settings: Settings) -> int:
     except MigrationNeeded as exc:
         print(exc, file=sys.stderr)
         return 2
-    uvicorn.run(svc.app, host=settings.host, port=settings.port(service), log_level="warning",
+    # log_config=None: uvicorn's own lines (and any traceback it prints) go through our JSON logs and their masking.
+    uvicorn.run(svc.app, host=settings.host, port=settings.port(service), log_level="warning", log_config=None,
                 timeout_graceful_shutdown=10)
     return 0
 

@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import inspect
 import logging
+import re
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -31,7 +32,8 @@ from shared.db import Database, OutboxMessage
 from shared.migrations import check_current
 from shared.directory import Directory, User, load_directory
 from shared.events import utcnow
-from shared.logs import EventLogContext, log_context, new_correlation_id, valid_correlation_id
+from shared.edges import EdgeGuard, UnexpectedErrors
+from shared.logs import EventLogContext, current_correlation_id, log_context, new_correlation_id
 from shared.messaging import Bus
 from shared.settings import Settings
 
@@ -153,10 +155,12 @@ class Service:
 
             web.mount(app, pages)
 
+        app.add_middleware(UnexpectedErrors)  # innermost: next to the routes
+
         @app.middleware("http")
         async def measure(request: Request, call_next):
             start = time.perf_counter()
-            correlation_id = valid_correlation_id(request.headers.get("x-correlation-id")) or new_correlation_id()
+            correlation_id = current_correlation_id() or new_correlation_id()  # EdgeGuard's, validated
             with log_context(correlation_id=correlation_id):
                 response = await call_next(request)
                 route = getattr(request.scope.get("route"), "path", None)  # the template: no token in it
@@ -171,6 +175,8 @@ class Service:
                                   extra={"duration_ms": round(elapsed * 1000, 1)})
             response.headers["X-Correlation-ID"] = correlation_id
             return response
+
+        app.add_middleware(EdgeGuard, routes=lambda: app.routes)  # outermost: refuses before anything reads
 
         @app.exception_handler(RequestValidationError)
         async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
@@ -254,12 +260,20 @@ def encode_cursor(at: datetime, id_: str) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """The (time, id) that `encode_cursor` wrote, or 422: only a cursor that encodes back to itself is one of ours
+    (strict base64, an aware time, an id of plain characters), so nothing else reaches the database."""
     try:
-        at, id_ = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
-        return datetime.fromisoformat(at), id_
+        at, id_ = base64.b64decode(cursor.encode("ascii"), altchars=b"-_", validate=True).decode().split("|", 1)
+        when = datetime.fromisoformat(at)
+        if when.tzinfo is None or not _CURSOR_ID.fullmatch(id_) or encode_cursor(when, id_) != cursor:
+            raise ValueError(cursor)
+        return when, id_
     except Exception:  # noqa: BLE001
         raise HTTPException(422, [{"loc": ["query", "cursor"], "msg": "not a cursor from a previous page",
                                    "type": "value_error"}]) from None
+
+
+_CURSOR_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 def page(query, created_col, id_col, limit: int, cursor: str | None, session) -> tuple[list, str | None]:
