@@ -107,9 +107,10 @@ class EdgeGuard:
 
         async def send_with_id(message) -> None:
             if message["type"] == "http.response.start":
-                message.setdefault("headers", [])
-                message["headers"] = [*(h for h in message["headers"] if h[0].lower() != b"x-correlation-id"),
-                                      (b"x-correlation-id", correlation_id.encode())]
+                headers = [h for h in message.get("headers", []) if h[0].lower() != b"x-correlation-id"]
+                if message["status"] == 405:  # the router names the methods of one route; a path may have several
+                    headers = [h for h in headers if h[0].lower() != b"allow"] + [(b"allow", self.allowed(scope))]
+                message["headers"] = [*headers, (b"x-correlation-id", correlation_id.encode())]
             await send(message)
 
         with log_context(correlation_id=correlation_id):
@@ -161,11 +162,17 @@ class EdgeGuard:
 
         await self.app(scope, replay, send)
 
+    def allowed(self, scope: Scope) -> bytes:
+        methods = [method for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+                   if any(route.matches({**scope, "method": method})[0] == Match.FULL for route in self.routes())]
+        return ", ".join(methods).encode()
+
     def limit_for(self, scope: Scope) -> int:
         for route in self.routes():
-            match, _ = route.matches(scope)
-            if match == Match.FULL:
-                return getattr(getattr(route, "endpoint", None), "max_body_bytes", MAX_BODY_BYTES)
+            match, child = route.matches(scope)
+            if match == Match.FULL:  # an included router answers with its route's endpoint in the child scope
+                endpoint = child.get("endpoint") or getattr(route, "endpoint", None)
+                return getattr(endpoint, "max_body_bytes", MAX_BODY_BYTES)
         return MAX_BODY_BYTES
 
     @staticmethod

@@ -19,7 +19,7 @@ from services.notifications import channels, handlers
 from services.notifications.store import Delivery, DeliveryAttempt
 from shared.directory import User
 from shared.edges import body_limit
-from shared.service import Service, page
+from shared.service import Cursor, Service, page
 
 MAX_WEBHOOK_BYTES = 64 * 1024
 
@@ -103,7 +103,7 @@ def build_router(svc: Service) -> APIRouter:
     @router.get("/deliveries", response_model=DeliveryPage)
     def list_deliveries(user: Ops, need_id: str | None = None, referral_id: str | None = None, status: str | None = None,
                         kind: str | None = None, channel: str | None = None,
-                        limit: Annotated[int, Query(ge=1, le=200)] = 50, cursor: str | None = None) -> DeliveryPage:
+                        limit: Annotated[int, Query(ge=1, le=200)] = 50, cursor: Cursor = None) -> DeliveryPage:
         # The contract's kinds; sign-in links (no need, not in the contract) only when asked for by kind=sign_in.
         query = select(Delivery) if kind else select(Delivery).where(Delivery.kind != "sign_in")
         for column, value in ((Delivery.need_id, need_id), (Delivery.referral_id, referral_id),
