@@ -228,8 +228,6 @@ def serve_one(service: str) -> int:
 
 
 def _serve(service: str, settings: Settings) -> int:
-    import uvicorn
-
     from shared.directory import DirectoryError
     from shared.migrations import MigrationNeeded, check_current
 

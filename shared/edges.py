@@ -17,7 +17,7 @@ from urllib.parse import parse_qsl
 
 from starlette.routing import Match
 
-from shared.logs import log_context, new_correlation_id, valid_correlation_id
+from shared.logs import current_correlation_id, log_context, new_correlation_id, valid_correlation_id
 
 log = logging.getLogger("relais.http")
 
@@ -122,7 +122,7 @@ class EdgeGuard:
             return
         limit = self.limit_for(scope)
         declared = headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        if declared is not None and (not (declared.isascii() and declared.isdigit()) or int(declared) > limit):
             await _answer(send, 413, f"request body too large: at most {limit} bytes", [(b"connection", b"close")])
             return
         if scope["method"] in ("GET", "HEAD", "OPTIONS") and declared is None \
@@ -231,8 +231,6 @@ class UnexpectedErrors:
         try:
             await self.app(scope, receive, watch)
         except Exception:  # noqa: BLE001 - the one place that catches them all
-            from shared.logs import current_correlation_id
-
             correlation_id = current_correlation_id()
             log.exception("unexpected error in %s %s", scope["method"], _route_of(scope))
             if not started:

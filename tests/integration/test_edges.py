@@ -16,12 +16,13 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from fastapi import Request
 from sqlmodel import select as sql_select
 
 from services.intake.store import Need
 from shared.db import OutboxMessage
 from shared.edges import MAX_BODY_BYTES, body_limit
-from shared.testing import TOKENS, RunningService, clean_env, directory_data, free_port, sha, wait_for
+from shared.testing import RunningService, clean_env, directory_data, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 HUNDRED_MB = 100 * 1024 * 1024
@@ -106,12 +107,9 @@ def test_a_route_may_take_larger_bodies_than_the_default(settings):
     service = RunningService("intake", settings)
 
     @body_limit(4 * MAX_BODY_BYTES)
-    async def upload(request: "Request") -> dict:  # noqa: F821
+    async def upload(request: Request) -> dict:
         return {"received": len(await request.body())}
 
-    from fastapi import Request
-
-    upload.__annotations__["request"] = Request
     service.svc.app.add_api_route("/api/v1/test-upload", upload, methods=["POST"])
     service.start()
     try:
