@@ -240,8 +240,6 @@ def serve_one(service: str) -> int:
 
 
 def _serve(service: str, settings: Settings) -> int:
-    import uvicorn
-
     from shared.directory import DirectoryError
     from shared.migrations import MigrationNeeded, check_current
 
@@ -255,9 +253,16 @@ def _serve(service: str, settings: Settings) -> int:
     except MigrationNeeded as exc:
         print(exc, file=sys.stderr)
         return 2
-    uvicorn.run(svc.app, host=settings.host, port=settings.port(service), log_level="warning",
-                timeout_graceful_shutdown=10)
+    serve_app(svc.app, settings.host, settings.port(service))
     return 0
+
+
+def serve_app(app, host: str, port: int) -> None:  # noqa: ANN001
+    """Serve one service's app in the foreground. log_config=None: uvicorn's own lines (and any traceback it would
+    print) go through the JSON logs and their masking (shared.logs), never raw to stderr."""
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level="warning", log_config=None, timeout_graceful_shutdown=10)
 
 
 def migrate_one(service: str, new_revision: str | None = None) -> int:

@@ -155,13 +155,13 @@ def _custom(kind: str):
     return wrap
 
 
-_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # 64 at most: the services' id columns
 
 
 @_custom("id")
 def _check_id(value: str) -> str:
     if not _ID.fullmatch(value):
-        raise ValueError(f"{value!r} is not a valid id (letters, digits, '.', '_' and '-' only)")
+        raise ValueError(f"{value!r} is not a valid id (letters, digits, '.', '_' and '-' only, 64 at most)")
     return value
 
 

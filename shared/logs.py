@@ -27,7 +27,7 @@ from faststream._internal.middlewares import BaseMiddleware
 CORRELATION_ID: ContextVar[str | None] = ContextVar("relais_correlation_id", default=None)
 NEED_ID: ContextVar[str | None] = ContextVar("relais_need_id", default=None)
 
-_CORRELATION_OK = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_CORRELATION_OK = re.compile(r"[A-Za-z0-9._-]{1,64}")  # fullmatch: "$" would let a trailing newline in
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
 _PHONE = re.compile(r"(?<![\w+-])(?:\+\d{8,15}|0[1-9](?:[ .]?\d{2}){4})(?![\w-])")
 # Attributes every LogRecord has; anything else was passed in `extra` and goes into the JSON line.
@@ -40,7 +40,7 @@ def new_correlation_id() -> str:
 
 def valid_correlation_id(value: str | None) -> str | None:
     """A caller's correlation id if it is safe to carry (short, plain characters), else None."""
-    return value if value and _CORRELATION_OK.match(value) else None
+    return value if value and _CORRELATION_OK.fullmatch(value) else None
 
 
 def current_correlation_id() -> str | None:

@@ -3,20 +3,20 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import inspect
 import logging
+import re
 import signal
 import time
 from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -27,11 +27,14 @@ from faststream.specification import AsyncAPI
 import sqlalchemy as sa
 from sqlmodel import select
 
+from shared import openapi
 from shared.db import Database, OutboxMessage
 from shared.migrations import check_current
 from shared.directory import Directory, User, load_directory
 from shared.events import utcnow
-from shared.logs import EventLogContext, log_context, new_correlation_id, valid_correlation_id
+from shared.edges import EdgeGuard, UnexpectedErrors
+from shared.logs import EventLogContext, current_correlation_id, log_context, new_correlation_id
+from shared.openapi import error_responses  # noqa: F401 - routes declare their own statuses (409) with it
 from shared.messaging import Bus
 from shared.settings import Settings, weak_secret
 
@@ -72,6 +75,7 @@ class Service:
         self.bus = Bus(settings, name, self.db)
         self.background: list[Callable[[], Any]] = []  # coroutine functions run for the app's lifetime
         self.on_scrape: list[Callable[[], Any]] = []  # update gauges before /metrics answers (sync or async)
+        self.openapi_refiners: list[Callable[[dict], None]] = []  # what the OpenAPI document learns from the directory
         self.metrics = CollectorRegistry()
         # Messages consumed and failed per stream (faststream_received_*), innermost: it sees the handler's
         # exceptions before ReliableDelivery turns them into a retry or a dead letter. The log context is
@@ -93,6 +97,8 @@ class Service:
         """SIGHUP: load the directory again; a bad file keeps the old one (and says why in the log)."""
         try:
             self.directory = load_directory(self.settings.directory)
+            if (app := getattr(self, "app", None)) is not None:
+                app.openapi_schema = None  # its ids may have changed: the next /openapi.json is built again
             log.info("%s: directory reloaded from %s", self.name, self.settings.directory)
         except Exception as exc:  # noqa: BLE001
             log.error("%s: directory NOT reloaded, keeping the previous one: %s", self.name, exc)
@@ -170,15 +176,18 @@ class Service:
 
         for router in (*routers, self.ops_router(), sessions.api_router(self)):
             app.include_router(router, prefix="/api/v1")
+        openapi.install(app, self.openapi_refiners)
         if pages:
             from shared import web
 
             web.mount(app, pages, self)
 
+        app.add_middleware(UnexpectedErrors)  # innermost: next to the routes
+
         @app.middleware("http")
         async def measure(request: Request, call_next):
             start = time.perf_counter()
-            correlation_id = valid_correlation_id(request.headers.get("x-correlation-id")) or new_correlation_id()
+            correlation_id = current_correlation_id() or new_correlation_id()  # EdgeGuard's, validated
             with log_context(correlation_id=correlation_id):
                 response = await call_next(request)
                 route = getattr(request.scope.get("route"), "path", None)  # the template: no token in it
@@ -193,6 +202,8 @@ class Service:
                                   extra={"duration_ms": round(elapsed * 1000, 1)})
             response.headers["X-Correlation-ID"] = correlation_id
             return response
+
+        app.add_middleware(EdgeGuard, routes=lambda: app.routes)  # outermost: refuses before anything reads
 
         @app.exception_handler(RequestValidationError)
         async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
@@ -271,17 +282,23 @@ def _on_sighup(callback: Callable[[], None]) -> None:
 # --- lists: newest first, opaque cursor -----------------------------------------------------------
 
 
+CURSOR_PATTERN = r"^[0-9]{1,16}-[A-Za-z0-9]{1,64}$"  # microseconds since 1970, "-", the id: any such is a position
+Cursor = Annotated[str | None, Query(pattern=CURSOR_PATTERN, description="`next_cursor` of the previous page")]
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
 def encode_cursor(at: datetime, id_: str) -> str:
-    return base64.urlsafe_b64encode(f"{at.isoformat()}|{id_}".encode()).decode()
+    return f"{(at - _EPOCH) // timedelta(microseconds=1)}-{id_}"
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        at, id_ = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
-        return datetime.fromisoformat(at), id_
-    except Exception:  # noqa: BLE001
+    """The (time, id) that `encode_cursor` wrote, or 422 for anything else (the pattern is checked here too: the web
+    pages take cursors without FastAPI's validation)."""
+    if not re.fullmatch(CURSOR_PATTERN, cursor):
         raise HTTPException(422, [{"loc": ["query", "cursor"], "msg": "not a cursor from a previous page",
-                                   "type": "value_error"}]) from None
+                                   "type": "value_error"}])
+    micros, id_ = cursor.split("-", 1)
+    return _EPOCH + timedelta(microseconds=int(micros)), id_
 
 
 def page(query, created_col, id_col, limit: int, cursor: str | None, session) -> tuple[list, str | None]:

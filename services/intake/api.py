@@ -7,6 +7,7 @@ import io
 import json
 from dataclasses import dataclass
 from datetime import date, datetime
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import anyio
@@ -23,10 +24,11 @@ from services.intake.store import IdempotencyKey, Need, NeedHistory
 from shared.directory import Directory, User, normalize_email, normalize_phone
 from shared.events import PersonContact
 from shared.logs import current_correlation_id
-from shared.service import Service, page
+from shared.service import Cursor, Service, error_responses, page
 
 MAX_SUMMARY = 2000
 MAX_IDEMPOTENCY_KEY = 200
+MONTH = r"^(19|2[0-9])[0-9]{2}-(0[1-9]|1[0-2])$"  # 1900-01 to 2999-12: year 0 or 9999's next month is no date
 NEED_STATUSES = ("recorded", "referred", "accepted", "responded", "closed", "unroutable")
 
 
@@ -179,7 +181,40 @@ def _schema_inlined(model: type[BaseModel]) -> dict:
     return inline(schema)
 
 
-NEED_CREATE_SCHEMA = _schema_inlined(NeedCreate)
+def _as_checked(schema: dict) -> dict:
+    """NeedCreate's schema saying what validate_need checks beyond pydantic's types (for OpenAPI readers and
+    Schemathesis): consent is `true`, a summary is not blank, the forms of postal codes, emails and phones (the empty
+    string means none), a channel needs its address. The directory's ids are added per deployment (see
+    `build_router`)."""
+    props, person = schema["properties"], schema["properties"]["person"]["properties"]
+    props["consent"]["const"] = True
+    props["summary"]["pattern"] = r"^[^\x00]*[^\s\x00][^\x00]*$"
+    props["postal_code"]["anyOf"][0]["pattern"] = r"^(|\s*(\d\s*){5}|\s*([A-Za-z]\s*\d\s*){3})$"
+    props["same_person_as"]["anyOf"][0]["pattern"] = r"^[0-9a-f]{32}$"  # the id of a need of this library
+    person["email"]["anyOf"] = [{"type": "string", "format": "email", "maxLength": 254}, {"enum": [""]},
+                                {"type": "null"}]
+    # E.164, or a French or Canadian national number: "phone" is not a JSON Schema format, tools must be taught it.
+    person["phone"]["anyOf"] = [{"type": "string", "format": "phone", "maxLength": 40}, {"enum": [""]},
+                                {"type": "null"}]
+    schema["properties"]["person"]["allOf"] = [
+        {"if": {"required": ["preferred_channel"], "properties": {"preferred_channel": {"const": channel}}},
+         "then": {"required": [address], "properties": {address: {"type": "string", "minLength": 1}}}}
+        for channel, address in (("email", "email"), ("sms", "phone"))]
+    return schema
+
+
+NEED_CREATE_SCHEMA = _as_checked(_schema_inlined(NeedCreate))
+
+
+def directory_ids(svc: Service) -> Callable[[dict], None]:
+    """An OpenAPI refiner: a need's library and category are ids of the directory (built again on reload)."""
+
+    def refine(document: dict) -> None:
+        body = document["paths"]["/api/v1/needs"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        body["properties"]["library_id"]["enum"] = [library.id for library in svc.directory.libraries]
+        body["properties"]["category"]["enum"] = [category.id for category in svc.directory.categories]
+
+    return refine
 
 
 @dataclass(frozen=True)
@@ -296,10 +331,11 @@ def public(need: Need, history: list[NeedHistory] | None = None) -> NeedPublic:
 
 def build_router(svc: Service) -> APIRouter:
     router = APIRouter(tags=["needs"])
+    svc.openapi_refiners.append(directory_ids(svc))
     FrontDesk = Annotated[User, Depends(svc.require("front_desk"))]
     Reader = Annotated[User, Depends(svc.require("front_desk", "ops"))]
 
-    @router.post("/needs", status_code=201, response_model=NeedPublic)
+    @router.post("/needs", status_code=201, response_model=NeedPublic, responses=error_responses(409))
     async def create_need(data: Annotated[dict[str, Any], Body(title="NeedCreate",
                                                                json_schema_extra=NEED_CREATE_SCHEMA)],
                           user: FrontDesk,
@@ -317,7 +353,7 @@ def build_router(svc: Service) -> APIRouter:
             raise HTTPException(422, [{**e, "loc": ["body", *e["loc"]]} for e in exc.errors]) from None
         return Response(recorded.response_body, status_code=201, media_type="application/json")
 
-    @router.post("/needs/{need_id}/cancel", response_model=NeedPublic)
+    @router.post("/needs/{need_id}/cancel", response_model=NeedPublic, responses=error_responses(409))
     def cancel(need_id: str, body: CancelNeed, user: Annotated[User, Depends(svc.require("ops"))]) -> NeedPublic:
         """Ops withdraw a need recorded in error: closed at once; referral cancels its referral and stops its clock."""
         try:
@@ -333,7 +369,7 @@ def build_router(svc: Service) -> APIRouter:
 
     @router.get("/reports", response_model=Reports,
                 responses={200: {"content": {"text/csv": {}}, "description": "JSON, or CSV with format=csv"}})
-    def reports(user: Reader, month: Annotated[str | None, Query(pattern=r"^\d{4}-(0[1-9]|1[0-2])$")] = None,
+    def reports(user: Reader, month: Annotated[str | None, Query(pattern=MONTH)] = None,
                 library_id: str | None = None, format: Literal["json", "csv"] = "json") -> Reports | Response:
         """People helped, needs recorded, by category, and the share answered in time, per library for a month
         (default: this month in the directory's time zone). A front desk sees its own library. `format=csv`: the
@@ -366,7 +402,7 @@ def build_router(svc: Service) -> APIRouter:
     @router.get("/needs", response_model=NeedPage)
     def list_needs(user: Reader, library_id: str | None = None,
                    status: Literal["recorded", "referred", "accepted", "responded", "closed", "unroutable"] | None = None,
-                   limit: Annotated[int, Query(ge=1, le=200)] = 50, cursor: str | None = None) -> NeedPage:
+                   limit: Annotated[int, Query(ge=1, le=200)] = 50, cursor: Cursor = None) -> NeedPage:
         query = select(Need)
         if user.role == "front_desk":
             query = query.where(Need.library_id == user.library)

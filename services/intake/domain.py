@@ -67,7 +67,7 @@ def expected_respond_by(directory: Directory, *, category: str, postal_code: str
 
 def normalize_postal_code(raw: str) -> str:
     """French `76000` or Canadian `H2X 1Y4` (kept as `H2X 1Y4`); ValueError otherwise."""
-    code = directory_postal_code(raw)
+    code = directory_postal_code(raw) if raw.isascii() else ""  # "٧٦٠٠٠" is digits to Python, not a postal code
     if len(code) == 5 and code.isdigit():
         return code
     if (len(code) == 6 and code[0::2].isalpha() and code[1::2].isdigit()):

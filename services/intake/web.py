@@ -35,6 +35,7 @@ from services.intake.api import MAX_SUMMARY, NEED_STATUSES, Invalid, KeyReused, 
 from services.intake.reports import CategoryFigures, LibraryReport, csv_response, library_report
 from services.intake.store import Need, NeedHistory
 from shared.directory import Library, User
+from shared.logs import current_correlation_id
 from shared.service import Service
 from shared.web import MONTHS_FR, SECURITY_HEADERS, Pages, page_links, page_number
 
@@ -227,7 +228,7 @@ def build_router(svc: Service) -> APIRouter:
         try:
             body = validate_need(data, svc.directory, library=desk_.library.id)
             need = await anyio.to_thread.run_sync(record_once, svc, desk_.user, body, values["idempotency_key"],
-                                                  request.headers.get("x-correlation-id"))
+                                                  current_correlation_id())  # validated by shared.edges
         except Invalid as exc:
             return form_page(request, desk_, values, status=422, errors=form_errors(exc.errors),
                              suggestions=suggestions, earlier=earlier)

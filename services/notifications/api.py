@@ -18,7 +18,8 @@ from sqlmodel import select
 from services.notifications import channels, handlers
 from services.notifications.store import Delivery, DeliveryAttempt
 from shared.directory import User
-from shared.service import Service, page
+from shared.edges import body_limit
+from shared.service import Cursor, Service, page
 
 MAX_WEBHOOK_BYTES = 64 * 1024
 
@@ -102,7 +103,7 @@ def build_router(svc: Service) -> APIRouter:
     @router.get("/deliveries", response_model=DeliveryPage)
     def list_deliveries(user: Ops, need_id: str | None = None, referral_id: str | None = None, status: str | None = None,
                         kind: str | None = None, channel: str | None = None,
-                        limit: Annotated[int, Query(ge=1, le=200)] = 50, cursor: str | None = None) -> DeliveryPage:
+                        limit: Annotated[int, Query(ge=1, le=200)] = 50, cursor: Cursor = None) -> DeliveryPage:
         # The contract's kinds; sign-in links (no need, not in the contract) only when asked for by kind=sign_in.
         query = select(Delivery) if kind else select(Delivery).where(Delivery.kind != "sign_in")
         for column, value in ((Delivery.need_id, need_id), (Delivery.referral_id, referral_id),
@@ -183,6 +184,7 @@ def build_webhooks(svc: Service) -> APIRouter:
             svc.bus.relay.wake()
 
     @router.post("/webhooks/sms/twilio")
+    @body_limit(MAX_WEBHOOK_BYTES)  # refused before it is read or parsed
     async def twilio(request: Request) -> Response:
         s = svc.settings
         if not s.twilio_auth_token:
@@ -209,11 +211,13 @@ def build_webhooks(svc: Service) -> APIRouter:
         return Response(status_code=204)
 
     @router.post("/webhooks/sms/brevo/{secret}")
+    @body_limit(MAX_WEBHOOK_BYTES)  # refused before it is read or parsed
     async def brevo_by_url(request: Request, secret: str) -> Response:
         """The URL given as each message's webUrl: the secret is its last segment."""
         return await brevo(request, secret)
 
     @router.post("/webhooks/sms/brevo")
+    @body_limit(MAX_WEBHOOK_BYTES)  # refused before it is read or parsed
     async def brevo_by_bearer(request: Request) -> Response:
         """An account webhook (replies, unsubscriptions) created with Brevo's bearer-token authentication."""
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")

@@ -1,6 +1,7 @@
 """Referral's HTTP API (contract: /api/v1/referrals)."""
 
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Literal
 
@@ -16,7 +17,7 @@ from services.referral.store import PartnerPause, Referral, ReferralHistory, his
 from shared.events import DEAD_LETTER_SUFFIX, STREAMS
 from shared.messaging import replay
 from shared.directory import User
-from shared.service import Service, field_error, page
+from shared.service import Cursor, Service, error_responses, field_error, page
 
 # The contract's values; a filter outside them is a 422 naming the parameter, not an empty page.
 ReferralStatus = Literal["assigned", "accepted", "responded", "closed", "declined", "cancelled"]
@@ -131,8 +132,19 @@ def public(referral: Referral, history: list[ReferralHistory] | None = None,
     )
 
 
+def directory_ids(svc: Service) -> Callable[[dict], None]:
+    """An OpenAPI refiner: a reassignment names a partner of the directory (built again on reload)."""
+
+    def refine(document: dict) -> None:
+        body = document["components"]["schemas"]["ReassignBody"]
+        body["properties"]["partner_id"]["enum"] = [partner.id for partner in svc.directory.partners]
+
+    return refine
+
+
 def build_router(svc: Service) -> APIRouter:
     router = APIRouter(tags=["referrals"])
+    svc.openapi_refiners.append(directory_ids(svc))
     Reader = Annotated[User, Depends(svc.require("partner", "ops"))]
     Partner = Annotated[User, Depends(svc.require("partner"))]
     Ops = Annotated[User, Depends(svc.require("ops"))]
@@ -143,7 +155,7 @@ def build_router(svc: Service) -> APIRouter:
     @router.get("/referrals", response_model=ReferralPage)
     def list_referrals(user: Reader, need_id: str | None = None, partner_id: str | None = None,
                        status: ReferralStatus | None = None, sla: SlaState | None = None,
-                       limit: Annotated[int, Query(ge=1, le=200)] = 50, cursor: str | None = None) -> ReferralPage:
+                       limit: Annotated[int, Query(ge=1, le=200)] = 50, cursor: Cursor = None) -> ReferralPage:
         query = select(Referral)
         if user.role == "partner":
             query = query.where(Referral.partner_id == user.partner)
@@ -164,11 +176,12 @@ def build_router(svc: Service) -> APIRouter:
             return public(referral, history_of(session, referral_id), user)
 
     async def run_action(referral_id: str, user: User, action: str, text: str | None = None,
-                         partner_id: str | None = None) -> ReferralPublic:
+                         partner_id: str | None = None, check: Callable[[], None] = lambda: None) -> ReferralPublic:
         def work() -> ReferralPublic:
             with svc.db.transaction() as session:
                 if not visible(session.get(Referral, referral_id), user):
                     raise HTTPException(404, "no such referral")
+                check()  # the body's rules, once the referral is known to exist (404 first, as for any id)
                 try:
                     referral = act(session, referral_id, action, user.id, svc.clock(), svc.directory, text, partner_id)
                 except domain.TransitionRefused as exc:
@@ -179,23 +192,23 @@ def build_router(svc: Service) -> APIRouter:
         svc.bus.relay.wake()
         return result
 
-    @router.post("/referrals/{referral_id}/accept", response_model=ReferralPublic)
+    @router.post("/referrals/{referral_id}/accept", response_model=ReferralPublic, responses=error_responses(409))
     async def accept(referral_id: str, user: Partner) -> ReferralPublic:
         return await run_action(referral_id, user, "accept")
 
-    @router.post("/referrals/{referral_id}/respond", response_model=ReferralPublic)
+    @router.post("/referrals/{referral_id}/respond", response_model=ReferralPublic, responses=error_responses(409))
     async def respond(referral_id: str, user: Partner, body: RespondBody) -> ReferralPublic:
         return await run_action(referral_id, user, "respond", body.message)
 
-    @router.post("/referrals/{referral_id}/decline", response_model=ReferralPublic)
+    @router.post("/referrals/{referral_id}/decline", response_model=ReferralPublic, responses=error_responses(409))
     async def decline(referral_id: str, user: Partner, body: DeclineBody) -> ReferralPublic:
         return await run_action(referral_id, user, "decline", body.reason)
 
-    @router.post("/referrals/{referral_id}/close", response_model=ReferralPublic)
+    @router.post("/referrals/{referral_id}/close", response_model=ReferralPublic, responses=error_responses(409))
     async def close(referral_id: str, user: Partner, body: Annotated[CloseBody, Body()]) -> ReferralPublic:
         return await run_action(referral_id, user, "close", body.outcome)
 
-    @router.post("/referrals/{referral_id}/reassign", response_model=ReferralPublic)
+    @router.post("/referrals/{referral_id}/reassign", response_model=ReferralPublic, responses=error_responses(409))
     async def reassign(referral_id: str, user: Ops, body: ReassignBody) -> ReferralPublic:
         """Ops hand the need to another partner that takes its category; the old referral is cancelled, the need
         keeps its deadline. `force: true` (with a reason) overrides the category, recorded as an override."""
@@ -216,7 +229,7 @@ def build_router(svc: Service) -> APIRouter:
         svc.bus.relay.wake()
         return result
 
-    @router.post("/referrals/{referral_id}/cancel", response_model=ReferralPublic)
+    @router.post("/referrals/{referral_id}/cancel", response_model=ReferralPublic, responses=error_responses(409))
     async def cancel(referral_id: str, user: Ops, body: CancelBody) -> ReferralPublic:
         return await run_action(referral_id, user, "cancel", body.reason)
 
@@ -250,7 +263,8 @@ def build_router(svc: Service) -> APIRouter:
             pause_partner(session, partner_id, body.until, body.reason, user.id, svc.clock())
             return next(p for p in partners_now(session) if p.id == partner_id)
 
-    @router.post("/partners/{partner_id}/resume", tags=["ops"], response_model=PartnerPublic)
+    @router.post("/partners/{partner_id}/resume", tags=["ops"], response_model=PartnerPublic,
+                 responses=error_responses(409))
     def resume(partner_id: str, user: Ops, body: ReasonBody) -> PartnerPublic:
         known_partner(partner_id)
         with svc.db.transaction() as session:

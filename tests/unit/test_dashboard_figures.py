@@ -37,8 +37,9 @@ def test_pending_counts_are_compared_with_a_snapshot_at_least_a_minute_old():
 def test_logs_mask_addresses_and_phones_but_not_ids():
     assert redact("to jean.dupont@example.org, +33612345678 or 06 12 34 56 78") == "to [email], [phone] or [phone]"
     assert redact("entry 1732200000000-0 of need 4f2a9c") == "entry 1732200000000-0 of need 4f2a9c"
-    assert valid_correlation_id("req-42.a:b") == "req-42.a:b"
+    assert valid_correlation_id("req-42.a_b") == "req-42.a_b"
     assert valid_correlation_id("x" * 65) is None and valid_correlation_id("a b\n") is None
+    assert valid_correlation_id("req-42\n") is None and valid_correlation_id("a:b") is None  # the safe alphabet only
 
 
 def test_a_validation_error_is_described_without_the_values_it_was_given():

@@ -244,7 +244,10 @@ BAD_FILES = [
     ("bad id",
      lambda d: partner(d)["contacts"][1].update(id="caf76 backup"),
      "partners[0].contacts[1].id: 'caf76 backup' is not a valid id (letters, digits, '.', '_' "
-     "and '-' only)"),
+     "and '-' only, 64 at most)"),
+    ("id longer than the services' columns",
+     lambda d: partner(d, 1).update(id="p" * 65),
+     f"partners[1].id: '{'p' * 65}' is not a valid id (letters, digits, '.', '_' and '-' only, 64 at most)"),
     ("front desk without library",
      lambda d: d["users"][0].pop("library"),
      "users[0].library: missing; a front_desk user needs the id of their library"),

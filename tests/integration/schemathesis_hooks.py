@@ -1,0 +1,52 @@
+"""What Schemathesis must be taught about Relais' documents (loaded by `st run` through SCHEMATHESIS_HOOKS).
+
+- `phone`: the documents' string format for a phone number (E.164, or a French or Canadian national number); not a
+  JSON Schema format, so the fuzzer is given numbers of those forms.
+- A partner's pause must end in the future (`until`): the server's clock, which no schema can state; a drawn date
+  in the past is moved to a month from now.
+- A body's `library_id` must be the calling desk's own library and `same_person_as` a need recorded there: state
+  that no schema can hold (the document lists every library of the directory). Values the schema accepts are
+  replaced by the caller's (RELAIS_ST_LIBRARY) or dropped; values it refuses are left as drawn, so negative tests
+  still send them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import datetime, timedelta, timezone
+
+import schemathesis
+from hypothesis import strategies as st
+
+# Metropolitan mobiles (06 39 is Mayotte's, 06 9x the overseas departments': another region, refused) and Montréal.
+_FRENCH = st.builds("+33 6 {} {:02d} {:02d} {:02d}".format, st.integers(10, 38), *[st.integers(0, 99)] * 3)
+_CANADIAN = st.builds("+1 514 {:03d} {:04d}".format, st.integers(200, 999), st.integers(0, 9999))
+
+schemathesis.openapi.format("phone", st.one_of(_FRENCH, _CANADIAN))
+
+
+@schemathesis.hook
+def map_case(context, case):  # noqa: ANN001 - every phase applies it (map_body is not applied to coverage cases)
+    body = case.body
+    if not isinstance(body, dict):
+        return case
+    library = os.environ.get("RELAIS_ST_LIBRARY")
+    if library and isinstance(body.get("library_id"), str) and re.fullmatch(r"[a-z-]+", body["library_id"]):
+        body = {**body, "library_id": library}
+    if isinstance(body.get("same_person_as"), str) and re.fullmatch(r"[0-9a-f]{32}", body["same_person_as"]):
+        body = {k: v for k, v in body.items() if k != "same_person_as"}
+    if re.fullmatch(r"/api/v1/partners/\{partner_id\}/pause", context.operation.path) and "until" in body:
+        body = {**body, "until": _in_the_future(body["until"])}
+    case.body = body
+    return case
+
+
+def _in_the_future(value):  # noqa: ANN001
+    try:
+        until = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except (AttributeError, TypeError, ValueError):
+        return value  # not a date-time: a negative case, sent as drawn
+    if until.tzinfo is None or until > datetime.now(timezone.utc):
+        return value
+    return (datetime.now(timezone.utc) + timedelta(days=30)).isoformat()
