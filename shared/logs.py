@@ -22,7 +22,7 @@ from contextvars import ContextVar
 from datetime import datetime, timezone
 from typing import Any
 
-from faststream._internal.middlewares import BaseMiddleware
+from faststream import BaseMiddleware
 
 CORRELATION_ID: ContextVar[str | None] = ContextVar("relais_correlation_id", default=None)
 NEED_ID: ContextVar[str | None] = ContextVar("relais_need_id", default=None)

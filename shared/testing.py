@@ -1,5 +1,6 @@
 """Test helpers shared by the test suite and the benchmarks: a small directory, real SMTP sink, services
-served over real HTTP in a thread, and polling for what crosses processes."""
+served over real HTTP in a thread, and polling for what crosses processes. Helpers that reach into one service's
+code (record_need) are in tests/helpers.py: shared/ imports nothing from services/."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import os
 import threading
 import time
 from datetime import datetime, timedelta
-from email import message_from_bytes, policy
 
-from shared.cli import free_port  # noqa: F401 - one way to pick a port, for tests and `relais up`
+from shared.devstack import MailSink, free_port  # noqa: F401 - one of each, for tests, the bench and `relais up`
 from shared.settings import Settings
+
 
 def clean_env(**relais) -> dict[str, str]:
     """For a `relais` subprocess: this environment without any RELAIS_* variable, plus the given ones (lower-case
@@ -118,36 +119,6 @@ def directory_data() -> dict:
     }
 
 
-class MailSink:
-    """A real aiosmtpd server on loopback that keeps what it receives; can be told to refuse."""
-
-    def __init__(self) -> None:
-        from aiosmtpd.controller import Controller
-
-        self.messages: list = []
-        self.lock = threading.Lock()
-        self.port = free_port()
-        self.replies: list[str] = []  # scripted replies to DATA, used first; then "250 OK"
-        self.controller = Controller(self, hostname="127.0.0.1", port=self.port)
-
-    @property
-    def url(self) -> str:
-        return f"smtp://127.0.0.1:{self.port}"
-
-    async def handle_DATA(self, server, session, envelope):  # noqa: N802, ANN001
-        with self.lock:
-            if self.replies:
-                return self.replies.pop(0)
-            msg = message_from_bytes(envelope.content, policy=policy.default)
-            self.messages.append({"to": [r.lower() for r in envelope.rcpt_tos], "subject": str(msg["subject"]),
-                                  "message": msg})
-        return "250 OK"
-
-    def to(self, address: str) -> list[dict]:
-        with self.lock:
-            return [m for m in self.messages if address in m["to"]]
-
-
 class RunningService:
     """A service's FastAPI app served by uvicorn in a thread of this process, over real HTTP."""
 
@@ -181,26 +152,6 @@ class RunningService:
 
         headers = {"Authorization": f"Bearer {TOKENS[who]}"} if who else {}
         return httpx.Client(base_url=f"{self.url}/api/v1", headers=headers, timeout=30)
-
-
-def record_need(svc, *, category: str = "caf", postal_code: str | None = "76000", library_id: str = "chatelet",
-                summary: str = "Dossier APL bloqué depuis trois mois", urgency: str = "normal", recorded_at=None,
-                person: dict | None = None) -> str:
-    """Hand a need to a referral service of this process as its consumer would; returns the new referral's id."""
-    from sqlmodel import select
-
-    from services.referral import handlers
-    from services.referral.store import Referral
-    from shared.events import NeedRecorded, PersonContact, new_id
-
-    event = NeedRecorded(need_id=new_id(), library_id=library_id, category=category, summary=summary,
-                         postal_code=postal_code, urgency=urgency, recorded_at=recorded_at or svc.clock(),
-                         person=PersonContact(**(person or {})))
-    with svc.db.transaction() as session:
-        handlers.on_need_recorded(session, event, svc.directory, svc.clock())
-    svc.bus.relay.wake()
-    with svc.db.transaction() as session:
-        return session.exec(select(Referral.id).where(Referral.need_id == event.need_id)).one()
 
 
 # --- browser tests (tests/browser): helpers given a Playwright page; playwright is not imported here -----

@@ -9,7 +9,7 @@ from datetime import timedelta
 import pytest
 import redis
 
-from shared.cli import MailSink
+from shared.devstack import MailSink
 from shared.db import OutboxMessage
 from shared.events import (STREAM_OF, NeedRecorded, PersonContact, ReferralAssigned, new_id, utcnow)
 from shared.messaging import stream_fields

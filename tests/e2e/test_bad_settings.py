@@ -33,7 +33,7 @@ def relais(args: list[str], tmp_path, **variables) -> subprocess.CompletedProces
     that the demo directory and a generated key are no problem: only the bad setting is (tests/e2e/test_modes.py
     covers what production refuses)."""
     env = clean_env(**{"data_dir": tmp_path / "data", "demo": "true", **variables})
-    return subprocess.run([sys.executable, "-m", "shared.cli", *args], env=env, cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "relais", *args], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=TIMEOUT)
 
 

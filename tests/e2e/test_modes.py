@@ -79,7 +79,7 @@ REFUSED = [  # (id, variables given besides a reachable-looking Redis, the varia
 def test_relais_serve_refuses_what_production_must_not_run_with(tmp_path, variables, variable, says):
     given = variables(tmp_path)
     env = clean_env(data_dir=tmp_path / "data", redis_url="redis://127.0.0.1:9/0", **given)
-    run = subprocess.run([sys.executable, "-m", "shared.cli", "serve", "intake"], env=env, cwd=ROOT,
+    run = subprocess.run([sys.executable, "-m", "relais", "serve", "intake"], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=TIMEOUT)
     output = f"stdout:\n{run.stdout}\nstderr:\n{run.stderr}"
     assert run.returncode == 2 and "Traceback" not in run.stderr, output
@@ -101,7 +101,7 @@ def spawn(tmp_path):
     def start(name: str, args: list[str], env: dict) -> tuple[subprocess.Popen, Path]:
         log = tmp_path / f"{name}.log"
         with log.open("wb") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "shared.cli", *args], env=env, cwd=ROOT, stdout=out,
+            proc = subprocess.Popen([sys.executable, "-m", "relais", *args], env=env, cwd=ROOT, stdout=out,
                                     stderr=subprocess.STDOUT, start_new_session=True,
                                     preexec_fn=lambda: os.umask(0o022))
         started.append(proc)

@@ -40,7 +40,7 @@ class Process:
     def __init__(self, name: str, args: list[str], env: dict, logs: Path) -> None:
         self.name, self.log = name, logs / f"{name}.log"
         with self.log.open("wb") as out:
-            self.popen = subprocess.Popen([sys.executable, "-m", "shared.cli", *args], env=env, cwd=ROOT,
+            self.popen = subprocess.Popen([sys.executable, "-m", "relais", *args], env=env, cwd=ROOT,
                                           stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
     @property
@@ -149,7 +149,7 @@ def command_name(pid: int) -> str:
 
 def start_services(processes, env: dict, urls: dict[str, str], replicas: dict[str, int] | None = None) -> list[Process]:
     for service in SERVICES:
-        done = subprocess.run([sys.executable, "-m", "shared.cli", "migrate", service], env=env, cwd=ROOT,
+        done = subprocess.run([sys.executable, "-m", "relais", "migrate", service], env=env, cwd=ROOT,
                               capture_output=True, text=True, timeout=START_TIMEOUT)
         assert done.returncode == 0, f"migrate {service}:\n{done.stdout}\n{done.stderr}"
     started = []

@@ -142,7 +142,7 @@ def test_a_timer_due_while_every_referral_process_was_dead_fires_once_after_rest
     intake = start_service("intake", settings, clock=utcnow)  # referral runs as a real process, on the real time
     start_service("notifications", settings, clock=utcnow)
     env = {**os.environ, **{f"RELAIS_{k.upper()}": str(v) for k, v in settings.model_dump().items() if v is not None}}
-    serve = [sys.executable, "-m", "shared.cli", "serve", "referral"]
+    serve = [sys.executable, "-m", "relais", "serve", "referral"]
     first = subprocess.Popen(serve, env=env)
     try:
         assert wait_for(lambda: _ready(settings.base_url("referral")), 30)

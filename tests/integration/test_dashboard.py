@@ -230,7 +230,7 @@ def test_a_stopped_consumer_is_marked_stuck_and_a_dead_letter_replayed_after_a_f
 
     assert not intake_group(ops.get("/dashboard").json())["stuck"]
     intake.stop()  # its consumer is gone; referral events for it pile up
-    from shared.testing import record_need
+    from tests.helpers import record_need
     record_need(referral.svc)
     group = wait_for(lambda: (g := intake_group(ops.get("/dashboard").json()))["stuck"] and g, 20)
     assert group and group["problems"] == ["no_live_consumer"] and group["lag"] >= 1

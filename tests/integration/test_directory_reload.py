@@ -24,7 +24,7 @@ def test_a_service_refuses_to_start_with_a_bad_directory_and_says_what_to_fix(se
     bad["partners"][1]["categories"] = ["nope"]
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(bad, allow_unicode=True))
-    run = subprocess.run([sys.executable, "-m", "shared.cli", "serve", "referral"], capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-m", "relais", "serve", "referral"], capture_output=True, text=True,
                          env=env_of(settings, RELAIS_DIRECTORY=str(path)), timeout=60)
     assert run.returncode == 2
     assert "partners[0].contacts[0].email: not an email address" in run.stderr
@@ -33,7 +33,7 @@ def test_a_service_refuses_to_start_with_a_bad_directory_and_says_what_to_fix(se
 
 def test_sighup_reloads_the_directory_without_moving_assigned_referrals(settings, start_service, tmp_path):
     intake = start_service("intake", settings, clock=utcnow)  # referral runs as a real process, on the real time
-    referral = subprocess.Popen([sys.executable, "-m", "shared.cli", "serve", "referral"], env=env_of(settings))
+    referral = subprocess.Popen([sys.executable, "-m", "relais", "serve", "referral"], env=env_of(settings))
     api = httpx.Client(base_url=f"{settings.base_url('referral')}/api/v1",
                        headers={"Authorization": "Bearer test-ops"}, timeout=10)
     try:

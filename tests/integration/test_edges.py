@@ -310,7 +310,7 @@ def test_deeply_nested_json_gets_400(settings, start_service, depth):
 FAILING_SERVICE = textwrap.dedent("""
     import sys
     from shared import logs
-    from shared.cli import serve_app
+    from relais.cli import serve_app
     from shared.settings import Settings
     from services.intake.app import build
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from shared.cli import MailSink, start_embedded_redis
+from shared.devstack import MailSink, start_embedded_redis
 from shared.db import Database
 from shared.settings import Settings
 from shared.testing import wait_for

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import redis
 
-from shared.cli import load_settings
+from relais.diagnostics import load_settings
 from shared.testing import free_port, wait_for
 
 PASSWORD = "p@ss:w/rd#1%é"  # characters a URL must escape: the services must unescape them as redis-py does

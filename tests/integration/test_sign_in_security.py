@@ -13,7 +13,7 @@ import pytest
 import redis
 from sqlmodel import select
 
-from shared.cli import MailSink as EmbeddedSink
+from shared.devstack import MailSink as EmbeddedSink
 from shared.db import OutboxMessage, ProcessedEvent
 from shared.events import STREAM_OF, AccessLinkRequested, new_id, utcnow
 from shared.messaging import stream_fields

@@ -1,0 +1,183 @@
+"""`relais up`: the whole system on one machine, for a demo or a developer.
+
+Starts an embedded Redis and SMTP sink unless their URLs are set (shared.devstack), migrates the three services'
+databases, runs each service as a child process (`python -m relais serve NAME`), prints where everything is, passes
+SIGHUP on as a directory reload once the file is checked, and stops everything, Redis last, on Ctrl-C or when a
+child dies.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from relais.diagnostics import hide_password, load_settings, print_directory_errors
+from shared.devstack import MailSink, die_with_parent, start_embedded_redis
+from shared.settings import DEMO_DIRECTORY, DEMO_TOKENS, SERVICES, private_dir
+
+
+class Up:
+    """The supervisor of `relais up`: its children, in the order they start and stop."""
+
+    def __init__(self, directory: Path | None, data_dir: Path | None) -> None:
+        if directory:
+            os.environ["RELAIS_DIRECTORY"] = str(directory.resolve())
+        if data_dir:
+            os.environ["RELAIS_DATA_DIR"] = str(data_dir.resolve())
+        # The demo: its services may load the demo directory and use the key generated into the data dir.
+        os.environ["RELAIS_DEMO"] = "true"
+        self.settings = load_settings(redis=True, databases=SERVICES, notifications=True)
+        self.data_dir = self.settings.data_dir.resolve()
+        self.children: list[tuple[str, subprocess.Popen]] = []
+        self.sink: MailSink | None = None
+        self.stopping = False
+        self.reload_asked = False
+
+    def run(self) -> int:
+        from shared.directory import DirectoryError, load_directory
+
+        try:
+            directory = load_directory(self.settings.directory)
+        except DirectoryError as exc:
+            print_directory_errors(self.settings.directory, exc.errors, "fix these and start again")
+            return 2
+        private_dir(self.data_dir)
+        _ = self.settings.signing_key  # generated once here, before three services race to write it
+        env = {**os.environ, "RELAIS_DATA_DIR": str(self.data_dir), "RELAIS_DIRECTORY": str(self.settings.directory)}
+        env.setdefault("RELAIS_LOG_FORMAT", "text")  # the services' lines go to this terminal
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._stop_signal)
+        # SIGHUP reloads the directory (as each service does); answered once everything is ready, since a service
+        # not yet listening for it would die of it.
+        signal.signal(signal.SIGHUP, self._reload_signal)
+        try:
+            env["RELAIS_REDIS_URL"] = self.settings.redis_url or self._start_redis()
+            if not self.settings.smtp_url:
+                self.sink = MailSink(self.data_dir / "mail")
+                env.update(self.sink.start())
+            for service in SERVICES:
+                if subprocess.run([sys.executable, "-m", "relais", "migrate", service], env=env,
+                                  stdout=subprocess.DEVNULL).returncode != 0:
+                    return 2  # the migration said why
+            for service in SERVICES:
+                self._spawn(service, [sys.executable, "-m", "relais", "serve", service], env)
+            if not self._wait_ready():
+                return 1
+            self._announce(env, directory)
+            while not self.stopping:
+                for name, proc in self.children:
+                    if proc.poll() is not None:
+                        print(f"relais: {name} exited with status {proc.returncode}; stopping everything", file=sys.stderr)
+                        return 1
+                if self.reload_asked:
+                    self.reload_asked = False
+                    self._reload_directory()
+                time.sleep(0.2)
+            return 0
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            self._shutdown()
+
+    def _stop_signal(self, signum, frame) -> None:  # noqa: ANN001
+        self.stopping = True
+
+    def _reload_signal(self, signum, frame) -> None:  # noqa: ANN001
+        self.reload_asked = True
+
+    def _reload_directory(self) -> None:
+        """Check the directory file, then have the three services load it again; a bad file changes nothing."""
+        from shared.directory import check_directory_file
+
+        path = self.settings.directory
+        errors = check_directory_file(path)
+        if errors:
+            print_directory_errors(path, errors, "still using the previous one. Fix these and send SIGHUP again")
+            return
+        for name, proc in self.children:
+            if name in SERVICES and proc.poll() is None:
+                proc.send_signal(signal.SIGHUP)
+        print(f"relais: directory {path} checked; intake, referral and notifications reload it", flush=True)
+
+    def _spawn(self, name: str, cmd: list[str], env: dict) -> subprocess.Popen:
+        proc = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent)
+        self.children.append((name, proc))
+        return proc
+
+    def _start_redis(self) -> str:
+        proc, url = start_embedded_redis(self.data_dir / "redis")
+        self.children.append(("redis", proc))
+        return url
+
+    def _wait_ready(self) -> bool:
+        import httpx
+
+        deadline = time.monotonic() + 60
+        pending = set(SERVICES)
+        while pending and time.monotonic() < deadline and not self.stopping:
+            for service in list(pending):
+                try:
+                    if httpx.get(f"{self.settings.base_url(service)}/readyz", timeout=1).status_code == 200:
+                        pending.discard(service)
+                except httpx.HTTPError:
+                    pass
+            if any(proc.poll() is not None for _, proc in self.children):
+                print("relais: a process exited during start-up; see its messages above", file=sys.stderr)
+                return False
+            time.sleep(0.2)
+        if pending:
+            print(f"relais: not ready after 60 s: {', '.join(sorted(pending))}", file=sys.stderr)
+        return not pending
+
+    def _announce(self, env: dict, directory) -> None:
+        lines = ["", "Relais is running. Ctrl-C stops everything.", ""]
+        for service in SERVICES:
+            lines.append(f"  {service:<14} {self.settings.base_url(service)}   (API docs: {self.settings.base_url(service)}/docs)")
+        lines.append(f"  {'desk pages':<14} {self.settings.base_url('intake')}/   (front desks sign in by emailed link)")
+        lines.append(f"  {'partner inbox':<14} {self.settings.base_url('referral')}/boite")
+        lines.append(f"  {'dashboard':<14} {self.settings.base_url('referral')}/tableau-de-bord   (ops)")
+        lines.append(f"  {'redis':<14} {env['RELAIS_REDIS_URL']}")
+        if self.sink:
+            lines.append(f"  {'smtp sink':<14} {env['RELAIS_SMTP_URL']}   (messages kept in {self.sink.folder})")
+            lines.append(f"  {'outbox page':<14} {self.settings.base_url('notifications')}/envois   (what Relais sends, "
+                         "as recipients see it; for ops: the sign-in link arrives in the folder above)")
+        else:
+            lines.append(f"  {'smtp':<14} {env['RELAIS_SMTP_URL']}")
+        lines.append(f"  {'data':<14} {self.data_dir}")
+        for service in SERVICES:
+            lines.append(f"  {service + ' db':<14} {hide_password(self.settings.database_url(service))}")
+        lines.append(f"  {'directory':<14} {self.settings.directory}")
+        if Path(self.settings.directory).resolve() == DEMO_DIRECTORY.resolve():
+            lines += ["", "Demo tokens (Authorization: Bearer TOKEN), from the demo directory:"]
+            for user in directory.users:
+                if user.id in DEMO_TOKENS:
+                    lines.append(f"  {user.id:<22} {user.role:<11} {DEMO_TOKENS[user.id]}")
+            lines += ["", "Try it:",
+                      f"  curl -s -X POST {self.settings.base_url('intake')}/api/v1/needs \\",
+                      "    -H 'Authorization: Bearer demo-desk-chatelet' -H 'Content-Type: application/json' \\",
+                      "    -d '{\"library_id\": \"rouen-chatelet\", \"category\": \"caf\", \"summary\": \"Dossier APL bloqué\", "
+                      "\"postal_code\": \"76000\", \"consent\": true}'"]
+        print("\n".join(lines), flush=True)
+
+    def _shutdown(self) -> None:
+        # The services first, Redis last: a service still stopping must not lose the Redis it reads from.
+        services = [(name, proc) for name, proc in self.children if name != "redis"]
+        redis_server = [(name, proc) for name, proc in self.children if name == "redis"]
+        for stage in (services, redis_server):
+            for _, proc in reversed(stage):
+                if proc.poll() is None:
+                    proc.terminate()
+            for name, proc in reversed(stage):
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    print(f"relais: {name} did not stop in 15 s; killing it", file=sys.stderr)
+                    proc.kill()
+                    proc.wait()
+        if self.sink:
+            self.sink.stop()
+        self.children.clear()
