@@ -197,7 +197,7 @@ DeliveryStreamEvent = Annotated[Union[DeliverySent, DeliveryFailed], Field(discr
 
 class AccessLinkRequested(Event):
     """A staff member asked for a sign-in link; notifications emails it. Version 2 carries neither the link nor
-    the address: `reference` is signed with the deployment's key (shared.web.sign_in_reference), notifications
+    the address: `reference` is signed with the deployment's key (shared.signin.sign_in_reference), notifications
     checks it, rebuilds the link from its own settings and writes to the user's address in the directory. A
     reader of the stream learns who asked, not how to sign in; a writer cannot make Relais mail anyone else."""
 

@@ -178,9 +178,9 @@ class Service:
             app.include_router(router, prefix="/api/v1")
         openapi.install(app, self.openapi_refiners)
         if pages:
-            from shared import web
+            from shared.pages import mount
 
-            web.mount(app, pages, self)
+            mount(app, pages, self)
 
         app.add_middleware(UnexpectedErrors)  # innermost: next to the routes
 

@@ -1,6 +1,6 @@
 """Server-side records of signed-in web sessions, kept in Redis so that every service honours one revocation.
 
-The session cookie (shared.web) is signed and carries a random session id; a signed-in page is served only while
+The session cookie (shared.signin) is signed and carries a random session id; a signed-in page is served only while
 Redis holds the record of that id. Signing out deletes the record, so a copied cookie stops working at once;
 ops revoke a user's sessions (a lost phone) by deleting every record of the user, on all services at once,
 through `POST /api/v1/users/{user_id}/sessions/revoke` on any service (or the dashboard's button on referral).

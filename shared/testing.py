@@ -163,7 +163,7 @@ VIEWPORT_PHONE = {"width": 375, "height": 740}
 def sign_in_link_of(service: RunningService, event: dict) -> str:
     """The link notifications builds from an access.link_requested event of `service` (which carries no link), for
     tests that run a service without notifications."""
-    from shared.web import link_for_request, read_sign_in_reference
+    from shared.signin import link_for_request, read_sign_in_reference
 
     reference = read_sign_in_reference(service.settings, event["reference"], service.svc.clock())
     return link_for_request(service.settings, reference)

@@ -15,8 +15,8 @@ from pydantic import BaseModel
 from services.intake import domain
 from services.intake.store import counted_needs
 from shared.directory import Directory, Library
+from shared.pages import SECURITY_HEADERS, environment
 from shared.service import Service
-from shared.web import SECURITY_HEADERS, environment
 
 LABELS = environment(Path(__file__).with_name("templates")).get_template("_labels.html").module
 

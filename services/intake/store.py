@@ -9,7 +9,7 @@ from sqlmodel import Field, Session, SQLModel, select
 
 from services.intake.domain import CountedNeed
 from shared.db import UTCDateTime
-from shared.web import USED_TOKEN_TABLE
+from shared.signin import USED_TOKEN_TABLE
 
 
 class Need(SQLModel, table=True):

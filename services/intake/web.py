@@ -7,7 +7,7 @@
 - `/demandes`: "Mes demandes", the library's needs, overdue first, with filters; `/demandes/{id}`: one need and
   its history as the desk may see it;
 - `/chiffres` and `/chiffres.csv`: the library's monthly figures;
-- `/connexion`, `/deconnexion`: sign-in by emailed link (shared.web).
+- `/connexion`, `/deconnexion`: sign-in by emailed link (shared.signin).
 
 Live parts: a page's `[data-live]` region is fetched again with `?partiel=1` by /scripts/suivi.js and replaced
 when its version changes; the answer says when nothing more will change. Without JavaScript the confirmation
@@ -36,8 +36,8 @@ from services.intake.reports import CategoryFigures, LibraryReport, csv_response
 from services.intake.store import Need, NeedHistory
 from shared.directory import Library, User
 from shared.logs import current_correlation_id
+from shared.pages import MONTHS_FR, SECURITY_HEADERS, Pages, page_links, page_number
 from shared.service import Service
-from shared.web import MONTHS_FR, SECURITY_HEADERS, Pages, page_links, page_number
 
 TEMPLATES = Path(__file__).with_name("templates")
 STATIC = Path(__file__).with_name("static")

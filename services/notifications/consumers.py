@@ -8,7 +8,7 @@ from services.notifications import handlers
 from shared.events import (ACCESS, DELIVERIES, NEEDS, REFERRALS, AccessLinkRequested, DeliveryStreamEvent, NeedEvent,
                            ReferralStreamEvent)
 from shared.service import Service
-from shared.web import referral_link
+from shared.signin import referral_link
 
 
 def register(svc: Service, wake_senders: Callable[[], None]) -> None:

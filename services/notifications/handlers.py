@@ -19,7 +19,7 @@ from shared.directory import Directory
 from shared.events import (AccessLinkRequested, DeliveryFailed, Event, NeedCancelled, NeedRecorded, new_id,
                            parse_event)
 from shared.settings import Settings
-from shared.web import TokenExpired, TokenInvalid, link_for_request, read_sign_in_reference
+from shared.signin import TokenExpired, TokenInvalid, link_for_request, read_sign_in_reference
 
 log = logging.getLogger("relais.notifications")
 
@@ -208,7 +208,7 @@ class ForgedEvent(ValueError):
 def on_access_link_requested(session: Session, event: AccessLinkRequested, directory: Directory, settings: Settings,
                              now: datetime) -> None:
     """Email a sign-in link to the user's address in the directory, built here from the event's signed reference
-    and our own settings; the event names no address and carries no link (see shared.web.sign_in_reference)."""
+    and our own settings; the event names no address and carries no link (see shared.signin.sign_in_reference)."""
     try:
         request = read_sign_in_reference(settings, event.reference, now)
     except TokenExpired:

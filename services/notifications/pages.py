@@ -6,7 +6,7 @@ the SMS with its segment count.
 - `/envois`: the deliveries, newest first, filtered by kind, channel, status and need;
 - `/envois/{id}`: one delivery;
 - `/envois/{id}/apercu`: the HTML part of its email, for the frame;
-- `/connexion`, `/deconnexion`: sign-in by email link (shared.web).
+- `/connexion`, `/deconnexion`: sign-in by email link (shared.signin).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from sqlmodel import select
 
 from services.notifications import channels
 from services.notifications.store import Delivery, DeliveryAttempt
+from shared.pages import SECURITY_HEADERS, Pages
 from shared.service import Service, decode_cursor, encode_cursor
-from shared.web import SECURITY_HEADERS, Pages
 
 TEMPLATES = Path(__file__).with_name("templates") / "web"
 KINDS = ("handoff", "person_confirmation", "reminder", "escalation", "breach", "partner_answered", "unroutable",

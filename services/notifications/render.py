@@ -11,7 +11,7 @@ from zoneinfo import ZoneInfo
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
 from services.notifications import domain
-from shared.web import datetime_fr, deadline_fr
+from shared.pages import datetime_fr, deadline_fr
 
 TEMPLATES = Path(__file__).with_name("templates")
 

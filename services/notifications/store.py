@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from sqlmodel import Field, Session, SQLModel
 
 from shared.db import UTCDateTime
-from shared.web import USED_TOKEN_TABLE  # sign-in links on the outbox pages: `relais migrate` creates it too
+from shared.signin import USED_TOKEN_TABLE  # sign-in links on the outbox pages: `relais migrate` creates it too
 
 
 class Delivery(SQLModel, table=True):

@@ -31,9 +31,9 @@ from services.referral.store import NeedCase, Referral, current_referral
 from shared.directory import User
 from shared.events import DEAD_LETTER_SUFFIX, STREAMS
 from shared.messaging import replay
+from shared.pages import SECURITY_HEADERS, Pages, datetime_fr
 from shared.service import ACTOR_HEADER, Service, internal_token
 from shared.sessions import revoke_user_sessions
-from shared.web import SECURITY_HEADERS, Pages, datetime_fr
 
 TEMPLATES = Path(__file__).with_name("templates")
 ACTIONS = ("rejouer", "reaffecter", "pause", "reprise", "annuler", "deconnecter")
@@ -76,7 +76,7 @@ def hour_fr(at: datetime, timezone: str) -> str:
 
 
 def month_fr(month: str) -> str:
-    from shared.web import MONTHS_FR
+    from shared.pages import MONTHS_FR
 
     year, number = month.split("-")
     return f"{MONTHS_FR[int(number) - 1]} {year}"

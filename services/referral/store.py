@@ -8,7 +8,7 @@ import sqlalchemy as sa
 from sqlmodel import Field, Session, SQLModel, select
 
 from shared.db import UTCDateTime
-from shared.web import USED_TOKEN_TABLE  # sign-in links on the partner pages are single use
+from shared.signin import USED_TOKEN_TABLE  # sign-in links on the partner pages are single use
 
 OPEN_STATUSES = ("assigned", "accepted", "responded")
 

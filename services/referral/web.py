@@ -3,7 +3,7 @@
 - `/r/{token}`: one referral, opened from the signed link in the handoff email, no account needed;
 - `/boite`: the inbox of a signed-in partner user (its organisation's referrals; ops see all);
 - `/boite/{id}`: one referral for a signed-in user, the same page as the link's;
-- `/connexion`, `/deconnexion`: sign-in by email link (shared.web).
+- `/connexion`, `/deconnexion`: sign-in by email link (shared.signin).
 Actions are POST forms (CSRF-checked) followed by a 303 back to the page with a confirmation.
 """
 
@@ -22,8 +22,9 @@ from services.referral import dashboard_pages, domain
 from services.referral.handlers import act
 from services.referral.store import OPEN_STATUSES, NeedCase, Referral, ReferralHistory, history_of
 from shared.directory import User
+from shared.pages import Pages, page_links, page_number
 from shared.service import Service
-from shared.web import Pages, TokenExpired, TokenInvalid, page_links, page_number, read_referral_token
+from shared.signin import TokenExpired, TokenInvalid, read_referral_token
 
 TEMPLATES = Path(__file__).with_name("templates")
 

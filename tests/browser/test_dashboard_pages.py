@@ -18,8 +18,8 @@ import pytest
 
 from shared.events import NeedRecorded, PersonContact
 from shared.messaging import DATA_FIELD
+from shared.signin import sign_in_link
 from shared.testing import VIEWPORT_DESK, VIEWPORT_PHONE, sign_in_in_browser, wait_for
-from shared.web import sign_in_link
 
 pytestmark = [pytest.mark.browser, pytest.mark.date_sensitive]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "browser"  # as conftest's check_page

@@ -12,7 +12,7 @@ import pytest
 from sqlmodel import select
 
 from services.intake.store import Need
-from shared.web import deadline_fr
+from shared.pages import deadline_fr
 from shared.testing import DESK_EMAIL, VIEWPORT_DESK, VIEWPORT_PHONE, focus_is_visible, tab_to, wait_for
 
 pytestmark = [pytest.mark.browser, pytest.mark.date_sensitive]

@@ -9,12 +9,12 @@ from datetime import timedelta
 import pytest
 import redis
 
-from shared.devstack import MailSink
 from shared.db import OutboxMessage
+from shared.devstack import MailSink
 from shared.events import (STREAM_OF, NeedRecorded, PersonContact, ReferralAssigned, new_id, utcnow)
 from shared.messaging import stream_fields
+from shared.signin import sign_in_link
 from shared.testing import VIEWPORT_DESK, VIEWPORT_PHONE, sign_in_in_browser, clock_start, wait_for
-from shared.web import sign_in_link
 
 pytestmark = pytest.mark.browser
 

@@ -8,8 +8,9 @@ from datetime import datetime
 
 import pytest
 
+from shared.pages import datetime_fr
+from shared.signin import referral_link, sign_in_link
 from shared.testing import sign_in_in_browser, wait_for
-from shared.web import datetime_fr, referral_link, sign_in_link
 
 pytestmark = [pytest.mark.browser, pytest.mark.date_sensitive]
 

@@ -9,9 +9,10 @@ from datetime import datetime, timedelta
 
 import pytest
 
+from shared.pages import deadline_fr
+from shared.signin import referral_link, sign_in_link
 from shared.testing import VIEWPORT_DESK, VIEWPORT_PHONE, focus_is_visible, sign_in_in_browser, tab_to
 from tests.helpers import record_need
-from shared.web import deadline_fr, referral_link, sign_in_link
 
 pytestmark = [pytest.mark.browser, pytest.mark.date_sensitive]
 

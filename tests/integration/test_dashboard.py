@@ -19,8 +19,8 @@ from sqlmodel import select
 from services.referral.store import ClockTimer, NeedCase, OpsAction, Referral, ReferralHistory
 from shared import queues
 from shared.events import NeedRecorded, PersonContact, utcnow
+from shared.signin import sign_in_link
 from shared.testing import directory_data, clock_start, use_sign_in_link, wait_for
-from shared.web import sign_in_link
 
 pytestmark = pytest.mark.date_sensitive  # deadlines in words, months, dates to come
 

@@ -17,8 +17,8 @@ from sqlmodel import select
 from services.referral.store import OpsAction
 from shared.logs import ContextFilter, JsonFormatter
 from shared.service import internal_token
+from shared.signin import sign_in_link
 from shared.testing import use_sign_in_link, wait_for
-from shared.web import sign_in_link
 
 pytestmark = pytest.mark.date_sensitive  # deadlines in words, months, dates to come
 

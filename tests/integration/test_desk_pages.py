@@ -13,8 +13,9 @@ import pytest
 from sqlmodel import select
 
 from services.intake.store import Need
+from shared.pages import deadline_fr
+from shared.signin import sign_in_link
 from shared.testing import DESK_EMAIL, sign_in_link_of, use_sign_in_link, wait_for
-from shared.web import deadline_fr, sign_in_link
 
 pytestmark = pytest.mark.date_sensitive  # deadlines in words, months, dates to come
 

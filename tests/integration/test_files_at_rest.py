@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from shared.devstack import MailSink, start_embedded_redis
 from shared.db import Database
+from shared.devstack import MailSink, start_embedded_redis
 from shared.settings import Settings
 from shared.testing import wait_for
 

@@ -24,8 +24,8 @@ from shared.db import OutboxMessage
 from shared.events import (STREAM_OF, AccessLinkRequested, NeedRecorded, PersonContact, ReferralAccepted,
                            ReferralAssigned, ReferralBreached, ReferralReminderDue, new_id, utcnow)
 from shared.messaging import stream_fields
+from shared.signin import link_for_request, new_sign_in_request, sign_in_reference
 from shared.testing import DESK_EMAIL, MailSink, clock_start, directory_data, free_port, wait_for
-from shared.web import link_for_request, new_sign_in_request, sign_in_reference
 
 PHONE = "+33612345678"
 

@@ -10,8 +10,8 @@ import re
 import httpx
 import pytest
 
+from shared.signin import referral_link, sign_in_link
 from shared.testing import use_sign_in_link, wait_for
-from shared.web import referral_link, sign_in_link
 
 NAME = "Zélie Quintard-Vasseur"
 EMAIL = "zelie.quintard@exemple-unique.test"

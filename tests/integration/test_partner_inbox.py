@@ -10,9 +10,9 @@ import pytest
 from sqlmodel import select
 
 from shared.db import OutboxMessage
+from shared.signin import referral_link, referral_token, sign, sign_in_link
 from shared.testing import sign_in_link_of, use_sign_in_link, wait_for
 from tests.helpers import record_need
-from shared.web import referral_link, referral_token, sign, sign_in_link
 
 pytestmark = pytest.mark.date_sensitive  # deadlines in words, months, dates to come
 

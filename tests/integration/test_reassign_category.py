@@ -11,9 +11,9 @@ import pytest
 from sqlmodel import select
 
 from services.referral.store import OpsAction, Referral
+from shared.signin import sign_in_link
 from shared.testing import use_sign_in_link
 from tests.helpers import record_need
-from shared.web import sign_in_link
 
 
 @pytest.fixture

@@ -13,13 +13,13 @@ import pytest
 import redis
 from sqlmodel import select
 
-from shared.devstack import MailSink as EmbeddedSink
 from shared.db import OutboxMessage, ProcessedEvent
+from shared.devstack import MailSink
 from shared.events import STREAM_OF, AccessLinkRequested, new_id, utcnow
 from shared.messaging import stream_fields
-from shared.testing import DESK_EMAIL, MailSink, TOKENS, sign_in_link_of, use_sign_in_link, wait_for
-from shared.web import (SIGN_IN_REQUESTS_PER_CLIENT, SIGN_IN_REQUESTS_PER_WINDOW, new_sign_in_request,
-                        sign_in_link, sign_in_reference)
+from shared.signin import (SIGN_IN_REQUESTS_PER_CLIENT, SIGN_IN_REQUESTS_PER_WINDOW, new_sign_in_request,
+                           sign_in_link, sign_in_reference)
+from shared.testing import DESK_EMAIL, TOKENS, sign_in_link_of, use_sign_in_link, wait_for
 
 STRANGER = "intrus@evil.test.example"
 
@@ -190,7 +190,7 @@ def test_a_stranger_cannot_lock_the_owner_of_an_address_out(intake):
 
 
 def test_the_outbox_page_never_shows_a_live_sign_in_link_not_even_to_ops(settings, start_service, tmp_path):
-    sink = EmbeddedSink(tmp_path / "mail")  # the sink of `relais up`, whose messages the outbox page shows
+    sink = MailSink(tmp_path / "mail")  # the sink of `relais up`, whose messages the outbox page shows
     sink.controller.start()
     try:
         notifications = start_service("notifications", settings.model_copy(update={
