@@ -17,6 +17,8 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from email import message_from_bytes, policy
 from pathlib import Path
 
@@ -115,6 +117,17 @@ def start_embedded_redis(folder: Path, *, durable: bool = True) -> tuple[subproc
     proc.kill()
     proc.wait()
     raise RuntimeError(f"embedded Redis did not start; see {folder / 'redis.log'}")
+
+
+@contextmanager
+def embedded_redis(folder: Path, *, durable: bool = True) -> Iterator[str]:
+    """`start_embedded_redis` for the length of a block (a test session's Redis): yields its URL, stops it after."""
+    proc, url = start_embedded_redis(folder, durable=durable)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(15)
 
 
 class MailSink:
