@@ -21,6 +21,7 @@ from services.intake import domain
 from services.intake.handlers import AlreadyClosed, RecordNeed, cancel_need, record_need
 from services.intake.reports import Reports, csv_response, library_report
 from services.intake.store import IdempotencyKey, Need, NeedHistory
+from shared import deadlines
 from shared.directory import Directory, User, normalize_email, normalize_phone
 from shared.events import PersonContact
 from shared.logs import current_correlation_id
@@ -265,7 +266,7 @@ def record_once(svc: Service, user: User, body: NeedCreate, idempotency_key: str
             cmd = RecordNeed(library_id=body.library_id, category=body.category, summary=body.summary,
                              postal_code=body.postal_code, urgency=body.urgency, person=contact, recorded_by=user.id,
                              person_id=person_id(session), correlation_id=correlation_id)
-            need = record_need(session, cmd, now, domain.expected_respond_by(
+            need = record_need(session, cmd, now, deadlines.expected_respond_by(
                 svc.directory, category=cmd.category, postal_code=cmd.postal_code, library_id=cmd.library_id,
                 recorded_at=now))
             recorded = Recorded(need.id, public(need).model_dump_json())
