@@ -1,12 +1,14 @@
-"""Notifications' event handlers: each turns an event into rendered deliveries, queued in the same transaction
-as the event's tracking row (so one message per event, recipient and channel), or records what a provider
-told us (a receipt, a STOP reply)."""
+"""Notifications' use cases, one handler per event consumed and per command. An event handler turns the event into
+rendered deliveries, queued in the same transaction as the event's tracking row (Bus.process gives it the session: one
+message per event, recipient and channel). A command handler (what a provider's webhook told us: RecordSmsReceipt,
+RecordSmsReply) opens its own transaction. Adapters (consumers.py, api.py's webhooks) only translate and call."""
 
 from __future__ import annotations
 
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 
 from sqlmodel import Session, select
@@ -14,7 +16,7 @@ from sqlmodel import Session, select
 from services.notifications import domain
 from services.notifications.render import Rendered, render, render_email
 from services.notifications.store import Delivery, NeedPerson, SmsSuppression, WaitingForPerson, lock_person_of
-from shared.db import emit
+from shared.db import Database, emit
 from shared.directory import Directory
 from shared.events import (AccessLinkRequested, DeliveryFailed, Event, NeedCancelled, NeedRecorded, new_id,
                            parse_event)
@@ -236,31 +238,51 @@ def on_access_link_requested(session: Session, event: AccessLinkRequested, direc
 # --- what the SMS providers tell us --------------------------------------------------------------------
 
 
-def on_sms_receipt(session: Session, provider: str, provider_message_id: str, delivered: bool, error: str | None,
-                   now: datetime) -> Delivery | None:
-    """A delivery receipt: `sent` becomes `delivered`, or `failed` (then the person gets an email instead)."""
-    d = session.exec(select(Delivery).where(Delivery.provider == provider,
-                                            Delivery.provider_message_id == provider_message_id)).first()
-    if d is None or d.status not in ("sent", "delivered"):
-        return d
-    if delivered:
-        d.status, d.delivered_at = "delivered", d.delivered_at or now
-    elif d.status == "sent":
-        d.status, d.last_error = "failed", (error or "undelivered")[:2000]
-        emit(session, DeliveryFailed(**event_fields(d, now), error=d.last_error))
-        fall_back_to_email(session, d, now)
-    session.add(d)
+@dataclass(frozen=True)
+class RecordSmsReceipt:
+    """A provider's delivery receipt for one of our SMS."""
+
+    provider: str
+    provider_message_id: str
+    delivered: bool  # False: the operator could not deliver it
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class RecordSmsReply:
+    """A text a number sent back to a provider (STOP, ARRET, START...)."""
+
+    provider: str
+    phone: str  # E.164
+    text: str
+
+
+def record_sms_receipt(db: Database, cmd: RecordSmsReceipt, *, now: datetime) -> Delivery | None:
+    """`sent` becomes `delivered`, or `failed` (delivery.failed in the outbox; the person gets an email instead)."""
+    with db.transaction() as session:
+        d = session.exec(select(Delivery).where(Delivery.provider == cmd.provider,
+                                                Delivery.provider_message_id == cmd.provider_message_id)).first()
+        if d is None or d.status not in ("sent", "delivered"):
+            return d
+        if cmd.delivered:
+            d.status, d.delivered_at = "delivered", d.delivered_at or now
+        elif d.status == "sent":
+            d.status, d.last_error = "failed", (cmd.error or "undelivered")[:2000]
+            emit(session, DeliveryFailed(**event_fields(d, now), error=d.last_error))
+            fall_back_to_email(session, d, now)
+        session.add(d)
     return d
 
 
-def on_sms_reply(session: Session, provider: str, phone: str, text: str, now: datetime) -> str | None:
+def record_sms_reply(db: Database, cmd: RecordSmsReply, *, now: datetime) -> str | None:
     """STOP or ARRET: no more SMS to that number (queued ones are suppressed); START: they may come again."""
-    if domain.is_stop_reply(text):
-        opt_out(session, phone, provider, now)
-        return "stop"
-    if domain.is_start_reply(text) and (row := session.get(SmsSuppression, phone)) is not None:
-        session.delete(row)
-        return "start"
+    with db.transaction() as session:
+        if domain.is_stop_reply(cmd.text):
+            opt_out(session, cmd.phone, cmd.provider, now)
+            return "stop"
+        if domain.is_start_reply(cmd.text) and (row := session.get(SmsSuppression, cmd.phone)) is not None:
+            session.delete(row)
+            return "start"
     return None
 
 

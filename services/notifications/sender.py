@@ -16,7 +16,9 @@ from datetime import datetime, timedelta
 import anyio
 from sqlmodel import select
 
-from services.notifications import channels, domain, handlers
+from services.notifications import domain, handlers
+from services.notifications.providers import sms_provider, smtp
+from services.notifications.providers.base import SendError, Sent
 from services.notifications.render import render_email
 from services.notifications.store import Delivery, DeliveryAttempt, SmsSuppression
 from shared.db import emit
@@ -31,8 +33,8 @@ BATCH = 50
 
 @dataclass(frozen=True)
 class Outcome:
-    sent: channels.Sent | None = None
-    error: channels.SendError | None = None
+    sent: Sent | None = None
+    error: SendError | None = None
     suppressed: str | None = None
 
 
@@ -101,28 +103,28 @@ def record_outcome(db, ids: list[str], now: datetime, outcome: Outcome, settings
 class EmailChannel:
     def __init__(self, settings) -> None:
         self.settings = settings
-        self.pool = channels.SmtpPool(channels.SmtpTarget.from_url(settings.smtp_url))
+        self.pool = smtp.SmtpPool(smtp.SmtpTarget.from_url(settings.smtp_url))
 
     def message(self, batch: list[Delivery]):
         first = batch[0]
         sender = self.settings.mail_from
         if len(batch) == 1 and first.held_reason != "digest":
-            return channels.build_message(sender=sender, to=first.recipient, subject=first.subject,
+            return smtp.build_message(sender=sender, to=first.recipient, subject=first.subject,
                                           text=first.body_text, html=first.body_html, reply_to=first.reply_to,
-                                          message_id=channels.message_id(first.id, sender), language=first.language)
+                                          message_id=smtp.message_id(first.id, sender), language=first.language)
         items = [json.loads(d.facts) for d in batch]
         for item in items:
             item["respond_by"] = datetime.fromisoformat(item["respond_by"])
         items.sort(key=lambda item: item["respond_by"])
         rendered = render_email("digest", recipient_name=items[0]["recipient_name"], items=items)
-        return channels.build_message(sender=sender, to=first.recipient, subject=rendered.subject, text=rendered.text,
-                                      html=rendered.html, reply_to=None, message_id=channels.message_id(
+        return smtp.build_message(sender=sender, to=first.recipient, subject=rendered.subject, text=rendered.text,
+                                      html=rendered.html, reply_to=None, message_id=smtp.message_id(
                                           f"digest-{first.id}", sender))
 
     async def send(self, batch: list[Delivery], db) -> Outcome:
         try:
             return Outcome(sent=await self.pool.send(self.message(batch)))
-        except channels.SendError as exc:
+        except SendError as exc:
             return Outcome(error=exc)
 
     async def close(self) -> None:
@@ -131,7 +133,7 @@ class EmailChannel:
 
 class SmsChannel:
     def __init__(self, settings) -> None:
-        self.provider = channels.sms_provider(settings)
+        self.provider = sms_provider(settings)
 
     async def send(self, batch: list[Delivery], db) -> Outcome:
         [d] = batch
@@ -139,7 +141,7 @@ class SmsChannel:
             return Outcome(suppressed="opted_out")
         try:
             return Outcome(sent=await self.provider.send(d.recipient, d.body_text, d.id))
-        except channels.SendError as exc:
+        except SendError as exc:
             return Outcome(error=exc)
 
     async def close(self) -> None:
@@ -156,7 +158,7 @@ async def send_one(svc, out, batch: list[Delivery], channel: str) -> None:
         outcome = await out.send(batch, svc.db)
     except Exception as exc:  # noqa: BLE001 - a bug in one message must not stop the others; retried, then failed
         log.exception("%s delivery %s could not be prepared", channel, batch[0].id)
-        outcome = Outcome(error=channels.SendError(f"{type(exc).__name__}: {exc}"))
+        outcome = Outcome(error=SendError(f"{type(exc).__name__}: {exc}"))
     if outcome.error is not None:
         log.warning("%s delivery %s (%s) attempt %d failed: %s", channel, batch[0].id, batch[0].kind,
                     batch[0].attempts, outcome.error)
