@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Set
 from dataclasses import dataclass
-from datetime import datetime, time, timedelta, timezone
-from zoneinfo import ZoneInfo
+from datetime import datetime, timedelta
 
 from shared import deadlines  # the partner's clock, shared with intake's deadline at recording
 # normalize_postal_code is shared with intake and the directory; re-exported here for routing.
