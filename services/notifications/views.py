@@ -8,7 +8,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlmodel import Session, select
 
-from services.notifications.store import Delivery, DeliveryAttempt
+from services.notifications.store import Delivery, DeliveryAttempt, SmsSuppression
 from shared.service import encode_cursor, page
 
 
@@ -67,3 +67,8 @@ def deliveries_by_status(session: Session) -> dict[tuple[str, str], int]:
     """(status, channel) -> how many, over every delivery kept (for /metrics)."""
     return {(status, channel): n for status, channel, n in session.exec(
         select(Delivery.status, Delivery.channel, sa.func.count()).group_by(Delivery.status, Delivery.channel))}
+
+
+def is_suppressed(session: Session, phone: str) -> bool:
+    """The number replied STOP (and not START since)."""
+    return session.get(SmsSuppression, phone) is not None
