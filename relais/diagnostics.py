@@ -50,18 +50,9 @@ def load_settings(*, redis: bool = False, databases: tuple[str, ...] = (), notif
         if url and (problem := _database_url_problem(url)):
             problems.append(f"RELAIS_{service.upper()}_DATABASE_URL: {problem} (got {hide_password(url)!r})")
     if notifications:
-        from services.notifications import channels
+        from services.notifications.app import check_settings
 
-        if settings.smtp_url:
-            try:
-                channels.SmtpTarget.from_url(settings.smtp_url)
-            except ValueError:
-                problems.append("RELAIS_SMTP_URL: must look like smtp://[user:pass@]host:port, or smtps://... for TLS "
-                                f"(got {hide_password(settings.smtp_url)!r})")
-        try:
-            channels.check_sms_settings(settings)
-        except SystemExit as exc:
-            problems.append(str(exc.code))
+        problems += check_settings(settings)
     if production and not settings.demo:
         problems += settings.production_problems()
     if problems:
@@ -116,13 +107,6 @@ def _database_url_problem(url: str) -> str | None:
 def hide_password(url: str) -> str:
     """A URL as it may be printed: the password in its user part replaced by ***."""
     return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", url)
-
-
-def print_directory_errors(path: object, errors: list[str], then: str) -> None:
-    """A refused directory file on stderr: what to do (`then`), and its errors with their paths."""
-    print(f"{path}: the directory file is invalid; {then}:", file=sys.stderr)
-    for error in errors:
-        print(f"  {error}", file=sys.stderr)
 
 
 def print_directory_errors(path: object, errors: list[str], then: str) -> None:

@@ -151,7 +151,7 @@ class Service:
     # --- the FastAPI app ---
 
     def create_app(self, *routers, title: str, pages: Sequence[APIRouter] = ()) -> FastAPI:
-        """`routers` are JSON APIs, mounted under /api/v1; `pages` are web pages (shared.web), mounted at the root
+        """`routers` are JSON APIs, mounted under /api/v1; `pages` are web pages (shared.pages), mounted at the root
         with /static."""
         @asynccontextmanager
         async def lifespan(app: FastAPI):

@@ -1,30 +1,27 @@
-"""Intake's HTTP API (contract: /api/v1/needs)."""
+"""Intake's HTTP API (contract: /api/v1/needs): parse and validate the request, authorise the caller, call the one
+handler of its command (handlers.py), render the answer. The routes are module-level; what they need comes from
+deps.py, so a test can override the clock or the database."""
 
-
-import csv
 import hashlib
-import io
 import json
-from dataclasses import dataclass
-from datetime import date, datetime
 from collections.abc import Callable
+from datetime import date
+from functools import partial
 from typing import Annotated, Any, Literal
 
 import anyio
-from fastapi import APIRouter, Body, Depends, Header, HTTPException, Query, Response
+from fastapi import APIRouter, Body, Header, HTTPException, Query, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
-from sqlalchemy.exc import IntegrityError
-from sqlmodel import select
 
-from services.intake import domain
-from services.intake.handlers import AlreadyClosed, RecordNeed, cancel_need, record_need
+from services.intake import deps, domain, handlers
+from services.intake.handlers import RecordNeed
 from services.intake.reports import Reports, csv_response, library_report
-from services.intake.store import IdempotencyKey, Need, NeedHistory
+from services.intake.views import NeedPublic, need_page, need_with_history, public
 from shared.directory import Directory, User, normalize_email, normalize_phone
 from shared.events import PersonContact
 from shared.logs import current_correlation_id
-from shared.service import Cursor, Service, error_responses, page
+from shared.service import Cursor, error_responses
 
 MAX_SUMMARY = 2000
 MAX_IDEMPOTENCY_KEY = 200
@@ -105,14 +102,6 @@ class Invalid(Exception):
     def __init__(self, errors: list[dict]) -> None:
         super().__init__(errors)
         self.errors = errors
-
-
-class KeyReused(Exception):
-    """An Idempotency-Key already used for another body; `need_id` is what it recorded."""
-
-    def __init__(self, need_id: str) -> None:
-        super().__init__(need_id)
-        self.need_id = need_id
 
 
 def _error(loc: tuple, code: str, msg: str) -> dict:
@@ -206,108 +195,37 @@ def _as_checked(schema: dict) -> dict:
 NEED_CREATE_SCHEMA = _as_checked(_schema_inlined(NeedCreate))
 
 
-def directory_ids(svc: Service) -> Callable[[dict], None]:
+def directory_ids(runtime) -> Callable[[dict], None]:
     """An OpenAPI refiner: a need's library and category are ids of the directory (built again on reload)."""
 
     def refine(document: dict) -> None:
         body = document["paths"]["/api/v1/needs"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-        body["properties"]["library_id"]["enum"] = [library.id for library in svc.directory.libraries]
-        body["properties"]["category"]["enum"] = [category.id for category in svc.directory.categories]
+        body["properties"]["library_id"]["enum"] = [library.id for library in runtime.directory.libraries]
+        body["properties"]["category"]["enum"] = [category.id for category in runtime.directory.categories]
 
     return refine
 
 
-@dataclass(frozen=True)
-class Recorded:
-    id: str  # the need's
-    response_body: str  # the JSON of the 201 that recorded it: a repeat with its Idempotency-Key answers exactly it
-
-
-def record_once(svc: Service, user: User, body: NeedCreate, idempotency_key: str | None,
-                correlation_id: str | None = None) -> Recorded:
-    """Record the need (a thread's work: it blocks on the database). With a key, a repeat of the same body answers
-    what the first answered (the need as it was recorded, whatever happened to it since), even when the repeats
-    race; the same key with another body raises KeyReused."""
-    if user.library != body.library_id:
-        raise Invalid([_not_your_library()])
+def record_command(body: NeedCreate, user: User, idempotency_key: str | None,
+                   correlation_id: str | None) -> RecordNeed:
+    """The RecordNeed a validated body asks for (the API's and the desk form's)."""
     person = body.person
     channel = person.preferred_channel or ("email" if person.email else "sms" if person.phone else "none")
     contact = PersonContact(display_name=person.display_name, email=person.email, phone=person.phone,
                             preferred_channel=channel, language=person.language)
     request_hash = hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
-
-    def replayed(session) -> Recorded | None:
-        if idempotency_key is None:
-            return None
-        seen = session.get(IdempotencyKey, (user.id, idempotency_key))
-        if seen is None:
-            return None
-        if seen.request_hash != request_hash:
-            raise KeyReused(seen.need_id)
-        if seen.response_body is None:  # a key kept before its answer was: the need as it is now
-            return Recorded(seen.need_id, public(session.get(Need, seen.need_id)).model_dump_json())
-        return Recorded(seen.need_id, seen.response_body)
-
-    def person_id(session) -> str | None:
-        if body.same_person_as is None:
-            return None
-        earlier = session.get(Need, body.same_person_as)
-        if earlier is None or earlier.library_id != user.library:
-            raise Invalid([_error(("same_person_as",), "unknown_need",
-                                  f"no need '{body.same_person_as}' recorded at this library")])
-        return earlier.person_id
-
-    try:
-        with svc.db.transaction() as session:
-            if (earlier := replayed(session)) is not None:
-                return earlier
-            now = svc.clock()
-            cmd = RecordNeed(library_id=body.library_id, category=body.category, summary=body.summary,
-                             postal_code=body.postal_code, urgency=body.urgency, person=contact, recorded_by=user.id,
-                             person_id=person_id(session), correlation_id=correlation_id)
-            need = record_need(session, cmd, now, domain.expected_respond_by(
-                svc.directory, category=cmd.category, postal_code=cmd.postal_code, library_id=cmd.library_id,
-                recorded_at=now))
-            recorded = Recorded(need.id, public(need).model_dump_json())
-            if idempotency_key is not None:
-                session.add(IdempotencyKey(user_id=user.id, key=idempotency_key, request_hash=request_hash,
-                                           need_id=need.id, created_at=now, response_body=recorded.response_body))
-    except IntegrityError:  # the same key committed concurrently: answer what it answered
-        with svc.db.read() as session:
-            recorded = replayed(session)
-        if recorded is None:
-            raise
-    svc.bus.relay.wake()
-    return recorded
+    return RecordNeed(library_id=body.library_id, category=body.category, summary=body.summary,
+                      postal_code=body.postal_code, urgency=body.urgency, person=contact, recorded_by=user.id,
+                      same_person_as=body.same_person_as, idempotency_key=idempotency_key,
+                      request_hash=request_hash, correlation_id=correlation_id)
 
 
-class HistoryEntry(BaseModel):
-    at: datetime
-    event: str
-    partner_id: str | None
-    detail: str | None
+def unknown_earlier_need(need_id: str) -> Invalid:
+    """RecordNeed's UnknownNeed, as the field error both adapters show."""
+    return Invalid([_error(("same_person_as",), "unknown_need", f"no need '{need_id}' recorded at this library")])
 
 
-class NeedPublic(BaseModel):
-    id: str
-    library_id: str
-    category: str
-    summary: str
-    postal_code: str | None
-    urgency: str
-    status: str
-    partner_id: str | None
-    referral_id: str | None
-    recorded_at: datetime
-    respond_by: datetime
-    answered_at: datetime | None
-    sla: str
-    person_id: str
-    person: PersonContact
-    history: list[HistoryEntry] | None = None
-
-
-class CancelNeed(BaseModel):
+class CancelNeedBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     reason: str = Field(min_length=1, max_length=2000)
 
@@ -317,101 +235,87 @@ class NeedPage(BaseModel):
     next_cursor: str | None
 
 
-def public(need: Need, history: list[NeedHistory] | None = None) -> NeedPublic:
-    return NeedPublic(
-        **need.model_dump(include={"id", "library_id", "category", "summary", "postal_code", "urgency", "status",
-                                   "partner_id", "referral_id", "recorded_at", "respond_by", "answered_at", "sla",
-                                   "person_id"}),
-        person=PersonContact(display_name=need.person_display_name, email=need.person_email, phone=need.person_phone,
-                             preferred_channel=need.preferred_channel, language=need.language),
-        history=None if history is None else [HistoryEntry(**h.model_dump(include={"at", "event", "partner_id", "detail"}))
-                                              for h in history],
-    )
+router = APIRouter(tags=["needs"])
 
 
-def build_router(svc: Service) -> APIRouter:
-    router = APIRouter(tags=["needs"])
-    svc.openapi_refiners.append(directory_ids(svc))
-    FrontDesk = Annotated[User, Depends(svc.require("front_desk"))]
-    Reader = Annotated[User, Depends(svc.require("front_desk", "ops"))]
+@router.post("/needs", status_code=201, response_model=NeedPublic, responses=error_responses(409))
+async def create_need(data: Annotated[dict[str, Any], Body(title="NeedCreate", json_schema_extra=NEED_CREATE_SCHEMA)],
+                      user: deps.FrontDesk, runtime: deps.Runtime, db: deps.DatabaseDep, clock: deps.Clock,
+                      idempotency_key: Annotated[str | None, Header(max_length=MAX_IDEMPOTENCY_KEY)] = None
+                      ) -> Response:
+    # The body (documented as NeedCreate) is validated here, not by FastAPI, so that a 422 names every failing
+    # field at once, the directory's refusals with pydantic's (validate_need).
+    try:
+        body = validate_need(data, runtime.directory, library=user.library)
+        cmd = record_command(body, user, idempotency_key, current_correlation_id())  # the request's (shared.logs)
+        recorded = await anyio.to_thread.run_sync(
+            partial(handlers.record_need, db, cmd, directory=runtime.directory, now=clock()))
+    except handlers.KeyReused:
+        raise HTTPException(409, "this Idempotency-Key was already used with another body") from None
+    except handlers.UnknownNeed as exc:
+        raise HTTPException(422, body_errors(unknown_earlier_need(str(exc)))) from None
+    except Invalid as exc:
+        raise HTTPException(422, body_errors(exc)) from None
+    runtime.bus.relay.wake()
+    return Response(recorded.response_body, status_code=201, media_type="application/json")
 
-    @router.post("/needs", status_code=201, response_model=NeedPublic, responses=error_responses(409))
-    async def create_need(data: Annotated[dict[str, Any], Body(title="NeedCreate",
-                                                               json_schema_extra=NEED_CREATE_SCHEMA)],
-                          user: FrontDesk,
-                          idempotency_key: Annotated[str | None, Header(max_length=MAX_IDEMPOTENCY_KEY)] = None
-                          ) -> Response:
-        # The body (documented as NeedCreate) is validated here, not by FastAPI, so that a 422 names every failing
-        # field at once, the directory's refusals with pydantic's (validate_need).
-        try:
-            body = validate_need(data, svc.directory, library=user.library)
-            recorded = await anyio.to_thread.run_sync(record_once, svc, user, body, idempotency_key,
-                                                      current_correlation_id())  # the request's (see shared.logs)
-        except KeyReused:
-            raise HTTPException(409, "this Idempotency-Key was already used with another body") from None
-        except Invalid as exc:
-            raise HTTPException(422, [{**e, "loc": ["body", *e["loc"]]} for e in exc.errors]) from None
-        return Response(recorded.response_body, status_code=201, media_type="application/json")
 
-    @router.post("/needs/{need_id}/cancel", response_model=NeedPublic, responses=error_responses(409))
-    def cancel(need_id: str, body: CancelNeed, user: Annotated[User, Depends(svc.require("ops"))]) -> NeedPublic:
-        """Ops withdraw a need recorded in error: closed at once; referral cancels its referral and stops its clock."""
-        try:
-            with svc.db.transaction() as session:
-                need = session.get(Need, need_id)
-                if need is None:
-                    raise HTTPException(404, "no such need")
-                cancel_need(session, need, body.reason, user.id, svc.clock())
-        except AlreadyClosed:
-            raise HTTPException(409, "this need is closed already; nothing was changed") from None
-        svc.bus.relay.wake()
-        return get_need(need_id, user)
+def body_errors(invalid: Invalid) -> list[dict]:
+    return [{**e, "loc": ["body", *e["loc"]]} for e in invalid.errors]
 
-    @router.get("/reports", response_model=Reports,
-                responses={200: {"content": {"text/csv": {}}, "description": "JSON, or CSV with format=csv"}})
-    def reports(user: Reader, month: Annotated[str | None, Query(pattern=MONTH)] = None,
-                library_id: str | None = None, format: Literal["json", "csv"] = "json") -> Reports | Response:
-        """People helped, needs recorded, by category, and the share answered in time, per library for a month
-        (default: this month in the directory's time zone). A front desk sees its own library. `format=csv`: the
-        same as a spreadsheet (French headers, `;`-separated, UTF-8 with a BOM)."""
-        if month:
-            wanted = date(int(month[:4]), int(month[5:]), 1)
-        else:
-            wanted = svc.clock().astimezone(svc.directory.zoneinfo).date().replace(day=1)
-        libraries = svc.directory.libraries
-        if user.role == "front_desk":
-            libraries = [lib for lib in libraries if lib.id == user.library]
-        if library_id:
-            libraries = [lib for lib in libraries if lib.id == library_id]
-        items = [library_report(svc, lib, wanted) for lib in libraries]
-        if format == "csv":
-            name = library_id if library_id and items else "lieux"
-            return csv_response(items, svc.directory, f"relais-{name}-{wanted:%Y-%m}.csv")
-        return Reports(month=wanted.strftime("%Y-%m"), items=items)
 
-    @router.get("/needs/{need_id}", response_model=NeedPublic)
-    def get_need(need_id: str, user: Reader) -> NeedPublic:
-        with svc.db.read() as session:
-            need = session.get(Need, need_id)
-            if need is None or (user.role == "front_desk" and need.library_id != user.library):
-                raise HTTPException(404, "no such need")
-            history = session.exec(select(NeedHistory).where(NeedHistory.need_id == need_id)
-                                   .order_by(NeedHistory.at, NeedHistory.id)).all()
-            return public(need, list(history))
+@router.post("/needs/{need_id}/cancel", response_model=NeedPublic, responses=error_responses(409))
+def cancel(need_id: str, body: CancelNeedBody, user: deps.Ops, runtime: deps.Runtime, db: deps.DatabaseDep,
+           clock: deps.Clock) -> NeedPublic:
+    """Ops withdraw a need recorded in error: closed at once; referral cancels its referral and stops its clock."""
+    try:
+        handlers.cancel_need(db, handlers.CancelNeed(need_id=need_id, reason=body.reason, actor=user.id), now=clock())
+    except handlers.UnknownNeed:
+        raise HTTPException(404, "no such need") from None
+    except handlers.AlreadyClosed:
+        raise HTTPException(409, "this need is closed already; nothing was changed") from None
+    runtime.bus.relay.wake()
+    with db.read() as session:
+        return public(*need_with_history(session, need_id))
 
-    @router.get("/needs", response_model=NeedPage)
-    def list_needs(user: Reader, library_id: str | None = None,
-                   status: Literal["recorded", "referred", "accepted", "responded", "closed", "unroutable"] | None = None,
-                   limit: Annotated[int, Query(ge=1, le=200)] = 50, cursor: Cursor = None) -> NeedPage:
-        query = select(Need)
-        if user.role == "front_desk":
-            query = query.where(Need.library_id == user.library)
-        if library_id:
-            query = query.where(Need.library_id == library_id)
-        if status:
-            query = query.where(Need.status == status)
-        with svc.db.read() as session:
-            rows, next_cursor = page(query, Need.recorded_at, Need.id, limit, cursor, session)
-            return NeedPage(items=[public(n) for n in rows], next_cursor=next_cursor)
 
-    return router
+@router.get("/reports", response_model=Reports,
+            responses={200: {"content": {"text/csv": {}}, "description": "JSON, or CSV with format=csv"}})
+def reports(user: deps.Reader, directory: deps.DirectoryDep, db: deps.DatabaseDep, clock: deps.Clock,
+            month: Annotated[str | None, Query(pattern=MONTH)] = None, library_id: str | None = None,
+            format: Literal["json", "csv"] = "json") -> Reports | Response:
+    """People helped, needs recorded, by category, and the share answered in time, per library for a month
+    (default: this month in the directory's time zone). A front desk sees its own library. `format=csv`: the
+    same as a spreadsheet (French headers, `;`-separated, UTF-8 with a BOM)."""
+    now = clock()
+    if month:
+        wanted = date(int(month[:4]), int(month[5:]), 1)
+    else:
+        wanted = now.astimezone(directory.zoneinfo).date().replace(day=1)
+    libraries = directory.libraries
+    if user.role == "front_desk":
+        libraries = [lib for lib in libraries if lib.id == user.library]
+    if library_id:
+        libraries = [lib for lib in libraries if lib.id == library_id]
+    items = [library_report(db, lib, wanted, now) for lib in libraries]
+    if format == "csv":
+        name = library_id if library_id and items else "lieux"
+        return csv_response(items, directory, f"relais-{name}-{wanted:%Y-%m}.csv")
+    return Reports(month=wanted.strftime("%Y-%m"), items=items)
+
+
+@router.get("/needs/{need_id}", response_model=NeedPublic)
+def get_need(need_id: str, user: deps.Reader, session: deps.ReadSession) -> NeedPublic:
+    found = need_with_history(session, need_id)
+    if found is None or (user.role == "front_desk" and found[0].library_id != user.library):
+        raise HTTPException(404, "no such need")
+    return public(*found)
+
+
+@router.get("/needs", response_model=NeedPage)
+def list_needs(user: deps.Reader, session: deps.ReadSession, library_id: str | None = None,
+               status: Literal["recorded", "referred", "accepted", "responded", "closed", "unroutable"] | None = None,
+               limit: Annotated[int, Query(ge=1, le=200)] = 50, cursor: Cursor = None) -> NeedPage:
+    rows, next_cursor = need_page(session, own_library=user.library if user.role == "front_desk" else None,
+                                  library_id=library_id, status=status, limit=limit, cursor=cursor)
+    return NeedPage(items=[public(n) for n in rows], next_cursor=next_cursor)

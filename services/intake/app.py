@@ -1,26 +1,85 @@
-"""Intake service wiring: settings, database, bus, API, and the desk's pages (request sizes are limited by
-shared.edges, like every service's)."""
+"""Intake service wiring: `bootstrap` builds, once, everything the process needs (settings, database, directory,
+bus, clock, the API's routes and the desk's pages) into an IntakeRuntime. Request sizes are limited by shared.edges,
+like every service's."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 
 from fastapi import FastAPI
 
 from services.intake import api, consumers, web
 from services.intake.store import TABLES
+from shared.db import Database
+from shared.directory import Directory
 from shared.events import utcnow
+from shared.messaging import Bus
 from shared.service import Service
 from shared.settings import Settings
 
 
-def build(settings: Settings | None = None, *, clock: Callable[[], datetime] = utcnow) -> Service:
-    svc = Service("intake", settings or Settings(), TABLES, clock)
-    consumers.register(svc)
-    svc.app = svc.create_app(api.build_router(svc), title="Relais intake", pages=[web.build_router(svc)])
-    return svc
+@dataclass(frozen=True)
+class IntakeRuntime:
+    """The intake process: its shared service parts (database, directory, bus, auth, HTTP basics) and its app."""
+
+    service: Service
+    app: FastAPI
+
+    @property
+    def name(self) -> str:
+        return self.service.name
+
+    @property
+    def settings(self) -> Settings:
+        return self.service.settings
+
+    @property
+    def clock(self) -> Callable[[], datetime]:
+        return self.service.clock
+
+    @property
+    def db(self) -> Database:
+        return self.service.db
+
+    @property
+    def bus(self) -> Bus:
+        return self.service.bus
+
+    @property
+    def directory(self) -> Directory:
+        return self.service.directory  # SIGHUP loads it again
+
+    def reload_directory(self) -> None:
+        self.service.reload_directory()
+
+
+def bootstrap(settings: Settings | None = None, *, clock: Callable[[], datetime] = utcnow) -> IntakeRuntime:
+    service = Service("intake", settings or Settings(), TABLES, clock)
+    consumers.register(service)
+    service.openapi_refiners.append(api.directory_ids(service))
+    app = service.create_app(api.router, title="Relais intake", pages=[web.build_router(service)])
+    _openapi_follows_directory(app, service)
+    runtime = IntakeRuntime(service, app)
+    app.state.runtime = runtime  # what deps.py gives the routes
+    return runtime
+
+
+def _openapi_follows_directory(app: FastAPI, service: Service) -> None:
+    """The document lists the directory's ids: it is built again once SIGHUP loaded another directory."""
+    build, built_for = app.openapi, [service.directory]
+
+    def openapi() -> dict:
+        if service.directory is not built_for[0]:
+            built_for[0], app.openapi_schema = service.directory, None
+        return build()
+
+    app.openapi = openapi
+
+
+build = bootstrap
 
 
 def create_app() -> FastAPI:
-    return build().app
+    return bootstrap().app

@@ -7,10 +7,9 @@ import unicodedata
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import date, datetime
 from zoneinfo import ZoneInfo
 
-from shared.directory import Directory
 from shared.directory import normalize_postal_code as directory_postal_code
 
 # The desk's view of the handoff, driven by the referral service's events.
@@ -47,22 +46,6 @@ def next_sla(current: str | None, event_type: str) -> str | None:
     if event_type == "referral.assigned" and current == "at_risk":
         return current  # a re-route keeps the need's clock, and so its risk
     return new
-
-
-def expected_respond_by(directory: Directory, *, category: str, postal_code: str | None, library_id: str,
-                        recorded_at: datetime) -> datetime:
-    """The deadline `POST /needs` answers before referral has routed the need: the window, on its clock, of the
-    partner the contract's routing rule picks (referral's own pure function, without the open-referral counts that
-    only referral knows), or the directory's default window when no partner takes the need. Referral's decision,
-    carried by `referral.assigned`, is what the need keeps; the two differ only when capacity or a pause moves the
-    need to another partner with another window."""
-    from services.referral.domain import elapse, route_need
-
-    partner = route_need(directory, category=category, postal_code=postal_code, library_id=library_id,
-                         open_referrals={}).partner
-    if partner is None:
-        return recorded_at + directory.sla.respond_within
-    return elapse(recorded_at, partner.sla.respond_within, partner)
 
 
 def normalize_postal_code(raw: str) -> str:

@@ -1,20 +1,31 @@
-"""Intake's commands and event handlers: plain functions on a session, called from api.py and consumers.py."""
+"""Intake's use cases, one handler per command (RecordNeed, CancelNeed) and per event consumed (the referral
+stream's): the rules, the state change, the events through the outbox and the history row, in one transaction.
+api.py and web.py parse, authorise, call one handler and render; consumers.py hands it the event."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
 
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from services.intake import domain
-from services.intake.store import Need, NeedHistory
-from shared.db import emit
+from services.intake.store import IdempotencyKey, Need, NeedHistory
+from services.intake.views import public
+from shared import deadlines
+from shared.db import Database, emit
+from shared.directory import Directory
 from shared.events import Event, NeedCancelled, NeedRecorded, PersonContact, new_id
+
+
+# --- commands -------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class RecordNeed:
+    """A desk records a need the person agreed to hand to a partner (from the API or the desk's form)."""
+
     library_id: str
     category: str
     summary: str
@@ -22,14 +33,94 @@ class RecordNeed:
     urgency: str
     person: PersonContact
     recorded_by: str
-    person_id: str | None = None  # the person of an earlier need of this visit; None: a new person
+    same_person_as: str | None = None  # a need of this library brought by the same person in this visit
+    idempotency_key: str | None = None
+    request_hash: str | None = None  # of the request as sent: a repeat of the key must carry the same one
     correlation_id: str | None = None
 
 
-def record_need(session: Session, cmd: RecordNeed, now: datetime, respond_by: datetime) -> Need:
+@dataclass(frozen=True)
+class CancelNeed:
+    """Ops withdraw a need recorded in error."""
+
+    need_id: str
+    reason: str
+    actor: str
+
+
+@dataclass(frozen=True)
+class Recorded:
+    id: str  # the need's
+    response_body: str  # the JSON of the 201 that recorded it: a repeat with its Idempotency-Key answers exactly it
+
+
+class KeyReused(Exception):
+    """An Idempotency-Key already used for another request; `need_id` is what it recorded."""
+
+    def __init__(self, need_id: str) -> None:
+        super().__init__(need_id)
+        self.need_id = need_id
+
+
+class UnknownNeed(LookupError):
+    """No such need (or, for `same_person_as`, none at the recording library)."""
+
+
+class AlreadyClosed(Exception):
+    """The need is closed or cancelled already: there is nothing to cancel."""
+
+
+# --- command handlers -----------------------------------------------------------------------------------
+
+
+def record_need(db: Database, cmd: RecordNeed, *, directory: Directory, now: datetime) -> Recorded:
+    """Record the need with the deadline the directory gives it, its history and need.recorded in the outbox, in one
+    transaction (a thread's work: it blocks on the database). With a key, a repeat of the same request answers what
+    the first answered (the need as it was recorded, whatever happened to it since), even when the repeats race;
+    the same key with another request raises KeyReused."""
+
+    def replayed(session: Session) -> Recorded | None:
+        if cmd.idempotency_key is None:
+            return None
+        seen = session.get(IdempotencyKey, (cmd.recorded_by, cmd.idempotency_key))
+        if seen is None:
+            return None
+        if seen.request_hash != cmd.request_hash:
+            raise KeyReused(seen.need_id)
+        if seen.response_body is None:  # a key kept before its answer was: the need as it is now
+            return Recorded(seen.need_id, public(session.get(Need, seen.need_id)).model_dump_json())
+        return Recorded(seen.need_id, seen.response_body)
+
+    try:
+        with db.transaction() as session:
+            if (earlier := replayed(session)) is not None:
+                return earlier
+            need = _new_need(session, cmd, directory, now)
+            recorded = Recorded(need.id, public(need).model_dump_json())
+            if cmd.idempotency_key is not None:
+                session.add(IdempotencyKey(user_id=cmd.recorded_by, key=cmd.idempotency_key,
+                                           request_hash=cmd.request_hash or "", need_id=need.id, created_at=now,
+                                           response_body=recorded.response_body))
+    except IntegrityError:  # the same key committed concurrently: answer what it answered
+        with db.read() as session:
+            recorded = replayed(session)
+        if recorded is None:
+            raise
+    return recorded
+
+
+def _new_need(session: Session, cmd: RecordNeed, directory: Directory, now: datetime) -> Need:
+    person_id = None
+    if cmd.same_person_as is not None:
+        earlier = session.get(Need, cmd.same_person_as)
+        if earlier is None or earlier.library_id != cmd.library_id:
+            raise UnknownNeed(cmd.same_person_as)
+        person_id = earlier.person_id
+    respond_by = deadlines.expected_respond_by(directory, category=cmd.category, postal_code=cmd.postal_code,
+                                               library_id=cmd.library_id, recorded_at=now)
     need = Need(
         id=new_id(), library_id=cmd.library_id, category=cmd.category, summary=cmd.summary,
-        postal_code=cmd.postal_code, urgency=cmd.urgency, person_id=cmd.person_id or new_id(),
+        postal_code=cmd.postal_code, urgency=cmd.urgency, person_id=person_id or new_id(),
         person_display_name=cmd.person.display_name,
         person_email=cmd.person.email, person_phone=cmd.person.phone,
         preferred_channel=cmd.person.preferred_channel, language=cmd.person.language,
@@ -45,21 +136,25 @@ def record_need(session: Session, cmd: RecordNeed, now: datetime, respond_by: da
     return need
 
 
-class AlreadyClosed(Exception):
-    """The need is closed or cancelled already: there is nothing to cancel."""
-
-
-def cancel_need(session: Session, need: Need, reason: str, actor: str, now: datetime) -> Need:
-    """Ops withdraw a need recorded in error: it is closed here at once, and referral cancels its open referral
-    and stops its clock (need.cancelled). It no longer counts in the library's figures."""
-    if need.cancelled_at is not None or need.status == "closed":
-        raise AlreadyClosed(need.id)
-    need.status, need.cancelled_at = "closed", now
-    session.add(need)
-    session.add(NeedHistory(need_id=need.id, at=now, event="need.cancelled", detail=reason))
-    emit(session, NeedCancelled(need_id=need.id, library_id=need.library_id, reason=reason, actor=actor,
-                                occurred_at=now))
+def cancel_need(db: Database, cmd: CancelNeed, *, now: datetime) -> Need:
+    """Ops withdraw a need recorded in error: it is closed here at once, its history says why (the desk's audit),
+    and referral cancels its open referral and stops its clock (need.cancelled names the actor). It no longer counts
+    in the library's figures."""
+    with db.transaction() as session:
+        need = session.get(Need, cmd.need_id)
+        if need is None:
+            raise UnknownNeed(cmd.need_id)
+        if need.cancelled_at is not None or need.status == "closed":
+            raise AlreadyClosed(need.id)
+        need.status, need.cancelled_at = "closed", now
+        session.add(need)
+        session.add(NeedHistory(need_id=need.id, at=now, event="need.cancelled", detail=cmd.reason))
+        emit(session, NeedCancelled(need_id=need.id, library_id=need.library_id, reason=cmd.reason, actor=cmd.actor,
+                                    occurred_at=now))
     return need
+
+
+# --- event handlers (called by consumers.py through Bus.process, once per event) ---------------------------
 
 
 def on_referral_event(session: Session, event: Event) -> None:

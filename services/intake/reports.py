@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Sequence
-from datetime import date
+from datetime import date, datetime
 from pathlib import Path
 
 from fastapi.responses import Response
@@ -15,8 +15,8 @@ from pydantic import BaseModel
 from services.intake import domain
 from services.intake.store import counted_needs
 from shared.directory import Directory, Library
+from shared.db import Database
 from shared.pages import SECURITY_HEADERS, environment
-from shared.service import Service
 
 LABELS = environment(Path(__file__).with_name("templates")).get_template("_labels.html").module
 
@@ -53,12 +53,12 @@ def _fields(f: domain.Figures) -> dict:
                 still_running=f.still_running, share_in_time=f.share_in_time)
 
 
-def library_report(svc: Service, library: Library, month: date) -> LibraryReport:
+def library_report(db: Database, library: Library, month: date, now: datetime) -> LibraryReport:
     """A library's figures for a month (needs cancelled as errors left out), categories with most needs first."""
     start, end = domain.month_bounds(month, library.timezone)
-    with svc.db.read() as session:
+    with db.read() as session:
         counted = counted_needs(session, library.id, start, end)
-    total, by_category = domain.monthly_figures(counted, svc.clock())
+    total, by_category = domain.monthly_figures(counted, now)
     return LibraryReport(library_id=library.id, month=month.strftime("%Y-%m"), **_fields(total),
                          by_category=[CategoryFigures(category=c, **_fields(f))
                                       for c, f in sorted(by_category.items(), key=lambda x: (-x[1].needs, x[0]))])

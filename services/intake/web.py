@@ -21,6 +21,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
+from functools import partial
 from typing import Any
 from urllib.parse import urlencode
 
@@ -28,10 +29,10 @@ import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response
 from markupsafe import Markup
-from sqlmodel import select
 
-from services.intake import domain
-from services.intake.api import MAX_SUMMARY, NEED_STATUSES, Invalid, KeyReused, record_once, validate_need
+from services.intake import domain, handlers, views
+from services.intake.api import (MAX_SUMMARY, NEED_STATUSES, Invalid, record_command, unknown_earlier_need,
+                                 validate_need)
 from services.intake.reports import CategoryFigures, LibraryReport, csv_response, library_report
 from services.intake.store import Need, NeedHistory
 from shared.directory import Library, User
@@ -137,12 +138,8 @@ def build_router(svc: Service) -> APIRouter:
 
     def load(need_id: str, library_id: str) -> tuple[Need, list[NeedHistory]] | None:
         with svc.db.read() as session:
-            need = session.get(Need, need_id)
-            if need is None or need.library_id != library_id:
-                return None
-            history = session.exec(select(NeedHistory).where(NeedHistory.need_id == need_id)
-                                   .order_by(NeedHistory.at, NeedHistory.id)).all()
-            return need, list(history)
+            found = views.need_with_history(session, need_id)
+        return found if found is not None and found[0].library_id == library_id else None
 
     async def found(request: Request, desk_: Desk, need_id: str) -> tuple[Need, list[NeedHistory]]:
         result = await anyio.to_thread.run_sync(load, need_id, desk_.library.id)
@@ -227,14 +224,18 @@ def build_router(svc: Service) -> APIRouter:
             earlier = loaded[0] if loaded else None
         try:
             body = validate_need(data, svc.directory, library=desk_.library.id)
-            need = await anyio.to_thread.run_sync(record_once, svc, desk_.user, body, values["idempotency_key"],
-                                                  current_correlation_id())  # validated by shared.edges
-        except Invalid as exc:
-            return form_page(request, desk_, values, status=422, errors=form_errors(exc.errors),
+            cmd = record_command(body, desk_.user, values["idempotency_key"],
+                                 current_correlation_id())  # validated by shared.edges
+            need = await anyio.to_thread.run_sync(
+                partial(handlers.record_need, svc.db, cmd, directory=svc.directory, now=svc.clock()))
+        except (Invalid, handlers.UnknownNeed) as exc:
+            invalid = exc if isinstance(exc, Invalid) else unknown_earlier_need(str(exc))
+            return form_page(request, desk_, values, status=422, errors=form_errors(invalid.errors),
                              suggestions=suggestions, earlier=earlier)
-        except KeyReused as exc:  # this form already recorded a need, then was changed and sent again
+        except handlers.KeyReused as exc:  # this form already recorded a need, then was changed and sent again
             values["idempotency_key"] = secrets.token_urlsafe(18)
             return form_page(request, desk_, values, status=409, key_reused=exc.need_id, earlier=earlier)
+        svc.bus.relay.wake()
         return pages.redirect(f"/demandes/{need.id}/enregistree")
 
     # --- the confirmation
@@ -266,28 +267,9 @@ def build_router(svc: Service) -> APIRouter:
         now = svc.clock()
 
         def rows() -> tuple[list[Need], bool]:
-            query = select(Need).where(Need.library_id == desk_.library.id)
-            if status == "waiting":
-                query = query.where(Need.status.in_(domain.WAITING_FOR_PARTNER))
-            elif status:
-                query = query.where(Need.status == status)
-            if category:
-                query = query.where(Need.category == category)
-            if sla == "overdue":
-                query = query.where(Need.status.in_(domain.WAITING_FOR_PARTNER), Need.respond_by <= now)
-            elif sla:
-                query = query.where(Need.sla == sla)
-            overdue = query.where(Need.status.in_(domain.WAITING_FOR_PARTNER), Need.respond_by <= now)
             with svc.db.read() as session:
-                # Every overdue need stays on the first page, above the newest ones; later pages go back in time.
-                late = [] if number > 1 else list(
-                    session.exec(overdue.order_by(Need.respond_by).limit(OVERDUE_LIMIT)).all())
-                newest = list(session.exec(query.order_by(Need.recorded_at.desc(), Need.id.desc())
-                                           .offset((number - 1) * LIST_LIMIT).limit(LIST_LIMIT + 1)).all())
-            has_more = len(newest) > LIST_LIMIT
-            by_id = {n.id: n for n in [*late, *newest[:LIST_LIMIT]]}
-            ordered = sorted(by_id.values(), key=lambda n: domain.desk_order(n.status, n.respond_by, n.recorded_at, now))
-            return ordered, has_more
+                return views.desk_needs(session, desk_.library.id, now, status=status, category=category, sla=sla,
+                                        page=number, limit=LIST_LIMIT, overdue_limit=OVERDUE_LIMIT)
 
         found_rows, has_more = await anyio.to_thread.run_sync(rows)
         items = [need_context(n, now) for n in found_rows]
@@ -316,7 +298,7 @@ def build_router(svc: Service) -> APIRouter:
     # --- monthly figures
 
     def month_figures(library: Library, month: date) -> tuple[LibraryReport, list[tuple[str, CategoryFigures]]]:
-        report = library_report(svc, library, month)
+        report = library_report(svc.db, library, month, svc.clock())
         return report, [(category_label(f.category), f) for f in report.by_category]
 
     def month_choice(library: Library, raw: str) -> tuple[date, list[date]]:

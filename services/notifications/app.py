@@ -1,55 +1,110 @@
-"""Notifications service wiring: settings, database, bus, one sender per channel, API, webhooks, outbox pages."""
+"""Notifications service wiring: `bootstrap` builds, once, everything the process needs (settings checked, database,
+directory, bus, clock, one sender per channel, the API, the providers' webhooks, the outbox pages) into a
+NotificationsRuntime."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 
-import asyncio
-
-import sqlalchemy as sa
 from fastapi import FastAPI
 from prometheus_client import Gauge
-from sqlmodel import select
 
-from services.notifications import api, channels, consumers, pages, sender
-from services.notifications.store import TABLES, Delivery
+from services.notifications import api, consumers, pages, providers, sender, views
+from services.notifications.store import TABLES
+from shared.db import Database
+from shared.directory import Directory
 from shared.events import utcnow
+from shared.messaging import Bus
 from shared.service import Service
 from shared.settings import Settings
 
+CHANNELS = ("email", "sms")
 
-def build(settings: Settings | None = None, *, clock: Callable[[], datetime] = utcnow) -> Service:
-    svc = Service("notifications", settings or Settings(), TABLES, clock)
-    if not svc.settings.smtp_url:
+
+def check_settings(settings: Settings) -> list[str]:
+    """What in these settings keeps notifications from sending, one sentence each naming the variable to fix: a
+    malformed RELAIS_SMTP_URL, the chosen SMS provider's missing credentials. (An unset RELAIS_SMTP_URL is left to
+    the caller: `relais up` and `relais serve` start an embedded sink, a bare bootstrap refuses it.)"""
+    return providers.settings_problems(settings)
+
+
+@dataclass(frozen=True)
+class NotificationsRuntime:
+    """The notifications process: its shared service parts (database, directory, bus, auth, HTTP basics), the
+    events that wake each channel's sender, and its app."""
+
+    service: Service
+    wake_senders: dict[str, asyncio.Event]
+    app: FastAPI
+
+    @property
+    def name(self) -> str:
+        return self.service.name
+
+    @property
+    def settings(self) -> Settings:
+        return self.service.settings
+
+    @property
+    def clock(self) -> Callable[[], datetime]:
+        return self.service.clock
+
+    @property
+    def db(self) -> Database:
+        return self.service.db
+
+    @property
+    def bus(self) -> Bus:
+        return self.service.bus
+
+    @property
+    def directory(self) -> Directory:
+        return self.service.directory  # SIGHUP loads it again
+
+    def reload_directory(self) -> None:
+        self.service.reload_directory()
+
+
+def bootstrap(settings: Settings | None = None, *, clock: Callable[[], datetime] = utcnow) -> NotificationsRuntime:
+    settings = settings or Settings()
+    if not settings.smtp_url:
         raise SystemExit("RELAIS_SMTP_URL is not set: give the SMTP server, e.g. smtp://mailpit:1025 "
                          "(`relais up` starts an embedded sink and sets it)")
-    channels.SmtpTarget.from_url(svc.settings.smtp_url)  # a malformed URL stops the start, with the form to use
-    channels.check_sms_settings(svc.settings)  # so does an SMS provider without its credentials
-    wakes = {channel: asyncio.Event() for channel in ("email", "sms")}
+    if problems := check_settings(settings):
+        raise SystemExit("\n".join(problems))  # each says what to set
+    service = Service("notifications", settings, TABLES, clock)
+    wakes = {channel: asyncio.Event() for channel in CHANNELS}
     for channel, wake in wakes.items():
-        svc.background.append(lambda channel=channel, wake=wake: sender.send_forever(svc, wake, channel))
-    consumers.register(svc, lambda: [wake.set() for wake in wakes.values()])
-    _deliveries_gauge(svc)
-    svc.app = svc.create_app(api.build_router(svc), title="Relais notifications",
-                             pages=[pages.build_router(svc), api.build_webhooks(svc)])
-    return svc
+        service.background.append(lambda channel=channel, wake=wake: sender.send_forever(service, wake, channel))
+    consumers.register(service, lambda: [wake.set() for wake in wakes.values()])
+    service.on_scrape.append(_deliveries_gauge(service))
+    app = service.create_app(api.router, title="Relais notifications",
+                             pages=[pages.build_router(service), api.build_webhooks(service)])
+    runtime = NotificationsRuntime(service, wakes, app)
+    app.state.runtime = runtime  # what deps.py gives the routes
+    return runtime
 
 
-def _deliveries_gauge(svc: Service) -> None:
+def _deliveries_gauge(service: Service) -> Callable[[], None]:
     """relais_deliveries{status,channel} on /metrics: every delivery in the database, counted at scrape time."""
-    gauge = Gauge("relais_deliveries", "Deliveries by status and channel", ["status", "channel"], registry=svc.metrics)
+    gauge = Gauge("relais_deliveries", "Deliveries by status and channel", ["status", "channel"],
+                  registry=service.metrics)
 
     def update() -> None:
-        with svc.db.read() as session:
-            found = {(status, channel): n for status, channel, n in session.exec(
-                select(Delivery.status, Delivery.channel, sa.func.count()).group_by(Delivery.status, Delivery.channel))}
-        for channel in ("email", "sms"):
+        with service.db.read() as session:
+            found = views.deliveries_by_status(session)
+        for channel in CHANNELS:
             for status in ("queued", "sent", "delivered", "failed", "suppressed"):
                 gauge.labels(status, channel).set(found.get((status, channel), 0))
 
-    svc.on_scrape.append(update)
+    return update
+
+
+build = bootstrap
 
 
 def create_app() -> FastAPI:
-    return build().app
+    return bootstrap().app

@@ -1,23 +1,27 @@
-"""Notifications' event handlers: each turns an event into rendered deliveries, queued in the same transaction
-as the event's tracking row (so one message per event, recipient and channel), or records what a provider
-told us (a receipt, a STOP reply)."""
+"""Notifications' use cases, one handler per event consumed and per command. An event handler turns the event into
+rendered deliveries, queued in the same transaction as the event's tracking row (Bus.process gives it the session: one
+message per event, recipient and channel). A command handler (what a provider's webhook told us: RecordSmsReceipt,
+RecordSmsReply) opens its own transaction. Adapters (consumers.py, api.py's webhooks) only translate and call."""
 
 from __future__ import annotations
 
 import json
 import logging
 from collections.abc import Callable
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from sqlmodel import Session, select
 
 from services.notifications import domain
 from services.notifications.render import Rendered, render, render_email
-from services.notifications.store import Delivery, NeedPerson, SmsSuppression, WaitingForPerson, lock_person_of
-from shared.db import emit
+from services.notifications.providers.base import SendError, Sent
+from services.notifications.store import (Delivery, DeliveryAttempt, NeedPerson, SmsSuppression, WaitingForPerson,
+                                          lock_person_of)
+from shared.db import Database, emit
 from shared.directory import Directory
-from shared.events import (AccessLinkRequested, DeliveryFailed, Event, NeedCancelled, NeedRecorded, new_id,
-                           parse_event)
+from shared.events import (AccessLinkRequested, DeliveryFailed, DeliverySent, Event, NeedCancelled, NeedRecorded,
+                           new_id, parse_event)
 from shared.settings import Settings
 from shared.signin import TokenExpired, TokenInvalid, link_for_request, read_sign_in_reference
 
@@ -236,31 +240,51 @@ def on_access_link_requested(session: Session, event: AccessLinkRequested, direc
 # --- what the SMS providers tell us --------------------------------------------------------------------
 
 
-def on_sms_receipt(session: Session, provider: str, provider_message_id: str, delivered: bool, error: str | None,
-                   now: datetime) -> Delivery | None:
-    """A delivery receipt: `sent` becomes `delivered`, or `failed` (then the person gets an email instead)."""
-    d = session.exec(select(Delivery).where(Delivery.provider == provider,
-                                            Delivery.provider_message_id == provider_message_id)).first()
-    if d is None or d.status not in ("sent", "delivered"):
-        return d
-    if delivered:
-        d.status, d.delivered_at = "delivered", d.delivered_at or now
-    elif d.status == "sent":
-        d.status, d.last_error = "failed", (error or "undelivered")[:2000]
-        emit(session, DeliveryFailed(**event_fields(d, now), error=d.last_error))
-        fall_back_to_email(session, d, now)
-    session.add(d)
+@dataclass(frozen=True)
+class RecordSmsReceipt:
+    """A provider's delivery receipt for one of our SMS."""
+
+    provider: str
+    provider_message_id: str
+    delivered: bool  # False: the operator could not deliver it
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class RecordSmsReply:
+    """A text a number sent back to a provider (STOP, ARRET, START...)."""
+
+    provider: str
+    phone: str  # E.164
+    text: str
+
+
+def record_sms_receipt(db: Database, cmd: RecordSmsReceipt, *, now: datetime) -> Delivery | None:
+    """`sent` becomes `delivered`, or `failed` (delivery.failed in the outbox; the person gets an email instead)."""
+    with db.transaction() as session:
+        d = session.exec(select(Delivery).where(Delivery.provider == cmd.provider,
+                                                Delivery.provider_message_id == cmd.provider_message_id)).first()
+        if d is None or d.status not in ("sent", "delivered"):
+            return d
+        if cmd.delivered:
+            d.status, d.delivered_at = "delivered", d.delivered_at or now
+        elif d.status == "sent":
+            d.status, d.last_error = "failed", (cmd.error or "undelivered")[:2000]
+            emit(session, DeliveryFailed(**event_fields(d, now), error=d.last_error))
+            fall_back_to_email(session, d, now)
+        session.add(d)
     return d
 
 
-def on_sms_reply(session: Session, provider: str, phone: str, text: str, now: datetime) -> str | None:
+def record_sms_reply(db: Database, cmd: RecordSmsReply, *, now: datetime) -> str | None:
     """STOP or ARRET: no more SMS to that number (queued ones are suppressed); START: they may come again."""
-    if domain.is_stop_reply(text):
-        opt_out(session, phone, provider, now)
-        return "stop"
-    if domain.is_start_reply(text) and (row := session.get(SmsSuppression, phone)) is not None:
-        session.delete(row)
-        return "start"
+    with db.transaction() as session:
+        if domain.is_stop_reply(cmd.text):
+            opt_out(session, cmd.phone, cmd.provider, now)
+            return "stop"
+        if domain.is_start_reply(cmd.text) and (row := session.get(SmsSuppression, cmd.phone)) is not None:
+            session.delete(row)
+            return "start"
     return None
 
 
@@ -271,6 +295,86 @@ def opt_out(session: Session, phone: str, source: str, now: datetime) -> None:
                                                  Delivery.status == "queued")).all():
         d.status, d.suppressed_reason, d.leased_until = "suppressed", "opted_out", None
         session.add(d)
+
+
+# --- sending: the senders' (sender.py) leases and outcomes -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one attempt at sending came to; record_send_outcome records it."""
+
+    sent: Sent | None = None
+    error: SendError | None = None
+    suppressed: str | None = None
+
+
+LEASE = timedelta(minutes=2)  # a sender that died mid-send frees its deliveries after this
+REDACT_AFTER_SENDING = {"sign_in"}  # the body holds a credential: keep it only until it is sent
+BATCH = 50
+
+
+def lease_due_deliveries(db: Database, channel: str, *, now: datetime, limit: int = BATCH) -> list[list[Delivery]]:
+    """Take the due queued deliveries of `channel` for this sender, as messages to send: one delivery each,
+    except a contact's digest, where every handoff held for the slot goes in one email."""
+    with db.transaction() as session:
+        query = (select(Delivery).where(Delivery.status == "queued", Delivery.channel == channel,
+                                        Delivery.next_attempt_at <= now)
+                 .where((Delivery.leased_until.is_(None)) | (Delivery.leased_until < now))
+                 .order_by(Delivery.next_attempt_at).limit(limit))
+        if not db.is_sqlite:
+            query = query.with_for_update(skip_locked=True)
+        due = list(session.exec(query).all())
+        for d in due:
+            d.leased_until, d.attempts = now + LEASE, d.attempts + 1
+            session.add(d)
+    messages: list[list[Delivery]] = []
+    digests: dict[str, list[Delivery]] = {}
+    for d in due:
+        if d.held_reason == "digest":
+            digests.setdefault(d.recipient.lower(), []).append(d)
+        else:
+            messages.append([d])
+    return messages + list(digests.values())
+
+
+def record_send_outcome(db: Database, ids: list[str], outcome: Outcome, *, now: datetime,
+                        settings: Settings) -> None:
+    """Write the attempt and move each delivery on: sent, suppressed, failed (with delivery.failed and, for
+    an SMS to the person, an email instead), or queued again for a later try."""
+    with db.transaction() as session:
+        for d in (session.get(Delivery, i) for i in ids):
+            d.leased_until = None
+            attempt = DeliveryAttempt(delivery_id=d.id, number=d.attempts, at=now, outcome="sent")
+            error = outcome.error
+            if outcome.sent is not None:
+                d.status, d.sent_at, d.last_error = "sent", now, None
+                d.provider, d.provider_message_id = outcome.sent.provider, outcome.sent.provider_message_id
+                d.digest_of = ids[0] if len(ids) > 1 else None
+                if d.kind in REDACT_AFTER_SENDING:
+                    d.body_text, d.body_html = "(lien de connexion envoyé, effacé)", None
+                if d.need_id is not None:  # delivery events are about a need; a sign-in link is not
+                    emit(session, DeliverySent(**event_fields(d, now)))
+            elif outcome.suppressed or (error is not None and error.opted_out):
+                d.status, d.suppressed_reason = "suppressed", outcome.suppressed or "opted_out"
+                attempt.outcome, attempt.error = "suppressed", str(error) if error else d.suppressed_reason
+                if error is not None:
+                    opt_out(session, d.recipient, d.provider or settings.sms_provider, now)
+            else:
+                d.last_error = attempt.error = str(error)[:2000]
+                if error.permanent or d.attempts >= settings.delivery_max_attempts:
+                    d.status, attempt.outcome = "failed", "failed"
+                    if d.need_id is not None:
+                        emit(session, DeliveryFailed(**event_fields(d, now), error=d.last_error))
+                    fall_back_to_email(session, d, now)
+                else:
+                    retry_at = now + domain.retry_delay(d.attempts, settings.delivery_retry_base_s,
+                                                        settings.delivery_retry_max_s, error.retry_after_s)
+                    if d.quiet_timezone:
+                        retry_at, d.held_reason = quiet_time(d, retry_at)
+                    d.next_attempt_at, attempt.outcome, attempt.retry_at = retry_at, "retry", retry_at
+            session.add(d)
+            session.add(attempt)
 
 
 # --- queueing ------------------------------------------------------------------------------------------

@@ -22,12 +22,12 @@ from pathlib import Path
 import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
-from sqlmodel import select
 
-from services.notifications import channels
+from services.notifications import views
+from services.notifications.providers import smtp
 from services.notifications.store import Delivery, DeliveryAttempt
 from shared.pages import SECURITY_HEADERS, Pages
-from shared.service import Service, decode_cursor, encode_cursor
+from shared.service import Service, decode_cursor
 
 TEMPLATES = Path(__file__).with_name("templates") / "web"
 KINDS = ("handoff", "person_confirmation", "reminder", "escalation", "breach", "partner_answered", "unroutable",
@@ -104,16 +104,11 @@ def build_router(svc: Service) -> APIRouter:
         if sink is None or d.channel != "email" or d.status not in ("sent", "delivered"):
             return None
         key = f"digest-{d.digest_of}" if d.digest_of else d.id
-        return sink.find(channels.message_id(key, svc.settings.mail_from))
+        return sink.find(smtp.message_id(key, svc.settings.mail_from))
 
     def load(delivery_id: str) -> tuple[Delivery, list[DeliveryAttempt]] | None:
-        with svc.db.transaction() as session:
-            d = session.get(Delivery, delivery_id)
-            if d is None:
-                return None
-            attempts = session.exec(select(DeliveryAttempt).where(DeliveryAttempt.delivery_id == delivery_id)
-                                    .order_by(DeliveryAttempt.number, DeliveryAttempt.id)).all()
-            return d, list(attempts)
+        with svc.db.read() as session:
+            return views.delivery_with_attempts(session, delivery_id)
 
     @router.get("/")
     async def root() -> Response:
@@ -132,26 +127,16 @@ def build_router(svc: Service) -> APIRouter:
                    "statut": statut if statut in STATUSES else "", "demande": demande.strip()[:64]}
 
         def rows() -> tuple[list[Delivery], str | None]:
-            query = select(Delivery)
-            for column, value in ((Delivery.kind, filters["type"]), (Delivery.channel, filters["canal"]),
-                                  (Delivery.status, filters["statut"]), (Delivery.need_id, filters["demande"])):
-                if value:
-                    query = query.where(column == value)
+            before = None
             if avant:
                 try:
-                    at, id_ = decode_cursor(avant)
+                    before = decode_cursor(avant)
                 except Exception:  # noqa: BLE001 - a hand-edited link: start from the newest
                     pass
-                else:
-                    query = query.where((Delivery.created_at < at) | ((Delivery.created_at == at) & (Delivery.id < id_)))
-            query = query.order_by(Delivery.created_at.desc(), Delivery.id.desc()).limit(PAGE_SIZE + 1)
-            with svc.db.transaction() as session:
-                found = list(session.exec(query).all())
-            more = None
-            if len(found) > PAGE_SIZE:
-                found = found[:PAGE_SIZE]
-                more = encode_cursor(found[-1].created_at, found[-1].id)
-            return found, more
+            with svc.db.read() as session:
+                return views.outbox_page(session, {"kind": filters["type"], "channel": filters["canal"],
+                                                   "status": filters["statut"], "need_id": filters["demande"]},
+                                         before, PAGE_SIZE)
 
         items, more = await anyio.to_thread.run_sync(rows)
         return pages.render(request, "envois.html", items=items, more=more, filters=filters, kinds=KINDS,

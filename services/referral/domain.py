@@ -11,11 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Set
 from dataclasses import dataclass
-from datetime import datetime, time, timedelta, timezone
-from zoneinfo import ZoneInfo
+from datetime import datetime, timedelta
 
-import holidays
-
+from shared import deadlines  # the partner's clock, shared with intake's deadline at recording
 # normalize_postal_code is shared with intake and the directory; re-exported here for routing.
 from shared.directory import (WEEKDAYS, BusinessHours, Contact, Directory, Partner,  # noqa: F401
                               normalize_postal_code)
@@ -234,31 +232,12 @@ def clock_timers(recorded_at: datetime, partner: Partner) -> list[ClockTimer]:
 
 def elapse(start: datetime, duration: timedelta, partner: Partner) -> datetime:
     """`start` + `duration` on the partner's clock: continuous, or counting opening hours only."""
-    if partner.clock == "business_hours":
-        return add_business_time(start, duration, partner.business_hours)
-    return start + duration
+    return deadlines.elapse(start, duration, partner)
 
 
 def add_business_time(start: datetime, duration: timedelta, hours: BusinessHours) -> datetime:
     """The moment `duration` of opening time has passed after `start` (a long weekend does not count)."""
-    tz = ZoneInfo(hours.timezone)
-    country, _, subdiv = (hours.holidays or "").partition("-")
-    closed_days = holidays.country_holidays(country, subdiv=subdiv or None) if country else {}
-    open_days = {WEEKDAYS.index(d) for d in hours.days}
-    remaining, cursor = duration, start.astimezone(timezone.utc)
-    for _ in range(3 * 366):  # a bound, not a limit anyone reaches: every year has opening days
-        day = cursor.astimezone(tz).date()
-        if day.weekday() in open_days and day not in closed_days:
-            # Wall-clock opening and closing, converted to UTC so that DST days have their true length.
-            opens = datetime.combine(day, hours.opens, tz).astimezone(timezone.utc)
-            closes = datetime.combine(day, hours.closes, tz).astimezone(timezone.utc)
-            begin = max(cursor, opens)
-            if begin < closes:
-                if remaining <= closes - begin:
-                    return begin + remaining
-                remaining -= closes - begin
-        cursor = datetime.combine(day + timedelta(days=1), time(0), tz).astimezone(timezone.utc)
-    raise ValueError("no opening hours within three years: check the partner's business_hours")
+    return deadlines.add_business_time(start, duration, hours)
 
 
 def timer_fires(referral_status: str | None, referral_sla: str | None) -> bool:

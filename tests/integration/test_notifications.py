@@ -18,7 +18,9 @@ import redis
 import yaml
 from sqlmodel import select
 
-from services.notifications import channels, handlers
+from services.notifications import handlers
+from services.notifications.providers import smtp
+from services.notifications.providers.twilio import twilio_signature
 from services.notifications.store import Delivery, DeliveryAttempt, SmsSuppression
 from shared.db import OutboxMessage
 from shared.events import (STREAM_OF, AccessLinkRequested, NeedRecorded, PersonContact, ReferralAccepted,
@@ -270,7 +272,7 @@ def test_550_on_one_recipient_fails_that_one_at_once_and_the_others_are_sent(set
 
 def signed_twilio_post(notif, params: dict[str, str], token: str = "tw-token") -> httpx.Response:
     url = f"{notif.url}/webhooks/sms/twilio"
-    return httpx.post(url, data=params, headers={"X-Twilio-Signature": channels.twilio_signature(token, url, params)})
+    return httpx.post(url, data=params, headers={"X-Twilio-Signature": twilio_signature(token, url, params)})
 
 
 def test_twilio_500_then_201_a_receipt_and_a_stop_reply(settings, sink, twilio, start_service):
@@ -402,11 +404,11 @@ def test_quiet_hours_and_the_daily_digest_wait_in_the_database_for_their_time(se
     data["partners"][0]["contacts"][0]["digest_at"] = "08:30"
     directory = tmp_path / "digest.yaml"
     directory.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
-    notif = start_service("notifications", settings.model_copy(update={"smtp_url": sink.url,
-                                                                        "directory": directory}))
     paris = ZoneInfo("Europe/Paris")
     now = [datetime(2026, 11, 23, 7, 0, tzinfo=paris).astimezone(timezone.utc)]  # a Monday, 7 h in Paris
-    notif.svc.clock = lambda: now[0]
+    notif = start_service("notifications", settings.model_copy(update={"smtp_url": sink.url,
+                                                                        "directory": directory}),
+                          clock=lambda: now[0])  # the service's clock is the test's to move
 
     need = recorded({"phone": PHONE, "preferred_channel": "sms"}, recorded_at=now[0] - timedelta(hours=1))
     first, second = assigned(need.need_id), assigned(new_id())
@@ -489,11 +491,11 @@ async def test_the_pool_speaks_starttls_or_tls_logs_in_and_reuses_its_connection
     serve()
     try:
         query = f"?cafile={cert}" + ("&starttls=require" if scheme == "smtp" else "")
-        pool = channels.SmtpPool(channels.SmtpTarget.from_url(
+        pool = smtp.SmtpPool(smtp.SmtpTarget.from_url(
             f"{scheme}://relais:p%40ss%2Fword@127.0.0.1:{sink.port}{query}"))
 
         def message(n: int):
-            return channels.build_message(sender="Relais <relais@example.org>", to="a@example.org", subject=f"n°{n}",
+            return smtp.build_message(sender="Relais <relais@example.org>", to="a@example.org", subject=f"n°{n}",
                                           text="texte", html="<p>html</p>", message_id=f"<{n}@example.org>")
 
         for n in range(3):

@@ -19,7 +19,7 @@ from shared.events import STREAM_OF, AccessLinkRequested, new_id, utcnow
 from shared.messaging import stream_fields
 from shared.signin import (SIGN_IN_REQUESTS_PER_CLIENT, SIGN_IN_REQUESTS_PER_WINDOW, new_sign_in_request,
                            sign_in_link, sign_in_reference)
-from shared.testing import DESK_EMAIL, TOKENS, sign_in_link_of, use_sign_in_link, wait_for
+from shared.testing import DESK_EMAIL, sign_in_link_of, use_sign_in_link, wait_for
 
 STRANGER = "intrus@evil.test.example"
 

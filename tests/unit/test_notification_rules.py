@@ -9,7 +9,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from services.notifications import channels, domain, render
+from services.notifications import domain, render
+from services.notifications.providers import brevo, smtp, twilio
+from services.notifications.providers.base import Receipt, Reply
 from shared.directory import DirectoryError, parse_directory
 from shared.testing import directory_data
 
@@ -149,34 +151,34 @@ def test_stop_and_arret_as_the_first_word_opt_out(reply, stop):
 def test_twilio_signature_matches_twilios_published_example():
     params = {"CallSid": "CA1234567890ABCDE", "Caller": "+12349013030", "Digits": "1234", "From": "+12349013030",
               "To": "+18005551212"}
-    signature = channels.twilio_signature("12345", "https://mycompany.com/myapp.php?foo=1&bar=2", params)
+    signature = twilio.twilio_signature("12345", "https://mycompany.com/myapp.php?foo=1&bar=2", params)
     assert signature == "0/KCTR6DLpKmkAf8muzZqo1nDgQ="
 
 
 def test_provider_callbacks_are_read_as_receipts_or_replies():
-    assert channels.read_twilio({"MessageSid": "SM1", "MessageStatus": "delivered"}) == channels.Receipt("SM1", True)
-    failed = channels.read_twilio({"MessageSid": "SM1", "MessageStatus": "undelivered", "ErrorCode": "30003"})
+    assert twilio.read_twilio({"MessageSid": "SM1", "MessageStatus": "delivered"}) == Receipt("SM1", True)
+    failed = twilio.read_twilio({"MessageSid": "SM1", "MessageStatus": "undelivered", "ErrorCode": "30003"})
     assert (failed.delivered, failed.error) == (False, "twilio undelivered 30003")
-    assert channels.read_twilio({"MessageSid": "SM1", "MessageStatus": "sent"}) is None
-    assert channels.read_twilio({"MessageSid": "SM2", "From": "+33612345678", "Body": "STOP"}) == \
-        channels.Reply("+33612345678", "STOP")
-    assert channels.read_brevo({"messageId": 15, "msg_status": "delivered", "to": "33612345678"}) == \
-        channels.Receipt("15", True)
-    assert channels.read_brevo({"messageId": 15, "msg_status": "hard_bounce"}).delivered is False
-    assert channels.read_brevo({"messageId": 15, "msg_status": "soft_bounce"}) is None
-    assert channels.read_brevo({"event": "replied", "from": "33612345678", "reply": "Arrêt"}) == \
-        channels.Reply("+33612345678", "Arrêt")
-    assert channels.read_brevo({"event": "unsubscribe", "to": "33612345678"}) == channels.Reply("+33612345678", "STOP")
+    assert twilio.read_twilio({"MessageSid": "SM1", "MessageStatus": "sent"}) is None
+    assert twilio.read_twilio({"MessageSid": "SM2", "From": "+33612345678", "Body": "STOP"}) == \
+        Reply("+33612345678", "STOP")
+    assert brevo.read_brevo({"messageId": 15, "msg_status": "delivered", "to": "33612345678"}) == \
+        Receipt("15", True)
+    assert brevo.read_brevo({"messageId": 15, "msg_status": "hard_bounce"}).delivered is False
+    assert brevo.read_brevo({"messageId": 15, "msg_status": "soft_bounce"}) is None
+    assert brevo.read_brevo({"event": "replied", "from": "33612345678", "reply": "Arrêt"}) == \
+        Reply("+33612345678", "Arrêt")
+    assert brevo.read_brevo({"event": "unsubscribe", "to": "33612345678"}) == Reply("+33612345678", "STOP")
 
 
 def test_smtp_url_forms():
-    plain = channels.SmtpTarget.from_url("smtp://relais%40ex.org:s3cr%2Ft@mail.example.org:587?starttls=require")
+    plain = smtp.SmtpTarget.from_url("smtp://relais%40ex.org:s3cr%2Ft@mail.example.org:587?starttls=require")
     assert (plain.host, plain.port, plain.use_tls, plain.starttls) == ("mail.example.org", 587, False, True)
     assert (plain.username, plain.password) == ("relais@ex.org", "s3cr/t")
-    tls = channels.SmtpTarget.from_url("smtps://mail.example.org")
+    tls = smtp.SmtpTarget.from_url("smtps://mail.example.org")
     assert (tls.port, tls.use_tls, tls.starttls) == (465, True, None)
     with pytest.raises(ValueError, match="smtp://"):
-        channels.SmtpTarget.from_url("mail.example.org:25")
+        smtp.SmtpTarget.from_url("mail.example.org:25")
 
 
 # --- templates ------------------------------------------------------------------------------------------

@@ -1,0 +1,98 @@
+"""What intake answers about a need (the API's JSON, and the body an Idempotency-Key repeats): read models built
+from the tables, no rule and no write."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel
+from sqlmodel import Session, select
+
+from services.intake import domain
+from services.intake.store import Need, NeedHistory
+from shared.events import PersonContact
+from shared.service import page
+
+
+class HistoryEntry(BaseModel):
+    at: datetime
+    event: str
+    partner_id: str | None
+    detail: str | None
+
+
+class NeedPublic(BaseModel):
+    id: str
+    library_id: str
+    category: str
+    summary: str
+    postal_code: str | None
+    urgency: str
+    status: str
+    partner_id: str | None
+    referral_id: str | None
+    recorded_at: datetime
+    respond_by: datetime
+    answered_at: datetime | None
+    sla: str
+    person_id: str
+    person: PersonContact
+    history: list[HistoryEntry] | None = None
+
+
+def public(need: Need, history: list[NeedHistory] | None = None) -> NeedPublic:
+    return NeedPublic(
+        **need.model_dump(include={"id", "library_id", "category", "summary", "postal_code", "urgency", "status",
+                                   "partner_id", "referral_id", "recorded_at", "respond_by", "answered_at", "sla",
+                                   "person_id"}),
+        person=PersonContact(display_name=need.person_display_name, email=need.person_email, phone=need.person_phone,
+                             preferred_channel=need.preferred_channel, language=need.language),
+        history=None if history is None else [HistoryEntry(**h.model_dump(include={"at", "event", "partner_id", "detail"}))
+                                              for h in history],
+    )
+
+
+def need_with_history(session: Session, need_id: str) -> tuple[Need, list[NeedHistory]] | None:
+    """The need and its history, oldest first; None when there is no such need."""
+    need = session.get(Need, need_id)
+    if need is None:
+        return None
+    history = session.exec(select(NeedHistory).where(NeedHistory.need_id == need_id)
+                           .order_by(NeedHistory.at, NeedHistory.id)).all()
+    return need, list(history)
+
+
+def desk_needs(session: Session, library_id: str, now: datetime, *, status: str = "", category: str = "",
+               sla: str = "", page: int = 1, limit: int, overdue_limit: int) -> tuple[list[Need], bool]:
+    """A page of "Mes demandes" in the desk's order (domain.desk_order), and whether older ones follow. Every overdue
+    need stays on the first page, above the newest ones; later pages go back in time."""
+    query = select(Need).where(Need.library_id == library_id)
+    if status == "waiting":
+        query = query.where(Need.status.in_(domain.WAITING_FOR_PARTNER))
+    elif status:
+        query = query.where(Need.status == status)
+    if category:
+        query = query.where(Need.category == category)
+    if sla == "overdue":
+        query = query.where(Need.status.in_(domain.WAITING_FOR_PARTNER), Need.respond_by <= now)
+    elif sla:
+        query = query.where(Need.sla == sla)
+    overdue = query.where(Need.status.in_(domain.WAITING_FOR_PARTNER), Need.respond_by <= now)
+    late = [] if page > 1 else list(session.exec(overdue.order_by(Need.respond_by).limit(overdue_limit)).all())
+    newest = list(session.exec(query.order_by(Need.recorded_at.desc(), Need.id.desc())
+                               .offset((page - 1) * limit).limit(limit + 1)).all())
+    by_id = {n.id: n for n in [*late, *newest[:limit]]}
+    ordered = sorted(by_id.values(), key=lambda n: domain.desk_order(n.status, n.respond_by, n.recorded_at, now))
+    return ordered, len(newest) > limit
+
+
+def need_page(session: Session, *, own_library: str | None, library_id: str | None, status: str | None, limit: int,
+              cursor: str | None) -> tuple[list[Need], str | None]:
+    """A page of needs for the API, newest first: a desk's (`own_library`) or every library's, filtered."""
+    query = select(Need)
+    for library in (own_library, library_id):
+        if library:
+            query = query.where(Need.library_id == library)
+    if status:
+        query = query.where(Need.status == status)
+    return page(query, Need.recorded_at, Need.id, limit, cursor, session)

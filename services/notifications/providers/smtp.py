@@ -1,0 +1,174 @@
+"""Email over SMTP: RELAIS_SMTP_URL read and checked, one reused connection per sender, and what a failure means
+for a retry (see base.SendError)."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import re
+import ssl
+import time
+from dataclasses import dataclass
+from email.message import EmailMessage
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import aiosmtplib
+
+from services.notifications.providers.base import SendError, Sent
+from shared.settings import Settings
+
+SEND_TIMEOUT_S = 30
+IDLE_CHECK_S = 30  # a connection idle this long is checked with NOOP before use
+
+
+@dataclass(frozen=True)
+class SmtpTarget:
+    """RELAIS_SMTP_URL: smtp://[user:pass@]host:port (STARTTLS when the server offers it; `?starttls=require`
+    refuses a server that does not) or smtps://... (TLS from the first byte); `?cafile=PATH` trusts a private CA."""
+
+    host: str
+    port: int
+    use_tls: bool
+    starttls: bool | None  # None: when offered
+    username: str | None
+    password: str | None
+    cafile: str | None = None
+
+    @classmethod
+    def from_url(cls, url: str) -> SmtpTarget:
+        parts = urlsplit(url)
+        if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
+            raise ValueError(f"RELAIS_SMTP_URL must look like smtp://[user:pass@]host:port or smtps://...; got {url!r}")
+        query = {k: v[0] for k, v in parse_qs(parts.query).items()}
+        starttls = {"require": True, "off": False}.get(query.get("starttls", ""), None)
+        return cls(host=parts.hostname, port=parts.port or (465 if parts.scheme == "smtps" else 25),
+                   use_tls=parts.scheme == "smtps", starttls=None if parts.scheme == "smtps" else starttls,
+                   username=unquote(parts.username) if parts.username else None,
+                   password=unquote(parts.password) if parts.password else None, cafile=query.get("cafile"))
+
+    def tls_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=self.cafile)
+
+
+def mail_domain(sender: str) -> str:
+    """The domain of RELAIS_MAIL_FROM, for Message-IDs."""
+    address = email.utils.parseaddr(sender)[1]
+    return address.rpartition("@")[2] or "relais.localhost"
+
+
+def message_id(key: str, sender: str) -> str:
+    """One Message-ID per delivery, the same on every attempt, so a mail client can drop a duplicate."""
+    return f"<{key}@{mail_domain(sender)}>"
+
+
+def build_message(*, sender: str, to: str, subject: str, text: str, html: str | None, message_id: str,
+                  reply_to: str | None = None, language: str = "fr") -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = sender, to, subject
+    msg["Date"] = email.utils.formatdate(localtime=False)
+    msg["Message-ID"] = message_id
+    if reply_to:
+        msg["Reply-To"] = reply_to
+    msg["Auto-Submitted"] = "auto-generated"  # no out-of-office replies back to the desk
+    msg.set_content(text)
+    if html:
+        msg.add_alternative(html, subtype="html")
+    msg["Content-Language"] = language  # after the parts: set_content clears Content-* headers
+    return msg
+
+
+class SmtpPool:
+    """One SMTP connection per sender, reused for every message and opened again when it was lost."""
+
+    def __init__(self, target: SmtpTarget, timeout: float = SEND_TIMEOUT_S) -> None:
+        self.target, self.timeout = target, timeout
+        self._smtp: aiosmtplib.SMTP | None = None
+        self._last_used = 0.0
+        self._lock = asyncio.Lock()
+        self.connections_opened = 0  # how many times we had to connect: one while the server keeps it
+
+    async def _connect(self) -> aiosmtplib.SMTP:
+        t = self.target
+        smtp = aiosmtplib.SMTP(hostname=t.host, port=t.port, use_tls=t.use_tls, start_tls=t.starttls,
+                               username=t.username, password=t.password, timeout=self.timeout,
+                               tls_context=t.tls_context() if (t.use_tls or t.starttls is not False) else None)
+        await smtp.connect()
+        self.connections_opened += 1
+        return smtp
+
+    async def _drop(self) -> None:
+        smtp, self._smtp = self._smtp, None
+        if smtp is not None:
+            try:
+                smtp.close()
+            except Exception:  # noqa: BLE001 - it is gone either way
+                pass
+
+    async def _connection(self) -> tuple[aiosmtplib.SMTP, bool]:
+        """The open connection (checked with NOOP after a while idle), or a new one; True when reused."""
+        if self._smtp is not None and self._smtp.is_connected:
+            if time.monotonic() - self._last_used < IDLE_CHECK_S:
+                return self._smtp, True
+            try:
+                await self._smtp.noop()
+                return self._smtp, True
+            except (aiosmtplib.SMTPException, OSError):
+                await self._drop()
+        await self._drop()
+        self._smtp = await self._connect()
+        return self._smtp, False
+
+    async def send(self, msg: EmailMessage) -> Sent:
+        async with self._lock:
+            try:
+                try:
+                    smtp, reused = await self._connection()
+                    await smtp.send_message(msg)
+                except aiosmtplib.SMTPServerDisconnected:
+                    if not reused:
+                        raise
+                    # The server closed our idle connection: once more on a fresh one.
+                    await self._drop()
+                    smtp, _ = await self._connection()
+                    await smtp.send_message(msg)
+            except aiosmtplib.SMTPRecipientsRefused as exc:
+                codes = [e.code for e in exc.recipients]
+                raise SendError(f"recipient refused: {'; '.join(f'{e.code} {e.message}' for e in exc.recipients)}",
+                                permanent=all(c >= 500 for c in codes)) from exc
+            except (aiosmtplib.SMTPAuthenticationError, aiosmtplib.SMTPHeloError,
+                    aiosmtplib.SMTPConnectResponseError) as exc:
+                # The server or our credentials, not this message: worth a retry once ops fix it.
+                await self._drop()
+                raise SendError(f"SMTP {exc.code} {exc.message}") from exc
+            except aiosmtplib.SMTPResponseException as exc:
+                if exc.code == 421:
+                    await self._drop()
+                raise SendError(f"SMTP {exc.code} {exc.message}", permanent=exc.code >= 500) from exc
+            except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                await self._drop()
+                raise SendError(f"{type(exc).__name__}: {exc}") from exc
+            finally:
+                self._last_used = time.monotonic()
+        return Sent("smtp")
+
+    async def close(self) -> None:
+        async with self._lock:
+            if self._smtp is not None and self._smtp.is_connected:
+                try:
+                    await self._smtp.quit()
+                except (aiosmtplib.SMTPException, OSError):
+                    pass
+            await self._drop()
+
+
+def problems(settings: Settings) -> list[str]:
+    """A malformed RELAIS_SMTP_URL, said with the form to use (its password not repeated)."""
+    if not settings.smtp_url:
+        return []
+    try:
+        SmtpTarget.from_url(settings.smtp_url)
+    except ValueError:
+        shown = re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", settings.smtp_url)
+        return ["RELAIS_SMTP_URL: must look like smtp://[user:pass@]host:port, or smtps://... for TLS "
+                f"(got {shown!r})"]
+    return []

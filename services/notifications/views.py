@@ -1,0 +1,74 @@
+"""What notifications shows of its deliveries (the ops API, the outbox pages): reads of the tables, no rule and no
+write."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlmodel import Session, select
+
+from services.notifications.store import Delivery, DeliveryAttempt, SmsSuppression
+from shared.service import encode_cursor, page
+
+
+def delivery_page(session: Session, filters: dict, limit: int, cursor: str | None) -> tuple[list[Delivery], str | None]:
+    """The API's page of deliveries, newest first. The contract's kinds; sign-in links (no need, not in the contract)
+    only when asked for by kind=sign_in."""
+    query = select(Delivery) if filters.get("kind") else select(Delivery).where(Delivery.kind != "sign_in")
+    for name, value in filters.items():
+        if value:
+            query = query.where(getattr(Delivery, name) == value)
+    return page(query, Delivery.created_at, Delivery.id, limit, cursor, session)
+
+
+def delivery_with_attempts(session: Session, delivery_id: str) -> tuple[Delivery, list[DeliveryAttempt]] | None:
+    d = session.get(Delivery, delivery_id)
+    if d is None:
+        return None
+    attempts = session.exec(select(DeliveryAttempt).where(DeliveryAttempt.delivery_id == delivery_id)
+                            .order_by(DeliveryAttempt.number, DeliveryAttempt.id)).all()
+    return d, list(attempts)
+
+
+def delivery_counts(session: Session, since: datetime) -> tuple[list[tuple[str, str, str, int]], int, list[Delivery]]:
+    """Deliveries created since `since`: (channel, kind, status, count) rows, SMS segments sent through a provider
+    (not the outbox: what the operator bills), and the ten latest failures."""
+    counted = session.exec(select(Delivery.channel, Delivery.kind, Delivery.status, sa.func.count())
+                           .where(Delivery.created_at >= since)
+                           .group_by(Delivery.channel, Delivery.kind, Delivery.status)).all()
+    segments = session.exec(select(sa.func.coalesce(sa.func.sum(Delivery.sms_segments), 0))
+                            .where(Delivery.created_at >= since, Delivery.channel == "sms",
+                                   Delivery.status.in_(("sent", "delivered")),
+                                   Delivery.provider != "outbox")).one()
+    failures = session.exec(select(Delivery).where(Delivery.created_at >= since, Delivery.status == "failed")
+                            .order_by(Delivery.created_at.desc()).limit(10)).all()
+    return list(counted), int(segments), list(failures)
+
+
+def outbox_page(session: Session, filters: dict, before: tuple[datetime, str] | None,
+                size: int) -> tuple[list[Delivery], str | None]:
+    """The outbox page's deliveries, newest first from `before`, and the cursor of the next page."""
+    query = select(Delivery)
+    for name, value in filters.items():
+        if value:
+            query = query.where(getattr(Delivery, name) == value)
+    if before is not None:
+        at, id_ = before
+        query = query.where((Delivery.created_at < at) | ((Delivery.created_at == at) & (Delivery.id < id_)))
+    found = list(session.exec(query.order_by(Delivery.created_at.desc(), Delivery.id.desc()).limit(size + 1)).all())
+    if len(found) > size:
+        found = found[:size]
+        return found, encode_cursor(found[-1].created_at, found[-1].id)
+    return found, None
+
+
+def deliveries_by_status(session: Session) -> dict[tuple[str, str], int]:
+    """(status, channel) -> how many, over every delivery kept (for /metrics)."""
+    return {(status, channel): n for status, channel, n in session.exec(
+        select(Delivery.status, Delivery.channel, sa.func.count()).group_by(Delivery.status, Delivery.channel))}
+
+
+def is_suppressed(session: Session, phone: str) -> bool:
+    """The number replied STOP (and not START since)."""
+    return session.get(SmsSuppression, phone) is not None

@@ -1,0 +1,114 @@
+"""Intake's commands, each handled by one function (services/intake/handlers.py) whichever adapter calls it:
+RecordNeed from the API and from the desk's form records the same need, history and need.recorded; CancelNeed from
+ops' token or from the dashboard's internal call (acting for an ops user) writes the same history row and names the
+actor in need.cancelled. And the routes' dependencies (services/intake/deps.py) are what a test overrides."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime, timedelta, timezone
+
+import httpx
+from sqlmodel import select
+
+from services.intake import deps
+from services.intake.store import Need, NeedHistory
+from shared.db import OutboxMessage
+from shared.service import ACTOR_HEADER, internal_token
+from shared.testing import use_sign_in_link
+from shared.signin import sign_in_link
+
+A_NEED = {"category": "Allocations familiales (CAF)", "summary": "Dossier APL bloqué", "postal_code": "76000",
+          "urgency": "normal", "display_name": "M. D.", "email": "m.d@example.org", "phone": "",
+          "preferred_channel": "email", "language": "fr", "consent": "oui"}  # as the desk types it
+
+API_NEED = {"library_id": "chatelet", "category": "caf", "summary": "Dossier APL bloqué", "postal_code": "76000",
+            "urgency": "normal", "consent": True,
+            "person": {"display_name": "M. D.", "email": "m.d@example.org", "preferred_channel": "email",
+                       "language": "fr"}}
+
+
+def signed_in(service) -> httpx.Client:
+    client = httpx.Client(base_url=service.url, follow_redirects=True, timeout=30)
+    link, _ = sign_in_link(service.settings, "intake", "desk", now=service.svc.clock())
+    assert use_sign_in_link(client, link).url.path == "/nouvelle"
+    return client
+
+
+def form_of(client: httpx.Client) -> dict[str, str]:
+    html = client.get("/nouvelle").text
+    return {name: re.search(rf'name="{name}" value="([^"]*)"', html).group(1) for name in ("csrf", "idempotency_key")}
+
+
+def recorded(intake, need_id: str) -> tuple[Need, list[str], dict]:
+    """The need's row, its history's events and the need.recorded it put in the outbox."""
+    with intake.svc.db.read() as session:
+        need = session.get(Need, need_id)
+        history = [h.event for h in session.exec(select(NeedHistory).where(NeedHistory.need_id == need_id)).all()]
+        events = [json.loads(m.payload) for m in session.exec(
+            select(OutboxMessage).where(OutboxMessage.type == "need.recorded")).all()]
+    [event] = [e for e in events if e["need_id"] == need_id]
+    return need, history, event
+
+
+def test_record_need_from_the_api_and_from_the_desk_form_records_the_same(intake, desk):
+    by_api = desk.post("/needs", json=API_NEED, headers={"Idempotency-Key": "k-1"})
+    assert by_api.status_code == 201
+    client = signed_in(intake)
+    by_form = client.post("/nouvelle", data={**form_of(client), **A_NEED})
+    assert by_form.status_code == 200 and by_form.url.path.endswith("/enregistree")
+    form_id = by_form.url.path.split("/")[2]
+
+    api_need, api_history, api_event = recorded(intake, by_api.json()["id"])
+    form_need, form_history, form_event = recorded(intake, form_id)
+    what = {"library_id", "category", "summary", "postal_code", "urgency", "person_display_name", "person_email",
+            "person_phone", "preferred_channel", "language", "recorded_by", "status", "sla"}
+    assert api_need.model_dump(include=what) == form_need.model_dump(include=what)
+    assert api_need.respond_by - api_need.recorded_at == form_need.respond_by - form_need.recorded_at == timedelta(hours=72)
+    assert api_history == form_history == ["need.recorded"]
+    same = {"type", "version", "library_id", "category", "summary", "postal_code", "urgency", "person"}
+    assert {k: api_event[k] for k in same} == {k: form_event[k] for k in same}
+    assert api_event["correlation_id"] and form_event["correlation_id"]  # each request's own
+
+    # Both adapters keep the handler's idempotency: a repeat records nothing more.
+    again = desk.post("/needs", json=API_NEED, headers={"Idempotency-Key": "k-1"})
+    assert again.status_code == 201 and again.json() == by_api.json()
+    with intake.svc.db.read() as session:
+        assert len(session.exec(select(Need)).all()) == 2
+
+
+def test_cancel_need_writes_its_history_and_names_the_actor_whichever_caller(intake, desk, settings):
+    first, second = (desk.post("/needs", json=API_NEED).json()["id"] for _ in range(2))
+    with intake.client("ops") as ops:
+        assert ops.post(f"/needs/{first}/cancel", json={"reason": "saisie en double"}).status_code == 200
+        assert ops.post(f"/needs/{first}/cancel", json={"reason": "encore"}).status_code == 409
+        assert ops.post("/needs/nope/cancel", json={"reason": "x"}).status_code == 404
+    # The dashboard calls with the services' credential, for the ops user it names.
+    with intake.client() as dashboard:
+        answer = dashboard.post(f"/needs/{second}/cancel", json={"reason": "erreur de lieu"},
+                                headers={"Authorization": f"Bearer {internal_token(settings)}", ACTOR_HEADER: "ops"})
+    assert answer.status_code == 200 and answer.json()["status"] == "closed"
+
+    with intake.svc.db.read() as session:
+        for need_id, reason in ((first, "saisie en double"), (second, "erreur de lieu")):
+            cancelled = session.exec(select(NeedHistory).where(NeedHistory.need_id == need_id,
+                                                               NeedHistory.event == "need.cancelled")).all()
+            assert [h.detail for h in cancelled] == [reason]
+            assert session.get(Need, need_id).cancelled_at is not None
+        events = [json.loads(m.payload) for m in session.exec(
+            select(OutboxMessage).where(OutboxMessage.type == "need.cancelled")).all()]
+    assert sorted((e["need_id"], e["actor"], e["reason"]) for e in events) == sorted(
+        [(first, "ops", "saisie en double"), (second, "ops", "erreur de lieu")])
+
+
+def test_a_test_overrides_the_clock_the_routes_depend_on(intake, desk):
+    fixed = datetime(2027, 3, 1, 9, 0, tzinfo=timezone.utc)
+    intake.svc.app.dependency_overrides[deps.get_clock] = lambda: lambda: fixed
+    try:
+        need = desk.post("/needs", json=API_NEED).json()
+    finally:
+        intake.svc.app.dependency_overrides.clear()
+    assert datetime.fromisoformat(need["recorded_at"]) == fixed
+    assert datetime.fromisoformat(need["respond_by"]) == fixed + timedelta(hours=72)
+    assert datetime.fromisoformat(desk.post("/needs", json=API_NEED).json()["recorded_at"]) != fixed
