@@ -23,7 +23,7 @@ from pydantic import BaseModel
 from sqlmodel import Session
 
 from services.referral import remote, store
-from services.referral.remote import REMOTE_TIMEOUT, OutboxFigures, Remote  # noqa: F401 - parts of the answer
+from services.referral.remote import OutboxFigures, Remote  # parts of the answer
 from services.referral.store import PartnerPause, Referral
 from shared.directory import Directory
 from shared.queues import StreamReport, queues_report

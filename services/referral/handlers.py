@@ -214,9 +214,6 @@ class Refused(ValueError):
         self.field = field
 
 
-ReassignRefused = Refused  # the name the reassign tests know
-
-
 class NotPaused(Exception):
     """Resuming a partner that is not paused."""
 

@@ -187,6 +187,11 @@ def inbox(session: Session, *, partner_id: str | None, status: str, offset: int,
     return list(session.exec(query).all())
 
 
+def need_and_open_referral(session: Session, need_id: str) -> tuple[NeedCase | None, Referral | None]:
+    case = session.get(NeedCase, need_id)
+    return case, current_referral(session, need_id) if case else None
+
+
 # --- the dashboard's queries -------------------------------------------------------------------------------------
 
 
@@ -300,8 +305,3 @@ async def dead_letters(redis, stream_key: str, *, limit: int = 50, entry_id: str
 
 async def dead_letter_count(redis, stream_key: str) -> int:
     return await redis.xlen(stream_key + DEAD_LETTER_SUFFIX)
-
-
-def need_and_open_referral(session: Session, need_id: str) -> tuple[NeedCase | None, Referral | None]:
-    case = session.get(NeedCase, need_id)
-    return case, current_referral(session, need_id) if case else None
