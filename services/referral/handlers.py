@@ -231,7 +231,7 @@ def _audit(session: Session, actor: str, action: str, target: str, reason: str, 
 
 
 def _partner_action(session: Session, command: Any, action: str, text: str | None, deps: Deps) -> ReferralState:
-    referral = session.get(Referral, command.referral_id)
+    referral = lock_referral(session, command.referral_id)  # locked before its status is read
     if referral is None or (command.as_partner is not None and referral.partner_id != command.as_partner):
         raise NotFound("no such referral")
     referral = transition(session, command.referral_id, action, command.actor, deps.clock(), deps.directory, text)
@@ -258,7 +258,7 @@ def close_referral(session: Session, command: CloseReferral, deps: Deps) -> Refe
 def cancel_referral(session: Session, command: CancelReferral, deps: Deps) -> ReferralState:
     """Ops cancel a referral; recorded in the ops log."""
     now = deps.clock()
-    if session.get(Referral, command.referral_id) is None:
+    if lock_referral(session, command.referral_id) is None:
         raise NotFound("no such referral")
     referral = transition(session, command.referral_id, "cancel", command.actor, now, deps.directory, command.reason)
     _audit(session, command.actor, "cancel_referral", command.referral_id, command.reason, now)
@@ -271,7 +271,7 @@ def reassign_referral(session: Session, command: ReassignReferral, deps: Deps) -
     needs a reason and is recorded as such, in the ops log and in the old referral's history.
     Raises NotFound, Refused, or domain.TransitionRefused."""
     now, directory, reason = deps.clock(), deps.directory, command.reason
-    referral = session.get(Referral, command.referral_id)
+    referral = lock_referral(session, command.referral_id)
     if referral is None:
         raise NotFound("no such referral")
     partner = directory.partner(command.partner_id)
