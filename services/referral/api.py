@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Annotated, Literal
@@ -16,8 +16,9 @@ from services.referral import domain, store
 from services.referral.commands import (AcceptReferral, CancelReferral, CloseReferral, DeclineReferral, PausePartner,
                                         ReassignReferral, ReplayDeadLetters, RespondToReferral, ResumePartner)
 from services.referral.dashboard import Dashboard, build_dashboard
-from services.referral.deps import ClockDep, CommandDeps, DirectoryDep, OpsUser, PartnerUser, Reader, RuntimeDep
-from services.referral.handlers import NotFound, NotPaused, Refused, ReferralState, handle
+from services.referral.deps import (ClockDep, CommandDeps, DirectoryDep, OpsUser, PartnerUser, Reader, Runtime,
+                                    RuntimeDep)
+from services.referral.handlers import Deps, NotFound, NotPaused, Refused, ReferralState, handle
 from services.referral.store import Referral, ReferralHistory
 from shared.directory import Directory, User
 from shared.events import STREAMS
@@ -137,7 +138,7 @@ def directory_ids(svc: Service) -> Callable[[dict], None]:
 
 
 @contextmanager
-def command_errors():
+def command_errors() -> Iterator[None]:
     """A handler's refusals as HTTP answers: 404 not found, 422 naming the field, 409 not from this state."""
     try:
         yield
@@ -180,7 +181,7 @@ def get_referral(referral_id: str, user: Reader, runtime: RuntimeDep) -> Referra
     return public(found[0], found[2], user)
 
 
-async def run(command, deps) -> ReferralState:
+async def run(command: object, deps: Deps) -> ReferralState:
     with command_errors():
         return await handle(command, deps)
 
@@ -227,7 +228,7 @@ async def cancel(referral_id: str, user: OpsUser, body: CancelBody, deps: Comman
 # --- ops: partners and dead letters ---
 
 
-def partners_now(runtime, directory: Directory, now: datetime) -> list[PartnerPublic]:
+def partners_now(runtime: Runtime, directory: Directory, now: datetime) -> list[PartnerPublic]:
     with runtime.db.read() as session:
         counts, pauses = store.open_referral_counts(session), store.active_pauses(session, now)
     return [PartnerPublic(id=p.id, name=p.name, categories=p.categories, territory=p.territory,
@@ -262,7 +263,7 @@ async def resume(partner_id: str, user: OpsUser, body: ReasonBody, runtime: Runt
     return next(p for p in partners if p.id == partner_id)
 
 
-def stream_key(runtime, stream: str) -> str:
+def stream_key(runtime: Runtime, stream: str) -> str:
     if stream not in STREAMS:
         raise HTTPException(404, f"no stream '{stream}'; streams: {', '.join(STREAMS)}")
     return runtime.settings.key(stream)

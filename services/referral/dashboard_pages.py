@@ -29,8 +29,8 @@ from services.referral import domain, remote, store
 from services.referral.commands import (CancelNeed, PausePartner, ReassignReferral, ReplayDeadLetters,
                                         ResumePartner, RevokeSessions)
 from services.referral.dashboard import build_dashboard
-from services.referral.deps import ClockDep, CommandDeps, DirectoryDep, PagesDep, RuntimeDep
-from services.referral.handlers import NotPaused, Refused, RemoteFailed, handle
+from services.referral.deps import ClockDep, CommandDeps, DirectoryDep, PagesDep, Runtime, RuntimeDep
+from services.referral.handlers import NotFound, NotPaused, Refused, RemoteFailed, handle
 from shared.events import STREAMS
 from shared.web import SECURITY_HEADERS, Pages, datetime_fr
 
@@ -98,7 +98,7 @@ HEADERS = {"Content-Security-Policy": DASHBOARD_CSP}
 router = APIRouter()
 
 
-async def figures(runtime) -> dict:
+async def figures(runtime: Runtime) -> dict:
     data = await build_dashboard(runtime, runtime.queue_watch)
     directory = runtime.directory
     names = dict(partners={p.id: p.name for p in directory.partners},
@@ -149,7 +149,7 @@ def action_of(request: Request, pages: Pages, path: str) -> str:
     return ACTION_PATHS[path]
 
 
-def subject_of(request: Request, pages: Pages, runtime, action: str, params: dict[str, str]) -> dict:
+def subject_of(request: Request, pages: Pages, runtime: Runtime, action: str, params: dict[str, str]) -> dict:
     """What the action is about, checked; a 404 page when it does not exist."""
     directory = runtime.directory
     if action == "replay":
@@ -185,7 +185,7 @@ def subject_of(request: Request, pages: Pages, runtime, action: str, params: dic
             "partner": directory.partner(referral.partner_id) if referral else None}
 
 
-async def confirm_page(request: Request, pages: Pages, runtime, now: datetime, action: str, subject: dict,
+async def confirm_page(request: Request, pages: Pages, runtime: Runtime, now: datetime, action: str, subject: dict,
                        status: int = 200, errors=None, values=None, failure: str | None = None) -> Response:
     extra = {}
     if action == "replay":
@@ -242,7 +242,7 @@ def form_errors(action: str, fields: dict[str, str], subject: dict, now: datetim
     return errors, until
 
 
-def command_of(action: str, fields: dict[str, str], subject: dict, until: datetime | None, actor: str):
+def command_of(action: str, fields: dict[str, str], subject: dict, until: datetime | None, actor: str) -> object:
     reason = fields.get("motif", "").strip()
     if action == "replay":
         return ReplayDeadLetters(subject["stream"], (subject["id"],) if subject["id"] else None, reason, actor)
@@ -274,6 +274,8 @@ async def perform(request: Request, path: str, pages: PagesDep, runtime: Runtime
         return await again(422, errors)
     try:
         done = await handle(command_of(action, fields, subject, until, user.id), deps)
+    except NotFound:  # gone since the confirmation page was shown
+        raise pages.error(request, 404, "not_found") from None
     except domain.TransitionRefused:
         return await again(409, failure="transition")
     except Refused as refused:  # the directory or the clock moved since the page was shown

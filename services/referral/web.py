@@ -20,8 +20,8 @@ from fastapi.responses import Response
 
 from services.referral import dashboard_pages, domain, store
 from services.referral.commands import AcceptReferral, CloseReferral, DeclineReferral, RespondToReferral
-from services.referral.deps import ClockDep, CommandDeps, DirectoryDep, PagesDep, RuntimeDep
-from services.referral.handlers import NotFound, handle
+from services.referral.deps import ClockDep, CommandDeps, DirectoryDep, PagesDep, Runtime, RuntimeDep
+from services.referral.handlers import Deps, NotFound, handle
 from services.referral.store import NeedCase, Referral, ReferralHistory
 from shared.directory import Directory, User
 from shared.service import Service
@@ -78,7 +78,7 @@ router = APIRouter()
 # --- reading
 
 
-def load(runtime, referral_id: str) -> ReferralCase | None:
+def load(runtime: Runtime, referral_id: str) -> ReferralCase | None:
     with runtime.db.read() as session:
         found = store.referral_with_case(session, referral_id)
     return None if found is None else ReferralCase(*found)
@@ -151,7 +151,7 @@ def read_action(pages: Pages, action: str, fields: dict[str, str]) -> tuple[str 
     return pages.text("motif_refus.txt", reason=reason, detail=detail) if not errors else None, errors
 
 
-def command_of(action: str, referral_id: str, viewer: Viewer, text: str | None):
+def command_of(action: str, referral_id: str, viewer: Viewer, text: str | None) -> object:
     if action == "accept":
         return AcceptReferral(referral_id, viewer.actor, viewer.partner_id)
     if action == "respond":
@@ -161,7 +161,7 @@ def command_of(action: str, referral_id: str, viewer: Viewer, text: str | None):
     return DeclineReferral(referral_id, viewer.actor, viewer.partner_id, text or "")
 
 
-async def perform(request: Request, pages: Pages, runtime, deps, referral_id: str, action: str,
+async def perform(request: Request, pages: Pages, runtime: Runtime, deps: Deps, referral_id: str, action: str,
                   viewer: Viewer) -> Response:
     if action not in ACTIONS:
         raise pages.error(request, 404, "not_found")
@@ -189,7 +189,7 @@ async def perform(request: Request, pages: Pages, runtime, deps, referral_id: st
 # --- the signed link from the handoff email
 
 
-def link_viewer(request: Request, pages: Pages, runtime, now: datetime, token: str) -> tuple[Viewer, str]:
+def link_viewer(request: Request, pages: Pages, runtime: Runtime, now: datetime, token: str) -> tuple[Viewer, str]:
     try:
         grant = read_referral_token(runtime.settings, token, now)
     except TokenExpired:
