@@ -124,7 +124,7 @@ def _serve(service: str, settings: Settings) -> int:
     from shared.migrations import MigrationNeeded, check_current
 
     try:
-        svc = _service_module(service).build(settings)
+        svc = _service_module(service).bootstrap(settings)
     except DirectoryError as exc:
         print_directory_errors(settings.directory, exc.errors, "fix these and start again")
         return 2

@@ -128,7 +128,7 @@ class RunningService:
         import uvicorn
 
         self.name, self.settings = name, settings
-        self.svc = importlib.import_module(f"services.{name}.app").build(settings, clock=clock or TestClock())
+        self.svc = importlib.import_module(f"services.{name}.app").bootstrap(settings, clock=clock or TestClock())
         self.server = uvicorn.Server(uvicorn.Config(self.svc.app, host="127.0.0.1", port=settings.port(name),
                                                     log_level="warning", lifespan="on"))
         self.server.install_signal_handlers = lambda: None

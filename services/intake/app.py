@@ -78,8 +78,5 @@ def _openapi_follows_directory(app: FastAPI, service: Service) -> None:
     app.openapi = openapi
 
 
-build = bootstrap
-
-
 def create_app() -> FastAPI:
     return bootstrap().app

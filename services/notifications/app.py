@@ -103,8 +103,5 @@ def _deliveries_gauge(service: Service) -> Callable[[], None]:
     return update
 
 
-build = bootstrap
-
-
 def create_app() -> FastAPI:
     return bootstrap().app

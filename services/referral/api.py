@@ -1,23 +1,28 @@
-"""Referral's HTTP API (contract: /api/v1/referrals)."""
+"""Referral's HTTP API (contract: /api/v1/referrals): parse and authorise the request, run its one command
+(handlers.py) or read through store.py, answer. No SQL, no emit, no ops log row here."""
 
+from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Annotated, Literal
 
 import anyio
-from fastapi import APIRouter, Body, Depends, HTTPException, Query
+from fastapi import APIRouter, Body, HTTPException, Query
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
-from sqlmodel import select
 
-from services.referral import domain
-from services.referral.handlers import (ReassignRefused, act, pause_partner, reassign as reassign_referral,
-                                       record_ops_action, resume_partner)
-from services.referral.store import PartnerPause, Referral, ReferralHistory, history_of, open_referral_counts
-from shared.events import DEAD_LETTER_SUFFIX, STREAMS
-from shared.messaging import replay
-from shared.directory import User
-from shared.service import Cursor, Service, error_responses, field_error, page
+from services.referral import domain, store
+from services.referral.commands import (AcceptReferral, CancelReferral, CloseReferral, DeclineReferral, PausePartner,
+                                        ReassignReferral, ReplayDeadLetters, RespondToReferral, ResumePartner)
+from services.referral.dashboard import Dashboard, build_dashboard
+from services.referral.deps import (ClockDep, CommandDeps, DirectoryDep, OpsUser, PartnerUser, Reader, Runtime,
+                                    RuntimeDep)
+from services.referral.handlers import Deps, NotFound, NotPaused, Refused, ReferralState, handle
+from services.referral.store import Referral, ReferralHistory
+from shared.directory import Directory, User
+from shared.events import STREAMS
+from shared.service import Cursor, Service, error_responses, field_error
 
 # The contract's values; a filter outside them is a 422 naming the parameter, not an empty page.
 ReferralStatus = Literal["assigned", "accepted", "responded", "closed", "declined", "cancelled"]
@@ -104,16 +109,6 @@ class PartnerPublic(BaseModel):
     pause_reason: str | None
 
 
-class DeadLetter(BaseModel):
-    id: str
-    type: str | None
-    event_id: str | None
-    need_id: str | None
-    group: str | None
-    error: str | None
-    failed_at: str | None
-
-
 class CloseBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     outcome: str = Field(min_length=1, max_length=2000)
@@ -142,164 +137,161 @@ def directory_ids(svc: Service) -> Callable[[dict], None]:
     return refine
 
 
-def build_router(svc: Service) -> APIRouter:
-    router = APIRouter(tags=["referrals"])
-    svc.openapi_refiners.append(directory_ids(svc))
-    Reader = Annotated[User, Depends(svc.require("partner", "ops"))]
-    Partner = Annotated[User, Depends(svc.require("partner"))]
-    Ops = Annotated[User, Depends(svc.require("ops"))]
+@contextmanager
+def command_errors() -> Iterator[None]:
+    """A handler's refusals as HTTP answers: 404 not found, 422 naming the field, 409 not from this state."""
+    try:
+        yield
+    except NotFound as exc:
+        raise HTTPException(404, str(exc)) from None
+    except Refused as exc:
+        raise field_error(exc.field, str(exc)) from None
+    except (domain.TransitionRefused, NotPaused) as exc:
+        raise HTTPException(409, str(exc)) from None
 
-    def visible(referral: Referral | None, user: User) -> bool:
-        return referral is not None and (user.role == "ops" or referral.partner_id == user.partner)
 
-    @router.get("/referrals", response_model=ReferralPage)
-    def list_referrals(user: Reader, need_id: str | None = None, partner_id: str | None = None,
-                       status: ReferralStatus | None = None, sla: SlaState | None = None,
-                       limit: Annotated[int, Query(ge=1, le=200)] = 50, cursor: Cursor = None) -> ReferralPage:
-        query = select(Referral)
-        if user.role == "partner":
-            query = query.where(Referral.partner_id == user.partner)
-        for column, value in ((Referral.need_id, need_id), (Referral.partner_id, partner_id),
-                              (Referral.status, status), (Referral.sla, sla)):
-            if value:
-                query = query.where(column == value)
-        with svc.db.read() as session:
-            rows, next_cursor = page(query, Referral.created_at, Referral.id, limit, cursor, session)
-            return ReferralPage(items=[public(r, user=user) for r in rows], next_cursor=next_cursor)
+def as_partner(user: User) -> str | None:
+    """The partner a user acts for: a partner sees its own referrals only, ops see all."""
+    return user.partner if user.role == "partner" else None
 
-    @router.get("/referrals/{referral_id}", response_model=ReferralPublic)
-    def get_referral(referral_id: str, user: Reader) -> ReferralPublic:
-        with svc.db.read() as session:
-            referral = session.get(Referral, referral_id)
-            if not visible(referral, user):
-                raise HTTPException(404, "no such referral")
-            return public(referral, history_of(session, referral_id), user)
 
-    async def run_action(referral_id: str, user: User, action: str, text: str | None = None,
-                         partner_id: str | None = None, check: Callable[[], None] = lambda: None) -> ReferralPublic:
-        def work() -> ReferralPublic:
-            with svc.db.transaction() as session:
-                if not visible(session.get(Referral, referral_id), user):
-                    raise HTTPException(404, "no such referral")
-                check()  # the body's rules, once the referral is known to exist (404 first, as for any id)
-                try:
-                    referral = act(session, referral_id, action, user.id, svc.clock(), svc.directory, text, partner_id)
-                except domain.TransitionRefused as exc:
-                    raise HTTPException(409, str(exc)) from None
-                return public(referral, history_of(session, referral_id), user)
+router = APIRouter(tags=["referrals"])
 
-        result = await anyio.to_thread.run_sync(work)
-        svc.bus.relay.wake()
-        return result
 
-    @router.post("/referrals/{referral_id}/accept", response_model=ReferralPublic, responses=error_responses(409))
-    async def accept(referral_id: str, user: Partner) -> ReferralPublic:
-        return await run_action(referral_id, user, "accept")
+@router.get("/referrals", response_model=ReferralPage)
+def list_referrals(user: Reader, runtime: RuntimeDep, need_id: str | None = None, partner_id: str | None = None,
+                   status: ReferralStatus | None = None, sla: SlaState | None = None,
+                   limit: Annotated[int, Query(ge=1, le=200)] = 50, cursor: Cursor = None) -> ReferralPage:
+    with runtime.db.read() as session:
+        if user.role == "partner" and partner_id and partner_id != user.partner:
+            rows, next_cursor = [], None  # another partner's: nothing, as before
+        else:
+            rows, next_cursor = store.find_referrals(
+                session, limit=limit, cursor=cursor, partner_id=as_partner(user) or partner_id, need_id=need_id,
+                status=status, sla=sla)
+        return ReferralPage(items=[public(r, user=user) for r in rows], next_cursor=next_cursor)
 
-    @router.post("/referrals/{referral_id}/respond", response_model=ReferralPublic, responses=error_responses(409))
-    async def respond(referral_id: str, user: Partner, body: RespondBody) -> ReferralPublic:
-        return await run_action(referral_id, user, "respond", body.message)
 
-    @router.post("/referrals/{referral_id}/decline", response_model=ReferralPublic, responses=error_responses(409))
-    async def decline(referral_id: str, user: Partner, body: DeclineBody) -> ReferralPublic:
-        return await run_action(referral_id, user, "decline", body.reason)
+@router.get("/referrals/{referral_id}", response_model=ReferralPublic)
+def get_referral(referral_id: str, user: Reader, runtime: RuntimeDep) -> ReferralPublic:
+    with runtime.db.read() as session:
+        found = store.referral_with_case(session, referral_id)
+    if found is None or as_partner(user) not in (None, found[0].partner_id):
+        raise HTTPException(404, "no such referral")
+    return public(found[0], found[2], user)
 
-    @router.post("/referrals/{referral_id}/close", response_model=ReferralPublic, responses=error_responses(409))
-    async def close(referral_id: str, user: Partner, body: Annotated[CloseBody, Body()]) -> ReferralPublic:
-        return await run_action(referral_id, user, "close", body.outcome)
 
-    @router.post("/referrals/{referral_id}/reassign", response_model=ReferralPublic, responses=error_responses(409))
-    async def reassign(referral_id: str, user: Ops, body: ReassignBody) -> ReferralPublic:
-        """Ops hand the need to another partner that takes its category; the old referral is cancelled, the need
-        keeps its deadline. `force: true` (with a reason) overrides the category, recorded as an override."""
-        def work() -> ReferralPublic:
-            with svc.db.transaction() as session:
-                if session.get(Referral, referral_id) is None:
-                    raise HTTPException(404, "no such referral")
-                try:
-                    referral = reassign_referral(session, referral_id, body.partner_id, user.id, body.reason,
-                                                 svc.clock(), svc.directory, body.force)
-                except ReassignRefused as exc:
-                    raise field_error(exc.field, str(exc)) from None
-                except domain.TransitionRefused as exc:
-                    raise HTTPException(409, str(exc)) from None
-                return public(referral, history_of(session, referral_id))
+async def run(command: object, deps: Deps) -> ReferralState:
+    with command_errors():
+        return await handle(command, deps)
 
-        result = await anyio.to_thread.run_sync(work)
-        svc.bus.relay.wake()
-        return result
 
-    @router.post("/referrals/{referral_id}/cancel", response_model=ReferralPublic, responses=error_responses(409))
-    async def cancel(referral_id: str, user: Ops, body: CancelBody) -> ReferralPublic:
-        return await run_action(referral_id, user, "cancel", body.reason)
+@router.post("/referrals/{referral_id}/accept", response_model=ReferralPublic, responses=error_responses(409))
+async def accept(referral_id: str, user: PartnerUser, deps: CommandDeps) -> ReferralPublic:
+    done = await run(AcceptReferral(referral_id, user.id, as_partner(user)), deps)
+    return public(done.referral, done.history, user)
 
-    # --- ops: partners and dead letters ---
 
-    def partners_now(session) -> list[PartnerPublic]:
-        counts = open_referral_counts(session)
-        pauses = {p.partner_id: p for p in session.exec(select(PartnerPause)).all() if p.until > svc.clock()}
-        return [PartnerPublic(id=p.id, name=p.name, categories=p.categories, territory=p.territory,
-                              capacity=p.capacity, open_referrals=counts.get(p.id, 0),
-                              paused_until=pauses[p.id].until if p.id in pauses else None,
-                              pause_reason=pauses[p.id].reason if p.id in pauses else None)
-                for p in svc.directory.partners]
+@router.post("/referrals/{referral_id}/respond", response_model=ReferralPublic, responses=error_responses(409))
+async def respond(referral_id: str, user: PartnerUser, body: RespondBody, deps: CommandDeps) -> ReferralPublic:
+    done = await run(RespondToReferral(referral_id, user.id, as_partner(user), body.message), deps)
+    return public(done.referral, done.history, user)
 
-    def known_partner(partner_id: str) -> None:
-        if svc.directory.partner(partner_id) is None:
-            raise HTTPException(404, "no such partner")
 
-    @router.get("/partners", tags=["ops"])
-    def list_partners(user: Ops) -> dict:
-        with svc.db.read() as session:
-            return {"items": partners_now(session), "next_cursor": None}
+@router.post("/referrals/{referral_id}/decline", response_model=ReferralPublic, responses=error_responses(409))
+async def decline(referral_id: str, user: PartnerUser, body: DeclineBody, deps: CommandDeps) -> ReferralPublic:
+    done = await run(DeclineReferral(referral_id, user.id, as_partner(user), body.reason), deps)
+    return public(done.referral, done.history, user)
 
-    @router.post("/partners/{partner_id}/pause", tags=["ops"], response_model=PartnerPublic)
-    def pause(partner_id: str, user: Ops, body: PauseBody) -> PartnerPublic:
-        """Routing skips the partner until `until`; the referrals it already has stay with it."""
-        known_partner(partner_id)
-        if body.until <= svc.clock():
-            raise field_error("until", "must be in the future")
-        with svc.db.transaction() as session:
-            pause_partner(session, partner_id, body.until, body.reason, user.id, svc.clock())
-            return next(p for p in partners_now(session) if p.id == partner_id)
 
-    @router.post("/partners/{partner_id}/resume", tags=["ops"], response_model=PartnerPublic,
-                 responses=error_responses(409))
-    def resume(partner_id: str, user: Ops, body: ReasonBody) -> PartnerPublic:
-        known_partner(partner_id)
-        with svc.db.transaction() as session:
-            if not resume_partner(session, partner_id, body.reason, user.id, svc.clock()):
-                raise HTTPException(409, "this partner is not paused")
-            return next(p for p in partners_now(session) if p.id == partner_id)
+@router.post("/referrals/{referral_id}/close", response_model=ReferralPublic, responses=error_responses(409))
+async def close(referral_id: str, user: PartnerUser, body: Annotated[CloseBody, Body()],
+                deps: CommandDeps) -> ReferralPublic:
+    done = await run(CloseReferral(referral_id, user.id, as_partner(user), body.outcome), deps)
+    return public(done.referral, done.history, user)
 
-    def stream_key(stream: str) -> str:
-        if stream not in STREAMS:
-            raise HTTPException(404, f"no stream '{stream}'; streams: {', '.join(STREAMS)}")
-        return svc.settings.key(stream)
 
-    @router.get("/dead-letters/{stream}", tags=["ops"])
-    async def dead_letters(stream: str, user: Ops, limit: Annotated[int, Query(ge=1, le=200)] = 50) -> dict:
-        entries = await svc.bus.redis.xrevrange(stream_key(stream) + DEAD_LETTER_SUFFIX, count=limit)
-        def field(fields, name):
-            value = fields.get(name.encode())
-            return value.decode(errors="replace") if value is not None else None
-        return {"items": [DeadLetter(id=entry_id.decode(), type=field(f, "type"), event_id=field(f, "event_id"),
-                                     need_id=field(f, "need_id"), group=field(f, "dlq_group"),
-                                     error=field(f, "dlq_error"), failed_at=field(f, "dlq_failed_at"))
-                          for entry_id, f in entries], "next_cursor": None}
+@router.post("/referrals/{referral_id}/reassign", response_model=ReferralPublic, responses=error_responses(409))
+async def reassign(referral_id: str, user: OpsUser, body: ReassignBody, deps: CommandDeps) -> ReferralPublic:
+    """Ops hand the need to another partner that takes its category; the old referral is cancelled, the need
+    keeps its deadline. `force: true` (with a reason) overrides the category, recorded as an override."""
+    done = await run(ReassignReferral(referral_id, body.partner_id, user.id, body.reason, body.force), deps)
+    return public(done.referral, done.history)
 
-    @router.post("/dead-letters/{stream}/replay", tags=["ops"])
-    async def replay_dead_letters(stream: str, user: Ops, body: ReplayBody) -> dict:
-        """Put dead-lettered messages back on their stream, after a fix; consumers that did them skip them."""
-        key = stream_key(stream)
-        count = await replay(svc.bus.redis, key, body.ids)
 
-        def record() -> None:
-            with svc.db.transaction() as session:
-                record_ops_action(session, user.id, "replay", f"{stream}:{','.join(body.ids or ['*'])}",
-                                  body.reason, svc.clock())
+@router.post("/referrals/{referral_id}/cancel", response_model=ReferralPublic, responses=error_responses(409))
+async def cancel(referral_id: str, user: OpsUser, body: CancelBody, deps: CommandDeps) -> ReferralPublic:
+    done = await run(CancelReferral(referral_id, user.id, body.reason), deps)
+    return public(done.referral, done.history, user)
 
-        await anyio.to_thread.run_sync(record)
-        return {"replayed": count}
 
-    return router
+# --- ops: partners and dead letters ---
+
+
+def partners_now(runtime: Runtime, directory: Directory, now: datetime) -> list[PartnerPublic]:
+    with runtime.db.read() as session:
+        counts, pauses = store.open_referral_counts(session), store.active_pauses(session, now)
+    return [PartnerPublic(id=p.id, name=p.name, categories=p.categories, territory=p.territory,
+                          capacity=p.capacity, open_referrals=counts.get(p.id, 0),
+                          paused_until=pauses[p.id].until if p.id in pauses else None,
+                          pause_reason=pauses[p.id].reason if p.id in pauses else None)
+            for p in directory.partners]
+
+
+@router.get("/partners", tags=["ops"])
+def list_partners(user: OpsUser, runtime: RuntimeDep, directory: DirectoryDep, clock: ClockDep) -> dict:
+    return {"items": partners_now(runtime, directory, clock()), "next_cursor": None}
+
+
+@router.post("/partners/{partner_id}/pause", tags=["ops"], response_model=PartnerPublic)
+async def pause(partner_id: str, user: OpsUser, body: PauseBody, runtime: RuntimeDep,
+                deps: CommandDeps) -> PartnerPublic:
+    """Routing skips the partner until `until`; the referrals it already has stay with it."""
+    with command_errors():
+        await handle(PausePartner(partner_id, body.until, body.reason, user.id), deps)
+    partners = await anyio.to_thread.run_sync(partners_now, runtime, deps.directory, deps.clock())
+    return next(p for p in partners if p.id == partner_id)
+
+
+@router.post("/partners/{partner_id}/resume", tags=["ops"], response_model=PartnerPublic,
+             responses=error_responses(409))
+async def resume(partner_id: str, user: OpsUser, body: ReasonBody, runtime: RuntimeDep,
+                 deps: CommandDeps) -> PartnerPublic:
+    with command_errors():
+        await handle(ResumePartner(partner_id, body.reason, user.id), deps)
+    partners = await anyio.to_thread.run_sync(partners_now, runtime, deps.directory, deps.clock())
+    return next(p for p in partners if p.id == partner_id)
+
+
+def stream_key(runtime: Runtime, stream: str) -> str:
+    if stream not in STREAMS:
+        raise HTTPException(404, f"no stream '{stream}'; streams: {', '.join(STREAMS)}")
+    return runtime.settings.key(stream)
+
+
+@router.get("/dead-letters/{stream}", tags=["ops"])
+async def dead_letters(stream: str, user: OpsUser, runtime: RuntimeDep,
+                       limit: Annotated[int, Query(ge=1, le=200)] = 50) -> dict:
+    letters = await store.dead_letters(runtime.bus.redis, stream_key(runtime, stream), limit=limit)
+    return {"items": letters, "next_cursor": None}
+
+
+@router.post("/dead-letters/{stream}/replay", tags=["ops"])
+async def replay_dead_letters(stream: str, user: OpsUser, body: ReplayBody, deps: CommandDeps) -> dict:
+    """Put dead-lettered messages back on their stream, after a fix; consumers that did them skip them."""
+    with command_errors():
+        count = await handle(ReplayDeadLetters(stream, tuple(body.ids) if body.ids else None, body.reason, user.id),
+                             deps)
+    return {"replayed": count}
+
+
+# --- the dashboard's figures ---
+
+
+dashboard_router = APIRouter(tags=["ops"])
+
+
+@dashboard_router.get("/dashboard", response_model=Dashboard)
+async def dashboard(user: OpsUser, runtime: RuntimeDep) -> Dashboard:
+    """Every figure of the ops dashboard (the page /tableau-de-bord shows the same)."""
+    return await build_dashboard(runtime, runtime.queue_watch)

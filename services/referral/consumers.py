@@ -1,4 +1,5 @@
-"""Referral's inputs besides HTTP: recorded needs from intake, and the need's clock."""
+"""Referral's inputs besides HTTP: recorded and cancelled needs from intake (each to its one handler, inside
+`Bus.process`'s transaction with its tracking row), and the need's clock."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import logging
 from datetime import timedelta
 
 import anyio
-from prometheus_client import Histogram
+from prometheus_client import CollectorRegistry, Histogram
 
 from services.referral import handlers
 from services.referral.store import next_timer_due
@@ -16,26 +17,28 @@ from shared.service import Service
 
 log = logging.getLogger("relais.referral.clock")
 CLOCK_POLL = timedelta(milliseconds=500)  # timers set by another replica are seen within this
+EVENT_HANDLERS = {"need.recorded": handlers.on_need_recorded, "need.cancelled": handlers.on_need_cancelled}
 
 
-def register(svc: Service) -> None:
+def timer_lag_histogram(registry: CollectorRegistry) -> Histogram:
+    return Histogram("relais_timer_firing_lag_seconds", "How late the need's clock fired each timer", ["kind"],
+                     registry=registry, buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 900))
+
+
+def register(svc: Service, clock_wake: asyncio.Event) -> None:
+    """The subscriber of the needs stream, and the referrals stream's documentation."""
     svc.bus.documents_publisher(REFERRALS, ReferralStreamEvent,
                                 "Routing decisions, partner actions and the 72-hour clock's reminders, escalations, breaches.")
 
     @svc.bus.subscriber(NEEDS, "A recorded need is routed to the best candidate partner, or declared unroutable; "
                                "a need cancelled by ops has its open referral cancelled and its clock stopped.")
     async def on_need_event(event: NeedEvent) -> None:
-        handler = handlers.on_need_recorded if event.type == "need.recorded" else handlers.on_need_cancelled
+        handler = EVENT_HANDLERS[event.type]
         if await svc.bus.process(lambda session, e: handler(session, e, svc.directory, svc.clock()), event):
-            svc.clock_wake.set()
-
-    svc.clock_wake = asyncio.Event()
-    svc.timer_lag = Histogram("relais_timer_firing_lag_seconds", "How late the need's clock fired each timer",
-                              ["kind"], registry=svc.metrics, buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 900))
-    svc.background.append(lambda: run_clock(svc))
+            clock_wake.set()  # the need may have new timers: the clock looks again at once
 
 
-async def run_clock(svc: Service) -> None:
+async def run_clock(svc: Service, clock_wake: asyncio.Event, timer_lag: Histogram) -> None:
     """Fire due timers, then sleep until the next one (or a poll, or a wake-up after new timers)."""
     skip_locked = not svc.db.is_sqlite
 
@@ -48,10 +51,10 @@ async def run_clock(svc: Service) -> None:
             return handlers.fire_due_timers(session, svc.clock(), skip_locked, observe_lag), next_due
 
     def observe_lag(kind: str, seconds: float) -> None:
-        svc.timer_lag.labels(kind).observe(max(0.0, seconds))
+        timer_lag.labels(kind).observe(max(0.0, seconds))
 
     while True:
-        svc.clock_wake.clear()
+        clock_wake.clear()
         try:
             fired, next_due = await anyio.to_thread.run_sync(fire)
         except Exception:  # noqa: BLE001 - a database hiccup must not stop the clock
@@ -64,6 +67,6 @@ async def run_clock(svc: Service) -> None:
         if next_due is not None:
             wait = min(wait, max(timedelta(0), next_due - svc.clock()))
         try:
-            await asyncio.wait_for(svc.clock_wake.wait(), wait.total_seconds())
+            await asyncio.wait_for(clock_wake.wait(), wait.total_seconds())
         except TimeoutError:
             pass

@@ -3,8 +3,10 @@ queues (from Redis) and outbox backlogs, deadlines, partners, the clock, charts;
 from notifications' and intake's own JSON APIs with the internal ops credential, never from their databases.
 A service that does not answer makes its part `available: false`, never an error of the whole dashboard.
 
-`GET /api/v1/dashboard` (role ops) answers all of it as JSON; the pages in `dashboard_pages.py` show the same
-object. See docs/operations.md for what each figure means and what to do when it is red.
+`GET /api/v1/dashboard` (role ops, api.py) answers all of it as JSON; the pages in `dashboard_pages.py` show the
+same object. See docs/operations.md for what each figure means and what to do when it is red.
+This module is the answer's shape and its arithmetic; the queries are in store.py, the calls to the other services
+in remote.py, the Prometheus gauges in metrics.py.
 """
 
 from __future__ import annotations
@@ -14,24 +16,18 @@ import math
 import time
 from collections import Counter, defaultdict
 from datetime import datetime, timedelta
-from zoneinfo import ZoneInfo
-from typing import Any
 
 import anyio
-import httpx
 import redis
-import sqlalchemy as sa
-from fastapi import APIRouter, Depends
-from prometheus_client import Gauge
 from pydantic import BaseModel
-from sqlmodel import Session, select
+from sqlmodel import Session
 
-from services.referral.store import (OPEN_STATUSES, ClockTimer, NeedCase, OpsAction, PartnerPause, Referral,
-                                     ReferralHistory, open_referral_counts)
-from shared.directory import User
-from shared.logs import current_correlation_id
+from services.referral import remote, store
+from services.referral.remote import OutboxFigures, Remote  # parts of the answer
+from services.referral.store import PartnerPause, Referral
+from shared.directory import Directory
 from shared.queues import StreamReport, queues_report
-from shared.service import ACTOR_HEADER, Service, internal_token
+from shared.service import Service
 
 SLA_STATES = ("on_track", "at_risk", "met", "breached")
 WINDOW = timedelta(days=30)  # partners' answer times, breaches, declines
@@ -42,7 +38,6 @@ SILENT_AFTER = timedelta(hours=72)  # no action on any referral for this long...
 WAITING_AT_LEAST = timedelta(hours=24)  # ...while one has waited for a first answer this long: stopped answering
 OVERDUE_TIMER = timedelta(seconds=60)  # a timer still unfired this long after it was due: the clock is stuck
 ANSWER_BUCKETS = ((0, 1), (1, 4), (4, 12), (12, 24), (24, 48), (48, 72), (72, None))  # hours
-REMOTE_TIMEOUT = 3.0  # seconds; past it that part of the dashboard shows as unavailable
 BASELINE_AGE = 60.0  # seconds: pending counts are compared with a snapshot at least this old
 LIST_LIMIT = 50
 
@@ -75,14 +70,6 @@ class StreamFigures(BaseModel):
     dead_letters: int
     stuck: bool
     groups: list[GroupFigures]
-
-
-class OutboxFigures(BaseModel):
-    service: str
-    available: bool
-    backlog: int | None = None
-    oldest_age_seconds: float | None = None
-    error: str | None = None
 
 
 class Queues(BaseModel):
@@ -167,14 +154,6 @@ class RecentAction(BaseModel):
     reason: str
 
 
-class Remote(BaseModel):
-    """A part read from another service's API: its JSON as it answered, or why it could not be read."""
-
-    available: bool
-    error: str | None = None
-    data: dict[str, Any] | None = None
-
-
 class Dashboard(BaseModel):
     generated_at: datetime
     timezone: str
@@ -206,11 +185,11 @@ def bucket_label(low: int, high: int | None) -> str:
     return f"{low}-{high} h" if high is not None else f"≥ {low} h"
 
 
-# --- figures from referral's own database ----------------------------------------------------------
+# --- figures from referral's own database (queries in store.py; the arithmetic here) -----------------------
 
 
-def referral_line(referral: Referral, svc: Service, breached_at: datetime | None = None) -> ReferralLine:
-    partner = svc.directory.partner(referral.partner_id)
+def referral_line(referral: Referral, directory: Directory, breached_at: datetime | None = None) -> ReferralLine:
+    partner = directory.partner(referral.partner_id)
     return ReferralLine(id=referral.id, need_id=referral.need_id, partner_id=referral.partner_id,
                         partner_name=partner.name if partner else referral.partner_id, library_id=referral.library_id,
                         category=referral.category, status=referral.status, sla=referral.sla,
@@ -218,55 +197,32 @@ def referral_line(referral: Referral, svc: Service, breached_at: datetime | None
                         url=f"/boite/{referral.id}")
 
 
-def deadlines(session: Session, svc: Service, now: datetime) -> Deadlines:
-    by_sla = dict(session.exec(select(Referral.sla, sa.func.count()).where(Referral.status.in_(OPEN_STATUSES))
-                               .group_by(Referral.sla)).all())
+def deadlines(session: Session, directory: Directory, now: datetime) -> Deadlines:
+    by_sla = store.open_by_sla(session)
     open_by_sla = {state: by_sla.get(state, 0) for state in SLA_STATES}
-    due = session.exec(select(Referral).where(Referral.status == "assigned", Referral.sla.not_in(("met", "breached")),
-                                              Referral.respond_by > now, Referral.respond_by <= now + DUE_SOON)
-                       .order_by(Referral.respond_by, Referral.id).limit(LIST_LIMIT)).all()
-    breach_query = (select(Referral, ReferralHistory.at).join(ReferralHistory, ReferralHistory.referral_id == Referral.id)
-                    .where(ReferralHistory.action == "breach", ReferralHistory.at >= now - WINDOW))
-    breaches = session.exec(breach_query.order_by(ReferralHistory.at.desc(), Referral.id).limit(LIST_LIMIT)).all()
-    count = session.exec(select(sa.func.count()).select_from(breach_query.subquery())).one()
+    due = store.due_soon(session, now, now + DUE_SOON, LIST_LIMIT)
+    breaches, count = store.breaches_since(session, now - WINDOW, LIST_LIMIT)
     return Deadlines(open_by_sla=open_by_sla, open_total=sum(open_by_sla.values()),
-                     due_soon=[referral_line(r, svc) for r in due],
-                     breaches=[referral_line(r, svc, at) for r, at in breaches], breaches_count=count)
+                     due_soon=[referral_line(r, directory) for r in due],
+                     breaches=[referral_line(r, directory, at) for r, at in breaches], breaches_count=count)
 
 
-def first_answers(session: Session, since: datetime) -> dict[str, datetime]:
-    """Referral id -> its partner's first accept or respond, for referrals created since `since`."""
-    rows = session.exec(select(ReferralHistory.referral_id, sa.func.min(ReferralHistory.at))
-                        .join(Referral, Referral.id == ReferralHistory.referral_id)
-                        .where(Referral.created_at >= since, ReferralHistory.action.in_(ANSWERS))
-                        .group_by(ReferralHistory.referral_id)).all()
-    return {referral_id: _aware(at) for referral_id, at in rows}
-
-
-def _aware(at: datetime) -> datetime:
-    """Aggregates lose the column type on SQLite: put the UTC offset back."""
-    from datetime import timezone
-
-    return at if at.tzinfo else at.replace(tzinfo=timezone.utc)
-
-
-def partners(session: Session, svc: Service, now: datetime) -> tuple[list[PartnerFigures], list[float]]:
+def partners(session: Session, directory: Directory, now: datetime) -> tuple[list[PartnerFigures], list[float]]:
     """Each partner's figures, and every first-answer time of the window (for the distribution chart)."""
     since = now - WINDOW
-    open_counts = open_referral_counts(session)
-    pauses = {p.partner_id: p for p in session.exec(select(PartnerPause).where(PartnerPause.until > now)).all()}
-    waiting = {pid: (n, _aware(oldest)) for pid, n, oldest in session.exec(
-        select(Referral.partner_id, sa.func.count(), sa.func.min(Referral.created_at))
-        .where(Referral.status == "assigned").group_by(Referral.partner_id)).all()}
-    last_action = {pid: _aware(at) for pid, at in session.exec(
-        select(Referral.partner_id, sa.func.max(ReferralHistory.at)).join(ReferralHistory, ReferralHistory.referral_id == Referral.id)
-        .where(ReferralHistory.action.in_(PARTNER_ACTIONS)).group_by(Referral.partner_id)).all()}
-    answered_at = first_answers(session, since)
-    recent = session.exec(select(Referral).where(Referral.created_at >= since)).all()
-    declines = session.exec(select(Referral.partner_id, ReferralHistory.detail)
-                            .join(ReferralHistory, ReferralHistory.referral_id == Referral.id)
-                            .where(ReferralHistory.action == "decline", ReferralHistory.at >= since)).all()
+    return partner_figures(
+        directory.partners, now, open_counts=store.open_referral_counts(session),
+        pauses=store.active_pauses(session, now), waiting=store.waiting_by_partner(session),
+        last_action=store.last_action_by_partner(session, PARTNER_ACTIONS),
+        answered_at=store.first_actions(session, since, ANSWERS), recent=store.referrals_created_since(session, since),
+        declines=store.declines_since(session, since))
 
+
+def partner_figures(directory_partners: list, now: datetime, *, open_counts: dict[str, int],
+                    pauses: dict[str, PartnerPause], waiting: dict[str, tuple[int, datetime]],
+                    last_action: dict[str, datetime], answered_at: dict[str, datetime], recent: list[Referral],
+                    declines: list[tuple[str, str | None]]) -> tuple[list[PartnerFigures], list[float]]:
+    """The partners' figures from the rows the queries found (no I/O)."""
     times: dict[str, list[float]] = defaultdict(list)
     in_time: Counter = Counter()
     counted: Counter = Counter()
@@ -285,7 +241,7 @@ def partners(session: Session, svc: Service, now: datetime) -> tuple[list[Partne
         reasons[partner_id][(detail or "").split(" : ", 1)[0] or "?"] += 1
 
     result = []
-    for p in svc.directory.partners:
+    for p in directory_partners:
         n_waiting, oldest = waiting.get(p.id, (0, None))
         last = last_action.get(p.id)
         silent = (oldest is not None and oldest <= now - WAITING_AT_LEAST
@@ -305,20 +261,21 @@ def partners(session: Session, svc: Service, now: datetime) -> tuple[list[Partne
 
 
 def clock(session: Session, now: datetime) -> ClockFigures:
-    fired = session.exec(select(ClockTimer.due_at, ClockTimer.fired_at).where(
-        ClockTimer.fired_at >= now - timedelta(hours=24), ClockTimer.outcome.in_(("fired", "moot")))).all()
-    lags = [max(0.0, (fired_at - due_at).total_seconds()) for due_at, fired_at in fired]
-    overdue = session.exec(select(sa.func.count()).select_from(ClockTimer).where(
-        ClockTimer.fired_at.is_(None), ClockTimer.due_at < now - OVERDUE_TIMER)).one()
+    lags = [max(0.0, (fired_at - due_at).total_seconds())
+            for due_at, fired_at in store.timers_settled_since(session, now - timedelta(hours=24))]
     return ClockFigures(fired_24h=len(lags), lag_p50_seconds=percentile(lags, 50), lag_p90_seconds=percentile(lags, 90),
-                        lag_max_seconds=max(lags) if lags else None, overdue=overdue)
+                        lag_max_seconds=max(lags) if lags else None,
+                        overdue=store.overdue_timers(session, now - OVERDUE_TIMER))
 
 
 def charts(session: Session, now: datetime, answer_times: list[float]) -> Charts:
     start = now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=23)
+    return chart_bars(start, store.needs_recorded_since(session, start), answer_times)
+
+
+def chart_bars(start: datetime, recorded: list[datetime], answer_times: list[float]) -> Charts:
     hours = [start + timedelta(hours=i) for i in range(24)]
-    per_hour = Counter(_aware(at).replace(minute=0, second=0, microsecond=0) for at in session.exec(
-        select(NeedCase.recorded_at).where(NeedCase.recorded_at >= start)).all())
+    per_hour = Counter(at.replace(minute=0, second=0, microsecond=0) for at in recorded)
     needs = [ChartBar(label=h.isoformat(), start=h, count=per_hour.get(h, 0)) for h in hours]
     answers = []
     for low, high in ANSWER_BUCKETS:
@@ -328,15 +285,17 @@ def charts(session: Session, now: datetime, answer_times: list[float]) -> Charts
 
 
 def recent_actions(session: Session, limit: int = 10) -> list[RecentAction]:
-    rows = session.exec(select(OpsAction).order_by(OpsAction.at.desc(), OpsAction.id.desc()).limit(limit)).all()
-    return [RecentAction(**r.model_dump(include={"at", "actor", "action", "target", "reason"})) for r in rows]
+    return [RecentAction(**r.model_dump(include={"at", "actor", "action", "target", "reason"}))
+            for r in store.recent_ops_actions(session, limit)]
 
 
 def local_figures(svc: Service, now: datetime) -> dict:
+    directory = svc.directory
     with svc.db.read() as session:
-        partner_figures, answer_times = partners(session, svc, now)
-        return dict(deadlines=deadlines(session, svc, now), partners=partner_figures, clock=clock(session, now),
-                    charts=charts(session, now, answer_times), recent_actions=recent_actions(session))
+        partner_figures_, answer_times = partners(session, directory, now)
+        return dict(deadlines=deadlines(session, directory, now), partners=partner_figures_,
+                    clock=clock(session, now), charts=charts(session, now, answer_times),
+                    recent_actions=recent_actions(session))
 
 
 # --- queues ---------------------------------------------------------------------------------------
@@ -370,54 +329,17 @@ def stream_figures(report: StreamReport, namespace: str) -> StreamFigures:
                        for c in g.consumers]) for g in report.groups])
 
 
-async def queue_reports(svc: Service) -> list[StreamReport]:
-    watch: QueueWatch = svc.queue_watch
+async def queue_reports(svc: Service, watch: QueueWatch) -> list[StreamReport]:
     now = time.monotonic()
     reports = await queues_report(svc.bus.redis, svc.settings.namespace, watch.baseline(now))
     watch.keep(now, reports)
     return reports
 
 
-# --- other services, through their APIs -------------------------------------------------------------
-
-
-async def remote_json(svc: Service, service: str, path: str, actor: str | None = None,
-                      params: dict | None = None) -> Remote:
-    headers = {"Authorization": f"Bearer {internal_token(svc.settings)}"}
-    if correlation_id := current_correlation_id():
-        headers["X-Correlation-ID"] = correlation_id
-    if actor:
-        headers[ACTOR_HEADER] = actor
-    url = f"{svc.settings.service_url(service)}/api/v1{path}"
+async def queues(svc: Service, watch: QueueWatch) -> Queues:
+    outboxes = await asyncio.gather(*(remote.outbox_of(svc, s) for s in ("intake", "referral", "notifications")))
     try:
-        async with httpx.AsyncClient(timeout=REMOTE_TIMEOUT) as client:
-            response = await client.get(url, headers=headers, params=params)
-        if response.status_code != 200:
-            return Remote(available=False, error=f"{service} answered {response.status_code}")
-        return Remote(available=True, data=response.json())
-    except (httpx.HTTPError, ValueError) as exc:
-        return Remote(available=False, error=f"{service} unreachable ({type(exc).__name__})")
-
-
-async def outbox_of(svc: Service, service: str) -> OutboxFigures:
-    if service == svc.name:
-        try:
-            state = await anyio.to_thread.run_sync(svc.outbox_state)
-        except Exception as exc:  # noqa: BLE001
-            return OutboxFigures(service=service, available=False, error=type(exc).__name__)
-        return OutboxFigures(service=service, available=True, backlog=state["backlog"],
-                             oldest_age_seconds=state["oldest_age_seconds"])
-    remote = await remote_json(svc, service, "/ops/outbox")
-    if not remote.available:
-        return OutboxFigures(service=service, available=False, error=remote.error)
-    return OutboxFigures(service=service, available=True, backlog=remote.data.get("backlog"),
-                         oldest_age_seconds=remote.data.get("oldest_age_seconds"))
-
-
-async def queues(svc: Service) -> Queues:
-    outboxes = await asyncio.gather(*(outbox_of(svc, s) for s in ("intake", "referral", "notifications")))
-    try:
-        reports = await queue_reports(svc)
+        reports = await queue_reports(svc, watch)
     except redis.RedisError as exc:
         return Queues(available=False, error=f"Redis: {type(exc).__name__}", outboxes=list(outboxes))
     return Queues(available=True, streams=[stream_figures(r, svc.settings.namespace) for r in reports],
@@ -427,79 +349,10 @@ async def queues(svc: Service) -> Queues:
 # --- all of it --------------------------------------------------------------------------------------
 
 
-def report_months(now: datetime, timezone: str) -> list[str]:
-    """This month and the previous one (YYYY-MM) in the directory's time zone."""
-    this = now.astimezone(ZoneInfo(timezone)).date().replace(day=1)
-    previous = (this - timedelta(days=1)).replace(day=1)
-    return [this.strftime("%Y-%m"), previous.strftime("%Y-%m")]
-
-
-async def reports(svc: Service, now: datetime) -> Remote:
-    """Intake's monthly reports of this month and the previous one: {"months": [intake's answer for each]}."""
-    answers = await asyncio.gather(*(remote_json(svc, "intake", "/reports", params={"month": m})
-                                     for m in report_months(now, svc.directory.timezone)))
-    failed = next((a for a in answers if not a.available), None)
-    return failed or Remote(available=True, data={"months": [a.data for a in answers]})
-
-
-async def build_dashboard(svc: Service) -> Dashboard:
+async def build_dashboard(svc: Service, watch: QueueWatch) -> Dashboard:
     now = svc.clock()
     local, queue_part, deliveries, monthly = await asyncio.gather(
-        anyio.to_thread.run_sync(local_figures, svc, now), queues(svc),
-        remote_json(svc, "notifications", "/deliveries/stats"), reports(svc, now))
+        anyio.to_thread.run_sync(local_figures, svc, now), queues(svc, watch),
+        remote.remote_json(svc, "notifications", "/deliveries/stats"), remote.reports(svc, now))
     return Dashboard(generated_at=now, timezone=svc.directory.timezone, queues=queue_part, deliveries=deliveries,
                      reports=monthly, **local)
-
-
-def build_router(svc: Service) -> APIRouter:
-    router = APIRouter(tags=["ops"])
-
-    @router.get("/dashboard", response_model=Dashboard)
-    async def dashboard(user: User = Depends(svc.require("ops"))) -> Dashboard:
-        """Every figure of the ops dashboard (the page /tableau-de-bord shows the same)."""
-        return await build_dashboard(svc)
-
-    return router
-
-
-# --- Prometheus -------------------------------------------------------------------------------------
-
-
-def register(svc: Service) -> None:
-    """The dashboard's state on the service, and the gauges referral adds to /metrics."""
-    svc.queue_watch = QueueWatch()
-    open_referrals = Gauge("relais_open_referrals", "Open referrals by SLA state", ["sla"], registry=svc.metrics)
-    stream_length = Gauge("relais_stream_length", "Entries in the stream", ["stream"], registry=svc.metrics)
-    dead_letters = Gauge("relais_stream_dead_letters", "Entries in the stream's dead-letter stream", ["stream"],
-                         registry=svc.metrics)
-    pending = Gauge("relais_group_pending", "Entries delivered to the group and not yet acknowledged",
-                    ["stream", "group"], registry=svc.metrics)
-    lag = Gauge("relais_group_lag", "Entries not yet delivered to the group", ["stream", "group"], registry=svc.metrics)
-    oldest = Gauge("relais_group_oldest_pending_seconds", "Age of the group's oldest pending entry",
-                   ["stream", "group"], registry=svc.metrics)
-    live = Gauge("relais_group_live_consumers", "Consumers of the group seen in the last 30 s", ["stream", "group"],
-                 registry=svc.metrics)
-    overdue = Gauge("relais_overdue_timers", "Timers of the need's clock due more than a minute ago and not fired",
-                    registry=svc.metrics)
-
-    def database_figures() -> None:
-        with svc.db.read() as session:
-            counts = dict(session.exec(select(Referral.sla, sa.func.count()).where(Referral.status.in_(OPEN_STATUSES))
-                                       .group_by(Referral.sla)).all())
-            overdue.set(session.exec(select(sa.func.count()).select_from(ClockTimer).where(
-                ClockTimer.fired_at.is_(None), ClockTimer.due_at < svc.clock() - OVERDUE_TIMER)).one())
-        for state in SLA_STATES:
-            open_referrals.labels(state).set(counts.get(state, 0))
-
-    async def queue_figures() -> None:
-        for report in await queue_reports(svc):
-            name = report.stream.removeprefix(f"{svc.settings.namespace}:")
-            stream_length.labels(name).set(report.length)
-            dead_letters.labels(name).set(report.dead_letters)
-            for g in report.groups:
-                pending.labels(name, g.name).set(g.pending)
-                lag.labels(name, g.name).set(g.lag)
-                oldest.labels(name, g.name).set((g.oldest_pending_ms or 0) / 1000)
-                live.labels(name, g.name).set(g.live_consumers)
-
-    svc.on_scrape += [database_figures, queue_figures]

@@ -1,23 +1,40 @@
-"""Referral's commands and event handlers: route a need, move a referral through its states, fire the
-need's clock. Each runs inside the caller's transaction and emits its events through the outbox."""
+"""Referral's application layer: one handler per command (`commands.py`) and per event it consumes.
+
+A handler does the whole use case: the rules (domain.py), the state change (store.py), the events through the
+outbox (`shared.db.emit`, in the same transaction) and the `ops_action` row where ops acted. Adapters (api.py,
+web.py, dashboard_pages.py, consumers.py) parse and authorise, then call `handle(command, deps)` or, for an event,
+its handler inside `Bus.process`'s transaction."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
+import anyio
+import httpx
 from sqlmodel import Session, select
 
 from services.referral import domain
-from services.referral.store import (ClockTimer, NeedCase, Referral, ReferralHistory, current_referral, due_timers,
-                                     lock_referral, open_referral_counts, partners_who_declined,
-                                     paused_partners, OpsAction, PartnerPause)
-from shared.db import emit
+from services.referral.commands import (AcceptReferral, CancelNeed, CancelReferral, CloseReferral, DeclineReferral,
+                                        PausePartner, ReassignReferral, ReplayDeadLetters, RespondToReferral,
+                                        ResumePartner, RevokeSessions)
+from services.referral.store import (ClockTimer, NeedCase, OpsAction, PartnerPause, Referral, ReferralHistory,
+                                     current_referral, due_timers, history_of, lock_referral, open_referral_counts,
+                                     partners_who_declined, paused_partners)
+from shared.db import Database, emit
 from shared.directory import Directory
-from shared.events import (NeedCancelled, NeedRecorded, NeedUnroutable, ReferralAccepted, ReferralAssigned, ReferralBreached,
-                           ReferralCancelled,
-                           ReferralClosed, ReferralDeclined, ReferralEscalated, ReferralReminderDue, ReferralResponded,
-                           new_id)
+from shared.events import (STREAMS, NeedCancelled, NeedRecorded, NeedUnroutable, ReferralAccepted, ReferralAssigned,
+                           ReferralBreached, ReferralCancelled, ReferralClosed, ReferralDeclined, ReferralEscalated,
+                           ReferralReminderDue, ReferralResponded, new_id)
+from shared.messaging import replay
+from shared.service import ACTOR_HEADER, internal_token
+from shared.sessions import revoke_user_sessions
+from shared.settings import Settings
+
+REMOTE_TIMEOUT = 9.0  # seconds for intake to cancel a need
 
 
 def on_need_recorded(session: Session, event: NeedRecorded, directory: Directory, now: datetime) -> None:
@@ -74,9 +91,9 @@ def route(session: Session, case: NeedCase, directory: Directory, now: datetime,
     return referral
 
 
-def act(session: Session, referral_id: str, action: str, actor: str, now: datetime, directory: Directory,
-        text: str | None = None, partner_id: str | None = None) -> Referral | None:
-    """A partner's or ops' action on a referral; None when there is no such referral.
+def transition(session: Session, referral_id: str, action: str, actor: str, now: datetime, directory: Directory,
+               text: str | None = None, partner_id: str | None = None) -> Referral | None:
+    """Move a referral by a partner's or ops' action, with its history and event; None when there is no such referral.
     Raises domain.TransitionRefused when the action is not allowed from the current status."""
     referral = lock_referral(session, referral_id)
     if referral is None:
@@ -119,7 +136,7 @@ def on_need_cancelled(session: Session, event: NeedCancelled, directory: Directo
         raise LookupError(f"need {event.need_id} is not known here yet")
     referral = current_referral(session, event.need_id)
     if referral is not None:
-        act(session, referral.id, "cancel", event.actor, now, directory, event.reason)
+        transition(session, referral.id, "cancel", event.actor, now, directory, event.reason)
     for timer in session.exec(select(ClockTimer).where(ClockTimer.need_id == event.need_id,
                                                        ClockTimer.fired_at.is_(None))).all():
         timer.fired_at, timer.outcome = now, "cancelled"
@@ -162,61 +179,212 @@ def fire_due_timers(session: Session, now: datetime, skip_locked: bool,
     return fired
 
 
-def record_ops_action(session: Session, actor: str, action: str, target: str, reason: str, now: datetime) -> None:
-    session.add(OpsAction(at=now, actor=actor, action=action, target=target, reason=reason))
+# --- commands -------------------------------------------------------------------------------------------------
 
 
-def pause_partner(session: Session, partner_id: str, until: datetime, reason: str, actor: str, now: datetime) -> None:
-    """Routing skips the partner until `until`; referrals it already has stay with it."""
-    pause = session.get(PartnerPause, partner_id) or PartnerPause(partner_id=partner_id, until=until, reason=reason,
-                                                                  paused_by=actor, paused_at=now)
-    pause.until, pause.reason, pause.paused_by, pause.paused_at = until, reason, actor, now
-    session.add(pause)
-    record_ops_action(session, actor, "pause_partner", partner_id, reason, now)
+@dataclass(frozen=True)
+class Deps:
+    """What a command's handler is given besides the command: built per request by the adapters (deps.py)."""
+
+    db: Database
+    redis: Any  # the bus's asyncio Redis client (dead letters, web sessions)
+    settings: Settings
+    directory: Directory
+    clock: Callable[[], datetime]
+    wake_relay: Callable[[], None]  # the outbox relay publishes at once rather than at its next poll
 
 
-def resume_partner(session: Session, partner_id: str, reason: str, actor: str, now: datetime) -> bool:
-    pause = session.get(PartnerPause, partner_id)
-    if pause is None:
-        return False
-    session.delete(pause)
-    record_ops_action(session, actor, "resume_partner", partner_id, reason, now)
-    return True
+@dataclass(frozen=True)
+class ReferralState:
+    """A referral after a command, with its history read in the same transaction."""
+
+    referral: Referral
+    history: list[ReferralHistory]
 
 
-class ReassignRefused(ValueError):
-    """A reassignment the caller can fix: `field` names the input to change."""
+class NotFound(LookupError):
+    """The command's subject does not exist (or is not the acting partner's): a 404, never a 403."""
+
+
+class Refused(ValueError):
+    """A command the caller can fix: `field` names the input to change."""
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
         self.field = field
 
 
-def reassign(session: Session, referral_id: str, partner_id: str, actor: str, reason: str | None, now: datetime,
-             directory: Directory, force: bool = False) -> Referral | None:
+class NotPaused(Exception):
+    """Resuming a partner that is not paused."""
+
+
+class RemoteFailed(Exception):
+    """Intake did not do what was asked: `kind` is not_found, refused or unreachable."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+def _audit(session: Session, actor: str, action: str, target: str, reason: str, now: datetime) -> None:
+    session.add(OpsAction(at=now, actor=actor, action=action, target=target, reason=reason))
+
+
+def _partner_action(session: Session, command: Any, action: str, text: str | None, deps: Deps) -> ReferralState:
+    referral = lock_referral(session, command.referral_id)  # locked before its status is read
+    if referral is None or (command.as_partner is not None and referral.partner_id != command.as_partner):
+        raise NotFound("no such referral")
+    referral = transition(session, command.referral_id, action, command.actor, deps.clock(), deps.directory, text)
+    return ReferralState(referral, history_of(session, referral.id))
+
+
+def accept_referral(session: Session, command: AcceptReferral, deps: Deps) -> ReferralState:
+    return _partner_action(session, command, "accept", None, deps)
+
+
+def respond_to_referral(session: Session, command: RespondToReferral, deps: Deps) -> ReferralState:
+    return _partner_action(session, command, "respond", command.message, deps)
+
+
+def decline_referral(session: Session, command: DeclineReferral, deps: Deps) -> ReferralState:
+    """The partner declines: the need goes to the next candidate (or is declared unroutable)."""
+    return _partner_action(session, command, "decline", command.reason, deps)
+
+
+def close_referral(session: Session, command: CloseReferral, deps: Deps) -> ReferralState:
+    return _partner_action(session, command, "close", command.outcome, deps)
+
+
+def cancel_referral(session: Session, command: CancelReferral, deps: Deps) -> ReferralState:
+    """Ops cancel a referral; recorded in the ops log."""
+    now = deps.clock()
+    if lock_referral(session, command.referral_id) is None:
+        raise NotFound("no such referral")
+    referral = transition(session, command.referral_id, "cancel", command.actor, now, deps.directory, command.reason)
+    _audit(session, command.actor, "cancel_referral", command.referral_id, command.reason, now)
+    return ReferralState(referral, history_of(session, referral.id))
+
+
+def reassign_referral(session: Session, command: ReassignReferral, deps: Deps) -> ReferralState:
     """Ops hand the need to another partner that takes its category (the old referral is cancelled, the need keeps
     its deadline), recorded in the ops log. `force` hands it to a partner outside the category: an override that
     needs a reason and is recorded as such, in the ops log and in the old referral's history.
-    None when there is no such referral; raises ReassignRefused, or domain.TransitionRefused."""
-    referral = session.get(Referral, referral_id)
+    Raises NotFound, Refused, or domain.TransitionRefused."""
+    now, directory, reason = deps.clock(), deps.directory, command.reason
+    referral = lock_referral(session, command.referral_id)
     if referral is None:
-        return None
-    partner = directory.partner(partner_id)
+        raise NotFound("no such referral")
+    partner = directory.partner(command.partner_id)
     if partner is None:
-        raise ReassignRefused("partner_id", f"unknown partner '{partner_id}'")
+        raise Refused("partner_id", f"unknown partner '{command.partner_id}'")
     takes_category = domain.takes_category(partner, referral.category)
-    if not takes_category and not force:
-        raise ReassignRefused("partner_id", f"partner '{partner_id}' does not take the need's category "
-                                            f"'{referral.category}': choose one that does, or set force: true "
-                                            "with a reason to override")
-    override = force and not takes_category
+    if not takes_category and not command.force:
+        raise Refused("partner_id", f"partner '{command.partner_id}' does not take the need's category "
+                                    f"'{referral.category}': choose one that does, or set force: true "
+                                    "with a reason to override")
+    override = command.force and not takes_category
     if override and not (reason or "").strip():
-        raise ReassignRefused("reason", "an override (force: true for a partner outside the need's category) "
-                                        "needs a reason")
-    act(session, referral_id, "reassign", actor, now, directory, reason, partner_id)
+        raise Refused("reason", "an override (force: true for a partner outside the need's category) needs a reason")
+    transition(session, referral.id, "reassign", command.actor, now, directory, reason, command.partner_id)
     if override:
-        session.add(ReferralHistory(referral_id=referral_id, at=now, action="reassign_override", actor=actor,
+        session.add(ReferralHistory(referral_id=referral.id, at=now, action="reassign_override", actor=command.actor,
                                     detail=reason))
-    record_ops_action(session, actor, "reassign_override" if override else "reassign", f"{referral_id}:{partner_id}",
-                      reason or "", now)
-    return referral
+    _audit(session, command.actor, "reassign_override" if override else "reassign",
+           f"{referral.id}:{command.partner_id}", reason or "", now)
+    return ReferralState(referral, history_of(session, referral.id))
+
+
+def pause_partner(session: Session, command: PausePartner, deps: Deps) -> PartnerPause:
+    """Routing skips the partner until `until`; referrals it already has stay with it."""
+    now = deps.clock()
+    if deps.directory.partner(command.partner_id) is None:
+        raise NotFound("no such partner")
+    if command.until <= now:
+        raise Refused("until", "must be in the future")
+    pause = session.get(PartnerPause, command.partner_id) or PartnerPause(
+        partner_id=command.partner_id, until=command.until, reason=command.reason, paused_by=command.actor,
+        paused_at=now)
+    pause.until, pause.reason, pause.paused_by, pause.paused_at = command.until, command.reason, command.actor, now
+    session.add(pause)
+    _audit(session, command.actor, "pause_partner", command.partner_id, command.reason, now)
+    return pause
+
+
+def resume_partner(session: Session, command: ResumePartner, deps: Deps) -> None:
+    if deps.directory.partner(command.partner_id) is None:
+        raise NotFound("no such partner")
+    pause = session.get(PartnerPause, command.partner_id)
+    if pause is None:
+        raise NotPaused("this partner is not paused")
+    session.delete(pause)
+    _audit(session, command.actor, "resume_partner", command.partner_id, command.reason, deps.clock())
+
+
+async def replay_dead_letters(command: ReplayDeadLetters, deps: Deps) -> int:
+    """Put dead-lettered messages back on their stream, after a fix (consumers that did them skip them); how many."""
+    if command.stream not in STREAMS:
+        raise NotFound(f"no stream '{command.stream}'; streams: {', '.join(STREAMS)}")
+    count = await replay(deps.redis, deps.settings.key(command.stream), list(command.ids) if command.ids else None)
+    await anyio.to_thread.run_sync(_record, deps, command.actor, "replay",
+                                   f"{command.stream}:{','.join(command.ids or ['*'])}", command.reason)
+    return count
+
+
+async def revoke_sessions(command: RevokeSessions, deps: Deps) -> int:
+    """End every web session of a user on every service; how many were live."""
+    if deps.directory.user(command.user_id) is None:
+        raise NotFound("no such user")
+    count = await revoke_user_sessions(deps.redis, deps.settings, command.user_id)
+    await anyio.to_thread.run_sync(_record, deps, command.actor, "revoke_sessions", command.user_id, command.reason)
+    return count
+
+
+async def cancel_need(command: CancelNeed, deps: Deps) -> None:
+    """Through intake's API (intake owns needs; the referral follows by `need.cancelled`). Raises RemoteFailed."""
+    headers = {"Authorization": f"Bearer {internal_token(deps.settings)}", ACTOR_HEADER: command.actor}
+    try:
+        async with httpx.AsyncClient(timeout=REMOTE_TIMEOUT) as client:
+            answer = await client.post(f"{deps.settings.service_url('intake')}/api/v1/needs/{command.need_id}/cancel",
+                                       json={"reason": command.reason}, headers=headers)
+    except httpx.HTTPError:
+        raise RemoteFailed("unreachable") from None
+    if answer.status_code != 200:
+        raise RemoteFailed({404: "not_found", 409: "refused"}.get(answer.status_code, "unreachable"))
+    await anyio.to_thread.run_sync(_record, deps, command.actor, "cancel_need", command.need_id, command.reason)
+
+
+def _record(deps: Deps, actor: str, action: str, target: str, reason: str) -> None:
+    """The ops log row of an action whose effect is outside referral's database (Redis, intake)."""
+    with deps.db.transaction() as session:
+        _audit(session, actor, action, target, reason, deps.clock())
+
+
+COMMAND_HANDLERS: dict[type, Callable[..., Any]] = {
+    AcceptReferral: accept_referral,
+    RespondToReferral: respond_to_referral,
+    DeclineReferral: decline_referral,
+    CloseReferral: close_referral,
+    CancelReferral: cancel_referral,
+    ReassignReferral: reassign_referral,
+    PausePartner: pause_partner,
+    ResumePartner: resume_partner,
+    ReplayDeadLetters: replay_dead_letters,
+    RevokeSessions: revoke_sessions,
+    CancelNeed: cancel_need,
+}
+
+
+async def handle(command: Any, deps: Deps) -> Any:
+    """Run `command` through its one handler: a database one in a thread, in one transaction (its events go out
+    through the outbox in that commit); then wake the relay so they are published at once."""
+    handler = COMMAND_HANDLERS[type(command)]
+    if inspect.iscoroutinefunction(handler):
+        result = await handler(command, deps)
+    else:
+        def run() -> Any:
+            with deps.db.transaction() as session:
+                return handler(session, command, deps)
+
+        result = await anyio.to_thread.run_sync(run)
+    deps.wake_relay()
+    return result

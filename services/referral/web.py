@@ -4,7 +4,8 @@
 - `/boite`: the inbox of a signed-in partner user (its organisation's referrals; ops see all);
 - `/boite/{id}`: one referral for a signed-in user, the same page as the link's;
 - `/connexion`, `/deconnexion`: sign-in by email link (shared.signin).
-Actions are POST forms (CSRF-checked) followed by a 303 back to the page with a confirmation.
+Actions are POST forms (CSRF-checked) followed by a 303 back to the page with a confirmation; each runs the
+partner's command through its one handler (handlers.py), as the API does.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from pathlib import Path
 import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from sqlmodel import select
 
-from services.referral import dashboard_pages, domain
-from services.referral.handlers import act
-from services.referral.store import OPEN_STATUSES, NeedCase, Referral, ReferralHistory, history_of
-from shared.directory import User
+from services.referral import dashboard_pages, domain, store
+from services.referral.commands import AcceptReferral, CloseReferral, DeclineReferral, RespondToReferral
+from services.referral.deps import ClockDep, CommandDeps, DirectoryDep, PagesDep, Runtime, RuntimeDep
+from services.referral.handlers import Deps, NotFound, handle
+from services.referral.store import NeedCase, Referral, ReferralHistory
+from shared.directory import Directory, User
 from shared.pages import Pages, page_links, page_number
 from shared.service import Service
 from shared.signin import TokenExpired, TokenInvalid, read_referral_token
@@ -65,188 +67,213 @@ def is_late(referral: Referral, now: datetime) -> bool:
     return referral.status == "assigned" and referral.respond_by <= now
 
 
-def build_router(svc: Service) -> APIRouter:
+def pages_for(svc: Service) -> Pages:
+    """Referral's pages: the partners' (here) and the ops dashboard's (dashboard_pages.py), one template set."""
     pages = Pages(svc, TEMPLATES, roles=("partner", "ops"), home="/boite")
-    router = APIRouter()
-    router.include_router(pages.sign_in_router())
-    router.include_router(dashboard_pages.build_router(svc, pages))
+    dashboard_pages.install_filters(pages)
+    return pages
 
-    # --- reading
 
-    def load(referral_id: str) -> ReferralCase | None:
-        with svc.db.transaction() as session:
-            referral = session.get(Referral, referral_id)
-            if referral is None:
-                return None
-            return ReferralCase(referral, session.get(NeedCase, referral.need_id), history_of(session, referral_id))
+router = APIRouter()
 
-    def show(request: Request, found: ReferralCase, viewer: Viewer, status: int = 200, **context) -> Response:
-        if viewer.can_act and domain.left_partner(found.referral.status):
-            return show_left(request, found, viewer, status, refused=context.get("refused"))
-        directory, referral = svc.directory, found.referral
-        library = directory.library(referral.library_id)
-        partner = directory.partner(referral.partner_id)
-        category = directory.category(referral.category)
-        contact = next((c for c in partner.contacts if c.id == referral.contact_id), None) if partner else None
-        context.setdefault("errors", {})
-        context.setdefault("values", {})
-        context.setdefault("refused", None)
-        if viewer.csrf:
-            context["csrf"] = viewer.csrf  # else the session's, set by render
-        return pages.render(
-            request, "demande.html", status=status, r=referral, case=found.case, history=found.history,
-            library=library, partner=partner, category=category, contact=contact,
-            timezone=library.timezone if library else directory.timezone, late=is_late(referral, svc.clock()),
-            actions=allowed_actions(referral.status) if viewer.can_act else [], viewer=viewer,
-            done=request.query_params.get("fait") if request.query_params.get("fait") in ACTIONS else None,
-            reasons=DECLINE_REASONS, **context)
+# --- reading
 
-    def show_left(request: Request, found: ReferralCase, viewer: Viewer, status: int = 200,
-                  refused: str | None = None) -> Response:
-        """The need left this partner: its status and since when, and nothing of the person nor of the need
-        (the case and the history's texts are not even given to the template)."""
-        directory, referral = svc.directory, found.referral
-        library = directory.library(referral.library_id)
-        category = directory.category(referral.category)
-        return pages.render(
-            request, "demande_quittee.html", status=status, r=referral, left_at=referral.updated_at,
-            how=domain.how_it_left([h.action for h in found.history]), library=library, category=category,
-            partner=directory.partner(referral.partner_id),
-            history=[(h.at, h.action, h.actor) for h in found.history],
-            timezone=library.timezone if library else directory.timezone, viewer=viewer, refused=refused,
-            done=request.query_params.get("fait") if request.query_params.get("fait") in ACTIONS else None)
 
-    # --- acting
+def load(runtime: Runtime, referral_id: str) -> ReferralCase | None:
+    with runtime.db.read() as session:
+        found = store.referral_with_case(session, referral_id)
+    return None if found is None else ReferralCase(*found)
 
-    def read_action(action: str, fields: dict[str, str]) -> tuple[str | None, dict[str, str]]:
-        """The text the action records, or the errors of the form (field -> problem code)."""
-        errors: dict[str, str] = {}
 
-        def text(name: str, required: bool = True) -> str:
-            value = fields.get(name, "").strip()
-            if required and not value:
-                errors[name] = "required"
-            elif len(value) > MAX_TEXT[name]:
-                errors[name] = "too_long"
-            return value
+def show(request: Request, pages: Pages, directory: Directory, now: datetime, found: ReferralCase, viewer: Viewer,
+         status: int = 200, **context) -> Response:
+    if viewer.can_act and domain.left_partner(found.referral.status):
+        return show_left(request, pages, directory, found, viewer, status, refused=context.get("refused"))
+    referral = found.referral
+    library = directory.library(referral.library_id)
+    partner = directory.partner(referral.partner_id)
+    category = directory.category(referral.category)
+    contact = next((c for c in partner.contacts if c.id == referral.contact_id), None) if partner else None
+    context.setdefault("errors", {})
+    context.setdefault("values", {})
+    context.setdefault("refused", None)
+    if viewer.csrf:
+        context["csrf"] = viewer.csrf  # else the session's, set by render
+    return pages.render(
+        request, "demande.html", status=status, r=referral, case=found.case, history=found.history,
+        library=library, partner=partner, category=category, contact=contact,
+        timezone=library.timezone if library else directory.timezone, late=is_late(referral, now),
+        actions=allowed_actions(referral.status) if viewer.can_act else [], viewer=viewer,
+        done=request.query_params.get("fait") if request.query_params.get("fait") in ACTIONS else None,
+        reasons=DECLINE_REASONS, **context)
 
-        if action == "accept":
-            return None, errors
-        if action == "respond":
-            return text("message"), errors
-        if action == "close":
-            return text("outcome"), errors
-        reason = fields.get("reason", "")
-        if reason not in DECLINE_REASONS:
-            errors["reason"] = "choose"
-        detail = text("detail", required=reason == "autre")
-        return pages.text("motif_refus.txt", reason=reason, detail=detail) if not errors else None, errors
 
-    async def perform(request: Request, referral_id: str, action: str, viewer: Viewer) -> Response:
-        if action not in ACTIONS:
-            raise pages.error(request, 404, "not_found")
-        fields = await pages.form(request, viewer.csrf)
-        found = await anyio.to_thread.run_sync(load, referral_id)
-        if found is None or found.referral.partner_id != viewer.partner_id:
-            raise pages.error(request, 404, "not_found")
-        if domain.left_partner(found.referral.status):  # nothing left to do, and no form to show back
-            return show(request, found, viewer, status=409, refused=action)
-        text, errors = read_action(action, fields)
-        if errors:
-            return show(request, found, viewer, status=422, errors={action: errors}, values={action: fields})
+def show_left(request: Request, pages: Pages, directory: Directory, found: ReferralCase, viewer: Viewer,
+              status: int = 200, refused: str | None = None) -> Response:
+    """The need left this partner: its status and since when, and nothing of the person nor of the need
+    (the case and the history's texts are not even given to the template)."""
+    referral = found.referral
+    library = directory.library(referral.library_id)
+    category = directory.category(referral.category)
+    return pages.render(
+        request, "demande_quittee.html", status=status, r=referral, left_at=referral.updated_at,
+        how=domain.how_it_left([h.action for h in found.history]), library=library, category=category,
+        partner=directory.partner(referral.partner_id),
+        history=[(h.at, h.action, h.actor) for h in found.history],
+        timezone=library.timezone if library else directory.timezone, viewer=viewer, refused=refused,
+        done=request.query_params.get("fait") if request.query_params.get("fait") in ACTIONS else None)
 
-        def work() -> None:
-            with svc.db.transaction() as session:
-                act(session, referral_id, action, viewer.actor, svc.clock(), svc.directory, text)
 
-        try:
-            await anyio.to_thread.run_sync(work)
-        except domain.TransitionRefused:
-            found = await anyio.to_thread.run_sync(load, referral_id)
-            return show(request, found, viewer, status=409, refused=action)
-        svc.bus.relay.wake()
-        return pages.redirect(f"{viewer.page_url}?fait={action}")
+# --- acting
 
-    # --- the signed link from the handoff email
 
-    def link_viewer(request: Request, token: str) -> tuple[Viewer, str]:
-        try:
-            grant = read_referral_token(svc.settings, token, svc.clock())
-        except TokenExpired:
-            raise pages.error(request, 410, "link_expired", template="lien_erreur.html") from None
-        except TokenInvalid:
-            raise pages.error(request, 400, "link_invalid", template="lien_erreur.html") from None
-        viewer = Viewer(partner_id=grant.partner_id, actor=f"link:{grant.partner_id}", page_url=f"/r/{token}",
-                        csrf=pages.link_csrf(token))
-        return viewer, grant.referral_id
+def read_action(pages: Pages, action: str, fields: dict[str, str]) -> tuple[str | None, dict[str, str]]:
+    """The text the action records, or the errors of the form (field -> problem code)."""
+    errors: dict[str, str] = {}
 
-    @router.get("/r/{token}")
-    async def referral_by_link(request: Request, token: str) -> Response:
-        viewer, referral_id = link_viewer(request, token)
-        found = await anyio.to_thread.run_sync(load, referral_id)
-        if found is None or found.referral.partner_id != viewer.partner_id:
-            raise pages.error(request, 410, "link_moved", template="lien_erreur.html")
-        return show(request, found, viewer)
+    def text(name: str, required: bool = True) -> str:
+        value = fields.get(name, "").strip()
+        if required and not value:
+            errors[name] = "required"
+        elif len(value) > MAX_TEXT[name]:
+            errors[name] = "too_long"
+        return value
 
-    @router.post("/r/{token}/{action}")
-    async def act_by_link(request: Request, token: str, action: str) -> Response:
-        viewer, referral_id = link_viewer(request, token)
-        return await perform(request, referral_id, action, viewer)
+    if action == "accept":
+        return None, errors
+    if action == "respond":
+        return text("message"), errors
+    if action == "close":
+        return text("outcome"), errors
+    reason = fields.get("reason", "")
+    if reason not in DECLINE_REASONS:
+        errors["reason"] = "choose"
+    detail = text("detail", required=reason == "autre")
+    return pages.text("motif_refus.txt", reason=reason, detail=detail) if not errors else None, errors
 
-    # --- signed-in users
 
-    def user_viewer(user: User, referral_id: str) -> Viewer:
-        return Viewer(partner_id=user.partner if user.role == "partner" else None, actor=user.id,
-                      page_url=f"/boite/{referral_id}", csrf=None)
+def command_of(action: str, referral_id: str, viewer: Viewer, text: str | None) -> object:
+    if action == "accept":
+        return AcceptReferral(referral_id, viewer.actor, viewer.partner_id)
+    if action == "respond":
+        return RespondToReferral(referral_id, viewer.actor, viewer.partner_id, text or "")
+    if action == "close":
+        return CloseReferral(referral_id, viewer.actor, viewer.partner_id, text or "")
+    return DeclineReferral(referral_id, viewer.actor, viewer.partner_id, text or "")
 
-    @router.get("/")
-    async def root() -> Response:
-        return pages.redirect("/boite")
 
-    @router.get("/boite")
-    async def inbox(request: Request, statut: str = "open", partenaire: str = "", page: str = "1") -> Response:
-        user = pages.require_user(request, "partner", "ops")
-        status = statut if statut in ("open", *STATUSES) else "open"
-        partner_id = user.partner if user.role == "partner" else (partenaire or None)
-        number = page_number(page)
-        now = svc.clock()
+async def perform(request: Request, pages: Pages, runtime: Runtime, deps: Deps, referral_id: str, action: str,
+                  viewer: Viewer) -> Response:
+    if action not in ACTIONS:
+        raise pages.error(request, 404, "not_found")
+    fields = await pages.form(request, viewer.csrf)
+    found = await anyio.to_thread.run_sync(load, runtime, referral_id)
+    if found is None or found.referral.partner_id != viewer.partner_id:
+        raise pages.error(request, 404, "not_found")
+    directory, now = deps.directory, deps.clock()
+    if domain.left_partner(found.referral.status):  # nothing left to do, and no form to show back
+        return show(request, pages, directory, now, found, viewer, status=409, refused=action)
+    text, errors = read_action(pages, action, fields)
+    if errors:
+        return show(request, pages, directory, now, found, viewer, status=422, errors={action: errors},
+                    values={action: fields})
+    try:
+        await handle(command_of(action, referral_id, viewer, text), deps)
+    except NotFound:
+        raise pages.error(request, 404, "not_found") from None
+    except domain.TransitionRefused:
+        found = await anyio.to_thread.run_sync(load, runtime, referral_id)
+        return show(request, pages, directory, now, found, viewer, status=409, refused=action)
+    return pages.redirect(f"{viewer.page_url}?fait={action}")
 
-        def rows() -> list[tuple[Referral, NeedCase]]:
-            query = select(Referral, NeedCase).join(NeedCase, NeedCase.need_id == Referral.need_id)
-            if partner_id:
-                query = query.where(Referral.partner_id == partner_id)
-            query = query.where(Referral.status.in_(OPEN_STATUSES) if status == "open" else Referral.status == status)
-            query = query.order_by(Referral.respond_by, Referral.created_at, Referral.id)
-            query = query.offset((number - 1) * INBOX_LIMIT).limit(INBOX_LIMIT + 1)
-            with svc.db.transaction() as session:
-                return list(session.exec(query).all())
 
-        found = await anyio.to_thread.run_sync(rows)
-        directory = svc.directory
-        # A need that left the partner shows as such, without its case (summary, the person) in the page.
-        items = [dict(r=r, case=None if left else case, left=left, left_at=r.updated_at if left else None,
-                      late=is_late(r, now), library=directory.library(r.library_id),
-                      partner=directory.partner(r.partner_id), category=directory.category(r.category))
-                 for r, case in found[:INBOX_LIMIT]
-                 for left in [user.role == "partner" and domain.left_partner(r.status)]]
-        return pages.render(request, "boite.html", items=items, **page_links(request, number, len(found) > INBOX_LIMIT),
-                            filter_status=status,
-                            statuses=STATUSES, partner=directory.partner(user.partner) if user.partner else None,
-                            partners=directory.partners if user.role == "ops" else [], partner_filter=partenaire,
-                            default_timezone=directory.timezone)
+# --- the signed link from the handoff email
 
-    @router.get("/boite/{referral_id}")
-    async def referral_signed_in(request: Request, referral_id: str) -> Response:
-        user = pages.require_user(request, "partner", "ops")
-        viewer = user_viewer(user, referral_id)
-        found = await anyio.to_thread.run_sync(load, referral_id)
-        if found is None or (viewer.partner_id is not None and found.referral.partner_id != viewer.partner_id):
-            raise pages.error(request, 404, "not_found")  # never 403: ids cannot be probed
-        return show(request, found, viewer)
 
-    @router.post("/boite/{referral_id}/{action}")
-    async def act_signed_in(request: Request, referral_id: str, action: str) -> Response:
-        user = pages.require_user(request, "partner")
-        return await perform(request, referral_id, action, user_viewer(user, referral_id))
+def link_viewer(request: Request, pages: Pages, runtime: Runtime, now: datetime, token: str) -> tuple[Viewer, str]:
+    try:
+        grant = read_referral_token(runtime.settings, token, now)
+    except TokenExpired:
+        raise pages.error(request, 410, "link_expired", template="lien_erreur.html") from None
+    except TokenInvalid:
+        raise pages.error(request, 400, "link_invalid", template="lien_erreur.html") from None
+    viewer = Viewer(partner_id=grant.partner_id, actor=f"link:{grant.partner_id}", page_url=f"/r/{token}",
+                    csrf=pages.link_csrf(token))
+    return viewer, grant.referral_id
 
-    return router
+
+@router.get("/r/{token}")
+async def referral_by_link(request: Request, token: str, pages: PagesDep, runtime: RuntimeDep,
+                           directory: DirectoryDep, clock: ClockDep) -> Response:
+    now = clock()
+    viewer, referral_id = link_viewer(request, pages, runtime, now, token)
+    found = await anyio.to_thread.run_sync(load, runtime, referral_id)
+    if found is None or found.referral.partner_id != viewer.partner_id:
+        raise pages.error(request, 410, "link_moved", template="lien_erreur.html")
+    return show(request, pages, directory, now, found, viewer)
+
+
+@router.post("/r/{token}/{action}")
+async def act_by_link(request: Request, token: str, action: str, pages: PagesDep, runtime: RuntimeDep,
+                      deps: CommandDeps) -> Response:
+    viewer, referral_id = link_viewer(request, pages, runtime, deps.clock(), token)
+    return await perform(request, pages, runtime, deps, referral_id, action, viewer)
+
+
+# --- signed-in users
+
+
+def user_viewer(user: User, referral_id: str) -> Viewer:
+    return Viewer(partner_id=user.partner if user.role == "partner" else None, actor=user.id,
+                  page_url=f"/boite/{referral_id}", csrf=None)
+
+
+@router.get("/")
+async def root(pages: PagesDep) -> Response:
+    return pages.redirect("/boite")
+
+
+@router.get("/boite")
+async def inbox(request: Request, pages: PagesDep, runtime: RuntimeDep, directory: DirectoryDep, clock: ClockDep,
+                statut: str = "open", partenaire: str = "", page: str = "1") -> Response:
+    user = pages.require_user(request, "partner", "ops")
+    status = statut if statut in ("open", *STATUSES) else "open"
+    partner_id = user.partner if user.role == "partner" else (partenaire or None)
+    number = page_number(page)
+    now = clock()
+
+    def rows() -> list[tuple[Referral, NeedCase]]:
+        with runtime.db.read() as session:
+            return store.inbox(session, partner_id=partner_id, status=status, offset=(number - 1) * INBOX_LIMIT,
+                               limit=INBOX_LIMIT + 1)
+
+    found = await anyio.to_thread.run_sync(rows)
+    # A need that left the partner shows as such, without its case (summary, the person) in the page.
+    items = [dict(r=r, case=None if left else case, left=left, left_at=r.updated_at if left else None,
+                  late=is_late(r, now), library=directory.library(r.library_id),
+                  partner=directory.partner(r.partner_id), category=directory.category(r.category))
+             for r, case in found[:INBOX_LIMIT]
+             for left in [user.role == "partner" and domain.left_partner(r.status)]]
+    return pages.render(request, "boite.html", items=items, **page_links(request, number, len(found) > INBOX_LIMIT),
+                        filter_status=status,
+                        statuses=STATUSES, partner=directory.partner(user.partner) if user.partner else None,
+                        partners=directory.partners if user.role == "ops" else [], partner_filter=partenaire,
+                        default_timezone=directory.timezone)
+
+
+@router.get("/boite/{referral_id}")
+async def referral_signed_in(request: Request, referral_id: str, pages: PagesDep, runtime: RuntimeDep,
+                             directory: DirectoryDep, clock: ClockDep) -> Response:
+    user = pages.require_user(request, "partner", "ops")
+    viewer = user_viewer(user, referral_id)
+    found = await anyio.to_thread.run_sync(load, runtime, referral_id)
+    if found is None or (viewer.partner_id is not None and found.referral.partner_id != viewer.partner_id):
+        raise pages.error(request, 404, "not_found")  # never 403: ids cannot be probed
+    return show(request, pages, directory, clock(), found, viewer)
+
+
+@router.post("/boite/{referral_id}/{action}")
+async def act_signed_in(request: Request, referral_id: str, action: str, pages: PagesDep, runtime: RuntimeDep,
+                        deps: CommandDeps) -> Response:
+    user = pages.require_user(request, "partner")
+    return await perform(request, pages, runtime, deps, referral_id, action, user_viewer(user, referral_id))

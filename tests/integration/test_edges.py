@@ -312,10 +312,10 @@ FAILING_SERVICE = textwrap.dedent("""
     from shared import logs
     from relais.cli import serve_app
     from shared.settings import Settings
-    from services.intake.app import build
+    from services.intake.app import bootstrap
 
     logs.configure(service="intake")
-    svc = build(Settings())
+    svc = bootstrap(Settings())
 
     @svc.app.get("/api/v1/test-failure")
     def fail():

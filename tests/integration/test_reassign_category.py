@@ -1,5 +1,5 @@
 """Ops reassign a need only to a partner that takes its category; an override is explicit, needs a reason and is
-recorded, through the API and the dashboard alike (one handler, `handlers.reassign`)."""
+recorded, through the API and the dashboard alike (one handler, `handlers.reassign_referral`)."""
 
 from __future__ import annotations
 

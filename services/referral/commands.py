@@ -1,0 +1,100 @@
+"""What referral is asked to do, one frozen class per use case; `handlers.COMMAND_HANDLERS` gives each its one
+handler. The events it consumes (`NeedRecorded`, `NeedCancelled`) are the messages of `shared.events`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+
+# --- a partner's answers (its own referrals only) ---
+
+
+@dataclass(frozen=True)
+class AcceptReferral:
+    referral_id: str
+    actor: str
+    as_partner: str | None  # the acting partner: another partner's referral is not found; None for ops
+
+
+@dataclass(frozen=True)
+class RespondToReferral:
+    referral_id: str
+    actor: str
+    as_partner: str | None
+    message: str
+
+
+@dataclass(frozen=True)
+class DeclineReferral:
+    referral_id: str
+    actor: str
+    as_partner: str | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class CloseReferral:
+    referral_id: str
+    actor: str
+    as_partner: str | None
+    outcome: str
+
+
+# --- ops (each leaves an ops_action row) ---
+
+
+@dataclass(frozen=True)
+class CancelReferral:
+    referral_id: str
+    actor: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ReassignReferral:
+    referral_id: str
+    partner_id: str
+    actor: str
+    reason: str | None
+    force: bool = False  # a partner outside the need's category: an override that needs a reason
+
+
+@dataclass(frozen=True)
+class PausePartner:
+    partner_id: str
+    until: datetime
+    reason: str
+    actor: str
+
+
+@dataclass(frozen=True)
+class ResumePartner:
+    partner_id: str
+    reason: str
+    actor: str
+
+
+@dataclass(frozen=True)
+class ReplayDeadLetters:
+    stream: str  # a stream name of shared.events.STREAMS, without the namespace
+    ids: tuple[str, ...] | None  # dead-letter entry ids; the whole dead-letter stream when None
+    reason: str
+    actor: str
+
+
+@dataclass(frozen=True)
+class CancelNeed:
+    """A need recorded in error, cancelled through intake (which owns needs); its referral follows by event."""
+
+    need_id: str
+    reason: str
+    actor: str
+
+
+@dataclass(frozen=True)
+class RevokeSessions:
+    user_id: str
+    reason: str
+    actor: str
+
