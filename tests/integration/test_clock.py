@@ -1,5 +1,5 @@
-"""The 72-hour promise with seconds-long windows: reminders, escalation and breach arrive in order,
-an early answer stops them, timers fire once across replicas and survive a killed process."""
+"""The 72-hour promise, lived through by moving the test's clock: reminders, escalation and breach arrive in
+order, an early answer stops them; timers fire once across replicas and survive a killed process."""
 
 import os
 import signal
@@ -38,30 +38,40 @@ def record(intake, category="caf"):
 
 
 @pytest.mark.date_sensitive
-def test_reminder_escalation_and_breach_reach_the_right_people_in_order(settings, mail_sink, start_service, tmp_path):
-    settings = settings.model_copy(update={"smtp_url": mail_sink.url, "directory": fast_directory(tmp_path)})
+def test_reminder_escalation_and_breach_reach_the_right_people_in_order(settings, mail_sink, start_service, clock):
+    """The directory's own policy (72 h; reminders at 24 h and 48 h; escalation at 60 h), lived through by moving
+    the test's clock forward: each notice comes when its hour comes, and not before."""
+    settings = settings.model_copy(update={"smtp_url": mail_sink.url})
     intake = start_service("intake", settings)
     referral = start_service("referral", settings)
     start_service("notifications", settings)
     need = record(intake)
+    subjects = lambda: [(m["to"][0], m["subject"].split(" ")[0]) for m in mail_sink.messages]  # noqa: E731
 
-    # handoff + reminder to the référent, escalation to backup and coordination, breach to the desk and coordination
-    assert wait_for(lambda: len(mail_sink.messages) >= 6, 20), [m["subject"] for m in mail_sink.messages]
-    sent = [(m["to"][0], m["subject"].split(" ")[0]) for m in mail_sink.messages]
-    assert sent[0] == ("referent@caf.test.example", "Nouvelle")
-    assert sent[1] == ("referent@caf.test.example", "Relance")
-    assert sorted(sent[2:4]) == [("backup@caf.test.example", "Escalade"), ("coordination@test.example", "Escalade")]
-    assert sorted(sent[4:6]) == [("accueil@chatelet.test.example", "Délai"), ("coordination@test.example", "Délai")]
+    assert wait_for(lambda: len(mail_sink.messages) == 1), subjects()
+    assert subjects() == [("referent@caf.test.example", "Nouvelle")]
+    clock.advance(timedelta(hours=24, minutes=1))  # 24 h: the first reminder to the référent
+    assert wait_for(lambda: len(mail_sink.messages) == 2), subjects()
+    assert subjects()[1] == ("referent@caf.test.example", "Relance")
+    clock.advance(timedelta(hours=24))  # 48 h: the second reminder
+    assert wait_for(lambda: len(mail_sink.messages) == 3), subjects()
+    assert subjects()[2] == ("referent@caf.test.example", "Relance")
+    clock.advance(timedelta(hours=12))  # 60 h: escalation to the backup and the coordination
+    assert wait_for(lambda: len(mail_sink.messages) == 5), subjects()
+    assert sorted(subjects()[3:5]) == [("backup@caf.test.example", "Escalade"), ("coordination@test.example", "Escalade")]
+    clock.advance(timedelta(hours=12))  # 72 h: the breach, to the desk and the coordination
+    assert wait_for(lambda: len(mail_sink.messages) == 7), subjects()
+    assert sorted(subjects()[5:7]) == [("accueil@chatelet.test.example", "Délai"), ("coordination@test.example", "Délai")]
 
     ref = referral.client("ops").get("/referrals", params={"need_id": need["id"]}).json()["items"][0]
     assert ref["sla"] == "breached" and ref["status"] == "assigned"
     history = referral.client("ops").get(f"/referrals/{ref['id']}").json()["history"]
-    assert [h["action"] for h in history] == ["assigned", "reminder", "escalation", "breach"]
+    assert [h["action"] for h in history] == ["assigned", "reminder", "reminder", "escalation", "breach"]
     assert wait_for(lambda: intake.client("desk").get(f"/needs/{need['id']}").json()["sla"] == "breached")
 
 
-def test_accepting_early_stops_every_later_notice(settings, mail_sink, start_service, tmp_path):
-    settings = settings.model_copy(update={"smtp_url": mail_sink.url, "directory": fast_directory(tmp_path)})
+def test_accepting_early_stops_every_later_notice(settings, mail_sink, start_service, clock):
+    settings = settings.model_copy(update={"smtp_url": mail_sink.url})
     intake = start_service("intake", settings)
     referral = start_service("referral", settings)
     start_service("notifications", settings)
@@ -69,7 +79,8 @@ def test_accepting_early_stops_every_later_notice(settings, mail_sink, start_ser
     refs = wait_for(lambda: referral.client("ops").get("/referrals", params={"need_id": need["id"]}).json()["items"])
     assert referral.client("caf").post(f"/referrals/{refs[0]['id']}/accept").status_code == 200
 
-    # Every timer comes due and is found moot: the clock had stopped.
+    # Every timer comes due (the clock moves past the deadline) and is found moot: the clock had stopped.
+    clock.advance(timedelta(hours=73))
     db = referral.svc.db
     def timers():
         with db.transaction() as s:
