@@ -8,7 +8,7 @@ an empty database (a first start, a test) is brought up to date at start.
 
 from __future__ import annotations
 
-import importlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -24,16 +24,12 @@ class MigrationNeeded(RuntimeError):
     pass
 
 
-def tables_of(service: str) -> list[sa.Table]:
+def metadata_of(tables: Sequence[sa.Table]) -> sa.MetaData:
+    """A MetaData holding only a service's tables (and the messaging tables), for Alembic to compare against."""
     from shared.db import MESSAGING_TABLES
 
-    return [*importlib.import_module(f"services.{service}.store").TABLES, *MESSAGING_TABLES]
-
-
-def metadata_of(service: str) -> sa.MetaData:
-    """A MetaData holding only this service's tables, for Alembic to compare against."""
     metadata = sa.MetaData()
-    for table in tables_of(service):
+    for table in [*tables, *MESSAGING_TABLES]:
         table.to_metadata(metadata)
     return metadata
 
@@ -86,10 +82,10 @@ def _safe(url: str) -> str:
     return sa.make_url(url).render_as_string(hide_password=True)
 
 
-def run_env(context) -> None:  # noqa: ANN001 - Alembic's context module
-    """The body of every service's migrations/env.py."""
+def run_env(context, tables: Sequence[sa.Table]) -> None:  # noqa: ANN001 - Alembic's context module
+    """The body of every service's migrations/env.py, given the service's tables (shared/ imports no service)."""
     cfg = context.config
-    metadata = metadata_of(cfg.attributes["service"])
+    metadata = metadata_of(tables)
     engine = sa.create_engine(cfg.get_main_option("sqlalchemy.url"))
     with engine.connect() as connection:
         context.configure(connection=connection, target_metadata=metadata,

@@ -4,15 +4,12 @@ code (record_need) are in tests/helpers.py: shared/ imports nothing from service
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
-import threading
 import time
 from datetime import datetime, timedelta
 
 from shared.devstack import MailSink, free_port  # noqa: F401 - one of each, for tests, the bench and `relais up`
-from shared.settings import Settings
 
 
 def clean_env(**relais) -> dict[str, str]:
@@ -119,48 +116,13 @@ def directory_data() -> dict:
     }
 
 
-class RunningService:
-    """A service's FastAPI app served by uvicorn in a thread of this process, over real HTTP."""
-
-    def __init__(self, name: str, settings: Settings, clock=None) -> None:
-        import importlib
-
-        import uvicorn
-
-        self.name, self.settings = name, settings
-        self.svc = importlib.import_module(f"services.{name}.app").bootstrap(settings, clock=clock or TestClock())
-        self.server = uvicorn.Server(uvicorn.Config(self.svc.app, host="127.0.0.1", port=settings.port(name),
-                                                    log_level="warning", lifespan="on"))
-        self.server.install_signal_handlers = lambda: None
-        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.settings.port(self.name)}"
-
-    def start(self) -> RunningService:
-        self.thread.start()
-        assert wait_for(lambda: self.server.started, 30), f"{self.name} did not start"
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-
-    def client(self, who: str | None = None):
-        import httpx
-
-        headers = {"Authorization": f"Bearer {TOKENS[who]}"} if who else {}
-        return httpx.Client(base_url=f"{self.url}/api/v1", headers=headers, timeout=30)
-
-
 # --- browser tests (tests/browser): helpers given a Playwright page; playwright is not imported here -----
 
 VIEWPORT_DESK = {"width": 1280, "height": 900}
 VIEWPORT_PHONE = {"width": 375, "height": 740}
 
 
-def sign_in_link_of(service: RunningService, event: dict) -> str:
+def sign_in_link_of(service, event: dict) -> str:
     """The link notifications builds from an access.link_requested event of `service` (which carries no link), for
     tests that run a service without notifications."""
     from shared.signin import link_for_request, read_sign_in_reference

@@ -18,7 +18,8 @@ import pytest
 import yaml
 
 from shared.settings import Settings
-from shared.testing import MailSink, RunningService, TestClock, directory_data, free_port
+from shared.testing import MailSink, TestClock, directory_data, free_port
+from tests.helpers import RunningService
 
 ROOT = Path(__file__).resolve().parents[1]
 POSTGRES_URL = os.environ.get("RELAIS_TEST_POSTGRES_URL")

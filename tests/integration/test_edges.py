@@ -22,7 +22,8 @@ from sqlmodel import select as sql_select
 from services.intake.store import Need
 from shared.db import OutboxMessage
 from shared.edges import MAX_BODY_BYTES, body_limit
-from shared.testing import RunningService, clean_env, directory_data, free_port, wait_for
+from shared.testing import clean_env, directory_data, free_port, wait_for
+from tests.helpers import RunningService
 
 ROOT = Path(__file__).resolve().parents[2]
 HUNDRED_MB = 100 * 1024 * 1024

@@ -2,6 +2,7 @@
 
 from alembic import context
 
+from services.notifications.store import TABLES
 from shared.migrations import run_env
 
-run_env(context)
+run_env(context, TABLES)
