@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,13 +66,13 @@ def namespace() -> str:
 DATABASES = ["sqlite"] + (["postgresql"] if POSTGRES_URL else [])
 
 
-def _postgres_database(name: str) -> str:
-    """Create a fresh database next to RELAIS_TEST_POSTGRES_URL's and return its URL."""
+def _postgres_database(name: str, template: str | None = None) -> str:
+    """Create a fresh database (a copy of `template`, if given) next to RELAIS_TEST_POSTGRES_URL's; its URL."""
     import sqlalchemy as sa
 
     admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
     admin.dispose()
     return POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
 
@@ -85,17 +86,49 @@ def _drop_postgres_database(name: str) -> None:
     admin.dispose()
 
 
+@pytest.fixture(scope="session")
+def migrated_templates(tmp_path_factory):
+    """template(kind, service): a database of the service at the newest schema, made once a session; a test's
+    database is a copy of it (a file copy on SQLite, CREATE DATABASE ... TEMPLATE on PostgreSQL) instead of a run of
+    every migration at each service's start."""
+    from shared.migrations import upgrade
+
+    folder = tmp_path_factory.mktemp("templates")
+    made: dict[tuple[str, str], str] = {}
+
+    def template(kind: str, service: str) -> str:
+        if (kind, service) not in made:
+            if kind == "sqlite":
+                upgrade(service, f"sqlite:///{folder / f'{service}.db'}")
+                made[kind, service] = str(folder / f"{service}.db")
+            else:
+                name = f"relais_template_{service}_{uuid.uuid4().hex[:8]}"
+                upgrade(service, _postgres_database(name))
+                made[kind, service] = name
+        return made[kind, service]
+
+    yield template
+    for (kind, _), name in made.items():
+        if kind == "postgresql":
+            _drop_postgres_database(name)
+
+
 @pytest.fixture(params=DATABASES)
-def database_url_factory(request, tmp_path):
-    """Call with a service name to get a fresh database URL of the parametrised kind."""
+def database_url_factory(request, tmp_path, migrated_templates):
+    """Call with a service name to get a fresh database URL of the parametrised kind: empty, or with `migrated=True`
+    a copy of the service's migrated template (what a test system's services start on)."""
     created: list[str] = []
 
-    def make(service: str) -> str:
+    def make(service: str, migrated: bool = False) -> str:
         if request.param == "sqlite":
-            return f"sqlite:///{tmp_path / f'{service}.db'}"
+            path = tmp_path / f"{service}.db"
+            if migrated:
+                shutil.copyfile(migrated_templates("sqlite", service), path)
+                path.chmod(0o600)  # as shared.db creates a database file
+            return f"sqlite:///{path}"
         name = f"relais_{service}_{uuid.uuid4().hex[:10]}"
         created.append(name)
-        return _postgres_database(name)
+        return _postgres_database(name, migrated_templates("postgresql", service) if migrated else None)
 
     make.kind = request.param
     yield make
@@ -117,8 +150,9 @@ def settings(tmp_path, redis_url, namespace, directory_file, database_url_factor
     """One test system's settings: its own namespace and databases, fast retries and claims."""
     return Settings(
         redis_url=redis_url, namespace=namespace, directory=directory_file, data_dir=tmp_path / "data",
-        intake_database_url=database_url_factory("intake"), referral_database_url=database_url_factory("referral"),
-        notifications_database_url=database_url_factory("notifications"),
+        intake_database_url=database_url_factory("intake", migrated=True),
+        referral_database_url=database_url_factory("referral", migrated=True),
+        notifications_database_url=database_url_factory("notifications", migrated=True),
         intake_port=free_port(), referral_port=free_port(), notifications_port=free_port(),
         claim_idle_ms=500, max_deliveries=3, poll_ms=50, secret_key=secrets.token_urlsafe(32),  # as production needs
     )
