@@ -104,6 +104,10 @@ def load_settings(*, redis: bool = False, databases: tuple[str, ...] = (), notif
         except ValueError as exc:
             problems.append(f"RELAIS_REDIS_URL: {exc}, e.g. redis://HOST:6379/0 "
                             f"(got {_hide_password(settings.redis_url)!r})")
+    if redis:
+        from shared.redis_clients import redis_settings_problems
+
+        problems += redis_settings_problems(settings)
     for service in databases:
         url = getattr(settings, f"{service}_database_url")
         if url and (problem := _database_url_problem(url)):
@@ -214,9 +218,9 @@ def serve_one(service: str) -> int:
     try:
         # The contract's defaults: an embedded Redis, and for notifications an embedded SMTP sink. Only this
         # process uses them, so a service served this way hears nobody else: deployments set the URLs.
-        if not settings.redis_url or (service == "notifications" and not settings.smtp_url):
+        if not settings.redis_configured or (service == "notifications" and not settings.smtp_url):
             private_dir(settings.data_dir.resolve())
-        if not settings.redis_url:
+        if not settings.redis_configured:
             proc, url = start_embedded_redis(settings.data_dir.resolve() / f"redis-{service}")
             embedded.append(proc)
             settings = settings.model_copy(update={"redis_url": url})
@@ -278,17 +282,16 @@ def migrate_one(service: str, new_revision: str | None = None) -> int:
 
 
 def replay_dead_letters(stream: str, ids: list[str]) -> int:
-    import redis.asyncio as aioredis
-
     from shared.messaging import replay
+    from shared.redis_clients import async_client
 
     settings = load_settings(redis=True)
-    if not settings.redis_url:
-        print("RELAIS_REDIS_URL is not set", file=sys.stderr)
+    if not settings.redis_configured:
+        print("RELAIS_REDIS_URL (or RELAIS_REDIS_SENTINELS) is not set", file=sys.stderr)
         return 2
 
     async def run() -> int:
-        client = aioredis.Redis.from_url(settings.redis_url)
+        client = async_client(settings)
         try:
             return await replay(client, settings.key(stream), ids or None)
         finally:
@@ -448,7 +451,8 @@ class Up:
         # not yet listening for it would die of it.
         signal.signal(signal.SIGHUP, self._reload_signal)
         try:
-            env["RELAIS_REDIS_URL"] = self.settings.redis_url or self._start_redis()
+            if not self.settings.redis_sentinels:  # the services find a Sentinel-managed Redis as this command did
+                env["RELAIS_REDIS_URL"] = self.settings.redis_url or self._start_redis()
             if not self.settings.smtp_url:
                 self.sink = MailSink(self.data_dir / "mail")
                 env.update(self.sink.start())
@@ -533,7 +537,7 @@ class Up:
         lines.append(f"  {'desk pages':<14} {self.settings.base_url('intake')}/   (front desks sign in by emailed link)")
         lines.append(f"  {'partner inbox':<14} {self.settings.base_url('referral')}/boite")
         lines.append(f"  {'dashboard':<14} {self.settings.base_url('referral')}/tableau-de-bord   (ops)")
-        lines.append(f"  {'redis':<14} {env['RELAIS_REDIS_URL']}")
+        lines.append(f"  {'redis':<14} {env.get('RELAIS_REDIS_URL') or 'Sentinels ' + env['RELAIS_REDIS_SENTINELS']}")
         if self.sink:
             lines.append(f"  {'smtp sink':<14} {env['RELAIS_SMTP_URL']}   (messages kept in {self.sink.folder})")
             lines.append(f"  {'outbox page':<14} {self.settings.base_url('notifications')}/envois   (what Relais sends, "
