@@ -9,6 +9,7 @@ asks them again whenever a connection fails, so a failover is followed without a
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import redis
@@ -28,8 +29,10 @@ def parse_sentinels(value: str) -> list[tuple[str, int]]:
     for item in value.split(","):
         item = item.strip()
         host, colon, port = item.rpartition(":")
-        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-        if not colon or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        bracketed = host.startswith("[") and host.endswith("]")
+        host = host[1:-1] if bracketed else host
+        if (not colon or not re.fullmatch(r"[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*" if bracketed else r"[A-Za-z0-9._-]+", host)
+                or not port.isdigit() or not 1 <= int(port) <= 65535):
             raise ValueError(f"{item!r} is not host:port" if item else "an empty item between commas")
         addresses.append((host, int(port)))
     return addresses
