@@ -89,7 +89,9 @@ def broker(settings: Settings, **options: Any):
     if settings.redis_sentinels:
         sentinel_options = _sentinel_options(settings)
         return RedisSentinelBroker(sentinel_master_name=settings.redis_sentinel_master, protocol="redis",
-                                   specification_url=f"redis://{settings.redis_sentinel_master}",
+                                   # AsyncAPI's server: the Sentinels as host, the master's name as path
+                                   specification_url=f"redis://{settings.redis_sentinels.replace(' ', '')}/"
+                                                     f"{settings.redis_sentinel_master}",
                                    **sentinel_options, **options)
     return RedisBroker(settings.redis_url or "redis://localhost:6379", **options)
 
