@@ -36,9 +36,9 @@ from faststream.redis import StreamSub
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
+from shared import redis_clients
 from shared.db import Database, OutboxMessage, claim_event, purge_technical_rows
 from shared.events import DEAD_LETTER_SUFFIX, Event, utcnow
-from shared import redis_clients
 from shared.logs import current_correlation_id, describe_error, log_context
 from shared.settings import Settings, consumer_name
 

@@ -73,7 +73,7 @@ def test_readyz_fails_while_a_subscriber_is_stopped(settings, start_service, lim
     assert readyz(referral).status_code == 200
 
     # The service may no longer create groups (XGROUP), then loses one: it cannot heal its subscribers.
-    admin.acl_setuser(name, commands=["-xgroup"])
+    admin.acl_setuser(name, enabled=True, commands=["-xgroup"])
     admin.xgroup_destroy(stream, "referral")
 
     answer = wait_for(lambda: (r := readyz(referral)).status_code == 503 and r)
@@ -81,6 +81,6 @@ def test_readyz_fails_while_a_subscriber_is_stopped(settings, start_service, lim
     stopped = answer.json()["detail"]["subscribers"]
     assert f"{stream}:referral" in stopped, stopped
 
-    admin.acl_setuser(name, commands=["+xgroup"])
+    admin.acl_setuser(name, enabled=True, commands=["+xgroup"])
     assert wait_for(lambda: readyz(referral).status_code == 200), "the subscriber was not started again"
     assert "referral" in groups_of(admin, stream)
