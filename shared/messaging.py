@@ -51,6 +51,9 @@ PURGE_EVERY = timedelta(hours=1)  # old technical rows: outbox rows published, e
 READ_BATCH = 50  # entries per read: a whole backlog at once would sit unacked long enough to be claimed again
 REPLICA_ACK_TIMEOUT_MS = 1000  # a replica acknowledges within milliseconds: longer means it is stalled or gone
 HEAL_EVERY_S = 1.0  # how often stopped subscribers are looked for
+# Sentinel promotes no replica cut off for longer than ten times down-after-milliseconds (plus the failover): with
+# down-after up to 60 s, a promoted replica misses at most the last ~11 minutes. Older rows are not published again.
+REPUBLISH_WINDOW = timedelta(minutes=15)
 
 
 def stream_fields(row: OutboxMessage) -> dict[str, str]:
@@ -144,9 +147,10 @@ class MasterWatch:
             return 0
         republished = 0
         if self.run_id is not None and run_id != self.run_id and self.unconfirmed_since is not None:
-            republished = republish_since(db, client, settings, self.unconfirmed_since)
+            since = max(self.unconfirmed_since, utcnow() - REPUBLISH_WINDOW)
+            republished = republish_since(db, client, settings, since)
             log.warning("outbox relay: a new Redis master; %d event(s) published since %s without a replica's "
-                        "acknowledgement were published again", republished, self.unconfirmed_since.isoformat())
+                        "acknowledgement were published again", republished, since.isoformat())
             self.unconfirmed_since = None
         self.run_id = run_id
         return republished
