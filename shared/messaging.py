@@ -13,8 +13,9 @@ do for Redis Streams is here (see docs/architecture.md):
 - `Bus.purge` deletes published outbox rows and processed-event rows past their retention, hourly;
 - `replay` puts dead-lettered entries back on their stream;
 - with replicas (a Sentinel-managed Redis), the relay marks rows published only once a replica holds them (`WAIT`),
-  so a failover cannot lose them, and publishes again, on a new master, rows no replica had acknowledged; `Bus.heal` restarts a subscriber FastStream stopped because its consumer group
-  is gone (a replica promoted before its first sync), after creating the group again.
+  so a failover cannot lose them, and publishes again, on a new master, rows no replica had acknowledged;
+- `Bus.heal` restarts a subscriber FastStream stopped because its consumer group is gone (a replica promoted
+  before its first sync), after creating the group again.
 """
 
 from __future__ import annotations

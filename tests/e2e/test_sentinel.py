@@ -265,7 +265,8 @@ class Mailbox:
         """(arrival time, text) of each handoff email to the partner."""
         with self.sink.lock:
             messages = list(self.sink.messages)
-        return [(self.arrived[i] if i < len(self.arrived) else time.monotonic(), m["message"].get_body(("plain",)).get_content())
+        return [(self.arrived[i] if i < len(self.arrived) else time.monotonic(),
+                 m["message"].get_body(("plain",)).get_content())
                 for i, m in enumerate(messages) if PARTNER in m["to"] and "nouvelle demande" in m["subject"].lower()]
 
     def stop(self) -> None:
