@@ -94,9 +94,9 @@ def serve_one(service: str) -> int:
     try:
         # The contract's defaults: an embedded Redis, and for notifications an embedded SMTP sink. Only this
         # process uses them, so a service served this way hears nobody else: deployments set the URLs.
-        if not settings.redis_url or (service == "notifications" and not settings.smtp_url):
+        if not settings.redis_configured or (service == "notifications" and not settings.smtp_url):
             private_dir(settings.data_dir.resolve())
-        if not settings.redis_url:
+        if not settings.redis_configured:
             proc, url = start_embedded_redis(settings.data_dir.resolve() / f"redis-{service}")
             embedded.append(proc)
             settings = settings.model_copy(update={"redis_url": url})
@@ -163,17 +163,16 @@ def migrate_one(service: str, new_revision: str | None = None) -> int:
 
 
 def replay_dead_letters(stream: str, ids: list[str]) -> int:
-    import redis.asyncio as aioredis
-
     from shared.messaging import replay
+    from shared.redis_clients import async_client
 
     settings = load_settings(redis=True)
-    if not settings.redis_url:
-        print("RELAIS_REDIS_URL is not set", file=sys.stderr)
+    if not settings.redis_configured:
+        print("RELAIS_REDIS_URL (or RELAIS_REDIS_SENTINELS) is not set", file=sys.stderr)
         return 2
 
     async def run() -> int:
-        client = aioredis.Redis.from_url(settings.redis_url)
+        client = async_client(settings)
         try:
             return await replay(client, settings.key(stream), ids or None)
         finally:

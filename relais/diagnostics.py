@@ -45,6 +45,10 @@ def load_settings(*, redis: bool = False, databases: tuple[str, ...] = (), notif
         except ValueError as exc:
             problems.append(f"RELAIS_REDIS_URL: {exc}, e.g. redis://HOST:6379/0 "
                             f"(got {hide_password(settings.redis_url)!r})")
+    if redis:
+        from shared.redis_clients import redis_settings_problems
+
+        problems += redis_settings_problems(settings)
     for service in databases:
         url = getattr(settings, f"{service}_database_url")
         if url and (problem := _database_url_problem(url)):

@@ -55,7 +55,8 @@ class Up:
         # not yet listening for it would die of it.
         signal.signal(signal.SIGHUP, self._reload_signal)
         try:
-            env["RELAIS_REDIS_URL"] = self.settings.redis_url or self._start_redis()
+            if not self.settings.redis_sentinels:  # the services find a Sentinel-managed Redis as this command did
+                env["RELAIS_REDIS_URL"] = self.settings.redis_url or self._start_redis()
             if not self.settings.smtp_url:
                 self.sink = MailSink(self.data_dir / "mail")
                 env.update(self.sink.start())
@@ -140,7 +141,7 @@ class Up:
         lines.append(f"  {'desk pages':<14} {self.settings.base_url('intake')}/   (front desks sign in by emailed link)")
         lines.append(f"  {'partner inbox':<14} {self.settings.base_url('referral')}/boite")
         lines.append(f"  {'dashboard':<14} {self.settings.base_url('referral')}/tableau-de-bord   (ops)")
-        lines.append(f"  {'redis':<14} {env['RELAIS_REDIS_URL']}")
+        lines.append(f"  {'redis':<14} {env.get('RELAIS_REDIS_URL') or 'Sentinels ' + env['RELAIS_REDIS_SENTINELS']}")
         if self.sink:
             lines.append(f"  {'smtp sink':<14} {env['RELAIS_SMTP_URL']}   (messages kept in {self.sink.folder})")
             lines.append(f"  {'outbox page':<14} {self.settings.base_url('notifications')}/envois   (what Relais sends, "

@@ -11,7 +11,11 @@ do for Redis Streams is here (see docs/architecture.md):
 - `trim_stream` never trims an entry some group has not yet delivered or acknowledged; `Bus.trim` applies it to
   each stream and to its dead-letter stream;
 - `Bus.purge` deletes published outbox rows and processed-event rows past their retention, hourly;
-- `replay` puts dead-lettered entries back on their stream.
+- `replay` puts dead-lettered entries back on their stream;
+- with replicas (a Sentinel-managed Redis), the relay marks rows published only once a replica holds them (`WAIT`),
+  so a failover cannot lose them, and publishes again, on a new master, rows no replica had acknowledged;
+- `Bus.heal` restarts a subscriber FastStream stopped because its consumer group is gone (a replica promoted
+  before its first sync), after creating the group again.
 """
 
 from __future__ import annotations
@@ -29,10 +33,11 @@ import redis
 import redis.asyncio as aioredis
 from faststream import AckPolicy
 from faststream import BaseMiddleware
-from faststream.redis import RedisBroker, StreamSub
+from faststream.redis import StreamSub
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
+from shared import redis_clients
 from shared.db import Database, OutboxMessage, claim_event, purge_technical_rows
 from shared.events import DEAD_LETTER_SUFFIX, Event, utcnow
 from shared.logs import current_correlation_id, describe_error, log_context
@@ -45,6 +50,11 @@ DLQ_FIELDS = ("dlq_error", "dlq_source_id", "dlq_group", "dlq_failed_at")
 RELAY_BATCH = 500
 PURGE_EVERY = timedelta(hours=1)  # old technical rows: outbox rows published, events processed
 READ_BATCH = 50  # entries per read: a whole backlog at once would sit unacked long enough to be claimed again
+REPLICA_ACK_TIMEOUT_MS = 1000  # a replica acknowledges within milliseconds: longer means it is stalled or gone
+HEAL_EVERY_S = 1.0  # how often stopped subscribers are looked for
+# Sentinel promotes no replica cut off for longer than ten times down-after-milliseconds (plus the failover): with
+# down-after up to 60 s, a promoted replica misses at most the last ~11 minutes. Older rows are not published again.
+REPUBLISH_WINDOW = timedelta(minutes=15)
 
 
 def stream_fields(row: OutboxMessage) -> dict[str, str]:
@@ -61,7 +71,8 @@ def stream_fields(row: OutboxMessage) -> dict[str, str]:
 # --- outbox relay -------------------------------------------------------------------------------
 
 
-def publish_pending(db: Database, client: redis.Redis, settings: Settings, limit: int = RELAY_BATCH) -> int:
+def publish_pending(db: Database, client: redis.Redis, settings: Settings, limit: int = RELAY_BATCH,
+                    watch: MasterWatch | None = None) -> int:
     """Publish the oldest unpublished outbox rows in one pipeline and mark them published.
 
     Rows are locked (SKIP LOCKED on PostgreSQL) while they are published, so replicas share the
@@ -78,12 +89,84 @@ def publish_pending(db: Database, client: redis.Redis, settings: Settings, limit
         if not rows:
             return 0
         pipe = client.pipeline(transaction=False)
+        pipe.execute_command("ROLE")
         for row in rows:
             pipe.xadd(settings.key(row.stream), stream_fields(row))
-        pipe.execute()
+        role, *added = pipe.execute(raise_on_error=False)
+        for result in added:
+            if isinstance(result, Exception):
+                raise result
+        confirmed = confirm_replicated(client, role)
         now = utcnow()
         for row in rows:
             row.published_at = now
+        if watch is not None:
+            watch.published(now, confirmed)
+    return len(rows)
+
+
+class NotReplicated(redis.RedisError):
+    """The master has replicas and none acknowledged the batch: its rows stay unpublished and go again."""
+
+
+def confirm_replicated(client: redis.Redis, role: Any) -> bool:
+    """Return once a replica holds what this connection wrote, when the master has replicas online (ROLE lists them):
+    asynchronous replication loses a failed master's last writes, so an event is marked published only once it
+    would survive a failover. True when a replica acknowledged; False for a master without replicas online (nobody
+    to wait for; MasterWatch covers a replica cut off then promoted). A Redis that refuses ROLE (some managed
+    services) is taken as one without replicas."""
+    if isinstance(role, Exception) or not role or role[0] not in (b"master", "master") or not role[2]:
+        return False
+    acknowledged = client.wait(1, REPLICA_ACK_TIMEOUT_MS)
+    if acknowledged < 1:
+        raise NotReplicated(f"none of the master's {len(role[2])} replica(s) acknowledged the events within "
+                            f"{REPLICA_ACK_TIMEOUT_MS} ms; they stay in the outbox and are published again")
+    return True
+
+
+class MasterWatch:
+    """Which Redis master the relay writes to (its run_id), and since when it marked rows published that no replica
+    had acknowledged (the master had none online). Should another master take over (a replica cut off, then
+    promoted), it may lack those rows: they are published again (consumers skip what they have by event_id)."""
+
+    def __init__(self) -> None:
+        self.run_id: str | None = None
+        self.unconfirmed_since: datetime | None = None
+
+    def published(self, at: datetime, confirmed: bool) -> None:
+        if confirmed:  # a replica acknowledged the master's offset: it holds every earlier write too
+            self.unconfirmed_since = None
+        elif self.unconfirmed_since is None:
+            self.unconfirmed_since = at
+
+    def check(self, db: Database, client: redis.Redis, settings: Settings) -> int:
+        """Before each relay round: after a change of master, publish again the rows published unconfirmed on the
+        previous one; how many."""
+        try:
+            run_id = client.info("server")["run_id"]
+        except (redis.ResponseError, KeyError):  # a Redis that hides INFO: nothing to compare
+            return 0
+        republished = 0
+        if self.run_id is not None and run_id != self.run_id and self.unconfirmed_since is not None:
+            since = max(self.unconfirmed_since, utcnow() - REPUBLISH_WINDOW)
+            republished = republish_since(db, client, settings, since)
+            log.warning("outbox relay: a new Redis master; %d event(s) published since %s without a replica's "
+                        "acknowledgement were published again", republished, since.isoformat())
+            self.unconfirmed_since = None
+        self.run_id = run_id
+        return republished
+
+
+def republish_since(db: Database, client: redis.Redis, settings: Settings, since: datetime) -> int:
+    """Publish again the outbox rows marked published at or after `since`."""
+    with db.read() as session:
+        rows = session.exec(select(OutboxMessage).where(OutboxMessage.published_at >= since)
+                            .order_by(OutboxMessage.id)).all()
+    for start in range(0, len(rows), RELAY_BATCH):
+        pipe = client.pipeline(transaction=False)
+        for row in rows[start:start + RELAY_BATCH]:
+            pipe.xadd(settings.key(row.stream), stream_fields(row))
+        pipe.execute()
     return len(rows)
 
 
@@ -92,21 +175,26 @@ class OutboxRelay:
         self.db, self.settings = db, settings
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.watch = MasterWatch()
 
     def wake(self) -> None:
         """Called after a commit that emitted events, from any thread, so they go out at once."""
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._wake.set)
 
+    def _round(self, client: redis.Redis) -> int:
+        self.watch.check(self.db, client, self.settings)
+        return publish_pending(self.db, client, self.settings, watch=self.watch)
+
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
-        client = redis.Redis.from_url(self.settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+        client = redis_clients.sync_client(self.settings, socket_timeout=5, socket_connect_timeout=5)
         down_since = None
         try:
             while True:
                 self._wake.clear()
                 try:
-                    published = await anyio.to_thread.run_sync(publish_pending, self.db, client, self.settings)
+                    published = await anyio.to_thread.run_sync(self._round, client)
                 except redis.RedisError as exc:
                     if down_since is None:
                         down_since = time.monotonic()
@@ -185,6 +273,12 @@ def reliable_delivery(bus: Bus) -> type[BaseMiddleware]:
     return ReliableDelivery
 
 
+def subscriber_name(sub: Any) -> str:
+    """`stream:group` for a reader, `stream:group:recovery` for a claimer, as their AsyncAPI titles say."""
+    stream = sub.stream_sub
+    return f"{stream.name}:{stream.group}" + (":recovery" if stream.min_idle_time is not None else "")
+
+
 class Bus:
     """One service's connection to the streams: subscribers, idempotent processing, outbox relay, trimming."""
 
@@ -192,8 +286,8 @@ class Bus:
         self.settings, self.service, self.db = settings, service, db
         self.group = service  # one consumer group per consuming service
         self.consumer = consumer_name(service)  # one consumer name per process
-        self.broker = RedisBroker(settings.redis_url or "redis://localhost:6379",
-                                  middlewares=[reliable_delivery(self)], logger=logging.getLogger(f"relais.{service}.broker"))
+        self.broker = redis_clients.broker(settings, middlewares=[reliable_delivery(self)],
+                                           logger=logging.getLogger(f"relais.{service}.broker"))
         self.relay = OutboxRelay(db, settings)
         self.redis: aioredis.Redis | None = None
         self.streams: list[str] = []
@@ -254,10 +348,11 @@ class Bus:
                     raise
 
     async def start(self) -> None:
-        self.redis = aioredis.Redis.from_url(self.settings.redis_url)
+        self.redis = redis_clients.async_client(self.settings)
         await self.ensure_groups()
         await self.broker.start()
         self._tasks = [asyncio.create_task(self.relay.run(), name="outbox-relay"),
+                       asyncio.create_task(self._heal_forever(), name="subscriber-heal"),
                        asyncio.create_task(self._trim_forever(), name="stream-trim"),
                        asyncio.create_task(self._purge_forever(), name="technical-purge")]
 
@@ -276,6 +371,35 @@ class Bus:
         await self.broker.stop()
         if self.redis is not None:
             await self.redis.aclose()
+
+    def stopped_subscribers(self) -> list[str]:
+        """The subscribers that do not read (FastStream stopped them): /readyz fails while there is one."""
+        return [subscriber_name(sub) for sub in self.broker.subscribers if not sub.running]
+
+    async def heal(self) -> list[str]:
+        """Start again the subscribers FastStream stopped: it stops one for good when its consumer group is gone
+        (NOGROUP: a replica promoted before its first sync, a flushed or deleted stream). The groups are created
+        again first, from the start of each stream (entries already processed are skipped by event_id). Returns
+        the subscribers still stopped: /readyz reports them, so an orchestrator restarts what this cannot heal."""
+        # One still stopping (its read task not yet gone) would cancel a new read as it ends: left for the next round.
+        stopped = [sub for sub in self.broker.subscribers
+                   if not sub.running and all(task.done() for task in getattr(sub, "tasks", ()))]
+        if not stopped:
+            return self.stopped_subscribers()
+        try:
+            await self.ensure_groups()
+            for sub in stopped:
+                await sub.start()
+                log.warning("%s: subscriber %s had stopped; its consumer group was created again and it reads again",
+                            self.service, subscriber_name(sub))
+        except Exception as exc:  # noqa: BLE001 - Redis down or the stream unusable: tried again, /readyz says so
+            log.error("%s: a stopped subscriber could not be started again: %s", self.service, describe_error(exc))
+        return self.stopped_subscribers()
+
+    async def _heal_forever(self) -> None:
+        while True:
+            await asyncio.sleep(HEAL_EVERY_S)
+            await self.heal()
 
     def purge(self, now: datetime | None = None) -> tuple[int, int]:
         """Delete this service's old technical rows (published outbox rows, processed-event rows)."""

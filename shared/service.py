@@ -232,6 +232,8 @@ class Service:
                 await self.bus.redis.ping()
             except Exception as exc:  # noqa: BLE001
                 problems["redis"] = str(exc)
+            if stopped := self.bus.stopped_subscribers():  # the bus restarts them when it can (Bus.heal)
+                problems["subscribers"] = "stopped: " + ", ".join(stopped)
             if problems:
                 return JSONResponse({"status": "unavailable", "detail": problems}, status_code=503)
             return JSONResponse({"status": "ready", "service": self.name})

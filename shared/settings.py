@@ -81,6 +81,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RELAIS_", extra="ignore")
 
     redis_url: str | None = None  # None only inside `relais up`, which starts an embedded Redis
+    # A Sentinel-managed Redis instead of RELAIS_REDIS_URL: `host:port,...` of the Sentinels (shared.redis_clients).
+    redis_sentinels: str | None = None
+    redis_sentinel_master: str = "relais"
+    redis_password: str | None = None  # the Sentinel-managed Redis's password, asked by its Sentinels too
     namespace: str = Field("relais", pattern=r"^[A-Za-z0-9_.-]+$")
     directory: Path = DEMO_DIRECTORY
     data_dir: Path = Path(".relais")
@@ -127,6 +131,11 @@ class Settings(BaseSettings):
     # Published outbox rows and processed-event rows are deleted after this (ISO 8601, e.g. `P7D`);
     # processed-event rows never before the streams' age plus a day (shared.db.purge_technical_rows).
     technical_retention: timedelta = Field(timedelta(days=7), gt=timedelta(0))
+
+    @property
+    def redis_configured(self) -> bool:
+        """A Redis was given (a URL or Sentinels): without one, `relais up` and `relais serve` start an embedded one."""
+        return bool(self.redis_url or self.redis_sentinels)
 
     def database_url(self, service: ServiceName) -> str:
         url = getattr(self, f"{service}_database_url")

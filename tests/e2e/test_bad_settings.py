@@ -81,3 +81,32 @@ def test_relais_replay_refuses_a_stream_that_does_not_exist_and_lists_those_that
     run = relais(["replay", "bogus"], tmp_path, redis_url="redis://127.0.0.1:9/0")
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
     assert "invalid choice: 'bogus'" in run.stderr and "'needs', 'referrals', 'deliveries', 'access'" in run.stderr
+
+
+SENTINELS_BAD = [  # (value of RELAIS_REDIS_SENTINELS, what the line must say)
+    ("sentinel-0", "'sentinel-0' is not host:port"),
+    ("s0:26379,s1:port", "'s1:port' is not host:port"),
+    ("s0:26379,,s1:26379", "an empty item between commas"),
+    ("s0:99999", "'s0:99999' is not host:port"),
+    (":26379", "':26379' is not host:port"),
+]
+
+
+@pytest.mark.parametrize(("value", "says"), SENTINELS_BAD, ids=[v for v, _ in SENTINELS_BAD])
+def test_relais_serve_refuses_a_bad_list_of_sentinels_and_names_it(tmp_path, value, says):
+    run = relais(["serve", "referral"], tmp_path, redis_sentinels=value)
+    assert_refused(run, "REDIS_SENTINELS", says)
+    assert "host:port,host:port" in run.stderr
+
+
+def test_relais_serve_refuses_sentinels_without_a_master_name_or_with_a_redis_url_too(tmp_path):
+    run = relais(["serve", "intake"], tmp_path, redis_sentinels="s0:26379,s1:26379", redis_sentinel_master=" ")
+    assert_refused(run, "REDIS_SENTINEL_MASTER", "must not be empty")
+    run = relais(["serve", "intake"], tmp_path, redis_sentinels="s0:26379", redis_url="redis://127.0.0.1:9/0")
+    assert_refused(run, "REDIS_URL", "set only one")
+
+
+def test_relais_up_refuses_a_bad_list_of_sentinels(tmp_path):
+    run = relais(["up", "--data-dir", str(tmp_path / "up")], tmp_path, redis_sentinels="s0:26379;s1:26379")
+    assert_refused(run, "REDIS_SENTINELS", "is not host:port")
+    assert "Relais is running" not in run.stdout
