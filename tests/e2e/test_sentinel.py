@@ -344,7 +344,7 @@ def test_an_event_the_master_did_not_pass_to_its_replica_is_not_marked_published
     need_id = r.json()["id"]
     master = sentinel_redis.client(sentinel_redis.master_port)
     # The relay has done what it does with this event: marked it published, or (WAIT unanswered) published it again.
-    assert wait_for(lambda: master.xlen(stream) >= 2 or intake.svc.outbox_state()["backlog"] == 0, 30), \
+    assert wait_for(lambda: master.xlen(stream) >= 2 or intake.svc.service.outbox_state()["backlog"] == 0, 30), \
         "the relay did not publish to the master"
     sentinel_redis.kill(sentinel_redis.master_port)
     sentinel_redis.front.cut()  # what the replica had not received is gone with the master
@@ -360,7 +360,7 @@ def test_an_event_the_master_did_not_pass_to_its_replica_is_not_marked_published
             return False
 
     assert wait_for(on_new_master, 60), "the event vanished with the old master"
-    assert wait_for(lambda: intake.svc.outbox_state()["backlog"] == 0, 30)
+    assert wait_for(lambda: intake.svc.service.outbox_state()["backlog"] == 0, 30)
 
 
 def test_events_published_while_the_master_had_no_replica_are_published_again_on_a_new_master(
@@ -374,7 +374,7 @@ def test_events_published_while_the_master_had_no_replica_are_published_again_on
     r = intake.client("desk").post("/needs", json={**NEED, "summary": "Pendant la coupure"})
     assert r.status_code == 201, r.text
     need_id = r.json()["id"]
-    assert wait_for(lambda: intake.svc.outbox_state()["backlog"] == 0, 30), "the relay did not publish"
+    assert wait_for(lambda: intake.svc.service.outbox_state()["backlog"] == 0, 30), "the relay did not publish"
     sentinel_redis.kill(sentinel_redis.master_port)
 
     # The Sentinels promote the replica that was cut off (it was not for long): it lacks the event.
