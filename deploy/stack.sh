@@ -85,7 +85,10 @@ case "$cmd" in
         deploy/images.sh --python "$PYTHON"
         write_env_file
         say "docker-compose up -d (project $PROJECT)"
-        compose up -d --no-build --remove-orphans >&2
+        if ! compose up -d --no-build --remove-orphans >&2; then
+            compose ps >&2; compose logs --tail=40 >&2
+            die "docker-compose up failed (containers and their logs above; ./dev stack down removes them)"
+        fi
         wait_healthy
         urls
         ;;
