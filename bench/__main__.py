@@ -19,28 +19,51 @@ import sys
 import tempfile
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import redis.asyncio as aioredis
 
-from bench.pipeline import (EXPECTED_RECIPIENT, SUBSCRIBES_TO, BenchError, Pipeline, Processes, cpu_seconds, drain,
-                            handled_counts, log_problems, machine_cpu, match_emails, post_needs, read_timestamps,
-                            referral_needs, stage_times, start_redis, where_is)
+from bench.pipeline import (
+    EXPECTED_RECIPIENT,
+    SUBSCRIBES_TO,
+    BenchError,
+    Pipeline,
+    Processes,
+    cpu_seconds,
+    drain,
+    handled_counts,
+    log_problems,
+    machine_cpu,
+    match_emails,
+    post_needs,
+    read_timestamps,
+    referral_needs,
+    stage_times,
+    start_redis,
+    where_is,
+)
 from shared.settings import SERVICES
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="./dev bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="./dev bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--duration", type=float, default=30.0, help="seconds of load on the pipeline (default 30)")
     p.add_argument("--concurrency", type=int, default=8, help="HTTP clients posting needs at once (default 8)")
-    p.add_argument("--max-needs", type=int, default=100_000, help="stop the load after this many needs (default 100000)")
+    p.add_argument(
+        "--max-needs", type=int, default=100_000, help="stop the load after this many needs (default 100000)"
+    )
     p.add_argument("--baseline-seconds", type=float, default=5.0, help="seconds for each Redis baseline (default 5)")
-    p.add_argument("--drain", type=float, default=60.0,
-                   help="after the load, give up waiting for emails when none arrived for this long (default 60 s)")
+    p.add_argument(
+        "--drain",
+        type=float,
+        default=60.0,
+        help="after the load, give up waiting for emails when none arrived for this long (default 60 s)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, databases) and print its path")
     args = p.parse_args(argv)
     if args.duration <= 0 or args.concurrency < 1 or args.max_needs < 1 or args.baseline_seconds <= 0:
@@ -64,8 +87,10 @@ def ms(seconds: float) -> str:
 def spread(values: list[float]) -> str:
     if not values:
         return "n/a"
-    return (f"p50 {ms(percentile(values, 50))}  p90 {ms(percentile(values, 90))}  p99 {ms(percentile(values, 99))}"
-            f"  max {ms(max(values))}")
+    return (
+        f"p50 {ms(percentile(values, 50))}  p90 {ms(percentile(values, 90))}  p99 {ms(percentile(values, 99))}"
+        f"  max {ms(max(values))}"
+    )
 
 
 def redact(url: str) -> str:
@@ -101,16 +126,18 @@ def machine_facts(redis_url: str, embedded: bool) -> list[tuple[str, str]]:
     mem_kb = _first("/proc/meminfo", "MemTotal")
     if mem_kb:
         facts.append(("memory", f"{int(mem_kb.split()[0]) / 1024 / 1024:.1f} GiB"))
-    facts.append(("system", f"{_first('/etc/os-release', 'PRETTY_NAME=') or platform.system()}, "
-                            f"kernel {platform.release()}"))
+    facts.append(
+        ("system", f"{_first('/etc/os-release', 'PRETTY_NAME=') or platform.system()}, kernel {platform.release()}")
+    )
     facts.append(("Python", f"{platform.python_implementation()} {platform.python_version()}"))
     client = redis.Redis.from_url(redis_url)
     try:
         info = client.info("server")
         try:
             config = client.config_get("appendonly") | client.config_get("appendfsync")
-            persistence = ("AOF, appendfsync " + config["appendfsync"]) if config.get("appendonly") == "yes" \
-                else "no AOF"
+            persistence = (
+                ("AOF, appendfsync " + config["appendfsync"]) if config.get("appendonly") == "yes" else "no AOF"
+            )
         except redis.RedisError:
             persistence = "persistence unknown"
     finally:
@@ -132,12 +159,20 @@ def stream_entry() -> dict[str, str]:
     from shared.messaging import stream_fields
 
     now = utcnow()
-    event = NeedRecorded(need_id=uuid.uuid4().hex, library_id="chatelet", category="caf",
-                         summary="Banc d'essai : dossier APL bloqué, demande n° 1234", postal_code="76000",
-                         urgency="normal", recorded_at=now, person=PersonContact(display_name="Personne de test"),
-                         occurred_at=now)
-    row = OutboxMessage(event_id=event.event_id, stream="needs", type=event.type, payload=event.model_dump_json(),
-                        created_at=now)
+    event = NeedRecorded(
+        need_id=uuid.uuid4().hex,
+        library_id="chatelet",
+        category="caf",
+        summary="Banc d'essai : dossier APL bloqué, demande n° 1234",
+        postal_code="76000",
+        urgency="normal",
+        recorded_at=now,
+        person=PersonContact(display_name="Personne de test"),
+        occurred_at=now,
+    )
+    row = OutboxMessage(
+        event_id=event.event_id, stream="needs", type=event.type, payload=event.model_dump_json(), created_at=now
+    )
     return stream_fields(row)
 
 
@@ -220,8 +255,10 @@ def run_pipeline(args: argparse.Namespace, procs: Processes, pipeline: Pipeline,
     """Load, drain, analyse, print; True when every posted need got exactly one email and nothing failed."""
     print("(P) starting intake, referral, notifications (relais migrate, relais serve) ...", flush=True)
     pipeline.start()
-    print(f"    ready; {args.concurrency} clients post needs for {args.duration:.0f} s "
-          f"(at most {args.max_needs}) ...", flush=True)
+    print(
+        f"    ready; {args.concurrency} clients post needs for {args.duration:.0f} s (at most {args.max_needs}) ...",
+        flush=True,
+    )
     watched = {name: procs.pid(name) for name in (*SERVICES, "redis")} | {"bench (load + SMTP sink)": os.getpid()}
     cpu_before = {name: cpu_seconds(pid) for name, pid in watched.items()}
     machine_before = machine_cpu()
@@ -230,8 +267,10 @@ def run_pipeline(args: argparse.Namespace, procs: Processes, pipeline: Pipeline,
     cpu_after = {name: cpu_seconds(pid) for name, pid in watched.items()}
     machine_after = machine_cpu()
     load_avg = os.getloadavg()[0]
-    print(f"    load done: {len(load.posts)} needs posted, {len(pipeline.sink.received)} emails so far; "
-          f"draining ...", flush=True)
+    print(
+        f"    load done: {len(load.posts)} needs posted, {len(pipeline.sink.received)} emails so far; draining ...",
+        flush=True,
+    )
     waited = drain(pipeline.sink, procs, len(load.posts), quiet=args.drain, cap=max(600.0, args.drain))
 
     referral_to_need = referral_needs(pipeline.url("referral"))
@@ -248,13 +287,20 @@ def run_pipeline(args: argparse.Namespace, procs: Processes, pipeline: Pipeline,
     last_email = max(emails.first.values(), default=load.started)
 
     print()
-    print(f"(P) POST /api/v1/needs -> handoff email accepted by the SMTP sink; {args.concurrency} clients, "
-          f"load {window:.1f} s")
+    print(
+        f"(P) POST /api/v1/needs -> handoff email accepted by the SMTP sink; {args.concurrency} clients, "
+        f"load {window:.1f} s"
+    )
     print(f"    posted (201)                 {len(load.posts):>7}  {len(load.posts) / window:7.1f} needs/s")
-    print(f"    emailed during the load      {emailed_in_window:>7}  {e2e_rate:7.1f} needs/s   "
-          f"<- sustained pipeline throughput")
-    print(f"    emailed in all               {len(emails.first):>7}  {len(emails.first) / (last_email - load.started):7.1f}"
-          f" needs/s   (first POST -> last email, {last_email - load.started:.1f} s; drain waited {waited:.1f} s)")
+    print(
+        f"    emailed during the load      {emailed_in_window:>7}  {e2e_rate:7.1f} needs/s   "
+        f"<- sustained pipeline throughput"
+    )
+    print(
+        f"    emailed in all               {len(emails.first):>7}  "
+        f"{len(emails.first) / (last_email - load.started):7.1f}"
+        f" needs/s   (first POST -> last email, {last_email - load.started:.1f} s; drain waited {waited:.1f} s)"
+    )
     print(f"    latency POST -> email        {spread(latencies)}")
     if latencies:
         third = window / 3
@@ -267,10 +313,12 @@ def run_pipeline(args: argparse.Namespace, procs: Processes, pipeline: Pipeline,
     print()
     print("    where a need's time goes (timestamps each service stores; p50 / p99):")
     stages = stage_times(ts, load, emails, wall_offset)
-    for name, label in (("post", "POST sent -> need recorded by intake (HTTP, validation, intake DB write)"),
-                        ("intake", "need recorded -> referral created (intake outbox relay, needs stream, routing)"),
-                        ("referral", "referral created -> handoff queued (referral outbox relay, referrals stream)"),
-                        ("notifications", "handoff queued -> email at the sink (sender loop, SMTP)")):
+    for name, label in (
+        ("post", "POST sent -> need recorded by intake (HTTP, validation, intake DB write)"),
+        ("intake", "need recorded -> referral created (intake outbox relay, needs stream, routing)"),
+        ("referral", "referral created -> handoff queued (referral outbox relay, referrals stream)"),
+        ("notifications", "handoff queued -> email at the sink (sender loop, SMTP)"),
+    ):
         values = stages[name]
         figures = f"{ms(percentile(values, 50))} / {ms(percentile(values, 99))}" if values else "n/a"
         print(f"      {figures:>22}  {label}")
@@ -287,12 +335,17 @@ def run_pipeline(args: argparse.Namespace, procs: Processes, pipeline: Pipeline,
     }
     for lo in range(0, int(math.ceil(last_email - load.started)), 5):
         marker = "  load" if lo + 2.5 < window else "  drain"
-        print(f"    {lo:4d}-{lo + 5:<4d}" + "".join(f"{sum(1 for t in v if lo <= t < lo + 5) / 5:9.0f}"
-                                               for v in series.values()) + marker)
+        print(
+            f"    {lo:4d}-{lo + 5:<4d}"
+            + "".join(f"{sum(1 for t in v if lo <= t < lo + 5) / 5:9.0f}" for v in series.values())
+            + marker
+        )
 
     print()
-    print(f"    CPU used during the load (100% = one core busy all the time; the machine has "
-          f"{len(os.sched_getaffinity(0))} usable):")
+    print(
+        f"    CPU used during the load (100% = one core busy all the time; the machine has "
+        f"{len(os.sched_getaffinity(0))} usable):"
+    )
     ours = 0.0
     for name in watched:
         before, after = cpu_before[name], cpu_after[name]
@@ -302,40 +355,51 @@ def run_pipeline(args: argparse.Namespace, procs: Processes, pipeline: Pipeline,
     if machine_before and machine_after:
         busy = machine_after[0] - machine_before[0]
         cores = (machine_after[1] - machine_before[1]) / window
-        print(f"      {'other processes':<28} {100 * max(0.0, busy - ours) / window:5.0f}%"
-              f"   (not Relais: the machine was {busy / window / cores:.0%} busy; "
-              f"1-min load average {load_avg:.1f} at the end)")
+        print(
+            f"      {'other processes':<28} {100 * max(0.0, busy - ours) / window:5.0f}%"
+            f"   (not Relais: the machine was {busy / window / cores:.0%} busy; "
+            f"1-min load average {load_avg:.1f} at the end)"
+        )
 
     handled = handled_counts(pipeline.logs)
     again = {s: n - ts.published[SUBSCRIBES_TO[s]] for s, n in handled.items() if n}
     if any(again.values()):
         print()
-        print("    stream entries handled more than once (FastStream 'Received' lines minus entries published; "
-              "idempotent, but work done twice):")
+        print(
+            "    stream entries handled more than once (FastStream 'Received' lines minus entries published; "
+            "idempotent, but work done twice):"
+        )
         for service, extra in again.items():
             print(f"      {service:<14} {extra:>6} of {handled[service]} received from {SUBSCRIBES_TO[service]}")
 
     print()
     if e2e_rate:
-        print(f"P/B = {e2e_rate:.1f} / {baseline_rate:.0f} = {e2e_rate / baseline_rate:.2%}  "
-              f"(one need costs the time of about {baseline_rate / e2e_rate:.0f} one-in-flight Redis messages)")
+        print(
+            f"P/B = {e2e_rate:.1f} / {baseline_rate:.0f} = {e2e_rate / baseline_rate:.2%}  "
+            f"(one need costs the time of about {baseline_rate / e2e_rate:.0f} one-in-flight Redis messages)"
+        )
     else:
         print("P/B: no need made it through during the load")
 
     problems = []
     if lost:
-        problems.append(f"{len(lost)} of {len(load.posts)} posted needs got NO handoff email "
-                        f"(drain gave up after {waited:.0f} s). First ones:\n"
-                        + "\n".join(f"      {n}: {where_is(pipeline, n)}" for n in lost[:5]))
+        problems.append(
+            f"{len(lost)} of {len(load.posts)} posted needs got NO handoff email "
+            f"(drain gave up after {waited:.0f} s). First ones:\n"
+            + "\n".join(f"      {n}: {where_is(pipeline, n)}" for n in lost[:5])
+        )
     if emails.duplicates:
         problems.append(f"{emails.duplicates} duplicate handoff email(s): a need emailed more than once")
     if emails.unmatched:
-        problems.append(f"{len(emails.unmatched)} handoff email(s) not tied to a posted need: "
-                        + "; ".join(emails.unmatched[:5]))
+        problems.append(
+            f"{len(emails.unmatched)} handoff email(s) not tied to a posted need: " + "; ".join(emails.unmatched[:5])
+        )
     if set(emails.recipients) - {EXPECTED_RECIPIENT}:
         problems.append(f"handoff emails to unexpected recipients: {dict(emails.recipients)}")
     if emails.others:
-        problems.append(f"{sum(emails.others.values())} email(s) that are not handoffs: {dict(emails.others.most_common(5))}")
+        problems.append(
+            f"{sum(emails.others.values())} email(s) that are not handoffs: {dict(emails.others.most_common(5))}"
+        )
     if load.statuses or load.errors:
         problems.append(f"POST failures: {dict(load.statuses)} {dict(load.errors)}; first bodies: {load.samples}")
     if dead := procs.dead():
@@ -363,8 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     keep, status = args.keep, 1
     try:
         redis_url = external or start_redis(procs, workdir / "redis")
-        print(f"Relais benchmark, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
-              f"commit {_git_commit()}, work dir {workdir}")
+        print(f"Relais benchmark, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, commit {_git_commit()}, work dir {workdir}")
         for name, value in machine_facts(redis_url, embedded=not external):
             print(f"  {name:<13} {value}")
         print()
@@ -372,12 +435,13 @@ def main(argv: list[str] | None = None) -> int:
         count, elapsed, lat = baseline_sync(redis_url, f"{namespace}:baseline", args.baseline_seconds)
         rate = count / elapsed
         print(f"(B)  redis-py XADD -> XREADGROUP -> XACK, one in flight   {rate:8.0f} msg/s   {spread(lat)}")
-        count, elapsed, lat = run_async(baseline_async, redis_url, f"{namespace}:baseline-async",
-                                        args.baseline_seconds)
+        count, elapsed, lat = run_async(baseline_async, redis_url, f"{namespace}:baseline-async", args.baseline_seconds)
         print(f"(B') the same with redis.asyncio (the services' client) {count / elapsed:8.0f} msg/s   {spread(lat)}")
         if before and (after := machine_cpu()):
-            print(f"     (the machine was {(after[0] - before[0]) / (after[1] - before[1]):.0%} busy meanwhile, "
-                  f"this loop and Redis included)")
+            print(
+                f"     (the machine was {(after[0] - before[0]) / (after[1] - before[1]):.0%} busy meanwhile, "
+                f"this loop and Redis included)"
+            )
         print(flush=True)
         pipeline = Pipeline(procs, workdir, redis_url, namespace)
         ok = run_pipeline(args, procs, pipeline, rate)
@@ -417,8 +481,13 @@ def _git_commit() -> str:
     import subprocess
 
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parents[1],
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parents[1],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"

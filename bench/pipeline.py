@@ -20,7 +20,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email import message_from_bytes, policy
 from pathlib import Path
 
@@ -43,6 +43,7 @@ class BenchError(Exception):
 
 # --- child processes ------------------------------------------------------------------------------
 
+
 def relais_command() -> list[str]:
     """The `relais` console script of this environment, as production runs it."""
     script = Path(sys.executable).with_name("relais")
@@ -57,9 +58,15 @@ class Processes:
 
     def spawn(self, name: str, cmd: list[str], env: dict, log_path: Path) -> subprocess.Popen:
         with open(log_path, "ab") as log:  # the child keeps its own descriptor
-            proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True,  # Ctrl-C reaches the bench, which stops them in order
-                                    preexec_fn=die_with_parent)
+            proc = subprocess.Popen(
+                cmd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C reaches the bench, which stops them in order
+                preexec_fn=die_with_parent,
+            )
         return self.adopt(name, proc, log_path)
 
     def adopt(self, name: str, proc: subprocess.Popen, log_path: Path) -> subprocess.Popen:
@@ -136,9 +143,15 @@ class Pipeline:
         directory.write_text(yaml.safe_dump(directory_data(), allow_unicode=True, sort_keys=False))
         # Nothing of the caller's RELAIS_* settings leaks in (a database URL pointing at production, say).
         env = {k: v for k, v in os.environ.items() if not k.startswith("RELAIS_")}
-        env.update(RELAIS_REDIS_URL=redis_url, RELAIS_NAMESPACE=namespace, RELAIS_DIRECTORY=str(directory),
-                   RELAIS_DATA_DIR=str(workdir / "data"), RELAIS_SECRET_KEY=secrets.token_urlsafe(48),
-                   RELAIS_SMTP_URL=self.sink.url, RELAIS_LOG_LEVEL=os.environ.get("RELAIS_LOG_LEVEL", "INFO"))
+        env.update(
+            RELAIS_REDIS_URL=redis_url,
+            RELAIS_NAMESPACE=namespace,
+            RELAIS_DIRECTORY=str(directory),
+            RELAIS_DATA_DIR=str(workdir / "data"),
+            RELAIS_SECRET_KEY=secrets.token_urlsafe(48),
+            RELAIS_SMTP_URL=self.sink.url,
+            RELAIS_LOG_LEVEL=os.environ.get("RELAIS_LOG_LEVEL", "INFO"),
+        )
         for service in SERVICES:
             env[f"RELAIS_{service.upper()}_DATABASE_URL"] = f"sqlite:///{self.database(service)}"
             env[f"RELAIS_{service.upper()}_PORT"] = str(self.ports[service])
@@ -155,8 +168,14 @@ class Pipeline:
         for service in SERVICES:
             log = self.logs / f"migrate-{service}.log"
             with open(log, "ab") as out:
-                rc = subprocess.run([*relais, "migrate", service], env=self.env, stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True).returncode
+                rc = subprocess.run(
+                    [*relais, "migrate", service],
+                    env=self.env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                ).returncode
             if rc != 0:
                 raise BenchError(f"`relais migrate {service}` exited with {rc}; see {log}")
         for service in SERVICES:  # before the sink's thread exists (preexec_fn and threads do not mix well)
@@ -179,7 +198,9 @@ class Pipeline:
                     name, rc, log = dead[0]
                     raise BenchError(f"{name} exited with {rc} while starting; see {log}:\n{tail(log)}")
                 if pending and time.monotonic() > deadline:
-                    raise BenchError(f"not ready after {timeout:.0f} s: {', '.join(sorted(pending))}; logs in {self.logs}")
+                    raise BenchError(
+                        f"not ready after {timeout:.0f} s: {', '.join(sorted(pending))}; logs in {self.logs}"
+                    )
                 time.sleep(0.1)
 
 
@@ -209,8 +230,9 @@ async def post_needs(base_url: str, concurrency: int, duration: float, max_needs
     numbers = itertools.count()
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     headers = {"Authorization": f"Bearer {TOKENS['desk']}"}
-    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=30, limits=limits,
-                                 trust_env=False) as client:
+    async with httpx.AsyncClient(
+        base_url=base_url, headers=headers, timeout=30, limits=limits, trust_env=False
+    ) as client:
         load.started = time.perf_counter()
         deadline = load.started + duration
 
@@ -219,9 +241,14 @@ async def post_needs(base_url: str, concurrency: int, duration: float, max_needs
                 number = next(numbers)
                 if number >= max_needs:
                     return
-                body = {"library_id": LIBRARY, "category": CATEGORY, "postal_code": POSTAL_CODE, "consent": True,
-                        "summary": f"Banc d'essai : dossier APL bloqué, demande n° {number}",
-                        "person": {"display_name": "Personne de test"}}
+                body = {
+                    "library_id": LIBRARY,
+                    "category": CATEGORY,
+                    "postal_code": POSTAL_CODE,
+                    "consent": True,
+                    "summary": f"Banc d'essai : dossier APL bloqué, demande n° {number}",
+                    "person": {"display_name": "Personne de test"},
+                }
                 sent = time.perf_counter()
                 try:
                     response = await client.post("/api/v1/needs", json=body)
@@ -262,8 +289,9 @@ def referral_needs(base_url: str) -> dict[str, str]:
     """referral id -> need id, from the referral service's API (ops token), every page."""
     mapping: dict[str, str] = {}
     cursor = None
-    with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {TOKENS['ops']}"}, timeout=30,
-                      trust_env=False) as client:
+    with httpx.Client(
+        base_url=base_url, headers={"Authorization": f"Bearer {TOKENS['ops']}"}, timeout=30, trust_env=False
+    ) as client:
         while True:
             params = {"limit": 200, **({"cursor": cursor} if cursor else {})}
             page = client.get("/api/v1/referrals", params=params).raise_for_status().json()
@@ -303,8 +331,10 @@ def match_emails(sink: MailSink, referral_to_need: dict[str, str], posted: set[s
             continue
         need = referral_to_need.get(found.group(1))
         if need is None or need not in posted:
-            unmatched.append(f"referral {found.group(1)}: " + ("unknown to the referral API" if need is None
-                                                               else f"need {need} was not posted by this run"))
+            unmatched.append(
+                f"referral {found.group(1)}: "
+                + ("unknown to the referral API" if need is None else f"need {need} was not posted by this run")
+            )
             continue
         if need in first:
             duplicates += 1
@@ -317,7 +347,7 @@ def match_emails(sink: MailSink, referral_to_need: dict[str, str], posted: set[s
 def _epoch(text: str | None) -> float | None:
     if text is None:
         return None
-    return datetime.fromisoformat(text).replace(tzinfo=timezone.utc).timestamp()
+    return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
 
 
 def _rows(path: Path, sql: str) -> list[tuple]:
@@ -347,16 +377,21 @@ def read_timestamps(pipeline: Pipeline) -> Timestamps:
                 found[need] = min(found.get(need, math.inf), _epoch(at))
         return found
 
-    deliveries = _rows(pipeline.database("notifications"),
-                       "SELECT need_id, created_at, sent_at FROM delivery WHERE kind = 'handoff'")
+    deliveries = _rows(
+        pipeline.database("notifications"), "SELECT need_id, created_at, sent_at FROM delivery WHERE kind = 'handoff'"
+    )
     return Timestamps(
         recorded=first_per_need(_rows(pipeline.database("intake"), "SELECT id, recorded_at FROM need")),
         routed=first_per_need(_rows(pipeline.database("referral"), "SELECT need_id, created_at FROM referral")),
         queued=first_per_need((need, created) for need, created, _ in deliveries),
         sent=first_per_need((need, sent) for need, _, sent in deliveries),
-        published=sum((Counter(dict(_rows(pipeline.database(service),
-                                           "SELECT stream, count(*) FROM outbox GROUP BY stream")))
-                       for service in SERVICES), Counter()),
+        published=sum(
+            (
+                Counter(dict(_rows(pipeline.database(service), "SELECT stream, count(*) FROM outbox GROUP BY stream")))
+                for service in SERVICES
+            ),
+            Counter(),
+        ),
     )
 
 
@@ -391,10 +426,11 @@ def handled_counts(logs: Path) -> dict[str, int]:
 def where_is(pipeline: Pipeline, need_id: str) -> str:
     """For a need whose email never came: how far it got, from each service's own tables."""
     parts = []
-    for service, sql in (("intake", f"SELECT status, referral_id FROM need WHERE id = '{need_id}'"),
-                         ("referral", f"SELECT id, partner_id, status FROM referral WHERE need_id = '{need_id}'"),
-                         ("notifications", "SELECT status, attempts, last_error FROM delivery "
-                                           f"WHERE need_id = '{need_id}'")):
+    for service, sql in (
+        ("intake", f"SELECT status, referral_id FROM need WHERE id = '{need_id}'"),
+        ("referral", f"SELECT id, partner_id, status FROM referral WHERE need_id = '{need_id}'"),
+        ("notifications", f"SELECT status, attempts, last_error FROM delivery WHERE need_id = '{need_id}'"),
+    ):
         try:
             parts.append(f"{service}: {_rows(pipeline.database(service), sql) or 'nothing'}")
         except sqlite3.Error as exc:
@@ -411,8 +447,11 @@ def log_problems(folder: Path) -> dict[str, list[str]]:
     found: dict[str, list[str]] = {}
     for path in sorted(folder.rglob("*.log")):
         redis_log = path.name == "redis.log"
-        lines = [line for line in path.read_text(errors="replace").splitlines()
-                 if (REDIS_PROBLEM.search(line) if redis_log else LOG_PROBLEM.search(line))]
+        lines = [
+            line
+            for line in path.read_text(errors="replace").splitlines()
+            if (REDIS_PROBLEM.search(line) if redis_log else LOG_PROBLEM.search(line))
+        ]
         if lines:
             found[str(path)] = lines
     return found

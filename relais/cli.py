@@ -21,12 +21,15 @@ from shared.devstack import MailSink, start_embedded_redis
 from shared.events import STREAMS
 from shared.settings import SERVICES, Settings, private_dir
 
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="relais", description=__doc__.partition("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start Redis, the three services and an SMTP sink on this machine")
     up.add_argument("--directory", type=Path, help="directory file (default: RELAIS_DIRECTORY or the demo directory)")
-    up.add_argument("--data-dir", type=Path, help="where databases, Redis data and received mail go (default ./.relais)")
+    up.add_argument(
+        "--data-dir", type=Path, help="where databases, Redis data and received mail go (default ./.relais)"
+    )
     serve = sub.add_parser("serve", help="run one service, configured from the environment")
     serve.add_argument("service", choices=SERVICES)
     migrate = sub.add_parser("migrate", help="create or upgrade one service's database (run before serve)")
@@ -45,8 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     # JSON lines for the services (collected by the platform); `relais up` and the tools talk to a person.
     default_format = "json" if args.command == "serve" else "text"
     os.umask(0o077)  # databases, mail, Redis files and keys this command (or its children) writes: this user only
-    logs.configure(service=getattr(args, "service", None), fmt=os.environ.get("RELAIS_LOG_FORMAT", default_format),
-                   level=os.environ.get("RELAIS_LOG_LEVEL", "INFO"))
+    logs.configure(
+        service=getattr(args, "service", None),
+        fmt=os.environ.get("RELAIS_LOG_FORMAT", default_format),
+        level=os.environ.get("RELAIS_LOG_LEVEL", "INFO"),
+    )
 
     try:
         if args.command == "directory":
@@ -84,11 +90,15 @@ def _service_module(service: str):
 
 
 def serve_one(service: str) -> int:
-    settings = load_settings(redis=True, databases=(service,), notifications=service == "notifications",
-                             production=True)
+    settings = load_settings(
+        redis=True, databases=(service,), notifications=service == "notifications", production=True
+    )
     if settings.demo:
-        print(f"relais serve {service}: demo mode (RELAIS_DEMO=true): demo tokens and a generated secret key are "
-              "accepted; never run it with real people's data", file=sys.stderr)
+        print(
+            f"relais serve {service}: demo mode (RELAIS_DEMO=true): demo tokens and a generated secret key are "
+            "accepted; never run it with real people's data",
+            file=sys.stderr,
+        )
     embedded: list[subprocess.Popen] = []
     sink: MailSink | None = None
     try:
@@ -101,15 +111,22 @@ def serve_one(service: str) -> int:
             embedded.append(proc)
             settings = settings.model_copy(update={"redis_url": url})
             os.environ["RELAIS_REDIS_URL"] = url  # for anything that reads the environment again
-            print(f"relais serve {service}: RELAIS_REDIS_URL is not set; started an embedded Redis at {url}, which "
-                  "only this process uses (other services will not see its events)", file=sys.stderr)
+            print(
+                f"relais serve {service}: RELAIS_REDIS_URL is not set; started an embedded Redis at {url}, which "
+                "only this process uses (other services will not see its events)",
+                file=sys.stderr,
+            )
         if service == "notifications" and not settings.smtp_url:
             sink = MailSink(settings.data_dir.resolve() / "mail")
             os.environ.update(sink.start())
-            settings = settings.model_copy(update={"smtp_url": os.environ["RELAIS_SMTP_URL"],
-                                                   "mail_sink_dir": sink.folder})
-            print(f"relais serve notifications: RELAIS_SMTP_URL is not set; messages are kept in {sink.folder} "
-                  f"(embedded SMTP sink at {settings.smtp_url})", file=sys.stderr)
+            settings = settings.model_copy(
+                update={"smtp_url": os.environ["RELAIS_SMTP_URL"], "mail_sink_dir": sink.folder}
+            )
+            print(
+                f"relais serve notifications: RELAIS_SMTP_URL is not set; messages are kept in {sink.folder} "
+                f"(embedded SMTP sink at {settings.smtp_url})",
+                file=sys.stderr,
+            )
         return _serve(service, settings)
     finally:
         if sink is not None:
@@ -181,4 +198,3 @@ def replay_dead_letters(stream: str, ids: list[str]) -> int:
     count = asyncio.run(run())
     print(f"replayed {count} message(s) from {settings.key(stream)}.dlq")
     return 0
-

@@ -24,8 +24,9 @@ _PATTERN_HINTS = {"namespace": "may hold only letters, digits, '_', '.' and '-' 
 DATABASE_URL_FORMS = "sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST:PORT/DATABASE"
 
 
-def load_settings(*, redis: bool = False, databases: tuple[str, ...] = (), notifications: bool = False,
-                  production: bool = False) -> Settings:
+def load_settings(
+    *, redis: bool = False, databases: tuple[str, ...] = (), notifications: bool = False, production: bool = False
+) -> Settings:
     """The settings from the environment, and the URLs this command will use checked before anything starts:
     Redis (`redis`), the named services' databases, the SMTP server and SMS provider (`notifications`), and with
     `production` what production refuses unless RELAIS_DEMO=true (public secrets, demo tokens). Raises
@@ -43,8 +44,9 @@ def load_settings(*, redis: bool = False, databases: tuple[str, ...] = (), notif
         try:
             redis_client.ConnectionPool.from_url(settings.redis_url)
         except ValueError as exc:
-            problems.append(f"RELAIS_REDIS_URL: {exc}, e.g. redis://HOST:6379/0 "
-                            f"(got {hide_password(settings.redis_url)!r})")
+            problems.append(
+                f"RELAIS_REDIS_URL: {exc}, e.g. redis://HOST:6379/0 (got {hide_password(settings.redis_url)!r})"
+            )
     if redis:
         from shared.redis_clients import redis_settings_problems
 

@@ -61,8 +61,12 @@ class Up:
                 self.sink = MailSink(self.data_dir / "mail")
                 env.update(self.sink.start())
             for service in SERVICES:
-                if subprocess.run([sys.executable, "-m", "relais", "migrate", service], env=env,
-                                  stdout=subprocess.DEVNULL).returncode != 0:
+                if (
+                    subprocess.run(
+                        [sys.executable, "-m", "relais", "migrate", service], env=env, stdout=subprocess.DEVNULL
+                    ).returncode
+                    != 0
+                ):
                     return 2  # the migration said why
             for service in SERVICES:
                 self._spawn(service, [sys.executable, "-m", "relais", "serve", service], env)
@@ -72,7 +76,9 @@ class Up:
             while not self.stopping:
                 for name, proc in self.children:
                     if proc.poll() is not None:
-                        print(f"relais: {name} exited with status {proc.returncode}; stopping everything", file=sys.stderr)
+                        print(
+                            f"relais: {name} exited with status {proc.returncode}; stopping everything", file=sys.stderr
+                        )
                         return 1
                 if self.reload_asked:
                     self.reload_asked = False
@@ -137,15 +143,22 @@ class Up:
     def _announce(self, env: dict, directory) -> None:
         lines = ["", "Relais is running. Ctrl-C stops everything.", ""]
         for service in SERVICES:
-            lines.append(f"  {service:<14} {self.settings.base_url(service)}   (API docs: {self.settings.base_url(service)}/docs)")
-        lines.append(f"  {'desk pages':<14} {self.settings.base_url('intake')}/   (front desks sign in by emailed link)")
+            lines.append(
+                f"  {service:<14} {self.settings.base_url(service)}   "
+                f"(API docs: {self.settings.base_url(service)}/docs)"
+            )
+        lines.append(
+            f"  {'desk pages':<14} {self.settings.base_url('intake')}/   (front desks sign in by emailed link)"
+        )
         lines.append(f"  {'partner inbox':<14} {self.settings.base_url('referral')}/boite")
         lines.append(f"  {'dashboard':<14} {self.settings.base_url('referral')}/tableau-de-bord   (ops)")
         lines.append(f"  {'redis':<14} {env.get('RELAIS_REDIS_URL') or 'Sentinels ' + env['RELAIS_REDIS_SENTINELS']}")
         if self.sink:
             lines.append(f"  {'smtp sink':<14} {env['RELAIS_SMTP_URL']}   (messages kept in {self.sink.folder})")
-            lines.append(f"  {'outbox page':<14} {self.settings.base_url('notifications')}/envois   (what Relais sends, "
-                         "as recipients see it; for ops: the sign-in link arrives in the folder above)")
+            lines.append(
+                f"  {'outbox page':<14} {self.settings.base_url('notifications')}/envois   (what Relais sends, "
+                "as recipients see it; for ops: the sign-in link arrives in the folder above)"
+            )
         else:
             lines.append(f"  {'smtp':<14} {env['RELAIS_SMTP_URL']}")
         lines.append(f"  {'data':<14} {self.data_dir}")
@@ -157,11 +170,14 @@ class Up:
             for user in directory.users:
                 if user.id in DEMO_TOKENS:
                     lines.append(f"  {user.id:<22} {user.role:<11} {DEMO_TOKENS[user.id]}")
-            lines += ["", "Try it:",
-                      f"  curl -s -X POST {self.settings.base_url('intake')}/api/v1/needs \\",
-                      "    -H 'Authorization: Bearer demo-desk-chatelet' -H 'Content-Type: application/json' \\",
-                      "    -d '{\"library_id\": \"rouen-chatelet\", \"category\": \"caf\", \"summary\": \"Dossier APL bloqué\", "
-                      "\"postal_code\": \"76000\", \"consent\": true}'"]
+            lines += [
+                "",
+                "Try it:",
+                f"  curl -s -X POST {self.settings.base_url('intake')}/api/v1/needs \\",
+                "    -H 'Authorization: Bearer demo-desk-chatelet' -H 'Content-Type: application/json' \\",
+                '    -d \'{"library_id": "rouen-chatelet", "category": "caf", "summary": "Dossier APL bloqué", '
+                '"postal_code": "76000", "consent": true}\'',
+            ]
         print("\n".join(lines), flush=True)
 
     def _shutdown(self) -> None:

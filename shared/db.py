@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
 import threading
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
-from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, select
 
 from shared.events import STREAM_OF, Event, utcnow
@@ -33,13 +32,13 @@ class UTCDateTime(sa.TypeDecorator):
             return None
         if value.tzinfo is None:
             raise ValueError("naive datetime given to the database; use an aware one")
-        value = value.astimezone(timezone.utc)
+        value = value.astimezone(UTC)
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
     def process_result_value(self, value, dialect):  # noqa: ANN001
         if value is None:
             return None
-        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 class OutboxMessage(SQLModel, table=True):
@@ -73,12 +72,25 @@ def emit(session: Session, event: Event) -> None:
     if event.correlation_id is None and (correlation_id := current_correlation_id()):
         event = event.model_copy(update={"correlation_id": correlation_id})
     # Type and ids only: the payload may hold personal data.
-    log.info("emit %s", event.type, extra={"event_type": event.type, "event_id": event.event_id,
-                                            "need_id": event.need_id, "correlation_id": event.correlation_id})
-    session.add(OutboxMessage(
-        event_id=event.event_id, stream=STREAM_OF[event.type], type=event.type,
-        payload=event.model_dump_json(), created_at=utcnow(),
-    ))
+    log.info(
+        "emit %s",
+        event.type,
+        extra={
+            "event_type": event.type,
+            "event_id": event.event_id,
+            "need_id": event.need_id,
+            "correlation_id": event.correlation_id,
+        },
+    )
+    session.add(
+        OutboxMessage(
+            event_id=event.event_id,
+            stream=STREAM_OF[event.type],
+            type=event.type,
+            payload=event.model_dump_json(),
+            created_at=utcnow(),
+        )
+    )
 
 
 def claim_event(session: Session, consumer: str, event_id: str) -> bool:
@@ -94,18 +106,23 @@ def claim_event(session: Session, consumer: str, event_id: str) -> bool:
 PROCESSED_EVENT_MARGIN = timedelta(days=1)
 
 
-def purge_technical_rows(db: Database, now: datetime, retention: timedelta,
-                         stream_max_age: timedelta) -> tuple[int, int]:
+def purge_technical_rows(
+    db: Database, now: datetime, retention: timedelta, stream_max_age: timedelta
+) -> tuple[int, int]:
     """Delete outbox rows published more than `retention` ago and processed-event rows older than both `retention`
     and the streams' age (see PROCESSED_EVENT_MARGIN); (outbox rows, processed-event rows) deleted.
     Idempotent, so replicas may run it at the same time: a row is deleted by one of them, the others skip it."""
     outbox_cutoff = now - retention
     processed_cutoff = now - max(retention, stream_max_age + PROCESSED_EVENT_MARGIN)
     with db.transaction() as session:
-        outbox = session.execute(sa.delete(OutboxMessage).where(
-            OutboxMessage.published_at.is_not(None), OutboxMessage.published_at < outbox_cutoff)).rowcount
-        processed = session.execute(sa.delete(ProcessedEvent).where(
-            ProcessedEvent.processed_at < processed_cutoff)).rowcount
+        outbox = session.execute(
+            sa.delete(OutboxMessage).where(
+                OutboxMessage.published_at.is_not(None), OutboxMessage.published_at < outbox_cutoff
+            )
+        ).rowcount
+        processed = session.execute(
+            sa.delete(ProcessedEvent).where(ProcessedEvent.processed_at < processed_cutoff)
+        ).rowcount
     return outbox, processed
 
 
@@ -117,18 +134,19 @@ class Database:
         if self.is_sqlite:
             _private_sqlite_file(url)
             # hide_parameters: a failing statement's values (a person's address) stay out of errors and logs.
-            self.engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
-                                           hide_parameters=True)
+            self.engine = sa.create_engine(
+                url, connect_args={"check_same_thread": False, "timeout": 30}, hide_parameters=True
+            )
             _sqlite_pragmas(self.engine, begin="BEGIN IMMEDIATE")
-            self.read_engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
-                                                hide_parameters=True)
+            self.read_engine = sa.create_engine(
+                url, connect_args={"check_same_thread": False, "timeout": 30}, hide_parameters=True
+            )
             _sqlite_pragmas(self.read_engine, begin="BEGIN")
             # Writers of this process queue here and are woken at once; SQLite's own busy handler sleeps
             # in steps and left the lock idle between waiters (see docs/benchmarks.md).
             self._write_lock: threading.RLock | None = threading.RLock()
         else:
-            self.engine = sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10,
-                                           hide_parameters=True)
+            self.engine = sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10, hide_parameters=True)
             self.read_engine = self.engine
             self._write_lock = None
 
@@ -154,8 +172,9 @@ class Database:
 
     def outbox_backlog(self) -> int:
         with self.read() as s:
-            return s.exec(select(sa.func.count()).select_from(OutboxMessage).where(
-                OutboxMessage.published_at.is_(None))).one()
+            return s.exec(
+                select(sa.func.count()).select_from(OutboxMessage).where(OutboxMessage.published_at.is_(None))
+            ).one()
 
     def dispose(self) -> None:
         self.engine.dispose()

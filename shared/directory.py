@@ -45,8 +45,8 @@ from pydantic import (
     PrivateAttr,
     StrictInt,
     StringConstraints,
-    model_validator,
     ValidationError,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
@@ -62,12 +62,11 @@ class DirectoryError(Exception):
     def __init__(self, errors: list[str]):
         self.errors = list(errors)
         plural = "s" if len(self.errors) != 1 else ""
-        super().__init__(
-            f"{len(self.errors)} error{plural} in the directory file:\n  " + "\n  ".join(self.errors)
-        )
+        super().__init__(f"{len(self.errors)} error{plural} in the directory file:\n  " + "\n  ".join(self.errors))
 
 
 # --- Values shared with the rest of the project -----------------------------------------------
+
 
 def normalize_postal_code(code: str) -> str:
     """'H2X 1y4' -> 'H2X1Y4'; '76 000' -> '76000'. Territory prefixes get the same treatment."""
@@ -96,9 +95,7 @@ def normalize_phone(text: str) -> str:
             continue
         if phonenumbers.is_valid_number(number):
             return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
-    raise ValueError(
-        f"not a phone number: {text!r} (write e.g. 02 35 12 34 56, 819 555 0123 or +33235123456)"
-    )
+    raise ValueError(f"not a phone number: {text!r} (write e.g. 02 35 12 34 56, 819 555 0123 or +33235123456)")
 
 
 def normalize_email(text: str) -> str:
@@ -130,9 +127,7 @@ def parse_duration(text: str) -> timedelta:
     if not match or code in ("P", "PT") or code.endswith("T"):
         date_part = code.partition("T")[0]
         if code.startswith("P") and ("Y" in date_part or "M" in date_part):
-            raise ValueError(
-                f"{text!r}: years and months have no fixed length; use days instead (e.g. P30D)"
-            )
+            raise ValueError(f"{text!r}: years and months have no fixed length; use days instead (e.g. P30D)")
         raise ValueError(f"not an ISO 8601 duration: {text!r} ({_DURATION_HINT})")
     parts = {k: float(v.replace(",", ".")) for k, v in match.groupdict().items() if v}
     duration = timedelta(**parts)
@@ -144,6 +139,7 @@ def parse_duration(text: str) -> timedelta:
 # --- Field types ------------------------------------------------------------------------------
 # Validators raise PydanticCustomError so the message reaches ops without pydantic's wording.
 
+
 def _custom(kind: str):
     def wrap(check):
         def validator(value):
@@ -151,7 +147,9 @@ def _custom(kind: str):
                 return check(value)
             except ValueError as exc:
                 raise PydanticCustomError(kind, "{reason}", {"reason": str(exc)}) from None
+
         return validator
+
     return wrap
 
 
@@ -222,6 +220,7 @@ class _Frozen(BaseModel):
 
 # --- Models -----------------------------------------------------------------------------------
 
+
 class SlaPolicy(_Frozen):
     """How long a partner has to answer, and when the software nudges before that."""
 
@@ -252,13 +251,14 @@ class BusinessHours(_Frozen):
 
     timezone: TimeZoneName = "Europe/Paris"
     days: list[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]] = Field(
-        default=["mon", "tue", "wed", "thu", "fri"], min_length=1)
+        default=["mon", "tue", "wed", "thu", "fri"], min_length=1
+    )
     opens: ClockTime = time(9, 0)
     closes: ClockTime = time(17, 0)
     holidays: Literal["FR", "CA-QC"] | None = "FR"  # France's, or Québec's, public holidays
 
     @model_validator(mode="after")
-    def _opens_before_closing(self) -> "BusinessHours":
+    def _opens_before_closing(self) -> BusinessHours:
         if self.opens >= self.closes:
             raise ValueError(f"opens ({self.opens:%H:%M}) must be before closes ({self.closes:%H:%M})")
         return self
@@ -420,6 +420,7 @@ class Directory(_DirectoryBase):
 
 # --- Loading ----------------------------------------------------------------------------------
 
+
 def load_directory(path: str | os.PathLike[str]) -> Directory:
     """Read and validate a directory file; raises DirectoryError listing every problem."""
     return parse_directory(_read_yaml(Path(path)))
@@ -440,8 +441,7 @@ def parse_directory(data: Any) -> Directory:
         raise DirectoryError(["(top level): the file is empty"])
     if not isinstance(data, Mapping):
         raise DirectoryError(
-            ["(top level): expected a mapping (timezone:, sla:, categories:, ...), "
-             f"got {type(data).__name__}"]
+            [f"(top level): expected a mapping (timezone:, sla:, categories:, ...), got {type(data).__name__}"]
         )
     problems: list[tuple[tuple, str]] = []
     parsed = None
@@ -465,11 +465,13 @@ def _build(parsed: _DirectoryFile) -> Directory:
         for entry in parsed.partners
     ]
     # A library without its own time zone shows deadlines in the directory's.
-    libraries = [lib if lib.timezone else lib.model_copy(update={"timezone": parsed.timezone})
-                 for lib in parsed.libraries]
+    libraries = [
+        lib if lib.timezone else lib.model_copy(update={"timezone": parsed.timezone}) for lib in parsed.libraries
+    ]
     return Directory(
         **{name: getattr(parsed, name) for name in _DirectoryBase.model_fields if name != "libraries"},
-        libraries=libraries, partners=partners,
+        libraries=libraries,
+        partners=partners,
     )
 
 
@@ -481,17 +483,13 @@ def merge_sla(default: SlaPolicy, override: SlaOverride | None) -> SlaPolicy:
     window = override.respond_within or default.respond_within
     ratio = window / default.respond_within
     remind_after = (
-        override.remind_after
-        if override.remind_after is not None
-        else [step * ratio for step in default.remind_after]
+        override.remind_after if override.remind_after is not None else [step * ratio for step in default.remind_after]
     )
     if "escalate_after" in given:
         escalate_after = override.escalate_after  # an explicit null turns escalation off
     else:
         escalate_after = default.escalate_after and default.escalate_after * ratio
-    return SlaPolicy(
-        respond_within=window, remind_after=remind_after, escalate_after=escalate_after
-    )
+    return SlaPolicy(respond_within=window, remind_after=remind_after, escalate_after=escalate_after)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -529,8 +527,7 @@ def _read_yaml(path: Path) -> Any:
 
 # --- Error messages ---------------------------------------------------------------------------
 
-_SECTIONS = ("timezone", "sla", "escalation_contacts", "categories", "libraries", "partners",
-             "users")
+_SECTIONS = ("timezone", "sla", "escalation_contacts", "categories", "libraries", "partners", "users")
 
 
 def _sort_key(loc: tuple) -> tuple:
@@ -579,6 +576,7 @@ def _message(err: Mapping[str, Any]) -> str:
 
 # --- Cross-checks on the raw mapping ----------------------------------------------------------
 
+
 def _entries(data: Mapping, *keys: Any) -> Iterator[tuple[int, Mapping]]:
     """(index, mapping) for each mapping in the list at data[keys...]; skips anything else."""
     value: Any = data
@@ -624,8 +622,7 @@ def _check_unique_ids(data: Mapping) -> list[tuple[tuple, str]]:
             if id_ is None:
                 continue
             if id_ in first_seen:
-                problems.append((loc, f"duplicate id {id_!r} (already used at "
-                                      f"{_format_loc(first_seen[id_])})"))
+                problems.append((loc, f"duplicate id {id_!r} (already used at {_format_loc(first_seen[id_])})"))
             else:
                 first_seen[id_] = loc
     return problems
@@ -640,20 +637,21 @@ def _check_partners(data: Mapping) -> list[tuple[tuple, str]]:
         if check_categories and isinstance(taken, list):
             for j, category in enumerate(taken):
                 if isinstance(category, str) and category not in categories:
-                    problems.append((("partners", i, "categories", j),
-                                     f"unknown category {category!r}"))
+                    problems.append((("partners", i, "categories", j), f"unknown category {category!r}"))
         contacts = list(_entries(partner, "contacts"))
         roles = [_str(c, "role") for _, c in contacts]
         if not isinstance(partner.get("contacts"), list) or not set(roles) <= {"primary", "backup"}:
             continue  # the first pass already reports a missing list or an unknown role
-        primaries = [j for (j, _), role in zip(contacts, roles) if role == "primary"]
+        primaries = [j for (j, _), role in zip(contacts, roles, strict=True) if role == "primary"]
         if not primaries:
-            problems.append((("partners", i, "contacts"),
-                             "no primary contact; give one contact role: primary"))
+            problems.append((("partners", i, "contacts"), "no primary contact; give one contact role: primary"))
         for j in primaries[1:]:
-            problems.append((("partners", i, "contacts", j, "role"),
-                             f"a second primary contact (contacts[{primaries[0]}] is already "
-                             "primary); make this one backup"))
+            problems.append(
+                (
+                    ("partners", i, "contacts", j, "role"),
+                    f"a second primary contact (contacts[{primaries[0]}] is already primary); make this one backup",
+                )
+            )
     return problems
 
 
@@ -673,28 +671,33 @@ def _check_users(data: Mapping) -> list[tuple[tuple, str]]:
                 value = user.get(field)
                 if field == needs[role]:
                     if value is None:
-                        problems.append((("users", i, field),
-                                         f"missing; {_a(role)} user needs the id of their {field}"))
+                        problems.append(
+                            (("users", i, field), f"missing; {_a(role)} user needs the id of their {field}")
+                        )
                     elif isinstance(value, str) and value not in known[field]:
                         problems.append((("users", i, field), f"unknown {field} {value!r}"))
                 elif value is not None:
-                    problems.append((("users", i, field),
-                                     f"{_a(role)} user has no {field}; remove it"))
+                    problems.append((("users", i, field), f"{_a(role)} user has no {field}; remove it"))
         token, email = _str(user, "token_sha256"), _str(user, "email")
         if user.get("token_sha256") is None and user.get("email") is None:
-            problems.append((("users", i),
-                             "no way to sign in; give an email or a token_sha256"))
+            problems.append((("users", i), "no way to sign in; give an email or a token_sha256"))
         if token and re.fullmatch(r"[0-9a-fA-F]{64}", token):
             if token.lower() in tokens:
-                problems.append((("users", i, "token_sha256"),
-                                 f"same token as users[{tokens[token.lower()]}]; "
-                                 "every user needs their own token"))
+                problems.append(
+                    (
+                        ("users", i, "token_sha256"),
+                        f"same token as users[{tokens[token.lower()]}]; every user needs their own token",
+                    )
+                )
             tokens.setdefault(token.lower(), i)
         if email:
             if email.lower() in emails:
-                problems.append((("users", i, "email"),
-                                 f"same email as users[{emails[email.lower()]}]; "
-                                 "sign-in links need one user per email"))
+                problems.append(
+                    (
+                        ("users", i, "email"),
+                        f"same email as users[{emails[email.lower()]}]; sign-in links need one user per email",
+                    )
+                )
             emails.setdefault(email.lower(), i)
     return problems
 
@@ -742,16 +745,17 @@ def _deadline_problems(loc: tuple, sla: Mapping, fields: set) -> list[tuple[tupl
             if step is None:
                 continue
             if step >= window:
-                problems.append(((*loc, "remind_after", j),
-                                 f"{text} is not before respond_within {window_text}"))
+                problems.append(((*loc, "remind_after", j), f"{text} is not before respond_within {window_text}"))
             elif previous is not None and step <= previous[1]:
-                problems.append(((*loc, "remind_after", j),
-                                 f"{text} is not after the previous reminder {previous[0]}; "
-                                 "list reminders in increasing order"))
+                problems.append(
+                    (
+                        (*loc, "remind_after", j),
+                        f"{text} is not after the previous reminder {previous[0]}; list reminders in increasing order",
+                    )
+                )
             previous = (text, step)
     escalate_text = sla.get("escalate_after")
     escalate = _duration_or_none(escalate_text)
     if "escalate_after" in fields and escalate is not None and escalate >= window:
-        problems.append(((*loc, "escalate_after"),
-                         f"{escalate_text} is not before respond_within {window_text}"))
+        problems.append(((*loc, "escalate_after"), f"{escalate_text} is not before respond_within {window_text}"))
     return problems

@@ -62,8 +62,11 @@ def _problems_in(value: Any, loc: list) -> Iterable[dict]:
         elif isinstance(node, dict):
             for key, item in node.items():
                 if reason := unsafe_text(key):
-                    yield {"loc": [*where, key.encode("utf-8", "backslashreplace").decode()], "msg": f"key {reason}",
-                           "type": "string_unicode"}
+                    yield {
+                        "loc": [*where, key.encode("utf-8", "backslashreplace").decode()],
+                        "msg": f"key {reason}",
+                        "type": "string_unicode",
+                    }
                     continue
                 stack.append((item, [*where, key]))
         elif isinstance(node, list):
@@ -81,9 +84,13 @@ def _is_json(content_type: str) -> bool:
 
 async def _answer(send, status: int, detail: Any, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
     body = json.dumps({"detail": detail}, ensure_ascii=False).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            *headers]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -125,8 +132,7 @@ class EdgeGuard:
         if declared is not None and (not (declared.isascii() and declared.isdigit()) or int(declared) > limit):
             await _answer(send, 413, f"request body too large: at most {limit} bytes", [(b"connection", b"close")])
             return
-        if scope["method"] in ("GET", "HEAD", "OPTIONS") and declared is None \
-                and "transfer-encoding" not in headers:
+        if scope["method"] in ("GET", "HEAD", "OPTIONS") and declared is None and "transfer-encoding" not in headers:
             await self.app(scope, receive, send)
             return
         body, rest = bytearray(), None
@@ -163,8 +169,11 @@ class EdgeGuard:
         await self.app(scope, replay, send)
 
     def allowed(self, scope: Scope) -> bytes:
-        methods = [method for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
-                   if any(route.matches({**scope, "method": method})[0] == Match.FULL for route in self.routes())]
+        methods = [
+            method
+            for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+            if any(route.matches({**scope, "method": method})[0] == Match.FULL for route in self.routes())
+        ]
         return ", ".join(methods).encode()
 
     def limit_for(self, scope: Scope) -> int:
@@ -183,8 +192,9 @@ class EdgeGuard:
         # Decoded as Starlette decodes it, so what is checked is what the route will be given.
         for name, value in parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True):
             if reason := unsafe_text(value) or unsafe_text(name):
-                problems.append({"loc": ["query", name.replace("\x00", "\\x00")], "msg": reason,
-                                 "type": "string_unicode"})
+                problems.append(
+                    {"loc": ["query", name.replace("\x00", "\\x00")], "msg": reason, "type": "string_unicode"}
+                )
         return problems
 
     @staticmethod
@@ -204,8 +214,11 @@ class EdgeGuard:
     @staticmethod
     def form_problems(body: bytes) -> tuple[int, Any] | None:
         fields = parse_qsl(body.decode("utf-8", errors="replace"), keep_blank_values=True)
-        problems = [{"loc": ["body", name.replace("\x00", "\\x00")], "msg": reason, "type": "string_unicode"}
-                    for name, value in fields if (reason := unsafe_text(value) or unsafe_text(name))]
+        problems = [
+            {"loc": ["body", name.replace("\x00", "\\x00")], "msg": reason, "type": "string_unicode"}
+            for name, value in fields
+            if (reason := unsafe_text(value) or unsafe_text(name))
+        ]
         return (422, problems) if problems else None
 
 

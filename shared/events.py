@@ -9,8 +9,8 @@ only in `need.recorded`, because the partner who takes the need must be able to 
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timezone
-from typing import Annotated, Literal, Union
+from datetime import UTC, datetime
+from typing import Annotated, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -28,7 +28,7 @@ def new_id() -> str:
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class Event(BaseModel):
@@ -75,7 +75,7 @@ class NeedCancelled(Event):
     actor: str  # the ops user who cancelled it
 
 
-NeedEvent = Annotated[Union[NeedRecorded, NeedCancelled], Field(discriminator="type")]
+NeedEvent = Annotated[NeedRecorded | NeedCancelled, Field(discriminator="type")]
 
 
 # --- referral -----------------------------------------------------------------------------------
@@ -153,18 +153,16 @@ class NeedUnroutable(Event):
 
 
 ReferralStreamEvent = Annotated[
-    Union[
-        ReferralAssigned,
-        ReferralAccepted,
-        ReferralResponded,
-        ReferralDeclined,
-        ReferralClosed,
-        ReferralCancelled,
-        ReferralReminderDue,
-        ReferralEscalated,
-        ReferralBreached,
-        NeedUnroutable,
-    ],
+    ReferralAssigned
+    | ReferralAccepted
+    | ReferralResponded
+    | ReferralDeclined
+    | ReferralClosed
+    | ReferralCancelled
+    | ReferralReminderDue
+    | ReferralEscalated
+    | ReferralBreached
+    | NeedUnroutable,
     Field(discriminator="type"),
 ]
 
@@ -190,7 +188,7 @@ class DeliveryFailed(DeliveryEvent):
     error: str
 
 
-DeliveryStreamEvent = Annotated[Union[DeliverySent, DeliveryFailed], Field(discriminator="type")]
+DeliveryStreamEvent = Annotated[DeliverySent | DeliveryFailed, Field(discriminator="type")]
 
 # --- access -------------------------------------------------------------------------------------
 
@@ -213,7 +211,7 @@ class AccessLinkRequested(Event):
 AccessEvent = AccessLinkRequested
 
 AnyEvent = Annotated[
-    Union[NeedRecorded, NeedCancelled, ReferralStreamEvent, DeliveryStreamEvent, AccessLinkRequested],
+    NeedRecorded | NeedCancelled | ReferralStreamEvent | DeliveryStreamEvent | AccessLinkRequested,
     Field(discriminator="type"),
 ]
 _any_event = TypeAdapter(AnyEvent)
@@ -222,11 +220,21 @@ _any_event = TypeAdapter(AnyEvent)
 STREAM_OF: dict[str, str] = {
     "need.recorded": NEEDS,
     "need.cancelled": NEEDS,
-    **{t: REFERRALS for t in (
-        "referral.assigned", "referral.accepted", "referral.responded", "referral.declined",
-        "referral.closed", "referral.cancelled", "referral.reminder_due", "referral.escalated", "referral.breached",
-        "need.unroutable",
-    )},
+    **{
+        t: REFERRALS
+        for t in (
+            "referral.assigned",
+            "referral.accepted",
+            "referral.responded",
+            "referral.declined",
+            "referral.closed",
+            "referral.cancelled",
+            "referral.reminder_due",
+            "referral.escalated",
+            "referral.breached",
+            "need.unroutable",
+        )
+    },
     "delivery.sent": DELIVERIES,
     "delivery.failed": DELIVERIES,
     "access.link_requested": ACCESS,

@@ -31,8 +31,7 @@ from typing import Any
 import anyio
 import redis
 import redis.asyncio as aioredis
-from faststream import AckPolicy
-from faststream import BaseMiddleware
+from faststream import AckPolicy, BaseMiddleware
 from faststream.redis import StreamSub
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
@@ -61,18 +60,24 @@ def stream_fields(row: OutboxMessage) -> dict[str, str]:
     """A stream entry FastStream can parse (JSON envelope with headers), plus plain fields for people and tools."""
     payload = json.loads(row.payload)
     need_id, correlation_id = payload.get("need_id") or "", payload.get("correlation_id") or row.event_id
-    envelope = {"data": row.payload, "headers": {
-        "content-type": "application/json", "message_id": row.event_id,
-        "correlation_id": correlation_id, "event_type": row.type,
-    }}
+    envelope = {
+        "data": row.payload,
+        "headers": {
+            "content-type": "application/json",
+            "message_id": row.event_id,
+            "correlation_id": correlation_id,
+            "event_type": row.type,
+        },
+    }
     return {DATA_FIELD: json.dumps(envelope), "type": row.type, "event_id": row.event_id, "need_id": need_id}
 
 
 # --- outbox relay -------------------------------------------------------------------------------
 
 
-def publish_pending(db: Database, client: redis.Redis, settings: Settings, limit: int = RELAY_BATCH,
-                    watch: MasterWatch | None = None) -> int:
+def publish_pending(
+    db: Database, client: redis.Redis, settings: Settings, limit: int = RELAY_BATCH, watch: MasterWatch | None = None
+) -> int:
     """Publish the oldest unpublished outbox rows in one pipeline and mark them published.
 
     Rows are locked (SKIP LOCKED on PostgreSQL) while they are published, so replicas share the
@@ -82,7 +87,9 @@ def publish_pending(db: Database, client: redis.Redis, settings: Settings, limit
         if session.exec(select(OutboxMessage.id).where(OutboxMessage.published_at.is_(None)).limit(1)).first() is None:
             return 0
     with db.transaction() as session:
-        query = select(OutboxMessage).where(OutboxMessage.published_at.is_(None)).order_by(OutboxMessage.id).limit(limit)
+        query = (
+            select(OutboxMessage).where(OutboxMessage.published_at.is_(None)).order_by(OutboxMessage.id).limit(limit)
+        )
         if not db.is_sqlite:
             query = query.with_for_update(skip_locked=True)
         rows = session.exec(query).all()
@@ -119,8 +126,10 @@ def confirm_replicated(client: redis.Redis, role: Any) -> bool:
         return False
     acknowledged = client.wait(1, REPLICA_ACK_TIMEOUT_MS)
     if acknowledged < 1:
-        raise NotReplicated(f"none of the master's {len(role[2])} replica(s) acknowledged the events within "
-                            f"{REPLICA_ACK_TIMEOUT_MS} ms; they stay in the outbox and are published again")
+        raise NotReplicated(
+            f"none of the master's {len(role[2])} replica(s) acknowledged the events within "
+            f"{REPLICA_ACK_TIMEOUT_MS} ms; they stay in the outbox and are published again"
+        )
     return True
 
 
@@ -150,8 +159,12 @@ class MasterWatch:
         if self.run_id is not None and run_id != self.run_id and self.unconfirmed_since is not None:
             since = max(self.unconfirmed_since, utcnow() - REPUBLISH_WINDOW)
             republished = republish_since(db, client, settings, since)
-            log.warning("outbox relay: a new Redis master; %d event(s) published since %s without a replica's "
-                        "acknowledgement were published again", republished, since.isoformat())
+            log.warning(
+                "outbox relay: a new Redis master; %d event(s) published since %s without a replica's "
+                "acknowledgement were published again",
+                republished,
+                since.isoformat(),
+            )
             self.unconfirmed_since = None
         self.run_id = run_id
         return republished
@@ -160,11 +173,12 @@ class MasterWatch:
 def republish_since(db: Database, client: redis.Redis, settings: Settings, since: datetime) -> int:
     """Publish again the outbox rows marked published at or after `since`."""
     with db.read() as session:
-        rows = session.exec(select(OutboxMessage).where(OutboxMessage.published_at >= since)
-                            .order_by(OutboxMessage.id)).all()
+        rows = session.exec(
+            select(OutboxMessage).where(OutboxMessage.published_at >= since).order_by(OutboxMessage.id)
+        ).all()
     for start in range(0, len(rows), RELAY_BATCH):
         pipe = client.pipeline(transaction=False)
-        for row in rows[start:start + RELAY_BATCH]:
+        for row in rows[start : start + RELAY_BATCH]:
             pipe.xadd(settings.key(row.stream), stream_fields(row))
         pipe.execute()
     return len(rows)
@@ -217,12 +231,19 @@ class OutboxRelay:
 # --- consuming ----------------------------------------------------------------------------------
 
 
-async def dead_letter(client: aioredis.Redis, stream: str, group: str, entry_id: bytes | str,
-                      fields: dict, error: str) -> None:
+async def dead_letter(
+    client: aioredis.Redis, stream: str, group: str, entry_id: bytes | str, fields: dict, error: str
+) -> None:
     """Move one entry to `<stream>.dlq` and ack it, in one MULTI/EXEC: it is in exactly one place."""
     entry = {k: v for k, v in fields.items() if (k.decode() if isinstance(k, bytes) else k) not in DLQ_FIELDS}
-    entry.update({"dlq_error": error[:4000], "dlq_source_id": entry_id, "dlq_group": group,
-                  "dlq_failed_at": utcnow().isoformat()})
+    entry.update(
+        {
+            "dlq_error": error[:4000],
+            "dlq_source_id": entry_id,
+            "dlq_group": group,
+            "dlq_failed_at": utcnow().isoformat(),
+        }
+    )
     async with client.pipeline(transaction=True) as pipe:
         pipe.xadd(stream + DEAD_LETTER_SUFFIX, entry)
         pipe.xack(stream, group, entry_id)
@@ -247,8 +268,9 @@ def reliable_delivery(bus: Bus) -> type[BaseMiddleware]:
             await msg.ack()
             return result
 
-        async def after_processed(self, exc_type: Any = None, exc_val: BaseException | None = None,
-                                  exc_tb: Any = None) -> bool | None:
+        async def after_processed(
+            self, exc_type: Any = None, exc_val: BaseException | None = None, exc_tb: Any = None
+        ) -> bool | None:
             # FastStream parses an entry before any consume_scope runs: an entry it cannot parse (no
             # `__data__` envelope and fields that are not UTF-8, say) fails out here, not in consume_scope.
             # Count that failure the same way, or the claimer would take the entry back forever.
@@ -256,19 +278,33 @@ def reliable_delivery(bus: Bus) -> type[BaseMiddleware]:
             if isinstance(exc_val, Exception) and not self.reached_handler and raw.get("type") == "stream":
                 stream, entry_id = raw["channel"], raw["message_ids"][0]
                 pel = await bus.redis.xpending_range(stream, bus.group, min=entry_id, max=entry_id, count=1)
-                await self.failed(stream, bus.group, entry_id, raw.get("data") or {}, exc_val,
-                                  int(pel[0]["times_delivered"]) if pel else 1)
+                await self.failed(
+                    stream,
+                    bus.group,
+                    entry_id,
+                    raw.get("data") or {},
+                    exc_val,
+                    int(pel[0]["times_delivered"]) if pel else 1,
+                )
             return False
 
-        async def failed(self, stream: str, group: str, entry_id: bytes, fields: dict, exc: Exception,
-                         deliveries: int) -> None:
+        async def failed(
+            self, stream: str, group: str, entry_id: bytes, fields: dict, exc: Exception, deliveries: int
+        ) -> None:
             error = describe_error(exc)  # logged and kept with the dead letter: no payload values
             if deliveries >= bus.settings.max_deliveries:
                 await dead_letter(bus.redis, stream, group, entry_id, fields, error)
                 log.error("dead-lettered %s %s after %d deliveries: %s", stream, entry_id, deliveries, error)
             else:
-                log.warning("%s %s failed (delivery %d of %d), retried after %d ms idle: %s", stream, entry_id,
-                            deliveries, bus.settings.max_deliveries, bus.settings.claim_idle_ms, error)
+                log.warning(
+                    "%s %s failed (delivery %d of %d), retried after %d ms idle: %s",
+                    stream,
+                    entry_id,
+                    deliveries,
+                    bus.settings.max_deliveries,
+                    bus.settings.claim_idle_ms,
+                    error,
+                )
 
     return ReliableDelivery
 
@@ -286,8 +322,9 @@ class Bus:
         self.settings, self.service, self.db = settings, service, db
         self.group = service  # one consumer group per consuming service
         self.consumer = consumer_name(service)  # one consumer name per process
-        self.broker = redis_clients.broker(settings, middlewares=[reliable_delivery(self)],
-                                           logger=logging.getLogger(f"relais.{service}.broker"))
+        self.broker = redis_clients.broker(
+            settings, middlewares=[reliable_delivery(self)], logger=logging.getLogger(f"relais.{service}.broker")
+        )
         self.relay = OutboxRelay(db, settings)
         self.redis: aioredis.Redis | None = None
         self.streams: list[str] = []
@@ -298,20 +335,33 @@ class Bus:
         key = self.settings.key(stream)
         self.streams.append(key)
         reader = self.broker.subscriber(
-            stream=StreamSub(key, group=self.group, consumer=self.consumer, polling_interval=1000,
-                             max_records=READ_BATCH),
-            ack_policy=AckPolicy.MANUAL, title=f"{key}:{self.group}", description=description)
+            stream=StreamSub(
+                key, group=self.group, consumer=self.consumer, polling_interval=1000, max_records=READ_BATCH
+            ),
+            ack_policy=AckPolicy.MANUAL,
+            title=f"{key}:{self.group}",
+            description=description,
+        )
         claimer = self.broker.subscriber(
-            stream=StreamSub(key, group=self.group, consumer=self.consumer,
-                             min_idle_time=self.settings.claim_idle_ms, polling_interval=max(100, self.settings.claim_idle_ms // 4)),
-            ack_policy=AckPolicy.MANUAL, title=f"{key}:{self.group}:recovery",
-            description="Claims entries left pending by a dead consumer (XAUTOCLAIM).", include_in_schema=False)
+            stream=StreamSub(
+                key,
+                group=self.group,
+                consumer=self.consumer,
+                min_idle_time=self.settings.claim_idle_ms,
+                polling_interval=max(100, self.settings.claim_idle_ms // 4),
+            ),
+            ack_policy=AckPolicy.MANUAL,
+            title=f"{key}:{self.group}:recovery",
+            description="Claims entries left pending by a dead consumer (XAUTOCLAIM).",
+            include_in_schema=False,
+        )
         return lambda fn: reader(claimer(fn))
 
     def documents_publisher(self, stream: str, schema: Any, description: str) -> None:
         """Declare what this service publishes (through its outbox), for the AsyncAPI document."""
-        self.broker.publisher(stream=self.settings.key(stream), schema=schema, title=self.settings.key(stream),
-                              description=description)
+        self.broker.publisher(
+            stream=self.settings.key(stream), schema=schema, title=self.settings.key(stream), description=description
+        )
 
     async def process(self, handler: Callable[[Session, Any], None], event: Event) -> bool:
         """Run `handler(session, event)` once per event for this service; False for a redelivery."""
@@ -351,10 +401,12 @@ class Bus:
         self.redis = redis_clients.async_client(self.settings)
         await self.ensure_groups()
         await self.broker.start()
-        self._tasks = [asyncio.create_task(self.relay.run(), name="outbox-relay"),
-                       asyncio.create_task(self._heal_forever(), name="subscriber-heal"),
-                       asyncio.create_task(self._trim_forever(), name="stream-trim"),
-                       asyncio.create_task(self._purge_forever(), name="technical-purge")]
+        self._tasks = [
+            asyncio.create_task(self.relay.run(), name="outbox-relay"),
+            asyncio.create_task(self._heal_forever(), name="subscriber-heal"),
+            asyncio.create_task(self._trim_forever(), name="stream-trim"),
+            asyncio.create_task(self._purge_forever(), name="technical-purge"),
+        ]
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -382,16 +434,22 @@ class Bus:
         again first, from the start of each stream (entries already processed are skipped by event_id). Returns
         the subscribers still stopped: /readyz reports them, so an orchestrator restarts what this cannot heal."""
         # One still stopping (its read task not yet gone) would cancel a new read as it ends: left for the next round.
-        stopped = [sub for sub in self.broker.subscribers
-                   if not sub.running and all(task.done() for task in getattr(sub, "tasks", ()))]
+        stopped = [
+            sub
+            for sub in self.broker.subscribers
+            if not sub.running and all(task.done() for task in getattr(sub, "tasks", ()))
+        ]
         if not stopped:
             return self.stopped_subscribers()
         try:
             await self.ensure_groups()
             for sub in stopped:
                 await sub.start()
-                log.warning("%s: subscriber %s had stopped; its consumer group was created again and it reads again",
-                            self.service, subscriber_name(sub))
+                log.warning(
+                    "%s: subscriber %s had stopped; its consumer group was created again and it reads again",
+                    self.service,
+                    subscriber_name(sub),
+                )
         except Exception as exc:  # noqa: BLE001 - Redis down or the stream unusable: tried again, /readyz says so
             log.error("%s: a stopped subscriber could not be started again: %s", self.service, describe_error(exc))
         return self.stopped_subscribers()
@@ -403,8 +461,12 @@ class Bus:
 
     def purge(self, now: datetime | None = None) -> tuple[int, int]:
         """Delete this service's old technical rows (published outbox rows, processed-event rows)."""
-        return purge_technical_rows(self.db, now or utcnow(), self.settings.technical_retention,
-                                    timedelta(seconds=self.settings.stream_max_age_s))
+        return purge_technical_rows(
+            self.db,
+            now or utcnow(),
+            self.settings.technical_retention,
+            timedelta(seconds=self.settings.stream_max_age_s),
+        )
 
     async def _purge_forever(self) -> None:
         while True:
@@ -430,8 +492,9 @@ class Bus:
         for key in self.streams:
             for stream in (key, key + DEAD_LETTER_SUFFIX):
                 try:
-                    removed += await trim_stream(self.redis, stream, self.settings.stream_max_len,
-                                                 self.settings.stream_max_age_s, now_ms)
+                    removed += await trim_stream(
+                        self.redis, stream, self.settings.stream_max_len, self.settings.stream_max_age_s, now_ms
+                    )
                 except redis.RedisError as exc:
                     log.warning("trimming %s failed: %s", stream, exc)
         return removed
@@ -449,8 +512,9 @@ def _fmt(entry_id: tuple[int, int]) -> str:
     return f"{entry_id[0]}-{entry_id[1]}"
 
 
-async def trim_stream(client: aioredis.Redis, stream: str, max_len: int, max_age_s: float,
-                      now_ms: int | None = None) -> int:
+async def trim_stream(
+    client: aioredis.Redis, stream: str, max_len: int, max_age_s: float, now_ms: int | None = None
+) -> int:
     """Trim by age and length, but never at or past an entry some group has pending or not yet read."""
     length = await client.xlen(stream)
     if length == 0:

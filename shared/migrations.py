@@ -52,7 +52,8 @@ def upgrade(service: str, url: str) -> None:
     if state == "unversioned":
         raise MigrationNeeded(
             f"{service}: the database at {_safe(url)} has tables but no migration history (it was made by a "
-            "version of Relais before its first release); delete it, or the data dir, and start again")
+            "version of Relais before its first release); delete it, or the data dir, and start again"
+        )
     command.upgrade(config(service, url), "head")
 
 
@@ -62,8 +63,9 @@ def check_current(service: str, engine: sa.Engine, url: str) -> None:
     if state == "empty":
         upgrade(service, url)
     elif state != "current":
-        raise MigrationNeeded(f"{service}: the database is not at the newest schema ({state}); "
-                              f"run `relais migrate {service}` first")
+        raise MigrationNeeded(
+            f"{service}: the database is not at the newest schema ({state}); run `relais migrate {service}` first"
+        )
 
 
 def _state(service: str, engine: sa.Engine) -> str:
@@ -88,8 +90,12 @@ def run_env(context, tables: Sequence[sa.Table]) -> None:  # noqa: ANN001 - Alem
     metadata = metadata_of(tables)
     engine = sa.create_engine(cfg.get_main_option("sqlalchemy.url"))
     with engine.connect() as connection:
-        context.configure(connection=connection, target_metadata=metadata,
-                          render_as_batch=connection.dialect.name == "sqlite", compare_type=True)
+        context.configure(
+            connection=connection,
+            target_metadata=metadata,
+            render_as_batch=connection.dialect.name == "sqlite",
+            compare_type=True,
+        )
         with context.begin_transaction():
             context.run_migrations()
     engine.dispose()

@@ -49,8 +49,10 @@ _DESCRIPTIONS = {
 
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """`responses=` for a route: the listed error statuses with their JSON body."""
-    return {code: {"model": ValidationErrorBody if code == 422 else ErrorBody, "description": _DESCRIPTIONS[code]}
-            for code in codes}
+    return {
+        code: {"model": ValidationErrorBody if code == 422 else ErrorBody, "description": _DESCRIPTIONS[code]}
+        for code in codes
+    }
 
 
 def declare_errors(document: dict, prefix: str = "/api/v1") -> None:
@@ -71,9 +73,13 @@ def declare_errors(document: dict, prefix: str = "/api/v1") -> None:
             responses = operation.setdefault("responses", {})
             for code in codes:
                 model = "ValidationErrorBody" if code == 422 else "ErrorBody"
-                responses.setdefault(str(code), {
-                    "description": _DESCRIPTIONS[code],
-                    "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model}"}}}})
+                responses.setdefault(
+                    str(code),
+                    {
+                        "description": _DESCRIPTIONS[code],
+                        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model}"}}},
+                    },
+                )
 
 
 def _refuse_nul(node: Any) -> None:
@@ -94,16 +100,28 @@ def install(app: FastAPI, refiners: list[Callable[[dict], None]]) -> None:
 
     def openapi() -> dict:
         if app.openapi_schema is None:
-            document = copy.deepcopy(get_openapi(title=app.title, version=app.version, openapi_version=app.openapi_version,
-                                   description=app.description, routes=app.routes))
+            document = copy.deepcopy(
+                get_openapi(
+                    title=app.title,
+                    version=app.version,
+                    openapi_version=app.openapi_version,
+                    description=app.description,
+                    routes=app.routes,
+                )
+            )
             for path in document.get("paths", {}).values():
                 for operation in path.values():
                     for parameter in operation.get("parameters", []):
                         _refuse_nul(parameter.get("schema"))
                     _refuse_nul(operation.get("requestBody"))
             for name, schema in document.get("components", {}).get("schemas", {}).items():
-                if name not in ("ErrorBody", "FieldError", "ValidationErrorBody", "HTTPValidationError",
-                                "ValidationError") and not name.endswith("Public"):
+                if name not in (
+                    "ErrorBody",
+                    "FieldError",
+                    "ValidationErrorBody",
+                    "HTTPValidationError",
+                    "ValidationError",
+                ) and not name.endswith("Public"):
                     _refuse_nul(schema)
             declare_errors(document)
             for refine in refiners:

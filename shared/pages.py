@@ -52,8 +52,20 @@ DASHBOARD_PATH = "/tableau-de-bord"  # the ops dashboard, served by referral; ev
 # --- French wording of times ----------------------------------------------------------------------
 
 DAYS_FR = ("lundi", "mardi", "mercredi", "jeudi", "vendredi", "samedi", "dimanche")
-MONTHS_FR = ("janvier", "février", "mars", "avril", "mai", "juin", "juillet", "août", "septembre", "octobre",
-             "novembre", "décembre")
+MONTHS_FR = (
+    "janvier",
+    "février",
+    "mars",
+    "avril",
+    "mai",
+    "juin",
+    "juillet",
+    "août",
+    "septembre",
+    "octobre",
+    "novembre",
+    "décembre",
+)
 
 
 def _hour_fr(local: datetime) -> str:
@@ -69,22 +81,26 @@ def deadline_fr(at: datetime, timezone: str) -> str:
 def datetime_fr(at: datetime, timezone: str) -> str:
     """'lundi 23 novembre 2026 à 14 h 05' in the given time zone."""
     local = at.astimezone(ZoneInfo(timezone))
-    return (f"{DAYS_FR[local.weekday()]} {local.day} {MONTHS_FR[local.month - 1]} {local.year} "
-            f"à {_hour_fr(local)}")
+    return f"{DAYS_FR[local.weekday()]} {local.day} {MONTHS_FR[local.month - 1]} {local.year} à {_hour_fr(local)}"
 
 
 def iso(at: datetime) -> str:
     """For <time datetime="...">."""
     return at.isoformat(timespec="minutes")
 
+
 # --- templates ------------------------------------------------------------------------------------
 
 
 def environment(*template_dirs: Path) -> Environment:
     """A Jinja2 environment looking in `template_dirs` first, then in the shared templates."""
-    env = Environment(loader=ChoiceLoader([FileSystemLoader(d) for d in (*template_dirs, TEMPLATES)]),
-                      autoescape=select_autoescape(["html"]), undefined=StrictUndefined,
-                      trim_blocks=True, lstrip_blocks=True)
+    env = Environment(
+        loader=ChoiceLoader([FileSystemLoader(d) for d in (*template_dirs, TEMPLATES)]),
+        autoescape=select_autoescape(["html"]),
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     env.filters.update(deadline_fr=deadline_fr, datetime_fr=datetime_fr, iso=iso)
     return env
 
@@ -102,8 +118,10 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
     "Referrer-Policy": "no-referrer",
     "X-Content-Type-Options": "nosniff",
-    "Content-Security-Policy": ("default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
-                                "frame-ancestors 'none'; base-uri 'none'"),
+    "Content-Security-Policy": (
+        "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
+        "frame-ancestors 'none'; base-uri 'none'"
+    ),
 }
 
 
@@ -152,13 +170,17 @@ def page_number(raw: str) -> int:
 def page_links(request: Request, page: int, has_more: bool) -> dict[str, str | None]:
     """Links to the previous and next pages of a long list, keeping the list's filters (for shared/templates/
     _pages.html)."""
+
     def url(number: int) -> str:
         kept = [(k, v) for k, v in request.query_params.multi_items() if k not in ("page", "partiel")]
         query = urlencode(kept + ([("page", str(number))] if number > 1 else []))
         return request.url.path + ("?" + query if query else "")
 
-    return {"page": page, "newer_url": url(page - 1) if page > 1 else None,
-            "older_url": url(page + 1) if has_more else None}
+    return {
+        "page": page,
+        "newer_url": url(page - 1) if page > 1 else None,
+        "older_url": url(page + 1) if has_more else None,
+    }
 
 
 # --- one service's pages --------------------------------------------------------------------------
@@ -196,10 +218,21 @@ class Pages:
         return None if found is _UNREAD else found  # no middleware: nobody is signed in (fail closed)
 
     def set_session(self, response: Response, session: WebSession) -> None:
-        value = sign(self.settings, f"session:{self.svc.name}",
-                     {"u": session.user_id, "c": session.csrf, "s": session.session_id}, self.svc.clock())
-        response.set_cookie(self.cookie, value, max_age=int(SESSION_MAX_AGE.total_seconds()), path="/",
-                            httponly=True, samesite="lax", secure=self.secure)
+        value = sign(
+            self.settings,
+            f"session:{self.svc.name}",
+            {"u": session.user_id, "c": session.csrf, "s": session.session_id},
+            self.svc.clock(),
+        )
+        response.set_cookie(
+            self.cookie,
+            value,
+            max_age=int(SESSION_MAX_AGE.total_seconds()),
+            path="/",
+            httponly=True,
+            samesite="lax",
+            secure=self.secure,
+        )
 
     def user(self, request: Request) -> User | None:
         """The signed-in user, if they are still in the directory with a role allowed here."""
@@ -220,8 +253,9 @@ class Pages:
 
     # --- rendering
 
-    def render(self, request: Request, template: str, status: int = 200, headers: dict[str, str] | None = None,
-               **context: Any) -> HTMLResponse:
+    def render(
+        self, request: Request, template: str, status: int = 200, headers: dict[str, str] | None = None, **context: Any
+    ) -> HTMLResponse:
         """A page; gives the visitor a session (for the CSRF token of its forms) when they have none.
         `headers` replace the default security headers of the same name (e.g. a page with its own script)."""
         session = self.session(request)
@@ -231,8 +265,14 @@ class Pages:
             request.state.web_session = session
         context.setdefault("csrf", session.csrf)
         html = self.env.get_template(template).render(
-            request=request, user=self.user(request), home=self.home, service=self.svc.name,
-            session_csrf=session.csrf, dashboard_url=self.settings.link_base("referral") + DASHBOARD_PATH, **context)
+            request=request,
+            user=self.user(request),
+            home=self.home,
+            service=self.svc.name,
+            session_csrf=session.csrf,
+            dashboard_url=self.settings.link_base("referral") + DASHBOARD_PATH,
+            **context,
+        )
         response = HTMLResponse(html, status_code=status, headers={**SECURITY_HEADERS, **(headers or {})})
         if fresh:
             self.set_session(response, session)
@@ -245,8 +285,9 @@ class Pages:
     def redirect(self, url: str) -> RedirectResponse:
         return RedirectResponse(url, status_code=303, headers=SECURITY_HEADERS)
 
-    def error(self, request: Request, status: int, problem: str, template: str = "erreur.html",
-              **context: Any) -> Interrupt:
+    def error(
+        self, request: Request, status: int, problem: str, template: str = "erreur.html", **context: Any
+    ) -> Interrupt:
         return Interrupt(self.render(request, template, status=status, problem=problem, **context))
 
     # --- CSRF
@@ -260,8 +301,10 @@ class Pages:
         origin = request.headers.get("origin")
         if origin is None:
             return False
-        return origin.lower().rstrip("/") not in {_origin(self.settings.link_base(self.svc.name)),
-                                                  _origin(str(request.base_url))}
+        return origin.lower().rstrip("/") not in {
+            _origin(self.settings.link_base(self.svc.name)),
+            _origin(str(request.base_url)),
+        }
 
     def refuse_cross_site(self, request: Request) -> None:
         if self.cross_site(request):

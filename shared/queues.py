@@ -88,8 +88,10 @@ async def stream_report(client: aioredis.Redis, stream: str, previous: StreamRep
         if info["pending"]:
             first = await client.xpending_range(stream, name, min="-", max="+", count=1)
             oldest = int(first[0]["time_since_delivered"]) if first else None
-        consumers = [ConsumerReport(_decode(c["name"]), int(c["pending"]), int(c["idle"]))
-                     for c in await client.xinfo_consumers(stream, name)]
+        consumers = [
+            ConsumerReport(_decode(c["name"]), int(c["pending"]), int(c["idle"]))
+            for c in await client.xinfo_consumers(stream, name)
+        ]
         group = GroupReport(name, int(info["pending"]), await group_lag(client, stream, info), oldest, consumers)
         group.problems = problems_of(group, before.get(name))
         groups.append(group)
@@ -110,8 +112,9 @@ def problems_of(group: GroupReport, previous: GroupReport | None) -> list[str]:
     return problems
 
 
-async def queues_report(client: aioredis.Redis, namespace: str,
-                        previous: dict[str, StreamReport] | None = None) -> list[StreamReport]:
+async def queues_report(
+    client: aioredis.Redis, namespace: str, previous: dict[str, StreamReport] | None = None
+) -> list[StreamReport]:
     reports = []
     for name in STREAMS:
         stream = f"{namespace}:{name}"

@@ -31,8 +31,12 @@ def parse_sentinels(value: str) -> list[tuple[str, int]]:
         host, colon, port = item.rpartition(":")
         bracketed = host.startswith("[") and host.endswith("]")
         host = host[1:-1] if bracketed else host
-        if (not colon or not re.fullmatch(r"[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*" if bracketed else r"[A-Za-z0-9._-]+", host)
-                or not port.isdigit() or not 1 <= int(port) <= 65535):
+        if (
+            not colon
+            or not re.fullmatch(r"[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*" if bracketed else r"[A-Za-z0-9._-]+", host)
+            or not port.isdigit()
+            or not 1 <= int(port) <= 65535
+        ):
             raise ValueError(f"{item!r} is not host:port" if item else "an empty item between commas")
         addresses.append((host, int(port)))
     return addresses
@@ -47,14 +51,19 @@ def redis_settings_problems(settings: Settings) -> list[str]:
     try:
         parse_sentinels(settings.redis_sentinels)
     except ValueError as exc:
-        problems.append(f"RELAIS_REDIS_SENTINELS: {exc}; give the Sentinels as {SENTINELS_FORM} "
-                        f"(got {settings.redis_sentinels!r})")
+        problems.append(
+            f"RELAIS_REDIS_SENTINELS: {exc}; give the Sentinels as {SENTINELS_FORM} (got {settings.redis_sentinels!r})"
+        )
     if not settings.redis_sentinel_master.strip():
-        problems.append("RELAIS_REDIS_SENTINEL_MASTER: must not be empty; the name the Sentinels monitor the master "
-                        "under (`sentinel monitor NAME ...`), default relais")
+        problems.append(
+            "RELAIS_REDIS_SENTINEL_MASTER: must not be empty; the name the Sentinels monitor the master "
+            "under (`sentinel monitor NAME ...`), default relais"
+        )
     if settings.redis_url:
-        problems.append("RELAIS_REDIS_URL: is set together with RELAIS_REDIS_SENTINELS; set only one: the URL for one "
-                        "Redis server, the Sentinels for a Sentinel-managed Redis")
+        problems.append(
+            "RELAIS_REDIS_URL: is set together with RELAIS_REDIS_SENTINELS; set only one: the URL for one "
+            "Redis server, the Sentinels for a Sentinel-managed Redis"
+        )
     return problems
 
 
@@ -88,10 +97,12 @@ def broker(settings: Settings, **options: Any):
 
     if settings.redis_sentinels:
         sentinel_options = _sentinel_options(settings)
-        return RedisSentinelBroker(sentinel_master_name=settings.redis_sentinel_master, protocol="redis",
-                                   # AsyncAPI's server: the Sentinels as host, the master's name as path
-                                   specification_url=f"redis://{settings.redis_sentinels.replace(' ', '')}/"
-                                                     f"{settings.redis_sentinel_master}",
-                                   **sentinel_options, **options)
+        return RedisSentinelBroker(
+            sentinel_master_name=settings.redis_sentinel_master,
+            protocol="redis",
+            # AsyncAPI's server: the Sentinels as host, the master's name as path
+            specification_url=f"redis://{settings.redis_sentinels.replace(' ', '')}/{settings.redis_sentinel_master}",
+            **sentinel_options,
+            **options,
+        )
     return RedisBroker(settings.redis_url or "redis://localhost:6379", **options)
-

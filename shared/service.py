@@ -12,30 +12,30 @@ import signal
 import time
 from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 import anyio
+import sqlalchemy as sa
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from faststream.redis.prometheus import RedisPrometheusMiddleware
 from faststream.specification import AsyncAPI
-import sqlalchemy as sa
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from sqlmodel import select
 
 from shared import openapi
 from shared.db import Database, OutboxMessage
-from shared.migrations import check_current
 from shared.directory import Directory, User, load_directory
-from shared.events import utcnow
 from shared.edges import EdgeGuard, UnexpectedErrors
+from shared.events import utcnow
 from shared.logs import EventLogContext, current_correlation_id, log_context, new_correlation_id
-from shared.openapi import error_responses  # noqa: F401 - routes declare their own statuses (409) with it
 from shared.messaging import Bus
+from shared.migrations import check_current
+from shared.openapi import error_responses  # noqa: F401 - routes declare their own statuses (409) with it
 from shared.settings import Settings, weak_secret
 
 log = logging.getLogger("relais.service")
@@ -82,16 +82,23 @@ class Service:
         # outermost, so ReliableDelivery's own log lines carry the event's need and correlation ids too.
         self.bus.broker.add_middleware(RedisPrometheusMiddleware(registry=self.metrics, app_name=name))
         self.bus.broker.insert_middleware(EventLogContext)
-        self.http_requests = Counter("relais_http_requests", "HTTP requests", ["service", "method", "route", "status"],
-                                     registry=self.metrics)
-        self.http_seconds = Histogram("relais_http_request_seconds", "HTTP request duration", ["service", "route"],
-                                      registry=self.metrics)
+        self.http_requests = Counter(
+            "relais_http_requests", "HTTP requests", ["service", "method", "route", "status"], registry=self.metrics
+        )
+        self.http_seconds = Histogram(
+            "relais_http_request_seconds", "HTTP request duration", ["service", "route"], registry=self.metrics
+        )
         if refused := internal_token_refused(settings):
-            log.warning("%s: the services' internal ops credential is refused: %s; the dashboard cannot read the other "
-                        "services' figures until it is fixed (see docs/security.md)", name, refused)
+            log.warning(
+                "%s: the services' internal ops credential is refused: %s; the dashboard cannot read the other "
+                "services' figures until it is fixed (see docs/security.md)",
+                name,
+                refused,
+            )
         self.internal_token_ok = refused is None
-        self.outbox_backlog = Gauge("relais_outbox_backlog", "Events committed but not yet published",
-                                    ["service"], registry=self.metrics)
+        self.outbox_backlog = Gauge(
+            "relais_outbox_backlog", "Events committed but not yet published", ["service"], registry=self.metrics
+        )
 
     def reload_directory(self) -> None:
         """SIGHUP: load the directory again; a bad file keeps the old one (and says why in the log)."""
@@ -111,8 +118,11 @@ class Service:
     # --- auth ---
 
     def caller(self, credentials: HTTPAuthorizationCredentials | None, actor: str | None = None) -> User:
-        if (credentials and self.internal_token_ok
-                and hmac.compare_digest(credentials.credentials.encode(), internal_token(self.settings).encode())):
+        if (
+            credentials
+            and self.internal_token_ok
+            and hmac.compare_digest(credentials.credentials.encode(), internal_token(self.settings).encode())
+        ):
             return self.internal_caller(actor)
         user = self.directory.user_by_token(credentials.credentials) if credentials else None
         if user is None:
@@ -122,8 +132,9 @@ class Service:
     def require(self, *roles: str) -> Callable[..., User]:
         """A dependency giving the signed-in user, 401 without a known token, 403 when their role may not call."""
 
-        def dependency(request: Request,
-                       credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> User:
+        def dependency(
+            request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+        ) -> User:
             user = self.caller(credentials, request.headers.get(ACTOR_HEADER))
             if user.role not in roles:
                 raise HTTPException(403, f"role {user.role} may not do this")
@@ -141,8 +152,11 @@ class Service:
     def outbox_state(self) -> dict:
         """How many events wait in this service's outbox, and since when."""
         with self.db.transaction() as session:
-            count, oldest = session.exec(select(sa.func.count(), sa.func.min(OutboxMessage.created_at))
-                                         .where(OutboxMessage.published_at.is_(None))).one()
+            count, oldest = session.exec(
+                select(sa.func.count(), sa.func.min(OutboxMessage.created_at)).where(
+                    OutboxMessage.published_at.is_(None)
+                )
+            ).one()
         if oldest is not None and oldest.tzinfo is None:
             oldest = oldest.replace(tzinfo=utcnow().tzinfo)  # SQLite's aggregate skips the column type
         age = (utcnow() - oldest).total_seconds() if oldest else None
@@ -153,6 +167,7 @@ class Service:
     def create_app(self, *routers, title: str, pages: Sequence[APIRouter] = ()) -> FastAPI:
         """`routers` are JSON APIs, mounted under /api/v1; `pages` are web pages (shared.pages), mounted at the root
         with /static."""
+
         @asynccontextmanager
         async def lifespan(app: FastAPI):
             # `relais migrate` runs before start; an empty database (first start, tests) is migrated here.
@@ -192,14 +207,22 @@ class Service:
                 response = await call_next(request)
                 route = getattr(request.scope.get("route"), "path", None)  # the template: no token in it
                 # FastAPI keeps an included router's paths without its prefix; put /api/v1 back for people reading.
-                route = "unmatched" if route is None else (
-                    "/api/v1" + route if request.url.path.startswith("/api/v1/") else route)
+                route = (
+                    "unmatched"
+                    if route is None
+                    else ("/api/v1" + route if request.url.path.startswith("/api/v1/") else route)
+                )
                 elapsed = time.perf_counter() - start
                 self.http_requests.labels(self.name, request.method, route, response.status_code).inc()
                 self.http_seconds.labels(self.name, route).observe(elapsed)
                 if not request.url.path.startswith(QUIET_PATHS):
-                    http_log.info("%s %s %s", request.method, route, response.status_code,
-                                  extra={"duration_ms": round(elapsed * 1000, 1)})
+                    http_log.info(
+                        "%s %s %s",
+                        request.method,
+                        route,
+                        response.status_code,
+                        extra={"duration_ms": round(elapsed * 1000, 1)},
+                    )
             response.headers["X-Correlation-ID"] = correlation_id
             return response
 
@@ -213,8 +236,9 @@ class Service:
                 try:
                     self.caller(await _bearer(request), request.headers.get(ACTOR_HEADER))
                 except HTTPException as denied:
-                    return JSONResponse({"detail": denied.detail}, status_code=denied.status_code,
-                                        headers=denied.headers)
+                    return JSONResponse(
+                        {"detail": denied.detail}, status_code=denied.status_code, headers=denied.headers
+                    )
             return await request_validation_exception_handler(request, exc)
 
         @app.get("/healthz", include_in_schema=False)
@@ -286,7 +310,7 @@ def _on_sighup(callback: Callable[[], None]) -> None:
 
 CURSOR_PATTERN = r"^[0-9]{1,16}-[A-Za-z0-9]{1,64}$"  # microseconds since 1970, "-", the id: any such is a position
 Cursor = Annotated[str | None, Query(pattern=CURSOR_PATTERN, description="`next_cursor` of the previous page")]
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def encode_cursor(at: datetime, id_: str) -> str:
@@ -297,8 +321,9 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     """The (time, id) that `encode_cursor` wrote, or 422 for anything else (the pattern is checked here too: the web
     pages take cursors without FastAPI's validation)."""
     if not re.fullmatch(CURSOR_PATTERN, cursor):
-        raise HTTPException(422, [{"loc": ["query", "cursor"], "msg": "not a cursor from a previous page",
-                                   "type": "value_error"}])
+        raise HTTPException(
+            422, [{"loc": ["query", "cursor"], "msg": "not a cursor from a previous page", "type": "value_error"}]
+        )
     micros, id_ = cursor.split("-", 1)
     return _EPOCH + timedelta(microseconds=int(micros)), id_
 

@@ -95,10 +95,15 @@ def api_router(svc: Service) -> APIRouter:
     router = APIRouter(tags=["ops"])
     require_ops = svc.require("ops")
 
-    @router.post("/users/{user_id}/sessions/revoke", response_model=SessionsRevoked,
-                 responses={401: {"description": "Missing or unknown bearer token"},
-                            403: {"description": "The caller's role is not ops"},
-                            404: {"description": "No such user in the directory"}})
+    @router.post(
+        "/users/{user_id}/sessions/revoke",
+        response_model=SessionsRevoked,
+        responses={
+            401: {"description": "Missing or unknown bearer token"},
+            403: {"description": "The caller's role is not ops"},
+            404: {"description": "No such user in the directory"},
+        },
+    )
     async def revoke(user_id: str, user: User = Depends(require_ops)) -> SessionsRevoked:
         """End every web session of a user on every service (a lost phone, a departure); API tokens are not
         sessions: remove them from the directory."""

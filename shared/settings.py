@@ -34,18 +34,20 @@ DEMO_TOKENS = {
 SECRET_MIN_LENGTH = 32
 # Secret values this repository ships (compose file, docs, tests, CI), and the usual placeholders: public, so never
 # a production key. tests/unit/test_modes.py fails when a file of the repository ships one missing here.
-SHIPPED_SECRETS = frozenset({
-    "dev-only-insecure-secret-override-in-production",
-    "ci-compose-validation-only-not-a-real-secret-0000",
-    "ci-compose-validation-only",
-    "test-secret",
-    "e2e-secret",
-    "changethis",
-    "changeme",
-    "change-me",
-    "secret",
-    "your-secret-key",
-})
+SHIPPED_SECRETS = frozenset(
+    {
+        "dev-only-insecure-secret-override-in-production",
+        "ci-compose-validation-only-not-a-real-secret-0000",
+        "ci-compose-validation-only",
+        "test-secret",
+        "e2e-secret",
+        "changethis",
+        "changeme",
+        "change-me",
+        "secret",
+        "your-secret-key",
+    }
+)
 DEMO_HINT = "or set RELAIS_DEMO=true to run the demo, never with real people's data"
 
 
@@ -186,16 +188,22 @@ class Settings(BaseSettings):
         anyone could know, or a directory whose tokens are public. One line per problem, naming its variable."""
         problems = []
         if why := weak_secret(self.secret_key):
-            problems.append(f"RELAIS_SECRET_KEY: {why}; production needs a random key of at least "
-                            f"{SECRET_MIN_LENGTH} characters that only this deployment knows (e.g. the output of "
-                            f"`openssl rand -base64 48`), the same for every service; {DEMO_HINT}")
+            problems.append(
+                f"RELAIS_SECRET_KEY: {why}; production needs a random key of at least "
+                f"{SECRET_MIN_LENGTH} characters that only this deployment knows (e.g. the output of "
+                f"`openssl rand -base64 48`), the same for every service; {DEMO_HINT}"
+            )
         if self.internal_token is not None and (why := weak_secret(self.internal_token)):
-            problems.append(f"RELAIS_INTERNAL_TOKEN: {why}; set a random value of at least {SECRET_MIN_LENGTH} "
-                            "characters (e.g. `openssl rand -hex 32`), the same for every service, or leave it "
-                            "unset to derive it from RELAIS_SECRET_KEY")
+            problems.append(
+                f"RELAIS_INTERNAL_TOKEN: {why}; set a random value of at least {SECRET_MIN_LENGTH} "
+                "characters (e.g. `openssl rand -hex 32`), the same for every service, or leave it "
+                "unset to derive it from RELAIS_SECRET_KEY"
+            )
         if Path(self.directory).resolve() == DEMO_DIRECTORY.resolve():
-            problems.append(f"RELAIS_DIRECTORY: is the demo directory ({DEMO_DIRECTORY}), whose tokens are public; "
-                            f"give the path of your own directory file; {DEMO_HINT}")
+            problems.append(
+                f"RELAIS_DIRECTORY: is the demo directory ({DEMO_DIRECTORY}), whose tokens are public; "
+                f"give the path of your own directory file; {DEMO_HINT}"
+            )
             return problems
         try:
             users = load_directory(self.directory).users
@@ -204,9 +212,11 @@ class Settings(BaseSettings):
         public = demo_token_hashes()
         for user in users:
             if user.token_sha256 and user.token_sha256.lower() in public:
-                problems.append(f"RELAIS_DIRECTORY: user {user.id!r} in {self.directory} has a token_sha256 of the "
-                                "demo directory, whose tokens are public; give them a new random token and put its "
-                                f"SHA-256 there; {DEMO_HINT}")
+                problems.append(
+                    f"RELAIS_DIRECTORY: user {user.id!r} in {self.directory} has a token_sha256 of the "
+                    "demo directory, whose tokens are public; give them a new random token and put its "
+                    f"SHA-256 there; {DEMO_HINT}"
+                )
         return problems
 
     def key(self, name: str) -> str:

@@ -27,7 +27,7 @@ import hmac
 import ipaddress
 import secrets
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -142,22 +142,27 @@ class SignInRequest:
 
 
 def new_sign_in_request(service: str, user_id: str, now: datetime | None = None) -> SignInRequest:
-    stamp = datetime.fromtimestamp(int((now or utcnow()).timestamp()), timezone.utc)
+    stamp = datetime.fromtimestamp(int((now or utcnow()).timestamp()), UTC)
     return SignInRequest(user_id=user_id, service=service, jti=secrets.token_urlsafe(16), requested_at=stamp)
 
 
 def link_for_request(settings: Settings, request: SignInRequest) -> str:
     """The single-use sign-in link of `request`: the same link whoever builds it, built from our own settings."""
-    token = sign(settings, SIGN_IN, {"u": request.user_id, "s": request.service, "j": request.jti},
-                 request.requested_at)
+    token = sign(
+        settings, SIGN_IN, {"u": request.user_id, "s": request.service, "j": request.jti}, request.requested_at
+    )
     return f"{settings.link_base(request.service)}/connexion/{token}"
 
 
 def sign_in_reference(settings: Settings, request: SignInRequest) -> str:
     """What access.link_requested carries instead of the link: signed for another purpose, so a reader of the stream
     can neither sign in with it nor forge one."""
-    return sign(settings, SIGN_IN_REQUEST, {"u": request.user_id, "s": request.service, "j": request.jti,
-                                            "t": int(request.requested_at.timestamp())}, request.requested_at)
+    return sign(
+        settings,
+        SIGN_IN_REQUEST,
+        {"u": request.user_id, "s": request.service, "j": request.jti, "t": int(request.requested_at.timestamp())},
+        request.requested_at,
+    )
 
 
 def read_sign_in_reference(settings: Settings, reference: str, now: datetime | None = None) -> SignInRequest:
@@ -165,8 +170,12 @@ def read_sign_in_reference(settings: Settings, reference: str, now: datetime | N
     already) or TokenInvalid (not ours: a forged event)."""
     payload = unsign(settings, SIGN_IN_REQUEST, reference, SIGN_IN_MAX_AGE, now)
     try:
-        request = SignInRequest(user_id=str(payload["u"]), service=str(payload["s"]), jti=str(payload["j"]),
-                                requested_at=datetime.fromtimestamp(int(payload["t"]), timezone.utc))
+        request = SignInRequest(
+            user_id=str(payload["u"]),
+            service=str(payload["s"]),
+            jti=str(payload["j"]),
+            requested_at=datetime.fromtimestamp(int(payload["t"]), UTC),
+        )
     except (TypeError, KeyError, ValueError, OverflowError):
         raise TokenInvalid(SIGN_IN_REQUEST) from None
     if request.service not in SERVICES:
@@ -235,9 +244,13 @@ def _address_key(settings: Settings, email: str) -> str:
     return settings.key(f"ratelimit:signin:{hashlib.sha256(email.strip().casefold().encode()).hexdigest()}")
 
 
-async def allow_sign_in_request(redis, settings: Settings, email: str,
-                                limit: int = SIGN_IN_REQUESTS_PER_WINDOW,
-                                window: timedelta = SIGN_IN_REQUEST_WINDOW) -> bool:
+async def allow_sign_in_request(
+    redis,
+    settings: Settings,
+    email: str,
+    limit: int = SIGN_IN_REQUESTS_PER_WINDOW,
+    window: timedelta = SIGN_IN_REQUEST_WINDOW,
+) -> bool:
     """Count a sign-in request for `email` (known or not, so the limit tells nothing); False past `limit`: one
     address never gets more than `limit` links per window, whoever asks."""
     return await _count_in_window(redis, _address_key(settings, email), window) <= limit
@@ -257,8 +270,13 @@ def client_of(request: Request) -> str:
     return str(address)
 
 
-async def allow_sign_in_from(redis, settings: Settings, client: str, limit: int = SIGN_IN_REQUESTS_PER_CLIENT,
-                             window: timedelta = SIGN_IN_REQUEST_WINDOW) -> bool:
+async def allow_sign_in_from(
+    redis,
+    settings: Settings,
+    client: str,
+    limit: int = SIGN_IN_REQUESTS_PER_CLIENT,
+    window: timedelta = SIGN_IN_REQUEST_WINDOW,
+) -> bool:
     """Count a sign-in request from `client`; False past `limit`, whatever addresses it asks links for."""
     key = settings.key(f"ratelimit:signin-client:{hashlib.sha256(client.encode()).hexdigest()}")
     return await _count_in_window(redis, key, window) <= limit
@@ -294,7 +312,8 @@ async def read_session(svc: Service, raw: str) -> WebSession | None:
     if found.user_id is None:
         return found
     if not isinstance(found.session_id, str) or not await session_is_live(
-            svc.bus.redis, svc.settings, svc.name, str(found.user_id), found.session_id):
+        svc.bus.redis, svc.settings, svc.name, str(found.user_id), found.session_id
+    ):
         return None
     return found
 
@@ -327,8 +346,7 @@ def sign_in_router(pages: Pages) -> APIRouter:
     async def sign_in_form(request: Request) -> Response:
         if pages.user(request) is not None:
             return pages.redirect(pages.home)
-        return pages.render(request, "connexion.html", email="", error=None,
-                            signed_out="fin" in request.query_params)
+        return pages.render(request, "connexion.html", email="", error=None, signed_out="fin" in request.query_params)
 
     @router.post("/connexion")
     async def ask_for_link(request: Request) -> Response:
@@ -336,15 +354,15 @@ def sign_in_router(pages: Pages) -> APIRouter:
         fields = await pages.form(request)
         email = fields.get("email", "").strip()
         if "@" not in email or len(email) > 320:
-            return pages.render(request, "connexion.html", status=422, email=email, error="email",
-                                signed_out=False)
+            return pages.render(request, "connexion.html", status=422, email=email, error="email", signed_out=False)
         if not await allow_sign_in_from(svc.bus.redis, pages.settings, client_of(request)):
             return pages.render(request, "connexion_limite.html", status=429, limit="client")
         if not await allow_sign_in_request(svc.bus.redis, pages.settings, email):
             return pages.render(request, "connexion_limite.html", status=429, limit="address")
         wanted = email.casefold()
-        user = next((u for u in svc.directory.users
-                     if u.email and u.email.casefold() == wanted and u.role in pages.roles), None)
+        user = next(
+            (u for u in svc.directory.users if u.email and u.email.casefold() == wanted and u.role in pages.roles), None
+        )
         response = pages.render(request, "connexion_envoyee.html")
         if user is not None:
             # After the answer, so a known address takes no longer to answer than an unknown one.
@@ -376,10 +394,22 @@ def sign_in_router(pages: Pages) -> APIRouter:
         browser = request.cookies.get(link_cookie, "")
         if not 20 <= len(browser) <= 64:  # one per browser, so two open links both work
             browser = secrets.token_urlsafe(24)
-        response = pages.render(request, "connexion_confirmer.html", token=token,
-                                csrf=_confirmation_csrf(pages, token, browser), email=user.email)
-        response.set_cookie(link_cookie, browser, max_age=int(SIGN_IN_MAX_AGE.total_seconds()),
-                            path="/connexion/", httponly=True, samesite="strict", secure=pages.secure)
+        response = pages.render(
+            request,
+            "connexion_confirmer.html",
+            token=token,
+            csrf=_confirmation_csrf(pages, token, browser),
+            email=user.email,
+        )
+        response.set_cookie(
+            link_cookie,
+            browser,
+            max_age=int(SIGN_IN_MAX_AGE.total_seconds()),
+            path="/connexion/",
+            httponly=True,
+            samesite="strict",
+            secure=pages.secure,
+        )
         return response
 
     @router.post("/connexion/{token}")
@@ -397,10 +427,8 @@ def sign_in_router(pages: Pages) -> APIRouter:
         if user.email:  # the owner of the address proved it: strangers' requests for it no longer count
             await forget_sign_in_requests(svc.bus.redis, pages.settings, user.email)
         response = pages.redirect(pages.home)
-        pages.set_session(response, WebSession(user_id=user.id, csrf=secrets.token_urlsafe(24),
-                                               session_id=session_id))
-        response.delete_cookie(link_cookie, path="/connexion/", httponly=True, samesite="strict",
-                               secure=pages.secure)
+        pages.set_session(response, WebSession(user_id=user.id, csrf=secrets.token_urlsafe(24), session_id=session_id))
+        response.delete_cookie(link_cookie, path="/connexion/", httponly=True, samesite="strict", secure=pages.secure)
         return response
 
     @router.post("/deconnexion")
@@ -431,9 +459,16 @@ async def send_sign_in_link(pages: Pages, user: User) -> None:
 
     def record() -> None:
         with svc.db.transaction() as session:
-            emit(session, AccessLinkRequested(user_id=user.id, service=svc.name,
-                                              reference=sign_in_reference(pages.settings, request),
-                                              expires_at=request.expires_at, occurred_at=now))
+            emit(
+                session,
+                AccessLinkRequested(
+                    user_id=user.id,
+                    service=svc.name,
+                    reference=sign_in_reference(pages.settings, request),
+                    expires_at=request.expires_at,
+                    occurred_at=now,
+                ),
+            )
 
     await anyio.to_thread.run_sync(record)
     svc.bus.relay.wake()

@@ -84,33 +84,85 @@ def directory_data() -> dict:
         "timezone": "Europe/Paris",
         "sla": {"respond_within": "PT72H", "remind_after": ["PT24H", "PT48H"], "escalate_after": "PT60H"},
         "escalation_contacts": [{"name": "Coordination 76", "email": "coordination@test.example"}],
-        "categories": [{"id": "caf", "label": "Allocations familiales (CAF)"}, {"id": "sante", "label": "Assurance maladie"},
-                       {"id": "logement", "label": "Logement"}],
+        "categories": [
+            {"id": "caf", "label": "Allocations familiales (CAF)"},
+            {"id": "sante", "label": "Assurance maladie"},
+            {"id": "logement", "label": "Logement"},
+        ],
         "libraries": [
-            {"id": "chatelet", "name": "Bibliothèque du Châtelet", "timezone": "Europe/Paris", "territory": ["76000"],
-             "contacts": [{"name": "Accueil", "email": "accueil@chatelet.test.example"}]},
-            {"id": "bihorel", "name": "Médiathèque de Bihorel", "timezone": "Europe/Paris", "territory": ["76420"],
-             "contacts": [{"name": "Accueil", "email": "accueil@bihorel.test.example"}]},
+            {
+                "id": "chatelet",
+                "name": "Bibliothèque du Châtelet",
+                "timezone": "Europe/Paris",
+                "territory": ["76000"],
+                "contacts": [{"name": "Accueil", "email": "accueil@chatelet.test.example"}],
+            },
+            {
+                "id": "bihorel",
+                "name": "Médiathèque de Bihorel",
+                "timezone": "Europe/Paris",
+                "territory": ["76420"],
+                "contacts": [{"name": "Accueil", "email": "accueil@bihorel.test.example"}],
+            },
         ],
         "partners": [
-            {"id": "caf-76", "name": "CAF de la Seine-Maritime", "categories": ["caf"], "territory": ["76"],
-             "contacts": [{"id": "caf-ref", "name": "Référent", "email": "referent@caf.test.example", "role": "primary"},
-                          {"id": "caf-backup", "name": "Accueil partenaires", "email": "backup@caf.test.example",
-                           "role": "backup"}]},
-            {"id": "caf-national", "name": "CAF plateforme nationale", "categories": ["caf"], "territory": [""],
-             "contacts": [{"id": "cafn-ref", "name": "Plateforme", "email": "plateforme@caf.test.example",
-                           "role": "primary"}]},
-            {"id": "cpam-76", "name": "CPAM Rouen-Elbeuf-Dieppe", "categories": ["sante"], "territory": ["76"],
-             "contacts": [{"id": "cpam-ref", "name": "Référent", "email": "referent@cpam.test.example", "role": "primary"}]},
+            {
+                "id": "caf-76",
+                "name": "CAF de la Seine-Maritime",
+                "categories": ["caf"],
+                "territory": ["76"],
+                "contacts": [
+                    {"id": "caf-ref", "name": "Référent", "email": "referent@caf.test.example", "role": "primary"},
+                    {
+                        "id": "caf-backup",
+                        "name": "Accueil partenaires",
+                        "email": "backup@caf.test.example",
+                        "role": "backup",
+                    },
+                ],
+            },
+            {
+                "id": "caf-national",
+                "name": "CAF plateforme nationale",
+                "categories": ["caf"],
+                "territory": [""],
+                "contacts": [
+                    {"id": "cafn-ref", "name": "Plateforme", "email": "plateforme@caf.test.example", "role": "primary"}
+                ],
+            },
+            {
+                "id": "cpam-76",
+                "name": "CPAM Rouen-Elbeuf-Dieppe",
+                "categories": ["sante"],
+                "territory": ["76"],
+                "contacts": [
+                    {"id": "cpam-ref", "name": "Référent", "email": "referent@cpam.test.example", "role": "primary"}
+                ],
+            },
         ],
         "users": [
-            {"id": "desk", "role": "front_desk", "library": "chatelet", "email": DESK_EMAIL,
-             "token_sha256": sha(TOKENS["desk"])},
+            {
+                "id": "desk",
+                "role": "front_desk",
+                "library": "chatelet",
+                "email": DESK_EMAIL,
+                "token_sha256": sha(TOKENS["desk"]),
+            },
             {"id": "desk2", "role": "front_desk", "library": "bihorel", "token_sha256": sha(TOKENS["desk2"])},
-            {"id": "op-caf", "role": "partner", "partner": "caf-76", "token_sha256": sha(TOKENS["caf"]),
-             "email": "op@caf.test.example"},
-            {"id": "op-cpam", "role": "partner", "partner": "cpam-76", "token_sha256": sha(TOKENS["cpam"]),
-             "email": "op@cpam.test.example"},
+            {
+                "id": "op-caf",
+                "role": "partner",
+                "partner": "caf-76",
+                "token_sha256": sha(TOKENS["caf"]),
+                "email": "op@caf.test.example",
+            },
+            {
+                "id": "op-cpam",
+                "role": "partner",
+                "partner": "cpam-76",
+                "token_sha256": sha(TOKENS["cpam"]),
+                "email": "op@cpam.test.example",
+            },
             {"id": "ops", "role": "ops", "token_sha256": sha(TOKENS["ops"]), "email": "ops@coordination.test.example"},
         ],
     }
@@ -139,8 +191,9 @@ def use_sign_in_link(client, link: str):
     import httpx
 
     page = client.get(httpx.URL(link).raw_path.decode())
-    found = re.search(r'<form method="post" action="([^"]+)"[^>]*>\s*<input type="hidden" name="csrf" value="([^"]+)"',
-                      page.text)
+    found = re.search(
+        r'<form method="post" action="([^"]+)"[^>]*>\s*<input type="hidden" name="csrf" value="([^"]+)"', page.text
+    )
     if page.status_code != 200 or found is None:
         return page
     return client.post(found.group(1), data={"csrf": found.group(2)})

@@ -87,8 +87,12 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_terminal_summary(terminalreporter, config):
     if count := getattr(config, "_relais_no_docker", 0):
-        terminalreporter.write_line(f"NOT RUN: {count} docker test(s) (the compose stack): no Docker engine answers "
-                                    "(./dev docker starts one as root)", red=True, bold=True)
+        terminalreporter.write_line(
+            f"NOT RUN: {count} docker test(s) (the compose stack): no Docker engine answers "
+            "(./dev docker starts one as root)",
+            red=True,
+            bold=True,
+        )
 
 
 @pytest.fixture
@@ -189,6 +193,7 @@ def database_url_factory(request, tmp_path, migrated_templates):
 
 # --- directory and settings -----------------------------------------------------------------------
 
+
 @pytest.fixture
 def directory_file(tmp_path) -> Path:
     path = tmp_path / "directory.yaml"
@@ -200,12 +205,20 @@ def directory_file(tmp_path) -> Path:
 def settings(tmp_path, redis_url, namespace, directory_file, database_url_factory) -> Settings:
     """One test system's settings: its own namespace and databases, fast retries and claims."""
     return Settings(
-        redis_url=redis_url, namespace=namespace, directory=directory_file, data_dir=tmp_path / "data",
+        redis_url=redis_url,
+        namespace=namespace,
+        directory=directory_file,
+        data_dir=tmp_path / "data",
         intake_database_url=database_url_factory("intake", migrated=True),
         referral_database_url=database_url_factory("referral", migrated=True),
         notifications_database_url=database_url_factory("notifications", migrated=True),
-        intake_port=free_port(), referral_port=free_port(), notifications_port=free_port(),
-        claim_idle_ms=500, max_deliveries=3, poll_ms=50, secret_key=secrets.token_urlsafe(32),  # as production needs
+        intake_port=free_port(),
+        referral_port=free_port(),
+        notifications_port=free_port(),
+        claim_idle_ms=500,
+        max_deliveries=3,
+        poll_ms=50,
+        secret_key=secrets.token_urlsafe(32),  # as production needs
     )
 
 

@@ -23,8 +23,9 @@ class RunningService:
 
         self.name, self.settings = name, settings
         self.svc = BOOTSTRAP[name](settings, clock=clock or TestClock())
-        self.server = uvicorn.Server(uvicorn.Config(self.svc.app, host="127.0.0.1", port=settings.port(name),
-                                                    log_level="warning", lifespan="on"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(self.svc.app, host="127.0.0.1", port=settings.port(name), log_level="warning", lifespan="on")
+        )
         self.server.install_signal_handlers = lambda: None
         self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
 
@@ -48,9 +49,17 @@ class RunningService:
         return httpx.Client(base_url=f"{self.url}/api/v1", headers=headers, timeout=30)
 
 
-def record_need(svc, *, category: str = "caf", postal_code: str | None = "76000", library_id: str = "chatelet",
-                summary: str = "Dossier APL bloqué depuis trois mois", urgency: str = "normal", recorded_at=None,
-                person: dict | None = None) -> str:
+def record_need(
+    svc,
+    *,
+    category: str = "caf",
+    postal_code: str | None = "76000",
+    library_id: str = "chatelet",
+    summary: str = "Dossier APL bloqué depuis trois mois",
+    urgency: str = "normal",
+    recorded_at=None,
+    person: dict | None = None,
+) -> str:
     """Hand a need to a referral service of this process as its consumer would; returns the new referral's id."""
     from sqlmodel import select
 
@@ -58,9 +67,16 @@ def record_need(svc, *, category: str = "caf", postal_code: str | None = "76000"
     from services.referral.store import Referral
     from shared.events import NeedRecorded, PersonContact, new_id
 
-    event = NeedRecorded(need_id=new_id(), library_id=library_id, category=category, summary=summary,
-                         postal_code=postal_code, urgency=urgency, recorded_at=recorded_at or svc.clock(),
-                         person=PersonContact(**(person or {})))
+    event = NeedRecorded(
+        need_id=new_id(),
+        library_id=library_id,
+        category=category,
+        summary=summary,
+        postal_code=postal_code,
+        urgency=urgency,
+        recorded_at=recorded_at or svc.clock(),
+        person=PersonContact(**(person or {})),
+    )
     with svc.db.transaction() as session:
         handlers.on_need_recorded(session, event, svc.directory, svc.clock())
     svc.bus.relay.wake()

@@ -75,9 +75,13 @@ class NeedCreate(BaseModel):
     @classmethod
     def _consent(cls, v: bool) -> bool:
         if v is not True:
-            raise _coded("consent_required", ValueError(
-                "consent must be true: record a need only once the person agreed that it and their contact details "
-                "go to a partner"))
+            raise _coded(
+                "consent_required",
+                ValueError(
+                    "consent must be true: record a need only once the person agreed that it and their contact details "
+                    "go to a partner"
+                ),
+            )
         return v
 
     @field_validator("postal_code")
@@ -131,9 +135,13 @@ def rule_errors(data: object, directory: Directory, library: str) -> list[dict]:
     if channel in ("email", "sms"):
         field = "email" if channel == "email" else "phone"
         if not person.get(field):  # a bad address is pydantic's to name; a non-empty one normalizes to non-empty
-            errors.append(_error(("person", field), "address_needed",
-                                 f"preferred_channel is {channel}: give the person's {field}, or choose another "
-                                 "channel"))
+            errors.append(
+                _error(
+                    ("person", field),
+                    "address_needed",
+                    f"preferred_channel is {channel}: give the person's {field}, or choose another channel",
+                )
+            )
     return errors
 
 
@@ -180,15 +188,24 @@ def _as_checked(schema: dict) -> dict:
     props["summary"]["pattern"] = r"^[^\x00]*[^\s\x00][^\x00]*$"
     props["postal_code"]["anyOf"][0]["pattern"] = r"^(|\s*(\d\s*){5}|\s*([A-Za-z]\s*\d\s*){3})$"
     props["same_person_as"]["anyOf"][0]["pattern"] = r"^[0-9a-f]{32}$"  # the id of a need of this library
-    person["email"]["anyOf"] = [{"type": "string", "format": "email", "maxLength": 254}, {"enum": [""]},
-                                {"type": "null"}]
+    person["email"]["anyOf"] = [
+        {"type": "string", "format": "email", "maxLength": 254},
+        {"enum": [""]},
+        {"type": "null"},
+    ]
     # E.164, or a French or Canadian national number: "phone" is not a JSON Schema format, tools must be taught it.
-    person["phone"]["anyOf"] = [{"type": "string", "format": "phone", "maxLength": 40}, {"enum": [""]},
-                                {"type": "null"}]
+    person["phone"]["anyOf"] = [
+        {"type": "string", "format": "phone", "maxLength": 40},
+        {"enum": [""]},
+        {"type": "null"},
+    ]
     schema["properties"]["person"]["allOf"] = [
-        {"if": {"required": ["preferred_channel"], "properties": {"preferred_channel": {"const": channel}}},
-         "then": {"required": [address], "properties": {address: {"type": "string", "minLength": 1}}}}
-        for channel, address in (("email", "email"), ("sms", "phone"))]
+        {
+            "if": {"required": ["preferred_channel"], "properties": {"preferred_channel": {"const": channel}}},
+            "then": {"required": [address], "properties": {address: {"type": "string", "minLength": 1}}},
+        }
+        for channel, address in (("email", "email"), ("sms", "phone"))
+    ]
     return schema
 
 
@@ -206,18 +223,31 @@ def directory_ids(runtime) -> Callable[[dict], None]:
     return refine
 
 
-def record_command(body: NeedCreate, user: User, idempotency_key: str | None,
-                   correlation_id: str | None) -> RecordNeed:
+def record_command(body: NeedCreate, user: User, idempotency_key: str | None, correlation_id: str | None) -> RecordNeed:
     """The RecordNeed a validated body asks for (the API's and the desk form's)."""
     person = body.person
     channel = person.preferred_channel or ("email" if person.email else "sms" if person.phone else "none")
-    contact = PersonContact(display_name=person.display_name, email=person.email, phone=person.phone,
-                            preferred_channel=channel, language=person.language)
+    contact = PersonContact(
+        display_name=person.display_name,
+        email=person.email,
+        phone=person.phone,
+        preferred_channel=channel,
+        language=person.language,
+    )
     request_hash = hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
-    return RecordNeed(library_id=body.library_id, category=body.category, summary=body.summary,
-                      postal_code=body.postal_code, urgency=body.urgency, person=contact, recorded_by=user.id,
-                      same_person_as=body.same_person_as, idempotency_key=idempotency_key,
-                      request_hash=request_hash, correlation_id=correlation_id)
+    return RecordNeed(
+        library_id=body.library_id,
+        category=body.category,
+        summary=body.summary,
+        postal_code=body.postal_code,
+        urgency=body.urgency,
+        person=contact,
+        recorded_by=user.id,
+        same_person_as=body.same_person_as,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+        correlation_id=correlation_id,
+    )
 
 
 def unknown_earlier_need(need_id: str) -> Invalid:
@@ -239,17 +269,22 @@ router = APIRouter(tags=["needs"])
 
 
 @router.post("/needs", status_code=201, response_model=NeedPublic, responses=error_responses(409))
-async def create_need(data: Annotated[dict[str, Any], Body(title="NeedCreate", json_schema_extra=NEED_CREATE_SCHEMA)],
-                      user: deps.FrontDesk, runtime: deps.Runtime, db: deps.DatabaseDep, clock: deps.Clock,
-                      idempotency_key: Annotated[str | None, Header(max_length=MAX_IDEMPOTENCY_KEY)] = None
-                      ) -> Response:
+async def create_need(
+    data: Annotated[dict[str, Any], Body(title="NeedCreate", json_schema_extra=NEED_CREATE_SCHEMA)],
+    user: deps.FrontDesk,
+    runtime: deps.Runtime,
+    db: deps.DatabaseDep,
+    clock: deps.Clock,
+    idempotency_key: Annotated[str | None, Header(max_length=MAX_IDEMPOTENCY_KEY)] = None,
+) -> Response:
     # The body (documented as NeedCreate) is validated here, not by FastAPI, so that a 422 names every failing
     # field at once, the directory's refusals with pydantic's (validate_need).
     try:
         body = validate_need(data, runtime.directory, library=user.library)
         cmd = record_command(body, user, idempotency_key, current_correlation_id())  # the request's (shared.logs)
         recorded = await anyio.to_thread.run_sync(
-            partial(handlers.record_need, db, cmd, directory=runtime.directory, now=clock()))
+            partial(handlers.record_need, db, cmd, directory=runtime.directory, now=clock())
+        )
     except handlers.KeyReused:
         raise HTTPException(409, "this Idempotency-Key was already used with another body") from None
     except handlers.UnknownNeed as exc:
@@ -265,8 +300,9 @@ def body_errors(invalid: Invalid) -> list[dict]:
 
 
 @router.post("/needs/{need_id}/cancel", response_model=NeedPublic, responses=error_responses(409))
-def cancel(need_id: str, body: CancelNeedBody, user: deps.Ops, runtime: deps.Runtime, db: deps.DatabaseDep,
-           clock: deps.Clock) -> NeedPublic:
+def cancel(
+    need_id: str, body: CancelNeedBody, user: deps.Ops, runtime: deps.Runtime, db: deps.DatabaseDep, clock: deps.Clock
+) -> NeedPublic:
     """Ops withdraw a need recorded in error: closed at once; referral cancels its referral and stops its clock."""
     try:
         handlers.cancel_need(db, handlers.CancelNeed(need_id=need_id, reason=body.reason, actor=user.id), now=clock())
@@ -279,11 +315,20 @@ def cancel(need_id: str, body: CancelNeedBody, user: deps.Ops, runtime: deps.Run
         return public(*need_with_history(session, need_id))
 
 
-@router.get("/reports", response_model=Reports,
-            responses={200: {"content": {"text/csv": {}}, "description": "JSON, or CSV with format=csv"}})
-def reports(user: deps.Reader, directory: deps.DirectoryDep, db: deps.DatabaseDep, clock: deps.Clock,
-            month: Annotated[str | None, Query(pattern=MONTH)] = None, library_id: str | None = None,
-            format: Literal["json", "csv"] = "json") -> Reports | Response:
+@router.get(
+    "/reports",
+    response_model=Reports,
+    responses={200: {"content": {"text/csv": {}}, "description": "JSON, or CSV with format=csv"}},
+)
+def reports(
+    user: deps.Reader,
+    directory: deps.DirectoryDep,
+    db: deps.DatabaseDep,
+    clock: deps.Clock,
+    month: Annotated[str | None, Query(pattern=MONTH)] = None,
+    library_id: str | None = None,
+    format: Literal["json", "csv"] = "json",
+) -> Reports | Response:
     """People helped, needs recorded, by category, and the share answered in time, per library for a month
     (default: this month in the directory's time zone). A front desk sees its own library. `format=csv`: the
     same as a spreadsheet (French headers, `;`-separated, UTF-8 with a BOM)."""
@@ -313,9 +358,20 @@ def get_need(need_id: str, user: deps.Reader, session: deps.ReadSession) -> Need
 
 
 @router.get("/needs", response_model=NeedPage)
-def list_needs(user: deps.Reader, session: deps.ReadSession, library_id: str | None = None,
-               status: Literal["recorded", "referred", "accepted", "responded", "closed", "unroutable"] | None = None,
-               limit: Annotated[int, Query(ge=1, le=200)] = 50, cursor: Cursor = None) -> NeedPage:
-    rows, next_cursor = need_page(session, own_library=user.library if user.role == "front_desk" else None,
-                                  library_id=library_id, status=status, limit=limit, cursor=cursor)
+def list_needs(
+    user: deps.Reader,
+    session: deps.ReadSession,
+    library_id: str | None = None,
+    status: Literal["recorded", "referred", "accepted", "responded", "closed", "unroutable"] | None = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Cursor = None,
+) -> NeedPage:
+    rows, next_cursor = need_page(
+        session,
+        own_library=user.library if user.role == "front_desk" else None,
+        library_id=library_id,
+        status=status,
+        limit=limit,
+        cursor=cursor,
+    )
     return NeedPage(items=[public(n) for n in rows], next_cursor=next_cursor)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from services.intake import handlers
 from shared.events import NEEDS, REFERRALS, NeedEvent, ReferralStreamEvent
 from shared.service import Service
-from services.intake import handlers
 
 
 def register(svc: Service) -> None:
-    svc.bus.documents_publisher(NEEDS, NeedEvent, "Needs recorded at a desk, with the person's consent; needs "
-                                                  "cancelled by ops as recorded in error.")
+    svc.bus.documents_publisher(
+        NEEDS,
+        NeedEvent,
+        "Needs recorded at a desk, with the person's consent; needs cancelled by ops as recorded in error.",
+    )
 
     @svc.bus.subscriber(REFERRALS, "Referral events update the desk's view: status, partner, SLA, history.")
     async def on_referral_event(event: ReferralStreamEvent) -> None:

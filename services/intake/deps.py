@@ -54,8 +54,11 @@ _bearer = HTTPBearer(auto_error=False)
 def caller(*roles: str) -> Callable[..., User]:
     """The signed-in user: 401 without a known token, 403 when their role may not call (shared.service's rule)."""
 
-    def dependency(request: Request, runtime: Runtime,
-                   credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> User:
+    def dependency(
+        request: Request,
+        runtime: Runtime,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    ) -> User:
         return runtime.service.require(*roles)(request, credentials)
 
     return dependency

@@ -53,7 +53,7 @@ def normalize_postal_code(raw: str) -> str:
     code = directory_postal_code(raw) if raw.isascii() else ""  # "٧٦٠٠٠" is digits to Python, not a postal code
     if len(code) == 5 and code.isdigit():
         return code
-    if (len(code) == 6 and code[0::2].isalpha() and code[1::2].isdigit()):
+    if len(code) == 6 and code[0::2].isalpha() and code[1::2].isdigit():
         return f"{code[:3]} {code[3:]}"
     raise ValueError("not a postal code: give 5 digits (France) or A1A 1A1 (Canada)")
 

@@ -18,7 +18,6 @@ from shared.db import Database, emit
 from shared.directory import Directory
 from shared.events import Event, NeedCancelled, NeedRecorded, PersonContact, new_id
 
-
 # --- commands -------------------------------------------------------------------------------------------
 
 
@@ -98,9 +97,16 @@ def record_need(db: Database, cmd: RecordNeed, *, directory: Directory, now: dat
             need = _new_need(session, cmd, directory, now)
             recorded = Recorded(need.id, public(need).model_dump_json())
             if cmd.idempotency_key is not None:
-                session.add(IdempotencyKey(user_id=cmd.recorded_by, key=cmd.idempotency_key,
-                                           request_hash=cmd.request_hash or "", need_id=need.id, created_at=now,
-                                           response_body=recorded.response_body))
+                session.add(
+                    IdempotencyKey(
+                        user_id=cmd.recorded_by,
+                        key=cmd.idempotency_key,
+                        request_hash=cmd.request_hash or "",
+                        need_id=need.id,
+                        created_at=now,
+                        response_body=recorded.response_body,
+                    )
+                )
     except IntegrityError:  # the same key committed concurrently: answer what it answered
         with db.read() as session:
             recorded = replayed(session)
@@ -116,23 +122,43 @@ def _new_need(session: Session, cmd: RecordNeed, directory: Directory, now: date
         if earlier is None or earlier.library_id != cmd.library_id:
             raise UnknownNeed(cmd.same_person_as)
         person_id = earlier.person_id
-    respond_by = deadlines.expected_respond_by(directory, category=cmd.category, postal_code=cmd.postal_code,
-                                               library_id=cmd.library_id, recorded_at=now)
+    respond_by = deadlines.expected_respond_by(
+        directory, category=cmd.category, postal_code=cmd.postal_code, library_id=cmd.library_id, recorded_at=now
+    )
     need = Need(
-        id=new_id(), library_id=cmd.library_id, category=cmd.category, summary=cmd.summary,
-        postal_code=cmd.postal_code, urgency=cmd.urgency, person_id=person_id or new_id(),
+        id=new_id(),
+        library_id=cmd.library_id,
+        category=cmd.category,
+        summary=cmd.summary,
+        postal_code=cmd.postal_code,
+        urgency=cmd.urgency,
+        person_id=person_id or new_id(),
         person_display_name=cmd.person.display_name,
-        person_email=cmd.person.email, person_phone=cmd.person.phone,
-        preferred_channel=cmd.person.preferred_channel, language=cmd.person.language,
-        recorded_by=cmd.recorded_by, recorded_at=now, respond_by=respond_by,
+        person_email=cmd.person.email,
+        person_phone=cmd.person.phone,
+        preferred_channel=cmd.person.preferred_channel,
+        language=cmd.person.language,
+        recorded_by=cmd.recorded_by,
+        recorded_at=now,
+        respond_by=respond_by,
     )
     session.add(need)
     session.add(NeedHistory(need_id=need.id, at=now, event="need.recorded"))
-    emit(session, NeedRecorded(
-        need_id=need.id, library_id=need.library_id, category=need.category, summary=need.summary,
-        postal_code=need.postal_code, urgency=need.urgency, recorded_at=now, person=cmd.person,
-        correlation_id=cmd.correlation_id, occurred_at=now,
-    ))
+    emit(
+        session,
+        NeedRecorded(
+            need_id=need.id,
+            library_id=need.library_id,
+            category=need.category,
+            summary=need.summary,
+            postal_code=need.postal_code,
+            urgency=need.urgency,
+            recorded_at=now,
+            person=cmd.person,
+            correlation_id=cmd.correlation_id,
+            occurred_at=now,
+        ),
+    )
     return need
 
 
@@ -149,8 +175,12 @@ def cancel_need(db: Database, cmd: CancelNeed, *, now: datetime) -> Need:
         need.status, need.cancelled_at = "closed", now
         session.add(need)
         session.add(NeedHistory(need_id=need.id, at=now, event="need.cancelled", detail=cmd.reason))
-        emit(session, NeedCancelled(need_id=need.id, library_id=need.library_id, reason=cmd.reason, actor=cmd.actor,
-                                    occurred_at=now))
+        emit(
+            session,
+            NeedCancelled(
+                need_id=need.id, library_id=need.library_id, reason=cmd.reason, actor=cmd.actor, occurred_at=now
+            ),
+        )
     return need
 
 
@@ -162,10 +192,19 @@ def on_referral_event(session: Session, event: Event) -> None:
     need = session.get(Need, event.need_id)
     if need is None:
         return  # a need from another deployment sharing the namespace would be a bug; nothing to update
-    detail = next((text for name in ("reason", "routed_because", "outcome", "message")
-                   if (text := getattr(event, name, None))), None)
-    session.add(NeedHistory(need_id=need.id, at=event.occurred_at, event=event.type,
-                            partner_id=getattr(event, "partner_id", None), detail=detail))
+    detail = next(
+        (text for name in ("reason", "routed_because", "outcome", "message") if (text := getattr(event, name, None))),
+        None,
+    )
+    session.add(
+        NeedHistory(
+            need_id=need.id,
+            at=event.occurred_at,
+            event=event.type,
+            partner_id=getattr(event, "partner_id", None),
+            detail=detail,
+        )
+    )
     need.sla = domain.next_sla(need.sla, event.type)
     if event.type in ("referral.accepted", "referral.responded") and need.answered_at is None:
         need.answered_at = event.occurred_at

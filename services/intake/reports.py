@@ -14,8 +14,8 @@ from pydantic import BaseModel
 
 from services.intake import domain
 from services.intake.store import counted_needs
-from shared.directory import Directory, Library
 from shared.db import Database
+from shared.directory import Directory, Library
 from shared.pages import SECURITY_HEADERS, environment
 
 LABELS = environment(Path(__file__).with_name("templates")).get_template("_labels.html").module
@@ -49,8 +49,14 @@ class Reports(BaseModel):
 
 
 def _fields(f: domain.Figures) -> dict:
-    return dict(people=f.people, needs=f.needs, answered_in_time=f.answered_in_time, due=f.due,
-                still_running=f.still_running, share_in_time=f.share_in_time)
+    return dict(
+        people=f.people,
+        needs=f.needs,
+        answered_in_time=f.answered_in_time,
+        due=f.due,
+        still_running=f.still_running,
+        share_in_time=f.share_in_time,
+    )
 
 
 def library_report(db: Database, library: Library, month: date, now: datetime) -> LibraryReport:
@@ -59,9 +65,15 @@ def library_report(db: Database, library: Library, month: date, now: datetime) -
     with db.read() as session:
         counted = counted_needs(session, library.id, start, end)
     total, by_category = domain.monthly_figures(counted, now)
-    return LibraryReport(library_id=library.id, month=month.strftime("%Y-%m"), **_fields(total),
-                         by_category=[CategoryFigures(category=c, **_fields(f))
-                                      for c, f in sorted(by_category.items(), key=lambda x: (-x[1].needs, x[0]))])
+    return LibraryReport(
+        library_id=library.id,
+        month=month.strftime("%Y-%m"),
+        **_fields(total),
+        by_category=[
+            CategoryFigures(category=c, **_fields(f))
+            for c, f in sorted(by_category.items(), key=lambda x: (-x[1].needs, x[0]))
+        ],
+    )
 
 
 def csv_response(reports: Sequence[LibraryReport], directory: Directory, filename: str) -> Response:
@@ -74,13 +86,25 @@ def csv_response(reports: Sequence[LibraryReport], directory: Directory, filenam
     def row(report: LibraryReport, label: str, f: LibraryReport | CategoryFigures) -> list:
         library = directory.library(report.library_id)
         share = "" if f.share_in_time is None else f"{100 * f.share_in_time:.0f}"
-        return [report.month, library.name if library else report.library_id, label, f.people, f.needs,
-                f.answered_in_time, f.due, share, f.still_running]
+        return [
+            report.month,
+            library.name if library else report.library_id,
+            label,
+            f.people,
+            f.needs,
+            f.answered_in_time,
+            f.due,
+            share,
+            f.still_running,
+        ]
 
     for report in reports:
         writer.writerow(row(report, LABELS.ALL_CATEGORIES, report))
         for f in report.by_category:
             category = directory.category(f.category)
             writer.writerow(row(report, category.label if category else f.category, f))
-    return Response("\ufeff" + out.getvalue(), media_type="text/csv; charset=utf-8",
-                    headers={**SECURITY_HEADERS, "Content-Disposition": f'attachment; filename="{filename}"'})
+    return Response(
+        "\ufeff" + out.getvalue(),
+        media_type="text/csv; charset=utf-8",
+        headers={**SECURITY_HEADERS, "Content-Disposition": f'attachment; filename="{filename}"'},
+    )

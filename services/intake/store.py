@@ -65,7 +65,12 @@ TABLES = [Need.__table__, NeedHistory.__table__, IdempotencyKey.__table__, USED_
 
 def counted_needs(session: Session, library_id: str, start: datetime, end: datetime) -> list[CountedNeed]:
     """The needs a library recorded in [start, end) that count in its figures (not those cancelled as errors)."""
-    rows = session.exec(select(Need.person_id, Need.category, Need.status, Need.sla, Need.respond_by)
-                        .where(Need.library_id == library_id, Need.recorded_at >= start, Need.recorded_at < end,
-                               Need.cancelled_at.is_(None))).all()
+    rows = session.exec(
+        select(Need.person_id, Need.category, Need.status, Need.sla, Need.respond_by).where(
+            Need.library_id == library_id,
+            Need.recorded_at >= start,
+            Need.recorded_at < end,
+            Need.cancelled_at.is_(None),
+        )
+    ).all()
     return [CountedNeed(*row) for row in rows]

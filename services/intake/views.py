@@ -42,13 +42,34 @@ class NeedPublic(BaseModel):
 
 def public(need: Need, history: list[NeedHistory] | None = None) -> NeedPublic:
     return NeedPublic(
-        **need.model_dump(include={"id", "library_id", "category", "summary", "postal_code", "urgency", "status",
-                                   "partner_id", "referral_id", "recorded_at", "respond_by", "answered_at", "sla",
-                                   "person_id"}),
-        person=PersonContact(display_name=need.person_display_name, email=need.person_email, phone=need.person_phone,
-                             preferred_channel=need.preferred_channel, language=need.language),
-        history=None if history is None else [HistoryEntry(**h.model_dump(include={"at", "event", "partner_id", "detail"}))
-                                              for h in history],
+        **need.model_dump(
+            include={
+                "id",
+                "library_id",
+                "category",
+                "summary",
+                "postal_code",
+                "urgency",
+                "status",
+                "partner_id",
+                "referral_id",
+                "recorded_at",
+                "respond_by",
+                "answered_at",
+                "sla",
+                "person_id",
+            }
+        ),
+        person=PersonContact(
+            display_name=need.person_display_name,
+            email=need.person_email,
+            phone=need.person_phone,
+            preferred_channel=need.preferred_channel,
+            language=need.language,
+        ),
+        history=None
+        if history is None
+        else [HistoryEntry(**h.model_dump(include={"at", "event", "partner_id", "detail"})) for h in history],
     )
 
 
@@ -57,13 +78,24 @@ def need_with_history(session: Session, need_id: str) -> tuple[Need, list[NeedHi
     need = session.get(Need, need_id)
     if need is None:
         return None
-    history = session.exec(select(NeedHistory).where(NeedHistory.need_id == need_id)
-                           .order_by(NeedHistory.at, NeedHistory.id)).all()
+    history = session.exec(
+        select(NeedHistory).where(NeedHistory.need_id == need_id).order_by(NeedHistory.at, NeedHistory.id)
+    ).all()
     return need, list(history)
 
 
-def desk_needs(session: Session, library_id: str, now: datetime, *, status: str = "", category: str = "",
-               sla: str = "", page: int = 1, limit: int, overdue_limit: int) -> tuple[list[Need], bool]:
+def desk_needs(
+    session: Session,
+    library_id: str,
+    now: datetime,
+    *,
+    status: str = "",
+    category: str = "",
+    sla: str = "",
+    page: int = 1,
+    limit: int,
+    overdue_limit: int,
+) -> tuple[list[Need], bool]:
     """A page of "Mes demandes" in the desk's order (domain.desk_order), and whether older ones follow. Every overdue
     need stays on the first page, above the newest ones; later pages go back in time."""
     query = select(Need).where(Need.library_id == library_id)
@@ -79,15 +111,25 @@ def desk_needs(session: Session, library_id: str, now: datetime, *, status: str 
         query = query.where(Need.sla == sla)
     overdue = query.where(Need.status.in_(domain.WAITING_FOR_PARTNER), Need.respond_by <= now)
     late = [] if page > 1 else list(session.exec(overdue.order_by(Need.respond_by).limit(overdue_limit)).all())
-    newest = list(session.exec(query.order_by(Need.recorded_at.desc(), Need.id.desc())
-                               .offset((page - 1) * limit).limit(limit + 1)).all())
+    newest = list(
+        session.exec(
+            query.order_by(Need.recorded_at.desc(), Need.id.desc()).offset((page - 1) * limit).limit(limit + 1)
+        ).all()
+    )
     by_id = {n.id: n for n in [*late, *newest[:limit]]}
     ordered = sorted(by_id.values(), key=lambda n: domain.desk_order(n.status, n.respond_by, n.recorded_at, now))
     return ordered, len(newest) > limit
 
 
-def need_page(session: Session, *, own_library: str | None, library_id: str | None, status: str | None, limit: int,
-              cursor: str | None) -> tuple[list[Need], str | None]:
+def need_page(
+    session: Session,
+    *,
+    own_library: str | None,
+    library_id: str | None,
+    status: str | None,
+    limit: int,
+    cursor: str | None,
+) -> tuple[list[Need], str | None]:
     """A page of needs for the API, newest first: a desk's (`own_library`) or every library's, filtered."""
     query = select(Need)
     for library in (own_library, library_id):

@@ -20,8 +20,8 @@ import hashlib
 import secrets
 from dataclasses import dataclass
 from datetime import date, datetime
-from pathlib import Path
 from functools import partial
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -31,8 +31,7 @@ from fastapi.responses import FileResponse, Response
 from markupsafe import Markup
 
 from services.intake import domain, handlers, views
-from services.intake.api import (MAX_SUMMARY, NEED_STATUSES, Invalid, record_command, unknown_earlier_need,
-                                 validate_need)
+from services.intake.api import MAX_SUMMARY, NEED_STATUSES, Invalid, record_command, unknown_earlier_need, validate_need
 from services.intake.reports import CategoryFigures, LibraryReport, csv_response, library_report
 from services.intake.store import Need, NeedHistory
 from shared.directory import Library, User
@@ -111,20 +110,34 @@ def build_router(svc: Service) -> APIRouter:
         response.headers["Content-Security-Policy"] = CSP
         return response
 
-    def live(request: Request, desk_: Desk, fragment: str, every_key: str, final: bool, **context: Any
-             ) -> tuple[Response | None, dict[str, Any]]:
+    def live(
+        request: Request, desk_: Desk, fragment: str, every_key: str, final: bool, **context: Any
+    ) -> tuple[Response | None, dict[str, Any]]:
         """The live region's HTML: the answer itself for `?partiel=1`, else context for the whole page."""
-        html = pages.env.get_template(fragment).render(request=request, user=desk_.user, library=desk_.library,
-                                                       **context)
+        html = pages.env.get_template(fragment).render(
+            request=request, user=desk_.user, library=desk_.library, **context
+        )
         version = hashlib.sha256(html.encode()).hexdigest()[:16]
         if request.query_params.get("partiel") == "1":
-            headers = {**SECURITY_HEADERS, "X-Relais-Partiel": "1", "X-Relais-Version": version,
-                       "X-Relais-Final": "1" if final else "0"}
+            headers = {
+                **SECURITY_HEADERS,
+                "X-Relais-Partiel": "1",
+                "X-Relais-Version": version,
+                "X-Relais-Final": "1" if final else "0",
+            }
             return Response(html, media_type="text/html; charset=utf-8", headers=headers), {}
-        url = request.url.path + "?" + urlencode(
-            [(k, v) for k, v in request.query_params.multi_items() if k != "partiel"] + [("partiel", "1")])
-        return None, dict(live_html=Markup(html), live_version=version, live_url=url, live_final=final,
-                          live_every=LIVE_EVERY_S[every_key])
+        url = (
+            request.url.path
+            + "?"
+            + urlencode([(k, v) for k, v in request.query_params.multi_items() if k != "partiel"] + [("partiel", "1")])
+        )
+        return None, dict(
+            live_html=Markup(html),
+            live_version=version,
+            live_url=url,
+            live_final=final,
+            live_every=LIVE_EVERY_S[every_key],
+        )
 
     def category_label(category_id: str) -> str:
         category = svc.directory.category(category_id)
@@ -148,8 +161,12 @@ def build_router(svc: Service) -> APIRouter:
         return result
 
     def need_context(need: Need, now: datetime) -> dict[str, Any]:
-        return dict(need=need, category=category_label(need.category), partner=partner_name(need.partner_id),
-                    overdue=domain.is_overdue(need.status, need.respond_by, now))
+        return dict(
+            need=need,
+            category=category_label(need.category),
+            partner=partner_name(need.partner_id),
+            overdue=domain.is_overdue(need.status, need.respond_by, now),
+        )
 
     # --- static files of these pages
 
@@ -157,8 +174,9 @@ def build_router(svc: Service) -> APIRouter:
     async def script(name: str) -> Response:
         if name not in ("suivi.js", "accueil.css"):
             return Response(status_code=404)
-        return FileResponse(STATIC / name, headers={"Cache-Control": "public, max-age=3600",
-                                                    "X-Content-Type-Options": "nosniff"})
+        return FileResponse(
+            STATIC / name, headers={"Cache-Control": "public, max-age=3600", "X-Content-Type-Options": "nosniff"}
+        )
 
     @router.get("/")
     async def root() -> Response:
@@ -174,17 +192,45 @@ def build_router(svc: Service) -> APIRouter:
             return ""
 
     def blank_form(library: Library) -> dict[str, str]:
-        return {"category": "", "summary": "", "postal_code": default_postal_code(library), "urgency": "normal",
-                "display_name": "", "email": "", "phone": "", "preferred_channel": "", "language": "fr",
-                "consent": "", "same_person_as": "", "idempotency_key": secrets.token_urlsafe(18)}
+        return {
+            "category": "",
+            "summary": "",
+            "postal_code": default_postal_code(library),
+            "urgency": "normal",
+            "display_name": "",
+            "email": "",
+            "phone": "",
+            "preferred_channel": "",
+            "language": "fr",
+            "consent": "",
+            "same_person_as": "",
+            "idempotency_key": secrets.token_urlsafe(18),
+        }
 
-    def form_page(request: Request, desk_: Desk, values: dict[str, str], status: int = 200,
-                  errors: dict[str, str] | None = None, suggestions: list[str] | None = None,
-                  earlier: Need | None = None, key_reused: str | None = None) -> Response:
-        return show(request, "nouvelle.html", status=status, library=desk_.library, values=values,
-                    errors=errors or {}, suggestions=[category_label(c) for c in suggestions or []],
-                    categories=svc.directory.categories, earlier=earlier, key_reused=key_reused,
-                    default_postal_code=default_postal_code(desk_.library), max_summary=MAX_SUMMARY)
+    def form_page(
+        request: Request,
+        desk_: Desk,
+        values: dict[str, str],
+        status: int = 200,
+        errors: dict[str, str] | None = None,
+        suggestions: list[str] | None = None,
+        earlier: Need | None = None,
+        key_reused: str | None = None,
+    ) -> Response:
+        return show(
+            request,
+            "nouvelle.html",
+            status=status,
+            library=desk_.library,
+            values=values,
+            errors=errors or {},
+            suggestions=[category_label(c) for c in suggestions or []],
+            categories=svc.directory.categories,
+            earlier=earlier,
+            key_reused=key_reused,
+            default_postal_code=default_postal_code(desk_.library),
+            max_summary=MAX_SUMMARY,
+        )
 
     @router.get("/nouvelle")
     async def new_need(request: Request, meme_personne: str = "") -> Response:
@@ -194,10 +240,15 @@ def build_router(svc: Service) -> APIRouter:
             loaded = await anyio.to_thread.run_sync(load, meme_personne, desk_.library.id)
             if loaded is not None:
                 earlier = loaded[0]
-                values.update(display_name=earlier.person_display_name or "", email=earlier.person_email or "",
-                              phone=earlier.person_phone or "", preferred_channel=earlier.preferred_channel,
-                              language=earlier.language, postal_code=earlier.postal_code or values["postal_code"],
-                              same_person_as=earlier.id)
+                values.update(
+                    display_name=earlier.person_display_name or "",
+                    email=earlier.person_email or "",
+                    phone=earlier.person_phone or "",
+                    preferred_channel=earlier.preferred_channel,
+                    language=earlier.language,
+                    postal_code=earlier.postal_code or values["postal_code"],
+                    same_person_as=earlier.id,
+                )
         return form_page(request, desk_, values, earlier=earlier)
 
     @router.post("/nouvelle")
@@ -210,28 +261,48 @@ def build_router(svc: Service) -> APIRouter:
         values["summary"] = values["summary"].replace("\r\n", "\n")  # browsers send a textarea's lines with CRLF
         values["idempotency_key"] = values["idempotency_key"][:200] or secrets.token_urlsafe(18)
         category_id, suggestions = domain.find_category(
-            values["category"], [(c.id, c.label) for c in svc.directory.categories])
-        person = {"display_name": values["display_name"].strip() or None, "email": values["email"].strip() or None,
-                  "phone": values["phone"].strip() or None,
-                  "preferred_channel": values["preferred_channel"] or None, "language": values["language"] or "fr"}
-        data = {"library_id": desk_.library.id, "category": category_id or values["category"].strip(),
-                "summary": values["summary"], "postal_code": values["postal_code"].strip() or None,
-                "urgency": values["urgency"] or "normal", "person": person, "consent": values["consent"] == "oui",
-                "same_person_as": values["same_person_as"] or None}
+            values["category"], [(c.id, c.label) for c in svc.directory.categories]
+        )
+        person = {
+            "display_name": values["display_name"].strip() or None,
+            "email": values["email"].strip() or None,
+            "phone": values["phone"].strip() or None,
+            "preferred_channel": values["preferred_channel"] or None,
+            "language": values["language"] or "fr",
+        }
+        data = {
+            "library_id": desk_.library.id,
+            "category": category_id or values["category"].strip(),
+            "summary": values["summary"],
+            "postal_code": values["postal_code"].strip() or None,
+            "urgency": values["urgency"] or "normal",
+            "person": person,
+            "consent": values["consent"] == "oui",
+            "same_person_as": values["same_person_as"] or None,
+        }
         earlier = None
         if values["same_person_as"]:
             loaded = await anyio.to_thread.run_sync(load, values["same_person_as"], desk_.library.id)
             earlier = loaded[0] if loaded else None
         try:
             body = validate_need(data, svc.directory, library=desk_.library.id)
-            cmd = record_command(body, desk_.user, values["idempotency_key"],
-                                 current_correlation_id())  # validated by shared.edges
+            cmd = record_command(
+                body, desk_.user, values["idempotency_key"], current_correlation_id()
+            )  # validated by shared.edges
             need = await anyio.to_thread.run_sync(
-                partial(handlers.record_need, svc.db, cmd, directory=svc.directory, now=svc.clock()))
+                partial(handlers.record_need, svc.db, cmd, directory=svc.directory, now=svc.clock())
+            )
         except (Invalid, handlers.UnknownNeed) as exc:
             invalid = exc if isinstance(exc, Invalid) else unknown_earlier_need(str(exc))
-            return form_page(request, desk_, values, status=422, errors=form_errors(invalid.errors),
-                             suggestions=suggestions, earlier=earlier)
+            return form_page(
+                request,
+                desk_,
+                values,
+                status=422,
+                errors=form_errors(invalid.errors),
+                suggestions=suggestions,
+                earlier=earlier,
+            )
         except handlers.KeyReused as exc:  # this form already recorded a need, then was changed and sent again
             values["idempotency_key"] = secrets.token_urlsafe(18)
             return form_page(request, desk_, values, status=409, key_reused=exc.need_id, earlier=earlier)
@@ -245,11 +316,13 @@ def build_router(svc: Service) -> APIRouter:
         desk_ = desk(request)
         need, history = await found(request, desk_, need_id)
         now = svc.clock()
-        routed_because = next((h.detail for h in reversed(history)
-                               if h.event in ("referral.assigned", "need.unroutable")), None)
+        routed_because = next(
+            (h.detail for h in reversed(history) if h.event in ("referral.assigned", "need.unroutable")), None
+        )
         context = need_context(need, now) | dict(routed_because=routed_because)
-        partial, live_context = live(request, desk_, "_suivi.html", "enregistree", final=need.status != "recorded",
-                                     **context)
+        partial, live_context = live(
+            request, desk_, "_suivi.html", "enregistree", final=need.status != "recorded", **context
+        )
         if partial is not None:
             return partial
         return show(request, "enregistree.html", library=desk_.library, **context, **live_context)
@@ -257,8 +330,9 @@ def build_router(svc: Service) -> APIRouter:
     # --- Mes demandes
 
     @router.get("/demandes")
-    async def needs(request: Request, statut: str = "", thematique: str = "", delai: str = "", page: str = "1"
-                    ) -> Response:
+    async def needs(
+        request: Request, statut: str = "", thematique: str = "", delai: str = "", page: str = "1"
+    ) -> Response:
         desk_ = desk(request)
         status = statut if statut in STATUS_FILTERS else ""
         category = thematique if svc.directory.category(thematique) else ""
@@ -268,19 +342,44 @@ def build_router(svc: Service) -> APIRouter:
 
         def rows() -> tuple[list[Need], bool]:
             with svc.db.read() as session:
-                return views.desk_needs(session, desk_.library.id, now, status=status, category=category, sla=sla,
-                                        page=number, limit=LIST_LIMIT, overdue_limit=OVERDUE_LIMIT)
+                return views.desk_needs(
+                    session,
+                    desk_.library.id,
+                    now,
+                    status=status,
+                    category=category,
+                    sla=sla,
+                    page=number,
+                    limit=LIST_LIMIT,
+                    overdue_limit=OVERDUE_LIMIT,
+                )
 
         found_rows, has_more = await anyio.to_thread.run_sync(rows)
         items = [need_context(n, now) for n in found_rows]
         filters = dict(filter_status=status, filter_category=category, filter_sla=sla)
-        partial, live_context = live(request, desk_, "_liste.html", "demandes", final=False, items=items,
-                                     filtered=bool(status or category or sla), **page_links(request, number, has_more),
-                                     **filters)
+        partial, live_context = live(
+            request,
+            desk_,
+            "_liste.html",
+            "demandes",
+            final=False,
+            items=items,
+            filtered=bool(status or category or sla),
+            **page_links(request, number, has_more),
+            **filters,
+        )
         if partial is not None:
             return partial
-        return show(request, "demandes.html", library=desk_.library, categories=svc.directory.categories,
-                    statuses=STATUS_FILTERS, slas=SLA_FILTERS, **filters, **live_context)
+        return show(
+            request,
+            "demandes.html",
+            library=desk_.library,
+            categories=svc.directory.categories,
+            statuses=STATUS_FILTERS,
+            slas=SLA_FILTERS,
+            **filters,
+            **live_context,
+        )
 
     @router.get("/demandes/{need_id}")
     async def need_page(request: Request, need_id: str) -> Response:
@@ -289,8 +388,9 @@ def build_router(svc: Service) -> APIRouter:
         now = svc.clock()
         entries = [dict(h=h, partner=partner_name(h.partner_id)) for h in history]
         context = need_context(need, now) | dict(history=entries)
-        partial, live_context = live(request, desk_, "_demande_etat.html", "demande",
-                                     final=need.status in FINAL_STATUSES, **context)
+        partial, live_context = live(
+            request, desk_, "_demande_etat.html", "demande", final=need.status in FINAL_STATUSES, **context
+        )
         if partial is not None:
             return partial
         return show(request, "demande.html", library=desk_.library, **context, **live_context)
@@ -312,9 +412,16 @@ def build_router(svc: Service) -> APIRouter:
         desk_ = desk(request)
         month, offered = month_choice(desk_.library, mois)
         total, by_category = await anyio.to_thread.run_sync(month_figures, desk_.library, month)
-        return show(request, "chiffres.html", library=desk_.library, month=month, month_label=month_label(month),
-                    months=[(m.strftime("%Y-%m"), month_label(m)) for m in offered], total=total,
-                    by_category=by_category)
+        return show(
+            request,
+            "chiffres.html",
+            library=desk_.library,
+            month=month,
+            month_label=month_label(month),
+            months=[(m.strftime("%Y-%m"), month_label(m)) for m in offered],
+            total=total,
+            by_category=by_category,
+        )
 
     @router.get("/chiffres.csv")
     async def figures_csv(request: Request, mois: str = "") -> Response:

@@ -2,7 +2,6 @@
 providers' webhooks (delivery receipts and replies, checked by signature or secret, outside /api/v1 because providers
 hold no bearer token): parse, authorise, call one handler or read a view, render."""
 
-
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Annotated
@@ -94,18 +93,26 @@ router = APIRouter(tags=["deliveries"])
 
 
 @router.get("/deliveries", response_model=DeliveryPage)
-def list_deliveries(user: deps.Ops, session: deps.ReadSession, need_id: str | None = None,
-                    referral_id: str | None = None, status: str | None = None, kind: str | None = None,
-                    channel: str | None = None, limit: Annotated[int, Query(ge=1, le=200)] = 50,
-                    cursor: Cursor = None) -> DeliveryPage:
+def list_deliveries(
+    user: deps.Ops,
+    session: deps.ReadSession,
+    need_id: str | None = None,
+    referral_id: str | None = None,
+    status: str | None = None,
+    kind: str | None = None,
+    channel: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Cursor = None,
+) -> DeliveryPage:
     filters = dict(need_id=need_id, referral_id=referral_id, status=status, kind=kind, channel=channel)
     rows, next_cursor = views.delivery_page(session, filters, limit, cursor)
     return DeliveryPage(items=[DeliveryPublic.of(d) for d in rows], next_cursor=next_cursor)
 
 
 @router.get("/deliveries/stats", response_model=DeliveryStats)
-def delivery_stats(user: deps.Ops, session: deps.ReadSession, clock: deps.Clock,
-                   hours: Annotated[int, Query(ge=1, le=24 * 31)] = 24) -> DeliveryStats:
+def delivery_stats(
+    user: deps.Ops, session: deps.ReadSession, clock: deps.Clock, hours: Annotated[int, Query(ge=1, le=24 * 31)] = 24
+) -> DeliveryStats:
     """Deliveries created in the last `hours`, counted by channel, kind and status, with SMS segments used and
     the latest failures (for the ops dashboard)."""
     counted, segments, failures = views.delivery_counts(session, clock() - timedelta(hours=hours))
@@ -115,11 +122,22 @@ def delivery_stats(user: deps.Ops, session: deps.ReadSession, clock: deps.Clock,
         rows.setdefault((channel, kind), {})[status] = count
         totals[status] = totals.get(status, 0) + count
     return DeliveryStats(
-        hours=hours, totals=totals, sms_segments=segments,
+        hours=hours,
+        totals=totals,
+        sms_segments=segments,
         rows=[StatsRow(channel=c, kind=k, counts=n) for (c, k), n in sorted(rows.items())],
-        latest_failures=[Failure(at=d.sent_at or d.created_at, kind=d.kind, channel=d.channel,
-                                 recipient_role=d.recipient_role, attempts=d.attempts, error=d.last_error)
-                         for d in failures])
+        latest_failures=[
+            Failure(
+                at=d.sent_at or d.created_at,
+                kind=d.kind,
+                channel=d.channel,
+                recipient_role=d.recipient_role,
+                attempts=d.attempts,
+                error=d.last_error,
+            )
+            for d in failures
+        ],
+    )
 
 
 @router.get("/deliveries/{delivery_id}", response_model=DeliveryDetail)
@@ -128,8 +146,9 @@ def get_delivery(user: deps.Ops, session: deps.ReadSession, delivery_id: str) ->
     if found is None:
         raise HTTPException(404, "no such delivery")
     d, attempts = found
-    return DeliveryDetail(**DeliveryPublic.of(d).model_dump(),
-                          attempt_log=[AttemptPublic(**a.model_dump()) for a in attempts])
+    return DeliveryDetail(
+        **DeliveryPublic.of(d).model_dump(), attempt_log=[AttemptPublic(**a.model_dump()) for a in attempts]
+    )
 
 
 # --- the SMS providers' webhooks --------------------------------------------------------------------
@@ -149,7 +168,9 @@ def build_webhooks(svc: Service) -> APIRouter:
         if what is None:
             return
         cmd = command(provider, what)
-        handle = handlers.record_sms_receipt if isinstance(cmd, handlers.RecordSmsReceipt) else handlers.record_sms_reply
+        handle = (
+            handlers.record_sms_receipt if isinstance(cmd, handlers.RecordSmsReceipt) else handlers.record_sms_reply
+        )
         await anyio.to_thread.run_sync(partial(handle, svc.db, cmd, now=svc.clock()))
         svc.bus.relay.wake()
 

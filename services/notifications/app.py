@@ -71,8 +71,10 @@ class NotificationsRuntime:
 def bootstrap(settings: Settings | None = None, *, clock: Callable[[], datetime] = utcnow) -> NotificationsRuntime:
     settings = settings or Settings()
     if not settings.smtp_url:
-        raise SystemExit("RELAIS_SMTP_URL is not set: give the SMTP server, e.g. smtp://mailpit:1025 "
-                         "(`relais up` starts an embedded sink and sets it)")
+        raise SystemExit(
+            "RELAIS_SMTP_URL is not set: give the SMTP server, e.g. smtp://mailpit:1025 "
+            "(`relais up` starts an embedded sink and sets it)"
+        )
     if problems := check_settings(settings):
         raise SystemExit("\n".join(problems))  # each says what to set
     service = Service("notifications", settings, TABLES, clock)
@@ -81,8 +83,9 @@ def bootstrap(settings: Settings | None = None, *, clock: Callable[[], datetime]
         service.background.append(lambda channel=channel, wake=wake: sender.send_forever(service, wake, channel))
     consumers.register(service, lambda: [wake.set() for wake in wakes.values()])
     service.on_scrape.append(_deliveries_gauge(service))
-    app = service.create_app(api.router, title="Relais notifications",
-                             pages=[pages.build_router(service), api.build_webhooks(service)])
+    app = service.create_app(
+        api.router, title="Relais notifications", pages=[pages.build_router(service), api.build_webhooks(service)]
+    )
     runtime = NotificationsRuntime(service, wakes, app)
     app.state.runtime = runtime  # what deps.py gives the routes
     return runtime
@@ -90,8 +93,9 @@ def bootstrap(settings: Settings | None = None, *, clock: Callable[[], datetime]
 
 def _deliveries_gauge(service: Service) -> Callable[[], None]:
     """relais_deliveries{status,channel} on /metrics: every delivery in the database, counted at scrape time."""
-    gauge = Gauge("relais_deliveries", "Deliveries by status and channel", ["status", "channel"],
-                  registry=service.metrics)
+    gauge = Gauge(
+        "relais_deliveries", "Deliveries by status and channel", ["status", "channel"], registry=service.metrics
+    )
 
     def update() -> None:
         with service.db.read() as session:

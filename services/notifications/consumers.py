@@ -5,8 +5,16 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from services.notifications import handlers
-from shared.events import (ACCESS, DELIVERIES, NEEDS, REFERRALS, AccessLinkRequested, DeliveryStreamEvent, NeedEvent,
-                           ReferralStreamEvent)
+from shared.events import (
+    ACCESS,
+    DELIVERIES,
+    NEEDS,
+    REFERRALS,
+    AccessLinkRequested,
+    DeliveryStreamEvent,
+    NeedEvent,
+    ReferralStreamEvent,
+)
 from shared.service import Service
 from shared.signin import referral_link
 
@@ -17,7 +25,9 @@ def register(svc: Service, wake_senders: Callable[[], None]) -> None:
         return referral_link(svc.settings, event.referral_id, event.partner_id, svc.clock())
 
     transliterate = svc.settings.sms_transliterate
-    svc.bus.documents_publisher(DELIVERIES, DeliveryStreamEvent, "What was sent, and what failed after its last attempt.")
+    svc.bus.documents_publisher(
+        DELIVERIES, DeliveryStreamEvent, "What was sent, and what failed after its last attempt."
+    )
 
     @svc.bus.subscriber(NEEDS, "The person's contact and choices (channel, language) for the messages meant for them.")
     async def on_need_event(event: NeedEvent) -> None:
@@ -30,13 +40,14 @@ def register(svc: Service, wake_senders: Callable[[], None]) -> None:
 
     @svc.bus.subscriber(REFERRALS, "Referral events are turned into emails and SMS to the people concerned.")
     async def on_referral_event(event: ReferralStreamEvent) -> None:
-        if await svc.bus.process(lambda s, e: handlers.on_referral_event(s, e, svc.directory, svc.clock(), link_for,
-                                                                         transliterate), event):
+        if await svc.bus.process(
+            lambda s, e: handlers.on_referral_event(s, e, svc.directory, svc.clock(), link_for, transliterate), event
+        ):
             wake_senders()
 
     @svc.bus.subscriber(ACCESS, "Sign-in links asked for on any service's pages are emailed.")
     async def on_access_event(event: AccessLinkRequested) -> None:
-        if await svc.bus.process(lambda s, e: handlers.on_access_link_requested(s, e, svc.directory, svc.settings,
-                                                                                svc.clock()),
-                                 event):
+        if await svc.bus.process(
+            lambda s, e: handlers.on_access_link_requested(s, e, svc.directory, svc.settings, svc.clock()), event
+        ):
             wake_senders()

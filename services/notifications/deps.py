@@ -1,5 +1,5 @@
-"""What notifications' routes depend on, as FastAPI dependencies (full-stack-fastapi-template's api/deps.py): the runtime
-bootstrap built, its clock, its database and a read session, and the caller by role. A test overrides one with
+"""What notifications' routes depend on, as FastAPI dependencies (full-stack-fastapi-template's api/deps.py): the
+runtime bootstrap built, its clock, its database and a read session, and the caller by role. A test overrides one with
 `app.dependency_overrides[get_clock] = ...` instead of patching the service."""
 
 from __future__ import annotations
@@ -54,8 +54,11 @@ _bearer = HTTPBearer(auto_error=False)
 def caller(*roles: str) -> Callable[..., User]:
     """The signed-in user: 401 without a known token, 403 when their role may not call (shared.service's rule)."""
 
-    def dependency(request: Request, runtime: Runtime,
-                   credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> User:
+    def dependency(
+        request: Request,
+        runtime: Runtime,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    ) -> User:
         return runtime.service.require(*roles)(request, credentials)
 
     return dependency

@@ -55,15 +55,22 @@ class Recipient:
     digest_at: time | None = None  # a partner contact who asked for one daily email of new handoffs
 
 
-def recipients(directory: Directory, kind: str, *, partner_id: str | None = None, contact_id: str | None = None,
-               library_id: str | None = None) -> list[Recipient]:
+def recipients(
+    directory: Directory,
+    kind: str,
+    *,
+    partner_id: str | None = None,
+    contact_id: str | None = None,
+    library_id: str | None = None,
+) -> list[Recipient]:
     """Everyone on staff a message of `kind` goes to, by email, each address once (the first role wins)."""
     partner = directory.partner(partner_id) if partner_id else None
     library = directory.library(library_id) if library_id else None
     found: list[Recipient] = []
     if kind in ("handoff", "reminder") and partner:
-        found += [Recipient("partner_contact", c.name, c.email, c.digest_at)
-                  for c in partner.contacts if c.id == contact_id]
+        found += [
+            Recipient("partner_contact", c.name, c.email, c.digest_at) for c in partner.contacts if c.id == contact_id
+        ]
     if kind == "escalation" and partner and (backup := directory.backup_contact(partner)):
         found.append(Recipient("backup_contact", backup.name, backup.email))
     if kind in ("breach", "partner_answered", "unroutable") and library:
@@ -90,7 +97,9 @@ class PersonRoute:
 
 def person_route(preferred_channel: str, email: str | None, phone: str | None, consent: bool = True) -> PersonRoute:
     """The person's own choice decides; without consent or a channel they are never contacted."""
-    channel = preferred_channel if preferred_channel in ("email", "sms") else ("sms" if phone and not email else "email")
+    channel = (
+        preferred_channel if preferred_channel in ("email", "sms") else ("sms" if phone and not email else "email")
+    )
     address = (email if channel == "email" else phone) or ""
     if not consent:
         return PersonRoute(channel, address, "no_consent")
@@ -173,8 +182,9 @@ def digest_timezone(directory: Directory, partner: Partner | None) -> str:
     return directory.timezone
 
 
-def retry_delay(attempt: int, base_s: float, max_s: float, retry_after_s: float | None = None,
-                rand: random.Random | None = None) -> timedelta:
+def retry_delay(
+    attempt: int, base_s: float, max_s: float, retry_after_s: float | None = None, rand: random.Random | None = None
+) -> timedelta:
     """Exponential backoff with jitter after failed attempt number `attempt` (1-based): about base, 2 base,
     4 base... capped at max, each drawn in [half, full] so that replicas retrying together spread out. A
     server's Retry-After is honoured when it asks for longer."""
@@ -199,9 +209,27 @@ GSM7_EXTENSION = frozenset("^{}\\[~]|€\f")
 # Characters of French text outside GSM-7, and what they become. Letters not listed lose their accent
 # (Ê -> E) when the bare letter is in GSM-7; é è à ù É are GSM-7 already and stay.
 TRANSLITERATION = {
-    "’": "'", "‘": "'", "‚": ",", "«": '"', "»": '"', "“": '"', "”": '"', "„": '"',
-    "…": "...", "–": "-", "—": "-", "‑": "-", "\u00a0": " ", "\u202f": " ", "\u2009": " ",
-    "œ": "oe", "Œ": "OE", "æ": "ae", "ç": "c", "·": ".", "•": "-",
+    "’": "'",
+    "‘": "'",
+    "‚": ",",
+    "«": '"',
+    "»": '"',
+    "“": '"',
+    "”": '"',
+    "„": '"',
+    "…": "...",
+    "–": "-",
+    "—": "-",
+    "‑": "-",
+    "\u00a0": " ",
+    "\u202f": " ",
+    "\u2009": " ",
+    "œ": "oe",
+    "Œ": "OE",
+    "æ": "ae",
+    "ç": "c",
+    "·": ".",
+    "•": "-",
 }
 
 

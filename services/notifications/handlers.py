@@ -14,14 +14,28 @@ from datetime import datetime, timedelta
 from sqlmodel import Session, select
 
 from services.notifications import domain
-from services.notifications.render import Rendered, render, render_email
 from services.notifications.providers.base import SendError, Sent
-from services.notifications.store import (Delivery, DeliveryAttempt, NeedPerson, SmsSuppression, WaitingForPerson,
-                                          lock_person_of)
+from services.notifications.render import Rendered, render, render_email
+from services.notifications.store import (
+    Delivery,
+    DeliveryAttempt,
+    NeedPerson,
+    SmsSuppression,
+    WaitingForPerson,
+    lock_person_of,
+)
 from shared.db import Database, emit
 from shared.directory import Directory
-from shared.events import (AccessLinkRequested, DeliveryFailed, DeliverySent, Event, NeedCancelled, NeedRecorded,
-                           new_id, parse_event)
+from shared.events import (
+    AccessLinkRequested,
+    DeliveryFailed,
+    DeliverySent,
+    Event,
+    NeedCancelled,
+    NeedRecorded,
+    new_id,
+    parse_event,
+)
 from shared.settings import Settings
 from shared.signin import TokenExpired, TokenInvalid, link_for_request, read_sign_in_reference
 
@@ -31,8 +45,14 @@ log = logging.getLogger("relais.notifications")
 # --- referral events: staff by email, the person on their channel -------------------------------------
 
 
-def on_referral_event(session: Session, event: Event, directory: Directory, now: datetime,
-                      link_for: Callable[[Event], str | None], transliterate: bool = True) -> int:
+def on_referral_event(
+    session: Session,
+    event: Event,
+    directory: Directory,
+    now: datetime,
+    link_for: Callable[[Event], str | None],
+    transliterate: bool = True,
+) -> int:
     """Queue one rendered message per recipient the event concerns; returns how many."""
     if event.type == "referral.closed":
         lock_person_of(session, event.need_id)
@@ -46,59 +66,98 @@ def on_referral_event(session: Session, event: Event, directory: Directory, now:
         lock_person_of(session, event.need_id)
         person = session.get(NeedPerson, event.need_id)
         if person is None:  # need.recorded comes on another stream: wait for it
-            session.add(WaitingForPerson(event_id=event.event_id, need_id=event.need_id,
-                                         payload=event.model_dump_json()))
+            session.add(
+                WaitingForPerson(event_id=event.event_id, need_id=event.need_id, payload=event.model_dump_json())
+            )
         else:
             count += queue_for_person(session, event, person, directory, now, transliterate)
     return count
 
 
-def queue_for_staff(session: Session, event: Event, kind: str, directory: Directory, now: datetime,
-                    link_for: Callable[[Event], str | None]) -> int:
+def queue_for_staff(
+    session: Session,
+    event: Event,
+    kind: str,
+    directory: Directory,
+    now: datetime,
+    link_for: Callable[[Event], str | None],
+) -> int:
     partner_id = getattr(event, "partner_id", None)
     library = directory.library(event.library_id)
     partner = directory.partner(partner_id) if partner_id else None
     if library is None or (partner_id and partner is None):
-        raise LookupError(f"{event.type} {event.event_id}: library {event.library_id} or partner {partner_id} "
-                          "is not in the directory")
-    people = domain.recipients(directory, kind, partner_id=partner_id, contact_id=getattr(event, "contact_id", None),
-                               library_id=event.library_id)
+        raise LookupError(
+            f"{event.type} {event.event_id}: library {event.library_id} or partner {partner_id} is not in the directory"
+        )
+    people = domain.recipients(
+        directory,
+        kind,
+        partner_id=partner_id,
+        contact_id=getattr(event, "contact_id", None),
+        library_id=event.library_id,
+    )
     category = directory.category(event.category)
     respond_by = getattr(event, "respond_by", None)
     context = dict(
-        partner=partner, library=library, category=category, category_id=event.category, timezone=library.timezone,
-        respond_by=respond_by, routed_because=getattr(event, "routed_because", None),
-        referral_id=getattr(event, "referral_id", None), need_id=event.need_id,
-        reminder_number=getattr(event, "reminder_number", None), reason=getattr(event, "reason", None),
-        message=getattr(event, "message", None), answered=event.type.removeprefix("referral."),
+        partner=partner,
+        library=library,
+        category=category,
+        category_id=event.category,
+        timezone=library.timezone,
+        respond_by=respond_by,
+        routed_because=getattr(event, "routed_because", None),
+        referral_id=getattr(event, "referral_id", None),
+        need_id=event.need_id,
+        reminder_number=getattr(event, "reminder_number", None),
+        reason=getattr(event, "reason", None),
+        message=getattr(event, "message", None),
+        answered=event.type.removeprefix("referral."),
     )
     for person in people:
         link = link_for(event) if person.role in ("partner_contact", "backup_contact") else None
         rendered = render_email(kind, recipient=person, link=link, **context)
-        delivery = queue(session, event, now, kind=kind, channel="email", recipient_role=person.role,
-                         recipient=person.email, rendered=rendered,
-                         reply_to=domain.reply_to(directory, event.library_id, person.role))
+        delivery = queue(
+            session,
+            event,
+            now,
+            kind=kind,
+            channel="email",
+            recipient_role=person.role,
+            recipient=person.email,
+            rendered=rendered,
+            reply_to=domain.reply_to(directory, event.library_id, person.role),
+        )
         if kind == "handoff" and person.digest_at is not None:
             zone = domain.digest_timezone(directory, partner)
             delivery.next_attempt_at = domain.next_digest_at(now, person.digest_at, zone)
             delivery.held_reason = "digest"
-            delivery.facts = json.dumps({
-                "recipient_name": person.name, "library": library.name, "partner": partner.name,
-                "category": category.label if category else event.category, "respond_by": respond_by.isoformat(),
-                "timezone": library.timezone, "link": link, "referral_id": delivery.referral_id})
+            delivery.facts = json.dumps(
+                {
+                    "recipient_name": person.name,
+                    "library": library.name,
+                    "partner": partner.name,
+                    "category": category.label if category else event.category,
+                    "respond_by": respond_by.isoformat(),
+                    "timezone": library.timezone,
+                    "link": link,
+                    "referral_id": delivery.referral_id,
+                }
+            )
     return len(people)
 
 
 # --- the person ----------------------------------------------------------------------------------------
 
 
-def on_need_recorded(session: Session, event: NeedRecorded, directory: Directory, now: datetime,
-                     transliterate: bool = True) -> int:
+def on_need_recorded(
+    session: Session, event: NeedRecorded, directory: Directory, now: datetime, transliterate: bool = True
+) -> int:
     """Keep the person's contact for this need; handle the referral events that came before it."""
     p = event.person
     lock_person_of(session, event.need_id)
-    person = session.get(NeedPerson, event.need_id) or NeedPerson(need_id=event.need_id, library_id=event.library_id,
-                                                                  preferred_channel="none", recorded_at=event.recorded_at)
+    person = session.get(NeedPerson, event.need_id) or NeedPerson(
+        need_id=event.need_id, library_id=event.library_id, preferred_channel="none", recorded_at=event.recorded_at
+    )
     person.library_id, person.email, person.phone = event.library_id, p.email, p.phone
     person.preferred_channel, person.language, person.recorded_at = p.preferred_channel, p.language, event.recorded_at
     session.add(person)
@@ -113,8 +172,11 @@ def on_need_recorded(session: Session, event: NeedRecorded, directory: Directory
 def on_need_cancelled(session: Session, event: NeedCancelled, now: datetime) -> None:
     """A need recorded in error: nothing more goes to its person, and their contact is forgotten."""
     lock_person_of(session, event.need_id)
-    for d in session.exec(select(Delivery).where(Delivery.need_id == event.need_id, Delivery.status == "queued",
-                                                 Delivery.recipient_role == "person")).all():
+    for d in session.exec(
+        select(Delivery).where(
+            Delivery.need_id == event.need_id, Delivery.status == "queued", Delivery.recipient_role == "person"
+        )
+    ).all():
         d.status, d.suppressed_reason, d.leased_until = "suppressed", "need_cancelled", None
         session.add(d)
     forget_person(session, event.need_id)
@@ -134,15 +196,22 @@ def person_facts(event: Event, directory: Directory, person: NeedPerson) -> dict
     library = directory.library(event.library_id)
     partner = directory.partner(event.partner_id)
     if library is None or partner is None:
-        raise LookupError(f"{event.type} {event.event_id}: library {event.library_id} or partner "
-                          f"{event.partner_id} is not in the directory")
+        raise LookupError(
+            f"{event.type} {event.event_id}: library {event.library_id} or partner "
+            f"{event.partner_id} is not in the directory"
+        )
     desk = library.contacts[0] if library.contacts else None
     respond_by = getattr(event, "respond_by", None)
     return {
         "template": "person_confirmation" if event.type == "referral.assigned" else "partner_answered_person",
-        "partner": partner.name, "library": library.name, "desk_email": desk.email if desk else None,
-        "desk_phone": desk.phone if desk else None, "respond_by": respond_by.isoformat() if respond_by else None,
-        "timezone": library.timezone, "language": person.language, "recorded_at": person.recorded_at.isoformat(),
+        "partner": partner.name,
+        "library": library.name,
+        "desk_email": desk.email if desk else None,
+        "desk_phone": desk.phone if desk else None,
+        "respond_by": respond_by.isoformat() if respond_by else None,
+        "timezone": library.timezone,
+        "language": person.language,
+        "recorded_at": person.recorded_at.isoformat(),
     }
 
 
@@ -152,19 +221,33 @@ def render_for_person(facts: dict, channel: str, transliterate: bool = True) -> 
     return render(facts["template"], channel, facts["language"], transliterate=transliterate, **context)
 
 
-def queue_for_person(session: Session, event: Event, person: NeedPerson, directory: Directory, now: datetime,
-                     transliterate: bool = True) -> int:
+def queue_for_person(
+    session: Session, event: Event, person: NeedPerson, directory: Directory, now: datetime, transliterate: bool = True
+) -> int:
     kind = domain.PERSON_KIND_OF[event.type]
     route = domain.person_route(person.preferred_channel, person.email, person.phone)
     facts = person_facts(event, directory, person)
     suppressed = route.suppressed
     if not suppressed and route.channel == "sms" and session.get(SmsSuppression, route.address) is not None:
         suppressed = "opted_out"
-    rendered = (render_for_person(facts, route.channel, transliterate) if not suppressed
-                else Rendered(subject="", text="", html=None))
-    delivery = queue(session, event, now, kind=kind, channel=route.channel, recipient_role="person",
-                     recipient=route.address, rendered=rendered, language=person.language,
-                     reply_to=domain.reply_to(directory, event.library_id, "person"), facts=facts)
+    rendered = (
+        render_for_person(facts, route.channel, transliterate)
+        if not suppressed
+        else Rendered(subject="", text="", html=None)
+    )
+    delivery = queue(
+        session,
+        event,
+        now,
+        kind=kind,
+        channel=route.channel,
+        recipient_role="person",
+        recipient=route.address,
+        rendered=rendered,
+        language=person.language,
+        reply_to=domain.reply_to(directory, event.library_id, "person"),
+        facts=facts,
+    )
     if suppressed:
         delivery.status, delivery.suppressed_reason = "suppressed", suppressed
     elif route.channel == "sms":
@@ -188,14 +271,30 @@ def fall_back_to_email(session: Session, sms: Delivery, now: datetime) -> Delive
     if sms.channel != "sms" or sms.recipient_role != "person" or person is None or not person.email or not sms.facts:
         return None
     facts = json.loads(sms.facts)
-    if session.exec(select(Delivery.id).where(Delivery.event_id == sms.event_id, Delivery.channel == "email",
-                                              Delivery.recipient == person.email)).first():
+    if session.exec(
+        select(Delivery.id).where(
+            Delivery.event_id == sms.event_id, Delivery.channel == "email", Delivery.recipient == person.email
+        )
+    ).first():
         return None
     delivery = Delivery(
-        id=new_id(), event_id=sms.event_id, need_id=sms.need_id, referral_id=sms.referral_id, kind=sms.kind,
-        channel="email", recipient_role="person", recipient=person.email, language=sms.language,
-        reply_to=sms.reply_to, facts=sms.facts, fallback_for=sms.id, next_attempt_at=now, created_at=now,
-        correlation_id=sms.correlation_id, **_bodies(render_for_person(facts, "email")))
+        id=new_id(),
+        event_id=sms.event_id,
+        need_id=sms.need_id,
+        referral_id=sms.referral_id,
+        kind=sms.kind,
+        channel="email",
+        recipient_role="person",
+        recipient=person.email,
+        language=sms.language,
+        reply_to=sms.reply_to,
+        facts=sms.facts,
+        fallback_for=sms.id,
+        next_attempt_at=now,
+        created_at=now,
+        correlation_id=sms.correlation_id,
+        **_bodies(render_for_person(facts, "email")),
+    )
     session.add(delivery)
     return delivery
 
@@ -209,8 +308,9 @@ class ForgedEvent(ValueError):
     """An event that no Relais service wrote (not signed with the deployment's key): dead-lettered, never acted on."""
 
 
-def on_access_link_requested(session: Session, event: AccessLinkRequested, directory: Directory, settings: Settings,
-                             now: datetime) -> None:
+def on_access_link_requested(
+    session: Session, event: AccessLinkRequested, directory: Directory, settings: Settings, now: datetime
+) -> None:
     """Email a sign-in link to the user's address in the directory, built here from the event's signed reference
     and our own settings; the event names no address and carries no link (see shared.signin.sign_in_reference)."""
     try:
@@ -229,11 +329,23 @@ def on_access_link_requested(session: Session, event: AccessLinkRequested, direc
     if session.exec(select(Delivery.id).where(Delivery.event_id == once)).first() is not None:
         return
     role = SIGN_IN_ROLE[user.role]
-    rendered = render_email("sign_in", recipient=domain.Recipient(role, user.id, user.email),
-                            link=link_for_request(settings, request), expires_at=request.expires_at,
-                            timezone=directory.timezone)
-    delivery = queue(session, event, now, kind="sign_in", channel="email", recipient_role=role, recipient=user.email,
-                     rendered=rendered)
+    rendered = render_email(
+        "sign_in",
+        recipient=domain.Recipient(role, user.id, user.email),
+        link=link_for_request(settings, request),
+        expires_at=request.expires_at,
+        timezone=directory.timezone,
+    )
+    delivery = queue(
+        session,
+        event,
+        now,
+        kind="sign_in",
+        channel="email",
+        recipient_role=role,
+        recipient=user.email,
+        rendered=rendered,
+    )
     delivery.event_id = once
 
 
@@ -262,8 +374,11 @@ class RecordSmsReply:
 def record_sms_receipt(db: Database, cmd: RecordSmsReceipt, *, now: datetime) -> Delivery | None:
     """`sent` becomes `delivered`, or `failed` (delivery.failed in the outbox; the person gets an email instead)."""
     with db.transaction() as session:
-        d = session.exec(select(Delivery).where(Delivery.provider == cmd.provider,
-                                                Delivery.provider_message_id == cmd.provider_message_id)).first()
+        d = session.exec(
+            select(Delivery).where(
+                Delivery.provider == cmd.provider, Delivery.provider_message_id == cmd.provider_message_id
+            )
+        ).first()
         if d is None or d.status not in ("sent", "delivered"):
             return d
         if cmd.delivered:
@@ -291,8 +406,9 @@ def record_sms_reply(db: Database, cmd: RecordSmsReply, *, now: datetime) -> str
 def opt_out(session: Session, phone: str, source: str, now: datetime) -> None:
     if session.get(SmsSuppression, phone) is None:
         session.add(SmsSuppression(phone=phone, at=now, source=source))
-    for d in session.exec(select(Delivery).where(Delivery.channel == "sms", Delivery.recipient == phone,
-                                                 Delivery.status == "queued")).all():
+    for d in session.exec(
+        select(Delivery).where(Delivery.channel == "sms", Delivery.recipient == phone, Delivery.status == "queued")
+    ).all():
         d.status, d.suppressed_reason, d.leased_until = "suppressed", "opted_out", None
         session.add(d)
 
@@ -318,10 +434,13 @@ def lease_due_deliveries(db: Database, channel: str, *, now: datetime, limit: in
     """Take the due queued deliveries of `channel` for this sender, as messages to send: one delivery each,
     except a contact's digest, where every handoff held for the slot goes in one email."""
     with db.transaction() as session:
-        query = (select(Delivery).where(Delivery.status == "queued", Delivery.channel == channel,
-                                        Delivery.next_attempt_at <= now)
-                 .where((Delivery.leased_until.is_(None)) | (Delivery.leased_until < now))
-                 .order_by(Delivery.next_attempt_at).limit(limit))
+        query = (
+            select(Delivery)
+            .where(Delivery.status == "queued", Delivery.channel == channel, Delivery.next_attempt_at <= now)
+            .where((Delivery.leased_until.is_(None)) | (Delivery.leased_until < now))
+            .order_by(Delivery.next_attempt_at)
+            .limit(limit)
+        )
         if not db.is_sqlite:
             query = query.with_for_update(skip_locked=True)
         due = list(session.exec(query).all())
@@ -338,8 +457,7 @@ def lease_due_deliveries(db: Database, channel: str, *, now: datetime, limit: in
     return messages + list(digests.values())
 
 
-def record_send_outcome(db: Database, ids: list[str], outcome: Outcome, *, now: datetime,
-                        settings: Settings) -> None:
+def record_send_outcome(db: Database, ids: list[str], outcome: Outcome, *, now: datetime, settings: Settings) -> None:
     """Write the attempt and move each delivery on: sent, suppressed, failed (with delivery.failed and, for
     an SMS to the person, an email instead), or queued again for a later try."""
     with db.transaction() as session:
@@ -368,8 +486,9 @@ def record_send_outcome(db: Database, ids: list[str], outcome: Outcome, *, now: 
                         emit(session, DeliveryFailed(**event_fields(d, now), error=d.last_error))
                     fall_back_to_email(session, d, now)
                 else:
-                    retry_at = now + domain.retry_delay(d.attempts, settings.delivery_retry_base_s,
-                                                        settings.delivery_retry_max_s, error.retry_after_s)
+                    retry_at = now + domain.retry_delay(
+                        d.attempts, settings.delivery_retry_base_s, settings.delivery_retry_max_s, error.retry_after_s
+                    )
                     if d.quiet_timezone:
                         retry_at, d.held_reason = quiet_time(d, retry_at)
                     d.next_attempt_at, attempt.outcome, attempt.retry_at = retry_at, "retry", retry_at
@@ -384,13 +503,37 @@ def _bodies(rendered: Rendered) -> dict:
     return dict(subject=rendered.subject, body_text=rendered.text, body_html=rendered.html)
 
 
-def queue(session: Session, event, now: datetime, *, kind: str, channel: str, recipient_role: str, recipient: str,
-          rendered: Rendered, language: str = "fr", reply_to: str | None = None, facts: dict | None = None) -> Delivery:
+def queue(
+    session: Session,
+    event,
+    now: datetime,
+    *,
+    kind: str,
+    channel: str,
+    recipient_role: str,
+    recipient: str,
+    rendered: Rendered,
+    language: str = "fr",
+    reply_to: str | None = None,
+    facts: dict | None = None,
+) -> Delivery:
     delivery = Delivery(
-        id=new_id(), event_id=event.event_id, need_id=event.need_id, referral_id=getattr(event, "referral_id", None),
-        kind=kind, channel=channel, recipient_role=recipient_role, recipient=recipient, language=language,
-        reply_to=reply_to, next_attempt_at=now, created_at=now, correlation_id=event.correlation_id,
-        facts=json.dumps(facts) if facts else None, **_bodies(rendered))
+        id=new_id(),
+        event_id=event.event_id,
+        need_id=event.need_id,
+        referral_id=getattr(event, "referral_id", None),
+        kind=kind,
+        channel=channel,
+        recipient_role=recipient_role,
+        recipient=recipient,
+        language=language,
+        reply_to=reply_to,
+        next_attempt_at=now,
+        created_at=now,
+        correlation_id=event.correlation_id,
+        facts=json.dumps(facts) if facts else None,
+        **_bodies(rendered),
+    )
     if channel == "sms" and rendered.text:
         count = domain.sms_count(rendered.text)
         delivery.sms_encoding, delivery.sms_segments = count.encoding, count.segments
@@ -400,5 +543,13 @@ def queue(session: Session, event, now: datetime, *, kind: str, channel: str, re
 
 def event_fields(d: Delivery, now: datetime) -> dict:
     """What delivery.sent and delivery.failed say of a delivery (no address)."""
-    return dict(need_id=d.need_id, delivery_id=d.id, referral_id=d.referral_id, kind=d.kind, channel=d.channel,
-                recipient_role=d.recipient_role, occurred_at=now, correlation_id=d.correlation_id)
+    return dict(
+        need_id=d.need_id,
+        delivery_id=d.id,
+        referral_id=d.referral_id,
+        kind=d.kind,
+        channel=d.channel,
+        recipient_role=d.recipient_role,
+        occurred_at=now,
+        correlation_id=d.correlation_id,
+    )

@@ -30,8 +30,16 @@ from shared.pages import SECURITY_HEADERS, Pages
 from shared.service import Service, decode_cursor
 
 TEMPLATES = Path(__file__).with_name("templates") / "web"
-KINDS = ("handoff", "person_confirmation", "reminder", "escalation", "breach", "partner_answered", "unroutable",
-         "sign_in")
+KINDS = (
+    "handoff",
+    "person_confirmation",
+    "reminder",
+    "escalation",
+    "breach",
+    "partner_answered",
+    "unroutable",
+    "sign_in",
+)
 CHANNELS = ("email", "sms")
 STATUSES = ("queued", "sent", "delivered", "failed", "suppressed")
 PAGE_SIZE = 50
@@ -39,8 +47,10 @@ PAGE_SIZE = 50
 # The page frames the email's HTML part, served by this service; the part itself runs no script and may
 # only be framed here.
 PAGE_CSP = SECURITY_HEADERS["Content-Security-Policy"] + "; frame-src 'self'"
-PREVIEW_CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'self'; "
-               "base-uri 'none'; form-action 'none'; sandbox")
+PREVIEW_CSP = (
+    "default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'self'; "
+    "base-uri 'none'; form-action 'none'; sandbox"
+)
 
 
 # A sign-in link in a message shown to ops: the path keeps its shape, the token is gone. Ops can do anything
@@ -116,15 +126,21 @@ def build_router(svc: Service) -> APIRouter:
 
     @router.get("/envois.css")
     async def stylesheet() -> Response:
-        return Response((TEMPLATES / "envois.css").read_text(), media_type="text/css",
-                        headers={"Cache-Control": "max-age=3600"})
+        return Response(
+            (TEMPLATES / "envois.css").read_text(), media_type="text/css", headers={"Cache-Control": "max-age=3600"}
+        )
 
     @router.get("/envois")
-    async def outbox(request: Request, type: str = "", canal: str = "", statut: str = "", demande: str = "",
-                     avant: str = "") -> Response:
+    async def outbox(
+        request: Request, type: str = "", canal: str = "", statut: str = "", demande: str = "", avant: str = ""
+    ) -> Response:
         pages.require_user(request, "ops")
-        filters = {"type": type if type in KINDS else "", "canal": canal if canal in CHANNELS else "",
-                   "statut": statut if statut in STATUSES else "", "demande": demande.strip()[:64]}
+        filters = {
+            "type": type if type in KINDS else "",
+            "canal": canal if canal in CHANNELS else "",
+            "statut": statut if statut in STATUSES else "",
+            "demande": demande.strip()[:64],
+        }
 
         def rows() -> tuple[list[Delivery], str | None]:
             before = None
@@ -134,14 +150,32 @@ def build_router(svc: Service) -> APIRouter:
                 except Exception:  # noqa: BLE001 - a hand-edited link: start from the newest
                     pass
             with svc.db.read() as session:
-                return views.outbox_page(session, {"kind": filters["type"], "channel": filters["canal"],
-                                                   "status": filters["statut"], "need_id": filters["demande"]},
-                                         before, PAGE_SIZE)
+                return views.outbox_page(
+                    session,
+                    {
+                        "kind": filters["type"],
+                        "channel": filters["canal"],
+                        "status": filters["statut"],
+                        "need_id": filters["demande"],
+                    },
+                    before,
+                    PAGE_SIZE,
+                )
 
         items, more = await anyio.to_thread.run_sync(rows)
-        return pages.render(request, "envois.html", items=items, more=more, filters=filters, kinds=KINDS,
-                            channels=CHANNELS, statuses=STATUSES, masked=masked, timezone=svc.directory.timezone,
-                            showing_messages=sink is not None or svc.settings.sms_provider == "outbox")
+        return pages.render(
+            request,
+            "envois.html",
+            items=items,
+            more=more,
+            filters=filters,
+            kinds=KINDS,
+            channels=CHANNELS,
+            statuses=STATUSES,
+            masked=masked,
+            timezone=svc.directory.timezone,
+            showing_messages=sink is not None or svc.settings.sms_provider == "outbox",
+        )
 
     @router.get("/envois/{delivery_id}")
     async def one(request: Request, delivery_id: str) -> Response:
@@ -153,14 +187,29 @@ def build_router(svc: Service) -> APIRouter:
         shown = None
         if d.channel == "email" and (msg := await anyio.to_thread.run_sync(received_email, d)) is not None:
             text_part, html_part = msg.get_body(("plain",)), msg.get_body(("html",))
-            shown = Shown(headers={name: str(msg[name]) for name in ("From", "To", "Reply-To", "Subject", "Date",
-                                                                      "Message-ID") if msg[name]},
-                          text=mask_sign_in_links(text_part.get_content()) if text_part else None,
-                          has_html=html_part is not None)
+            shown = Shown(
+                headers={
+                    name: str(msg[name])
+                    for name in ("From", "To", "Reply-To", "Subject", "Date", "Message-ID")
+                    if msg[name]
+                },
+                text=mask_sign_in_links(text_part.get_content()) if text_part else None,
+                has_html=html_part is not None,
+            )
         sms_kept = d.channel == "sms" and d.provider == "outbox" and d.status in ("sent", "delivered")
-        return pages.render(request, "envoi.html", d=d, attempts=attempts, shown=shown, sms_kept=sms_kept,
-                            sink=sink is not None, sms_provider=svc.settings.sms_provider, masked=masked,
-                            timezone=svc.directory.timezone, headers={"Content-Security-Policy": PAGE_CSP})
+        return pages.render(
+            request,
+            "envoi.html",
+            d=d,
+            attempts=attempts,
+            shown=shown,
+            sms_kept=sms_kept,
+            sink=sink is not None,
+            sms_provider=svc.settings.sms_provider,
+            masked=masked,
+            timezone=svc.directory.timezone,
+            headers={"Content-Security-Policy": PAGE_CSP},
+        )
 
     @router.get("/envois/{delivery_id}/apercu")
     async def preview(request: Request, delivery_id: str) -> Response:
@@ -170,6 +219,9 @@ def build_router(svc: Service) -> APIRouter:
         html_part = msg.get_body(("html",)) if msg is not None else None
         if html_part is None:
             raise pages.error(request, 404, "not_found")
-        return HTMLResponse(mask_sign_in_links(html_part.get_content()), headers={**SECURITY_HEADERS, "Content-Security-Policy": PREVIEW_CSP})
+        return HTMLResponse(
+            mask_sign_in_links(html_part.get_content()),
+            headers={**SECURITY_HEADERS, "Content-Security-Policy": PREVIEW_CSP},
+        )
 
     return router

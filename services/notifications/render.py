@@ -22,8 +22,12 @@ def when_en(at: datetime, timezone: str) -> str:
     return f"{local:%A} {local.day} {local:%B}, {local:%H:%M}"
 
 
-_env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html"]),
-                   undefined=StrictUndefined, keep_trailing_newline=False)
+_env = Environment(
+    loader=FileSystemLoader(TEMPLATES),
+    autoescape=select_autoescape(["html"]),
+    undefined=StrictUndefined,
+    keep_trailing_newline=False,
+)
 _env.filters.update(deadline_fr=deadline_fr, datetime_fr=datetime_fr, when_en=when_en)
 
 

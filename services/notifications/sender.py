@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from functools import partial
 from datetime import datetime
+from functools import partial
 
 import anyio
 
@@ -25,6 +25,7 @@ from services.notifications.store import Delivery
 
 log = logging.getLogger("relais.notifications.sender")
 
+
 class EmailChannel:
     def __init__(self, settings) -> None:
         self.settings = settings
@@ -34,17 +35,30 @@ class EmailChannel:
         first = batch[0]
         sender = self.settings.mail_from
         if len(batch) == 1 and first.held_reason != "digest":
-            return smtp.build_message(sender=sender, to=first.recipient, subject=first.subject,
-                                          text=first.body_text, html=first.body_html, reply_to=first.reply_to,
-                                          message_id=smtp.message_id(first.id, sender), language=first.language)
+            return smtp.build_message(
+                sender=sender,
+                to=first.recipient,
+                subject=first.subject,
+                text=first.body_text,
+                html=first.body_html,
+                reply_to=first.reply_to,
+                message_id=smtp.message_id(first.id, sender),
+                language=first.language,
+            )
         items = [json.loads(d.facts) for d in batch]
         for item in items:
             item["respond_by"] = datetime.fromisoformat(item["respond_by"])
         items.sort(key=lambda item: item["respond_by"])
         rendered = render_email("digest", recipient_name=items[0]["recipient_name"], items=items)
-        return smtp.build_message(sender=sender, to=first.recipient, subject=rendered.subject, text=rendered.text,
-                                      html=rendered.html, reply_to=None, message_id=smtp.message_id(
-                                          f"digest-{first.id}", sender))
+        return smtp.build_message(
+            sender=sender,
+            to=first.recipient,
+            subject=rendered.subject,
+            text=rendered.text,
+            html=rendered.html,
+            reply_to=None,
+            message_id=smtp.message_id(f"digest-{first.id}", sender),
+        )
 
     async def send(self, batch: list[Delivery], db) -> Outcome:
         try:
@@ -85,10 +99,19 @@ async def send_one(svc, out, batch: list[Delivery], channel: str) -> None:
         log.exception("%s delivery %s could not be prepared", channel, batch[0].id)
         outcome = Outcome(error=SendError(f"{type(exc).__name__}: {exc}"))
     if outcome.error is not None:
-        log.warning("%s delivery %s (%s) attempt %d failed: %s", channel, batch[0].id, batch[0].kind,
-                    batch[0].attempts, outcome.error)
-    await anyio.to_thread.run_sync(partial(handlers.record_send_outcome, svc.db, [d.id for d in batch], outcome,
-                                           now=svc.clock(), settings=svc.settings))
+        log.warning(
+            "%s delivery %s (%s) attempt %d failed: %s",
+            channel,
+            batch[0].id,
+            batch[0].kind,
+            batch[0].attempts,
+            outcome.error,
+        )
+    await anyio.to_thread.run_sync(
+        partial(
+            handlers.record_send_outcome, svc.db, [d.id for d in batch], outcome, now=svc.clock(), settings=svc.settings
+        )
+    )
 
 
 async def send_forever(svc, wake: asyncio.Event, channel: str) -> None:
@@ -98,7 +121,8 @@ async def send_forever(svc, wake: asyncio.Event, channel: str) -> None:
             wake.clear()
             try:
                 batches = await anyio.to_thread.run_sync(
-                    partial(handlers.lease_due_deliveries, svc.db, channel, now=svc.clock()))
+                    partial(handlers.lease_due_deliveries, svc.db, channel, now=svc.clock())
+                )
                 for batch in batches:
                     await send_one(svc, out, batch, channel)
             except Exception:  # noqa: BLE001 - the database may be away a moment; leases free what was taken

@@ -94,8 +94,14 @@ class SmsSuppression(SQLModel, table=True):
     source: str = Field(max_length=16)  # twilio | brevo | provider (an opted-out error)
 
 
-TABLES = [Delivery.__table__, DeliveryAttempt.__table__, NeedPerson.__table__, WaitingForPerson.__table__,
-          SmsSuppression.__table__, USED_TOKEN_TABLE]
+TABLES = [
+    Delivery.__table__,
+    DeliveryAttempt.__table__,
+    NeedPerson.__table__,
+    WaitingForPerson.__table__,
+    SmsSuppression.__table__,
+    USED_TOKEN_TABLE,
+]
 
 
 def lock_person_of(session: Session, need_id: str) -> None:

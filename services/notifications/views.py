@@ -26,28 +26,42 @@ def delivery_with_attempts(session: Session, delivery_id: str) -> tuple[Delivery
     d = session.get(Delivery, delivery_id)
     if d is None:
         return None
-    attempts = session.exec(select(DeliveryAttempt).where(DeliveryAttempt.delivery_id == delivery_id)
-                            .order_by(DeliveryAttempt.number, DeliveryAttempt.id)).all()
+    attempts = session.exec(
+        select(DeliveryAttempt)
+        .where(DeliveryAttempt.delivery_id == delivery_id)
+        .order_by(DeliveryAttempt.number, DeliveryAttempt.id)
+    ).all()
     return d, list(attempts)
 
 
 def delivery_counts(session: Session, since: datetime) -> tuple[list[tuple[str, str, str, int]], int, list[Delivery]]:
     """Deliveries created since `since`: (channel, kind, status, count) rows, SMS segments sent through a provider
     (not the outbox: what the operator bills), and the ten latest failures."""
-    counted = session.exec(select(Delivery.channel, Delivery.kind, Delivery.status, sa.func.count())
-                           .where(Delivery.created_at >= since)
-                           .group_by(Delivery.channel, Delivery.kind, Delivery.status)).all()
-    segments = session.exec(select(sa.func.coalesce(sa.func.sum(Delivery.sms_segments), 0))
-                            .where(Delivery.created_at >= since, Delivery.channel == "sms",
-                                   Delivery.status.in_(("sent", "delivered")),
-                                   Delivery.provider != "outbox")).one()
-    failures = session.exec(select(Delivery).where(Delivery.created_at >= since, Delivery.status == "failed")
-                            .order_by(Delivery.created_at.desc()).limit(10)).all()
+    counted = session.exec(
+        select(Delivery.channel, Delivery.kind, Delivery.status, sa.func.count())
+        .where(Delivery.created_at >= since)
+        .group_by(Delivery.channel, Delivery.kind, Delivery.status)
+    ).all()
+    segments = session.exec(
+        select(sa.func.coalesce(sa.func.sum(Delivery.sms_segments), 0)).where(
+            Delivery.created_at >= since,
+            Delivery.channel == "sms",
+            Delivery.status.in_(("sent", "delivered")),
+            Delivery.provider != "outbox",
+        )
+    ).one()
+    failures = session.exec(
+        select(Delivery)
+        .where(Delivery.created_at >= since, Delivery.status == "failed")
+        .order_by(Delivery.created_at.desc())
+        .limit(10)
+    ).all()
     return list(counted), int(segments), list(failures)
 
 
-def outbox_page(session: Session, filters: dict, before: tuple[datetime, str] | None,
-                size: int) -> tuple[list[Delivery], str | None]:
+def outbox_page(
+    session: Session, filters: dict, before: tuple[datetime, str] | None, size: int
+) -> tuple[list[Delivery], str | None]:
     """The outbox page's deliveries, newest first from `before`, and the cursor of the next page."""
     query = select(Delivery)
     for name, value in filters.items():
@@ -65,8 +79,12 @@ def outbox_page(session: Session, filters: dict, before: tuple[datetime, str] | 
 
 def deliveries_by_status(session: Session) -> dict[tuple[str, str], int]:
     """(status, channel) -> how many, over every delivery kept (for /metrics)."""
-    return {(status, channel): n for status, channel, n in session.exec(
-        select(Delivery.status, Delivery.channel, sa.func.count()).group_by(Delivery.status, Delivery.channel))}
+    return {
+        (status, channel): n
+        for status, channel, n in session.exec(
+            select(Delivery.status, Delivery.channel, sa.func.count()).group_by(Delivery.status, Delivery.channel)
+        )
+    }
 
 
 def is_suppressed(session: Session, phone: str) -> bool:

@@ -13,12 +13,29 @@ from fastapi import APIRouter, Body, HTTPException, Query
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from services.referral import domain, store
-from services.referral.commands import (AcceptReferral, CancelReferral, CloseReferral, DeclineReferral, PausePartner,
-                                        ReassignReferral, ReplayDeadLetters, RespondToReferral, ResumePartner)
+from services.referral.commands import (
+    AcceptReferral,
+    CancelReferral,
+    CloseReferral,
+    DeclineReferral,
+    PausePartner,
+    ReassignReferral,
+    ReplayDeadLetters,
+    RespondToReferral,
+    ResumePartner,
+)
 from services.referral.dashboard import Dashboard, build_dashboard
-from services.referral.deps import (ClockDep, CommandDeps, DirectoryDep, OpsUser, PartnerUser, Reader, Runtime,
-                                    RuntimeDep)
-from services.referral.handlers import Deps, NotFound, NotPaused, Refused, ReferralState, handle
+from services.referral.deps import (
+    ClockDep,
+    CommandDeps,
+    DirectoryDep,
+    OpsUser,
+    PartnerUser,
+    Reader,
+    Runtime,
+    RuntimeDep,
+)
+from services.referral.handlers import Deps, NotFound, NotPaused, ReferralState, Refused, handle
 from services.referral.store import Referral, ReferralHistory
 from shared.directory import Directory, User
 from shared.events import STREAMS
@@ -114,16 +131,21 @@ class CloseBody(BaseModel):
     outcome: str = Field(min_length=1, max_length=2000)
 
 
-def public(referral: Referral, history: list[ReferralHistory] | None = None,
-           user: User | None = None) -> ReferralPublic:
+def public(
+    referral: Referral, history: list[ReferralHistory] | None = None, user: User | None = None
+) -> ReferralPublic:
     left = domain.left_partner(referral.status)
     # The partner the need left keeps its status and date, not the texts of its history (messages, reasons).
     redact = left and user is not None and user.role == "partner"
     return ReferralPublic(
-        **referral.model_dump(exclude={"updated_at"}), left_at=referral.updated_at if left else None,
-        history=None if history is None else [
+        **referral.model_dump(exclude={"updated_at"}),
+        left_at=referral.updated_at if left else None,
+        history=None
+        if history is None
+        else [
             HistoryEntry(**h.model_dump(include={"at", "action", "actor"}), detail=None if redact else h.detail)
-            for h in history],
+            for h in history
+        ],
     )
 
 
@@ -159,16 +181,29 @@ router = APIRouter(tags=["referrals"])
 
 
 @router.get("/referrals", response_model=ReferralPage)
-def list_referrals(user: Reader, runtime: RuntimeDep, need_id: str | None = None, partner_id: str | None = None,
-                   status: ReferralStatus | None = None, sla: SlaState | None = None,
-                   limit: Annotated[int, Query(ge=1, le=200)] = 50, cursor: Cursor = None) -> ReferralPage:
+def list_referrals(
+    user: Reader,
+    runtime: RuntimeDep,
+    need_id: str | None = None,
+    partner_id: str | None = None,
+    status: ReferralStatus | None = None,
+    sla: SlaState | None = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Cursor = None,
+) -> ReferralPage:
     with runtime.db.read() as session:
         if user.role == "partner" and partner_id and partner_id != user.partner:
             rows, next_cursor = [], None  # another partner's: nothing, as before
         else:
             rows, next_cursor = store.find_referrals(
-                session, limit=limit, cursor=cursor, partner_id=as_partner(user) or partner_id, need_id=need_id,
-                status=status, sla=sla)
+                session,
+                limit=limit,
+                cursor=cursor,
+                partner_id=as_partner(user) or partner_id,
+                need_id=need_id,
+                status=status,
+                sla=sla,
+            )
         return ReferralPage(items=[public(r, user=user) for r in rows], next_cursor=next_cursor)
 
 
@@ -205,8 +240,9 @@ async def decline(referral_id: str, user: PartnerUser, body: DeclineBody, deps: 
 
 
 @router.post("/referrals/{referral_id}/close", response_model=ReferralPublic, responses=error_responses(409))
-async def close(referral_id: str, user: PartnerUser, body: Annotated[CloseBody, Body()],
-                deps: CommandDeps) -> ReferralPublic:
+async def close(
+    referral_id: str, user: PartnerUser, body: Annotated[CloseBody, Body()], deps: CommandDeps
+) -> ReferralPublic:
     done = await run(CloseReferral(referral_id, user.id, as_partner(user), body.outcome), deps)
     return public(done.referral, done.history, user)
 
@@ -231,11 +267,19 @@ async def cancel(referral_id: str, user: OpsUser, body: CancelBody, deps: Comman
 def partners_now(runtime: Runtime, directory: Directory, now: datetime) -> list[PartnerPublic]:
     with runtime.db.read() as session:
         counts, pauses = store.open_referral_counts(session), store.active_pauses(session, now)
-    return [PartnerPublic(id=p.id, name=p.name, categories=p.categories, territory=p.territory,
-                          capacity=p.capacity, open_referrals=counts.get(p.id, 0),
-                          paused_until=pauses[p.id].until if p.id in pauses else None,
-                          pause_reason=pauses[p.id].reason if p.id in pauses else None)
-            for p in directory.partners]
+    return [
+        PartnerPublic(
+            id=p.id,
+            name=p.name,
+            categories=p.categories,
+            territory=p.territory,
+            capacity=p.capacity,
+            open_referrals=counts.get(p.id, 0),
+            paused_until=pauses[p.id].until if p.id in pauses else None,
+            pause_reason=pauses[p.id].reason if p.id in pauses else None,
+        )
+        for p in directory.partners
+    ]
 
 
 @router.get("/partners", tags=["ops"])
@@ -244,8 +288,9 @@ def list_partners(user: OpsUser, runtime: RuntimeDep, directory: DirectoryDep, c
 
 
 @router.post("/partners/{partner_id}/pause", tags=["ops"], response_model=PartnerPublic)
-async def pause(partner_id: str, user: OpsUser, body: PauseBody, runtime: RuntimeDep,
-                deps: CommandDeps) -> PartnerPublic:
+async def pause(
+    partner_id: str, user: OpsUser, body: PauseBody, runtime: RuntimeDep, deps: CommandDeps
+) -> PartnerPublic:
     """Routing skips the partner until `until`; the referrals it already has stay with it."""
     with command_errors():
         await handle(PausePartner(partner_id, body.until, body.reason, user.id), deps)
@@ -253,10 +298,12 @@ async def pause(partner_id: str, user: OpsUser, body: PauseBody, runtime: Runtim
     return next(p for p in partners if p.id == partner_id)
 
 
-@router.post("/partners/{partner_id}/resume", tags=["ops"], response_model=PartnerPublic,
-             responses=error_responses(409))
-async def resume(partner_id: str, user: OpsUser, body: ReasonBody, runtime: RuntimeDep,
-                 deps: CommandDeps) -> PartnerPublic:
+@router.post(
+    "/partners/{partner_id}/resume", tags=["ops"], response_model=PartnerPublic, responses=error_responses(409)
+)
+async def resume(
+    partner_id: str, user: OpsUser, body: ReasonBody, runtime: RuntimeDep, deps: CommandDeps
+) -> PartnerPublic:
     with command_errors():
         await handle(ResumePartner(partner_id, body.reason, user.id), deps)
     partners = await anyio.to_thread.run_sync(partners_now, runtime, deps.directory, deps.clock())
@@ -270,8 +317,9 @@ def stream_key(runtime: Runtime, stream: str) -> str:
 
 
 @router.get("/dead-letters/{stream}", tags=["ops"])
-async def dead_letters(stream: str, user: OpsUser, runtime: RuntimeDep,
-                       limit: Annotated[int, Query(ge=1, le=200)] = 50) -> dict:
+async def dead_letters(
+    stream: str, user: OpsUser, runtime: RuntimeDep, limit: Annotated[int, Query(ge=1, le=200)] = 50
+) -> dict:
     letters = await store.dead_letters(runtime.bus.redis, stream_key(runtime, stream), limit=limit)
     return {"items": letters, "next_cursor": None}
 
@@ -280,8 +328,9 @@ async def dead_letters(stream: str, user: OpsUser, runtime: RuntimeDep,
 async def replay_dead_letters(stream: str, user: OpsUser, body: ReplayBody, deps: CommandDeps) -> dict:
     """Put dead-lettered messages back on their stream, after a fix; consumers that did them skip them."""
     with command_errors():
-        count = await handle(ReplayDeadLetters(stream, tuple(body.ids) if body.ids else None, body.reason, user.id),
-                             deps)
+        count = await handle(
+            ReplayDeadLetters(stream, tuple(body.ids) if body.ids else None, body.reason, user.id), deps
+        )
     return {"replayed": count}
 
 

@@ -16,9 +16,9 @@ from services.referral import api, consumers, dashboard_pages, metrics, web
 from services.referral.dashboard import QueueWatch
 from services.referral.store import TABLES
 from shared.events import utcnow
+from shared.pages import Pages
 from shared.service import Service
 from shared.settings import Settings
-from shared.pages import Pages
 
 
 class ReferralRuntime(Service):
@@ -40,8 +40,12 @@ class ReferralRuntime(Service):
         self.background.append(lambda: consumers.run_clock(self, self.clock_wake, self.timer_lag))
         metrics.register(self, self.queue_watch)
         self.openapi_refiners.append(api.directory_ids(self))
-        self.app = self.create_app(api.router, api.dashboard_router, title="Relais referral",
-                                   pages=[self.pages.sign_in_router(), dashboard_pages.router, web.router])
+        self.app = self.create_app(
+            api.router,
+            api.dashboard_router,
+            title="Relais referral",
+            pages=[self.pages.sign_in_router(), dashboard_pages.router, web.router],
+        )
         self.app.state.runtime = self  # what deps.get_runtime gives the routers
 
 

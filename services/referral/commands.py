@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-
 # --- a partner's answers (its own referrals only) ---
 
 
@@ -97,4 +96,3 @@ class RevokeSessions:
     user_id: str
     reason: str
     actor: str
-

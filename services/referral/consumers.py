@@ -21,17 +21,28 @@ EVENT_HANDLERS = {"need.recorded": handlers.on_need_recorded, "need.cancelled": 
 
 
 def timer_lag_histogram(registry: CollectorRegistry) -> Histogram:
-    return Histogram("relais_timer_firing_lag_seconds", "How late the need's clock fired each timer", ["kind"],
-                     registry=registry, buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 900))
+    return Histogram(
+        "relais_timer_firing_lag_seconds",
+        "How late the need's clock fired each timer",
+        ["kind"],
+        registry=registry,
+        buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 900),
+    )
 
 
 def register(svc: Service, clock_wake: asyncio.Event) -> None:
     """The subscriber of the needs stream, and the referrals stream's documentation."""
-    svc.bus.documents_publisher(REFERRALS, ReferralStreamEvent,
-                                "Routing decisions, partner actions and the 72-hour clock's reminders, escalations, breaches.")
+    svc.bus.documents_publisher(
+        REFERRALS,
+        ReferralStreamEvent,
+        "Routing decisions, partner actions and the 72-hour clock's reminders, escalations, breaches.",
+    )
 
-    @svc.bus.subscriber(NEEDS, "A recorded need is routed to the best candidate partner, or declared unroutable; "
-                               "a need cancelled by ops has its open referral cancelled and its clock stopped.")
+    @svc.bus.subscriber(
+        NEEDS,
+        "A recorded need is routed to the best candidate partner, or declared unroutable; "
+        "a need cancelled by ops has its open referral cancelled and its clock stopped.",
+    )
     async def on_need_event(event: NeedEvent) -> None:
         handler = EVENT_HANDLERS[event.type]
         if await svc.bus.process(lambda session, e: handler(session, e, svc.directory, svc.clock()), event):

@@ -190,11 +190,20 @@ def bucket_label(low: int, high: int | None) -> str:
 
 def referral_line(referral: Referral, directory: Directory, breached_at: datetime | None = None) -> ReferralLine:
     partner = directory.partner(referral.partner_id)
-    return ReferralLine(id=referral.id, need_id=referral.need_id, partner_id=referral.partner_id,
-                        partner_name=partner.name if partner else referral.partner_id, library_id=referral.library_id,
-                        category=referral.category, status=referral.status, sla=referral.sla,
-                        respond_by=referral.respond_by, created_at=referral.created_at, breached_at=breached_at,
-                        url=f"/boite/{referral.id}")
+    return ReferralLine(
+        id=referral.id,
+        need_id=referral.need_id,
+        partner_id=referral.partner_id,
+        partner_name=partner.name if partner else referral.partner_id,
+        library_id=referral.library_id,
+        category=referral.category,
+        status=referral.status,
+        sla=referral.sla,
+        respond_by=referral.respond_by,
+        created_at=referral.created_at,
+        breached_at=breached_at,
+        url=f"/boite/{referral.id}",
+    )
 
 
 def deadlines(session: Session, directory: Directory, now: datetime) -> Deadlines:
@@ -202,26 +211,43 @@ def deadlines(session: Session, directory: Directory, now: datetime) -> Deadline
     open_by_sla = {state: by_sla.get(state, 0) for state in SLA_STATES}
     due = store.due_soon(session, now, now + DUE_SOON, LIST_LIMIT)
     breaches, count = store.breaches_since(session, now - WINDOW, LIST_LIMIT)
-    return Deadlines(open_by_sla=open_by_sla, open_total=sum(open_by_sla.values()),
-                     due_soon=[referral_line(r, directory) for r in due],
-                     breaches=[referral_line(r, directory, at) for r, at in breaches], breaches_count=count)
+    return Deadlines(
+        open_by_sla=open_by_sla,
+        open_total=sum(open_by_sla.values()),
+        due_soon=[referral_line(r, directory) for r in due],
+        breaches=[referral_line(r, directory, at) for r, at in breaches],
+        breaches_count=count,
+    )
 
 
 def partners(session: Session, directory: Directory, now: datetime) -> tuple[list[PartnerFigures], list[float]]:
     """Each partner's figures, and every first-answer time of the window (for the distribution chart)."""
     since = now - WINDOW
     return partner_figures(
-        directory.partners, now, open_counts=store.open_referral_counts(session),
-        pauses=store.active_pauses(session, now), waiting=store.waiting_by_partner(session),
+        directory.partners,
+        now,
+        open_counts=store.open_referral_counts(session),
+        pauses=store.active_pauses(session, now),
+        waiting=store.waiting_by_partner(session),
         last_action=store.last_action_by_partner(session, PARTNER_ACTIONS),
-        answered_at=store.first_actions(session, since, ANSWERS), recent=store.referrals_created_since(session, since),
-        declines=store.declines_since(session, since))
+        answered_at=store.first_actions(session, since, ANSWERS),
+        recent=store.referrals_created_since(session, since),
+        declines=store.declines_since(session, since),
+    )
 
 
-def partner_figures(directory_partners: list, now: datetime, *, open_counts: dict[str, int],
-                    pauses: dict[str, PartnerPause], waiting: dict[str, tuple[int, datetime]],
-                    last_action: dict[str, datetime], answered_at: dict[str, datetime], recent: list[Referral],
-                    declines: list[tuple[str, str | None]]) -> tuple[list[PartnerFigures], list[float]]:
+def partner_figures(
+    directory_partners: list,
+    now: datetime,
+    *,
+    open_counts: dict[str, int],
+    pauses: dict[str, PartnerPause],
+    waiting: dict[str, tuple[int, datetime]],
+    last_action: dict[str, datetime],
+    answered_at: dict[str, datetime],
+    recent: list[Referral],
+    declines: list[tuple[str, str | None]],
+) -> tuple[list[PartnerFigures], list[float]]:
     """The partners' figures from the rows the queries found (no I/O)."""
     times: dict[str, list[float]] = defaultdict(list)
     in_time: Counter = Counter()
@@ -244,28 +270,46 @@ def partner_figures(directory_partners: list, now: datetime, *, open_counts: dic
     for p in directory_partners:
         n_waiting, oldest = waiting.get(p.id, (0, None))
         last = last_action.get(p.id)
-        silent = (oldest is not None and oldest <= now - WAITING_AT_LEAST
-                  and (last is None or last <= now - SILENT_AFTER))
+        silent = (
+            oldest is not None and oldest <= now - WAITING_AT_LEAST and (last is None or last <= now - SILENT_AFTER)
+        )
         pause = pauses.get(p.id)
-        result.append(PartnerFigures(
-            id=p.id, name=p.name, open=open_counts.get(p.id, 0), capacity=p.capacity,
-            paused_until=pause.until if pause else None, pause_reason=pause.reason if pause else None,
-            waiting=n_waiting, oldest_waiting_since=oldest, referrals_30d=received[p.id],
-            answered_30d=len(times[p.id]), median_answer_seconds=percentile(times[p.id], 50),
-            p90_answer_seconds=percentile(times[p.id], 90),
-            in_time_share=in_time[p.id] / counted[p.id] if counted[p.id] else None,
-            declines_30d=sum(reasons[p.id].values()),
-            decline_reasons=[DeclineReason(reason=r, count=n) for r, n in reasons[p.id].most_common()],
-            last_action_at=last, stopped_answering=silent))
+        result.append(
+            PartnerFigures(
+                id=p.id,
+                name=p.name,
+                open=open_counts.get(p.id, 0),
+                capacity=p.capacity,
+                paused_until=pause.until if pause else None,
+                pause_reason=pause.reason if pause else None,
+                waiting=n_waiting,
+                oldest_waiting_since=oldest,
+                referrals_30d=received[p.id],
+                answered_30d=len(times[p.id]),
+                median_answer_seconds=percentile(times[p.id], 50),
+                p90_answer_seconds=percentile(times[p.id], 90),
+                in_time_share=in_time[p.id] / counted[p.id] if counted[p.id] else None,
+                declines_30d=sum(reasons[p.id].values()),
+                decline_reasons=[DeclineReason(reason=r, count=n) for r, n in reasons[p.id].most_common()],
+                last_action_at=last,
+                stopped_answering=silent,
+            )
+        )
     return result, [t for values in times.values() for t in values]
 
 
 def clock(session: Session, now: datetime) -> ClockFigures:
-    lags = [max(0.0, (fired_at - due_at).total_seconds())
-            for due_at, fired_at in store.timers_settled_since(session, now - timedelta(hours=24))]
-    return ClockFigures(fired_24h=len(lags), lag_p50_seconds=percentile(lags, 50), lag_p90_seconds=percentile(lags, 90),
-                        lag_max_seconds=max(lags) if lags else None,
-                        overdue=store.overdue_timers(session, now - OVERDUE_TIMER))
+    lags = [
+        max(0.0, (fired_at - due_at).total_seconds())
+        for due_at, fired_at in store.timers_settled_since(session, now - timedelta(hours=24))
+    ]
+    return ClockFigures(
+        fired_24h=len(lags),
+        lag_p50_seconds=percentile(lags, 50),
+        lag_p90_seconds=percentile(lags, 90),
+        lag_max_seconds=max(lags) if lags else None,
+        overdue=store.overdue_timers(session, now - OVERDUE_TIMER),
+    )
 
 
 def charts(session: Session, now: datetime, answer_times: list[float]) -> Charts:
@@ -285,17 +329,23 @@ def chart_bars(start: datetime, recorded: list[datetime], answer_times: list[flo
 
 
 def recent_actions(session: Session, limit: int = 10) -> list[RecentAction]:
-    return [RecentAction(**r.model_dump(include={"at", "actor", "action", "target", "reason"}))
-            for r in store.recent_ops_actions(session, limit)]
+    return [
+        RecentAction(**r.model_dump(include={"at", "actor", "action", "target", "reason"}))
+        for r in store.recent_ops_actions(session, limit)
+    ]
 
 
 def local_figures(svc: Service, now: datetime) -> dict:
     directory = svc.directory
     with svc.db.read() as session:
         partner_figures_, answer_times = partners(session, directory, now)
-        return dict(deadlines=deadlines(session, directory, now), partners=partner_figures_,
-                    clock=clock(session, now), charts=charts(session, now, answer_times),
-                    recent_actions=recent_actions(session))
+        return dict(
+            deadlines=deadlines(session, directory, now),
+            partners=partner_figures_,
+            clock=clock(session, now),
+            charts=charts(session, now, answer_times),
+            recent_actions=recent_actions(session),
+        )
 
 
 # --- queues ---------------------------------------------------------------------------------------
@@ -319,14 +369,28 @@ class QueueWatch:
 
 def stream_figures(report: StreamReport, namespace: str) -> StreamFigures:
     return StreamFigures(
-        name=report.stream.removeprefix(f"{namespace}:"), key=report.stream, length=report.length,
-        dead_letters=report.dead_letters, stuck=report.stuck,
-        groups=[GroupFigures(
-            name=g.name, pending=g.pending, lag=g.lag,
-            oldest_pending_seconds=g.oldest_pending_ms / 1000 if g.oldest_pending_ms is not None else None,
-            live_consumers=g.live_consumers, stuck=g.stuck, problems=g.problems,
-            consumers=[ConsumerFigures(name=c.name, pending=c.pending, idle_seconds=c.idle_ms / 1000, live=c.live)
-                       for c in g.consumers]) for g in report.groups])
+        name=report.stream.removeprefix(f"{namespace}:"),
+        key=report.stream,
+        length=report.length,
+        dead_letters=report.dead_letters,
+        stuck=report.stuck,
+        groups=[
+            GroupFigures(
+                name=g.name,
+                pending=g.pending,
+                lag=g.lag,
+                oldest_pending_seconds=g.oldest_pending_ms / 1000 if g.oldest_pending_ms is not None else None,
+                live_consumers=g.live_consumers,
+                stuck=g.stuck,
+                problems=g.problems,
+                consumers=[
+                    ConsumerFigures(name=c.name, pending=c.pending, idle_seconds=c.idle_ms / 1000, live=c.live)
+                    for c in g.consumers
+                ],
+            )
+            for g in report.groups
+        ],
+    )
 
 
 async def queue_reports(svc: Service, watch: QueueWatch) -> list[StreamReport]:
@@ -342,8 +406,9 @@ async def queues(svc: Service, watch: QueueWatch) -> Queues:
         reports = await queue_reports(svc, watch)
     except redis.RedisError as exc:
         return Queues(available=False, error=f"Redis: {type(exc).__name__}", outboxes=list(outboxes))
-    return Queues(available=True, streams=[stream_figures(r, svc.settings.namespace) for r in reports],
-                  outboxes=list(outboxes))
+    return Queues(
+        available=True, streams=[stream_figures(r, svc.settings.namespace) for r in reports], outboxes=list(outboxes)
+    )
 
 
 # --- all of it --------------------------------------------------------------------------------------
@@ -352,7 +417,16 @@ async def queues(svc: Service, watch: QueueWatch) -> Queues:
 async def build_dashboard(svc: Service, watch: QueueWatch) -> Dashboard:
     now = svc.clock()
     local, queue_part, deliveries, monthly = await asyncio.gather(
-        anyio.to_thread.run_sync(local_figures, svc, now), queues(svc, watch),
-        remote.remote_json(svc, "notifications", "/deliveries/stats"), remote.reports(svc, now))
-    return Dashboard(generated_at=now, timezone=svc.directory.timezone, queues=queue_part, deliveries=deliveries,
-                     reports=monthly, **local)
+        anyio.to_thread.run_sync(local_figures, svc, now),
+        queues(svc, watch),
+        remote.remote_json(svc, "notifications", "/deliveries/stats"),
+        remote.reports(svc, now),
+    )
+    return Dashboard(
+        generated_at=now,
+        timezone=svc.directory.timezone,
+        queues=queue_part,
+        deliveries=deliveries,
+        reports=monthly,
+        **local,
+    )

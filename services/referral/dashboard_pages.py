@@ -26,8 +26,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from services.referral import domain, remote, store
-from services.referral.commands import (CancelNeed, PausePartner, ReassignReferral, ReplayDeadLetters,
-                                        ResumePartner, RevokeSessions)
+from services.referral.commands import (
+    CancelNeed,
+    PausePartner,
+    ReassignReferral,
+    ReplayDeadLetters,
+    ResumePartner,
+    RevokeSessions,
+)
 from services.referral.dashboard import build_dashboard
 from services.referral.deps import ClockDep, CommandDeps, DirectoryDep, PagesDep, Runtime, RuntimeDep
 from services.referral.handlers import NotFound, NotPaused, Refused, RemoteFailed, handle
@@ -36,8 +42,14 @@ from shared.pages import SECURITY_HEADERS, Pages, datetime_fr
 
 TEMPLATES = Path(__file__).with_name("templates")
 # The pages' paths and `?fait=` values (French, user-facing) -> the actions' identifiers.
-ACTION_PATHS = {"rejouer": "replay", "reaffecter": "reassign", "pause": "pause", "reprise": "resume",
-                "annuler": "cancel_need", "deconnecter": "revoke_sessions"}
+ACTION_PATHS = {
+    "rejouer": "replay",
+    "reaffecter": "reassign",
+    "pause": "pause",
+    "reprise": "resume",
+    "annuler": "cancel_need",
+    "deconnecter": "revoke_sessions",
+}
 PATH_OF = {action: path for path, action in ACTION_PATHS.items()}
 ACTIONS = tuple(ACTION_PATHS.values())
 MAX_REASON = 2000
@@ -90,8 +102,13 @@ def month_fr(month: str) -> str:
 
 def install_filters(pages: Pages) -> None:
     """The French wording of figures, for the dashboard's templates."""
-    pages.env.filters.update(duree=duration_fr, pourcent=percent_fr, heure=time_fr, mois=month_fr,
-                             date_iso=lambda value, tz: datetime_fr(datetime.fromisoformat(value), tz))
+    pages.env.filters.update(
+        duree=duration_fr,
+        pourcent=percent_fr,
+        heure=time_fr,
+        mois=month_fr,
+        date_iso=lambda value, tz: datetime_fr(datetime.fromisoformat(value), tz),
+    )
 
 
 HEADERS = {"Content-Security-Policy": DASHBOARD_CSP}
@@ -101,23 +118,37 @@ router = APIRouter()
 async def figures(runtime: Runtime) -> dict:
     data = await build_dashboard(runtime, runtime.queue_watch)
     directory = runtime.directory
-    names = dict(partners={p.id: p.name for p in directory.partners},
-                 categories={c.id: c.label for c in directory.categories},
-                 libraries={lib.id: lib.name for lib in directory.libraries})
+    names = dict(
+        partners={p.id: p.name for p in directory.partners},
+        categories={c.id: c.label for c in directory.categories},
+        libraries={lib.id: lib.name for lib in directory.libraries},
+    )
     # the bars of each chart (label, count): its table and its drawing both come from these
     needs_bars = [{"label": hour_fr(b.start, data.timezone), "count": b.count} for b in data.charts.needs_per_hour]
     answers_bars = [{"label": b.label, "count": b.count} for b in data.charts.answer_times]
-    return dict(d=data, tz=data.timezone, names=names, needs_bars=needs_bars, answers_bars=answers_bars,
-                problems=PROBLEMS, refresh=REFRESH_SECONDS)
+    return dict(
+        d=data,
+        tz=data.timezone,
+        names=names,
+        needs_bars=needs_bars,
+        answers_bars=answers_bars,
+        problems=PROBLEMS,
+        refresh=REFRESH_SECONDS,
+    )
 
 
 @router.get("/tableau-de-bord")
 async def board(request: Request, pages: PagesDep, runtime: RuntimeDep) -> Response:
     pages.require_user(request, "ops")
-    return pages.render(request, "tableau_de_bord.html", headers=HEADERS,
-                        done=ACTION_PATHS.get(request.query_params.get("fait", "")),
-                        count=request.query_params.get("nombre"), users=runtime.directory.users,
-                        **await figures(runtime))
+    return pages.render(
+        request,
+        "tableau_de_bord.html",
+        headers=HEADERS,
+        done=ACTION_PATHS.get(request.query_params.get("fait", "")),
+        count=request.query_params.get("nombre"),
+        users=runtime.directory.users,
+        **await figures(runtime),
+    )
 
 
 @router.get("/tableau-de-bord/chiffres")
@@ -134,9 +165,14 @@ async def reports_csv(request: Request, pages: PagesDep, runtime: RuntimeDep, mo
     answer = await remote.intake_report_csv(runtime, user.id, month)
     if answer is None:
         raise pages.error(request, 502, "intake_down", template="tableau_erreur.html")
-    return Response(answer.content, media_type="text/csv; charset=utf-8",
-                    headers={"Content-Disposition": answer.headers.get("content-disposition", "attachment"),
-                             "Cache-Control": "no-store"})
+    return Response(
+        answer.content,
+        media_type="text/csv; charset=utf-8",
+        headers={
+            "Content-Disposition": answer.headers.get("content-disposition", "attachment"),
+            "Cache-Control": "no-store",
+        },
+    )
 
 
 # --- confirmation step
@@ -173,32 +209,61 @@ def subject_of(request: Request, pages: Pages, runtime: Runtime, action: str, pa
         if found is None:
             raise pages.error(request, 404, "not_found")
         referral = found[0]
-        return {"referral": referral, "partner": directory.partner(referral.partner_id),
-                "candidates": [p for p in directory.partners
-                               if referral.category in p.categories and p.id != referral.partner_id]}
+        return {
+            "referral": referral,
+            "partner": directory.partner(referral.partner_id),
+            "candidates": [
+                p for p in directory.partners if referral.category in p.categories and p.id != referral.partner_id
+            ],
+        }
     need_id = params.get("demande", "").strip()
     if not need_id or len(need_id) > 64:
         raise pages.error(request, 404, "not_found")
     with runtime.db.read() as session:
         case, referral = store.need_and_open_referral(session, need_id)
-    return {"need_id": need_id, "case": case, "referral": referral,
-            "partner": directory.partner(referral.partner_id) if referral else None}
+    return {
+        "need_id": need_id,
+        "case": case,
+        "referral": referral,
+        "partner": directory.partner(referral.partner_id) if referral else None,
+    }
 
 
-async def confirm_page(request: Request, pages: Pages, runtime: Runtime, now: datetime, action: str, subject: dict,
-                       status: int = 200, errors=None, values=None, failure: str | None = None) -> Response:
+async def confirm_page(
+    request: Request,
+    pages: Pages,
+    runtime: Runtime,
+    now: datetime,
+    action: str,
+    subject: dict,
+    status: int = 200,
+    errors=None,
+    values=None,
+    failure: str | None = None,
+) -> Response:
     extra = {}
     if action == "replay":
         key = runtime.settings.key(subject["stream"])
         extra["letters"] = await store.dead_letters(runtime.bus.redis, key, entry_id=subject["id"])
-        extra["total"] = len(extra["letters"]) if subject["id"] else \
-            await store.dead_letter_count(runtime.bus.redis, key)
+        extra["total"] = (
+            len(extra["letters"]) if subject["id"] else await store.dead_letter_count(runtime.bus.redis, key)
+        )
     if action == "pause":
         local_today = now.astimezone(ZoneInfo(runtime.directory.timezone)).date()
         extra["min_date"] = (local_today + timedelta(days=1)).isoformat()
-    return pages.render(request, "tableau_confirmer.html", status=status, action=action, path=PATH_OF[action],
-                        s=subject, errors=errors or {}, values=values or {}, failure=failure,
-                        tz=runtime.directory.timezone, **extra)
+    return pages.render(
+        request,
+        "tableau_confirmer.html",
+        status=status,
+        action=action,
+        path=PATH_OF[action],
+        s=subject,
+        errors=errors or {},
+        values=values or {},
+        failure=failure,
+        tz=runtime.directory.timezone,
+        **extra,
+    )
 
 
 @router.get("/tableau-de-bord/confirmer/{path}")
@@ -221,8 +286,9 @@ def until_of(value: str, timezone: str) -> datetime | None:
     return datetime.combine(day, time(0), ZoneInfo(timezone))
 
 
-def form_errors(action: str, fields: dict[str, str], subject: dict, now: datetime,
-                timezone: str) -> tuple[dict[str, str], datetime | None]:
+def form_errors(
+    action: str, fields: dict[str, str], subject: dict, now: datetime, timezone: str
+) -> tuple[dict[str, str], datetime | None]:
     """The form's problems (field -> code), and the pause's end when there is one."""
     errors: dict[str, str] = {}
     reason = fields.get("motif", "").strip()
@@ -258,8 +324,9 @@ def command_of(action: str, fields: dict[str, str], subject: dict, until: dateti
 
 
 @router.post("/tableau-de-bord/actions/{path}")
-async def perform(request: Request, path: str, pages: PagesDep, runtime: RuntimeDep, deps: CommandDeps,
-                  directory: DirectoryDep) -> Response:
+async def perform(
+    request: Request, path: str, pages: PagesDep, runtime: RuntimeDep, deps: CommandDeps, directory: DirectoryDep
+) -> Response:
     user = pages.require_user(request, "ops")
     action = action_of(request, pages, path)
     fields = await pages.form(request)

@@ -16,9 +16,9 @@ from services.referral.handlers import Deps
 from shared.db import Database
 from shared.directory import Directory, User
 from shared.messaging import Bus
+from shared.pages import Pages
 from shared.service import ACTOR_HEADER
 from shared.settings import Settings
-from shared.pages import Pages
 
 
 class Runtime(Protocol):
@@ -67,8 +67,14 @@ PagesDep = Annotated[Pages, Depends(get_pages)]
 
 
 def get_command_deps(runtime: RuntimeDep, clock: ClockDep, directory: DirectoryDep) -> Deps:
-    return Deps(db=runtime.db, redis=runtime.bus.redis, settings=runtime.settings, directory=directory, clock=clock,
-                wake_relay=runtime.bus.relay.wake)
+    return Deps(
+        db=runtime.db,
+        redis=runtime.bus.redis,
+        settings=runtime.settings,
+        directory=directory,
+        clock=clock,
+        wake_relay=runtime.bus.relay.wake,
+    )
 
 
 CommandDeps = Annotated[Deps, Depends(get_command_deps)]
@@ -79,8 +85,11 @@ _bearer = HTTPBearer(auto_error=False)
 def require(*roles: str) -> Callable[..., User]:
     """A dependency giving the caller, 401 without a known token, 403 when their role may not call."""
 
-    def caller(request: Request, runtime: RuntimeDep,
-               credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> User:
+    def caller(
+        request: Request,
+        runtime: RuntimeDep,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    ) -> User:
         user = runtime.caller(credentials, request.headers.get(ACTOR_HEADER))
         if user.role not in roles:
             raise HTTPException(403, f"role {user.role} may not do this")

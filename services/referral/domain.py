@@ -14,10 +14,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from shared import deadlines  # the partner's clock, shared with intake's deadline at recording
-# normalize_postal_code is shared with intake and the directory; re-exported here for routing.
-from shared.directory import (WEEKDAYS, BusinessHours, Contact, Directory, Partner,  # noqa: F401
-                              normalize_postal_code)
 
+# normalize_postal_code is shared with intake and the directory; re-exported here for routing.
+from shared.directory import (
+    BusinessHours,
+    Contact,
+    Directory,
+    Partner,  # noqa: F401
+    normalize_postal_code,
+)
 
 # ==============================================================================================
 # Routing
@@ -110,9 +115,7 @@ def route_need(
         elif partner.id in paused_partner_ids:
             excluded.append(t["paused"].format(partner=partner.name))
         elif partner.capacity is not None and open_now >= partner.capacity:
-            excluded.append(
-                t["full"].format(partner=partner.name, open=open_now, capacity=partner.capacity)
-            )
+            excluded.append(t["full"].format(partner=partner.name, open=open_now, capacity=partner.capacity))
         else:
             candidates.append((partner, prefix))
 
@@ -125,9 +128,7 @@ def route_need(
         elif not covering:
             names = ", ".join(p.name for p in takers[:_NAMED_OUT_OF_TERRITORY])
             if len(takers) > _NAMED_OUT_OF_TERRITORY:
-                names = t["and_others"].format(
-                    names=names, count=len(takers) - _NAMED_OUT_OF_TERRITORY
-                )
+                names = t["and_others"].format(names=names, count=len(takers) - _NAMED_OUT_OF_TERRITORY)
             reason += t["out_of_territory"].format(names=names)
         else:
             reason += t["all_excluded"].format(names=", ".join(excluded))
@@ -163,9 +164,7 @@ def route_need(
     if losers or excluded:
         choice += t["excluded"].format(names=", ".join(losers + excluded))
     reason = t["chosen"].format(category=label, where=where, choice=choice) + "."
-    return RoutingDecision(
-        partner=winner, contact=directory.primary_contact(winner), reason=reason
-    )
+    return RoutingDecision(partner=winner, contact=directory.primary_contact(winner), reason=reason)
 
 
 def _display_postal_code(code: str) -> str:
@@ -196,8 +195,9 @@ class TransitionRefused(Exception):
 def next_status(status: str, action: str) -> str:
     allowed_from, to = TRANSITIONS[action]
     if status not in allowed_from:
-        raise TransitionRefused(f"cannot {action} a referral that is {status} "
-                                f"(allowed from: {', '.join(sorted(allowed_from))})")
+        raise TransitionRefused(
+            f"cannot {action} a referral that is {status} (allowed from: {', '.join(sorted(allowed_from))})"
+        )
     return to
 
 
@@ -222,8 +222,10 @@ class ClockTimer:
 def clock_timers(recorded_at: datetime, partner: Partner) -> list[ClockTimer]:
     """The need's timers under the partner's policy and clock; the last one, the breach, is `respond_by`."""
     sla = partner.sla
-    timers = [ClockTimer("reminder", n, elapse(recorded_at, after, partner))
-              for n, after in enumerate(sla.remind_after, start=1)]
+    timers = [
+        ClockTimer("reminder", n, elapse(recorded_at, after, partner))
+        for n, after in enumerate(sla.remind_after, start=1)
+    ]
     if sla.escalate_after is not None:
         timers.append(ClockTimer("escalation", 0, elapse(recorded_at, sla.escalate_after, partner)))
     timers.append(ClockTimer("breach", 0, elapse(recorded_at, sla.respond_within, partner)))
@@ -256,8 +258,11 @@ def takes_category(partner: Partner, category: str) -> bool:
 def assign_by_hand(directory: Directory, partner_id: str, actor: str) -> RoutingDecision:
     """Ops chose the partner: its primary contact gets the handoff, whatever the routing rule says."""
     partner = directory.partner(partner_id)
-    return RoutingDecision(partner=partner, contact=directory.primary_contact(partner),
-                           reason=ROUTING_TEXTS["by_hand"].format(actor=actor, partner=partner.name))
+    return RoutingDecision(
+        partner=partner,
+        contact=directory.primary_contact(partner),
+        reason=ROUTING_TEXTS["by_hand"].format(actor=actor, partner=partner.name),
+    )
 
 
 # --- A partner's access ends with its part --------------------------------------------------------

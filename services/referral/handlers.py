@@ -18,17 +18,52 @@ import httpx
 from sqlmodel import Session, select
 
 from services.referral import domain
-from services.referral.commands import (AcceptReferral, CancelNeed, CancelReferral, CloseReferral, DeclineReferral,
-                                        PausePartner, ReassignReferral, ReplayDeadLetters, RespondToReferral,
-                                        ResumePartner, RevokeSessions)
-from services.referral.store import (ClockTimer, NeedCase, OpsAction, PartnerPause, Referral, ReferralHistory,
-                                     current_referral, due_timers, history_of, lock_referral, open_referral_counts,
-                                     partners_who_declined, paused_partners)
+from services.referral.commands import (
+    AcceptReferral,
+    CancelNeed,
+    CancelReferral,
+    CloseReferral,
+    DeclineReferral,
+    PausePartner,
+    ReassignReferral,
+    ReplayDeadLetters,
+    RespondToReferral,
+    ResumePartner,
+    RevokeSessions,
+)
+from services.referral.store import (
+    ClockTimer,
+    NeedCase,
+    OpsAction,
+    PartnerPause,
+    Referral,
+    ReferralHistory,
+    current_referral,
+    due_timers,
+    history_of,
+    lock_referral,
+    open_referral_counts,
+    partners_who_declined,
+    paused_partners,
+)
 from shared.db import Database, emit
 from shared.directory import Directory
-from shared.events import (STREAMS, NeedCancelled, NeedRecorded, NeedUnroutable, ReferralAccepted, ReferralAssigned,
-                           ReferralBreached, ReferralCancelled, ReferralClosed, ReferralDeclined, ReferralEscalated,
-                           ReferralReminderDue, ReferralResponded, new_id)
+from shared.events import (
+    STREAMS,
+    NeedCancelled,
+    NeedRecorded,
+    NeedUnroutable,
+    ReferralAccepted,
+    ReferralAssigned,
+    ReferralBreached,
+    ReferralCancelled,
+    ReferralClosed,
+    ReferralDeclined,
+    ReferralEscalated,
+    ReferralReminderDue,
+    ReferralResponded,
+    new_id,
+)
 from shared.messaging import replay
 from shared.service import ACTOR_HEADER, internal_token
 from shared.sessions import revoke_user_sessions
@@ -40,22 +75,40 @@ REMOTE_TIMEOUT = 9.0  # seconds for intake to cancel a need
 def on_need_recorded(session: Session, event: NeedRecorded, directory: Directory, now: datetime) -> None:
     person = event.person
     case = NeedCase(
-        need_id=event.need_id, library_id=event.library_id, category=event.category, summary=event.summary,
-        postal_code=event.postal_code, urgency=event.urgency, person_display_name=person.display_name,
-        person_email=person.email, person_phone=person.phone, preferred_channel=person.preferred_channel,
-        language=person.language, recorded_at=event.recorded_at, correlation_id=event.correlation_id,
+        need_id=event.need_id,
+        library_id=event.library_id,
+        category=event.category,
+        summary=event.summary,
+        postal_code=event.postal_code,
+        urgency=event.urgency,
+        person_display_name=person.display_name,
+        person_email=person.email,
+        person_phone=person.phone,
+        preferred_channel=person.preferred_channel,
+        language=person.language,
+        recorded_at=event.recorded_at,
+        correlation_id=event.correlation_id,
     )
     session.add(case)
     session.flush()
     route(session, case, directory, now)
 
 
-def route(session: Session, case: NeedCase, directory: Directory, now: datetime, actor: str = "system",
-          partner_id: str | None = None) -> Referral | None:
+def route(
+    session: Session,
+    case: NeedCase,
+    directory: Directory,
+    now: datetime,
+    actor: str = "system",
+    partner_id: str | None = None,
+) -> Referral | None:
     """Hand the need to the best candidate partner (or to `partner_id`, chosen by ops), or declare it unroutable."""
     if partner_id is None:
         decision = domain.route_need(
-            directory, category=case.category, postal_code=case.postal_code, library_id=case.library_id,
+            directory,
+            category=case.category,
+            postal_code=case.postal_code,
+            library_id=case.library_id,
             open_referrals=open_referral_counts(session),
             excluded_partner_ids=partners_who_declined(session, case.need_id),
             paused_partner_ids=paused_partners(session, now),
@@ -63,9 +116,18 @@ def route(session: Session, case: NeedCase, directory: Directory, now: datetime,
     else:
         decision = domain.assign_by_hand(directory, partner_id, actor)
     if decision.partner is None:
-        emit(session, NeedUnroutable(need_id=case.need_id, library_id=case.library_id, category=case.category,
-                                     reason=decision.reason, occurred_at=now, correlation_id=case.correlation_id,
-                                     sequence=case.next_sequence()))
+        emit(
+            session,
+            NeedUnroutable(
+                need_id=case.need_id,
+                library_id=case.library_id,
+                category=case.category,
+                reason=decision.reason,
+                occurred_at=now,
+                correlation_id=case.correlation_id,
+                sequence=case.next_sequence(),
+            ),
+        )
         return None
     if case.respond_by is None:  # the clock belongs to the need: set at the first routing, kept after
         timers = domain.clock_timers(case.recorded_at, decision.partner)
@@ -74,25 +136,53 @@ def route(session: Session, case: NeedCase, directory: Directory, now: datetime,
         for timer in timers:
             session.add(ClockTimer(need_id=case.need_id, kind=timer.kind, number=timer.number, due_at=timer.due_at))
     referral = Referral(
-        id=new_id(), need_id=case.need_id, partner_id=decision.partner.id, contact_id=decision.contact.id,
-        library_id=case.library_id, category=case.category, respond_by=case.respond_by,
-        routed_because=decision.reason, created_at=now, updated_at=now,
+        id=new_id(),
+        need_id=case.need_id,
+        partner_id=decision.partner.id,
+        contact_id=decision.contact.id,
+        library_id=case.library_id,
+        category=case.category,
+        respond_by=case.respond_by,
+        routed_because=decision.reason,
+        created_at=now,
+        updated_at=now,
     )
     session.add(referral)
     session.flush()
-    session.add(ReferralHistory(referral_id=referral.id, at=now, action="assigned", actor=actor, detail=decision.reason))
-    emit(session, ReferralAssigned(
-        need_id=case.need_id, referral_id=referral.id, partner_id=referral.partner_id, contact_id=referral.contact_id,
-        library_id=case.library_id, category=case.category, respond_by=referral.respond_by,
-        routed_because=decision.reason, actor=actor, occurred_at=now, correlation_id=case.correlation_id,
-        sequence=case.next_sequence(),
-    ))
+    session.add(
+        ReferralHistory(referral_id=referral.id, at=now, action="assigned", actor=actor, detail=decision.reason)
+    )
+    emit(
+        session,
+        ReferralAssigned(
+            need_id=case.need_id,
+            referral_id=referral.id,
+            partner_id=referral.partner_id,
+            contact_id=referral.contact_id,
+            library_id=case.library_id,
+            category=case.category,
+            respond_by=referral.respond_by,
+            routed_because=decision.reason,
+            actor=actor,
+            occurred_at=now,
+            correlation_id=case.correlation_id,
+            sequence=case.next_sequence(),
+        ),
+    )
     session.add(case)
     return referral
 
 
-def transition(session: Session, referral_id: str, action: str, actor: str, now: datetime, directory: Directory,
-               text: str | None = None, partner_id: str | None = None) -> Referral | None:
+def transition(
+    session: Session,
+    referral_id: str,
+    action: str,
+    actor: str,
+    now: datetime,
+    directory: Directory,
+    text: str | None = None,
+    partner_id: str | None = None,
+) -> Referral | None:
     """Move a referral by a partner's or ops' action, with its history and event; None when there is no such referral.
     Raises domain.TransitionRefused when the action is not allowed from the current status."""
     referral = lock_referral(session, referral_id)
@@ -102,12 +192,27 @@ def transition(session: Session, referral_id: str, action: str, actor: str, now:
     referral.sla = domain.sla_after(referral.sla, action)
     referral.updated_at = now
     session.add(referral)
-    session.add(ReferralHistory(referral_id=referral.id, at=now, action=action, actor=actor,
-                                detail=text if partner_id is None else f"{partner_id} : {text or ''}".strip(" :")))
+    session.add(
+        ReferralHistory(
+            referral_id=referral.id,
+            at=now,
+            action=action,
+            actor=actor,
+            detail=text if partner_id is None else f"{partner_id} : {text or ''}".strip(" :"),
+        )
+    )
     case = session.get(NeedCase, referral.need_id, with_for_update=True)  # its sequence moves
-    common = dict(need_id=referral.need_id, referral_id=referral.id, partner_id=referral.partner_id,
-                  library_id=referral.library_id, category=referral.category, actor=actor, occurred_at=now, correlation_id=case.correlation_id,
-                  sequence=case.next_sequence())
+    common = dict(
+        need_id=referral.need_id,
+        referral_id=referral.id,
+        partner_id=referral.partner_id,
+        library_id=referral.library_id,
+        category=referral.category,
+        actor=actor,
+        occurred_at=now,
+        correlation_id=case.correlation_id,
+        sequence=case.next_sequence(),
+    )
     session.add(case)
     if action == "accept":
         emit(session, ReferralAccepted(**common))
@@ -137,14 +242,16 @@ def on_need_cancelled(session: Session, event: NeedCancelled, directory: Directo
     referral = current_referral(session, event.need_id)
     if referral is not None:
         transition(session, referral.id, "cancel", event.actor, now, directory, event.reason)
-    for timer in session.exec(select(ClockTimer).where(ClockTimer.need_id == event.need_id,
-                                                       ClockTimer.fired_at.is_(None))).all():
+    for timer in session.exec(
+        select(ClockTimer).where(ClockTimer.need_id == event.need_id, ClockTimer.fired_at.is_(None))
+    ).all():
         timer.fired_at, timer.outcome = now, "cancelled"
         session.add(timer)
 
 
-def fire_due_timers(session: Session, now: datetime, skip_locked: bool,
-                    observe_lag: Callable[[str, float], None] | None = None) -> int:
+def fire_due_timers(
+    session: Session, now: datetime, skip_locked: bool, observe_lag: Callable[[str, float], None] | None = None
+) -> int:
     """Fire every due timer once: emit its event and move the SLA, or mark it moot if the clock stopped.
     `observe_lag(kind, seconds)` is told how late each timer fired."""
     fired = 0
@@ -160,14 +267,33 @@ def fire_due_timers(session: Session, now: datetime, skip_locked: bool,
         timer.outcome = "fired"
         referral.sla = domain.SLA_AFTER_TIMER[timer.kind]
         referral.updated_at = now
-        session.add_all([timer, referral, ReferralHistory(
-            referral_id=referral.id, at=now, action=timer.kind, actor="system",
-            detail=f"{timer.kind} {timer.number}" if timer.number else timer.kind)])
+        session.add_all(
+            [
+                timer,
+                referral,
+                ReferralHistory(
+                    referral_id=referral.id,
+                    at=now,
+                    action=timer.kind,
+                    actor="system",
+                    detail=f"{timer.kind} {timer.number}" if timer.number else timer.kind,
+                ),
+            ]
+        )
         case = session.get(NeedCase, referral.need_id, with_for_update=True)  # its sequence moves
-        common = dict(need_id=referral.need_id, referral_id=referral.id, partner_id=referral.partner_id,
-                      library_id=referral.library_id, category=referral.category, contact_id=referral.contact_id, respond_by=referral.respond_by,
-                      actor="system", occurred_at=now, correlation_id=case.correlation_id,
-                      sequence=case.next_sequence())
+        common = dict(
+            need_id=referral.need_id,
+            referral_id=referral.id,
+            partner_id=referral.partner_id,
+            library_id=referral.library_id,
+            category=referral.category,
+            contact_id=referral.contact_id,
+            respond_by=referral.respond_by,
+            actor="system",
+            occurred_at=now,
+            correlation_id=case.correlation_id,
+            sequence=case.next_sequence(),
+        )
         session.add(case)
         if timer.kind == "reminder":
             emit(session, ReferralReminderDue(**common, reminder_number=timer.number))
@@ -279,18 +405,30 @@ def reassign_referral(session: Session, command: ReassignReferral, deps: Deps) -
         raise Refused("partner_id", f"unknown partner '{command.partner_id}'")
     takes_category = domain.takes_category(partner, referral.category)
     if not takes_category and not command.force:
-        raise Refused("partner_id", f"partner '{command.partner_id}' does not take the need's category "
-                                    f"'{referral.category}': choose one that does, or set force: true "
-                                    "with a reason to override")
+        raise Refused(
+            "partner_id",
+            f"partner '{command.partner_id}' does not take the need's category "
+            f"'{referral.category}': choose one that does, or set force: true "
+            "with a reason to override",
+        )
     override = command.force and not takes_category
     if override and not (reason or "").strip():
         raise Refused("reason", "an override (force: true for a partner outside the need's category) needs a reason")
     transition(session, referral.id, "reassign", command.actor, now, directory, reason, command.partner_id)
     if override:
-        session.add(ReferralHistory(referral_id=referral.id, at=now, action="reassign_override", actor=command.actor,
-                                    detail=reason))
-    _audit(session, command.actor, "reassign_override" if override else "reassign",
-           f"{referral.id}:{command.partner_id}", reason or "", now)
+        session.add(
+            ReferralHistory(
+                referral_id=referral.id, at=now, action="reassign_override", actor=command.actor, detail=reason
+            )
+        )
+    _audit(
+        session,
+        command.actor,
+        "reassign_override" if override else "reassign",
+        f"{referral.id}:{command.partner_id}",
+        reason or "",
+        now,
+    )
     return ReferralState(referral, history_of(session, referral.id))
 
 
@@ -302,8 +440,12 @@ def pause_partner(session: Session, command: PausePartner, deps: Deps) -> Partne
     if command.until <= now:
         raise Refused("until", "must be in the future")
     pause = session.get(PartnerPause, command.partner_id) or PartnerPause(
-        partner_id=command.partner_id, until=command.until, reason=command.reason, paused_by=command.actor,
-        paused_at=now)
+        partner_id=command.partner_id,
+        until=command.until,
+        reason=command.reason,
+        paused_by=command.actor,
+        paused_at=now,
+    )
     pause.until, pause.reason, pause.paused_by, pause.paused_at = command.until, command.reason, command.actor, now
     session.add(pause)
     _audit(session, command.actor, "pause_partner", command.partner_id, command.reason, now)
@@ -325,8 +467,9 @@ async def replay_dead_letters(command: ReplayDeadLetters, deps: Deps) -> int:
     if command.stream not in STREAMS:
         raise NotFound(f"no stream '{command.stream}'; streams: {', '.join(STREAMS)}")
     count = await replay(deps.redis, deps.settings.key(command.stream), list(command.ids) if command.ids else None)
-    await anyio.to_thread.run_sync(_record, deps, command.actor, "replay",
-                                   f"{command.stream}:{','.join(command.ids or ['*'])}", command.reason)
+    await anyio.to_thread.run_sync(
+        _record, deps, command.actor, "replay", f"{command.stream}:{','.join(command.ids or ['*'])}", command.reason
+    )
     return count
 
 
@@ -344,8 +487,11 @@ async def cancel_need(command: CancelNeed, deps: Deps) -> None:
     headers = {"Authorization": f"Bearer {internal_token(deps.settings)}", ACTOR_HEADER: command.actor}
     try:
         async with httpx.AsyncClient(timeout=REMOTE_TIMEOUT) as client:
-            answer = await client.post(f"{deps.settings.service_url('intake')}/api/v1/needs/{command.need_id}/cancel",
-                                       json={"reason": command.reason}, headers=headers)
+            answer = await client.post(
+                f"{deps.settings.service_url('intake')}/api/v1/needs/{command.need_id}/cancel",
+                json={"reason": command.reason},
+                headers=headers,
+            )
     except httpx.HTTPError:
         raise RemoteFailed("unreachable") from None
     if answer.status_code != 200:
@@ -381,6 +527,7 @@ async def handle(command: Any, deps: Deps) -> Any:
     if inspect.iscoroutinefunction(handler):
         result = await handler(command, deps)
     else:
+
         def run() -> Any:
             with deps.db.transaction() as session:
                 return handler(session, command, deps)

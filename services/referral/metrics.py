@@ -13,17 +13,33 @@ def register(svc: Service, watch: QueueWatch) -> None:
     """Gauges updated before each scrape (`Service.on_scrape`)."""
     open_referrals = Gauge("relais_open_referrals", "Open referrals by SLA state", ["sla"], registry=svc.metrics)
     stream_length = Gauge("relais_stream_length", "Entries in the stream", ["stream"], registry=svc.metrics)
-    dead_letters = Gauge("relais_stream_dead_letters", "Entries in the stream's dead-letter stream", ["stream"],
-                         registry=svc.metrics)
-    pending = Gauge("relais_group_pending", "Entries delivered to the group and not yet acknowledged",
-                    ["stream", "group"], registry=svc.metrics)
+    dead_letters = Gauge(
+        "relais_stream_dead_letters", "Entries in the stream's dead-letter stream", ["stream"], registry=svc.metrics
+    )
+    pending = Gauge(
+        "relais_group_pending",
+        "Entries delivered to the group and not yet acknowledged",
+        ["stream", "group"],
+        registry=svc.metrics,
+    )
     lag = Gauge("relais_group_lag", "Entries not yet delivered to the group", ["stream", "group"], registry=svc.metrics)
-    oldest = Gauge("relais_group_oldest_pending_seconds", "Age of the group's oldest pending entry",
-                   ["stream", "group"], registry=svc.metrics)
-    live = Gauge("relais_group_live_consumers", "Consumers of the group seen in the last 30 s", ["stream", "group"],
-                 registry=svc.metrics)
-    overdue = Gauge("relais_overdue_timers", "Timers of the need's clock due more than a minute ago and not fired",
-                    registry=svc.metrics)
+    oldest = Gauge(
+        "relais_group_oldest_pending_seconds",
+        "Age of the group's oldest pending entry",
+        ["stream", "group"],
+        registry=svc.metrics,
+    )
+    live = Gauge(
+        "relais_group_live_consumers",
+        "Consumers of the group seen in the last 30 s",
+        ["stream", "group"],
+        registry=svc.metrics,
+    )
+    overdue = Gauge(
+        "relais_overdue_timers",
+        "Timers of the need's clock due more than a minute ago and not fired",
+        registry=svc.metrics,
+    )
 
     def database_figures() -> None:
         with svc.db.read() as session:

@@ -34,8 +34,9 @@ class OutboxFigures(BaseModel):
     error: str | None = None
 
 
-async def remote_json(svc: Service, service: str, path: str, actor: str | None = None,
-                      params: dict | None = None) -> Remote:
+async def remote_json(
+    svc: Service, service: str, path: str, actor: str | None = None, params: dict | None = None
+) -> Remote:
     headers = {"Authorization": f"Bearer {internal_token(svc.settings)}"}
     if correlation_id := current_correlation_id():
         headers["X-Correlation-ID"] = correlation_id
@@ -58,13 +59,18 @@ async def outbox_of(svc: Service, service: str) -> OutboxFigures:
             state = await anyio.to_thread.run_sync(svc.outbox_state)
         except Exception as exc:  # noqa: BLE001
             return OutboxFigures(service=service, available=False, error=type(exc).__name__)
-        return OutboxFigures(service=service, available=True, backlog=state["backlog"],
-                             oldest_age_seconds=state["oldest_age_seconds"])
+        return OutboxFigures(
+            service=service, available=True, backlog=state["backlog"], oldest_age_seconds=state["oldest_age_seconds"]
+        )
     remote = await remote_json(svc, service, "/ops/outbox")
     if not remote.available:
         return OutboxFigures(service=service, available=False, error=remote.error)
-    return OutboxFigures(service=service, available=True, backlog=remote.data.get("backlog"),
-                         oldest_age_seconds=remote.data.get("oldest_age_seconds"))
+    return OutboxFigures(
+        service=service,
+        available=True,
+        backlog=remote.data.get("backlog"),
+        oldest_age_seconds=remote.data.get("oldest_age_seconds"),
+    )
 
 
 def report_months(now: datetime, timezone: str) -> list[str]:
@@ -76,8 +82,12 @@ def report_months(now: datetime, timezone: str) -> list[str]:
 
 async def reports(svc: Service, now: datetime) -> Remote:
     """Intake's monthly reports of this month and the previous one: {"months": [intake's answer for each]}."""
-    answers = await asyncio.gather(*(remote_json(svc, "intake", "/reports", params={"month": m})
-                                     for m in report_months(now, svc.directory.timezone)))
+    answers = await asyncio.gather(
+        *(
+            remote_json(svc, "intake", "/reports", params={"month": m})
+            for m in report_months(now, svc.directory.timezone)
+        )
+    )
     failed = next((a for a in answers if not a.available), None)
     return failed or Remote(available=True, data={"months": [a.data for a in answers]})
 
@@ -88,8 +98,9 @@ async def intake_report_csv(svc: Service, actor: str, month: str | None) -> http
     headers = {"Authorization": f"Bearer {internal_token(svc.settings)}", ACTOR_HEADER: actor}
     try:
         async with httpx.AsyncClient(timeout=REMOTE_TIMEOUT * 3) as client:
-            answer = await client.get(f"{svc.settings.service_url('intake')}/api/v1/reports", params=params,
-                                      headers=headers)
+            answer = await client.get(
+                f"{svc.settings.service_url('intake')}/api/v1/reports", params=params, headers=headers
+            )
     except httpx.HTTPError:
         return None
     return answer if answer.status_code == 200 else None

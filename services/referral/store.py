@@ -3,7 +3,7 @@ the handlers, the API, the pages and the dashboard run on them; and the dead let
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from pydantic import BaseModel
@@ -105,19 +105,32 @@ class OpsAction(SQLModel, table=True):
     reason: str
 
 
-TABLES = [NeedCase.__table__, Referral.__table__, ReferralHistory.__table__, ClockTimer.__table__,
-          PartnerPause.__table__, OpsAction.__table__, USED_TOKEN_TABLE]
+TABLES = [
+    NeedCase.__table__,
+    Referral.__table__,
+    ReferralHistory.__table__,
+    ClockTimer.__table__,
+    PartnerPause.__table__,
+    OpsAction.__table__,
+    USED_TOKEN_TABLE,
+]
 
 
 def open_referral_counts(session: Session) -> dict[str, int]:
-    rows = session.exec(select(Referral.partner_id, sa.func.count()).where(Referral.status.in_(OPEN_STATUSES))
-                        .group_by(Referral.partner_id)).all()
+    rows = session.exec(
+        select(Referral.partner_id, sa.func.count())
+        .where(Referral.status.in_(OPEN_STATUSES))
+        .group_by(Referral.partner_id)
+    ).all()
     return dict(rows)
 
 
 def partners_who_declined(session: Session, need_id: str) -> set[str]:
-    return set(session.exec(select(Referral.partner_id).where(Referral.need_id == need_id,
-                                                               Referral.status == "declined")).all())
+    return set(
+        session.exec(
+            select(Referral.partner_id).where(Referral.need_id == need_id, Referral.status == "declined")
+        ).all()
+    )
 
 
 def lock_referral(session: Session, referral_id: str) -> Referral | None:
@@ -126,19 +139,31 @@ def lock_referral(session: Session, referral_id: str) -> Referral | None:
 
 
 def history_of(session: Session, referral_id: str) -> list[ReferralHistory]:
-    return list(session.exec(select(ReferralHistory).where(ReferralHistory.referral_id == referral_id)
-                             .order_by(ReferralHistory.at, ReferralHistory.id)).all())
+    return list(
+        session.exec(
+            select(ReferralHistory)
+            .where(ReferralHistory.referral_id == referral_id)
+            .order_by(ReferralHistory.at, ReferralHistory.id)
+        ).all()
+    )
 
 
 def current_referral(session: Session, need_id: str) -> Referral | None:
     """The need's open referral, if any (there is at most one)."""
-    return session.exec(select(Referral).where(Referral.need_id == need_id, Referral.status.in_(OPEN_STATUSES))
-                        .order_by(Referral.created_at.desc())).first()
+    return session.exec(
+        select(Referral)
+        .where(Referral.need_id == need_id, Referral.status.in_(OPEN_STATUSES))
+        .order_by(Referral.created_at.desc())
+    ).first()
 
 
 def due_timers(session: Session, now: datetime, skip_locked: bool, limit: int = 100) -> list[ClockTimer]:
-    query = (select(ClockTimer).where(ClockTimer.fired_at.is_(None), ClockTimer.due_at <= now)
-             .order_by(ClockTimer.due_at, ClockTimer.id).limit(limit))
+    query = (
+        select(ClockTimer)
+        .where(ClockTimer.fired_at.is_(None), ClockTimer.due_at <= now)
+        .order_by(ClockTimer.due_at, ClockTimer.id)
+        .limit(limit)
+    )
     if skip_locked:  # replicas share the due timers; each row is fired by exactly one of them
         query = query.with_for_update(skip_locked=True)
     return list(session.exec(query).all())
@@ -157,13 +182,24 @@ def active_pauses(session: Session, now: datetime) -> dict[str, PartnerPause]:
     return {p.partner_id: p for p in session.exec(select(PartnerPause).where(PartnerPause.until > now)).all()}
 
 
-def find_referrals(session: Session, *, limit: int, cursor: str | None, partner_id: str | None = None,
-                   need_id: str | None = None, status: str | None = None,
-                   sla: str | None = None) -> tuple[list[Referral], str | None]:
+def find_referrals(
+    session: Session,
+    *,
+    limit: int,
+    cursor: str | None,
+    partner_id: str | None = None,
+    need_id: str | None = None,
+    status: str | None = None,
+    sla: str | None = None,
+) -> tuple[list[Referral], str | None]:
     """A page of referrals, newest first, filtered by whichever of the arguments are given."""
     query = select(Referral)
-    for column, value in ((Referral.partner_id, partner_id), (Referral.need_id, need_id), (Referral.status, status),
-                          (Referral.sla, sla)):
+    for column, value in (
+        (Referral.partner_id, partner_id),
+        (Referral.need_id, need_id),
+        (Referral.status, status),
+        (Referral.sla, sla),
+    ):
         if value:
             query = query.where(column == value)
     return page(query, Referral.created_at, Referral.id, limit, cursor, session)
@@ -176,8 +212,9 @@ def referral_with_case(session: Session, referral_id: str) -> tuple[Referral, Ne
     return referral, session.get(NeedCase, referral.need_id), history_of(session, referral_id)
 
 
-def inbox(session: Session, *, partner_id: str | None, status: str, offset: int,
-          limit: int) -> list[tuple[Referral, NeedCase]]:
+def inbox(
+    session: Session, *, partner_id: str | None, status: str, offset: int, limit: int
+) -> list[tuple[Referral, NeedCase]]:
     """Referrals with their needs, soonest deadline first; `status` "open" means any open status."""
     query = select(Referral, NeedCase).join(NeedCase, NeedCase.need_id == Referral.need_id)
     if partner_id:
@@ -197,57 +234,88 @@ def need_and_open_referral(session: Session, need_id: str) -> tuple[NeedCase | N
 
 def aware(at: datetime) -> datetime:
     """Aggregates lose the column type on SQLite: put the UTC offset back."""
-    return at if at.tzinfo else at.replace(tzinfo=timezone.utc)
+    return at if at.tzinfo else at.replace(tzinfo=UTC)
 
 
 def open_by_sla(session: Session) -> dict[str, int]:
     """Open referrals counted by SLA state (the dashboard and the /metrics gauge)."""
-    return dict(session.exec(select(Referral.sla, sa.func.count()).where(Referral.status.in_(OPEN_STATUSES))
-                             .group_by(Referral.sla)).all())
+    return dict(
+        session.exec(
+            select(Referral.sla, sa.func.count()).where(Referral.status.in_(OPEN_STATUSES)).group_by(Referral.sla)
+        ).all()
+    )
 
 
 def overdue_timers(session: Session, due_before: datetime) -> int:
     """Unfired timers due before `due_before` (the dashboard and the /metrics gauge)."""
-    return session.exec(select(sa.func.count()).select_from(ClockTimer).where(
-        ClockTimer.fired_at.is_(None), ClockTimer.due_at < due_before)).one()
+    return session.exec(
+        select(sa.func.count())
+        .select_from(ClockTimer)
+        .where(ClockTimer.fired_at.is_(None), ClockTimer.due_at < due_before)
+    ).one()
 
 
 def due_soon(session: Session, now: datetime, until: datetime, limit: int) -> list[Referral]:
     """Referrals waiting for a first answer, due between now and `until`, soonest first."""
-    return list(session.exec(select(Referral).where(
-        Referral.status == "assigned", Referral.sla.not_in(("met", "breached")), Referral.respond_by > now,
-        Referral.respond_by <= until).order_by(Referral.respond_by, Referral.id).limit(limit)).all())
+    return list(
+        session.exec(
+            select(Referral)
+            .where(
+                Referral.status == "assigned",
+                Referral.sla.not_in(("met", "breached")),
+                Referral.respond_by > now,
+                Referral.respond_by <= until,
+            )
+            .order_by(Referral.respond_by, Referral.id)
+            .limit(limit)
+        ).all()
+    )
 
 
 def breaches_since(session: Session, since: datetime, limit: int) -> tuple[list[tuple[Referral, datetime]], int]:
     """The newest breaches since `since` (referral, when), and how many there are in all."""
-    query = (select(Referral, ReferralHistory.at).join(ReferralHistory, ReferralHistory.referral_id == Referral.id)
-             .where(ReferralHistory.action == "breach", ReferralHistory.at >= since))
+    query = (
+        select(Referral, ReferralHistory.at)
+        .join(ReferralHistory, ReferralHistory.referral_id == Referral.id)
+        .where(ReferralHistory.action == "breach", ReferralHistory.at >= since)
+    )
     rows = session.exec(query.order_by(ReferralHistory.at.desc(), Referral.id).limit(limit)).all()
     return list(rows), session.exec(select(sa.func.count()).select_from(query.subquery())).one()
 
 
 def first_actions(session: Session, since: datetime, actions: tuple[str, ...]) -> dict[str, datetime]:
     """Referral id -> the first time one of `actions` was done on it, for referrals created since `since`."""
-    rows = session.exec(select(ReferralHistory.referral_id, sa.func.min(ReferralHistory.at))
-                        .join(Referral, Referral.id == ReferralHistory.referral_id)
-                        .where(Referral.created_at >= since, ReferralHistory.action.in_(actions))
-                        .group_by(ReferralHistory.referral_id)).all()
+    rows = session.exec(
+        select(ReferralHistory.referral_id, sa.func.min(ReferralHistory.at))
+        .join(Referral, Referral.id == ReferralHistory.referral_id)
+        .where(Referral.created_at >= since, ReferralHistory.action.in_(actions))
+        .group_by(ReferralHistory.referral_id)
+    ).all()
     return {referral_id: aware(at) for referral_id, at in rows}
 
 
 def waiting_by_partner(session: Session) -> dict[str, tuple[int, datetime]]:
     """Partner id -> (referrals waiting for a first answer, the oldest one's creation)."""
-    return {pid: (n, aware(oldest)) for pid, n, oldest in session.exec(
-        select(Referral.partner_id, sa.func.count(), sa.func.min(Referral.created_at))
-        .where(Referral.status == "assigned").group_by(Referral.partner_id)).all()}
+    return {
+        pid: (n, aware(oldest))
+        for pid, n, oldest in session.exec(
+            select(Referral.partner_id, sa.func.count(), sa.func.min(Referral.created_at))
+            .where(Referral.status == "assigned")
+            .group_by(Referral.partner_id)
+        ).all()
+    }
 
 
 def last_action_by_partner(session: Session, actions: tuple[str, ...]) -> dict[str, datetime]:
-    return {pid: aware(at) for pid, at in session.exec(
-        select(Referral.partner_id, sa.func.max(ReferralHistory.at))
-        .join(ReferralHistory, ReferralHistory.referral_id == Referral.id)
-        .where(ReferralHistory.action.in_(actions)).group_by(Referral.partner_id)).all()}
+    return {
+        pid: aware(at)
+        for pid, at in session.exec(
+            select(Referral.partner_id, sa.func.max(ReferralHistory.at))
+            .join(ReferralHistory, ReferralHistory.referral_id == Referral.id)
+            .where(ReferralHistory.action.in_(actions))
+            .group_by(Referral.partner_id)
+        ).all()
+    }
 
 
 def referrals_created_since(session: Session, since: datetime) -> list[Referral]:
@@ -256,15 +324,24 @@ def referrals_created_since(session: Session, since: datetime) -> list[Referral]
 
 def declines_since(session: Session, since: datetime) -> list[tuple[str, str | None]]:
     """(partner id, the decline's recorded reason) of each decline since `since`."""
-    return list(session.exec(select(Referral.partner_id, ReferralHistory.detail)
-                             .join(ReferralHistory, ReferralHistory.referral_id == Referral.id)
-                             .where(ReferralHistory.action == "decline", ReferralHistory.at >= since)).all())
+    return list(
+        session.exec(
+            select(Referral.partner_id, ReferralHistory.detail)
+            .join(ReferralHistory, ReferralHistory.referral_id == Referral.id)
+            .where(ReferralHistory.action == "decline", ReferralHistory.at >= since)
+        ).all()
+    )
 
 
 def timers_settled_since(session: Session, since: datetime) -> list[tuple[datetime, datetime]]:
     """(due, fired) of each timer fired or found moot since `since`."""
-    return list(session.exec(select(ClockTimer.due_at, ClockTimer.fired_at).where(
-        ClockTimer.fired_at >= since, ClockTimer.outcome.in_(("fired", "moot")))).all())
+    return list(
+        session.exec(
+            select(ClockTimer.due_at, ClockTimer.fired_at).where(
+                ClockTimer.fired_at >= since, ClockTimer.outcome.in_(("fired", "moot"))
+            )
+        ).all()
+    )
 
 
 def needs_recorded_since(session: Session, since: datetime) -> list[datetime]:
@@ -291,16 +368,28 @@ class DeadLetter(BaseModel):
 async def dead_letters(redis, stream_key: str, *, limit: int = 50, entry_id: str | None = None) -> list[DeadLetter]:
     """The stream's dead letters, newest first (or the one entry `entry_id`)."""
     key = stream_key + DEAD_LETTER_SUFFIX
-    entries = await redis.xrevrange(key, count=limit) if entry_id is None else \
-        await redis.xrange(key, min=entry_id, max=entry_id)
+    entries = (
+        await redis.xrevrange(key, count=limit)
+        if entry_id is None
+        else await redis.xrange(key, min=entry_id, max=entry_id)
+    )
 
     def field(fields: dict, name: str) -> str | None:
         value = fields.get(name.encode())
         return value.decode(errors="replace") if value is not None else None
 
-    return [DeadLetter(id=i.decode(), type=field(f, "type"), event_id=field(f, "event_id"),
-                       need_id=field(f, "need_id"), group=field(f, "dlq_group"), error=field(f, "dlq_error"),
-                       failed_at=field(f, "dlq_failed_at")) for i, f in entries]
+    return [
+        DeadLetter(
+            id=i.decode(),
+            type=field(f, "type"),
+            event_id=field(f, "event_id"),
+            need_id=field(f, "need_id"),
+            group=field(f, "dlq_group"),
+            error=field(f, "dlq_error"),
+            failed_at=field(f, "dlq_failed_at"),
+        )
+        for i, f in entries
+    ]
 
 
 async def dead_letter_count(redis, stream_key: str) -> int:

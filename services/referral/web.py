@@ -85,8 +85,16 @@ def load(runtime: Runtime, referral_id: str) -> ReferralCase | None:
     return None if found is None else ReferralCase(*found)
 
 
-def show(request: Request, pages: Pages, directory: Directory, now: datetime, found: ReferralCase, viewer: Viewer,
-         status: int = 200, **context) -> Response:
+def show(
+    request: Request,
+    pages: Pages,
+    directory: Directory,
+    now: datetime,
+    found: ReferralCase,
+    viewer: Viewer,
+    status: int = 200,
+    **context,
+) -> Response:
     if viewer.can_act and domain.left_partner(found.referral.status):
         return show_left(request, pages, directory, found, viewer, status, refused=context.get("refused"))
     referral = found.referral
@@ -100,28 +108,56 @@ def show(request: Request, pages: Pages, directory: Directory, now: datetime, fo
     if viewer.csrf:
         context["csrf"] = viewer.csrf  # else the session's, set by render
     return pages.render(
-        request, "demande.html", status=status, r=referral, case=found.case, history=found.history,
-        library=library, partner=partner, category=category, contact=contact,
-        timezone=library.timezone if library else directory.timezone, late=is_late(referral, now),
-        actions=allowed_actions(referral.status) if viewer.can_act else [], viewer=viewer,
+        request,
+        "demande.html",
+        status=status,
+        r=referral,
+        case=found.case,
+        history=found.history,
+        library=library,
+        partner=partner,
+        category=category,
+        contact=contact,
+        timezone=library.timezone if library else directory.timezone,
+        late=is_late(referral, now),
+        actions=allowed_actions(referral.status) if viewer.can_act else [],
+        viewer=viewer,
         done=request.query_params.get("fait") if request.query_params.get("fait") in ACTIONS else None,
-        reasons=DECLINE_REASONS, **context)
+        reasons=DECLINE_REASONS,
+        **context,
+    )
 
 
-def show_left(request: Request, pages: Pages, directory: Directory, found: ReferralCase, viewer: Viewer,
-              status: int = 200, refused: str | None = None) -> Response:
+def show_left(
+    request: Request,
+    pages: Pages,
+    directory: Directory,
+    found: ReferralCase,
+    viewer: Viewer,
+    status: int = 200,
+    refused: str | None = None,
+) -> Response:
     """The need left this partner: its status and since when, and nothing of the person nor of the need
     (the case and the history's texts are not even given to the template)."""
     referral = found.referral
     library = directory.library(referral.library_id)
     category = directory.category(referral.category)
     return pages.render(
-        request, "demande_quittee.html", status=status, r=referral, left_at=referral.updated_at,
-        how=domain.how_it_left([h.action for h in found.history]), library=library, category=category,
+        request,
+        "demande_quittee.html",
+        status=status,
+        r=referral,
+        left_at=referral.updated_at,
+        how=domain.how_it_left([h.action for h in found.history]),
+        library=library,
+        category=category,
         partner=directory.partner(referral.partner_id),
         history=[(h.at, h.action, h.actor) for h in found.history],
-        timezone=library.timezone if library else directory.timezone, viewer=viewer, refused=refused,
-        done=request.query_params.get("fait") if request.query_params.get("fait") in ACTIONS else None)
+        timezone=library.timezone if library else directory.timezone,
+        viewer=viewer,
+        refused=refused,
+        done=request.query_params.get("fait") if request.query_params.get("fait") in ACTIONS else None,
+    )
 
 
 # --- acting
@@ -162,8 +198,9 @@ def command_of(action: str, referral_id: str, viewer: Viewer, text: str | None) 
     return DeclineReferral(referral_id, viewer.actor, viewer.partner_id, text or "")
 
 
-async def perform(request: Request, pages: Pages, runtime: Runtime, deps: Deps, referral_id: str, action: str,
-                  viewer: Viewer) -> Response:
+async def perform(
+    request: Request, pages: Pages, runtime: Runtime, deps: Deps, referral_id: str, action: str, viewer: Viewer
+) -> Response:
     if action not in ACTIONS:
         raise pages.error(request, 404, "not_found")
     fields = await pages.form(request, viewer.csrf)
@@ -175,8 +212,9 @@ async def perform(request: Request, pages: Pages, runtime: Runtime, deps: Deps, 
         return show(request, pages, directory, now, found, viewer, status=409, refused=action)
     text, errors = read_action(pages, action, fields)
     if errors:
-        return show(request, pages, directory, now, found, viewer, status=422, errors={action: errors},
-                    values={action: fields})
+        return show(
+            request, pages, directory, now, found, viewer, status=422, errors={action: errors}, values={action: fields}
+        )
     try:
         await handle(command_of(action, referral_id, viewer, text), deps)
     except NotFound:
@@ -197,14 +235,19 @@ def link_viewer(request: Request, pages: Pages, runtime: Runtime, now: datetime,
         raise pages.error(request, 410, "link_expired", template="lien_erreur.html") from None
     except TokenInvalid:
         raise pages.error(request, 400, "link_invalid", template="lien_erreur.html") from None
-    viewer = Viewer(partner_id=grant.partner_id, actor=f"link:{grant.partner_id}", page_url=f"/r/{token}",
-                    csrf=pages.link_csrf(token))
+    viewer = Viewer(
+        partner_id=grant.partner_id,
+        actor=f"link:{grant.partner_id}",
+        page_url=f"/r/{token}",
+        csrf=pages.link_csrf(token),
+    )
     return viewer, grant.referral_id
 
 
 @router.get("/r/{token}")
-async def referral_by_link(request: Request, token: str, pages: PagesDep, runtime: RuntimeDep,
-                           directory: DirectoryDep, clock: ClockDep) -> Response:
+async def referral_by_link(
+    request: Request, token: str, pages: PagesDep, runtime: RuntimeDep, directory: DirectoryDep, clock: ClockDep
+) -> Response:
     now = clock()
     viewer, referral_id = link_viewer(request, pages, runtime, now, token)
     found = await anyio.to_thread.run_sync(load, runtime, referral_id)
@@ -214,8 +257,9 @@ async def referral_by_link(request: Request, token: str, pages: PagesDep, runtim
 
 
 @router.post("/r/{token}/{action}")
-async def act_by_link(request: Request, token: str, action: str, pages: PagesDep, runtime: RuntimeDep,
-                      deps: CommandDeps) -> Response:
+async def act_by_link(
+    request: Request, token: str, action: str, pages: PagesDep, runtime: RuntimeDep, deps: CommandDeps
+) -> Response:
     viewer, referral_id = link_viewer(request, pages, runtime, deps.clock(), token)
     return await perform(request, pages, runtime, deps, referral_id, action, viewer)
 
@@ -224,8 +268,12 @@ async def act_by_link(request: Request, token: str, action: str, pages: PagesDep
 
 
 def user_viewer(user: User, referral_id: str) -> Viewer:
-    return Viewer(partner_id=user.partner if user.role == "partner" else None, actor=user.id,
-                  page_url=f"/boite/{referral_id}", csrf=None)
+    return Viewer(
+        partner_id=user.partner if user.role == "partner" else None,
+        actor=user.id,
+        page_url=f"/boite/{referral_id}",
+        csrf=None,
+    )
 
 
 @router.get("/")
@@ -234,8 +282,16 @@ async def root(pages: PagesDep) -> Response:
 
 
 @router.get("/boite")
-async def inbox(request: Request, pages: PagesDep, runtime: RuntimeDep, directory: DirectoryDep, clock: ClockDep,
-                statut: str = "open", partenaire: str = "", page: str = "1") -> Response:
+async def inbox(
+    request: Request,
+    pages: PagesDep,
+    runtime: RuntimeDep,
+    directory: DirectoryDep,
+    clock: ClockDep,
+    statut: str = "open",
+    partenaire: str = "",
+    page: str = "1",
+) -> Response:
     user = pages.require_user(request, "partner", "ops")
     status = statut if statut in ("open", *STATUSES) else "open"
     partner_id = user.partner if user.role == "partner" else (partenaire or None)
@@ -244,26 +300,44 @@ async def inbox(request: Request, pages: PagesDep, runtime: RuntimeDep, director
 
     def rows() -> list[tuple[Referral, NeedCase]]:
         with runtime.db.read() as session:
-            return store.inbox(session, partner_id=partner_id, status=status, offset=(number - 1) * INBOX_LIMIT,
-                               limit=INBOX_LIMIT + 1)
+            return store.inbox(
+                session, partner_id=partner_id, status=status, offset=(number - 1) * INBOX_LIMIT, limit=INBOX_LIMIT + 1
+            )
 
     found = await anyio.to_thread.run_sync(rows)
     # A need that left the partner shows as such, without its case (summary, the person) in the page.
-    items = [dict(r=r, case=None if left else case, left=left, left_at=r.updated_at if left else None,
-                  late=is_late(r, now), library=directory.library(r.library_id),
-                  partner=directory.partner(r.partner_id), category=directory.category(r.category))
-             for r, case in found[:INBOX_LIMIT]
-             for left in [user.role == "partner" and domain.left_partner(r.status)]]
-    return pages.render(request, "boite.html", items=items, **page_links(request, number, len(found) > INBOX_LIMIT),
-                        filter_status=status,
-                        statuses=STATUSES, partner=directory.partner(user.partner) if user.partner else None,
-                        partners=directory.partners if user.role == "ops" else [], partner_filter=partenaire,
-                        default_timezone=directory.timezone)
+    items = [
+        dict(
+            r=r,
+            case=None if left else case,
+            left=left,
+            left_at=r.updated_at if left else None,
+            late=is_late(r, now),
+            library=directory.library(r.library_id),
+            partner=directory.partner(r.partner_id),
+            category=directory.category(r.category),
+        )
+        for r, case in found[:INBOX_LIMIT]
+        for left in [user.role == "partner" and domain.left_partner(r.status)]
+    ]
+    return pages.render(
+        request,
+        "boite.html",
+        items=items,
+        **page_links(request, number, len(found) > INBOX_LIMIT),
+        filter_status=status,
+        statuses=STATUSES,
+        partner=directory.partner(user.partner) if user.partner else None,
+        partners=directory.partners if user.role == "ops" else [],
+        partner_filter=partenaire,
+        default_timezone=directory.timezone,
+    )
 
 
 @router.get("/boite/{referral_id}")
-async def referral_signed_in(request: Request, referral_id: str, pages: PagesDep, runtime: RuntimeDep,
-                             directory: DirectoryDep, clock: ClockDep) -> Response:
+async def referral_signed_in(
+    request: Request, referral_id: str, pages: PagesDep, runtime: RuntimeDep, directory: DirectoryDep, clock: ClockDep
+) -> Response:
     user = pages.require_user(request, "partner", "ops")
     viewer = user_viewer(user, referral_id)
     found = await anyio.to_thread.run_sync(load, runtime, referral_id)
@@ -273,7 +347,8 @@ async def referral_signed_in(request: Request, referral_id: str, pages: PagesDep
 
 
 @router.post("/boite/{referral_id}/{action}")
-async def act_signed_in(request: Request, referral_id: str, action: str, pages: PagesDep, runtime: RuntimeDep,
-                        deps: CommandDeps) -> Response:
+async def act_signed_in(
+    request: Request, referral_id: str, action: str, pages: PagesDep, runtime: RuntimeDep, deps: CommandDeps
+) -> Response:
     user = pages.require_user(request, "partner")
     return await perform(request, pages, runtime, deps, referral_id, action, user_viewer(user, referral_id))

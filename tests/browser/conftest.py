@@ -14,8 +14,14 @@ import pytest
 from shared.testing import VIEWPORT_DESK
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 AXE = Path(__file__).with_name("vendor") / "axe.min.js"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "browser"
 AXE_RUN = """async () => {
@@ -50,9 +56,15 @@ def page(chromium, clock):
     page.console_problems = []
     # Blocked by the CSP, or a script error; a page answered 422 (a form's errors) is meant.
     # Playwright's clock is a script injected into every frame: in the sandboxed e-mail preview it is refused.
-    page.on("console", lambda m: m.type == "error" and not m.text.startswith("Failed to load resource")
+    page.on(
+        "console",
+        lambda m: (
+            m.type == "error"
+            and not m.text.startswith("Failed to load resource")
             and not (m.text.startswith("Blocked script execution") and "frame is sandboxed" in m.text)
-            and page.console_problems.append(m.text))
+            and page.console_problems.append(m.text)
+        ),
+    )
     page.on("pageerror", lambda e: page.console_problems.append(str(e)))
     yield page
     context.close()
@@ -70,7 +82,8 @@ def check_page():
         page.evaluate(axe)  # evaluated by the browser's debugger: the page's CSP does not apply to it
         serious = [v for v in page.evaluate(AXE_RUN) if v["impact"] in ("serious", "critical")]
         assert not serious, f"{name}: axe-core violations:\n" + "\n".join(
-            f"- {v['impact']} {v['id']}: {v['help']} at {v['targets']}" for v in serious)
+            f"- {v['impact']} {v['id']}: {v['help']} at {v['targets']}" for v in serious
+        )
         assert page.locator("html").get_attribute("lang") == "fr"
         assert not page.console_problems, f"{name}: console errors (CSP?): {page.console_problems}"
 

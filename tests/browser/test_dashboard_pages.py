@@ -24,6 +24,7 @@ from shared.testing import VIEWPORT_DESK, VIEWPORT_PHONE, sign_in_in_browser, wa
 pytestmark = [pytest.mark.browser, pytest.mark.date_sensitive]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "browser"  # as conftest's check_page
 
+
 def sign_in(page, referral, user_id: str) -> None:
     link, _ = sign_in_link(referral.settings, "referral", user_id, now=referral.svc.clock())
     sign_in_in_browser(page, link)
@@ -39,7 +40,8 @@ CHARTS_JS = """() => Array.from(document.querySelectorAll('#chiffres figure[data
             drawn: plot !== null && plot.querySelector('canvas') !== null,
             width: plot ? plot.getBoundingClientRect().width : 0,
             box: f.querySelector('.chart-plot').getBoundingClientRect().width,
-            rows: Array.from(f.querySelectorAll('tbody tr')).map(r => Array.from(r.cells).map(c => c.textContent.trim()))};
+            rows: Array.from(f.querySelectorAll('tbody tr'))
+                .map(r => Array.from(r.cells).map(c => c.textContent.trim()))};
 })"""
 
 
@@ -54,13 +56,17 @@ def check_charts(page, board: dict, opened: tuple[str, ...] = ()) -> dict[str, d
     shown = charts(page)
     assert set(shown) == {"graphique-flux", "graphique-reponses"}
     zone = ZoneInfo(board["timezone"])
-    expected = {"graphique-flux": [(f"{datetime.fromisoformat(b['start']).astimezone(zone).hour} h", b["count"])
-                                   for b in board["charts"]["needs_per_hour"]],
-                "graphique-reponses": [(b["label"], b["count"]) for b in board["charts"]["answer_times"]]}
+    expected = {
+        "graphique-flux": [
+            (f"{datetime.fromisoformat(b['start']).astimezone(zone).hour} h", b["count"])
+            for b in board["charts"]["needs_per_hour"]
+        ],
+        "graphique-reponses": [(b["label"], b["count"]) for b in board["charts"]["answer_times"]],
+    }
     for name, bars in expected.items():
         chart = shown[name]
         assert chart["rows"] == [[label, str(count)] for label, count in bars]
-        assert list(zip(chart["data"]["labels"], chart["data"]["counts"])) == bars
+        assert list(zip(chart["data"]["labels"], chart["data"]["counts"], strict=True)) == bars
         assert chart["drawn"] and chart["open"] is (name in opened)
     return shown
 
@@ -73,18 +79,36 @@ def requests_seen(page) -> list[str]:
 
 
 def test_the_dashboard_shows_the_apis_figures_refreshes_itself_and_confirms_an_action(
-        chromium, page, check_page, settings, mail_sink, start_service):
+    chromium, page, check_page, settings, mail_sink, start_service
+):
     settings = settings.model_copy(update={"smtp_url": mail_sink.url})
     intake = start_service("intake", settings)
     referral = start_service("referral", settings)
     start_service("notifications", settings)
     desk = intake.client("desk")
     for category in ("caf", "caf", "sante"):
-        assert desk.post("/needs", json={"library_id": "chatelet", "category": category, "summary": "x",
-                                         "postal_code": "76000", "consent": True}).status_code == 201
+        assert (
+            desk.post(
+                "/needs",
+                json={
+                    "library_id": "chatelet",
+                    "category": category,
+                    "summary": "x",
+                    "postal_code": "76000",
+                    "consent": True,
+                },
+            ).status_code
+            == 201
+        )
     ops = referral.client("ops")
-    board = wait_for(lambda: (b := ops.get("/dashboard").json())["deliveries"]["available"]
-                     and b["deliveries"]["data"]["totals"].get("sent", 0) >= 3 and b, 30)
+    board = wait_for(
+        lambda: (
+            (b := ops.get("/dashboard").json())["deliveries"]["available"]
+            and b["deliveries"]["data"]["totals"].get("sent", 0) >= 3
+            and b
+        ),
+        30,
+    )
     assert board
 
     seen = requests_seen(page)
@@ -99,7 +123,11 @@ def test_the_dashboard_shows_the_apis_figures_refreshes_itself_and_confirms_an_a
         assert cell(page, f'tfoot td[data-status="{status}"]') == str(count)
     month = referral.svc.clock().astimezone(ZoneInfo("Europe/Paris")).strftime("%Y-%m")
     report = next(r for r in board["reports"]["data"]["months"][0]["items"] if r["library_id"] == "chatelet")
-    assert cell(page, f'tr[data-library="chatelet"][data-month="{month}"] td:nth-of-type(3)') == str(report["needs"]) == "3"
+    assert (
+        cell(page, f'tr[data-library="chatelet"][data-month="{month}"] td:nth-of-type(3)')
+        == str(report["needs"])
+        == "3"
+    )
     assert page.get_by_role("link", name="Tableau de bord").first.get_attribute("aria-current") == "page"
     page.wait_for_function("() => window.relaisDashboardCharts && window.relaisDashboardCharts() === 2")
     drawn = check_charts(page, ops.get("/dashboard").json())
@@ -125,8 +153,13 @@ def test_the_dashboard_shows_the_apis_figures_refreshes_itself_and_confirms_an_a
 
     # live: a new need appears after a refresh of the figures, without reloading the page
     marker = page.evaluate("() => { window.notReloaded = true; return true; }")
-    assert desk.post("/needs", json={"library_id": "chatelet", "category": "caf", "summary": "x",
-                                     "postal_code": "76000", "consent": True}).status_code == 201
+    assert (
+        desk.post(
+            "/needs",
+            json={"library_id": "chatelet", "category": "caf", "summary": "x", "postal_code": "76000", "consent": True},
+        ).status_code
+        == 201
+    )
     expected = str(board["deadlines"]["open_by_sla"]["on_track"] + 1)
     assert wait_for(lambda: ops.get("/dashboard").json()["deadlines"]["open_by_sla"]["on_track"] == int(expected))
     page.locator("#graphique-reponses summary").click()  # a reader opens a chart's table: kept open on refresh
@@ -141,11 +174,15 @@ def test_the_dashboard_shows_the_apis_figures_refreshes_itself_and_confirms_an_a
     assert page.locator("#chiffres .uplot").count() == 2  # the charts before the refresh are gone
     pause = page.get_by_role("button", name="Suspendre la mise à jour automatique")
     pause.click()
-    assert page.get_by_role("button", name="Reprendre la mise à jour automatique").get_attribute("aria-pressed") == "true"
+    assert (
+        page.get_by_role("button", name="Reprendre la mise à jour automatique").get_attribute("aria-pressed") == "true"
+    )
     page.set_viewport_size(VIEWPORT_PHONE)
     # wide tables scroll inside; the charts shrink to the phone's width
-    page.wait_for_function("() => Array.from(document.querySelectorAll('#chiffres .uplot')).every("
-                           "p => p.getBoundingClientRect().width === p.parentNode.getBoundingClientRect().width)")
+    page.wait_for_function(
+        "() => Array.from(document.querySelectorAll('#chiffres .uplot')).every("
+        "p => p.getBoundingClientRect().width === p.parentNode.getBoundingClientRect().width)"
+    )
     assert page.evaluate("document.documentElement.scrollWidth") <= VIEWPORT_PHONE["width"]
     assert all(300 <= c["width"] == c["box"] <= VIEWPORT_PHONE["width"] - 32 for c in charts(page).values())
     page.locator("#graphiques").screenshot(path=str(ARTIFACTS / "dashboard-charts-phone.png"))
@@ -178,7 +215,9 @@ def test_the_dashboard_shows_the_apis_figures_refreshes_itself_and_confirms_an_a
     check_page(page, "referral-as-ops")
     page.get_by_role("link", name="Réaffecter cette orientation à un autre partenaire").click()
     assert page.get_by_label("Nouveau partenaire").locator("option").all_inner_texts() == [
-        "Choisir un partenaire", "CAF plateforme nationale"]
+        "Choisir un partenaire",
+        "CAF plateforme nationale",
+    ]
     check_page(page, "dashboard-confirm-reassign")
     page.go_back()
     page.get_by_role("link", name="Annuler la demande (enregistrée par erreur)").click()
@@ -191,19 +230,40 @@ def test_the_dashboard_shows_the_apis_figures_refreshes_itself_and_confirms_an_a
 
 
 def test_with_the_other_services_down_the_page_still_shows_and_partners_get_403(
-        page, check_page, settings, start_service):
+    page, check_page, settings, start_service
+):
     referral = start_service("referral", settings)  # intake and notifications are not running
     import redis
 
     client = redis.Redis.from_url(settings.redis_url)
-    event = NeedRecorded(need_id="n-poison", library_id="nowhere", category="caf", summary="x", postal_code=None,
-                         urgency="normal", recorded_at=referral.svc.clock(), person=PersonContact())
-    client.xadd(settings.key("needs"), {DATA_FIELD: json.dumps({"data": event.model_dump_json(), "headers": {}}),
-                                        "type": event.type, "event_id": event.event_id, "need_id": event.need_id})
+    event = NeedRecorded(
+        need_id="n-poison",
+        library_id="nowhere",
+        category="caf",
+        summary="x",
+        postal_code=None,
+        urgency="normal",
+        recorded_at=referral.svc.clock(),
+        person=PersonContact(),
+    )
+    client.xadd(
+        settings.key("needs"),
+        {
+            DATA_FIELD: json.dumps({"data": event.model_dump_json(), "headers": {}}),
+            "type": event.type,
+            "event_id": event.event_id,
+            "need_id": event.need_id,
+        },
+    )
     client.close()
     ops = referral.client("ops")
-    assert wait_for(lambda: next(s for s in ops.get("/dashboard").json()["queues"]["streams"]
-                                 if s["name"] == "needs")["dead_letters"] == 1, 30)
+    assert wait_for(
+        lambda: (
+            next(s for s in ops.get("/dashboard").json()["queues"]["streams"] if s["name"] == "needs")["dead_letters"]
+            == 1
+        ),
+        30,
+    )
 
     sign_in(page, referral, "ops")
     page.goto(f"{referral.url}/tableau-de-bord")

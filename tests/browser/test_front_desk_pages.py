@@ -20,8 +20,9 @@ pytestmark = [pytest.mark.browser, pytest.mark.date_sensitive]
 SUMMARY = "Dossier APL bloqué depuis « mars » 😟"
 
 
-def test_a_desk_signs_in_by_email_records_a_need_by_keyboard_and_follows_it(page, check_page, settings, mail_sink,
-                                                                          start_service):
+def test_a_desk_signs_in_by_email_records_a_need_by_keyboard_and_follows_it(
+    page, check_page, settings, mail_sink, start_service
+):
     settings = settings.model_copy(update={"smtp_url": mail_sink.url})
     intake = start_service("intake", settings)
     start_service("referral", settings)

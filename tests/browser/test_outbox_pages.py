@@ -11,10 +11,10 @@ import redis
 
 from shared.db import OutboxMessage
 from shared.devstack import MailSink
-from shared.events import (STREAM_OF, NeedRecorded, PersonContact, ReferralAssigned, new_id, utcnow)
+from shared.events import STREAM_OF, NeedRecorded, PersonContact, ReferralAssigned, new_id, utcnow
 from shared.messaging import stream_fields
 from shared.signin import sign_in_link
-from shared.testing import VIEWPORT_DESK, VIEWPORT_PHONE, sign_in_in_browser, clock_start, wait_for
+from shared.testing import VIEWPORT_DESK, VIEWPORT_PHONE, clock_start, sign_in_in_browser, wait_for
 
 pytestmark = pytest.mark.browser
 
@@ -23,16 +23,23 @@ pytestmark = pytest.mark.browser
 def notifications(settings, start_service, tmp_path):
     sink = MailSink(tmp_path / "mail")  # the embedded sink of `relais up`, keeping .eml files
     sink.controller.start()
-    yield start_service("notifications", settings.model_copy(update={
-        "smtp_url": f"smtp://127.0.0.1:{sink.port}", "mail_sink_dir": sink.folder}))
+    yield start_service(
+        "notifications",
+        settings.model_copy(update={"smtp_url": f"smtp://127.0.0.1:{sink.port}", "mail_sink_dir": sink.folder}),
+    )
     sink.controller.stop()
 
 
 def publish(settings, *events) -> None:
     client = redis.Redis.from_url(settings.redis_url)
     for event in events:
-        row = OutboxMessage(event_id=event.event_id, stream=STREAM_OF[event.type], type=event.type,
-                            payload=event.model_dump_json(), created_at=utcnow())
+        row = OutboxMessage(
+            event_id=event.event_id,
+            stream=STREAM_OF[event.type],
+            type=event.type,
+            payload=event.model_dump_json(),
+            created_at=utcnow(),
+        )
         client.xadd(settings.key(row.stream), stream_fields(row))
     client.close()
 
@@ -44,15 +51,39 @@ def deliveries(service) -> dict:
 
 def test_ops_see_what_was_sent_as_its_recipients_see_it(page, check_page, notifications):
     need_id = new_id()
-    publish(notifications.settings,
-            NeedRecorded(need_id=need_id, library_id="chatelet", category="caf", summary="Dossier APL",
-                         postal_code="76000", urgency="normal", recorded_at=clock_start(),
-                         person=PersonContact(phone="+33612345678", preferred_channel="sms")),
-            ReferralAssigned(need_id=need_id, sequence=1, referral_id=new_id(), partner_id="caf-76",
-                             library_id="chatelet", category="caf", contact_id="caf-ref",
-                             respond_by=clock_start() + timedelta(hours=48), routed_because="préfixe « 76 »"))
-    sent = wait_for(lambda: (d := deliveries(notifications)) and all(
-        d.get(k, {}).get("status") == "sent" for k in (("handoff", "email"), ("person_confirmation", "sms"))) and d)
+    publish(
+        notifications.settings,
+        NeedRecorded(
+            need_id=need_id,
+            library_id="chatelet",
+            category="caf",
+            summary="Dossier APL",
+            postal_code="76000",
+            urgency="normal",
+            recorded_at=clock_start(),
+            person=PersonContact(phone="+33612345678", preferred_channel="sms"),
+        ),
+        ReferralAssigned(
+            need_id=need_id,
+            sequence=1,
+            referral_id=new_id(),
+            partner_id="caf-76",
+            library_id="chatelet",
+            category="caf",
+            contact_id="caf-ref",
+            respond_by=clock_start() + timedelta(hours=48),
+            routed_because="préfixe « 76 »",
+        ),
+    )
+    sent = wait_for(
+        lambda: (
+            (d := deliveries(notifications))
+            and all(
+                d.get(k, {}).get("status") == "sent" for k in (("handoff", "email"), ("person_confirmation", "sms"))
+            )
+            and d
+        )
+    )
     assert sent
 
     page.goto(f"{notifications.url}/envois")

@@ -31,9 +31,21 @@ def assert_no_person(page, where: str) -> None:
 def test_the_partner_pages_after_the_need_left(exit, page, check_page, settings, start_service):
     intake = start_service("intake", settings)
     referral = start_service("referral", settings)
-    need = intake.client("desk").post("/needs", json={
-        "library_id": "chatelet", "category": "caf", "summary": SUMMARY, "postal_code": "76000", "consent": True,
-        "person": {"display_name": NAME, "email": EMAIL, "phone": PHONE_TYPED, "preferred_channel": "email"}}).json()
+    need = (
+        intake.client("desk")
+        .post(
+            "/needs",
+            json={
+                "library_id": "chatelet",
+                "category": "caf",
+                "summary": SUMMARY,
+                "postal_code": "76000",
+                "consent": True,
+                "person": {"display_name": NAME, "email": EMAIL, "phone": PHONE_TYPED, "preferred_channel": "email"},
+            },
+        )
+        .json()
+    )
     ops = referral.client("ops")
     rid = wait_for(lambda: ops.get("/referrals", params={"need_id": need["id"]}).json()["items"])[0]["id"]
     link = referral_link(settings, rid, "caf-76", now=referral.svc.clock())
@@ -50,7 +62,9 @@ def test_the_partner_pages_after_the_need_left(exit, page, check_page, settings,
         if exit == "reassign":
             assert ops.post(f"/referrals/{rid}/reassign", json={"partner_id": "caf-national"}).status_code == 200
         else:
-            assert intake.client("ops").post(f"/needs/{need['id']}/cancel", json={"reason": "Doublon"}).status_code == 200
+            assert (
+                intake.client("ops").post(f"/needs/{need['id']}/cancel", json={"reason": "Doublon"}).status_code == 200
+            )
         status = "cancelled"
         assert wait_for(lambda: ops.get(f"/referrals/{rid}").json()["status"] == status)
         page.goto(link)

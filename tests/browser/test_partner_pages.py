@@ -16,15 +16,18 @@ from tests.helpers import record_need
 
 pytestmark = [pytest.mark.browser, pytest.mark.date_sensitive]
 
+
 @pytest.fixture
 def referral(settings, start_service):
     return start_service("referral", settings)
 
 
 def test_a_partner_declines_from_the_email_link_with_the_keyboard_only(page, check_page, referral):
-    rid = record_need(referral.svc, summary="Loyer impayé, dossier d'aide au logement à compléter",
-                      person={"display_name": "M. Martin", "email": "martin@example.org",
-                              "preferred_channel": "email"})
+    rid = record_need(
+        referral.svc,
+        summary="Loyer impayé, dossier d'aide au logement à compléter",
+        person={"display_name": "M. Martin", "email": "martin@example.org", "preferred_channel": "email"},
+    )
     page.goto(referral_link(referral.settings, rid, "caf-76", now=referral.svc.clock()))
     assert page.get_by_role("heading", level=1).inner_text() == "Demande : Allocations familiales (CAF)"
     respond_by = datetime.fromisoformat(referral.client("ops").get(f"/referrals/{rid}").json()["respond_by"])
@@ -71,8 +74,12 @@ def test_a_form_error_is_announced_next_to_its_field(page, check_page, referral)
 
 def test_sign_in_inbox_and_referral_pages_on_desk_and_phone(page, check_page, referral):
     now = referral.svc.clock()
-    late = record_need(referral.svc, summary="Attestation de paiement introuvable", urgency="urgent",
-                       recorded_at=now - timedelta(hours=80))
+    late = record_need(
+        referral.svc,
+        summary="Attestation de paiement introuvable",
+        urgency="urgent",
+        recorded_at=now - timedelta(hours=80),
+    )
     record_need(referral.svc, summary="Changement de situation à déclarer", recorded_at=now - timedelta(hours=30))
 
     page.goto(f"{referral.url}/boite")

@@ -1,8 +1,8 @@
-"""The compose stack, started for real on a Docker engine (`./dev stack up`'s script, local images from Debian packages):
-a need posted through intake's published port is handed off by email through the SMTP catcher; then referral and
-notifications run as two containers each, one of each is killed (`docker kill`) while needs flow, and every need is
-still handed off exactly once. `docker-compose down -v` at the end. Needs a Docker engine (marker `docker`: .ci/run
-starts one and runs these when it answers)."""
+"""The compose stack, started for real on a Docker engine (`./dev stack up`'s script, local images from Debian
+packages): a need posted through intake's published port is handed off by email through the SMTP catcher; then
+referral and notifications run as two containers each, one of each is killed (`docker kill`) while needs flow, and
+every need is still handed off exactly once. `docker-compose down -v` at the end. Needs a Docker engine
+(marker `docker`: .ci/run starts one and runs these when it answers)."""
 
 from __future__ import annotations
 
@@ -23,8 +23,13 @@ pytestmark = pytest.mark.docker
 
 ROOT = Path(__file__).resolve().parents[2]
 CAF_REFERENT = "referent.fs@caf76.example.org"  # the demo directory's CAF 76 primary contact
-NEED = {"library_id": "rouen-chatelet", "category": "caf", "summary": "Dossier APL bloqué", "postal_code": "76000",
-        "consent": True}
+NEED = {
+    "library_id": "rouen-chatelet",
+    "category": "caf",
+    "summary": "Dossier APL bloqué",
+    "postal_code": "76000",
+    "consent": True,
+}
 FLOW_TIMEOUT = 240  # a killed consumer's pending entries are claimed after RELAIS_CLAIM_IDLE_MS (15 s by default)
 
 
@@ -33,12 +38,21 @@ class Stack:
         self.project = f"relaistest{uuid.uuid4().hex[:8]}"
         self.intake_port, self.mail_port = free_port(), free_port()
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RELAIS_")} | {
-            "RELAIS_STACK_PROJECT": self.project, "RELAIS_STACK_ENV_FILE": str(tmp_path / "stack.env"),
-            "RELAIS_INTAKE_PORT": str(self.intake_port), "RELAIS_MAIL_UI_PORT": str(self.mail_port)}
+            "RELAIS_STACK_PROJECT": self.project,
+            "RELAIS_STACK_ENV_FILE": str(tmp_path / "stack.env"),
+            "RELAIS_INTAKE_PORT": str(self.intake_port),
+            "RELAIS_MAIL_UI_PORT": str(self.mail_port),
+        }
 
     def script(self, *args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
-        return subprocess.run([str(ROOT / "deploy" / "stack.sh"), *args], env=self.env, cwd=ROOT, timeout=timeout,
-                              capture_output=True, text=True)
+        return subprocess.run(
+            [str(ROOT / "deploy" / "stack.sh"), *args],
+            env=self.env,
+            cwd=ROOT,
+            timeout=timeout,
+            capture_output=True,
+            text=True,
+        )
 
     def compose(self, *args: str) -> str:
         run = self.script("compose", *args, timeout=600)
@@ -52,13 +66,17 @@ class Stack:
         return "http://" + self.compose("port", f"--index={index}", service, str(port)).strip()
 
     def healthy(self, container: str) -> bool:
-        state = json.loads(subprocess.run(["docker", "inspect", "-f", "{{json .State}}", container],
-                                          capture_output=True, text=True, check=True).stdout)
+        state = json.loads(
+            subprocess.run(
+                ["docker", "inspect", "-f", "{{json .State}}", container], capture_output=True, text=True, check=True
+            ).stdout
+        )
         return state["Status"] == "running" and state.get("Health", {}).get("Status") == "healthy"
 
     def inspect(self, container: str, template: str) -> str:
-        return subprocess.run(["docker", "inspect", "-f", template, container], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["docker", "inspect", "-f", template, container], capture_output=True, text=True, check=True
+        ).stdout.strip()
 
 
 @pytest.fixture
@@ -72,25 +90,34 @@ def stack(tmp_path):
         if (tmp_path / "stack.env").exists():
             down = stack.script("down", timeout=600)
             assert down.returncode == 0, down.stdout + down.stderr
-        left = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={stack.project}"],
-                              capture_output=True, text=True).stdout.split()
-        volumes = subprocess.run(["docker", "volume", "ls", "-q", "--filter",
-                                  f"label=com.docker.compose.project={stack.project}"],
-                                 capture_output=True, text=True).stdout.split()
+        left = subprocess.run(
+            ["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={stack.project}"],
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+        volumes = subprocess.run(
+            ["docker", "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={stack.project}"],
+            capture_output=True,
+            text=True,
+        ).stdout.split()
         assert not left and not volumes, f"left behind by docker-compose down -v: {left} {volumes}"
 
 
 def handoff_mails(mail: httpx.Client) -> list[dict]:
     listing = mail.get("/api/v1/messages", params={"limit": 1000}).json()["messages"]
-    return [m for m in listing if any(t["Address"] == CAF_REFERENT for t in m["To"])
-            and m["Subject"].lower().startswith("nouvelle demande")]
+    return [
+        m
+        for m in listing
+        if any(t["Address"] == CAF_REFERENT for t in m["To"]) and m["Subject"].lower().startswith("nouvelle demande")
+    ]
 
 
 def test_stack_hands_off_every_need_once_while_replicas_are_killed(stack):
     up_stdout = stack.script("compose", "ps").stdout
     intake_url = f"http://127.0.0.1:{stack.intake_port}"
-    desk = httpx.Client(base_url=f"{intake_url}/api/v1", headers={"Authorization": "Bearer demo-desk-chatelet"},
-                        timeout=30)
+    desk = httpx.Client(
+        base_url=f"{intake_url}/api/v1", headers={"Authorization": "Bearer demo-desk-chatelet"}, timeout=30
+    )
     mail = httpx.Client(base_url=f"http://127.0.0.1:{stack.mail_port}", timeout=30)
 
     # Containers run as non-root users on a read-only root filesystem.
@@ -107,8 +134,19 @@ def test_stack_hands_off_every_need_once_while_replicas_are_killed(stack):
     assert wait_for(lambda: len(handoff_mails(mail)) == 1, FLOW_TIMEOUT), up_stdout
 
     # Two containers of referral and of notifications, all healthy.
-    stack.compose("up", "-d", "--no-build", "--no-deps", "--no-recreate", "--scale", "referral=2",
-                  "--scale", "notifications=2", "referral", "notifications")
+    stack.compose(
+        "up",
+        "-d",
+        "--no-build",
+        "--no-deps",
+        "--no-recreate",
+        "--scale",
+        "referral=2",
+        "--scale",
+        "notifications=2",
+        "referral",
+        "notifications",
+    )
     referral, notifications = stack.containers("referral"), stack.containers("notifications")
     assert len(referral) == 2 and len(notifications) == 2, (referral, notifications)
     assert wait_for(lambda: all(stack.healthy(c) for c in referral + notifications), FLOW_TIMEOUT, step=1)
@@ -140,14 +178,21 @@ def test_stack_hands_off_every_need_once_while_replicas_are_killed(stack):
     assert posted_after_kill.is_set() and not failures, failures
 
     # Every need: one referral, one handoff delivery sent, its email in the catcher (one Message-ID per delivery).
-    survivors = {"referral": [c for c in referral if c not in victims],
-                 "notifications": [c for c in notifications if c not in victims]}
+    survivors = {
+        "referral": [c for c in referral if c not in victims],
+        "notifications": [c for c in notifications if c not in victims],
+    }
     assert all(survivors.values())
-    ops_referral = httpx.Client(base_url=stack.url("referral", 8002, index=_index(stack, "referral", survivors))
-                                + "/api/v1", headers={"Authorization": "Bearer demo-ops"}, timeout=30)
+    ops_referral = httpx.Client(
+        base_url=stack.url("referral", 8002, index=_index(stack, "referral", survivors)) + "/api/v1",
+        headers={"Authorization": "Bearer demo-ops"},
+        timeout=30,
+    )
     ops_notifications = httpx.Client(
         base_url=stack.url("notifications", 8003, index=_index(stack, "notifications", survivors)) + "/api/v1",
-        headers={"Authorization": "Bearer demo-ops"}, timeout=30)
+        headers={"Authorization": "Bearer demo-ops"},
+        timeout=30,
+    )
 
     def handoffs() -> dict[str, list[dict]]:
         items = ops_notifications.get("/deliveries", params={"kind": "handoff", "limit": 200}).json()["items"]
@@ -167,8 +212,11 @@ def test_stack_hands_off_every_need_once_while_replicas_are_killed(stack):
         referrals = ops_referral.get("/referrals", params={"need_id": need_id}).json()["items"]
         assert len(referrals) == 1, (need_id, referrals)
     delivery_ids = {d[0]["id"] for d in by_need.values()}
-    mails = wait_for(lambda: (m := handoff_mails(mail)) and {x["MessageID"].split("@")[0] for x in m} == delivery_ids
-                     and m, FLOW_TIMEOUT, step=1)
+    mails = wait_for(
+        lambda: (m := handoff_mails(mail)) and {x["MessageID"].split("@")[0] for x in m} == delivery_ids and m,
+        FLOW_TIMEOUT,
+        step=1,
+    )
     assert mails, (len(handoff_mails(mail)), len(needs))
     # A re-send (a container killed between the SMTP server's answer and its commit) keeps the delivery's Message-ID.
     assert len({m["MessageID"] for m in mails}) == len(needs)

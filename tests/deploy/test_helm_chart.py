@@ -21,18 +21,35 @@ PORTS = {"intake": 8001, "referral": 8002, "notifications": 8003}
 # The chart claims kubeVersion >= 1.25: the oldest schema that covers it, and the newest the package bundles.
 KUBERNETES_VERSIONS = ("1.25", kubernetes_validate.latest_version())
 # Settings that carry a password or a key: only ever read from the Secret.
-SECRET_SETTINGS = {"RELAIS_SECRET_KEY", "RELAIS_INTAKE_DATABASE_URL", "RELAIS_REFERRAL_DATABASE_URL",
-                   "RELAIS_NOTIFICATIONS_DATABASE_URL", "RELAIS_REDIS_URL", "RELAIS_REDIS_PASSWORD",
-                   "RELAIS_SMTP_URL"}
+SECRET_SETTINGS = {
+    "RELAIS_SECRET_KEY",
+    "RELAIS_INTAKE_DATABASE_URL",
+    "RELAIS_REFERRAL_DATABASE_URL",
+    "RELAIS_NOTIFICATIONS_DATABASE_URL",
+    "RELAIS_REDIS_URL",
+    "RELAIS_REDIS_PASSWORD",
+    "RELAIS_SMTP_URL",
+}
 # The one value the chart cannot default: who is who.
 DIRECTORY = {"directory": {"content": DEMO_DIRECTORY.read_text()}}
-SENTINEL = {"redis": {"sentinel": {"enabled": True, "master": "relais-main",
-                                   "hosts": ["sentinel-0.redis:26379", "sentinel-1.redis:26379",
-                                             "sentinel-2.redis:26379"]}}}
-NO_INGRESS = {"ingress": {"enabled": False},
-              "publicUrl": {"intake": "https://accueil.example.org", "referral": "https://partenaires.example.org"}}
-MORE_REPLICAS = {"intake": {"replicas": 3}, "referral": {"replicas": 5},
-                 "notifications": {"replicas": 4, "autoscaling": {"enabled": False}}}
+SENTINEL = {
+    "redis": {
+        "sentinel": {
+            "enabled": True,
+            "master": "relais-main",
+            "hosts": ["sentinel-0.redis:26379", "sentinel-1.redis:26379", "sentinel-2.redis:26379"],
+        }
+    }
+}
+NO_INGRESS = {
+    "ingress": {"enabled": False},
+    "publicUrl": {"intake": "https://accueil.example.org", "referral": "https://partenaires.example.org"},
+}
+MORE_REPLICAS = {
+    "intake": {"replicas": 3},
+    "referral": {"replicas": 5},
+    "notifications": {"replicas": 4, "autoscaling": {"enabled": False}},
+}
 VALUE_SETS = {"defaults": {}, "sentinel": SENTINEL, "no-ingress": NO_INGRESS, "more-replicas": MORE_REPLICAS}
 
 
@@ -101,8 +118,10 @@ def test_a_deployment_per_service_runs_relais_serve_with_the_contract_settings()
         assert "RELAIS_DEMO" not in variables
         # Each service gets its own database and no other's.
         assert {n for n in variables if n.endswith("_DATABASE_URL")} == {f"RELAIS_{service.upper()}_DATABASE_URL"}
-        assert variables["RELAIS_SECRET_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "relais",
-                                                                              "key": "RELAIS_SECRET_KEY"}
+        assert variables["RELAIS_SECRET_KEY"]["valueFrom"]["secretKeyRef"] == {
+            "name": "relais",
+            "key": "RELAIS_SECRET_KEY",
+        }
         assert variables["RELAIS_REDIS_URL"]["valueFrom"]["secretKeyRef"]["key"] == "RELAIS_REDIS_URL"
         assert ("RELAIS_SMTP_URL" in variables) == (service == "notifications")
     referral = env(container(deployments["relais-referral"]))
@@ -110,9 +129,11 @@ def test_a_deployment_per_service_runs_relais_serve_with_the_contract_settings()
     assert referral["RELAIS_NOTIFICATIONS_URL"]["value"] == "http://relais-notifications:8003"
     public = {s: env(container(deployments[f"relais-{s}"]))["RELAIS_PUBLIC_URL"]["value"] for s in SERVICES}
     # Notifications' emails link to referral's partner pages.
-    assert public == {"intake": "https://accueil.relais.example.org",
-                      "referral": "https://partenaires.relais.example.org",
-                      "notifications": "https://partenaires.relais.example.org"}
+    assert public == {
+        "intake": "https://accueil.relais.example.org",
+        "referral": "https://partenaires.relais.example.org",
+        "notifications": "https://partenaires.relais.example.org",
+    }
 
 
 def test_probes_use_healthz_for_liveness_and_readyz_for_readiness():
@@ -160,10 +181,14 @@ def test_sentinel_redis_replaces_the_redis_url():
         variables = env(container(deployment))
         assert "RELAIS_REDIS_URL" not in variables
         assert variables["RELAIS_REDIS_SENTINELS"]["value"] == (
-            "sentinel-0.redis:26379,sentinel-1.redis:26379,sentinel-2.redis:26379")
+            "sentinel-0.redis:26379,sentinel-1.redis:26379,sentinel-2.redis:26379"
+        )
         assert variables["RELAIS_REDIS_SENTINEL_MASTER"]["value"] == "relais-main"
         assert variables["RELAIS_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
-            "name": "relais", "key": "RELAIS_REDIS_PASSWORD", "optional": True}
+            "name": "relais",
+            "key": "RELAIS_REDIS_PASSWORD",
+            "optional": True,
+        }
 
 
 def test_sentinel_without_hosts_is_refused():
@@ -174,8 +199,10 @@ def test_sentinel_without_hosts_is_refused():
 def test_ingress_routes_intake_and_referral_pages_only():
     (ingress,) = by_kind(render(DIRECTORY), "Ingress").values()
     backends = {rule["host"]: rule["http"]["paths"][0]["backend"]["service"] for rule in ingress["spec"]["rules"]}
-    assert backends == {"accueil.relais.example.org": {"name": "relais-intake", "port": {"name": "http"}},
-                        "partenaires.relais.example.org": {"name": "relais-referral", "port": {"name": "http"}}}
+    assert backends == {
+        "accueil.relais.example.org": {"name": "relais-intake", "port": {"name": "http"}},
+        "partenaires.relais.example.org": {"name": "relais-referral", "port": {"name": "http"}},
+    }
 
 
 def test_ingress_disabled_takes_the_public_urls_from_values():
@@ -184,7 +211,8 @@ def test_ingress_disabled_takes_the_public_urls_from_values():
     deployments = by_kind(manifests, "Deployment")
     assert env(container(deployments["relais-intake"]))["RELAIS_PUBLIC_URL"]["value"] == "https://accueil.example.org"
     assert env(container(deployments["relais-notifications"]))["RELAIS_PUBLIC_URL"]["value"] == (
-        "https://partenaires.example.org")
+        "https://partenaires.example.org"
+    )
 
 
 def test_ingress_disabled_without_public_urls_is_refused():
@@ -243,8 +271,11 @@ def test_pods_run_as_uid_10001_with_a_read_only_root_and_scratch_dirs():
 def test_notifications_autoscales_and_the_scaled_services_have_disruption_budgets():
     manifests = render(DIRECTORY)
     (hpa,) = by_kind(manifests, "HorizontalPodAutoscaler").values()
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
-                                             "name": "relais-notifications"}
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "relais-notifications",
+    }
     assert hpa["spec"]["minReplicas"] >= 2
     deployments = by_kind(manifests, "Deployment")
     assert "replicas" not in deployments["relais-notifications"]["spec"]  # the HPA owns it
@@ -266,8 +297,9 @@ def test_more_replicas_without_autoscaling():
 
 
 def _allows_from_ingress_controller(policy: dict) -> bool:
-    return any("namespaceSelector" in peer for rule in policy["spec"].get("ingress", [])
-               for peer in rule.get("from", []))
+    return any(
+        "namespaceSelector" in peer for rule in policy["spec"].get("ingress", []) for peer in rule.get("from", [])
+    )
 
 
 def _egress_ports(policy: dict) -> set[tuple[int, str]]:
@@ -281,13 +313,23 @@ def test_network_policies_open_only_what_each_part_needs():
         assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
         assert {(53, "UDP"), (53, "TCP"), (5432, "TCP")} <= _egress_ports(policy), name
     # Only intake and referral are reachable from the ingress controller.
-    assert {n for n, p in policies.items() if _allows_from_ingress_controller(p)} == {"relais-intake",
-                                                                                      "relais-referral"}
+    assert {n for n, p in policies.items() if _allows_from_ingress_controller(p)} == {
+        "relais-intake",
+        "relais-referral",
+    }
     # Notifications only from referral's dashboard (same namespace, referral's pods).
     (rule,) = policies["relais-notifications"]["spec"]["ingress"]
-    assert rule["from"] == [{"podSelector": {"matchLabels": {
-        "app.kubernetes.io/name": "relais", "app.kubernetes.io/instance": "relais",
-        "app.kubernetes.io/component": "referral"}}}]
+    assert rule["from"] == [
+        {
+            "podSelector": {
+                "matchLabels": {
+                    "app.kubernetes.io/name": "relais",
+                    "app.kubernetes.io/instance": "relais",
+                    "app.kubernetes.io/component": "referral",
+                }
+            }
+        }
+    ]
     # Redis from the services only; the migration Jobs reach PostgreSQL and DNS, and nothing reaches them.
     for service in SERVICES:
         assert {(6379, "TCP"), (26379, "TCP")} <= _egress_ports(policies[f"relais-{service}"])
@@ -319,8 +361,22 @@ def test_the_validator_rejects_a_misspelt_field():
 def test_the_kubernetes_validate_command_accepts_the_rendered_chart(tmp_path):
     rendered = tmp_path / "relais.yaml"
     rendered.write_text(render_text(merge(DIRECTORY, SENTINEL)))
-    run = subprocess.run([sys.executable, "-m", "kubernetes_validate", "--strict", "--quiet",
-                          "-k", "1.25", "-k", kubernetes_validate.latest_version(), str(rendered)],
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kubernetes_validate",
+            "--strict",
+            "--quiet",
+            "-k",
+            "1.25",
+            "-k",
+            kubernetes_validate.latest_version(),
+            str(rendered),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     # The command only warns about a kind it has no schema for: none may be left unchecked.
     assert run.returncode == 0 and "WARN" not in run.stdout, run.stdout + run.stderr

@@ -63,8 +63,14 @@ class App:
     def start(self, process: str) -> subprocess.Popen:
         log = self.logs / f"{self.service}-{process}.log"
         with log.open("wb") as out:
-            proc = subprocess.Popen(["bash", "-c", procfile()[process]], env=self.env, cwd=ROOT, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                ["bash", "-c", procfile()[process]],
+                env=self.env,
+                cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         proc.log = log
         self.running.append(proc)
         return proc
@@ -76,8 +82,9 @@ class App:
             except httpx.HTTPError:
                 return False
 
-        assert wait_for(lambda: ready() or proc.poll() is not None, START_TIMEOUT, step=0.2) and proc.poll() is None, \
+        assert wait_for(lambda: ready() or proc.poll() is not None, START_TIMEOUT, step=0.2) and proc.poll() is None, (
             f"{self.service} web is not ready at {self.url}:\n{proc.log.read_text(errors='replace')}"
+        )
 
     def stop(self) -> None:
         for proc in self.running:
@@ -96,12 +103,23 @@ def apps(tmp_path, redis_url, namespace, directory_file, database_url_factory, m
     its database; every process they start is stopped at the end."""
     logs = tmp_path / "logs"
     logs.mkdir()
-    common = clean_env(redis_url=redis_url, namespace=namespace, directory=directory_file, smtp_url=mail_sink.url,
-                       secret_key=secrets.token_urlsafe(32), poll_ms=50, claim_idle_ms=1000, log_level="WARNING")
+    common = clean_env(
+        redis_url=redis_url,
+        namespace=namespace,
+        directory=directory_file,
+        smtp_url=mail_sink.url,
+        secret_key=secrets.token_urlsafe(32),
+        poll_ms=50,
+        claim_idle_ms=1000,
+        log_level="WARNING",
+    )
     made = {}
     for service in SERVICES:
-        env = {**common, f"RELAIS_{service.upper()}_DATABASE_URL": database_url_factory(service),
-               "RELAIS_DATA_DIR": str(tmp_path / f"data-{service}")}
+        env = {
+            **common,
+            f"RELAIS_{service.upper()}_DATABASE_URL": database_url_factory(service),
+            "RELAIS_DATA_DIR": str(tmp_path / f"data-{service}"),
+        }
         made[service] = App(service, env, logs)
     yield made
     for app in made.values():
@@ -112,9 +130,18 @@ def test_three_apps_from_the_procfile_hand_a_need_to_the_partner(apps, mail_sink
     for app in apps.values():
         app.wait_ready(app.start("web"))  # on $PORT, the only port the platform routes to
 
-    answer = httpx.post(f"{apps['intake'].url}/api/v1/needs", headers={"Authorization": f"Bearer {TOKENS['desk']}"},
-                        json={"library_id": "chatelet", "category": "caf", "summary": "Dossier APL bloqué",
-                              "postal_code": "76000", "consent": True}, timeout=30)
+    answer = httpx.post(
+        f"{apps['intake'].url}/api/v1/needs",
+        headers={"Authorization": f"Bearer {TOKENS['desk']}"},
+        json={
+            "library_id": "chatelet",
+            "category": "caf",
+            "summary": "Dossier APL bloqué",
+            "postal_code": "76000",
+            "consent": True,
+        },
+        timeout=30,
+    )
     assert answer.status_code == 201, answer.text
     mails = wait_for(lambda: mail_sink.to("referent@caf.test.example"), START_TIMEOUT)
     assert len(mails) == 1, "no handoff email reached the partner's référent"

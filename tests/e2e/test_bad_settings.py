@@ -33,8 +33,9 @@ def relais(args: list[str], tmp_path, **variables) -> subprocess.CompletedProces
     that the demo directory and a generated key are no problem: only the bad setting is (tests/e2e/test_modes.py
     covers what production refuses)."""
     env = clean_env(**{"data_dir": tmp_path / "data", "demo": "true", **variables})
-    return subprocess.run([sys.executable, "-m", "relais", *args], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=TIMEOUT)
+    return subprocess.run(
+        [sys.executable, "-m", "relais", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT
+    )
 
 
 def assert_refused(run: subprocess.CompletedProcess, variable: str, says: str) -> None:
@@ -57,13 +58,17 @@ def test_relais_serve_notifications_refuses_a_bad_smtp_url(tmp_path):
     assert "pw" not in run.stderr  # a password in the URL is not printed
 
 
-@pytest.mark.parametrize(("variable", "value", "says"), [
-    ("INTAKE_PORT", "abc", "must be a whole number (got 'abc')"),
-    ("SMS_PROVIDER", "carrier-pigeon", "must be one of"),
-    ("NAMESPACE", "a b", "letters, digits"),
-    ("NOTIFICATIONS_DATABASE_URL", "nonsense://", "sqlite:///"),
-    ("SMTP_URL", "http://x", "smtp://"),
-], ids=lambda value: str(value)[:20])
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        ("INTAKE_PORT", "abc", "must be a whole number (got 'abc')"),
+        ("SMS_PROVIDER", "carrier-pigeon", "must be one of"),
+        ("NAMESPACE", "a b", "letters, digits"),
+        ("NOTIFICATIONS_DATABASE_URL", "nonsense://", "sqlite:///"),
+        ("SMTP_URL", "http://x", "smtp://"),
+    ],
+    ids=lambda value: str(value)[:20],
+)
 def test_relais_up_refuses_a_bad_setting_and_names_it(tmp_path, variable, value, says):
     run = relais(["up", "--data-dir", str(tmp_path / "up")], tmp_path, **{variable.lower(): value})
     assert_refused(run, variable, says)
@@ -71,8 +76,7 @@ def test_relais_up_refuses_a_bad_setting_and_names_it(tmp_path, variable, value,
 
 
 def test_every_problem_is_listed_at_once(tmp_path):
-    run = relais(["serve", "intake"], tmp_path, redis_url="redis://127.0.0.1:9/0", intake_port="abc",
-                 namespace="a b")
+    run = relais(["serve", "intake"], tmp_path, redis_url="redis://127.0.0.1:9/0", intake_port="abc", namespace="a b")
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
     assert "RELAIS_INTAKE_PORT: " in run.stderr and "RELAIS_NAMESPACE: " in run.stderr, run.stderr
 

@@ -14,16 +14,26 @@ import yaml
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
-MANDATORY = {"RELAIS_SECRET_KEY": "s" * 48, "RELAIS_DB_PASSWORD": "dbpassword0", "RELAIS_REDIS_PASSWORD": "redispassword0",
-             "RELAIS_DIRECTORY_FILE": "/srv/relais/directory.yaml"}
+MANDATORY = {
+    "RELAIS_SECRET_KEY": "s" * 48,
+    "RELAIS_DB_PASSWORD": "dbpassword0",
+    "RELAIS_REDIS_PASSWORD": "redispassword0",
+    "RELAIS_DIRECTORY_FILE": "/srv/relais/directory.yaml",
+}
 
 
 def compose_config(variables: dict[str, str]) -> subprocess.CompletedProcess:
     binary = shutil.which("docker-compose")
     assert binary, "docker-compose is needed for this test: apt-get install docker-compose (.ci/run does)"
     env = {"PATH": "/usr/bin:/bin", **variables}  # nothing else from this environment (no RELAIS_* of the caller)
-    return subprocess.run([binary, "-f", str(ROOT / "docker-compose.yml"), "config"], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [binary, "-f", str(ROOT / "docker-compose.yml"), "config"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.mark.parametrize("missing", sorted(MANDATORY))
@@ -38,7 +48,9 @@ def test_compose_publishes_no_store_and_protects_redis():
     services = yaml.safe_load(run.stdout)["services"]
     assert "ports" not in services["redis"] and "ports" not in services["postgres"]
     for port in services["mailpit"].get("ports", []):  # its inbox shows every sign-in link sent
-        assert str(port).startswith("127.0.0.1:") or (isinstance(port, dict) and port.get("host_ip") == "127.0.0.1"), port
+        assert str(port).startswith("127.0.0.1:") or (isinstance(port, dict) and port.get("host_ip") == "127.0.0.1"), (
+            port
+        )
     assert "--requirepass" in services["redis"]["command"]
     assert MANDATORY["RELAIS_REDIS_PASSWORD"] in services["redis"]["command"]
     for name, service in services.items():

@@ -60,27 +60,54 @@ def own_directory(tmp_path: Path) -> Path:
 
 REFUSED = [  # (id, variables given besides a reachable-looking Redis, the variable named, what its line says)
     ("no-secret-key", lambda tmp: {"directory": own_directory(tmp)}, "SECRET_KEY", "is not set"),
-    ("short-secret-key", lambda tmp: {"directory": own_directory(tmp), "secret_key": "x" * 31},
-     "SECRET_KEY", "shorter than 32 characters"),
-    ("compose-default-key", lambda tmp: {"directory": own_directory(tmp), "secret_key": COMPOSE_DEFAULT_KEY},
-     "SECRET_KEY", "a value the Relais repository ships"),
-    ("ci-dummy-key", lambda tmp: {"directory": own_directory(tmp), "secret_key": CI_DUMMY_KEY},
-     "SECRET_KEY", "a value the Relais repository ships"),
+    (
+        "short-secret-key",
+        lambda tmp: {"directory": own_directory(tmp), "secret_key": "x" * 31},
+        "SECRET_KEY",
+        "shorter than 32 characters",
+    ),
+    (
+        "compose-default-key",
+        lambda tmp: {"directory": own_directory(tmp), "secret_key": COMPOSE_DEFAULT_KEY},
+        "SECRET_KEY",
+        "a value the Relais repository ships",
+    ),
+    (
+        "ci-dummy-key",
+        lambda tmp: {"directory": own_directory(tmp), "secret_key": CI_DUMMY_KEY},
+        "SECRET_KEY",
+        "a value the Relais repository ships",
+    ),
     ("demo-directory", lambda tmp: {"secret_key": good_key()}, "DIRECTORY", "is the demo directory"),
-    ("demo-token-hash", lambda tmp: {"directory": directory_with_a_demo_token(tmp), "secret_key": good_key()},
-     "DIRECTORY", "user 'ops'"),
-    ("short-internal-token", lambda tmp: {"directory": own_directory(tmp), "secret_key": good_key(),
-                                          "internal_token": "short"}, "INTERNAL_TOKEN", "shorter than 32"),
+    (
+        "demo-token-hash",
+        lambda tmp: {"directory": directory_with_a_demo_token(tmp), "secret_key": good_key()},
+        "DIRECTORY",
+        "user 'ops'",
+    ),
+    (
+        "short-internal-token",
+        lambda tmp: {"directory": own_directory(tmp), "secret_key": good_key(), "internal_token": "short"},
+        "INTERNAL_TOKEN",
+        "shorter than 32",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("variables", "variable", "says"), [case[1:] for case in REFUSED],
-                         ids=[case[0] for case in REFUSED])
+@pytest.mark.parametrize(
+    ("variables", "variable", "says"), [case[1:] for case in REFUSED], ids=[case[0] for case in REFUSED]
+)
 def test_relais_serve_refuses_what_production_must_not_run_with(tmp_path, variables, variable, says):
     given = variables(tmp_path)
     env = clean_env(data_dir=tmp_path / "data", redis_url="redis://127.0.0.1:9/0", **given)
-    run = subprocess.run([sys.executable, "-m", "relais", "serve", "intake"], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=TIMEOUT)
+    run = subprocess.run(
+        [sys.executable, "-m", "relais", "serve", "intake"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     output = f"stdout:\n{run.stdout}\nstderr:\n{run.stderr}"
     assert run.returncode == 2 and "Traceback" not in run.stderr, output
     [line] = [line for line in run.stderr.splitlines() if line.startswith(f"RELAIS_{variable}: ")] or [None]
@@ -101,9 +128,15 @@ def spawn(tmp_path):
     def start(name: str, args: list[str], env: dict) -> tuple[subprocess.Popen, Path]:
         log = tmp_path / f"{name}.log"
         with log.open("wb") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "relais", *args], env=env, cwd=ROOT, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True,
-                                    preexec_fn=lambda: os.umask(0o022))
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "relais", *args],
+                env=env,
+                cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=lambda: os.umask(0o022),
+            )
         started.append(proc)
         return proc, log
 
@@ -153,13 +186,18 @@ def test_relais_serve_in_demo_mode_runs_the_demo_with_a_redis_that_wants_a_passw
     port, data_dir = free_port(), tmp_path / "data"
     env = clean_env(demo="true", data_dir=data_dir, intake_port=port, namespace=f"e2e{uuid.uuid4().hex[:10]}")
     proc, log = spawn("intake-demo", ["serve", "intake"], env)
-    assert wait_for(lambda: ready(f"http://127.0.0.1:{port}") or proc.poll() is not None, START_TIMEOUT, 0.2) \
-        and proc.poll() is None, log.read_text()
+    assert (
+        wait_for(lambda: ready(f"http://127.0.0.1:{port}") or proc.poll() is not None, START_TIMEOUT, 0.2)
+        and proc.poll() is None
+    ), log.read_text()
     output = log.read_text()
     assert "demo mode (RELAIS_DEMO=true)" in output, output
 
-    r = httpx.get(f"http://127.0.0.1:{port}/api/v1/needs",
-                  headers={"Authorization": f"Bearer {DEMO_TOKENS['desk-chatelet']}"}, timeout=30)
+    r = httpx.get(
+        f"http://127.0.0.1:{port}/api/v1/needs",
+        headers={"Authorization": f"Bearer {DEMO_TOKENS['desk-chatelet']}"},
+        timeout=30,
+    )
     assert r.status_code == 200, r.text  # the demo directory's tokens work, in the demo only
     url = redis_url_in(output)
     assert url, output
@@ -179,26 +217,43 @@ def test_relais_up_is_the_demo_and_keeps_its_files_private(spawn, tmp_path):
     ports = {service: free_port() for service in SERVICES}
     env = clean_env(namespace=f"e2e{uuid.uuid4().hex[:10]}", **{f"{s}_port": p for s, p in ports.items()})
     proc, log = spawn("relais-up", ["up", "--data-dir", str(data_dir)], env)
-    assert wait_for(lambda: "Relais is running" in log.read_text() or proc.poll() is not None, START_TIMEOUT, 0.2) \
-        and proc.poll() is None, log.read_text()
+    assert (
+        wait_for(lambda: "Relais is running" in log.read_text() or proc.poll() is not None, START_TIMEOUT, 0.2)
+        and proc.poll() is None
+    ), log.read_text()
     output = log.read_text()
     [redis_line] = [line for line in output.splitlines() if line.strip().startswith("redis ")]
     url = redis_url_in(redis_line)
     assert url and "@127.0.0.1:" in url, redis_line  # the printed URL carries the password
     assert_redis_wants_the_password(url)
 
-    need = {"library_id": "rouen-chatelet", "category": "caf", "summary": "Dossier APL bloqué", "postal_code": "76000",
-            "consent": True, "person": {"display_name": "M. D."}}
-    r = httpx.post(f"http://127.0.0.1:{ports['intake']}/api/v1/needs", json=need, timeout=30,
-                   headers={"Authorization": f"Bearer {DEMO_TOKENS['desk-chatelet']}"})
+    need = {
+        "library_id": "rouen-chatelet",
+        "category": "caf",
+        "summary": "Dossier APL bloqué",
+        "postal_code": "76000",
+        "consent": True,
+        "person": {"display_name": "M. D."},
+    }
+    r = httpx.post(
+        f"http://127.0.0.1:{ports['intake']}/api/v1/needs",
+        json=need,
+        timeout=30,
+        headers={"Authorization": f"Bearer {DEMO_TOKENS['desk-chatelet']}"},
+    )
     assert r.status_code == 201, r.text
     mails = wait_for(lambda: sorted((data_dir / "mail").glob("*.eml")), START_TIMEOUT)
     assert mails, log.read_text()
 
     private_dirs = [data_dir, data_dir / "mail", data_dir / "redis"]
-    private_files = [*mails, data_dir / "secret_key", data_dir / "redis" / "password", data_dir / "redis" / "redis.conf",
-                     data_dir / "redis" / "appendonly.aof",
-                     *(path for service in SERVICES for path in data_dir.glob(f"{service}.db*"))]
+    private_files = [
+        *mails,
+        data_dir / "secret_key",
+        data_dir / "redis" / "password",
+        data_dir / "redis" / "redis.conf",
+        data_dir / "redis" / "appendonly.aof",
+        *(path for service in SERVICES for path in data_dir.glob(f"{service}.db*")),
+    ]
     assert {f"{service}.db" for service in SERVICES} <= {path.name for path in private_files}
     assert {str(path): oct(mode(path)) for path in private_dirs} == {str(path): "0o700" for path in private_dirs}
     assert {str(path): oct(mode(path)) for path in private_files} == {str(path): "0o600" for path in private_files}

@@ -40,8 +40,14 @@ class Process:
     def __init__(self, name: str, args: list[str], env: dict, logs: Path) -> None:
         self.name, self.log = name, logs / f"{name}.log"
         with self.log.open("wb") as out:
-            self.popen = subprocess.Popen([sys.executable, "-m", "relais", *args], env=env, cwd=ROOT,
-                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self.popen = subprocess.Popen(
+                [sys.executable, "-m", "relais", *args],
+                env=env,
+                cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     @property
     def pid(self) -> int:
@@ -94,16 +100,23 @@ def ready(url: str) -> bool:
 
 
 def wait_ready(proc: Process, url: str) -> None:
-    assert wait_for(lambda: ready(url) or not proc.running(), START_TIMEOUT, step=0.2) and proc.running(), \
+    assert wait_for(lambda: ready(url) or not proc.running(), START_TIMEOUT, step=0.2) and proc.running(), (
         f"{proc.name} is not ready at {url}:\n{proc.output()}"
+    )
 
 
 def api(url: str, who: str) -> httpx.Client:
     return httpx.Client(base_url=f"{url}/api/v1", headers={"Authorization": f"Bearer {TOKENS[who]}"}, timeout=30)
 
 
-NEED = {"library_id": "chatelet", "category": "caf", "summary": "Dossier APL bloqué « urgent » 🙂", "postal_code": "76000",
-        "consent": True, "person": {"display_name": "M. D."}}
+NEED = {
+    "library_id": "chatelet",
+    "category": "caf",
+    "summary": "Dossier APL bloqué « urgent » 🙂",
+    "postal_code": "76000",
+    "consent": True,
+    "person": {"display_name": "M. D."},
+}
 
 
 # --- /proc: a process tree without psutil ---------------------------------------------------------
@@ -115,7 +128,7 @@ def _stat(pid: int) -> tuple[str, int, int] | None:
         text = Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
-    fields = text[text.rindex(")") + 2:].split()  # the command name may hold spaces and parentheses
+    fields = text[text.rindex(")") + 2 :].split()  # the command name may hold spaces and parentheses
     return fields[0], int(fields[1]), int(fields[19])
 
 
@@ -149,8 +162,14 @@ def command_name(pid: int) -> str:
 
 def start_services(processes, env: dict, urls: dict[str, str], replicas: dict[str, int] | None = None) -> list[Process]:
     for service in SERVICES:
-        done = subprocess.run([sys.executable, "-m", "relais", "migrate", service], env=env, cwd=ROOT,
-                              capture_output=True, text=True, timeout=START_TIMEOUT)
+        done = subprocess.run(
+            [sys.executable, "-m", "relais", "migrate", service],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=START_TIMEOUT,
+        )
         assert done.returncode == 0, f"migrate {service}:\n{done.stdout}\n{done.stderr}"
     started = []
     for service in SERVICES:
@@ -169,8 +188,15 @@ def served_env(tmp_path, redis_url, namespace, directory_file, database_url_fact
     """The environment of a deployment of three `relais serve` processes, and the services' URLs."""
     ports = {service: free_port() for service in SERVICES}
     env = clean_env(
-        redis_url=redis_url, namespace=namespace, directory=directory_file, data_dir=tmp_path / "data",
-        smtp_url=mail_sink.url, secret_key=secrets.token_urlsafe(32), poll_ms=50, claim_idle_ms=1000, log_level="WARNING",
+        redis_url=redis_url,
+        namespace=namespace,
+        directory=directory_file,
+        data_dir=tmp_path / "data",
+        smtp_url=mail_sink.url,
+        secret_key=secrets.token_urlsafe(32),
+        poll_ms=50,
+        claim_idle_ms=1000,
+        log_level="WARNING",
         **{f"{s}_database_url": database_url_factory(s) for s in SERVICES},
         **{f"{s}_port": port for s, port in ports.items()},
     )
@@ -204,8 +230,10 @@ def test_three_service_processes_hand_a_need_to_the_partner(processes, served_en
     [delivery] = wait_for(sent, START_TIMEOUT)
     assert delivery["referral_id"] == referrals[0]["id"] and delivery["recipient_role"] == "partner_contact"
 
-    seen = wait_for(lambda: (n := api(urls["intake"], "desk").get(f"/needs/{need['id']}").json())["status"] == "referred"
-                    and n, START_TIMEOUT)
+    seen = wait_for(
+        lambda: (n := api(urls["intake"], "desk").get(f"/needs/{need['id']}").json())["status"] == "referred" and n,
+        START_TIMEOUT,
+    )
     assert seen and seen["partner_id"] == "caf-76" and seen["summary"] == NEED["summary"]
 
     for proc in procs:  # each stops on SIGTERM, as docker stop asks
@@ -227,8 +255,9 @@ def test_replicas_share_the_work_and_each_need_is_handled_once(processes, served
         assert r.status_code == 201, r.text
         needs.append(r.json()["id"])
 
-    assert wait_for(lambda: len(mail_sink.to("referent@caf.test.example")) >= len(needs), START_TIMEOUT), \
-        "\n".join(p.output() for p in procs)
+    assert wait_for(lambda: len(mail_sink.to("referent@caf.test.example")) >= len(needs), START_TIMEOUT), "\n".join(
+        p.output() for p in procs
+    )
     ops = api(urls["referral"], "ops")
     for need_id in needs:
         assert len(ops.get("/referrals", params={"need_id": need_id}).json()["items"]) == 1
@@ -244,8 +273,9 @@ def test_relais_serve_alone_uses_an_embedded_redis_and_mail_sink_as_the_settings
     # starts its own, says so, and stops them after itself, even when its whole process group is signalled (a
     # Ctrl-C in a terminal) — no "connection closed" error while it stops.
     port = free_port()
-    env = clean_env(namespace=f"e2e{uuid.uuid4().hex[:10]}", data_dir=tmp_path / "alone", notifications_port=port,
-                    demo="true")  # the demo directory and a generated key: production would refuse both
+    env = clean_env(
+        namespace=f"e2e{uuid.uuid4().hex[:10]}", data_dir=tmp_path / "alone", notifications_port=port, demo="true"
+    )  # the demo directory and a generated key: production would refuse both
     served = processes("notifications-alone", ["serve", "notifications"], env)
     wait_ready(served, f"http://127.0.0.1:{port}")
     assert "started an embedded Redis" in served.output() and "messages are kept in" in served.output()
@@ -304,8 +334,12 @@ def test_relais_up_runs_everything_and_stops_its_whole_tree(processes, tmp_path,
 
     def status_with(token: str) -> dict[str, int] | None:
         try:
-            return {s: httpx.get(f"{urls[s]}/api/v1{path}", headers={"Authorization": f"Bearer {token}"},
-                                 timeout=30).status_code for s, path in calls.items()}
+            return {
+                s: httpx.get(
+                    f"{urls[s]}/api/v1{path}", headers={"Authorization": f"Bearer {token}"}, timeout=30
+                ).status_code
+                for s, path in calls.items()
+            }
         except httpx.HTTPError:  # a service gone: the assertion says so, with relais up's output
             return None
 
@@ -314,17 +348,25 @@ def test_relais_up_runs_everything_and_stops_its_whole_tree(processes, tmp_path,
     bad["partners"][0]["contacts"][0]["email"] = "not-an-email"
     directory_file.write_text(yaml.safe_dump(bad, allow_unicode=True))
     up.popen.send_signal(signal.SIGHUP)
-    assert wait_for(lambda: "partners[0].contacts[0].email: not an email address" in up.output() or not up.running(),
-                    START_TIMEOUT) and up.running(), up.output()
+    assert (
+        wait_for(
+            lambda: "partners[0].contacts[0].email: not an email address" in up.output() or not up.running(),
+            START_TIMEOUT,
+        )
+        and up.running()
+    ), up.output()
     assert status_with(TOKENS["ops"]) == dict.fromkeys(SERVICES, 200), up.output()  # the previous one still serves
 
     changed = directory_data()
-    changed["users"].append({"id": "ops-2", "role": "ops", "token_sha256": sha(new_token),
-                             "email": "ops2@coordination.test.example"})
+    changed["users"].append(
+        {"id": "ops-2", "role": "ops", "token_sha256": sha(new_token), "email": "ops2@coordination.test.example"}
+    )
     directory_file.write_text(yaml.safe_dump(changed, allow_unicode=True))
     up.popen.send_signal(signal.SIGHUP)
-    assert wait_for(lambda: status_with(new_token) == dict.fromkeys(SERVICES, 200) or not up.running(),
-                    START_TIMEOUT) and up.running(), up.output()
+    assert (
+        wait_for(lambda: status_with(new_token) == dict.fromkeys(SERVICES, 200) or not up.running(), START_TIMEOUT)
+        and up.running()
+    ), up.output()
     assert all(alive(pid, started) for pid, started in tree.items()), up.output()
 
     up.popen.send_signal(signal.SIGTERM)
@@ -337,5 +379,6 @@ def test_relais_up_runs_everything_and_stops_its_whole_tree(processes, tmp_path,
     assert "Traceback" not in up.output() and " ERROR " not in up.output(), up.output()
     gone = wait_for(lambda: not [pid for pid, started in tree.items() if alive(pid, started)], STOP_TIMEOUT)
     assert gone, "still running after relais up stopped: " + ", ".join(
-        f"{pid} ({command_name(pid)})" for pid, started in tree.items() if alive(pid, started))
+        f"{pid} ({command_name(pid)})" for pid, started in tree.items() if alive(pid, started)
+    )
     assert not any(ready(url) for url in urls.values())

@@ -32,8 +32,13 @@ from shared.testing import free_port, wait_for
 pytestmark = pytest.mark.e2e
 
 MASTER = "relais"
-NEED = {"library_id": "chatelet", "category": "caf", "postal_code": "76000", "consent": True,
-        "person": {"display_name": "M. D."}}
+NEED = {
+    "library_id": "chatelet",
+    "category": "caf",
+    "postal_code": "76000",
+    "consent": True,
+    "person": {"display_name": "M. D."},
+}
 PARTNER = "referent@caf.test.example"
 
 
@@ -138,24 +143,31 @@ class SentinelRedis:
         path = self.folder / f"{port}.conf"  # a Sentinel rewrites its file: one per process, writable
         path.write_text(config)
         log = open(self.folder / f"{port}.log", "w")  # noqa: SIM115 - the process keeps it
-        self.processes[port] = subprocess.Popen([redis_server(), str(path), *args], stdout=log,
-                                                stderr=subprocess.STDOUT, cwd=self.folder)
+        self.processes[port] = subprocess.Popen(
+            [redis_server(), str(path), *args], stdout=log, stderr=subprocess.STDOUT, cwd=self.folder
+        )
 
     def start(self) -> SentinelRedis:
-        server = (f"bind 127.0.0.1\ndir {self.folder}\nsave \"\"\nappendonly no\nrequirepass {self.password}\n"
-                  f"masterauth {self.password}\nrepl-diskless-sync-delay 0\n")
+        server = (
+            f'bind 127.0.0.1\ndir {self.folder}\nsave ""\nappendonly no\nrequirepass {self.password}\n'
+            f"masterauth {self.password}\nrepl-diskless-sync-delay 0\n"
+        )
         self._start(self.master_port, server + f"port {self.master_port}\n")
-        self._start(self.replica_port, server + f"port {self.replica_port}\n"
-                                                f"replicaof 127.0.0.1 {self.front.port}\n")
+        self._start(self.replica_port, server + f"port {self.replica_port}\nreplicaof 127.0.0.1 {self.front.port}\n")
         for port in self.sentinel_ports:
-            self._start(port, f"port {port}\nbind 127.0.0.1\ndir {self.folder}\nrequirepass {self.password}\n"
-                              f"sentinel sentinel-pass {self.password}\n"
-                              f"sentinel monitor {MASTER} 127.0.0.1 {self.front.port} 2\n"
-                              f"sentinel auth-pass {MASTER} {self.password}\n"
-                              f"sentinel down-after-milliseconds {MASTER} 1000\n"
-                              f"sentinel failover-timeout {MASTER} 10000\n", "--sentinel")
-        assert wait_for(self.watched, 60), f"the Sentinels did not see the master, its replica and each other " \
-                                           f"(logs in {self.folder})"
+            self._start(
+                port,
+                f"port {port}\nbind 127.0.0.1\ndir {self.folder}\nrequirepass {self.password}\n"
+                f"sentinel sentinel-pass {self.password}\n"
+                f"sentinel monitor {MASTER} 127.0.0.1 {self.front.port} 2\n"
+                f"sentinel auth-pass {MASTER} {self.password}\n"
+                f"sentinel down-after-milliseconds {MASTER} 1000\n"
+                f"sentinel failover-timeout {MASTER} 10000\n",
+                "--sentinel",
+            )
+        assert wait_for(self.watched, 60), (
+            f"the Sentinels did not see the master, its replica and each other (logs in {self.folder})"
+        )
         return self
 
     def client(self, port: int) -> redis.Redis:
@@ -212,9 +224,15 @@ def sentinel_redis(tmp_path):
 
 @pytest.fixture
 def sentinel_settings(settings, sentinel_redis, mail_sink):
-    return settings.model_copy(update={"redis_url": None, "redis_sentinels": sentinel_redis.sentinels,
-                                       "redis_sentinel_master": MASTER, "redis_password": sentinel_redis.password,
-                                       "smtp_url": mail_sink.url})
+    return settings.model_copy(
+        update={
+            "redis_url": None,
+            "redis_sentinels": sentinel_redis.sentinels,
+            "redis_sentinel_master": MASTER,
+            "redis_password": sentinel_redis.password,
+            "smtp_url": mail_sink.url,
+        }
+    )
 
 
 class Desk:
@@ -264,17 +282,23 @@ class Mailbox:
         """(arrival time, text) of each handoff email to the partner."""
         with self.sink.lock:
             messages = list(self.sink.messages)
-        return [(self.arrived[i] if i < len(self.arrived) else time.monotonic(),
-                 m["message"].get_body(("plain",)).get_content())
-                for i, m in enumerate(messages) if PARTNER in m["to"] and "nouvelle demande" in m["subject"].lower()]
+        return [
+            (
+                self.arrived[i] if i < len(self.arrived) else time.monotonic(),
+                m["message"].get_body(("plain",)).get_content(),
+            )
+            for i, m in enumerate(messages)
+            if PARTNER in m["to"] and "nouvelle demande" in m["subject"].lower()
+        ]
 
     def stop(self) -> None:
         self.running = False
         self.thread.join(5)
 
 
-def test_killing_the_master_loses_no_need_and_the_pipeline_resumes(sentinel_redis, sentinel_settings, mail_sink,
-                                                                   start_service):
+def test_killing_the_master_loses_no_need_and_the_pipeline_resumes(
+    sentinel_redis, sentinel_settings, mail_sink, start_service
+):
     intake = start_service("intake", sentinel_settings)
     referral = start_service("referral", sentinel_settings)
     start_service("notifications", sentinel_settings)
@@ -288,8 +312,9 @@ def test_killing_the_master_loses_no_need_and_the_pipeline_resumes(sentinel_redi
         killed_at = time.monotonic()
         sentinel_redis.kill(old_master)
 
-        assert wait_for(lambda: sentinel_redis.master_port_now() == sentinel_redis.replica_port, 60), \
+        assert wait_for(lambda: sentinel_redis.master_port_now() == sentinel_redis.replica_port, 60), (
             "the Sentinels did not promote the replica"
+        )
         promoted_at = time.monotonic()
         # The desk goes on until handoffs of needs posted after the kill come out: more emails than needs before it.
         before_kill = len([at for at, _ in desk.recorded if at <= killed_at])
@@ -308,11 +333,12 @@ def test_killing_the_master_loses_no_need_and_the_pipeline_resumes(sentinel_redi
 
     referrals = {}
     for _, need_id in recorded:
-        referrals[need_id] = wait_for(lambda: referral_of(need_id), 90)
+        referrals[need_id] = wait_for(lambda need_id=need_id: referral_of(need_id), 90)
         assert referrals[need_id], f"need {need_id} was never referred"
     handed_off = lambda: mailbox.handoffs()  # noqa: E731
-    assert wait_for(lambda: len(handed_off()) >= len(recorded), 90), \
+    assert wait_for(lambda: len(handed_off()) >= len(recorded), 90), (
         f"{len(handed_off())} handoff emails for {len(recorded)} needs"
+    )
     mails = handed_off()
     mailbox.stop()
     arrival = {}
@@ -327,14 +353,17 @@ def test_killing_the_master_loses_no_need_and_the_pipeline_resumes(sentinel_redi
     resumed = min(arrival[need] for need in after) - killed_at
     latency_before = statistics.median(arrival[n] - posted[n] for n in posted if posted[n] < killed_at)
     worst = max(arrival[n] - posted[n] for n in posted)
-    print(f"\nSentinel failover: {len(recorded)} needs posted, {len(after)} after the SIGKILL of the master; "
-          f"replica promoted {promoted_at - killed_at:.1f} s after the kill; first handoff email of a need posted "
-          f"after the kill {resumed:.1f} s after it; handoff latency {latency_before:.2f} s (median, before the "
-          f"kill), {worst:.1f} s at worst (a need posted just before the kill)")
+    print(
+        f"\nSentinel failover: {len(recorded)} needs posted, {len(after)} after the SIGKILL of the master; "
+        f"replica promoted {promoted_at - killed_at:.1f} s after the kill; first handoff email of a need posted "
+        f"after the kill {resumed:.1f} s after it; handoff latency {latency_before:.2f} s (median, before the "
+        f"kill), {worst:.1f} s at worst (a need posted just before the kill)"
+    )
 
 
-def test_an_event_the_master_did_not_pass_to_its_replica_is_not_marked_published(sentinel_redis, sentinel_settings,
-                                                                                  start_service):
+def test_an_event_the_master_did_not_pass_to_its_replica_is_not_marked_published(
+    sentinel_redis, sentinel_settings, start_service
+):
     intake = start_service("intake", sentinel_settings)
     stream = sentinel_settings.key(NEEDS)
 
@@ -344,13 +373,15 @@ def test_an_event_the_master_did_not_pass_to_its_replica_is_not_marked_published
     need_id = r.json()["id"]
     master = sentinel_redis.client(sentinel_redis.master_port)
     # The relay has done what it does with this event: marked it published, or (WAIT unanswered) published it again.
-    assert wait_for(lambda: master.xlen(stream) >= 2 or intake.svc.service.outbox_state()["backlog"] == 0, 30), \
+    assert wait_for(lambda: master.xlen(stream) >= 2 or intake.svc.service.outbox_state()["backlog"] == 0, 30), (
         "the relay did not publish to the master"
+    )
     sentinel_redis.kill(sentinel_redis.master_port)
     sentinel_redis.front.cut()  # what the replica had not received is gone with the master
 
-    assert wait_for(lambda: sentinel_redis.master_port_now() == sentinel_redis.replica_port, 60), \
+    assert wait_for(lambda: sentinel_redis.master_port_now() == sentinel_redis.replica_port, 60), (
         "the Sentinels did not promote the replica"
+    )
     promoted = sentinel_redis.client(sentinel_redis.replica_port)
 
     def on_new_master() -> bool:
@@ -364,7 +395,8 @@ def test_an_event_the_master_did_not_pass_to_its_replica_is_not_marked_published
 
 
 def test_events_published_while_the_master_had_no_replica_are_published_again_on_a_new_master(
-        sentinel_redis, sentinel_settings, start_service):
+    sentinel_redis, sentinel_settings, start_service
+):
     intake = start_service("intake", sentinel_settings)
     stream = sentinel_settings.key(NEEDS)
     master = sentinel_redis.client(sentinel_redis.master_port)
@@ -378,8 +410,9 @@ def test_events_published_while_the_master_had_no_replica_are_published_again_on
     sentinel_redis.kill(sentinel_redis.master_port)
 
     # The Sentinels promote the replica that was cut off (it was not for long): it lacks the event.
-    assert wait_for(lambda: sentinel_redis.master_port_now() == sentinel_redis.replica_port, 60), \
+    assert wait_for(lambda: sentinel_redis.master_port_now() == sentinel_redis.replica_port, 60), (
         "the Sentinels did not promote the replica"
+    )
     promoted = sentinel_redis.client(sentinel_redis.replica_port)
 
     def on_new_master() -> bool:

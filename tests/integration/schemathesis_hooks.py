@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import schemathesis
 from hypothesis import strategies as st
@@ -47,6 +47,6 @@ def _in_the_future(value):  # noqa: ANN001
         until = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except (AttributeError, TypeError, ValueError):
         return value  # not a date-time: a negative case, sent as drawn
-    if until.tzinfo is None or until > datetime.now(timezone.utc):
+    if until.tzinfo is None or until > datetime.now(UTC):
         return value
-    return (datetime.now(timezone.utc) + timedelta(days=30)).isoformat()
+    return (datetime.now(UTC) + timedelta(days=30)).isoformat()

@@ -31,8 +31,16 @@ def fast_directory(tmp_path, sla=FAST_SLA):
 
 
 def record(intake, category="caf"):
-    r = intake.client("desk").post("/needs", json={"library_id": "chatelet", "category": category,
-                                                  "summary": "Dossier bloqué", "postal_code": "76000", "consent": True})
+    r = intake.client("desk").post(
+        "/needs",
+        json={
+            "library_id": "chatelet",
+            "category": category,
+            "summary": "Dossier bloqué",
+            "postal_code": "76000",
+            "consent": True,
+        },
+    )
     assert r.status_code == 201, r.text
     return r.json()
 
@@ -58,10 +66,16 @@ def test_reminder_escalation_and_breach_reach_the_right_people_in_order(settings
     assert subjects()[2] == ("referent@caf.test.example", "Relance")
     clock.advance(timedelta(hours=12))  # 60 h: escalation to the backup and the coordination
     assert wait_for(lambda: len(mail_sink.messages) == 5), subjects()
-    assert sorted(subjects()[3:5]) == [("backup@caf.test.example", "Escalade"), ("coordination@test.example", "Escalade")]
+    assert sorted(subjects()[3:5]) == [
+        ("backup@caf.test.example", "Escalade"),
+        ("coordination@test.example", "Escalade"),
+    ]
     clock.advance(timedelta(hours=12))  # 72 h: the breach, to the desk and the coordination
     assert wait_for(lambda: len(mail_sink.messages) == 7), subjects()
-    assert sorted(subjects()[5:7]) == [("accueil@chatelet.test.example", "Délai"), ("coordination@test.example", "Délai")]
+    assert sorted(subjects()[5:7]) == [
+        ("accueil@chatelet.test.example", "Délai"),
+        ("coordination@test.example", "Délai"),
+    ]
 
     ref = referral.client("ops").get("/referrals", params={"need_id": need["id"]}).json()["items"][0]
     assert ref["sla"] == "breached" and ref["status"] == "assigned"
@@ -82,9 +96,11 @@ def test_accepting_early_stops_every_later_notice(settings, mail_sink, start_ser
     # Every timer comes due (the clock moves past the deadline) and is found moot: the clock had stopped.
     clock.advance(timedelta(hours=73))
     db = referral.svc.db
+
     def timers():
         with db.transaction() as s:
             return [(t.kind, t.outcome) for t in s.exec(select(ClockTimer).where(ClockTimer.need_id == need["id"]))]
+
     assert wait_for(lambda: all(outcome for _, outcome in timers()), 20)
     assert {outcome for _, outcome in timers()} == {"moot"}
     assert wait_for(lambda: mail_sink.to("accueil@chatelet.test.example"))  # the desk hears of the acceptance
@@ -104,9 +120,16 @@ def _ready(url):
 
 
 def _seed_routed_need(db, directory, now):
-    event = NeedRecorded(need_id=new_id(), library_id="chatelet", category="caf", summary="x",
-                         postal_code="76000", urgency="normal", recorded_at=now - timedelta(hours=80),
-                         person=PersonContact())
+    event = NeedRecorded(
+        need_id=new_id(),
+        library_id="chatelet",
+        category="caf",
+        summary="x",
+        postal_code="76000",
+        urgency="normal",
+        recorded_at=now - timedelta(hours=80),
+        person=PersonContact(),
+    )
     with db.transaction() as s:
         handlers.on_need_recorded(s, event, directory, now - timedelta(hours=80))
     return event.need_id
@@ -146,10 +169,15 @@ def test_two_replicas_racing_fire_each_timer_once(settings, directory_file):
     db.dispose()
 
 
-def test_a_timer_due_while_every_referral_process_was_dead_fires_once_after_restart(settings, mail_sink, tmp_path,
-                                                                                    start_service):
-    settings = settings.model_copy(update={"smtp_url": mail_sink.url, "directory": fast_directory(
-        tmp_path, {"respond_within": "PT6S", "remind_after": ["PT4S"]})})
+def test_a_timer_due_while_every_referral_process_was_dead_fires_once_after_restart(
+    settings, mail_sink, tmp_path, start_service
+):
+    settings = settings.model_copy(
+        update={
+            "smtp_url": mail_sink.url,
+            "directory": fast_directory(tmp_path, {"respond_within": "PT6S", "remind_after": ["PT4S"]}),
+        }
+    )
     intake = start_service("intake", settings, clock=utcnow)  # referral runs as a real process, on the real time
     start_service("notifications", settings, clock=utcnow)
     env = {**os.environ, **{f"RELAIS_{k.upper()}": str(v) for k, v in settings.model_dump().items() if v is not None}}
@@ -170,9 +198,13 @@ def test_a_timer_due_while_every_referral_process_was_dead_fires_once_after_rest
         try:
             assert wait_for(lambda: len(mail_sink.messages) >= 4, 30), [m["subject"] for m in mail_sink.messages]
             with db.transaction() as s:
-                assert sorted(s.exec(select(OutboxMessage.type).where(OutboxMessage.type.in_(
-                    ["referral.reminder_due", "referral.breached"]))).all()) == ["referral.breached",
-                                                                                "referral.reminder_due"]
+                assert sorted(
+                    s.exec(
+                        select(OutboxMessage.type).where(
+                            OutboxMessage.type.in_(["referral.reminder_due", "referral.breached"])
+                        )
+                    ).all()
+                ) == ["referral.breached", "referral.reminder_due"]
                 assert s.exec(select(Referral.sla)).all() == ["breached"]
         finally:
             second.terminate()

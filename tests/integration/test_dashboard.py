@@ -20,7 +20,7 @@ from services.referral.store import ClockTimer, NeedCase, OpsAction, Referral, R
 from shared import queues
 from shared.events import NeedRecorded, PersonContact, utcnow
 from shared.signin import sign_in_link
-from shared.testing import directory_data, clock_start, use_sign_in_link, wait_for
+from shared.testing import clock_start, directory_data, use_sign_in_link, wait_for
 
 pytestmark = pytest.mark.date_sensitive  # deadlines in words, months, dates to come
 
@@ -32,28 +32,78 @@ D = timedelta(days=1)
 def seed(db) -> None:
     """Referrals, history and timers whose figures are worked out by hand in the tests below."""
     with db.transaction() as s:
-        def referral(rid, partner, created, respond_by=None, status="assigned", sla="on_track", category="caf",
-                     history=(), recorded=None):
-            s.add(NeedCase(need_id=f"n-{rid}", library_id="chatelet", category=category, summary="x",
-                           urgency="normal", recorded_at=recorded or created))
+
+        def referral(
+            rid,
+            partner,
+            created,
+            respond_by=None,
+            status="assigned",
+            sla="on_track",
+            category="caf",
+            history=(),
+            recorded=None,
+        ):
+            s.add(
+                NeedCase(
+                    need_id=f"n-{rid}",
+                    library_id="chatelet",
+                    category=category,
+                    summary="x",
+                    urgency="normal",
+                    recorded_at=recorded or created,
+                )
+            )
             s.flush()
-            s.add(Referral(id=rid, need_id=f"n-{rid}", partner_id=partner, contact_id="c", library_id="chatelet",
-                           category=category, status=status, sla=sla, respond_by=respond_by or created + 72 * H,
-                           routed_because="test", created_at=created, updated_at=created))
+            s.add(
+                Referral(
+                    id=rid,
+                    need_id=f"n-{rid}",
+                    partner_id=partner,
+                    contact_id="c",
+                    library_id="chatelet",
+                    category=category,
+                    status=status,
+                    sla=sla,
+                    respond_by=respond_by or created + 72 * H,
+                    routed_because="test",
+                    created_at=created,
+                    updated_at=created,
+                )
+            )
             s.flush()
             s.add(ReferralHistory(referral_id=rid, at=created, action="assigned", actor="system"))
             for action, at, detail in history:
-                s.add(ReferralHistory(referral_id=rid, at=at, action=action, actor="system" if action == "breach"
-                                      else "op", detail=detail))
+                s.add(
+                    ReferralHistory(
+                        referral_id=rid,
+                        at=at,
+                        action=action,
+                        actor="system" if action == "breach" else "op",
+                        detail=detail,
+                    )
+                )
 
         # caf-76: first answers after 1, 2, 3, 4 h (in time), 80 h (late) and 1 h; one unanswered past its deadline
         for n, hours in enumerate((1, 2, 3, 4), start=1):
             created = NOW - 10 * D
-            referral(f"a{n}", "caf-76", created, status="accepted", sla="met",
-                     history=[("accept", created + hours * H, None)])
+            referral(
+                f"a{n}",
+                "caf-76",
+                created,
+                status="accepted",
+                sla="met",
+                history=[("accept", created + hours * H, None)],
+            )
         created = NOW - 9 * D
-        referral("a5", "caf-76", created, status="responded", sla="breached",
-                 history=[("breach", created + 72 * H, None), ("respond", created + 80 * H, "Rappelée")])
+        referral(
+            "a5",
+            "caf-76",
+            created,
+            status="responded",
+            sla="breached",
+            history=[("breach", created + 72 * H, None), ("respond", created + 80 * H, "Rappelée")],
+        )
         created = NOW - 5 * D
         referral("a6", "caf-76", created, sla="breached", history=[("breach", created + 72 * H, None)])
         referral("a7", "caf-76", NOW - 3 * H, status="accepted", sla="met", history=[("accept", NOW - 2 * H, None)])
@@ -63,20 +113,51 @@ def seed(db) -> None:
         referral("d3", "caf-76", NOW - 1 * H, respond_by=NOW + 30 * H)
         # caf-national: waiting for 30 h, nothing done since an answer 40 days ago: it stopped answering
         referral("s1", "caf-national", NOW - 30 * H)
-        referral("o1", "caf-national", NOW - 40 * D, status="closed", sla="met",
-                 history=[("accept", NOW - 40 * D + H, None), ("breach", NOW - 37 * D, None)])
+        referral(
+            "o1",
+            "caf-national",
+            NOW - 40 * D,
+            status="closed",
+            sla="met",
+            history=[("accept", NOW - 40 * D + H, None), ("breach", NOW - 37 * D, None)],
+        )
         # cpam-76: three declines within 30 days (two for capacity), one older
-        for rid, days, detail in (("c1", 3, "Capacité atteinte : plus de place"), ("c2", 2, "Hors de notre champ"),
-                                  ("c3", 1, "Capacité atteinte"), ("c4", 40, "Doublon")):
-            referral(rid, "cpam-76", NOW - days * D, status="declined", category="sante",
-                     history=[("decline", NOW - days * D + H, detail)])
+        for rid, days, detail in (
+            ("c1", 3, "Capacité atteinte : plus de place"),
+            ("c2", 2, "Hors de notre champ"),
+            ("c3", 1, "Capacité atteinte"),
+            ("c4", 40, "Doublon"),
+        ):
+            referral(
+                rid,
+                "cpam-76",
+                NOW - days * D,
+                status="declined",
+                category="sante",
+                history=[("decline", NOW - days * D + H, detail)],
+            )
         # the clock: four timers fired within 24 h, 1, 2, 3 and 10 s late; older or cancelled ones do not count
-        for need, kind, late in (("n-a1", "reminder", 1), ("n-a2", "reminder", 2), ("n-a3", "escalation", 3),
-                                 ("n-a4", "breach", 10)):
-            s.add(ClockTimer(need_id=need, kind=kind, number=1 if kind == "reminder" else 0, due_at=NOW - H,
-                             fired_at=NOW - H + late * timedelta(seconds=1), outcome="fired"))
-        s.add(ClockTimer(need_id="n-a5", kind="reminder", number=1, due_at=NOW - 2 * D, fired_at=NOW - 2 * D,
-                         outcome="fired"))
+        for need, kind, late in (
+            ("n-a1", "reminder", 1),
+            ("n-a2", "reminder", 2),
+            ("n-a3", "escalation", 3),
+            ("n-a4", "breach", 10),
+        ):
+            s.add(
+                ClockTimer(
+                    need_id=need,
+                    kind=kind,
+                    number=1 if kind == "reminder" else 0,
+                    due_at=NOW - H,
+                    fired_at=NOW - H + late * timedelta(seconds=1),
+                    outcome="fired",
+                )
+            )
+        s.add(
+            ClockTimer(
+                need_id="n-a5", kind="reminder", number=1, due_at=NOW - 2 * D, fired_at=NOW - 2 * D, outcome="fired"
+            )
+        )
         s.add(ClockTimer(need_id="n-a6", kind="reminder", number=2, due_at=NOW - H, fired_at=NOW, outcome="cancelled"))
         # due five minutes ago and not fired yet: the running clock fires it (moot: a1 was answered), 300 s late
         s.add(ClockTimer(need_id="n-a1", kind="reminder", number=2, due_at=NOW - 5 * timedelta(minutes=1)))
@@ -116,8 +197,10 @@ def test_every_figure_on_seeded_data(referral):
     assert national["median_answer_seconds"] is None and national["in_time_share"] is None
     cpam = partners["cpam-76"]
     assert cpam["declines_30d"] == 3
-    assert cpam["decline_reasons"] == [{"reason": "Capacité atteinte", "count": 2},
-                                       {"reason": "Hors de notre champ", "count": 1}]
+    assert cpam["decline_reasons"] == [
+        {"reason": "Capacité atteinte", "count": 2},
+        {"reason": "Hors de notre champ", "count": 1},
+    ]
 
     clock = board["clock"]
     assert clock["lag_max_seconds"] == 300 and clock["lag_p50_seconds"] == 3  # 1, 2, 3, 10, 300 s
@@ -130,11 +213,17 @@ def test_every_figure_on_seeded_data(referral):
     assert board["recent_actions"][0]["reason"] == "Fermeture"
 
     # intake and notifications are not running: their parts say so, the rest is there
-    assert board["deliveries"] == {"available": False, "error": "notifications unreachable (ConnectError)",
-                                   "data": None}
+    assert board["deliveries"] == {
+        "available": False,
+        "error": "notifications unreachable (ConnectError)",
+        "data": None,
+    }
     assert board["reports"]["available"] is False
     assert {o["service"]: o["available"] for o in board["queues"]["outboxes"]} == {
-        "intake": False, "referral": True, "notifications": False}
+        "intake": False,
+        "referral": True,
+        "notifications": False,
+    }
     assert [s["name"] for s in board["queues"]["streams"]] == ["needs", "referrals", "deliveries", "access"]
 
     metrics = httpx.get(f"{referral.url}/metrics").text
@@ -155,26 +244,38 @@ def test_the_charts_data_is_the_apis_and_the_vendored_uplot_is_served(referral):
     page = browser.get("/tableau-de-bord")
     browser.close()
     assert page.status_code == 200
-    figures = dict(re.findall(r'<figure class="chart" id="graphique-(\w+)".*?data-chart=\'([^\']*)\'.*?</figure>',
-                              page.text, re.S))
+    figures = dict(
+        re.findall(r'<figure class="chart" id="graphique-(\w+)".*?data-chart=\'([^\']*)\'.*?</figure>', page.text, re.S)
+    )
     charts = {name: json.loads(data) for name, data in figures.items()}
     zone = ZoneInfo(board["timezone"])
     needs, answers = board["charts"]["needs_per_hour"], board["charts"]["answer_times"]
-    assert charts["flux"] == {"x": "Heure", "y": "Demandes", "counts": [b["count"] for b in needs],
-                              "labels": [f"{datetime.fromisoformat(b['start']).astimezone(zone).hour} h" for b in needs]}
-    assert charts["reponses"] == {"x": "Délai", "y": "Réponses", "counts": [0, 4, 1, 0, 0, 0, 1],
-                                  "labels": [b["label"] for b in answers]}
+    assert charts["flux"] == {
+        "x": "Heure",
+        "y": "Demandes",
+        "counts": [b["count"] for b in needs],
+        "labels": [f"{datetime.fromisoformat(b['start']).astimezone(zone).hour} h" for b in needs],
+    }
+    assert charts["reponses"] == {
+        "x": "Délai",
+        "y": "Réponses",
+        "counts": [0, 4, 1, 0, 0, 0, 1],
+        "labels": [b["label"] for b in answers],
+    }
     assert [b["count"] for b in answers] == [0, 4, 1, 0, 0, 0, 1]
     # the table under each chart has the same rows
     for name, chart in charts.items():
         block = re.search(rf'id="graphique-{name}".*?<tbody>(.*?)</tbody>', page.text, re.S).group(1)
         rows = re.findall(r'<tr><td>(.*?)</td><td class="num">(\d+)</td></tr>', block)
-        assert rows == [(label, str(count)) for label, count in zip(chart["labels"], chart["counts"])]
+        assert rows == [(label, str(count)) for label, count in zip(chart["labels"], chart["counts"], strict=True)]
     assert '<script src="/static/vendor/uplot/uPlot.iife.min.js" defer></script>' in page.text
     assert '<link rel="stylesheet" href="/static/vendor/uplot/uPlot.min.css">' in page.text
 
-    for name, kind in (("uPlot.iife.min.js", ("text/javascript", "application/javascript")),
-                       ("uPlot.min.css", ("text/css",)), ("LICENSE", None)):
+    for name, kind in (
+        ("uPlot.iife.min.js", ("text/javascript", "application/javascript")),
+        ("uPlot.min.css", ("text/css",)),
+        ("LICENSE", None),
+    ):
         answer = httpx.get(f"{referral.url}/static/vendor/uplot/{name}")
         assert answer.status_code == 200 and answer.content == (UPLOT / name).read_bytes()
         if kind:
@@ -192,8 +293,11 @@ def test_a_timer_left_unfired_is_counted_overdue(tmp_path):
     db = Database(f"sqlite:///{tmp_path / 'referral.db'}", TABLES)
     db.create_all()
     with db.transaction() as s:
-        s.add(NeedCase(need_id="n1", library_id="chatelet", category="caf", summary="x", urgency="normal",
-                       recorded_at=NOW))
+        s.add(
+            NeedCase(
+                need_id="n1", library_id="chatelet", category="caf", summary="x", urgency="normal", recorded_at=NOW
+            )
+        )
         s.flush()
         s.add(ClockTimer(need_id="n1", kind="reminder", number=1, due_at=NOW - 2 * timedelta(minutes=1)))
         s.add(ClockTimer(need_id="n1", kind="breach", number=0, due_at=NOW - timedelta(seconds=30)))
@@ -214,14 +318,17 @@ def csrf_of(html: str) -> str:
 
 
 def test_a_stopped_consumer_is_marked_stuck_and_a_dead_letter_replayed_after_a_fix(
-        settings, start_service, monkeypatch, tmp_path):
+    settings, start_service, monkeypatch, tmp_path
+):
     monkeypatch.setattr(queues, "LIVE_CONSUMER_IDLE_MS", 1500)  # silent 1.5 s = gone, instead of 30 s
     intake = start_service("intake", settings)
     referral = start_service("referral", settings)
     ops = referral.client("ops")
     desk = intake.client("desk")
-    need = desk.post("/needs", json={"library_id": "chatelet", "category": "caf", "summary": "x",
-                                     "postal_code": "76000", "consent": True}).json()
+    need = desk.post(
+        "/needs",
+        json={"library_id": "chatelet", "category": "caf", "summary": "x", "postal_code": "76000", "consent": True},
+    ).json()
     wait_for(lambda: desk.get(f"/needs/{need['id']}").json()["status"] == "referred")
 
     def intake_group(board):
@@ -231,6 +338,7 @@ def test_a_stopped_consumer_is_marked_stuck_and_a_dead_letter_replayed_after_a_f
     assert not intake_group(ops.get("/dashboard").json())["stuck"]
     intake.stop()  # its consumer is gone; referral events for it pile up
     from tests.helpers import record_need
+
     record_need(referral.svc)
     group = wait_for(lambda: (g := intake_group(ops.get("/dashboard").json()))["stuck"] and g, 20)
     assert group and group["problems"] == ["no_live_consumer"] and group["lag"] >= 1
@@ -241,20 +349,43 @@ def test_a_stopped_consumer_is_marked_stuck_and_a_dead_letter_replayed_after_a_f
     import redis
 
     client = redis.Redis.from_url(settings.redis_url)
-    event = NeedRecorded(need_id="n-new-library", library_id="bois-guillaume", category="caf", summary="x",
-                         postal_code="76230", urgency="normal", recorded_at=utcnow(), person=PersonContact())
-    from shared.messaging import DATA_FIELD
+    event = NeedRecorded(
+        need_id="n-new-library",
+        library_id="bois-guillaume",
+        category="caf",
+        summary="x",
+        postal_code="76230",
+        urgency="normal",
+        recorded_at=utcnow(),
+        person=PersonContact(),
+    )
     import json
-    client.xadd(settings.key("needs"), {DATA_FIELD: json.dumps({"data": event.model_dump_json(), "headers": {}}),
-                                        "type": event.type, "event_id": event.event_id, "need_id": event.need_id})
+
+    from shared.messaging import DATA_FIELD
+
+    client.xadd(
+        settings.key("needs"),
+        {
+            DATA_FIELD: json.dumps({"data": event.model_dump_json(), "headers": {}}),
+            "type": event.type,
+            "event_id": event.event_id,
+            "need_id": event.need_id,
+        },
+    )
     needs = lambda: next(s for s in ops.get("/dashboard").json()["queues"]["streams"] if s["name"] == "needs")  # noqa: E731
     assert wait_for(lambda: needs()["dead_letters"] == 1, 30)
 
     # The fix: the library is added to the directory (and reloaded, as SIGHUP does). Then replay from the page.
     data = directory_data()
-    data["libraries"].append({"id": "bois-guillaume", "name": "Médiathèque de Bois-Guillaume",
-                              "timezone": "Europe/Paris", "territory": ["76230"],
-                              "contacts": [{"name": "Accueil", "email": "accueil@bg.test.example"}]})
+    data["libraries"].append(
+        {
+            "id": "bois-guillaume",
+            "name": "Médiathèque de Bois-Guillaume",
+            "timezone": "Europe/Paris",
+            "territory": ["76230"],
+            "contacts": [{"name": "Accueil", "email": "accueil@bg.test.example"}],
+        }
+    )
     settings.directory.write_text(yaml.safe_dump(data, allow_unicode=True))
     referral.svc.reload_directory()
     browser = signed_in(referral, "ops")
@@ -262,13 +393,16 @@ def test_a_stopped_consumer_is_marked_stuck_and_a_dead_letter_replayed_after_a_f
     assert confirm.status_code == 200 and "bois-guillaume" in confirm.text
     refused = browser.post("/tableau-de-bord/actions/rejouer", data={"csrf": csrf_of(confirm.text), "flux": "needs"})
     assert refused.status_code == 422 and 'aria-invalid="true"' in refused.text  # the reason is required
-    done = browser.post("/tableau-de-bord/actions/rejouer",
-                        data={"csrf": csrf_of(confirm.text), "flux": "needs", "motif": "Bibliothèque ajoutée"})
+    done = browser.post(
+        "/tableau-de-bord/actions/rejouer",
+        data={"csrf": csrf_of(confirm.text), "flux": "needs", "motif": "Bibliothèque ajoutée"},
+    )
     assert done.status_code == 200 and done.url.path == "/tableau-de-bord" and "Messages rejoués : 1" in done.text
     routed = wait_for(lambda: ops.get("/referrals", params={"need_id": "n-new-library"}).json()["items"], 30)
     assert routed and routed[0]["partner_id"] == "caf-76"
     assert needs()["dead_letters"] == 0
     with referral.svc.db.read() as s:
         assert [(a.actor, a.action, a.target, a.reason) for a in s.exec(select(OpsAction))] == [
-            ("ops", "replay", "needs:*", "Bibliothèque ajoutée")]
+            ("ops", "replay", "needs:*", "Bibliothèque ajoutée")
+        ]
     client.close()

@@ -36,8 +36,17 @@ def csrf_of(html: str) -> str:
 
 
 def record(intake, **person) -> dict:
-    r = intake.client("desk").post("/needs", json={"library_id": "chatelet", "category": "caf", "summary": "x",
-                                                  "postal_code": "76000", "consent": True, "person": person})
+    r = intake.client("desk").post(
+        "/needs",
+        json={
+            "library_id": "chatelet",
+            "category": "caf",
+            "summary": "x",
+            "postal_code": "76000",
+            "consent": True,
+            "person": person,
+        },
+    )
     assert r.status_code == 201, r.text
     return r.json()
 
@@ -61,13 +70,15 @@ def test_reassign_pause_resume_and_cancel_from_the_dashboard(settings, start_ser
     # reassign: a partner must be chosen, and a reason given
     missing = confirm_and_post(browser, "reaffecter", {"orientation": ref["id"]}, {"motif": "Dossier national"})
     assert missing[0] == 422 and "Choisissez un partenaire" in missing[1]
-    done = confirm_and_post(browser, "reaffecter", {"orientation": ref["id"]},
-                            {"partenaire": "caf-national", "motif": "Dossier national"})
+    done = confirm_and_post(
+        browser, "reaffecter", {"orientation": ref["id"]}, {"partenaire": "caf-national", "motif": "Dossier national"}
+    )
     assert done[0] == 200 and "L'orientation a été réaffectée" in done[1]
     items = ops.get("/referrals", params={"need_id": need["id"]}).json()["items"]
     assert [(r["partner_id"], r["status"]) for r in items] == [("caf-national", "assigned"), ("caf-76", "cancelled")]
-    again = confirm_and_post(browser, "reaffecter", {"orientation": ref["id"]},
-                             {"partenaire": "caf-national", "motif": "encore"})
+    again = confirm_and_post(
+        browser, "reaffecter", {"orientation": ref["id"]}, {"partenaire": "caf-national", "motif": "encore"}
+    )
     assert again[0] == 409 and "ne peut plus être réaffectée" in again[1]
 
     # pause until a day to come, then resume
@@ -75,13 +86,19 @@ def test_reassign_pause_resume_and_cancel_from_the_dashboard(settings, start_ser
     past = confirm_and_post(browser, "pause", {"partenaire": "caf-76"}, {"reprise": today.isoformat(), "motif": "x"})
     assert past[0] == 422 and "Choisissez une date à venir" in past[1]
     resume_on = today + timedelta(days=3)
-    paused = confirm_and_post(browser, "pause", {"partenaire": "caf-76"},
-                              {"reprise": resume_on.isoformat(), "motif": "Fermeture pour travaux"})
+    paused = confirm_and_post(
+        browser,
+        "pause",
+        {"partenaire": "caf-76"},
+        {"reprise": resume_on.isoformat(), "motif": "Fermeture pour travaux"},
+    )
     assert paused[0] == 200 and "Le partenaire est en pause" in paused[1]
     caf = next(p for p in ops.get("/partners").json()["items"] if p["id"] == "caf-76")
     assert caf["pause_reason"] == "Fermeture pour travaux"
-    assert caf["paused_until"].startswith(resume_on.isoformat()) or caf["paused_until"][:10] == (
-        resume_on - timedelta(days=1)).isoformat()  # midnight in Paris is the evening before in UTC
+    assert (
+        caf["paused_until"].startswith(resume_on.isoformat())
+        or caf["paused_until"][:10] == (resume_on - timedelta(days=1)).isoformat()
+    )  # midnight in Paris is the evening before in UTC
     resumed = confirm_and_post(browser, "reprise", {"partenaire": "caf-76"}, {"motif": "Réouverture"})
     assert resumed[0] == 200 and "reçoit de nouveau des demandes" in resumed[1]
     twice = confirm_and_post(browser, "reprise", {"partenaire": "caf-76"}, {"motif": "Réouverture"})
@@ -92,14 +109,16 @@ def test_reassign_pause_resume_and_cancel_from_the_dashboard(settings, start_ser
     assert unknown[0] == 404 and "ne connaît pas cette demande" in unknown[1]
     cancelled = confirm_and_post(browser, "annuler", {"demande": need["id"]}, {"motif": "Saisie en double"})
     assert cancelled[0] == 200 and "La demande est annulée" in cancelled[1]
-    assert wait_for(lambda: ops.get("/referrals", params={"need_id": need["id"]}).json()["items"][0]["status"]
-                    == "cancelled")
+    assert wait_for(
+        lambda: ops.get("/referrals", params={"need_id": need["id"]}).json()["items"][0]["status"] == "cancelled"
+    )
     current = ops.get("/referrals", params={"need_id": need["id"]}).json()["items"][0]
     last = ops.get(f"/referrals/{current['id']}").json()["history"][-1]
     assert (last["action"], last["actor"], last["detail"]) == ("cancel", "ops", "Saisie en double")
     desk_view = intake.client("desk").get(f"/needs/{need['id']}").json()
     assert desk_view["status"] == "closed" and "need.cancelled" in [h["event"] for h in desk_view["history"]]
     from services.referral.store import ClockTimer
+
     with referral.svc.db.read() as s:
         timers = s.exec(select(ClockTimer).where(ClockTimer.need_id == need["id"])).all()
     assert timers and {t.outcome for t in timers} == {"cancelled"}
@@ -108,8 +127,11 @@ def test_reassign_pause_resume_and_cancel_from_the_dashboard(settings, start_ser
 
     with referral.svc.db.read() as s:
         assert [(a.actor, a.action, a.reason) for a in s.exec(select(OpsAction).order_by(OpsAction.id))] == [
-            ("ops", "reassign", "Dossier national"), ("ops", "pause_partner", "Fermeture pour travaux"),
-            ("ops", "resume_partner", "Réouverture"), ("ops", "cancel_need", "Saisie en double")]
+            ("ops", "reassign", "Dossier national"),
+            ("ops", "pause_partner", "Fermeture pour travaux"),
+            ("ops", "resume_partner", "Réouverture"),
+            ("ops", "cancel_need", "Saisie en double"),
+        ]
     board = browser.get("/tableau-de-bord").text
     assert "Saisie en double" in board and "Demande annulée" in board  # the latest actions, with who and why
 
@@ -130,10 +152,16 @@ def test_partners_and_desks_get_403_on_every_ops_page_and_endpoint(settings, mai
 
     partner = signed_in(referral, "op-caf")
     csrf = csrf_of(partner.get("/boite").text)
-    for path in ("/tableau-de-bord", "/tableau-de-bord/chiffres", "/tableau-de-bord/rapports.csv",
-                 "/tableau-de-bord/confirmer/pause?partenaire=caf-76", "/tableau-de-bord/confirmer/rejouer?flux=needs",
-                 "/tableau-de-bord/confirmer/reaffecter?orientation=x", "/tableau-de-bord/confirmer/annuler?demande=x",
-                 "/tableau-de-bord/confirmer/reprise?partenaire=caf-76"):
+    for path in (
+        "/tableau-de-bord",
+        "/tableau-de-bord/chiffres",
+        "/tableau-de-bord/rapports.csv",
+        "/tableau-de-bord/confirmer/pause?partenaire=caf-76",
+        "/tableau-de-bord/confirmer/rejouer?flux=needs",
+        "/tableau-de-bord/confirmer/reaffecter?orientation=x",
+        "/tableau-de-bord/confirmer/annuler?demande=x",
+        "/tableau-de-bord/confirmer/reprise?partenaire=caf-76",
+    ):
         answer = partner.get(path)
         assert answer.status_code == 403 and "Accès non autorisé" in html.unescape(answer.text), path
     for action in ("rejouer", "reaffecter", "pause", "reprise", "annuler"):
@@ -146,14 +174,22 @@ def test_partners_and_desks_get_403_on_every_ops_page_and_endpoint(settings, mai
     assert desk_browser.get(httpx.URL(link).raw_path.decode()).status_code == 403
 
     endpoints = [
-        (referral, "GET", "/dashboard", None), (referral, "GET", "/partners", None),
-        (referral, "POST", "/partners/caf-76/pause", {"until": (referral.svc.clock() + timedelta(days=1)).isoformat(), "reason": "x"}),
+        (referral, "GET", "/dashboard", None),
+        (referral, "GET", "/partners", None),
+        (
+            referral,
+            "POST",
+            "/partners/caf-76/pause",
+            {"until": (referral.svc.clock() + timedelta(days=1)).isoformat(), "reason": "x"},
+        ),
         (referral, "POST", "/partners/caf-76/resume", {"reason": "x"}),
-        (referral, "GET", "/dead-letters/needs", None), (referral, "POST", "/dead-letters/needs/replay", {"reason": "x"}),
+        (referral, "GET", "/dead-letters/needs", None),
+        (referral, "POST", "/dead-letters/needs/replay", {"reason": "x"}),
         (referral, "POST", "/referrals/x/reassign", {"partner_id": "caf-national"}),
         (referral, "POST", "/referrals/x/cancel", {"reason": "x"}),
         (intake, "POST", "/needs/x/cancel", {"reason": "x"}),
-        (notifications, "GET", "/deliveries/stats", None), (notifications, "GET", "/deliveries", None),
+        (notifications, "GET", "/deliveries/stats", None),
+        (notifications, "GET", "/deliveries", None),
         *((service, "GET", "/ops/outbox", None) for service in (intake, referral, notifications)),
     ]
     for who in ("caf", "desk"):
@@ -197,20 +233,40 @@ def test_one_needs_path_in_metrics_and_logs(settings, mail_sink, start_service):
         intake = start_service("intake", settings)
         referral = start_service("referral", settings)
         notifications = start_service("notifications", settings)
-        r = intake.client("desk").post("/needs", headers={"X-Correlation-ID": "corr-obs-1"}, json={
-            "library_id": "chatelet", "category": "caf", "summary": "Loyer impayé", "postal_code": "76000",
-            "consent": True, "person": {"display_name": "Zoé Testperson", "email": "zoe.testperson@example.org",
-                                        "phone": "+33612345678", "preferred_channel": "email"}})
+        r = intake.client("desk").post(
+            "/needs",
+            headers={"X-Correlation-ID": "corr-obs-1"},
+            json={
+                "library_id": "chatelet",
+                "category": "caf",
+                "summary": "Loyer impayé",
+                "postal_code": "76000",
+                "consent": True,
+                "person": {
+                    "display_name": "Zoé Testperson",
+                    "email": "zoe.testperson@example.org",
+                    "phone": "+33612345678",
+                    "preferred_channel": "email",
+                },
+            },
+        )
         assert r.status_code == 201 and r.headers["x-correlation-id"] == "corr-obs-1"
         need_id = r.json()["id"]
         assert wait_for(lambda: mail_sink.to("referent@caf.test.example"))
 
         def emitted():
-            return {line["event_type"] for line in lines
-                    if line.get("correlation_id") == "corr-obs-1" and line.get("need_id") == need_id
-                    and line["msg"].startswith("emit")}
+            return {
+                line["event_type"]
+                for line in lines
+                if line.get("correlation_id") == "corr-obs-1"
+                and line.get("need_id") == need_id
+                and line["msg"].startswith("emit")
+            }
+
         assert wait_for(lambda: {"need.recorded", "referral.assigned", "delivery.sent"} <= emitted()), emitted()
-        http = [line for line in lines if line["logger"] == "relais.http" and line.get("correlation_id") == "corr-obs-1"]
+        http = [
+            line for line in lines if line["logger"] == "relais.http" and line.get("correlation_id") == "corr-obs-1"
+        ]
         assert http and http[0]["msg"] == "POST /api/v1/needs 201"
     finally:
         root.removeHandler(handler)
@@ -225,8 +281,11 @@ def test_one_needs_path_in_metrics_and_logs(settings, mail_sink, start_service):
         assert f'relais_outbox_backlog{{service="{name}"}}' in body
         assert "relais_http_requests_total" in body and "relais_http_request_seconds" in body
     needs = f"{settings.namespace}:needs"
-    assert re.search(rf'faststream_received_processed_messages_total\{{app_name="referral",broker="redis",'
-                     rf'handler="{needs}",status="acked"\}} 1\.0', text["referral"])
+    assert re.search(
+        rf'faststream_received_processed_messages_total\{{app_name="referral",broker="redis",'
+        rf'handler="{needs}",status="acked"\}} 1\.0',
+        text["referral"],
+    )
     assert 'relais_open_referrals{sla="on_track"} 1.0' in text["referral"]
     assert 'relais_deliveries{channel="email",status="sent"}' in text["notifications"]
     assert "relais_timer_firing_lag_seconds" in text["referral"]

@@ -45,9 +45,18 @@ def needs_of(service) -> list[Need]:
         return list(session.exec(select(Need).order_by(Need.recorded_at)).all())
 
 
-A_NEED = {"category": "Allocations familiales (CAF)", "summary": "Dossier APL bloqué", "postal_code": "76000",
-          "urgency": "normal", "display_name": "M. D.", "email": "m.d@example.org", "phone": "",
-          "preferred_channel": "email", "language": "fr", "consent": "oui"}
+A_NEED = {
+    "category": "Allocations familiales (CAF)",
+    "summary": "Dossier APL bloqué",
+    "postal_code": "76000",
+    "urgency": "normal",
+    "display_name": "M. D.",
+    "email": "m.d@example.org",
+    "phone": "",
+    "preferred_channel": "email",
+    "language": "fr",
+    "consent": "oui",
+}
 
 
 def test_sign_in_by_emailed_link_and_sign_out(intake):
@@ -64,9 +73,12 @@ def test_sign_in_by_emailed_link_and_sign_out(intake):
         import json
 
         from shared.db import OutboxMessage
+
         with intake.svc.db.read() as session:
-            return [json.loads(m.payload) for m in session.exec(
-                select(OutboxMessage).where(OutboxMessage.type == "access.link_requested")).all()]
+            return [
+                json.loads(m.payload)
+                for m in session.exec(select(OutboxMessage).where(OutboxMessage.type == "access.link_requested")).all()
+            ]
 
     [event] = wait_for(requested)
     assert event["user_id"] == "desk" and event["service"] == "intake" and "email" not in event
@@ -98,27 +110,40 @@ def test_only_front_desks_sign_in_here(intake):
 def test_errors_are_in_french_next_to_their_field_and_keep_what_was_typed(intake):
     client = signed_in(intake)
     summary = "Loyer « impayé » 😟\r\nsuite"
-    typed = {**form_of(client), **A_NEED, "category": "al", "summary": summary, "email": "m.d@",
-             "postal_code": "7600", "consent": ""}
+    typed = {
+        **form_of(client),
+        **A_NEED,
+        "category": "al",
+        "summary": summary,
+        "email": "m.d@",
+        "postal_code": "7600",
+        "consent": "",
+    }
     r = client.post("/nouvelle", data=typed)
     assert r.status_code == 422
     html = r.text
     assert "<title>Erreur : Nouvelle demande – Relais</title>" in html
     assert "4 informations sont à corriger" in html
-    for field, message in [("category", "Cette thématique n&#39;est pas dans la liste"),
-                           ("postal_code", "Code postal non reconnu"), ("email", "Adresse e-mail non valide"),
-                           ("consent", "La demande ne peut être transmise qu&#39;avec l&#39;accord")]:
+    for field, message in [
+        ("category", "Cette thématique n&#39;est pas dans la liste"),
+        ("postal_code", "Code postal non reconnu"),
+        ("email", "Adresse e-mail non valide"),
+        ("consent", "La demande ne peut être transmise qu&#39;avec l&#39;accord"),
+    ]:
         assert re.search(rf'id="{field}-erreur"><span class="visually-hidden">Erreur : </span>{message}', html), field
-        assert re.search(rf'id="{field}"[^>]*aria-invalid="true"[^>]*aria-describedby="[^"]*{field}-erreur"',
-                         html, re.S), field
+        assert re.search(
+            rf'id="{field}"[^>]*aria-invalid="true"[^>]*aria-describedby="[^"]*{field}-erreur"', html, re.S
+        ), field
     assert "Vouliez-vous dire : Allocations familiales (CAF), Assurance maladie ?" in html
     assert 'value="al"' in html and 'value="m.d@"' in html and 'value="7600"' in html
     assert ">Loyer « impayé » 😟\nsuite</textarea>" in html
     assert hidden(html, "idempotency_key") == typed["idempotency_key"]  # nothing recorded: the same form goes on
     assert needs_of(intake) == []
 
-    r = client.post("/nouvelle", data={**typed, "category": "caf", "email": "m.d@example.org", "postal_code": "76000",
-                                       "consent": "oui"})
+    r = client.post(
+        "/nouvelle",
+        data={**typed, "category": "caf", "email": "m.d@example.org", "postal_code": "76000", "consent": "oui"},
+    )
     assert r.url.path.endswith("/enregistree")
     [need] = needs_of(intake)
     assert need.summary == "Loyer « impayé » 😟\nsuite" and need.category == "caf"
@@ -157,6 +182,7 @@ def test_confirmation_shows_the_partner_then_the_same_person_brings_another_need
     def routed():
         live = client.get(confirmation, params={"partiel": "1"})
         return live.headers["X-Relais-Final"] == "1" and live
+
     live = wait_for(routed)
     assert live, "the confirmation never showed a partner"
     assert live.headers["X-Relais-Partiel"] == "1"
@@ -168,9 +194,16 @@ def test_confirmation_shows_the_partner_then_the_same_person_brings_another_need
     again = client.get(f"/nouvelle?meme_personne={need_id}").text
     assert 'value="Mme Durand"' in again and 'value="m.d@example.org"' in again
     assert hidden(again, "same_person_as") == need_id
-    r = client.post("/nouvelle", data={**form_of(client, f"/nouvelle?meme_personne={need_id}"), **A_NEED,
-                                       "display_name": "Mme Durand", "category": "Logement",
-                                       "same_person_as": need_id})
+    r = client.post(
+        "/nouvelle",
+        data={
+            **form_of(client, f"/nouvelle?meme_personne={need_id}"),
+            **A_NEED,
+            "display_name": "Mme Durand",
+            "category": "Logement",
+            "same_person_as": need_id,
+        },
+    )
     unroutable = r.url.path
     assert wait_for(lambda: "Aucun partenaire" in client.get(unroutable, params={"partiel": "1"}).text)
     text = client.get(unroutable).text
@@ -194,8 +227,11 @@ def test_my_needs_overdue_first_with_filters_and_each_need_history(settings, int
     for summary in ("Ancienne demande", "Demande récente"):
         r = client.post("/nouvelle", data={**form_of(client), **A_NEED, "summary": summary})
         ids.append(r.url.path.split("/")[2])
-    other = intake.client("desk2").post("/needs", json={
-        "library_id": "bihorel", "category": "caf", "summary": "Pas à vous", "consent": True}).json()["id"]
+    other = (
+        intake.client("desk2")
+        .post("/needs", json={"library_id": "bihorel", "category": "caf", "summary": "Pas à vous", "consent": True})
+        .json()["id"]
+    )
     with intake.svc.db.transaction() as session:
         session.get(Need, ids[0]).respond_by = intake.svc.clock() - timedelta(hours=2)
 
@@ -245,4 +281,3 @@ def test_my_needs_go_back_in_time_page_by_page_with_every_overdue_need_on_the_fi
     assert 'href="/demandes?thematique=caf&amp;page=3" rel="next"' in filtered
     assert "page=2" in re.search(r'data-live="([^"]+)"', filtered).group(1)
     assert shown(client.get("/demandes?page=zéro").text) == [0, 3, 4]
-

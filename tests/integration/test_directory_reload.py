@@ -24,8 +24,13 @@ def test_a_service_refuses_to_start_with_a_bad_directory_and_says_what_to_fix(se
     bad["partners"][1]["categories"] = ["nope"]
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(bad, allow_unicode=True))
-    run = subprocess.run([sys.executable, "-m", "relais", "serve", "referral"], capture_output=True, text=True,
-                         env=env_of(settings, RELAIS_DIRECTORY=str(path)), timeout=60)
+    run = subprocess.run(
+        [sys.executable, "-m", "relais", "serve", "referral"],
+        capture_output=True,
+        text=True,
+        env=env_of(settings, RELAIS_DIRECTORY=str(path)),
+        timeout=60,
+    )
     assert run.returncode == 2
     assert "partners[0].contacts[0].email: not an email address" in run.stderr
     assert "partners[1].categories[0]: unknown category 'nope'" in run.stderr
@@ -34,14 +39,23 @@ def test_a_service_refuses_to_start_with_a_bad_directory_and_says_what_to_fix(se
 def test_sighup_reloads_the_directory_without_moving_assigned_referrals(settings, start_service, tmp_path):
     intake = start_service("intake", settings, clock=utcnow)  # referral runs as a real process, on the real time
     referral = subprocess.Popen([sys.executable, "-m", "relais", "serve", "referral"], env=env_of(settings))
-    api = httpx.Client(base_url=f"{settings.base_url('referral')}/api/v1",
-                       headers={"Authorization": "Bearer test-ops"}, timeout=10)
+    api = httpx.Client(
+        base_url=f"{settings.base_url('referral')}/api/v1", headers={"Authorization": "Bearer test-ops"}, timeout=10
+    )
     try:
         assert wait_for(lambda: _ready(settings.base_url("referral")), 30)
 
         def record(category):
-            r = intake.client("desk").post("/needs", json={"library_id": "chatelet", "category": category,
-                                                          "summary": "x", "postal_code": "76000", "consent": True})
+            r = intake.client("desk").post(
+                "/needs",
+                json={
+                    "library_id": "chatelet",
+                    "category": category,
+                    "summary": "x",
+                    "postal_code": "76000",
+                    "consent": True,
+                },
+            )
             assert r.status_code == 201, r.text
             return r.json()["id"]
 
@@ -54,9 +68,17 @@ def test_sighup_reloads_the_directory_without_moving_assigned_referrals(settings
         assert wait_for(lambda: intake.client("desk").get(f"/needs/{housing_need}").json()["status"] == "unroutable")
 
         changed = directory_data()
-        changed["partners"].append({"id": "ccas-rouen", "name": "CCAS de Rouen", "categories": ["logement"],
-                                    "territory": ["76"], "contacts": [{"id": "ccas-ref", "name": "Accueil CCAS",
-                                                                       "email": "ccas@test.example", "role": "primary"}]})
+        changed["partners"].append(
+            {
+                "id": "ccas-rouen",
+                "name": "CCAS de Rouen",
+                "categories": ["logement"],
+                "territory": ["76"],
+                "contacts": [
+                    {"id": "ccas-ref", "name": "Accueil CCAS", "email": "ccas@test.example", "role": "primary"}
+                ],
+            }
+        )
         changed["partners"][0]["sla"] = {"respond_within": "PT24H"}  # the CAF's window changes, for new needs only
         settings.directory.write_text(yaml.safe_dump(changed, allow_unicode=True))
         referral.send_signal(signal.SIGHUP)

@@ -30,8 +30,14 @@ HUNDRED_MB = 100 * 1024 * 1024
 
 
 def a_need(**changes) -> dict:
-    return {"library_id": "chatelet", "category": "caf", "summary": "Dossier APL bloqué", "postal_code": "76000",
-            "consent": True, "person": {"display_name": "M. D.", "email": "m.d@example.org"}} | changes
+    return {
+        "library_id": "chatelet",
+        "category": "caf",
+        "summary": "Dossier APL bloqué",
+        "postal_code": "76000",
+        "consent": True,
+        "person": {"display_name": "M. D.", "email": "m.d@example.org"},
+    } | changes
 
 
 def stored_needs(intake) -> list[Need]:
@@ -55,8 +61,10 @@ def _status_of(sock: socket.socket) -> int:
 def declared_body(port: int, path: str, length: int) -> int:
     """Send only the head of a request declaring `length` bytes of body; the status that comes back."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                     f"Content-Length: {length}\r\n\r\n".encode())
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {length}\r\n\r\n".encode()
+        )
         return _status_of(sock)
 
 
@@ -66,8 +74,10 @@ def chunked_body(port: int, path: str, total: int = HUNDRED_MB) -> tuple[int, in
     framed = f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"
     sent = 0
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                     "Transfer-Encoding: chunked\r\n\r\n".encode())
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n".encode()
+        )
         try:
             while sent < total and not select.select([sock], [], [], 0)[0]:
                 sock.sendall(framed)
@@ -182,11 +192,20 @@ def test_the_longest_legal_need_is_routed_and_handed_off(tmp_path, settings, sta
     data = directory_data()
     long_contact = _long_email("referent")
     data["categories"].append({"id": "c" * 64, "label": "Catégorie au nom long"})
-    data["libraries"][0] = {**data["libraries"][0], "id": LONG_ID,
-                            "contacts": [{"name": "Accueil", "email": _long_email("accueil")}]}
-    data["partners"].append({"id": "p" * 64, "name": "Partenaire au nom long", "categories": ["c" * 64],
-                             "territory": ["76"], "contacts": [{"id": "k" * 64, "name": "Référent",
-                                                                "email": long_contact, "role": "primary"}]})
+    data["libraries"][0] = {
+        **data["libraries"][0],
+        "id": LONG_ID,
+        "contacts": [{"name": "Accueil", "email": _long_email("accueil")}],
+    }
+    data["partners"].append(
+        {
+            "id": "p" * 64,
+            "name": "Partenaire au nom long",
+            "categories": ["c" * 64],
+            "territory": ["76"],
+            "contacts": [{"id": "k" * 64, "name": "Référent", "email": long_contact, "role": "primary"}],
+        }
+    )
     data["users"][0] = {**data["users"][0], "id": "u" * 64, "library": LONG_ID}
     path = tmp_path / "long.yaml"
     path.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
@@ -197,12 +216,18 @@ def test_the_longest_legal_need_is_routed_and_handed_off(tmp_path, settings, sta
     person_email = _long_email("personne")
     assert len(long_contact) == len(person_email) == 254
     longest = {
-        "library_id": LONG_ID, "category": "c" * 64,
+        "library_id": LONG_ID,
+        "category": "c" * 64,
         "summary": "💬" * 2000,  # 2000 characters, 4 bytes each in UTF-8
         "postal_code": " 76 0 00  ",  # 10 characters
         "urgency": "urgent",
-        "person": {"display_name": "Ÿ" * 120, "email": person_email,
-                   "phone": "+33 6 12 34 56 78".ljust(40), "preferred_channel": "email", "language": "en"},
+        "person": {
+            "display_name": "Ÿ" * 120,
+            "email": person_email,
+            "phone": "+33 6 12 34 56 78".ljust(40),
+            "preferred_channel": "email",
+            "language": "en",
+        },
         "consent": True,
     }
     assert len(longest["postal_code"]) == 10 and len(longest["person"]["phone"]) == 40
@@ -210,12 +235,14 @@ def test_the_longest_legal_need_is_routed_and_handed_off(tmp_path, settings, sta
     with intake.client("desk") as desk:
         first = desk.post("/needs", json=longest, headers=headers)
         assert first.status_code == 201, first.text
-        second = desk.post("/needs", json=longest | {"same_person_as": first.json()["id"]},
-                           headers={"Idempotency-Key": "j" * 200})
+        second = desk.post(
+            "/needs", json=longest | {"same_person_as": first.json()["id"]}, headers={"Idempotency-Key": "j" * 200}
+        )
         assert second.status_code == 201, second.text
         for need in (first.json(), second.json()):
-            assert wait_for(lambda: desk.get(f"/needs/{need['id']}").json()["status"] == "referred", 30), \
+            assert wait_for(lambda need=need: desk.get(f"/needs/{need['id']}").json()["status"] == "referred", 30), (
                 desk.get(f"/needs/{need['id']}").json()
+            )
     handoffs = wait_for(lambda: len(mail_sink.to(long_contact)) >= 2 and mail_sink.to(long_contact), 30)
     assert handoffs, "no handoff email reached the partner"
     assert wait_for(lambda: mail_sink.to(person_email), 30), "the person was not told"
@@ -226,7 +253,9 @@ def test_the_longest_legal_need_is_routed_and_handed_off(tmp_path, settings, sta
 
 def _raw_json(client: httpx.Client, path: str, text: str):
     """POST a JSON text as typed (json.dumps would escape a surrogate the same way, but cannot write a NUL raw)."""
-    return client.post(path, content=text.encode("utf-8", "surrogatepass"), headers={"Content-Type": "application/json"})
+    return client.post(
+        path, content=text.encode("utf-8", "surrogatepass"), headers={"Content-Type": "application/json"}
+    )
 
 
 @pytest.mark.parametrize("bad", ["\\u0000", "\\ud800", "\\udfff", "a\\ud800b"])
@@ -247,15 +276,30 @@ def test_nul_and_lone_surrogates_in_a_text_field_get_422(settings, start_service
 def test_nul_in_a_path_id_a_filter_or_a_cursor_gets_422(settings, start_service):
     intake = start_service("intake", settings)
     with intake.client("desk") as desk:
-        for path in ("/needs/abc%00def", "/needs?library_id=%00", "/needs?status=recorded&cursor=1-ab%00",
-                     "/needs?q%00=1"):
+        for path in (
+            "/needs/abc%00def",
+            "/needs?library_id=%00",
+            "/needs?status=recorded&cursor=1-ab%00",
+            "/needs?q%00=1",
+        ):
             r = desk.get(path)
             assert r.status_code == 422, (path, r.text)
         assert desk.post("/needs/a%00b/cancel", json={"reason": "x"}).status_code == 422
 
 
-@pytest.mark.parametrize("cursor", ["not a cursor", "MjAyNi0xMS0zMFQxMDowMDowMCswMDowMHxhYmM=", "12-", "-abc",
-                                    "1" * 17 + "-abc", "12-" + "a" * 65, "12-ab|cd", "١٢-abc"])
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        "not a cursor",
+        "MjAyNi0xMS0zMFQxMDowMDowMCswMDowMHxhYmM=",
+        "12-",
+        "-abc",
+        "1" * 17 + "-abc",
+        "12-" + "a" * 65,
+        "12-ab|cd",
+        "١٢-abc",
+    ],
+)
 def test_a_cursor_the_service_did_not_write_gets_422(settings, start_service, cursor):
     intake = start_service("intake", settings)
     with intake.client("desk") as desk:
@@ -283,14 +327,21 @@ def test_nul_in_the_other_services_inputs_gets_422(settings, start_service, mail
     notifications = start_service("notifications", settings)
     with referral.client("caf") as caf, referral.client("ops") as ops, notifications.client("ops") as n_ops:
         assert _raw_json(caf, "/referrals/abc/respond", '{"message": "ok\\u0000"}').status_code == 422
-        assert _raw_json(ops, "/partners/caf-76/pause",
-                         '{"until": "2999-01-01T00:00:00Z", "reason": "\\ud800"}').status_code == 422
+        assert (
+            _raw_json(
+                ops, "/partners/caf-76/pause", '{"until": "2999-01-01T00:00:00Z", "reason": "\\ud800"}'
+            ).status_code
+            == 422
+        )
         assert caf.get("/referrals", params={"partner_id": "a\x00"}).status_code == 422
         assert n_ops.get("/deliveries", params={"need_id": "\x00"}).status_code == 422
         assert n_ops.get("/deliveries", params={"cursor": "garbage"}).status_code == 422
     # a form on the pages: the same rule
-    r = httpx.post(f"{referral.url}/connexion", content=b"email=a%00b%40example.org",
-                   headers={"Content-Type": "application/x-www-form-urlencoded"})
+    r = httpx.post(
+        f"{referral.url}/connexion",
+        content=b"email=a%00b%40example.org",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
     assert r.status_code == 422
 
 
@@ -328,11 +379,24 @@ FAILING_SERVICE = textwrap.dedent("""
 
 def test_an_unexpected_error_is_one_json_log_line_with_masking(tmp_path, redis_url, namespace, directory_file):
     port = free_port()
-    env = clean_env(redis_url=redis_url, namespace=namespace, directory=directory_file, data_dir=tmp_path,
-                    intake_database_url=f"sqlite:///{tmp_path / 'intake.db'}", secret_key="s" * 40, demo="true")
+    env = clean_env(
+        redis_url=redis_url,
+        namespace=namespace,
+        directory=directory_file,
+        data_dir=tmp_path,
+        intake_database_url=f"sqlite:///{tmp_path / 'intake.db'}",
+        secret_key="s" * 40,
+        demo="true",
+    )
     env["PYTHONPATH"] = str(ROOT)
-    process = subprocess.Popen([sys.executable, "-c", FAILING_SERVICE, str(port)], env=env, cwd=tmp_path,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", FAILING_SERVICE, str(port)],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert wait_for(lambda: _answers(port), 30), "the service did not start"
         r = httpx.get(f"http://127.0.0.1:{port}/api/v1/test-failure", headers={"X-Correlation-ID": "probe-1"})

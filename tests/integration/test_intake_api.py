@@ -19,8 +19,14 @@ SUMMARY = "Dossier APL bloqué depuis « mars » : l'usager n'a plus d'accès �
 
 
 def a_need(**changes) -> dict:
-    body = {"library_id": "chatelet", "category": "caf", "summary": "Dossier APL bloqué", "postal_code": "76000",
-            "consent": True, "person": {"display_name": "M. D.", "email": "m.d@example.org"}}
+    body = {
+        "library_id": "chatelet",
+        "category": "caf",
+        "summary": "Dossier APL bloqué",
+        "postal_code": "76000",
+        "consent": True,
+        "person": {"display_name": "M. D.", "email": "m.d@example.org"},
+    }
     body.update(changes)
     return body
 
@@ -46,8 +52,9 @@ def recorded_events(settings) -> int:
     db = Database(settings.intake_database_url, TABLES)
     try:
         with db.transaction() as session:
-            return session.exec(select(sa.func.count()).select_from(OutboxMessage)
-                                .where(OutboxMessage.type == "need.recorded")).one()
+            return session.exec(
+                select(sa.func.count()).select_from(OutboxMessage).where(OutboxMessage.type == "need.recorded")
+            ).one()
     finally:
         db.dispose()
 
@@ -93,8 +100,10 @@ def test_bad_phone_is_named(desk):
     assert failing_fields(desk.post("/needs", json=a_need(person={"phone": "12"}))) == {"person.phone"}
 
 
-@pytest.mark.parametrize("typed, stored", [("06 12 34 56 78", "+33612345678"), ("(514) 555-0123", "+15145550123"),
-                                           ("+33 2 35 00 00 00", "+33235000000")])
+@pytest.mark.parametrize(
+    "typed, stored",
+    [("06 12 34 56 78", "+33612345678"), ("(514) 555-0123", "+15145550123"), ("+33 2 35 00 00 00", "+33235000000")],
+)
 def test_phones_are_stored_in_e164(desk, typed, stored):
     r = desk.post("/needs", json=a_need(person={"phone": typed, "preferred_channel": "sms"}))
     assert r.status_code == 201, r.text
@@ -139,8 +148,15 @@ def test_the_directorys_refusals_are_named_with_the_bodys(desk, settings):
     """A body pydantic refuses is still checked against the directory and the channel rule: all at once."""
     r = desk.post("/needs", json={"library_id": "zzz", "category": "zzz", "summary": "x", "consent": False})
     assert failing_fields(r) == {"library_id", "category", "consent"}
-    r = desk.post("/needs", json={"library_id": "chatelet", "category": "zzz", "consent": True,
-                                  "person": {"preferred_channel": "sms", "email": "bad"}})
+    r = desk.post(
+        "/needs",
+        json={
+            "library_id": "chatelet",
+            "category": "zzz",
+            "consent": True,
+            "person": {"preferred_channel": "sms", "email": "bad"},
+        },
+    )
     assert failing_fields(r) == {"category", "summary", "person.email", "person.phone"}
     assert needs_in_db(settings) == []
 
@@ -205,8 +221,9 @@ def test_a_recorded_need_answers_its_id_status_and_deadline(desk):
 
 
 @pytest.mark.date_sensitive
-def test_the_deadline_answered_at_recording_is_the_window_of_the_partner_the_rule_picks(settings, start_service,
-                                                                                      tmp_path):
+def test_the_deadline_answered_at_recording_is_the_window_of_the_partner_the_rule_picks(
+    settings, start_service, tmp_path
+):
     import yaml
 
     from shared.testing import directory_data
@@ -219,12 +236,14 @@ def test_the_deadline_answered_at_recording_is_the_window_of_the_partner_the_rul
     intake = start_service("intake", settings.model_copy(update={"directory": directory}))
 
     need = intake.client("desk").post("/needs", json=a_need()).json()
-    assert (datetime.fromisoformat(need["respond_by"]) - datetime.fromisoformat(need["recorded_at"])
-            == timedelta(hours=48))
+    assert datetime.fromisoformat(need["respond_by"]) - datetime.fromisoformat(need["recorded_at"]) == timedelta(
+        hours=48
+    )
     # Nobody takes the category: the directory's default window.
     nobody = intake.client("desk").post("/needs", json=a_need(postal_code="H2X 1Y4")).json()
-    assert (datetime.fromisoformat(nobody["respond_by"]) - datetime.fromisoformat(nobody["recorded_at"])
-            == timedelta(hours=72))
+    assert datetime.fromisoformat(nobody["respond_by"]) - datetime.fromisoformat(nobody["recorded_at"]) == timedelta(
+        hours=72
+    )
 
 
 # --- lists ----------------------------------------------------------------------------------------
@@ -322,8 +341,9 @@ def test_the_same_key_with_another_body_is_a_conflict(desk, settings):
 
 def test_keys_belong_to_the_caller(intake, desk, settings):
     mine = desk.post("/needs", json=a_need(), headers={"Idempotency-Key": "k-1"}).json()
-    theirs = intake.client("desk2").post("/needs", json=a_need(library_id="bihorel", postal_code="76420"),
-                                         headers={"Idempotency-Key": "k-1"})
+    theirs = intake.client("desk2").post(
+        "/needs", json=a_need(library_id="bihorel", postal_code="76420"), headers={"Idempotency-Key": "k-1"}
+    )
     assert theirs.status_code == 201, theirs.text
     assert theirs.json()["id"] != mine["id"]
     assert len(needs_in_db(settings)) == 2

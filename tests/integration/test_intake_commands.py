@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import httpx
 from sqlmodel import select
@@ -16,17 +16,31 @@ from services.intake import deps
 from services.intake.store import Need, NeedHistory
 from shared.db import OutboxMessage
 from shared.service import ACTOR_HEADER, internal_token
-from shared.testing import use_sign_in_link
 from shared.signin import sign_in_link
+from shared.testing import use_sign_in_link
 
-A_NEED = {"category": "Allocations familiales (CAF)", "summary": "Dossier APL bloqué", "postal_code": "76000",
-          "urgency": "normal", "display_name": "M. D.", "email": "m.d@example.org", "phone": "",
-          "preferred_channel": "email", "language": "fr", "consent": "oui"}  # as the desk types it
+A_NEED = {
+    "category": "Allocations familiales (CAF)",
+    "summary": "Dossier APL bloqué",
+    "postal_code": "76000",
+    "urgency": "normal",
+    "display_name": "M. D.",
+    "email": "m.d@example.org",
+    "phone": "",
+    "preferred_channel": "email",
+    "language": "fr",
+    "consent": "oui",
+}  # as the desk types it
 
-API_NEED = {"library_id": "chatelet", "category": "caf", "summary": "Dossier APL bloqué", "postal_code": "76000",
-            "urgency": "normal", "consent": True,
-            "person": {"display_name": "M. D.", "email": "m.d@example.org", "preferred_channel": "email",
-                       "language": "fr"}}
+API_NEED = {
+    "library_id": "chatelet",
+    "category": "caf",
+    "summary": "Dossier APL bloqué",
+    "postal_code": "76000",
+    "urgency": "normal",
+    "consent": True,
+    "person": {"display_name": "M. D.", "email": "m.d@example.org", "preferred_channel": "email", "language": "fr"},
+}
 
 
 def signed_in(service) -> httpx.Client:
@@ -46,8 +60,10 @@ def recorded(intake, need_id: str) -> tuple[Need, list[str], dict]:
     with intake.svc.db.read() as session:
         need = session.get(Need, need_id)
         history = [h.event for h in session.exec(select(NeedHistory).where(NeedHistory.need_id == need_id)).all()]
-        events = [json.loads(m.payload) for m in session.exec(
-            select(OutboxMessage).where(OutboxMessage.type == "need.recorded")).all()]
+        events = [
+            json.loads(m.payload)
+            for m in session.exec(select(OutboxMessage).where(OutboxMessage.type == "need.recorded")).all()
+        ]
     [event] = [e for e in events if e["need_id"] == need_id]
     return need, history, event
 
@@ -62,10 +78,27 @@ def test_record_need_from_the_api_and_from_the_desk_form_records_the_same(intake
 
     api_need, api_history, api_event = recorded(intake, by_api.json()["id"])
     form_need, form_history, form_event = recorded(intake, form_id)
-    what = {"library_id", "category", "summary", "postal_code", "urgency", "person_display_name", "person_email",
-            "person_phone", "preferred_channel", "language", "recorded_by", "status", "sla"}
+    what = {
+        "library_id",
+        "category",
+        "summary",
+        "postal_code",
+        "urgency",
+        "person_display_name",
+        "person_email",
+        "person_phone",
+        "preferred_channel",
+        "language",
+        "recorded_by",
+        "status",
+        "sla",
+    }
     assert api_need.model_dump(include=what) == form_need.model_dump(include=what)
-    assert api_need.respond_by - api_need.recorded_at == form_need.respond_by - form_need.recorded_at == timedelta(hours=72)
+    assert (
+        api_need.respond_by - api_need.recorded_at
+        == form_need.respond_by - form_need.recorded_at
+        == timedelta(hours=72)
+    )
     assert api_history == form_history == ["need.recorded"]
     same = {"type", "version", "library_id", "category", "summary", "postal_code", "urgency", "person"}
     assert {k: api_event[k] for k in same} == {k: form_event[k] for k in same}
@@ -86,24 +119,31 @@ def test_cancel_need_writes_its_history_and_names_the_actor_whichever_caller(int
         assert ops.post("/needs/nope/cancel", json={"reason": "x"}).status_code == 404
     # The dashboard calls with the services' credential, for the ops user it names.
     with intake.client() as dashboard:
-        answer = dashboard.post(f"/needs/{second}/cancel", json={"reason": "erreur de lieu"},
-                                headers={"Authorization": f"Bearer {internal_token(settings)}", ACTOR_HEADER: "ops"})
+        answer = dashboard.post(
+            f"/needs/{second}/cancel",
+            json={"reason": "erreur de lieu"},
+            headers={"Authorization": f"Bearer {internal_token(settings)}", ACTOR_HEADER: "ops"},
+        )
     assert answer.status_code == 200 and answer.json()["status"] == "closed"
 
     with intake.svc.db.read() as session:
         for need_id, reason in ((first, "saisie en double"), (second, "erreur de lieu")):
-            cancelled = session.exec(select(NeedHistory).where(NeedHistory.need_id == need_id,
-                                                               NeedHistory.event == "need.cancelled")).all()
+            cancelled = session.exec(
+                select(NeedHistory).where(NeedHistory.need_id == need_id, NeedHistory.event == "need.cancelled")
+            ).all()
             assert [h.detail for h in cancelled] == [reason]
             assert session.get(Need, need_id).cancelled_at is not None
-        events = [json.loads(m.payload) for m in session.exec(
-            select(OutboxMessage).where(OutboxMessage.type == "need.cancelled")).all()]
+        events = [
+            json.loads(m.payload)
+            for m in session.exec(select(OutboxMessage).where(OutboxMessage.type == "need.cancelled")).all()
+        ]
     assert sorted((e["need_id"], e["actor"], e["reason"]) for e in events) == sorted(
-        [(first, "ops", "saisie en double"), (second, "ops", "erreur de lieu")])
+        [(first, "ops", "saisie en double"), (second, "ops", "erreur de lieu")]
+    )
 
 
 def test_a_test_overrides_the_clock_the_routes_depend_on(intake, desk):
-    fixed = datetime(2027, 3, 1, 9, 0, tzinfo=timezone.utc)
+    fixed = datetime(2027, 3, 1, 9, 0, tzinfo=UTC)
     intake.svc.app.dependency_overrides[deps.get_clock] = lambda: lambda: fixed
     try:
         need = desk.post("/needs", json=API_NEED).json()

@@ -16,13 +16,23 @@ from services.intake.store import Need
 from shared.db import OutboxMessage
 from shared.testing import wait_for
 
-PERSON = {"display_name": "Gisèle Vauquelin-Test", "email": "gisele.vauquelin@example.org", "phone": "06 71 23 45 98",
-          "preferred_channel": "sms"}
+PERSON = {
+    "display_name": "Gisèle Vauquelin-Test",
+    "email": "gisele.vauquelin@example.org",
+    "phone": "06 71 23 45 98",
+    "preferred_channel": "sms",
+}
 
 
 def a_need(**changes) -> dict:
-    body = {"library_id": "chatelet", "category": "caf", "summary": "Dossier APL bloqué", "postal_code": "76000",
-            "consent": True, "person": {"display_name": "M. D.", "email": "m.d@example.org"}}
+    body = {
+        "library_id": "chatelet",
+        "category": "caf",
+        "summary": "Dossier APL bloqué",
+        "postal_code": "76000",
+        "consent": True,
+        "person": {"display_name": "M. D.", "email": "m.d@example.org"},
+    }
     body.update(changes)
     return body
 
@@ -35,8 +45,9 @@ def errors_of(response) -> dict[str, str]:
 
 def outbox(intake, event_type: str) -> list[dict]:
     with intake.svc.db.read() as session:
-        rows = session.exec(select(OutboxMessage).where(OutboxMessage.type == event_type)
-                            .order_by(OutboxMessage.id)).all()
+        rows = session.exec(
+            select(OutboxMessage).where(OutboxMessage.type == event_type).order_by(OutboxMessage.id)
+        ).all()
         return [json.loads(r.payload) for r in rows]
 
 
@@ -57,13 +68,16 @@ def test_a_body_over_64_kib_is_refused_before_it_is_read(intake, desk):
     def chunks():  # no Content-Length: the limit counts what arrives
         body = json.dumps(big).encode()
         for i in range(0, len(body), 8192):
-            yield body[i:i + 8192]
+            yield body[i : i + 8192]
 
     r = desk.post("/needs", content=chunks(), headers={"Content-Type": "application/json"})
     assert r.status_code == 413, r.text
     # the web form has the same limit
-    r = httpx.post(f"{intake.url}/nouvelle", content=b"summary=" + b"x" * (65 * 1024),
-                   headers={"Content-Type": "application/x-www-form-urlencoded"})
+    r = httpx.post(
+        f"{intake.url}/nouvelle",
+        content=b"summary=" + b"x" * (65 * 1024),
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
     assert r.status_code == 413
     assert stored_needs(intake) == []
     # just under the limit is read (and refused only for its summary's length)
@@ -73,27 +87,36 @@ def test_a_body_over_64_kib_is_refused_before_it_is_read(intake, desk):
 # --- the rules, by code ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("change, expected", [
-    ({"consent": False}, {"consent": "consent_required"}),
-    ({"summary": " \n "}, {"summary": "blank"}),
-    ({"summary": "é" * 2001}, {"summary": "string_too_long"}),
-    ({"postal_code": "7600"}, {"postal_code": "bad_postal_code"}),
-    ({"category": "impots"}, {"category": "unknown_category"}),
-    ({"library_id": "nowhere"}, {"library_id": "unknown_library"}),
-    ({"urgency": "tres"}, {"urgency": "literal_error"}),
-    ({"person": {"email": "m.d@"}}, {"person.email": "bad_email"}),
-    ({"person": {"phone": "12"}}, {"person.phone": "bad_phone"}),
-    ({"person": {"phone": "06 12 34 56 78", "preferred_channel": "email"}}, {"person.email": "address_needed"}),
-    ({"person": {"display_name": "x" * 121}}, {"person.display_name": "string_too_long"}),
-    ({"person": {"language": "de"}}, {"person.language": "literal_error"}),
-    ({"same_person_as": "no-such-need"}, {"same_person_as": "unknown_need"}),
-    ({"library_id": "bihorel"}, {"library_id": "unknown_library"}),  # another desk's: as unknown, not 403
-    # pydantic's refusals and the directory's at once
-    ({"category": "zzz", "consent": False}, {"category": "unknown_category", "consent": "consent_required"}),
-    ({"category": "zzz", "summary": None, "person": {"preferred_channel": "sms", "email": "bad"}},
-     {"category": "unknown_category", "summary": "string_type", "person.email": "bad_email",
-      "person.phone": "address_needed"}),
-])
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"consent": False}, {"consent": "consent_required"}),
+        ({"summary": " \n "}, {"summary": "blank"}),
+        ({"summary": "é" * 2001}, {"summary": "string_too_long"}),
+        ({"postal_code": "7600"}, {"postal_code": "bad_postal_code"}),
+        ({"category": "impots"}, {"category": "unknown_category"}),
+        ({"library_id": "nowhere"}, {"library_id": "unknown_library"}),
+        ({"urgency": "tres"}, {"urgency": "literal_error"}),
+        ({"person": {"email": "m.d@"}}, {"person.email": "bad_email"}),
+        ({"person": {"phone": "12"}}, {"person.phone": "bad_phone"}),
+        ({"person": {"phone": "06 12 34 56 78", "preferred_channel": "email"}}, {"person.email": "address_needed"}),
+        ({"person": {"display_name": "x" * 121}}, {"person.display_name": "string_too_long"}),
+        ({"person": {"language": "de"}}, {"person.language": "literal_error"}),
+        ({"same_person_as": "no-such-need"}, {"same_person_as": "unknown_need"}),
+        ({"library_id": "bihorel"}, {"library_id": "unknown_library"}),  # another desk's: as unknown, not 403
+        # pydantic's refusals and the directory's at once
+        ({"category": "zzz", "consent": False}, {"category": "unknown_category", "consent": "consent_required"}),
+        (
+            {"category": "zzz", "summary": None, "person": {"preferred_channel": "sms", "email": "bad"}},
+            {
+                "category": "unknown_category",
+                "summary": "string_type",
+                "person.email": "bad_email",
+                "person.phone": "address_needed",
+            },
+        ),
+    ],
+)
 def test_each_rule_names_its_field_and_code(desk, intake, change, expected):
     assert errors_of(desk.post("/needs", json=a_need(**change))) == expected
     assert stored_needs(intake) == []
@@ -115,7 +138,9 @@ def test_another_need_for_the_same_person_keeps_their_identity(intake, desk):
     assert second["person_id"] == first["person_id"] != other["person_id"]
     # a need of another library is not a person of this one
     theirs = intake.client("desk2").post("/needs", json=a_need(library_id="bihorel", postal_code="76420")).json()
-    assert errors_of(desk.post("/needs", json=a_need(same_person_as=theirs["id"]))) == {"same_person_as": "unknown_need"}
+    assert errors_of(desk.post("/needs", json=a_need(same_person_as=theirs["id"]))) == {
+        "same_person_as": "unknown_need"
+    }
 
 
 # --- what goes out -----------------------------------------------------------------------------------
@@ -123,15 +148,34 @@ def test_another_need_for_the_same_person_keeps_their_identity(intake, desk):
 
 def test_need_recorded_carries_what_referral_needs_and_the_text_as_typed(intake, desk):
     summary = "Loyer « impayé » depuis mars — l’usager dit : ça urge 😟\nDeuxième ligne  "
-    need = desk.post("/needs", json=a_need(summary=summary, person=PERSON),
-                     headers={"X-Correlation-ID": "desk-42"}).json()
+    need = desk.post(
+        "/needs", json=a_need(summary=summary, person=PERSON), headers={"X-Correlation-ID": "desk-42"}
+    ).json()
     [event] = outbox(intake, "need.recorded")
-    assert set(event) == {"type", "version", "event_id", "need_id", "occurred_at", "correlation_id", "library_id",
-                          "category", "summary", "postal_code", "urgency", "recorded_at", "person"}
+    assert set(event) == {
+        "type",
+        "version",
+        "event_id",
+        "need_id",
+        "occurred_at",
+        "correlation_id",
+        "library_id",
+        "category",
+        "summary",
+        "postal_code",
+        "urgency",
+        "recorded_at",
+        "person",
+    }
     assert event["need_id"] == need["id"] and event["correlation_id"] == "desk-42"
     assert event["summary"] == summary == need["summary"]
-    assert event["person"] == {"display_name": PERSON["display_name"], "email": PERSON["email"],
-                               "phone": "+33671234598", "preferred_channel": "sms", "language": "fr"}
+    assert event["person"] == {
+        "display_name": PERSON["display_name"],
+        "email": PERSON["email"],
+        "phone": "+33671234598",
+        "preferred_channel": "sms",
+        "language": "fr",
+    }
 
 
 def test_personal_data_never_reaches_the_logs(settings, mail_sink, start_service, caplog):
@@ -204,5 +248,6 @@ def test_reports_count_people_and_needs_apart(intake, desk):
         ("Bibliothèque du Châtelet", "Toutes thématiques", "3", "4"),
         ("Bibliothèque du Châtelet", "Allocations familiales (CAF)", "3", "3"),
         ("Bibliothèque du Châtelet", "Assurance maladie", "1", "1"),
-        ("Médiathèque de Bihorel", "Toutes thématiques", "0", "0")]
+        ("Médiathèque de Bihorel", "Toutes thématiques", "0", "0"),
+    ]
     assert rows[1][5:8] == ["1", "2", "50"]

@@ -24,11 +24,14 @@ def forged(key: str) -> str:
 
 
 def ops_outbox(service, token: str) -> int:
-    return httpx.get(f"{service.url}/api/v1/ops/outbox", headers={"Authorization": f"Bearer {token}"},
-                     timeout=30).status_code
+    return httpx.get(
+        f"{service.url}/api/v1/ops/outbox", headers={"Authorization": f"Bearer {token}"}, timeout=30
+    ).status_code
 
 
-@pytest.mark.parametrize("key", [COMPOSE_DEFAULT_KEY, "test-secret", "k" * 31], ids=["compose-default", "test", "short"])
+@pytest.mark.parametrize(
+    "key", [COMPOSE_DEFAULT_KEY, "test-secret", "k" * 31], ids=["compose-default", "test", "short"]
+)
 def test_a_key_anyone_could_know_opens_no_ops_api(settings, start_service, key):
     intake = start_service("intake", settings.model_copy(update={"secret_key": key}))
     assert ops_outbox(intake, forged(key)) == 401

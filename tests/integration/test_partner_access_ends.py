@@ -29,9 +29,17 @@ EXITS = {
 
 
 def record(intake) -> str:
-    r = intake.client("desk").post("/needs", json={
-        "library_id": "chatelet", "category": "caf", "summary": SUMMARY, "postal_code": "76000", "consent": True,
-        "person": {"display_name": NAME, "email": EMAIL, "phone": PHONE_TYPED, "preferred_channel": "email"}})
+    r = intake.client("desk").post(
+        "/needs",
+        json={
+            "library_id": "chatelet",
+            "category": "caf",
+            "summary": SUMMARY,
+            "postal_code": "76000",
+            "consent": True,
+            "person": {"display_name": NAME, "email": EMAIL, "phone": PHONE_TYPED, "preferred_channel": "email"},
+        },
+    )
     assert r.status_code == 201, r.text
     return r.json()["id"]
 
@@ -41,8 +49,9 @@ def leave(exit: str, intake, referral, need_id: str, rid: str) -> None:
     if exit == "decline":
         r = referral.client("caf").post(f"/referrals/{rid}/decline", json={"reason": DECLINE_REASON})
     elif exit == "reassign":
-        r = referral.client("ops").post(f"/referrals/{rid}/reassign",
-                                        json={"partner_id": "caf-national", "reason": f"Demande de {NAME}"})
+        r = referral.client("ops").post(
+            f"/referrals/{rid}/reassign", json={"partner_id": "caf-national", "reason": f"Demande de {NAME}"}
+        )
     else:
         r = intake.client("ops").post(f"/needs/{need_id}/cancel", json={"reason": f"Doublon pour {NAME}"})
     assert r.status_code == 200, r.text
@@ -66,7 +75,9 @@ def test_after_the_need_left_the_partner_sees_when_and_nothing_of_the_person(exi
     intake = start_service("intake", settings)
     referral = start_service("referral", settings)
     need_id = record(intake)
-    rid = wait_for(lambda: referral.client("ops").get("/referrals", params={"need_id": need_id}).json()["items"])[0]["id"]
+    rid = wait_for(lambda: referral.client("ops").get("/referrals", params={"need_id": need_id}).json()["items"])[0][
+        "id"
+    ]
     link = httpx.URL(referral_link(settings, rid, "caf-76", now=referral.svc.clock())).raw_path.decode()
     pages = httpx.Client(base_url=referral.url, timeout=30)
     partner = signed_in(referral, "op-caf")
@@ -118,7 +129,9 @@ def test_a_partner_that_still_has_the_need_sees_the_person(settings, start_servi
     intake = start_service("intake", settings)
     referral = start_service("referral", settings)
     need_id = record(intake)
-    rid = wait_for(lambda: referral.client("ops").get("/referrals", params={"need_id": need_id}).json()["items"])[0]["id"]
+    rid = wait_for(lambda: referral.client("ops").get("/referrals", params={"need_id": need_id}).json()["items"])[0][
+        "id"
+    ]
     assert referral.client("caf").post(f"/referrals/{rid}/accept").status_code == 200
     page = html.unescape(signed_in(referral, "op-caf").get(f"/boite/{rid}").text)
     assert NAME in page and EMAIL in page and PHONE in page and SUMMARY in page

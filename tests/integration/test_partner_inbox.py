@@ -59,8 +59,11 @@ def signed_in(service, user_id: str) -> httpx.Client:
 
 
 def test_the_link_opens_the_referral_as_its_partner_sees_it(referral):
-    rid = record_need(referral.svc, summary="Dossier APL bloqué depuis trois mois",
-                      person={"display_name": "Mme Durand", "phone": "+33235123456", "preferred_channel": "sms"})
+    rid = record_need(
+        referral.svc,
+        summary="Dossier APL bloqué depuis trois mois",
+        person={"display_name": "Mme Durand", "phone": "+33235123456", "preferred_channel": "sms"},
+    )
     link = referral_link(referral.settings, rid, "caf-76", now=referral.svc.clock())
     assert link.startswith(f"{referral.url}/r/")
 
@@ -69,9 +72,18 @@ def test_the_link_opens_the_referral_as_its_partner_sees_it(referral):
     assert page.status_code == 200
     html = page.text
     assert '<html lang="fr">' in html
-    for expected in ("Dossier APL bloqué depuis trois mois", "Bibliothèque du Châtelet", "Allocations familiales (CAF)",
-                     "Mme Durand", "+33235123456", "À répondre avant", "Dans les délais", "Accepter la demande",
-                     "Décliner la demande", "Hors de notre territoire"):
+    for expected in (
+        "Dossier APL bloqué depuis trois mois",
+        "Bibliothèque du Châtelet",
+        "Allocations familiales (CAF)",
+        "Mme Durand",
+        "+33235123456",
+        "À répondre avant",
+        "Dans les délais",
+        "Accepter la demande",
+        "Décliner la demande",
+        "Hors de notre territoire",
+    ):
         assert expected in html, expected
     assert "Clôturer la demande" not in html  # not allowed from "assigned"
     assert page.headers["referrer-policy"] == "no-referrer" and page.headers["cache-control"] == "no-store"
@@ -107,8 +119,9 @@ def test_declining_records_the_reason_and_routes_the_need_on(referral):
     assert missing.status_code == 422 and "Avec le motif « Autre », expliquez" in missing.text
     assert 'aria-invalid="true"' in missing.text and status_of(referral, rid) == "assigned"
 
-    done = client.post(f"{path}/decline", data={"csrf": csrf, "reason": "hors_territoire",
-                                                "detail": "Voir la CAF du Calvados"})
+    done = client.post(
+        f"{path}/decline", data={"csrf": csrf, "reason": "hors_territoire", "detail": "Voir la CAF du Calvados"}
+    )
     assert done.status_code == 200 and "Vous avez décliné cette demande" in done.text
     body = referral.client("ops").get(f"/referrals/{rid}").json()
     assert body["status"] == "declined"
@@ -154,9 +167,13 @@ def test_an_expired_or_broken_link_says_what_to_do(referral):
     rid = record_need(referral.svc)
     client = browser(referral)
 
-    old = client.get(path_of(referral_link(referral.settings, rid, "caf-76", now=referral.svc.clock() - timedelta(days=31))))
+    old = client.get(
+        path_of(referral_link(referral.settings, rid, "caf-76", now=referral.svc.clock() - timedelta(days=31)))
+    )
     assert old.status_code == 410
-    assert "Lien expiré" in old.text and "Demandez au lieu d&#39;accueil" in old.text and 'href="/connexion"' in old.text
+    assert (
+        "Lien expiré" in old.text and "Demandez au lieu d&#39;accueil" in old.text and 'href="/connexion"' in old.text
+    )
 
     broken = client.get("/r/not-a-token")
     assert broken.status_code == 400 and "Lien invalide" in broken.text
@@ -237,7 +254,9 @@ def test_sign_in_needs_the_form_csrf_token_and_an_expired_link_is_refused(referr
     old, _ = sign_in_link(referral.settings, "referral", "op-caf", now=referral.svc.clock() - timedelta(minutes=16))
     answer = client.get(path_of(old))
     assert answer.status_code == 410 and "expiré" in answer.text
-    intake_link, _ = sign_in_link(referral.settings, "intake", "op-caf", now=referral.svc.clock())  # made for another service
+    intake_link, _ = sign_in_link(
+        referral.settings, "intake", "op-caf", now=referral.svc.clock()
+    )  # made for another service
     assert client.get("/connexion/" + intake_link.rsplit("/", 1)[1]).status_code == 400
     assert access_links(referral) == []
 
@@ -277,8 +296,9 @@ def test_a_long_inbox_is_read_page_by_page_soonest_deadline_first(referral, monk
 
     monkeypatch.setattr(inbox_web, "INBOX_LIMIT", 2)
     svc, now = referral.svc, referral.svc.clock()
-    ids = [record_need(svc, summary=f"Demande {hours}", recorded_at=now - timedelta(hours=hours))
-           for hours in (10, 50, 30)]  # deadlines in 62, 22 and 42 hours
+    ids = [
+        record_need(svc, summary=f"Demande {hours}", recorded_at=now - timedelta(hours=hours)) for hours in (10, 50, 30)
+    ]  # deadlines in 62, 22 and 42 hours
 
     client = signed_in(referral, "op-caf")
     first = client.get("/boite").text
@@ -297,8 +317,11 @@ def test_a_signed_in_partner_acts_from_the_inbox_and_ops_see_everything(referral
     answer = client.post(f"/boite/{rid}/respond", data={"csrf": csrf_of(page.text), "message": "Rappel demain 10 h"})
     assert answer.status_code == 200 and "Votre réponse est enregistrée" in answer.text
     body = referral.client("ops").get(f"/referrals/{rid}").json()
-    assert body["status"] == "responded" and body["history"][-1] == {**body["history"][-1], "actor": "op-caf",
-                                                                     "detail": "Rappel demain 10 h"}
+    assert body["status"] == "responded" and body["history"][-1] == {
+        **body["history"][-1],
+        "actor": "op-caf",
+        "detail": "Rappel demain 10 h",
+    }
     assert client.post(f"/boite/{cpam}/accept", data={"csrf": csrf_of(page.text)}).status_code == 404
 
     ops = signed_in(referral, "ops")

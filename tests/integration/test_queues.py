@@ -27,7 +27,9 @@ async def test_a_streams_figures_are_read_from_redis(redis_url, namespace):
         assert not groups["notifications"].stuck
 
         everything = await queues_report(client, namespace)
-        assert [r.stream for r in everything] == [f"{namespace}:{s}" for s in ("needs", "referrals", "deliveries", "access")]
+        assert [r.stream for r in everything] == [
+            f"{namespace}:{s}" for s in ("needs", "referrals", "deliveries", "access")
+        ]
     finally:
         await client.aclose()
 

@@ -46,15 +46,19 @@ def test_the_api_refuses_a_partner_outside_the_category_unless_forced_with_a_rea
     assert no_reason.status_code == 422 and no_reason.json()["detail"][0]["loc"] == ["body", "reason"]
     assert referrals_of(referral, rid) == [("caf-76", "assigned")] and ops_actions(referral) == []
 
-    forced = ops.post(f"/referrals/{rid}/reassign", json={"partner_id": "cpam-76", "force": True,
-                                                         "reason": "La personne est déjà suivie par la CPAM"})
+    forced = ops.post(
+        f"/referrals/{rid}/reassign",
+        json={"partner_id": "cpam-76", "force": True, "reason": "La personne est déjà suivie par la CPAM"},
+    )
     assert forced.status_code == 200, forced.text
     assert [(h["action"], h["detail"]) for h in forced.json()["history"]][-2:] == [
         ("reassign", "cpam-76 : La personne est déjà suivie par la CPAM"),
-        ("reassign_override", "La personne est déjà suivie par la CPAM")]
+        ("reassign_override", "La personne est déjà suivie par la CPAM"),
+    ]
     assert referrals_of(referral, rid) == [("caf-76", "cancelled"), ("cpam-76", "assigned")]
-    assert ops_actions(referral) == [("ops", "reassign_override", f"{rid}:cpam-76",
-                                      "La personne est déjà suivie par la CPAM")]
+    assert ops_actions(referral) == [
+        ("ops", "reassign_override", f"{rid}:cpam-76", "La personne est déjà suivie par la CPAM")
+    ]
 
 
 def test_a_reassignment_within_the_category_needs_no_force_and_is_recorded(referral):
@@ -80,13 +84,17 @@ def test_the_dashboard_offers_and_accepts_only_partners_of_the_category(referral
     offered = re.findall(r'<option value="([^"]+)"', page.text)
     assert offered == ["caf-national"]
     csrf = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
-    answer = browser.post("/tableau-de-bord/actions/reaffecter",
-                          data={"csrf": csrf, "orientation": rid, "partenaire": "cpam-76", "motif": "Essai"})
+    answer = browser.post(
+        "/tableau-de-bord/actions/reaffecter",
+        data={"csrf": csrf, "orientation": rid, "partenaire": "cpam-76", "motif": "Essai"},
+    )
     assert answer.status_code == 422 and "Choisissez un partenaire dans la liste" in html.unescape(answer.text)
     assert referrals_of(referral, rid) == [("caf-76", "assigned")] and ops_actions(referral) == []
 
-    answer = browser.post("/tableau-de-bord/actions/reaffecter",
-                          data={"csrf": csrf, "orientation": rid, "partenaire": "caf-national", "motif": "National"})
+    answer = browser.post(
+        "/tableau-de-bord/actions/reaffecter",
+        data={"csrf": csrf, "orientation": rid, "partenaire": "caf-national", "motif": "National"},
+    )
     assert answer.status_code == 200
     assert referrals_of(referral, rid) == [("caf-76", "cancelled"), ("caf-national", "assigned")]
     assert ops_actions(referral) == [("ops", "reassign", f"{rid}:caf-national", "National")]

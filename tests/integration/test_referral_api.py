@@ -12,8 +12,14 @@ from shared.testing import wait_for
 
 
 def a_need(**changes) -> dict:
-    body = {"library_id": "chatelet", "category": "caf", "summary": "Dossier APL bloqué", "postal_code": "76000",
-            "consent": True, "person": {"display_name": "M. D."}}
+    body = {
+        "library_id": "chatelet",
+        "category": "caf",
+        "summary": "Dossier APL bloqué",
+        "postal_code": "76000",
+        "consent": True,
+        "person": {"display_name": "M. D."},
+    }
     body.update(changes)
     return body
 
@@ -22,8 +28,9 @@ def a_need(**changes) -> dict:
 def system(settings, mail_sink, start_service):
     """intake, referral and notifications over one Redis; returns a small helper object."""
     settings = settings.model_copy(update={"smtp_url": mail_sink.url})
-    return System(start_service("intake", settings), start_service("referral", settings),
-                  start_service("notifications", settings))
+    return System(
+        start_service("intake", settings), start_service("referral", settings), start_service("notifications", settings)
+    )
 
 
 class System:
@@ -48,11 +55,16 @@ class System:
 
     def desk_view(self, need_id: str, **expected) -> dict:
         """Wait until intake's view of the need has the expected fields; returns it."""
+
         def matches():
             need = self.intake.client("desk").get(f"/needs/{need_id}").json()
             return all(need.get(k) == v for k, v in expected.items()) and need
+
         need = wait_for(matches)
-        assert need, f"need {need_id}: intake never showed {expected}: {self.intake.client('desk').get(f'/needs/{need_id}').json()}"
+        assert need, (
+            f"need {need_id}: intake never showed {expected}: "
+            f"{self.intake.client('desk').get(f'/needs/{need_id}').json()}"
+        )
         return need
 
     def deliveries(self, who: str = "ops", **params) -> httpx.Response:
@@ -93,8 +105,17 @@ def test_a_referral_has_the_contract_fields(system):
     need = system.record()
     [ref] = system.referral_of(need["id"])
     full = system.referral.client("caf").get(f"/referrals/{ref['id']}").json()
-    assert {"id", "need_id", "partner_id", "contact_id", "status", "respond_by", "sla", "routed_because",
-            "history"} <= set(full)
+    assert {
+        "id",
+        "need_id",
+        "partner_id",
+        "contact_id",
+        "status",
+        "respond_by",
+        "sla",
+        "routed_because",
+        "history",
+    } <= set(full)
     assert full["need_id"] == need["id"] and full["contact_id"] == "caf-ref"
     assert full["status"] == "assigned" and full["sla"] == "on_track" and full["routed_because"]
     assert datetime.fromisoformat(full["respond_by"]).utcoffset() is not None
@@ -130,12 +151,14 @@ def test_a_malformed_body_without_a_known_token_is_401_not_422(system):
     url = f"{system.referral.url}/api/v1/referrals/whatever/decline"
     garbage = {"content": b"{not json", "headers": {"Content-Type": "application/json"}}
     assert httpx.post(url, **garbage).status_code == 401
-    r = httpx.post(url, content=garbage["content"],
-                   headers={**garbage["headers"], "Authorization": "Bearer not-a-token"})
+    r = httpx.post(
+        url, content=garbage["content"], headers={**garbage["headers"], "Authorization": "Bearer not-a-token"}
+    )
     assert r.status_code == 401 and r.json() == {"detail": "missing or unknown bearer token"}
     # A known token: the body's problem is the answer.
-    r = system.referral.client("caf").post("/referrals/whatever/decline", content=b"{not json",
-                                            headers={"Content-Type": "application/json"})
+    r = system.referral.client("caf").post(
+        "/referrals/whatever/decline", content=b"{not json", headers={"Content-Type": "application/json"}
+    )
     assert r.status_code == 422 and r.json()["detail"][0]["type"] == "json_invalid"
 
 
@@ -173,7 +196,10 @@ def test_respond_then_close(system):
     need = system.record()
     [ref] = system.referral_of(need["id"])
     caf = system.referral.client("caf")
-    assert caf.post(f"/referrals/{ref['id']}/respond", json={"message": "Rendez-vous mardi"}).json()["status"] == "responded"
+    assert (
+        caf.post(f"/referrals/{ref['id']}/respond", json={"message": "Rendez-vous mardi"}).json()["status"]
+        == "responded"
+    )
     system.desk_view(need["id"], status="responded")
     r = caf.post(f"/referrals/{ref['id']}/close", json={"outcome": "Droits rétablis"})
     assert r.status_code == 200 and r.json()["status"] == "closed"
@@ -200,7 +226,9 @@ def test_a_decline_routes_the_need_to_the_next_candidate_with_the_same_deadline(
     assert first["partner_id"] == "caf-76"
     system.desk_view(need["id"], status="referred", partner_id="caf-76")
 
-    r = system.referral.client("caf").post(f"/referrals/{first['id']}/decline", json={"reason": "Hors de notre périmètre"})
+    r = system.referral.client("caf").post(
+        f"/referrals/{first['id']}/decline", json={"reason": "Hors de notre périmètre"}
+    )
     assert r.status_code == 200, r.text
     assert r.json()["status"] == "declined"
 
@@ -248,8 +276,18 @@ def test_a_need_with_no_candidate_gets_no_referral_and_is_unroutable(system):
 # --- the notifications API ------------------------------------------------------------------------
 
 
-DELIVERY_FIELDS = {"id", "need_id", "referral_id", "kind", "channel", "recipient_role", "status", "attempts",
-                   "created_at", "sent_at"}
+DELIVERY_FIELDS = {
+    "id",
+    "need_id",
+    "referral_id",
+    "kind",
+    "channel",
+    "recipient_role",
+    "status",
+    "attempts",
+    "created_at",
+    "sent_at",
+}
 
 
 def test_deliveries_are_for_ops_only(system):
@@ -276,8 +314,12 @@ def test_deliveries_filter_by_need_referral_and_status(system, mail_sink):
     [d_one] = wait_for(lambda: handoff_sent(one["id"]))
     [d_two] = wait_for(lambda: handoff_sent(two["id"]))
     assert DELIVERY_FIELDS <= set(d_one)
-    assert (d_one["need_id"], d_one["referral_id"], d_one["channel"], d_one["recipient_role"]) == \
-        (one["id"], ref_one["id"], "email", "partner_contact")
+    assert (d_one["need_id"], d_one["referral_id"], d_one["channel"], d_one["recipient_role"]) == (
+        one["id"],
+        ref_one["id"],
+        "email",
+        "partner_contact",
+    )
     assert d_one["attempts"] == 1
     assert datetime.fromisoformat(d_one["created_at"]).utcoffset() is not None
     assert datetime.fromisoformat(d_one["sent_at"]).utcoffset() is not None
@@ -317,8 +359,9 @@ def at_once(count: int, call) -> list[httpx.Response]:
     return answers
 
 
-@pytest.mark.parametrize("action, body, status", [("accept", None, "accepted"),
-                                                  ("decline", {"reason": "Hors périmètre"}, "declined")])
+@pytest.mark.parametrize(
+    "action, body, status", [("accept", None, "accepted"), ("decline", {"reason": "Hors périmètre"}, "declined")]
+)
 def test_concurrent_actions_on_one_referral_apply_once(system, action, body, status):
     need = system.record()
     [ref] = system.referral_of(need["id"])
@@ -351,8 +394,9 @@ def test_referral_pages_return_every_referral_once(system):
         if not (cursor := page["next_cursor"]):
             break
     assert sorted(seen) == sorted(needs) and len(seen) == len(set(seen))
-    assert [r["need_id"] for r in ops.get("/referrals", params={"status": "assigned", "sla": "on_track"})
-            .json()["items"]] == seen
+    assert [
+        r["need_id"] for r in ops.get("/referrals", params={"status": "assigned", "sla": "on_track"}).json()["items"]
+    ] == seen
 
 
 @pytest.mark.date_sensitive
@@ -369,8 +413,9 @@ def test_the_first_partners_deadline_is_kept_when_the_need_moves(settings, mail_
     path = tmp_path / "directory-sla.yaml"
     path.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
     settings = settings.model_copy(update={"smtp_url": mail_sink.url, "directory": path})
-    system = System(start_service("intake", settings), start_service("referral", settings),
-                    start_service("notifications", settings))
+    system = System(
+        start_service("intake", settings), start_service("referral", settings), start_service("notifications", settings)
+    )
 
     need = system.record()
     recorded_at = datetime.fromisoformat(need["recorded_at"])
@@ -378,8 +423,12 @@ def test_the_first_partners_deadline_is_kept_when_the_need_moves(settings, mail_
     assert datetime.fromisoformat(first["respond_by"]) - recorded_at == timedelta(hours=48)
     system.desk_view(need["id"], status="referred", respond_by=first["respond_by"])
 
-    assert system.referral.client("caf").post(f"/referrals/{first['id']}/decline",
-                                              json={"reason": "Pas de créneau"}).status_code == 200
+    assert (
+        system.referral.client("caf")
+        .post(f"/referrals/{first['id']}/decline", json={"reason": "Pas de créneau"})
+        .status_code
+        == 200
+    )
     newest, _ = system.referral_of(need["id"], count=2)
     assert newest["partner_id"] == "caf-national"
     assert datetime.fromisoformat(newest["respond_by"]) - recorded_at == timedelta(hours=48)

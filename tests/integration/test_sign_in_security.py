@@ -17,8 +17,13 @@ from shared.db import OutboxMessage, ProcessedEvent
 from shared.devstack import MailSink
 from shared.events import STREAM_OF, AccessLinkRequested, new_id, utcnow
 from shared.messaging import stream_fields
-from shared.signin import (SIGN_IN_REQUESTS_PER_CLIENT, SIGN_IN_REQUESTS_PER_WINDOW, new_sign_in_request,
-                           sign_in_link, sign_in_reference)
+from shared.signin import (
+    SIGN_IN_REQUESTS_PER_CLIENT,
+    SIGN_IN_REQUESTS_PER_WINDOW,
+    new_sign_in_request,
+    sign_in_link,
+    sign_in_reference,
+)
 from shared.testing import DESK_EMAIL, sign_in_link_of, use_sign_in_link, wait_for
 
 STRANGER = "intrus@evil.test.example"
@@ -53,8 +58,12 @@ def ask_for_link(client: httpx.Client, email: str, **headers: str) -> httpx.Resp
 
 def access_events(service) -> list[dict]:
     with service.svc.db.read() as session:
-        return [json.loads(m.payload) for m in session.exec(
-            select(OutboxMessage).where(OutboxMessage.type == "access.link_requested").order_by(OutboxMessage.id)).all()]
+        return [
+            json.loads(m.payload)
+            for m in session.exec(
+                select(OutboxMessage).where(OutboxMessage.type == "access.link_requested").order_by(OutboxMessage.id)
+            ).all()
+        ]
 
 
 @pytest.fixture
@@ -110,8 +119,12 @@ def test_ops_revoke_every_session_of_a_user_on_every_service_with_one_call(setti
 
 def test_sign_in_posts_sent_from_another_site_are_refused(intake):
     client = browser(intake)
-    for headers in ({"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"},
-                    {"Origin": "https://evil.test.example"}, {"Origin": "null"}):
+    for headers in (
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Sec-Fetch-Site": "same-site"},
+        {"Origin": "https://evil.test.example"},
+        {"Origin": "null"},
+    ):
         refused = ask_for_link(client, DESK_EMAIL, **headers)
         assert refused.status_code == 403 and "Demande refusée" in refused.text, headers
     assert access_events(intake) == []
@@ -119,7 +132,9 @@ def test_sign_in_posts_sent_from_another_site_are_refused(intake):
 
     link, _ = sign_in_link(intake.settings, "intake", "desk", now=intake.svc.clock())
     page = client.get(path_of(link))
-    forged = client.post(path_of(link), data={"csrf": csrf_of(page.text)}, headers={"Origin": "https://evil.test.example"})
+    forged = client.post(
+        path_of(link), data={"csrf": csrf_of(page.text)}, headers={"Origin": "https://evil.test.example"}
+    )
     assert forged.status_code == 403 and "Demande refusée" in forged.text
     assert client.get("/nouvelle").url.path == "/connexion"
     assert use_sign_in_link(client, link).url.path == "/nouvelle"  # the refused POST did not spend the link
@@ -160,13 +175,19 @@ def test_one_address_gets_a_few_links_whoever_asks_and_is_not_mail_bombed(settin
     sink.controller.start()
     try:
         start_service("notifications", settings.model_copy(update={"smtp_url": sink.url}))
-        answers = [ask_for_link(browser(intake, f"127.0.0.{10 + n}"), DESK_EMAIL).status_code
-                   for n in range(SIGN_IN_REQUESTS_PER_WINDOW + 3)]  # from as many client addresses
+        answers = [
+            ask_for_link(browser(intake, f"127.0.0.{10 + n}"), DESK_EMAIL).status_code
+            for n in range(SIGN_IN_REQUESTS_PER_WINDOW + 3)
+        ]  # from as many client addresses
         assert answers == [200] * SIGN_IN_REQUESTS_PER_WINDOW + [429] * 3
-        assert len(wait_for(lambda: len(access_events(intake)) == SIGN_IN_REQUESTS_PER_WINDOW and
-                            access_events(intake))) == SIGN_IN_REQUESTS_PER_WINDOW
-        assert len(wait_for(lambda: len(sink.to(DESK_EMAIL)) >= SIGN_IN_REQUESTS_PER_WINDOW and sink.to(DESK_EMAIL))) \
+        assert (
+            len(wait_for(lambda: len(access_events(intake)) == SIGN_IN_REQUESTS_PER_WINDOW and access_events(intake)))
             == SIGN_IN_REQUESTS_PER_WINDOW
+        )
+        assert (
+            len(wait_for(lambda: len(sink.to(DESK_EMAIL)) >= SIGN_IN_REQUESTS_PER_WINDOW and sink.to(DESK_EMAIL)))
+            == SIGN_IN_REQUESTS_PER_WINDOW
+        )
     finally:
         sink.controller.stop()
 
@@ -193,8 +214,10 @@ def test_the_outbox_page_never_shows_a_live_sign_in_link_not_even_to_ops(setting
     sink = MailSink(tmp_path / "mail")  # the sink of `relais up`, whose messages the outbox page shows
     sink.controller.start()
     try:
-        notifications = start_service("notifications", settings.model_copy(update={
-            "smtp_url": f"smtp://127.0.0.1:{sink.port}", "mail_sink_dir": sink.folder}))
+        notifications = start_service(
+            "notifications",
+            settings.model_copy(update={"smtp_url": f"smtp://127.0.0.1:{sink.port}", "mail_sink_dir": sink.folder}),
+        )
         ops, _ = signed_in(notifications, "ops")
         asked = browser(notifications)
         assert ask_for_link(asked, DESK_EMAIL.replace("agent", "x")).status_code == 200  # unknown: nothing sent
@@ -203,14 +226,15 @@ def test_the_outbox_page_never_shows_a_live_sign_in_link_not_even_to_ops(setting
         def sent() -> list:
             with notifications.svc.db.read() as session:
                 from services.notifications.store import Delivery
-                return session.exec(select(Delivery).where(Delivery.kind == "sign_in",
-                                                           Delivery.status == "sent")).all()
+
+                return session.exec(select(Delivery).where(Delivery.kind == "sign_in", Delivery.status == "sent")).all()
 
         [delivery] = wait_for(sent)
         [eml] = list(sink.folder.glob("*.eml"))  # what its recipient got
-        live = re.search(r"https?://\S+/connexion/[A-Za-z0-9_.\-]+",
-                         message_from_bytes(eml.read_bytes(), policy=policy.default).get_body(("plain",)).get_content()
-                         ).group(0)
+        live = re.search(
+            r"https?://\S+/connexion/[A-Za-z0-9_.\-]+",
+            message_from_bytes(eml.read_bytes(), policy=policy.default).get_body(("plain",)).get_content(),
+        ).group(0)
         token = live.rsplit("/", 1)[1]
 
         listing = ops.get("/envois")
@@ -235,8 +259,13 @@ def xadd(settings, event_type: str, payload: dict) -> str:
     """Write an entry straight into a stream, in the envelope the services use, as someone with Redis access
     could; returns the event id."""
     payload = {"event_id": new_id(), "occurred_at": utcnow().isoformat(), **payload, "type": event_type}
-    row = OutboxMessage(event_id=payload["event_id"], stream=STREAM_OF[event_type], type=event_type,
-                        payload=json.dumps(payload), created_at=utcnow())
+    row = OutboxMessage(
+        event_id=payload["event_id"],
+        stream=STREAM_OF[event_type],
+        type=event_type,
+        payload=json.dumps(payload),
+        created_at=utcnow(),
+    )
     client = redis.Redis.from_url(settings.redis_url)
     try:
         client.xadd(settings.key(row.stream), stream_fields(row))
@@ -257,43 +286,103 @@ def test_forged_events_make_relais_mail_no_address_the_directory_does_not_know(s
     sink = MailSink()
     sink.controller.start()
     try:
-        notifications = start_service("notifications", settings.model_copy(update={
-            "smtp_url": sink.url, "public_url": "https://relais.test.example"}))
+        notifications = start_service(
+            "notifications",
+            settings.model_copy(update={"smtp_url": sink.url, "public_url": "https://relais.test.example"}),
+        )
         later = notifications.svc.clock().isoformat()
         forged = [
             # the event as it was before: an address and a link of the forger's choosing
-            xadd(settings, "access.link_requested", {"version": 1, "need_id": None, "user_id": "desk",
-                                                     "email": STRANGER, "link": "https://evil.test.example/connexion/x",
-                                                     "expires_at": later, "service": "intake"}),
+            xadd(
+                settings,
+                "access.link_requested",
+                {
+                    "version": 1,
+                    "need_id": None,
+                    "user_id": "desk",
+                    "email": STRANGER,
+                    "link": "https://evil.test.example/connexion/x",
+                    "expires_at": later,
+                    "service": "intake",
+                },
+            ),
             # today's shape with a reference the forger signed with a key of their own
-            xadd(settings, "access.link_requested", {"version": 2, "need_id": None, "user_id": "desk",
-                                                     "service": "intake", "expires_at": later,
-                                                     "reference": sign_in_reference(
-                                                         settings.model_copy(update={"secret_key": "guessed"}),
-                                                         new_sign_in_request("intake", "desk", now=notifications.svc.clock()))}),
+            xadd(
+                settings,
+                "access.link_requested",
+                {
+                    "version": 2,
+                    "need_id": None,
+                    "user_id": "desk",
+                    "service": "intake",
+                    "expires_at": later,
+                    "reference": sign_in_reference(
+                        settings.model_copy(update={"secret_key": "guessed"}),
+                        new_sign_in_request("intake", "desk", now=notifications.svc.clock()),
+                    ),
+                },
+            ),
             # a genuine reference (read from the stream) put in an event naming another user
-            xadd(settings, "access.link_requested", {"version": 2, "need_id": None, "user_id": "ops",
-                                                     "service": "notifications", "expires_at": later,
-                                                     "reference": sign_in_reference(
-                                                         settings, new_sign_in_request("intake", "desk", now=notifications.svc.clock()))}),
+            xadd(
+                settings,
+                "access.link_requested",
+                {
+                    "version": 2,
+                    "need_id": None,
+                    "user_id": "ops",
+                    "service": "notifications",
+                    "expires_at": later,
+                    "reference": sign_in_reference(
+                        settings, new_sign_in_request("intake", "desk", now=notifications.svc.clock())
+                    ),
+                },
+            ),
             # a referral event carrying an address for the partner
-            xadd(settings, "referral.assigned", {"need_id": new_id(), "sequence": 1, "referral_id": new_id(),
-                                                 "partner_id": "caf-76", "library_id": "chatelet", "category": "caf",
-                                                 "contact_id": "caf-ref", "respond_by": later, "routed_because": "x",
-                                                 "contact_email": STRANGER}),
+            xadd(
+                settings,
+                "referral.assigned",
+                {
+                    "need_id": new_id(),
+                    "sequence": 1,
+                    "referral_id": new_id(),
+                    "partner_id": "caf-76",
+                    "library_id": "chatelet",
+                    "category": "caf",
+                    "contact_id": "caf-ref",
+                    "respond_by": later,
+                    "routed_because": "x",
+                    "contact_email": STRANGER,
+                },
+            ),
             # a referral event for a partner the directory does not know
-            xadd(settings, "referral.escalated", {"need_id": new_id(), "sequence": 1, "referral_id": new_id(),
-                                                  "partner_id": "evil-partner", "library_id": "chatelet",
-                                                  "category": "caf", "contact_id": "evil", "respond_by": later}),
+            xadd(
+                settings,
+                "referral.escalated",
+                {
+                    "need_id": new_id(),
+                    "sequence": 1,
+                    "referral_id": new_id(),
+                    "partner_id": "evil-partner",
+                    "library_id": "chatelet",
+                    "category": "caf",
+                    "contact_id": "evil",
+                    "respond_by": later,
+                },
+            ),
         ]
-        assert wait_for(lambda: set(forged) <= set(dead_letters(settings, "access") + dead_letters(settings, "referrals")),
-                        30)
+        assert wait_for(
+            lambda: set(forged) <= set(dead_letters(settings, "access") + dead_letters(settings, "referrals")), 30
+        )
 
         # A genuine request is mailed to the directory's address, with a link built from notifications' settings;
         # written again into the stream (a new event id, the same reference), it sends nothing more.
         request = new_sign_in_request("intake", "desk", now=notifications.svc.clock())
-        genuine = AccessLinkRequested(user_id="desk", service="intake", reference=sign_in_reference(settings, request),
-                                      expires_at=request.expires_at)
+        genuine = AccessLinkRequested(
+            user_id="desk",
+            service="intake",
+            reference=sign_in_reference(settings, request),
+            expires_at=request.expires_at,
+        )
         first = xadd(settings, "access.link_requested", json.loads(genuine.model_dump_json()))
         replayed = xadd(settings, "access.link_requested", json.loads(genuine.model_dump_json()))
         [mail] = wait_for(lambda: sink.to(DESK_EMAIL))
@@ -337,12 +426,16 @@ def test_ops_close_a_users_sessions_from_the_dashboard_with_a_reason(settings, i
     confirm = ops.get("/tableau-de-bord/confirmer/deconnecter", params={"utilisateur": "desk"})
     assert confirm.status_code == 200 and DESK_EMAIL in confirm.text
     assert ops.get("/tableau-de-bord/confirmer/deconnecter", params={"utilisateur": "nobody"}).status_code == 404
-    missing = ops.post("/tableau-de-bord/actions/deconnecter", data={"csrf": csrf_of(confirm.text), "utilisateur": "desk"})
+    missing = ops.post(
+        "/tableau-de-bord/actions/deconnecter", data={"csrf": csrf_of(confirm.text), "utilisateur": "desk"}
+    )
     assert missing.status_code == 422
     assert lost_phone.get("/nouvelle").url.path == "/nouvelle"  # nothing done without a reason
 
-    done = ops.post("/tableau-de-bord/actions/deconnecter",
-                    data={"csrf": csrf_of(confirm.text), "utilisateur": "desk", "motif": "Téléphone perdu"})
+    done = ops.post(
+        "/tableau-de-bord/actions/deconnecter",
+        data={"csrf": csrf_of(confirm.text), "utilisateur": "desk", "motif": "Téléphone perdu"},
+    )
     assert done.url.path == "/tableau-de-bord" and "Sessions fermées : 1." in done.text
     assert lost_phone.get("/nouvelle").url.path == "/connexion"
     assert "Téléphone perdu" in ops.get("/tableau-de-bord").text  # in the journal of ops actions, with who

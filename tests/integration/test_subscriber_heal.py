@@ -15,8 +15,14 @@ import redis
 from shared.events import NEEDS
 from shared.testing import wait_for
 
-NEED = {"library_id": "chatelet", "category": "caf", "summary": "Dossier APL bloqué", "postal_code": "76000",
-        "consent": True, "person": {"display_name": "M. D."}}
+NEED = {
+    "library_id": "chatelet",
+    "category": "caf",
+    "summary": "Dossier APL bloqué",
+    "postal_code": "76000",
+    "consent": True,
+    "person": {"display_name": "M. D."},
+}
 
 
 def groups_of(client: redis.Redis, stream: str) -> list[str]:

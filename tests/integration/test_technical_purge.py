@@ -27,22 +27,36 @@ def db(database_url_factory):
 
 def fill(db: Database, now) -> None:
     """Rows named by what must become of them under a 7-day retention and 7-day streams."""
-    outbox = {"published-8d": (now - 9 * DAY, now - 8 * DAY), "published-6d": (now - 7 * DAY, now - 6 * DAY),
-              "unpublished-30d": (now - 30 * DAY, None), "published-7d-1s": (now - 8 * DAY, now - 7 * DAY + timedelta(seconds=1))}
+    outbox = {
+        "published-8d": (now - 9 * DAY, now - 8 * DAY),
+        "published-6d": (now - 7 * DAY, now - 6 * DAY),
+        "unpublished-30d": (now - 30 * DAY, None),
+        "published-7d-1s": (now - 8 * DAY, now - 7 * DAY + timedelta(seconds=1)),
+    }
     # processed rows go once older than the retention AND the streams' age plus a day (8 days here)
     processed = {"processed-9d": now - 9 * DAY, "processed-7.5d": now - 7.5 * DAY, "processed-1d": now - DAY}
     with db.transaction() as session:
         for event_id, (created, published) in outbox.items():
-            session.add(OutboxMessage(event_id=event_id, stream="needs", type="need.recorded", payload="{}",
-                                      created_at=created, published_at=published))
+            session.add(
+                OutboxMessage(
+                    event_id=event_id,
+                    stream="needs",
+                    type="need.recorded",
+                    payload="{}",
+                    created_at=created,
+                    published_at=published,
+                )
+            )
         for event_id, at in processed.items():
             session.add(ProcessedEvent(consumer="referral", event_id=event_id, processed_at=at))
 
 
 def left(db: Database) -> tuple[set[str], set[str]]:
     with db.read() as session:
-        return (set(session.exec(select(OutboxMessage.event_id)).all()),
-                set(session.exec(select(ProcessedEvent.event_id)).all()))
+        return (
+            set(session.exec(select(OutboxMessage.event_id)).all()),
+            set(session.exec(select(ProcessedEvent.event_id)).all()),
+        )
 
 
 def bus_of(db: Database, tmp_path, **settings) -> Bus:
@@ -73,8 +87,16 @@ def test_replicas_purging_at_once_delete_each_row_once(db, tmp_path):
     now = utcnow()
     with db.transaction() as session:
         for n in range(200):
-            session.add(OutboxMessage(event_id=f"old-{n}", stream="needs", type="need.recorded", payload="{}",
-                                      created_at=now - 10 * DAY, published_at=now - 10 * DAY))
+            session.add(
+                OutboxMessage(
+                    event_id=f"old-{n}",
+                    stream="needs",
+                    type="need.recorded",
+                    payload="{}",
+                    created_at=now - 10 * DAY,
+                    published_at=now - 10 * DAY,
+                )
+            )
             session.add(ProcessedEvent(consumer="referral", event_id=f"old-{n}", processed_at=now - 10 * DAY))
     buses = [bus_of(db, tmp_path) for _ in range(4)]
     barrier = threading.Barrier(len(buses))
@@ -93,7 +115,7 @@ def test_replicas_purging_at_once_delete_each_row_once(db, tmp_path):
     for t in threads:
         t.join(60)
     assert errors == []
-    assert tuple(map(sum, zip(*results))) == (200, 200) and left(db) == (set(), set())
+    assert tuple(map(sum, zip(*results, strict=True))) == (200, 200) and left(db) == (set(), set())
 
 
 def test_the_retention_is_a_setting(monkeypatch, tmp_path):

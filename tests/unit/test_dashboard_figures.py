@@ -18,7 +18,16 @@ def test_percentiles_interpolate_between_closest_ranks():
 
 def test_durations_and_shares_in_french():
     assert [duration_fr(s) for s in (None, 4.6, 59, 60, 3599, 3600, 2 * 3600 + 5 * 60, 86400, 90000)] == [
-        "–", "5 s", "59 s", "1 min", "59 min", "1 h", "2 h 05 min", "1 j", "1 j 1 h"]
+        "–",
+        "5 s",
+        "59 s",
+        "1 min",
+        "59 min",
+        "1 h",
+        "2 h 05 min",
+        "1 j",
+        "1 j 1 h",
+    ]
     assert percent_fr(None) == "–" and percent_fr(5 / 7) == "71\u00a0%"
     assert bucket_label(1, 4) == "1-4 h" and bucket_label(72, None) == "≥ 72 h"
 
@@ -49,9 +58,19 @@ def test_a_validation_error_is_described_without_the_values_it_was_given():
     from shared.logs import describe_error
 
     try:
-        NeedRecorded.model_validate({"need_id": "n1", "library_id": "l", "category": "c", "summary": "Zoé Martin",
-                                     "postal_code": None, "urgency": "whenever", "recorded_at": "2026-11-21T10:00:00Z",
-                                     "person": {"display_name": "Zoé Martin", "email": "not an address"}, "x": 1})
+        NeedRecorded.model_validate(
+            {
+                "need_id": "n1",
+                "library_id": "l",
+                "category": "c",
+                "summary": "Zoé Martin",
+                "postal_code": None,
+                "urgency": "whenever",
+                "recorded_at": "2026-11-21T10:00:00Z",
+                "person": {"display_name": "Zoé Martin", "email": "not an address"},
+                "x": 1,
+            }
+        )
     except ValidationError as exc:
         described = describe_error(exc)
     assert described.startswith("ValidationError: 2 validation errors for NeedRecorded: urgency: Input should be")

@@ -21,29 +21,59 @@ GOOD = {
     "timezone": "Europe/Paris",
     "sla": {"respond_within": "PT72H", "remind_after": ["PT24H", "PT48H"], "escalate_after": "PT60H"},
     "escalation_contacts": [{"name": "Coordination", "email": "coordination@example.org"}],
-    "categories": [{"id": "caf", "label": "Allocations familiales (CAF)"},
-                   {"id": "logement", "label": "Logement"}],
+    "categories": [{"id": "caf", "label": "Allocations familiales (CAF)"}, {"id": "logement", "label": "Logement"}],
     "libraries": [
-        {"id": "rouen-chatelet", "name": "Bibliothèque du Châtelet", "timezone": "Europe/Paris",
-         "territory": ["76000", "76100"], "contacts": [{"name": "Accueil", "email": "accueil@example.org"}]},
-        {"id": "drummondville", "name": "Bibliothèque de Drummondville", "timezone": "America/Toronto",
-         "territory": ["j2b 1a1"]},
+        {
+            "id": "rouen-chatelet",
+            "name": "Bibliothèque du Châtelet",
+            "timezone": "Europe/Paris",
+            "territory": ["76000", "76100"],
+            "contacts": [{"name": "Accueil", "email": "accueil@example.org"}],
+        },
+        {
+            "id": "drummondville",
+            "name": "Bibliothèque de Drummondville",
+            "timezone": "America/Toronto",
+            "territory": ["j2b 1a1"],
+        },
     ],
     "partners": [
-        {"id": "caf-76", "name": "CAF de la Seine-Maritime", "categories": ["caf"], "territory": ["76"],
-         "capacity": 40, "sla": {"respond_within": "PT48H"},
-         "contacts": [
-             {"id": "caf76-ref", "name": "Référent", "email": "ref@example.org",
-              "phone": "02 61 91 01 01", "role": "primary"},
-             {"id": "caf76-backup", "name": "Accueil partenaires", "email": "backup@example.org",
-              "role": "backup"}]},
-        {"id": "la-piaule", "name": "La Piaule", "categories": ["logement"], "territory": ["J2B"],
-         "contacts": [{"id": "piaule-ref", "name": "Intervenante", "email": "piaule@example.ca",
-                       "phone": "(819) 555-0120", "role": "primary"}]},
+        {
+            "id": "caf-76",
+            "name": "CAF de la Seine-Maritime",
+            "categories": ["caf"],
+            "territory": ["76"],
+            "capacity": 40,
+            "sla": {"respond_within": "PT48H"},
+            "contacts": [
+                {
+                    "id": "caf76-ref",
+                    "name": "Référent",
+                    "email": "ref@example.org",
+                    "phone": "02 61 91 01 01",
+                    "role": "primary",
+                },
+                {"id": "caf76-backup", "name": "Accueil partenaires", "email": "backup@example.org", "role": "backup"},
+            ],
+        },
+        {
+            "id": "la-piaule",
+            "name": "La Piaule",
+            "categories": ["logement"],
+            "territory": ["J2B"],
+            "contacts": [
+                {
+                    "id": "piaule-ref",
+                    "name": "Intervenante",
+                    "email": "piaule@example.ca",
+                    "phone": "(819) 555-0120",
+                    "role": "primary",
+                }
+            ],
+        },
     ],
     "users": [
-        {"id": "desk-chatelet", "role": "front_desk", "library": "rouen-chatelet",
-         "email": "accueil@example.org"},
+        {"id": "desk-chatelet", "role": "front_desk", "library": "rouen-chatelet", "email": "accueil@example.org"},
         {"id": "op-caf76", "role": "partner", "partner": "caf-76", "token_sha256": CAF_TOKEN_HASH.upper()},
         {"id": "coord", "role": "ops", "email": "coordination@example.org"},
     ],
@@ -70,9 +100,15 @@ def partner(data, i=0):
 def test_what_the_file_leaves_out_takes_the_documented_defaults(tmp_path):
     # No top-level time zone or SLA, a library with neither time zone nor territory, addresses on the reserved
     # .test domain (RFC 2606): a test or demo directory like this loads.
-    data = changed(lambda d: (d.pop("timezone"), d.pop("sla"), d["libraries"][0].pop("timezone"),
-                              d["libraries"][0].pop("territory"),
-                              d["escalation_contacts"][0].update(email="coord@relais.test")))
+    data = changed(
+        lambda d: (
+            d.pop("timezone"),
+            d.pop("sla"),
+            d["libraries"][0].pop("timezone"),
+            d["libraries"][0].pop("territory"),
+            d["escalation_contacts"][0].update(email="coord@relais.test"),
+        )
+    )
     directory = load_directory(write(tmp_path, data))
 
     assert directory.timezone == "Europe/Paris"
@@ -116,8 +152,9 @@ def test_partner_sla_is_the_override_merged_over_the_default(tmp_path):
 
 
 def test_partner_sla_keeps_what_the_override_says(tmp_path):
-    data = changed(lambda d: partner(d).update(
-        sla={"respond_within": "PT96H", "remind_after": ["PT24H"], "escalate_after": None}))
+    data = changed(
+        lambda d: partner(d).update(sla={"respond_within": "PT96H", "remind_after": ["PT24H"], "escalate_after": None})
+    )
 
     sla = load_directory(write(tmp_path, data)).partner("caf-76").sla
 
@@ -134,17 +171,20 @@ def test_the_demo_directory_loads():
     assert len(directory.categories) == 19
 
 
-@pytest.mark.parametrize("token, user_id", [
-    ("demo-desk-chatelet", "desk-chatelet"),
-    ("demo-desk-drummondville", "desk-drummondville"),
-    ("demo-partner-caf76", "op-caf76"),
-    ("demo-partner-cpam76", "op-cpam76"),
-    ("demo-partner-piaule", "op-piaule"),
-    ("demo-ops", "coord"),
-    ("demo-ops ", None),
-    ("wrong", None),
-    ("", None),
-])
+@pytest.mark.parametrize(
+    "token, user_id",
+    [
+        ("demo-desk-chatelet", "desk-chatelet"),
+        ("demo-desk-drummondville", "desk-drummondville"),
+        ("demo-partner-caf76", "op-caf76"),
+        ("demo-partner-cpam76", "op-cpam76"),
+        ("demo-partner-piaule", "op-piaule"),
+        ("demo-ops", "coord"),
+        ("demo-ops ", None),
+        ("wrong", None),
+        ("", None),
+    ],
+)
 def test_user_by_token(token, user_id):
     user = load_directory(DEMO_DIRECTORY).user_by_token(token)
     assert (user.id if user else None) == user_id
@@ -159,127 +199,189 @@ DURATION_HINT = "write e.g. PT72H for 72 hours, P3D for 3 days, PT30M for 30 min
 PHONE_HINT = "write e.g. 02 35 12 34 56, 819 555 0123 or +33235123456"
 
 BAD_FILES = [
-    ("unknown time zone",
-     lambda d: d.update(timezone="Europe/Pariss"),
-     "timezone: unknown time zone 'Europe/Pariss' (use an IANA name such as Europe/Paris or "
-     "America/Toronto)"),
-    ("duration garbage",
-     lambda d: d["sla"].update(respond_within="72h"),
-     f"sla.respond_within: not an ISO 8601 duration: '72h' ({DURATION_HINT})"),
-    ("duration as a number",
-     lambda d: d["sla"].update(respond_within=72),
-     f"sla.respond_within: must be an ISO 8601 duration, not 72 ({DURATION_HINT})"),
-    ("duration in months",
-     lambda d: d["sla"].update(escalate_after="P1M"),
-     "sla.escalate_after: 'P1M': years and months have no fixed length; use days instead (e.g. P30D)"),
-    ("reminder after the deadline",
-     lambda d: d["sla"].update(remind_after=["PT24H", "PT80H"]),
-     "sla.remind_after[1]: PT80H is not before respond_within PT72H"),
-    ("reminders out of order",
-     lambda d: d["sla"].update(remind_after=["PT48H", "PT24H"]),
-     "sla.remind_after[1]: PT24H is not after the previous reminder PT48H; list reminders in "
-     "increasing order"),
-    ("escalation at the deadline",
-     lambda d: d["sla"].update(escalate_after="PT72H"),
-     "sla.escalate_after: PT72H is not before respond_within PT72H"),
-    ("partner reminder after the default deadline",
-     lambda d: partner(d).update(sla={"remind_after": ["PT24H", "PT80H"]}),
-     "partners[0].sla.remind_after[1]: PT80H is not before respond_within PT72H"),
-    ("partner escalation after its own deadline",
-     lambda d: partner(d).update(sla={"respond_within": "PT48H", "escalate_after": "PT50H"}),
-     "partners[0].sla.escalate_after: PT50H is not before respond_within PT48H"),
-    ("duplicate category",
-     lambda d: d["categories"].append({"id": "caf", "label": "Encore la CAF"}),
-     "categories[2].id: duplicate id 'caf' (already used at categories[0].id)"),
-    ("duplicate library",
-     lambda d: d["libraries"][1].update(id="rouen-chatelet"),
-     "libraries[1].id: duplicate id 'rouen-chatelet' (already used at libraries[0].id)"),
-    ("duplicate partner",
-     lambda d: partner(d, 1).update(id="caf-76"),
-     "partners[1].id: duplicate id 'caf-76' (already used at partners[0].id)"),
-    ("duplicate contact across partners",
-     lambda d: partner(d, 1)["contacts"][0].update(id="caf76-ref"),
-     "partners[1].contacts[0].id: duplicate id 'caf76-ref' (already used at partners[0].contacts[0].id)"),
-    ("duplicate user",
-     lambda d: d["users"][2].update(id="desk-chatelet"),
-     "users[2].id: duplicate id 'desk-chatelet' (already used at users[0].id)"),
-    ("unknown category",
-     lambda d: partner(d, 1).update(categories=["logement", "xyz"]),
-     "partners[1].categories[1]: unknown category 'xyz'"),
-    ("no primary contact",
-     lambda d: partner(d)["contacts"][0].update(role="backup"),
-     "partners[0].contacts: no primary contact; give one contact role: primary"),
-    ("two primary contacts",
-     lambda d: partner(d)["contacts"][1].update(role="primary"),
-     "partners[0].contacts[1].role: a second primary contact (contacts[0] is already primary); "
-     "make this one backup"),
-    ("unknown contact role",
-     lambda d: partner(d)["contacts"][1].update(role="main"),
-     "partners[0].contacts[1].role: must be 'primary' or 'backup', not 'main'"),
-    ("bad phone",
-     lambda d: partner(d)["contacts"][0].update(phone="12"),
-     f"partners[0].contacts[0].phone: not a phone number: '12' ({PHONE_HINT})"),
-    ("phone left unquoted in YAML",
-     lambda d: partner(d)["contacts"][0].update(phone=33261910101),
-     "partners[0].contacts[0].phone: must be text; put 33261910101 in quotes"),
-    ("bad territory prefix",
-     lambda d: partner(d).update(territory=["7600O"]),
-     "partners[0].territory[0]: '7600O' is not a postal-code prefix (French e.g. 76 or 76000, "
-     'Canadian e.g. H2X or H2X 1Y4, "" for everywhere)'),
-    ("empty territory",
-     lambda d: partner(d).update(territory=[]),
-     "partners[0].territory: must list at least one entry"),
-    ("capacity zero",
-     lambda d: partner(d).update(capacity=0),
-     "partners[0].capacity: must be at least 1"),
-    ("capacity not a number",
-     lambda d: partner(d).update(capacity="lots"),
-     "partners[0].capacity: must be a whole number, not 'lots'"),
-    ("misspelt field",
-     lambda d: partner(d).update(capcity=3),
-     "partners[0].capcity: unknown field (misspelt? remove it or fix the name)"),
-    ("missing field",
-     lambda d: partner(d).pop("name"),
-     "partners[0].name: missing (required)"),
-    ("bad id",
-     lambda d: partner(d)["contacts"][1].update(id="caf76 backup"),
-     "partners[0].contacts[1].id: 'caf76 backup' is not a valid id (letters, digits, '.', '_' "
-     "and '-' only, 64 at most)"),
-    ("id longer than the services' columns",
-     lambda d: partner(d, 1).update(id="p" * 65),
-     f"partners[1].id: '{'p' * 65}' is not a valid id (letters, digits, '.', '_' and '-' only, 64 at most)"),
-    ("front desk without library",
-     lambda d: d["users"][0].pop("library"),
-     "users[0].library: missing; a front_desk user needs the id of their library"),
-    ("front desk of an unknown library",
-     lambda d: d["users"][0].update(library="nowhere"),
-     "users[0].library: unknown library 'nowhere'"),
-    ("partner user without partner",
-     lambda d: d["users"][1].pop("partner"),
-     "users[1].partner: missing; a partner user needs the id of their partner"),
-    ("partner user of an unknown partner",
-     lambda d: d["users"][1].update(partner="caf-77"),
-     "users[1].partner: unknown partner 'caf-77'"),
-    ("ops user tied to a library",
-     lambda d: d["users"][2].update(library="rouen-chatelet"),
-     "users[2].library: an ops user has no library; remove it"),
-    ("user who cannot sign in",
-     lambda d: d["users"][2].pop("email"),
-     "users[2]: no way to sign in; give an email or a token_sha256"),
-    ("token that is not a hash",
-     lambda d: d["users"][1].update(token_sha256="demo-partner-caf76"),
-     "users[1].token_sha256: must be the SHA-256 of the token: 64 hexadecimal characters"),
-    ("two users with one token",
-     lambda d: d["users"][2].update(token_sha256=CAF_TOKEN_HASH),
-     "users[2].token_sha256: same token as users[1]; every user needs their own token"),
-    ("unknown user role",
-     lambda d: d["users"][2].update(role="admin"),
-     "users[2].role: must be 'front_desk', 'partner' or 'ops', not 'admin'"),
+    (
+        "unknown time zone",
+        lambda d: d.update(timezone="Europe/Pariss"),
+        "timezone: unknown time zone 'Europe/Pariss' (use an IANA name such as Europe/Paris or America/Toronto)",
+    ),
+    (
+        "duration garbage",
+        lambda d: d["sla"].update(respond_within="72h"),
+        f"sla.respond_within: not an ISO 8601 duration: '72h' ({DURATION_HINT})",
+    ),
+    (
+        "duration as a number",
+        lambda d: d["sla"].update(respond_within=72),
+        f"sla.respond_within: must be an ISO 8601 duration, not 72 ({DURATION_HINT})",
+    ),
+    (
+        "duration in months",
+        lambda d: d["sla"].update(escalate_after="P1M"),
+        "sla.escalate_after: 'P1M': years and months have no fixed length; use days instead (e.g. P30D)",
+    ),
+    (
+        "reminder after the deadline",
+        lambda d: d["sla"].update(remind_after=["PT24H", "PT80H"]),
+        "sla.remind_after[1]: PT80H is not before respond_within PT72H",
+    ),
+    (
+        "reminders out of order",
+        lambda d: d["sla"].update(remind_after=["PT48H", "PT24H"]),
+        "sla.remind_after[1]: PT24H is not after the previous reminder PT48H; list reminders in increasing order",
+    ),
+    (
+        "escalation at the deadline",
+        lambda d: d["sla"].update(escalate_after="PT72H"),
+        "sla.escalate_after: PT72H is not before respond_within PT72H",
+    ),
+    (
+        "partner reminder after the default deadline",
+        lambda d: partner(d).update(sla={"remind_after": ["PT24H", "PT80H"]}),
+        "partners[0].sla.remind_after[1]: PT80H is not before respond_within PT72H",
+    ),
+    (
+        "partner escalation after its own deadline",
+        lambda d: partner(d).update(sla={"respond_within": "PT48H", "escalate_after": "PT50H"}),
+        "partners[0].sla.escalate_after: PT50H is not before respond_within PT48H",
+    ),
+    (
+        "duplicate category",
+        lambda d: d["categories"].append({"id": "caf", "label": "Encore la CAF"}),
+        "categories[2].id: duplicate id 'caf' (already used at categories[0].id)",
+    ),
+    (
+        "duplicate library",
+        lambda d: d["libraries"][1].update(id="rouen-chatelet"),
+        "libraries[1].id: duplicate id 'rouen-chatelet' (already used at libraries[0].id)",
+    ),
+    (
+        "duplicate partner",
+        lambda d: partner(d, 1).update(id="caf-76"),
+        "partners[1].id: duplicate id 'caf-76' (already used at partners[0].id)",
+    ),
+    (
+        "duplicate contact across partners",
+        lambda d: partner(d, 1)["contacts"][0].update(id="caf76-ref"),
+        "partners[1].contacts[0].id: duplicate id 'caf76-ref' (already used at partners[0].contacts[0].id)",
+    ),
+    (
+        "duplicate user",
+        lambda d: d["users"][2].update(id="desk-chatelet"),
+        "users[2].id: duplicate id 'desk-chatelet' (already used at users[0].id)",
+    ),
+    (
+        "unknown category",
+        lambda d: partner(d, 1).update(categories=["logement", "xyz"]),
+        "partners[1].categories[1]: unknown category 'xyz'",
+    ),
+    (
+        "no primary contact",
+        lambda d: partner(d)["contacts"][0].update(role="backup"),
+        "partners[0].contacts: no primary contact; give one contact role: primary",
+    ),
+    (
+        "two primary contacts",
+        lambda d: partner(d)["contacts"][1].update(role="primary"),
+        "partners[0].contacts[1].role: a second primary contact (contacts[0] is already primary); make this one backup",
+    ),
+    (
+        "unknown contact role",
+        lambda d: partner(d)["contacts"][1].update(role="main"),
+        "partners[0].contacts[1].role: must be 'primary' or 'backup', not 'main'",
+    ),
+    (
+        "bad phone",
+        lambda d: partner(d)["contacts"][0].update(phone="12"),
+        f"partners[0].contacts[0].phone: not a phone number: '12' ({PHONE_HINT})",
+    ),
+    (
+        "phone left unquoted in YAML",
+        lambda d: partner(d)["contacts"][0].update(phone=33261910101),
+        "partners[0].contacts[0].phone: must be text; put 33261910101 in quotes",
+    ),
+    (
+        "bad territory prefix",
+        lambda d: partner(d).update(territory=["7600O"]),
+        "partners[0].territory[0]: '7600O' is not a postal-code prefix (French e.g. 76 or 76000, "
+        'Canadian e.g. H2X or H2X 1Y4, "" for everywhere)',
+    ),
+    (
+        "empty territory",
+        lambda d: partner(d).update(territory=[]),
+        "partners[0].territory: must list at least one entry",
+    ),
+    ("capacity zero", lambda d: partner(d).update(capacity=0), "partners[0].capacity: must be at least 1"),
+    (
+        "capacity not a number",
+        lambda d: partner(d).update(capacity="lots"),
+        "partners[0].capacity: must be a whole number, not 'lots'",
+    ),
+    (
+        "misspelt field",
+        lambda d: partner(d).update(capcity=3),
+        "partners[0].capcity: unknown field (misspelt? remove it or fix the name)",
+    ),
+    ("missing field", lambda d: partner(d).pop("name"), "partners[0].name: missing (required)"),
+    (
+        "bad id",
+        lambda d: partner(d)["contacts"][1].update(id="caf76 backup"),
+        "partners[0].contacts[1].id: 'caf76 backup' is not a valid id (letters, digits, '.', '_' "
+        "and '-' only, 64 at most)",
+    ),
+    (
+        "id longer than the services' columns",
+        lambda d: partner(d, 1).update(id="p" * 65),
+        f"partners[1].id: '{'p' * 65}' is not a valid id (letters, digits, '.', '_' and '-' only, 64 at most)",
+    ),
+    (
+        "front desk without library",
+        lambda d: d["users"][0].pop("library"),
+        "users[0].library: missing; a front_desk user needs the id of their library",
+    ),
+    (
+        "front desk of an unknown library",
+        lambda d: d["users"][0].update(library="nowhere"),
+        "users[0].library: unknown library 'nowhere'",
+    ),
+    (
+        "partner user without partner",
+        lambda d: d["users"][1].pop("partner"),
+        "users[1].partner: missing; a partner user needs the id of their partner",
+    ),
+    (
+        "partner user of an unknown partner",
+        lambda d: d["users"][1].update(partner="caf-77"),
+        "users[1].partner: unknown partner 'caf-77'",
+    ),
+    (
+        "ops user tied to a library",
+        lambda d: d["users"][2].update(library="rouen-chatelet"),
+        "users[2].library: an ops user has no library; remove it",
+    ),
+    (
+        "user who cannot sign in",
+        lambda d: d["users"][2].pop("email"),
+        "users[2]: no way to sign in; give an email or a token_sha256",
+    ),
+    (
+        "token that is not a hash",
+        lambda d: d["users"][1].update(token_sha256="demo-partner-caf76"),
+        "users[1].token_sha256: must be the SHA-256 of the token: 64 hexadecimal characters",
+    ),
+    (
+        "two users with one token",
+        lambda d: d["users"][2].update(token_sha256=CAF_TOKEN_HASH),
+        "users[2].token_sha256: same token as users[1]; every user needs their own token",
+    ),
+    (
+        "unknown user role",
+        lambda d: d["users"][2].update(role="admin"),
+        "users[2].role: must be 'front_desk', 'partner' or 'ops', not 'admin'",
+    ),
 ]
 
 
-@pytest.mark.parametrize("edit, message", [case[1:] for case in BAD_FILES],
-                         ids=[case[0] for case in BAD_FILES])
+@pytest.mark.parametrize("edit, message", [case[1:] for case in BAD_FILES], ids=[case[0] for case in BAD_FILES])
 def test_bad_file_is_refused_with_a_path_style_message(tmp_path, edit, message):
     path = write(tmp_path, changed(edit))
 
@@ -330,18 +432,24 @@ def test_errors_are_ordered_by_index_not_alphabetically(tmp_path):
 
     errors = check_directory_file(write(tmp_path, changed(edit)))
 
-    assert errors == ["partners[2].capacity: must be at least 1",
-                      "partners[10].capacity: must be at least 1"]
+    assert errors == ["partners[2].capacity: must be at least 1", "partners[10].capacity: must be at least 1"]
 
 
-@pytest.mark.parametrize("text, message", [
-    ("timezone: Europe/Paris\nsla: [PT72H\n", "line 3, column 1: invalid YAML: expected ',' or ']', "
-                                             "but got '<stream end>'"),
-    ("timezone: Europe/Paris\ntimezone: UTC\n", "line 2, column 1: invalid YAML: key 'timezone' "
-                                               "appears twice in the same mapping"),
-    ("", "(top level): the file is empty"),
-    ("- a\n- b\n", "(top level): expected a mapping (timezone:, sla:, categories:, ...), got list"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "timezone: Europe/Paris\nsla: [PT72H\n",
+            "line 3, column 1: invalid YAML: expected ',' or ']', but got '<stream end>'",
+        ),
+        (
+            "timezone: Europe/Paris\ntimezone: UTC\n",
+            "line 2, column 1: invalid YAML: key 'timezone' appears twice in the same mapping",
+        ),
+        ("", "(top level): the file is empty"),
+        ("- a\n- b\n", "(top level): expected a mapping (timezone:, sla:, categories:, ...), got list"),
+    ],
+)
 def test_unreadable_yaml(tmp_path, text, message):
     assert check_directory_file(write(tmp_path, text)) == [message]
 
@@ -351,23 +459,25 @@ def test_missing_file(tmp_path):
     assert check_directory_file(path) == [f"{path}: file not found"]
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("PT72H", timedelta(hours=72)),
-    ("P3D", timedelta(days=3)),
-    ("PT30S", timedelta(seconds=30)),
-    ("PT1.5S", timedelta(seconds=1.5)),
-    ("PT0,5S", timedelta(seconds=0.5)),
-    ("P1DT12H", timedelta(hours=36)),
-    ("P1W", timedelta(weeks=1)),
-    ("PT90M", timedelta(minutes=90)),
-    ("pt72h", timedelta(hours=72)),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("PT72H", timedelta(hours=72)),
+        ("P3D", timedelta(days=3)),
+        ("PT30S", timedelta(seconds=30)),
+        ("PT1.5S", timedelta(seconds=1.5)),
+        ("PT0,5S", timedelta(seconds=0.5)),
+        ("P1DT12H", timedelta(hours=36)),
+        ("P1W", timedelta(weeks=1)),
+        ("PT90M", timedelta(minutes=90)),
+        ("pt72h", timedelta(hours=72)),
+    ],
+)
 def test_parse_duration(text, expected):
     assert parse_duration(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "P", "PT", "P1DT", "72", "PT72", "-PT1H", "PT1H30", "P1Y",
-                                  "PT0S", "3 days"])
+@pytest.mark.parametrize("text", ["", "P", "PT", "P1DT", "72", "PT72", "-PT1H", "PT1H30", "P1Y", "PT0S", "3 days"])
 def test_parse_duration_refuses_garbage(text):
     with pytest.raises(ValueError):
         parse_duration(text)

@@ -9,8 +9,15 @@ from services.referral import commands, handlers
 
 ADAPTERS = ("api.py", "web.py", "dashboard_pages.py", "consumers.py")
 # What only handlers.py and store.py may write: queries, session writes, events, the ops log.
-FORBIDDEN = (r"\bselect\(", r"\bsession\.(add|delete|exec|get)\b", r"\bemit\(", r"\bOpsAction\b", r"\bsqlalchemy\b",
-             r"\breplay\(", r"\brevoke_user_sessions\(")
+FORBIDDEN = (
+    r"\bselect\(",
+    r"\bsession\.(add|delete|exec|get)\b",
+    r"\bemit\(",
+    r"\bOpsAction\b",
+    r"\bsqlalchemy\b",
+    r"\breplay\(",
+    r"\brevoke_user_sessions\(",
+)
 
 
 def test_every_command_has_exactly_one_handler():
@@ -21,8 +28,9 @@ def test_every_command_has_exactly_one_handler():
 
 def test_the_adapters_only_translate():
     folder = Path(handlers.__file__).parent
-    found = {name: [pattern for pattern in FORBIDDEN if re.search(pattern, (folder / name).read_text())]
-             for name in ADAPTERS}
+    found = {
+        name: [pattern for pattern in FORBIDDEN if re.search(pattern, (folder / name).read_text())] for name in ADAPTERS
+    }
     assert found == {name: [] for name in ADAPTERS}
 
 

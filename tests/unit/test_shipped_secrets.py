@@ -9,13 +9,27 @@ from pathlib import Path
 from shared.settings import SHIPPED_SECRETS, Settings, weak_secret
 
 ROOT = Path(__file__).resolve().parents[2]
-SHIPPING = ["docker-compose.yml", "Dockerfile", ".ci/run", "dev", "README.md", "docs/**/*.md", "deploy/**/*",
-            "tests/**/*.py", "bench/**/*.py", "shared/**/*.py", "services/**/*.py"]
+SHIPPING = [
+    "docker-compose.yml",
+    "Dockerfile",
+    ".ci/run",
+    "dev",
+    "README.md",
+    "docs/**/*.md",
+    "deploy/**/*",
+    "tests/**/*.py",
+    "bench/**/*.py",
+    "shared/**/*.py",
+    "services/**/*.py",
+]
 # `RELAIS_SECRET_KEY=value`, `RELAIS_SECRET_KEY: value`, `${RELAIS_SECRET_KEY:-value}`, `secret_key="value"`, and the
 # same for the internal token.
-ASSIGNED = re.compile(r"""(?:RELAIS_(?:SECRET_KEY|INTERNAL_TOKEN)[ \t]*(?:=|:-?)[ \t]*
+ASSIGNED = re.compile(
+    r"""(?:RELAIS_(?:SECRET_KEY|INTERNAL_TOKEN)[ \t]*(?:=|:-?)[ \t]*
                            |(?:secret_key|internal_token)["']?[ \t]*[=:][ \t]*)
-                          [fbr]?(["']?)(?P<value>[^\s"'`}$][^\s"'`}]*)\1""", re.VERBOSE)
+                          [fbr]?(["']?)(?P<value>[^\s"'`}$][^\s"'`}]*)\1""",
+    re.VERBOSE,
+)
 
 
 def shipped_values() -> dict[str, str]:
@@ -42,7 +56,8 @@ def test_the_scan_finds_what_the_repository_ships():
 def test_every_secret_the_repository_ships_is_refused():
     refused = {value: where for value, where in shipped_values().items() if weak_secret(value)}
     assert refused == shipped_values(), "shipped but not refused (add them to SHIPPED_SECRETS): " + ", ".join(
-        f"{value!r} in {where}" for value, where in shipped_values().items() if value not in refused)
+        f"{value!r} in {where}" for value, where in shipped_values().items() if value not in refused
+    )
 
 
 def test_long_shipped_values_are_listed_as_such():

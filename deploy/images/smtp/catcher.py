@@ -13,7 +13,7 @@ import html
 import json
 import threading
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email import message_from_bytes, policy
 from email.utils import getaddresses
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -41,13 +41,19 @@ class Keep:
             "From": (addresses(message["From"]) or [{"Name": "", "Address": envelope.mail_from}])[0],
             "To": addresses(message["To"]) or [{"Name": "", "Address": a} for a in envelope.rcpt_tos],
             "Subject": str(message["Subject"] or ""),
-            "Created": datetime.now(timezone.utc).isoformat(),
+            "Created": datetime.now(UTC).isoformat(),
             "Size": len(raw),
         }
         with LOCK:
-            MESSAGES.append({"summary": summary, "raw": raw, "date": str(message["Date"] or ""),
-                             "text": text.get_content() if text else "",
-                             "html": body_html.get_content() if body_html else ""})
+            MESSAGES.append(
+                {
+                    "summary": summary,
+                    "raw": raw,
+                    "date": str(message["Date"] or ""),
+                    "text": text.get_content() if text else "",
+                    "html": body_html.get_content() if body_html else "",
+                }
+            )
         return "250 Message accepted for delivery"
 
 
@@ -77,23 +83,34 @@ class Api(BaseHTTPRequestHandler):
             limit = int(query.get("limit", ["50"])[0])
             with LOCK:
                 newest_first = [m["summary"] for m in reversed(MESSAGES)]
-            page = newest_first[start:start + limit]
-            return self.json({"total": len(newest_first), "unread": 0, "count": len(page),
-                              "messages_count": len(newest_first), "start": start, "messages": page})
+            page = newest_first[start : start + limit]
+            return self.json(
+                {
+                    "total": len(newest_first),
+                    "unread": 0,
+                    "count": len(page),
+                    "messages_count": len(newest_first),
+                    "start": start,
+                    "messages": page,
+                }
+            )
         if len(parts) in (4, 5) and parts[:3] == ["api", "v1", "message"]:
             message = self.find(parts[3])
             if message is None:
                 return self.reply(404, b"message not found", "text/plain")
             if len(parts) == 5 and parts[4] == "raw":
                 return self.reply(200, message["raw"], "text/plain; charset=utf-8")
-            return self.json({**message["summary"], "Date": message["date"], "Text": message["text"],
-                              "HTML": message["html"]})
+            return self.json(
+                {**message["summary"], "Date": message["date"], "Text": message["text"], "HTML": message["html"]}
+            )
         if url.path == "/":
             with LOCK:
-                rows = "".join(f'<li><a href="/api/v1/message/{m["summary"]["ID"]}/raw">'
-                               f'{html.escape(m["summary"]["Subject"])}</a> to '
-                               f'{html.escape(", ".join(t["Address"] for t in m["summary"]["To"]))}</li>'
-                               for m in reversed(MESSAGES))
+                rows = "".join(
+                    f'<li><a href="/api/v1/message/{m["summary"]["ID"]}/raw">'
+                    f"{html.escape(m['summary']['Subject'])}</a> to "
+                    f"{html.escape(', '.join(t['Address'] for t in m['summary']['To']))}</li>"
+                    for m in reversed(MESSAGES)
+                )
             page = f"<!doctype html><meta charset=utf-8><title>SMTP catcher</title><ol>{rows}</ol>"
             return self.reply(200, page.encode(), "text/html; charset=utf-8")
         self.reply(404, b"not found", "text/plain")

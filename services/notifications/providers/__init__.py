@@ -8,11 +8,14 @@ from services.notifications.providers import brevo, outbox, smtp, twilio
 from services.notifications.providers.base import SmsProvider, SmsProviderKind
 from shared.settings import Settings
 
-SMS_PROVIDERS: dict[str, SmsProviderKind] = {kind.name: kind for kind in (
-    outbox.KIND,
-    twilio.KIND,
-    brevo.KIND,
-)}
+SMS_PROVIDERS: dict[str, SmsProviderKind] = {
+    kind.name: kind
+    for kind in (
+        outbox.KIND,
+        twilio.KIND,
+        brevo.KIND,
+    )
+}
 
 
 def settings_problems(settings: Settings) -> list[str]:

@@ -27,8 +27,9 @@ class Sent:
 
 
 class SendError(Exception):
-    def __init__(self, message: str, *, permanent: bool = False, retry_after_s: float | None = None,
-                 opted_out: bool = False) -> None:
+    def __init__(
+        self, message: str, *, permanent: bool = False, retry_after_s: float | None = None, opted_out: bool = False
+    ) -> None:
         super().__init__(message)
         self.permanent, self.retry_after_s, self.opted_out = permanent or opted_out, retry_after_s, opted_out
 

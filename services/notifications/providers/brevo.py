@@ -11,8 +11,19 @@ import json
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import Response
 
-from services.notifications.providers.base import (MAX_WEBHOOK_BYTES, HttpProvider, Receipt, Reply, Report, Sent,
-                                                    SmsProviderKind, e164, http_error, webhook_base, webhook_body)
+from services.notifications.providers.base import (
+    MAX_WEBHOOK_BYTES,
+    HttpProvider,
+    Receipt,
+    Reply,
+    Report,
+    Sent,
+    SmsProviderKind,
+    e164,
+    http_error,
+    webhook_base,
+    webhook_body,
+)
 from shared.edges import body_limit
 from shared.settings import Settings
 
@@ -32,12 +43,19 @@ class BrevoSms(HttpProvider):
 
     async def send(self, to: str, text: str, delivery_id: str) -> Sent:
         s = self.settings
-        body = {"sender": s.brevo_sender, "recipient": to.lstrip("+"), "content": text, "type": "transactional",
-                "tag": "relais", "webUrl": brevo_webhook_url(s)}
+        body = {
+            "sender": s.brevo_sender,
+            "recipient": to.lstrip("+"),
+            "content": text,
+            "type": "transactional",
+            "tag": "relais",
+            "webUrl": brevo_webhook_url(s),
+        }
         if any(ord(c) > 0x7F for c in text) and not s.sms_transliterate:
             body["unicodeEnabled"] = True
-        response = await self._post(self.url, json=body, headers={"api-key": s.brevo_api_key,
-                                                                   "accept": "application/json"})
+        response = await self._post(
+            self.url, json=body, headers={"api-key": s.brevo_api_key, "accept": "application/json"}
+        )
         if response.status_code in (200, 201):
             return Sent("brevo", str(response.json()["messageId"]))
         raise http_error("brevo", response)

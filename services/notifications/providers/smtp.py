@@ -41,10 +41,15 @@ class SmtpTarget:
             raise ValueError(f"RELAIS_SMTP_URL must look like smtp://[user:pass@]host:port or smtps://...; got {url!r}")
         query = {k: v[0] for k, v in parse_qs(parts.query).items()}
         starttls = {"require": True, "off": False}.get(query.get("starttls", ""), None)
-        return cls(host=parts.hostname, port=parts.port or (465 if parts.scheme == "smtps" else 25),
-                   use_tls=parts.scheme == "smtps", starttls=None if parts.scheme == "smtps" else starttls,
-                   username=unquote(parts.username) if parts.username else None,
-                   password=unquote(parts.password) if parts.password else None, cafile=query.get("cafile"))
+        return cls(
+            host=parts.hostname,
+            port=parts.port or (465 if parts.scheme == "smtps" else 25),
+            use_tls=parts.scheme == "smtps",
+            starttls=None if parts.scheme == "smtps" else starttls,
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+            cafile=query.get("cafile"),
+        )
 
     def tls_context(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=self.cafile)
@@ -61,8 +66,17 @@ def message_id(key: str, sender: str) -> str:
     return f"<{key}@{mail_domain(sender)}>"
 
 
-def build_message(*, sender: str, to: str, subject: str, text: str, html: str | None, message_id: str,
-                  reply_to: str | None = None, language: str = "fr") -> EmailMessage:
+def build_message(
+    *,
+    sender: str,
+    to: str,
+    subject: str,
+    text: str,
+    html: str | None,
+    message_id: str,
+    reply_to: str | None = None,
+    language: str = "fr",
+) -> EmailMessage:
     msg = EmailMessage()
     msg["From"], msg["To"], msg["Subject"] = sender, to, subject
     msg["Date"] = email.utils.formatdate(localtime=False)
@@ -89,9 +103,16 @@ class SmtpPool:
 
     async def _connect(self) -> aiosmtplib.SMTP:
         t = self.target
-        smtp = aiosmtplib.SMTP(hostname=t.host, port=t.port, use_tls=t.use_tls, start_tls=t.starttls,
-                               username=t.username, password=t.password, timeout=self.timeout,
-                               tls_context=t.tls_context() if (t.use_tls or t.starttls is not False) else None)
+        smtp = aiosmtplib.SMTP(
+            hostname=t.host,
+            port=t.port,
+            use_tls=t.use_tls,
+            start_tls=t.starttls,
+            username=t.username,
+            password=t.password,
+            timeout=self.timeout,
+            tls_context=t.tls_context() if (t.use_tls or t.starttls is not False) else None,
+        )
         await smtp.connect()
         self.connections_opened += 1
         return smtp
@@ -133,10 +154,15 @@ class SmtpPool:
                     await smtp.send_message(msg)
             except aiosmtplib.SMTPRecipientsRefused as exc:
                 codes = [e.code for e in exc.recipients]
-                raise SendError(f"recipient refused: {'; '.join(f'{e.code} {e.message}' for e in exc.recipients)}",
-                                permanent=all(c >= 500 for c in codes)) from exc
-            except (aiosmtplib.SMTPAuthenticationError, aiosmtplib.SMTPHeloError,
-                    aiosmtplib.SMTPConnectResponseError) as exc:
+                raise SendError(
+                    f"recipient refused: {'; '.join(f'{e.code} {e.message}' for e in exc.recipients)}",
+                    permanent=all(c >= 500 for c in codes),
+                ) from exc
+            except (
+                aiosmtplib.SMTPAuthenticationError,
+                aiosmtplib.SMTPHeloError,
+                aiosmtplib.SMTPConnectResponseError,
+            ) as exc:
                 # The server or our credentials, not this message: worth a retry once ops fix it.
                 await self._drop()
                 raise SendError(f"SMTP {exc.code} {exc.message}") from exc
@@ -169,6 +195,5 @@ def problems(settings: Settings) -> list[str]:
         SmtpTarget.from_url(settings.smtp_url)
     except ValueError:
         shown = re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", settings.smtp_url)
-        return ["RELAIS_SMTP_URL: must look like smtp://[user:pass@]host:port, or smtps://... for TLS "
-                f"(got {shown!r})"]
+        return [f"RELAIS_SMTP_URL: must look like smtp://[user:pass@]host:port, or smtps://... for TLS (got {shown!r})"]
     return []

@@ -11,9 +11,20 @@ from urllib.parse import parse_qs
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import Response
 
-from services.notifications.providers.base import (MAX_WEBHOOK_BYTES, HttpProvider, Receipt, Reply, Report, Sent,
-                                                    SmsProviderKind, e164, http_error, json_field, webhook_base,
-                                                    webhook_body)
+from services.notifications.providers.base import (
+    MAX_WEBHOOK_BYTES,
+    HttpProvider,
+    Receipt,
+    Reply,
+    Report,
+    Sent,
+    SmsProviderKind,
+    e164,
+    http_error,
+    json_field,
+    webhook_base,
+    webhook_body,
+)
 from shared.edges import body_limit
 from shared.settings import Settings
 
@@ -27,14 +38,18 @@ class TwilioSms(HttpProvider):
     def __init__(self, settings: Settings) -> None:
         super().__init__()
         self.settings = settings
-        self.url = (f"{settings.twilio_base_url.rstrip('/')}/2010-04-01/Accounts/"
-                    f"{settings.twilio_account_sid}/Messages.json")
+        self.url = (
+            f"{settings.twilio_base_url.rstrip('/')}/2010-04-01/Accounts/{settings.twilio_account_sid}/Messages.json"
+        )
 
     async def send(self, to: str, text: str, delivery_id: str) -> Sent:
         s = self.settings
         sender = {"MessagingServiceSid" if s.twilio_from.startswith("MG") else "From": s.twilio_from}
-        response = await self._post(self.url, auth=(s.twilio_account_sid, s.twilio_auth_token), data={
-            "To": to, "Body": text, "StatusCallback": twilio_webhook_url(s), **sender})
+        response = await self._post(
+            self.url,
+            auth=(s.twilio_account_sid, s.twilio_auth_token),
+            data={"To": to, "Body": text, "StatusCallback": twilio_webhook_url(s), **sender},
+        )
         if response.status_code in (200, 201):
             return Sent("twilio", str(response.json()["sid"]))
         code = json_field(response, "code")
@@ -44,8 +59,10 @@ class TwilioSms(HttpProvider):
 def problems(settings: Settings) -> list[str]:
     if settings.twilio_account_sid and settings.twilio_auth_token and settings.twilio_from:
         return []
-    return ["RELAIS_SMS_PROVIDER=twilio needs RELAIS_TWILIO_ACCOUNT_SID, RELAIS_TWILIO_AUTH_TOKEN "
-            "and RELAIS_TWILIO_FROM (a number in E.164 or a Messaging Service SID)"]
+    return [
+        "RELAIS_SMS_PROVIDER=twilio needs RELAIS_TWILIO_ACCOUNT_SID, RELAIS_TWILIO_AUTH_TOKEN "
+        "and RELAIS_TWILIO_FROM (a number in E.164 or a Messaging Service SID)"
+    ]
 
 
 def twilio_webhook_url(settings: Settings) -> str:
