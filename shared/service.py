@@ -12,6 +12,7 @@ import signal
 import time
 from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
@@ -346,3 +347,39 @@ def field_error(field: str, message: str, where: str = "body") -> HTTPException:
     """A 422 in FastAPI's own shape, naming the failing field."""
     path = [where, *field.split(".")]
     return HTTPException(422, [{"loc": path, "msg": message, "type": "value_error"}])
+
+
+@dataclass(frozen=True)
+class ServiceRuntime:
+    """What a service's `bootstrap` builds once: its shared parts (database, directory, bus, auth, HTTP basics) and
+    its FastAPI app. A service adds its own parts by subclassing (notifications: the senders' wake-up events)."""
+
+    service: Service
+    app: FastAPI
+
+    @property
+    def name(self) -> str:
+        return self.service.name
+
+    @property
+    def settings(self) -> Settings:
+        return self.service.settings
+
+    @property
+    def clock(self) -> Callable[[], datetime]:
+        return self.service.clock
+
+    @property
+    def db(self) -> Database:
+        return self.service.db
+
+    @property
+    def bus(self) -> Bus:
+        return self.service.bus
+
+    @property
+    def directory(self) -> Directory:
+        return self.service.directory  # SIGHUP loads it again
+
+    def reload_directory(self) -> None:
+        self.service.reload_directory()

@@ -12,47 +12,14 @@ from fastapi import FastAPI
 
 from services.intake import api, consumers, web
 from services.intake.store import TABLES
-from shared.db import Database
-from shared.directory import Directory
 from shared.events import utcnow
-from shared.messaging import Bus
-from shared.service import Service
+from shared.service import Service, ServiceRuntime
 from shared.settings import Settings
 
 
 @dataclass(frozen=True)
-class IntakeRuntime:
-    """The intake process: its shared service parts (database, directory, bus, auth, HTTP basics) and its app."""
-
-    service: Service
-    app: FastAPI
-
-    @property
-    def name(self) -> str:
-        return self.service.name
-
-    @property
-    def settings(self) -> Settings:
-        return self.service.settings
-
-    @property
-    def clock(self) -> Callable[[], datetime]:
-        return self.service.clock
-
-    @property
-    def db(self) -> Database:
-        return self.service.db
-
-    @property
-    def bus(self) -> Bus:
-        return self.service.bus
-
-    @property
-    def directory(self) -> Directory:
-        return self.service.directory  # SIGHUP loads it again
-
-    def reload_directory(self) -> None:
-        self.service.reload_directory()
+class IntakeRuntime(ServiceRuntime):
+    """The intake process: its shared service parts and its app (nothing of its own)."""
 
 
 def bootstrap(settings: Settings | None = None, *, clock: Callable[[], datetime] = utcnow) -> IntakeRuntime:

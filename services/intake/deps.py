@@ -1,69 +1,24 @@
-"""What intake's routes depend on, as FastAPI dependencies (full-stack-fastapi-template's api/deps.py): the runtime
-bootstrap built, its clock, its database and a read session, and the caller by role. A test overrides one with
-`app.dependency_overrides[get_clock] = ...` instead of patching the service."""
+"""What intake's routes depend on: the shared dependencies (shared/deps.py) and the desk's roles."""
 
-from __future__ import annotations
+from typing import Annotated
 
-from collections.abc import Callable, Iterator
-from datetime import datetime
-from typing import TYPE_CHECKING, Annotated, Any
+from fastapi import Depends
 
-from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlmodel import Session
-
-from shared.db import Database
-from shared.directory import Directory, User
-
-if TYPE_CHECKING:
-    from services.intake.app import IntakeRuntime
-
-
-def get_runtime(request: Request) -> IntakeRuntime:
-    return request.app.state.runtime
-
-
-Runtime = Annotated[Any, Depends(get_runtime)]  # an IntakeRuntime (app.py imports this module)
-
-
-def get_clock(runtime: Runtime) -> Callable[[], datetime]:
-    return runtime.clock
-
-
-def get_database(runtime: Runtime) -> Database:
-    return runtime.db
-
-
-def get_directory(runtime: Runtime) -> Directory:
-    return runtime.directory  # read per request: SIGHUP may have loaded another one
-
-
-def read_session(db: Annotated[Database, Depends(get_database)]) -> Iterator[Session]:
-    with db.read() as session:
-        yield session
-
-
-Clock = Annotated[Callable[[], datetime], Depends(get_clock)]
-DatabaseDep = Annotated[Database, Depends(get_database)]
-DirectoryDep = Annotated[Directory, Depends(get_directory)]
-ReadSession = Annotated[Session, Depends(read_session)]
-
-_bearer = HTTPBearer(auto_error=False)
-
-
-def caller(*roles: str) -> Callable[..., User]:
-    """The signed-in user: 401 without a known token, 403 when their role may not call (shared.service's rule)."""
-
-    def dependency(
-        request: Request,
-        runtime: Runtime,
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    ) -> User:
-        return runtime.service.require(*roles)(request, credentials)
-
-    return dependency
-
+from shared.deps import (  # noqa: F401 - the routes and the tests take them from here
+    Clock,
+    DatabaseDep,
+    DirectoryDep,
+    Ops,
+    ReadSession,
+    Runtime,
+    caller,
+    get_clock,
+    get_database,
+    get_directory,
+    get_runtime,
+    read_session,
+)
+from shared.directory import User
 
 FrontDesk = Annotated[User, Depends(caller("front_desk"))]
-Ops = Annotated[User, Depends(caller("ops"))]
 Reader = Annotated[User, Depends(caller("front_desk", "ops"))]

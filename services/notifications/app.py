@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from fastapi import FastAPI
@@ -14,11 +14,8 @@ from prometheus_client import Gauge
 
 from services.notifications import api, consumers, pages, providers, sender, views
 from services.notifications.store import TABLES
-from shared.db import Database
-from shared.directory import Directory
 from shared.events import utcnow
-from shared.messaging import Bus
-from shared.service import Service
+from shared.service import Service, ServiceRuntime
 from shared.settings import Settings
 
 CHANNELS = ("email", "sms")
@@ -32,40 +29,10 @@ def check_settings(settings: Settings) -> list[str]:
 
 
 @dataclass(frozen=True)
-class NotificationsRuntime:
-    """The notifications process: its shared service parts (database, directory, bus, auth, HTTP basics), the
-    events that wake each channel's sender, and its app."""
+class NotificationsRuntime(ServiceRuntime):
+    """The notifications process: its shared service parts, its app, and the events that wake each channel's sender."""
 
-    service: Service
-    wake_senders: dict[str, asyncio.Event]
-    app: FastAPI
-
-    @property
-    def name(self) -> str:
-        return self.service.name
-
-    @property
-    def settings(self) -> Settings:
-        return self.service.settings
-
-    @property
-    def clock(self) -> Callable[[], datetime]:
-        return self.service.clock
-
-    @property
-    def db(self) -> Database:
-        return self.service.db
-
-    @property
-    def bus(self) -> Bus:
-        return self.service.bus
-
-    @property
-    def directory(self) -> Directory:
-        return self.service.directory  # SIGHUP loads it again
-
-    def reload_directory(self) -> None:
-        self.service.reload_directory()
+    wake_senders: dict[str, asyncio.Event] = field(default_factory=dict)  # one event per channel
 
 
 def bootstrap(settings: Settings | None = None, *, clock: Callable[[], datetime] = utcnow) -> NotificationsRuntime:
@@ -86,7 +53,7 @@ def bootstrap(settings: Settings | None = None, *, clock: Callable[[], datetime]
     app = service.create_app(
         api.router, title="Relais notifications", pages=[pages.build_router(service), api.build_webhooks(service)]
     )
-    runtime = NotificationsRuntime(service, wakes, app)
+    runtime = NotificationsRuntime(service, app, wakes)
     app.state.runtime = runtime  # what deps.py gives the routes
     return runtime
 

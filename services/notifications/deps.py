@@ -1,67 +1,16 @@
-"""What notifications' routes depend on, as FastAPI dependencies (full-stack-fastapi-template's api/deps.py): the
-runtime bootstrap built, its clock, its database and a read session, and the caller by role. A test overrides one with
-`app.dependency_overrides[get_clock] = ...` instead of patching the service."""
+"""What notifications' routes depend on: the shared dependencies (shared/deps.py); its API is for ops only."""
 
-from __future__ import annotations
-
-from collections.abc import Callable, Iterator
-from datetime import datetime
-from typing import TYPE_CHECKING, Annotated, Any
-
-from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlmodel import Session
-
-from shared.db import Database
-from shared.directory import Directory, User
-
-if TYPE_CHECKING:
-    from services.notifications.app import NotificationsRuntime
-
-
-def get_runtime(request: Request) -> NotificationsRuntime:
-    return request.app.state.runtime
-
-
-Runtime = Annotated[Any, Depends(get_runtime)]  # an NotificationsRuntime (app.py imports this module)
-
-
-def get_clock(runtime: Runtime) -> Callable[[], datetime]:
-    return runtime.clock
-
-
-def get_database(runtime: Runtime) -> Database:
-    return runtime.db
-
-
-def get_directory(runtime: Runtime) -> Directory:
-    return runtime.directory  # read per request: SIGHUP may have loaded another one
-
-
-def read_session(db: Annotated[Database, Depends(get_database)]) -> Iterator[Session]:
-    with db.read() as session:
-        yield session
-
-
-Clock = Annotated[Callable[[], datetime], Depends(get_clock)]
-DatabaseDep = Annotated[Database, Depends(get_database)]
-DirectoryDep = Annotated[Directory, Depends(get_directory)]
-ReadSession = Annotated[Session, Depends(read_session)]
-
-_bearer = HTTPBearer(auto_error=False)
-
-
-def caller(*roles: str) -> Callable[..., User]:
-    """The signed-in user: 401 without a known token, 403 when their role may not call (shared.service's rule)."""
-
-    def dependency(
-        request: Request,
-        runtime: Runtime,
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    ) -> User:
-        return runtime.service.require(*roles)(request, credentials)
-
-    return dependency
-
-
-Ops = Annotated[User, Depends(caller("ops"))]
+from shared.deps import (  # noqa: F401 - the routes and the tests take them from here
+    Clock,
+    DatabaseDep,
+    DirectoryDep,
+    Ops,
+    ReadSession,
+    Runtime,
+    caller,
+    get_clock,
+    get_database,
+    get_directory,
+    get_runtime,
+    read_session,
+)

@@ -1,0 +1,65 @@
+"""What a service's routes depend on, as FastAPI dependencies (full-stack-fastapi-template's api/deps.py): the runtime
+its `bootstrap` put in `app.state.runtime`, its clock, its database and a read session, its directory, and the
+caller by role. A service's own `deps.py` adds its roles; a test overrides one with
+`app.dependency_overrides[get_clock] = ...` instead of patching the service."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlmodel import Session
+
+from shared.db import Database
+from shared.directory import Directory, User
+
+
+def get_runtime(request: Request) -> Any:
+    return request.app.state.runtime
+
+
+Runtime = Annotated[Any, Depends(get_runtime)]  # a shared.service.ServiceRuntime of the service
+
+
+def get_clock(runtime: Runtime) -> Callable[[], datetime]:
+    return runtime.clock
+
+
+def get_database(runtime: Runtime) -> Database:
+    return runtime.db
+
+
+def get_directory(runtime: Runtime) -> Directory:
+    return runtime.directory  # read per request: SIGHUP may have loaded another one
+
+
+def read_session(db: Annotated[Database, Depends(get_database)]) -> Iterator[Session]:
+    with db.read() as session:
+        yield session
+
+
+Clock = Annotated[Callable[[], datetime], Depends(get_clock)]
+DatabaseDep = Annotated[Database, Depends(get_database)]
+DirectoryDep = Annotated[Directory, Depends(get_directory)]
+ReadSession = Annotated[Session, Depends(read_session)]
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+def caller(*roles: str) -> Callable[..., User]:
+    """The signed-in user: 401 without a known token, 403 when their role may not call (shared.service's rule)."""
+
+    def dependency(
+        request: Request,
+        runtime: Runtime,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    ) -> User:
+        return runtime.service.require(*roles)(request, credentials)
+
+    return dependency
+
+
+Ops = Annotated[User, Depends(caller("ops"))]
