@@ -8,6 +8,7 @@ import hashlib
 import os
 import time
 from datetime import datetime, timedelta
+from pathlib import Path
 
 from shared.devstack import MailSink, free_port  # noqa: F401 - one of each, for tests, the bench and `relais up`
 
@@ -224,3 +225,31 @@ def focus_is_visible(page) -> bool:
         const s = getComputedStyle(document.activeElement);
         return (s.outlineStyle !== "none" && parseFloat(s.outlineWidth) > 0) || s.boxShadow !== "none";
     }""")
+
+
+def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key, made with the openssl command in `folder`."""
+    import subprocess
+
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subj = ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            *subj,
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key

@@ -37,7 +37,15 @@ from shared.events import (
 )
 from shared.messaging import stream_fields
 from shared.signin import link_for_request, new_sign_in_request, sign_in_reference
-from shared.testing import DESK_EMAIL, MailSink, clock_start, directory_data, free_port, wait_for
+from shared.testing import (
+    DESK_EMAIL,
+    MailSink,
+    clock_start,
+    directory_data,
+    free_port,
+    self_signed_certificate,
+    wait_for,
+)
 
 PHONE = "+33612345678"
 
@@ -535,34 +543,10 @@ def test_quiet_hours_and_the_daily_digest_wait_in_the_database_for_their_time(se
 def certificate(tmp_path):
     """A self-signed certificate for 127.0.0.1, made with the openssl command."""
     import shutil
-    import subprocess
 
     if not shutil.which("openssl"):
         pytest.skip("the openssl command is needed to make a test certificate")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
+    return self_signed_certificate(tmp_path)
 
 
 @pytest.mark.parametrize("scheme", ["smtp", "smtps"])

