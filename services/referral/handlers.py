@@ -155,22 +155,29 @@ def route(
     emit(
         session,
         ReferralAssigned(
-            need_id=case.need_id,
-            referral_id=referral.id,
-            partner_id=referral.partner_id,
+            **referral_event_fields(referral, case, actor, now),
             contact_id=referral.contact_id,
-            library_id=case.library_id,
-            category=case.category,
             respond_by=referral.respond_by,
             routed_because=decision.reason,
-            actor=actor,
-            occurred_at=now,
-            correlation_id=case.correlation_id,
-            sequence=case.next_sequence(),
         ),
     )
     session.add(case)
     return referral
+
+
+def referral_event_fields(referral: Referral, case: NeedCase, actor: str, now: datetime) -> dict:
+    """What every referral event carries, the need's next sequence number included (so: once per event)."""
+    return dict(
+        need_id=referral.need_id,
+        referral_id=referral.id,
+        partner_id=referral.partner_id,
+        library_id=referral.library_id,
+        category=referral.category,
+        actor=actor,
+        occurred_at=now,
+        correlation_id=case.correlation_id,
+        sequence=case.next_sequence(),
+    )
 
 
 def transition(
@@ -202,17 +209,7 @@ def transition(
         )
     )
     case = session.get(NeedCase, referral.need_id, with_for_update=True)  # its sequence moves
-    common = dict(
-        need_id=referral.need_id,
-        referral_id=referral.id,
-        partner_id=referral.partner_id,
-        library_id=referral.library_id,
-        category=referral.category,
-        actor=actor,
-        occurred_at=now,
-        correlation_id=case.correlation_id,
-        sequence=case.next_sequence(),
-    )
+    common = referral_event_fields(referral, case, actor, now)
     session.add(case)
     if action == "accept":
         emit(session, ReferralAccepted(**common))
@@ -282,17 +279,9 @@ def fire_due_timers(
         )
         case = session.get(NeedCase, referral.need_id, with_for_update=True)  # its sequence moves
         common = dict(
-            need_id=referral.need_id,
-            referral_id=referral.id,
-            partner_id=referral.partner_id,
-            library_id=referral.library_id,
-            category=referral.category,
+            referral_event_fields(referral, case, "system", now),
             contact_id=referral.contact_id,
             respond_by=referral.respond_by,
-            actor="system",
-            occurred_at=now,
-            correlation_id=case.correlation_id,
-            sequence=case.next_sequence(),
         )
         session.add(case)
         if timer.kind == "reminder":
