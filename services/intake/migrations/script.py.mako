@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 import sqlmodel
+import sqlmodel.sql.sqltypes  # AutoString's module: `import sqlmodel` alone does not make it an attribute for mypy
 from alembic import op
 
 import shared.db
