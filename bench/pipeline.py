@@ -28,7 +28,7 @@ import httpx
 import yaml
 
 from shared.devstack import MailSink, die_with_parent, start_embedded_redis
-from shared.settings import SERVICES
+from shared.settings import SERVICES, ServiceName
 from shared.testing import TOKENS, directory_data, free_port
 
 LIBRARY, CATEGORY, POSTAL_CODE = "chatelet", "caf", "76000"  # routed to caf-76 (prefix 76), primary contact
@@ -160,7 +160,7 @@ class Pipeline:
     def database(self, service: str) -> Path:
         return self.workdir / f"{service}.db"
 
-    def url(self, service: str) -> str:
+    def url(self, service: ServiceName) -> str:
         return f"http://127.0.0.1:{self.ports[service]}"
 
     def start(self) -> None:
@@ -413,7 +413,7 @@ SUBSCRIBES_TO = {"intake": "referrals", "referral": "needs", "notifications": "r
 
 def handled_counts(logs: Path) -> dict[str, int]:
     """Stream entries each service's subscribers took in, from FastStream's INFO 'Received' log lines."""
-    counts = {}
+    counts: dict[str, int] = {}
     for service in SERVICES:
         try:
             text = (logs / f"{service}.log").read_text(errors="replace")

@@ -19,7 +19,7 @@ from relais.diagnostics import BadSettings, load_settings, print_directory_error
 from relais.up import Up
 from shared.devstack import MailSink, start_embedded_redis
 from shared.events import STREAMS
-from shared.settings import SERVICES, Settings, private_dir
+from shared.settings import SERVICES, ServiceName, Settings, private_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,13 +83,13 @@ def directory_check(path: Path) -> int:
     return 0
 
 
-def _service_module(service: str):
+def _service_module(service: ServiceName):
     import importlib
 
     return importlib.import_module(f"services.{service}.app")
 
 
-def serve_one(service: str) -> int:
+def serve_one(service: ServiceName) -> int:
     settings = load_settings(
         redis=True, databases=(service,), notifications=service == "notifications", production=True
     )
@@ -136,7 +136,7 @@ def serve_one(service: str) -> int:
             proc.wait(15)
 
 
-def _serve(service: str, settings: Settings) -> int:
+def _serve(service: ServiceName, settings: Settings) -> int:
     from shared.directory import DirectoryError
     from shared.migrations import MigrationNeeded, check_current
 
@@ -162,7 +162,7 @@ def serve_app(app, host: str, port: int) -> None:  # noqa: ANN001
     uvicorn.run(app, host=host, port=port, log_level="warning", log_config=None, timeout_graceful_shutdown=10)
 
 
-def migrate_one(service: str, new_revision: str | None = None) -> int:
+def migrate_one(service: ServiceName, new_revision: str | None = None) -> int:
     from shared import migrations
 
     if new_revision:

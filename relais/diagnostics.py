@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import sys
 
-from shared.settings import Settings
+from shared.settings import ServiceName, Settings
 
 
 class BadSettings(Exception):
@@ -25,7 +25,7 @@ DATABASE_URL_FORMS = "sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST:
 
 
 def load_settings(
-    *, redis: bool = False, databases: tuple[str, ...] = (), notifications: bool = False, production: bool = False
+    *, redis: bool = False, databases: tuple[ServiceName, ...] = (), notifications: bool = False, production: bool = False
 ) -> Settings:
     """The settings from the environment, and the URLs this command will use checked before anything starts:
     Redis (`redis`), the named services' databases, the SMTP server and SMS provider (`notifications`), and with

@@ -37,7 +37,7 @@ from shared.logs import EventLogContext, current_correlation_id, log_context, ne
 from shared.messaging import Bus
 from shared.migrations import check_current
 from shared.openapi import error_responses  # noqa: F401 - routes declare their own statuses (409) with it
-from shared.settings import Settings, weak_secret
+from shared.settings import ServiceName, Settings, weak_secret
 
 log = logging.getLogger("relais.service")
 http_log = logging.getLogger("relais.http")
@@ -69,7 +69,7 @@ def internal_token_refused(settings: Settings) -> str | None:
 
 
 class Service:
-    def __init__(self, name: str, settings: Settings, tables: list, clock: Callable[[], datetime] = utcnow) -> None:
+    def __init__(self, name: ServiceName, settings: Settings, tables: list, clock: Callable[[], datetime] = utcnow) -> None:
         self.name, self.settings, self.clock = name, settings, clock
         self.directory: Directory = load_directory(settings.directory)
         self.db = Database(settings.database_url(name), tables)

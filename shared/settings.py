@@ -17,8 +17,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.directory import DEMO_DIRECTORY, DirectoryError, load_directory
 
-SERVICES = ("intake", "referral", "notifications")
 ServiceName = Literal["intake", "referral", "notifications"]
+SERVICES: tuple[ServiceName, ...] = ("intake", "referral", "notifications")
 # The demo directory stores only their SHA-256; `relais up` prints them so a newcomer can call the API.
 DEMO_TOKENS = {
     "desk-chatelet": "demo-desk-chatelet",

@@ -42,7 +42,7 @@ from shared.db import UTCDateTime, emit
 from shared.directory import User
 from shared.events import AccessLinkRequested, utcnow
 from shared.sessions import SESSION_MAX_AGE, end_session, open_session, session_is_live
-from shared.settings import SERVICES, Settings
+from shared.settings import SERVICES, ServiceName, Settings
 
 if TYPE_CHECKING:
     from shared.pages import Pages
@@ -132,7 +132,7 @@ class SignInRequest:
     """A sign-in link asked for: enough for the holder of the signing key to build the link, and nothing else."""
 
     user_id: str
-    service: str
+    service: ServiceName
     jti: str
     requested_at: datetime  # whole seconds: the link's token is dated by it
 
@@ -141,7 +141,7 @@ class SignInRequest:
         return self.requested_at + SIGN_IN_MAX_AGE
 
 
-def new_sign_in_request(service: str, user_id: str, now: datetime | None = None) -> SignInRequest:
+def new_sign_in_request(service: ServiceName, user_id: str, now: datetime | None = None) -> SignInRequest:
     stamp = datetime.fromtimestamp(int((now or utcnow()).timestamp()), UTC)
     return SignInRequest(user_id=user_id, service=service, jti=secrets.token_urlsafe(16), requested_at=stamp)
 
@@ -172,18 +172,24 @@ def read_sign_in_reference(settings: Settings, reference: str, now: datetime | N
     try:
         request = SignInRequest(
             user_id=str(payload["u"]),
-            service=str(payload["s"]),
+            service=_service_name(str(payload["s"])),
             jti=str(payload["j"]),
             requested_at=datetime.fromtimestamp(int(payload["t"]), UTC),
         )
     except (TypeError, KeyError, ValueError, OverflowError):
         raise TokenInvalid(SIGN_IN_REQUEST) from None
-    if request.service not in SERVICES:
-        raise TokenInvalid(SIGN_IN_REQUEST)
     return request
 
 
-def sign_in_link(settings: Settings, service: str, user_id: str, now: datetime | None = None) -> tuple[str, datetime]:
+def _service_name(name: str) -> ServiceName:
+    """`name` as one of our services; a reference naming another is not ours."""
+    for service in SERVICES:
+        if name == service:
+            return service
+    raise TokenInvalid(SIGN_IN_REQUEST)
+
+
+def sign_in_link(settings: Settings, service: ServiceName, user_id: str, now: datetime | None = None) -> tuple[str, datetime]:
     """A single-use sign-in link to `service` for `user_id`, and when it expires."""
     request = new_sign_in_request(service, user_id, now)
     return link_for_request(settings, request), request.expires_at

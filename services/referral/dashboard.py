@@ -28,6 +28,7 @@ from services.referral.store import PartnerPause, Referral
 from shared.directory import Directory
 from shared.queues import StreamReport, queues_report
 from shared.service import Service
+from shared.settings import SERVICES
 
 SLA_STATES = ("on_track", "at_risk", "met", "breached")
 WINDOW = timedelta(days=30)  # partners' answer times, breaches, declines
@@ -401,7 +402,7 @@ async def queue_reports(svc: Service, watch: QueueWatch) -> list[StreamReport]:
 
 
 async def queues(svc: Service, watch: QueueWatch) -> Queues:
-    outboxes = await asyncio.gather(*(remote.outbox_of(svc, s) for s in ("intake", "referral", "notifications")))
+    outboxes = await asyncio.gather(*(remote.outbox_of(svc, s) for s in SERVICES))
     try:
         reports = await queue_reports(svc, watch)
     except redis.RedisError as exc:

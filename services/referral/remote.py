@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from shared.logs import current_correlation_id
 from shared.service import ACTOR_HEADER, Service, internal_token
+from shared.settings import ServiceName
 
 REMOTE_TIMEOUT = 3.0  # seconds; past it that part of the dashboard shows as unavailable
 
@@ -35,7 +36,7 @@ class OutboxFigures(BaseModel):
 
 
 async def remote_json(
-    svc: Service, service: str, path: str, actor: str | None = None, params: dict | None = None
+    svc: Service, service: ServiceName, path: str, actor: str | None = None, params: dict | None = None
 ) -> Remote:
     headers = {"Authorization": f"Bearer {internal_token(svc.settings)}"}
     if correlation_id := current_correlation_id():
@@ -53,7 +54,7 @@ async def remote_json(
         return Remote(available=False, error=f"{service} unreachable ({type(exc).__name__})")
 
 
-async def outbox_of(svc: Service, service: str) -> OutboxFigures:
+async def outbox_of(svc: Service, service: ServiceName) -> OutboxFigures:
     if service == svc.name:
         try:
             state = await anyio.to_thread.run_sync(svc.outbox_state)
