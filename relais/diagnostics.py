@@ -25,7 +25,11 @@ DATABASE_URL_FORMS = "sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST:
 
 
 def load_settings(
-    *, redis: bool = False, databases: tuple[ServiceName, ...] = (), notifications: bool = False, production: bool = False
+    *,
+    redis: bool = False,
+    databases: tuple[ServiceName, ...] = (),
+    notifications: bool = False,
+    production: bool = False,
 ) -> Settings:
     """The settings from the environment, and the URLs this command will use checked before anything starts:
     Redis (`redis`), the named services' databases, the SMTP server and SMS provider (`notifications`), and with

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
-from sqlmodel import Field, Session, SQLModel, select
+from sqlmodel import Field, Session, SQLModel, col, select
 
 from shared.events import STREAM_OF, Event, utcnow
 from shared.logs import current_correlation_id
@@ -63,7 +63,13 @@ class ProcessedEvent(SQLModel, table=True):
     processed_at: datetime = Field(sa_type=UTCDateTime)
 
 
-MESSAGING_TABLES = (OutboxMessage.__table__, ProcessedEvent.__table__)
+def table_of(model: type[SQLModel]) -> sa.Table:
+    """The table of a `table=True` model. SQLAlchemy's declarative mapping sets `__table__` when the class is
+    created; SQLModel's annotations do not declare it, hence the one ignore."""
+    return model.__table__  # type: ignore[attr-defined]
+
+
+MESSAGING_TABLES = (table_of(OutboxMessage), table_of(ProcessedEvent))
 
 
 def emit(session: Session, event: Event) -> None:
@@ -115,13 +121,13 @@ def purge_technical_rows(
     outbox_cutoff = now - retention
     processed_cutoff = now - max(retention, stream_max_age + PROCESSED_EVENT_MARGIN)
     with db.transaction() as session:
-        outbox = session.execute(
+        outbox = session.exec(
             sa.delete(OutboxMessage).where(
-                OutboxMessage.published_at.is_not(None), OutboxMessage.published_at < outbox_cutoff
+                col(OutboxMessage.published_at).is_not(None), col(OutboxMessage.published_at) < outbox_cutoff
             )
         ).rowcount
-        processed = session.execute(
-            sa.delete(ProcessedEvent).where(ProcessedEvent.processed_at < processed_cutoff)
+        processed = session.exec(
+            sa.delete(ProcessedEvent).where(col(ProcessedEvent.processed_at) < processed_cutoff)
         ).rowcount
     return outbox, processed
 
@@ -173,7 +179,7 @@ class Database:
     def outbox_backlog(self) -> int:
         with self.read() as s:
             return s.exec(
-                select(sa.func.count()).select_from(OutboxMessage).where(OutboxMessage.published_at.is_(None))
+                select(sa.func.count()).select_from(OutboxMessage).where(col(OutboxMessage.published_at).is_(None))
             ).one()
 
     def dispose(self) -> None:

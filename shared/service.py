@@ -69,7 +69,9 @@ def internal_token_refused(settings: Settings) -> str | None:
 
 
 class Service:
-    def __init__(self, name: ServiceName, settings: Settings, tables: list, clock: Callable[[], datetime] = utcnow) -> None:
+    def __init__(
+        self, name: ServiceName, settings: Settings, tables: list, clock: Callable[[], datetime] = utcnow
+    ) -> None:
         self.name, self.settings, self.clock = name, settings, clock
         self.directory: Directory = load_directory(settings.directory)
         self.db = Database(settings.database_url(name), tables)

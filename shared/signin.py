@@ -38,7 +38,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, SQLModel
 from starlette.background import BackgroundTask
 
-from shared.db import UTCDateTime, emit
+from shared.db import UTCDateTime, emit, table_of
 from shared.directory import User
 from shared.events import AccessLinkRequested, utcnow
 from shared.sessions import SESSION_MAX_AGE, end_session, open_session, session_is_live
@@ -189,7 +189,9 @@ def _service_name(name: str) -> ServiceName:
     raise TokenInvalid(SIGN_IN_REQUEST)
 
 
-def sign_in_link(settings: Settings, service: ServiceName, user_id: str, now: datetime | None = None) -> tuple[str, datetime]:
+def sign_in_link(
+    settings: Settings, service: ServiceName, user_id: str, now: datetime | None = None
+) -> tuple[str, datetime]:
     """A single-use sign-in link to `service` for `user_id`, and when it expires."""
     request = new_sign_in_request(service, user_id, now)
     return link_for_request(settings, request), request.expires_at
@@ -215,7 +217,7 @@ class UsedToken(SQLModel, table=True):
     used_at: datetime = Field(sa_type=UTCDateTime)
 
 
-USED_TOKEN_TABLE = UsedToken.__table__
+USED_TOKEN_TABLE = table_of(UsedToken)
 
 
 def was_used(db, jti: str) -> bool:

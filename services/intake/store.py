@@ -8,7 +8,7 @@ from datetime import datetime
 from sqlmodel import Field, Session, SQLModel, select
 
 from services.intake.domain import CountedNeed
-from shared.db import UTCDateTime
+from shared.db import UTCDateTime, table_of
 from shared.signin import USED_TOKEN_TABLE
 
 
@@ -60,7 +60,7 @@ class IdempotencyKey(SQLModel, table=True):
     response_body: str | None = None
 
 
-TABLES = [Need.__table__, NeedHistory.__table__, IdempotencyKey.__table__, USED_TOKEN_TABLE]
+TABLES = [table_of(Need), table_of(NeedHistory), table_of(IdempotencyKey), USED_TOKEN_TABLE]
 
 
 def counted_needs(session: Session, library_id: str, start: datetime, end: datetime) -> list[CountedNeed]:

@@ -8,7 +8,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlmodel import Field, Session, SQLModel
 
-from shared.db import UTCDateTime
+from shared.db import UTCDateTime, table_of
 from shared.signin import USED_TOKEN_TABLE  # sign-in links on the outbox pages: `relais migrate` creates it too
 
 
@@ -95,11 +95,11 @@ class SmsSuppression(SQLModel, table=True):
 
 
 TABLES = [
-    Delivery.__table__,
-    DeliveryAttempt.__table__,
-    NeedPerson.__table__,
-    WaitingForPerson.__table__,
-    SmsSuppression.__table__,
+    table_of(Delivery),
+    table_of(DeliveryAttempt),
+    table_of(NeedPerson),
+    table_of(WaitingForPerson),
+    table_of(SmsSuppression),
     USED_TOKEN_TABLE,
 ]
 

@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from pydantic import BaseModel
 from sqlmodel import Field, Session, SQLModel, select
 
-from shared.db import UTCDateTime
+from shared.db import UTCDateTime, table_of
 from shared.events import DEAD_LETTER_SUFFIX
 from shared.service import page
 from shared.signin import USED_TOKEN_TABLE  # sign-in links on the partner pages are single use
@@ -106,12 +106,12 @@ class OpsAction(SQLModel, table=True):
 
 
 TABLES = [
-    NeedCase.__table__,
-    Referral.__table__,
-    ReferralHistory.__table__,
-    ClockTimer.__table__,
-    PartnerPause.__table__,
-    OpsAction.__table__,
+    table_of(NeedCase),
+    table_of(Referral),
+    table_of(ReferralHistory),
+    table_of(ClockTimer),
+    table_of(PartnerPause),
+    table_of(OpsAction),
     USED_TOKEN_TABLE,
 ]
 
