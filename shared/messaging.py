@@ -34,7 +34,7 @@ import redis.asyncio as aioredis
 from faststream import AckPolicy, BaseMiddleware
 from faststream.redis import StreamSub
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from shared import redis_clients
 from shared.db import Database, OutboxMessage, claim_event, purge_technical_rows
@@ -84,11 +84,17 @@ def publish_pending(
     backlog; a crash between XADD and commit republishes them, which idempotent consumers absorb.
     """
     with db.read() as session:  # the common case, nothing to publish, takes no write lock
-        if session.exec(select(OutboxMessage.id).where(OutboxMessage.published_at.is_(None)).limit(1)).first() is None:
+        if (
+            session.exec(select(OutboxMessage.id).where(col(OutboxMessage.published_at).is_(None)).limit(1)).first()
+            is None
+        ):
             return 0
     with db.transaction() as session:
         query = (
-            select(OutboxMessage).where(OutboxMessage.published_at.is_(None)).order_by(OutboxMessage.id).limit(limit)
+            select(OutboxMessage)
+            .where(col(OutboxMessage.published_at).is_(None))
+            .order_by(col(OutboxMessage.id))
+            .limit(limit)
         )
         if not db.is_sqlite:
             query = query.with_for_update(skip_locked=True)
@@ -174,7 +180,7 @@ def republish_since(db: Database, client: redis.Redis, settings: Settings, since
     """Publish again the outbox rows marked published at or after `since`."""
     with db.read() as session:
         rows = session.exec(
-            select(OutboxMessage).where(OutboxMessage.published_at >= since).order_by(OutboxMessage.id)
+            select(OutboxMessage).where(col(OutboxMessage.published_at) >= since).order_by(col(OutboxMessage.id))
         ).all()
     for start in range(0, len(rows), RELAY_BATCH):
         pipe = client.pipeline(transaction=False)

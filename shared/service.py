@@ -26,7 +26,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from faststream.redis.prometheus import RedisPrometheusMiddleware
 from faststream.specification import AsyncAPI
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from sqlmodel import select
+from sqlmodel import col, select
 
 from shared import openapi
 from shared.db import Database, OutboxMessage
@@ -157,7 +157,7 @@ class Service:
         with self.db.transaction() as session:
             count, oldest = session.exec(
                 select(sa.func.count(), sa.func.min(OutboxMessage.created_at)).where(
-                    OutboxMessage.published_at.is_(None)
+                    col(OutboxMessage.published_at).is_(None)
                 )
             ).one()
         if oldest is not None and oldest.tzinfo is None:

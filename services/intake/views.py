@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from pydantic import BaseModel
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from services.intake import domain
 from services.intake.store import Need, NeedHistory
@@ -79,7 +79,7 @@ def need_with_history(session: Session, need_id: str) -> tuple[Need, list[NeedHi
     if need is None:
         return None
     history = session.exec(
-        select(NeedHistory).where(NeedHistory.need_id == need_id).order_by(NeedHistory.at, NeedHistory.id)
+        select(NeedHistory).where(NeedHistory.need_id == need_id).order_by(col(NeedHistory.at), col(NeedHistory.id))
     ).all()
     return need, list(history)
 
@@ -100,20 +100,22 @@ def desk_needs(
     need stays on the first page, above the newest ones; later pages go back in time."""
     query = select(Need).where(Need.library_id == library_id)
     if status == "waiting":
-        query = query.where(Need.status.in_(domain.WAITING_FOR_PARTNER))
+        query = query.where(col(Need.status).in_(domain.WAITING_FOR_PARTNER))
     elif status:
         query = query.where(Need.status == status)
     if category:
         query = query.where(Need.category == category)
     if sla == "overdue":
-        query = query.where(Need.status.in_(domain.WAITING_FOR_PARTNER), Need.respond_by <= now)
+        query = query.where(col(Need.status).in_(domain.WAITING_FOR_PARTNER), Need.respond_by <= now)
     elif sla:
         query = query.where(Need.sla == sla)
-    overdue = query.where(Need.status.in_(domain.WAITING_FOR_PARTNER), Need.respond_by <= now)
-    late = [] if page > 1 else list(session.exec(overdue.order_by(Need.respond_by).limit(overdue_limit)).all())
+    overdue = query.where(col(Need.status).in_(domain.WAITING_FOR_PARTNER), Need.respond_by <= now)
+    late = [] if page > 1 else list(session.exec(overdue.order_by(col(Need.respond_by)).limit(overdue_limit)).all())
     newest = list(
         session.exec(
-            query.order_by(Need.recorded_at.desc(), Need.id.desc()).offset((page - 1) * limit).limit(limit + 1)
+            query.order_by(col(Need.recorded_at).desc(), col(Need.id).desc())
+            .offset((page - 1) * limit)
+            .limit(limit + 1)
         ).all()
     )
     by_id = {n.id: n for n in [*late, *newest[:limit]]}

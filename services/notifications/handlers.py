@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from services.notifications import domain
 from services.notifications.providers.base import SendError, Sent
@@ -437,8 +437,8 @@ def lease_due_deliveries(db: Database, channel: str, *, now: datetime, limit: in
         query = (
             select(Delivery)
             .where(Delivery.status == "queued", Delivery.channel == channel, Delivery.next_attempt_at <= now)
-            .where((Delivery.leased_until.is_(None)) | (Delivery.leased_until < now))
-            .order_by(Delivery.next_attempt_at)
+            .where((col(Delivery.leased_until).is_(None)) | (col(Delivery.leased_until) < now))
+            .order_by(col(Delivery.next_attempt_at))
             .limit(limit)
         )
         if not db.is_sqlite:

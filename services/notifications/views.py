@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 
 import sqlalchemy as sa
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from services.notifications.store import Delivery, DeliveryAttempt, SmsSuppression
 from shared.service import encode_cursor, page
@@ -29,7 +29,7 @@ def delivery_with_attempts(session: Session, delivery_id: str) -> tuple[Delivery
     attempts = session.exec(
         select(DeliveryAttempt)
         .where(DeliveryAttempt.delivery_id == delivery_id)
-        .order_by(DeliveryAttempt.number, DeliveryAttempt.id)
+        .order_by(col(DeliveryAttempt.number), col(DeliveryAttempt.id))
     ).all()
     return d, list(attempts)
 
@@ -46,14 +46,14 @@ def delivery_counts(session: Session, since: datetime) -> tuple[list[tuple[str, 
         select(sa.func.coalesce(sa.func.sum(Delivery.sms_segments), 0)).where(
             Delivery.created_at >= since,
             Delivery.channel == "sms",
-            Delivery.status.in_(("sent", "delivered")),
+            col(Delivery.status).in_(("sent", "delivered")),
             Delivery.provider != "outbox",
         )
     ).one()
     failures = session.exec(
         select(Delivery)
         .where(Delivery.created_at >= since, Delivery.status == "failed")
-        .order_by(Delivery.created_at.desc())
+        .order_by(col(Delivery.created_at).desc())
         .limit(10)
     ).all()
     return list(counted), int(segments), list(failures)
@@ -70,7 +70,9 @@ def outbox_page(
     if before is not None:
         at, id_ = before
         query = query.where((Delivery.created_at < at) | ((Delivery.created_at == at) & (Delivery.id < id_)))
-    found = list(session.exec(query.order_by(Delivery.created_at.desc(), Delivery.id.desc()).limit(size + 1)).all())
+    found = list(
+        session.exec(query.order_by(col(Delivery.created_at).desc(), col(Delivery.id).desc()).limit(size + 1)).all()
+    )
     if len(found) > size:
         found = found[:size]
         return found, encode_cursor(found[-1].created_at, found[-1].id)

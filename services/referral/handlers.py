@@ -15,7 +15,7 @@ from typing import Any
 
 import anyio
 import httpx
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from services.referral import domain
 from services.referral.commands import (
@@ -240,7 +240,7 @@ def on_need_cancelled(session: Session, event: NeedCancelled, directory: Directo
     if referral is not None:
         transition(session, referral.id, "cancel", event.actor, now, directory, event.reason)
     for timer in session.exec(
-        select(ClockTimer).where(ClockTimer.need_id == event.need_id, ClockTimer.fired_at.is_(None))
+        select(ClockTimer).where(ClockTimer.need_id == event.need_id, col(ClockTimer.fired_at).is_(None))
     ).all():
         timer.fired_at, timer.outcome = now, "cancelled"
         session.add(timer)

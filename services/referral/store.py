@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from pydantic import BaseModel
-from sqlmodel import Field, Session, SQLModel, select
+from sqlmodel import Field, Session, SQLModel, col, select
 
 from shared.db import UTCDateTime, table_of
 from shared.events import DEAD_LETTER_SUFFIX
@@ -119,7 +119,7 @@ TABLES = [
 def open_referral_counts(session: Session) -> dict[str, int]:
     rows = session.exec(
         select(Referral.partner_id, sa.func.count())
-        .where(Referral.status.in_(OPEN_STATUSES))
+        .where(col(Referral.status).in_(OPEN_STATUSES))
         .group_by(Referral.partner_id)
     ).all()
     return dict(rows)
@@ -143,7 +143,7 @@ def history_of(session: Session, referral_id: str) -> list[ReferralHistory]:
         session.exec(
             select(ReferralHistory)
             .where(ReferralHistory.referral_id == referral_id)
-            .order_by(ReferralHistory.at, ReferralHistory.id)
+            .order_by(col(ReferralHistory.at), col(ReferralHistory.id))
         ).all()
     )
 
@@ -152,16 +152,16 @@ def current_referral(session: Session, need_id: str) -> Referral | None:
     """The need's open referral, if any (there is at most one)."""
     return session.exec(
         select(Referral)
-        .where(Referral.need_id == need_id, Referral.status.in_(OPEN_STATUSES))
-        .order_by(Referral.created_at.desc())
+        .where(Referral.need_id == need_id, col(Referral.status).in_(OPEN_STATUSES))
+        .order_by(col(Referral.created_at).desc())
     ).first()
 
 
 def due_timers(session: Session, now: datetime, skip_locked: bool, limit: int = 100) -> list[ClockTimer]:
     query = (
         select(ClockTimer)
-        .where(ClockTimer.fired_at.is_(None), ClockTimer.due_at <= now)
-        .order_by(ClockTimer.due_at, ClockTimer.id)
+        .where(col(ClockTimer.fired_at).is_(None), ClockTimer.due_at <= now)
+        .order_by(col(ClockTimer.due_at), col(ClockTimer.id))
         .limit(limit)
     )
     if skip_locked:  # replicas share the due timers; each row is fired by exactly one of them
@@ -170,7 +170,7 @@ def due_timers(session: Session, now: datetime, skip_locked: bool, limit: int = 
 
 
 def next_timer_due(session: Session) -> datetime | None:
-    return session.exec(select(sa.func.min(ClockTimer.due_at)).where(ClockTimer.fired_at.is_(None))).one()
+    return session.exec(select(sa.func.min(ClockTimer.due_at)).where(col(ClockTimer.fired_at).is_(None))).one()
 
 
 def paused_partners(session: Session, now: datetime) -> set[str]:
@@ -216,11 +216,13 @@ def inbox(
     session: Session, *, partner_id: str | None, status: str, offset: int, limit: int
 ) -> list[tuple[Referral, NeedCase]]:
     """Referrals with their needs, soonest deadline first; `status` "open" means any open status."""
-    query = select(Referral, NeedCase).join(NeedCase, NeedCase.need_id == Referral.need_id)
+    query = select(Referral, NeedCase).join(NeedCase, col(NeedCase.need_id) == Referral.need_id)
     if partner_id:
         query = query.where(Referral.partner_id == partner_id)
-    query = query.where(Referral.status.in_(OPEN_STATUSES) if status == "open" else Referral.status == status)
-    query = query.order_by(Referral.respond_by, Referral.created_at, Referral.id).offset(offset).limit(limit)
+    query = query.where(col(Referral.status).in_(OPEN_STATUSES) if status == "open" else Referral.status == status)
+    query = (
+        query.order_by(col(Referral.respond_by), col(Referral.created_at), col(Referral.id)).offset(offset).limit(limit)
+    )
     return list(session.exec(query).all())
 
 
@@ -241,7 +243,7 @@ def open_by_sla(session: Session) -> dict[str, int]:
     """Open referrals counted by SLA state (the dashboard and the /metrics gauge)."""
     return dict(
         session.exec(
-            select(Referral.sla, sa.func.count()).where(Referral.status.in_(OPEN_STATUSES)).group_by(Referral.sla)
+            select(Referral.sla, sa.func.count()).where(col(Referral.status).in_(OPEN_STATUSES)).group_by(Referral.sla)
         ).all()
     )
 
@@ -251,7 +253,7 @@ def overdue_timers(session: Session, due_before: datetime) -> int:
     return session.exec(
         select(sa.func.count())
         .select_from(ClockTimer)
-        .where(ClockTimer.fired_at.is_(None), ClockTimer.due_at < due_before)
+        .where(col(ClockTimer.fired_at).is_(None), ClockTimer.due_at < due_before)
     ).one()
 
 
@@ -262,11 +264,11 @@ def due_soon(session: Session, now: datetime, until: datetime, limit: int) -> li
             select(Referral)
             .where(
                 Referral.status == "assigned",
-                Referral.sla.not_in(("met", "breached")),
+                col(Referral.sla).not_in(("met", "breached")),
                 Referral.respond_by > now,
                 Referral.respond_by <= until,
             )
-            .order_by(Referral.respond_by, Referral.id)
+            .order_by(col(Referral.respond_by), col(Referral.id))
             .limit(limit)
         ).all()
     )
@@ -276,10 +278,10 @@ def breaches_since(session: Session, since: datetime, limit: int) -> tuple[list[
     """The newest breaches since `since` (referral, when), and how many there are in all."""
     query = (
         select(Referral, ReferralHistory.at)
-        .join(ReferralHistory, ReferralHistory.referral_id == Referral.id)
+        .join(ReferralHistory, col(ReferralHistory.referral_id) == Referral.id)
         .where(ReferralHistory.action == "breach", ReferralHistory.at >= since)
     )
-    rows = session.exec(query.order_by(ReferralHistory.at.desc(), Referral.id).limit(limit)).all()
+    rows = session.exec(query.order_by(col(ReferralHistory.at).desc(), Referral.id).limit(limit)).all()
     return list(rows), session.exec(select(sa.func.count()).select_from(query.subquery())).one()
 
 
@@ -287,8 +289,8 @@ def first_actions(session: Session, since: datetime, actions: tuple[str, ...]) -
     """Referral id -> the first time one of `actions` was done on it, for referrals created since `since`."""
     rows = session.exec(
         select(ReferralHistory.referral_id, sa.func.min(ReferralHistory.at))
-        .join(Referral, Referral.id == ReferralHistory.referral_id)
-        .where(Referral.created_at >= since, ReferralHistory.action.in_(actions))
+        .join(Referral, col(Referral.id) == ReferralHistory.referral_id)
+        .where(Referral.created_at >= since, col(ReferralHistory.action).in_(actions))
         .group_by(ReferralHistory.referral_id)
     ).all()
     return {referral_id: aware(at) for referral_id, at in rows}
@@ -311,8 +313,8 @@ def last_action_by_partner(session: Session, actions: tuple[str, ...]) -> dict[s
         pid: aware(at)
         for pid, at in session.exec(
             select(Referral.partner_id, sa.func.max(ReferralHistory.at))
-            .join(ReferralHistory, ReferralHistory.referral_id == Referral.id)
-            .where(ReferralHistory.action.in_(actions))
+            .join(ReferralHistory, col(ReferralHistory.referral_id) == Referral.id)
+            .where(col(ReferralHistory.action).in_(actions))
             .group_by(Referral.partner_id)
         ).all()
     }
@@ -327,7 +329,7 @@ def declines_since(session: Session, since: datetime) -> list[tuple[str, str | N
     return list(
         session.exec(
             select(Referral.partner_id, ReferralHistory.detail)
-            .join(ReferralHistory, ReferralHistory.referral_id == Referral.id)
+            .join(ReferralHistory, col(ReferralHistory.referral_id) == Referral.id)
             .where(ReferralHistory.action == "decline", ReferralHistory.at >= since)
         ).all()
     )
@@ -338,7 +340,7 @@ def timers_settled_since(session: Session, since: datetime) -> list[tuple[dateti
     return list(
         session.exec(
             select(ClockTimer.due_at, ClockTimer.fired_at).where(
-                ClockTimer.fired_at >= since, ClockTimer.outcome.in_(("fired", "moot"))
+                col(ClockTimer.fired_at) >= since, col(ClockTimer.outcome).in_(("fired", "moot"))
             )
         ).all()
     )
@@ -349,7 +351,9 @@ def needs_recorded_since(session: Session, since: datetime) -> list[datetime]:
 
 
 def recent_ops_actions(session: Session, limit: int) -> list[OpsAction]:
-    return list(session.exec(select(OpsAction).order_by(OpsAction.at.desc(), OpsAction.id.desc()).limit(limit)).all())
+    return list(
+        session.exec(select(OpsAction).order_by(col(OpsAction.at).desc(), col(OpsAction.id).desc()).limit(limit)).all()
+    )
 
 
 # --- dead letters (Redis) ----------------------------------------------------------------------------------------
