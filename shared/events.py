@@ -37,7 +37,8 @@ class Event(BaseModel):
     type: str
     version: int = 1
     event_id: str = Field(default_factory=new_id)
-    need_id: str
+    need_id: str | None  # every need and referral event requires it (they narrow it to str); a delivery of a
+    # sign-in link and the request for one concern no need
     occurred_at: AwareDatetime = Field(default_factory=utcnow)
     correlation_id: str | None = None  # carried from the HTTP request that started the need's path
 
@@ -57,6 +58,7 @@ class PersonContact(BaseModel):
 
 class NeedRecorded(Event):
     type: Literal["need.recorded"] = "need.recorded"
+    need_id: str
     library_id: str
     category: str
     summary: str
@@ -70,6 +72,7 @@ class NeedCancelled(Event):
     """Ops withdrew a need recorded in error: its open referral is cancelled and its clock stops."""
 
     type: Literal["need.cancelled"] = "need.cancelled"
+    need_id: str
     library_id: str
     reason: str
     actor: str  # the ops user who cancelled it
@@ -82,6 +85,7 @@ NeedEvent = Annotated[NeedRecorded | NeedCancelled, Field(discriminator="type")]
 
 
 class ReferralEvent(Event):
+    need_id: str
     sequence: int  # per need, in the order referral decided: consumers apply the newest state only
     referral_id: str
     partner_id: str
@@ -146,6 +150,7 @@ class ReferralBreached(ReferralClockEvent):
 
 class NeedUnroutable(Event):
     type: Literal["need.unroutable"] = "need.unroutable"
+    need_id: str
     sequence: int
     library_id: str
     category: str

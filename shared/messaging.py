@@ -369,7 +369,7 @@ class Bus:
             stream=self.settings.key(stream), schema=schema, title=self.settings.key(stream), description=description
         )
 
-    async def process(self, handler: Callable[[Session, Any], None], event: Event) -> bool:
+    async def process(self, handler: Callable[[Session, Any], object], event: Event) -> bool:
         """Run `handler(session, event)` once per event for this service; False for a redelivery."""
 
         def work() -> bool:

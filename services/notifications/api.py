@@ -168,10 +168,10 @@ def build_webhooks(svc: Service) -> APIRouter:
         if what is None:
             return
         cmd = command(provider, what)
-        handle = (
-            handlers.record_sms_receipt if isinstance(cmd, handlers.RecordSmsReceipt) else handlers.record_sms_reply
-        )
-        await anyio.to_thread.run_sync(partial(handle, svc.db, cmd, now=svc.clock()))
+        if isinstance(cmd, handlers.RecordSmsReceipt):
+            await anyio.to_thread.run_sync(partial(handlers.record_sms_receipt, svc.db, cmd, now=svc.clock()))
+        else:
+            await anyio.to_thread.run_sync(partial(handlers.record_sms_reply, svc.db, cmd, now=svc.clock()))
         svc.bus.relay.wake()
 
     for kind in SMS_PROVIDERS.values():

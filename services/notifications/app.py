@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 
 from fastapi import FastAPI
 from prometheus_client import Gauge
@@ -47,8 +48,13 @@ def bootstrap(settings: Settings | None = None, *, clock: Callable[[], datetime]
     service = Service("notifications", settings, TABLES, clock)
     wakes = {channel: asyncio.Event() for channel in CHANNELS}
     for channel, wake in wakes.items():
-        service.background.append(lambda channel=channel, wake=wake: sender.send_forever(service, wake, channel))
-    consumers.register(service, lambda: [wake.set() for wake in wakes.values()])
+        service.background.append(partial(sender.send_forever, service, wake, channel))
+
+    def wake_senders() -> None:
+        for wake in wakes.values():
+            wake.set()
+
+    consumers.register(service, wake_senders)
     service.on_scrape.append(_deliveries_gauge(service))
     app = service.create_app(
         api.router, title="Relais notifications", pages=[pages.build_router(service), api.build_webhooks(service)]

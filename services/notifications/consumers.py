@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
+
+from sqlmodel import Session
 
 from services.notifications import handlers
 from shared.events import (
@@ -31,6 +34,7 @@ def register(svc: Service, wake_senders: Callable[[], None]) -> None:
 
     @svc.bus.subscriber(NEEDS, "The person's contact and choices (channel, language) for the messages meant for them.")
     async def on_need_event(event: NeedEvent) -> None:
+        handler: Callable[[Session, Any], object]
         if event.type == "need.recorded":
             handler = lambda s, e: handlers.on_need_recorded(s, e, svc.directory, svc.clock(), transliterate)  # noqa: E731
         else:

@@ -10,6 +10,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlmodel import Session, col, select
 
@@ -30,9 +31,10 @@ from shared.events import (
     AccessLinkRequested,
     DeliveryFailed,
     DeliverySent,
-    Event,
     NeedCancelled,
     NeedRecorded,
+    NeedUnroutable,
+    ReferralEvent,
     new_id,
     parse_event,
 )
@@ -47,10 +49,10 @@ log = logging.getLogger("relais.notifications")
 
 def on_referral_event(
     session: Session,
-    event: Event,
+    event: ReferralEvent | NeedUnroutable,
     directory: Directory,
     now: datetime,
-    link_for: Callable[[Event], str | None],
+    link_for: Callable[[ReferralEvent | NeedUnroutable], str | None],
     transliterate: bool = True,
 ) -> int:
     """Queue one rendered message per recipient the event concerns; returns how many."""
@@ -62,7 +64,7 @@ def on_referral_event(
     count = 0
     if kind is not None:
         count += queue_for_staff(session, event, kind, directory, now, link_for)
-    if event.type in domain.PERSON_KIND_OF:
+    if isinstance(event, ReferralEvent) and event.type in domain.PERSON_KIND_OF:
         lock_person_of(session, event.need_id)
         person = session.get(NeedPerson, event.need_id)
         if person is None:  # need.recorded comes on another stream: wait for it
@@ -76,11 +78,11 @@ def on_referral_event(
 
 def queue_for_staff(
     session: Session,
-    event: Event,
+    event: ReferralEvent | NeedUnroutable,
     kind: str,
     directory: Directory,
     now: datetime,
-    link_for: Callable[[Event], str | None],
+    link_for: Callable[[ReferralEvent | NeedUnroutable], str | None],
 ) -> int:
     partner_id = getattr(event, "partner_id", None)
     library = directory.library(event.library_id)
@@ -98,7 +100,7 @@ def queue_for_staff(
     )
     category = directory.category(event.category)
     respond_by = getattr(event, "respond_by", None)
-    context = dict(
+    context: dict[str, Any] = dict(
         partner=partner,
         library=library,
         category=category,
@@ -128,6 +130,7 @@ def queue_for_staff(
             reply_to=domain.reply_to(directory, event.library_id, person.role),
         )
         if kind == "handoff" and person.digest_at is not None:
+            assert partner is not None and respond_by is not None  # a handoff (referral.assigned) names both
             zone = domain.digest_timezone(directory, partner)
             delivery.next_attempt_at = domain.next_digest_at(now, person.digest_at, zone)
             delivery.held_reason = "digest"
@@ -164,7 +167,9 @@ def on_need_recorded(
     count = 0
     waiting = session.exec(select(WaitingForPerson).where(WaitingForPerson.need_id == event.need_id)).all()
     for row in sorted(waiting, key=lambda w: parse_event(w.payload).occurred_at):
-        count += queue_for_person(session, parse_event(row.payload), person, directory, now, transliterate)
+        waited = parse_event(row.payload)
+        assert isinstance(waited, ReferralEvent)  # only referral events wait for their person (on_referral_event)
+        count += queue_for_person(session, waited, person, directory, now, transliterate)
         session.delete(row)
     return count
 
@@ -190,7 +195,7 @@ def forget_person(session: Session, need_id: str) -> None:
         session.delete(row)
 
 
-def person_facts(event: Event, directory: Directory, person: NeedPerson) -> dict:
+def person_facts(event: ReferralEvent, directory: Directory, person: NeedPerson) -> dict:
     """What a message to the person says: who will contact them and by when, and how to reach the desk;
     nothing about the need itself."""
     library = directory.library(event.library_id)
@@ -222,7 +227,12 @@ def render_for_person(facts: dict, channel: str, transliterate: bool = True) -> 
 
 
 def queue_for_person(
-    session: Session, event: Event, person: NeedPerson, directory: Directory, now: datetime, transliterate: bool = True
+    session: Session,
+    event: ReferralEvent,
+    person: NeedPerson,
+    directory: Directory,
+    now: datetime,
+    transliterate: bool = True,
 ) -> int:
     kind = domain.PERSON_KIND_OF[event.type]
     route = domain.person_route(person.preferred_channel, person.email, person.phone)
@@ -461,7 +471,7 @@ def record_send_outcome(db: Database, ids: list[str], outcome: Outcome, *, now: 
     """Write the attempt and move each delivery on: sent, suppressed, failed (with delivery.failed and, for
     an SMS to the person, an email instead), or queued again for a later try."""
     with db.transaction() as session:
-        for d in (session.get(Delivery, i) for i in ids):
+        for d in (session.get_one(Delivery, i) for i in ids):  # leased by this sender: they exist
             d.leased_until = None
             attempt = DeliveryAttempt(delivery_id=d.id, number=d.attempts, at=now, outcome="sent")
             error = outcome.error
@@ -479,6 +489,7 @@ def record_send_outcome(db: Database, ids: list[str], outcome: Outcome, *, now: 
                 if error is not None:
                     opt_out(session, d.recipient, d.provider or settings.sms_provider, now)
             else:
+                assert error is not None  # neither sent nor suppressed: the outcome is an error
                 d.last_error = attempt.error = str(error)[:2000]
                 if error.permanent or d.attempts >= settings.delivery_max_attempts:
                     d.status, attempt.outcome = "failed", "failed"

@@ -91,8 +91,8 @@ class MailSinkFolder:
                         found = BytesHeaderParser().parse(f).get("Message-ID")
                     if found:
                         self._by_id[str(found).strip()] = path
-            path = self._by_id.get(message_id)
-        return message_from_bytes(path.read_bytes(), policy=policy.default) if path else None
+            kept = self._by_id.get(message_id)
+        return message_from_bytes(kept.read_bytes(), policy=policy.default) if kept else None
 
 
 @dataclass(frozen=True)

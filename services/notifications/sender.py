@@ -45,7 +45,10 @@ class EmailChannel:
                 message_id=smtp.message_id(first.id, sender),
                 language=first.language,
             )
-        items = [json.loads(d.facts) for d in batch]
+        items = []
+        for d in batch:
+            assert d.facts is not None  # a digest's deliveries keep their facts (handlers.queue_for_staff)
+            items.append(json.loads(d.facts))
         for item in items:
             item["respond_by"] = datetime.fromisoformat(item["respond_by"])
         items.sort(key=lambda item: item["respond_by"])

@@ -56,7 +56,7 @@ def delivery_counts(session: Session, since: datetime) -> tuple[list[tuple[str, 
         .order_by(col(Delivery.created_at).desc())
         .limit(10)
     ).all()
-    return list(counted), int(segments), list(failures)
+    return list(counted), int(segments or 0), list(failures)  # coalesce(): never None, whatever its type says
 
 
 def outbox_page(

@@ -43,7 +43,7 @@ class BrevoSms(HttpProvider):
 
     async def send(self, to: str, text: str, delivery_id: str) -> Sent:
         s = self.settings
-        body = {
+        body: dict[str, str | bool] = {
             "sender": s.brevo_sender,
             "recipient": to.lstrip("+"),
             "content": text,

@@ -44,6 +44,7 @@ class TwilioSms(HttpProvider):
 
     async def send(self, to: str, text: str, delivery_id: str) -> Sent:
         s = self.settings
+        assert s.twilio_from is not None  # a provider is made only from settings that pass problems()
         sender = {"MessagingServiceSid" if s.twilio_from.startswith("MG") else "From": s.twilio_from}
         response = await self._post(
             self.url,
