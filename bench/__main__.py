@@ -21,10 +21,12 @@ import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import redis.asyncio as aioredis
+from redis.typing import EncodableT, FieldT
 
 from bench.pipeline import (
     EXPECTED_RECIPIENT,
@@ -135,9 +137,7 @@ def machine_facts(redis_url: str, embedded: bool) -> list[tuple[str, str]]:
         info = client.info("server")
         try:
             config = client.config_get("appendonly") | client.config_get("appendfsync")
-            persistence = (
-                ("AOF, appendfsync " + config["appendfsync"]) if config.get("appendonly") == "yes" else "no AOF"
-            )
+            persistence = f"AOF, appendfsync {config['appendfsync']}" if config.get("appendonly") == "yes" else "no AOF"
         except redis.RedisError:
             persistence = "persistence unknown"
     finally:
@@ -152,7 +152,7 @@ def machine_facts(redis_url: str, embedded: bool) -> list[tuple[str, str]]:
 # --- (B): the Redis floor ---------------------------------------------------------------------------
 
 
-def stream_entry() -> dict[str, str]:
+def stream_entry() -> dict[FieldT, EncodableT]:
     """A stream entry the size and shape of a real `need.recorded` one, built by the relay's own code."""
     from shared.db import OutboxMessage
     from shared.events import NeedRecorded, PersonContact, utcnow
@@ -176,6 +176,9 @@ def stream_entry() -> dict[str, str]:
     return stream_fields(row)
 
 
+XRead = list[list[Any]]  # XREADGROUP's reply to a RESP2 client: [[stream, [(id, fields)]]]
+
+
 def baseline_sync(redis_url: str, key: str, seconds: float) -> tuple[int, float, list[float]]:
     """XADD one entry, XREADGROUP it, XACK it, repeat: one message in flight, synchronous redis-py."""
     fields = stream_entry()
@@ -187,7 +190,7 @@ def baseline_sync(redis_url: str, key: str, seconds: float) -> tuple[int, float,
         deadline = start + seconds
         while (t0 := time.perf_counter()) < deadline:
             client.xadd(key, fields)
-            [[_, [(entry_id, _)]]] = client.xreadgroup("bench", "bench-1", {key: ">"}, count=1)
+            [[_, [(entry_id, _)]]] = cast(XRead, client.xreadgroup("bench", "bench-1", {key: ">"}, count=1))
             client.xack(key, "bench", entry_id)
             latencies.append(time.perf_counter() - t0)
         elapsed = time.perf_counter() - start
@@ -208,7 +211,7 @@ async def baseline_async(redis_url: str, key: str, seconds: float) -> tuple[int,
         deadline = start + seconds
         while (t0 := time.perf_counter()) < deadline:
             await client.xadd(key, fields)
-            [[_, [(entry_id, _)]]] = await client.xreadgroup("bench", "bench-1", {key: ">"}, count=1)
+            [[_, [(entry_id, _)]]] = cast(XRead, await client.xreadgroup("bench", "bench-1", {key: ">"}, count=1))
             await client.xack(key, "bench", entry_id)
             latencies.append(time.perf_counter() - t0)
         elapsed = time.perf_counter() - start
@@ -226,6 +229,7 @@ def run_async(coro_fn, *args):
     async def main():
         nonlocal interrupted
         loop, task = asyncio.get_running_loop(), asyncio.current_task()
+        assert task is not None  # this coroutine runs as asyncio.run's task
 
         def on_sigterm() -> None:
             nonlocal interrupted

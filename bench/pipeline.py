@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email import message_from_bytes, policy
 from pathlib import Path
+from typing import overload
 
 import httpx
 import yaml
@@ -344,6 +345,10 @@ def match_emails(sink: MailSink, referral_to_need: dict[str, str], posted: set[s
     return Emails(first, len(sink.received), duplicates, unmatched, recipients, others)
 
 
+@overload
+def _epoch(text: str) -> float: ...
+@overload
+def _epoch(text: str | None) -> float | None: ...
 def _epoch(text: str | None) -> float | None:
     if text is None:
         return None

@@ -33,6 +33,7 @@ import redis
 import redis.asyncio as aioredis
 from faststream import AckPolicy, BaseMiddleware
 from faststream.redis import StreamSub
+from redis.typing import EncodableT, FieldT
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
@@ -56,7 +57,7 @@ HEAL_EVERY_S = 1.0  # how often stopped subscribers are looked for
 REPUBLISH_WINDOW = timedelta(minutes=15)
 
 
-def stream_fields(row: OutboxMessage) -> dict[str, str]:
+def stream_fields(row: OutboxMessage) -> dict[FieldT, EncodableT]:
     """A stream entry FastStream can parse (JSON envelope with headers), plus plain fields for people and tools."""
     payload = json.loads(row.payload)
     need_id, correlation_id = payload.get("need_id") or "", payload.get("correlation_id") or row.event_id
@@ -281,9 +282,14 @@ def reliable_delivery(bus: Bus) -> type[BaseMiddleware]:
             # `__data__` envelope and fields that are not UTF-8, say) fails out here, not in consume_scope.
             # Count that failure the same way, or the claimer would take the entry back forever.
             raw = self.msg
-            if isinstance(exc_val, Exception) and not self.reached_handler and raw.get("type") == "stream":
+            if (
+                isinstance(exc_val, Exception)
+                and not self.reached_handler
+                and raw is not None
+                and raw.get("type") == "stream"
+            ):
                 stream, entry_id = raw["channel"], raw["message_ids"][0]
-                pel = await bus.redis.xpending_range(stream, bus.group, min=entry_id, max=entry_id, count=1)
+                pel = await bus.redis_client.xpending_range(stream, bus.group, min=entry_id, max=entry_id, count=1)
                 await self.failed(
                     stream,
                     bus.group,
@@ -299,7 +305,7 @@ def reliable_delivery(bus: Bus) -> type[BaseMiddleware]:
         ) -> None:
             error = describe_error(exc)  # logged and kept with the dead letter: no payload values
             if deliveries >= bus.settings.max_deliveries:
-                await dead_letter(bus.redis, stream, group, entry_id, fields, error)
+                await dead_letter(bus.redis_client, stream, group, entry_id, fields, error)
                 log.error("dead-lettered %s %s after %d deliveries: %s", stream, entry_id, deliveries, error)
             else:
                 log.warning(
@@ -335,6 +341,13 @@ class Bus:
         self.redis: aioredis.Redis | None = None
         self.streams: list[str] = []
         self._tasks: list[asyncio.Task] = []
+
+    @property
+    def redis_client(self) -> aioredis.Redis:
+        """The Redis client of a started bus."""
+        if self.redis is None:
+            raise RuntimeError("the bus is not started: no Redis client yet")
+        return self.redis
 
     def subscriber(self, stream: str, description: str) -> Callable:
         """Decorate a thin async handler taking the stream's event union: it gets new entries and claimed ones."""
@@ -398,7 +411,7 @@ class Bus:
         """Create the groups at the start of each stream, so events published before we first ran are read."""
         for key in self.streams:
             try:
-                await self.redis.xgroup_create(key, self.group, id="0", mkstream=True)
+                await self.redis_client.xgroup_create(key, self.group, id="0", mkstream=True)
             except redis.ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
@@ -499,7 +512,7 @@ class Bus:
             for stream in (key, key + DEAD_LETTER_SUFFIX):
                 try:
                     removed += await trim_stream(
-                        self.redis, stream, self.settings.stream_max_len, self.settings.stream_max_age_s, now_ms
+                        self.redis_client, stream, self.settings.stream_max_len, self.settings.stream_max_age_s, now_ms
                     )
                 except redis.RedisError as exc:
                     log.warning("trimming %s failed: %s", stream, exc)
@@ -512,6 +525,10 @@ class Bus:
 def _id(value: bytes | str) -> tuple[int, int]:
     ms, _, seq = (value.decode() if isinstance(value, bytes) else value).partition("-")
     return int(ms), int(seq or 0)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _fmt(entry_id: tuple[int, int]) -> str:
@@ -529,8 +546,9 @@ async def trim_stream(
     cut = (max(0, now_ms - int(max_age_s * 1000)), 0)
     if length > max_len:
         oldest = await client.xrange(stream, count=length - max_len)
-        last = _id(oldest[-1][0])
-        cut = max(cut, (last[0], last[1] + 1))
+        if oldest and (oldest_id := oldest[-1][0]) is not None:  # XRANGE gives ids (redis-py types them optional)
+            last = _id(oldest_id)
+            cut = max(cut, (last[0], last[1] + 1))
     for group in await client.xinfo_groups(stream):
         delivered = _id(group["last-delivered-id"])
         bound = (delivered[0], delivered[1] + 1)  # entries after last-delivered-id are unread by this group
@@ -543,10 +561,12 @@ async def trim_stream(
 async def replay(client: aioredis.Redis, stream: str, entry_ids: list[str] | None = None) -> int:
     """Put dead-lettered entries back on their stream (as new entries) and remove them from the DLQ."""
     replayed = 0
-    for entry_id, fields in await client.xrange(stream + DEAD_LETTER_SUFFIX):
+    for entry_id, fields in await client.xrange(stream + DEAD_LETTER_SUFFIX) or []:
+        if entry_id is None or fields is None:  # XRANGE gives both (redis-py types them optional)
+            continue
         if entry_ids and _fmt(_id(entry_id)) not in entry_ids:
             continue
-        entry = {k: v for k, v in fields.items() if k.decode() not in DLQ_FIELDS}
+        entry: dict[FieldT, EncodableT] = {k: v for k, v in fields.items() if _text(k) not in DLQ_FIELDS}
         async with client.pipeline(transaction=True) as pipe:
             pipe.xadd(stream, entry)
             pipe.xdel(stream + DEAD_LETTER_SUFFIX, entry_id)

@@ -69,7 +69,7 @@ async def group_lag(client: aioredis.Redis, stream: str, info: dict) -> int:
     if info.get("lag") is not None:  # Redis 7 counts it for us
         return int(info["lag"])
     unread = await client.xrange(stream, min=_next_id(_decode(info["last-delivered-id"])), count=LAG_COUNT_CAP)
-    return len(unread)
+    return len(unread or [])  # a list (redis-py types it optional)
 
 
 async def stream_report(client: aioredis.Redis, stream: str, previous: StreamReport | None = None) -> StreamReport:

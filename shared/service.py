@@ -256,7 +256,7 @@ class Service:
             except Exception as exc:  # noqa: BLE001
                 problems["database"] = str(exc)
             try:
-                await self.bus.redis.ping()
+                await self.bus.redis_client.ping()
             except Exception as exc:  # noqa: BLE001
                 problems["redis"] = str(exc)
             if stopped := self.bus.stopped_subscribers():  # the bus restarts them when it can (Bus.heal)

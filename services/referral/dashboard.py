@@ -396,7 +396,7 @@ def stream_figures(report: StreamReport, namespace: str) -> StreamFigures:
 
 async def queue_reports(svc: Service, watch: QueueWatch) -> list[StreamReport]:
     now = time.monotonic()
-    reports = await queues_report(svc.bus.redis, svc.settings.namespace, watch.baseline(now))
+    reports = await queues_report(svc.bus.redis_client, svc.settings.namespace, watch.baseline(now))
     watch.keep(now, reports)
     return reports
 
