@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import re
 import sys
+from typing import TYPE_CHECKING
 
 from shared.settings import ServiceName, Settings
+
+if TYPE_CHECKING:
+    from pydantic_core import ErrorDetails
 
 
 class BadSettings(Exception):
@@ -70,7 +74,7 @@ def load_settings(
     return settings
 
 
-def _explain(error: dict) -> str:
+def _explain(error: ErrorDetails) -> str:
     """One pydantic error on a Settings field as `RELAIS_FIELD: what it must be (got 'value')`."""
     field = str(error["loc"][0]) if error.get("loc") else "?"
     kind, ctx = error["type"], error.get("ctx") or {}

@@ -285,6 +285,7 @@ class Library(_Frozen):
 
     @property
     def zoneinfo(self) -> ZoneInfo:
+        assert self.timezone is not None  # Directory fills it in at load time
         return ZoneInfo(self.timezone)
 
 
@@ -603,8 +604,8 @@ def _cross_check(data: Mapping) -> list[tuple[tuple, str]]:
 
 
 def _check_unique_ids(data: Mapping) -> list[tuple[tuple, str]]:
-    problems = []
-    namespaces: dict[str, list[tuple[tuple, str]]] = {
+    problems: list[tuple[tuple, str]] = []
+    namespaces: dict[str, list[tuple[tuple, str | None]]] = {
         "categories": [(("categories", i, "id"), _str(c, "id")) for i, c in _entries(data, "categories")],
         "libraries": [(("libraries", i, "id"), _str(x, "id")) for i, x in _entries(data, "libraries")],
         "partners": [(("partners", i, "id"), _str(p, "id")) for i, p in _entries(data, "partners")],
@@ -629,7 +630,7 @@ def _check_unique_ids(data: Mapping) -> list[tuple[tuple, str]]:
 
 
 def _check_partners(data: Mapping) -> list[tuple[tuple, str]]:
-    problems = []
+    problems: list[tuple[tuple, str]] = []
     categories = {_str(c, "id") for _, c in _entries(data, "categories")}
     check_categories = isinstance(data.get("categories"), list)
     for i, partner in _entries(data, "partners"):
@@ -656,7 +657,7 @@ def _check_partners(data: Mapping) -> list[tuple[tuple, str]]:
 
 
 def _check_users(data: Mapping) -> list[tuple[tuple, str]]:
-    problems = []
+    problems: list[tuple[tuple, str]] = []
     known = {
         "library": {_str(x, "id") for _, x in _entries(data, "libraries")},
         "partner": {_str(x, "id") for _, x in _entries(data, "partners")},

@@ -31,7 +31,7 @@ def body_limit(max_bytes: int) -> Callable:
     """Decorate a route's endpoint: its bodies may be up to `max_bytes` (more, or less, than MAX_BODY_BYTES)."""
 
     def mark(endpoint: Callable) -> Callable:
-        endpoint.max_body_bytes = max_bytes
+        endpoint.max_body_bytes = max_bytes  # type: ignore[attr-defined]  # a mark on the function (mypy types none), read with getattr
         return endpoint
 
     return mark

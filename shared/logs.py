@@ -150,6 +150,7 @@ class EventLogContext(BaseMiddleware):
 
     async def consume_scope(self, call_next, msg):  # noqa: ANN001
         raw = msg.raw_message if isinstance(msg.raw_message, dict) else {}
-        fields = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+        data = raw.get("data")
+        fields = data if isinstance(data, dict) else {}
         with log_context(need_id=_field(fields, "need_id"), correlation_id=valid_correlation_id(msg.correlation_id)):
             return await call_next(msg)

@@ -72,12 +72,12 @@ def declare_errors(document: dict, prefix: str = "/api/v1") -> None:
                 codes += [400, 413]
             responses = operation.setdefault("responses", {})
             for code in codes:
-                model = "ValidationErrorBody" if code == 422 else "ErrorBody"
+                body = "ValidationErrorBody" if code == 422 else "ErrorBody"
                 responses.setdefault(
                     str(code),
                     {
                         "description": _DESCRIPTIONS[code],
-                        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model}"}}},
+                        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{body}"}}},
                     },
                 )
 
@@ -129,4 +129,4 @@ def install(app: FastAPI, refiners: list[Callable[[dict], None]]) -> None:
             app.openapi_schema = document
         return app.openapi_schema
 
-    app.openapi = openapi
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to extend the document

@@ -136,7 +136,8 @@ def mount(app: FastAPI, pages: Sequence[APIRouter], svc: Service) -> None:
     async def interrupted(request: Request, exc: Interrupt) -> Response:
         return exc.response
 
-    app.add_exception_handler(Interrupt, interrupted)
+    # Starlette types a handler as taking any Exception; it calls each with the class it was added for.
+    app.add_exception_handler(Interrupt, interrupted)  # type: ignore[arg-type]
 
 
 # --- forms ----------------------------------------------------------------------------------------
@@ -167,7 +168,7 @@ def page_number(raw: str) -> int:
     return int(raw) if raw.isdigit() and 0 < int(raw) < 100_000 else 1
 
 
-def page_links(request: Request, page: int, has_more: bool) -> dict[str, str | None]:
+def page_links(request: Request, page: int, has_more: bool) -> dict[str, Any]:
     """Links to the previous and next pages of a long list, keeping the list's filters (for shared/templates/
     _pages.html)."""
 
@@ -184,9 +185,6 @@ def page_links(request: Request, page: int, has_more: bool) -> dict[str, str | N
 
 
 # --- one service's pages --------------------------------------------------------------------------
-
-
-_UNREAD = object()
 
 
 def _origin(url: str) -> str:
@@ -214,8 +212,9 @@ class Pages:
 
     def session(self, request: Request) -> WebSession | None:
         """The request's valid session, read and checked by `LiveSessions` before the page ran."""
-        found = getattr(request.state, "web_session", _UNREAD)
-        return None if found is _UNREAD else found  # no middleware: nobody is signed in (fail closed)
+        # No middleware ran: nobody is signed in (fail closed).
+        found: WebSession | None = getattr(request.state, "web_session", None)
+        return found
 
     def set_session(self, response: Response, session: WebSession) -> None:
         value = sign(
@@ -260,7 +259,7 @@ class Pages:
         `headers` replace the default security headers of the same name (e.g. a page with its own script)."""
         session = self.session(request)
         fresh = session is None
-        if fresh:
+        if session is None:
             session = WebSession(user_id=None, csrf=secrets.token_urlsafe(24))
             request.state.web_session = session
         context.setdefault("csrf", session.csrf)

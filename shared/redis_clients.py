@@ -67,28 +67,34 @@ def redis_settings_problems(settings: Settings) -> list[str]:
     return problems
 
 
-def _sentinel_options(settings: Settings) -> dict[str, Any]:
+def _sentinel_options(settings: Settings, sentinels: str) -> dict[str, Any]:
     # The Sentinels ask for the same password as the Redis servers, as most Sentinel set-ups do.
     auth = {"password": settings.redis_password} if settings.redis_password else {}
-    return {"sentinels": parse_sentinels(settings.redis_sentinels), "sentinel_kwargs": dict(auth), **auth}
+    return {"sentinels": parse_sentinels(sentinels), "sentinel_kwargs": dict(auth), **auth}
+
+
+def _url(settings: Settings) -> str:
+    if settings.redis_url is None:  # `relais up` and `relais serve` set it (embedded Redis) before any client
+        raise RuntimeError("no Redis: RELAIS_REDIS_URL and RELAIS_REDIS_SENTINELS are both unset")
+    return settings.redis_url
 
 
 def async_client(settings: Settings, **options: Any) -> aioredis.Redis:
     """An asyncio client of the current master."""
     if settings.redis_sentinels:
-        sentinel_options = _sentinel_options(settings)
+        sentinel_options = _sentinel_options(settings, settings.redis_sentinels)
         sentinels = sentinel_options.pop("sentinels")
         return AsyncSentinel(sentinels, **sentinel_options, **options).master_for(settings.redis_sentinel_master)
-    return aioredis.Redis.from_url(settings.redis_url, **options)
+    return aioredis.Redis.from_url(_url(settings), **options)
 
 
 def sync_client(settings: Settings, **options: Any) -> redis.Redis:
     """A blocking client of the current master (the outbox relay runs in a thread)."""
     if settings.redis_sentinels:
-        sentinel_options = _sentinel_options(settings)
+        sentinel_options = _sentinel_options(settings, settings.redis_sentinels)
         sentinels = sentinel_options.pop("sentinels")
         return Sentinel(sentinels, **sentinel_options, **options).master_for(settings.redis_sentinel_master)
-    return redis.Redis.from_url(settings.redis_url, **options)
+    return redis.Redis.from_url(_url(settings), **options)
 
 
 def broker(settings: Settings, **options: Any):
@@ -96,7 +102,7 @@ def broker(settings: Settings, **options: Any):
     from faststream.redis import RedisBroker, RedisSentinelBroker
 
     if settings.redis_sentinels:
-        sentinel_options = _sentinel_options(settings)
+        sentinel_options = _sentinel_options(settings, settings.redis_sentinels)
         return RedisSentinelBroker(
             sentinel_master_name=settings.redis_sentinel_master,
             protocol="redis",

@@ -42,7 +42,7 @@ def _openapi_follows_directory(app: FastAPI, service: Service) -> None:
             built_for[0], app.openapi_schema = service.directory, None
         return build()
 
-    app.openapi = openapi
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to extend the document
 
 
 def create_app() -> FastAPI:
