@@ -132,7 +132,7 @@ def rule_errors(data: object, directory: Directory, library: str) -> list[dict]:
         errors.append(_error(("category",), "unknown_category", f"unknown category '{category}'; known: {known}"))
     person = data.get("person")
     channel = person.get("preferred_channel") if isinstance(person, dict) else None
-    if channel in ("email", "sms"):
+    if isinstance(person, dict) and channel in ("email", "sms"):
         field = "email" if channel == "email" else "phone"
         if not person.get(field):  # a bad address is pydantic's to name; a non-empty one normalizes to non-empty
             errors.append(
@@ -157,6 +157,7 @@ def validate_need(data: object, directory: Directory, *, library: str) -> NeedCr
     errors += [e for e in rule_errors(data, directory, library) if tuple(e["loc"]) not in named]
     if errors:
         raise Invalid(errors)
+    assert body is not None  # pydantic refused nothing
     return body
 
 
@@ -279,6 +280,7 @@ async def create_need(
 ) -> Response:
     # The body (documented as NeedCreate) is validated here, not by FastAPI, so that a 422 names every failing
     # field at once, the directory's refusals with pydantic's (validate_need).
+    assert user.library is not None  # a front-desk user's library (the directory requires it)
     try:
         body = validate_need(data, runtime.directory, library=user.library)
         cmd = record_command(body, user, idempotency_key, current_correlation_id())  # the request's (shared.logs)
@@ -312,7 +314,9 @@ def cancel(
         raise HTTPException(409, "this need is closed already; nothing was changed") from None
     runtime.bus.relay.wake()
     with db.read() as session:
-        return public(*need_with_history(session, need_id))
+        found = need_with_history(session, need_id)
+        assert found is not None  # it was just cancelled
+        return public(*found)
 
 
 @router.get(

@@ -39,7 +39,7 @@ def status_after(event_type: str, reassigned: bool = False) -> str | None:
     return STATUS_AFTER.get(event_type)  # once the clock stopped, later events do not move it
 
 
-def next_sla(current: str | None, event_type: str) -> str | None:
+def next_sla(current: str, event_type: str) -> str:
     new = SLA_AFTER.get(event_type)
     if new is None or current in FINAL_SLA:
         return current
@@ -139,7 +139,7 @@ class CountedNeed:
 
 def monthly_figures(needs: Iterable[CountedNeed], now: datetime) -> tuple[Figures, dict[str, Figures]]:
     """The month's figures in all and by category."""
-    total, by_category = Figures(), defaultdict(Figures)
+    total, by_category = Figures(), defaultdict[str, Figures](Figures)
     people: set[str] = set()
     people_by_category: dict[str, set[str]] = defaultdict(set)
     for need in needs:

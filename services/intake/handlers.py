@@ -16,7 +16,15 @@ from services.intake.views import public
 from shared import deadlines
 from shared.db import Database, emit
 from shared.directory import Directory
-from shared.events import Event, NeedCancelled, NeedRecorded, PersonContact, new_id
+from shared.events import (
+    NeedCancelled,
+    NeedRecorded,
+    NeedUnroutable,
+    PersonContact,
+    ReferralAssigned,
+    ReferralEvent,
+    new_id,
+)
 
 # --- commands -------------------------------------------------------------------------------------------
 
@@ -87,7 +95,7 @@ def record_need(db: Database, cmd: RecordNeed, *, directory: Directory, now: dat
         if seen.request_hash != cmd.request_hash:
             raise KeyReused(seen.need_id)
         if seen.response_body is None:  # a key kept before its answer was: the need as it is now
-            return Recorded(seen.need_id, public(session.get(Need, seen.need_id)).model_dump_json())
+            return Recorded(seen.need_id, public(session.get_one(Need, seen.need_id)).model_dump_json())
         return Recorded(seen.need_id, seen.response_body)
 
     try:
@@ -109,9 +117,10 @@ def record_need(db: Database, cmd: RecordNeed, *, directory: Directory, now: dat
                 )
     except IntegrityError:  # the same key committed concurrently: answer what it answered
         with db.read() as session:
-            recorded = replayed(session)
-        if recorded is None:
+            earlier = replayed(session)
+        if earlier is None:
             raise
+        return earlier
     return recorded
 
 
@@ -187,7 +196,7 @@ def cancel_need(db: Database, cmd: CancelNeed, *, now: datetime) -> Need:
 # --- event handlers (called by consumers.py through Bus.process, once per event) ---------------------------
 
 
-def on_referral_event(session: Session, event: Event) -> None:
+def on_referral_event(session: Session, event: ReferralEvent | NeedUnroutable) -> None:
     """Keep the desk's view of the handoff in step with the referral service."""
     need = session.get(Need, event.need_id)
     if need is None:
@@ -215,7 +224,7 @@ def on_referral_event(session: Session, event: Event) -> None:
     if status and event.sequence > need.referral_sequence:
         need.status = status
         need.referral_sequence = event.sequence
-        if event.type == "referral.assigned":
+        if isinstance(event, ReferralAssigned):
             need.partner_id, need.referral_id, need.respond_by = event.partner_id, event.referral_id, event.respond_by
         elif status in ("recorded", "unroutable"):
             need.partner_id = need.referral_id = None

@@ -8,6 +8,7 @@ import io
 from collections.abc import Sequence
 from datetime import date, datetime
 from pathlib import Path
+from typing import Any
 
 from fastapi.responses import Response
 from pydantic import BaseModel
@@ -18,7 +19,8 @@ from shared.db import Database
 from shared.directory import Directory, Library
 from shared.pages import SECURITY_HEADERS, environment
 
-LABELS = environment(Path(__file__).with_name("templates")).get_template("_labels.html").module
+# the template's variables are the module's attributes, unknown to mypy
+LABELS: Any = environment(Path(__file__).with_name("templates")).get_template("_labels.html").module
 
 
 class CategoryFigures(BaseModel):
@@ -61,6 +63,7 @@ def _fields(f: domain.Figures) -> dict:
 
 def library_report(db: Database, library: Library, month: date, now: datetime) -> LibraryReport:
     """A library's figures for a month (needs cancelled as errors left out), categories with most needs first."""
+    assert library.timezone is not None  # Directory fills it in at load time
     start, end = domain.month_bounds(month, library.timezone)
     with db.read() as session:
         counted = counted_needs(session, library.id, start, end)

@@ -356,7 +356,7 @@ def build_router(svc: Service) -> APIRouter:
 
         found_rows, has_more = await anyio.to_thread.run_sync(rows)
         items = [need_context(n, now) for n in found_rows]
-        filters = dict(filter_status=status, filter_category=category, filter_sla=sla)
+        filters: dict[str, Any] = dict(filter_status=status, filter_category=category, filter_sla=sla)
         partial, live_context = live(
             request,
             desk_,
