@@ -191,6 +191,7 @@ def list_referrals(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Cursor = None,
 ) -> ReferralPage:
+    rows: list[Referral]
     with runtime.db.read() as session:
         if user.role == "partner" and partner_id and partner_id != user.partner:
             rows, next_cursor = [], None  # another partner's: nothing, as before

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import timedelta
+from collections.abc import Callable
+from datetime import datetime, timedelta
 
 import anyio
 from prometheus_client import CollectorRegistry, Histogram
@@ -17,7 +18,11 @@ from shared.service import Service
 
 log = logging.getLogger("relais.referral.clock")
 CLOCK_POLL = timedelta(milliseconds=500)  # timers set by another replica are seen within this
-EVENT_HANDLERS = {"need.recorded": handlers.on_need_recorded, "need.cancelled": handlers.on_need_cancelled}
+# each takes (session, its event, directory, now)
+EVENT_HANDLERS: dict[str, Callable[..., None]] = {
+    "need.recorded": handlers.on_need_recorded,
+    "need.cancelled": handlers.on_need_cancelled,
+}
 
 
 def timer_lag_histogram(registry: CollectorRegistry) -> Histogram:
@@ -53,7 +58,7 @@ async def run_clock(svc: Service, clock_wake: asyncio.Event, timer_lag: Histogra
     """Fire due timers, then sleep until the next one (or a poll, or a wake-up after new timers)."""
     skip_locked = not svc.db.is_sqlite
 
-    def fire() -> tuple[int, object]:
+    def fire() -> tuple[int, datetime | None]:
         with svc.db.read() as session:
             next_due = next_timer_due(session)
         if next_due is None or next_due > svc.clock():

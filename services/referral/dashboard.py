@@ -16,6 +16,7 @@ import math
 import time
 from collections import Counter, defaultdict
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 import anyio
 import redis
@@ -27,8 +28,11 @@ from services.referral.remote import OutboxFigures, Remote  # parts of the answe
 from services.referral.store import PartnerPause, Referral
 from shared.directory import Directory
 from shared.queues import StreamReport, queues_report
-from shared.service import Service
 from shared.settings import SERVICES
+
+if TYPE_CHECKING:  # deps imports this module
+    from services.referral.deps import Runtime
+    from shared.service import Service  # metrics.py's
 
 SLA_STATES = ("on_track", "at_risk", "met", "breached")
 WINDOW = timedelta(days=30)  # partners' answer times, breaches, declines
@@ -336,7 +340,7 @@ def recent_actions(session: Session, limit: int = 10) -> list[RecentAction]:
     ]
 
 
-def local_figures(svc: Service, now: datetime) -> dict:
+def local_figures(svc: Runtime, now: datetime) -> dict:
     directory = svc.directory
     with svc.db.read() as session:
         partner_figures_, answer_times = partners(session, directory, now)
@@ -394,14 +398,14 @@ def stream_figures(report: StreamReport, namespace: str) -> StreamFigures:
     )
 
 
-async def queue_reports(svc: Service, watch: QueueWatch) -> list[StreamReport]:
+async def queue_reports(svc: Runtime | Service, watch: QueueWatch) -> list[StreamReport]:
     now = time.monotonic()
     reports = await queues_report(svc.bus.redis_client, svc.settings.namespace, watch.baseline(now))
     watch.keep(now, reports)
     return reports
 
 
-async def queues(svc: Service, watch: QueueWatch) -> Queues:
+async def queues(svc: Runtime, watch: QueueWatch) -> Queues:
     outboxes = await asyncio.gather(*(remote.outbox_of(svc, s) for s in SERVICES))
     try:
         reports = await queue_reports(svc, watch)
@@ -415,7 +419,7 @@ async def queues(svc: Service, watch: QueueWatch) -> Queues:
 # --- all of it --------------------------------------------------------------------------------------
 
 
-async def build_dashboard(svc: Service, watch: QueueWatch) -> Dashboard:
+async def build_dashboard(svc: Runtime, watch: QueueWatch) -> Dashboard:
     now = svc.clock()
     local, queue_part, deliveries, monthly = await asyncio.gather(
         anyio.to_thread.run_sync(local_figures, svc, now),

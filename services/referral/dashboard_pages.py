@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 from datetime import date, datetime, time, timedelta
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import anyio
@@ -124,7 +125,11 @@ async def figures(runtime: Runtime) -> dict:
         libraries={lib.id: lib.name for lib in directory.libraries},
     )
     # the bars of each chart (label, count): its table and its drawing both come from these
-    needs_bars = [{"label": hour_fr(b.start, data.timezone), "count": b.count} for b in data.charts.needs_per_hour]
+    needs_bars = [
+        {"label": hour_fr(b.start, data.timezone), "count": b.count}
+        for b in data.charts.needs_per_hour
+        if b.start is not None  # every hour's bar has its start
+    ]
     answers_bars = [{"label": b.label, "count": b.count} for b in data.charts.answer_times]
     return dict(
         d=data,
@@ -220,12 +225,12 @@ def subject_of(request: Request, pages: Pages, runtime: Runtime, action: str, pa
     if not need_id or len(need_id) > 64:
         raise pages.error(request, 404, "not_found")
     with runtime.db.read() as session:
-        case, referral = store.need_and_open_referral(session, need_id)
+        case, open_referral = store.need_and_open_referral(session, need_id)
     return {
         "need_id": need_id,
         "case": case,
-        "referral": referral,
-        "partner": directory.partner(referral.partner_id) if referral else None,
+        "referral": open_referral,
+        "partner": directory.partner(open_referral.partner_id) if open_referral else None,
     }
 
 
@@ -241,7 +246,7 @@ async def confirm_page(
     values=None,
     failure: str | None = None,
 ) -> Response:
-    extra = {}
+    extra: dict[str, Any] = {}
     if action == "replay":
         key = runtime.settings.key(subject["stream"])
         extra["letters"] = await store.dead_letters(runtime.bus.redis, key, entry_id=subject["id"])
@@ -317,6 +322,7 @@ def command_of(action: str, fields: dict[str, str], subject: dict, until: dateti
     if action == "reassign":
         return ReassignReferral(subject["referral"].id, fields["partenaire"], actor, reason)
     if action == "pause":
+        assert until is not None  # form_errors required it
         return PausePartner(subject["partner"].id, until, reason, actor)
     if action == "resume":
         return ResumePartner(subject["partner"].id, reason, actor)

@@ -258,6 +258,8 @@ def takes_category(partner: Partner, category: str) -> bool:
 def assign_by_hand(directory: Directory, partner_id: str, actor: str) -> RoutingDecision:
     """Ops chose the partner: its primary contact gets the handoff, whatever the routing rule says."""
     partner = directory.partner(partner_id)
+    if partner is None:  # the caller checked it (reassign_referral)
+        raise LookupError(f"unknown partner {partner_id!r}")
     return RoutingDecision(
         partner=partner,
         contact=directory.primary_contact(partner),

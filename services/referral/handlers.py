@@ -135,6 +135,7 @@ def route(
         session.add(case)
         for timer in timers:
             session.add(ClockTimer(need_id=case.need_id, kind=timer.kind, number=timer.number, due_at=timer.due_at))
+    assert decision.contact is not None  # a partner comes with its contact
     referral = Referral(
         id=new_id(),
         need_id=case.need_id,
@@ -208,7 +209,7 @@ def transition(
             detail=text if partner_id is None else f"{partner_id} : {text or ''}".strip(" :"),
         )
     )
-    case = session.get(NeedCase, referral.need_id, with_for_update=True)  # its sequence moves
+    case = session.get_one(NeedCase, referral.need_id, with_for_update=True)  # its sequence moves
     common = referral_event_fields(referral, case, actor, now)
     session.add(case)
     if action == "accept":
@@ -277,7 +278,7 @@ def fire_due_timers(
                 ),
             ]
         )
-        case = session.get(NeedCase, referral.need_id, with_for_update=True)  # its sequence moves
+        case = session.get_one(NeedCase, referral.need_id, with_for_update=True)  # its sequence moves
         common = dict(
             referral_event_fields(referral, case, "system", now),
             contact_id=referral.contact_id,
@@ -350,6 +351,7 @@ def _partner_action(session: Session, command: Any, action: str, text: str | Non
     if referral is None or (command.as_partner is not None and referral.partner_id != command.as_partner):
         raise NotFound("no such referral")
     referral = transition(session, command.referral_id, action, command.actor, deps.clock(), deps.directory, text)
+    assert referral is not None  # locked above
     return ReferralState(referral, history_of(session, referral.id))
 
 
@@ -376,6 +378,7 @@ def cancel_referral(session: Session, command: CancelReferral, deps: Deps) -> Re
     if lock_referral(session, command.referral_id) is None:
         raise NotFound("no such referral")
     referral = transition(session, command.referral_id, "cancel", command.actor, now, deps.directory, command.reason)
+    assert referral is not None  # locked above
     _audit(session, command.actor, "cancel_referral", command.referral_id, command.reason, now)
     return ReferralState(referral, history_of(session, referral.id))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 import anyio
@@ -13,8 +13,11 @@ import httpx
 from pydantic import BaseModel
 
 from shared.logs import current_correlation_id
-from shared.service import ACTOR_HEADER, Service, internal_token
+from shared.service import ACTOR_HEADER, internal_token
 from shared.settings import ServiceName
+
+if TYPE_CHECKING:  # deps imports dashboard, which imports this module
+    from services.referral.deps import Runtime
 
 REMOTE_TIMEOUT = 3.0  # seconds; past it that part of the dashboard shows as unavailable
 
@@ -36,7 +39,7 @@ class OutboxFigures(BaseModel):
 
 
 async def remote_json(
-    svc: Service, service: ServiceName, path: str, actor: str | None = None, params: dict | None = None
+    svc: Runtime, service: ServiceName, path: str, actor: str | None = None, params: dict | None = None
 ) -> Remote:
     headers = {"Authorization": f"Bearer {internal_token(svc.settings)}"}
     if correlation_id := current_correlation_id():
@@ -54,7 +57,7 @@ async def remote_json(
         return Remote(available=False, error=f"{service} unreachable ({type(exc).__name__})")
 
 
-async def outbox_of(svc: Service, service: ServiceName) -> OutboxFigures:
+async def outbox_of(svc: Runtime, service: ServiceName) -> OutboxFigures:
     if service == svc.name:
         try:
             state = await anyio.to_thread.run_sync(svc.outbox_state)
@@ -64,7 +67,7 @@ async def outbox_of(svc: Service, service: ServiceName) -> OutboxFigures:
             service=service, available=True, backlog=state["backlog"], oldest_age_seconds=state["oldest_age_seconds"]
         )
     remote = await remote_json(svc, service, "/ops/outbox")
-    if not remote.available:
+    if not remote.available or remote.data is None:  # an available part has its data
         return OutboxFigures(service=service, available=False, error=remote.error)
     return OutboxFigures(
         service=service,
@@ -81,7 +84,7 @@ def report_months(now: datetime, timezone: str) -> list[str]:
     return [this.strftime("%Y-%m"), previous.strftime("%Y-%m")]
 
 
-async def reports(svc: Service, now: datetime) -> Remote:
+async def reports(svc: Runtime, now: datetime) -> Remote:
     """Intake's monthly reports of this month and the previous one: {"months": [intake's answer for each]}."""
     answers = await asyncio.gather(
         *(
@@ -93,7 +96,7 @@ async def reports(svc: Service, now: datetime) -> Remote:
     return failed or Remote(available=True, data={"months": [a.data for a in answers]})
 
 
-async def intake_report_csv(svc: Service, actor: str, month: str | None) -> httpx.Response | None:
+async def intake_report_csv(svc: Runtime, actor: str, month: str | None) -> httpx.Response | None:
     """Intake's monthly report as CSV, asked for the ops user `actor`; None when intake does not answer 200."""
     params = {"format": "csv", **({"month": month} if month else {})}
     headers = {"Authorization": f"Bearer {internal_token(svc.settings)}", ACTOR_HEADER: actor}

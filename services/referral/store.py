@@ -209,7 +209,7 @@ def referral_with_case(session: Session, referral_id: str) -> tuple[Referral, Ne
     referral = session.get(Referral, referral_id)
     if referral is None:
         return None
-    return referral, session.get(NeedCase, referral.need_id), history_of(session, referral_id)
+    return referral, session.get_one(NeedCase, referral.need_id), history_of(session, referral_id)
 
 
 def inbox(
@@ -337,13 +337,12 @@ def declines_since(session: Session, since: datetime) -> list[tuple[str, str | N
 
 def timers_settled_since(session: Session, since: datetime) -> list[tuple[datetime, datetime]]:
     """(due, fired) of each timer fired or found moot since `since`."""
-    return list(
-        session.exec(
-            select(ClockTimer.due_at, ClockTimer.fired_at).where(
-                col(ClockTimer.fired_at) >= since, col(ClockTimer.outcome).in_(("fired", "moot"))
-            )
-        ).all()
-    )
+    rows = session.exec(
+        select(ClockTimer.due_at, ClockTimer.fired_at).where(
+            col(ClockTimer.fired_at) >= since, col(ClockTimer.outcome).in_(("fired", "moot"))
+        )
+    ).all()
+    return [(due, fired) for due, fired in rows if fired is not None]  # all of them: fired_at >= since
 
 
 def needs_recorded_since(session: Session, since: datetime) -> list[datetime]:

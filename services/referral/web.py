@@ -221,6 +221,8 @@ async def perform(
         raise pages.error(request, 404, "not_found") from None
     except domain.TransitionRefused:
         found = await anyio.to_thread.run_sync(load, runtime, referral_id)
+        if found is None:
+            raise pages.error(request, 404, "not_found") from None
         return show(request, pages, directory, now, found, viewer, status=409, refused=action)
     return pages.redirect(f"{viewer.page_url}?fait={action}")
 
