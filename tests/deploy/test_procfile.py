@@ -148,6 +148,7 @@ def test_three_apps_from_the_procfile_hand_a_need_to_the_partner(apps, mail_sink
     assert "nouvelle demande" in mails[0]["subject"].lower()
 
 
+@pytest.mark.postgres  # migrations on the production database
 def test_web_brings_a_database_left_behind_by_the_previous_release_to_the_newest_schema(apps):
     # A platform starts the new release's containers on the previous release's database.
     intake = apps["intake"]

@@ -244,6 +244,7 @@ def test_three_service_processes_hand_a_need_to_the_partner(processes, served_en
         assert "Traceback" not in proc.output(), proc.output()
 
 
+@pytest.mark.postgres  # replicas share the work through row locks
 def test_replicas_share_the_work_and_each_need_is_handled_once(processes, served_env, mail_sink):
     """Two referral and two notifications processes in the same consumer groups: one referral, one email a need."""
     env, urls = served_env

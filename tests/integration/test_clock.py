@@ -135,6 +135,7 @@ def _seed_routed_need(db, directory, now):
     return event.need_id
 
 
+@pytest.mark.postgres  # row locks (SKIP LOCKED) between replicas
 def test_two_replicas_racing_fire_each_timer_once(settings, directory_file):
     db = Database(settings.database_url("referral"), TABLES)
     db.create_all()
@@ -169,6 +170,7 @@ def test_two_replicas_racing_fire_each_timer_once(settings, directory_file):
     db.dispose()
 
 
+@pytest.mark.postgres  # row locks (SKIP LOCKED) between replicas
 def test_a_timer_due_while_every_referral_process_was_dead_fires_once_after_restart(
     settings, mail_sink, tmp_path, start_service
 ):

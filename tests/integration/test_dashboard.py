@@ -22,7 +22,9 @@ from shared.events import NeedRecorded, PersonContact, utcnow
 from shared.signin import sign_in_link
 from shared.testing import clock_start, directory_data, use_sign_in_link, wait_for
 
-pytestmark = pytest.mark.date_sensitive  # deadlines in words, months, dates to come
+# date_sensitive: deadlines in words, months, dates to come
+# postgres: the figures are SQL aggregates and date arithmetic
+pytestmark = [pytest.mark.date_sensitive, pytest.mark.postgres]
 
 NOW = clock_start()
 H = timedelta(hours=1)

@@ -188,6 +188,7 @@ def _long_email(prefix: str) -> str:
     return f"{local}@{'.'.join(labels)}.test"
 
 
+@pytest.mark.postgres  # column lengths, NUL bytes and ordering differ
 def test_the_longest_legal_need_is_routed_and_handed_off(tmp_path, settings, start_service, mail_sink):
     data = directory_data()
     long_contact = _long_email("referent")
@@ -258,6 +259,7 @@ def _raw_json(client: httpx.Client, path: str, text: str):
     )
 
 
+@pytest.mark.postgres  # column lengths, NUL bytes and ordering differ
 @pytest.mark.parametrize("bad", ["\\u0000", "\\ud800", "\\udfff", "a\\ud800b"])
 def test_nul_and_lone_surrogates_in_a_text_field_get_422(settings, start_service, bad):
     intake = start_service("intake", settings)
@@ -273,6 +275,7 @@ def test_nul_and_lone_surrogates_in_a_text_field_get_422(settings, start_service
     assert stored_needs(intake) == []
 
 
+@pytest.mark.postgres  # column lengths, NUL bytes and ordering differ
 def test_nul_in_a_path_id_a_filter_or_a_cursor_gets_422(settings, start_service):
     intake = start_service("intake", settings)
     with intake.client("desk") as desk:
@@ -308,6 +311,7 @@ def test_a_cursor_the_service_did_not_write_gets_422(settings, start_service, cu
     assert r.json()["detail"][0]["loc"] == ["query", "cursor"]
 
 
+@pytest.mark.postgres  # column lengths, NUL bytes and ordering differ
 def test_cursors_the_service_wrote_page_through_every_need(settings, start_service):
     intake = start_service("intake", settings)
     with intake.client("desk") as desk:

@@ -1,8 +1,11 @@
 """A need recorded at a desk reaches the right partner's inbox: the three services over one real Redis."""
 
+import pytest
+
 from shared.testing import wait_for
 
 
+@pytest.mark.postgres  # the walking skeleton on the production database
 def test_a_recorded_need_is_referred_and_the_partner_emailed(settings, mail_sink, start_service):
     settings = settings.model_copy(update={"smtp_url": mail_sink.url})
     intake = start_service("intake", settings)

@@ -117,6 +117,7 @@ def test_bad_postal_code_is_named(desk, postal_code):
     assert failing_fields(desk.post("/needs", json=a_need(postal_code=postal_code))) == {"postal_code"}
 
 
+@pytest.mark.postgres  # the text as typed, stored by PostgreSQL
 def test_summary_is_kept_exactly_as_typed(desk, settings):
     r = desk.post("/needs", json=a_need(summary=SUMMARY))
     assert r.status_code == 201, r.text
@@ -271,6 +272,7 @@ def test_a_bad_cursor_is_named(desk):
     assert failing_fields(desk.get("/needs", params={"cursor": "not a cursor"})) == {"cursor"}
 
 
+@pytest.mark.postgres  # ordering by (created_at, id) in SQL
 def test_cursor_pagination_returns_every_need_once(desk):
     ids = [desk.post("/needs", json=a_need(summary=f"besoin {i}")).json()["id"] for i in range(7)]
     seen, cursor, pages = [], None, 0
@@ -297,6 +299,7 @@ def test_status_filter(desk):
 # --- idempotency ----------------------------------------------------------------------------------
 
 
+@pytest.mark.postgres  # the idempotency key's unique constraint
 def test_a_repeat_with_the_same_key_and_body_records_nothing_more(desk, settings):
     first = desk.post("/needs", json=a_need(), headers={"Idempotency-Key": "k-1"})
     again = desk.post("/needs", json=a_need(), headers={"Idempotency-Key": "k-1"})
@@ -349,6 +352,7 @@ def test_keys_belong_to_the_caller(intake, desk, settings):
     assert len(needs_in_db(settings)) == 2
 
 
+@pytest.mark.postgres  # the unique constraint under a race
 def test_concurrent_repeats_record_one_need(intake, settings):
     threads_count = 8
     barrier = threading.Barrier(threads_count)

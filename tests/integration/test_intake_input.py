@@ -131,6 +131,7 @@ def test_query_and_header_limits(desk):
 # --- one person, several needs -----------------------------------------------------------------------
 
 
+@pytest.mark.postgres  # text storage and lookups differ
 def test_another_need_for_the_same_person_keeps_their_identity(intake, desk):
     first = desk.post("/needs", json=a_need()).json()
     second = desk.post("/needs", json=a_need(category="sante", same_person_as=first["id"])).json()
@@ -146,6 +147,7 @@ def test_another_need_for_the_same_person_keeps_their_identity(intake, desk):
 # --- what goes out -----------------------------------------------------------------------------------
 
 
+@pytest.mark.postgres  # text storage and lookups differ
 def test_need_recorded_carries_what_referral_needs_and_the_text_as_typed(intake, desk):
     summary = "Loyer « impayé » depuis mars — l’usager dit : ça urge 😟\nDeuxième ligne  "
     need = desk.post(

@@ -47,6 +47,9 @@ from shared.messaging import DATA_FIELD, Bus, OutboxRelay, publish_pending, repl
 from shared.settings import Settings
 from shared.testing import free_port, wait_for
 
+# postgres: the outbox, the ledger and idempotent consumers under replicas (locks, unique constraints)
+pytestmark = pytest.mark.postgres
+
 ROOT = Path(__file__).resolve().parents[2]
 GROUP = "ledger"  # the fake consuming service, hence its consumer group
 

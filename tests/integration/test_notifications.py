@@ -438,6 +438,7 @@ def test_a_400_fails_the_sms_at_once_and_the_person_gets_an_email_instead(settin
 # --- once, whatever the replicas -------------------------------------------------------------------------
 
 
+@pytest.mark.postgres  # unique constraints between replicas
 def test_the_same_event_delivered_to_two_replicas_makes_one_message(settings, sink, start_service):
     settings = settings.model_copy(update={"smtp_url": sink.url})
     one = start_service("notifications", settings)
@@ -482,6 +483,7 @@ def test_the_same_event_delivered_to_two_replicas_makes_one_message(settings, si
 # --- time: quiet hours and digests, with the service's clock set by the test -----------------------------
 
 
+@pytest.mark.postgres  # due times compared in SQL
 def test_quiet_hours_and_the_daily_digest_wait_in_the_database_for_their_time(settings, sink, start_service, tmp_path):
     data = directory_data()
     data["partners"][0]["contacts"][0]["digest_at"] = "08:30"

@@ -264,6 +264,7 @@ def test_sign_in_needs_the_form_csrf_token_and_an_expired_link_is_refused(referr
 # --- the inbox ----------------------------------------------------------------------------------
 
 
+@pytest.mark.postgres  # ordering by deadline in SQL
 def test_the_inbox_lists_the_partners_open_referrals_by_deadline_late_ones_marked(referral):
     svc, now = referral.svc, referral.svc.clock()
     soon = record_need(svc, summary="Échéance dans 10 heures", recorded_at=now - timedelta(hours=62))
@@ -291,6 +292,7 @@ def test_the_inbox_lists_the_partners_open_referrals_by_deadline_late_ones_marke
     assert client.get(f"/boite/{cpam}").status_code == 404  # another partner's: never 403
 
 
+@pytest.mark.postgres  # ordering by deadline in SQL
 def test_a_long_inbox_is_read_page_by_page_soonest_deadline_first(referral, monkeypatch):
     import services.referral.web as inbox_web
 

@@ -359,6 +359,7 @@ def at_once(count: int, call) -> list[httpx.Response]:
     return answers
 
 
+@pytest.mark.postgres  # row locks and ordering differ
 @pytest.mark.parametrize(
     "action, body, status", [("accept", None, "accepted"), ("decline", {"reason": "Hors périmètre"}, "declined")]
 )
@@ -383,6 +384,7 @@ def test_concurrent_actions_on_one_referral_apply_once(system, action, body, sta
         assert [h["event"] for h in seen["history"]].count("referral.accepted") == 1
 
 
+@pytest.mark.postgres  # row locks and ordering differ
 def test_referral_pages_return_every_referral_once(system):
     needs = [system.record(summary=f"besoin {i}")["id"] for i in range(5)]
     for need_id in needs:

@@ -140,6 +140,7 @@ def test_sign_in_posts_sent_from_another_site_are_refused(intake):
     assert use_sign_in_link(client, link).url.path == "/nouvelle"  # the refused POST did not spend the link
 
 
+@pytest.mark.postgres  # single-use tokens and counts under unique constraints
 def test_a_sign_in_link_is_confirmed_only_in_the_browser_that_opened_it(intake):
     # The attacker opens a link to their own account and hands its form to a victim's browser (login CSRF).
     attacker = browser(intake)
@@ -170,6 +171,7 @@ def test_one_client_address_cannot_ask_for_links_without_end(intake):
     assert ask_for_link(browser(intake), DESK_EMAIL).status_code == 200
 
 
+@pytest.mark.postgres  # single-use tokens and counts under unique constraints
 def test_one_address_gets_a_few_links_whoever_asks_and_is_not_mail_bombed(settings, intake, start_service):
     sink = MailSink()
     sink.controller.start()

@@ -14,6 +14,8 @@ from shared.events import utcnow
 from shared.messaging import Bus
 from shared.settings import Settings
 
+pytestmark = pytest.mark.postgres  # date comparisons in SQL and replicas deleting at once
+
 DAY = timedelta(days=1)
 
 
