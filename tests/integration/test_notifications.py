@@ -546,8 +546,7 @@ def certificate(tmp_path):
     """A self-signed certificate for 127.0.0.1, made with the openssl command."""
     import shutil
 
-    if not shutil.which("openssl"):
-        pytest.skip("the openssl command is needed to make a test certificate")
+    assert shutil.which("openssl"), "the openssl command makes the test certificate: install Debian's openssl"
     return self_signed_certificate(tmp_path)
 
 
