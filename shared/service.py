@@ -364,7 +364,8 @@ def field_error(field: str, message: str, where: str = "body") -> HTTPException:
 @dataclass(frozen=True)
 class ServiceRuntime:
     """What a service's `bootstrap` builds once: its shared parts (database, directory, bus, auth, HTTP basics) and
-    its FastAPI app. A service adds its own parts by subclassing (notifications: the senders' wake-up events)."""
+    its FastAPI app. A service adds its own parts as the fields of a frozen subclass (referral: the clock's wake-up,
+    the queue snapshots, the pages; notifications: the senders' wake-up events); nothing is set on it afterwards."""
 
     service: Service
     app: FastAPI
