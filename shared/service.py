@@ -107,8 +107,6 @@ class Service:
         """SIGHUP: load the directory again; a bad file keeps the old one (and says why in the log)."""
         try:
             self.directory = load_directory(self.settings.directory)
-            if (app := getattr(self, "app", None)) is not None:
-                app.openapi_schema = None  # its ids may have changed: the next /openapi.json is built again
             log.info("%s: directory reloaded from %s", self.name, self.settings.directory)
         except Exception as exc:  # noqa: BLE001
             log.error("%s: directory NOT reloaded, keeping the previous one: %s", self.name, exc)
@@ -195,6 +193,7 @@ class Service:
         for router in (*routers, self.ops_router(), sessions.api_router(self)):
             app.include_router(router, prefix="/api/v1")
         openapi.install(app, self.openapi_refiners)
+        self._openapi_follows_directory(app)
         if pages:
             from shared.pages import mount
 
@@ -284,6 +283,17 @@ class Service:
 
         return app
 
+    def _openapi_follows_directory(self, app: FastAPI) -> None:
+        """The document lists the directory's ids: it is built again once SIGHUP loaded another directory."""
+        build, built_for = app.openapi, [self.directory]
+
+        def openapi() -> dict:
+            if self.directory is not built_for[0]:
+                built_for[0], app.openapi_schema = self.directory, None
+            return build()
+
+        app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to extend the document
+
     def ops_router(self) -> APIRouter:
         """What every service tells ops about itself, as JSON (the dashboard reads it)."""
         router = APIRouter(tags=["ops"])
@@ -354,7 +364,8 @@ def field_error(field: str, message: str, where: str = "body") -> HTTPException:
 @dataclass(frozen=True)
 class ServiceRuntime:
     """What a service's `bootstrap` builds once: its shared parts (database, directory, bus, auth, HTTP basics) and
-    its FastAPI app. A service adds its own parts by subclassing (notifications: the senders' wake-up events)."""
+    its FastAPI app. A service adds its own parts as the fields of a frozen subclass (referral: the clock's wake-up,
+    the queue snapshots, the pages; notifications: the senders' wake-up events); nothing is set on it afterwards."""
 
     service: Service
     app: FastAPI

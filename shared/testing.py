@@ -1,6 +1,6 @@
 """Test helpers shared by the test suite and the benchmarks: a small directory, real SMTP sink, services
 served over real HTTP in a thread, and polling for what crosses processes. Helpers that reach into one service's
-code (record_need) are in tests/helpers.py: shared/ imports nothing from services/."""
+code (record_need) are in tests/helpers.py: shared/ imports nothing of services/."""
 
 from __future__ import annotations
 

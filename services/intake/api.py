@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from services.intake import deps, domain, handlers
-from services.intake.handlers import RecordNeed
+from services.intake.commands import CancelNeed, RecordNeed
 from services.intake.reports import Reports, csv_response, library_report
 from services.intake.views import NeedPublic, need_page, need_with_history, public
 from shared.directory import Directory, User, normalize_email, normalize_phone
@@ -307,7 +307,7 @@ def cancel(
 ) -> NeedPublic:
     """Ops withdraw a need recorded in error: closed at once; referral cancels its referral and stops its clock."""
     try:
-        handlers.cancel_need(db, handlers.CancelNeed(need_id=need_id, reason=body.reason, actor=user.id), now=clock())
+        handlers.cancel_need(db, CancelNeed(need_id=need_id, reason=body.reason, actor=user.id), now=clock())
     except handlers.UnknownNeed:
         raise HTTPException(404, "no such need") from None
     except handlers.AlreadyClosed:

@@ -27,22 +27,9 @@ def bootstrap(settings: Settings | None = None, *, clock: Callable[[], datetime]
     consumers.register(service)
     service.openapi_refiners.append(api.directory_ids(service))
     app = service.create_app(api.router, title="Relais intake", pages=[web.build_router(service)])
-    _openapi_follows_directory(app, service)
     runtime = IntakeRuntime(service, app)
     app.state.runtime = runtime  # what deps.py gives the routes
     return runtime
-
-
-def _openapi_follows_directory(app: FastAPI, service: Service) -> None:
-    """The document lists the directory's ids: it is built again once SIGHUP loaded another directory."""
-    build, built_for = app.openapi, [service.directory]
-
-    def openapi() -> dict:
-        if service.directory is not built_for[0]:
-            built_for[0], app.openapi_schema = service.directory, None
-        return build()
-
-    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to extend the document
 
 
 def create_app() -> FastAPI:

@@ -1,6 +1,6 @@
-"""Intake's use cases, one handler per command (RecordNeed, CancelNeed) and per event consumed (the referral
-stream's): the rules, the state change, the events through the outbox and the history row, in one transaction.
-api.py and web.py parse, authorise, call one handler and render; consumers.py hands it the event."""
+"""Intake's use cases, one handler per command (`commands.py`: RecordNeed, CancelNeed) and per event consumed (the
+referral stream's): the rules, the state change, the events through the outbox and the history row, in one
+transaction. api.py and web.py parse, authorise, call one handler and render; consumers.py hands it the event."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from services.intake import domain
+from services.intake.commands import CancelNeed, RecordNeed
 from services.intake.store import IdempotencyKey, Need, NeedHistory
 from services.intake.views import public
 from shared import deadlines
@@ -20,39 +21,10 @@ from shared.events import (
     NeedCancelled,
     NeedRecorded,
     NeedUnroutable,
-    PersonContact,
     ReferralAssigned,
     ReferralEvent,
     new_id,
 )
-
-# --- commands -------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RecordNeed:
-    """A desk records a need the person agreed to hand to a partner (from the API or the desk's form)."""
-
-    library_id: str
-    category: str
-    summary: str
-    postal_code: str | None
-    urgency: str
-    person: PersonContact
-    recorded_by: str
-    same_person_as: str | None = None  # a need of this library brought by the same person in this visit
-    idempotency_key: str | None = None
-    request_hash: str | None = None  # of the request as sent: a repeat of the key must carry the same one
-    correlation_id: str | None = None
-
-
-@dataclass(frozen=True)
-class CancelNeed:
-    """Ops withdraw a need recorded in error."""
-
-    need_id: str
-    reason: str
-    actor: str
 
 
 @dataclass(frozen=True)

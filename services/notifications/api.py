@@ -11,6 +11,7 @@ from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel
 
 from services.notifications import deps, handlers, views
+from services.notifications.commands import RecordSmsReceipt, RecordSmsReply
 from services.notifications.providers import SMS_PROVIDERS
 from services.notifications.providers.base import Receipt, Reply
 from services.notifications.store import Delivery
@@ -159,16 +160,16 @@ def build_webhooks(svc: Service) -> APIRouter:
     what they read becomes a command (RecordSmsReceipt, RecordSmsReply) for its one handler."""
     router = APIRouter()
 
-    def command(provider: str, what: Receipt | Reply) -> handlers.RecordSmsReceipt | handlers.RecordSmsReply:
+    def command(provider: str, what: Receipt | Reply) -> RecordSmsReceipt | RecordSmsReply:
         if isinstance(what, Receipt):
-            return handlers.RecordSmsReceipt(provider, what.provider_message_id, what.delivered, what.error)
-        return handlers.RecordSmsReply(provider, what.phone, what.text)
+            return RecordSmsReceipt(provider, what.provider_message_id, what.delivered, what.error)
+        return RecordSmsReply(provider, what.phone, what.text)
 
     async def report(provider: str, what: Receipt | Reply | None) -> None:
         if what is None:
             return
         cmd = command(provider, what)
-        if isinstance(cmd, handlers.RecordSmsReceipt):
+        if isinstance(cmd, RecordSmsReceipt):
             await anyio.to_thread.run_sync(partial(handlers.record_sms_receipt, svc.db, cmd, now=svc.clock()))
         else:
             await anyio.to_thread.run_sync(partial(handlers.record_sms_reply, svc.db, cmd, now=svc.clock()))

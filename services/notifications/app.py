@@ -13,7 +13,7 @@ from functools import partial
 from fastapi import FastAPI
 from prometheus_client import Gauge
 
-from services.notifications import api, consumers, pages, providers, sender, views
+from services.notifications import api, consumers, providers, sender, views, web
 from services.notifications.store import TABLES
 from shared.events import utcnow
 from shared.service import Service, ServiceRuntime
@@ -57,7 +57,7 @@ def bootstrap(settings: Settings | None = None, *, clock: Callable[[], datetime]
     consumers.register(service, wake_senders)
     service.on_scrape.append(_deliveries_gauge(service))
     app = service.create_app(
-        api.router, title="Relais notifications", pages=[pages.build_router(service), api.build_webhooks(service)]
+        api.router, title="Relais notifications", pages=[web.build_router(service), api.build_webhooks(service)]
     )
     runtime = NotificationsRuntime(service, app, wakes)
     app.state.runtime = runtime  # what deps.py gives the routes

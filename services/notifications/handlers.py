@@ -1,7 +1,8 @@
 """Notifications' use cases, one handler per event consumed and per command. An event handler turns the event into
 rendered deliveries, queued in the same transaction as the event's tracking row (Bus.process gives it the session: one
-message per event, recipient and channel). A command handler (what a provider's webhook told us: RecordSmsReceipt,
-RecordSmsReply) opens its own transaction. Adapters (consumers.py, api.py's webhooks) only translate and call."""
+message per event, recipient and channel). A command handler (`commands.py`: what a provider's webhook told us,
+RecordSmsReceipt, RecordSmsReply) opens its own transaction. Adapters (consumers.py, api.py's webhooks) only translate
+and call."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any
 from sqlmodel import Session, col, select
 
 from services.notifications import domain
+from services.notifications.commands import RecordSmsReceipt, RecordSmsReply
 from services.notifications.providers.base import SendError, Sent
 from services.notifications.render import Rendered, render, render_email
 from services.notifications.store import (
@@ -360,25 +362,6 @@ def on_access_link_requested(
 
 
 # --- what the SMS providers tell us --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RecordSmsReceipt:
-    """A provider's delivery receipt for one of our SMS."""
-
-    provider: str
-    provider_message_id: str
-    delivered: bool  # False: the operator could not deliver it
-    error: str | None = None
-
-
-@dataclass(frozen=True)
-class RecordSmsReply:
-    """A text a number sent back to a provider (STOP, ARRET, START...)."""
-
-    provider: str
-    phone: str  # E.164
-    text: str
 
 
 def record_sms_receipt(db: Database, cmd: RecordSmsReceipt, *, now: datetime) -> Delivery | None:

@@ -1,12 +1,13 @@
-"""Referral service wiring: `bootstrap` builds, once, everything the service runs on (settings, database, directory,
+"""Referral service wiring: `bootstrap` builds, once, everything the process needs (settings, database, directory,
 bus, clock, the clock's wake-up and lag histogram, the queue snapshots, the pages, the FastAPI app) into a
-`ReferralRuntime`. The routers are module-level (api.py, web.py, dashboard_pages.py) and find it through the
+ReferralRuntime. The routers are module-level (api.py, web.py, dashboard_pages.py) and find it through the
 dependencies of deps.py."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 
 from fastapi import FastAPI
@@ -17,40 +18,39 @@ from services.referral.dashboard import QueueWatch
 from services.referral.store import TABLES
 from shared.events import utcnow
 from shared.pages import Pages
-from shared.service import Service
+from shared.service import Service, ServiceRuntime
 from shared.settings import Settings
 
 
-class ReferralRuntime(Service):
-    """Referral's process: the shared service basics plus what referral adds, all built in the constructor."""
+@dataclass(frozen=True)
+class ReferralRuntime(ServiceRuntime):
+    """The referral process: its shared service parts, its app, and what referral adds."""
 
     clock_wake: asyncio.Event  # set when a need got timers: the clock looks again before its next poll
     timer_lag: Histogram
     queue_watch: QueueWatch  # recent queue reports, for "pending growing"
     pages: Pages
-    app: FastAPI
-
-    def __init__(self, settings: Settings, clock: Callable[[], datetime]) -> None:
-        super().__init__("referral", settings, TABLES, clock)
-        self.clock_wake = asyncio.Event()
-        self.timer_lag = consumers.timer_lag_histogram(self.metrics)
-        self.queue_watch = QueueWatch()
-        self.pages = web.pages_for(self)
-        consumers.register(self, self.clock_wake)
-        self.background.append(lambda: consumers.run_clock(self, self.clock_wake, self.timer_lag))
-        metrics.register(self, self.queue_watch)
-        self.openapi_refiners.append(api.directory_ids(self))
-        self.app = self.create_app(
-            api.router,
-            api.dashboard_router,
-            title="Relais referral",
-            pages=[self.pages.sign_in_router(), dashboard_pages.router, web.router],
-        )
-        self.app.state.runtime = self  # what deps.get_runtime gives the routers
 
 
 def bootstrap(settings: Settings | None = None, *, clock: Callable[[], datetime] = utcnow) -> ReferralRuntime:
-    return ReferralRuntime(settings or Settings(), clock)
+    service = Service("referral", settings or Settings(), TABLES, clock)
+    clock_wake = asyncio.Event()
+    timer_lag = consumers.timer_lag_histogram(service.metrics)
+    queue_watch = QueueWatch()
+    pages = web.pages_for(service)
+    consumers.register(service, clock_wake)
+    service.background.append(lambda: consumers.run_clock(service, clock_wake, timer_lag))
+    metrics.register(service, queue_watch)
+    service.openapi_refiners.append(api.directory_ids(service))
+    app = service.create_app(
+        api.router,
+        api.dashboard_router,
+        title="Relais referral",
+        pages=[pages.sign_in_router(), dashboard_pages.router, web.router],
+    )
+    runtime = ReferralRuntime(service, app, clock_wake, timer_lag, queue_watch, pages)
+    app.state.runtime = runtime  # what deps.py gives the routes
+    return runtime
 
 
 def create_app() -> FastAPI:

@@ -60,7 +60,7 @@ async def remote_json(
 async def outbox_of(svc: Runtime, service: ServiceName) -> OutboxFigures:
     if service == svc.name:
         try:
-            state = await anyio.to_thread.run_sync(svc.outbox_state)
+            state = await anyio.to_thread.run_sync(svc.service.outbox_state)
         except Exception as exc:  # noqa: BLE001
             return OutboxFigures(service=service, available=False, error=type(exc).__name__)
         return OutboxFigures(

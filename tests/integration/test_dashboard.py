@@ -168,8 +168,7 @@ def seed(db) -> None:
 
 @pytest.fixture
 def referral(settings, start_service):
-    service = start_service("referral", settings)
-    service.svc.clock = lambda: NOW  # the figures below are worked out at this instant
+    service = start_service("referral", settings, clock=lambda: NOW)  # the figures below are worked out at this instant
     seed(service.svc.db)
     service.svc.clock_wake.set()
     return service

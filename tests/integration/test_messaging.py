@@ -522,7 +522,7 @@ def test_trimming_never_removes_an_entry_a_group_has_pending_or_not_yet_read(red
 def test_the_asyncapi_document_lists_the_referral_streams_event_types(redis_only_settings):
     from services.referral.app import bootstrap
 
-    doc = bootstrap(redis_only_settings).asyncapi()
+    doc = bootstrap(redis_only_settings).service.asyncapi()
 
     def follow(ref: dict) -> dict:  # {"$ref": "#/components/schemas/X"} -> the object it names
         node = doc

@@ -1,0 +1,34 @@
+"""What intake is asked to do, one frozen class per use case; `handlers.py` gives each its one handler
+(`record_need`, `cancel_need`). The events it consumes (the referral stream's) are the messages of `shared.events`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared.events import PersonContact
+
+
+@dataclass(frozen=True)
+class RecordNeed:
+    """A desk records a need the person agreed to hand to a partner (from the API or the desk's form)."""
+
+    library_id: str
+    category: str
+    summary: str
+    postal_code: str | None
+    urgency: str
+    person: PersonContact
+    recorded_by: str
+    same_person_as: str | None = None  # a need of this library brought by the same person in this visit
+    idempotency_key: str | None = None
+    request_hash: str | None = None  # of the request as sent: a repeat of the key must carry the same one
+    correlation_id: str | None = None
+
+
+@dataclass(frozen=True)
+class CancelNeed:
+    """Ops withdraw a need recorded in error."""
+
+    need_id: str
+    reason: str
+    actor: str
