@@ -29,7 +29,7 @@ import redis.asyncio as aioredis
 import sqlalchemy as sa
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from sqlmodel import Field, Session, SQLModel, select
+from sqlmodel import Field, Session, SQLModel, col, select
 
 from shared.db import Database, OutboxMessage, emit
 from shared.events import (
@@ -46,6 +46,7 @@ from shared.events import (
 from shared.messaging import DATA_FIELD, Bus, OutboxRelay, publish_pending, replay, trim_stream
 from shared.settings import Settings
 from shared.testing import free_port, wait_for
+from tests.helpers import xrange_bytes
 
 # postgres: the outbox, the ledger and idempotent consumers under replicas (locks, unique constraints)
 pytestmark = pytest.mark.postgres
@@ -130,7 +131,7 @@ def ledger_entries(db_url: str) -> list[LedgerEntry]:
     db = Database(db_url, [LedgerEntry.__table__])
     try:
         with db.transaction() as session:
-            return list(session.exec(select(LedgerEntry).order_by(LedgerEntry.id)).all())
+            return list(session.exec(select(LedgerEntry).order_by(col(LedgerEntry.id))).all())
     finally:
         db.dispose()
 
@@ -216,7 +217,7 @@ def all_acked(r: redis.Redis, stream: str, group: str = GROUP) -> bool:
 
 
 def dead_letters(r: redis.Redis, stream: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
-    return r.xrange(stream + DEAD_LETTER_SUFFIX)
+    return xrange_bytes(r, stream + DEAD_LETTER_SUFFIX)
 
 
 def with_async_client(settings: Settings, fn: Callable, *args: Any) -> Any:
@@ -463,14 +464,14 @@ def test_the_relay_loop_publishes_by_itself_once_redis_comes_back(settings, prod
         server = redis_server(port, tmp_path)
         assert wait_for(lambda: producer.outbox_backlog() == 0)
         client = redis.Redis(port=port)
-        assert [f[b"event_id"].decode() for _, f in client.xrange(stream)] == [e.event_id for e in events]
+        assert [f[b"event_id"].decode() for _, f in xrange_bytes(client, stream)] == [e.event_id for e in events]
 
         # Still running: a later commit goes out too, without a restart.
         late = need("demande tardive")
         commit(producer, late)
         relay.wake()
         assert wait_for(lambda: client.xlen(stream) == 4)
-        assert client.xrange(stream)[-1][1][b"event_id"].decode() == late.event_id
+        assert xrange_bytes(client, stream)[-1][1][b"event_id"].decode() == late.event_id
         client.close()
     finally:
         running.cancel()

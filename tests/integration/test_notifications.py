@@ -16,7 +16,7 @@ import httpx
 import pytest
 import redis
 import yaml
-from sqlmodel import select
+from sqlmodel import col, select
 
 from services.notifications import handlers
 from services.notifications.providers import smtp
@@ -46,6 +46,7 @@ from shared.testing import (
     self_signed_certificate,
     wait_for,
 )
+from tests.helpers import xrange_text
 
 PHONE = "+33612345678"
 
@@ -206,7 +207,7 @@ def deliveries(service, **where) -> list[Delivery]:
         query = select(Delivery)
         for name, value in where.items():
             query = query.where(getattr(Delivery, name) == value)
-        return list(session.exec(query.order_by(Delivery.created_at, Delivery.id)).all())
+        return list(session.exec(query.order_by(col(Delivery.created_at), col(Delivery.id))).all())
 
 
 def attempts(service, delivery_id: str) -> list[DeliveryAttempt]:
@@ -215,7 +216,7 @@ def attempts(service, delivery_id: str) -> list[DeliveryAttempt]:
             session.exec(
                 select(DeliveryAttempt)
                 .where(DeliveryAttempt.delivery_id == delivery_id)
-                .order_by(DeliveryAttempt.number)
+                .order_by(col(DeliveryAttempt.number))
             ).all()
         )
 
@@ -229,7 +230,7 @@ def settled(service, **where) -> Delivery | None:
 def stream_events(settings, stream: str) -> list[dict]:
     client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
     try:
-        return [fields for _, fields in client.xrange(settings.key(stream))]
+        return xrange_text(client, settings.key(stream))
     finally:
         client.close()
 
