@@ -31,7 +31,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from sqlmodel import Field, Session, SQLModel, col, select
 
-from shared.db import Database, OutboxMessage, emit
+from shared.db import Database, OutboxMessage, emit, table_of
 from shared.events import (
     DEAD_LETTER_SUFFIX,
     NEEDS,
@@ -106,7 +106,7 @@ class Ledger:
         fails: Callable[[NeedRecorded], bool] = lambda event: False,
         after_process: Callable[[], None] = lambda: None,
     ) -> None:
-        self.db = Database(db_url, [LedgerEntry.__table__])
+        self.db = Database(db_url, [table_of(LedgerEntry)])
         self.db.create_all()
         self.bus = Bus(settings, GROUP, self.db)
         self.bus.consumer += replica  # replicas in one process need consumer names of their own
@@ -128,7 +128,7 @@ class Ledger:
 
 
 def ledger_entries(db_url: str) -> list[LedgerEntry]:
-    db = Database(db_url, [LedgerEntry.__table__])
+    db = Database(db_url, [table_of(LedgerEntry)])
     try:
         with db.transaction() as session:
             return list(session.exec(select(LedgerEntry).order_by(col(LedgerEntry.id))).all())
@@ -159,23 +159,30 @@ def loop_thread() -> Iterator[LoopThread]:
     thread.close()
 
 
-@pytest.fixture
-def start_ledger(settings, database_url_factory, loop_thread):
-    """start_ledger(**options) -> a running Ledger; all share one database (replicas of one service)."""
-    db_url = database_url_factory(GROUP)
-    started: list[Ledger] = []
+class LedgerStarter:
+    """start_ledger(**options) -> a running Ledger; all share one database (replicas of one service), at `db_url`."""
 
-    def start(**options: Any) -> Ledger:
-        ledger = Ledger(settings, db_url, **options)
-        loop_thread.run(ledger.bus.start())
-        started.append(ledger)
+    def __init__(self, settings: Settings, db_url: str, loop_thread: LoopThread) -> None:
+        self.settings, self.db_url, self.loop_thread = settings, db_url, loop_thread
+        self.started: list[Ledger] = []
+
+    def __call__(self, **options: Any) -> Ledger:
+        ledger = Ledger(self.settings, self.db_url, **options)
+        self.loop_thread.run(ledger.bus.start())
+        self.started.append(ledger)
         return ledger
 
-    start.db_url = db_url
-    yield start
-    for ledger in started:
-        loop_thread.run(ledger.bus.stop())
-        ledger.db.dispose()
+    def stop_all(self) -> None:
+        for ledger in self.started:
+            self.loop_thread.run(ledger.bus.stop())
+            ledger.db.dispose()
+
+
+@pytest.fixture
+def start_ledger(settings, database_url_factory, loop_thread) -> Iterator[LedgerStarter]:
+    starter = LedgerStarter(settings, database_url_factory(GROUP), loop_thread)
+    yield starter
+    starter.stop_all()
 
 
 @pytest.fixture
@@ -223,8 +230,11 @@ def dead_letters(r: redis.Redis, stream: str) -> list[tuple[bytes, dict[bytes, b
 def with_async_client(settings: Settings, fn: Callable, *args: Any) -> Any:
     """Run `fn(async_client, *args)` (trim_stream, replay) to completion from a synchronous test."""
 
+    redis_url = settings.redis_url
+    assert redis_url
+
     async def run() -> Any:
-        client = aioredis.Redis.from_url(settings.redis_url)
+        client = aioredis.Redis.from_url(redis_url)
         try:
             return await fn(client, *args)
         finally:

@@ -234,11 +234,11 @@ def test_the_outbox_page_never_shows_a_live_sign_in_link_not_even_to_ops(setting
                 return session.exec(select(Delivery).where(Delivery.kind == "sign_in", Delivery.status == "sent")).all()
 
         [delivery] = wait_for(sent)
+        assert sink.folder is not None
         [eml] = list(sink.folder.glob("*.eml"))  # what its recipient got
-        live = search(
-            r"https?://\S+/connexion/[A-Za-z0-9_.\-]+",
-            message_from_bytes(eml.read_bytes(), policy=policy.default).get_body(("plain",)).get_content(),
-        ).group(0)
+        body = message_from_bytes(eml.read_bytes(), policy=policy.default).get_body(("plain",))
+        assert body is not None
+        live = search(r"https?://\S+/connexion/[A-Za-z0-9_.\-]+", body.get_content()).group(0)
         token = live.rsplit("/", 1)[1]
 
         listing = ops.get("/envois")
