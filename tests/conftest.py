@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from shared.settings import Settings
+from shared.settings import ServiceName, Settings
 from shared.testing import MailSink, TestClock, directory_data, free_port
 from tests.helpers import RunningService
 
@@ -201,7 +201,6 @@ def database_url_factory(request, tmp_path, migrated_templates):
         template = migrated_templates("postgresql", service, admin_url) if migrated else None
         return _postgres_database(admin_url, name, template)
 
-    make.kind = request.param
     yield make
     for name in created:
         _drop_postgres_database(request.getfixturevalue("postgres_admin_url"), name)
@@ -262,7 +261,7 @@ def start_service(clock):
     A test that also runs a service as a real process passes `clock=utcnow`: that process keeps the real time."""
     started: list[RunningService] = []
 
-    def start(name: str, settings: Settings, clock=clock) -> RunningService:
+    def start(name: ServiceName, settings: Settings, clock=clock) -> RunningService:
         service = RunningService(name, settings, clock).start()
         started.append(service)
         return service

@@ -4,29 +4,82 @@ Test modules import them as `from tests.helpers import ...` (pytest runs from th
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
+from collections.abc import Callable
+from datetime import datetime
 
+import redis
+
+from services.intake.app import IntakeRuntime
 from services.intake.app import bootstrap as intake
+from services.notifications.app import NotificationsRuntime
 from services.notifications.app import bootstrap as notifications
+from services.referral.app import ReferralRuntime
 from services.referral.app import bootstrap as referral
-from shared.settings import Settings
+from shared.settings import ServiceName, Settings
 from shared.testing import TOKENS, TestClock, wait_for
 
-BOOTSTRAP = {"intake": intake, "referral": referral, "notifications": notifications}
+AnyRuntime = IntakeRuntime | ReferralRuntime | NotificationsRuntime
+BOOTSTRAP: dict[ServiceName, Callable[..., AnyRuntime]] = {
+    "intake": intake,
+    "referral": referral,
+    "notifications": notifications,
+}
+
+
+def search(pattern: str, text: str, flags: int = 0) -> re.Match[str]:
+    """re.search that fails the test, saying what it looked for, when the text does not have it."""
+    match = re.search(pattern, text, flags)
+    assert match, f"{pattern!r} not found in {text[:2000]!r}"
+    return match
+
+
+def _bytes(value: bytes | str | None) -> bytes:
+    assert isinstance(value, bytes), f"{value!r}: this client decodes responses"
+    return value
+
+
+def _text(value: bytes | str | None) -> str:
+    assert isinstance(value, str), f"{value!r}: this client does not decode responses"
+    return value
+
+
+def _entries(client: redis.Redis, stream: str) -> list[tuple[bytes | str | None, dict[bytes | str, bytes | str]]]:
+    entries = client.xrange(stream)
+    assert entries is not None
+    read: list[tuple[bytes | str | None, dict[bytes | str, bytes | str]]] = []
+    for id_, fields in entries:
+        assert fields is not None  # nil fields are for entries deleted meanwhile (XCLAIM), never XRANGE's
+        read.append((id_, fields))
+    return read
+
+
+def xrange_bytes(client: redis.Redis, stream: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """A stream's entries (XRANGE) read by a client that keeps bytes. redis-py types each id, field and value as
+    bytes or str for any client, and each entry as possibly empty: this checks what it got."""
+    return [
+        (_bytes(id_), {_bytes(k): _bytes(v) for k, v in fields.items()}) for id_, fields in _entries(client, stream)
+    ]
+
+
+def xrange_text(client: redis.Redis, stream: str) -> list[dict[str, str]]:
+    """The fields of a stream's entries (XRANGE) read by a client made with `decode_responses=True`."""
+    return [{_text(k): _text(v) for k, v in fields.items()} for _, fields in _entries(client, stream)]
 
 
 class RunningService:
     """A service's FastAPI app served by uvicorn in a thread of this process, over real HTTP."""
 
-    def __init__(self, name: str, settings: Settings, clock=None) -> None:
+    def __init__(self, name: ServiceName, settings: Settings, clock: Callable[[], datetime] | None = None) -> None:
         import uvicorn
 
         self.name, self.settings = name, settings
-        self.svc = BOOTSTRAP[name](settings, clock=clock or TestClock())
+        self.svc: AnyRuntime = BOOTSTRAP[name](settings, clock=clock or TestClock())
         self.server = uvicorn.Server(
             uvicorn.Config(self.svc.app, host="127.0.0.1", port=settings.port(name), log_level="warning", lifespan="on")
         )
-        self.server.install_signal_handlers = lambda: None
+        # uvicorn (>= 0.29) installs signal handlers only from the main thread: this one is left alone
         self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
 
     @property

@@ -14,6 +14,7 @@ from sqlmodel import select
 from services.intake.store import Need
 from shared.pages import deadline_fr
 from shared.testing import DESK_EMAIL, VIEWPORT_DESK, VIEWPORT_PHONE, focus_is_visible, tab_to, wait_for
+from tests.helpers import search
 
 pytestmark = [pytest.mark.browser, pytest.mark.date_sensitive]
 
@@ -39,7 +40,7 @@ def test_a_desk_signs_in_by_email_records_a_need_by_keyboard_and_follows_it(
     assert "Si cette adresse est connue" in page.get_by_role("status").inner_text()
     [mail] = wait_for(lambda: mail_sink.to(DESK_EMAIL), 30)
     text = mail["message"].get_body(preferencelist=("plain",)).get_content()
-    link = re.search(r"http://127\.0\.0\.1:\d+/connexion/\S+", text).group(0)
+    link = search(r"http://127\.0\.0\.1:\d+/connexion/\S+", text).group(0)
     page.goto(link)  # a page with one button: opening the link (or a mail scanner fetching it) does not use it
     check_page(page, "desk-sign-in-confirm")
     assert page.evaluate("document.activeElement.textContent") == "Me connecter" and focus_is_visible(page)

@@ -50,7 +50,12 @@ MORE_REPLICAS = {
     "referral": {"replicas": 5},
     "notifications": {"replicas": 4, "autoscaling": {"enabled": False}},
 }
-VALUE_SETS = {"defaults": {}, "sentinel": SENTINEL, "no-ingress": NO_INGRESS, "more-replicas": MORE_REPLICAS}
+VALUE_SETS: dict[str, dict] = {
+    "defaults": {},
+    "sentinel": SENTINEL,
+    "no-ingress": NO_INGRESS,
+    "more-replicas": MORE_REPLICAS,
+}
 
 
 def merge(*layers: dict) -> dict:

@@ -41,6 +41,12 @@ def test_the_procfile_reads_the_same_as_a_line_parser_and_as_yaml():
     assert yaml.safe_load((ROOT / "Procfile").read_text()) == processes
 
 
+class LoggedProcess(subprocess.Popen[bytes]):
+    """A Procfile command running, with the file its output goes to."""
+
+    log: Path
+
+
 class App:
     """One PaaS app of one service: its environment, and its Procfile commands run as the platforms run them,
     through `bash -c`."""
@@ -50,7 +56,7 @@ class App:
         # The buildpack puts the project's console scripts on PATH; here they are beside this Python.
         path = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         self.env = {**env, "RELAIS_SERVICE": service, "PORT": str(self.port), "PATH": path}
-        self.running: list[subprocess.Popen] = []
+        self.running: list[LoggedProcess] = []
 
     @property
     def url(self) -> str:
@@ -60,10 +66,10 @@ class App:
     def database_url(self) -> str:
         return self.env[f"RELAIS_{self.service.upper()}_DATABASE_URL"]
 
-    def start(self, process: str) -> subprocess.Popen:
+    def start(self, process: str) -> LoggedProcess:
         log = self.logs / f"{self.service}-{process}.log"
         with log.open("wb") as out:
-            proc = subprocess.Popen(
+            proc = LoggedProcess(
                 ["bash", "-c", procfile()[process]],
                 env=self.env,
                 cwd=ROOT,
@@ -75,7 +81,7 @@ class App:
         self.running.append(proc)
         return proc
 
-    def wait_ready(self, proc: subprocess.Popen) -> None:
+    def wait_ready(self, proc: LoggedProcess) -> None:
         def ready() -> bool:
             try:
                 return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
@@ -153,7 +159,7 @@ def test_web_brings_a_database_left_behind_by_the_previous_release_to_the_newest
     # A platform starts the new release's containers on the previous release's database.
     intake = apps["intake"]
     previous = ScriptDirectory.from_config(migrations.config("intake", intake.database_url)).get_revision("head")
-    assert previous.down_revision, "intake needs two revisions for this test"
+    assert isinstance(previous.down_revision, str), "intake needs two revisions for this test (not a merge)"
     command.upgrade(migrations.config("intake", intake.database_url), previous.down_revision)
     web = intake.start("web")
     intake.wait_ready(web)

@@ -110,8 +110,10 @@ def test_relais_serve_refuses_what_production_must_not_run_with(tmp_path, variab
     )
     output = f"stdout:\n{run.stdout}\nstderr:\n{run.stderr}"
     assert run.returncode == 2 and "Traceback" not in run.stderr, output
-    [line] = [line for line in run.stderr.splitlines() if line.startswith(f"RELAIS_{variable}: ")] or [None]
-    assert line and says in line, output
+    lines = [line for line in run.stderr.splitlines() if line.startswith(f"RELAIS_{variable}: ")]
+    assert len(lines) == 1, output
+    [line] = lines
+    assert says in line, output
     assert "RELAIS_DEMO=true" in line or "openssl rand" in line, output  # what to do about it
     assert given.get("secret_key", "\0") not in run.stderr  # a refused key is not printed back
 
@@ -175,7 +177,7 @@ def assert_redis_wants_the_password(url: str) -> None:
     with redis.Redis.from_url(url) as client:
         assert client.ping()
     parsed = httpx.URL(url)
-    assert parsed.host == "127.0.0.1" and parsed.password, url
+    assert parsed.host == "127.0.0.1" and parsed.port is not None and parsed.password, url
     with redis.Redis(host=parsed.host, port=parsed.port) as stranger:
         with pytest.raises(redis.AuthenticationError):
             stranger.xrange("relais:needs")

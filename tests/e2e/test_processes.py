@@ -21,7 +21,7 @@ import httpx
 import pytest
 import yaml
 
-from shared.settings import SERVICES
+from shared.settings import SERVICES, ServiceName
 from shared.testing import TOKENS, clean_env, directory_data, free_port, sha, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -331,7 +331,11 @@ def test_relais_up_runs_everything_and_stops_its_whole_tree(processes, tmp_path,
     # SIGHUP: the directory is checked, then each service loads it again; nothing stops.
     need_id = r.json()["id"]
     new_token = "test-ops-after-reload"
-    calls = {"intake": f"/needs/{need_id}", "referral": "/referrals", "notifications": "/deliveries"}
+    calls: dict[ServiceName, str] = {
+        "intake": f"/needs/{need_id}",
+        "referral": "/referrals",
+        "notifications": "/deliveries",
+    }
 
     def status_with(token: str) -> dict[str, int] | None:
         try:

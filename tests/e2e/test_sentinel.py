@@ -180,6 +180,7 @@ class SentinelRedis:
                 return False
             for port in self.sentinel_ports:
                 state = self.client(port).sentinel_master(MASTER)
+                assert isinstance(state, dict)  # a client of one Sentinel gets the parsed reply, not a success flag
                 if state["num-slaves"] != 1 or state["num-other-sentinels"] != 2:
                     return False
             return True
@@ -191,9 +192,11 @@ class SentinelRedis:
         named = []
         for port in self.sentinel_ports:
             try:
-                named.append(self.client(port).sentinel_get_master_addr_by_name(MASTER)[1])
-            except (redis.RedisError, TypeError):
-                pass
+                address = self.client(port).sentinel_get_master_addr_by_name(MASTER)
+            except redis.RedisError:
+                continue
+            if isinstance(address, tuple):  # None while this Sentinel knows no master
+                named.append(address[1])
         return int(statistics.mode(named)) if named else None
 
     def kill(self, port: int) -> None:

@@ -10,7 +10,7 @@ from datetime import timedelta
 
 import pytest
 import yaml
-from sqlmodel import select
+from sqlmodel import col, select
 
 from services.referral import handlers
 from services.referral.store import TABLES, ClockTimer, Referral
@@ -203,7 +203,7 @@ def test_a_timer_due_while_every_referral_process_was_dead_fires_once_after_rest
                 assert sorted(
                     s.exec(
                         select(OutboxMessage.type).where(
-                            OutboxMessage.type.in_(["referral.reminder_due", "referral.breached"])
+                            col(OutboxMessage.type).in_(["referral.reminder_due", "referral.breached"])
                         )
                     ).all()
                 ) == ["referral.breached", "referral.reminder_due"]

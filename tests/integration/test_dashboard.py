@@ -21,6 +21,7 @@ from shared import queues
 from shared.events import NeedRecorded, PersonContact, utcnow
 from shared.signin import sign_in_link
 from shared.testing import clock_start, directory_data, use_sign_in_link, wait_for
+from tests.helpers import search
 
 # date_sensitive: deadlines in words, months, dates to come
 # postgres: the figures are SQL aggregates and date arithmetic
@@ -266,7 +267,7 @@ def test_the_charts_data_is_the_apis_and_the_vendored_uplot_is_served(referral):
     assert [b["count"] for b in answers] == [0, 4, 1, 0, 0, 0, 1]
     # the table under each chart has the same rows
     for name, chart in charts.items():
-        block = re.search(rf'id="graphique-{name}".*?<tbody>(.*?)</tbody>', page.text, re.S).group(1)
+        block = search(rf'id="graphique-{name}".*?<tbody>(.*?)</tbody>', page.text, re.S).group(1)
         rows = re.findall(r'<tr><td>(.*?)</td><td class="num">(\d+)</td></tr>', block)
         assert rows == [(label, str(count)) for label, count in zip(chart["labels"], chart["counts"], strict=True)]
     assert '<script src="/static/vendor/uplot/uPlot.iife.min.js" defer></script>' in page.text
@@ -315,7 +316,7 @@ def signed_in(service, user_id: str) -> httpx.Client:
 
 
 def csrf_of(html: str) -> str:
-    return re.search(r'name="csrf" value="([^"]+)"', html).group(1)
+    return search(r'name="csrf" value="([^"]+)"', html).group(1)
 
 
 def test_a_stopped_consumer_is_marked_stuck_and_a_dead_letter_replayed_after_a_fix(

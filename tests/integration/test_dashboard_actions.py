@@ -12,13 +12,14 @@ from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
-from sqlmodel import select
+from sqlmodel import col, select
 
 from services.referral.store import OpsAction
 from shared.logs import ContextFilter, JsonFormatter
 from shared.service import internal_token
 from shared.signin import sign_in_link
 from shared.testing import use_sign_in_link, wait_for
+from tests.helpers import search
 
 pytestmark = pytest.mark.date_sensitive  # deadlines in words, months, dates to come
 
@@ -32,7 +33,7 @@ def signed_in(service, user_id: str) -> httpx.Client:
 
 
 def csrf_of(html: str) -> str:
-    return re.search(r'name="csrf" value="([^"]+)"', html).group(1)
+    return search(r'name="csrf" value="([^"]+)"', html).group(1)
 
 
 def record(intake, **person) -> dict:
@@ -126,7 +127,7 @@ def test_reassign_pause_resume_and_cancel_from_the_dashboard(settings, start_ser
     assert twice[0] == 409 and "déjà annulée ou clôturée" in twice[1]
 
     with referral.svc.db.read() as s:
-        assert [(a.actor, a.action, a.reason) for a in s.exec(select(OpsAction).order_by(OpsAction.id))] == [
+        assert [(a.actor, a.action, a.reason) for a in s.exec(select(OpsAction).order_by(col(OpsAction.id)))] == [
             ("ops", "reassign", "Dossier national"),
             ("ops", "pause_partner", "Fermeture pour travaux"),
             ("ops", "resume_partner", "Réouverture"),

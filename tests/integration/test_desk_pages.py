@@ -10,12 +10,13 @@ from datetime import timedelta
 
 import httpx
 import pytest
-from sqlmodel import select
+from sqlmodel import col, select
 
 from services.intake.store import Need
 from shared.pages import deadline_fr
 from shared.signin import sign_in_link
 from shared.testing import DESK_EMAIL, sign_in_link_of, use_sign_in_link, wait_for
+from tests.helpers import search
 
 pytestmark = pytest.mark.date_sensitive  # deadlines in words, months, dates to come
 
@@ -25,7 +26,7 @@ def browser(service) -> httpx.Client:
 
 
 def hidden(html: str, name: str) -> str:
-    return re.search(rf'name="{name}" value="([^"]*)"', html).group(1)
+    return search(rf'name="{name}" value="([^"]*)"', html).group(1)
 
 
 def signed_in(service, user_id: str = "desk") -> httpx.Client:
@@ -42,7 +43,7 @@ def form_of(client: httpx.Client, path: str = "/nouvelle") -> dict[str, str]:
 
 def needs_of(service) -> list[Need]:
     with service.svc.db.read() as session:
-        return list(session.exec(select(Need).order_by(Need.recorded_at)).all())
+        return list(session.exec(select(Need).order_by(col(Need.recorded_at))).all())
 
 
 A_NEED = {
@@ -269,7 +270,7 @@ def test_my_needs_go_back_in_time_page_by_page_with_every_overdue_need_on_the_fi
     first = client.get("/demandes").text
     assert shown(first) == [0, 3, 4]  # the overdue one, then the two newest (waiting: soonest deadline first)
     assert "La liste continue sur une autre page" in first and "Demandes plus récentes" not in first
-    older = re.search(r'<a href="([^"]+)" rel="next">Demandes plus anciennes</a>', first).group(1)
+    older = search(r'<a href="([^"]+)" rel="next">Demandes plus anciennes</a>', first).group(1)
     assert older == "/demandes?page=2"
     second = client.get(older).text
     assert shown(second) == [1, 2]
@@ -279,5 +280,5 @@ def test_my_needs_go_back_in_time_page_by_page_with_every_overdue_need_on_the_fi
     # Filters are kept from page to page, also by the live region; a page number that is not one means page 1.
     filtered = client.get("/demandes", params={"thematique": "caf", "page": "2"}).text
     assert 'href="/demandes?thematique=caf&amp;page=3" rel="next"' in filtered
-    assert "page=2" in re.search(r'data-live="([^"]+)"', filtered).group(1)
+    assert "page=2" in search(r'data-live="([^"]+)"', filtered).group(1)
     assert shown(client.get("/demandes?page=zéro").text) == [0, 3, 4]

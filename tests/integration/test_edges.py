@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -216,7 +217,7 @@ def test_the_longest_legal_need_is_routed_and_handed_off(tmp_path, settings, sta
     start_service("notifications", settings)
     person_email = _long_email("personne")
     assert len(long_contact) == len(person_email) == 254
-    longest = {
+    longest: dict[str, Any] = {  # a JSON body
         "library_id": LONG_ID,
         "category": "c" * 64,
         "summary": "💬" * 2000,  # 2000 characters, 4 bytes each in UTF-8

@@ -37,7 +37,7 @@ def test_the_data_dir_databases_and_secret_key_are_private(tmp_path, open_umask)
     db = Database(settings.database_url("intake"), [])
     db.create_all()
     with db.transaction() as session:
-        session.exec(sa.text("SELECT 1"))
+        session.connection().execute(sa.text("SELECT 1"))
     db.dispose()
     _ = settings.signing_key
     assert mode(settings.data_dir) == 0o700
@@ -57,6 +57,7 @@ def test_a_data_dir_an_older_version_left_open_is_closed(tmp_path, open_umask):
 
 def test_received_mail_is_private(tmp_path, open_umask):
     sink = MailSink(tmp_path / "mail")
+    assert sink.folder is not None
     sink.start()
     try:
         with smtplib.SMTP("127.0.0.1", sink.port) as smtp:

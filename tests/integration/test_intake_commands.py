@@ -6,7 +6,6 @@ actor in need.cancelled. And the routes' dependencies (services/intake/deps.py) 
 from __future__ import annotations
 
 import json
-import re
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -18,6 +17,7 @@ from shared.db import OutboxMessage
 from shared.service import ACTOR_HEADER, internal_token
 from shared.signin import sign_in_link
 from shared.testing import use_sign_in_link
+from tests.helpers import search
 
 A_NEED = {
     "category": "Allocations familiales (CAF)",
@@ -52,7 +52,7 @@ def signed_in(service) -> httpx.Client:
 
 def form_of(client: httpx.Client) -> dict[str, str]:
     html = client.get("/nouvelle").text
-    return {name: re.search(rf'name="{name}" value="([^"]*)"', html).group(1) for name in ("csrf", "idempotency_key")}
+    return {name: search(rf'name="{name}" value="([^"]*)"', html).group(1) for name in ("csrf", "idempotency_key")}
 
 
 def recorded(intake, need_id: str) -> tuple[Need, list[str], dict]:

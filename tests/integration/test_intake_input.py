@@ -10,7 +10,7 @@ from datetime import timedelta
 
 import httpx
 import pytest
-from sqlmodel import select
+from sqlmodel import col, select
 
 from services.intake.store import Need
 from shared.db import OutboxMessage
@@ -46,7 +46,7 @@ def errors_of(response) -> dict[str, str]:
 def outbox(intake, event_type: str) -> list[dict]:
     with intake.svc.db.read() as session:
         rows = session.exec(
-            select(OutboxMessage).where(OutboxMessage.type == event_type).order_by(OutboxMessage.id)
+            select(OutboxMessage).where(OutboxMessage.type == event_type).order_by(col(OutboxMessage.id))
         ).all()
         return [json.loads(r.payload) for r in rows]
 

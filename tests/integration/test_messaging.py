@@ -29,9 +29,9 @@ import redis.asyncio as aioredis
 import sqlalchemy as sa
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from sqlmodel import Field, Session, SQLModel, select
+from sqlmodel import Field, Session, SQLModel, col, select
 
-from shared.db import Database, OutboxMessage, emit
+from shared.db import Database, OutboxMessage, emit, table_of
 from shared.events import (
     DEAD_LETTER_SUFFIX,
     NEEDS,
@@ -46,6 +46,7 @@ from shared.events import (
 from shared.messaging import DATA_FIELD, Bus, OutboxRelay, publish_pending, replay, trim_stream
 from shared.settings import Settings
 from shared.testing import free_port, wait_for
+from tests.helpers import xrange_bytes
 
 # postgres: the outbox, the ledger and idempotent consumers under replicas (locks, unique constraints)
 pytestmark = pytest.mark.postgres
@@ -105,7 +106,7 @@ class Ledger:
         fails: Callable[[NeedRecorded], bool] = lambda event: False,
         after_process: Callable[[], None] = lambda: None,
     ) -> None:
-        self.db = Database(db_url, [LedgerEntry.__table__])
+        self.db = Database(db_url, [table_of(LedgerEntry)])
         self.db.create_all()
         self.bus = Bus(settings, GROUP, self.db)
         self.bus.consumer += replica  # replicas in one process need consumer names of their own
@@ -127,10 +128,10 @@ class Ledger:
 
 
 def ledger_entries(db_url: str) -> list[LedgerEntry]:
-    db = Database(db_url, [LedgerEntry.__table__])
+    db = Database(db_url, [table_of(LedgerEntry)])
     try:
         with db.transaction() as session:
-            return list(session.exec(select(LedgerEntry).order_by(LedgerEntry.id)).all())
+            return list(session.exec(select(LedgerEntry).order_by(col(LedgerEntry.id))).all())
     finally:
         db.dispose()
 
@@ -158,23 +159,30 @@ def loop_thread() -> Iterator[LoopThread]:
     thread.close()
 
 
-@pytest.fixture
-def start_ledger(settings, database_url_factory, loop_thread):
-    """start_ledger(**options) -> a running Ledger; all share one database (replicas of one service)."""
-    db_url = database_url_factory(GROUP)
-    started: list[Ledger] = []
+class LedgerStarter:
+    """start_ledger(**options) -> a running Ledger; all share one database (replicas of one service), at `db_url`."""
 
-    def start(**options: Any) -> Ledger:
-        ledger = Ledger(settings, db_url, **options)
-        loop_thread.run(ledger.bus.start())
-        started.append(ledger)
+    def __init__(self, settings: Settings, db_url: str, loop_thread: LoopThread) -> None:
+        self.settings, self.db_url, self.loop_thread = settings, db_url, loop_thread
+        self.started: list[Ledger] = []
+
+    def __call__(self, **options: Any) -> Ledger:
+        ledger = Ledger(self.settings, self.db_url, **options)
+        self.loop_thread.run(ledger.bus.start())
+        self.started.append(ledger)
         return ledger
 
-    start.db_url = db_url
-    yield start
-    for ledger in started:
-        loop_thread.run(ledger.bus.stop())
-        ledger.db.dispose()
+    def stop_all(self) -> None:
+        for ledger in self.started:
+            self.loop_thread.run(ledger.bus.stop())
+            ledger.db.dispose()
+
+
+@pytest.fixture
+def start_ledger(settings, database_url_factory, loop_thread) -> Iterator[LedgerStarter]:
+    starter = LedgerStarter(settings, database_url_factory(GROUP), loop_thread)
+    yield starter
+    starter.stop_all()
 
 
 @pytest.fixture
@@ -216,14 +224,17 @@ def all_acked(r: redis.Redis, stream: str, group: str = GROUP) -> bool:
 
 
 def dead_letters(r: redis.Redis, stream: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
-    return r.xrange(stream + DEAD_LETTER_SUFFIX)
+    return xrange_bytes(r, stream + DEAD_LETTER_SUFFIX)
 
 
 def with_async_client(settings: Settings, fn: Callable, *args: Any) -> Any:
     """Run `fn(async_client, *args)` (trim_stream, replay) to completion from a synchronous test."""
 
+    redis_url = settings.redis_url
+    assert redis_url
+
     async def run() -> Any:
-        client = aioredis.Redis.from_url(settings.redis_url)
+        client = aioredis.Redis.from_url(redis_url)
         try:
             return await fn(client, *args)
         finally:
@@ -463,14 +474,14 @@ def test_the_relay_loop_publishes_by_itself_once_redis_comes_back(settings, prod
         server = redis_server(port, tmp_path)
         assert wait_for(lambda: producer.outbox_backlog() == 0)
         client = redis.Redis(port=port)
-        assert [f[b"event_id"].decode() for _, f in client.xrange(stream)] == [e.event_id for e in events]
+        assert [f[b"event_id"].decode() for _, f in xrange_bytes(client, stream)] == [e.event_id for e in events]
 
         # Still running: a later commit goes out too, without a restart.
         late = need("demande tardive")
         commit(producer, late)
         relay.wake()
         assert wait_for(lambda: client.xlen(stream) == 4)
-        assert client.xrange(stream)[-1][1][b"event_id"].decode() == late.event_id
+        assert xrange_bytes(client, stream)[-1][1][b"event_id"].decode() == late.event_id
         client.close()
     finally:
         running.cancel()

@@ -9,6 +9,7 @@ import json
 import threading
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 from urllib.parse import parse_qs
 from zoneinfo import ZoneInfo
 
@@ -16,7 +17,7 @@ import httpx
 import pytest
 import redis
 import yaml
-from sqlmodel import select
+from sqlmodel import col, select
 
 from services.notifications import handlers
 from services.notifications.providers import smtp
@@ -46,6 +47,7 @@ from shared.testing import (
     self_signed_certificate,
     wait_for,
 )
+from tests.helpers import xrange_text
 
 PHONE = "+33612345678"
 
@@ -206,7 +208,7 @@ def deliveries(service, **where) -> list[Delivery]:
         query = select(Delivery)
         for name, value in where.items():
             query = query.where(getattr(Delivery, name) == value)
-        return list(session.exec(query.order_by(Delivery.created_at, Delivery.id)).all())
+        return list(session.exec(query.order_by(col(Delivery.created_at), col(Delivery.id))).all())
 
 
 def attempts(service, delivery_id: str) -> list[DeliveryAttempt]:
@@ -215,7 +217,7 @@ def attempts(service, delivery_id: str) -> list[DeliveryAttempt]:
             session.exec(
                 select(DeliveryAttempt)
                 .where(DeliveryAttempt.delivery_id == delivery_id)
-                .order_by(DeliveryAttempt.number)
+                .order_by(col(DeliveryAttempt.number))
             ).all()
         )
 
@@ -229,7 +231,7 @@ def settled(service, **where) -> Delivery | None:
 def stream_events(settings, stream: str) -> list[dict]:
     client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
     try:
-        return [fields for _, fields in client.xrange(settings.key(stream))]
+        return xrange_text(client, settings.key(stream))
     finally:
         client.close()
 
@@ -297,6 +299,7 @@ def test_a_server_that_answers_451_twice_is_retried_and_the_message_goes_once(se
     assert (d.status, d.attempts) == ("sent", 3)
     log = attempts(notif, d.id)
     assert [a.outcome for a in log] == ["retry", "retry", "sent"]
+    assert log[0].error is not None and log[0].retry_at is not None
     assert "451" in log[0].error and log[0].retry_at > log[0].at
     assert len(sink.to("referent@caf.test.example")) == 1
     detail = notif.client("ops").get(f"/deliveries/{d.id}").json()
@@ -397,7 +400,8 @@ def test_brevo_429_with_retry_after_a_receipt_and_an_arret_reply(settings, sink,
     sms = wait_for(lambda: settled(notif, kind="person_confirmation"), 20)
     assert (sms.status, sms.attempts, sms.provider, sms.provider_message_id) == ("sent", 2, "brevo", "4242")
     first = attempts(notif, sms.id)[0]
-    assert first.outcome == "retry" and first.retry_at - first.at >= timedelta(seconds=1)  # Retry-After honoured
+    assert first.outcome == "retry" and first.retry_at is not None
+    assert first.retry_at - first.at >= timedelta(seconds=1)  # Retry-After honoured
     request = brevo.requests[1]
     assert request["path"] == "/v3/transactionalSMS/send" and request["headers"]["api-key"] == "xkeysib-test"
     body = json.loads(request["body"])
@@ -568,7 +572,7 @@ async def test_the_pool_speaks_starttls_or_tls_logs_in_and_reuses_its_connection
 
     sink = Sink()
     # aiosmtpd counts only STARTTLS as TLS for AUTH; on an smtps port the whole connection is TLS already.
-    options = (
+    options: dict[str, Any] = (
         {"tls_context": context, "require_starttls": True, "auth_require_tls": True}
         if scheme == "smtp"
         else {"ssl_context": context, "auth_require_tls": False}

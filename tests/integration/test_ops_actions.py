@@ -4,10 +4,11 @@ Every action is recorded with who and why."""
 from datetime import timedelta
 
 import pytest
-from sqlmodel import select
+from sqlmodel import col, select
 
 from services.referral.store import OpsAction
 from shared.testing import wait_for
+from tests.helpers import xrange_bytes
 
 pytestmark = pytest.mark.date_sensitive  # deadlines in words, months, dates to come
 
@@ -50,7 +51,7 @@ def test_a_paused_partner_is_skipped_by_routing_until_resumed(settings, start_se
     partners = {p["id"]: p for p in ops.get("/partners").json()["items"]}
     assert partners["caf-76"]["paused_until"] is None and partners["caf-national"]["open_referrals"] == 1
     with referral.svc.db.transaction() as s:
-        assert [(a.actor, a.action, a.reason) for a in s.exec(select(OpsAction).order_by(OpsAction.id))] == [
+        assert [(a.actor, a.action, a.reason) for a in s.exec(select(OpsAction).order_by(col(OpsAction.id)))] == [
             ("ops", "pause_partner", "Fermeture exceptionnelle"),
             ("ops", "resume_partner", "Réouverture"),
         ]
@@ -86,7 +87,7 @@ async def test_dead_letters_are_listed_and_replayed(settings, start_service):
 
     r = ops.post("/dead-letters/needs/replay", json={"ids": [letters[0]["id"]], "reason": "après correction"})
     assert r.status_code == 200 and r.json() == {"replayed": 1}
-    replayed = [fields for _, fields in client.xrange(settings.key("needs"))]
+    replayed = [fields for _, fields in xrange_bytes(client, settings.key("needs"))]
     assert [f[b"event_id"].decode() for f in replayed] == [event.event_id] * 2  # the original, and the replay
     with referral.svc.db.transaction() as s:
         assert [(a.action, a.reason) for a in s.exec(select(OpsAction))] == [("replay", "après correction")]

@@ -5,13 +5,13 @@ page) and its API say that the need left it and since when, and show none of the
 from __future__ import annotations
 
 import html
-import re
 
 import httpx
 import pytest
 
 from shared.signin import referral_link, sign_in_link
 from shared.testing import use_sign_in_link, wait_for
+from tests.helpers import search
 
 NAME = "Zélie Quintard-Vasseur"
 EMAIL = "zelie.quintard@exemple-unique.test"
@@ -96,7 +96,7 @@ def test_after_the_need_left_the_partner_sees_when_and_nothing_of_the_person(exi
     assert_no_person(page.text, "the link's page")
     # its forms are gone, and a late post changes nothing and shows nothing
     assert 'action="' + link not in page.text
-    csrf = re.search(r'name="csrf" value="([^"]+)"', before).group(1)
+    csrf = search(r'name="csrf" value="([^"]+)"', before).group(1)
     late = pages.post(f"{link}/accept", data={"csrf": csrf})
     assert late.status_code == 409
     assert_no_person(late.text, "the answer to a late action")

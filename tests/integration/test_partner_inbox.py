@@ -12,7 +12,7 @@ from sqlmodel import select
 from shared.db import OutboxMessage
 from shared.signin import referral_link, referral_token, sign, sign_in_link
 from shared.testing import sign_in_link_of, use_sign_in_link, wait_for
-from tests.helpers import record_need
+from tests.helpers import record_need, search
 
 pytestmark = pytest.mark.date_sensitive  # deadlines in words, months, dates to come
 
@@ -29,7 +29,7 @@ def browser(service) -> httpx.Client:
 
 
 def csrf_of(html: str) -> str:
-    return re.search(r'name="csrf" value="([^"]+)"', html).group(1)
+    return search(r'name="csrf" value="([^"]+)"', html).group(1)
 
 
 def path_of(link: str) -> str:
@@ -305,7 +305,7 @@ def test_a_long_inbox_is_read_page_by_page_soonest_deadline_first(referral, monk
     client = signed_in(referral, "op-caf")
     first = client.get("/boite").text
     assert re.findall(r'href="/boite/([0-9a-f]{32})"', first) == [ids[1], ids[2]]
-    older = re.search(r'<a href="([^"]+)" rel="next">Échéances suivantes</a>', first).group(1)
+    older = search(r'<a href="([^"]+)" rel="next">Échéances suivantes</a>', first).group(1)
     second = client.get(older.replace("&amp;", "&")).text
     assert re.findall(r'href="/boite/([0-9a-f]{32})"', second) == [ids[0]]
     assert 'rel="next"' not in second and '<a href="/boite" rel="prev">Échéances précédentes</a>' in second

@@ -8,12 +8,12 @@ import re
 
 import httpx
 import pytest
-from sqlmodel import select
+from sqlmodel import col, select
 
 from services.referral.store import OpsAction, Referral
 from shared.signin import sign_in_link
 from shared.testing import use_sign_in_link
-from tests.helpers import record_need
+from tests.helpers import record_need, search
 
 
 @pytest.fixture
@@ -23,13 +23,17 @@ def referral(settings, start_service):
 
 def ops_actions(service) -> list[tuple[str, str, str, str]]:
     with service.svc.db.read() as session:
-        return [(a.actor, a.action, a.target, a.reason) for a in session.exec(select(OpsAction).order_by(OpsAction.id))]
+        return [
+            (a.actor, a.action, a.target, a.reason) for a in session.exec(select(OpsAction).order_by(col(OpsAction.id)))
+        ]
 
 
 def referrals_of(service, rid: str) -> list[tuple[str, str]]:
     with service.svc.db.read() as session:
         need_id = session.get(Referral, rid).need_id
-        rows = session.exec(select(Referral).where(Referral.need_id == need_id).order_by(Referral.created_at)).all()
+        rows = session.exec(
+            select(Referral).where(Referral.need_id == need_id).order_by(col(Referral.created_at))
+        ).all()
         return [(r.partner_id, r.status) for r in rows]
 
 
@@ -83,7 +87,7 @@ def test_the_dashboard_offers_and_accepts_only_partners_of_the_category(referral
     page = browser.get("/tableau-de-bord/confirmer/reaffecter", params={"orientation": rid})
     offered = re.findall(r'<option value="([^"]+)"', page.text)
     assert offered == ["caf-national"]
-    csrf = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+    csrf = search(r'name="csrf" value="([^"]+)"', page.text).group(1)
     answer = browser.post(
         "/tableau-de-bord/actions/reaffecter",
         data={"csrf": csrf, "orientation": rid, "partenaire": "cpam-76", "motif": "Essai"},

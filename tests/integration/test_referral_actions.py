@@ -21,7 +21,7 @@ def test_an_accept_and_a_decline_at_the_same_moment_settle_one_way(settings, sta
     for _ in range(3):
         need, ref = _routed(intake, referral)
         barrier = threading.Barrier(2)
-        answers = {}
+        answers: dict[str, int] = {}
 
         def do(action, body=None, barrier=barrier, answers=answers, ref=ref):
             client = referral.client("caf")

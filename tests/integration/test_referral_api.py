@@ -149,11 +149,9 @@ def test_a_malformed_body_without_a_known_token_is_401_not_422(system):
     import httpx
 
     url = f"{system.referral.url}/api/v1/referrals/whatever/decline"
-    garbage = {"content": b"{not json", "headers": {"Content-Type": "application/json"}}
-    assert httpx.post(url, **garbage).status_code == 401
-    r = httpx.post(
-        url, content=garbage["content"], headers={**garbage["headers"], "Authorization": "Bearer not-a-token"}
-    )
+    garbage, as_json = b"{not json", {"Content-Type": "application/json"}
+    assert httpx.post(url, content=garbage, headers=as_json).status_code == 401
+    r = httpx.post(url, content=garbage, headers={**as_json, "Authorization": "Bearer not-a-token"})
     assert r.status_code == 401 and r.json() == {"detail": "missing or unknown bearer token"}
     # A known token: the body's problem is the answer.
     r = system.referral.client("caf").post(
@@ -344,7 +342,8 @@ def at_once(count: int, call) -> list[httpx.Response]:
     """`call(i)` from `count` threads released together; their answers."""
     import threading
 
-    barrier, answers = threading.Barrier(count), [None] * count
+    barrier = threading.Barrier(count)
+    answers: list[httpx.Response | None] = [None] * count
 
     def run(i: int) -> None:
         barrier.wait()
@@ -355,8 +354,9 @@ def at_once(count: int, call) -> list[httpx.Response]:
         t.start()
     for t in threads:
         t.join(60)
-    assert all(a is not None for a in answers)
-    return answers
+    done = [a for a in answers if a is not None]
+    assert len(done) == count
+    return done
 
 
 @pytest.mark.postgres  # row locks and ordering differ

@@ -5,21 +5,20 @@ dashboard's pages (signed-in ops, confirmation step). The first release's API re
 from __future__ import annotations
 
 import html
-import re
 from datetime import timedelta
 from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
 import redis
-from sqlmodel import select
+from sqlmodel import col, select
 
 from services.referral import deps
 from services.referral.store import OpsAction
 from shared.events import NeedRecorded, PersonContact
 from shared.signin import sign_in_link
 from shared.testing import use_sign_in_link, wait_for
-from tests.helpers import record_need
+from tests.helpers import record_need, search
 
 pytestmark = pytest.mark.date_sensitive  # pause dates in the directory's time zone
 
@@ -35,7 +34,7 @@ def on_the_dashboard(browser: httpx.Client, path: str, params: dict, fields: dic
     """Open the action's confirmation page, post its form; the answer's status and text."""
     page = browser.get(f"/tableau-de-bord/confirmer/{path}", params=params)
     assert page.status_code == 200, page.text
-    csrf = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+    csrf = search(r'name="csrf" value="([^"]+)"', page.text).group(1)
     answer = browser.post(f"/tableau-de-bord/actions/{path}", data={"csrf": csrf, **params, **fields})
     return answer.status_code, html.unescape(answer.text)
 
@@ -44,7 +43,7 @@ def ops_log(service) -> list[tuple[str, str, str, str]]:
     with service.svc.db.read() as session:
         return [
             (a.actor, a.action, a.target, a.reason)
-            for a in session.exec(select(OpsAction).order_by(OpsAction.id)).all()
+            for a in session.exec(select(OpsAction).order_by(col(OpsAction.id))).all()
         ]
 
 

@@ -5,13 +5,12 @@ forged straight into the streams (docs/security.md, "Sessions, sign-in and what 
 from __future__ import annotations
 
 import json
-import re
 from email import message_from_bytes, policy
 
 import httpx
 import pytest
 import redis
-from sqlmodel import select
+from sqlmodel import col, select
 
 from shared.db import OutboxMessage, ProcessedEvent
 from shared.devstack import MailSink
@@ -25,6 +24,7 @@ from shared.signin import (
     sign_in_reference,
 )
 from shared.testing import DESK_EMAIL, sign_in_link_of, use_sign_in_link, wait_for
+from tests.helpers import search, xrange_text
 
 STRANGER = "intrus@evil.test.example"
 
@@ -36,7 +36,7 @@ def browser(service, client_address: str | None = None) -> httpx.Client:
 
 
 def csrf_of(html: str) -> str:
-    return re.search(r'name="csrf" value="([^"]+)"', html).group(1)
+    return search(r'name="csrf" value="([^"]+)"', html).group(1)
 
 
 def path_of(link: str) -> str:
@@ -61,7 +61,9 @@ def access_events(service) -> list[dict]:
         return [
             json.loads(m.payload)
             for m in session.exec(
-                select(OutboxMessage).where(OutboxMessage.type == "access.link_requested").order_by(OutboxMessage.id)
+                select(OutboxMessage)
+                .where(OutboxMessage.type == "access.link_requested")
+                .order_by(col(OutboxMessage.id))
             ).all()
         ]
 
@@ -232,11 +234,11 @@ def test_the_outbox_page_never_shows_a_live_sign_in_link_not_even_to_ops(setting
                 return session.exec(select(Delivery).where(Delivery.kind == "sign_in", Delivery.status == "sent")).all()
 
         [delivery] = wait_for(sent)
+        assert sink.folder is not None
         [eml] = list(sink.folder.glob("*.eml"))  # what its recipient got
-        live = re.search(
-            r"https?://\S+/connexion/[A-Za-z0-9_.\-]+",
-            message_from_bytes(eml.read_bytes(), policy=policy.default).get_body(("plain",)).get_content(),
-        ).group(0)
+        body = message_from_bytes(eml.read_bytes(), policy=policy.default).get_body(("plain",))
+        assert body is not None
+        live = search(r"https?://\S+/connexion/[A-Za-z0-9_.\-]+", body.get_content()).group(0)
         token = live.rsplit("/", 1)[1]
 
         listing = ops.get("/envois")
@@ -279,7 +281,7 @@ def xadd(settings, event_type: str, payload: dict) -> str:
 def dead_letters(settings, stream: str) -> list[str]:
     client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
     try:
-        return [fields["event_id"] for _, fields in client.xrange(settings.key(stream) + ".dlq")]
+        return [fields["event_id"] for fields in xrange_text(client, settings.key(stream) + ".dlq")]
     finally:
         client.close()
 

@@ -3,6 +3,7 @@
 import copy
 import hashlib
 from datetime import timedelta
+from typing import TypeVar
 
 import pytest
 import yaml
@@ -80,6 +81,15 @@ GOOD = {
 }
 
 
+T = TypeVar("T")
+
+
+def known(found: T | None) -> T:
+    """What a directory lookup (library, partner, category...) must find."""
+    assert found is not None
+    return found
+
+
 def write(tmp_path, data, name="directory.yaml"):
     path = tmp_path / name
     text = data if isinstance(data, str) else yaml.safe_dump(data, allow_unicode=True, sort_keys=False)
@@ -112,32 +122,32 @@ def test_what_the_file_leaves_out_takes_the_documented_defaults(tmp_path):
     directory = load_directory(write(tmp_path, data))
 
     assert directory.timezone == "Europe/Paris"
-    assert directory.library("rouen-chatelet").timezone == "Europe/Paris"  # the directory's
-    assert directory.library("drummondville").timezone == "America/Toronto"  # its own
-    assert directory.library("rouen-chatelet").territory == []
+    assert known(directory.library("rouen-chatelet")).timezone == "Europe/Paris"  # the directory's
+    assert known(directory.library("drummondville")).timezone == "America/Toronto"  # its own
+    assert known(directory.library("rouen-chatelet")).territory == []
     assert directory.sla.respond_within == timedelta(hours=72)
     assert directory.sla.remind_after == [timedelta(hours=24), timedelta(hours=48)]
     assert directory.sla.escalate_after == timedelta(hours=60)
-    assert directory.partner("la-piaule").sla == directory.sla
-    assert directory.partner("caf-76").sla.respond_within == timedelta(hours=48)
+    assert known(directory.partner("la-piaule")).sla == directory.sla
+    assert known(directory.partner("caf-76")).sla.respond_within == timedelta(hours=48)
     assert directory.escalation_contacts[0].email == "coord@relais.test"
 
     in_america = changed(lambda d: (d.update(timezone="America/Toronto"), d["libraries"][0].pop("timezone")))
-    assert load_directory(write(tmp_path, in_america)).library("rouen-chatelet").timezone == "America/Toronto"
+    assert known(load_directory(write(tmp_path, in_america)).library("rouen-chatelet")).timezone == "America/Toronto"
 
 
 def test_good_file_loads_with_normalized_values(tmp_path):
     directory = load_directory(write(tmp_path, GOOD))
 
-    caf = directory.partner("caf-76")
+    caf = known(directory.partner("caf-76"))
     assert caf.contacts[0].phone == "+33261910101"
-    assert directory.partner("la-piaule").contacts[0].phone == "+18195550120"
-    assert directory.library("drummondville").territory == ["J2B1A1"]
+    assert known(directory.partner("la-piaule")).contacts[0].phone == "+18195550120"
+    assert known(directory.library("drummondville")).territory == ["J2B1A1"]
     assert directory.users[1].token_sha256 == CAF_TOKEN_HASH
-    assert directory.category("logement").label == "Logement"
+    assert known(directory.category("logement")).label == "Logement"
     assert directory.category("nope") is None and directory.partner("nope") is None
     assert directory.primary_contact(caf).id == "caf76-ref"
-    assert directory.backup_contact("caf-76").id == "caf76-backup"
+    assert known(directory.backup_contact("caf-76")).id == "caf76-backup"
     assert directory.backup_contact("la-piaule") is None
 
 
@@ -145,10 +155,10 @@ def test_partner_sla_is_the_override_merged_over_the_default(tmp_path):
     directory = load_directory(write(tmp_path, GOOD))
 
     # Only the window changed: inherited reminders and escalation keep their place in it.
-    assert directory.partner("caf-76").sla.respond_within == timedelta(hours=48)
-    assert directory.partner("caf-76").sla.remind_after == [timedelta(hours=16), timedelta(hours=32)]
-    assert directory.partner("caf-76").sla.escalate_after == timedelta(hours=40)
-    assert directory.partner("la-piaule").sla == directory.sla
+    assert known(directory.partner("caf-76")).sla.respond_within == timedelta(hours=48)
+    assert known(directory.partner("caf-76")).sla.remind_after == [timedelta(hours=16), timedelta(hours=32)]
+    assert known(directory.partner("caf-76")).sla.escalate_after == timedelta(hours=40)
+    assert known(directory.partner("la-piaule")).sla == directory.sla
 
 
 def test_partner_sla_keeps_what_the_override_says(tmp_path):
@@ -156,7 +166,7 @@ def test_partner_sla_keeps_what_the_override_says(tmp_path):
         lambda d: partner(d).update(sla={"respond_within": "PT96H", "remind_after": ["PT24H"], "escalate_after": None})
     )
 
-    sla = load_directory(write(tmp_path, data)).partner("caf-76").sla
+    sla = known(load_directory(write(tmp_path, data)).partner("caf-76")).sla
 
     assert sla.respond_within == timedelta(hours=96)
     assert sla.remind_after == [timedelta(hours=24)]
@@ -166,8 +176,8 @@ def test_partner_sla_keeps_what_the_override_says(tmp_path):
 def test_the_demo_directory_loads():
     assert check_directory_file(DEMO_DIRECTORY) == []
     directory = load_directory(DEMO_DIRECTORY)
-    assert directory.partner("caf-76").sla.respond_within == timedelta(hours=48)
-    assert directory.library("rouen-chatelet").territory == ["76000", "76100"]
+    assert known(directory.partner("caf-76")).sla.respond_within == timedelta(hours=48)
+    assert known(directory.library("rouen-chatelet")).territory == ["76000", "76100"]
     assert len(directory.categories) == 19
 
 
@@ -192,7 +202,7 @@ def test_user_by_token(token, user_id):
 
 def test_user_by_token_compares_the_hash_case_insensitively_stored(tmp_path):
     directory = load_directory(write(tmp_path, GOOD))
-    assert directory.user_by_token("token-caf").id == "op-caf76"
+    assert known(directory.user_by_token("token-caf")).id == "op-caf76"
 
 
 DURATION_HINT = "write e.g. PT72H for 72 hours, P3D for 3 days, PT30M for 30 minutes"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from datetime import UTC, datetime, time, timedelta
+from typing import TypedDict
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -18,8 +19,8 @@ from shared.testing import directory_data
 PARIS, MONTREAL = ZoneInfo("Europe/Paris"), ZoneInfo("America/Toronto")
 
 
-def paris(*args) -> datetime:
-    return datetime(*args, tzinfo=PARIS)
+def paris(year: int, month: int, day: int, hour: int, minute: int) -> datetime:
+    return datetime(year, month, day, hour, minute, tzinfo=PARIS)
 
 
 # --- who, and on which channel ---------------------------------------------------------------------
@@ -188,13 +189,15 @@ def test_twilio_signature_matches_twilios_published_example():
 def test_provider_callbacks_are_read_as_receipts_or_replies():
     assert twilio.read_twilio({"MessageSid": "SM1", "MessageStatus": "delivered"}) == Receipt("SM1", True)
     failed = twilio.read_twilio({"MessageSid": "SM1", "MessageStatus": "undelivered", "ErrorCode": "30003"})
+    assert isinstance(failed, Receipt)
     assert (failed.delivered, failed.error) == (False, "twilio undelivered 30003")
     assert twilio.read_twilio({"MessageSid": "SM1", "MessageStatus": "sent"}) is None
     assert twilio.read_twilio({"MessageSid": "SM2", "From": "+33612345678", "Body": "STOP"}) == Reply(
         "+33612345678", "STOP"
     )
     assert brevo.read_brevo({"messageId": 15, "msg_status": "delivered", "to": "33612345678"}) == Receipt("15", True)
-    assert brevo.read_brevo({"messageId": 15, "msg_status": "hard_bounce"}).delivered is False
+    bounced = brevo.read_brevo({"messageId": 15, "msg_status": "hard_bounce"})
+    assert isinstance(bounced, Receipt) and bounced.delivered is False
     assert brevo.read_brevo({"messageId": 15, "msg_status": "soft_bounce"}) is None
     assert brevo.read_brevo({"event": "replied", "from": "33612345678", "reply": "Arrêt"}) == Reply(
         "+33612345678", "Arrêt"
@@ -214,7 +217,17 @@ def test_smtp_url_forms():
 
 # --- templates ------------------------------------------------------------------------------------------
 
-FACTS = dict(
+
+class Facts(TypedDict):
+    library: str
+    partner: str
+    desk_email: str
+    desk_phone: str | None
+    respond_by: datetime
+    timezone: str
+
+
+FACTS = Facts(
     library="Bibliothèque du Châtelet",
     partner="CAF de la Seine-Maritime",
     desk_email="accueil@example.org",
@@ -229,13 +242,13 @@ def test_the_person_is_told_who_will_call_and_by_when_in_their_language():
     assert fr.subject == (
         "Votre demande est transmise : CAF de la Seine-Maritime vous contactera avant mercredi 25 novembre à 14 h 05"
     )
-    assert "accueil@example.org" in fr.text and 'lang="fr"' in fr.html
+    assert fr.html is not None and "accueil@example.org" in fr.text and 'lang="fr"' in fr.html
     en = render.render_email("person_confirmation", "en", **FACTS)
     assert (
         en.subject
         == "Your request has been passed on: CAF de la Seine-Maritime will contact you by Wednesday 25 November, 14:05"
     )
-    assert 'lang="en"' in en.html
+    assert en.html is not None and 'lang="en"' in en.html
     sms = render.render_sms("person_confirmation", "fr", **FACTS).text
     assert "Chatelet" in sms and "STOP" in sms and domain.sms_count(sms).encoding == "GSM-7"
     kept = render.render_sms("person_confirmation", "fr", transliterate=False, **FACTS).text

@@ -34,7 +34,7 @@ ASSIGNED = re.compile(
 
 def shipped_values() -> dict[str, str]:
     """Each literal value the repository assigns to the secret key or internal token, with where it is."""
-    found = {}
+    found: dict[str, str] = {}
     for pattern in SHIPPING:
         for path in ROOT.glob(pattern):
             if not path.is_file() or path.name == "test_modes.py":
