@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Set
 from dataclasses import dataclass, fields
 from dataclasses import replace as dataclass_replace
-from datetime import date, datetime, timedelta
-from typing import NamedTuple
+from datetime import UTC, date, datetime, timedelta
+from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
 from shared import deadlines  # the partner's clock, shared with intake's deadline at recording
@@ -357,8 +357,11 @@ class Problem(NamedTuple):
 
 
 def tidy_incident(facts: PrivacyIncidentFacts) -> PrivacyIncidentFacts:
-    """Texts without their surrounding blanks; an optional text left blank is no text."""
-    changes: dict[str, object] = {name: getattr(facts, name).strip() for name in REQUIRED_TEXTS}
+    """Texts without their surrounding blanks; an optional text left blank is no text; times in UTC (as stored)."""
+    changes: dict[str, Any] = {name: getattr(facts, name).strip() for name in REQUIRED_TEXTS}
+    for name in ("authority_notified_at", "people_notified_at"):
+        at = getattr(facts, name)
+        changes[name] = at.astimezone(UTC) if at is not None and at.tzinfo is not None else at
     for name in OPTIONAL_TEXTS:
         value = getattr(facts, name)
         changes[name] = value.strip() or None if value is not None else None
