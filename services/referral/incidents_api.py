@@ -200,13 +200,7 @@ async def incidents_csv_export(
 ) -> Response:
     """The whole register as a spreadsheet: one row per incident, French headers naming the register (Québec, CNIL)
     each column answers; `;`-separated, UTF-8 with a BOM."""
-    return await anyio.to_thread.run_sync(export, runtime.db, directory.timezone, clock())
-
-
-def export(db: Any, timezone: str, now: datetime) -> Response:
-    with db.read() as session:
-        incidents = store.privacy_incidents(session)
-    return incidents_csv.register_csv(incidents, timezone, f"relais-registre-incidents-{now:%Y-%m-%d}.csv")
+    return await anyio.to_thread.run_sync(incidents_csv.export, runtime.db, directory.timezone, clock())
 
 
 @router.get("/privacy-incidents/{incident_id}", response_model=PrivacyIncidentPublic)

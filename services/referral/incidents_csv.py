@@ -14,7 +14,8 @@ from zoneinfo import ZoneInfo
 
 from fastapi.responses import Response
 
-from services.referral.store import PrivacyIncident
+from services.referral.store import PrivacyIncident, privacy_incidents
+from shared.db import Database
 from shared.pages import SECURITY_HEADERS, environment
 
 # the template's variables are the module's attributes, unknown to mypy
@@ -82,3 +83,10 @@ def register_csv(incidents: Sequence[PrivacyIncident], timezone: str, filename: 
             "Cache-Control": "no-store",
         },
     )
+
+
+def export(db: Database, timezone: str, now: datetime) -> Response:
+    """The whole register, as the API and the page download it."""
+    with db.read() as session:
+        incidents = privacy_incidents(session)
+    return register_csv(incidents, timezone, f"relais-registre-incidents-{now:%Y-%m-%d}.csv")

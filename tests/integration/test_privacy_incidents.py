@@ -260,8 +260,9 @@ def test_ops_record_and_change_an_incident_from_the_dashboard(settings, start_se
 
     done = browser.post("/tableau-de-bord/incidents/nouveau", data=form_of(referral, csrf=csrf))
     assert done.status_code == 200, done.text
-    assert re.search(r"/tableau-de-bord/incidents/[0-9a-f]{32}$", str(done.url))
-    incident_id = str(done.url).rsplit("/", 1)[1]
+    assert re.fullmatch(r"/tableau-de-bord/incidents/[0-9a-f]{32}", done.url.path)
+    assert done.url.params["fait"] == "inscrit"
+    incident_id = done.url.path.rsplit("/", 1)[1]
     assert "L'incident est inscrit au registre" in html.unescape(done.text)
     api = referral.client("ops").get(f"/privacy-incidents/{incident_id}").json()
     assert api["people_count"] == 12 and api["people_count_is_estimate"] and api["recorded_by"] == "ops"
