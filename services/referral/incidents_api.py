@@ -12,7 +12,15 @@ from typing import Annotated, Any, Literal
 import anyio
 from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import Response
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    field_validator,
+)
 from pydantic.json_schema import SkipJsonSchema
 
 from services.referral import domain, incidents_csv, store
@@ -21,15 +29,38 @@ from services.referral.deps import ClockDep, CommandDeps, DirectoryDep, OpsUser,
 from services.referral.domain import PrivacyIncidentFacts
 from services.referral.handlers import Invalid, NotFound, Refused, handle
 from services.referral.store import PrivacyIncident
+from shared.edges import body_limit
 from shared.service import Cursor, field_error
 
+# The largest body the schema allows: ~29 000 characters of text, each up to 12 bytes as JSON escapes.
+MAX_BODY = 400 * 1024
 # A required text holds something besides blanks (and no NUL, which the edge refuses).
 FILLED = r"^[^\x00]*[^\s\x00][^\x00]*$"
 Nature = Literal["confidentiality", "integrity", "availability"]
 Status = Literal["open", "closed"]
 LongText = Annotated[str, Field(min_length=1, max_length=domain.LONG_TEXT, pattern=FILLED)]
 Categories = Annotated[str, Field(min_length=1, max_length=domain.SHORT_TEXT, pattern=FILLED)]
-Count = Annotated[int, Field(ge=0, le=domain.MOST_PEOPLE)]
+
+
+def a_number(value: Any) -> Any:
+    """Counts as JSON numbers (12 or 12.0), not strings or booleans."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("must be a whole number")
+    return value
+
+
+Count = Annotated[int, Field(ge=0, le=domain.MOST_PEOPLE), BeforeValidator(a_number)]
+
+
+def as_written(value: Any) -> Any:
+    """Days and times as JSON writes them (strings): not numbers read as timestamps."""
+    if not isinstance(value, str | date):
+        raise ValueError("must be a string in ISO 8601 form")
+    return value
+
+
+Day = Annotated[date, BeforeValidator(as_written)]
+Instant = Annotated[AwareDatetime, BeforeValidator(as_written)]
 AuthorityName = Annotated[str, Field(max_length=domain.NAME_TEXT)]
 Note = Annotated[str, Field(max_length=domain.NOTE_TEXT)]
 
@@ -42,19 +73,19 @@ class PrivacyIncidentBody(BaseModel):
     nature: Nature = Field(description="which was breached: confidentiality, integrity or availability (CNIL)")
     information_description: LongText = Field(description="the personal information concerned (Québec, CNIL)")
     circumstances: LongText
-    occurred_from: date = Field(description="the day of the incident, or the first day of its period")
-    occurred_until: date | None = Field(None, description="the last day of the period, when it is one")
-    known_at: date = Field(description="the day the organisation learnt of it")
+    occurred_from: Day = Field(description="the day of the incident, or the first day of its period")
+    occurred_until: Day | None = Field(None, description="the last day of the period, when it is one")
+    known_at: Day = Field(description="the day the organisation learnt of it")
     people_count: Count
-    people_count_is_estimate: bool = False
+    people_count_is_estimate: StrictBool = False
     people_categories: Categories = Field(description="e.g. people helped, partners' contacts (CNIL)")
     records_count: Count | None = None
     consequences: LongText = Field(description="the probable consequences for the people (CNIL)")
     risk_assessment: LongText = Field(description="the assessment of the risk of harm (Québec)")
-    serious_risk: bool = Field(False, description="a risk of serious harm (Québec) or a high risk (CNIL)")
+    serious_risk: StrictBool = Field(False, description="a risk of serious harm (Québec) or a high risk (CNIL)")
     authority: AuthorityName | None = Field(None, description="the authority notified; needed with its date")
-    authority_notified_at: AwareDatetime | None = None
-    people_notified_at: AwareDatetime | None = None
+    authority_notified_at: Instant | None = None
+    people_notified_at: Instant | None = None
     people_notice_description: Note | None = Field(None, description="how people were told (a public notice: why)")
     notification_note: Note | None = Field(
         None, description="why the authority was not (yet) notified, or late; needed for a serious risk not notified"
@@ -88,19 +119,19 @@ class PrivacyIncidentChanges(BaseModel):
     nature: Nature | SkipJsonSchema[None] = None
     information_description: LongText | SkipJsonSchema[None] = None
     circumstances: LongText | SkipJsonSchema[None] = None
-    occurred_from: date | SkipJsonSchema[None] = None
-    occurred_until: date | None = None
-    known_at: date | SkipJsonSchema[None] = None
+    occurred_from: Day | SkipJsonSchema[None] = None
+    occurred_until: Day | None = None
+    known_at: Day | SkipJsonSchema[None] = None
     people_count: Count | SkipJsonSchema[None] = None
-    people_count_is_estimate: bool | SkipJsonSchema[None] = None
+    people_count_is_estimate: StrictBool | SkipJsonSchema[None] = None
     people_categories: Categories | SkipJsonSchema[None] = None
     records_count: Count | None = None
     consequences: LongText | SkipJsonSchema[None] = None
     risk_assessment: LongText | SkipJsonSchema[None] = None
-    serious_risk: bool | SkipJsonSchema[None] = None
+    serious_risk: StrictBool | SkipJsonSchema[None] = None
     authority: AuthorityName | None = None
-    authority_notified_at: AwareDatetime | None = None
-    people_notified_at: AwareDatetime | None = None
+    authority_notified_at: Instant | None = None
+    people_notified_at: Instant | None = None
     people_notice_description: Note | None = None
     notification_note: Note | None = None
     measures: LongText | SkipJsonSchema[None] = None
@@ -169,6 +200,7 @@ router = APIRouter()  # included in api.dashboard_router, with the other ops rou
 
 
 @router.post("/privacy-incidents", status_code=201, response_model=PrivacyIncidentPublic)
+@body_limit(MAX_BODY)
 async def record_incident(user: OpsUser, body: PrivacyIncidentBody, deps: CommandDeps) -> PrivacyIncidentPublic:
     """Record a confidentiality incident in the register (Québec's register of confidentiality incidents, the
     CNIL's register of breaches); recorded in the ops log."""
@@ -213,6 +245,7 @@ def get_incident(incident_id: str, user: OpsUser, runtime: RuntimeDep) -> Privac
 
 
 @router.patch("/privacy-incidents/{incident_id}", response_model=PrivacyIncidentPublic)
+@body_limit(MAX_BODY)
 async def update_incident(
     incident_id: str, user: OpsUser, body: PrivacyIncidentChanges, deps: CommandDeps
 ) -> PrivacyIncidentPublic:
