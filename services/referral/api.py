@@ -12,7 +12,7 @@ import anyio
 from fastapi import APIRouter, Body, HTTPException, Query
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from services.referral import domain, store
+from services.referral import domain, incidents_api, store
 from services.referral.commands import (
     AcceptReferral,
     CancelReferral,
@@ -345,3 +345,6 @@ dashboard_router = APIRouter(tags=["ops"])
 async def dashboard(user: OpsUser, runtime: RuntimeDep) -> Dashboard:
     """Every figure of the ops dashboard (the page /tableau-de-bord shows the same)."""
     return await build_dashboard(runtime, runtime.queue_watch)
+
+
+dashboard_router.include_router(incidents_api.router)  # the register of confidentiality incidents

@@ -3,8 +3,12 @@ handler. The events it consumes (`NeedRecorded`, `NeedCancelled`) are the messag
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
+
+from services.referral.domain import PrivacyIncidentFacts
 
 # --- a partner's answers (its own referrals only) ---
 
@@ -95,4 +99,22 @@ class CancelNeed:
 class RevokeSessions:
     user_id: str
     reason: str
+    actor: str
+
+
+# --- the register of confidentiality incidents (ops; each leaves an ops_action row) ---
+
+
+@dataclass(frozen=True)
+class RecordPrivacyIncident:
+    facts: PrivacyIncidentFacts
+    actor: str
+
+
+@dataclass(frozen=True)
+class UpdatePrivacyIncident:
+    """Change some facts of a recorded incident (e.g. the notifications' dates, the measures, close it)."""
+
+    incident_id: str
+    changes: Mapping[str, Any]  # field of PrivacyIncidentFacts -> its new value; the others are kept
     actor: str

@@ -26,7 +26,7 @@ import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from services.referral import domain, remote, store
+from services.referral import domain, incidents_pages, remote, store
 from services.referral.commands import (
     CancelNeed,
     PausePartner,
@@ -360,3 +360,6 @@ async def perform(
     count = done if action in ("replay", "revoke_sessions") else None
     suffix = f"&nombre={count}" if count is not None else ""
     return pages.redirect(f"/tableau-de-bord?fait={path}{suffix}")
+
+
+router.include_router(incidents_pages.router)  # the register of confidentiality incidents

@@ -5,13 +5,17 @@ Sections:
   coordinator can read in the referral's ``routed_because``.
 - State machine: which action is allowed from which status.
 - The clock: the timers of a need's 72-hour promise, and when they fire.
+- The register of confidentiality incidents: what a recorded incident must hold to be kept.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Set
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from dataclasses import dataclass, fields
+from dataclasses import replace as dataclass_replace
+from datetime import UTC, date, datetime, timedelta
+from typing import Any, NamedTuple
+from zoneinfo import ZoneInfo
 
 from shared import deadlines  # the partner's clock, shared with intake's deadline at recording
 
@@ -282,3 +286,146 @@ def left_partner(status: str) -> bool:
 def how_it_left(actions: list[str]) -> str | None:
     """The action that ended the partner's part (the last of HOW_IT_LEFT in its history), if any."""
     return next((a for a in reversed(actions) if a in HOW_IT_LEFT), None)
+
+
+# ==============================================================================================
+# The register of confidentiality incidents (privacy incidents)
+# ==============================================================================================
+# One row per incident holds what Québec's regulation on confidentiality incidents asks the register to keep
+# (description of the information, circumstances, date or period, date known, number of people, risk assessment,
+# notifications with their dates, measures) and what the CNIL's register of breaches asks (nature, categories and
+# number of people, probable consequences, measures).
+
+INCIDENT_NATURES = ("confidentiality", "integrity", "availability")
+INCIDENT_STATUSES = ("open", "closed")
+LONG_TEXT = 4000  # descriptions, circumstances, consequences, risk assessment, measures
+SHORT_TEXT = 500  # the categories of people
+NAME_TEXT = 200  # the authority's name
+NOTE_TEXT = 2000  # the notice to people, the note on notifications
+MOST_PEOPLE = 1_000_000_000  # counts fit a 32-bit column
+CLOCK_SKEW = timedelta(minutes=5)  # a notification time "now" from a client whose clock runs a little ahead
+
+
+@dataclass(frozen=True)
+class PrivacyIncidentFacts:
+    """What ops record about a confidentiality incident (everything but who recorded it and when)."""
+
+    nature: str  # one of INCIDENT_NATURES: which of confidentiality, integrity, availability was breached
+    information_description: str  # which personal information
+    circumstances: str
+    occurred_from: date  # the date, or the start of the period
+    occurred_until: date | None  # the end of the period, when it is one
+    known_at: date  # when the organisation learnt of it
+    people_count: int
+    people_count_is_estimate: bool
+    people_categories: str  # e.g. people helped, partners' contacts
+    records_count: int | None
+    consequences: str  # the probable consequences for the people
+    risk_assessment: str
+    serious_risk: bool  # a risk of serious harm: the authority and the people must be told
+    authority: str | None  # which authority was told (CNIL, Commission d'accès à l'information)
+    authority_notified_at: datetime | None
+    people_notified_at: datetime | None
+    people_notice_description: str | None  # how the people were told (e.g. a public notice, and why)
+    notification_note: str | None  # why the authority was not (yet) told, or told late
+    measures: str  # measures taken or planned
+    status: str = "open"  # one of INCIDENT_STATUSES
+
+
+INCIDENT_FIELDS = frozenset(f.name for f in fields(PrivacyIncidentFacts))
+REQUIRED_TEXTS = {
+    "information_description": LONG_TEXT,
+    "circumstances": LONG_TEXT,
+    "people_categories": SHORT_TEXT,
+    "consequences": LONG_TEXT,
+    "risk_assessment": LONG_TEXT,
+    "measures": LONG_TEXT,
+}
+OPTIONAL_TEXTS = {
+    "authority": NAME_TEXT,
+    "people_notice_description": NOTE_TEXT,
+    "notification_note": NOTE_TEXT,
+}
+
+
+class Problem(NamedTuple):
+    """A rule an incident breaks: the field to fix, a code (the pages word it in French) and an English message."""
+
+    field: str
+    code: str
+    message: str
+
+
+def tidy_incident(facts: PrivacyIncidentFacts) -> PrivacyIncidentFacts:
+    """Texts without their surrounding blanks; an optional text left blank is no text; times in UTC (as stored)."""
+    changes: dict[str, Any] = {name: getattr(facts, name).strip() for name in REQUIRED_TEXTS}
+    for name in ("authority_notified_at", "people_notified_at"):
+        at = getattr(facts, name)
+        changes[name] = at.astimezone(UTC) if at is not None and at.tzinfo is not None else at
+    for name in OPTIONAL_TEXTS:
+        value = getattr(facts, name)
+        changes[name] = value.strip() or None if value is not None else None
+    return dataclass_replace(facts, **changes)
+
+
+def incident_problems(facts: PrivacyIncidentFacts, now: datetime, timezone: str) -> list[Problem]:
+    """Every rule the (tidied) incident breaks, in the order of the form. Dates are days in the directory's time
+    zone; none may be after today, nor a notification time after now."""
+    zone = ZoneInfo(timezone)
+    today = now.astimezone(zone).date()
+    problems: list[Problem] = []
+    if facts.nature not in INCIDENT_NATURES:
+        problems.append(Problem("nature", "choose", f"must be one of {', '.join(INCIDENT_NATURES)}"))
+    for name, most in REQUIRED_TEXTS.items():
+        value = getattr(facts, name)
+        if not value.strip():
+            problems.append(Problem(name, "required", "must not be blank"))
+        elif len(value) > most:
+            problems.append(Problem(name, "too_long", f"must be at most {most} characters"))
+    for name, most in OPTIONAL_TEXTS.items():
+        value = getattr(facts, name)
+        if value is not None and len(value) > most:
+            problems.append(Problem(name, "too_long", f"must be at most {most} characters"))
+    if facts.occurred_from > today:
+        problems.append(Problem("occurred_from", "future", "must not be after today"))
+    if facts.occurred_until is not None:
+        if facts.occurred_until > today:
+            problems.append(Problem("occurred_until", "future", "must not be after today"))
+        elif facts.occurred_until < facts.occurred_from:
+            problems.append(Problem("occurred_until", "before_start", "must not be before occurred_from"))
+    if facts.known_at > today:
+        problems.append(Problem("known_at", "future", "must not be after today"))
+    elif facts.known_at < facts.occurred_from:
+        problems.append(Problem("known_at", "before_start", "must not be before occurred_from"))
+    for name, count in (("people_count", facts.people_count), ("records_count", facts.records_count)):
+        if count is not None and not 0 <= count <= MOST_PEOPLE:
+            problems.append(Problem(name, "count", f"must be between 0 and {MOST_PEOPLE}"))
+    for name in ("authority_notified_at", "people_notified_at"):
+        at: datetime | None = getattr(facts, name)
+        if at is None:
+            continue
+        if at > now + CLOCK_SKEW:
+            problems.append(Problem(name, "future", "must not be in the future"))
+        elif at.astimezone(zone).date() < facts.known_at:
+            problems.append(Problem(name, "before_known", "must not be before known_at"))
+    if facts.authority_notified_at is not None and not facts.authority:
+        problems.append(Problem("authority", "required_notified", "name the authority that was notified"))
+    if facts.serious_risk and facts.authority_notified_at is None and not facts.notification_note:
+        problems.append(
+            Problem(
+                "notification_note",
+                "serious_unnotified",
+                "a serious risk of harm is notified to the authority: give authority_notified_at, "
+                "or say in notification_note why it is not (yet)",
+            )
+        )
+    if facts.status not in INCIDENT_STATUSES:
+        problems.append(Problem("status", "choose", f"must be one of {', '.join(INCIDENT_STATUSES)}"))
+    return problems
+
+
+def incident_summary(facts: PrivacyIncidentFacts) -> str:
+    """A line for the ops log: what kind of incident, how many people; no text ops wrote about it."""
+    about = "about " if facts.people_count_is_estimate else ""
+    serious = ", serious risk" if facts.serious_risk else ""
+    return f"{facts.nature} incident, {about}{facts.people_count} people{serious}, {facts.status}"

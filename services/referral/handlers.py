@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import asdict, dataclass
+from dataclasses import replace as dataclass_replace
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -26,21 +27,26 @@ from services.referral.commands import (
     DeclineReferral,
     PausePartner,
     ReassignReferral,
+    RecordPrivacyIncident,
     ReplayDeadLetters,
     RespondToReferral,
     ResumePartner,
     RevokeSessions,
+    UpdatePrivacyIncident,
 )
+from services.referral.domain import INCIDENT_FIELDS, PrivacyIncidentFacts, Problem
 from services.referral.store import (
     ClockTimer,
     NeedCase,
     OpsAction,
     PartnerPause,
+    PrivacyIncident,
     Referral,
     ReferralHistory,
     current_referral,
     due_timers,
     history_of,
+    lock_privacy_incident,
     lock_referral,
     open_referral_counts,
     partners_who_declined,
@@ -330,6 +336,14 @@ class Refused(ValueError):
         self.field = field
 
 
+class Invalid(Refused):
+    """A command breaking several rules at once: `problems` names each field (the first is `field`)."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__(problems[0].field, problems[0].message)
+        self.problems = problems
+
+
 class NotPaused(Exception):
     """Resuming a partner that is not paused."""
 
@@ -497,6 +511,48 @@ def _record(deps: Deps, actor: str, action: str, target: str, reason: str) -> No
         _audit(session, actor, action, target, reason, deps.clock())
 
 
+def _checked_incident(facts: PrivacyIncidentFacts, deps: Deps, now: datetime) -> PrivacyIncidentFacts:
+    facts = domain.tidy_incident(facts)
+    problems = domain.incident_problems(facts, now, deps.directory.timezone)
+    if problems:
+        raise Invalid(problems)
+    return facts
+
+
+def record_privacy_incident(session: Session, command: RecordPrivacyIncident, deps: Deps) -> PrivacyIncident:
+    """An entry in the register of confidentiality incidents, recorded in the ops log. Raises Invalid."""
+    now = deps.clock().astimezone(UTC)  # as the database gives it back
+    facts = _checked_incident(command.facts, deps, now)
+    incident = PrivacyIncident(id=new_id(), recorded_at=now, recorded_by=command.actor, updated_at=now, **asdict(facts))
+    session.add(incident)
+    _audit(session, command.actor, "privacy_incident.record", incident.id, domain.incident_summary(facts), now)
+    return incident
+
+
+def update_privacy_incident(session: Session, command: UpdatePrivacyIncident, deps: Deps) -> PrivacyIncident:
+    """Change the facts named in `changes` (the others are kept), checked as a whole, recorded in the ops log with
+    the names of the fields that changed. Nothing changed: nothing is written. Raises NotFound, Invalid."""
+    now = deps.clock().astimezone(UTC)
+    unknown = set(command.changes) - INCIDENT_FIELDS
+    if unknown:
+        raise Refused(sorted(unknown)[0], "not a field of an incident")
+    incident = lock_privacy_incident(session, command.incident_id)
+    if incident is None:
+        raise NotFound("no such privacy incident")
+    before = PrivacyIncidentFacts(**incident.model_dump(include=set(INCIDENT_FIELDS)))
+    after = _checked_incident(dataclass_replace(before, **command.changes), deps, now)
+    changed = sorted(name for name in INCIDENT_FIELDS if getattr(after, name) != getattr(before, name))
+    if not changed:
+        return incident
+    for name in changed:
+        setattr(incident, name, getattr(after, name))
+    incident.updated_at = now
+    session.add(incident)
+    reason = f"changed {', '.join(changed)}; " + domain.incident_summary(after)
+    _audit(session, command.actor, "privacy_incident.update", incident.id, reason, now)
+    return incident
+
+
 COMMAND_HANDLERS: dict[type, Callable[..., Any]] = {
     AcceptReferral: accept_referral,
     RespondToReferral: respond_to_referral,
@@ -509,6 +565,8 @@ COMMAND_HANDLERS: dict[type, Callable[..., Any]] = {
     ReplayDeadLetters: replay_dead_letters,
     RevokeSessions: revoke_sessions,
     CancelNeed: cancel_need,
+    RecordPrivacyIncident: record_privacy_incident,
+    UpdatePrivacyIncident: update_privacy_incident,
 }
 
 

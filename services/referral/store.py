@@ -3,7 +3,7 @@ the handlers, the API, the pages and the dashboard run on them; and the dead let
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
 import sqlalchemy as sa
 from pydantic import BaseModel
@@ -105,6 +105,36 @@ class OpsAction(SQLModel, table=True):
     reason: str
 
 
+class PrivacyIncident(SQLModel, table=True):
+    """One entry of the register of confidentiality incidents (fields: domain.PrivacyIncidentFacts)."""
+
+    __tablename__ = "privacy_incident"
+    id: str = Field(primary_key=True, max_length=32)
+    recorded_at: datetime = Field(sa_type=UTCDateTime, index=True)
+    recorded_by: str = Field(max_length=64)
+    updated_at: datetime = Field(sa_type=UTCDateTime)
+    nature: str = Field(max_length=16)
+    information_description: str
+    circumstances: str
+    occurred_from: date
+    occurred_until: date | None = None
+    known_at: date
+    people_count: int
+    people_count_is_estimate: bool = False
+    people_categories: str
+    records_count: int | None = None
+    consequences: str
+    risk_assessment: str
+    serious_risk: bool = False
+    authority: str | None = None
+    authority_notified_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    people_notified_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    people_notice_description: str | None = None
+    notification_note: str | None = None
+    measures: str
+    status: str = Field(default="open", max_length=8)
+
+
 TABLES = [
     table_of(NeedCase),
     table_of(Referral),
@@ -112,6 +142,7 @@ TABLES = [
     table_of(ClockTimer),
     table_of(PartnerPause),
     table_of(OpsAction),
+    table_of(PrivacyIncident),
     USED_TOKEN_TABLE,
 ]
 
@@ -353,6 +384,26 @@ def recent_ops_actions(session: Session, limit: int) -> list[OpsAction]:
     return list(
         session.exec(select(OpsAction).order_by(col(OpsAction.at).desc(), col(OpsAction.id).desc()).limit(limit)).all()
     )
+
+
+# --- the register of confidentiality incidents ----------------------------------------------------------------
+
+
+def lock_privacy_incident(session: Session, incident_id: str) -> PrivacyIncident | None:
+    return session.exec(select(PrivacyIncident).where(PrivacyIncident.id == incident_id).with_for_update()).first()
+
+
+def find_privacy_incidents(
+    session: Session, *, limit: int, cursor: str | None
+) -> tuple[list[PrivacyIncident], str | None]:
+    """A page of the register, newest first."""
+    return page(select(PrivacyIncident), PrivacyIncident.recorded_at, PrivacyIncident.id, limit, cursor, session)
+
+
+def privacy_incidents(session: Session, *, offset: int = 0, limit: int | None = None) -> list[PrivacyIncident]:
+    """The register, newest first (all of it without `limit`: the CSV export)."""
+    query = select(PrivacyIncident).order_by(col(PrivacyIncident.recorded_at).desc(), col(PrivacyIncident.id).desc())
+    return list(session.exec(query.offset(offset).limit(limit)).all())
 
 
 # --- dead letters (Redis) ----------------------------------------------------------------------------------------
