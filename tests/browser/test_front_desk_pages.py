@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from playwright.sync_api import expect
 from sqlmodel import select
 
 from services.intake.store import Need
@@ -126,7 +127,7 @@ def test_a_desk_signs_in_by_email_records_a_need_by_keyboard_and_follows_it(
     # --- Mes demandes, then the need's page with its history
     page.get_by_role("link", name="Mes demandes").click()
     card = page.locator(".cards > li").filter(has_text="Allocations familiales (CAF) – Mme Durand")
-    assert card.count() == 1
+    expect(card).to_have_count(1)  # once the list the click asked for has loaded
     assert "CAF de la Seine-Maritime" in card.inner_text() and "Transmise au partenaire" in card.inner_text()
     check_page(page, "desk-my-needs")
     page.set_viewport_size(VIEWPORT_PHONE)
