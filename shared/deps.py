@@ -21,18 +21,18 @@ def get_runtime(request: Request) -> Any:
     return request.app.state.runtime
 
 
-Runtime = Annotated[Any, Depends(get_runtime)]  # a shared.service.ServiceRuntime of the service
+RuntimeDep = Annotated[Any, Depends(get_runtime)]  # a shared.service.ServiceRuntime of the service
 
 
-def get_clock(runtime: Runtime) -> Callable[[], datetime]:
+def get_clock(runtime: RuntimeDep) -> Callable[[], datetime]:
     return runtime.clock
 
 
-def get_database(runtime: Runtime) -> Database:
+def get_database(runtime: RuntimeDep) -> Database:
     return runtime.db
 
 
-def get_directory(runtime: Runtime) -> Directory:
+def get_directory(runtime: RuntimeDep) -> Directory:
     return runtime.directory  # read per request: SIGHUP may have loaded another one
 
 
@@ -41,10 +41,10 @@ def read_session(db: Annotated[Database, Depends(get_database)]) -> Iterator[Ses
         yield session
 
 
-Clock = Annotated[Callable[[], datetime], Depends(get_clock)]
+ClockDep = Annotated[Callable[[], datetime], Depends(get_clock)]
 DatabaseDep = Annotated[Database, Depends(get_database)]
 DirectoryDep = Annotated[Directory, Depends(get_directory)]
-ReadSession = Annotated[Session, Depends(read_session)]
+ReadSessionDep = Annotated[Session, Depends(read_session)]
 
 _bearer = HTTPBearer(auto_error=False)
 
@@ -54,7 +54,7 @@ def caller(*roles: str) -> Callable[..., User]:
 
     def dependency(
         request: Request,
-        runtime: Runtime,
+        runtime: RuntimeDep,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> User:
         return runtime.service.require(*roles)(request, credentials)
@@ -62,4 +62,4 @@ def caller(*roles: str) -> Callable[..., User]:
     return dependency
 
 
-Ops = Annotated[User, Depends(caller("ops"))]
+OpsUser = Annotated[User, Depends(caller("ops"))]

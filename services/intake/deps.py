@@ -5,12 +5,12 @@ from typing import Annotated
 from fastapi import Depends
 
 from shared.deps import (  # noqa: F401 - the routes and the tests take them from here
-    Clock,
+    ClockDep,
     DatabaseDep,
     DirectoryDep,
-    Ops,
-    ReadSession,
-    Runtime,
+    OpsUser,
+    ReadSessionDep,
+    RuntimeDep,
     caller,
     get_clock,
     get_database,
@@ -20,5 +20,5 @@ from shared.deps import (  # noqa: F401 - the routes and the tests take them fro
 )
 from shared.directory import User
 
-FrontDesk = Annotated[User, Depends(caller("front_desk"))]
-Reader = Annotated[User, Depends(caller("front_desk", "ops"))]
+FrontDeskUser = Annotated[User, Depends(caller("front_desk"))]
+ReaderUser = Annotated[User, Depends(caller("front_desk", "ops"))]

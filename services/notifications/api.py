@@ -95,8 +95,8 @@ router = APIRouter(tags=["deliveries"])
 
 @router.get("/deliveries", response_model=DeliveryPage)
 def list_deliveries(
-    user: deps.Ops,
-    session: deps.ReadSession,
+    user: deps.OpsUser,
+    session: deps.ReadSessionDep,
     need_id: str | None = None,
     referral_id: str | None = None,
     status: str | None = None,
@@ -112,7 +112,10 @@ def list_deliveries(
 
 @router.get("/deliveries/stats", response_model=DeliveryStats)
 def delivery_stats(
-    user: deps.Ops, session: deps.ReadSession, clock: deps.Clock, hours: Annotated[int, Query(ge=1, le=24 * 31)] = 24
+    user: deps.OpsUser,
+    session: deps.ReadSessionDep,
+    clock: deps.ClockDep,
+    hours: Annotated[int, Query(ge=1, le=24 * 31)] = 24,
 ) -> DeliveryStats:
     """Deliveries created in the last `hours`, counted by channel, kind and status, with SMS segments used and
     the latest failures (for the ops dashboard)."""
@@ -142,7 +145,7 @@ def delivery_stats(
 
 
 @router.get("/deliveries/{delivery_id}", response_model=DeliveryDetail)
-def get_delivery(user: deps.Ops, session: deps.ReadSession, delivery_id: str) -> DeliveryDetail:
+def get_delivery(user: deps.OpsUser, session: deps.ReadSessionDep, delivery_id: str) -> DeliveryDetail:
     found = views.delivery_with_attempts(session, delivery_id)
     if found is None:
         raise HTTPException(404, "no such delivery")

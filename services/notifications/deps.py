@@ -1,12 +1,12 @@
 """What notifications' routes depend on: the shared dependencies (shared/deps.py); its API is for ops only."""
 
 from shared.deps import (  # noqa: F401 - the routes and the tests take them from here
-    Clock,
+    ClockDep,
     DatabaseDep,
     DirectoryDep,
-    Ops,
-    ReadSession,
-    Runtime,
+    OpsUser,
+    ReadSessionDep,
+    RuntimeDep,
     caller,
     get_clock,
     get_database,

@@ -31,7 +31,7 @@ from services.referral.deps import (
     DirectoryDep,
     OpsUser,
     PartnerUser,
-    Reader,
+    ReaderUser,
     Runtime,
     RuntimeDep,
 )
@@ -182,7 +182,7 @@ router = APIRouter(tags=["referrals"])
 
 @router.get("/referrals", response_model=ReferralPage)
 def list_referrals(
-    user: Reader,
+    user: ReaderUser,
     runtime: RuntimeDep,
     need_id: str | None = None,
     partner_id: str | None = None,
@@ -209,7 +209,7 @@ def list_referrals(
 
 
 @router.get("/referrals/{referral_id}", response_model=ReferralPublic)
-def get_referral(referral_id: str, user: Reader, runtime: RuntimeDep) -> ReferralPublic:
+def get_referral(referral_id: str, user: ReaderUser, runtime: RuntimeDep) -> ReferralPublic:
     with runtime.db.read() as session:
         found = store.referral_with_case(session, referral_id)
     if found is None or as_partner(user) not in (None, found[0].partner_id):

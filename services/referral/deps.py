@@ -15,8 +15,9 @@ from services.referral.dashboard import QueueWatch
 from services.referral.handlers import Deps
 from shared.db import Database
 from shared.deps import (  # noqa: F401 - the routes and the tests take them from here
-    Clock,
+    ClockDep,
     DirectoryDep,
+    OpsUser,
     caller,
     get_clock,
     get_directory,
@@ -62,7 +63,6 @@ class Runtime(Protocol):
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
-ClockDep = Clock
 
 
 def get_pages(runtime: RuntimeDep) -> Pages:
@@ -85,6 +85,5 @@ def get_command_deps(runtime: RuntimeDep, clock: ClockDep, directory: DirectoryD
 
 CommandDeps = Annotated[Deps, Depends(get_command_deps)]
 
-Reader = Annotated[User, Depends(caller("partner", "ops"))]
+ReaderUser = Annotated[User, Depends(caller("partner", "ops"))]
 PartnerUser = Annotated[User, Depends(caller("partner"))]
-OpsUser = Annotated[User, Depends(caller("ops"))]
