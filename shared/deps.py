@@ -1,6 +1,6 @@
 """What a service's routes depend on, as FastAPI dependencies (full-stack-fastapi-template's api/deps.py): the runtime
-its `bootstrap` put in `app.state.runtime`, its clock, its database and a read session, its directory, and the
-caller by role. A service's own `deps.py` adds its roles; a test overrides one with
+its `bootstrap` put in `app.state.runtime`, its clock, its database and a read session, its directory, its pages, and
+the caller by role. A service's own `deps.py` adds its roles; a test overrides one with
 `app.dependency_overrides[get_clock] = ...` instead of patching the service."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from sqlmodel import Session
 
 from shared.db import Database
 from shared.directory import Directory, User
+from shared.pages import Pages
 
 
 def get_runtime(request: Request) -> Any:
@@ -36,6 +37,10 @@ def get_directory(runtime: RuntimeDep) -> Directory:
     return runtime.directory  # read per request: SIGHUP may have loaded another one
 
 
+def get_pages(runtime: RuntimeDep) -> Pages:
+    return runtime.pages  # the service's pages (shared.pages.Pages), built once by its bootstrap
+
+
 def read_session(db: Annotated[Database, Depends(get_database)]) -> Iterator[Session]:
     with db.read() as session:
         yield session
@@ -45,6 +50,7 @@ ClockDep = Annotated[Callable[[], datetime], Depends(get_clock)]
 DatabaseDep = Annotated[Database, Depends(get_database)]
 DirectoryDep = Annotated[Directory, Depends(get_directory)]
 ReadSessionDep = Annotated[Session, Depends(read_session)]
+PagesDep = Annotated[Pages, Depends(get_pages)]
 
 _bearer = HTTPBearer(auto_error=False)
 

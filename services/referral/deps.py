@@ -1,6 +1,6 @@
 """What referral's routers depend on, as FastAPI dependencies (in the manner of full-stack-fastapi-template's
 api/deps.py): the shared dependencies (shared/deps.py: the runtime that `app.bootstrap` built, the clock, the
-directory, the caller by role), referral's pages, and the `handlers.Deps` a command runs with. A test overrides one
+directory, the pages, the caller by role), and the `handlers.Deps` a command runs with. A test overrides one
 with `app.dependency_overrides[get_clock] = ...`."""
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ from shared.deps import (  # noqa: F401 - the routes and the tests take them fro
     ClockDep,
     DirectoryDep,
     OpsUser,
+    PagesDep,
     caller,
     get_clock,
     get_directory,
+    get_pages,
     get_runtime,
 )
 from shared.directory import Directory, User
@@ -63,13 +65,6 @@ class Runtime(Protocol):
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
-
-
-def get_pages(runtime: RuntimeDep) -> Pages:
-    return runtime.pages
-
-
-PagesDep = Annotated[Pages, Depends(get_pages)]
 
 
 def get_command_deps(runtime: RuntimeDep, clock: ClockDep, directory: DirectoryDep) -> Deps:
