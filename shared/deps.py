@@ -1,6 +1,6 @@
 """What a service's routes depend on, as FastAPI dependencies (full-stack-fastapi-template's api/deps.py): the runtime
-its `bootstrap` put in `app.state.runtime`, its clock, its database and a read session, its directory, its pages, and
-the caller by role. A service's own `deps.py` adds its roles; a test overrides one with
+its `bootstrap` put in `app.state.runtime`, its settings, its clock, its database and a read session, its directory,
+its pages, and the caller by role. A service's own `deps.py` adds its roles; a test overrides one with
 `app.dependency_overrides[get_clock] = ...` instead of patching the service."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from sqlmodel import Session
 from shared.db import Database
 from shared.directory import Directory, User
 from shared.pages import Pages
+from shared.settings import Settings
 
 
 def get_runtime(request: Request) -> Any:
@@ -23,6 +24,10 @@ def get_runtime(request: Request) -> Any:
 
 
 RuntimeDep = Annotated[Any, Depends(get_runtime)]  # a shared.service.ServiceRuntime of the service
+
+
+def get_settings(runtime: RuntimeDep) -> Settings:
+    return runtime.settings
 
 
 def get_clock(runtime: RuntimeDep) -> Callable[[], datetime]:
@@ -51,6 +56,7 @@ DatabaseDep = Annotated[Database, Depends(get_database)]
 DirectoryDep = Annotated[Directory, Depends(get_directory)]
 ReadSessionDep = Annotated[Session, Depends(read_session)]
 PagesDep = Annotated[Pages, Depends(get_pages)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 _bearer = HTTPBearer(auto_error=False)
 

@@ -12,12 +12,14 @@ from shared.deps import (  # noqa: F401 - the routes and the tests take them fro
     PagesDep,
     ReadSessionDep,
     RuntimeDep,
+    SettingsDep,
     caller,
     get_clock,
     get_database,
     get_directory,
     get_pages,
     get_runtime,
+    get_settings,
     read_session,
 )
 from shared.directory import User

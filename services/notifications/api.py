@@ -13,9 +13,9 @@ from pydantic import BaseModel
 from services.notifications import deps, handlers, views
 from services.notifications.commands import RecordSmsReceipt, RecordSmsReply
 from services.notifications.providers import SMS_PROVIDERS
-from services.notifications.providers.base import Receipt, Reply
+from services.notifications.providers.base import Receipt, Reply, Report
 from services.notifications.store import Delivery
-from shared.service import Cursor, Service
+from shared.service import Cursor
 
 
 class DeliveryPublic(BaseModel):
@@ -158,10 +158,9 @@ def get_delivery(user: deps.OpsUser, session: deps.ReadSessionDep, delivery_id: 
 # --- the SMS providers' webhooks --------------------------------------------------------------------
 
 
-def build_webhooks(svc: Service) -> APIRouter:
-    """Every registered SMS provider's webhooks (providers/), each checked by the provider's signature or secret;
-    what they read becomes a command (RecordSmsReceipt, RecordSmsReply) for its one handler."""
-    router = APIRouter()
+def sms_report(runtime: deps.RuntimeDep, db: deps.DatabaseDep, clock: deps.ClockDep) -> Report:
+    """What a provider's webhook read (providers/), as a command (RecordSmsReceipt, RecordSmsReply) for its one
+    handler: the dependency each provider's webhook takes its Report from."""
 
     def command(provider: str, what: Receipt | Reply) -> RecordSmsReceipt | RecordSmsReply:
         if isinstance(what, Receipt):
@@ -173,12 +172,16 @@ def build_webhooks(svc: Service) -> APIRouter:
             return
         cmd = command(provider, what)
         if isinstance(cmd, RecordSmsReceipt):
-            await anyio.to_thread.run_sync(partial(handlers.record_sms_receipt, svc.db, cmd, now=svc.clock()))
+            await anyio.to_thread.run_sync(partial(handlers.record_sms_receipt, db, cmd, now=clock()))
         else:
-            await anyio.to_thread.run_sync(partial(handlers.record_sms_reply, svc.db, cmd, now=svc.clock()))
-        svc.bus.relay.wake()
+            await anyio.to_thread.run_sync(partial(handlers.record_sms_reply, db, cmd, now=clock()))
+        runtime.bus.relay.wake()
 
-    for kind in SMS_PROVIDERS.values():
-        if kind.webhooks is not None:
-            router.include_router(kind.webhooks(svc.settings, report))
-    return router
+    return report
+
+
+# Every registered SMS provider's webhooks, each checked by the provider's signature or secret.
+webhooks = APIRouter()
+for kind in SMS_PROVIDERS.values():
+    if kind.webhooks is not None:
+        webhooks.include_router(kind.webhooks(sms_report))

@@ -19,11 +19,13 @@ from shared.deps import (  # noqa: F401 - the routes and the tests take them fro
     DirectoryDep,
     OpsUser,
     PagesDep,
+    SettingsDep,
     caller,
     get_clock,
     get_directory,
     get_pages,
     get_runtime,
+    get_settings,
 )
 from shared.directory import Directory, User
 from shared.messaging import Bus
