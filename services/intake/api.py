@@ -183,7 +183,7 @@ def _as_checked(schema: dict) -> dict:
     """NeedCreate's schema saying what validate_need checks beyond pydantic's types (for OpenAPI readers and
     Schemathesis): consent is `true`, a summary is not blank, the forms of postal codes, emails and phones (the empty
     string means none), a channel needs its address. The directory's ids are added per deployment (see
-    `build_router`)."""
+    `directory_ids`)."""
     props, person = schema["properties"], schema["properties"]["person"]["properties"]
     props["consent"]["const"] = True
     props["summary"]["pattern"] = r"^[^\x00]*[^\s\x00][^\x00]*$"
