@@ -1,6 +1,6 @@
 """What a service's routes depend on, as FastAPI dependencies (full-stack-fastapi-template's api/deps.py): the runtime
-its `bootstrap` put in `app.state.runtime`, its clock, its database and a read session, its directory, and the
-caller by role. A service's own `deps.py` adds its roles; a test overrides one with
+its `bootstrap` put in `app.state.runtime`, its settings, its clock, its database and a read session, its directory,
+its pages, and the caller by role. A service's own `deps.py` adds its roles; a test overrides one with
 `app.dependency_overrides[get_clock] = ...` instead of patching the service."""
 
 from __future__ import annotations
@@ -15,25 +15,35 @@ from sqlmodel import Session
 
 from shared.db import Database
 from shared.directory import Directory, User
+from shared.pages import Pages
+from shared.settings import Settings
 
 
 def get_runtime(request: Request) -> Any:
     return request.app.state.runtime
 
 
-Runtime = Annotated[Any, Depends(get_runtime)]  # a shared.service.ServiceRuntime of the service
+RuntimeDep = Annotated[Any, Depends(get_runtime)]  # a shared.service.ServiceRuntime of the service
 
 
-def get_clock(runtime: Runtime) -> Callable[[], datetime]:
+def get_settings(runtime: RuntimeDep) -> Settings:
+    return runtime.settings
+
+
+def get_clock(runtime: RuntimeDep) -> Callable[[], datetime]:
     return runtime.clock
 
 
-def get_database(runtime: Runtime) -> Database:
+def get_database(runtime: RuntimeDep) -> Database:
     return runtime.db
 
 
-def get_directory(runtime: Runtime) -> Directory:
+def get_directory(runtime: RuntimeDep) -> Directory:
     return runtime.directory  # read per request: SIGHUP may have loaded another one
+
+
+def get_pages(runtime: RuntimeDep) -> Pages:
+    return runtime.pages  # the service's pages (shared.pages.Pages), built once by its bootstrap
 
 
 def read_session(db: Annotated[Database, Depends(get_database)]) -> Iterator[Session]:
@@ -41,10 +51,12 @@ def read_session(db: Annotated[Database, Depends(get_database)]) -> Iterator[Ses
         yield session
 
 
-Clock = Annotated[Callable[[], datetime], Depends(get_clock)]
+ClockDep = Annotated[Callable[[], datetime], Depends(get_clock)]
 DatabaseDep = Annotated[Database, Depends(get_database)]
 DirectoryDep = Annotated[Directory, Depends(get_directory)]
-ReadSession = Annotated[Session, Depends(read_session)]
+ReadSessionDep = Annotated[Session, Depends(read_session)]
+PagesDep = Annotated[Pages, Depends(get_pages)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 _bearer = HTTPBearer(auto_error=False)
 
@@ -54,7 +66,7 @@ def caller(*roles: str) -> Callable[..., User]:
 
     def dependency(
         request: Request,
-        runtime: Runtime,
+        runtime: RuntimeDep,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> User:
         return runtime.service.require(*roles)(request, credentials)
@@ -62,4 +74,4 @@ def caller(*roles: str) -> Callable[..., User]:
     return dependency
 
 
-Ops = Annotated[User, Depends(caller("ops"))]
+OpsUser = Annotated[User, Depends(caller("ops"))]

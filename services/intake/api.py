@@ -183,7 +183,7 @@ def _as_checked(schema: dict) -> dict:
     """NeedCreate's schema saying what validate_need checks beyond pydantic's types (for OpenAPI readers and
     Schemathesis): consent is `true`, a summary is not blank, the forms of postal codes, emails and phones (the empty
     string means none), a channel needs its address. The directory's ids are added per deployment (see
-    `build_router`)."""
+    `directory_ids`)."""
     props, person = schema["properties"], schema["properties"]["person"]["properties"]
     props["consent"]["const"] = True
     props["summary"]["pattern"] = r"^[^\x00]*[^\s\x00][^\x00]*$"
@@ -272,10 +272,10 @@ router = APIRouter(tags=["needs"])
 @router.post("/needs", status_code=201, response_model=NeedPublic, responses=error_responses(409))
 async def create_need(
     data: Annotated[dict[str, Any], Body(title="NeedCreate", json_schema_extra=NEED_CREATE_SCHEMA)],
-    user: deps.FrontDesk,
-    runtime: deps.Runtime,
+    user: deps.FrontDeskUser,
+    runtime: deps.RuntimeDep,
     db: deps.DatabaseDep,
-    clock: deps.Clock,
+    clock: deps.ClockDep,
     idempotency_key: Annotated[str | None, Header(max_length=MAX_IDEMPOTENCY_KEY)] = None,
 ) -> Response:
     # The body (documented as NeedCreate) is validated here, not by FastAPI, so that a 422 names every failing
@@ -303,7 +303,12 @@ def body_errors(invalid: Invalid) -> list[dict]:
 
 @router.post("/needs/{need_id}/cancel", response_model=NeedPublic, responses=error_responses(409))
 def cancel(
-    need_id: str, body: CancelNeedBody, user: deps.Ops, runtime: deps.Runtime, db: deps.DatabaseDep, clock: deps.Clock
+    need_id: str,
+    body: CancelNeedBody,
+    user: deps.OpsUser,
+    runtime: deps.RuntimeDep,
+    db: deps.DatabaseDep,
+    clock: deps.ClockDep,
 ) -> NeedPublic:
     """Ops withdraw a need recorded in error: closed at once; referral cancels its referral and stops its clock."""
     try:
@@ -325,10 +330,10 @@ def cancel(
     responses={200: {"content": {"text/csv": {}}, "description": "JSON, or CSV with format=csv"}},
 )
 def reports(
-    user: deps.Reader,
+    user: deps.ReaderUser,
     directory: deps.DirectoryDep,
     db: deps.DatabaseDep,
-    clock: deps.Clock,
+    clock: deps.ClockDep,
     month: Annotated[str | None, Query(pattern=MONTH)] = None,
     library_id: str | None = None,
     format: Literal["json", "csv"] = "json",
@@ -354,7 +359,7 @@ def reports(
 
 
 @router.get("/needs/{need_id}", response_model=NeedPublic)
-def get_need(need_id: str, user: deps.Reader, session: deps.ReadSession) -> NeedPublic:
+def get_need(need_id: str, user: deps.ReaderUser, session: deps.ReadSessionDep) -> NeedPublic:
     found = need_with_history(session, need_id)
     if found is None or (user.role == "front_desk" and found[0].library_id != user.library):
         raise HTTPException(404, "no such need")
@@ -363,8 +368,8 @@ def get_need(need_id: str, user: deps.Reader, session: deps.ReadSession) -> Need
 
 @router.get("/needs", response_model=NeedPage)
 def list_needs(
-    user: deps.Reader,
-    session: deps.ReadSession,
+    user: deps.ReaderUser,
+    session: deps.ReadSessionDep,
     library_id: str | None = None,
     status: Literal["recorded", "referred", "accepted", "responded", "closed", "unroutable"] | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,

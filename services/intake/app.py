@@ -1,6 +1,6 @@
 """Intake service wiring: `bootstrap` builds, once, everything the process needs (settings, database, directory,
-bus, clock, the API's routes and the desk's pages) into an IntakeRuntime. Request sizes are limited by shared.edges,
-like every service's."""
+bus, clock, the desk's pages, the FastAPI app) into an IntakeRuntime. The routers are module-level (api.py, web.py)
+and find it through the dependencies of deps.py. Request sizes are limited by shared.edges, like every service's."""
 
 from __future__ import annotations
 
@@ -13,21 +13,25 @@ from fastapi import FastAPI
 from services.intake import api, consumers, web
 from services.intake.store import TABLES
 from shared.events import utcnow
+from shared.pages import Pages
 from shared.service import Service, ServiceRuntime
 from shared.settings import Settings
 
 
 @dataclass(frozen=True)
 class IntakeRuntime(ServiceRuntime):
-    """The intake process: its shared service parts and its app (nothing of its own)."""
+    """The intake process: its shared service parts, its app, and the desk's pages."""
+
+    pages: Pages
 
 
 def bootstrap(settings: Settings | None = None, *, clock: Callable[[], datetime] = utcnow) -> IntakeRuntime:
     service = Service("intake", settings or Settings(), TABLES, clock)
     consumers.register(service)
     service.openapi_refiners.append(api.directory_ids(service))
-    app = service.create_app(api.router, title="Relais intake", pages=[web.build_router(service)])
-    runtime = IntakeRuntime(service, app)
+    pages = web.pages_for(service)
+    app = service.create_app(api.router, title="Relais intake", pages=[pages.sign_in_router(), web.router])
+    runtime = IntakeRuntime(service, app, pages)
     app.state.runtime = runtime  # what deps.py gives the routes
     return runtime
 

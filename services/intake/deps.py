@@ -5,20 +5,24 @@ from typing import Annotated
 from fastapi import Depends
 
 from shared.deps import (  # noqa: F401 - the routes and the tests take them from here
-    Clock,
+    ClockDep,
     DatabaseDep,
     DirectoryDep,
-    Ops,
-    ReadSession,
-    Runtime,
+    OpsUser,
+    PagesDep,
+    ReadSessionDep,
+    RuntimeDep,
+    SettingsDep,
     caller,
     get_clock,
     get_database,
     get_directory,
+    get_pages,
     get_runtime,
+    get_settings,
     read_session,
 )
 from shared.directory import User
 
-FrontDesk = Annotated[User, Depends(caller("front_desk"))]
-Reader = Annotated[User, Depends(caller("front_desk", "ops"))]
+FrontDeskUser = Annotated[User, Depends(caller("front_desk"))]
+ReaderUser = Annotated[User, Depends(caller("front_desk", "ops"))]

@@ -32,9 +32,11 @@ from markupsafe import Markup
 
 from services.intake import domain, handlers, views
 from services.intake.api import MAX_SUMMARY, NEED_STATUSES, Invalid, record_command, unknown_earlier_need, validate_need
+from services.intake.deps import ClockDep, DatabaseDep, DirectoryDep, PagesDep, RuntimeDep
 from services.intake.reports import CategoryFigures, LibraryReport, csv_response, library_report
 from services.intake.store import Need, NeedHistory
-from shared.directory import Library, User
+from shared.db import Database
+from shared.directory import Directory, Library, User
 from shared.logs import current_correlation_id
 from shared.pages import MONTHS_FR, SECURITY_HEADERS, Pages, page_links, page_number
 from shared.service import Service
@@ -91,343 +93,396 @@ def month_label(month: date) -> str:
     return f"{MONTHS_FR[month.month - 1]} {month.year}"
 
 
-def build_router(svc: Service) -> APIRouter:
-    pages = Pages(svc, TEMPLATES, roles=("front_desk",), home=HOME)
-    router = APIRouter()
-    router.include_router(pages.sign_in_router())
+def pages_for(svc: Service) -> Pages:
+    """The desk's pages: front-desk staff sign in here."""
+    return Pages(svc, TEMPLATES, roles=("front_desk",), home=HOME)
 
-    # --- helpers
 
-    def desk(request: Request) -> Desk:
-        user = pages.require_user(request, "front_desk")
-        library = svc.directory.library(user.library or "")
-        if library is None:
-            raise pages.error(request, 403, "role")
-        return Desk(user, library)
+router = APIRouter()
 
-    def show(request: Request, template: str, status: int = 200, **context: Any) -> Response:
-        response = pages.render(request, template, status=status, **context)
-        response.headers["Content-Security-Policy"] = CSP
-        return response
+# --- helpers
 
-    def live(
-        request: Request, desk_: Desk, fragment: str, every_key: str, final: bool, **context: Any
-    ) -> tuple[Response | None, dict[str, Any]]:
-        """The live region's HTML: the answer itself for `?partiel=1`, else context for the whole page."""
-        html = pages.env.get_template(fragment).render(
-            request=request, user=desk_.user, library=desk_.library, **context
-        )
-        version = hashlib.sha256(html.encode()).hexdigest()[:16]
-        if request.query_params.get("partiel") == "1":
-            headers = {
-                **SECURITY_HEADERS,
-                "X-Relais-Partiel": "1",
-                "X-Relais-Version": version,
-                "X-Relais-Final": "1" if final else "0",
-            }
-            return Response(html, media_type="text/html; charset=utf-8", headers=headers), {}
-        url = (
-            request.url.path
-            + "?"
-            + urlencode([(k, v) for k, v in request.query_params.multi_items() if k != "partiel"] + [("partiel", "1")])
-        )
-        return None, dict(
-            live_html=Markup(html),
-            live_version=version,
-            live_url=url,
-            live_final=final,
-            live_every=LIVE_EVERY_S[every_key],
-        )
 
-    def category_label(category_id: str) -> str:
-        category = svc.directory.category(category_id)
-        return category.label if category else category_id
+def desk(request: Request, pages: Pages, directory: Directory) -> Desk:
+    user = pages.require_user(request, "front_desk")
+    library = directory.library(user.library or "")
+    if library is None:
+        raise pages.error(request, 403, "role")
+    return Desk(user, library)
 
-    def partner_name(partner_id: str | None) -> str | None:
-        if partner_id is None:
-            return None
-        partner = svc.directory.partner(partner_id)
-        return partner.name if partner else partner_id
 
-    def load(need_id: str, library_id: str) -> tuple[Need, list[NeedHistory]] | None:
-        with svc.db.read() as session:
-            found = views.need_with_history(session, need_id)
-        return found if found is not None and found[0].library_id == library_id else None
+def show(request: Request, pages: Pages, template: str, status: int = 200, **context: Any) -> Response:
+    response = pages.render(request, template, status=status, **context)
+    response.headers["Content-Security-Policy"] = CSP
+    return response
 
-    async def found(request: Request, desk_: Desk, need_id: str) -> tuple[Need, list[NeedHistory]]:
-        result = await anyio.to_thread.run_sync(load, need_id, desk_.library.id)
-        if result is None:
-            raise pages.error(request, 404, "not_found")  # never 403: ids cannot be probed
-        return result
 
-    def need_context(need: Need, now: datetime) -> dict[str, Any]:
-        return dict(
-            need=need,
-            category=category_label(need.category),
-            partner=partner_name(need.partner_id),
-            overdue=domain.is_overdue(need.status, need.respond_by, now),
-        )
-
-    # --- static files of these pages
-
-    @router.get("/scripts/{name}")
-    async def script(name: str) -> Response:
-        if name not in ("suivi.js", "accueil.css"):
-            return Response(status_code=404)
-        return FileResponse(
-            STATIC / name, headers={"Cache-Control": "public, max-age=3600", "X-Content-Type-Options": "nosniff"}
-        )
-
-    @router.get("/")
-    async def root() -> Response:
-        return pages.redirect(HOME)
-
-    # --- recording a need
-
-    def default_postal_code(library: Library) -> str:
-        """The library's territory when it is a whole postal code (a prefix like "76" or "J2B" is not)."""
-        try:
-            return domain.normalize_postal_code(library.territory[0]) if library.territory else ""
-        except ValueError:
-            return ""
-
-    def blank_form(library: Library) -> dict[str, str]:
-        return {
-            "category": "",
-            "summary": "",
-            "postal_code": default_postal_code(library),
-            "urgency": "normal",
-            "display_name": "",
-            "email": "",
-            "phone": "",
-            "preferred_channel": "",
-            "language": "fr",
-            "consent": "",
-            "same_person_as": "",
-            "idempotency_key": secrets.token_urlsafe(18),
+def live(
+    request: Request, pages: Pages, desk_: Desk, fragment: str, every_key: str, final: bool, **context: Any
+) -> tuple[Response | None, dict[str, Any]]:
+    """The live region's HTML: the answer itself for `?partiel=1`, else context for the whole page."""
+    html = pages.env.get_template(fragment).render(request=request, user=desk_.user, library=desk_.library, **context)
+    version = hashlib.sha256(html.encode()).hexdigest()[:16]
+    if request.query_params.get("partiel") == "1":
+        headers = {
+            **SECURITY_HEADERS,
+            "X-Relais-Partiel": "1",
+            "X-Relais-Version": version,
+            "X-Relais-Final": "1" if final else "0",
         }
+        return Response(html, media_type="text/html; charset=utf-8", headers=headers), {}
+    url = (
+        request.url.path
+        + "?"
+        + urlencode([(k, v) for k, v in request.query_params.multi_items() if k != "partiel"] + [("partiel", "1")])
+    )
+    return None, dict(
+        live_html=Markup(html),
+        live_version=version,
+        live_url=url,
+        live_final=final,
+        live_every=LIVE_EVERY_S[every_key],
+    )
 
-    def form_page(
-        request: Request,
-        desk_: Desk,
-        values: dict[str, str],
-        status: int = 200,
-        errors: dict[str, str] | None = None,
-        suggestions: list[str] | None = None,
-        earlier: Need | None = None,
-        key_reused: str | None = None,
-    ) -> Response:
-        return show(
-            request,
-            "nouvelle.html",
-            status=status,
-            library=desk_.library,
-            values=values,
-            errors=errors or {},
-            suggestions=[category_label(c) for c in suggestions or []],
-            categories=svc.directory.categories,
-            earlier=earlier,
-            key_reused=key_reused,
-            default_postal_code=default_postal_code(desk_.library),
-            max_summary=MAX_SUMMARY,
-        )
 
-    @router.get("/nouvelle")
-    async def new_need(request: Request, meme_personne: str = "") -> Response:
-        desk_ = desk(request)
-        values, earlier = blank_form(desk_.library), None
-        if meme_personne:
-            loaded = await anyio.to_thread.run_sync(load, meme_personne, desk_.library.id)
-            if loaded is not None:
-                earlier = loaded[0]
-                values.update(
-                    display_name=earlier.person_display_name or "",
-                    email=earlier.person_email or "",
-                    phone=earlier.person_phone or "",
-                    preferred_channel=earlier.preferred_channel,
-                    language=earlier.language,
-                    postal_code=earlier.postal_code or values["postal_code"],
-                    same_person_as=earlier.id,
-                )
-        return form_page(request, desk_, values, earlier=earlier)
+def category_label(directory: Directory, category_id: str) -> str:
+    category = directory.category(category_id)
+    return category.label if category else category_id
 
-    @router.post("/nouvelle")
-    async def record(request: Request) -> Response:
-        desk_ = desk(request)
-        fields = await pages.form(request)
-        values = {name: fields.get(name, "") for name in blank_form(desk_.library)}
-        values["urgency"] = values["urgency"] or "normal"
-        values["language"] = values["language"] or "fr"
-        values["summary"] = values["summary"].replace("\r\n", "\n")  # browsers send a textarea's lines with CRLF
-        values["idempotency_key"] = values["idempotency_key"][:200] or secrets.token_urlsafe(18)
-        category_id, suggestions = domain.find_category(
-            values["category"], [(c.id, c.label) for c in svc.directory.categories]
-        )
-        person = {
-            "display_name": values["display_name"].strip() or None,
-            "email": values["email"].strip() or None,
-            "phone": values["phone"].strip() or None,
-            "preferred_channel": values["preferred_channel"] or None,
-            "language": values["language"] or "fr",
-        }
-        data = {
-            "library_id": desk_.library.id,
-            "category": category_id or values["category"].strip(),
-            "summary": values["summary"],
-            "postal_code": values["postal_code"].strip() or None,
-            "urgency": values["urgency"] or "normal",
-            "person": person,
-            "consent": values["consent"] == "oui",
-            "same_person_as": values["same_person_as"] or None,
-        }
-        earlier = None
-        if values["same_person_as"]:
-            loaded = await anyio.to_thread.run_sync(load, values["same_person_as"], desk_.library.id)
-            earlier = loaded[0] if loaded else None
-        try:
-            body = validate_need(data, svc.directory, library=desk_.library.id)
-            cmd = record_command(
-                body, desk_.user, values["idempotency_key"], current_correlation_id()
-            )  # validated by shared.edges
-            need = await anyio.to_thread.run_sync(
-                partial(handlers.record_need, svc.db, cmd, directory=svc.directory, now=svc.clock())
+
+def partner_name(directory: Directory, partner_id: str | None) -> str | None:
+    if partner_id is None:
+        return None
+    partner = directory.partner(partner_id)
+    return partner.name if partner else partner_id
+
+
+def load(db: Database, need_id: str, library_id: str) -> tuple[Need, list[NeedHistory]] | None:
+    with db.read() as session:
+        found = views.need_with_history(session, need_id)
+    return found if found is not None and found[0].library_id == library_id else None
+
+
+async def found(
+    request: Request, pages: Pages, db: Database, desk_: Desk, need_id: str
+) -> tuple[Need, list[NeedHistory]]:
+    result = await anyio.to_thread.run_sync(load, db, need_id, desk_.library.id)
+    if result is None:
+        raise pages.error(request, 404, "not_found")  # never 403: ids cannot be probed
+    return result
+
+
+def need_context(directory: Directory, need: Need, now: datetime) -> dict[str, Any]:
+    return dict(
+        need=need,
+        category=category_label(directory, need.category),
+        partner=partner_name(directory, need.partner_id),
+        overdue=domain.is_overdue(need.status, need.respond_by, now),
+    )
+
+
+# --- static files of these pages
+
+
+@router.get("/scripts/{name}")
+async def script(name: str) -> Response:
+    if name not in ("suivi.js", "accueil.css"):
+        return Response(status_code=404)
+    return FileResponse(
+        STATIC / name, headers={"Cache-Control": "public, max-age=3600", "X-Content-Type-Options": "nosniff"}
+    )
+
+
+@router.get("/")
+async def root(pages: PagesDep) -> Response:
+    return pages.redirect(HOME)
+
+
+# --- recording a need
+
+
+def default_postal_code(library: Library) -> str:
+    """The library's territory when it is a whole postal code (a prefix like "76" or "J2B" is not)."""
+    try:
+        return domain.normalize_postal_code(library.territory[0]) if library.territory else ""
+    except ValueError:
+        return ""
+
+
+def blank_form(library: Library) -> dict[str, str]:
+    return {
+        "category": "",
+        "summary": "",
+        "postal_code": default_postal_code(library),
+        "urgency": "normal",
+        "display_name": "",
+        "email": "",
+        "phone": "",
+        "preferred_channel": "",
+        "language": "fr",
+        "consent": "",
+        "same_person_as": "",
+        "idempotency_key": secrets.token_urlsafe(18),
+    }
+
+
+def form_page(
+    request: Request,
+    pages: Pages,
+    directory: Directory,
+    desk_: Desk,
+    values: dict[str, str],
+    status: int = 200,
+    errors: dict[str, str] | None = None,
+    suggestions: list[str] | None = None,
+    earlier: Need | None = None,
+    key_reused: str | None = None,
+) -> Response:
+    return show(
+        request,
+        pages,
+        "nouvelle.html",
+        status=status,
+        library=desk_.library,
+        values=values,
+        errors=errors or {},
+        suggestions=[category_label(directory, c) for c in suggestions or []],
+        categories=directory.categories,
+        earlier=earlier,
+        key_reused=key_reused,
+        default_postal_code=default_postal_code(desk_.library),
+        max_summary=MAX_SUMMARY,
+    )
+
+
+@router.get("/nouvelle")
+async def new_need(
+    request: Request, pages: PagesDep, db: DatabaseDep, directory: DirectoryDep, meme_personne: str = ""
+) -> Response:
+    desk_ = desk(request, pages, directory)
+    values, earlier = blank_form(desk_.library), None
+    if meme_personne:
+        loaded = await anyio.to_thread.run_sync(load, db, meme_personne, desk_.library.id)
+        if loaded is not None:
+            earlier = loaded[0]
+            values.update(
+                display_name=earlier.person_display_name or "",
+                email=earlier.person_email or "",
+                phone=earlier.person_phone or "",
+                preferred_channel=earlier.preferred_channel,
+                language=earlier.language,
+                postal_code=earlier.postal_code or values["postal_code"],
+                same_person_as=earlier.id,
             )
-        except (Invalid, handlers.UnknownNeed) as exc:
-            invalid = exc if isinstance(exc, Invalid) else unknown_earlier_need(str(exc))
-            return form_page(
-                request,
-                desk_,
-                values,
-                status=422,
-                errors=form_errors(invalid.errors),
-                suggestions=suggestions,
-                earlier=earlier,
-            )
-        except handlers.KeyReused as exc:  # this form already recorded a need, then was changed and sent again
-            values["idempotency_key"] = secrets.token_urlsafe(18)
-            return form_page(request, desk_, values, status=409, key_reused=exc.need_id, earlier=earlier)
-        svc.bus.relay.wake()
-        return pages.redirect(f"/demandes/{need.id}/enregistree")
+    return form_page(request, pages, directory, desk_, values, earlier=earlier)
 
-    # --- the confirmation
 
-    @router.get("/demandes/{need_id}/enregistree")
-    async def recorded(request: Request, need_id: str) -> Response:
-        desk_ = desk(request)
-        need, history = await found(request, desk_, need_id)
-        now = svc.clock()
-        routed_because = next(
-            (h.detail for h in reversed(history) if h.event in ("referral.assigned", "need.unroutable")), None
-        )
-        context = need_context(need, now) | dict(routed_because=routed_because)
-        partial, live_context = live(
-            request, desk_, "_suivi.html", "enregistree", final=need.status != "recorded", **context
-        )
-        if partial is not None:
-            return partial
-        return show(request, "enregistree.html", library=desk_.library, **context, **live_context)
-
-    # --- Mes demandes
-
-    @router.get("/demandes")
-    async def needs(
-        request: Request, statut: str = "", thematique: str = "", delai: str = "", page: str = "1"
-    ) -> Response:
-        desk_ = desk(request)
-        status = statut if statut in STATUS_FILTERS else ""
-        category = thematique if svc.directory.category(thematique) else ""
-        sla = delai if delai in SLA_FILTERS else ""
-        number = page_number(page)
-        now = svc.clock()
-
-        def rows() -> tuple[list[Need], bool]:
-            with svc.db.read() as session:
-                return views.desk_needs(
-                    session,
-                    desk_.library.id,
-                    now,
-                    status=status,
-                    category=category,
-                    sla=sla,
-                    page=number,
-                    limit=LIST_LIMIT,
-                    overdue_limit=OVERDUE_LIMIT,
-                )
-
-        found_rows, has_more = await anyio.to_thread.run_sync(rows)
-        items = [need_context(n, now) for n in found_rows]
-        filters: dict[str, Any] = dict(filter_status=status, filter_category=category, filter_sla=sla)
-        partial, live_context = live(
+@router.post("/nouvelle")
+async def record(
+    request: Request, pages: PagesDep, runtime: RuntimeDep, db: DatabaseDep, directory: DirectoryDep, clock: ClockDep
+) -> Response:
+    desk_ = desk(request, pages, directory)
+    fields = await pages.form(request)
+    values = {name: fields.get(name, "") for name in blank_form(desk_.library)}
+    values["urgency"] = values["urgency"] or "normal"
+    values["language"] = values["language"] or "fr"
+    values["summary"] = values["summary"].replace("\r\n", "\n")  # browsers send a textarea's lines with CRLF
+    values["idempotency_key"] = values["idempotency_key"][:200] or secrets.token_urlsafe(18)
+    category_id, suggestions = domain.find_category(values["category"], [(c.id, c.label) for c in directory.categories])
+    person = {
+        "display_name": values["display_name"].strip() or None,
+        "email": values["email"].strip() or None,
+        "phone": values["phone"].strip() or None,
+        "preferred_channel": values["preferred_channel"] or None,
+        "language": values["language"] or "fr",
+    }
+    data = {
+        "library_id": desk_.library.id,
+        "category": category_id or values["category"].strip(),
+        "summary": values["summary"],
+        "postal_code": values["postal_code"].strip() or None,
+        "urgency": values["urgency"] or "normal",
+        "person": person,
+        "consent": values["consent"] == "oui",
+        "same_person_as": values["same_person_as"] or None,
+    }
+    earlier = None
+    if values["same_person_as"]:
+        loaded = await anyio.to_thread.run_sync(load, db, values["same_person_as"], desk_.library.id)
+        earlier = loaded[0] if loaded else None
+    try:
+        body = validate_need(data, directory, library=desk_.library.id)
+        cmd = record_command(
+            body, desk_.user, values["idempotency_key"], current_correlation_id()
+        )  # validated by shared.edges
+        need = await anyio.to_thread.run_sync(partial(handlers.record_need, db, cmd, directory=directory, now=clock()))
+    except (Invalid, handlers.UnknownNeed) as exc:
+        invalid = exc if isinstance(exc, Invalid) else unknown_earlier_need(str(exc))
+        return form_page(
             request,
+            pages,
+            directory,
             desk_,
-            "_liste.html",
-            "demandes",
-            final=False,
-            items=items,
-            filtered=bool(status or category or sla),
-            **page_links(request, number, has_more),
-            **filters,
+            values,
+            status=422,
+            errors=form_errors(invalid.errors),
+            suggestions=suggestions,
+            earlier=earlier,
         )
-        if partial is not None:
-            return partial
-        return show(
-            request,
-            "demandes.html",
-            library=desk_.library,
-            categories=svc.directory.categories,
-            statuses=STATUS_FILTERS,
-            slas=SLA_FILTERS,
-            **filters,
-            **live_context,
-        )
+    except handlers.KeyReused as exc:  # this form already recorded a need, then was changed and sent again
+        values["idempotency_key"] = secrets.token_urlsafe(18)
+        return form_page(request, pages, directory, desk_, values, status=409, key_reused=exc.need_id, earlier=earlier)
+    runtime.bus.relay.wake()
+    return pages.redirect(f"/demandes/{need.id}/enregistree")
 
-    @router.get("/demandes/{need_id}")
-    async def need_page(request: Request, need_id: str) -> Response:
-        desk_ = desk(request)
-        need, history = await found(request, desk_, need_id)
-        now = svc.clock()
-        entries = [dict(h=h, partner=partner_name(h.partner_id)) for h in history]
-        context = need_context(need, now) | dict(history=entries)
-        partial, live_context = live(
-            request, desk_, "_demande_etat.html", "demande", final=need.status in FINAL_STATUSES, **context
-        )
-        if partial is not None:
-            return partial
-        return show(request, "demande.html", library=desk_.library, **context, **live_context)
 
-    # --- monthly figures
+# --- the confirmation
 
-    def month_figures(library: Library, month: date) -> tuple[LibraryReport, list[tuple[str, CategoryFigures]]]:
-        report = library_report(svc.db, library, month, svc.clock())
-        return report, [(category_label(f.category), f) for f in report.by_category]
 
-    def month_choice(library: Library, raw: str) -> tuple[date, list[date]]:
-        today = svc.clock().astimezone(library.zoneinfo).date()
-        offered = months_before(today, MONTHS_OFFERED)
-        month = month_value(raw, today)
-        return (month if month in offered else offered[0]), offered
+@router.get("/demandes/{need_id}/enregistree")
+async def recorded(
+    request: Request, need_id: str, pages: PagesDep, db: DatabaseDep, directory: DirectoryDep, clock: ClockDep
+) -> Response:
+    desk_ = desk(request, pages, directory)
+    need, history = await found(request, pages, db, desk_, need_id)
+    now = clock()
+    routed_because = next(
+        (h.detail for h in reversed(history) if h.event in ("referral.assigned", "need.unroutable")), None
+    )
+    context = need_context(directory, need, now) | dict(routed_because=routed_because)
+    partial, live_context = live(
+        request, pages, desk_, "_suivi.html", "enregistree", final=need.status != "recorded", **context
+    )
+    if partial is not None:
+        return partial
+    return show(request, pages, "enregistree.html", library=desk_.library, **context, **live_context)
 
-    @router.get("/chiffres")
-    async def figures(request: Request, mois: str = "") -> Response:
-        desk_ = desk(request)
-        month, offered = month_choice(desk_.library, mois)
-        total, by_category = await anyio.to_thread.run_sync(month_figures, desk_.library, month)
-        return show(
-            request,
-            "chiffres.html",
-            library=desk_.library,
-            month=month,
-            month_label=month_label(month),
-            months=[(m.strftime("%Y-%m"), month_label(m)) for m in offered],
-            total=total,
-            by_category=by_category,
-        )
 
-    @router.get("/chiffres.csv")
-    async def figures_csv(request: Request, mois: str = "") -> Response:
-        desk_ = desk(request)
-        month, _ = month_choice(desk_.library, mois)
-        report, _ = await anyio.to_thread.run_sync(month_figures, desk_.library, month)
-        return csv_response([report], svc.directory, f"relais-{desk_.library.id}-{month:%Y-%m}.csv")
+# --- Mes demandes
 
-    return router
+
+@router.get("/demandes")
+async def needs(
+    request: Request,
+    pages: PagesDep,
+    db: DatabaseDep,
+    directory: DirectoryDep,
+    clock: ClockDep,
+    statut: str = "",
+    thematique: str = "",
+    delai: str = "",
+    page: str = "1",
+) -> Response:
+    desk_ = desk(request, pages, directory)
+    status = statut if statut in STATUS_FILTERS else ""
+    category = thematique if directory.category(thematique) else ""
+    sla = delai if delai in SLA_FILTERS else ""
+    number = page_number(page)
+    now = clock()
+
+    def rows() -> tuple[list[Need], bool]:
+        with db.read() as session:
+            return views.desk_needs(
+                session,
+                desk_.library.id,
+                now,
+                status=status,
+                category=category,
+                sla=sla,
+                page=number,
+                limit=LIST_LIMIT,
+                overdue_limit=OVERDUE_LIMIT,
+            )
+
+    found_rows, has_more = await anyio.to_thread.run_sync(rows)
+    items = [need_context(directory, n, now) for n in found_rows]
+    filters: dict[str, Any] = dict(filter_status=status, filter_category=category, filter_sla=sla)
+    partial, live_context = live(
+        request,
+        pages,
+        desk_,
+        "_liste.html",
+        "demandes",
+        final=False,
+        items=items,
+        filtered=bool(status or category or sla),
+        **page_links(request, number, has_more),
+        **filters,
+    )
+    if partial is not None:
+        return partial
+    return show(
+        request,
+        pages,
+        "demandes.html",
+        library=desk_.library,
+        categories=directory.categories,
+        statuses=STATUS_FILTERS,
+        slas=SLA_FILTERS,
+        **filters,
+        **live_context,
+    )
+
+
+@router.get("/demandes/{need_id}")
+async def need_page(
+    request: Request, need_id: str, pages: PagesDep, db: DatabaseDep, directory: DirectoryDep, clock: ClockDep
+) -> Response:
+    desk_ = desk(request, pages, directory)
+    need, history = await found(request, pages, db, desk_, need_id)
+    now = clock()
+    entries = [dict(h=h, partner=partner_name(directory, h.partner_id)) for h in history]
+    context = need_context(directory, need, now) | dict(history=entries)
+    partial, live_context = live(
+        request, pages, desk_, "_demande_etat.html", "demande", final=need.status in FINAL_STATUSES, **context
+    )
+    if partial is not None:
+        return partial
+    return show(request, pages, "demande.html", library=desk_.library, **context, **live_context)
+
+
+# --- monthly figures
+
+
+def month_figures(
+    db: Database, directory: Directory, library: Library, month: date, now: datetime
+) -> tuple[LibraryReport, list[tuple[str, CategoryFigures]]]:
+    report = library_report(db, library, month, now)
+    return report, [(category_label(directory, f.category), f) for f in report.by_category]
+
+
+def month_choice(library: Library, raw: str, now: datetime) -> tuple[date, list[date]]:
+    today = now.astimezone(library.zoneinfo).date()
+    offered = months_before(today, MONTHS_OFFERED)
+    month = month_value(raw, today)
+    return (month if month in offered else offered[0]), offered
+
+
+@router.get("/chiffres")
+async def figures(
+    request: Request, pages: PagesDep, db: DatabaseDep, directory: DirectoryDep, clock: ClockDep, mois: str = ""
+) -> Response:
+    desk_ = desk(request, pages, directory)
+    month, offered = month_choice(desk_.library, mois, clock())
+    total, by_category = await anyio.to_thread.run_sync(month_figures, db, directory, desk_.library, month, clock())
+    return show(
+        request,
+        pages,
+        "chiffres.html",
+        library=desk_.library,
+        month=month,
+        month_label=month_label(month),
+        months=[(m.strftime("%Y-%m"), month_label(m)) for m in offered],
+        total=total,
+        by_category=by_category,
+    )
+
+
+@router.get("/chiffres.csv")
+async def figures_csv(
+    request: Request, pages: PagesDep, db: DatabaseDep, directory: DirectoryDep, clock: ClockDep, mois: str = ""
+) -> Response:
+    desk_ = desk(request, pages, directory)
+    month, _ = month_choice(desk_.library, mois, clock())
+    report, _ = await anyio.to_thread.run_sync(month_figures, db, directory, desk_.library, month, clock())
+    return csv_response([report], directory, f"relais-{desk_.library.id}-{month:%Y-%m}.csv")

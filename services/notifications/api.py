@@ -13,9 +13,9 @@ from pydantic import BaseModel
 from services.notifications import deps, handlers, views
 from services.notifications.commands import RecordSmsReceipt, RecordSmsReply
 from services.notifications.providers import SMS_PROVIDERS
-from services.notifications.providers.base import Receipt, Reply
+from services.notifications.providers.base import Receipt, Reply, Report
 from services.notifications.store import Delivery
-from shared.service import Cursor, Service
+from shared.service import Cursor
 
 
 class DeliveryPublic(BaseModel):
@@ -95,8 +95,8 @@ router = APIRouter(tags=["deliveries"])
 
 @router.get("/deliveries", response_model=DeliveryPage)
 def list_deliveries(
-    user: deps.Ops,
-    session: deps.ReadSession,
+    user: deps.OpsUser,
+    session: deps.ReadSessionDep,
     need_id: str | None = None,
     referral_id: str | None = None,
     status: str | None = None,
@@ -112,7 +112,10 @@ def list_deliveries(
 
 @router.get("/deliveries/stats", response_model=DeliveryStats)
 def delivery_stats(
-    user: deps.Ops, session: deps.ReadSession, clock: deps.Clock, hours: Annotated[int, Query(ge=1, le=24 * 31)] = 24
+    user: deps.OpsUser,
+    session: deps.ReadSessionDep,
+    clock: deps.ClockDep,
+    hours: Annotated[int, Query(ge=1, le=24 * 31)] = 24,
 ) -> DeliveryStats:
     """Deliveries created in the last `hours`, counted by channel, kind and status, with SMS segments used and
     the latest failures (for the ops dashboard)."""
@@ -142,7 +145,7 @@ def delivery_stats(
 
 
 @router.get("/deliveries/{delivery_id}", response_model=DeliveryDetail)
-def get_delivery(user: deps.Ops, session: deps.ReadSession, delivery_id: str) -> DeliveryDetail:
+def get_delivery(user: deps.OpsUser, session: deps.ReadSessionDep, delivery_id: str) -> DeliveryDetail:
     found = views.delivery_with_attempts(session, delivery_id)
     if found is None:
         raise HTTPException(404, "no such delivery")
@@ -155,10 +158,9 @@ def get_delivery(user: deps.Ops, session: deps.ReadSession, delivery_id: str) ->
 # --- the SMS providers' webhooks --------------------------------------------------------------------
 
 
-def build_webhooks(svc: Service) -> APIRouter:
-    """Every registered SMS provider's webhooks (providers/), each checked by the provider's signature or secret;
-    what they read becomes a command (RecordSmsReceipt, RecordSmsReply) for its one handler."""
-    router = APIRouter()
+def sms_report(runtime: deps.RuntimeDep, db: deps.DatabaseDep, clock: deps.ClockDep) -> Report:
+    """What a provider's webhook read (providers/), as a command (RecordSmsReceipt, RecordSmsReply) for its one
+    handler: the dependency each provider's webhook takes its Report from."""
 
     def command(provider: str, what: Receipt | Reply) -> RecordSmsReceipt | RecordSmsReply:
         if isinstance(what, Receipt):
@@ -170,12 +172,16 @@ def build_webhooks(svc: Service) -> APIRouter:
             return
         cmd = command(provider, what)
         if isinstance(cmd, RecordSmsReceipt):
-            await anyio.to_thread.run_sync(partial(handlers.record_sms_receipt, svc.db, cmd, now=svc.clock()))
+            await anyio.to_thread.run_sync(partial(handlers.record_sms_receipt, db, cmd, now=clock()))
         else:
-            await anyio.to_thread.run_sync(partial(handlers.record_sms_reply, svc.db, cmd, now=svc.clock()))
-        svc.bus.relay.wake()
+            await anyio.to_thread.run_sync(partial(handlers.record_sms_reply, db, cmd, now=clock()))
+        runtime.bus.relay.wake()
 
-    for kind in SMS_PROVIDERS.values():
-        if kind.webhooks is not None:
-            router.include_router(kind.webhooks(svc.settings, report))
-    return router
+    return report
+
+
+# Every registered SMS provider's webhooks, each checked by the provider's signature or secret.
+webhooks = APIRouter()
+for kind in SMS_PROVIDERS.values():
+    if kind.webhooks is not None:
+        webhooks.include_router(kind.webhooks(sms_report))

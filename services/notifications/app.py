@@ -1,12 +1,13 @@
 """Notifications service wiring: `bootstrap` builds, once, everything the process needs (settings checked, database,
-directory, bus, clock, one sender per channel, the API, the providers' webhooks, the outbox pages) into a
-NotificationsRuntime."""
+directory, bus, clock, one sender per channel, the outbox pages, the FastAPI app) into a NotificationsRuntime. The
+routers are module-level (api.py's API and the providers' webhooks, web.py) and find it through the dependencies of
+deps.py."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 
@@ -15,7 +16,9 @@ from prometheus_client import Gauge
 
 from services.notifications import api, consumers, providers, sender, views, web
 from services.notifications.store import TABLES
+from services.notifications.views import MailSinkFolder
 from shared.events import utcnow
+from shared.pages import Pages
 from shared.service import Service, ServiceRuntime
 from shared.settings import Settings
 
@@ -31,9 +34,12 @@ def check_settings(settings: Settings) -> list[str]:
 
 @dataclass(frozen=True)
 class NotificationsRuntime(ServiceRuntime):
-    """The notifications process: its shared service parts, its app, and the events that wake each channel's sender."""
+    """The notifications process: its shared service parts, its app, the events that wake each channel's sender, and
+    the outbox pages with the sink they show."""
 
-    wake_senders: dict[str, asyncio.Event] = field(default_factory=dict)  # one event per channel
+    wake_senders: dict[str, asyncio.Event]  # one event per channel
+    pages: Pages
+    mail_sink: MailSinkFolder | None  # the embedded sink's messages, shown on the outbox pages (`relais up`)
 
 
 def bootstrap(settings: Settings | None = None, *, clock: Callable[[], datetime] = utcnow) -> NotificationsRuntime:
@@ -56,10 +62,11 @@ def bootstrap(settings: Settings | None = None, *, clock: Callable[[], datetime]
 
     consumers.register(service, wake_senders)
     service.on_scrape.append(_deliveries_gauge(service))
+    pages = web.pages_for(service)
     app = service.create_app(
-        api.router, title="Relais notifications", pages=[web.build_router(service), api.build_webhooks(service)]
+        api.router, title="Relais notifications", pages=[pages.sign_in_router(), web.router, api.webhooks]
     )
-    runtime = NotificationsRuntime(service, app, wakes)
+    runtime = NotificationsRuntime(service, app, wakes, pages, web.mail_sink_for(settings))
     app.state.runtime = runtime  # what deps.py gives the routes
     return runtime
 

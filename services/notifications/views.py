@@ -1,9 +1,14 @@
-"""What notifications shows of its deliveries (the ops API, the outbox pages): reads of the tables, no rule and no
-write."""
+"""What notifications shows of its deliveries (the ops API, the outbox pages): reads of the tables and of the messages
+the embedded SMTP sink kept, no rule and no write."""
 
 from __future__ import annotations
 
+import threading
 from datetime import datetime
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+from email.parser import BytesHeaderParser
+from pathlib import Path
 
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
@@ -92,3 +97,27 @@ def deliveries_by_status(session: Session) -> dict[tuple[str, str], int]:
 def is_suppressed(session: Session, phone: str) -> bool:
     """The number replied STOP (and not START since)."""
     return session.get(SmsSuppression, phone) is not None
+
+
+class MailSinkFolder:
+    """The .eml files the embedded sink keeps, found by Message-ID (headers read once per file)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._by_id: dict[str, Path] = {}
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def find(self, message_id: str) -> EmailMessage | None:
+        with self._lock:
+            if message_id not in self._by_id and self.folder.is_dir():
+                for path in self.folder.glob("*.eml"):
+                    if path.name in self._seen:
+                        continue
+                    self._seen.add(path.name)
+                    with path.open("rb") as f:
+                        found = BytesHeaderParser().parse(f).get("Message-ID")
+                    if found:
+                        self._by_id[str(found).strip()] = path
+            kept = self._by_id.get(message_id)
+        return message_from_bytes(kept.read_bytes(), policy=policy.default) if kept else None

@@ -12,11 +12,8 @@ the SMS with its segment count.
 from __future__ import annotations
 
 import re
-import threading
 from dataclasses import dataclass
-from email import message_from_bytes, policy
 from email.message import EmailMessage
-from email.parser import BytesHeaderParser
 from pathlib import Path
 
 import anyio
@@ -24,10 +21,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
 
 from services.notifications import views
+from services.notifications.deps import DatabaseDep, DirectoryDep, MailSinkDep, PagesDep, SettingsDep
 from services.notifications.providers import smtp
 from services.notifications.store import Delivery, DeliveryAttempt
+from services.notifications.views import MailSinkFolder
+from shared.db import Database
 from shared.pages import SECURITY_HEADERS, Pages
 from shared.service import Service, decode_cursor
+from shared.settings import Settings
 
 TEMPLATES = Path(__file__).with_name("templates") / "web"
 KINDS = (
@@ -71,30 +72,6 @@ def masked(address: str) -> str:
     return f"{address[:4]}…{address[-2:]}" if len(address) > 6 else "…"
 
 
-class MailSinkFolder:
-    """The .eml files the embedded sink keeps, found by Message-ID (headers read once per file)."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self._by_id: dict[str, Path] = {}
-        self._seen: set[str] = set()
-        self._lock = threading.Lock()
-
-    def find(self, message_id: str) -> EmailMessage | None:
-        with self._lock:
-            if message_id not in self._by_id and self.folder.is_dir():
-                for path in self.folder.glob("*.eml"):
-                    if path.name in self._seen:
-                        continue
-                    self._seen.add(path.name)
-                    with path.open("rb") as f:
-                        found = BytesHeaderParser().parse(f).get("Message-ID")
-                    if found:
-                        self._by_id[str(found).strip()] = path
-            kept = self._by_id.get(message_id)
-        return message_from_bytes(kept.read_bytes(), policy=policy.default) if kept else None
-
-
 @dataclass(frozen=True)
 class Shown:
     """A message as its recipient sees it."""
@@ -104,124 +81,155 @@ class Shown:
     has_html: bool
 
 
-def build_router(svc: Service) -> APIRouter:
-    pages = Pages(svc, TEMPLATES, roles=("ops",), home="/envois")
-    router = APIRouter()
-    router.include_router(pages.sign_in_router())
-    sink = MailSinkFolder(svc.settings.mail_sink_dir) if svc.settings.mail_sink_dir else None
+def pages_for(svc: Service) -> Pages:
+    """The outbox pages: ops sign in here."""
+    return Pages(svc, TEMPLATES, roles=("ops",), home="/envois")
 
-    def received_email(d: Delivery) -> EmailMessage | None:
-        if sink is None or d.channel != "email" or d.status not in ("sent", "delivered"):
-            return None
-        key = f"digest-{d.digest_of}" if d.digest_of else d.id
-        return sink.find(smtp.message_id(key, svc.settings.mail_from))
 
-    def load(delivery_id: str) -> tuple[Delivery, list[DeliveryAttempt]] | None:
-        with svc.db.read() as session:
-            return views.delivery_with_attempts(session, delivery_id)
+def mail_sink_for(settings: Settings) -> MailSinkFolder | None:
+    """The embedded sink's folder (`relais up`), whose messages the pages show; None without one."""
+    return MailSinkFolder(settings.mail_sink_dir) if settings.mail_sink_dir else None
 
-    @router.get("/")
-    async def root() -> Response:
-        return pages.redirect("/envois")
 
-    @router.get("/envois.css")
-    async def stylesheet() -> Response:
-        return Response(
-            (TEMPLATES / "envois.css").read_text(), media_type="text/css", headers={"Cache-Control": "max-age=3600"}
-        )
+router = APIRouter()
 
-    @router.get("/envois")
-    async def outbox(
-        request: Request, type: str = "", canal: str = "", statut: str = "", demande: str = "", avant: str = ""
-    ) -> Response:
-        pages.require_user(request, "ops")
-        filters = {
-            "type": type if type in KINDS else "",
-            "canal": canal if canal in CHANNELS else "",
-            "statut": statut if statut in STATUSES else "",
-            "demande": demande.strip()[:64],
-        }
 
-        def rows() -> tuple[list[Delivery], str | None]:
-            before = None
-            if avant:
-                try:
-                    before = decode_cursor(avant)
-                except Exception:  # noqa: BLE001 - a hand-edited link: start from the newest
-                    pass
-            with svc.db.read() as session:
-                return views.outbox_page(
-                    session,
-                    {
-                        "kind": filters["type"],
-                        "channel": filters["canal"],
-                        "status": filters["statut"],
-                        "need_id": filters["demande"],
-                    },
-                    before,
-                    PAGE_SIZE,
-                )
+def received_email(sink: MailSinkFolder | None, settings: Settings, d: Delivery) -> EmailMessage | None:
+    if sink is None or d.channel != "email" or d.status not in ("sent", "delivered"):
+        return None
+    key = f"digest-{d.digest_of}" if d.digest_of else d.id
+    return sink.find(smtp.message_id(key, settings.mail_from))
 
-        items, more = await anyio.to_thread.run_sync(rows)
-        return pages.render(
-            request,
-            "envois.html",
-            items=items,
-            more=more,
-            filters=filters,
-            kinds=KINDS,
-            channels=CHANNELS,
-            statuses=STATUSES,
-            masked=masked,
-            timezone=svc.directory.timezone,
-            showing_messages=sink is not None or svc.settings.sms_provider == "outbox",
-        )
 
-    @router.get("/envois/{delivery_id}")
-    async def one(request: Request, delivery_id: str) -> Response:
-        pages.require_user(request, "ops")
-        found = await anyio.to_thread.run_sync(load, delivery_id)
-        if found is None:
-            raise pages.error(request, 404, "not_found")
-        d, attempts = found
-        shown = None
-        if d.channel == "email" and (msg := await anyio.to_thread.run_sync(received_email, d)) is not None:
-            text_part, html_part = msg.get_body(("plain",)), msg.get_body(("html",))
-            shown = Shown(
-                headers={
-                    name: str(msg[name])
-                    for name in ("From", "To", "Reply-To", "Subject", "Date", "Message-ID")
-                    if msg[name]
+def load(db: Database, delivery_id: str) -> tuple[Delivery, list[DeliveryAttempt]] | None:
+    with db.read() as session:
+        return views.delivery_with_attempts(session, delivery_id)
+
+
+@router.get("/")
+async def root(pages: PagesDep) -> Response:
+    return pages.redirect("/envois")
+
+
+@router.get("/envois.css")
+async def stylesheet() -> Response:
+    return Response(
+        (TEMPLATES / "envois.css").read_text(), media_type="text/css", headers={"Cache-Control": "max-age=3600"}
+    )
+
+
+@router.get("/envois")
+async def outbox(
+    request: Request,
+    pages: PagesDep,
+    db: DatabaseDep,
+    directory: DirectoryDep,
+    settings: SettingsDep,
+    sink: MailSinkDep,
+    type: str = "",
+    canal: str = "",
+    statut: str = "",
+    demande: str = "",
+    avant: str = "",
+) -> Response:
+    pages.require_user(request, "ops")
+    filters = {
+        "type": type if type in KINDS else "",
+        "canal": canal if canal in CHANNELS else "",
+        "statut": statut if statut in STATUSES else "",
+        "demande": demande.strip()[:64],
+    }
+
+    def rows() -> tuple[list[Delivery], str | None]:
+        before = None
+        if avant:
+            try:
+                before = decode_cursor(avant)
+            except Exception:  # noqa: BLE001 - a hand-edited link: start from the newest
+                pass
+        with db.read() as session:
+            return views.outbox_page(
+                session,
+                {
+                    "kind": filters["type"],
+                    "channel": filters["canal"],
+                    "status": filters["statut"],
+                    "need_id": filters["demande"],
                 },
-                text=mask_sign_in_links(text_part.get_content()) if text_part else None,
-                has_html=html_part is not None,
+                before,
+                PAGE_SIZE,
             )
-        sms_kept = d.channel == "sms" and d.provider == "outbox" and d.status in ("sent", "delivered")
-        return pages.render(
-            request,
-            "envoi.html",
-            d=d,
-            attempts=attempts,
-            shown=shown,
-            sms_kept=sms_kept,
-            sink=sink is not None,
-            sms_provider=svc.settings.sms_provider,
-            masked=masked,
-            timezone=svc.directory.timezone,
-            headers={"Content-Security-Policy": PAGE_CSP},
-        )
 
-    @router.get("/envois/{delivery_id}/apercu")
-    async def preview(request: Request, delivery_id: str) -> Response:
-        pages.require_user(request, "ops")
-        found = await anyio.to_thread.run_sync(load, delivery_id)
-        msg = await anyio.to_thread.run_sync(received_email, found[0]) if found else None
-        html_part = msg.get_body(("html",)) if msg is not None else None
-        if html_part is None:
-            raise pages.error(request, 404, "not_found")
-        return HTMLResponse(
-            mask_sign_in_links(html_part.get_content()),
-            headers={**SECURITY_HEADERS, "Content-Security-Policy": PREVIEW_CSP},
-        )
+    items, more = await anyio.to_thread.run_sync(rows)
+    return pages.render(
+        request,
+        "envois.html",
+        items=items,
+        more=more,
+        filters=filters,
+        kinds=KINDS,
+        channels=CHANNELS,
+        statuses=STATUSES,
+        masked=masked,
+        timezone=directory.timezone,
+        showing_messages=sink is not None or settings.sms_provider == "outbox",
+    )
 
-    return router
+
+@router.get("/envois/{delivery_id}")
+async def one(
+    request: Request,
+    delivery_id: str,
+    pages: PagesDep,
+    db: DatabaseDep,
+    directory: DirectoryDep,
+    settings: SettingsDep,
+    sink: MailSinkDep,
+) -> Response:
+    pages.require_user(request, "ops")
+    found = await anyio.to_thread.run_sync(load, db, delivery_id)
+    if found is None:
+        raise pages.error(request, 404, "not_found")
+    d, attempts = found
+    shown = None
+    if d.channel == "email" and (msg := await anyio.to_thread.run_sync(received_email, sink, settings, d)) is not None:
+        text_part, html_part = msg.get_body(("plain",)), msg.get_body(("html",))
+        shown = Shown(
+            headers={
+                name: str(msg[name])
+                for name in ("From", "To", "Reply-To", "Subject", "Date", "Message-ID")
+                if msg[name]
+            },
+            text=mask_sign_in_links(text_part.get_content()) if text_part else None,
+            has_html=html_part is not None,
+        )
+    sms_kept = d.channel == "sms" and d.provider == "outbox" and d.status in ("sent", "delivered")
+    return pages.render(
+        request,
+        "envoi.html",
+        d=d,
+        attempts=attempts,
+        shown=shown,
+        sms_kept=sms_kept,
+        sink=sink is not None,
+        sms_provider=settings.sms_provider,
+        masked=masked,
+        timezone=directory.timezone,
+        headers={"Content-Security-Policy": PAGE_CSP},
+    )
+
+
+@router.get("/envois/{delivery_id}/apercu")
+async def preview(
+    request: Request, delivery_id: str, pages: PagesDep, db: DatabaseDep, settings: SettingsDep, sink: MailSinkDep
+) -> Response:
+    pages.require_user(request, "ops")
+    found = await anyio.to_thread.run_sync(load, db, delivery_id)
+    msg = await anyio.to_thread.run_sync(received_email, sink, settings, found[0]) if found else None
+    html_part = msg.get_body(("html",)) if msg is not None else None
+    if html_part is None:
+        raise pages.error(request, 404, "not_found")
+    return HTMLResponse(
+        mask_sign_in_links(html_part.get_content()),
+        headers={**SECURITY_HEADERS, "Content-Security-Policy": PREVIEW_CSP},
+    )

@@ -1,5 +1,5 @@
 """Referral's HTTP API (contract: /api/v1/referrals): parse and authorise the request, run its one command
-(handlers.py) or read through store.py, answer. No SQL, no emit, no ops log row here."""
+(handlers.py) or read through views.py, answer. No SQL, no emit, no ops log row here."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import anyio
 from fastapi import APIRouter, Body, HTTPException, Query
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from services.referral import domain, incidents_api, store
+from services.referral import domain, incidents_api, views
 from services.referral.commands import (
     AcceptReferral,
     CancelReferral,
@@ -31,7 +31,7 @@ from services.referral.deps import (
     DirectoryDep,
     OpsUser,
     PartnerUser,
-    Reader,
+    ReaderUser,
     Runtime,
     RuntimeDep,
 )
@@ -182,7 +182,7 @@ router = APIRouter(tags=["referrals"])
 
 @router.get("/referrals", response_model=ReferralPage)
 def list_referrals(
-    user: Reader,
+    user: ReaderUser,
     runtime: RuntimeDep,
     need_id: str | None = None,
     partner_id: str | None = None,
@@ -196,7 +196,7 @@ def list_referrals(
         if user.role == "partner" and partner_id and partner_id != user.partner:
             rows, next_cursor = [], None  # another partner's: nothing, as before
         else:
-            rows, next_cursor = store.find_referrals(
+            rows, next_cursor = views.find_referrals(
                 session,
                 limit=limit,
                 cursor=cursor,
@@ -209,9 +209,9 @@ def list_referrals(
 
 
 @router.get("/referrals/{referral_id}", response_model=ReferralPublic)
-def get_referral(referral_id: str, user: Reader, runtime: RuntimeDep) -> ReferralPublic:
+def get_referral(referral_id: str, user: ReaderUser, runtime: RuntimeDep) -> ReferralPublic:
     with runtime.db.read() as session:
-        found = store.referral_with_case(session, referral_id)
+        found = views.referral_with_case(session, referral_id)
     if found is None or as_partner(user) not in (None, found[0].partner_id):
         raise HTTPException(404, "no such referral")
     return public(found[0], found[2], user)
@@ -267,7 +267,7 @@ async def cancel(referral_id: str, user: OpsUser, body: CancelBody, deps: Comman
 
 def partners_now(runtime: Runtime, directory: Directory, now: datetime) -> list[PartnerPublic]:
     with runtime.db.read() as session:
-        counts, pauses = store.open_referral_counts(session), store.active_pauses(session, now)
+        counts, pauses = views.open_referral_counts(session), views.active_pauses(session, now)
     return [
         PartnerPublic(
             id=p.id,
@@ -321,7 +321,7 @@ def stream_key(runtime: Runtime, stream: str) -> str:
 async def dead_letters(
     stream: str, user: OpsUser, runtime: RuntimeDep, limit: Annotated[int, Query(ge=1, le=200)] = 50
 ) -> dict:
-    letters = await store.dead_letters(runtime.bus.redis, stream_key(runtime, stream), limit=limit)
+    letters = await views.dead_letters(runtime.bus.redis, stream_key(runtime, stream), limit=limit)
     return {"items": letters, "next_cursor": None}
 
 

@@ -5,7 +5,7 @@ A service that does not answer makes its part `available: false`, never an error
 
 `GET /api/v1/dashboard` (role ops, api.py) answers all of it as JSON; the pages in `dashboard_pages.py` show the
 same object. See docs/operations.md for what each figure means and what to do when it is red.
-This module is the answer's shape and its arithmetic; the queries are in store.py, the calls to the other services
+This module is the answer's shape and its arithmetic; the queries are in views.py, the calls to the other services
 in remote.py, the Prometheus gauges in metrics.py.
 """
 
@@ -23,7 +23,7 @@ import redis
 from pydantic import BaseModel
 from sqlmodel import Session
 
-from services.referral import remote, store
+from services.referral import remote, views
 from services.referral.remote import OutboxFigures, Remote  # parts of the answer
 from services.referral.store import PartnerPause, Referral
 from shared.directory import Directory
@@ -190,7 +190,7 @@ def bucket_label(low: int, high: int | None) -> str:
     return f"{low}-{high} h" if high is not None else f"≥ {low} h"
 
 
-# --- figures from referral's own database (queries in store.py; the arithmetic here) -----------------------
+# --- figures from referral's own database (queries in views.py; the arithmetic here) -----------------------
 
 
 def referral_line(referral: Referral, directory: Directory, breached_at: datetime | None = None) -> ReferralLine:
@@ -212,10 +212,10 @@ def referral_line(referral: Referral, directory: Directory, breached_at: datetim
 
 
 def deadlines(session: Session, directory: Directory, now: datetime) -> Deadlines:
-    by_sla = store.open_by_sla(session)
+    by_sla = views.open_by_sla(session)
     open_by_sla = {state: by_sla.get(state, 0) for state in SLA_STATES}
-    due = store.due_soon(session, now, now + DUE_SOON, LIST_LIMIT)
-    breaches, count = store.breaches_since(session, now - WINDOW, LIST_LIMIT)
+    due = views.due_soon(session, now, now + DUE_SOON, LIST_LIMIT)
+    breaches, count = views.breaches_since(session, now - WINDOW, LIST_LIMIT)
     return Deadlines(
         open_by_sla=open_by_sla,
         open_total=sum(open_by_sla.values()),
@@ -231,13 +231,13 @@ def partners(session: Session, directory: Directory, now: datetime) -> tuple[lis
     return partner_figures(
         directory.partners,
         now,
-        open_counts=store.open_referral_counts(session),
-        pauses=store.active_pauses(session, now),
-        waiting=store.waiting_by_partner(session),
-        last_action=store.last_action_by_partner(session, PARTNER_ACTIONS),
-        answered_at=store.first_actions(session, since, ANSWERS),
-        recent=store.referrals_created_since(session, since),
-        declines=store.declines_since(session, since),
+        open_counts=views.open_referral_counts(session),
+        pauses=views.active_pauses(session, now),
+        waiting=views.waiting_by_partner(session),
+        last_action=views.last_action_by_partner(session, PARTNER_ACTIONS),
+        answered_at=views.first_actions(session, since, ANSWERS),
+        recent=views.referrals_created_since(session, since),
+        declines=views.declines_since(session, since),
     )
 
 
@@ -306,20 +306,20 @@ def partner_figures(
 def clock(session: Session, now: datetime) -> ClockFigures:
     lags = [
         max(0.0, (fired_at - due_at).total_seconds())
-        for due_at, fired_at in store.timers_settled_since(session, now - timedelta(hours=24))
+        for due_at, fired_at in views.timers_settled_since(session, now - timedelta(hours=24))
     ]
     return ClockFigures(
         fired_24h=len(lags),
         lag_p50_seconds=percentile(lags, 50),
         lag_p90_seconds=percentile(lags, 90),
         lag_max_seconds=max(lags) if lags else None,
-        overdue=store.overdue_timers(session, now - OVERDUE_TIMER),
+        overdue=views.overdue_timers(session, now - OVERDUE_TIMER),
     )
 
 
 def charts(session: Session, now: datetime, answer_times: list[float]) -> Charts:
     start = now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=23)
-    return chart_bars(start, store.needs_recorded_since(session, start), answer_times)
+    return chart_bars(start, views.needs_recorded_since(session, start), answer_times)
 
 
 def chart_bars(start: datetime, recorded: list[datetime], answer_times: list[float]) -> Charts:
@@ -336,7 +336,7 @@ def chart_bars(start: datetime, recorded: list[datetime], answer_times: list[flo
 def recent_actions(session: Session, limit: int = 10) -> list[RecentAction]:
     return [
         RecentAction(**r.model_dump(include={"at", "actor", "action", "target", "reason"}))
-        for r in store.recent_ops_actions(session, limit)
+        for r in views.recent_ops_actions(session, limit)
     ]
 
 

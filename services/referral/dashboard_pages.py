@@ -26,7 +26,7 @@ import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from services.referral import domain, incidents_pages, remote, store
+from services.referral import domain, incidents_pages, remote, views
 from services.referral.commands import (
     CancelNeed,
     PausePartner,
@@ -210,7 +210,7 @@ def subject_of(request: Request, pages: Pages, runtime: Runtime, action: str, pa
         return {"partner": partner}
     if action == "reassign":
         with runtime.db.read() as session:
-            found = store.referral_with_case(session, params.get("orientation", ""))
+            found = views.referral_with_case(session, params.get("orientation", ""))
         if found is None:
             raise pages.error(request, 404, "not_found")
         referral = found[0]
@@ -225,7 +225,7 @@ def subject_of(request: Request, pages: Pages, runtime: Runtime, action: str, pa
     if not need_id or len(need_id) > 64:
         raise pages.error(request, 404, "not_found")
     with runtime.db.read() as session:
-        case, open_referral = store.need_and_open_referral(session, need_id)
+        case, open_referral = views.need_and_open_referral(session, need_id)
     return {
         "need_id": need_id,
         "case": case,
@@ -249,9 +249,9 @@ async def confirm_page(
     extra: dict[str, Any] = {}
     if action == "replay":
         key = runtime.settings.key(subject["stream"])
-        extra["letters"] = await store.dead_letters(runtime.bus.redis, key, entry_id=subject["id"])
+        extra["letters"] = await views.dead_letters(runtime.bus.redis, key, entry_id=subject["id"])
         extra["total"] = (
-            len(extra["letters"]) if subject["id"] else await store.dead_letter_count(runtime.bus.redis, key)
+            len(extra["letters"]) if subject["id"] else await views.dead_letter_count(runtime.bus.redis, key)
         )
     if action == "pause":
         local_today = now.astimezone(ZoneInfo(runtime.directory.timezone)).date()

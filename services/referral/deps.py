@@ -1,6 +1,6 @@
 """What referral's routers depend on, as FastAPI dependencies (in the manner of full-stack-fastapi-template's
 api/deps.py): the shared dependencies (shared/deps.py: the runtime that `app.bootstrap` built, the clock, the
-directory, the caller by role), referral's pages, and the `handlers.Deps` a command runs with. A test overrides one
+directory, the pages, the caller by role), and the `handlers.Deps` a command runs with. A test overrides one
 with `app.dependency_overrides[get_clock] = ...`."""
 
 from __future__ import annotations
@@ -15,12 +15,17 @@ from services.referral.dashboard import QueueWatch
 from services.referral.handlers import Deps
 from shared.db import Database
 from shared.deps import (  # noqa: F401 - the routes and the tests take them from here
-    Clock,
+    ClockDep,
     DirectoryDep,
+    OpsUser,
+    PagesDep,
+    SettingsDep,
     caller,
     get_clock,
     get_directory,
+    get_pages,
     get_runtime,
+    get_settings,
 )
 from shared.directory import Directory, User
 from shared.messaging import Bus
@@ -62,14 +67,6 @@ class Runtime(Protocol):
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
-ClockDep = Clock
-
-
-def get_pages(runtime: RuntimeDep) -> Pages:
-    return runtime.pages
-
-
-PagesDep = Annotated[Pages, Depends(get_pages)]
 
 
 def get_command_deps(runtime: RuntimeDep, clock: ClockDep, directory: DirectoryDep) -> Deps:
@@ -85,6 +82,5 @@ def get_command_deps(runtime: RuntimeDep, clock: ClockDep, directory: DirectoryD
 
 CommandDeps = Annotated[Deps, Depends(get_command_deps)]
 
-Reader = Annotated[User, Depends(caller("partner", "ops"))]
+ReaderUser = Annotated[User, Depends(caller("partner", "ops"))]
 PartnerUser = Annotated[User, Depends(caller("partner"))]
-OpsUser = Annotated[User, Depends(caller("ops"))]

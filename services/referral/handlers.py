@@ -48,10 +48,10 @@ from services.referral.store import (
     history_of,
     lock_privacy_incident,
     lock_referral,
-    open_referral_counts,
     partners_who_declined,
     paused_partners,
 )
+from services.referral.views import open_referral_counts
 from shared.db import Database, emit
 from shared.directory import Directory
 from shared.events import (

@@ -1,5 +1,5 @@
 """The register of confidentiality incidents as JSON (role ops): record an incident, list, read, change one, and
-the whole register as CSV. Parse and authorise, run its one command (handlers.py) or read through store.py,
+the whole register as CSV. Parse and authorise, run its one command (handlers.py) or read through views.py,
 answer. The rules are domain.incident_problems'; a 422 names each field that breaks one."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pydantic import (
 )
 from pydantic.json_schema import SkipJsonSchema
 
-from services.referral import domain, incidents_csv, store
+from services.referral import domain, incidents_csv, views
 from services.referral.commands import RecordPrivacyIncident, UpdatePrivacyIncident
 from services.referral.deps import ClockDep, CommandDeps, DirectoryDep, OpsUser, RuntimeDep
 from services.referral.domain import PrivacyIncidentFacts
@@ -218,7 +218,7 @@ def list_incidents(
 ) -> PrivacyIncidentPage:
     """The register, newest first."""
     with runtime.db.read() as session:
-        rows, next_cursor = store.find_privacy_incidents(session, limit=limit, cursor=cursor)
+        rows, next_cursor = views.find_privacy_incidents(session, limit=limit, cursor=cursor)
     return PrivacyIncidentPage(items=[public(r) for r in rows], next_cursor=next_cursor)
 
 

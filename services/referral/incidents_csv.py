@@ -14,7 +14,8 @@ from zoneinfo import ZoneInfo
 
 from fastapi.responses import Response
 
-from services.referral.store import PrivacyIncident, privacy_incidents
+from services.referral.store import PrivacyIncident
+from services.referral.views import privacy_incidents
 from shared.db import Database
 from shared.pages import SECURITY_HEADERS, environment
 

@@ -19,7 +19,7 @@ import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from services.referral import domain, incidents_csv, store
+from services.referral import domain, incidents_csv, views
 from services.referral.commands import RecordPrivacyIncident, UpdatePrivacyIncident
 from services.referral.deps import ClockDep, CommandDeps, PagesDep, RuntimeDep
 from services.referral.domain import PrivacyIncidentFacts
@@ -136,7 +136,7 @@ async def register(request: Request, pages: PagesDep, runtime: RuntimeDep) -> Re
 
     def read() -> list[PrivacyIncident]:
         with runtime.db.read() as session:
-            return store.privacy_incidents(session, offset=(number - 1) * PER_PAGE, limit=PER_PAGE + 1)
+            return views.privacy_incidents(session, offset=(number - 1) * PER_PAGE, limit=PER_PAGE + 1)
 
     incidents = await anyio.to_thread.run_sync(read)
     return pages.render(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Gauge
 
-from services.referral import store
+from services.referral import views
 from services.referral.dashboard import OVERDUE_TIMER, SLA_STATES, QueueWatch, queue_reports
 from shared.service import Service
 
@@ -43,8 +43,8 @@ def register(svc: Service, watch: QueueWatch) -> None:
 
     def database_figures() -> None:
         with svc.db.read() as session:
-            counts = store.open_by_sla(session)
-            overdue.set(store.overdue_timers(session, svc.clock() - OVERDUE_TIMER))
+            counts = views.open_by_sla(session)
+            overdue.set(views.overdue_timers(session, svc.clock() - OVERDUE_TIMER))
         for state in SLA_STATES:
             open_referrals.labels(state).set(counts.get(state, 0))
 

@@ -18,7 +18,7 @@ import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from services.referral import dashboard_pages, domain, store
+from services.referral import dashboard_pages, domain, views
 from services.referral.commands import AcceptReferral, CloseReferral, DeclineReferral, RespondToReferral
 from services.referral.deps import ClockDep, CommandDeps, DirectoryDep, PagesDep, Runtime, RuntimeDep
 from services.referral.handlers import Deps, NotFound, handle
@@ -81,7 +81,7 @@ router = APIRouter()
 
 def load(runtime: Runtime, referral_id: str) -> ReferralCase | None:
     with runtime.db.read() as session:
-        found = store.referral_with_case(session, referral_id)
+        found = views.referral_with_case(session, referral_id)
     return None if found is None else ReferralCase(*found)
 
 
@@ -302,7 +302,7 @@ async def inbox(
 
     def rows() -> list[tuple[Referral, NeedCase]]:
         with runtime.db.read() as session:
-            return store.inbox(
+            return views.inbox(
                 session, partner_id=partner_id, status=status, offset=(number - 1) * INBOX_LIMIT, limit=INBOX_LIMIT + 1
             )
 

@@ -69,7 +69,8 @@ class SmsProviderKind:
     name: str
     problems: Callable[[Settings], list[str]]  # what is missing or wrong in the settings, one sentence each
     create: Callable[[Settings], SmsProvider]
-    webhooks: Callable[[Settings, Report], APIRouter] | None = None  # mounted outside /api/v1: no bearer token
+    # Its webhooks, given the service's dependency that gives the Report (mounted outside /api/v1: no bearer token).
+    webhooks: Callable[[Callable[..., Report]], APIRouter] | None = None
 
 
 MAX_WEBHOOK_BYTES = 64 * 1024

@@ -7,8 +7,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from collections.abc import Callable
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import Response
 
 from services.notifications.providers.base import (
@@ -24,6 +25,7 @@ from services.notifications.providers.base import (
     webhook_base,
     webhook_body,
 )
+from shared.deps import SettingsDep
 from shared.edges import body_limit
 from shared.settings import Settings
 
@@ -96,12 +98,13 @@ def read_brevo(body: dict) -> Receipt | Reply | None:
     return None
 
 
-def webhooks(settings: Settings, report: Report) -> APIRouter:
+def webhooks(report_of: Callable[..., Report]) -> APIRouter:
     """POST /webhooks/sms/brevo/{secret} (the secret in the webUrl given with each message) or POST
-    /webhooks/sms/brevo with `Authorization: Bearer {secret}` (an account webhook for replies)."""
+    /webhooks/sms/brevo with `Authorization: Bearer {secret}` (an account webhook for replies); what they read goes
+    to the Report that the service's dependency `report_of` gives."""
     router = APIRouter()
 
-    async def brevo(request: Request, secret: str) -> Response:
+    async def brevo(request: Request, secret: str, settings: Settings, report: Report) -> Response:
         if not hmac.compare_digest(secret.encode(), brevo_webhook_secret(settings).encode()):
             raise HTTPException(403, "bad webhook secret")
         try:
@@ -115,16 +118,18 @@ def webhooks(settings: Settings, report: Report) -> APIRouter:
 
     @router.post("/webhooks/sms/brevo/{secret}")
     @body_limit(MAX_WEBHOOK_BYTES)  # refused before it is read or parsed
-    async def brevo_by_url(request: Request, secret: str) -> Response:
+    async def brevo_by_url(
+        request: Request, secret: str, settings: SettingsDep, report: Report = Depends(report_of)
+    ) -> Response:
         """The URL given as each message's webUrl: the secret is its last segment."""
-        return await brevo(request, secret)
+        return await brevo(request, secret, settings, report)
 
     @router.post("/webhooks/sms/brevo")
     @body_limit(MAX_WEBHOOK_BYTES)  # refused before it is read or parsed
-    async def brevo_by_bearer(request: Request) -> Response:
+    async def brevo_by_bearer(request: Request, settings: SettingsDep, report: Report = Depends(report_of)) -> Response:
         """An account webhook (replies, unsubscriptions) created with Brevo's bearer-token authentication."""
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        return await brevo(request, token.strip() if scheme.lower() == "bearer" else "")
+        return await brevo(request, token.strip() if scheme.lower() == "bearer" else "", settings, report)
 
     return router
 

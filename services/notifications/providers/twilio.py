@@ -6,9 +6,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+from collections.abc import Callable
 from urllib.parse import parse_qs
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import Response
 
 from services.notifications.providers.base import (
@@ -25,6 +26,7 @@ from services.notifications.providers.base import (
     webhook_base,
     webhook_body,
 )
+from shared.deps import SettingsDep
 from shared.edges import body_limit
 from shared.settings import Settings
 
@@ -91,13 +93,14 @@ def read_twilio(params: dict[str, str]) -> Receipt | Reply | None:
     return None
 
 
-def webhooks(settings: Settings, report: Report) -> APIRouter:
-    """POST /webhooks/sms/twilio, its X-Twilio-Signature checked with the auth token (404 without one)."""
+def webhooks(report_of: Callable[..., Report]) -> APIRouter:
+    """POST /webhooks/sms/twilio, its X-Twilio-Signature checked with the auth token (404 without one); what it
+    reads goes to the Report that the service's dependency `report_of` gives."""
     router = APIRouter()
 
     @router.post("/webhooks/sms/twilio")
     @body_limit(MAX_WEBHOOK_BYTES)  # refused before it is read or parsed
-    async def twilio(request: Request) -> Response:
+    async def twilio(request: Request, settings: SettingsDep, report: Report = Depends(report_of)) -> Response:
         if not settings.twilio_auth_token:
             raise HTTPException(404, "Twilio is not configured")
         fields = parse_qs((await webhook_body(request)).decode("utf-8", errors="replace"), keep_blank_values=True)

@@ -1,0 +1,272 @@
+"""What referral shows of its referrals (the API, the partners' pages, the ops dashboard and its gauges): reads of the
+tables (store.py) and of the dead letters in Redis, no rule and no write."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+from pydantic import BaseModel
+from sqlmodel import Session, col, select
+
+from services.referral.store import (
+    OPEN_STATUSES,
+    ClockTimer,
+    NeedCase,
+    OpsAction,
+    PartnerPause,
+    PrivacyIncident,
+    Referral,
+    ReferralHistory,
+    current_referral,
+    history_of,
+)
+from shared.events import DEAD_LETTER_SUFFIX
+from shared.service import page
+
+
+def open_referral_counts(session: Session) -> dict[str, int]:
+    rows = session.exec(
+        select(Referral.partner_id, sa.func.count())
+        .where(col(Referral.status).in_(OPEN_STATUSES))
+        .group_by(Referral.partner_id)
+    ).all()
+    return dict(rows)
+
+
+def active_pauses(session: Session, now: datetime) -> dict[str, PartnerPause]:
+    """Partner id -> its pause, for partners paused at `now`."""
+    return {p.partner_id: p for p in session.exec(select(PartnerPause).where(PartnerPause.until > now)).all()}
+
+
+def find_referrals(
+    session: Session,
+    *,
+    limit: int,
+    cursor: str | None,
+    partner_id: str | None = None,
+    need_id: str | None = None,
+    status: str | None = None,
+    sla: str | None = None,
+) -> tuple[list[Referral], str | None]:
+    """A page of referrals, newest first, filtered by whichever of the arguments are given."""
+    query = select(Referral)
+    for column, value in (
+        (Referral.partner_id, partner_id),
+        (Referral.need_id, need_id),
+        (Referral.status, status),
+        (Referral.sla, sla),
+    ):
+        if value:
+            query = query.where(column == value)
+    return page(query, Referral.created_at, Referral.id, limit, cursor, session)
+
+
+def referral_with_case(session: Session, referral_id: str) -> tuple[Referral, NeedCase, list[ReferralHistory]] | None:
+    referral = session.get(Referral, referral_id)
+    if referral is None:
+        return None
+    return referral, session.get_one(NeedCase, referral.need_id), history_of(session, referral_id)
+
+
+def inbox(
+    session: Session, *, partner_id: str | None, status: str, offset: int, limit: int
+) -> list[tuple[Referral, NeedCase]]:
+    """Referrals with their needs, soonest deadline first; `status` "open" means any open status."""
+    query = select(Referral, NeedCase).join(NeedCase, col(NeedCase.need_id) == Referral.need_id)
+    if partner_id:
+        query = query.where(Referral.partner_id == partner_id)
+    query = query.where(col(Referral.status).in_(OPEN_STATUSES) if status == "open" else Referral.status == status)
+    query = (
+        query.order_by(col(Referral.respond_by), col(Referral.created_at), col(Referral.id)).offset(offset).limit(limit)
+    )
+    return list(session.exec(query).all())
+
+
+def need_and_open_referral(session: Session, need_id: str) -> tuple[NeedCase | None, Referral | None]:
+    case = session.get(NeedCase, need_id)
+    return case, current_referral(session, need_id) if case else None
+
+
+# --- the dashboard's queries -------------------------------------------------------------------------------------
+
+
+def aware(at: datetime) -> datetime:
+    """Aggregates lose the column type on SQLite: put the UTC offset back."""
+    return at if at.tzinfo else at.replace(tzinfo=UTC)
+
+
+def open_by_sla(session: Session) -> dict[str, int]:
+    """Open referrals counted by SLA state (the dashboard and the /metrics gauge)."""
+    return dict(
+        session.exec(
+            select(Referral.sla, sa.func.count()).where(col(Referral.status).in_(OPEN_STATUSES)).group_by(Referral.sla)
+        ).all()
+    )
+
+
+def overdue_timers(session: Session, due_before: datetime) -> int:
+    """Unfired timers due before `due_before` (the dashboard and the /metrics gauge)."""
+    return session.exec(
+        select(sa.func.count())
+        .select_from(ClockTimer)
+        .where(col(ClockTimer.fired_at).is_(None), ClockTimer.due_at < due_before)
+    ).one()
+
+
+def due_soon(session: Session, now: datetime, until: datetime, limit: int) -> list[Referral]:
+    """Referrals waiting for a first answer, due between now and `until`, soonest first."""
+    return list(
+        session.exec(
+            select(Referral)
+            .where(
+                Referral.status == "assigned",
+                col(Referral.sla).not_in(("met", "breached")),
+                Referral.respond_by > now,
+                Referral.respond_by <= until,
+            )
+            .order_by(col(Referral.respond_by), col(Referral.id))
+            .limit(limit)
+        ).all()
+    )
+
+
+def breaches_since(session: Session, since: datetime, limit: int) -> tuple[list[tuple[Referral, datetime]], int]:
+    """The newest breaches since `since` (referral, when), and how many there are in all."""
+    query = (
+        select(Referral, ReferralHistory.at)
+        .join(ReferralHistory, col(ReferralHistory.referral_id) == Referral.id)
+        .where(ReferralHistory.action == "breach", ReferralHistory.at >= since)
+    )
+    rows = session.exec(query.order_by(col(ReferralHistory.at).desc(), Referral.id).limit(limit)).all()
+    return list(rows), session.exec(select(sa.func.count()).select_from(query.subquery())).one()
+
+
+def first_actions(session: Session, since: datetime, actions: tuple[str, ...]) -> dict[str, datetime]:
+    """Referral id -> the first time one of `actions` was done on it, for referrals created since `since`."""
+    rows = session.exec(
+        select(ReferralHistory.referral_id, sa.func.min(ReferralHistory.at))
+        .join(Referral, col(Referral.id) == ReferralHistory.referral_id)
+        .where(Referral.created_at >= since, col(ReferralHistory.action).in_(actions))
+        .group_by(ReferralHistory.referral_id)
+    ).all()
+    return {referral_id: aware(at) for referral_id, at in rows}
+
+
+def waiting_by_partner(session: Session) -> dict[str, tuple[int, datetime]]:
+    """Partner id -> (referrals waiting for a first answer, the oldest one's creation)."""
+    return {
+        pid: (n, aware(oldest))
+        for pid, n, oldest in session.exec(
+            select(Referral.partner_id, sa.func.count(), sa.func.min(Referral.created_at))
+            .where(Referral.status == "assigned")
+            .group_by(Referral.partner_id)
+        ).all()
+    }
+
+
+def last_action_by_partner(session: Session, actions: tuple[str, ...]) -> dict[str, datetime]:
+    return {
+        pid: aware(at)
+        for pid, at in session.exec(
+            select(Referral.partner_id, sa.func.max(ReferralHistory.at))
+            .join(ReferralHistory, col(ReferralHistory.referral_id) == Referral.id)
+            .where(col(ReferralHistory.action).in_(actions))
+            .group_by(Referral.partner_id)
+        ).all()
+    }
+
+
+def referrals_created_since(session: Session, since: datetime) -> list[Referral]:
+    return list(session.exec(select(Referral).where(Referral.created_at >= since)).all())
+
+
+def declines_since(session: Session, since: datetime) -> list[tuple[str, str | None]]:
+    """(partner id, the decline's recorded reason) of each decline since `since`."""
+    return list(
+        session.exec(
+            select(Referral.partner_id, ReferralHistory.detail)
+            .join(ReferralHistory, col(ReferralHistory.referral_id) == Referral.id)
+            .where(ReferralHistory.action == "decline", ReferralHistory.at >= since)
+        ).all()
+    )
+
+
+def timers_settled_since(session: Session, since: datetime) -> list[tuple[datetime, datetime]]:
+    """(due, fired) of each timer fired or found moot since `since`."""
+    rows = session.exec(
+        select(ClockTimer.due_at, ClockTimer.fired_at).where(
+            col(ClockTimer.fired_at) >= since, col(ClockTimer.outcome).in_(("fired", "moot"))
+        )
+    ).all()
+    return [(due, fired) for due, fired in rows if fired is not None]  # all of them: fired_at >= since
+
+
+def needs_recorded_since(session: Session, since: datetime) -> list[datetime]:
+    return [aware(at) for at in session.exec(select(NeedCase.recorded_at).where(NeedCase.recorded_at >= since)).all()]
+
+
+def recent_ops_actions(session: Session, limit: int) -> list[OpsAction]:
+    return list(
+        session.exec(select(OpsAction).order_by(col(OpsAction.at).desc(), col(OpsAction.id).desc()).limit(limit)).all()
+    )
+
+
+# --- dead letters (Redis) ----------------------------------------------------------------------------------------
+
+
+class DeadLetter(BaseModel):
+    id: str
+    type: str | None
+    event_id: str | None
+    need_id: str | None
+    group: str | None
+    error: str | None
+    failed_at: str | None
+
+
+async def dead_letters(redis, stream_key: str, *, limit: int = 50, entry_id: str | None = None) -> list[DeadLetter]:
+    """The stream's dead letters, newest first (or the one entry `entry_id`)."""
+    key = stream_key + DEAD_LETTER_SUFFIX
+    entries = (
+        await redis.xrevrange(key, count=limit)
+        if entry_id is None
+        else await redis.xrange(key, min=entry_id, max=entry_id)
+    )
+
+    def field(fields: dict, name: str) -> str | None:
+        value = fields.get(name.encode())
+        return value.decode(errors="replace") if value is not None else None
+
+    return [
+        DeadLetter(
+            id=i.decode(),
+            type=field(f, "type"),
+            event_id=field(f, "event_id"),
+            need_id=field(f, "need_id"),
+            group=field(f, "dlq_group"),
+            error=field(f, "dlq_error"),
+            failed_at=field(f, "dlq_failed_at"),
+        )
+        for i, f in entries
+    ]
+
+
+async def dead_letter_count(redis, stream_key: str) -> int:
+    return await redis.xlen(stream_key + DEAD_LETTER_SUFFIX)
+
+
+# --- the register of confidentiality incidents ----------------------------------------------------------------
+
+
+def find_privacy_incidents(
+    session: Session, *, limit: int, cursor: str | None
+) -> tuple[list[PrivacyIncident], str | None]:
+    """A page of the register, newest first."""
+    return page(select(PrivacyIncident), PrivacyIncident.recorded_at, PrivacyIncident.id, limit, cursor, session)
+
+
+def privacy_incidents(session: Session, *, offset: int = 0, limit: int | None = None) -> list[PrivacyIncident]:
+    """The register, newest first (all of it without `limit`: the CSV export)."""
+    query = select(PrivacyIncident).order_by(col(PrivacyIncident.recorded_at).desc(), col(PrivacyIncident.id).desc())
+    return list(session.exec(query.offset(offset).limit(limit)).all())
