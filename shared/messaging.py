@@ -44,6 +44,7 @@ from shared.logs import current_correlation_id, describe_error, log_context
 from shared.settings import Settings, consumer_name
 
 log = logging.getLogger("relais.messaging")
+READS_STOP_SECONDS = 10  # how long a stopping bus waits for its subscribers and their reads
 
 DATA_FIELD = "__data__"  # FastStream's field for the message envelope
 DLQ_FIELDS = ("dlq_error", "dlq_source_id", "dlq_group", "dlq_failed_at")
@@ -437,8 +438,19 @@ class Bus:
         # be gone; the broker then closes connections nobody uses.
         subscribers = list(self.broker.subscribers)
         reads = [task for sub in subscribers for task in getattr(sub, "tasks", ())]
-        await asyncio.gather(*(sub.stop() for sub in subscribers), return_exceptions=True)
-        await asyncio.gather(*reads, return_exceptions=True)
+        stopping = asyncio.gather(*(sub.stop() for sub in subscribers), return_exceptions=True)
+        try:
+            await asyncio.wait_for(stopping, READS_STOP_SECONDS)
+        except TimeoutError:
+            log.warning(
+                "%s: subscribers still stopping after %d s; the bus stops anyway", self.service, READS_STOP_SECONDS
+            )
+        if reads:
+            _, still = await asyncio.wait(reads, timeout=READS_STOP_SECONDS)
+            if still:  # never seen to happen, but a stop must end: the broker then closes their connections
+                log.warning("%s: %d read(s) still running after the subscribers stopped", self.service, len(still))
+                for task in still:
+                    task.cancel()
         await self.broker.stop()
         if self.redis is not None:
             await self.redis.aclose()
