@@ -5,17 +5,24 @@
 # Only Relais's runtime dependencies are installed (pyproject's, at requirements.lock's versions): no test tools.
 ARG BASE_IMAGE=python:3.11-slim
 
+# The runtime dependencies' names, from pyproject.toml: a stage of its own, so that an edit of pyproject.toml that
+# leaves them as they are (tool settings, test extras) does not install them all again below.
+FROM ${BASE_IMAGE} AS requirements
+WORKDIR /src
+COPY pyproject.toml ./
+RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+    >runtime.txt
+
 FROM ${BASE_IMAGE} AS build
 ARG PIP_INSTALL_FLAGS=""
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
 # Dependencies first, so code changes reuse this layer. /wheels holds the wheelhouse when there is one (else only a
 # README, and pip uses the index).
-COPY requirements.lock pyproject.toml ./
+COPY requirements.lock ./
+COPY --from=requirements /src/runtime.txt ./
 COPY deploy/wheelhouse/ /wheels/
 RUN python3 -m venv /opt/relais \
-    && python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-       >runtime.txt \
     && /opt/relais/bin/pip install $PIP_INSTALL_FLAGS --find-links /wheels -c requirements.lock -r runtime.txt
 COPY . ./
 RUN /opt/relais/bin/pip install $PIP_INSTALL_FLAGS --find-links /wheels --no-deps . \
