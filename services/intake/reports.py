@@ -3,9 +3,7 @@ the API and the ops dashboard and as CSV for spreadsheets. The CSV's French head
 
 from __future__ import annotations
 
-import csv
-import io
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
@@ -17,7 +15,7 @@ from services.intake import domain
 from services.intake.store import counted_needs
 from shared.db import Database
 from shared.directory import Directory, Library
-from shared.pages import SECURITY_HEADERS, environment
+from shared.pages import csv_download, environment
 
 # the template's variables are the module's attributes, unknown to mypy
 LABELS: Any = environment(Path(__file__).with_name("templates")).get_template("_labels.html").module
@@ -82,9 +80,6 @@ def library_report(db: Database, library: Library, month: date, now: datetime) -
 def csv_response(reports: Sequence[LibraryReport], directory: Directory, filename: str) -> Response:
     """One row per library for all categories, then one per category; `;`-separated with a BOM, as French
     spreadsheets open it."""
-    out = io.StringIO()
-    writer = csv.writer(out, delimiter=";", lineterminator="\r\n")
-    writer.writerow(LABELS.CSV_HEADERS)
 
     def row(report: LibraryReport, label: str, f: LibraryReport | CategoryFigures) -> list:
         library = directory.library(report.library_id)
@@ -101,13 +96,11 @@ def csv_response(reports: Sequence[LibraryReport], directory: Directory, filenam
             f.still_running,
         ]
 
-    for report in reports:
-        writer.writerow(row(report, LABELS.ALL_CATEGORIES, report))
-        for f in report.by_category:
-            category = directory.category(f.category)
-            writer.writerow(row(report, category.label if category else f.category, f))
-    return Response(
-        "\ufeff" + out.getvalue(),
-        media_type="text/csv; charset=utf-8",
-        headers={**SECURITY_HEADERS, "Content-Disposition": f'attachment; filename="{filename}"'},
-    )
+    def rows() -> Iterator[list]:
+        for report in reports:
+            yield row(report, LABELS.ALL_CATEGORIES, report)
+            for f in report.by_category:
+                category = directory.category(f.category)
+                yield row(report, category.label if category else f.category, f)
+
+    return csv_download(LABELS.CSV_HEADERS, rows(), filename)

@@ -4,8 +4,6 @@ spreadsheets open it), and cells that a spreadsheet would run as a formula made 
 
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import Sequence
 from datetime import date, datetime
 from pathlib import Path
@@ -17,7 +15,7 @@ from fastapi.responses import Response
 from services.referral.store import PrivacyIncident
 from services.referral.views import privacy_incidents
 from shared.db import Database
-from shared.pages import SECURITY_HEADERS, environment
+from shared.pages import csv_download, environment
 
 # the template's variables are the module's attributes, unknown to mypy
 LABELS: Any = environment(Path(__file__).with_name("templates")).get_template("_incident_labels.html").module
@@ -70,20 +68,8 @@ def row(incident: PrivacyIncident) -> list[object]:
 
 def register_csv(incidents: Sequence[PrivacyIncident], timezone: str, filename: str) -> Response:
     """The CSV download of `incidents`; times in `timezone` (the directory's)."""
-    out = io.StringIO()
-    writer = csv.writer(out, delimiter=";", lineterminator="\r\n")
-    writer.writerow(LABELS.CSV_HEADERS)
-    for incident in incidents:
-        writer.writerow([cell(value, timezone) for value in row(incident)])
-    return Response(
-        "\ufeff" + out.getvalue(),
-        media_type="text/csv; charset=utf-8",
-        headers={
-            **SECURITY_HEADERS,
-            "Content-Disposition": f'attachment; filename="{filename}"',
-            "Cache-Control": "no-store",
-        },
-    )
+    rows = ([cell(value, timezone) for value in row(incident)] for incident in incidents)
+    return csv_download(LABELS.CSV_HEADERS, rows, filename)
 
 
 def export(db: Database, timezone: str, now: datetime) -> Response:
