@@ -284,10 +284,12 @@ def test_one_needs_path_in_metrics_and_logs(settings, mail_sink, start_service):
     needs = f"{settings.namespace}:needs"
     acked = re.compile(
         rf'faststream_received_processed_messages_total\{{app_name="referral",broker="redis",'
-        rf'handler="{needs}",status="acked"\}} 1\.0'
+        rf'handler="{needs}",status="acked"\}} [1-9][0-9]*\.0'
     )
-    # FastStream counts the message once acked, after its handler returned: the handoff email can arrive first.
-    assert wait_for(lambda: acked.search(httpx.get(f"{referral.url}/metrics").text)), "need.recorded never acked once"
+    # FastStream counts the message once acked, after its handler returned: the handoff email can arrive first. Under
+    # load it may count it twice: an entry idle past claim_idle_ms (500 ms here) is claimed and delivered again, and
+    # the ledger skips it. That the work was done once is the next line's single open referral.
+    assert wait_for(lambda: acked.search(httpx.get(f"{referral.url}/metrics").text)), "need.recorded never acked"
     assert 'relais_open_referrals{sla="on_track"} 1.0' in text["referral"]
     assert 'relais_deliveries{channel="email",status="sent"}' in text["notifications"]
     assert "relais_timer_firing_lag_seconds" in text["referral"]
