@@ -107,6 +107,11 @@ def claim_event(session: Session, consumer: str, event_id: str) -> bool:
     return True
 
 
+def was_processed(session: Session, consumer: str, event_id: str) -> bool:
+    """Whether `consumer` committed the processing of `event_id` (a read: it records nothing)."""
+    return session.get(ProcessedEvent, (consumer, event_id)) is not None
+
+
 # A processed-event row makes a redelivery a no-op, so it must outlive every copy of its event still in a stream
 # or dead-letter stream (trimmed past stream_max_age): it goes only once older than that, plus a day, too.
 PROCESSED_EVENT_MARGIN = timedelta(days=1)

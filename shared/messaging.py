@@ -38,7 +38,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from shared import redis_clients
-from shared.db import Database, OutboxMessage, claim_event, purge_technical_rows
+from shared.db import Database, OutboxMessage, claim_event, purge_technical_rows, was_processed
 from shared.events import DEAD_LETTER_SUFFIX, Event, utcnow
 from shared.logs import current_correlation_id, describe_error, log_context
 from shared.settings import Settings, consumer_name
@@ -394,9 +394,11 @@ class Bus:
                     handler(session, event)
                 return True
             except IntegrityError:
-                # Another replica committed the same event between our check and our commit.
-                with self.db.transaction() as session:
-                    if not claim_event(session, self.group, event.event_id):
+                # Another replica committed the same event between our check and our commit: a redelivery. Any other
+                # conflict is the handler's own and fails this delivery (retried, then dead-lettered). The check only
+                # reads: recording the event here would mark it processed without its handler's work.
+                with self.db.read() as session:
+                    if was_processed(session, self.group, event.event_id):
                         return False
                 raise
 
