@@ -79,7 +79,9 @@ class LoopThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def run(self, coro: Coroutine) -> Any:
-        return self.spawn(coro).result(30)
+        return self.spawn(coro).result(
+            90
+        )  # a safety bound only: a bus stop waits up to 2 x 10 s, longer on a loaded machine
 
     def close(self) -> None:
         async def cancel_the_rest() -> None:
