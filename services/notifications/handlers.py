@@ -34,6 +34,7 @@ from shared.events import (
     DeliveryFailed,
     DeliverySent,
     NeedCancelled,
+    NeedPersonalData,
     NeedRecorded,
     NeedUnroutable,
     ReferralEvent,
@@ -155,16 +156,24 @@ def queue_for_staff(
 
 
 def on_need_recorded(
-    session: Session, event: NeedRecorded, directory: Directory, now: datetime, transliterate: bool = True
+    session: Session,
+    event: NeedRecorded,
+    details: NeedPersonalData | None,
+    directory: Directory,
+    now: datetime,
+    transliterate: bool = True,
 ) -> int:
-    """Keep the person's contact for this need; handle the referral events that came before it."""
-    p = event.person
+    """Keep the person's contact for this need; handle the referral events that came before it. `details` is what
+    the event sealed (consumers.py opens it), None when the person was erased before it was read: then nothing
+    goes to them (no address, channel none)."""
     lock_person_of(session, event.need_id)
     person = session.get(NeedPerson, event.need_id) or NeedPerson(
         need_id=event.need_id, library_id=event.library_id, preferred_channel="none", recorded_at=event.recorded_at
     )
-    person.library_id, person.email, person.phone = event.library_id, p.email, p.phone
-    person.preferred_channel, person.language, person.recorded_at = p.preferred_channel, p.language, event.recorded_at
+    person.library_id = event.library_id
+    person.email, person.phone = (details.email, details.phone) if details else (None, None)
+    person.preferred_channel = event.preferred_channel if details else "none"
+    person.language, person.recorded_at = event.language, event.recorded_at
     session.add(person)
     count = 0
     waiting = session.exec(select(WaitingForPerson).where(WaitingForPerson.need_id == event.need_id)).all()
