@@ -41,6 +41,7 @@ from shared.events import (
     new_id,
     parse_event,
 )
+from shared.logs import redact
 from shared.settings import Settings
 from shared.signin import TokenExpired, TokenInvalid, link_for_request, read_sign_in_reference
 
@@ -387,7 +388,8 @@ def record_sms_receipt(db: Database, cmd: RecordSmsReceipt, *, now: datetime) ->
             d.status, d.delivered_at = "delivered", d.delivered_at or now
         elif d.status == "sent":
             d.status, d.last_error = "failed", (cmd.error or "undelivered")[:2000]
-            emit(session, DeliveryFailed(**event_fields(d, now), error=d.last_error))
+            # A provider's words may quote the address: masked on the wire (shared.logs.redact), kept here for ops.
+            emit(session, DeliveryFailed(**event_fields(d, now), error=redact(d.last_error)))
             fall_back_to_email(session, d, now)
         session.add(d)
     return d
@@ -486,7 +488,7 @@ def record_send_outcome(db: Database, ids: list[str], outcome: Outcome, *, now: 
                 if error.permanent or d.attempts >= settings.delivery_max_attempts:
                     d.status, attempt.outcome = "failed", "failed"
                     if d.need_id is not None:
-                        emit(session, DeliveryFailed(**event_fields(d, now), error=d.last_error))
+                        emit(session, DeliveryFailed(**event_fields(d, now), error=redact(d.last_error)))
                     fall_back_to_email(session, d, now)
                 else:
                     retry_at = now + domain.retry_delay(

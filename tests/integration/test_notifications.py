@@ -423,7 +423,7 @@ def test_brevo_429_with_retry_after_a_receipt_and_an_arret_reply(settings, sink,
 
 
 def test_a_400_fails_the_sms_at_once_and_the_person_gets_an_email_instead(settings, sink, twilio, start_service):
-    twilio.script = [(400, {}, {"code": 21211, "message": "The 'To' number is not a valid phone number."})]
+    twilio.script = [(400, {}, {"code": 21211, "message": f"The 'To' number {PHONE} is not a valid phone number."})]
     notif = start_service("notifications", with_twilio(settings, sink, twilio))
     need = recorded(notif, {"phone": PHONE, "email": "personne@example.org", "preferred_channel": "sms"})
     publish(settings, need, assigned(need.need_id))
@@ -434,7 +434,10 @@ def test_a_400_fails_the_sms_at_once_and_the_person_gets_an_email_instead(settin
     assert (mail.status, mail.fallback_for) == ("sent", sms.id)
     [received] = wait_for(lambda: sink.to("personne@example.org"))
     assert received["subject"].startswith("Votre demande est transmise : CAF de la Seine-Maritime vous contactera")
-    assert wait_for(lambda: [e for e in stream_events(settings, "deliveries") if e["type"] == "delivery.failed"])
+    [failed] = wait_for(lambda: [e for e in stream_events(settings, "deliveries") if e["type"] == "delivery.failed"])
+    error = json.loads(json.loads(failed["__data__"])["data"])["error"]
+    assert "21211" in error and PHONE not in error and "[phone]" in error  # the provider's words, the number masked
+    assert PHONE in sms.last_error  # kept for ops in notifications' own database
     assert len(twilio.requests) == 1
 
 
