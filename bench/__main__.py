@@ -155,19 +155,20 @@ def machine_facts(redis_url: str, embedded: bool) -> list[tuple[str, str]]:
 def stream_entry() -> dict[FieldT, EncodableT]:
     """A stream entry the size and shape of a real `need.recorded` one, built by the relay's own code."""
     from shared.db import OutboxMessage
-    from shared.events import NeedRecorded, PersonContact, utcnow
+    from shared.events import NeedRecorded, utcnow
     from shared.messaging import stream_fields
+    from shared.testing import unopenable_seal
 
     now = utcnow()
     event = NeedRecorded(
         need_id=uuid.uuid4().hex,
         library_id="chatelet",
         category="caf",
-        summary="Banc d'essai : dossier APL bloqué, demande n° 1234",
         postal_code="76000",
         urgency="normal",
         recorded_at=now,
-        person=PersonContact(display_name="Personne de test"),
+        person_id=uuid.uuid4().hex,
+        sealed=unopenable_seal(),
         occurred_at=now,
     )
     row = OutboxMessage(

@@ -42,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     replay = sub.add_parser("replay", help="put dead-lettered messages back on their stream")
     replay.add_argument("stream", choices=STREAMS, help="stream name without namespace: " + ", ".join(STREAMS))
     replay.add_argument("ids", nargs="*", help="dead-letter entry ids (default: all)")
+    keys = sub.add_parser("keys", help="keys of the personal data that events carry (docs/privacy.md)")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    keys_sub.add_parser(
+        "rewrap", help="wrap every person's data key again with the first key of RELAIS_PERSONAL_DATA_KEYS"
+    )
     args = parser.parse_args(argv)
     from shared import logs
 
@@ -63,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             return migrate_one(args.service, args.new)
         if args.command == "replay":
             return replay_dead_letters(args.stream, args.ids)
+        if args.command == "keys":
+            return rewrap_keys()
         return Up(args.directory, args.data_dir).run()
     except BadSettings as exc:  # the one place a bad RELAIS_* variable ends a command: what to fix, no traceback
         for problem in exc.problems:
@@ -176,6 +183,29 @@ def migrate_one(service: ServiceName, new_revision: str | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     print(f"{service}: database at the newest schema")
+    return 0
+
+
+def rewrap_keys() -> int:
+    """Key rotation: every data key wrapped again with the current key-encryption key, so older ones can go."""
+    from shared.personal_data import PersonalData, PersonalDataError
+
+    settings = load_settings(redis=True)
+    if not settings.redis_configured:
+        print("RELAIS_REDIS_URL (or RELAIS_REDIS_SENTINELS) is not set", file=sys.stderr)
+        return 2
+    personal_data = PersonalData(settings)
+    try:
+        done = personal_data.rewrap()
+    except PersonalDataError as exc:  # a data key no configured key opens: nothing after it was rewrapped
+        print(f"relais keys rewrap: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        personal_data.client.close()
+    print(
+        f"rewrapped {done.rewrapped} data key(s) with key {done.key_id} in {personal_data.hash} "
+        f"({done.current} already wrapped with it, {done.erased} erased person(s))"
+    )
     return 0
 
 

@@ -24,6 +24,10 @@ class BadSettings(Exception):
         self.problems = problems
 
 
+# Never quoted back: a refused value may still be most of a real secret.
+SECRET_FIELDS = frozenset(
+    {"secret_key", "personal_data_keys", "internal_token", "redis_password", "twilio_auth_token", "brevo_api_key"}
+)
 _PATTERN_HINTS = {"namespace": "may hold only letters, digits, '_', '.' and '-' (it prefixes Redis keys)"}
 DATABASE_URL_FORMS = "sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST:PORT/DATABASE"
 
@@ -92,11 +96,14 @@ def _explain(error: ErrorDetails) -> str:
         what = f"must be at least {ctx.get('ge', ctx.get('gt'))}"
     elif kind in ("less_than_equal", "less_than"):
         what = f"must be at most {ctx.get('le', ctx.get('lt'))}"
+    elif kind == "value_error":  # a validator's own words (shared.settings.parse_personal_data_keys)
+        what = str(ctx.get("error", error.get("msg", "is not valid")))
     else:
         msg = str(error.get("msg", "is not valid"))
         what = msg[:1].lower() + msg[1:]
     got = error.get("input")
-    return f"RELAIS_{field.upper()}: {what}" + (f" (got {got!r})" if isinstance(got, str) else "")
+    shown = isinstance(got, str) and field not in SECRET_FIELDS
+    return f"RELAIS_{field.upper()}: {what}" + (f" (got {got!r})" if shown else "")
 
 
 def _database_url_problem(url: str) -> str | None:

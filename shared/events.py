@@ -3,7 +3,8 @@
 Each service publishes on its own stream (so one stream keeps one producer's order); a consumer
 reads the streams it needs and ignores the event types it has no handler for. Events carry ids and
 the facts the next service needs, not copies of whole records. The person's contact details travel
-only in `need.recorded`, because the partner who takes the need must be able to reach the person.
+only in `need.recorded`, because the partner who takes the need must be able to reach the person, and
+there sealed with the person's data key (shared.personal_data): never in clear on the broker.
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ class Event(BaseModel):
 
 
 class PersonContact(BaseModel):
+    """The person as the desk recorded them (intake's command and views). On the wire only `preferred_channel` and
+    `language` travel in clear; the name and addresses are sealed (`NeedPersonalData`)."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     display_name: str | None = None
@@ -56,16 +60,45 @@ class PersonContact(BaseModel):
     language: Literal["fr", "en"] = "fr"
 
 
+class NeedPersonalData(BaseModel):
+    """What `need.recorded` carries sealed (shared.personal_data): what the person confided and how to reach them."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    summary: str
+    display_name: str | None = None
+    email: str | None = None
+    phone: str | None = None  # E.164
+
+
+class SealedPersonalData(BaseModel):
+    """Personal data encrypted with the person's data key (AES-256-GCM, the need's id as associated data); base64.
+    Deleting the person's data key (shared.personal_data.forget) makes every copy unreadable."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    person_id: str = Field(max_length=64)
+    key_id: str = Field(max_length=64)  # the id of the person's data key that sealed it
+    nonce: str = Field(max_length=64)
+    ciphertext: str
+
+
 class NeedRecorded(Event):
+    """Version 2: the person's identity and the summary travel sealed (`sealed` opens to NeedPersonalData); in
+    clear only what identifies nobody: the person's id, their channel and language."""
+
     type: Literal["need.recorded"] = "need.recorded"
+    version: Literal[2] = 2
     need_id: str
     library_id: str
     category: str
-    summary: str
     postal_code: str | None
     urgency: Literal["normal", "urgent"]
     recorded_at: AwareDatetime
-    person: PersonContact
+    person_id: str
+    preferred_channel: Literal["email", "sms", "none"] = "none"
+    language: Literal["fr", "en"] = "fr"
+    sealed: SealedPersonalData
 
 
 class NeedCancelled(Event):

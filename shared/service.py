@@ -37,6 +37,7 @@ from shared.logs import EventLogContext, current_correlation_id, log_context, ne
 from shared.messaging import Bus
 from shared.migrations import check_current
 from shared.openapi import error_responses  # noqa: F401 - routes declare their own statuses (409) with it
+from shared.personal_data import PersonalData
 from shared.settings import ServiceName, Settings, weak_secret
 
 log = logging.getLogger("relais.service")
@@ -76,6 +77,7 @@ class Service:
         self.directory: Directory = load_directory(settings.directory)
         self.db = Database(settings.database_url(name), tables)
         self.bus = Bus(settings, name, self.db)
+        self.personal_data = PersonalData(settings)  # the persons' data keys: seal and open need.recorded
         self.background: list[Callable[[], Any]] = []  # coroutine functions run for the app's lifetime
         self.on_scrape: list[Callable[[], Any]] = []  # update gauges before /metrics answers (sync or async)
         self.openapi_refiners: list[Callable[[dict], None]] = []  # what the OpenAPI document learns from the directory
@@ -393,6 +395,10 @@ class ServiceRuntime:
     @property
     def directory(self) -> Directory:
         return self.service.directory  # SIGHUP loads it again
+
+    @property
+    def personal_data(self) -> PersonalData:
+        return self.service.personal_data
 
     def reload_directory(self) -> None:
         self.service.reload_directory()

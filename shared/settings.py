@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import os
+import re
 import secrets
 import socket
 import stat
@@ -12,7 +15,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.directory import DEMO_DIRECTORY, DirectoryError, load_directory
@@ -69,6 +72,36 @@ def demo_token_hashes() -> frozenset[str]:
     return frozenset(hashes)
 
 
+# --- keys of personal data on the wire (shared.personal_data, docs/privacy.md "Keys") -----------------------------
+
+KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
+KEY_BYTES = 32
+PERSONAL_DATA_KEYS_FORM = (
+    "give comma-separated KEY_ID:KEY items, KEY_ID of letters, digits, '_' or '-', KEY the base64 of 32 random "
+    "bytes (e.g. `k1:$(openssl rand -base64 32)`), the key that wraps new data keys first"
+)
+
+
+def parse_personal_data_keys(value: str) -> list[tuple[str, bytes]]:
+    """`id:base64,id:base64,...` as (key id, 32-byte key) pairs, in order; ValueError saying which item is wrong and
+    never quoting a key."""
+    keys: list[tuple[str, bytes]] = []
+    for number, item in enumerate(value.split(","), start=1):
+        key_id, colon, encoded = item.strip().partition(":")
+        if not colon or not KEY_ID.fullmatch(key_id):
+            raise ValueError(f"item {number} does not start with a key id and ':'; {PERSONAL_DATA_KEYS_FORM}")
+        try:
+            key = base64.b64decode(encoded.strip().replace("-", "+").replace("_", "/"), validate=True)
+        except binascii.Error:
+            raise ValueError(f"key {key_id!r} is not base64; {PERSONAL_DATA_KEYS_FORM}") from None
+        if len(key) != KEY_BYTES:
+            raise ValueError(f"key {key_id!r} is {len(key)} bytes, not {KEY_BYTES}; {PERSONAL_DATA_KEYS_FORM}")
+        if any(key_id == seen for seen, _ in keys):
+            raise ValueError(f"key id {key_id!r} is given twice; each key needs its own id")
+        keys.append((key_id, key))
+    return keys
+
+
 def private_dir(path: Path) -> Path:
     """Create the folder `path` readable by this user only (missing parents as usual); a folder of ours that an older
     version left open is closed (not a shared one such as /tmp, which has the sticky bit, or someone else's)."""
@@ -116,6 +149,9 @@ class Settings(BaseSettings):
     delivery_max_attempts: int = Field(6, ge=1)
     mail_sink_dir: Path | None = None  # set by `relais up`: the embedded SMTP sink's folder of .eml files
     secret_key: str | None = None
+    # Key-encryption keys of the personal data that events carry (shared.personal_data): `id:base64,...`, the first
+    # wraps new data keys, the others only open old ones; unset, one key is derived from the signing key.
+    personal_data_keys: str | None = Field(None, repr=False)
     # Production (`relais serve`) unless true: see production_problems(). `relais up` is always the demo.
     demo: bool = False
     # The ops credential services use between themselves; default derived from the secret key (shared.service).
@@ -133,6 +169,14 @@ class Settings(BaseSettings):
     # Published outbox rows and processed-event rows are deleted after this (ISO 8601, e.g. `P7D`);
     # processed-event rows never before the streams' age plus a day (shared.db.purge_technical_rows).
     technical_retention: timedelta = Field(timedelta(days=7), gt=timedelta(0))
+
+    @field_validator("personal_data_keys")
+    @classmethod
+    def _check_personal_data_keys(cls, value: str | None) -> str | None:
+        if value is not None and value.strip():
+            parse_personal_data_keys(value)
+            return value
+        return None
 
     @property
     def redis_configured(self) -> bool:

@@ -253,3 +253,58 @@ def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
         capture_output=True,
     )
     return cert, key
+
+
+# --- events as intake emits them --------------------------------------------------------------------
+
+
+def need_recorded(
+    personal_data,  # noqa: ANN001 - a shared.personal_data.PersonalData (imported late: tests may not need crypto)
+    *,
+    summary: str = "Dossier APL bloqué depuis trois mois",
+    person: dict | None = None,
+    need_id: str | None = None,
+    person_id: str | None = None,
+    **fields,
+):
+    """A `need.recorded` as intake emits it: `summary` and the person's name and addresses sealed with the person's
+    data key (created in `personal_data`'s Redis), channel and language in clear. `fields` override the rest
+    (library_id, category, postal_code, urgency, recorded_at...)."""
+    from shared.events import NeedPersonalData, NeedRecorded, PersonContact, new_id, utcnow
+
+    contact = PersonContact(**(person or {}))
+    need_id, person_id = need_id or new_id(), person_id or new_id()
+    details = NeedPersonalData(
+        summary=summary, display_name=contact.display_name, email=contact.email, phone=contact.phone
+    )
+    values = {
+        "library_id": "chatelet",
+        "category": "caf",
+        "postal_code": "76000",
+        "urgency": "normal",
+        "recorded_at": utcnow(),
+        **fields,
+    }
+    return NeedRecorded(
+        need_id=need_id,
+        person_id=person_id,
+        preferred_channel=contact.preferred_channel,
+        language=contact.language,
+        sealed=personal_data.seal_need(person_id, need_id, details),
+        **values,
+    )
+
+
+def unopenable_seal(person_id: str = "p-test"):  # noqa: ANN201 - a shared.events.SealedPersonalData
+    """A seal no key opens, the size of a real one: for events that are only carried (the messaging tests, the
+    bench), or handed to a handler with their details by the test itself."""
+    import base64
+
+    from shared.events import SealedPersonalData
+
+    return SealedPersonalData(
+        person_id=person_id,
+        key_id=os.urandom(8).hex(),
+        nonce=base64.b64encode(os.urandom(12)).decode(),
+        ciphertext=base64.b64encode(os.urandom(120)).decode(),
+    )

@@ -118,20 +118,21 @@ def record_need(
 
     from services.referral import handlers
     from services.referral.store import Referral
-    from shared.events import NeedRecorded, PersonContact, new_id
+    from shared.testing import need_recorded
 
-    event = NeedRecorded(
-        need_id=new_id(),
+    event = need_recorded(
+        svc.personal_data,
         library_id=library_id,
         category=category,
         summary=summary,
         postal_code=postal_code,
         urgency=urgency,
         recorded_at=recorded_at or svc.clock(),
-        person=PersonContact(**(person or {})),
+        person=person,
     )
+    details = svc.personal_data.open_need(event)
     with svc.db.transaction() as session:
-        handlers.on_need_recorded(session, event, svc.directory, svc.clock())
+        handlers.on_need_recorded(session, event, details, svc.directory, svc.clock())
     svc.bus.relay.wake()
     with svc.db.transaction() as session:
         return session.exec(select(Referral.id).where(Referral.need_id == event.need_id)).one()

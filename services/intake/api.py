@@ -10,6 +10,7 @@ from functools import partial
 from typing import Annotated, Any, Literal
 
 import anyio
+import redis
 from fastapi import APIRouter, Body, Header, HTTPException, Query, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
@@ -285,8 +286,17 @@ async def create_need(
         body = validate_need(data, runtime.directory, library=user.library)
         cmd = record_command(body, user, idempotency_key, current_correlation_id())  # the request's (shared.logs)
         recorded = await anyio.to_thread.run_sync(
-            partial(handlers.record_need, db, cmd, directory=runtime.directory, now=clock())
+            partial(
+                handlers.record_need,
+                db,
+                cmd,
+                directory=runtime.directory,
+                now=clock(),
+                personal_data=runtime.personal_data,
+            )
         )
+    except redis.RedisError:  # the person's data key could not be stored: nothing was recorded
+        raise HTTPException(503, "the need could not be recorded now (Redis is unavailable); try again") from None
     except handlers.KeyReused:
         raise HTTPException(409, "this Idempotency-Key was already used with another body") from None
     except handlers.UnknownNeed as exc:

@@ -19,12 +19,14 @@ from shared.db import Database, emit
 from shared.directory import Directory
 from shared.events import (
     NeedCancelled,
+    NeedPersonalData,
     NeedRecorded,
     NeedUnroutable,
     ReferralAssigned,
     ReferralEvent,
     new_id,
 )
+from shared.personal_data import PersonalData
 
 
 @dataclass(frozen=True)
@@ -52,11 +54,15 @@ class AlreadyClosed(Exception):
 # --- command handlers -----------------------------------------------------------------------------------
 
 
-def record_need(db: Database, cmd: RecordNeed, *, directory: Directory, now: datetime) -> Recorded:
+def record_need(
+    db: Database, cmd: RecordNeed, *, directory: Directory, now: datetime, personal_data: PersonalData
+) -> Recorded:
     """Record the need with the deadline the directory gives it, its history and need.recorded in the outbox, in one
     transaction (a thread's work: it blocks on the database). With a key, a repeat of the same request answers what
     the first answered (the need as it was recorded, whatever happened to it since), even when the repeats race;
-    the same key with another request raises KeyReused."""
+    the same key with another request raises KeyReused. The event carries the person's identity and the summary
+    sealed with the person's data key, which this creates in Redis for their first need, before the commit (so
+    before the relay can publish the event): a redis.RedisError then records nothing."""
 
     def replayed(session: Session) -> Recorded | None:
         if cmd.idempotency_key is None:
@@ -74,7 +80,7 @@ def record_need(db: Database, cmd: RecordNeed, *, directory: Directory, now: dat
         with db.transaction() as session:
             if (earlier := replayed(session)) is not None:
                 return earlier
-            need = _new_need(session, cmd, directory, now)
+            need = _new_need(session, cmd, directory, now, personal_data)
             recorded = Recorded(need.id, public(need).model_dump_json())
             if cmd.idempotency_key is not None:
                 session.add(
@@ -96,7 +102,9 @@ def record_need(db: Database, cmd: RecordNeed, *, directory: Directory, now: dat
     return recorded
 
 
-def _new_need(session: Session, cmd: RecordNeed, directory: Directory, now: datetime) -> Need:
+def _new_need(
+    session: Session, cmd: RecordNeed, directory: Directory, now: datetime, personal_data: PersonalData
+) -> Need:
     person_id = None
     if cmd.same_person_as is not None:
         earlier = session.get(Need, cmd.same_person_as)
@@ -131,11 +139,22 @@ def _new_need(session: Session, cmd: RecordNeed, directory: Directory, now: date
             need_id=need.id,
             library_id=need.library_id,
             category=need.category,
-            summary=need.summary,
             postal_code=need.postal_code,
             urgency=need.urgency,
             recorded_at=now,
-            person=cmd.person,
+            person_id=need.person_id,
+            preferred_channel=cmd.person.preferred_channel,
+            language=cmd.person.language,
+            sealed=personal_data.seal_need(
+                need.person_id,
+                need.id,
+                NeedPersonalData(
+                    summary=need.summary,
+                    display_name=cmd.person.display_name,
+                    email=cmd.person.email,
+                    phone=cmd.person.phone,
+                ),
+            ),
             correlation_id=cmd.correlation_id,
             occurred_at=now,
         ),

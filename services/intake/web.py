@@ -315,7 +315,16 @@ async def record(
         cmd = record_command(
             body, desk_.user, values["idempotency_key"], current_correlation_id()
         )  # validated by shared.edges
-        need = await anyio.to_thread.run_sync(partial(handlers.record_need, db, cmd, directory=directory, now=clock()))
+        need = await anyio.to_thread.run_sync(
+            partial(
+                handlers.record_need,
+                db,
+                cmd,
+                directory=directory,
+                now=clock(),
+                personal_data=runtime.personal_data,
+            )
+        )
     except (Invalid, handlers.UnknownNeed) as exc:
         invalid = exc if isinstance(exc, Invalid) else unknown_earlier_need(str(exc))
         return form_page(

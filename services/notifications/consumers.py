@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import anyio
 from sqlmodel import Session
 
 from services.notifications import handlers
@@ -16,6 +17,7 @@ from shared.events import (
     AccessLinkRequested,
     DeliveryStreamEvent,
     NeedEvent,
+    NeedRecorded,
     ReferralStreamEvent,
 )
 from shared.service import Service
@@ -35,8 +37,11 @@ def register(svc: Service, wake_senders: Callable[[], None]) -> None:
     @svc.bus.subscriber(NEEDS, "The person's contact and choices (channel, language) for the messages meant for them.")
     async def on_need_event(event: NeedEvent) -> None:
         handler: Callable[[Session, Any], object]
-        if event.type == "need.recorded":
-            handler = lambda s, e: handlers.on_need_recorded(s, e, svc.directory, svc.clock(), transliterate)  # noqa: E731
+        if isinstance(event, NeedRecorded):
+            details = await anyio.to_thread.run_sync(svc.personal_data.open_need, event)  # None: the person was erased
+            handler = lambda s, e: handlers.on_need_recorded(  # noqa: E731
+                s, e, details, svc.directory, svc.clock(), transliterate
+            )
         else:
             handler = lambda s, e: handlers.on_need_cancelled(s, e, svc.clock())  # noqa: E731
         if await svc.bus.process(handler, event):

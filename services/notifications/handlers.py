@@ -34,12 +34,14 @@ from shared.events import (
     DeliveryFailed,
     DeliverySent,
     NeedCancelled,
+    NeedPersonalData,
     NeedRecorded,
     NeedUnroutable,
     ReferralEvent,
     new_id,
     parse_event,
 )
+from shared.logs import redact
 from shared.settings import Settings
 from shared.signin import TokenExpired, TokenInvalid, link_for_request, read_sign_in_reference
 
@@ -155,16 +157,24 @@ def queue_for_staff(
 
 
 def on_need_recorded(
-    session: Session, event: NeedRecorded, directory: Directory, now: datetime, transliterate: bool = True
+    session: Session,
+    event: NeedRecorded,
+    details: NeedPersonalData | None,
+    directory: Directory,
+    now: datetime,
+    transliterate: bool = True,
 ) -> int:
-    """Keep the person's contact for this need; handle the referral events that came before it."""
-    p = event.person
+    """Keep the person's contact for this need; handle the referral events that came before it. `details` is what
+    the event sealed (consumers.py opens it), None when the person was erased before it was read: then nothing
+    goes to them (no address, channel none)."""
     lock_person_of(session, event.need_id)
     person = session.get(NeedPerson, event.need_id) or NeedPerson(
         need_id=event.need_id, library_id=event.library_id, preferred_channel="none", recorded_at=event.recorded_at
     )
-    person.library_id, person.email, person.phone = event.library_id, p.email, p.phone
-    person.preferred_channel, person.language, person.recorded_at = p.preferred_channel, p.language, event.recorded_at
+    person.library_id = event.library_id
+    person.email, person.phone = (details.email, details.phone) if details else (None, None)
+    person.preferred_channel = event.preferred_channel if details else "none"
+    person.language, person.recorded_at = event.language, event.recorded_at
     session.add(person)
     count = 0
     waiting = session.exec(select(WaitingForPerson).where(WaitingForPerson.need_id == event.need_id)).all()
@@ -378,7 +388,8 @@ def record_sms_receipt(db: Database, cmd: RecordSmsReceipt, *, now: datetime) ->
             d.status, d.delivered_at = "delivered", d.delivered_at or now
         elif d.status == "sent":
             d.status, d.last_error = "failed", (cmd.error or "undelivered")[:2000]
-            emit(session, DeliveryFailed(**event_fields(d, now), error=d.last_error))
+            # A provider's words may quote the address: masked on the wire (shared.logs.redact), kept here for ops.
+            emit(session, DeliveryFailed(**event_fields(d, now), error=redact(d.last_error)))
             fall_back_to_email(session, d, now)
         session.add(d)
     return d
@@ -477,7 +488,7 @@ def record_send_outcome(db: Database, ids: list[str], outcome: Outcome, *, now: 
                 if error.permanent or d.attempts >= settings.delivery_max_attempts:
                     d.status, attempt.outcome = "failed", "failed"
                     if d.need_id is not None:
-                        emit(session, DeliveryFailed(**event_fields(d, now), error=d.last_error))
+                        emit(session, DeliveryFailed(**event_fields(d, now), error=redact(d.last_error)))
                     fall_back_to_email(session, d, now)
                 else:
                     retry_at = now + domain.retry_delay(

@@ -7,22 +7,19 @@ import asyncio
 import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from typing import Any
 
 import anyio
 from prometheus_client import CollectorRegistry, Histogram
+from sqlmodel import Session
 
 from services.referral import handlers
 from services.referral.store import next_timer_due
-from shared.events import NEEDS, REFERRALS, NeedEvent, ReferralStreamEvent
+from shared.events import NEEDS, REFERRALS, NeedEvent, NeedRecorded, ReferralStreamEvent
 from shared.service import Service
 
 log = logging.getLogger("relais.referral.clock")
 CLOCK_POLL = timedelta(milliseconds=500)  # timers set by another replica are seen within this
-# each takes (session, its event, directory, now)
-EVENT_HANDLERS: dict[str, Callable[..., None]] = {
-    "need.recorded": handlers.on_need_recorded,
-    "need.cancelled": handlers.on_need_cancelled,
-}
 
 
 def timer_lag_histogram(registry: CollectorRegistry) -> Histogram:
@@ -49,8 +46,13 @@ def register(svc: Service, clock_wake: asyncio.Event) -> None:
         "a need cancelled by ops has its open referral cancelled and its clock stopped.",
     )
     async def on_need_event(event: NeedEvent) -> None:
-        handler = EVENT_HANDLERS[event.type]
-        if await svc.bus.process(lambda session, e: handler(session, e, svc.directory, svc.clock()), event):
+        handler: Callable[[Session, Any], None]
+        if isinstance(event, NeedRecorded):
+            details = await anyio.to_thread.run_sync(svc.personal_data.open_need, event)  # None: the person was erased
+            handler = lambda s, e: handlers.on_need_recorded(s, e, details, svc.directory, svc.clock())  # noqa: E731
+        else:
+            handler = lambda s, e: handlers.on_need_cancelled(s, e, svc.directory, svc.clock())  # noqa: E731
+        if await svc.bus.process(handler, event):
             clock_wake.set()  # the need may have new timers: the clock looks again at once
 
 

@@ -57,6 +57,7 @@ from shared.directory import Directory
 from shared.events import (
     STREAMS,
     NeedCancelled,
+    NeedPersonalData,
     NeedRecorded,
     NeedUnroutable,
     ReferralAccepted,
@@ -71,6 +72,7 @@ from shared.events import (
     new_id,
 )
 from shared.messaging import replay
+from shared.personal_data import ERASED
 from shared.service import ACTOR_HEADER, internal_token
 from shared.sessions import revoke_user_sessions
 from shared.settings import Settings
@@ -78,20 +80,27 @@ from shared.settings import Settings
 REMOTE_TIMEOUT = 9.0  # seconds for intake to cancel a need
 
 
-def on_need_recorded(session: Session, event: NeedRecorded, directory: Directory, now: datetime) -> None:
-    person = event.person
+def on_need_recorded(
+    session: Session, event: NeedRecorded, details: NeedPersonalData | None, directory: Directory, now: datetime
+) -> None:
+    """Route a recorded need. `details` is what the event sealed (consumers.py opens it), None when the person was
+    erased before the event was read: the need is routed all the same (figures count it), with the marker for
+    its summary and name and no way to reach the person."""
+    erased = details is None
+    if details is None:
+        details = NeedPersonalData(summary=ERASED, display_name=ERASED)
     case = NeedCase(
         need_id=event.need_id,
         library_id=event.library_id,
         category=event.category,
-        summary=event.summary,
+        summary=details.summary,
         postal_code=event.postal_code,
         urgency=event.urgency,
-        person_display_name=person.display_name,
-        person_email=person.email,
-        person_phone=person.phone,
-        preferred_channel=person.preferred_channel,
-        language=person.language,
+        person_display_name=details.display_name,
+        person_email=details.email,
+        person_phone=details.phone,
+        preferred_channel="none" if erased else event.preferred_channel,
+        language=event.language,
         recorded_at=event.recorded_at,
         correlation_id=event.correlation_id,
     )

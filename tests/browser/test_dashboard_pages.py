@@ -17,10 +17,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from shared.events import NeedRecorded, PersonContact
 from shared.messaging import DATA_FIELD
 from shared.signin import sign_in_link
-from shared.testing import VIEWPORT_DESK, VIEWPORT_PHONE, sign_in_in_browser, wait_for
+from shared.testing import VIEWPORT_DESK, VIEWPORT_PHONE, need_recorded, sign_in_in_browser, wait_for
 
 pytestmark = [pytest.mark.browser, pytest.mark.date_sensitive]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "browser"  # as conftest's check_page
@@ -243,7 +242,8 @@ def test_with_the_other_services_down_the_page_still_shows_and_partners_get_403(
     import redis
 
     client = redis.Redis.from_url(settings.redis_url)
-    event = NeedRecorded(
+    event = need_recorded(
+        referral.svc.personal_data,
         need_id="n-poison",
         library_id="nowhere",
         category="caf",
@@ -251,7 +251,6 @@ def test_with_the_other_services_down_the_page_still_shows_and_partners_get_403(
         postal_code=None,
         urgency="normal",
         recorded_at=referral.svc.clock(),
-        person=PersonContact(),
     )
     client.xadd(
         settings.key("needs"),

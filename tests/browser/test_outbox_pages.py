@@ -12,10 +12,10 @@ from playwright.sync_api import expect
 
 from shared.db import OutboxMessage
 from shared.devstack import MailSink
-from shared.events import STREAM_OF, NeedRecorded, PersonContact, ReferralAssigned, new_id, utcnow
+from shared.events import STREAM_OF, ReferralAssigned, new_id, utcnow
 from shared.messaging import stream_fields
 from shared.signin import sign_in_link
-from shared.testing import VIEWPORT_DESK, VIEWPORT_PHONE, clock_start, sign_in_in_browser, wait_for
+from shared.testing import VIEWPORT_DESK, VIEWPORT_PHONE, clock_start, need_recorded, sign_in_in_browser, wait_for
 
 pytestmark = pytest.mark.browser
 
@@ -54,7 +54,8 @@ def test_ops_see_what_was_sent_as_its_recipients_see_it(page, check_page, notifi
     need_id = new_id()
     publish(
         notifications.settings,
-        NeedRecorded(
+        need_recorded(
+            notifications.svc.personal_data,
             need_id=need_id,
             library_id="chatelet",
             category="caf",
@@ -62,7 +63,7 @@ def test_ops_see_what_was_sent_as_its_recipients_see_it(page, check_page, notifi
             postal_code="76000",
             urgency="normal",
             recorded_at=clock_start(),
-            person=PersonContact(phone="+33612345678", preferred_channel="sms"),
+            person=dict(phone="+33612345678", preferred_channel="sms"),
         ),
         ReferralAssigned(
             need_id=need_id,

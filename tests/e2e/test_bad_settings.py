@@ -25,6 +25,8 @@ BAD = [  # (variable, value, what the line must say besides the variable)
     ("INTAKE_DATABASE_URL", "nonsense://", "sqlite:///"),
     ("INTAKE_DATABASE_URL", "not a url", "not a database URL"),
     ("REDIS_URL", "localhost:6379", "redis://"),
+    ("PERSONAL_DATA_KEYS", "k1:c2VjcmV0LXRvby1zaG9ydA==", "key 'k1' is 16 bytes, not 32"),
+    ("PERSONAL_DATA_KEYS", "k1:not-base64!", "is not base64"),
 ]
 
 
@@ -49,7 +51,10 @@ def assert_refused(run: subprocess.CompletedProcess, variable: str, says: str) -
 @pytest.mark.parametrize(("variable", "value", "says"), BAD, ids=[f"{v}={x}" for v, x, _ in BAD])
 def test_relais_serve_refuses_a_bad_setting_and_names_it(tmp_path, variable, value, says):
     variables = {"redis_url": "redis://127.0.0.1:9/0", variable.lower(): value}  # never reached: nothing starts
-    assert_refused(relais(["serve", "intake"], tmp_path, **variables), variable, says)
+    run = relais(["serve", "intake"], tmp_path, **variables)
+    assert_refused(run, variable, says)
+    if variable == "PERSONAL_DATA_KEYS":
+        assert value.partition(":")[2] not in run.stderr  # a key, even a refused one, is never printed
 
 
 def test_relais_serve_notifications_refuses_a_bad_smtp_url(tmp_path):

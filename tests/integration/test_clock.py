@@ -16,8 +16,8 @@ from services.referral import handlers
 from services.referral.store import TABLES, ClockTimer, Referral
 from shared.db import Database, OutboxMessage
 from shared.directory import load_directory
-from shared.events import NeedRecorded, PersonContact, new_id, utcnow
-from shared.testing import directory_data, wait_for
+from shared.events import NeedPersonalData, NeedRecorded, new_id, utcnow
+from shared.testing import directory_data, unopenable_seal, wait_for
 
 FAST_SLA = {"respond_within": "PT3S", "remind_after": ["PT1S"], "escalate_after": "PT2S"}
 
@@ -124,14 +124,14 @@ def _seed_routed_need(db, directory, now):
         need_id=new_id(),
         library_id="chatelet",
         category="caf",
-        summary="x",
         postal_code="76000",
         urgency="normal",
         recorded_at=now - timedelta(hours=80),
-        person=PersonContact(),
+        person_id=new_id(),
+        sealed=unopenable_seal(),
     )
     with db.transaction() as s:
-        handlers.on_need_recorded(s, event, directory, now - timedelta(hours=80))
+        handlers.on_need_recorded(s, event, NeedPersonalData(summary="x"), directory, now - timedelta(hours=80))
     return event.need_id
 
 

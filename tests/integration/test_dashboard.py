@@ -18,9 +18,9 @@ from sqlmodel import select
 
 from services.referral.store import ClockTimer, NeedCase, OpsAction, Referral, ReferralHistory
 from shared import queues
-from shared.events import NeedRecorded, PersonContact, utcnow
+from shared.events import utcnow
 from shared.signin import sign_in_link
-from shared.testing import clock_start, directory_data, use_sign_in_link, wait_for
+from shared.testing import clock_start, directory_data, need_recorded, use_sign_in_link, wait_for
 from tests.helpers import search
 
 # date_sensitive: deadlines in words, months, dates to come
@@ -351,7 +351,8 @@ def test_a_stopped_consumer_is_marked_stuck_and_a_dead_letter_replayed_after_a_f
     import redis
 
     client = redis.Redis.from_url(settings.redis_url)
-    event = NeedRecorded(
+    event = need_recorded(
+        referral.svc.personal_data,
         need_id="n-new-library",
         library_id="bois-guillaume",
         category="caf",
@@ -359,7 +360,6 @@ def test_a_stopped_consumer_is_marked_stuck_and_a_dead_letter_replayed_after_a_f
         postal_code="76230",
         urgency="normal",
         recorded_at=utcnow(),
-        person=PersonContact(),
     )
     import json
 

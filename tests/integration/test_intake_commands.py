@@ -14,6 +14,7 @@ from sqlmodel import select
 from services.intake import deps
 from services.intake.store import Need, NeedHistory
 from shared.db import OutboxMessage
+from shared.events import NeedRecorded
 from shared.service import ACTOR_HEADER, internal_token
 from shared.signin import sign_in_link
 from shared.testing import use_sign_in_link
@@ -100,8 +101,10 @@ def test_record_need_from_the_api_and_from_the_desk_form_records_the_same(intake
         == timedelta(hours=72)
     )
     assert api_history == form_history == ["need.recorded"]
-    same = {"type", "version", "library_id", "category", "summary", "postal_code", "urgency", "person"}
+    same = {"type", "version", "library_id", "category", "postal_code", "urgency", "preferred_channel", "language"}
     assert {k: api_event[k] for k in same} == {k: form_event[k] for k in same}
+    opened = [intake.svc.personal_data.open_need(NeedRecorded.model_validate(e)) for e in (api_event, form_event)]
+    assert opened[0] == opened[1] is not None  # the same summary and person, sealed for each need
     assert api_event["correlation_id"] and form_event["correlation_id"]  # each request's own
 
     # Both adapters keep the handler's idempotency: a repeat records nothing more.

@@ -14,6 +14,7 @@ from sqlmodel import col, select
 
 from services.intake.store import Need
 from shared.db import OutboxMessage
+from shared.events import NeedPersonalData, NeedRecorded
 from shared.testing import wait_for
 
 PERSON = {
@@ -163,21 +164,25 @@ def test_need_recorded_carries_what_referral_needs_and_the_text_as_typed(intake,
         "correlation_id",
         "library_id",
         "category",
-        "summary",
         "postal_code",
         "urgency",
         "recorded_at",
-        "person",
+        "person_id",
+        "preferred_channel",
+        "language",
+        "sealed",
     }
-    assert event["need_id"] == need["id"] and event["correlation_id"] == "desk-42"
-    assert event["summary"] == summary == need["summary"]
-    assert event["person"] == {
-        "display_name": PERSON["display_name"],
-        "email": PERSON["email"],
-        "phone": "+33671234598",
-        "preferred_channel": "sms",
-        "language": "fr",
-    }
+    assert event["need_id"] == need["id"] and event["correlation_id"] == "desk-42" and event["version"] == 2
+    assert (event["preferred_channel"], event["language"]) == ("sms", "fr")
+    with intake.svc.db.read() as session:
+        assert event["person_id"] == session.get_one(Need, need["id"]).person_id
+    # The summary and the person's identity travel sealed, and open to what the desk typed.
+    sealed = NeedRecorded.model_validate(event)
+    assert intake.svc.personal_data.open_need(sealed) == NeedPersonalData(
+        summary=summary, display_name=PERSON["display_name"], email=PERSON["email"], phone="+33671234598"
+    )
+    for clear in (summary.strip()[:20], PERSON["display_name"], PERSON["email"], "+33671234598"):
+        assert clear not in json.dumps(event, ensure_ascii=False)
 
 
 def test_personal_data_never_reaches_the_logs(settings, mail_sink, start_service, caplog):

@@ -38,7 +38,6 @@ from shared.events import (
     NEEDS,
     REFERRALS,
     NeedRecorded,
-    PersonContact,
     ReferralStreamEvent,
     new_id,
     parse_event,
@@ -46,7 +45,7 @@ from shared.events import (
 )
 from shared.messaging import DATA_FIELD, Bus, OutboxRelay, publish_pending, replay, trim_stream
 from shared.settings import Settings
-from shared.testing import free_port, wait_for
+from shared.testing import free_port, unopenable_seal, wait_for
 from tests.helpers import xrange_bytes
 
 # postgres: the outbox, the ledger and idempotent consumers under replicas (locks, unique constraints)
@@ -126,8 +125,8 @@ class Ledger:
     def record(self, session: Session, event: NeedRecorded) -> None:
         self.attempts[event.event_id] += 1
         if self.fails(event):
-            raise RuntimeError(f"cannot file {event.summary!r}")
-        session.add(LedgerEntry(event_id=event.event_id, summary=event.summary, consumer=self.bus.consumer))
+            raise RuntimeError(f"cannot file {event.category!r}")
+        session.add(LedgerEntry(event_id=event.event_id, summary=event.category, consumer=self.bus.consumer))
 
 
 def ledger_entries(db_url: str) -> list[LedgerEntry]:
@@ -197,16 +196,17 @@ def producer(settings) -> Iterator[Database]:
     db.dispose()
 
 
-def need(summary: str = "Dossier APL bloqué") -> NeedRecorded:
+def need(label: str = "Dossier APL bloqué") -> NeedRecorded:
+    """A need.recorded whose category is `label`: what the ledger files it under (its sealed part is never opened)."""
     return NeedRecorded(
         need_id=new_id(),
         library_id="chatelet",
-        category="caf",
-        summary=summary,
+        category=label,
         postal_code="76000",
         urgency="normal",
         recorded_at=utcnow(),
-        person=PersonContact(),
+        person_id=new_id(),
+        sealed=unopenable_seal(),
     )
 
 

@@ -27,8 +27,6 @@ from shared.db import OutboxMessage
 from shared.events import (
     STREAM_OF,
     AccessLinkRequested,
-    NeedRecorded,
-    PersonContact,
     ReferralAccepted,
     ReferralAssigned,
     ReferralBreached,
@@ -44,6 +42,7 @@ from shared.testing import (
     clock_start,
     directory_data,
     free_port,
+    need_recorded,
     self_signed_certificate,
     wait_for,
 )
@@ -170,16 +169,16 @@ def publish(settings, *events) -> None:
         client.close()
 
 
-def recorded(person: dict | None = None, recorded_at: datetime | None = None, need_id: str | None = None):
-    return NeedRecorded(
+def recorded(service, person: dict | None = None, recorded_at: datetime | None = None, need_id: str | None = None):
+    return need_recorded(
+        service.svc.personal_data,
         need_id=need_id or new_id(),
         library_id="chatelet",
         category="caf",
-        summary="Dossier APL",
         postal_code="76000",
         urgency="normal",
         recorded_at=recorded_at or clock_start(),
-        person=PersonContact(**(person or {})),
+        person=person,
     )
 
 
@@ -241,7 +240,7 @@ def stream_events(settings, stream: str) -> list[dict]:
 
 def test_emails_have_both_parts_reply_to_the_desk_a_message_id_and_share_one_connection(settings, sink, start_service):
     notif = start_service("notifications", settings.model_copy(update={"smtp_url": sink.url}))
-    need = recorded({"email": "personne@example.org", "preferred_channel": "email", "language": "en"})
+    need = recorded(notif, {"email": "personne@example.org", "preferred_channel": "email", "language": "en"})
     handoff = assigned(need.need_id)
     reminder = ReferralReminderDue(
         **referral_fields(need.need_id, handoff.referral_id, 2),
@@ -342,7 +341,7 @@ def test_twilio_500_then_201_a_receipt_and_a_stop_reply(settings, sink, twilio, 
         (201, {}, {"sid": "SM0001", "status": "queued"}),
     ]
     notif = start_service("notifications", with_twilio(settings, sink, twilio))
-    need = recorded({"phone": PHONE, "preferred_channel": "sms"})  # recorded just now: the person is at the desk
+    need = recorded(notif, {"phone": PHONE, "preferred_channel": "sms"})  # recorded just now: the person is at the desk
     handoff = assigned(need.need_id)
     publish(settings, need, handoff)
 
@@ -394,7 +393,7 @@ def test_brevo_429_with_retry_after_a_receipt_and_an_arret_reply(settings, sink,
             }
         ),
     )
-    need = recorded({"phone": PHONE, "preferred_channel": "sms"})
+    need = recorded(notif, {"phone": PHONE, "preferred_channel": "sms"})
     publish(settings, need, assigned(need.need_id))
 
     sms = wait_for(lambda: settled(notif, kind="person_confirmation"), 20)
@@ -424,9 +423,9 @@ def test_brevo_429_with_retry_after_a_receipt_and_an_arret_reply(settings, sink,
 
 
 def test_a_400_fails_the_sms_at_once_and_the_person_gets_an_email_instead(settings, sink, twilio, start_service):
-    twilio.script = [(400, {}, {"code": 21211, "message": "The 'To' number is not a valid phone number."})]
+    twilio.script = [(400, {}, {"code": 21211, "message": f"The 'To' number {PHONE} is not a valid phone number."})]
     notif = start_service("notifications", with_twilio(settings, sink, twilio))
-    need = recorded({"phone": PHONE, "email": "personne@example.org", "preferred_channel": "sms"})
+    need = recorded(notif, {"phone": PHONE, "email": "personne@example.org", "preferred_channel": "sms"})
     publish(settings, need, assigned(need.need_id))
 
     sms = wait_for(lambda: settled(notif, kind="person_confirmation", channel="sms"))
@@ -435,7 +434,10 @@ def test_a_400_fails_the_sms_at_once_and_the_person_gets_an_email_instead(settin
     assert (mail.status, mail.fallback_for) == ("sent", sms.id)
     [received] = wait_for(lambda: sink.to("personne@example.org"))
     assert received["subject"].startswith("Votre demande est transmise : CAF de la Seine-Maritime vous contactera")
-    assert wait_for(lambda: [e for e in stream_events(settings, "deliveries") if e["type"] == "delivery.failed"])
+    [failed] = wait_for(lambda: [e for e in stream_events(settings, "deliveries") if e["type"] == "delivery.failed"])
+    error = json.loads(json.loads(failed["__data__"])["data"])["error"]
+    assert "21211" in error and PHONE not in error and "[phone]" in error  # the provider's words, the number masked
+    assert PHONE in sms.last_error  # kept for ops in notifications' own database
     assert len(twilio.requests) == 1
 
 
@@ -501,7 +503,7 @@ def test_quiet_hours_and_the_daily_digest_wait_in_the_database_for_their_time(se
         clock=lambda: now[0],
     )  # the service's clock is the test's to move
 
-    need = recorded({"phone": PHONE, "preferred_channel": "sms"}, recorded_at=now[0] - timedelta(hours=1))
+    need = recorded(notif, {"phone": PHONE, "preferred_channel": "sms"}, recorded_at=now[0] - timedelta(hours=1))
     first, second = assigned(need.need_id), assigned(new_id())
     reminder = ReferralReminderDue(
         **referral_fields(new_id()), contact_id="caf-ref", respond_by=now[0] + timedelta(hours=10), reminder_number=1

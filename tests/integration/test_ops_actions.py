@@ -7,7 +7,7 @@ import pytest
 from sqlmodel import col, select
 
 from services.referral.store import OpsAction
-from shared.testing import wait_for
+from shared.testing import need_recorded, wait_for
 from tests.helpers import xrange_bytes
 
 pytestmark = pytest.mark.date_sensitive  # deadlines in words, months, dates to come
@@ -63,9 +63,8 @@ async def test_dead_letters_are_listed_and_replayed(settings, start_service):
     # A need.recorded that names an unknown library fails routing every time: it ends in the dead letters.
     import redis
 
-    from shared.events import NeedRecorded, PersonContact
-
-    event = NeedRecorded(
+    event = need_recorded(
+        referral.svc.personal_data,
         need_id="n-poison",
         library_id="nowhere",
         category="caf",
@@ -73,7 +72,6 @@ async def test_dead_letters_are_listed_and_replayed(settings, start_service):
         postal_code=None,
         urgency="normal",
         recorded_at=referral.svc.clock(),
-        person=PersonContact(),
     )
     client = redis.Redis.from_url(settings.redis_url)
     client.xadd(

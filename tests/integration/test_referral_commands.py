@@ -15,9 +15,8 @@ from sqlmodel import col, select
 
 from services.referral import deps
 from services.referral.store import OpsAction
-from shared.events import NeedRecorded, PersonContact
 from shared.signin import sign_in_link
-from shared.testing import use_sign_in_link, wait_for
+from shared.testing import need_recorded, use_sign_in_link, wait_for
 from tests.helpers import record_need, search
 
 pytestmark = pytest.mark.date_sensitive  # pause dates in the directory's time zone
@@ -127,7 +126,8 @@ def test_replay_is_logged_from_the_api_and_from_the_dashboard(settings, start_se
     ops = referral.client("ops")
     client = redis.Redis.from_url(settings.redis_url)
     for need_id in ("n-poison-1", "n-poison-2"):  # an unknown library fails routing every time: dead letters
-        event = NeedRecorded(
+        event = need_recorded(
+            referral.svc.personal_data,
             need_id=need_id,
             library_id="nowhere",
             category="caf",
@@ -135,7 +135,6 @@ def test_replay_is_logged_from_the_api_and_from_the_dashboard(settings, start_se
             postal_code=None,
             urgency="normal",
             recorded_at=referral.svc.clock(),
-            person=PersonContact(),
         )
         client.xadd(
             settings.key("needs"),

@@ -63,16 +63,17 @@ def test_a_validation_error_is_described_without_the_values_it_was_given():
                 "need_id": "n1",
                 "library_id": "l",
                 "category": "c",
-                "summary": "Zoé Martin",
+                "summary": "Zoé Martin",  # version 1's clear summary: refused, and not quoted
                 "postal_code": None,
                 "urgency": "whenever",
                 "recorded_at": "2026-11-21T10:00:00Z",
-                "person": {"display_name": "Zoé Martin", "email": "not an address"},
+                "person_id": "p1",
+                "sealed": {"person_id": "p1", "key_id": "k", "nonce": "bm9uY2U=", "ciphertext": "Y2lwaGVy"},
                 "x": 1,
             }
         )
     except ValidationError as exc:
         described = describe_error(exc)
-    assert described.startswith("ValidationError: 2 validation errors for NeedRecorded: urgency: Input should be")
+    assert described.startswith("ValidationError: 3 validation errors for NeedRecorded: urgency: Input should be")
     assert "x: Extra inputs are not permitted" in described and "Zoé" not in described
     assert describe_error(LookupError("no partner for zoe@example.org")) == "LookupError: no partner for [email]"
