@@ -320,7 +320,7 @@ def test_a_conflict_of_the_handlers_own_fails_that_delivery_and_the_next_one_doe
         runs.append(event.event_id)
         if len(runs) == 1:
             raise IntegrityError("INSERT INTO ...", {}, Exception("a unique constraint of the handler's own"))
-        session.add(LedgerEntry(event_id=event.event_id, summary=event.summary, consumer=bus.consumer))
+        session.add(LedgerEntry(event_id=event.event_id, summary=event.category, consumer=bus.consumer))
 
     event = need()
     try:
