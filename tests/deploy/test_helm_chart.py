@@ -127,6 +127,12 @@ def test_a_deployment_per_service_runs_relais_serve_with_the_contract_settings()
             "name": "relais",
             "key": "RELAIS_SECRET_KEY",
         }
+        # The personal data keys (docs/privacy.md): optional, derived from the secret key when the Secret has none.
+        assert variables["RELAIS_PERSONAL_DATA_KEYS"]["valueFrom"]["secretKeyRef"] == {
+            "name": "relais",
+            "key": "RELAIS_PERSONAL_DATA_KEYS",
+            "optional": True,
+        }
         assert variables["RELAIS_REDIS_URL"]["valueFrom"]["secretKeyRef"]["key"] == "RELAIS_REDIS_URL"
         assert ("RELAIS_SMTP_URL" in variables) == (service == "notifications")
     referral = env(container(deployments["relais-referral"]))
