@@ -4,15 +4,16 @@ transaction. api.py and web.py parse, authorise, call one handler and render; co
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session
+from sqlmodel import Session, col, select
 
 from services.intake import domain
-from services.intake.commands import CancelNeed, RecordNeed
-from services.intake.store import IdempotencyKey, Need, NeedHistory
+from services.intake.commands import CancelNeed, ErasePerson, RecordNeed
+from services.intake.store import IdempotencyKey, Need, NeedHistory, PersonErasure, needs_of_person
 from services.intake.views import public
 from shared import deadlines
 from shared.db import Database, emit
@@ -21,10 +22,12 @@ from shared.events import (
     NeedCancelled,
     NeedRecorded,
     NeedUnroutable,
+    PersonErased,
     ReferralAssigned,
     ReferralEvent,
     new_id,
 )
+from shared.people import ERASED
 
 
 @dataclass(frozen=True)
@@ -163,6 +166,74 @@ def cancel_need(db: Database, cmd: CancelNeed, *, now: datetime) -> Need:
             ),
         )
     return need
+
+
+@dataclass(frozen=True)
+class Erasure:
+    erasure: PersonErasure
+    done_now: bool  # False: the person's data had been erased already, nothing was changed
+
+
+def erase_person(db: Database, cmd: ErasePerson, *, now: datetime) -> Erasure:
+    """Erase what identifies the person and what was written about their needs: the name becomes the marker, the
+    addresses go, the summary and every text of the history become the marker, the first answers kept for an
+    Idempotency-Key go. What the figures count stays (library, category, dates, status, partner). The erasure row
+    keeps who asked and why; person.erased (ids only) tells the other services. A second request changes nothing."""
+    try:
+        return _erase_person(db, cmd, now)
+    except IntegrityError:  # the same erasure committed concurrently (PostgreSQL): it is done
+        with db.read() as session:
+            return Erasure(session.get_one(PersonErasure, cmd.person_id), done_now=False)
+
+
+def _erase_person(db: Database, cmd: ErasePerson, now: datetime) -> Erasure:
+    with db.transaction() as session:
+        if (earlier := session.get(PersonErasure, cmd.person_id, with_for_update=True)) is not None:
+            return Erasure(earlier, done_now=False)
+        needs = needs_of_person(session, cmd.person_id)
+        if not needs:
+            raise UnknownNeed(cmd.person_id)
+        need_ids = [n.id for n in needs]
+        erasure = PersonErasure(
+            person_id=cmd.person_id,
+            requested_at=now,
+            requested_by=cmd.actor,
+            reason=cmd.reason,
+            need_ids=json.dumps(need_ids),
+        )
+        session.add(erasure)
+        for need in needs:
+            need.summary, need.person_display_name = ERASED, ERASED
+            need.person_email = need.person_phone = None
+            need.person_erased_at = now
+            session.add(need)
+            session.add(NeedHistory(need_id=need.id, at=now, event="person.erased", detail=cmd.actor))
+        for row in session.exec(select(NeedHistory).where(col(NeedHistory.need_id).in_(need_ids))).all():
+            if row.detail is not None and row.event != "person.erased":
+                row.detail = ERASED
+                session.add(row)
+        for key in session.exec(select(IdempotencyKey).where(col(IdempotencyKey.need_id).in_(need_ids))).all():
+            key.response_body = None  # held the person's details as first answered; a repeat answers the need now
+            session.add(key)
+        forget_sealed_person(session, cmd.person_id)
+        emit(
+            session,
+            PersonErased(
+                need_id=need_ids[0],
+                person_id=cmd.person_id,
+                need_ids=tuple(need_ids),
+                erased_at=now,
+                actor=cmd.actor,
+                occurred_at=now,
+            ),
+        )
+    return Erasure(erasure, done_now=True)
+
+
+def forget_sealed_person(session: Session, person_id: str) -> None:
+    """MERGE POINT (issue 12, the encryption of need.recorded): call `shared.personal_data.forget(person_id)` here,
+    in the erasure's transaction, so every sealed copy of the person (streams, dead letters, outbox rows) becomes
+    unreadable. Nothing to do until that module exists."""
 
 
 # --- event handlers (called by consumers.py through Bus.process, once per event) ---------------------------

@@ -22,6 +22,7 @@ CLOCK_POLL = timedelta(milliseconds=500)  # timers set by another replica are se
 EVENT_HANDLERS: dict[str, Callable[..., None]] = {
     "need.recorded": handlers.on_need_recorded,
     "need.cancelled": handlers.on_need_cancelled,
+    "person.erased": handlers.on_person_erased,
 }
 
 
