@@ -41,7 +41,7 @@ from services.intake.store import Need, NeedHistory
 from shared.db import Database
 from shared.directory import Directory, Library, User
 from shared.logs import current_correlation_id
-from shared.pages import MONTHS_FR, SECURITY_HEADERS, Pages, page_links, page_number
+from shared.pages import DASHBOARD_PATH, MONTHS_FR, SECURITY_HEADERS, Pages, page_links, page_number
 from shared.people import record_access
 from shared.service import Service
 from shared.settings import Settings
@@ -266,6 +266,8 @@ def form_page(
 async def new_need(
     request: Request, pages: PagesDep, db: DatabaseDep, directory: DirectoryDep, meme_personne: str = ""
 ) -> Response:
+    if pages.require_user(request, "front_desk", "ops").role == "ops":  # signed in here for a need's page: home
+        return pages.redirect(pages.settings.link_base("referral") + DASHBOARD_PATH)  # is their dashboard
     desk_ = desk(request, pages, directory)
     values, earlier = blank_form(desk_.library), None
     if meme_personne:

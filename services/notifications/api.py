@@ -2,6 +2,7 @@
 providers' webhooks (delivery receipts and replies, checked by signature or secret, outside /api/v1 because providers
 hold no bearer token): parse, authorise, call one handler or read a view, render."""
 
+import re
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Annotated, Literal
@@ -222,6 +223,15 @@ class PersonPart(BaseModel):
     access_log: list[AccessEntry]
 
 
+# A partner's signed link to the referral (or a sign-in link) in a message is a credential: the person's copy
+# keeps the path's shape, not the token.
+CREDENTIAL_LINK = re.compile(r"(/(?:r|connexion)/)[A-Za-z0-9_.\-]+")
+
+
+def without_credentials(text: str) -> str:
+    return CREDENTIAL_LINK.sub(lambda m: m.group(1) + "••••••", text)
+
+
 @router.get("/people/{person_id}/export", tags=["people"], response_model=PersonPart)
 def export_person_part(
     person_id: str,
@@ -235,7 +245,13 @@ def export_person_part(
     return PersonPart(
         contacts=[PersonContactKept(**c.model_dump()) for c in contacts],
         deliveries=[
-            PersonDelivery(**{**d.model_dump(), "recipient": d.recipient if d.recipient_role == "person" else None})
+            PersonDelivery(
+                **{
+                    **d.model_dump(),
+                    "recipient": d.recipient if d.recipient_role == "person" else None,
+                    "body_text": without_credentials(d.body_text),
+                }
+            )
             for d in deliveries
         ],
         access_log=access_entries(session, need_id),

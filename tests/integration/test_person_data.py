@@ -119,6 +119,8 @@ def test_the_export_holds_everything_and_the_erasure_removes_it_everywhere_once(
         and texts["person_confirmation", "person", "sent"]["recipient"] == PHONE
     )
     assert ANSWER in texts["partner_answered", "front_desk", "sent"]["body_text"]
+    # The partner's signed link in its handoff is a credential: the person's copy does not carry it.
+    assert "/r/••••••" in texts["handoff", "partner_contact", "sent"]["body_text"]
     assert export["notifications"]["contacts"][0]["phone"] == PHONE
     logged = {(e["service"], e["role"], e["channel"], e["what"]) for e in export["access_log"]}
     assert logged == {
@@ -132,6 +134,16 @@ def test_the_export_holds_everything_and_the_erasure_removes_it_everywhere_once(
     assert intake.client("ops").get(f"/people/{person_id}/export").status_code == 200
     log = intake.client("ops").get(f"/people/{person_id}/access-log").json()["items"]
     assert ("intake", "export") in {(e["service"], e["what"]) for e in log}
+    # Ops see it on the need's page, which they may open on the desk's pages (and that read is logged too).
+    ops_desk_pages = signed_in(intake, "ops")
+    need_page = ops_desk_pages.get(f"/demandes/{need['id']}")
+    ops_desk_pages.close()
+    assert need_page.status_code == 200 and 'id="consultations"' in need_page.text
+    assert "link:caf-76" in need_page.text and "Exporter les données de la personne" in need_page.text
+    assert ("intake", "page", "need") in {
+        (e["service"], e["channel"], e["what"])
+        for e in intake.client("ops").get(f"/people/{person_id}/access-log").json()["items"]
+    }
 
     # The erasure.
     erased = intake.client("desk").post(f"/people/{person_id}/erase", json={"reason": "demande au guichet"})
