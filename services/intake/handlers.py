@@ -105,7 +105,8 @@ def _new_need(session: Session, cmd: RecordNeed, directory: Directory, now: date
         earlier = session.get(Need, cmd.same_person_as)
         if earlier is None or earlier.library_id != cmd.library_id:
             raise UnknownNeed(cmd.same_person_as)
-        person_id = earlier.person_id
+        # An erased person's id is closed: a need brought again is recorded for a new person, erasable on its own.
+        person_id = earlier.person_id if earlier.person_erased_at is None else None
     respond_by = deadlines.expected_respond_by(
         directory, category=cmd.category, postal_code=cmd.postal_code, library_id=cmd.library_id, recorded_at=now
     )
@@ -248,6 +249,8 @@ def on_referral_event(session: Session, event: ReferralEvent | NeedUnroutable) -
         (text for name in ("reason", "routed_because", "outcome", "message") if (text := getattr(event, name, None))),
         None,
     )
+    if need.person_erased_at is not None and detail is not None:
+        detail = ERASED  # an event written before it heard of the erasure may still carry a text
     session.add(
         NeedHistory(
             need_id=need.id,

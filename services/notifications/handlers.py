@@ -105,6 +105,8 @@ def queue_for_staff(
     )
     category = directory.category(event.category)
     respond_by = getattr(event, "respond_by", None)
+    # An event written before its need's person was erased may carry a partner's text: it is not copied again.
+    erased = (kept := session.get(NeedPerson, event.need_id)) is not None and kept.erased_at is not None
     context: dict[str, Any] = dict(
         partner=partner,
         library=library,
@@ -116,8 +118,8 @@ def queue_for_staff(
         referral_id=getattr(event, "referral_id", None),
         need_id=event.need_id,
         reminder_number=getattr(event, "reminder_number", None),
-        reason=getattr(event, "reason", None),
-        message=getattr(event, "message", None),
+        reason=ERASED if erased and getattr(event, "reason", None) else getattr(event, "reason", None),
+        message=ERASED if erased and getattr(event, "message", None) else getattr(event, "message", None),
         answered=event.type.removeprefix("referral."),
         erased_at=getattr(event, "erased_at", None),
     )

@@ -209,6 +209,9 @@ def transition(
     referral.sla = domain.sla_after(referral.sla, action)
     referral.updated_at = now
     session.add(referral)
+    case = session.get_one(NeedCase, referral.need_id, with_for_update=True)  # its sequence moves
+    if case.person_erased_at is not None and text:
+        text = ERASED  # written after the person's erasure: kept nowhere, carried by no event
     session.add(
         ReferralHistory(
             referral_id=referral.id,
@@ -218,7 +221,6 @@ def transition(
             detail=text if partner_id is None else f"{partner_id} : {text or ''}".strip(" :"),
         )
     )
-    case = session.get_one(NeedCase, referral.need_id, with_for_update=True)  # its sequence moves
     common = referral_event_fields(referral, case, actor, now)
     session.add(case)
     if action == "accept":

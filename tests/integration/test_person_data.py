@@ -196,6 +196,13 @@ def test_the_export_holds_everything_and_the_erasure_removes_it_everywhere_once(
     assert held["status"] == "suppressed" and held["sent_at"] is None
     assert len([m for m in mail_sink.to("referent@caf.test.example") if "effacées" in m["subject"]]) == 1
 
+    # What the partner writes afterwards is not kept either: the need is there for the figures only.
+    closed = caf.post(f"/referrals/{ref['id']}/close", json={"outcome": "Zoé rappelée au 0612345678"})
+    assert closed.status_code == 200 and closed.json()["history"][-1]["detail"] == f"{ERASED}"
+    assert wait_for(lambda: intake.client("desk").get(f"/needs/{need['id']}").json()["status"] == "closed")
+    final = json.dumps(intake.client("desk").get(f"/people/{person_id}/export").json(), ensure_ascii=False)
+    assert "Zoé" not in final and "0612345678" not in final
+
 
 @pytest.mark.postgres
 def test_only_ops_and_the_desks_of_the_persons_library_may_export_or_erase(system):
