@@ -111,7 +111,20 @@ class NeedCancelled(Event):
     actor: str  # the ops user who cancelled it
 
 
-NeedEvent = Annotated[NeedRecorded | NeedCancelled, Field(discriminator="type")]
+class PersonErased(Event):
+    """A person's data was erased at their request: every service removes their identity, the texts about their
+    needs and the rendered messages, and stops what was pending for them. Carries ids and the moment only: neither
+    the reason given nor anything that identifies the person."""
+
+    type: Literal["person.erased"] = "person.erased"
+    need_id: str  # the first of `need_ids` (every event names a need)
+    person_id: str
+    need_ids: tuple[str, ...] = Field(min_length=1)
+    erased_at: AwareDatetime
+    actor: str  # the user who asked for the erasure
+
+
+NeedEvent = Annotated[NeedRecorded | NeedCancelled | PersonErased, Field(discriminator="type")]
 
 
 # --- referral -----------------------------------------------------------------------------------
@@ -181,6 +194,14 @@ class ReferralBreached(ReferralClockEvent):
     type: Literal["referral.breached"] = "referral.breached"
 
 
+class ReferralPersonErased(ReferralEvent):
+    """The person of a need this partner holds had their data erased: the partner is told (the referral stays)."""
+
+    type: Literal["referral.person_erased"] = "referral.person_erased"
+    contact_id: str
+    erased_at: AwareDatetime
+
+
 class NeedUnroutable(Event):
     type: Literal["need.unroutable"] = "need.unroutable"
     need_id: str
@@ -200,6 +221,7 @@ ReferralStreamEvent = Annotated[
     | ReferralReminderDue
     | ReferralEscalated
     | ReferralBreached
+    | ReferralPersonErased
     | NeedUnroutable,
     Field(discriminator="type"),
 ]
@@ -249,7 +271,7 @@ class AccessLinkRequested(Event):
 AccessEvent = AccessLinkRequested
 
 AnyEvent = Annotated[
-    NeedRecorded | NeedCancelled | ReferralStreamEvent | DeliveryStreamEvent | AccessLinkRequested,
+    NeedRecorded | NeedCancelled | PersonErased | ReferralStreamEvent | DeliveryStreamEvent | AccessLinkRequested,
     Field(discriminator="type"),
 ]
 _any_event = TypeAdapter(AnyEvent)
@@ -258,6 +280,7 @@ _any_event = TypeAdapter(AnyEvent)
 STREAM_OF: dict[str, str] = {
     "need.recorded": NEEDS,
     "need.cancelled": NEEDS,
+    "person.erased": NEEDS,
     **{
         t: REFERRALS
         for t in (
@@ -270,6 +293,7 @@ STREAM_OF: dict[str, str] = {
             "referral.reminder_due",
             "referral.escalated",
             "referral.breached",
+            "referral.person_erased",
             "need.unroutable",
         )
     },

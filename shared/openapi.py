@@ -44,6 +44,7 @@ _DESCRIPTIONS = {
     409: "Not allowed in the object's current state; nothing was changed",
     413: "Request body larger than the route takes",
     422: "A parameter or field is invalid; `detail` names each one",
+    503: "Another service did not give its part of the answer; `detail` names it, and nothing partial is answered",
 }
 
 

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from shared.events import NeedPersonalData, NeedRecorded, SealedPersonalData, utcnow
+from shared.people import ERASED
 from shared.settings import KEY_BYTES, Settings, parse_personal_data_keys
 
 __all__ = [
@@ -43,7 +44,7 @@ __all__ = [
     "UnknownKeyId",
 ]
 
-ERASED = "données effacées"  # recorded instead of the identity when the person was erased before the event was read
+# ERASED (shared.people) is recorded instead of the identity when the person was erased before the event was read.
 DERIVED_KEY_ID = "s0"  # the key-encryption key derived from the signing key
 DERIVATION_INFO = b"relais personal data key-encryption key v1"
 KEYS_HASH = "person-keys"  # in the deployment's namespace: <namespace>:person-keys

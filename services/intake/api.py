@@ -5,7 +5,7 @@ deps.py, so a test can override the clock or the database."""
 import hashlib
 import json
 from collections.abc import Callable
-from datetime import date
+from datetime import date, datetime
 from functools import partial
 from typing import Annotated, Any, Literal
 
@@ -16,13 +16,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from services.intake import deps, domain, handlers
-from services.intake.commands import CancelNeed, RecordNeed
+from services.intake.commands import CancelNeed, ErasePerson, RecordNeed
+from services.intake.remote import PartUnavailable, parts_of_person
 from services.intake.reports import Reports, csv_response, library_report
-from services.intake.views import NeedPublic, need_page, need_with_history, public
+from services.intake.views import NeedPublic, PersonPart, need_page, need_with_history, person_part, public
 from shared.directory import Directory, User, normalize_email, normalize_phone
 from shared.events import PersonContact
 from shared.logs import current_correlation_id
+from shared.people import AccessChannel, AccessEntry, AccessLogPage, record_access
 from shared.service import Cursor, error_responses
+from shared.settings import Settings
 
 MAX_SUMMARY = 2000
 MAX_IDEMPOTENCY_KEY = 200
@@ -369,10 +372,23 @@ def reports(
 
 
 @router.get("/needs/{need_id}", response_model=NeedPublic)
-def get_need(need_id: str, user: deps.ReaderUser, session: deps.ReadSessionDep) -> NeedPublic:
+def get_need(
+    need_id: str, user: deps.ReaderUser, session: deps.ReadSessionDep, db: deps.DatabaseDep, clock: deps.ClockDep
+) -> NeedPublic:
     found = need_with_history(session, need_id)
     if found is None or (user.role == "front_desk" and found[0].library_id != user.library):
         raise HTTPException(404, "no such need")
+    if user.role == "ops":  # the person's details, read by someone other than the desk that recorded them
+        record_access(
+            db,
+            at=clock(),
+            need_id=need_id,
+            user_id=user.id,
+            role=user.role,
+            service="intake",
+            channel="api",
+            what="need",
+        )
     return public(*found)
 
 
@@ -394,3 +410,156 @@ def list_needs(
         cursor=cursor,
     )
     return NeedPage(items=[public(n) for n in rows], next_cursor=next_cursor)
+
+
+# --- a person: export, erasure, who looked -----------------------------------------------------------------
+
+
+class EraseBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field(min_length=1, max_length=2000)
+
+
+class ErasureAccepted(BaseModel):
+    person_id: str
+    need_ids: list[str]
+    erased_at: datetime
+    erased_by: str
+    already_erased: bool  # true: an earlier request erased it; this one changed nothing
+
+
+def person_in_scope(db, person_id: str, user: User) -> PersonPart | None:
+    """Intake's part of the person, when the caller may see them: ops, or a desk of a library where they have a
+    need. None otherwise (404, never 403: ids cannot be probed)."""
+    with db.read() as session:
+        part = person_part(session, person_id)
+    if part is None or (user.role == "front_desk" and all(n.library_id != user.library for n in part.needs)):
+        return None
+    return part
+
+
+async def person_export(
+    settings: Settings, db, part: PersonPart, user: User, now: datetime, channel: AccessChannel
+) -> dict[str, Any]:
+    """The person's one JSON document: intake's part, referral's and notifications' (each read over its API), and
+    every service's access-log rows of their needs, newest first. Raises PartUnavailable when a part cannot be read."""
+    need_ids = [n.id for n in part.needs]
+    if user.role == "ops":
+        for need_id in need_ids:
+            await anyio.to_thread.run_sync(
+                partial(
+                    record_access,
+                    db,
+                    at=now,
+                    need_id=need_id,
+                    user_id=user.id,
+                    role=user.role,
+                    service="intake",
+                    channel=channel,
+                    what="export",
+                )
+            )
+        with db.read() as session:
+            refreshed = person_part(session, part.person_id)
+        part = refreshed or part
+    others = await parts_of_person(settings, part.person_id, need_ids, "export")
+    access = [e.model_dump(mode="json") for e in part.access_log]
+    for other in others.values():
+        access += other.get("access_log", [])
+    access.sort(key=lambda e: e["at"], reverse=True)
+    return {
+        "format": "relais.person-export.v1",
+        "person_id": part.person_id,
+        "exported_at": now.isoformat(),
+        "exported_by": user.id,
+        "person": part.person.model_dump(mode="json"),
+        "erasure": part.erasure.model_dump(mode="json") if part.erasure else None,
+        "needs": [n.model_dump(mode="json") for n in part.needs],
+        "referral": {k: v for k, v in others["referral"].items() if k != "access_log"},
+        "notifications": {k: v for k, v in others["notifications"].items() if k != "access_log"},
+        "access_log": access,
+    }
+
+
+async def person_access_log(settings: Settings, part: PersonPart) -> list[AccessEntry]:
+    """Who looked at the person's details, in every service, newest first (raises PartUnavailable)."""
+    others = await parts_of_person(settings, part.person_id, [n.id for n in part.needs], "access-log")
+    entries = list(part.access_log)
+    for other in others.values():
+        entries += [AccessEntry.model_validate(e) for e in other.get("items", [])]
+    return sorted(entries, key=lambda e: e.at, reverse=True)
+
+
+def unavailable(exc: PartUnavailable) -> HTTPException:
+    return HTTPException(503, f"the {exc.service} service could not give its part ({exc.why}); nothing was exported")
+
+
+@router.get("/people/{person_id}/export", tags=["people"], responses=error_responses(503))
+async def export_person(
+    person_id: str, user: deps.ReaderUser, runtime: deps.RuntimeDep, db: deps.DatabaseDep, clock: deps.ClockDep
+) -> dict[str, Any]:
+    """Everything Relais holds about the person, in one JSON document: the person, their needs and histories, the
+    referrals and the partners' answers, the messages with their text, and who looked at their details. Each
+    service gives its own part; if one cannot, the answer is 503 naming it (never a partial export)."""
+    part = await anyio.to_thread.run_sync(person_in_scope, db, person_id, user)
+    if part is None:
+        raise HTTPException(404, "no such person")
+    try:
+        return await person_export(runtime.settings, db, part, user, clock(), "api")
+    except PartUnavailable as exc:
+        raise unavailable(exc) from None
+
+
+@router.get(
+    "/people/{person_id}/access-log", tags=["people"], response_model=AccessLogPage, responses=error_responses(503)
+)
+async def access_log(
+    person_id: str, user: deps.OpsUser, runtime: deps.RuntimeDep, db: deps.DatabaseDep
+) -> AccessLogPage:
+    """Who read the person's details (partners and ops), in every service, newest first."""
+    part = await anyio.to_thread.run_sync(person_in_scope, db, person_id, user)
+    if part is None:
+        raise HTTPException(404, "no such person")
+    try:
+        return AccessLogPage(items=await person_access_log(runtime.settings, part))
+    except PartUnavailable as exc:
+        raise unavailable(exc) from None
+
+
+@router.post("/people/{person_id}/erase", tags=["people"], status_code=202, response_model=ErasureAccepted)
+async def erase_person(
+    person_id: str,
+    body: EraseBody,
+    user: deps.ReaderUser,
+    runtime: deps.RuntimeDep,
+    db: deps.DatabaseDep,
+    clock: deps.ClockDep,
+) -> ErasureAccepted:
+    """Erase the person's data at their request: intake at once, the other services within seconds (person.erased).
+    A second request changes nothing and answers the first erasure."""
+    if await anyio.to_thread.run_sync(person_in_scope, db, person_id, user) is None:
+        raise HTTPException(404, "no such person")
+    done = await erase(runtime, db, person_id, body.reason, user, clock())
+    return done
+
+
+async def erase(runtime, db, person_id: str, reason: str, user: User, now: datetime) -> ErasureAccepted:
+    """Run ErasePerson (the API's and the desk page's) and wake the relay."""
+    cmd = ErasePerson(person_id=person_id, reason=reason, actor=user.id)
+    try:
+        done = await anyio.to_thread.run_sync(
+            partial(handlers.erase_person, db, cmd, now=now, personal_data=runtime.personal_data)
+        )
+    except handlers.UnknownNeed:
+        raise HTTPException(404, "no such person") from None
+    except redis.RedisError:  # the person's data key could not be deleted: nothing was erased
+        raise HTTPException(503, "the erasure could not be done now (Redis is unavailable); try again") from None
+    if done.done_now:
+        runtime.bus.relay.wake()
+    return ErasureAccepted(
+        person_id=person_id,
+        need_ids=json.loads(done.erasure.need_ids),
+        erased_at=done.erasure.requested_at,
+        erased_by=done.erasure.requested_by,
+        already_erased=not done.done_now,
+    )

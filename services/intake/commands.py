@@ -32,3 +32,12 @@ class CancelNeed:
     need_id: str
     reason: str
     actor: str
+
+
+@dataclass(frozen=True)
+class ErasePerson:
+    """The person asked for their data to be erased (ops, or a desk of a library where they have a need)."""
+
+    person_id: str
+    reason: str
+    actor: str

@@ -4,15 +4,16 @@ transaction. api.py and web.py parse, authorise, call one handler and render; co
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session
+from sqlmodel import Session, col, select
 
 from services.intake import domain
-from services.intake.commands import CancelNeed, RecordNeed
-from services.intake.store import IdempotencyKey, Need, NeedHistory
+from services.intake.commands import CancelNeed, ErasePerson, RecordNeed
+from services.intake.store import IdempotencyKey, Need, NeedHistory, PersonErasure, needs_of_person
 from services.intake.views import public
 from shared import deadlines
 from shared.db import Database, emit
@@ -22,10 +23,12 @@ from shared.events import (
     NeedPersonalData,
     NeedRecorded,
     NeedUnroutable,
+    PersonErased,
     ReferralAssigned,
     ReferralEvent,
     new_id,
 )
+from shared.people import ERASED
 from shared.personal_data import PersonalData
 
 
@@ -110,7 +113,8 @@ def _new_need(
         earlier = session.get(Need, cmd.same_person_as)
         if earlier is None or earlier.library_id != cmd.library_id:
             raise UnknownNeed(cmd.same_person_as)
-        person_id = earlier.person_id
+        # An erased person's id is closed: a need brought again is recorded for a new person, erasable on its own.
+        person_id = earlier.person_id if earlier.person_erased_at is None else None
     respond_by = deadlines.expected_respond_by(
         directory, category=cmd.category, postal_code=cmd.postal_code, library_id=cmd.library_id, recorded_at=now
     )
@@ -184,6 +188,70 @@ def cancel_need(db: Database, cmd: CancelNeed, *, now: datetime) -> Need:
     return need
 
 
+@dataclass(frozen=True)
+class Erasure:
+    erasure: PersonErasure
+    done_now: bool  # False: the person's data had been erased already, nothing was changed
+
+
+def erase_person(db: Database, cmd: ErasePerson, *, now: datetime, personal_data: PersonalData) -> Erasure:
+    """Erase what identifies the person and what was written about their needs: the name becomes the marker, the
+    addresses go, the summary and every text of the history become the marker, the first answers kept for an
+    Idempotency-Key go. What the figures count stays (library, category, dates, status, partner). The erasure row
+    keeps who asked and why; person.erased (ids only) tells the other services. The person's data key is deleted
+    first, in the transaction (crypto-shredding: every sealed copy, in a stream, a dead letter or an outbox row,
+    becomes unreadable); a redis.RedisError then records nothing. A second request changes nothing."""
+    try:
+        return _erase_person(db, cmd, now, personal_data)
+    except IntegrityError:  # the same erasure committed concurrently (PostgreSQL): it is done
+        with db.read() as session:
+            return Erasure(session.get_one(PersonErasure, cmd.person_id), done_now=False)
+
+
+def _erase_person(db: Database, cmd: ErasePerson, now: datetime, personal_data: PersonalData) -> Erasure:
+    with db.transaction() as session:
+        if (earlier := session.get(PersonErasure, cmd.person_id, with_for_update=True)) is not None:
+            return Erasure(earlier, done_now=False)
+        needs = needs_of_person(session, cmd.person_id)
+        if not needs:
+            raise UnknownNeed(cmd.person_id)
+        need_ids = [n.id for n in needs]
+        erasure = PersonErasure(
+            person_id=cmd.person_id,
+            requested_at=now,
+            requested_by=cmd.actor,
+            reason=cmd.reason,
+            need_ids=json.dumps(need_ids),
+        )
+        session.add(erasure)
+        for need in needs:
+            need.summary, need.person_display_name = ERASED, ERASED
+            need.person_email = need.person_phone = None
+            need.person_erased_at = now
+            session.add(need)
+            session.add(NeedHistory(need_id=need.id, at=now, event="person.erased", detail=cmd.actor))
+        for row in session.exec(select(NeedHistory).where(col(NeedHistory.need_id).in_(need_ids))).all():
+            if row.detail is not None and row.event != "person.erased":
+                row.detail = ERASED
+                session.add(row)
+        for key in session.exec(select(IdempotencyKey).where(col(IdempotencyKey.need_id).in_(need_ids))).all():
+            key.response_body = None  # held the person's details as first answered; a repeat answers the need now
+            session.add(key)
+        personal_data.forget(cmd.person_id, now)
+        emit(
+            session,
+            PersonErased(
+                need_id=need_ids[0],
+                person_id=cmd.person_id,
+                need_ids=tuple(need_ids),
+                erased_at=now,
+                actor=cmd.actor,
+                occurred_at=now,
+            ),
+        )
+    return Erasure(erasure, done_now=True)
+
+
 # --- event handlers (called by consumers.py through Bus.process, once per event) ---------------------------
 
 
@@ -196,6 +264,8 @@ def on_referral_event(session: Session, event: ReferralEvent | NeedUnroutable) -
         (text for name in ("reason", "routed_because", "outcome", "message") if (text := getattr(event, name, None))),
         None,
     )
+    if need.person_erased_at is not None and detail is not None:
+        detail = ERASED  # an event written before it heard of the erasure may still carry a text
     session.add(
         NeedHistory(
             need_id=need.id,

@@ -9,6 +9,7 @@ from sqlmodel import Field, Session, SQLModel, col, select
 
 from services.intake.domain import CountedNeed
 from shared.db import UTCDateTime, table_of
+from shared.people import ACCESS_LOG_TABLE
 from shared.signin import USED_TOKEN_TABLE
 
 
@@ -36,6 +37,7 @@ class Need(SQLModel, table=True):
     referral_sequence: int = 0  # of the newest referral event applied to the status
     answered_at: datetime | None = Field(default=None, sa_type=UTCDateTime)  # the partner's first accept or answer
     cancelled_at: datetime | None = Field(default=None, sa_type=UTCDateTime)  # by ops: recorded in error
+    person_erased_at: datetime | None = Field(default=None, sa_type=UTCDateTime)  # at the person's request
 
 
 class NeedHistory(SQLModel, table=True):
@@ -60,7 +62,34 @@ class IdempotencyKey(SQLModel, table=True):
     response_body: str | None = None
 
 
-TABLES = [table_of(Need), table_of(NeedHistory), table_of(IdempotencyKey), USED_TOKEN_TABLE]
+class PersonErasure(SQLModel, table=True):
+    """A person asked for their data to be erased: who asked on their behalf, why, when, and which needs."""
+
+    __tablename__ = "person_erasure"
+    person_id: str = Field(primary_key=True, max_length=32)
+    requested_at: datetime = Field(sa_type=UTCDateTime)
+    requested_by: str = Field(max_length=64)
+    reason: str
+    need_ids: str  # JSON list of the needs erased
+
+
+TABLES = [
+    table_of(Need),
+    table_of(NeedHistory),
+    table_of(IdempotencyKey),
+    table_of(PersonErasure),
+    USED_TOKEN_TABLE,
+    ACCESS_LOG_TABLE,
+]
+
+
+def needs_of_person(session: Session, person_id: str) -> list[Need]:
+    """The person's needs, oldest first."""
+    return list(
+        session.exec(
+            select(Need).where(Need.person_id == person_id).order_by(col(Need.recorded_at), col(Need.id))
+        ).all()
+    )
 
 
 def counted_needs(session: Session, library_id: str, start: datetime, end: datetime) -> list[CountedNeed]:

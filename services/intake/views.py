@@ -3,14 +3,16 @@ from the tables, no rule and no write."""
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 
 from pydantic import BaseModel
 from sqlmodel import Session, col, select
 
 from services.intake import domain
-from services.intake.store import Need, NeedHistory
+from services.intake.store import Need, NeedHistory, PersonErasure, needs_of_person
 from shared.events import PersonContact
+from shared.people import AccessEntry, access_entries
 from shared.service import page
 
 
@@ -140,3 +142,54 @@ def need_page(
     if status:
         query = query.where(Need.status == status)
     return page(query, Need.recorded_at, Need.id, limit, cursor, session)
+
+
+# --- a person: what intake holds about them ---------------------------------------------------------------
+
+
+class ErasurePublic(BaseModel):
+    requested_at: datetime
+    requested_by: str
+    reason: str
+    need_ids: list[str]
+
+
+class PersonPart(BaseModel):
+    """Intake's part of a person's export."""
+
+    person_id: str
+    person: PersonContact  # as recorded with their newest need
+    needs: list[NeedPublic]  # each with its history
+    erasure: ErasurePublic | None
+    access_log: list[AccessEntry]
+
+
+def erasure_of(session: Session, person_id: str) -> ErasurePublic | None:
+    row = session.get(PersonErasure, person_id)
+    if row is None:
+        return None
+    return ErasurePublic(
+        requested_at=row.requested_at,
+        requested_by=row.requested_by,
+        reason=row.reason,
+        need_ids=json.loads(row.need_ids),
+    )
+
+
+def person_part(session: Session, person_id: str) -> PersonPart | None:
+    """Everything intake holds about the person; None when no need is theirs."""
+    needs = needs_of_person(session, person_id)
+    if not needs:
+        return None
+    shown = []
+    for need in needs:
+        found = need_with_history(session, need.id)
+        assert found is not None  # read in this transaction
+        shown.append(public(*found))
+    return PersonPart(
+        person_id=person_id,
+        person=shown[-1].person,
+        needs=shown,
+        erasure=erasure_of(session, person_id),
+        access_log=access_entries(session, [n.id for n in needs]),
+    )

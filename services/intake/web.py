@@ -17,10 +17,12 @@ page refreshes itself (noscript meta refresh) until the need is routed, and the 
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 from dataclasses import dataclass
 from datetime import date, datetime
 from functools import partial
+from functools import partial as partial_call
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -30,16 +32,19 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response
 from markupsafe import Markup
 
-from services.intake import domain, handlers, views
+from services.intake import api, domain, handlers, views
 from services.intake.api import MAX_SUMMARY, NEED_STATUSES, Invalid, record_command, unknown_earlier_need, validate_need
 from services.intake.deps import ClockDep, DatabaseDep, DirectoryDep, PagesDep, RuntimeDep
+from services.intake.remote import PartUnavailable
 from services.intake.reports import CategoryFigures, LibraryReport, csv_response, library_report
 from services.intake.store import Need, NeedHistory
 from shared.db import Database
 from shared.directory import Directory, Library, User
 from shared.logs import current_correlation_id
-from shared.pages import MONTHS_FR, SECURITY_HEADERS, Pages, page_links, page_number
+from shared.pages import DASHBOARD_PATH, MONTHS_FR, SECURITY_HEADERS, Pages, page_links, page_number
+from shared.people import record_access
 from shared.service import Service
+from shared.settings import Settings
 
 TEMPLATES = Path(__file__).with_name("templates")
 STATIC = Path(__file__).with_name("static")
@@ -54,6 +59,7 @@ SLA_FILTERS = ("overdue", "on_track", "at_risk", "met", "breached")
 STATUS_FILTERS = ("waiting", *NEED_STATUSES)
 FINAL_STATUSES = ("closed",)
 PERSON_FIELDS = ("display_name", "email", "phone", "preferred_channel", "language")
+MAX_REASON = 2000  # as the API's erase body
 
 
 @dataclass(frozen=True)
@@ -94,8 +100,9 @@ def month_label(month: date) -> str:
 
 
 def pages_for(svc: Service) -> Pages:
-    """The desk's pages: front-desk staff sign in here."""
-    return Pages(svc, TEMPLATES, roles=("front_desk",), home=HOME)
+    """The desk's pages: front-desk staff sign in here; ops too, for a need's page (a person's export, erasure,
+    printable file and access log), opened from a link."""
+    return Pages(svc, TEMPLATES, roles=("front_desk", "ops"), home=HOME)
 
 
 router = APIRouter()
@@ -259,6 +266,8 @@ def form_page(
 async def new_need(
     request: Request, pages: PagesDep, db: DatabaseDep, directory: DirectoryDep, meme_personne: str = ""
 ) -> Response:
+    if pages.require_user(request, "front_desk", "ops").role == "ops":  # signed in here for a need's page: home
+        return pages.redirect(pages.settings.link_base("referral") + DASHBOARD_PATH)  # is their dashboard
     desk_ = desk(request, pages, directory)
     values, earlier = blank_form(desk_.library), None
     if meme_personne:
@@ -433,12 +442,38 @@ async def needs(
     )
 
 
+async def need_reader(
+    request: Request, pages: Pages, db: Database, directory: Directory, need_id: str
+) -> tuple[Desk, Need, list[NeedHistory]]:
+    """A need's page for its library's desk, or for ops (any library's need)."""
+    user = pages.require_user(request, "front_desk", "ops")
+    if user.role == "front_desk":
+        desk_ = desk(request, pages, directory)
+        need, history = await found(request, pages, db, desk_, need_id)
+        return desk_, need, history
+
+    def any_library() -> tuple[Need, list[NeedHistory]] | None:
+        with db.read() as session:
+            return views.need_with_history(session, need_id)
+
+    loaded = await anyio.to_thread.run_sync(any_library)
+    library = directory.library(loaded[0].library_id) if loaded else None
+    if loaded is None or library is None:
+        raise pages.error(request, 404, "not_found")
+    return Desk(user, library), *loaded
+
+
 @router.get("/demandes/{need_id}")
 async def need_page(
-    request: Request, need_id: str, pages: PagesDep, db: DatabaseDep, directory: DirectoryDep, clock: ClockDep
+    request: Request,
+    need_id: str,
+    pages: PagesDep,
+    runtime: RuntimeDep,
+    db: DatabaseDep,
+    directory: DirectoryDep,
+    clock: ClockDep,
 ) -> Response:
-    desk_ = desk(request, pages, directory)
-    need, history = await found(request, pages, db, desk_, need_id)
+    desk_, need, history = await need_reader(request, pages, db, directory, need_id)
     now = clock()
     entries = [dict(h=h, partner=partner_name(directory, h.partner_id)) for h in history]
     context = need_context(directory, need, now) | dict(history=entries)
@@ -447,7 +482,178 @@ async def need_page(
     )
     if partial is not None:
         return partial
-    return show(request, pages, "demande.html", library=desk_.library, **context, **live_context)
+    access: dict[str, Any] = {}
+    if desk_.user.role == "ops":  # ops read the person's details here: logged; and they see who else did
+        await anyio.to_thread.run_sync(
+            partial_call(
+                record_access,
+                db,
+                at=now,
+                need_id=need.id,
+                user_id=desk_.user.id,
+                role="ops",
+                service="intake",
+                channel="page",
+                what="need",
+            )
+        )
+        access = await access_log_context(runtime.settings, db, need.person_id, desk_.user)
+    return show(
+        request,
+        pages,
+        "demande.html",
+        library=desk_.library,
+        erased=request.query_params.get("fait") == "effacement",
+        **context,
+        **live_context,
+        **access,
+    )
+
+
+async def access_log_context(settings: Settings, db: Database, person_id: str, user: User) -> dict[str, Any]:
+    """The person's access log for ops' view of a need: every service's rows, or which service did not answer."""
+    part = await anyio.to_thread.run_sync(api.person_in_scope, db, person_id, user)
+    if part is None:
+        return {}
+    try:
+        return dict(access_log=await api.person_access_log(settings, part), access_log_missing=None)
+    except PartUnavailable as exc:
+        return dict(access_log=None, access_log_missing=exc.service)
+
+
+# --- a person's data: export, printable file, erasure
+
+
+async def person_of_need(request: Request, pages: Pages, db: Database, directory: Directory, need_id: str):
+    """The need's reader and intake's part of its person (a desk of the need's library, or ops)."""
+    desk_, need, _ = await need_reader(request, pages, db, directory, need_id)
+    part = await anyio.to_thread.run_sync(api.person_in_scope, db, need.person_id, desk_.user)
+    if part is None:
+        raise pages.error(request, 404, "not_found")
+    return desk_, need, part
+
+
+async def export_or_error(
+    request: Request, pages: Pages, settings: Settings, db: Database, part, user: User, now: datetime
+) -> dict[str, Any]:
+    try:
+        return await api.person_export(settings, db, part, user, now, "page")
+    except PartUnavailable as exc:
+        raise pages.error(request, 503, "export_unavailable", service_name=exc.service) from None
+
+
+@router.get("/demandes/{need_id}/donnees.json")
+async def person_export_download(
+    request: Request,
+    need_id: str,
+    pages: PagesDep,
+    runtime: RuntimeDep,
+    db: DatabaseDep,
+    directory: DirectoryDep,
+    clock: ClockDep,
+) -> Response:
+    """Everything Relais holds about the need's person, as the JSON file the API answers, to download."""
+    desk_, need, part = await person_of_need(request, pages, db, directory, need_id)
+    document = await export_or_error(request, pages, runtime.settings, db, part, desk_.user, clock())
+    return Response(
+        json.dumps(document, ensure_ascii=False, indent=2),
+        media_type="application/json; charset=utf-8",
+        headers={
+            **SECURITY_HEADERS,
+            "Content-Disposition": f'attachment; filename="relais-personne-{need.person_id}.json"',
+            "Cache-Control": "no-store",
+        },
+    )
+
+
+@router.get("/demandes/{need_id}/dossier")
+async def person_file(
+    request: Request,
+    need_id: str,
+    pages: PagesDep,
+    runtime: RuntimeDep,
+    db: DatabaseDep,
+    directory: DirectoryDep,
+    clock: ClockDep,
+) -> Response:
+    """The person's file, to print and hand to them: their needs, the referrals and answers, the messages."""
+    desk_, need, part = await person_of_need(request, pages, db, directory, need_id)
+    now = clock()
+    document = await export_or_error(request, pages, runtime.settings, db, part, desk_.user, now)
+    referrals = {
+        case["need_id"]: case["referrals"] for case in document["referral"].get("needs", []) if isinstance(case, dict)
+    }
+    deliveries: dict[str, list[dict]] = {}
+    for d in document["notifications"].get("deliveries", []):
+        deliveries.setdefault(d.get("need_id") or "", []).append(d)
+    needs = [
+        dict(
+            need=n,
+            category=category_label(directory, n["category"]),
+            referrals=[dict(r=r, partner=partner_name(directory, r["partner_id"])) for r in referrals.get(n["id"], [])],
+            deliveries=deliveries.get(n["id"], []),
+        )
+        for n in document["needs"]
+    ]
+    response = show(
+        request,
+        pages,
+        "dossier.html",
+        library=desk_.library,
+        document=document,
+        needs=needs,
+        printed_at=now,
+        parse_at=datetime.fromisoformat,
+    )
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@router.get("/demandes/{need_id}/effacer")
+async def erase_confirmation(
+    request: Request, need_id: str, pages: PagesDep, db: DatabaseDep, directory: DirectoryDep
+) -> Response:
+    """What erasing the person's data will do, before it is done."""
+    desk_, need, part = await person_of_need(request, pages, db, directory, need_id)
+    return erase_page(request, pages, desk_, need, part)
+
+
+def erase_page(request: Request, pages: Pages, desk_: Desk, need: Need, part, status: int = 200, **context) -> Response:
+    return show(
+        request,
+        pages,
+        "effacer.html",
+        status=status,
+        library=desk_.library,
+        need=need,
+        needs=part.needs,
+        erasure=part.erasure,
+        max_reason=MAX_REASON,
+        **context,
+    )
+
+
+@router.post("/demandes/{need_id}/effacer")
+async def erase(
+    request: Request,
+    need_id: str,
+    pages: PagesDep,
+    runtime: RuntimeDep,
+    db: DatabaseDep,
+    directory: DirectoryDep,
+    clock: ClockDep,
+) -> Response:
+    desk_, need, part = await person_of_need(request, pages, db, directory, need_id)
+    fields = await pages.form(request)
+    reason = fields.get("reason", "").strip()
+    if not reason or len(reason) > MAX_REASON or fields.get("confirm") != "oui":
+        errors = {
+            **({"reason": "required" if not reason else "too_long"} if not reason or len(reason) > MAX_REASON else {}),
+            **({"confirm": "required"} if fields.get("confirm") != "oui" else {}),
+        }
+        return erase_page(request, pages, desk_, need, part, status=422, errors=errors, values=fields)
+    await api.erase(runtime, db, need.person_id, reason, desk_.user, clock())
+    return pages.redirect(f"/demandes/{need.id}?fait=effacement")
 
 
 # --- monthly figures

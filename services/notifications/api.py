@@ -2,9 +2,10 @@
 providers' webhooks (delivery receipts and replies, checked by signature or secret, outside /api/v1 because providers
 hold no bearer token): parse, authorise, call one handler or read a view, render."""
 
+import re
 from datetime import datetime, timedelta
 from functools import partial
-from typing import Annotated
+from typing import Annotated, Literal
 
 import anyio
 from fastapi import APIRouter, HTTPException, Query
@@ -15,6 +16,7 @@ from services.notifications.commands import RecordSmsReceipt, RecordSmsReply
 from services.notifications.providers import SMS_PROVIDERS
 from services.notifications.providers.base import Receipt, Reply, Report
 from services.notifications.store import Delivery
+from shared.people import AccessEntry, AccessLogPage, access_entries
 from shared.service import Cursor
 
 
@@ -181,6 +183,92 @@ def sms_report(runtime: deps.RuntimeDep, db: deps.DatabaseDep, clock: deps.Clock
 
 
 # Every registered SMS provider's webhooks, each checked by the provider's signature or secret.
+# --- a person's part (intake assembles the export and the access log) ---
+
+
+class PersonDelivery(BaseModel):
+    """A message about one of the person's needs, with its text as rendered; the address only when it is the
+    person's own (staff addresses are not about them)."""
+
+    id: str
+    need_id: str | None
+    referral_id: str | None
+    kind: str
+    channel: str
+    recipient_role: str
+    recipient: str | None
+    status: str
+    suppressed_reason: str | None
+    attempts: int
+    created_at: datetime
+    sent_at: datetime | None
+    delivered_at: datetime | None
+    subject: str
+    body_text: str
+
+
+class PersonContactKept(BaseModel):
+    need_id: str
+    email: str | None
+    phone: str | None
+    preferred_channel: str
+    language: str
+    erased_at: datetime | None
+
+
+class PersonPart(BaseModel):
+    service: Literal["notifications"] = "notifications"
+    contacts: list[PersonContactKept]
+    deliveries: list[PersonDelivery]
+    access_log: list[AccessEntry]
+
+
+# A partner's signed link to the referral (or a sign-in link) in a message is a credential: the person's copy
+# keeps the path's shape, not the token.
+CREDENTIAL_LINK = re.compile(r"(/(?:r|connexion)/)[A-Za-z0-9_.\-]+")
+
+
+def without_credentials(text: str) -> str:
+    return CREDENTIAL_LINK.sub(lambda m: m.group(1) + "••••••", text)
+
+
+@router.get("/people/{person_id}/export", tags=["people"], response_model=PersonPart)
+def export_person_part(
+    person_id: str,
+    user: deps.OpsUser,
+    session: deps.ReadSessionDep,
+    need_id: Annotated[list[str], Query(max_length=200)],
+) -> PersonPart:
+    """What notifications holds about the person of these needs (intake knows which are theirs): the contact kept
+    for each, every message about them with its text, and who looked at their messages here."""
+    contacts, deliveries = views.person_messages(session, need_id)
+    return PersonPart(
+        contacts=[PersonContactKept(**c.model_dump()) for c in contacts],
+        deliveries=[
+            PersonDelivery(
+                **{
+                    **d.model_dump(),
+                    "recipient": d.recipient if d.recipient_role == "person" else None,
+                    "body_text": without_credentials(d.body_text),
+                }
+            )
+            for d in deliveries
+        ],
+        access_log=access_entries(session, need_id),
+    )
+
+
+@router.get("/people/{person_id}/access-log", tags=["people"], response_model=AccessLogPage)
+def person_access_log(
+    person_id: str,
+    user: deps.OpsUser,
+    session: deps.ReadSessionDep,
+    need_id: Annotated[list[str], Query(max_length=200)],
+) -> AccessLogPage:
+    """Who read these needs' messages to the person on the outbox pages, newest first."""
+    return AccessLogPage(items=access_entries(session, need_id))
+
+
 webhooks = APIRouter()
 for kind in SMS_PROVIDERS.values():
     if kind.webhooks is not None:

@@ -42,6 +42,8 @@ def register(svc: Service, wake_senders: Callable[[], None]) -> None:
             handler = lambda s, e: handlers.on_need_recorded(  # noqa: E731
                 s, e, details, svc.directory, svc.clock(), transliterate
             )
+        elif event.type == "person.erased":
+            handler = lambda s, e: handlers.on_person_erased(s, e, svc.clock())  # noqa: E731
         else:
             handler = lambda s, e: handlers.on_need_cancelled(s, e, svc.clock())  # noqa: E731
         if await svc.bus.process(handler, event):

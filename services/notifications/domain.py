@@ -34,6 +34,7 @@ KIND_OF = {
     "referral.accepted": "partner_answered",
     "referral.responded": "partner_answered",
     "need.unroutable": "unroutable",
+    "referral.person_erased": "person_erased",
 }
 
 # What the person is told, by event type. A referral tells them which organisation will contact them and
@@ -67,7 +68,7 @@ def recipients(
     partner = directory.partner(partner_id) if partner_id else None
     library = directory.library(library_id) if library_id else None
     found: list[Recipient] = []
-    if kind in ("handoff", "reminder") and partner:
+    if kind in ("handoff", "reminder", "person_erased") and partner:
         found += [
             Recipient("partner_contact", c.name, c.email, c.digest_at) for c in partner.contacts if c.id == contact_id
         ]

@@ -37,11 +37,13 @@ from shared.events import (
     NeedPersonalData,
     NeedRecorded,
     NeedUnroutable,
+    PersonErased,
     ReferralEvent,
     new_id,
     parse_event,
 )
 from shared.logs import redact
+from shared.people import ERASED
 from shared.settings import Settings
 from shared.signin import TokenExpired, TokenInvalid, link_for_request, read_sign_in_reference
 
@@ -62,7 +64,8 @@ def on_referral_event(
     """Queue one rendered message per recipient the event concerns; returns how many."""
     if event.type == "referral.closed":
         lock_person_of(session, event.need_id)
-        forget_person(session, event.need_id)
+        if (person := session.get(NeedPerson, event.need_id)) is None or person.erased_at is None:
+            forget_person(session, event.need_id)  # an erased person's tombstone stays: nothing reaches them again
         return 0
     kind = domain.KIND_OF.get(event.type)
     count = 0
@@ -104,6 +107,8 @@ def queue_for_staff(
     )
     category = directory.category(event.category)
     respond_by = getattr(event, "respond_by", None)
+    # An event written before its need's person was erased may carry a partner's text: it is not copied again.
+    erased = (kept := session.get(NeedPerson, event.need_id)) is not None and kept.erased_at is not None
     context: dict[str, Any] = dict(
         partner=partner,
         library=library,
@@ -115,9 +120,10 @@ def queue_for_staff(
         referral_id=getattr(event, "referral_id", None),
         need_id=event.need_id,
         reminder_number=getattr(event, "reminder_number", None),
-        reason=getattr(event, "reason", None),
-        message=getattr(event, "message", None),
+        reason=ERASED if erased and getattr(event, "reason", None) else getattr(event, "reason", None),
+        message=ERASED if erased and getattr(event, "message", None) else getattr(event, "message", None),
         answered=event.type.removeprefix("referral."),
+        erased_at=getattr(event, "erased_at", None),
     )
     for person in people:
         link = link_for(event) if person.role in ("partner_contact", "backup_contact") else None
@@ -168,6 +174,8 @@ def on_need_recorded(
     the event sealed (consumers.py opens it), None when the person was erased before it was read: then nothing
     goes to them (no address, channel none)."""
     lock_person_of(session, event.need_id)
+    if (erased := session.get(NeedPerson, event.need_id)) is not None and erased.erased_at is not None:
+        return 0  # a late or replayed need.recorded of a person since erased: nothing of them is kept
     person = session.get(NeedPerson, event.need_id) or NeedPerson(
         need_id=event.need_id, library_id=event.library_id, preferred_channel="none", recorded_at=event.recorded_at
     )
@@ -197,6 +205,31 @@ def on_need_cancelled(session: Session, event: NeedCancelled, now: datetime) -> 
         d.status, d.suppressed_reason, d.leased_until = "suppressed", "need_cancelled", None
         session.add(d)
     forget_person(session, event.need_id)
+
+
+def on_person_erased(session: Session, event: PersonErased, now: datetime) -> None:
+    """The person's data was erased: nothing more goes to anyone about their needs (queued messages are
+    suppressed), every message's subject and text become the marker, their addresses go, and a tombstone without
+    address keeps later events from reaching them. The notice telling the partner (`person_erased`) is left alone."""
+    for need_id in event.need_ids:
+        lock_person_of(session, need_id)
+        for d in session.exec(
+            select(Delivery).where(Delivery.need_id == need_id, Delivery.kind != "person_erased")
+        ).all():
+            if d.status == "queued":
+                d.status, d.suppressed_reason, d.leased_until, d.held_reason = "suppressed", "person_erased", None, None
+            d.subject, d.body_text, d.body_html, d.facts = ERASED, ERASED, None, None
+            if d.recipient_role == "person":
+                d.recipient = ERASED
+            session.add(d)
+        person = session.get(NeedPerson, need_id) or NeedPerson(
+            need_id=need_id, library_id="", preferred_channel="none", recorded_at=event.erased_at
+        )
+        person.email = person.phone = None
+        person.preferred_channel, person.erased_at = "none", person.erased_at or event.erased_at
+        session.add(person)
+        for row in session.exec(select(WaitingForPerson).where(WaitingForPerson.need_id == need_id)).all():
+            session.delete(row)
 
 
 def forget_person(session: Session, need_id: str) -> None:
@@ -249,7 +282,7 @@ def queue_for_person(
     kind = domain.PERSON_KIND_OF[event.type]
     route = domain.person_route(person.preferred_channel, person.email, person.phone)
     facts = person_facts(event, directory, person)
-    suppressed = route.suppressed
+    suppressed = "person_erased" if person.erased_at is not None else route.suppressed
     if not suppressed and route.channel == "sms" and session.get(SmsSuppression, route.address) is not None:
         suppressed = "opted_out"
     rendered = (

@@ -9,6 +9,7 @@ import sqlalchemy as sa
 from sqlmodel import Field, Session, SQLModel
 
 from shared.db import UTCDateTime, table_of
+from shared.people import ACCESS_LOG_TABLE
 from shared.signin import USED_TOKEN_TABLE  # sign-in links on the outbox pages: `relais migrate` creates it too
 
 
@@ -73,6 +74,8 @@ class NeedPerson(SQLModel, table=True):
     preferred_channel: str = Field(max_length=8)
     language: str = Field(default="fr", max_length=2)
     recorded_at: datetime = Field(sa_type=UTCDateTime)
+    # The person had their data erased: the row stays, without address, so nothing is sent to them any more.
+    erased_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
 
 class WaitingForPerson(SQLModel, table=True):
@@ -101,6 +104,7 @@ TABLES = [
     table_of(WaitingForPerson),
     table_of(SmsSuppression),
     USED_TOKEN_TABLE,
+    ACCESS_LOG_TABLE,
 ]
 
 

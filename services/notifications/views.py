@@ -13,7 +13,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from services.notifications.store import Delivery, DeliveryAttempt, SmsSuppression
+from services.notifications.store import Delivery, DeliveryAttempt, NeedPerson, SmsSuppression
 from shared.service import encode_cursor, page
 
 
@@ -121,3 +121,16 @@ class MailSinkFolder:
                         self._by_id[str(found).strip()] = path
             kept = self._by_id.get(message_id)
         return message_from_bytes(kept.read_bytes(), policy=policy.default) if kept else None
+
+
+def person_messages(session: Session, need_ids: list[str]) -> tuple[list[NeedPerson], list[Delivery]]:
+    """The contact kept for each of these needs, and every message about them, oldest first."""
+    contacts = list(session.exec(select(NeedPerson).where(col(NeedPerson.need_id).in_(need_ids))).all())
+    deliveries = list(
+        session.exec(
+            select(Delivery)
+            .where(col(Delivery.need_id).in_(need_ids))
+            .order_by(col(Delivery.created_at), col(Delivery.id))
+        ).all()
+    )
+    return contacts, deliveries

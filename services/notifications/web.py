@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from email.message import EmailMessage
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -21,12 +22,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
 
 from services.notifications import views
-from services.notifications.deps import DatabaseDep, DirectoryDep, MailSinkDep, PagesDep, SettingsDep
+from services.notifications.deps import ClockDep, DatabaseDep, DirectoryDep, MailSinkDep, PagesDep, SettingsDep
 from services.notifications.providers import smtp
 from services.notifications.store import Delivery, DeliveryAttempt
 from services.notifications.views import MailSinkFolder
 from shared.db import Database
 from shared.pages import SECURITY_HEADERS, Pages
+from shared.people import ERASED, record_access
 from shared.service import Service, decode_cursor
 from shared.settings import Settings
 
@@ -40,6 +42,7 @@ KINDS = (
     "partner_answered",
     "unroutable",
     "sign_in",
+    "person_erased",
 )
 CHANNELS = ("email", "sms")
 STATUSES = ("queued", "sent", "delivered", "failed", "suppressed")
@@ -185,14 +188,31 @@ async def one(
     directory: DirectoryDep,
     settings: SettingsDep,
     sink: MailSinkDep,
+    clock: ClockDep,
 ) -> Response:
-    pages.require_user(request, "ops")
+    user = pages.require_user(request, "ops")
     found = await anyio.to_thread.run_sync(load, db, delivery_id)
     if found is None:
         raise pages.error(request, 404, "not_found")
     d, attempts = found
+    if d.recipient_role == "person" and d.need_id and d.body_text != ERASED:  # the person's address and message
+        await anyio.to_thread.run_sync(
+            partial(
+                record_access,
+                db,
+                at=clock(),
+                need_id=d.need_id,
+                user_id=user.id,
+                role=user.role,
+                service="notifications",
+                channel="page",
+                what="delivery",
+            )
+        )
     shown = None
-    if d.channel == "email" and (msg := await anyio.to_thread.run_sync(received_email, sink, settings, d)) is not None:
+    erased = d.body_text == ERASED  # the sink's copy of an erased message is not shown either
+    msg = None if erased else await anyio.to_thread.run_sync(received_email, sink, settings, d)
+    if msg is not None:
         text_part, html_part = msg.get_body(("plain",)), msg.get_body(("html",))
         shown = Shown(
             headers={
@@ -203,7 +223,7 @@ async def one(
             text=mask_sign_in_links(text_part.get_content()) if text_part else None,
             has_html=html_part is not None,
         )
-    sms_kept = d.channel == "sms" and d.provider == "outbox" and d.status in ("sent", "delivered")
+    sms_kept = not erased and d.channel == "sms" and d.provider == "outbox" and d.status in ("sent", "delivered")
     return pages.render(
         request,
         "envoi.html",
@@ -225,7 +245,9 @@ async def preview(
 ) -> Response:
     pages.require_user(request, "ops")
     found = await anyio.to_thread.run_sync(load, db, delivery_id)
-    msg = await anyio.to_thread.run_sync(received_email, sink, settings, found[0]) if found else None
+    msg = None
+    if found is not None and found[0].body_text != ERASED:  # the sink's copy of an erased message is not shown
+        msg = await anyio.to_thread.run_sync(received_email, sink, settings, found[0])
     html_part = msg.get_body(("html",)) if msg is not None else None
     if html_part is None:
         raise pages.error(request, 404, "not_found")

@@ -39,6 +39,7 @@ from services.referral.handlers import Deps, NotFound, NotPaused, ReferralState,
 from services.referral.store import Referral, ReferralHistory
 from shared.directory import Directory, User
 from shared.events import STREAMS
+from shared.people import AccessEntry, AccessLogPage, access_entries
 from shared.service import Cursor, Service, error_responses, field_error
 
 # The contract's values; a filter outside them is a 422 naming the parameter, not an empty page.
@@ -67,6 +68,8 @@ class ReferralPublic(BaseModel):
     created_at: datetime
     # When the need left this referral's partner (declined, reassigned, cancelled); null while the partner has it.
     left_at: datetime | None = None
+    # When the person had their data erased at their request (the need's texts and their details are gone).
+    person_erased_at: datetime | None = None
     history: list[HistoryEntry] | None = None
 
 
@@ -132,7 +135,10 @@ class CloseBody(BaseModel):
 
 
 def public(
-    referral: Referral, history: list[ReferralHistory] | None = None, user: User | None = None
+    referral: Referral,
+    history: list[ReferralHistory] | None = None,
+    user: User | None = None,
+    person_erased_at: datetime | None = None,
 ) -> ReferralPublic:
     left = domain.left_partner(referral.status)
     # The partner the need left keeps its status and date, not the texts of its history (messages, reasons).
@@ -140,6 +146,7 @@ def public(
     return ReferralPublic(
         **referral.model_dump(exclude={"updated_at"}),
         left_at=referral.updated_at if left else None,
+        person_erased_at=person_erased_at,
         history=None
         if history is None
         else [
@@ -205,7 +212,10 @@ def list_referrals(
                 status=status,
                 sla=sla,
             )
-        return ReferralPage(items=[public(r, user=user) for r in rows], next_cursor=next_cursor)
+        erased = views.person_erased_at(session, [r.need_id for r in rows])
+        return ReferralPage(
+            items=[public(r, user=user, person_erased_at=erased.get(r.need_id)) for r in rows], next_cursor=next_cursor
+        )
 
 
 @router.get("/referrals/{referral_id}", response_model=ReferralPublic)
@@ -214,7 +224,7 @@ def get_referral(referral_id: str, user: ReaderUser, runtime: RuntimeDep) -> Ref
         found = views.referral_with_case(session, referral_id)
     if found is None or as_partner(user) not in (None, found[0].partner_id):
         raise HTTPException(404, "no such referral")
-    return public(found[0], found[2], user)
+    return public(found[0], found[2], user, found[1].person_erased_at)
 
 
 async def run(command: object, deps: Deps) -> ReferralState:
@@ -348,3 +358,78 @@ async def dashboard(user: OpsUser, runtime: RuntimeDep) -> Dashboard:
 
 
 dashboard_router.include_router(incidents_api.router)  # the register of confidentiality incidents
+
+
+# --- a person's part (intake assembles the export and the access log) ---
+
+
+class PersonCase(BaseModel):
+    need_id: str
+    library_id: str
+    category: str
+    summary: str
+    postal_code: str | None
+    urgency: str
+    recorded_at: datetime
+    respond_by: datetime | None
+    person_erased_at: datetime | None
+    person: dict
+    referrals: list[ReferralPublic]
+
+
+class PersonPart(BaseModel):
+    service: Literal["referral"] = "referral"
+    needs: list[PersonCase]
+    access_log: list[AccessEntry]
+
+
+people_router = APIRouter(tags=["people"])
+
+
+@people_router.get("/people/{person_id}/export", response_model=PersonPart)
+def export_person_part(
+    person_id: str,
+    user: OpsUser,
+    runtime: RuntimeDep,
+    need_id: Annotated[list[str], Query(max_length=200)],
+) -> PersonPart:
+    """What referral holds about the person of these needs (intake knows which are theirs): each need as routed,
+    its referrals with their histories (the partners' answers), and who looked at them here."""
+    with runtime.db.read() as session:
+        needs = []
+        for case, referrals in views.person_cases(session, need_id):
+            needs.append(
+                PersonCase(
+                    **case.model_dump(
+                        include={
+                            "need_id",
+                            "library_id",
+                            "category",
+                            "summary",
+                            "postal_code",
+                            "urgency",
+                            "recorded_at",
+                            "respond_by",
+                            "person_erased_at",
+                        }
+                    ),
+                    person={
+                        "display_name": case.person_display_name,
+                        "email": case.person_email,
+                        "phone": case.person_phone,
+                        "preferred_channel": case.preferred_channel,
+                        "language": case.language,
+                    },
+                    referrals=[public(r, h, person_erased_at=case.person_erased_at) for r, h in referrals],
+                )
+            )
+        return PersonPart(needs=needs, access_log=access_entries(session, need_id))
+
+
+@people_router.get("/people/{person_id}/access-log", response_model=AccessLogPage)
+def person_access_log(
+    person_id: str, user: OpsUser, runtime: RuntimeDep, need_id: Annotated[list[str], Query(max_length=200)]
+) -> AccessLogPage:
+    """Who read these needs' details on referral's pages, newest first."""
+    with runtime.db.read() as session:
+        return AccessLogPage(items=access_entries(session, need_id))

@@ -45,6 +45,7 @@ def bootstrap(settings: Settings | None = None, *, clock: Callable[[], datetime]
     app = service.create_app(
         api.router,
         api.dashboard_router,
+        api.people_router,
         title="Relais referral",
         pages=[pages.sign_in_router(), dashboard_pages.router, web.router],
     )

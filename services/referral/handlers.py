@@ -60,6 +60,7 @@ from shared.events import (
     NeedPersonalData,
     NeedRecorded,
     NeedUnroutable,
+    PersonErased,
     ReferralAccepted,
     ReferralAssigned,
     ReferralBreached,
@@ -67,12 +68,13 @@ from shared.events import (
     ReferralClosed,
     ReferralDeclined,
     ReferralEscalated,
+    ReferralPersonErased,
     ReferralReminderDue,
     ReferralResponded,
     new_id,
 )
 from shared.messaging import replay
-from shared.personal_data import ERASED
+from shared.people import ERASED
 from shared.service import ACTOR_HEADER, internal_token
 from shared.sessions import revoke_user_sessions
 from shared.settings import Settings
@@ -215,6 +217,9 @@ def transition(
     referral.sla = domain.sla_after(referral.sla, action)
     referral.updated_at = now
     session.add(referral)
+    case = session.get_one(NeedCase, referral.need_id, with_for_update=True)  # its sequence moves
+    if case.person_erased_at is not None and text:
+        text = ERASED  # written after the person's erasure: kept nowhere, carried by no event
     session.add(
         ReferralHistory(
             referral_id=referral.id,
@@ -224,7 +229,6 @@ def transition(
             detail=text if partner_id is None else f"{partner_id} : {text or ''}".strip(" :"),
         )
     )
-    case = session.get_one(NeedCase, referral.need_id, with_for_update=True)  # its sequence moves
     common = referral_event_fields(referral, case, actor, now)
     session.add(case)
     if action == "accept":
@@ -236,7 +240,8 @@ def transition(
     elif action == "decline":
         emit(session, ReferralDeclined(**common, reason=text or ""))
         session.flush()
-        route(session, case, directory, now)
+        if case.person_erased_at is None:  # an erased person's need goes to no other partner
+            route(session, case, directory, now)
     elif action == "cancel":
         emit(session, ReferralCancelled(**common, reason=text or ""))
     elif action == "reassign":
@@ -260,6 +265,46 @@ def on_need_cancelled(session: Session, event: NeedCancelled, directory: Directo
     ).all():
         timer.fired_at, timer.outcome = now, "cancelled"
         session.add(timer)
+
+
+def on_person_erased(session: Session, event: PersonErased, directory: Directory, now: datetime) -> None:
+    """The person's data was erased: the need's summary and the person's details become the marker, and so does
+    every text of its referrals' histories (answers, reasons, outcomes); its clock stops; the partner holding it
+    is told (referral.person_erased). Statuses, dates, partners and categories stay for the figures."""
+    cases = [session.get(NeedCase, need_id, with_for_update=True) for need_id in event.need_ids]
+    if any(case is None for case in cases):  # a need.recorded still being retried: so is this, until it is here
+        raise LookupError(f"a need of person.erased {event.event_id} is not known here yet")
+    for case in cases:
+        assert case is not None  # checked above
+        if case.person_erased_at is not None:
+            continue
+        case.summary, case.person_display_name = ERASED, ERASED
+        case.person_email = case.person_phone = None
+        case.person_erased_at = event.erased_at
+        session.add(case)
+        referral_ids = list(session.exec(select(Referral.id).where(Referral.need_id == case.need_id)).all())
+        for row in session.exec(
+            select(ReferralHistory).where(col(ReferralHistory.referral_id).in_(referral_ids))
+        ).all():
+            if row.detail is not None:
+                row.detail = ERASED
+                session.add(row)
+        for timer in session.exec(
+            select(ClockTimer).where(ClockTimer.need_id == case.need_id, col(ClockTimer.fired_at).is_(None))
+        ).all():
+            timer.fired_at, timer.outcome = now, "erased"
+            session.add(timer)
+        if (referral := current_referral(session, case.need_id)) is not None:
+            session.add(ReferralHistory(referral_id=referral.id, at=now, action="person_erased", actor=event.actor))
+            emit(
+                session,
+                ReferralPersonErased(
+                    **referral_event_fields(referral, case, event.actor, now),
+                    contact_id=referral.contact_id,
+                    erased_at=event.erased_at,
+                ),
+            )
+            session.add(case)  # its sequence moved
 
 
 def fire_due_timers(

@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from shared.db import UTCDateTime, table_of
+from shared.people import ACCESS_LOG_TABLE
 from shared.signin import USED_TOKEN_TABLE  # sign-in links on the partner pages are single use
 
 OPEN_STATUSES = ("assigned", "accepted", "responded")
@@ -34,6 +35,7 @@ class NeedCase(SQLModel, table=True):
     respond_by: datetime | None = Field(default=None, sa_type=UTCDateTime)
     correlation_id: str | None = Field(default=None, max_length=64)
     sequence: int = 0  # of the last event emitted about this need
+    person_erased_at: datetime | None = Field(default=None, sa_type=UTCDateTime)  # at the person's request
 
     def next_sequence(self) -> int:
         self.sequence += 1
@@ -142,6 +144,7 @@ TABLES = [
     table_of(OpsAction),
     table_of(PrivacyIncident),
     USED_TOKEN_TABLE,
+    ACCESS_LOG_TABLE,
 ]
 
 

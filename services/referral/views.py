@@ -270,3 +270,32 @@ def privacy_incidents(session: Session, *, offset: int = 0, limit: int | None = 
     """The register, newest first (all of it without `limit`: the CSV export)."""
     query = select(PrivacyIncident).order_by(col(PrivacyIncident.recorded_at).desc(), col(PrivacyIncident.id).desc())
     return list(session.exec(query.offset(offset).limit(limit)).all())
+
+
+def person_erased_at(session: Session, need_ids: list[str]) -> dict[str, datetime]:
+    """Need id -> when its person's data was erased, for those of `need_ids` that were."""
+    if not need_ids:
+        return {}
+    rows = session.exec(
+        select(NeedCase.need_id, NeedCase.person_erased_at).where(
+            col(NeedCase.need_id).in_(need_ids), col(NeedCase.person_erased_at).is_not(None)
+        )
+    ).all()
+    return {need_id: at for need_id, at in rows if at is not None}
+
+
+def person_cases(
+    session: Session, need_ids: list[str]
+) -> list[tuple[NeedCase, list[tuple[Referral, list[ReferralHistory]]]]]:
+    """The needs referral knows of these ids, each with its referrals (oldest first) and their histories."""
+    found = []
+    for case in session.exec(
+        select(NeedCase).where(col(NeedCase.need_id).in_(need_ids)).order_by(col(NeedCase.recorded_at))
+    ).all():
+        referrals = session.exec(
+            select(Referral)
+            .where(Referral.need_id == case.need_id)
+            .order_by(col(Referral.created_at), col(Referral.id))
+        ).all()
+        found.append((case, [(r, history_of(session, r.id)) for r in referrals]))
+    return found

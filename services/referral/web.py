@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -25,6 +26,7 @@ from services.referral.handlers import Deps, NotFound, handle
 from services.referral.store import NeedCase, Referral, ReferralHistory
 from shared.directory import Directory, User
 from shared.pages import Pages, page_links, page_number
+from shared.people import record_access
 from shared.service import Service
 from shared.signin import TokenExpired, TokenInvalid, read_referral_token
 
@@ -160,6 +162,26 @@ def show_left(
     )
 
 
+async def log_read(runtime: Runtime, found: ReferralCase, viewer: Viewer, role: str, now: datetime) -> None:
+    """The page shows the person's details (not once the need left this partner, nor once they were erased): who
+    looked goes in the access log."""
+    if (viewer.can_act and domain.left_partner(found.referral.status)) or found.case.person_erased_at is not None:
+        return
+    await anyio.to_thread.run_sync(
+        partial(
+            record_access,
+            runtime.db,
+            at=now,
+            need_id=found.case.need_id,
+            user_id=viewer.actor,
+            role=role,
+            service="referral",
+            channel="page",
+            what="referral",
+        )
+    )
+
+
 # --- acting
 
 
@@ -255,6 +277,7 @@ async def referral_by_link(
     found = await anyio.to_thread.run_sync(load, runtime, referral_id)
     if found is None or found.referral.partner_id != viewer.partner_id:
         raise pages.error(request, 410, "link_moved", template="lien_erreur.html")
+    await log_read(runtime, found, viewer, "partner", now)
     return show(request, pages, directory, now, found, viewer)
 
 
@@ -345,6 +368,7 @@ async def referral_signed_in(
     found = await anyio.to_thread.run_sync(load, runtime, referral_id)
     if found is None or (viewer.partner_id is not None and found.referral.partner_id != viewer.partner_id):
         raise pages.error(request, 404, "not_found")  # never 403: ids cannot be probed
+    await log_read(runtime, found, viewer, user.role, clock())
     return show(request, pages, directory, clock(), found, viewer)
 
 

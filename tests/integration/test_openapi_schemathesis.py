@@ -10,6 +10,7 @@ the whole file stays within a couple of minutes; the seed is fixed so a failure 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -54,7 +55,9 @@ def relais(tmp_path, redis_url, namespace, directory_file, start_service, mail_s
         claim_idle_ms=500,
         max_deliveries=3,
         poll_ms=50,
-        secret_key="test-secret",
+        # As production needs: with a weak key the services refuse each other's internal credential, and intake's
+        # person export (which reads referral's and notifications' parts) answers 503 by design.
+        secret_key=secrets.token_urlsafe(32),
     )
     return {name: start_service(name, settings) for name in SERVICES}
 

@@ -19,7 +19,7 @@ import redis
 
 from shared.events import DEAD_LETTER_SUFFIX, NEEDS
 from shared.messaging import dead_letter
-from shared.personal_data import ERASED
+from shared.people import ERASED
 from shared.testing import wait_for
 
 NAME = "Zéphyrine Quartzbottle"
