@@ -78,7 +78,17 @@ class NeedCancelled(Event):
     actor: str  # the ops user who cancelled it
 
 
-NeedEvent = Annotated[NeedRecorded | NeedCancelled, Field(discriminator="type")]
+class NeedMessagesWithdrawn(Event):
+    """The person withdrew their consent to messages about this need: nothing more is sent to them (the need and
+    its handoff to the partner go on)."""
+
+    type: Literal["need.messages_withdrawn"] = "need.messages_withdrawn"
+    need_id: str
+    library_id: str
+    actor: str  # the desk or ops user who recorded the withdrawal
+
+
+NeedEvent = Annotated[NeedRecorded | NeedCancelled | NeedMessagesWithdrawn, Field(discriminator="type")]
 
 
 # --- referral -----------------------------------------------------------------------------------
@@ -216,7 +226,12 @@ class AccessLinkRequested(Event):
 AccessEvent = AccessLinkRequested
 
 AnyEvent = Annotated[
-    NeedRecorded | NeedCancelled | ReferralStreamEvent | DeliveryStreamEvent | AccessLinkRequested,
+    NeedRecorded
+    | NeedCancelled
+    | NeedMessagesWithdrawn
+    | ReferralStreamEvent
+    | DeliveryStreamEvent
+    | AccessLinkRequested,
     Field(discriminator="type"),
 ]
 _any_event = TypeAdapter(AnyEvent)
@@ -225,6 +240,7 @@ _any_event = TypeAdapter(AnyEvent)
 STREAM_OF: dict[str, str] = {
     "need.recorded": NEEDS,
     "need.cancelled": NEEDS,
+    "need.messages_withdrawn": NEEDS,
     **{
         t: REFERRALS
         for t in (

@@ -68,6 +68,7 @@ def form_errors(errors: list[dict]) -> dict[str, str]:
     for error in errors:
         loc = [str(part) for part in error["loc"]]
         field = loc[1] if loc[0] == "person" and len(loc) > 1 else loc[0]
+        field = {"consent_purposes": "consent_messages"}.get(field, field)  # the form's own box for messages
         found.setdefault(field, error["type"])
     return found
 
@@ -221,6 +222,8 @@ def blank_form(library: Library) -> dict[str, str]:
         "preferred_channel": "",
         "language": "fr",
         "consent": "",
+        "consent_messages": "",
+        "consent_version": "",
         "same_person_as": "",
         "idempotency_key": secrets.token_urlsafe(18),
     }
@@ -252,6 +255,7 @@ def form_page(
         key_reused=key_reused,
         default_postal_code=default_postal_code(desk_.library),
         max_summary=MAX_SUMMARY,
+        consent_text=directory.consent_text(desk_.library.language),
     )
 
 
@@ -304,6 +308,9 @@ async def record(
         "urgency": values["urgency"] or "normal",
         "person": person,
         "consent": values["consent"] == "oui",
+        # The text shown (its version is in the form) and the second, optional choice: messages to the person.
+        "consent_purposes": ["handoff"] + (["messages"] if values["consent_messages"] == "oui" else []),
+        "consent_version": values["consent_version"] or None,
         "same_person_as": values["same_person_as"] or None,
     }
     earlier = None
@@ -312,9 +319,7 @@ async def record(
         earlier = loaded[0] if loaded else None
     try:
         body = validate_need(data, directory, library=desk_.library.id)
-        cmd = record_command(
-            body, desk_.user, values["idempotency_key"], current_correlation_id()
-        )  # validated by shared.edges
+        cmd = record_command(body, desk_.user, values["idempotency_key"], current_correlation_id(), directory)
         need = await anyio.to_thread.run_sync(partial(handlers.record_need, db, cmd, directory=directory, now=clock()))
     except (Invalid, handlers.UnknownNeed) as exc:
         invalid = exc if isinstance(exc, Invalid) else unknown_earlier_need(str(exc))

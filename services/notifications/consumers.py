@@ -37,6 +37,8 @@ def register(svc: Service, wake_senders: Callable[[], None]) -> None:
         handler: Callable[[Session, Any], object]
         if event.type == "need.recorded":
             handler = lambda s, e: handlers.on_need_recorded(s, e, svc.directory, svc.clock(), transliterate)  # noqa: E731
+        elif event.type == "need.messages_withdrawn":
+            handler = lambda s, e: handlers.on_messages_withdrawn(s, e, svc.clock())  # noqa: E731
         else:
             handler = lambda s, e: handlers.on_need_cancelled(s, e, svc.clock())  # noqa: E731
         if await svc.bus.process(handler, event):

@@ -49,7 +49,9 @@ def register(svc: Service, clock_wake: asyncio.Event) -> None:
         "a need cancelled by ops has its open referral cancelled and its clock stopped.",
     )
     async def on_need_event(event: NeedEvent) -> None:
-        handler = EVENT_HANDLERS[event.type]
+        handler = EVENT_HANDLERS.get(event.type)
+        if handler is None:
+            return  # not referral's concern (need.messages_withdrawn: the partner still has the need)
         if await svc.bus.process(lambda session, e: handler(session, e, svc.directory, svc.clock()), event):
             clock_wake.set()  # the need may have new timers: the clock looks again at once
 
