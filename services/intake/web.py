@@ -32,6 +32,7 @@ from markupsafe import Markup
 
 from services.intake import domain, handlers, views
 from services.intake.api import MAX_SUMMARY, NEED_STATUSES, Invalid, record_command, unknown_earlier_need, validate_need
+from services.intake.commands import WithdrawMessagesConsent
 from services.intake.deps import ClockDep, DatabaseDep, DirectoryDep, PagesDep, RuntimeDep
 from services.intake.reports import CategoryFigures, LibraryReport, csv_response, library_report
 from services.intake.store import Need, NeedHistory
@@ -444,6 +445,20 @@ async def need_page(
     if partial is not None:
         return partial
     return show(request, pages, "demande.html", library=desk_.library, **context, **live_context)
+
+
+@router.post("/demandes/{need_id}/retirer-messages")
+async def withdraw_messages(
+    request: Request, need_id: str, pages: PagesDep, runtime: RuntimeDep, db: DatabaseDep, clock: ClockDep
+) -> Response:
+    """The person tells the desk they want no more messages: recorded, notifications stops; the need goes on."""
+    desk_ = desk(request, pages, runtime.directory)
+    await pages.form(request)  # the CSRF check
+    await found(request, pages, db, desk_, need_id)  # another library's need: 404
+    cmd = WithdrawMessagesConsent(need_id=need_id, actor=desk_.user.id, library=desk_.library.id)
+    if await anyio.to_thread.run_sync(partial(handlers.withdraw_messages_consent, db, cmd, now=clock())):
+        runtime.bus.relay.wake()
+    return pages.redirect(f"/demandes/{need_id}")
 
 
 # --- monthly figures
