@@ -539,7 +539,7 @@ def test_a_bad_retention_names_the_key_and_says_what_to_fix(tmp_path, retention,
 
 def test_consent_texts_need_unique_versions_and_one_in_each_desk_language(tmp_path):
     text = {"version": "fr-1", "language": "fr", "handoff": "Transmission", "messages": "Messages"}
-    data = copy.deepcopy(GOOD)
+    data: dict = copy.deepcopy(GOOD)
     data["consent"] = [text, text]
     data["libraries"][1]["language"] = "en"
     errors = check_directory_file(write(tmp_path, data))
