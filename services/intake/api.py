@@ -158,20 +158,14 @@ def rule_errors(data: object, directory: Directory, library: str) -> list[dict]:
                 )
             )
     version = data.get("consent_version")
-    own = directory.library(library) if isinstance(library_id, str) and library_id == library else None
-    if (
-        isinstance(version, str)
-        and version
-        and own is not None
-        and directory.consent_text(own.language, version) is None
-    ):
-        known = ", ".join(t.version for t in directory.consent if t.language == own.language)
+    if isinstance(version, str) and version and version not in {t.version for t in directory.consent}:
+        known = ", ".join(t.version for t in directory.consent)
         errors.append(
             _error(
                 ("consent_version",),
                 "unknown_consent_version",
-                f"no consent text {version!r} in {own.language} in the directory; known: {known} (the desk shows the "
-                "last one)",
+                f"no consent text {version!r} in the directory; known: {known} (the desk shows the last one of its "
+                "language)",
             )
         )
     if isinstance(person, dict) and channel in ("email", "sms"):
@@ -242,6 +236,17 @@ def _as_checked(schema: dict) -> dict:
         {"enum": [""]},
         {"type": "null"},
     ]
+    props["consent_purposes"]["anyOf"][0].update(contains={"const": "handoff"})
+    # No consent to messages: no channel to send them on (the body's own rule, across two fields).
+    schema["allOf"] = [
+        {
+            "if": {
+                "required": ["consent_purposes"],
+                "properties": {"consent_purposes": {"type": "array", "not": {"contains": {"const": "messages"}}}},
+            },
+            "then": {"properties": {"person": {"properties": {"preferred_channel": {"enum": ["none", None]}}}}},
+        }
+    ]
     schema["properties"]["person"]["allOf"] = [
         {
             "if": {"required": ["preferred_channel"], "properties": {"preferred_channel": {"const": channel}}},
@@ -262,6 +267,8 @@ def directory_ids(runtime) -> Callable[[dict], None]:
         body = document["paths"]["/api/v1/needs"]["post"]["requestBody"]["content"]["application/json"]["schema"]
         body["properties"]["library_id"]["enum"] = [library.id for library in runtime.directory.libraries]
         body["properties"]["category"]["enum"] = [category.id for category in runtime.directory.categories]
+        versions = [text.version for text in runtime.directory.consent]
+        body["properties"]["consent_version"]["anyOf"][0]["enum"] = versions
 
     return refine
 
