@@ -47,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     keys_sub.add_parser(
         "rewrap", help="wrap every person's data key again with the first key of RELAIS_PERSONAL_DATA_KEYS"
     )
+    purge = sub.add_parser(
+        "purge", help="run the retention purge now (directory's retention block); prints what it removed, per rule"
+    )
+    purge.add_argument("service", nargs="?", choices=SERVICES, help="one service (default: the three)")
+    purge.add_argument("--dry-run", action="store_true", help="count what is due and change nothing")
     args = parser.parse_args(argv)
     from shared import logs
 
@@ -70,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             return replay_dead_letters(args.stream, args.ids)
         if args.command == "keys":
             return rewrap_keys()
+        if args.command == "purge":
+            return purge_now([args.service] if args.service else list(SERVICES), args.dry_run)
         return Up(args.directory, args.data_dir).run()
     except BadSettings as exc:  # the one place a bad RELAIS_* variable ends a command: what to fix, no traceback
         for problem in exc.problems:
@@ -228,3 +235,49 @@ def replay_dead_letters(stream: str, ids: list[str]) -> int:
     count = asyncio.run(run())
     print(f"replayed {count} message(s) from {settings.key(stream)}.dlq")
     return 0
+
+
+def purge_now(services: list[ServiceName], dry_run: bool) -> int:
+    """`relais purge`: each service's retention rules, now, against its database (what the daily run does)."""
+    import importlib
+    from datetime import timedelta
+
+    from shared.db import Database
+    from shared.directory import DirectoryError, load_directory
+    from shared.events import utcnow
+    from shared.migrations import MigrationNeeded, check_current
+    from shared.retention import run_purge, technical_rules
+
+    settings = load_settings(databases=tuple(services))
+    try:
+        directory = load_directory(settings.directory)
+    except DirectoryError as exc:
+        print_directory_errors(settings.directory, exc.errors, "fix these and run the purge again")
+        return 2
+    status = 0
+    for service in services:
+        store = importlib.import_module(f"services.{service}.store")
+        db = Database(settings.database_url(service), store.TABLES)
+        try:
+            check_current(service, db.engine, db.url)
+            rules = [*technical_rules(timedelta(seconds=settings.stream_max_age_s)), *store.PURGE_RULES]
+            report = run_purge(
+                db,
+                service,
+                rules,
+                directory,
+                utcnow(),
+                technical_fallback=settings.technical_retention,
+                dry_run=dry_run,
+            )
+        except MigrationNeeded as exc:
+            print(exc, file=sys.stderr)
+            status = 2
+            continue
+        finally:
+            db.dispose()
+        for line in report.lines():
+            print(line)
+        if report.skipped:
+            status = max(status, 1)
+    return status

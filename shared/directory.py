@@ -274,12 +274,19 @@ class EscalationContact(Person):
     """A coordinator told of escalations, breaches and unroutable needs."""
 
 
+Jurisdiction = Literal["FR", "CA-QC"]  # France (RGPD, CNIL), Québec (Law 25)
+JURISDICTIONS: tuple[Jurisdiction, ...] = ("FR", "CA-QC")
+
+
 class Library(_Frozen):
     """A desk that records needs: library, France Services, bus."""
 
     id: Id
     name: Text
     timezone: TimeZoneName | None = None  # absent: the directory's; Directory fills it in at load time
+    # Whose data-protection law applies to what the desk records; absent: Directory infers it (see jurisdiction_of).
+    jurisdiction: Jurisdiction | None = None
+    language: Literal["fr", "en"] = "fr"  # of the consent text the desk shows
     territory: list[PostalPrefix] = []  # the first prefix stands for a need recorded without a postal code
     contacts: list[Person] = []
 
@@ -335,6 +342,104 @@ class User(_Frozen):
 DEFAULT_TIMEZONE = "Europe/Paris"
 
 
+# --- Retention, consent, privacy contact ----------------------------------------------------------
+
+# What a directory without `retention` gets: DORA's 730 days after a need ends, RDV-Solidarités' six months for
+# message receipts, CNIL's 6 to 12 months for logs, a week of technical rows (docs/privacy.md).
+DEFAULT_RETENTION = {
+    "closed_needs": "P730D",
+    "open_needs": "P730D",
+    "message_bodies": "P180D",
+    "access_log": "P365D",
+}
+
+
+class RetentionPeriods(_Frozen):
+    """How long each kind of personal data is kept (docs/privacy.md, "Retention and purge")."""
+
+    closed_needs: Duration  # a closed or cancelled need: identity and free text anonymised this long after it ended
+    open_needs: Duration  # a need never closed (never answered, or answered and left): after its last event
+    message_bodies: Duration  # rendered email and SMS texts, and the person's address on them: after creation
+    access_log: Duration  # who read a person's details: after the reading
+    technical_rows: Duration | None = None  # published outbox rows, processed events; None: RELAIS_TECHNICAL_RETENTION
+
+
+class RetentionOverride(_Frozen):
+    """A jurisdiction's values; what it leaves out comes from the retention block's own."""
+
+    closed_needs: Duration | None = None
+    open_needs: Duration | None = None
+    message_bodies: Duration | None = None
+    access_log: Duration | None = None
+
+
+class Retention(RetentionPeriods):
+    closed_needs: Duration = Field(default_factory=lambda: parse_duration(DEFAULT_RETENTION["closed_needs"]))
+    open_needs: Duration = Field(default_factory=lambda: parse_duration(DEFAULT_RETENTION["open_needs"]))
+    message_bodies: Duration = Field(default_factory=lambda: parse_duration(DEFAULT_RETENTION["message_bodies"]))
+    access_log: Duration = Field(default_factory=lambda: parse_duration(DEFAULT_RETENTION["access_log"]))
+    purge_at: ClockTime = time(3, 30)  # each service purges once a day at this time of the directory's zone
+    jurisdictions: dict[Jurisdiction, RetentionOverride] = {}
+
+    def periods(self, jurisdiction: str | None = None) -> RetentionPeriods:
+        """The periods that apply to data recorded under `jurisdiction` (None: the block's own values)."""
+        override = self.jurisdictions.get(jurisdiction) if jurisdiction else None  # type: ignore[call-overload]
+        given = {k: v for k, v in (override.model_dump() if override else {}).items() if v is not None}
+        base = {name: getattr(self, name) for name in RetentionPeriods.model_fields}
+        return RetentionPeriods(**{**base, **given})
+
+
+class ConsentText(_Frozen):
+    """The words the desk shows before recording a need, one entry per version and language."""
+
+    version: Id
+    language: Literal["fr", "en"] = "fr"
+    handoff: Text  # the need and the person's contact go to a partner: required to record a need
+    messages: Text  # the person is told by email or SMS on their channel: optional, withdrawable
+
+
+DEFAULT_CONSENT = [
+    {
+        "version": "relais-fr-1",
+        "language": "fr",
+        "handoff": (
+            "J'accepte que ma demande et mes coordonnées soient transmises au partenaire qui peut y répondre, "
+            "pour qu'il me contacte. Elles sont conservées le temps du traitement, puis anonymisées."
+        ),
+        "messages": (
+            "J'accepte de recevoir par courriel ou SMS des nouvelles de ma demande (qui me contactera et quand). "
+            "Je peux retirer cet accord à tout moment à l'accueil."
+        ),
+    },
+    {
+        "version": "relais-en-1",
+        "language": "en",
+        "handoff": (
+            "I agree that my request and my contact details are passed on to the partner who can answer it, so "
+            "that they contact me. They are kept while it is handled, then anonymised."
+        ),
+        "messages": (
+            "I agree to receive news of my request by email or text message (who will contact me and when). "
+            "I may withdraw this at any time at the desk."
+        ),
+    },
+]
+
+
+def default_consent() -> list[ConsentText]:
+    return [ConsentText.model_validate(text) for text in DEFAULT_CONSENT]
+
+
+class PrivacyContact(_Frozen):
+    """Whom a person writes to about their data (export, erasure, questions): a data-protection officer in France,
+    the person in charge of the protection of personal information in Québec."""
+
+    name: Text
+    email: Email
+    phone: Phone | None = None
+    address: Text | None = None  # postal address, for requests by letter
+
+
 # The France Services window, when the file gives no `sla`, as the file would write it.
 DEFAULT_SLA = {"respond_within": "PT72H", "remind_after": ["PT24H", "PT48H"], "escalate_after": "PT60H"}
 
@@ -346,6 +451,9 @@ def default_sla() -> SlaPolicy:
 class _DirectoryBase(_Frozen):
     timezone: TimeZoneName = DEFAULT_TIMEZONE
     sla: SlaPolicy = Field(default_factory=default_sla)
+    retention: Retention = Field(default_factory=Retention)
+    consent: list[ConsentText] = Field(default_factory=default_consent, min_length=1)
+    privacy_contact: PrivacyContact | None = None  # absent: the first escalation contact answers
     escalation_contacts: list[EscalationContact] = []
     categories: list[Category] = Field(min_length=1)
     libraries: list[Library]
@@ -384,6 +492,24 @@ class Directory(_DirectoryBase):
 
     def partner(self, id: str) -> Partner | None:
         return self._partners.get(id)
+
+    def consent_text(self, language: str, version: str | None = None) -> ConsentText | None:
+        """The text of `version` in `language`; without a version, the current one (the last listed)."""
+        texts = [t for t in self.consent if t.language == language] or [t for t in self.consent if t.language == "fr"]
+        if version is None:
+            return texts[-1] if texts else self.consent[-1]
+        return next((t for t in texts if t.version == version), None)
+
+    def libraries_by_jurisdiction(self) -> dict[str, list[str]]:
+        """The ids of the desks under each jurisdiction (every one filled in at load time)."""
+        found: dict[str, list[str]] = {}
+        for lib in self.libraries:
+            found.setdefault(lib.jurisdiction or "FR", []).append(lib.id)
+        return found
+
+    @property
+    def privacy_contact_or_default(self) -> PrivacyContact | EscalationContact | None:
+        return self.privacy_contact or (self.escalation_contacts[0] if self.escalation_contacts else None)
 
     def user(self, id: str) -> User | None:
         return self._users.get(id)
@@ -465,15 +591,28 @@ def _build(parsed: _DirectoryFile) -> Directory:
         )
         for entry in parsed.partners
     ]
-    # A library without its own time zone shows deadlines in the directory's.
-    libraries = [
-        lib if lib.timezone else lib.model_copy(update={"timezone": parsed.timezone}) for lib in parsed.libraries
-    ]
+    # A library without its own time zone shows deadlines in the directory's; its jurisdiction follows its place.
+    libraries = []
+    for lib in parsed.libraries:
+        lib = lib if lib.timezone else lib.model_copy(update={"timezone": parsed.timezone})
+        if lib.jurisdiction is None:
+            lib = lib.model_copy(update={"jurisdiction": jurisdiction_of(lib)})
+        libraries.append(lib)
     return Directory(
         **{name: getattr(parsed, name) for name in _DirectoryBase.model_fields if name != "libraries"},
         libraries=libraries,
         partners=partners,
     )
+
+
+def jurisdiction_of(library: Library) -> Jurisdiction:
+    """Québec for a desk whose territory has Canadian postal codes (or, without a territory, whose time zone is
+    American), France otherwise: the two jurisdictions Relais serves (docs/privacy.md)."""
+    if library.territory and library.territory[0][:1].isalpha():
+        return "CA-QC"
+    if not library.territory and (library.timezone or "").startswith("America/"):
+        return "CA-QC"
+    return "FR"
 
 
 def merge_sla(default: SlaPolicy, override: SlaOverride | None) -> SlaPolicy:
@@ -528,7 +667,18 @@ def _read_yaml(path: Path) -> Any:
 
 # --- Error messages ---------------------------------------------------------------------------
 
-_SECTIONS = ("timezone", "sla", "escalation_contacts", "categories", "libraries", "partners", "users")
+_SECTIONS = (
+    "timezone",
+    "sla",
+    "retention",
+    "consent",
+    "privacy_contact",
+    "escalation_contacts",
+    "categories",
+    "libraries",
+    "partners",
+    "users",
+)
 
 
 def _sort_key(loc: tuple) -> tuple:
@@ -600,6 +750,39 @@ def _cross_check(data: Mapping) -> list[tuple[tuple, str]]:
     problems += _check_partners(data)
     problems += _check_users(data)
     problems += _check_deadlines(data)
+    problems += _check_consent(data)
+    return problems
+
+
+def _check_consent(data: Mapping) -> list[tuple[tuple, str]]:
+    """Each version id once (a need records it, so it must name one text), and a text in every desk's language."""
+    problems: list[tuple[tuple, str]] = []
+    if not isinstance(data.get("consent"), list):
+        return problems  # absent: the defaults; another shape: the first pass says so
+    seen: dict[str, int] = {}
+    for i, text in _entries(data, "consent"):
+        version = _str(text, "version")
+        if version is None:
+            continue
+        if version in seen:
+            problems.append(
+                (
+                    ("consent", i, "version"),
+                    f"duplicate version {version!r} (already consent[{seen[version]}]); "
+                    "give each text its own version id",
+                )
+            )
+        seen.setdefault(version, i)
+    languages = {_str(t, "language") or "fr" for _, t in _entries(data, "consent")}
+    for i, library in _entries(data, "libraries"):
+        language = _str(library, "language") or "fr"
+        if language in ("fr", "en") and language not in languages:
+            problems.append(
+                (
+                    ("libraries", i, "language"),
+                    f"no consent text in {language!r}; add one to consent with language: {language}",
+                )
+            )
     return problems
 
 

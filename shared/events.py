@@ -124,7 +124,17 @@ class PersonErased(Event):
     actor: str  # the user who asked for the erasure
 
 
-NeedEvent = Annotated[NeedRecorded | NeedCancelled | PersonErased, Field(discriminator="type")]
+class NeedMessagesWithdrawn(Event):
+    """The person withdrew their consent to messages about this need: nothing more is sent to them (the need and
+    its handoff to the partner go on)."""
+
+    type: Literal["need.messages_withdrawn"] = "need.messages_withdrawn"
+    need_id: str
+    library_id: str
+    actor: str  # the desk or ops user who recorded the withdrawal
+
+
+NeedEvent = Annotated[NeedRecorded | NeedCancelled | PersonErased | NeedMessagesWithdrawn, Field(discriminator="type")]
 
 
 # --- referral -----------------------------------------------------------------------------------
@@ -271,7 +281,13 @@ class AccessLinkRequested(Event):
 AccessEvent = AccessLinkRequested
 
 AnyEvent = Annotated[
-    NeedRecorded | NeedCancelled | PersonErased | ReferralStreamEvent | DeliveryStreamEvent | AccessLinkRequested,
+    NeedRecorded
+    | NeedCancelled
+    | PersonErased
+    | NeedMessagesWithdrawn
+    | ReferralStreamEvent
+    | DeliveryStreamEvent
+    | AccessLinkRequested,
     Field(discriminator="type"),
 ]
 _any_event = TypeAdapter(AnyEvent)
@@ -281,6 +297,7 @@ STREAM_OF: dict[str, str] = {
     "need.recorded": NEEDS,
     "need.cancelled": NEEDS,
     "person.erased": NEEDS,
+    "need.messages_withdrawn": NEEDS,
     **{
         t: REFERRALS
         for t in (

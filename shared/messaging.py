@@ -331,8 +331,16 @@ def subscriber_name(sub: Any) -> str:
 class Bus:
     """One service's connection to the streams: subscribers, idempotent processing, outbox relay, trimming."""
 
-    def __init__(self, settings: Settings, service: str, db: Database) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        service: str,
+        db: Database,
+        technical_retention: Callable[[], timedelta] | None = None,
+    ) -> None:
         self.settings, self.service, self.db = settings, service, db
+        # The directory's retention.technical_rows when it sets one (Service passes it), else the setting.
+        self.technical_retention = technical_retention or (lambda: settings.technical_retention)
         self.group = service  # one consumer group per consuming service
         self.consumer = consumer_name(service)  # one consumer name per process
         self.broker = redis_clients.broker(
@@ -497,7 +505,7 @@ class Bus:
         return purge_technical_rows(
             self.db,
             now or utcnow(),
-            self.settings.technical_retention,
+            self.technical_retention(),
             timedelta(seconds=self.settings.stream_max_age_s),
         )
 

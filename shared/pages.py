@@ -143,7 +143,9 @@ def csv_download(header: Sequence[object], rows: Iterable[Sequence[object]], fil
 def mount(app: FastAPI, pages: Sequence[APIRouter], svc: Service) -> None:
     """Mount page routers at the root (not in the OpenAPI document), /static, the Interrupt handler, and the check
     of each request's session against its server-side record."""
-    for router in pages:
+    from shared import public_pages  # it depends on shared.deps, which imports this module
+
+    for router in (*pages, public_pages.router):
         app.include_router(router, include_in_schema=False)
     app.add_middleware(LiveSessions, svc=svc)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

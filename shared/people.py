@@ -12,10 +12,12 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Literal
 
+import sqlalchemy as sa
 from pydantic import BaseModel
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from shared.db import UTCDateTime, table_of
+from shared.retention import Due, PurgeRule
 
 log = logging.getLogger("relais.access")
 
@@ -84,3 +86,17 @@ def access_entries(session: Session, need_ids: Sequence[str]) -> list[AccessEntr
 class AccessLogPage(BaseModel):
     items: list[AccessEntry]
     next_cursor: str | None = None
+
+
+def access_log_rule() -> PurgeRule:
+    """The retention rule of the access log, the same in every service: rows older than the directory's
+    `access_log` period are deleted. A row does not know its desk: the shortest period of any jurisdiction applies."""
+
+    def due(session: Session, due: Due) -> Sequence[int]:
+        rows = session.exec(select(AccessLog.id).where(col(AccessLog.at) < due.shortest_cutoff("access_log"))).all()
+        return [row for row in rows if row is not None]
+
+    def apply(session: Session, ids: Sequence[int], now: datetime) -> None:
+        session.exec(sa.delete(AccessLog).where(col(AccessLog.id).in_(list(ids))))
+
+    return PurgeRule("access-log rows, deleted", "access_log", due, apply)

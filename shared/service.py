@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Annotated, Any
 
 import anyio
@@ -37,7 +38,9 @@ from shared.logs import EventLogContext, current_correlation_id, log_context, ne
 from shared.messaging import Bus
 from shared.migrations import check_current
 from shared.openapi import error_responses  # noqa: F401 - routes declare their own statuses (409) with it
+from shared.people import access_log_rule
 from shared.personal_data import PersonalData
+from shared.retention import PurgeReport, PurgeRule, purge_daily, run_purge, technical_rules
 from shared.settings import ServiceName, Settings, weak_secret
 
 log = logging.getLogger("relais.service")
@@ -76,7 +79,17 @@ class Service:
         self.name, self.settings, self.clock = name, settings, clock
         self.directory: Directory = load_directory(settings.directory)
         self.db = Database(settings.database_url(name), tables)
-        self.bus = Bus(settings, name, self.db)
+        self.bus = Bus(
+            settings,
+            name,
+            self.db,
+            lambda: self.directory.retention.technical_rows or settings.technical_retention,
+        )
+        # The retention purge's registry: the technical rows here, the service's own rules added by its bootstrap.
+        self.purge_rules: list[PurgeRule] = [
+            *technical_rules(timedelta(seconds=settings.stream_max_age_s)),
+            access_log_rule(),  # every service keeps one (shared.people)
+        ]
         self.personal_data = PersonalData(settings)  # the persons' data keys: seal and open need.recorded
         self.background: list[Callable[[], Any]] = []  # coroutine functions run for the app's lifetime
         self.on_scrape: list[Callable[[], Any]] = []  # update gauges before /metrics answers (sync or async)
@@ -101,8 +114,23 @@ class Service:
                 refused,
             )
         self.internal_token_ok = refused is None
+        self.background.append(
+            partial(purge_daily, name, lambda now: self.purge(now), lambda: self.directory, self.clock)
+        )
         self.outbox_backlog = Gauge(
             "relais_outbox_backlog", "Events committed but not yet published", ["service"], registry=self.metrics
+        )
+
+    def purge(self, now: datetime | None = None, *, dry_run: bool = False) -> PurgeReport:
+        """Run the retention purge now (the daily loop and `relais purge` call it); see shared/retention.py."""
+        return run_purge(
+            self.db,
+            self.name,
+            self.purge_rules,
+            self.directory,
+            now or self.clock(),
+            technical_fallback=self.settings.technical_retention,
+            dry_run=dry_run,
         )
 
     def reload_directory(self) -> None:

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from services.intake import deps, domain, handlers
-from services.intake.commands import CancelNeed, ErasePerson, RecordNeed
+from services.intake.commands import CancelNeed, ErasePerson, RecordNeed, WithdrawMessagesConsent
 from services.intake.remote import PartUnavailable, parts_of_person
 from services.intake.reports import Reports, csv_response, library_report
 from services.intake.views import NeedPublic, PersonPart, need_page, need_with_history, person_part, public
@@ -72,6 +72,11 @@ class NeedCreate(BaseModel):
     urgency: Literal["normal", "urgent"] = "normal"
     person: PersonIn = PersonIn()
     consent: bool = Field(strict=True)  # JSON true only: "yes", 1 or "true" is not the person's recorded consent
+    # Not in the contract's first body, optional (docs/privacy.md, "Consent"): the purposes the person agreed to, and
+    # the version of the directory's consent text the desk showed. Absent: the handoff, plus messages when a channel
+    # is chosen (what `consent: true` always meant), under the current text of the library's language.
+    consent_purposes: list[Literal["handoff", "messages"]] | None = Field(None, max_length=2)
+    consent_version: str | None = Field(None, min_length=1, max_length=64)
     # Not in the contract's body, optional: another need of the same person in this visit (reports count people).
     same_person_as: str | None = Field(None, max_length=32)
 
@@ -136,6 +141,37 @@ def rule_errors(data: object, directory: Directory, library: str) -> list[dict]:
         errors.append(_error(("category",), "unknown_category", f"unknown category '{category}'; known: {known}"))
     person = data.get("person")
     channel = person.get("preferred_channel") if isinstance(person, dict) else None
+    purposes = data.get("consent_purposes")
+    if isinstance(purposes, list):
+        if "handoff" not in purposes:
+            errors.append(
+                _error(
+                    ("consent_purposes",),
+                    "handoff_required",
+                    "the handoff to a partner is what a need is for: record a need only when the person agrees to it "
+                    '(include "handoff")',
+                )
+            )
+        elif "messages" not in purposes and channel in ("email", "sms"):
+            errors.append(
+                _error(
+                    ("consent_purposes",),
+                    "messages_not_agreed",
+                    f'preferred_channel is {channel} but the person did not agree to messages: add "messages", or '
+                    "set preferred_channel to none",
+                )
+            )
+    version = data.get("consent_version")
+    if isinstance(version, str) and version and version not in {t.version for t in directory.consent}:
+        known = ", ".join(t.version for t in directory.consent)
+        errors.append(
+            _error(
+                ("consent_version",),
+                "unknown_consent_version",
+                f"no consent text {version!r} in the directory; known: {known} (the desk shows the last one of its "
+                "language)",
+            )
+        )
     if isinstance(person, dict) and channel in ("email", "sms"):
         field = "email" if channel == "email" else "phone"
         if not person.get(field):  # a bad address is pydantic's to name; a non-empty one normalizes to non-empty
@@ -204,6 +240,17 @@ def _as_checked(schema: dict) -> dict:
         {"enum": [""]},
         {"type": "null"},
     ]
+    props["consent_purposes"]["anyOf"][0].update(contains={"const": "handoff"})
+    # No consent to messages: no channel to send them on (the body's own rule, across two fields).
+    schema["allOf"] = [
+        {
+            "if": {
+                "required": ["consent_purposes"],
+                "properties": {"consent_purposes": {"type": "array", "not": {"contains": {"const": "messages"}}}},
+            },
+            "then": {"properties": {"person": {"properties": {"preferred_channel": {"enum": ["none", None]}}}}},
+        }
+    ]
     schema["properties"]["person"]["allOf"] = [
         {
             "if": {"required": ["preferred_channel"], "properties": {"preferred_channel": {"const": channel}}},
@@ -224,14 +271,26 @@ def directory_ids(runtime) -> Callable[[dict], None]:
         body = document["paths"]["/api/v1/needs"]["post"]["requestBody"]["content"]["application/json"]["schema"]
         body["properties"]["library_id"]["enum"] = [library.id for library in runtime.directory.libraries]
         body["properties"]["category"]["enum"] = [category.id for category in runtime.directory.categories]
+        versions = [text.version for text in runtime.directory.consent]
+        body["properties"]["consent_version"]["anyOf"][0]["enum"] = versions
 
     return refine
 
 
-def record_command(body: NeedCreate, user: User, idempotency_key: str | None, correlation_id: str | None) -> RecordNeed:
+def record_command(
+    body: NeedCreate, user: User, idempotency_key: str | None, correlation_id: str | None, directory: Directory
+) -> RecordNeed:
     """The RecordNeed a validated body asks for (the API's and the desk form's)."""
     person = body.person
-    channel = person.preferred_channel or ("email" if person.email else "sms" if person.phone else "none")
+    messages = body.consent_purposes is None or "messages" in body.consent_purposes
+    guessed = ("email" if person.email else "sms" if person.phone else "none") if messages else "none"
+    channel = person.preferred_channel or guessed
+    purposes: tuple[str, ...] = ("handoff", "messages") if messages and channel != "none" else ("handoff",)
+    if body.consent_purposes is not None:
+        purposes = tuple(p for p in ("handoff", "messages") if p in body.consent_purposes)
+    library = directory.library(body.library_id)
+    shown = directory.consent_text(library.language if library else "fr")
+    version = body.consent_version or (shown.version if shown else None)
     contact = PersonContact(
         display_name=person.display_name,
         email=person.email,
@@ -239,7 +298,9 @@ def record_command(body: NeedCreate, user: User, idempotency_key: str | None, co
         preferred_channel=channel,
         language=person.language,
     )
-    request_hash = hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    # The consent fields only when sent: a request as it was before they existed keeps its hash (Idempotency-Key).
+    sent = body.model_dump(mode="json", exclude={"consent_purposes", "consent_version"} - body.model_fields_set)
+    request_hash = hashlib.sha256(json.dumps(sent, sort_keys=True).encode()).hexdigest()
     return RecordNeed(
         library_id=body.library_id,
         category=body.category,
@@ -248,6 +309,8 @@ def record_command(body: NeedCreate, user: User, idempotency_key: str | None, co
         urgency=body.urgency,
         person=contact,
         recorded_by=user.id,
+        consent_purposes=purposes,
+        consent_version=version,
         same_person_as=body.same_person_as,
         idempotency_key=idempotency_key,
         request_hash=request_hash,
@@ -287,7 +350,7 @@ async def create_need(
     assert user.library is not None  # a front-desk user's library (the directory requires it)
     try:
         body = validate_need(data, runtime.directory, library=user.library)
-        cmd = record_command(body, user, idempotency_key, current_correlation_id())  # the request's (shared.logs)
+        cmd = record_command(body, user, idempotency_key, current_correlation_id(), runtime.directory)
         recorded = await anyio.to_thread.run_sync(
             partial(
                 handlers.record_need,
@@ -334,6 +397,28 @@ def cancel(
     with db.read() as session:
         found = need_with_history(session, need_id)
         assert found is not None  # it was just cancelled
+        return public(*found)
+
+
+@router.post("/needs/{need_id}/withdraw-messages-consent", response_model=NeedPublic)
+def withdraw_messages_consent(
+    need_id: str, user: deps.ReaderUser, runtime: deps.RuntimeDep, db: deps.DatabaseDep, clock: deps.ClockDep
+) -> NeedPublic:
+    """The person withdraws their consent to messages (email, SMS) about this need; the need and its handoff go on.
+    A desk for its own library's needs, or ops. Withdrawing again, or when no consent to messages was given,
+    changes nothing and answers the need as it is."""
+    library = user.library if user.role == "front_desk" else None
+    try:
+        changed = handlers.withdraw_messages_consent(
+            db, WithdrawMessagesConsent(need_id=need_id, actor=user.id, library=library), now=clock()
+        )
+    except handlers.UnknownNeed:
+        raise HTTPException(404, "no such need") from None
+    if changed:
+        runtime.bus.relay.wake()
+    with db.read() as session:
+        found = need_with_history(session, need_id)
+        assert found is not None
         return public(*found)
 
 

@@ -11,7 +11,7 @@ from datetime import datetime
 from fastapi import FastAPI
 
 from services.intake import api, consumers, web
-from services.intake.store import TABLES
+from services.intake.store import PURGE_RULES, TABLES
 from shared.events import utcnow
 from shared.pages import Pages
 from shared.service import Service, ServiceRuntime
@@ -27,6 +27,7 @@ class IntakeRuntime(ServiceRuntime):
 
 def bootstrap(settings: Settings | None = None, *, clock: Callable[[], datetime] = utcnow) -> IntakeRuntime:
     service = Service("intake", settings or Settings(), TABLES, clock)
+    service.purge_rules.extend(PURGE_RULES)
     consumers.register(service)
     service.openapi_refiners.append(api.directory_ids(service))
     pages = web.pages_for(service)

@@ -1,5 +1,6 @@
 """What intake is asked to do, one frozen class per use case; `handlers.py` gives each its one handler
-(`record_need`, `cancel_need`). The events it consumes (the referral stream's) are the messages of `shared.events`."""
+(`record_need`, `cancel_need`, `withdraw_messages_consent`). The events it consumes (the referral stream's) are the
+messages of `shared.events`."""
 
 from __future__ import annotations
 
@@ -19,10 +20,21 @@ class RecordNeed:
     urgency: str
     person: PersonContact
     recorded_by: str
+    consent_purposes: tuple[str, ...] = ("handoff",)  # "handoff" always; "messages" when the person agreed to them
+    consent_version: str | None = None  # of the directory's consent text the desk showed
     same_person_as: str | None = None  # a need of this library brought by the same person in this visit
     idempotency_key: str | None = None
     request_hash: str | None = None  # of the request as sent: a repeat of the key must carry the same one
     correlation_id: str | None = None
+
+
+@dataclass(frozen=True)
+class WithdrawMessagesConsent:
+    """The person no longer wants messages about this need (told to the desk or to ops); the need goes on."""
+
+    need_id: str
+    actor: str
+    library: str | None = None  # a desk may do it for its own library's needs only
 
 
 @dataclass(frozen=True)

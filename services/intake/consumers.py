@@ -11,7 +11,8 @@ def register(svc: Service) -> None:
     svc.bus.documents_publisher(
         NEEDS,
         NeedEvent,
-        "Needs recorded at a desk, with the person's consent; needs cancelled by ops as recorded in error.",
+        "Needs recorded at a desk, with the person's consent; needs cancelled by ops as recorded in error; "
+        "consent to messages withdrawn by the person.",
     )
 
     @svc.bus.subscriber(REFERRALS, "Referral events update the desk's view: status, partner, SLA, history.")

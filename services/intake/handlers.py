@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from services.intake import domain
-from services.intake.commands import CancelNeed, ErasePerson, RecordNeed
+from services.intake.commands import CancelNeed, ErasePerson, RecordNeed, WithdrawMessagesConsent
 from services.intake.store import IdempotencyKey, Need, NeedHistory, PersonErasure, needs_of_person
 from services.intake.views import public
 from shared import deadlines
@@ -20,6 +20,7 @@ from shared.db import Database, emit
 from shared.directory import Directory
 from shared.events import (
     NeedCancelled,
+    NeedMessagesWithdrawn,
     NeedPersonalData,
     NeedRecorded,
     NeedUnroutable,
@@ -134,6 +135,10 @@ def _new_need(
         recorded_by=cmd.recorded_by,
         recorded_at=now,
         respond_by=respond_by,
+        consent_purposes=",".join(cmd.consent_purposes),
+        consent_version=cmd.consent_version,
+        consent_recorded_by=cmd.recorded_by,
+        consent_recorded_at=now,
     )
     session.add(need)
     session.add(NeedHistory(need_id=need.id, at=now, event="need.recorded"))
@@ -250,6 +255,26 @@ def _erase_person(db: Database, cmd: ErasePerson, now: datetime, personal_data: 
             ),
         )
     return Erasure(erasure, done_now=True)
+
+
+def withdraw_messages_consent(db: Database, cmd: WithdrawMessagesConsent, *, now: datetime) -> bool:
+    """The person withdraws their consent to messages: recorded on the need (who, when) with a history row, and
+    need.messages_withdrawn tells notifications to send them nothing more. The need and its handoff go on. False when
+    there was nothing to withdraw (never given, or withdrawn already): nothing changes."""
+    with db.transaction() as session:
+        need = session.get(Need, cmd.need_id)
+        if need is None or (cmd.library is not None and need.library_id != cmd.library):
+            raise UnknownNeed(cmd.need_id)
+        if need.messages_withdrawn_at is not None or "messages" not in need.consent_purposes.split(","):
+            return False
+        need.messages_withdrawn_at, need.messages_withdrawn_by = now, cmd.actor
+        session.add(need)
+        session.add(NeedHistory(need_id=need.id, at=now, event="need.messages_withdrawn"))
+        emit(
+            session,
+            NeedMessagesWithdrawn(need_id=need.id, library_id=need.library_id, actor=cmd.actor, occurred_at=now),
+        )
+    return True
 
 
 # --- event handlers (called by consumers.py through Bus.process, once per event) ---------------------------

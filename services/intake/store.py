@@ -3,13 +3,17 @@ keys, and the single-use sign-in links already used on the desk's pages."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
+import sqlalchemy as sa
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from services.intake.domain import CountedNeed
 from shared.db import UTCDateTime, table_of
 from shared.people import ACCESS_LOG_TABLE
+from shared.retention import ANONYMISED, Due, PurgeRule
 from shared.signin import USED_TOKEN_TABLE
 
 
@@ -38,6 +42,15 @@ class Need(SQLModel, table=True):
     answered_at: datetime | None = Field(default=None, sa_type=UTCDateTime)  # the partner's first accept or answer
     cancelled_at: datetime | None = Field(default=None, sa_type=UTCDateTime)  # by ops: recorded in error
     person_erased_at: datetime | None = Field(default=None, sa_type=UTCDateTime)  # at the person's request
+    # The consent the desk recorded (docs/privacy.md, "Consent"): the purposes agreed to ("handoff", "messages",
+    # comma-separated), the version of the text shown (the directory's `consent`), who recorded it and when.
+    consent_purposes: str = Field(default="handoff", max_length=64, sa_column_kwargs={"server_default": "handoff"})
+    consent_version: str | None = Field(default=None, max_length=64)
+    consent_recorded_by: str | None = Field(default=None, max_length=64)
+    consent_recorded_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    messages_withdrawn_at: datetime | None = Field(default=None, sa_type=UTCDateTime)  # consent to messages withdrawn
+    messages_withdrawn_by: str | None = Field(default=None, max_length=64)
+    anonymised_at: datetime | None = Field(default=None, sa_type=UTCDateTime)  # by the retention purge
 
 
 class NeedHistory(SQLModel, table=True):
@@ -104,3 +117,62 @@ def counted_needs(session: Session, library_id: str, start: datetime, end: datet
         )
     ).all()
     return [CountedNeed(*row) for row in rows]
+
+
+# --- retention (shared/retention.py): what the daily purge anonymises here ---------------------------------------
+
+
+def _last_event_at() -> Any:
+    """When the last thing happened to the need (its newest history row; the recording at least)."""
+    newest = (
+        select(sa.func.max(NeedHistory.at)).where(col(NeedHistory.need_id) == col(Need.id)).correlate(Need)
+    ).scalar_subquery()
+    return sa.func.coalesce(newest, col(Need.recorded_at))
+
+
+def _needs_due(period: str, closed: bool) -> Any:
+    def due(session: Session, when: Due) -> Sequence[Any]:
+        status = col(Need.status) == "closed" if closed else col(Need.status) != "closed"
+        return session.exec(
+            select(Need.id).where(
+                col(Need.anonymised_at).is_(None),
+                status,
+                when.older_than(period, col(Need.library_id), _last_event_at()),
+            )
+        ).all()
+
+    return due
+
+
+def anonymise_needs(session: Session, ids: Sequence[Any], now: datetime) -> None:
+    """Identity and free text replaced by the marker; what the figures count stays (category, library, partner,
+    dates, status, SLA, the consent's purposes and version). The idempotency keys' stored answers go too."""
+    session.exec(
+        sa.update(Need)
+        .where(col(Need.id).in_(ids))
+        .values(
+            summary=ANONYMISED,
+            person_display_name=sa.case((col(Need.person_display_name).is_(None), None), else_=ANONYMISED),
+            person_email=None,
+            person_phone=None,
+            postal_code=None,
+            anonymised_at=now,
+        )
+    )
+    session.exec(
+        sa.update(NeedHistory)
+        .where(col(NeedHistory.need_id).in_(ids), col(NeedHistory.detail).is_not(None))
+        .values(detail=ANONYMISED)
+    )
+    session.exec(sa.delete(IdempotencyKey).where(col(IdempotencyKey.need_id).in_(ids)))
+    for need_id in ids:
+        session.add(NeedHistory(need_id=need_id, at=now, event="need.anonymised"))
+
+
+# One line per kind of row retention removes; shared.service.Service runs them after the technical rows.
+PURGE_RULES = [
+    PurgeRule(
+        "needs closed or cancelled, anonymised", "closed_needs", _needs_due("closed_needs", True), anonymise_needs
+    ),
+    PurgeRule("needs never closed, anonymised", "open_needs", _needs_due("open_needs", False), anonymise_needs),
+]

@@ -23,6 +23,16 @@ class HistoryEntry(BaseModel):
     detail: str | None
 
 
+class ConsentRecord(BaseModel):
+    """The consent recorded with the need (docs/privacy.md, "Consent")."""
+
+    purposes: list[str]  # "handoff", "messages"
+    version: str | None  # of the directory's consent text shown; None for needs recorded before it was kept
+    recorded_by: str | None
+    recorded_at: datetime | None
+    messages_withdrawn_at: datetime | None
+
+
 class NeedPublic(BaseModel):
     id: str
     library_id: str
@@ -39,6 +49,7 @@ class NeedPublic(BaseModel):
     sla: str
     person_id: str
     person: PersonContact
+    consent_record: ConsentRecord | None = None
     history: list[HistoryEntry] | None = None
 
 
@@ -68,6 +79,13 @@ def public(need: Need, history: list[NeedHistory] | None = None) -> NeedPublic:
             phone=need.person_phone,
             preferred_channel=need.preferred_channel,
             language=need.language,
+        ),
+        consent_record=ConsentRecord(
+            purposes=[p for p in need.consent_purposes.split(",") if p],
+            version=need.consent_version,
+            recorded_by=need.consent_recorded_by,
+            recorded_at=need.consent_recorded_at,
+            messages_withdrawn_at=need.messages_withdrawn_at,
         ),
         history=None
         if history is None

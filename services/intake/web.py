@@ -34,6 +34,7 @@ from markupsafe import Markup
 
 from services.intake import api, domain, handlers, views
 from services.intake.api import MAX_SUMMARY, NEED_STATUSES, Invalid, record_command, unknown_earlier_need, validate_need
+from services.intake.commands import WithdrawMessagesConsent
 from services.intake.deps import ClockDep, DatabaseDep, DirectoryDep, PagesDep, RuntimeDep
 from services.intake.remote import PartUnavailable
 from services.intake.reports import CategoryFigures, LibraryReport, csv_response, library_report
@@ -74,6 +75,7 @@ def form_errors(errors: list[dict]) -> dict[str, str]:
     for error in errors:
         loc = [str(part) for part in error["loc"]]
         field = loc[1] if loc[0] == "person" and len(loc) > 1 else loc[0]
+        field = {"consent_purposes": "consent_messages"}.get(field, field)  # the form's own box for messages
         found.setdefault(field, error["type"])
     return found
 
@@ -228,6 +230,8 @@ def blank_form(library: Library) -> dict[str, str]:
         "preferred_channel": "",
         "language": "fr",
         "consent": "",
+        "consent_messages": "",
+        "consent_version": "",
         "same_person_as": "",
         "idempotency_key": secrets.token_urlsafe(18),
     }
@@ -259,6 +263,7 @@ def form_page(
         key_reused=key_reused,
         default_postal_code=default_postal_code(desk_.library),
         max_summary=MAX_SUMMARY,
+        consent_text=directory.consent_text(desk_.library.language),
     )
 
 
@@ -313,6 +318,9 @@ async def record(
         "urgency": values["urgency"] or "normal",
         "person": person,
         "consent": values["consent"] == "oui",
+        # The text shown (its version is in the form) and the second, optional choice: messages to the person.
+        "consent_purposes": ["handoff"] + (["messages"] if values["consent_messages"] == "oui" else []),
+        "consent_version": values["consent_version"] or None,
         "same_person_as": values["same_person_as"] or None,
     }
     earlier = None
@@ -321,9 +329,7 @@ async def record(
         earlier = loaded[0] if loaded else None
     try:
         body = validate_need(data, directory, library=desk_.library.id)
-        cmd = record_command(
-            body, desk_.user, values["idempotency_key"], current_correlation_id()
-        )  # validated by shared.edges
+        cmd = record_command(body, desk_.user, values["idempotency_key"], current_correlation_id(), directory)
         need = await anyio.to_thread.run_sync(
             partial(
                 handlers.record_need,
@@ -654,6 +660,20 @@ async def erase(
         return erase_page(request, pages, desk_, need, part, status=422, errors=errors, values=fields)
     await api.erase(runtime, db, need.person_id, reason, desk_.user, clock())
     return pages.redirect(f"/demandes/{need.id}?fait=effacement")
+
+
+@router.post("/demandes/{need_id}/retirer-messages")
+async def withdraw_messages(
+    request: Request, need_id: str, pages: PagesDep, runtime: RuntimeDep, db: DatabaseDep, clock: ClockDep
+) -> Response:
+    """The person tells the desk they want no more messages: recorded, notifications stops; the need goes on."""
+    desk_ = desk(request, pages, runtime.directory)
+    await pages.form(request)  # the CSRF check
+    await found(request, pages, db, desk_, need_id)  # another library's need: 404
+    cmd = WithdrawMessagesConsent(need_id=need_id, actor=desk_.user.id, library=desk_.library.id)
+    if await anyio.to_thread.run_sync(partial(handlers.withdraw_messages_consent, db, cmd, now=clock())):
+        runtime.bus.relay.wake()
+    return pages.redirect(f"/demandes/{need_id}")
 
 
 # --- monthly figures

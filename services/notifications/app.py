@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from prometheus_client import Gauge
 
 from services.notifications import api, consumers, providers, sender, views, web
-from services.notifications.store import TABLES
+from services.notifications.store import PURGE_RULES, TABLES
 from services.notifications.views import MailSinkFolder
 from shared.events import utcnow
 from shared.pages import Pages
@@ -52,6 +52,7 @@ def bootstrap(settings: Settings | None = None, *, clock: Callable[[], datetime]
     if problems := check_settings(settings):
         raise SystemExit("\n".join(problems))  # each says what to set
     service = Service("notifications", settings, TABLES, clock)
+    service.purge_rules.extend(PURGE_RULES)
     wakes = {channel: asyncio.Event() for channel in CHANNELS}
     for channel, wake in wakes.items():
         service.background.append(partial(sender.send_forever, service, wake, channel))

@@ -44,6 +44,8 @@ def register(svc: Service, wake_senders: Callable[[], None]) -> None:
             )
         elif event.type == "person.erased":
             handler = lambda s, e: handlers.on_person_erased(s, e, svc.clock())  # noqa: E731
+        elif event.type == "need.messages_withdrawn":
+            handler = lambda s, e: handlers.on_messages_withdrawn(s, e, svc.clock())  # noqa: E731
         else:
             handler = lambda s, e: handlers.on_need_cancelled(s, e, svc.clock())  # noqa: E731
         if await svc.bus.process(handler, event):

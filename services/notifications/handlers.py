@@ -34,6 +34,7 @@ from shared.events import (
     DeliveryFailed,
     DeliverySent,
     NeedCancelled,
+    NeedMessagesWithdrawn,
     NeedPersonalData,
     NeedRecorded,
     NeedUnroutable,
@@ -183,6 +184,8 @@ def on_need_recorded(
     person.email, person.phone = (details.email, details.phone) if details else (None, None)
     person.preferred_channel = event.preferred_channel if details else "none"
     person.language, person.recorded_at = event.language, event.recorded_at
+    if person.messages_withdrawn_at is not None:  # withdrawn before this reached us: the address is not kept
+        person.email = person.phone = None
     session.add(person)
     count = 0
     waiting = session.exec(select(WaitingForPerson).where(WaitingForPerson.need_id == event.need_id)).all()
@@ -230,6 +233,25 @@ def on_person_erased(session: Session, event: PersonErased, now: datetime) -> No
         session.add(person)
         for row in session.exec(select(WaitingForPerson).where(WaitingForPerson.need_id == need_id)).all():
             session.delete(row)
+
+
+def on_messages_withdrawn(session: Session, event: NeedMessagesWithdrawn, now: datetime) -> None:
+    """The person withdrew their consent to messages: what is queued for them is suppressed, nothing more is queued
+    (kept on their NeedPerson, even when this arrives before need.recorded), and their address is not kept."""
+    lock_person_of(session, event.need_id)
+    for d in session.exec(
+        select(Delivery).where(
+            Delivery.need_id == event.need_id, Delivery.status == "queued", Delivery.recipient_role == "person"
+        )
+    ).all():
+        d.status, d.suppressed_reason, d.leased_until = "suppressed", "no_consent", None
+        session.add(d)
+    person = session.get(NeedPerson, event.need_id) or NeedPerson(
+        need_id=event.need_id, library_id=event.library_id, preferred_channel="none", recorded_at=event.occurred_at
+    )
+    person.messages_withdrawn_at = person.messages_withdrawn_at or event.occurred_at
+    person.email = person.phone = None
+    session.add(person)
 
 
 def forget_person(session: Session, need_id: str) -> None:
@@ -280,7 +302,9 @@ def queue_for_person(
     transliterate: bool = True,
 ) -> int:
     kind = domain.PERSON_KIND_OF[event.type]
-    route = domain.person_route(person.preferred_channel, person.email, person.phone)
+    route = domain.person_route(
+        person.preferred_channel, person.email, person.phone, consent=person.messages_withdrawn_at is None
+    )
     facts = person_facts(event, directory, person)
     suppressed = "person_erased" if person.erased_at is not None else route.suppressed
     if not suppressed and route.channel == "sms" and session.get(SmsSuppression, route.address) is not None:

@@ -3,13 +3,16 @@ send it; what we know of the person of each need; numbers that replied STOP."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
-from sqlmodel import Field, Session, SQLModel
+from sqlmodel import Field, Session, SQLModel, col, select
 
 from shared.db import UTCDateTime, table_of
 from shared.people import ACCESS_LOG_TABLE
+from shared.retention import ANONYMISED, Due, PurgeRule
 from shared.signin import USED_TOKEN_TABLE  # sign-in links on the outbox pages: `relais migrate` creates it too
 
 
@@ -76,6 +79,8 @@ class NeedPerson(SQLModel, table=True):
     recorded_at: datetime = Field(sa_type=UTCDateTime)
     # The person had their data erased: the row stays, without address, so nothing is sent to them any more.
     erased_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    # The person withdrew their consent to messages (need.messages_withdrawn): nothing more goes to them.
+    messages_withdrawn_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
 
 class WaitingForPerson(SQLModel, table=True):
@@ -114,3 +119,54 @@ def lock_person_of(session: Session, need_id: str) -> None:
     serialized already (BEGIN IMMEDIATE)."""
     if session.get_bind().dialect.name == "postgresql":
         session.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"need_person:{need_id}"})
+
+
+# --- retention (shared/retention.py): what the daily purge removes here ------------------------------------------
+
+
+def _bodies_due(session: Session, when: Due) -> Sequence[Any]:
+    # A delivery does not know its desk: the shortest period of any jurisdiction applies (kept no longer than any).
+    return session.exec(
+        select(Delivery.id).where(
+            col(Delivery.status) != "queued",
+            col(Delivery.body_text) != ANONYMISED,
+            col(Delivery.created_at) < when.shortest_cutoff("message_bodies"),
+        )
+    ).all()
+
+
+def forget_bodies(session: Session, ids: Sequence[Any], now: datetime) -> None:
+    """The texts of the message, what it was rendered from, and the person's address on it go; the delivery stays
+    (kind, channel, role, status, dates) for the figures."""
+    session.exec(
+        sa.update(Delivery)
+        .where(col(Delivery.id).in_(ids))
+        .values(
+            subject=ANONYMISED,
+            body_text=ANONYMISED,
+            body_html=None,
+            facts=None,
+            recipient=sa.case((col(Delivery.recipient_role) == "person", ANONYMISED), else_=col(Delivery.recipient)),
+        )
+    )
+
+
+def _people_due(session: Session, when: Due) -> Sequence[Any]:
+    return session.exec(
+        select(NeedPerson.need_id).where(
+            when.older_than("open_needs", col(NeedPerson.library_id), col(NeedPerson.recorded_at))
+        )
+    ).all()
+
+
+def forget_people(session: Session, need_ids: Sequence[Any], now: datetime) -> None:
+    """A person's contact is forgotten when their need closes; one whose need never closed goes after open_needs."""
+    session.exec(sa.delete(NeedPerson).where(col(NeedPerson.need_id).in_(need_ids)))
+    session.exec(sa.delete(WaitingForPerson).where(col(WaitingForPerson.need_id).in_(need_ids)))
+
+
+# One line per kind of row retention removes; shared.service.Service runs them after the technical rows.
+PURGE_RULES = [
+    PurgeRule("email and SMS texts, deleted", "message_bodies", _bodies_due, forget_bodies),
+    PurgeRule("contacts of people whose need never closed, deleted", "open_needs", _people_due, forget_people),
+]

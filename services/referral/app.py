@@ -15,7 +15,7 @@ from prometheus_client import Histogram
 
 from services.referral import api, consumers, dashboard_pages, metrics, web
 from services.referral.dashboard import QueueWatch
-from services.referral.store import TABLES
+from services.referral.store import PURGE_RULES, TABLES
 from shared.events import utcnow
 from shared.pages import Pages
 from shared.service import Service, ServiceRuntime
@@ -34,6 +34,7 @@ class ReferralRuntime(ServiceRuntime):
 
 def bootstrap(settings: Settings | None = None, *, clock: Callable[[], datetime] = utcnow) -> ReferralRuntime:
     service = Service("referral", settings or Settings(), TABLES, clock)
+    service.purge_rules.extend(PURGE_RULES)
     clock_wake = asyncio.Event()
     timer_lag = consumers.timer_lag_histogram(service.metrics)
     queue_watch = QueueWatch()

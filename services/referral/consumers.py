@@ -52,8 +52,10 @@ def register(svc: Service, clock_wake: asyncio.Event) -> None:
             handler = lambda s, e: handlers.on_need_recorded(s, e, details, svc.directory, svc.clock())  # noqa: E731
         elif event.type == "person.erased":
             handler = lambda s, e: handlers.on_person_erased(s, e, svc.directory, svc.clock())  # noqa: E731
-        else:
+        elif event.type == "need.cancelled":
             handler = lambda s, e: handlers.on_need_cancelled(s, e, svc.directory, svc.clock())  # noqa: E731
+        else:
+            return  # not referral's concern (need.messages_withdrawn: the partner still has the need)
         if await svc.bus.process(handler, event):
             clock_wake.set()  # the need may have new timers: the clock looks again at once
 

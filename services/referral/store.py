@@ -4,13 +4,16 @@ and the dashboard are in views.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import date, datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from shared.db import UTCDateTime, table_of
 from shared.people import ACCESS_LOG_TABLE
+from shared.retention import ANONYMISED, Due, PurgeRule
 from shared.signin import USED_TOKEN_TABLE  # sign-in links on the partner pages are single use
 
 OPEN_STATUSES = ("assigned", "accepted", "responded")
@@ -205,3 +208,74 @@ def paused_partners(session: Session, now: datetime) -> set[str]:
 
 def lock_privacy_incident(session: Session, incident_id: str) -> PrivacyIncident | None:
     return session.exec(select(PrivacyIncident).where(PrivacyIncident.id == incident_id).with_for_update()).first()
+
+
+# --- retention (shared/retention.py): what the daily purge anonymises here ---------------------------------------
+
+
+def _need_ended() -> Any:
+    """The need is over for referral as for intake: its newest referral was closed, or cancelled and not followed
+    by another (the need cancelled). A need declined by all, or never routed, is not over."""
+    newest = (
+        select(Referral.status)
+        .where(col(Referral.need_id) == col(NeedCase.need_id))
+        .order_by(col(Referral.created_at).desc(), col(Referral.id).desc())
+        .limit(1)
+        .correlate(NeedCase)
+        .scalar_subquery()
+    )
+    return newest.in_(("closed", "cancelled"))
+
+
+def _last_event_at() -> Any:
+    newest = (
+        (select(sa.func.max(Referral.updated_at)).where(col(Referral.need_id) == col(NeedCase.need_id)))
+        .correlate(NeedCase)
+        .scalar_subquery()
+    )
+    return sa.func.coalesce(newest, col(NeedCase.recorded_at))
+
+
+def _cases_due(period: str, ended: bool) -> Any:
+    def due(session: Session, when: Due) -> Sequence[Any]:
+        over = _need_ended()
+        return session.exec(
+            select(NeedCase.need_id).where(
+                col(NeedCase.summary) != ANONYMISED,
+                over if ended else sa.not_(sa.func.coalesce(over, False)),
+                when.older_than(period, col(NeedCase.library_id), _last_event_at()),
+            )
+        ).all()
+
+    return due
+
+
+def anonymise_cases(session: Session, need_ids: Sequence[Any], now: datetime) -> None:
+    """The person's identity, the summary and the texts of the referrals' history (reasons, messages) replaced by
+    the marker; partners, categories, statuses and dates stay for the figures."""
+    session.exec(
+        sa.update(NeedCase)
+        .where(col(NeedCase.need_id).in_(need_ids))
+        .values(
+            summary=ANONYMISED,
+            person_display_name=sa.case((col(NeedCase.person_display_name).is_(None), None), else_=ANONYMISED),
+            person_email=None,
+            person_phone=None,
+            postal_code=None,
+        )
+    )
+    referrals = select(Referral.id).where(col(Referral.need_id).in_(need_ids))
+    session.exec(
+        sa.update(ReferralHistory)
+        .where(col(ReferralHistory.referral_id).in_(referrals), col(ReferralHistory.detail).is_not(None))
+        .values(detail=ANONYMISED)
+    )
+
+
+# One line per kind of row retention removes; shared.service.Service runs them after the technical rows.
+PURGE_RULES = [
+    PurgeRule(
+        "needs closed or cancelled, anonymised", "closed_needs", _cases_due("closed_needs", True), anonymise_cases
+    ),
+    PurgeRule("needs never closed, anonymised", "open_needs", _cases_due("open_needs", False), anonymise_cases),
+]

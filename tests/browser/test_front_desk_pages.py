@@ -69,6 +69,8 @@ def test_a_desk_signs_in_by_email_records_a_need_by_keyboard_and_follows_it(
     tab_to(page, "#consent")
     assert focus_is_visible(page)
     page.keyboard.press("Space")
+    tab_to(page, "#consent_messages")  # the second, optional choice: messages on the channel chosen above
+    page.keyboard.press("Space")
     tab_to(page, "form.need-form button[type=submit]")
     with page.expect_navigation():
         page.keyboard.press("Enter")
@@ -99,7 +101,8 @@ def test_a_desk_signs_in_by_email_records_a_need_by_keyboard_and_follows_it(
         page.keyboard.press("Enter")
     assert page.title().startswith("Erreur : ")
     alert = page.locator(".error-summary")
-    assert "3 informations sont à corriger" in alert.inner_text()
+    # the category, the summary, the consent; and email chosen (as for the first need) without consent to messages
+    assert "4 informations sont à corriger" in alert.inner_text()
     assert page.locator("#category").get_attribute("aria-invalid") == "true"
     assert "Vouliez-vous dire" in page.locator("#category-erreur").inner_text()
     assert page.locator("#display_name").input_value() == "Mme Durand"
@@ -112,6 +115,7 @@ def test_a_desk_signs_in_by_email_records_a_need_by_keyboard_and_follows_it(
     page.locator("#category").fill("Logement")
     page.locator("#summary").fill("Expulsion annoncée")
     page.locator("#consent").check()
+    page.locator("#consent_messages").check()
     # Chromium may send one POST or two; either way the form's idempotency key records one need (a repeat sent
     # for sure is in tests/integration/test_desk_pages.py).
     # The second POST may abort the first one's navigation (net::ERR_ABORTED): wait for where the page lands.

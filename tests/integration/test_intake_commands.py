@@ -31,6 +31,7 @@ A_NEED = {
     "preferred_channel": "email",
     "language": "fr",
     "consent": "oui",
+    "consent_messages": "oui",  # the second, optional choice: messages to the person on their channel
 }  # as the desk types it
 
 API_NEED = {

@@ -491,3 +491,59 @@ def test_parse_duration(text, expected):
 def test_parse_duration_refuses_garbage(text):
     with pytest.raises(ValueError):
         parse_duration(text)
+
+
+# --- retention, consent, jurisdictions (docs/privacy.md) ------------------------------------------------------
+
+
+def test_a_directory_without_retention_or_consent_gets_the_defaults_and_each_desk_its_jurisdiction(tmp_path):
+    directory = load_directory(write(tmp_path, GOOD))
+    assert directory.retention.closed_needs == timedelta(days=730)
+    assert directory.retention.message_bodies == timedelta(days=180)
+    assert directory.retention.access_log == timedelta(days=365)
+    assert directory.retention.technical_rows is None  # RELAIS_TECHNICAL_RETENTION then
+    assert [(lib.id, lib.jurisdiction) for lib in directory.libraries] == [
+        ("rouen-chatelet", "FR"),
+        ("drummondville", "CA-QC"),
+    ]
+    assert known(directory.consent_text("fr")).version == "relais-fr-1"
+
+
+def test_the_demo_directory_keeps_quebec_data_for_its_own_periods():
+    demo = load_directory(DEMO_DIRECTORY)
+    assert demo.retention.periods("FR").closed_needs == timedelta(days=730)
+    assert demo.retention.periods("CA-QC").closed_needs == timedelta(days=365)
+    assert demo.retention.periods("CA-QC").message_bodies == timedelta(days=90)
+    assert demo.retention.periods("CA-QC").access_log == timedelta(days=365)  # the block's own value
+    assert known(demo.library("drummondville")).jurisdiction == "CA-QC"
+    assert known(demo.library("rouen-chatelet")).jurisdiction == "FR"
+    assert demo.privacy_contact is not None
+
+
+@pytest.mark.parametrize(
+    "retention, message",
+    [
+        ({"closed_needs": "two years"}, "retention.closed_needs: not an ISO 8601 duration: 'two years' (write e.g."),
+        ({"message_bodies": "P6M"}, "retention.message_bodies: 'P6M': years and months have no fixed length; use days"),
+        ({"access_log": "P0D"}, "retention.access_log: 'P0D' must be longer than zero"),
+        ({"jurisdictions": {"CA-QC": {"open_needs": "P2Y"}}}, "retention.jurisdictions.CA-QC.open_needs: 'P2Y': years"),
+        ({"jurisdictions": {"BE": {}}}, "retention.jurisdictions.BE"),
+        ({"closed_need": "P30D"}, "retention.closed_need: unknown field (misspelt? remove it or fix the name)"),
+        ({"purge_at": "25:00"}, "retention.purge_at"),
+    ],
+)
+def test_a_bad_retention_names_the_key_and_says_what_to_fix(tmp_path, retention, message):
+    errors = check_directory_file(write(tmp_path, {**GOOD, "retention": retention}))
+    assert any(e.startswith(message) for e in errors), errors
+
+
+def test_consent_texts_need_unique_versions_and_one_in_each_desk_language(tmp_path):
+    text = {"version": "fr-1", "language": "fr", "handoff": "Transmission", "messages": "Messages"}
+    data: dict = copy.deepcopy(GOOD)
+    data["consent"] = [text, text]
+    data["libraries"][1]["language"] = "en"
+    errors = check_directory_file(write(tmp_path, data))
+    assert (
+        "consent[1].version: duplicate version 'fr-1' (already consent[0]); give each text its own version id" in errors
+    )
+    assert "libraries[1].language: no consent text in 'en'; add one to consent with language: en" in errors
