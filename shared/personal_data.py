@@ -19,15 +19,18 @@ import base64
 import json
 import os
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from redis.exceptions import ReadOnlyError
 
 from shared.events import NeedPersonalData, NeedRecorded, SealedPersonalData, utcnow
 from shared.people import ERASED
@@ -44,11 +47,14 @@ __all__ = [
     "UnknownKeyId",
 ]
 
+T = TypeVar("T")
+
 # ERASED (shared.people) is recorded instead of the identity when the person was erased before the event was read.
 DERIVED_KEY_ID = "s0"  # the key-encryption key derived from the signing key
 DERIVATION_INFO = b"relais personal data key-encryption key v1"
 KEYS_HASH = "person-keys"  # in the deployment's namespace: <namespace>:person-keys
 NONCE_BYTES = 12
+KEY_STORE_PATIENCE_S = 15.0  # how long recording a need waits for an absent Redis (a failover takes a few seconds)
 
 # Create the person's data key unless a live one is there (an erasure mark is replaced): one key per person even
 # when two needs of the same person are recorded at once.
@@ -145,6 +151,7 @@ class PersonalData:
         self.hash = settings.key(KEYS_HASH)
         self._client = client
         self._lock = threading.Lock()
+        self.patience_s = KEY_STORE_PATIENCE_S
 
     @property
     def client(self) -> redis.Redis:
@@ -154,6 +161,21 @@ class PersonalData:
 
                 self._client = redis_clients.sync_client(self.settings, socket_timeout=5, socket_connect_timeout=5)
             return self._client
+
+    def _patiently(self, call: Callable[[], T]) -> T:
+        """Run a call to the key store, again for up to KEY_STORE_PATIENCE_S while Redis is away: recording a need
+        writes the person's data key, and a Redis restart or a Sentinel failover (each new connection goes to the
+        master Sentinel names then) should delay the desk, not refuse it. Past that the error is raised: intake
+        answers 503 with Retry-After and records nothing."""
+        deadline, pause = time.monotonic() + self.patience_s, 0.05
+        while True:
+            try:
+                return call()
+            except (redis.ConnectionError, redis.TimeoutError, ReadOnlyError):
+                if time.monotonic() + pause > deadline:
+                    raise
+                time.sleep(pause)
+                pause = min(pause * 2, 1.0)
 
     @property
     def current_key_id(self) -> str:
@@ -188,11 +210,12 @@ class PersonalData:
     def data_key(self, person_id: str, *, create: bool = False) -> tuple[str, bytes]:
         """(data key id, data key) of the person; with `create`, a new one unless a live one exists. Raises
         DataKeyErased or DataKeyMissing without `create`."""
-        record = _record(self.client.hget(self.hash, person_id))
+        get_or_create = self.client.register_script(_GET_OR_CREATE)
+        record = _record(self._patiently(lambda: self.client.hget(self.hash, person_id)))
         if (record is None or "wrapped" not in record) and create:
             data_key_id, data_key = os.urandom(8).hex(), AESGCM.generate_key(bit_length=8 * KEY_BYTES)
             candidate = self._wrap(person_id, data_key_id, data_key)
-            stored = self.client.register_script(_GET_OR_CREATE)(keys=[self.hash], args=[person_id, candidate])
+            stored = self._patiently(lambda: get_or_create(keys=[self.hash], args=[person_id, candidate]))
             if stored in (candidate, candidate.encode()):
                 return data_key_id, data_key
             record = _record(stored)  # another need of the person created it first

@@ -4,6 +4,7 @@ deps.py, so a test can override the clock or the database."""
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable
 from datetime import date, datetime
 from functools import partial
@@ -22,7 +23,7 @@ from services.intake.reports import Reports, csv_response, library_report
 from services.intake.views import NeedPublic, PersonPart, need_page, need_with_history, person_part, public
 from shared.directory import Directory, User, normalize_email, normalize_phone
 from shared.events import PersonContact
-from shared.logs import current_correlation_id
+from shared.logs import current_correlation_id, describe_error
 from shared.people import AccessChannel, AccessEntry, AccessLogPage, record_access
 from shared.service import Cursor, error_responses
 from shared.settings import Settings
@@ -333,6 +334,7 @@ class NeedPage(BaseModel):
     next_cursor: str | None
 
 
+log = logging.getLogger("relais.intake.api")
 router = APIRouter(tags=["needs"])
 
 
@@ -361,8 +363,13 @@ async def create_need(
                 personal_data=runtime.personal_data,
             )
         )
-    except redis.RedisError:  # the person's data key could not be stored: nothing was recorded
-        raise HTTPException(503, "the need could not be recorded now (Redis is unavailable); try again") from None
+    except redis.RedisError as exc:  # the person's data key could not be stored: nothing was recorded
+        log.warning("a need could not be recorded: Redis unavailable past the retries (%s)", describe_error(exc))
+        raise HTTPException(
+            503,
+            "the need could not be recorded now (Redis is unavailable); nothing was recorded: try again in a minute",
+            headers={"Retry-After": "60"},
+        ) from None
     except handlers.KeyReused:
         raise HTTPException(409, "this Idempotency-Key was already used with another body") from None
     except handlers.UnknownNeed as exc:
@@ -637,8 +644,13 @@ async def erase(runtime, db, person_id: str, reason: str, user: User, now: datet
         )
     except handlers.UnknownNeed:
         raise HTTPException(404, "no such person") from None
-    except redis.RedisError:  # the person's data key could not be deleted: nothing was erased
-        raise HTTPException(503, "the erasure could not be done now (Redis is unavailable); try again") from None
+    except redis.RedisError as exc:  # the person's data key could not be deleted: nothing was erased
+        log.warning("an erasure could not be done: Redis unavailable past the retries (%s)", describe_error(exc))
+        raise HTTPException(
+            503,
+            "the erasure could not be done now (Redis is unavailable); nothing was erased: try again in a minute",
+            headers={"Retry-After": "60"},
+        ) from None
     if done.done_now:
         runtime.bus.relay.wake()
     return ErasureAccepted(

@@ -28,6 +28,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 import anyio
+import redis
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response
 from markupsafe import Markup
@@ -248,6 +249,7 @@ def form_page(
     suggestions: list[str] | None = None,
     earlier: Need | None = None,
     key_reused: str | None = None,
+    unavailable: bool = False,
 ) -> Response:
     return show(
         request,
@@ -261,6 +263,7 @@ def form_page(
         categories=directory.categories,
         earlier=earlier,
         key_reused=key_reused,
+        unavailable=unavailable,
         default_postal_code=default_postal_code(desk_.library),
         max_summary=MAX_SUMMARY,
         consent_text=directory.consent_text(desk_.library.language),
@@ -352,6 +355,20 @@ async def record(
             errors=form_errors(invalid.errors),
             suggestions=suggestions,
             earlier=earlier,
+        )
+    except (
+        redis.RedisError
+    ):  # the person's data key could not be stored (Redis away past the retries): nothing recorded
+        return form_page(
+            request,
+            pages,
+            directory,
+            desk_,
+            values,
+            status=503,
+            suggestions=suggestions,
+            earlier=earlier,
+            unavailable=True,
         )
     except handlers.KeyReused as exc:  # this form already recorded a need, then was changed and sent again
         values["idempotency_key"] = secrets.token_urlsafe(18)

@@ -10,12 +10,15 @@ from datetime import timedelta
 
 import httpx
 import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from sqlmodel import col, select
 
 from services.intake.store import Need
 from shared.pages import deadline_fr
 from shared.signin import sign_in_link
-from shared.testing import DESK_EMAIL, sign_in_link_of, use_sign_in_link, wait_for
+from shared.testing import DESK_EMAIL, free_port, sign_in_link_of, use_sign_in_link, wait_for
 from tests.helpers import search
 
 pytestmark = pytest.mark.date_sensitive  # deadlines in words, months, dates to come
@@ -283,3 +286,30 @@ def test_my_needs_go_back_in_time_page_by_page_with_every_overdue_need_on_the_fi
     assert 'href="/demandes?thematique=caf&amp;page=3" rel="next"' in filtered
     assert "page=2" in search(r'data-live="([^"]+)"', filtered).group(1)
     assert shown(client.get("/demandes?page=zéro").text) == [0, 3, 4]
+
+
+def test_with_redis_away_the_form_and_the_api_record_nothing_and_say_so(intake, desk):
+    # Recording a need stores the person's data key in Redis (shared.personal_data), through a Redis restart or a
+    # failover by its retries; past them nothing is recorded, the desk keeps what it typed, the API says when to retry.
+    client = signed_in(intake)
+    form = form_of(client)
+    intake.svc.personal_data._client = redis.Redis(
+        port=free_port(), socket_connect_timeout=1, retry=Retry(NoBackoff(), 1)
+    )  # nothing listens there
+    intake.svc.personal_data.patience_s = 0.5  # not the 15 s that ride through a failover
+    page = client.post("/nouvelle", data=A_NEED | form)
+    assert page.status_code == 503
+    assert "Rien n'a été enregistré" in page.text and "Dossier APL bloqué" in page.text  # the form, as typed
+    api = desk.post(
+        "/needs",
+        json={
+            "library_id": "chatelet",
+            "category": "caf",
+            "summary": "Dossier APL",
+            "postal_code": "76000",
+            "consent": True,
+        },
+    )
+    assert api.status_code == 503 and api.headers["retry-after"] == "60", api.text
+    assert "nothing was recorded" in api.json()["detail"]
+    assert needs_of(intake) == []
