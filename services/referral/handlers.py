@@ -473,6 +473,9 @@ def assign_need(session: Session, command: AssignNeed, deps: Deps) -> ReferralSt
     `respond_by`, referral.assigned tells intake, the partner and the person; recorded in the ops log.
     Raises NotFound, Refused (partner_id, contact_id), NotStranded."""
     now, directory = deps.clock(), deps.directory
+    case = lock_need_case(session, command.need_id)
+    if case is None:
+        raise NotFound("no such need (or referral has not heard of it yet: try again in a few seconds)")
     partner = directory.partner(command.partner_id)
     if partner is None:
         raise Refused(
@@ -487,9 +490,6 @@ def assign_need(session: Session, command: AssignNeed, deps: Deps) -> ReferralSt
             + ", ".join(c.id for c in partner.contacts)
             + " (or leave contact_id out: its primary contact gets the need)",
         )
-    case = lock_need_case(session, command.need_id)
-    if case is None:
-        raise NotFound("no such need (or referral has not heard of it yet: try again in a few seconds)")
     if case.stranded_since is None:
         held = current_referral(session, case.need_id)
         if held is not None:
