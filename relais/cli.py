@@ -28,7 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", help="start Redis, the three services and an SMTP sink on this machine")
     up.add_argument("--directory", type=Path, help="directory file (default: RELAIS_DIRECTORY or the demo directory)")
     up.add_argument(
-        "--data-dir", type=Path, help="where databases, Redis data and received mail go (default ./.relais)"
+        "--data-dir", type=Path, help="where databases, Redis data, received mail and logs go (default ./.relais)"
+    )
+    up.add_argument(
+        "--verbose", "-v", action="store_true", help="every log line on screen (else in DATA_DIR/logs/relais.log)"
     )
     serve = sub.add_parser("serve", help="run one service, configured from the environment")
     serve.add_argument("service", choices=SERVICES)
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             return rewrap_keys()
         if args.command == "purge":
             return purge_now([args.service] if args.service else list(SERVICES), args.dry_run)
-        return Up(args.directory, args.data_dir).run()
+        return Up(args.directory, args.data_dir, verbose=args.verbose).run()
     except BadSettings as exc:  # the one place a bad RELAIS_* variable ends a command: what to fix, no traceback
         for problem in exc.problems:
             print(problem, file=sys.stderr)

@@ -3,19 +3,24 @@
 Starts an embedded Redis and SMTP sink unless their URLs are set (shared.devstack), migrates the three services'
 databases, runs each service as a child process (`python -m relais serve NAME`), prints where everything is, passes
 SIGHUP on as a directory reload once the file is checked, and stops everything, Redis last, on Ctrl-C or when a
-child dies.
+child dies. The children's logs (JSON lines, read from their pipes) all go to `<data dir>/logs/relais.log`; the
+terminal shows warnings, errors and one line per need as it moves (relais.console), or everything with `--verbose`.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+from relais.console import Console
 from relais.diagnostics import hide_password, load_settings, print_directory_errors
+from shared import logs
 from shared.devstack import MailSink, die_with_parent, start_embedded_redis
 from shared.settings import DEMO_DIRECTORY, DEMO_TOKENS, SERVICES, private_dir
 
@@ -23,7 +28,7 @@ from shared.settings import DEMO_DIRECTORY, DEMO_TOKENS, SERVICES, private_dir
 class Up:
     """The supervisor of `relais up`: its children, in the order they start and stop."""
 
-    def __init__(self, directory: Path | None, data_dir: Path | None) -> None:
+    def __init__(self, directory: Path | None, data_dir: Path | None, verbose: bool = False) -> None:
         if directory:
             os.environ["RELAIS_DIRECTORY"] = str(directory.resolve())
         if data_dir:
@@ -36,6 +41,10 @@ class Up:
         self.sink: MailSink | None = None
         self.stopping = False
         self.reload_asked = False
+        self.verbose = verbose
+        self.readers: list[threading.Thread] = []
+        self.log_path = self.data_dir / "logs" / "relais.log"
+        self.console: Console | None = None
 
     def run(self) -> int:
         from shared.directory import DirectoryError, load_directory
@@ -46,9 +55,20 @@ class Up:
             print_directory_errors(self.settings.directory, exc.errors, "fix these and start again")
             return 2
         private_dir(self.data_dir)
+        private_dir(self.log_path.parent)
+        log_file = logs.LogFile(self.log_path)
+        # This process's own lines (the mail sink, its HTTP checks) go to the file; warnings to the terminal too.
+        logs.configure(
+            "up",
+            fmt="text",
+            level=logging.getLevelName(logging.getLogger().level),
+            screen_level="INFO" if self.verbose else "WARNING",
+            file=log_file,
+        )
+        self.console = Console(log_file, directory, self.verbose)
         _ = self.settings.signing_key  # generated once here, before three services race to write it
         env = {**os.environ, "RELAIS_DATA_DIR": str(self.data_dir), "RELAIS_DIRECTORY": str(self.settings.directory)}
-        env.setdefault("RELAIS_LOG_FORMAT", "text")  # the services' lines go to this terminal
+        env["RELAIS_LOG_FORMAT"] = "json"  # read from their pipes: to the log file, and what matters to the terminal
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._stop_signal)
         # SIGHUP reloads the directory (as each service does); answered once everything is ready, since a service
@@ -61,12 +81,7 @@ class Up:
                 self.sink = MailSink(self.data_dir / "mail")
                 env.update(self.sink.start())
             for service in SERVICES:
-                if (
-                    subprocess.run(
-                        [sys.executable, "-m", "relais", "migrate", service], env=env, stdout=subprocess.DEVNULL
-                    ).returncode
-                    != 0
-                ):
+                if not self._migrate(service, env):
                     return 2  # the migration said why
             for service in SERVICES:
                 self._spawn(service, [sys.executable, "-m", "relais", "serve", service], env)
@@ -108,12 +123,45 @@ class Up:
         for name, proc in self.children:
             if name in SERVICES and proc.poll() is None:
                 proc.send_signal(signal.SIGHUP)
-        print(f"relais: directory {path} checked; intake, referral and notifications reload it", flush=True)
+        if self.console is not None:  # the names it shows come from the new file
+            from shared.directory import load_directory
+
+            self.console.directory = load_directory(path)
+            self.console.say(f"relais: directory {path} checked; intake, referral and notifications reload it")
+
+    def _migrate(self, service: str, env: dict) -> bool:
+        """`relais migrate SERVICE`: its lines to the log file; to the terminal too when it fails."""
+        assert self.console is not None  # set by run()
+        done = subprocess.run(
+            [sys.executable, "-m", "relais", "migrate", service],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+        )
+        for line in done.stdout.splitlines():
+            if done.returncode == 0:
+                self.console.keep_plain(service, line)
+            else:
+                self.console.say(line)
+        return done.returncode == 0
 
     def _spawn(self, name: str, cmd: list[str], env: dict) -> subprocess.Popen:
-        proc = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent)
+        proc = subprocess.Popen(
+            cmd, env=env, preexec_fn=die_with_parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
         self.children.append((name, proc))
+        reader = threading.Thread(target=self._read, args=(name, proc), name=f"relais-up-{name}", daemon=True)
+        reader.start()
+        self.readers.append(reader)
         return proc
+
+    def _read(self, name: str, proc: subprocess.Popen) -> None:
+        """A child's output, line by line, until it exits: to the log file and, what matters, to the terminal."""
+        assert proc.stdout is not None and self.console is not None  # piped by _spawn, set by run()
+        for raw in proc.stdout:
+            self.console.child_line(name, raw.decode("utf-8", errors="replace"))
 
     def _start_redis(self) -> str:
         proc, url = start_embedded_redis(self.data_dir / "redis")
@@ -133,7 +181,7 @@ class Up:
                 except httpx.HTTPError:
                     pass
             if any(proc.poll() is not None for _, proc in self.children):
-                print("relais: a process exited during start-up; see its messages above", file=sys.stderr)
+                print(f"relais: a process exited during start-up; see above, and {self.log_path}", file=sys.stderr)
                 return False
             time.sleep(0.2)
         if pending:
@@ -162,6 +210,7 @@ class Up:
         else:
             lines.append(f"  {'smtp':<14} {env['RELAIS_SMTP_URL']}")
         lines.append(f"  {'data':<14} {self.data_dir}")
+        lines.append(f"  {'logs':<14} {self.log_path}   (every service's full logs, JSON lines)")
         for service in SERVICES:
             lines.append(f"  {service + ' db':<14} {hide_password(self.settings.database_url(service))}")
         lines.append(f"  {'directory':<14} {self.settings.directory}")
@@ -178,7 +227,17 @@ class Up:
                 '    -d \'{"library_id": "rouen-chatelet", "category": "caf", "summary": "Dossier APL bloqué", '
                 '"postal_code": "76000", "consent": true}\'',
             ]
-        print("\n".join(lines), flush=True)
+        if self.verbose:
+            lines += ["", f"Every log line follows (--verbose); they are kept in {self.log_path} too.", ""]
+        else:
+            lines += [
+                "",
+                "Below: each need as it moves, warnings and errors. Everything else is in the log file above "
+                "(relais up --verbose shows it here).",
+                "",
+            ]
+        assert self.console is not None  # set by run()
+        self.console.say("\n".join(lines))
 
     def _shutdown(self) -> None:
         # The services first, Redis last: a service still stopping must not lose the Redis it reads from.
@@ -195,6 +254,9 @@ class Up:
                     print(f"relais: {name} did not stop in 15 s; killing it", file=sys.stderr)
                     proc.kill()
                     proc.wait()
+        for reader in self.readers:  # the children's last lines, written before they exited
+            reader.join(5)
+        self.readers.clear()
         if self.sink:
             self.sink.stop()
         self.children.clear()

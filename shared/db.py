@@ -72,12 +72,28 @@ def table_of(model: type[SQLModel]) -> sa.Table:
 MESSAGING_TABLES = (table_of(OutboxMessage), table_of(ProcessedEvent))
 
 
+# Fields of events that are the directory's ids, user ids, codes or times, never a person's data: logged with the event.
+LOGGED_EVENT_FIELDS = (
+    "library_id",
+    "partner_id",
+    "category",
+    "actor",
+    "respond_by",
+    "reminder_number",
+    "reassigned",
+    "kind",
+    "channel",
+    "recipient_role",
+)
+
+
 def emit(session: Session, event: Event) -> None:
     """Put an event in the outbox, inside the caller's transaction: it is published only if that commits.
     An event without a correlation id takes the one of the work in hand (the HTTP request or the event consumed)."""
     if event.correlation_id is None and (correlation_id := current_correlation_id()):
         event = event.model_copy(update={"correlation_id": correlation_id})
-    # Type and ids only: the payload may hold personal data.
+    # Type and ids only: the payload may hold personal data. The directory's ids and the deadline say where the
+    # need goes (what `relais up` shows as one line per step, with the directory's names).
     log.info(
         "emit %s",
         event.type,
@@ -86,6 +102,11 @@ def emit(session: Session, event: Event) -> None:
             "event_id": event.event_id,
             "need_id": event.need_id,
             "correlation_id": event.correlation_id,
+            **{
+                name: value.isoformat() if isinstance(value, datetime) else value
+                for name in LOGGED_EVENT_FIELDS
+                if (value := getattr(event, name, None)) is not None
+            },
         },
     )
     session.add(

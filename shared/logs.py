@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from faststream import BaseMiddleware
@@ -123,15 +125,46 @@ class TextFormatter(logging.Formatter):
         return f"{text} [{ids}]" if ids else text
 
 
-def configure(service: str | None = None, fmt: str = "json", level: str = "INFO") -> None:
-    """Log to stderr, one JSON object per line (`fmt="text"` for people reading a terminal)."""
+class LogFile(logging.handlers.RotatingFileHandler):
+    """A file of JSON lines: this process's records, and the lines its children wrote (`write_line`, already JSON),
+    one writer for all. Rotated at 20 MB, 3 old files kept (`relais.log.1`...). `relais up` keeps its full logs so."""
+
+    MAX_BYTES = 20 * 1024 * 1024
+    BACKUPS = 3
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, maxBytes=self.MAX_BYTES, backupCount=self.BACKUPS, encoding="utf-8")
+        self.setFormatter(JsonFormatter())
+
+    def write_line(self, line: str) -> None:
+        record = logging.LogRecord("relais.up", logging.INFO, "", 0, line, None, None)
+        record.json_line = True
+        self.handle(record)
+
+    def format(self, record: logging.LogRecord) -> str:
+        return record.msg if getattr(record, "json_line", False) else super().format(record)
+
+
+def configure(
+    service: str | None = None,
+    fmt: str = "json",
+    level: str = "INFO",
+    *,
+    screen_level: str | None = None,
+    file: LogFile | None = None,
+) -> None:
+    """Log to stderr, one JSON object per line (`fmt="text"` for people reading a terminal); with `file`, every
+    record goes there too (JSON lines) while the terminal gets those of `screen_level` and above."""
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
-    handler.addFilter(ContextFilter(service))
+    if screen_level:
+        handler.setLevel(screen_level)
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
-    root.addHandler(handler)
+    for each in (handler, file) if file else (handler,):
+        each.addFilter(ContextFilter(service))
+        root.addHandler(each)
     root.setLevel(level)
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd (relais up's sink) logs every recipient
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # a line per plugin on every start

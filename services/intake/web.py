@@ -390,7 +390,8 @@ async def recorded(
     routed_because = next(
         (h.detail for h in reversed(history) if h.event in ("referral.assigned", "need.unroutable")), None
     )
-    context = need_context(directory, need, now) | dict(routed_because=routed_because)
+    coordination = ", ".join(c.name for c in directory.escalation_contacts)  # told when no partner is found
+    context = need_context(directory, need, now) | dict(routed_because=routed_because, coordination=coordination)
     partial, live_context = live(
         request, pages, desk_, "_suivi.html", "enregistree", final=need.status != "recorded", **context
     )

@@ -15,6 +15,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from services.referral import domain, incidents_api, views
 from services.referral.commands import (
     AcceptReferral,
+    AssignNeed,
     CancelReferral,
     CloseReferral,
     DeclineReferral,
@@ -35,7 +36,7 @@ from services.referral.deps import (
     Runtime,
     RuntimeDep,
 )
-from services.referral.handlers import Deps, NotFound, NotPaused, ReferralState, Refused, handle
+from services.referral.handlers import Deps, NotFound, NotPaused, NotStranded, ReferralState, Refused, handle
 from services.referral.store import Referral, ReferralHistory
 from shared.directory import Directory, User
 from shared.events import STREAMS
@@ -94,6 +95,13 @@ class ReassignBody(BaseModel):
     reason: str | None = Field(None, max_length=2000)
     # A partner outside the need's category only with force: true and a reason (recorded as an override).
     force: bool = False
+
+
+class AssignBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    partner_id: str = Field(min_length=1, max_length=64)
+    contact_id: str | None = Field(None, min_length=1, max_length=64)  # the partner's primary contact when absent
+    reason: str = Field(min_length=1, max_length=2000)
 
 
 class CancelBody(BaseModel):
@@ -160,8 +168,9 @@ def directory_ids(svc: Service) -> Callable[[dict], None]:
     """An OpenAPI refiner: a reassignment names a partner of the directory (built again on reload)."""
 
     def refine(document: dict) -> None:
-        body = document["components"]["schemas"]["ReassignBody"]
-        body["properties"]["partner_id"]["enum"] = [partner.id for partner in svc.directory.partners]
+        for name in ("ReassignBody", "AssignBody"):
+            body = document["components"]["schemas"][name]
+            body["properties"]["partner_id"]["enum"] = [partner.id for partner in svc.directory.partners]
 
     return refine
 
@@ -175,7 +184,7 @@ def command_errors() -> Iterator[None]:
         raise HTTPException(404, str(exc)) from None
     except Refused as exc:
         raise field_error(exc.field, str(exc)) from None
-    except (domain.TransitionRefused, NotPaused) as exc:
+    except (domain.TransitionRefused, NotPaused, NotStranded) as exc:
         raise HTTPException(409, str(exc)) from None
 
 
@@ -263,6 +272,16 @@ async def reassign(referral_id: str, user: OpsUser, body: ReassignBody, deps: Co
     """Ops hand the need to another partner that takes its category; the old referral is cancelled, the need
     keeps its deadline. `force: true` (with a reason) overrides the category, recorded as an override."""
     done = await run(ReassignReferral(referral_id, body.partner_id, user.id, body.reason, body.force), deps)
+    return public(done.referral, done.history)
+
+
+@router.post("/needs/{need_id}/assign", tags=["ops"], response_model=ReferralPublic, responses=error_responses(409))
+async def assign(need_id: str, user: OpsUser, body: AssignBody, deps: CommandDeps) -> ReferralPublic:
+    """Ops hand a need that no partner holds (unroutable, or declined by every candidate: the dashboard's "Sans
+    partenaire") to a partner of their choice, any partner of the directory; `contact_id` one of its contacts (its
+    primary contact when absent). The need keeps its `respond_by`; referral.assigned tells intake, the partner and
+    the person. 409 when a partner holds the need (use /referrals/{id}/reassign) or it was closed or cancelled."""
+    done = await run(AssignNeed(need_id, body.partner_id, user.id, body.reason, body.contact_id), deps)
     return public(done.referral, done.history)
 
 

@@ -64,6 +64,17 @@ class ReassignReferral:
 
 
 @dataclass(frozen=True)
+class AssignNeed:
+    """Hand a need no partner holds (unroutable, or declined by every candidate) to the partner ops chose."""
+
+    need_id: str
+    partner_id: str
+    actor: str
+    reason: str
+    contact_id: str | None = None  # the partner's primary contact when None
+
+
+@dataclass(frozen=True)
 class PausePartner:
     partner_id: str
     until: datetime

@@ -99,6 +99,32 @@ class ReferralLine(BaseModel):
     url: str  # the referral's page (its history)
 
 
+class StrandedNeed(BaseModel):
+    """A need no partner holds: the dashboard's "Sans partenaire" list, what ops hand over with
+    `POST /api/v1/needs/{need_id}/assign`. `cause` is one of domain.STRANDED_CAUSES; names come from the directory."""
+
+    need_id: str
+    library_id: str
+    library_name: str
+    category: str
+    category_label: str
+    postal_code: str | None
+    urgency: str
+    recorded_at: datetime
+    respond_by: datetime | None
+    stranded_since: datetime
+    cause: str | None
+    reason: str | None  # the routing rule's words when it found nobody
+    declined_by: list[str]  # names of the partners that declined it, in that order
+    takers: list[str]  # names of the partners that take its category (anywhere)
+    assign_url: str  # the dashboard's page to hand it to a partner
+
+
+class Stranded(BaseModel):
+    count: int
+    needs: list[StrandedNeed]  # oldest deadline first, at most LIST_LIMIT
+
+
 class Deadlines(BaseModel):
     open_by_sla: dict[str, int]
     open_total: int
@@ -162,6 +188,7 @@ class RecentAction(BaseModel):
 class Dashboard(BaseModel):
     generated_at: datetime
     timezone: str
+    stranded: Stranded
     queues: Queues
     deadlines: Deadlines
     partners: list[PartnerFigures]
@@ -209,6 +236,39 @@ def referral_line(referral: Referral, directory: Directory, breached_at: datetim
         breached_at=breached_at,
         url=f"/boite/{referral.id}",
     )
+
+
+def stranded(session: Session, directory: Directory) -> Stranded:
+    rows, count = views.stranded_needs(session, LIST_LIMIT)
+
+    def name_of(partner_id: str) -> str:
+        partner = directory.partner(partner_id)
+        return partner.name if partner else partner_id
+
+    needs = []
+    for case, declined in rows:
+        library, category = directory.library(case.library_id), directory.category(case.category)
+        assert case.stranded_since is not None  # the query's condition
+        needs.append(
+            StrandedNeed(
+                need_id=case.need_id,
+                library_id=case.library_id,
+                library_name=library.name if library else case.library_id,
+                category=case.category,
+                category_label=category.label if category else case.category,
+                postal_code=case.postal_code,
+                urgency=case.urgency,
+                recorded_at=case.recorded_at,
+                respond_by=case.respond_by,
+                stranded_since=case.stranded_since,
+                cause=case.stranded_cause,
+                reason=case.stranded_reason,
+                declined_by=[name_of(p) for p in declined],
+                takers=[p.name for p in directory.partners if case.category in p.categories],
+                assign_url=f"/tableau-de-bord/confirmer/confier?demande={case.need_id}",
+            )
+        )
+    return Stranded(count=count, needs=needs)
 
 
 def deadlines(session: Session, directory: Directory, now: datetime) -> Deadlines:
@@ -345,6 +405,7 @@ def local_figures(svc: Runtime, now: datetime) -> dict:
     with svc.db.read() as session:
         partner_figures_, answer_times = partners(session, directory, now)
         return dict(
+            stranded=stranded(session, directory),
             deadlines=deadlines(session, directory, now),
             partners=partner_figures_,
             clock=clock(session, now),

@@ -4,7 +4,8 @@
   (`/static/tableau-de-bord.js`) refreshes the figures in place from `/tableau-de-bord/chiffres` (the same
   template, so the page and its refresh never disagree) and can be paused;
 - `/tableau-de-bord/rapports.csv`: intake's monthly report as CSV, fetched server-side;
-- `/tableau-de-bord/confirmer/{action}`: the confirmation step of each action, which asks for the reason;
+- `/tableau-de-bord/confirmer/{action}`: the confirmation step of each action, which asks for the reason (to hand a
+  need no partner holds to one, `confier`: first the partner, then the confirmation that names it on its button);
 - `POST /tableau-de-bord/actions/{action}`: the action itself, as the command of handlers.py that the API runs too
   (recorded in `ops_action` with who and why by that handler); then back (303).
 The paths' French words (`rejouer`, `reaffecter`, ...) are user-facing; `ACTION_PATHS` maps them to the actions'
@@ -28,6 +29,7 @@ from fastapi.responses import Response
 
 from services.referral import domain, incidents_pages, remote, views
 from services.referral.commands import (
+    AssignNeed,
     CancelNeed,
     PausePartner,
     ReassignReferral,
@@ -37,7 +39,7 @@ from services.referral.commands import (
 )
 from services.referral.dashboard import build_dashboard
 from services.referral.deps import ClockDep, CommandDeps, DirectoryDep, PagesDep, Runtime, RuntimeDep
-from services.referral.handlers import NotFound, NotPaused, Refused, RemoteFailed, handle
+from services.referral.handlers import NotFound, NotPaused, NotStranded, Refused, RemoteFailed, handle
 from shared.events import STREAMS
 from shared.pages import SECURITY_HEADERS, Pages, datetime_fr
 
@@ -46,6 +48,7 @@ TEMPLATES = Path(__file__).with_name("templates")
 ACTION_PATHS = {
     "rejouer": "replay",
     "reaffecter": "reassign",
+    "confier": "assign",
     "pause": "pause",
     "reprise": "resume",
     "annuler": "cancel_need",
@@ -226,11 +229,45 @@ def subject_of(request: Request, pages: Pages, runtime: Runtime, action: str, pa
         raise pages.error(request, 404, "not_found")
     with runtime.db.read() as session:
         case, open_referral = views.need_and_open_referral(session, need_id)
+    if action == "assign":
+        return assign_subject(request, pages, runtime, case, open_referral, params)
     return {
         "need_id": need_id,
         "case": case,
         "referral": open_referral,
         "partner": directory.partner(open_referral.partner_id) if open_referral else None,
+    }
+
+
+def assign_subject(
+    request: Request,
+    pages: Pages,
+    runtime: Runtime,
+    case,
+    open_referral,
+    params: dict[str, str],  # noqa: ANN001
+) -> dict:
+    """A need to hand to a partner: its facts, why nobody took it, the partners to choose from (those that take its
+    category first) and, once one is chosen, that partner and its contacts."""
+    if case is None:
+        raise pages.error(request, 404, "not_found")
+    directory = runtime.directory
+    with runtime.db.read() as session:
+        declined = views.declined_by(session, [case.need_id])[case.need_id]
+    takers = [p for p in directory.partners if case.category in p.categories]
+    library, category = directory.library(case.library_id), directory.category(case.category)
+    return {
+        "need_id": case.need_id,
+        "case": case,
+        "stranded": case.stranded_since is not None,
+        "referral": open_referral,
+        "holder": directory.partner(open_referral.partner_id) if open_referral else None,
+        "library": library.name if library else case.library_id,
+        "category": category.label if category else case.category,
+        "declined": [p.name for p in map(directory.partner, declined) if p is not None],
+        "takers": takers,
+        "others": [p for p in directory.partners if p not in takers],
+        "partner": directory.partner(params.get("partenaire", "")),
     }
 
 
@@ -310,6 +347,12 @@ def form_errors(
             errors["reprise"] = "future"
     if action == "reassign" and fields.get("partenaire") not in {p.id for p in subject["candidates"]}:
         errors["partenaire"] = "choose"
+    if action == "assign":
+        partner = subject["partner"]
+        if partner is None:
+            errors["partenaire"] = "choose"
+        elif fields.get("contact") and fields["contact"] not in {c.id for c in partner.contacts}:
+            errors["contact"] = "choose_contact"
     return errors, until
 
 
@@ -321,6 +364,8 @@ def command_of(action: str, fields: dict[str, str], subject: dict, until: dateti
         return RevokeSessions(subject["user"].id, reason, actor)
     if action == "reassign":
         return ReassignReferral(subject["referral"].id, fields["partenaire"], actor, reason)
+    if action == "assign":
+        return AssignNeed(subject["need_id"], subject["partner"].id, actor, reason, fields.get("contact") or None)
     if action == "pause":
         assert until is not None  # form_errors required it
         return PausePartner(subject["partner"].id, until, reason, actor)
@@ -351,8 +396,13 @@ async def perform(
         raise pages.error(request, 404, "not_found") from None
     except domain.TransitionRefused:
         return await again(409, failure="transition")
+    except NotStranded:  # assigned or cancelled since the page was shown
+        return await again(409, failure="not_stranded")
     except Refused as refused:  # the directory or the clock moved since the page was shown
-        return await again(422, {"partenaire": "choose"} if refused.field == "partner_id" else {"reprise": "future"})
+        field = {"partner_id": "partenaire", "contact_id": "contact"}.get(refused.field, "reprise")
+        return await again(
+            422, {field: "choose_contact" if field == "contact" else "choose" if field == "partenaire" else "future"}
+        )
     except NotPaused:
         return await again(409, failure="not_paused")
     except RemoteFailed as failed:

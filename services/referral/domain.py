@@ -62,7 +62,15 @@ ROUTING_TEXTS = {
     "declined": "{partner} (a déjà décliné)",
     "paused": "{partner} (en pause)",
     "by_hand": "Réaffectée à la main par {actor} à {partner}",
+    "by_hand_stranded": (
+        "Confiée à {partner} par la coordination : aucun partenaire ne pouvait la prendre selon l'annuaire"
+    ),
 }
+
+# Why no partner could take a need (`RoutingDecision.cause`), a code the dashboard words with names from the
+# directory: the category is unknown, nobody takes it, nobody takes it there, every partner that could declined it,
+# or every one is unavailable now (paused, full; some may have declined).
+STRANDED_CAUSES = ("unknown_category", "no_taker", "out_of_territory", "declined", "unavailable")
 
 
 # A reason is read in a list of referrals; past a few names the rest is noise.
@@ -76,6 +84,7 @@ class RoutingDecision:
     partner: Partner | None
     contact: Contact | None
     reason: str
+    cause: str | None = None  # one of STRANDED_CAUSES when nobody can take the need
 
 
 def route_need(
@@ -112,10 +121,12 @@ def route_need(
 
     candidates: list[tuple[Partner, str]] = []
     excluded: list[str] = []
+    declined = 0
     for partner, prefix in covering:
         open_now = open_referrals.get(partner.id, 0)
         if partner.id in excluded_partner_ids:
             excluded.append(t["declined"].format(partner=partner.name))
+            declined += 1
         elif partner.id in paused_partner_ids:
             excluded.append(t["paused"].format(partner=partner.name))
         elif partner.capacity is not None and open_now >= partner.capacity:
@@ -126,17 +137,19 @@ def route_need(
     if not candidates:
         reason = t["none"].format(category=label, where=where)
         if known_category is None:
-            reason += t["unknown_category"]
+            reason, cause = reason + t["unknown_category"], "unknown_category"
         elif not takers:
-            reason += t["no_partner_for_category"]
+            reason, cause = reason + t["no_partner_for_category"], "no_taker"
         elif not covering:
+            cause = "out_of_territory"
             names = ", ".join(p.name for p in takers[:_NAMED_OUT_OF_TERRITORY])
             if len(takers) > _NAMED_OUT_OF_TERRITORY:
                 names = t["and_others"].format(names=names, count=len(takers) - _NAMED_OUT_OF_TERRITORY)
             reason += t["out_of_territory"].format(names=names)
         else:
             reason += t["all_excluded"].format(names=", ".join(excluded))
-        return RoutingDecision(partner=None, contact=None, reason=reason + ".")
+            cause = "declined" if declined == len(covering) else "unavailable"
+        return RoutingDecision(partner=None, contact=None, reason=reason + ".", cause=cause)
 
     def rank(candidate: tuple[Partner, str]) -> tuple[int, int, str]:
         partner, prefix = candidate
@@ -236,6 +249,18 @@ def clock_timers(recorded_at: datetime, partner: Partner) -> list[ClockTimer]:
     return timers
 
 
+def clock_timers_until(
+    recorded_at: datetime, partner: Partner, respond_by: datetime, now: datetime
+) -> list[ClockTimer]:
+    """The timers of a need whose deadline was fixed before it had a partner (stranded at recording, then handed
+    to `partner` by ops): the partner's reminders and escalation that fall between now and the kept deadline, and
+    the breach at that deadline if it is still ahead (a moment already past is not told late)."""
+    timers = [t for t in clock_timers(recorded_at, partner)[:-1] if now < t.due_at < respond_by]
+    if respond_by > now:
+        timers.append(ClockTimer("breach", 0, respond_by))
+    return timers
+
+
 def elapse(start: datetime, duration: timedelta, partner: Partner) -> datetime:
     """`start` + `duration` on the partner's clock: continuous, or counting opening hours only."""
     return deadlines.elapse(start, duration, partner)
@@ -259,15 +284,25 @@ def takes_category(partner: Partner, category: str) -> bool:
     return category in partner.categories
 
 
-def assign_by_hand(directory: Directory, partner_id: str, actor: str) -> RoutingDecision:
-    """Ops chose the partner: its primary contact gets the handoff, whatever the routing rule says."""
+def assign_by_hand(
+    directory: Directory, partner_id: str, actor: str, contact_id: str | None = None, stranded: bool = False
+) -> RoutingDecision:
+    """Ops chose the partner (and maybe its contact; else the primary one gets the handoff), whatever the routing
+    rule says. `stranded`: the need had no partner (handlers.assign_need), not another one (a reassignment)."""
     partner = directory.partner(partner_id)
-    if partner is None:  # the caller checked it (reassign_referral)
+    if partner is None:  # the caller checked it (reassign_referral, assign_need)
         raise LookupError(f"unknown partner {partner_id!r}")
+    contact = next((c for c in partner.contacts if c.id == contact_id), None) if contact_id else None
+    if contact_id and contact is None:  # the caller checked it (assign_need)
+        raise LookupError(f"contact {contact_id!r} is not one of {partner_id!r}")
+    if stranded:
+        reason = ROUTING_TEXTS["by_hand_stranded"].format(partner=partner.name)
+    else:
+        reason = ROUTING_TEXTS["by_hand"].format(actor=actor, partner=partner.name)
     return RoutingDecision(
         partner=partner,
-        contact=directory.primary_contact(partner),
-        reason=ROUTING_TEXTS["by_hand"].format(actor=actor, partner=partner.name),
+        contact=contact or directory.primary_contact(partner),
+        reason=reason + ("." if stranded else ""),
     )
 
 

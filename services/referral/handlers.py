@@ -21,6 +21,7 @@ from sqlmodel import Session, col, select
 from services.referral import domain
 from services.referral.commands import (
     AcceptReferral,
+    AssignNeed,
     CancelNeed,
     CancelReferral,
     CloseReferral,
@@ -45,13 +46,16 @@ from services.referral.store import (
     ReferralHistory,
     current_referral,
     due_timers,
+    has_clock_timers,
     history_of,
+    lock_need_case,
     lock_privacy_incident,
     lock_referral,
     partners_who_declined,
     paused_partners,
 )
 from services.referral.views import open_referral_counts
+from shared import deadlines
 from shared.db import Database, emit
 from shared.directory import Directory
 from shared.events import (
@@ -118,8 +122,11 @@ def route(
     now: datetime,
     actor: str = "system",
     partner_id: str | None = None,
+    contact_id: str | None = None,
 ) -> Referral | None:
-    """Hand the need to the best candidate partner (or to `partner_id`, chosen by ops), or declare it unroutable."""
+    """Hand the need to the best candidate partner (or to `partner_id`, chosen by ops), or declare it unroutable:
+    then it is stranded (no partner holds it) until ops assign it (`assign_need`)."""
+    stranded = case.stranded_since is not None
     if partner_id is None:
         decision = domain.route_need(
             directory,
@@ -131,8 +138,19 @@ def route(
             paused_partner_ids=paused_partners(session, now),
         )
     else:
-        decision = domain.assign_by_hand(directory, partner_id, actor)
+        decision = domain.assign_by_hand(directory, partner_id, actor, contact_id, stranded=stranded)
     if decision.partner is None:
+        if case.respond_by is None:  # stranded at recording: the deadline intake gave it is the need's all the same
+            case.respond_by = deadlines.expected_respond_by(
+                directory,
+                category=case.category,
+                postal_code=case.postal_code,
+                library_id=case.library_id,
+                recorded_at=case.recorded_at,
+            )
+        case.stranded_since = case.stranded_since or now
+        case.stranded_cause, case.stranded_reason = decision.cause, decision.reason
+        session.add(case)
         emit(
             session,
             NeedUnroutable(
@@ -152,6 +170,10 @@ def route(
         session.add(case)
         for timer in timers:
             session.add(ClockTimer(need_id=case.need_id, kind=timer.kind, number=timer.number, due_at=timer.due_at))
+    elif not has_clock_timers(session, case.need_id):  # stranded at recording: its deadline is kept
+        for timer in domain.clock_timers_until(case.recorded_at, decision.partner, case.respond_by, now):
+            session.add(ClockTimer(need_id=case.need_id, kind=timer.kind, number=timer.number, due_at=timer.due_at))
+    case.stranded_since = case.stranded_cause = case.stranded_reason = None
     assert decision.contact is not None  # a partner comes with its contact
     referral = Referral(
         id=new_id(),
@@ -254,9 +276,12 @@ def transition(
 def on_need_cancelled(session: Session, event: NeedCancelled, directory: Directory, now: datetime) -> None:
     """A need recorded in error: cancel its open referral (referral.cancelled tells intake and the partner's
     pages) and stop its clock."""
-    case = session.get(NeedCase, event.need_id)
+    case = lock_need_case(session, event.need_id)  # before an ops assignment can give it a partner
     if case is None:  # its need.recorded is still being retried: so is this, until it has been routed
         raise LookupError(f"need {event.need_id} is not known here yet")
+    if case.stranded_since is not None:  # nobody held it: nobody is left to tell, and it leaves ops' list
+        case.stranded_since = case.stranded_cause = case.stranded_reason = None
+        session.add(case)
     referral = current_referral(session, event.need_id)
     if referral is not None:
         transition(session, referral.id, "cancel", event.actor, now, directory, event.reason)
@@ -402,6 +427,10 @@ class NotPaused(Exception):
     """Resuming a partner that is not paused."""
 
 
+class NotStranded(Exception):
+    """Assigning a need that a partner holds, or that was cancelled or closed: the message says what to do instead."""
+
+
 class RemoteFailed(Exception):
     """Intake did not do what was asked: `kind` is not_found, refused or unreachable."""
 
@@ -489,6 +518,45 @@ def reassign_referral(session: Session, command: ReassignReferral, deps: Deps) -
         reason or "",
         now,
     )
+    return ReferralState(referral, history_of(session, referral.id))
+
+
+def assign_need(session: Session, command: AssignNeed, deps: Deps) -> ReferralState:
+    """Ops hand a need no partner holds (unroutable at recording, or declined by every candidate) to the partner
+    they chose, any partner of the directory (they may have agreed it by phone): a new referral keeps the need's
+    `respond_by`, referral.assigned tells intake, the partner and the person; recorded in the ops log.
+    Raises NotFound, Refused (partner_id, contact_id), NotStranded."""
+    now, directory = deps.clock(), deps.directory
+    case = lock_need_case(session, command.need_id)
+    if case is None:
+        raise NotFound("no such need (or referral has not heard of it yet: try again in a few seconds)")
+    partner = directory.partner(command.partner_id)
+    if partner is None:
+        raise Refused(
+            "partner_id",
+            f"unknown partner '{command.partner_id}'; the directory's partners: "
+            + ", ".join(p.id for p in directory.partners),
+        )
+    if command.contact_id is not None and command.contact_id not in {c.id for c in partner.contacts}:
+        raise Refused(
+            "contact_id",
+            f"contact '{command.contact_id}' is not a contact of partner '{partner.id}'; its contacts: "
+            + ", ".join(c.id for c in partner.contacts)
+            + " (or leave contact_id out: its primary contact gets the need)",
+        )
+    if case.stranded_since is None:
+        held = current_referral(session, case.need_id)
+        if held is not None:
+            raise NotStranded(
+                f"need {case.need_id} is held by partner '{held.partner_id}' (referral {held.id}, {held.status}): "
+                f"to hand it to another partner, use POST /api/v1/referrals/{held.id}/reassign"
+            )
+        raise NotStranded(f"need {case.need_id} is no longer waiting for a partner: it was closed or cancelled")
+    referral = route(
+        session, case, directory, now, actor=command.actor, partner_id=partner.id, contact_id=command.contact_id
+    )
+    assert referral is not None  # a partner chosen by ops always gets it
+    _audit(session, command.actor, "assign", f"{case.need_id}:{partner.id}", command.reason, now)
     return ReferralState(referral, history_of(session, referral.id))
 
 
@@ -614,6 +682,7 @@ COMMAND_HANDLERS: dict[type, Callable[..., Any]] = {
     CloseReferral: close_referral,
     CancelReferral: cancel_referral,
     ReassignReferral: reassign_referral,
+    AssignNeed: assign_need,
     PausePartner: pause_partner,
     ResumePartner: resume_partner,
     ReplayDeadLetters: replay_dead_letters,

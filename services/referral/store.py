@@ -39,6 +39,11 @@ class NeedCase(SQLModel, table=True):
     correlation_id: str | None = Field(default=None, max_length=64)
     sequence: int = 0  # of the last event emitted about this need
     person_erased_at: datetime | None = Field(default=None, sa_type=UTCDateTime)  # at the person's request
+    # No partner holds the need (unroutable at recording, or declined by every candidate) until ops assign it: since
+    # when, why (domain.STRANDED_CAUSES) and the routing rule's words. Cleared when it is assigned or cancelled.
+    stranded_since: datetime | None = Field(default=None, sa_type=UTCDateTime, index=True)
+    stranded_cause: str | None = Field(default=None, max_length=32)
+    stranded_reason: str | None = None
 
     def next_sequence(self) -> int:
         self.sequence += 1
@@ -181,6 +186,15 @@ def current_referral(session: Session, need_id: str) -> Referral | None:
         .where(Referral.need_id == need_id, col(Referral.status).in_(OPEN_STATUSES))
         .order_by(col(Referral.created_at).desc())
     ).first()
+
+
+def lock_need_case(session: Session, need_id: str) -> NeedCase | None:
+    """The need, locked for this transaction (its sequence and its stranded state move)."""
+    return session.exec(select(NeedCase).where(NeedCase.need_id == need_id).with_for_update()).first()
+
+
+def has_clock_timers(session: Session, need_id: str) -> bool:
+    return session.exec(select(ClockTimer.id).where(ClockTimer.need_id == need_id).limit(1)).first() is not None
 
 
 def due_timers(session: Session, now: datetime, skip_locked: bool, limit: int = 100) -> list[ClockTimer]:

@@ -96,6 +96,36 @@ def aware(at: datetime) -> datetime:
     return at if at.tzinfo else at.replace(tzinfo=UTC)
 
 
+def stranded_needs(session: Session, limit: int) -> tuple[list[tuple[NeedCase, list[str]]], int]:
+    """Needs no partner holds, oldest deadline first, each with the partners that declined it (ids, in the order
+    they declined); and how many there are in all."""
+    stranded = col(NeedCase.stranded_since).is_not(None)
+    cases = session.exec(
+        select(NeedCase)
+        .where(stranded)
+        .order_by(col(NeedCase.respond_by), col(NeedCase.recorded_at), col(NeedCase.need_id))
+        .limit(limit)
+    ).all()
+    count = session.exec(select(sa.func.count()).select_from(NeedCase).where(stranded)).one()
+    declined = declined_by(session, [case.need_id for case in cases])
+    return [(case, declined[case.need_id]) for case in cases], count
+
+
+def declined_by(session: Session, need_ids: list[str]) -> dict[str, list[str]]:
+    """Need id -> the partners (ids) that declined it, in the order they did."""
+    declined: dict[str, list[str]] = {need_id: [] for need_id in need_ids}
+    if not need_ids:
+        return declined
+    for need_id, partner_id in session.exec(
+        select(Referral.need_id, Referral.partner_id)
+        .where(col(Referral.need_id).in_(need_ids), Referral.status == "declined")
+        .order_by(col(Referral.updated_at), col(Referral.id))
+    ).all():
+        if partner_id not in declined[need_id]:
+            declined[need_id].append(partner_id)
+    return declined
+
+
 def open_by_sla(session: Session) -> dict[str, int]:
     """Open referrals counted by SLA state (the dashboard and the /metrics gauge)."""
     return dict(

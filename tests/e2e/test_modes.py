@@ -247,9 +247,10 @@ def test_relais_up_is_the_demo_and_keeps_its_files_private(spawn, tmp_path):
     mails = wait_for(lambda: sorted((data_dir / "mail").glob("*.eml")), START_TIMEOUT)
     assert mails, log.read_text()
 
-    private_dirs = [data_dir, data_dir / "mail", data_dir / "redis"]
+    private_dirs = [data_dir, data_dir / "mail", data_dir / "redis", data_dir / "logs"]
     private_files = [
         *mails,
+        data_dir / "logs" / "relais.log",
         data_dir / "secret_key",
         data_dir / "redis" / "password",
         data_dir / "redis" / "redis.conf",

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -387,3 +388,60 @@ def test_relais_up_runs_everything_and_stops_its_whole_tree(processes, tmp_path,
         f"{pid} ({command_name(pid)})" for pid, started in tree.items() if alive(pid, started)
     )
     assert not any(ready(url) for url in urls.values())
+
+
+def test_relais_up_shows_each_need_as_it_moves_and_keeps_the_full_logs_in_a_file(processes, tmp_path, directory_file):
+    """The first screen a newcomer sees: the banner, then one line per need as it moves (recorded, routed to the
+    partner by name, emailed), warnings and errors; no INFO flood (migrations, HTTP client lines, every event). The
+    full JSON logs are in <data dir>/logs/relais.log, which the banner names."""
+    data_dir = tmp_path / "up"
+    ports = {service: free_port() for service in SERVICES}
+    urls = {service: f"http://127.0.0.1:{port}" for service, port in ports.items()}
+    env = clean_env(namespace=f"e2e{uuid.uuid4().hex[:10]}", **{f"{s}_port": p for s, p in ports.items()})
+    up = processes("relais-up", ["up", "--directory", str(directory_file), "--data-dir", str(data_dir)], env)
+    for service in SERVICES:
+        wait_ready(up, urls[service])
+    assert wait_for(lambda: "Relais is running" in up.output() or not up.running(), START_TIMEOUT), up.output()
+    log_file = (data_dir / "logs" / "relais.log").resolve()
+    assert str(log_file) in up.output()
+
+    r = api(urls["intake"], "desk").post("/needs", json=NEED)
+    assert r.status_code == 201, r.text
+    short = r.json()["id"][:8]
+    lines = lambda: [line for line in up.output().splitlines() if f"need {short}" in line]  # noqa: E731
+    assert wait_for(lambda: len(lines()) >= 3 or not up.running(), START_TIMEOUT), up.output()
+    steps = [line.split(f"need {short}  ", 1)[1] for line in lines()]
+    assert steps[0] == "recorded at Bibliothèque du Châtelet: Allocations familiales (CAF)", steps
+    assert steps[1].startswith("routed to CAF de la Seine-Maritime, answer due "), steps
+    # the person gave no channel (NEED): only the partner's contact is emailed
+    assert steps[2:] == ["emailed the handoff to the partner's contact"], steps
+
+    up.popen.send_signal(signal.SIGTERM)
+    assert up.popen.wait(STOP_TIMEOUT) == 0, up.output()
+    screen = up.output()
+    assert " INFO " not in screen and "alembic" not in screen and "HTTP Request" not in screen, screen
+    assert "demo mode" not in screen  # relais up is the demo: `serve`'s warning about it is noise here
+    assert len(screen.splitlines()) < 60, screen  # the banner and this need's lines
+
+    records = [json.loads(line) for line in log_file.read_text().splitlines()]  # every line is JSON
+    loggers = {r["logger"] for r in records}
+    assert {"alembic.runtime.migration", "httpx", "relais.events", "relais.http"} <= loggers, loggers
+    need_id = r.json()["id"]
+    emitted = [x for x in records if x.get("event_type") == "referral.assigned" and x.get("need_id") == need_id]
+    assert emitted and emitted[0]["partner_id"] == "caf-76" and emitted[0]["service"] == "referral"
+    assert {r["service"] for r in records} >= {"intake", "referral", "notifications", "up"}
+
+
+def test_relais_up_verbose_shows_every_line(processes, tmp_path, directory_file):
+    data_dir = tmp_path / "up"
+    ports = {service: free_port() for service in SERVICES}
+    env = clean_env(namespace=f"e2e{uuid.uuid4().hex[:10]}", **{f"{s}_port": p for s, p in ports.items()})
+    up = processes(
+        "relais-up", ["up", "--verbose", "--directory", str(directory_file), "--data-dir", str(data_dir)], env
+    )
+    wait_ready(up, f"http://127.0.0.1:{ports['intake']}")
+    assert wait_for(lambda: "Relais is running" in up.output() or not up.running(), START_TIMEOUT), up.output()
+    up.popen.send_signal(signal.SIGTERM)
+    assert up.popen.wait(STOP_TIMEOUT) == 0, up.output()
+    assert " INFO alembic.runtime.migration: " in up.output() and "Every log line follows" in up.output()
+    assert (data_dir / "logs" / "relais.log").stat().st_size > 0

@@ -212,7 +212,11 @@ def test_confirmation_shows_the_partner_then_the_same_person_brings_another_need
     unroutable = r.url.path
     assert wait_for(lambda: "Aucun partenaire" in client.get(unroutable, params={"partiel": "1"}).text)
     text = client.get(unroutable).text
-    assert "La coordination départementale a été prévenue" in text
+    assert "La coordination départementale a été prévenue par e-mail (Coordination 76)" in text
+    assert "Elle va confier la demande à un partenaire <strong>avant " in text  # what happens, and by when
+    assert "notice-ok" not in text  # nothing green for a need nobody holds
+    need_page = client.get(unroutable.removesuffix("/enregistree")).text
+    assert "Sans partenaire : la coordination cherche" in need_page and "Dans les délais" not in need_page
     first, second = needs_of(intake)
     assert first.person_id == second.person_id
 

@@ -37,5 +37,13 @@ def test_the_adapters_only_translate():
 def test_no_french_words_as_action_identifiers():
     from services.referral import dashboard_pages
 
-    assert set(dashboard_pages.ACTIONS) == {"replay", "reassign", "pause", "resume", "cancel_need", "revoke_sessions"}
+    assert set(dashboard_pages.ACTIONS) == {
+        "replay",
+        "reassign",
+        "assign",
+        "pause",
+        "resume",
+        "cancel_need",
+        "revoke_sessions",
+    }
     assert set(dashboard_pages.PATH_OF) == set(dashboard_pages.ACTIONS)  # every action has its (French) page path
