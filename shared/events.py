@@ -95,6 +95,9 @@ class NeedRecorded(Event):
     postal_code: str | None
     urgency: Literal["normal", "urgent"]
     recorded_at: AwareDatetime
+    # What the person reads out on the phone (CHA-2611-0042): in clear, it identifies no one. None from producers
+    # older than it.
+    reference: str | None = Field(None, max_length=24)
     person_id: str
     preferred_channel: Literal["email", "sms", "none"] = "none"
     language: Literal["fr", "en"] = "fr"

@@ -13,7 +13,7 @@ from sqlmodel import Session, col, select
 
 from services.intake import domain
 from services.intake.commands import CancelNeed, ErasePerson, RecordNeed
-from services.intake.store import IdempotencyKey, Need, NeedHistory, PersonErasure, needs_of_person
+from services.intake.store import IdempotencyKey, Need, NeedHistory, PersonErasure, needs_of_person, next_reference
 from services.intake.views import public
 from shared import deadlines
 from shared.db import Database, emit
@@ -118,8 +118,12 @@ def _new_need(
     respond_by = deadlines.expected_respond_by(
         directory, category=cmd.category, postal_code=cmd.postal_code, library_id=cmd.library_id, recorded_at=now
     )
+    library = directory.library(cmd.library_id)
+    assert library is not None  # validate_need checked it
+    reference = next_reference(session, domain.reference_prefix(library.reference_code, now, library.zoneinfo))
     need = Need(
         id=new_id(),
+        reference=reference,
         library_id=cmd.library_id,
         category=cmd.category,
         summary=cmd.summary,
@@ -134,6 +138,9 @@ def _new_need(
         recorded_by=cmd.recorded_by,
         recorded_at=now,
         respond_by=respond_by,
+        search_text=domain.need_search_text(
+            reference, cmd.person.display_name, cmd.person.email, cmd.person.phone, cmd.summary
+        ),
     )
     session.add(need)
     session.add(NeedHistory(need_id=need.id, at=now, event="need.recorded"))
@@ -146,6 +153,7 @@ def _new_need(
             postal_code=need.postal_code,
             urgency=need.urgency,
             recorded_at=now,
+            reference=need.reference,
             person_id=need.person_id,
             preferred_channel=cmd.person.preferred_channel,
             language=cmd.person.language,
@@ -228,6 +236,7 @@ def _erase_person(db: Database, cmd: ErasePerson, now: datetime, personal_data: 
             need.summary, need.person_display_name = ERASED, ERASED
             need.person_email = need.person_phone = None
             need.person_erased_at = now
+            need.search_text = domain.need_search_text(need.reference, None, None, None, None)
             session.add(need)
             session.add(NeedHistory(need_id=need.id, at=now, event="person.erased", detail=cmd.actor))
         for row in session.exec(select(NeedHistory).where(col(NeedHistory.need_id).in_(need_ids))).all():
