@@ -23,6 +23,7 @@ from services.notifications.store import (
     Delivery,
     DeliveryAttempt,
     NeedPerson,
+    NeedReference,
     SmsSuppression,
     WaitingForPerson,
     lock_person_of,
@@ -174,6 +175,7 @@ def on_need_recorded(
     the event sealed (consumers.py opens it), None when the person was erased before it was read: then nothing
     goes to them (no address, channel none)."""
     lock_person_of(session, event.need_id)
+    session.merge(NeedReference(need_id=event.need_id, reference=event.reference, library_id=event.library_id))
     if (erased := session.get(NeedPerson, event.need_id)) is not None and erased.erased_at is not None:
         return 0  # a late or replayed need.recorded of a person since erased: nothing of them is kept
     person = session.get(NeedPerson, event.need_id) or NeedPerson(

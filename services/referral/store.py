@@ -21,6 +21,7 @@ class NeedCase(SQLModel, table=True):
 
     __tablename__ = "need_case"
     need_id: str = Field(primary_key=True, max_length=32)
+    reference: str | None = Field(default=None, index=True, max_length=24)  # intake's (CHA-2611-0042); None: older
     library_id: str = Field(max_length=64)
     category: str = Field(max_length=64)
     summary: str
@@ -36,6 +37,7 @@ class NeedCase(SQLModel, table=True):
     correlation_id: str | None = Field(default=None, max_length=64)
     sequence: int = 0  # of the last event emitted about this need
     person_erased_at: datetime | None = Field(default=None, sa_type=UTCDateTime)  # at the person's request
+    search_text: str = ""  # shared.search: folded reference, name, email, phone and summary, for `q=`
 
     def next_sequence(self) -> int:
         self.sequence += 1
