@@ -98,6 +98,17 @@ def normalize_phone(text: str) -> str:
     raise ValueError(f"not a phone number: {text!r} (write e.g. 02 35 12 34 56, 819 555 0123 or +33235123456)")
 
 
+def national_phone(e164: str | None) -> str:
+    """A stored number as people of its country write it (06 12 34 56 78; 819-555-0110); "" for None."""
+    if not e164:
+        return ""
+    try:
+        number = phonenumbers.parse(e164, PHONE_REGIONS[0])
+    except phonenumbers.NumberParseException:
+        return e164
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.NATIONAL)
+
+
 def normalize_email(text: str) -> str:
     """The normalized address; raises ValueError with email-validator's reason.
 

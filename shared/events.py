@@ -127,7 +127,24 @@ class PersonErased(Event):
     actor: str  # the user who asked for the erasure
 
 
-NeedEvent = Annotated[NeedRecorded | NeedCancelled | PersonErased, Field(discriminator="type")]
+class ReceiptRequested(Event):
+    """The desk sends the person the receipt of their need by a channel the person gave: its reference, what was
+    asked (the category, never the summary), who will call and by when, and how to reach the desk. Carries no
+    address (notifications holds the person's) and nothing that identifies the person."""
+
+    type: Literal["need.receipt_requested"] = "need.receipt_requested"
+    need_id: str
+    library_id: str
+    reference: str
+    category: str
+    channel: Literal["email", "sms"]
+    status: str  # the need's, as the desk sees it (recorded, referred, accepted, responded, closed, unroutable)
+    partner_id: str | None  # who holds the need, if anyone
+    respond_by: AwareDatetime
+    actor: str  # the desk user who sent it
+
+
+NeedEvent = Annotated[NeedRecorded | NeedCancelled | PersonErased | ReceiptRequested, Field(discriminator="type")]
 
 
 # --- referral -----------------------------------------------------------------------------------
@@ -274,7 +291,13 @@ class AccessLinkRequested(Event):
 AccessEvent = AccessLinkRequested
 
 AnyEvent = Annotated[
-    NeedRecorded | NeedCancelled | PersonErased | ReferralStreamEvent | DeliveryStreamEvent | AccessLinkRequested,
+    NeedRecorded
+    | NeedCancelled
+    | PersonErased
+    | ReceiptRequested
+    | ReferralStreamEvent
+    | DeliveryStreamEvent
+    | AccessLinkRequested,
     Field(discriminator="type"),
 ]
 _any_event = TypeAdapter(AnyEvent)
@@ -284,6 +307,7 @@ STREAM_OF: dict[str, str] = {
     "need.recorded": NEEDS,
     "need.cancelled": NEEDS,
     "person.erased": NEEDS,
+    "need.receipt_requested": NEEDS,
     **{
         t: REFERRALS
         for t in (

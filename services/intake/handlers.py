@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from services.intake import domain
-from services.intake.commands import CancelNeed, ErasePerson, RecordNeed
+from services.intake.commands import CancelNeed, ErasePerson, RecordNeed, SendReceipt
 from services.intake.store import IdempotencyKey, Need, NeedHistory, PersonErasure, needs_of_person, next_reference
 from services.intake.views import public
 from shared import deadlines
@@ -24,6 +24,7 @@ from shared.events import (
     NeedRecorded,
     NeedUnroutable,
     PersonErased,
+    ReceiptRequested,
     ReferralAssigned,
     ReferralEvent,
     new_id,
@@ -191,6 +192,39 @@ def cancel_need(db: Database, cmd: CancelNeed, *, now: datetime) -> Need:
             session,
             NeedCancelled(
                 need_id=need.id, library_id=need.library_id, reason=cmd.reason, actor=cmd.actor, occurred_at=now
+            ),
+        )
+    return need
+
+
+class NoAddress(Exception):
+    """The person gave no address for this channel (or their data was erased): nothing can be sent to them."""
+
+
+def send_receipt(db: Database, cmd: SendReceipt, *, now: datetime) -> Need:
+    """Ask notifications to send the person their receipt (need.receipt_requested, ids and the need's facts only),
+    and say so in the need's history (the channel, never the address)."""
+    with db.transaction() as session:
+        need = session.get(Need, cmd.need_id)
+        if need is None or need.library_id != cmd.library_id:
+            raise UnknownNeed(cmd.need_id)
+        address = need.person_email if cmd.channel == "email" else need.person_phone if cmd.channel == "sms" else None
+        if not address or need.person_erased_at is not None:
+            raise NoAddress(cmd.channel)
+        session.add(NeedHistory(need_id=need.id, at=now, event=f"receipt.sent_{cmd.channel}"))
+        emit(
+            session,
+            ReceiptRequested(
+                need_id=need.id,
+                library_id=need.library_id,
+                reference=need.reference,
+                category=need.category,
+                channel="email" if cmd.channel == "email" else "sms",
+                status=need.status,
+                partner_id=need.partner_id,
+                respond_by=need.respond_by,
+                actor=cmd.actor,
+                occurred_at=now,
             ),
         )
     return need

@@ -43,6 +43,7 @@ KINDS = (
     "unroutable",
     "sign_in",
     "person_erased",
+    "receipt",
 )
 CHANNELS = ("email", "sms")
 STATUSES = ("queued", "sent", "delivered", "failed", "suppressed")

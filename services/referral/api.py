@@ -168,6 +168,15 @@ def directory_ids(svc: Service) -> Callable[[dict], None]:
     def refine(document: dict) -> None:
         body = document["components"]["schemas"]["ReassignBody"]
         body["properties"]["partner_id"]["enum"] = [partner.id for partner in svc.directory.partners]
+        # The routing preview: a library and a category of the directory, a French or Canadian postal code.
+        for parameter in document["paths"]["/api/v1/routing/preview"]["get"]["parameters"]:
+            schema = parameter["schema"]
+            if parameter["name"] == "library_id":
+                schema["enum"] = [library.id for library in svc.directory.libraries]
+            elif parameter["name"] == "category":
+                schema["enum"] = [category.id for category in svc.directory.categories]
+            elif parameter["name"] == "postal_code":
+                schema["anyOf"][0]["pattern"] = POSTAL_CODE_PATTERN
 
     return refine
 
@@ -305,6 +314,8 @@ class RoutingPreview(BaseModel):
 
 
 _POSTAL_CODE = re.compile(r"\d{5}|[A-Z]\d[A-Z]\d[A-Z]\d")
+# What the preview accepts, as written (spaces anywhere, either case), for the OpenAPI document.
+POSTAL_CODE_PATTERN = r"^(|\s*(\d\s*){5}|\s*([A-Za-z]\s*\d\s*){3})$"
 
 
 @router.get("/routing/preview", tags=["routing"], response_model=RoutingPreview)
