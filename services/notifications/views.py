@@ -88,13 +88,21 @@ def delivery_counts(session: Session, since: datetime) -> tuple[list[tuple[str, 
 
 
 def outbox_page(
-    session: Session, filters: dict, before: tuple[datetime, str] | None, size: int
+    session: Session,
+    filters: dict,
+    before: tuple[datetime, str] | None,
+    size: int,
+    *,
+    q: str = "",
+    library_id: str = "",
 ) -> tuple[list[Delivery], str | None]:
-    """The outbox page's deliveries, newest first from `before`, and the cursor of the next page."""
+    """The outbox page's deliveries, newest first from `before`, and the cursor of the next page; searched as the
+    API's (searched_deliveries)."""
     query = select(Delivery)
     for name, value in filters.items():
         if value:
             query = query.where(getattr(Delivery, name) == value)
+    query = searched_deliveries(query, q, library_id)
     if before is not None:
         at, id_ = before
         query = query.where((Delivery.created_at < at) | ((Delivery.created_at == at) & (Delivery.id < id_)))

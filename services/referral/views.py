@@ -127,11 +127,22 @@ def inbox(
         query = query.where(Referral.library_id == library_id)
     if query_terms(q):
         query = query.where(searched(q, only_open_cases))
-    query = query.where(col(Referral.status).in_(OPEN_STATUSES) if status == "open" else Referral.status == status)
+    if status == "open":
+        query = query.where(col(Referral.status).in_(OPEN_STATUSES))
+    elif status != "all":
+        query = query.where(Referral.status == status)
     query = (
         query.order_by(col(Referral.respond_by), col(Referral.created_at), col(Referral.id)).offset(offset).limit(limit)
     )
     return list(session.exec(query).all())
+
+
+def count_to_treat(session: Session, partner_id: str | None) -> int:
+    """Referrals waiting for their partner's first move (assigned): a partner's own, or every partner's."""
+    query = select(sa.func.count()).select_from(Referral).where(Referral.status == "assigned")
+    if partner_id:
+        query = query.where(Referral.partner_id == partner_id)
+    return session.exec(query).one()
 
 
 def need_and_open_referral(session: Session, need_id: str) -> tuple[NeedCase | None, Referral | None]:
