@@ -98,6 +98,17 @@ def normalize_phone(text: str) -> str:
     raise ValueError(f"not a phone number: {text!r} (write e.g. 02 35 12 34 56, 819 555 0123 or +33235123456)")
 
 
+def national_phone(e164: str | None) -> str:
+    """A stored number as people of its country write it (06 12 34 56 78; 819-555-0110); "" for None."""
+    if not e164:
+        return ""
+    try:
+        number = phonenumbers.parse(e164, PHONE_REGIONS[0])
+    except phonenumbers.NumberParseException:
+        return e164
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.NATIONAL)
+
+
 def normalize_email(text: str) -> str:
     """The normalized address; raises ValueError with email-validator's reason.
 
@@ -289,11 +300,26 @@ class Library(_Frozen):
     language: Literal["fr", "en"] = "fr"  # of the consent text the desk shows
     territory: list[PostalPrefix] = []  # the first prefix stands for a need recorded without a postal code
     contacts: list[Person] = []
+    # Starts the references of its needs (CHA-2611-0042); absent: derived from the id (`reference_code`).
+    code: Annotated[str, StringConstraints(pattern=r"^[A-Z0-9]{2,6}$")] | None = None
+    phone: Phone | None = None  # the desk's number, printed on the person's receipt
+    hours: Text | None = None  # opening hours as people read them ("mar.-sam. 10 h-18 h"), on the receipt
 
     @property
     def zoneinfo(self) -> ZoneInfo:
         assert self.timezone is not None  # Directory fills it in at load time
         return ZoneInfo(self.timezone)
+
+    @property
+    def reference_code(self) -> str:
+        return self.code or default_reference_code(self.id)
+
+
+def default_reference_code(library_id: str) -> str:
+    """Three letters of the library id's last word of three or more ('rouen-chatelet' -> 'CHA'), for references."""
+    words = [w for w in re.split(r"[^A-Za-z0-9]+", library_id) if w]
+    word = next((w for w in reversed(words) if len(w) >= 3), "".join(words) or "LIB")
+    return word[:3].upper()
 
 
 class Contact(_Frozen):

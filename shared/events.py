@@ -95,6 +95,9 @@ class NeedRecorded(Event):
     postal_code: str | None
     urgency: Literal["normal", "urgent"]
     recorded_at: AwareDatetime
+    # What the person reads out on the phone (CHA-2611-0042): in clear, it identifies no one. None from producers
+    # older than it.
+    reference: str | None = Field(None, max_length=24)
     person_id: str
     preferred_channel: Literal["email", "sms", "none"] = "none"
     language: Literal["fr", "en"] = "fr"
@@ -134,7 +137,27 @@ class NeedMessagesWithdrawn(Event):
     actor: str  # the desk or ops user who recorded the withdrawal
 
 
-NeedEvent = Annotated[NeedRecorded | NeedCancelled | PersonErased | NeedMessagesWithdrawn, Field(discriminator="type")]
+class ReceiptRequested(Event):
+    """The desk sends the person the receipt of their need by a channel the person gave: its reference, what was
+    asked (the category, never the summary), who will call and by when, and how to reach the desk. Carries no
+    address (notifications holds the person's) and nothing that identifies the person."""
+
+    type: Literal["need.receipt_requested"] = "need.receipt_requested"
+    need_id: str
+    library_id: str
+    reference: str
+    category: str
+    channel: Literal["email", "sms"]
+    status: str  # the need's, as the desk sees it (recorded, referred, accepted, responded, closed, unroutable)
+    partner_id: str | None  # who holds the need, if anyone
+    respond_by: AwareDatetime
+    actor: str  # the desk user who sent it
+
+
+NeedEvent = Annotated[
+    NeedRecorded | NeedCancelled | PersonErased | NeedMessagesWithdrawn | ReceiptRequested,
+    Field(discriminator="type"),
+]
 
 
 # --- referral -----------------------------------------------------------------------------------
@@ -285,6 +308,7 @@ AnyEvent = Annotated[
     | NeedCancelled
     | PersonErased
     | NeedMessagesWithdrawn
+    | ReceiptRequested
     | ReferralStreamEvent
     | DeliveryStreamEvent
     | AccessLinkRequested,
@@ -298,6 +322,7 @@ STREAM_OF: dict[str, str] = {
     "need.cancelled": NEEDS,
     "person.erased": NEEDS,
     "need.messages_withdrawn": NEEDS,
+    "need.receipt_requested": NEEDS,
     **{
         t: REFERRALS
         for t in (

@@ -34,7 +34,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from jinja2 import ChoiceLoader, Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
-from shared.directory import User
+from shared.directory import User, national_phone
 from shared.sessions import SESSION_MAX_AGE
 from shared.settings import Settings
 from shared.signin import LiveSessions, WebSession, session_cookie, sign, sign_in_router
@@ -103,7 +103,7 @@ def environment(*template_dirs: Path) -> Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(deadline_fr=deadline_fr, datetime_fr=datetime_fr, iso=iso)
+    env.filters.update(deadline_fr=deadline_fr, datetime_fr=datetime_fr, iso=iso, phone_national=national_phone)
     return env
 
 

@@ -112,6 +112,7 @@ def record_need(
     urgency: str = "normal",
     recorded_at=None,
     person: dict | None = None,
+    reference: str | None = None,
 ) -> str:
     """Hand a need to a referral service of this process as its consumer would; returns the new referral's id."""
     from sqlmodel import select
@@ -129,6 +130,7 @@ def record_need(
         urgency=urgency,
         recorded_at=recorded_at or svc.clock(),
         person=person,
+        reference=reference,
     )
     details = svc.personal_data.open_need(event)
     with svc.db.transaction() as session:

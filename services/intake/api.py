@@ -25,6 +25,7 @@ from shared.directory import Directory, User, normalize_email, normalize_phone
 from shared.events import PersonContact
 from shared.logs import current_correlation_id, describe_error
 from shared.people import AccessChannel, AccessEntry, AccessLogPage, record_access
+from shared.search import MAX_QUERY, Q_DESCRIPTION
 from shared.service import Cursor, error_responses
 from shared.settings import Settings
 
@@ -490,9 +491,11 @@ def list_needs(
     session: deps.ReadSessionDep,
     library_id: str | None = None,
     status: Literal["recorded", "referred", "accepted", "responded", "closed", "unroutable"] | None = None,
+    q: Annotated[str | None, Query(max_length=MAX_QUERY, description=Q_DESCRIPTION)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Cursor = None,
 ) -> NeedPage:
+    """A page of needs, newest first: a front desk's library's, or (ops) every library's or `library_id`'s."""
     rows, next_cursor = need_page(
         session,
         own_library=user.library if user.role == "front_desk" else None,
@@ -500,6 +503,7 @@ def list_needs(
         status=status,
         limit=limit,
         cursor=cursor,
+        q=q,
     )
     return NeedPage(items=[public(n) for n in rows], next_cursor=next_cursor)
 

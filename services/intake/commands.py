@@ -53,3 +53,13 @@ class ErasePerson:
     person_id: str
     reason: str
     actor: str
+
+
+@dataclass(frozen=True)
+class SendReceipt:
+    """The desk sends the person the receipt of their need, by email or SMS (an address the person gave)."""
+
+    need_id: str
+    library_id: str  # the desk's: a need of another library is not found
+    channel: str  # "email" | "sms"
+    actor: str

@@ -11,6 +11,7 @@ from datetime import date, datetime
 from zoneinfo import ZoneInfo
 
 from shared.directory import normalize_postal_code as directory_postal_code
+from shared.search import search_text
 
 # The desk's view of the handoff, driven by the referral service's events.
 STATUS_AFTER = {
@@ -56,6 +57,23 @@ def normalize_postal_code(raw: str) -> str:
     if len(code) == 6 and code[0::2].isalpha() and code[1::2].isdigit():
         return f"{code[:3]} {code[3:]}"
     raise ValueError("not a postal code: give 5 digits (France) or A1A 1A1 (Canada)")
+
+
+# --- references and search ----------------------------------------------------------------------------
+
+
+def reference_prefix(library_code: str, recorded_at: datetime, zone: ZoneInfo) -> str:
+    """A reference's prefix: the library's code and the day it was recorded there (CHA-2611 for 26 November). The
+    counter after it never restarts (next year's 26 November goes on from this year's), so references stay unique
+    without the year."""
+    return f"{library_code}-{recorded_at.astimezone(zone):%d%m}"
+
+
+def need_search_text(
+    reference: str, display_name: str | None, email: str | None, phone: str | None, summary: str | None
+) -> str:
+    """What `q=` finds a need by: its reference, the person's name, email and phone, the words of the summary."""
+    return search_text(words=(reference, display_name, email, summary), phones=(phone,))
 
 
 # --- following needs ----------------------------------------------------------------------------------

@@ -12,8 +12,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from services.intake import domain
-from services.intake.commands import CancelNeed, ErasePerson, RecordNeed, WithdrawMessagesConsent
-from services.intake.store import IdempotencyKey, Need, NeedHistory, PersonErasure, needs_of_person
+from services.intake.commands import CancelNeed, ErasePerson, RecordNeed, SendReceipt, WithdrawMessagesConsent
+from services.intake.store import IdempotencyKey, Need, NeedHistory, PersonErasure, needs_of_person, next_reference
 from services.intake.views import public
 from shared import deadlines
 from shared.db import Database, emit
@@ -25,6 +25,7 @@ from shared.events import (
     NeedRecorded,
     NeedUnroutable,
     PersonErased,
+    ReceiptRequested,
     ReferralAssigned,
     ReferralEvent,
     new_id,
@@ -119,8 +120,12 @@ def _new_need(
     respond_by = deadlines.expected_respond_by(
         directory, category=cmd.category, postal_code=cmd.postal_code, library_id=cmd.library_id, recorded_at=now
     )
+    library = directory.library(cmd.library_id)
+    assert library is not None  # validate_need checked it
+    reference = next_reference(session, domain.reference_prefix(library.reference_code, now, library.zoneinfo))
     need = Need(
         id=new_id(),
+        reference=reference,
         library_id=cmd.library_id,
         category=cmd.category,
         summary=cmd.summary,
@@ -139,6 +144,9 @@ def _new_need(
         consent_version=cmd.consent_version,
         consent_recorded_by=cmd.recorded_by,
         consent_recorded_at=now,
+        search_text=domain.need_search_text(
+            reference, cmd.person.display_name, cmd.person.email, cmd.person.phone, cmd.summary
+        ),
     )
     session.add(need)
     session.add(NeedHistory(need_id=need.id, at=now, event="need.recorded"))
@@ -151,6 +159,7 @@ def _new_need(
             postal_code=need.postal_code,
             urgency=need.urgency,
             recorded_at=now,
+            reference=need.reference,
             person_id=need.person_id,
             preferred_channel=cmd.person.preferred_channel,
             language=cmd.person.language,
@@ -188,6 +197,39 @@ def cancel_need(db: Database, cmd: CancelNeed, *, now: datetime) -> Need:
             session,
             NeedCancelled(
                 need_id=need.id, library_id=need.library_id, reason=cmd.reason, actor=cmd.actor, occurred_at=now
+            ),
+        )
+    return need
+
+
+class NoAddress(Exception):
+    """The person gave no address for this channel (or their data was erased): nothing can be sent to them."""
+
+
+def send_receipt(db: Database, cmd: SendReceipt, *, now: datetime) -> Need:
+    """Ask notifications to send the person their receipt (need.receipt_requested, ids and the need's facts only),
+    and say so in the need's history (the channel, never the address)."""
+    with db.transaction() as session:
+        need = session.get(Need, cmd.need_id)
+        if need is None or need.library_id != cmd.library_id:
+            raise UnknownNeed(cmd.need_id)
+        address = need.person_email if cmd.channel == "email" else need.person_phone if cmd.channel == "sms" else None
+        if not address or need.person_erased_at is not None:
+            raise NoAddress(cmd.channel)
+        session.add(NeedHistory(need_id=need.id, at=now, event=f"receipt.sent_{cmd.channel}"))
+        emit(
+            session,
+            ReceiptRequested(
+                need_id=need.id,
+                library_id=need.library_id,
+                reference=need.reference,
+                category=need.category,
+                channel="email" if cmd.channel == "email" else "sms",
+                status=need.status,
+                partner_id=need.partner_id,
+                respond_by=need.respond_by,
+                actor=cmd.actor,
+                occurred_at=now,
             ),
         )
     return need
@@ -233,6 +275,7 @@ def _erase_person(db: Database, cmd: ErasePerson, now: datetime, personal_data: 
             need.summary, need.person_display_name = ERASED, ERASED
             need.person_email = need.person_phone = None
             need.person_erased_at = now
+            need.search_text = domain.need_search_text(need.reference, None, None, None, None)
             session.add(need)
             session.add(NeedHistory(need_id=need.id, at=now, event="person.erased", detail=cmd.actor))
         for row in session.exec(select(NeedHistory).where(col(NeedHistory.need_id).in_(need_ids))).all():

@@ -10,10 +10,11 @@ from typing import Any
 import httpx
 
 from shared.logs import current_correlation_id
-from shared.service import internal_token
+from shared.service import ACTOR_HEADER, internal_token
 from shared.settings import ServiceName, Settings
 
 REMOTE_TIMEOUT = 5.0  # seconds
+PREVIEW_TIMEOUT = 2.0  # seconds: the desk is waiting at the counter
 OTHER_SERVICES: tuple[ServiceName, ...] = ("referral", "notifications")
 
 
@@ -59,3 +60,26 @@ async def parts_of_person(settings: Settings, person_id: str, need_ids: list[str
             raise answer
         parts[service] = answer
     return parts
+
+
+async def routing_preview(
+    settings: Settings, *, library_id: str, category: str, postal_code: str | None, actor: str
+) -> dict[str, Any] | None:
+    """Referral's answer to "who would receive this need now, by when" (GET /api/v1/routing/preview, with the
+    internal credential on behalf of `actor`, after this service checked the desk's library), or None when referral
+    cannot say now: the form then says so and the need can still be sent."""
+    headers = {"Authorization": f"Bearer {internal_token(settings)}", ACTOR_HEADER: actor}
+    if correlation_id := current_correlation_id():
+        headers["X-Correlation-ID"] = correlation_id
+    params = {"library_id": library_id, "category": category}
+    if postal_code:
+        params["postal_code"] = postal_code
+    try:
+        async with httpx.AsyncClient(timeout=PREVIEW_TIMEOUT) as client:
+            response = await client.get(
+                f"{settings.service_url('referral')}/api/v1/routing/preview", headers=headers, params=params
+            )
+        data = response.json() if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+    return data if isinstance(data, dict) and "routed_because" in data else None

@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from services.intake.domain import CountedNeed
@@ -19,7 +20,10 @@ from shared.signin import USED_TOKEN_TABLE
 
 class Need(SQLModel, table=True):
     __tablename__ = "need"
+    __table_args__ = (sa.UniqueConstraint("reference", name="one_need_per_reference"),)
     id: str = Field(primary_key=True, max_length=32)
+    # What the person reads out on the phone (CHA-2611-0042): the library's code, the day, a counter (next_reference).
+    reference: str = Field(max_length=24)
     library_id: str = Field(index=True, max_length=64)
     category: str = Field(max_length=64)
     summary: str
@@ -51,6 +55,16 @@ class Need(SQLModel, table=True):
     messages_withdrawn_at: datetime | None = Field(default=None, sa_type=UTCDateTime)  # consent to messages withdrawn
     messages_withdrawn_by: str | None = Field(default=None, max_length=64)
     anonymised_at: datetime | None = Field(default=None, sa_type=UTCDateTime)  # by the retention purge
+    search_text: str = ""  # shared.search: folded reference, name, email, phone and summary, for `q=`
+
+
+class ReferenceCounter(SQLModel, table=True):
+    """The last number given after a reference's prefix (library code and day, CHA-2611): one row per prefix, taken
+    and incremented in the recording transaction (an upsert: replicas on PostgreSQL queue on its row)."""
+
+    __tablename__ = "reference_counter"
+    prefix: str = Field(primary_key=True, max_length=16)
+    last: int = 0
 
 
 class NeedHistory(SQLModel, table=True):
@@ -91,9 +105,25 @@ TABLES = [
     table_of(NeedHistory),
     table_of(IdempotencyKey),
     table_of(PersonErasure),
+    table_of(ReferenceCounter),
     USED_TOKEN_TABLE,
     ACCESS_LOG_TABLE,
 ]
+
+
+def next_reference(session: Session, prefix: str) -> str:
+    """The next reference after `prefix` (CHA-2611 -> CHA-2611-0042), counted in this transaction. One upsert: on
+    PostgreSQL a concurrent recording with the same prefix waits for this transaction's row lock, then counts on."""
+    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    counter = ReferenceCounter.__table__  # type: ignore[attr-defined]
+    statement = (
+        insert(counter)
+        .values(prefix=prefix, last=1)
+        .on_conflict_do_update(index_elements=["prefix"], set_={"last": counter.c.last + 1})
+        .returning(counter.c.last)
+    )
+    number = session.execute(statement).scalar_one()
+    return f"{prefix}-{number:04d}"
 
 
 def needs_of_person(session: Session, person_id: str) -> list[Need]:
@@ -156,6 +186,9 @@ def anonymise_needs(session: Session, ids: Sequence[Any], now: datetime) -> None
             person_email=None,
             person_phone=None,
             postal_code=None,
+            search_text=sa.func.lower(
+                col(Need.reference)
+            ),  # shared.search.fold of the reference (ASCII): found by it only
             anonymised_at=now,
         )
     )

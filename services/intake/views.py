@@ -13,6 +13,7 @@ from services.intake import domain
 from services.intake.store import Need, NeedHistory, PersonErasure, needs_of_person
 from shared.events import PersonContact
 from shared.people import AccessEntry, access_entries
+from shared.search import matches
 from shared.service import page
 
 
@@ -35,6 +36,7 @@ class ConsentRecord(BaseModel):
 
 class NeedPublic(BaseModel):
     id: str
+    reference: str  # what the person reads out on the phone (CHA-2611-0042)
     library_id: str
     category: str
     summary: str
@@ -58,6 +60,7 @@ def public(need: Need, history: list[NeedHistory] | None = None) -> NeedPublic:
         **need.model_dump(
             include={
                 "id",
+                "reference",
                 "library_id",
                 "category",
                 "summary",
@@ -112,6 +115,7 @@ def desk_needs(
     status: str = "",
     category: str = "",
     sla: str = "",
+    q: str = "",
     page: int = 1,
     limit: int,
     overdue_limit: int,
@@ -125,6 +129,7 @@ def desk_needs(
         query = query.where(Need.status == status)
     if category:
         query = query.where(Need.category == category)
+    query = query.where(*matches(Need.search_text, q))
     if sla == "overdue":
         query = query.where(col(Need.status).in_(domain.WAITING_FOR_PARTNER), Need.respond_by <= now)
     elif sla:
@@ -151,9 +156,11 @@ def need_page(
     status: str | None,
     limit: int,
     cursor: str | None,
+    q: str | None = None,
 ) -> tuple[list[Need], str | None]:
-    """A page of needs for the API, newest first: a desk's (`own_library`) or every library's, filtered."""
-    query = select(Need)
+    """A page of needs for the API, newest first: a desk's (`own_library`) or every library's, filtered, and
+    searched (`q`: shared.search)."""
+    query = select(Need).where(*matches(Need.search_text, q))
     for library in (own_library, library_id):
         if library:
             query = query.where(Need.library_id == library)

@@ -33,18 +33,20 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response
 from markupsafe import Markup
 
-from services.intake import api, domain, handlers, views
+from services.intake import api, domain, handlers, remote, views
 from services.intake.api import MAX_SUMMARY, NEED_STATUSES, Invalid, record_command, unknown_earlier_need, validate_need
-from services.intake.commands import WithdrawMessagesConsent
+from services.intake.commands import SendReceipt, WithdrawMessagesConsent
 from services.intake.deps import ClockDep, DatabaseDep, DirectoryDep, PagesDep, RuntimeDep
 from services.intake.remote import PartUnavailable
 from services.intake.reports import CategoryFigures, LibraryReport, csv_response, library_report
 from services.intake.store import Need, NeedHistory
+from shared import deadlines
 from shared.db import Database
-from shared.directory import Directory, Library, User
+from shared.directory import Category, Directory, Library, User
 from shared.logs import current_correlation_id
 from shared.pages import DASHBOARD_PATH, MONTHS_FR, SECURITY_HEADERS, Pages, page_links, page_number
 from shared.people import record_access
+from shared.search import MAX_QUERY
 from shared.service import Service
 from shared.settings import Settings
 
@@ -196,7 +198,7 @@ def need_context(directory: Directory, need: Need, now: datetime) -> dict[str, A
 
 @router.get("/scripts/{name}")
 async def script(name: str) -> Response:
-    if name not in ("suivi.js", "accueil.css"):
+    if name not in ("suivi.js", "nouvelle.js", "accueil.css"):
         return Response(status_code=404)
     return FileResponse(
         STATIC / name, headers={"Cache-Control": "public, max-age=3600", "X-Content-Type-Options": "nosniff"}
@@ -250,7 +252,9 @@ def form_page(
     earlier: Need | None = None,
     key_reused: str | None = None,
     unavailable: bool = False,
+    preview: dict[str, Any] | None = None,
 ) -> Response:
+    covered, others = category_groups(directory, desk_.library)
     return show(
         request,
         pages,
@@ -260,7 +264,10 @@ def form_page(
         values=values,
         errors=errors or {},
         suggestions=[category_label(directory, c) for c in suggestions or []],
-        categories=directory.categories,
+        categories=[*covered, *others],
+        covered_categories=covered,
+        other_categories=others,
+        preview=preview,
         earlier=earlier,
         key_reused=key_reused,
         unavailable=unavailable,
@@ -268,6 +275,69 @@ def form_page(
         max_summary=MAX_SUMMARY,
         consent_text=directory.consent_text(desk_.library.language),
     )
+
+
+def category_groups(directory: Directory, library: Library) -> tuple[list[Category], list[Category]]:
+    """The directory's categories that some partner takes on the library's territory (any of its prefixes), then the
+    others, each in the directory's order: the form offers the first ones first."""
+    prefixes = library.territory or [""]
+    covered = [
+        c
+        for c in directory.categories
+        if any(
+            deadlines.covering_partners(directory, category=c.id, postal_code=p or None, library_id=library.id)
+            for p in prefixes
+        )
+    ]
+    return covered, [c for c in directory.categories if c not in covered]
+
+
+async def preview_of(
+    settings: Settings, directory: Directory, desk_: Desk, typed_category: str, typed_postal_code: str
+) -> dict[str, Any]:
+    """What the form shows before sending: who referral would give the need to now, and by when (`state`: "ready",
+    "no_category", "bad_postal_code" or "unavailable")."""
+    category_id, suggestions = domain.find_category(typed_category, [(c.id, c.label) for c in directory.categories])
+    if category_id is None:
+        return dict(state="no_category", suggestions=[category_label(directory, c) for c in suggestions])
+    try:
+        postal_code = domain.normalize_postal_code(typed_postal_code.strip()) if typed_postal_code.strip() else None
+    except ValueError:
+        return dict(state="bad_postal_code", category=category_label(directory, category_id))
+    answer = await remote.routing_preview(
+        settings,
+        library_id=desk_.library.id,
+        category=category_id,
+        postal_code=postal_code,
+        actor=desk_.user.id,
+    )
+    if answer is None:
+        return dict(state="unavailable", category=category_label(directory, category_id))
+    partner = answer.get("partner") or None
+    return dict(
+        state="ready",
+        category=category_label(directory, category_id),
+        partner=partner["name"] if isinstance(partner, dict) else None,
+        respond_by=datetime.fromisoformat(answer["respond_by"]),
+        routed_because=answer["routed_because"],
+    )
+
+
+@router.get("/nouvelle/apercu")
+async def routing_preview_fragment(
+    request: Request,
+    pages: PagesDep,
+    runtime: RuntimeDep,
+    directory: DirectoryDep,
+    thematique: str = "",
+    code_postal: str = "",
+) -> Response:
+    """The form's "who will receive it" region, for the script that refreshes it as the desk types."""
+    desk_ = desk(request, pages, directory)
+    preview = await preview_of(runtime.settings, directory, desk_, thematique[:200], code_postal[:20])
+    html = pages.env.get_template("_apercu.html").render(preview=preview, library=desk_.library)
+    headers = {**SECURITY_HEADERS, "Cache-Control": "no-store"}
+    return Response(html, media_type="text/html; charset=utf-8", headers=headers)
 
 
 @router.get("/nouvelle")
@@ -305,6 +375,15 @@ async def record(
     values["language"] = values["language"] or "fr"
     values["summary"] = values["summary"].replace("\r\n", "\n")  # browsers send a textarea's lines with CRLF
     values["idempotency_key"] = values["idempotency_key"][:200] or secrets.token_urlsafe(18)
+    if chosen := fields.get("choisir", "").strip():  # a "Vouliez-vous dire" suggestion: fills the field
+        values["category"] = chosen[:200]
+    if chosen or "verifier" in fields:  # "Vérifier": the form again, with who would receive the need; nothing sent
+        earlier_need = None
+        if values["same_person_as"]:
+            loaded = await anyio.to_thread.run_sync(load, db, values["same_person_as"], desk_.library.id)
+            earlier_need = loaded[0] if loaded else None
+        preview = await preview_of(runtime.settings, directory, desk_, values["category"], values["postal_code"])
+        return form_page(request, pages, directory, desk_, values, earlier=earlier_need, preview=preview)
     category_id, suggestions = domain.find_category(values["category"], [(c.id, c.label) for c in directory.categories])
     person = {
         "display_name": values["display_name"].strip() or None,
@@ -400,6 +479,87 @@ async def recorded(
     return show(request, pages, "enregistree.html", library=desk_.library, **context, **live_context)
 
 
+# --- the person's receipt
+
+
+RECEIPT_CHANNELS = {"email": "e-mail", "sms": "SMS"}
+
+
+def receipt_channels(need: Need) -> list[str]:
+    """The channels the receipt can go by: those the person gave an address for."""
+    if need.person_erased_at is not None:
+        return []
+    return [c for c, address in (("sms", need.person_phone), ("email", need.person_email)) if address]
+
+
+@router.get("/demandes/{need_id}/recu")
+async def receipt(
+    request: Request,
+    need_id: str,
+    pages: PagesDep,
+    db: DatabaseDep,
+    directory: DirectoryDep,
+    clock: ClockDep,
+    resume: str = "",
+    envoye: str = "",
+) -> Response:
+    """The person's receipt, to print (one A4 page) or show on a phone: the reference, what was asked (the category;
+    the summary only when the desk ticks it), who will call and by when, the library's phone and hours."""
+    desk_, need, _ = await need_reader(request, pages, db, directory, need_id)
+    response = show(
+        request,
+        pages,
+        "recu.html",
+        library=desk_.library,
+        **need_context(directory, need, clock()),
+        with_summary=resume == "oui" and need.person_erased_at is None,
+        channels=receipt_channels(need),
+        channel_names=RECEIPT_CHANNELS,
+        sent=RECEIPT_CHANNELS.get(envoye),
+        send_error=False,
+    )
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@router.post("/demandes/{need_id}/recu")
+async def send_receipt(
+    request: Request,
+    need_id: str,
+    pages: PagesDep,
+    runtime: RuntimeDep,
+    db: DatabaseDep,
+    directory: DirectoryDep,
+    clock: ClockDep,
+) -> Response:
+    """Send the receipt to the person by SMS or email (notifications sends it; the need's history says so)."""
+    desk_ = desk(request, pages, directory)
+    fields = await pages.form(request)
+    channel = fields.get("canal", "")
+    cmd = SendReceipt(need_id=need_id, library_id=desk_.library.id, channel=channel, actor=desk_.user.id)
+    try:
+        await anyio.to_thread.run_sync(partial(handlers.send_receipt, db, cmd, now=clock()))
+    except handlers.UnknownNeed:
+        raise pages.error(request, 404, "not_found") from None
+    except handlers.NoAddress:
+        need, _ = await found(request, pages, db, desk_, need_id)
+        return show(
+            request,
+            pages,
+            "recu.html",
+            status=422,
+            library=desk_.library,
+            **need_context(directory, need, clock()),
+            with_summary=False,
+            channels=receipt_channels(need),
+            channel_names=RECEIPT_CHANNELS,
+            sent=None,
+            send_error=True,
+        )
+    runtime.bus.relay.wake()
+    return pages.redirect(f"/demandes/{need_id}/recu?envoye={channel}")
+
+
 # --- Mes demandes
 
 
@@ -413,9 +573,11 @@ async def needs(
     statut: str = "",
     thematique: str = "",
     delai: str = "",
+    q: str = "",
     page: str = "1",
 ) -> Response:
     desk_ = desk(request, pages, directory)
+    q = q.strip()[:MAX_QUERY]
     status = statut if statut in STATUS_FILTERS else ""
     category = thematique if directory.category(thematique) else ""
     sla = delai if delai in SLA_FILTERS else ""
@@ -431,6 +593,7 @@ async def needs(
                 status=status,
                 category=category,
                 sla=sla,
+                q=q,
                 page=number,
                 limit=LIST_LIMIT,
                 overdue_limit=OVERDUE_LIMIT,
@@ -438,7 +601,7 @@ async def needs(
 
     found_rows, has_more = await anyio.to_thread.run_sync(rows)
     items = [need_context(directory, n, now) for n in found_rows]
-    filters: dict[str, Any] = dict(filter_status=status, filter_category=category, filter_sla=sla)
+    filters: dict[str, Any] = dict(filter_status=status, filter_category=category, filter_sla=sla, filter_q=q)
     partial, live_context = live(
         request,
         pages,
@@ -447,7 +610,7 @@ async def needs(
         "demandes",
         final=False,
         items=items,
-        filtered=bool(status or category or sla),
+        filtered=bool(status or category or sla or q),
         **page_links(request, number, has_more),
         **filters,
     )

@@ -17,6 +17,7 @@ from services.notifications.providers import SMS_PROVIDERS
 from services.notifications.providers.base import Receipt, Reply, Report
 from services.notifications.store import Delivery
 from shared.people import AccessEntry, AccessLogPage, access_entries
+from shared.search import MAX_QUERY
 from shared.service import Cursor
 
 
@@ -104,11 +105,21 @@ def list_deliveries(
     status: str | None = None,
     kind: str | None = None,
     channel: str | None = None,
+    library_id: str | None = None,
+    q: Annotated[
+        str | None,
+        Query(
+            max_length=MAX_QUERY,
+            description="Search: every word in the need's reference (CHA-2611-0042) or in the address the message "
+            "went to (an email; a phone in any written form). Names and summaries are searched in intake.",
+        ),
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Cursor = None,
 ) -> DeliveryPage:
+    """A page of deliveries (ops), newest first, filtered; `library_id`: the messages about that library's needs."""
     filters = dict(need_id=need_id, referral_id=referral_id, status=status, kind=kind, channel=channel)
-    rows, next_cursor = views.delivery_page(session, filters, limit, cursor)
+    rows, next_cursor = views.delivery_page(session, filters, limit, cursor, q=q, library_id=library_id or "")
     return DeliveryPage(items=[DeliveryPublic.of(d) for d in rows], next_cursor=next_cursor)
 
 

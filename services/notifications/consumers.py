@@ -46,6 +46,10 @@ def register(svc: Service, wake_senders: Callable[[], None]) -> None:
             handler = lambda s, e: handlers.on_person_erased(s, e, svc.clock())  # noqa: E731
         elif event.type == "need.messages_withdrawn":
             handler = lambda s, e: handlers.on_messages_withdrawn(s, e, svc.clock())  # noqa: E731
+        elif event.type == "need.receipt_requested":
+            handler = lambda s, e: handlers.on_receipt_requested(  # noqa: E731
+                s, e, svc.directory, svc.clock(), transliterate
+            )
         else:
             handler = lambda s, e: handlers.on_need_cancelled(s, e, svc.clock())  # noqa: E731
         if await svc.bus.process(handler, event):

@@ -23,6 +23,7 @@ from services.notifications.store import (
     Delivery,
     DeliveryAttempt,
     NeedPerson,
+    NeedReference,
     SmsSuppression,
     WaitingForPerson,
     lock_person_of,
@@ -39,6 +40,7 @@ from shared.events import (
     NeedRecorded,
     NeedUnroutable,
     PersonErased,
+    ReceiptRequested,
     ReferralEvent,
     new_id,
     parse_event,
@@ -175,6 +177,7 @@ def on_need_recorded(
     the event sealed (consumers.py opens it), None when the person was erased before it was read: then nothing
     goes to them (no address, channel none)."""
     lock_person_of(session, event.need_id)
+    session.merge(NeedReference(need_id=event.need_id, reference=event.reference, library_id=event.library_id))
     if (erased := session.get(NeedPerson, event.need_id)) is not None and erased.erased_at is not None:
         return 0  # a late or replayed need.recorded of a person since erased: nothing of them is kept
     person = session.get(NeedPerson, event.need_id) or NeedPerson(
@@ -195,6 +198,64 @@ def on_need_recorded(
         count += queue_for_person(session, waited, person, directory, now, transliterate)
         session.delete(row)
     return count
+
+
+def on_receipt_requested(
+    session: Session, event: ReceiptRequested, directory: Directory, now: datetime, transliterate: bool = True
+) -> int:
+    """The desk sends the person their receipt: one message on the channel the desk chose, to the address the person
+    gave with their need (kept here from need.recorded). Suppressed, and said so on the outbox page, when the
+    address is gone (the need is over, or the person was erased) or the number replied STOP."""
+    person = session.get(NeedPerson, event.need_id)
+    library = directory.library(event.library_id)
+    if library is None:
+        raise LookupError(f"{event.type} {event.event_id}: library {event.library_id} is not in the directory")
+    address = (person.email if event.channel == "email" else person.phone) if person else None
+    suppressed = "person_erased" if person is not None and person.erased_at is not None else None
+    suppressed = suppressed or (None if address else "no_address")
+    if not suppressed and event.channel == "sms" and session.get(SmsSuppression, address) is not None:
+        suppressed = "opted_out"
+    partner = directory.partner(event.partner_id) if event.partner_id else None
+    category = directory.category(event.category)
+    desk = library.contacts[0] if library.contacts else None
+    language = person.language if person else "fr"
+    facts = {
+        "template": "receipt",
+        "reference": event.reference,
+        "category": category.label if category else event.category,
+        "partner": partner.name if partner else None,
+        "unroutable": event.status == "unroutable",
+        "library": library.name,
+        "library_phone": library.phone,
+        "library_hours": library.hours,
+        "desk_email": desk.email if desk else None,
+        "desk_phone": desk.phone if desk else None,
+        "respond_by": event.respond_by.isoformat(),
+        "timezone": library.timezone,
+        "language": language,
+        "recorded_at": (person.recorded_at if person else event.occurred_at).isoformat(),
+    }
+    rendered = (
+        render_for_person(facts, event.channel, transliterate)
+        if not suppressed
+        else Rendered(subject="", text="", html=None)
+    )
+    delivery = queue(
+        session,
+        event,
+        now,
+        kind="receipt",
+        channel=event.channel,
+        recipient_role="person",
+        recipient=address or "",
+        rendered=rendered,
+        language=language,
+        reply_to=domain.reply_to(directory, event.library_id, "person"),
+        facts=facts,
+    )
+    if suppressed:
+        delivery.status, delivery.suppressed_reason = "suppressed", suppressed
+    return 1
 
 
 def on_need_cancelled(session: Session, event: NeedCancelled, now: datetime) -> None:

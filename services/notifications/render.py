@@ -11,6 +11,7 @@ from zoneinfo import ZoneInfo
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
 from services.notifications import domain
+from shared.directory import national_phone
 from shared.pages import datetime_fr, deadline_fr
 
 TEMPLATES = Path(__file__).with_name("templates")
@@ -28,7 +29,7 @@ _env = Environment(
     undefined=StrictUndefined,
     keep_trailing_newline=False,
 )
-_env.filters.update(deadline_fr=deadline_fr, datetime_fr=datetime_fr, when_en=when_en)
+_env.filters.update(deadline_fr=deadline_fr, datetime_fr=datetime_fr, when_en=when_en, phone_national=national_phone)
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,16 @@ class NeedPerson(SQLModel, table=True):
     messages_withdrawn_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
 
+class NeedReference(SQLModel, table=True):
+    """A need's reference (CHA-2611-0042) and library, from `need.recorded`: what the outbox is searched and filtered
+    by. Kept when the person's contact is forgotten: it identifies no one."""
+
+    __tablename__ = "need_reference"
+    need_id: str = Field(primary_key=True, max_length=32)
+    reference: str | None = Field(default=None, index=True, max_length=24)
+    library_id: str = Field(index=True, max_length=64)
+
+
 class WaitingForPerson(SQLModel, table=True):
     """A referral event that concerns the person, read before its need's `need.recorded` (two streams, two
     orders): it is handled for the person as soon as their contact arrives."""
@@ -106,6 +116,7 @@ TABLES = [
     table_of(Delivery),
     table_of(DeliveryAttempt),
     table_of(NeedPerson),
+    table_of(NeedReference),
     table_of(WaitingForPerson),
     table_of(SmsSuppression),
     USED_TOKEN_TABLE,

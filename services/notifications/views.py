@@ -9,22 +9,45 @@ from email import message_from_bytes, policy
 from email.message import EmailMessage
 from email.parser import BytesHeaderParser
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from services.notifications.store import Delivery, DeliveryAttempt, NeedPerson, SmsSuppression
+from services.notifications.store import Delivery, DeliveryAttempt, NeedPerson, NeedReference, SmsSuppression
+from shared.search import query_terms
 from shared.service import encode_cursor, page
 
 
-def delivery_page(session: Session, filters: dict, limit: int, cursor: str | None) -> tuple[list[Delivery], str | None]:
+def delivery_page(
+    session: Session, filters: dict, limit: int, cursor: str | None, *, q: str | None = None, library_id: str = ""
+) -> tuple[list[Delivery], str | None]:
     """The API's page of deliveries, newest first. The contract's kinds; sign-in links (no need, not in the contract)
-    only when asked for by kind=sign_in."""
+    only when asked for by kind=sign_in. `q` and `library_id`: searched_deliveries."""
     query = select(Delivery) if filters.get("kind") else select(Delivery).where(Delivery.kind != "sign_in")
     for name, value in filters.items():
         if value:
             query = query.where(getattr(Delivery, name) == value)
-    return page(query, Delivery.created_at, Delivery.id, limit, cursor, session)
+    return page(searched_deliveries(query, q, library_id), Delivery.created_at, Delivery.id, limit, cursor, session)
+
+
+def searched_deliveries(query: Any, q: str | None, library_id: str | None) -> Any:
+    """`query` (of deliveries) narrowed to a library's needs and to `q`: every term is in the need's reference or in
+    the address the message went to (an email, a phone in E.164, which a phone typed in any form becomes).
+    Notifications holds no name and no summary of the person: those are searched in intake and referral."""
+    terms = query_terms(q)
+    if not terms and not library_id:
+        return query
+    query = query.outerjoin(NeedReference, col(NeedReference.need_id) == Delivery.need_id)
+    if library_id:
+        query = query.where(NeedReference.library_id == library_id)
+    reference = sa.func.lower(sa.func.coalesce(NeedReference.reference, ""))
+    recipient = sa.func.lower(Delivery.recipient)
+    for term in terms:
+        query = query.where(
+            sa.or_(reference.contains(term, autoescape=True), recipient.contains(term, autoescape=True))
+        )
+    return query
 
 
 def delivery_with_attempts(session: Session, delivery_id: str) -> tuple[Delivery, list[DeliveryAttempt]] | None:
@@ -65,13 +88,21 @@ def delivery_counts(session: Session, since: datetime) -> tuple[list[tuple[str, 
 
 
 def outbox_page(
-    session: Session, filters: dict, before: tuple[datetime, str] | None, size: int
+    session: Session,
+    filters: dict,
+    before: tuple[datetime, str] | None,
+    size: int,
+    *,
+    q: str = "",
+    library_id: str = "",
 ) -> tuple[list[Delivery], str | None]:
-    """The outbox page's deliveries, newest first from `before`, and the cursor of the next page."""
+    """The outbox page's deliveries, newest first from `before`, and the cursor of the next page; searched as the
+    API's (searched_deliveries)."""
     query = select(Delivery)
     for name, value in filters.items():
         if value:
             query = query.where(getattr(Delivery, name) == value)
+    query = searched_deliveries(query, q, library_id)
     if before is not None:
         at, id_ = before
         query = query.where((Delivery.created_at < at) | ((Delivery.created_at == at) & (Delivery.id < id_)))

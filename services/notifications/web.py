@@ -29,6 +29,7 @@ from services.notifications.views import MailSinkFolder
 from shared.db import Database
 from shared.pages import SECURITY_HEADERS, Pages
 from shared.people import ERASED, record_access
+from shared.search import MAX_QUERY
 from shared.service import Service, decode_cursor
 from shared.settings import Settings
 
@@ -43,6 +44,7 @@ KINDS = (
     "unroutable",
     "sign_in",
     "person_erased",
+    "receipt",
 )
 CHANNELS = ("email", "sms")
 STATUSES = ("queued", "sent", "delivered", "failed", "suppressed")
@@ -134,6 +136,8 @@ async def outbox(
     statut: str = "",
     demande: str = "",
     avant: str = "",
+    q: str = "",
+    lieu: str = "",
 ) -> Response:
     pages.require_user(request, "ops")
     filters = {
@@ -141,6 +145,8 @@ async def outbox(
         "canal": canal if canal in CHANNELS else "",
         "statut": statut if statut in STATUSES else "",
         "demande": demande.strip()[:64],
+        "q": q.strip()[:MAX_QUERY],
+        "lieu": lieu if directory.library(lieu) else "",
     }
 
     def rows() -> tuple[list[Delivery], str | None]:
@@ -161,6 +167,8 @@ async def outbox(
                 },
                 before,
                 PAGE_SIZE,
+                q=filters["q"],
+                library_id=filters["lieu"],
             )
 
     items, more = await anyio.to_thread.run_sync(rows)
@@ -172,6 +180,7 @@ async def outbox(
         filters=filters,
         kinds=KINDS,
         channels=CHANNELS,
+        libraries=directory.libraries,
         statuses=STATUSES,
         masked=masked,
         timezone=directory.timezone,

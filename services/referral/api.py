@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -29,6 +30,7 @@ from services.referral.dashboard import Dashboard, build_dashboard
 from services.referral.deps import (
     ClockDep,
     CommandDeps,
+    DeskOrOpsUser,
     DirectoryDep,
     OpsUser,
     PartnerUser,
@@ -38,9 +40,10 @@ from services.referral.deps import (
 )
 from services.referral.handlers import Deps, NotFound, NotPaused, NotStranded, ReferralState, Refused, handle
 from services.referral.store import Referral, ReferralHistory
-from shared.directory import Directory, User
+from shared.directory import Directory, User, normalize_postal_code
 from shared.events import STREAMS
 from shared.people import AccessEntry, AccessLogPage, access_entries
+from shared.search import MAX_QUERY, Q_DESCRIPTION
 from shared.service import Cursor, Service, error_responses, field_error
 
 # The contract's values; a filter outside them is a 422 naming the parameter, not an empty page.
@@ -58,6 +61,7 @@ class HistoryEntry(BaseModel):
 class ReferralPublic(BaseModel):
     id: str
     need_id: str
+    reference: str | None = None  # the need's, as intake gave it (CHA-2611-0042); null for needs recorded before it
     partner_id: str
     contact_id: str
     library_id: str
@@ -147,6 +151,7 @@ def public(
     history: list[ReferralHistory] | None = None,
     user: User | None = None,
     person_erased_at: datetime | None = None,
+    reference: str | None = None,
 ) -> ReferralPublic:
     left = domain.left_partner(referral.status)
     # The partner the need left keeps its status and date, not the texts of its history (messages, reasons).
@@ -155,6 +160,7 @@ def public(
         **referral.model_dump(exclude={"updated_at"}),
         left_at=referral.updated_at if left else None,
         person_erased_at=person_erased_at,
+        reference=reference,
         history=None
         if history is None
         else [
@@ -171,6 +177,15 @@ def directory_ids(svc: Service) -> Callable[[dict], None]:
         for name in ("ReassignBody", "AssignBody"):
             body = document["components"]["schemas"][name]
             body["properties"]["partner_id"]["enum"] = [partner.id for partner in svc.directory.partners]
+        # The routing preview: a library and a category of the directory, a French or Canadian postal code.
+        for parameter in document["paths"]["/api/v1/routing/preview"]["get"]["parameters"]:
+            schema = parameter["schema"]
+            if parameter["name"] == "library_id":
+                schema["enum"] = [library.id for library in svc.directory.libraries]
+            elif parameter["name"] == "category":
+                schema["enum"] = [category.id for category in svc.directory.categories]
+            elif parameter["name"] == "postal_code":
+                schema["anyOf"][0]["pattern"] = POSTAL_CODE_PATTERN
 
     return refine
 
@@ -204,9 +219,13 @@ def list_referrals(
     partner_id: str | None = None,
     status: ReferralStatus | None = None,
     sla: SlaState | None = None,
+    library_id: str | None = None,
+    q: Annotated[str | None, Query(max_length=MAX_QUERY, description=Q_DESCRIPTION)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Cursor = None,
 ) -> ReferralPage:
+    """A page of referrals the caller may see, newest first: a partner's own, or (ops) every one, filtered. `q`
+    searches their needs; a partner finds a need that left it by its reference only."""
     rows: list[Referral]
     with runtime.db.read() as session:
         if user.role == "partner" and partner_id and partner_id != user.partner:
@@ -220,10 +239,18 @@ def list_referrals(
                 need_id=need_id,
                 status=status,
                 sla=sla,
+                library_id=library_id,
+                q=q,
+                only_open_cases=user.role == "partner",
             )
-        erased = views.person_erased_at(session, [r.need_id for r in rows])
+        need_ids = [r.need_id for r in rows]
+        erased, references = views.person_erased_at(session, need_ids), views.references(session, need_ids)
         return ReferralPage(
-            items=[public(r, user=user, person_erased_at=erased.get(r.need_id)) for r in rows], next_cursor=next_cursor
+            items=[
+                public(r, user=user, person_erased_at=erased.get(r.need_id), reference=references.get(r.need_id))
+                for r in rows
+            ],
+            next_cursor=next_cursor,
         )
 
 
@@ -233,7 +260,7 @@ def get_referral(referral_id: str, user: ReaderUser, runtime: RuntimeDep) -> Ref
         found = views.referral_with_case(session, referral_id)
     if found is None or as_partner(user) not in (None, found[0].partner_id):
         raise HTTPException(404, "no such referral")
-    return public(found[0], found[2], user, found[1].person_erased_at)
+    return public(found[0], found[2], user, found[1].person_erased_at, found[1].reference)
 
 
 async def run(command: object, deps: Deps) -> ReferralState:
@@ -244,19 +271,19 @@ async def run(command: object, deps: Deps) -> ReferralState:
 @router.post("/referrals/{referral_id}/accept", response_model=ReferralPublic, responses=error_responses(409))
 async def accept(referral_id: str, user: PartnerUser, deps: CommandDeps) -> ReferralPublic:
     done = await run(AcceptReferral(referral_id, user.id, as_partner(user)), deps)
-    return public(done.referral, done.history, user)
+    return public(done.referral, done.history, user, reference=done.reference)
 
 
 @router.post("/referrals/{referral_id}/respond", response_model=ReferralPublic, responses=error_responses(409))
 async def respond(referral_id: str, user: PartnerUser, body: RespondBody, deps: CommandDeps) -> ReferralPublic:
     done = await run(RespondToReferral(referral_id, user.id, as_partner(user), body.message), deps)
-    return public(done.referral, done.history, user)
+    return public(done.referral, done.history, user, reference=done.reference)
 
 
 @router.post("/referrals/{referral_id}/decline", response_model=ReferralPublic, responses=error_responses(409))
 async def decline(referral_id: str, user: PartnerUser, body: DeclineBody, deps: CommandDeps) -> ReferralPublic:
     done = await run(DeclineReferral(referral_id, user.id, as_partner(user), body.reason), deps)
-    return public(done.referral, done.history, user)
+    return public(done.referral, done.history, user, reference=done.reference)
 
 
 @router.post("/referrals/{referral_id}/close", response_model=ReferralPublic, responses=error_responses(409))
@@ -264,7 +291,7 @@ async def close(
     referral_id: str, user: PartnerUser, body: Annotated[CloseBody, Body()], deps: CommandDeps
 ) -> ReferralPublic:
     done = await run(CloseReferral(referral_id, user.id, as_partner(user), body.outcome), deps)
-    return public(done.referral, done.history, user)
+    return public(done.referral, done.history, user, reference=done.reference)
 
 
 @router.post("/referrals/{referral_id}/reassign", response_model=ReferralPublic, responses=error_responses(409))
@@ -272,7 +299,7 @@ async def reassign(referral_id: str, user: OpsUser, body: ReassignBody, deps: Co
     """Ops hand the need to another partner that takes its category; the old referral is cancelled, the need
     keeps its deadline. `force: true` (with a reason) overrides the category, recorded as an override."""
     done = await run(ReassignReferral(referral_id, body.partner_id, user.id, body.reason, body.force), deps)
-    return public(done.referral, done.history)
+    return public(done.referral, done.history, reference=done.reference)
 
 
 @router.post("/needs/{need_id}/assign", tags=["ops"], response_model=ReferralPublic, responses=error_responses(409))
@@ -288,7 +315,59 @@ async def assign(need_id: str, user: OpsUser, body: AssignBody, deps: CommandDep
 @router.post("/referrals/{referral_id}/cancel", response_model=ReferralPublic, responses=error_responses(409))
 async def cancel(referral_id: str, user: OpsUser, body: CancelBody, deps: CommandDeps) -> ReferralPublic:
     done = await run(CancelReferral(referral_id, user.id, body.reason), deps)
-    return public(done.referral, done.history, user)
+    return public(done.referral, done.history, user, reference=done.reference)
+
+
+# --- before a need is recorded: who would get it ---
+
+
+class PartnerRef(BaseModel):
+    id: str
+    name: str
+
+
+class RoutingPreview(BaseModel):
+    partner: PartnerRef | None  # null: no partner takes it there now; the coordination would be told
+    respond_by: datetime  # the deadline the need would get if recorded now
+    routed_because: str  # why, in French, as the referral would say it
+
+
+_POSTAL_CODE = re.compile(r"\d{5}|[A-Z]\d[A-Z]\d[A-Z]\d")
+# What the preview accepts, as written (spaces anywhere, either case), for the OpenAPI document.
+POSTAL_CODE_PATTERN = r"^(|\s*(\d\s*){5}|\s*([A-Za-z]\s*\d\s*){3})$"
+
+
+@router.get("/routing/preview", tags=["routing"], response_model=RoutingPreview)
+def routing_preview(
+    user: DeskOrOpsUser,
+    runtime: RuntimeDep,
+    directory: DirectoryDep,
+    clock: ClockDep,
+    library_id: Annotated[str, Query(min_length=1, max_length=64)],
+    category: Annotated[str, Query(min_length=1, max_length=64)],
+    postal_code: Annotated[str | None, Query(max_length=10)] = None,
+) -> RoutingPreview:
+    """Who would receive a need recorded now at `library_id` for `category` (and `postal_code`, else the library's
+    territory), and by when they would have to answer: the routing rule referral applies at recording, on the open
+    referrals and pauses of this moment (capacity can change before the need is sent). A front desk asks for its
+    own library; ops for any."""
+    errors = []  # every failing parameter at once
+    if directory.library(library_id) is None or (user.role == "front_desk" and library_id != user.library):
+        errors.append(("library_id", "unknown_library", "unknown library, or not yours"))
+    if directory.category(category) is None:
+        known = ", ".join(c.id for c in directory.categories)
+        errors.append(("category", "unknown_category", f"unknown category '{category}'; known: {known}"))
+    code = normalize_postal_code(postal_code or "")
+    if code and not (code.isascii() and _POSTAL_CODE.fullmatch(code)):
+        errors.append(("postal_code", "bad_postal_code", "not a postal code: give 5 digits (France) or A1A 1A1"))
+    if errors:
+        raise HTTPException(422, [{"loc": ["query", name], "msg": msg, "type": kind} for name, kind, msg in errors])
+    with runtime.db.read() as session:
+        decision, respond_by = views.routing_preview(
+            session, directory, library_id=library_id, category=category, postal_code=code or None, now=clock()
+        )
+    partner = PartnerRef(id=decision.partner.id, name=decision.partner.name) if decision.partner else None
+    return RoutingPreview(partner=partner, respond_by=respond_by, routed_because=decision.reason)
 
 
 # --- ops: partners and dead letters ---
@@ -384,6 +463,7 @@ dashboard_router.include_router(incidents_api.router)  # the register of confide
 
 class PersonCase(BaseModel):
     need_id: str
+    reference: str | None = None
     library_id: str
     category: str
     summary: str
@@ -422,6 +502,7 @@ def export_person_part(
                     **case.model_dump(
                         include={
                             "need_id",
+                            "reference",
                             "library_id",
                             "category",
                             "summary",
@@ -439,7 +520,10 @@ def export_person_part(
                         "preferred_channel": case.preferred_channel,
                         "language": case.language,
                     },
-                    referrals=[public(r, h, person_erased_at=case.person_erased_at) for r, h in referrals],
+                    referrals=[
+                        public(r, h, person_erased_at=case.person_erased_at, reference=case.reference)
+                        for r, h in referrals
+                    ],
                 )
             )
         return PersonPart(needs=needs, access_log=access_entries(session, need_id))

@@ -47,6 +47,8 @@ def register(svc: Service, clock_wake: asyncio.Event) -> None:
     )
     async def on_need_event(event: NeedEvent) -> None:
         handler: Callable[[Session, Any], None]
+        if event.type == "need.receipt_requested":
+            return  # for notifications: the person's receipt
         if isinstance(event, NeedRecorded):
             details = await anyio.to_thread.run_sync(svc.personal_data.open_need, event)  # None: the person was erased
             handler = lambda s, e: handlers.on_need_recorded(s, e, details, svc.directory, svc.clock())  # noqa: E731

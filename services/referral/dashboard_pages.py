@@ -155,6 +155,7 @@ async def board(request: Request, pages: PagesDep, runtime: RuntimeDep) -> Respo
         done=ACTION_PATHS.get(request.query_params.get("fait", "")),
         count=request.query_params.get("nombre"),
         users=runtime.directory.users,
+        libraries=runtime.directory.libraries,
         **await figures(runtime),
     )
 

@@ -84,3 +84,4 @@ CommandDeps = Annotated[Deps, Depends(get_command_deps)]
 
 ReaderUser = Annotated[User, Depends(caller("partner", "ops"))]
 PartnerUser = Annotated[User, Depends(caller("partner"))]
+DeskOrOpsUser = Annotated[User, Depends(caller("front_desk", "ops"))]  # the routing preview

@@ -27,6 +27,7 @@ from shared.directory import (
     Partner,  # noqa: F401
     normalize_postal_code,
 )
+from shared.search import search_text
 
 # ==============================================================================================
 # Routing
@@ -184,6 +185,14 @@ def route_need(
     return RoutingDecision(partner=winner, contact=directory.primary_contact(winner), reason=reason)
 
 
+def deadline_of(decision: RoutingDecision, recorded_at: datetime, directory: Directory) -> datetime:
+    """The `respond_by` a need recorded at `recorded_at` gets from this decision: the breach of the chosen partner's
+    clock (clock_timers), or the directory's default window when nobody takes it (as intake answers then)."""
+    if decision.partner is None:
+        return recorded_at + directory.sla.respond_within
+    return clock_timers(recorded_at, decision.partner)[-1].due_at
+
+
 def _display_postal_code(code: str) -> str:
     """Canadian codes are read with their space (H2X 1Y4); French ones as they are."""
     if len(code) == 6 and code[0].isalpha():
@@ -312,6 +321,13 @@ def assign_by_hand(
 
 LEFT_PARTNER = frozenset({"declined", "cancelled"})  # final statuses: nothing moves the referral after them
 HOW_IT_LEFT = ("decline", "reassign", "cancel")  # history actions that end a partner's part
+
+
+def case_search_text(
+    reference: str | None, display_name: str | None, email: str | None, phone: str | None, summary: str | None
+) -> str:
+    """What `q=` finds a referral by: its need's reference, the person's name, email and phone, the summary's words."""
+    return search_text(words=(reference, display_name, email, summary), phones=(phone,))
 
 
 def left_partner(status: str) -> bool:

@@ -97,6 +97,7 @@ def on_need_recorded(
         details = NeedPersonalData(summary=ERASED, display_name=ERASED)
     case = NeedCase(
         need_id=event.need_id,
+        reference=event.reference,
         library_id=event.library_id,
         category=event.category,
         summary=details.summary,
@@ -109,6 +110,13 @@ def on_need_recorded(
         language=event.language,
         recorded_at=event.recorded_at,
         correlation_id=event.correlation_id,
+        search_text=domain.case_search_text(
+            event.reference,
+            None if erased else details.display_name,
+            details.email,
+            details.phone,
+            None if erased else details.summary,
+        ),
     )
     session.add(case)
     session.flush()
@@ -306,6 +314,7 @@ def on_person_erased(session: Session, event: PersonErased, directory: Directory
         case.summary, case.person_display_name = ERASED, ERASED
         case.person_email = case.person_phone = None
         case.person_erased_at = event.erased_at
+        case.search_text = domain.case_search_text(case.reference, None, None, None, None)
         session.add(case)
         referral_ids = list(session.exec(select(Referral.id).where(Referral.need_id == case.need_id)).all())
         for row in session.exec(
@@ -401,6 +410,12 @@ class ReferralState:
 
     referral: Referral
     history: list[ReferralHistory]
+    reference: str | None = None  # its need's
+
+
+def _reference_of(session: Session, need_id: str) -> str | None:
+    case = session.get(NeedCase, need_id)
+    return case.reference if case else None
 
 
 class NotFound(LookupError):
@@ -449,7 +464,7 @@ def _partner_action(session: Session, command: Any, action: str, text: str | Non
         raise NotFound("no such referral")
     referral = transition(session, command.referral_id, action, command.actor, deps.clock(), deps.directory, text)
     assert referral is not None  # locked above
-    return ReferralState(referral, history_of(session, referral.id))
+    return ReferralState(referral, history_of(session, referral.id), _reference_of(session, referral.need_id))
 
 
 def accept_referral(session: Session, command: AcceptReferral, deps: Deps) -> ReferralState:
@@ -477,7 +492,7 @@ def cancel_referral(session: Session, command: CancelReferral, deps: Deps) -> Re
     referral = transition(session, command.referral_id, "cancel", command.actor, now, deps.directory, command.reason)
     assert referral is not None  # locked above
     _audit(session, command.actor, "cancel_referral", command.referral_id, command.reason, now)
-    return ReferralState(referral, history_of(session, referral.id))
+    return ReferralState(referral, history_of(session, referral.id), _reference_of(session, referral.need_id))
 
 
 def reassign_referral(session: Session, command: ReassignReferral, deps: Deps) -> ReferralState:
@@ -518,7 +533,7 @@ def reassign_referral(session: Session, command: ReassignReferral, deps: Deps) -
         reason or "",
         now,
     )
-    return ReferralState(referral, history_of(session, referral.id))
+    return ReferralState(referral, history_of(session, referral.id), _reference_of(session, referral.need_id))
 
 
 def assign_need(session: Session, command: AssignNeed, deps: Deps) -> ReferralState:

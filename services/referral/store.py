@@ -24,6 +24,7 @@ class NeedCase(SQLModel, table=True):
 
     __tablename__ = "need_case"
     need_id: str = Field(primary_key=True, max_length=32)
+    reference: str | None = Field(default=None, index=True, max_length=24)  # intake's (CHA-2611-0042); None: older
     library_id: str = Field(max_length=64)
     category: str = Field(max_length=64)
     summary: str
@@ -44,6 +45,7 @@ class NeedCase(SQLModel, table=True):
     stranded_since: datetime | None = Field(default=None, sa_type=UTCDateTime, index=True)
     stranded_cause: str | None = Field(default=None, max_length=32)
     stranded_reason: str | None = None
+    search_text: str = ""  # shared.search: folded reference, name, email, phone and summary, for `q=`
 
     def next_sequence(self) -> int:
         self.sequence += 1
@@ -276,6 +278,9 @@ def anonymise_cases(session: Session, need_ids: Sequence[Any], now: datetime) ->
             person_email=None,
             person_phone=None,
             postal_code=None,
+            search_text=sa.func.coalesce(
+                sa.func.lower(col(NeedCase.reference)), ""
+            ),  # the fold of the reference (ASCII): found by it only
         )
     )
     referrals = select(Referral.id).where(col(Referral.need_id).in_(need_ids))

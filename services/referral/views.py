@@ -9,6 +9,8 @@ import sqlalchemy as sa
 from pydantic import BaseModel
 from sqlmodel import Session, col, select
 
+from services.referral import domain
+from services.referral.domain import LEFT_PARTNER
 from services.referral.store import (
     OPEN_STATUSES,
     ClockTimer,
@@ -20,8 +22,11 @@ from services.referral.store import (
     ReferralHistory,
     current_referral,
     history_of,
+    paused_partners,
 )
+from shared.directory import Directory
 from shared.events import DEAD_LETTER_SUFFIX
+from shared.search import matches, query_terms
 from shared.service import page
 
 
@@ -48,18 +53,51 @@ def find_referrals(
     need_id: str | None = None,
     status: str | None = None,
     sla: str | None = None,
+    library_id: str | None = None,
+    q: str | None = None,
+    only_open_cases: bool = False,
 ) -> tuple[list[Referral], str | None]:
-    """A page of referrals, newest first, filtered by whichever of the arguments are given."""
+    """A page of referrals, newest first, filtered by whichever of the arguments are given; `q` searches the need
+    (shared.search): with `only_open_cases` (a partner's search), a referral that left the partner is found by its
+    need's reference only, as the partner no longer sees the need's case."""
     query = select(Referral)
     for column, value in (
         (Referral.partner_id, partner_id),
         (Referral.need_id, need_id),
         (Referral.status, status),
         (Referral.sla, sla),
+        (Referral.library_id, library_id),
     ):
         if value:
             query = query.where(column == value)
+    if query_terms(q):
+        query = query.join(NeedCase, col(NeedCase.need_id) == Referral.need_id).where(searched(q, only_open_cases))
     return page(query, Referral.created_at, Referral.id, limit, cursor, session)
+
+
+def searched(q: str | None, only_open_cases: bool) -> sa.ColumnElement[bool]:
+    """The WHERE clause of a search of referrals joined with their needs (see find_referrals)."""
+    in_case = sa.and_(*matches(NeedCase.search_text, q))
+    if not only_open_cases:
+        return in_case
+    by_reference = sa.and_(*matches(sa.func.lower(sa.func.coalesce(NeedCase.reference, "")), q))
+    return sa.or_(sa.and_(col(Referral.status).not_in(LEFT_PARTNER), in_case), by_reference)
+
+
+def routing_preview(
+    session: Session, directory: Directory, *, library_id: str, category: str, postal_code: str | None, now: datetime
+) -> tuple[domain.RoutingDecision, datetime]:
+    """Who would get a need recorded now, and by when they must answer: route_need on the open referrals and pauses
+    as they are (what on_need_recorded would decide at this moment; a need has no decline yet)."""
+    decision = domain.route_need(
+        directory,
+        category=category,
+        postal_code=postal_code,
+        library_id=library_id,
+        open_referrals=open_referral_counts(session),
+        paused_partner_ids=paused_partners(session, now),
+    )
+    return decision, domain.deadline_of(decision, now, directory)
 
 
 def referral_with_case(session: Session, referral_id: str) -> tuple[Referral, NeedCase, list[ReferralHistory]] | None:
@@ -70,17 +108,41 @@ def referral_with_case(session: Session, referral_id: str) -> tuple[Referral, Ne
 
 
 def inbox(
-    session: Session, *, partner_id: str | None, status: str, offset: int, limit: int
+    session: Session,
+    *,
+    partner_id: str | None,
+    status: str,
+    offset: int,
+    limit: int,
+    q: str = "",
+    library_id: str = "",
+    only_open_cases: bool = False,
 ) -> list[tuple[Referral, NeedCase]]:
-    """Referrals with their needs, soonest deadline first; `status` "open" means any open status."""
+    """Referrals with their needs, soonest deadline first; `status` "open" means any open status; `q` searches as
+    find_referrals does."""
     query = select(Referral, NeedCase).join(NeedCase, col(NeedCase.need_id) == Referral.need_id)
     if partner_id:
         query = query.where(Referral.partner_id == partner_id)
-    query = query.where(col(Referral.status).in_(OPEN_STATUSES) if status == "open" else Referral.status == status)
+    if library_id:
+        query = query.where(Referral.library_id == library_id)
+    if query_terms(q):
+        query = query.where(searched(q, only_open_cases))
+    if status == "open":
+        query = query.where(col(Referral.status).in_(OPEN_STATUSES))
+    elif status != "all":
+        query = query.where(Referral.status == status)
     query = (
         query.order_by(col(Referral.respond_by), col(Referral.created_at), col(Referral.id)).offset(offset).limit(limit)
     )
     return list(session.exec(query).all())
+
+
+def count_to_treat(session: Session, partner_id: str | None) -> int:
+    """Referrals waiting for their partner's first move (assigned): a partner's own, or every partner's."""
+    query = select(sa.func.count()).select_from(Referral).where(Referral.status == "assigned")
+    if partner_id:
+        query = query.where(Referral.partner_id == partner_id)
+    return session.exec(query).one()
 
 
 def need_and_open_referral(session: Session, need_id: str) -> tuple[NeedCase | None, Referral | None]:
@@ -300,6 +362,18 @@ def privacy_incidents(session: Session, *, offset: int = 0, limit: int | None = 
     """The register, newest first (all of it without `limit`: the CSV export)."""
     query = select(PrivacyIncident).order_by(col(PrivacyIncident.recorded_at).desc(), col(PrivacyIncident.id).desc())
     return list(session.exec(query.offset(offset).limit(limit)).all())
+
+
+def references(session: Session, need_ids: list[str]) -> dict[str, str]:
+    """Need id -> its reference, for those of `need_ids` that have one."""
+    if not need_ids:
+        return {}
+    rows = session.exec(
+        select(NeedCase.need_id, NeedCase.reference).where(
+            col(NeedCase.need_id).in_(need_ids), col(NeedCase.reference).is_not(None)
+        )
+    ).all()
+    return {need_id: reference for need_id, reference in rows if reference is not None}
 
 
 def person_erased_at(session: Session, need_ids: list[str]) -> dict[str, datetime]:

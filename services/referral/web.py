@@ -27,6 +27,7 @@ from services.referral.store import NeedCase, Referral, ReferralHistory
 from shared.directory import Directory, User
 from shared.pages import Pages, page_links, page_number
 from shared.people import record_access
+from shared.search import MAX_QUERY
 from shared.service import Service
 from shared.signin import TokenExpired, TokenInvalid, read_referral_token
 
@@ -315,21 +316,33 @@ async def inbox(
     clock: ClockDep,
     statut: str = "open",
     partenaire: str = "",
+    q: str = "",
+    lieu: str = "",
     page: str = "1",
 ) -> Response:
     user = pages.require_user(request, "partner", "ops")
-    status = statut if statut in ("open", *STATUSES) else "open"
+    status = statut if statut in ("open", "all", *STATUSES) else "open"
     partner_id = user.partner if user.role == "partner" else (partenaire or None)
+    q = q.strip()[:MAX_QUERY]
+    library_id = lieu if user.role == "ops" and directory.library(lieu) else ""
     number = page_number(page)
     now = clock()
 
-    def rows() -> list[tuple[Referral, NeedCase]]:
+    def rows() -> tuple[list[tuple[Referral, NeedCase]], int]:
         with runtime.db.read() as session:
-            return views.inbox(
-                session, partner_id=partner_id, status=status, offset=(number - 1) * INBOX_LIMIT, limit=INBOX_LIMIT + 1
+            found = views.inbox(
+                session,
+                partner_id=partner_id,
+                status=status,
+                offset=(number - 1) * INBOX_LIMIT,
+                limit=INBOX_LIMIT + 1,
+                q=q,
+                library_id=library_id,
+                only_open_cases=user.role == "partner",
             )
+            return found, views.count_to_treat(session, partner_id)
 
-    found = await anyio.to_thread.run_sync(rows)
+    found, to_treat = await anyio.to_thread.run_sync(rows)
     # A need that left the partner shows as such, without its case (summary, the person) in the page.
     items = [
         dict(
@@ -355,6 +368,10 @@ async def inbox(
         partner=directory.partner(user.partner) if user.partner else None,
         partners=directory.partners if user.role == "ops" else [],
         partner_filter=partenaire,
+        libraries=directory.libraries if user.role == "ops" else [],
+        library_filter=library_id,
+        filter_q=q,
+        to_treat=to_treat,
         default_timezone=directory.timezone,
     )
 

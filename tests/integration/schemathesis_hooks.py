@@ -7,6 +7,7 @@
 - A confidentiality incident's dates are in the past and in order (the incident, then when it was known, then the
   notifications), a notified authority is named, and a serious risk is notified or explained: drawn dates and times
   that the schema accepts are replaced by such a set, a serious risk becomes none, a notified authority gets a name.
+- The routing preview's `library_id` must be the calling desk's own library, as a body's.
 - A body's `library_id` must be the calling desk's own library and `same_person_as` a need recorded there: state
   that no schema can hold (the document lists every library of the directory). Values the schema accepts are
   replaced by the caller's (RELAIS_ST_LIBRARY) or dropped; values it refuses are left as drawn, so negative tests
@@ -31,6 +32,11 @@ schemathesis.openapi.format("phone", st.one_of(_FRENCH, _CANADIAN))
 
 @schemathesis.hook
 def map_case(context, case):  # noqa: ANN001 - every phase applies it (map_body is not applied to coverage cases)
+    library = os.environ.get("RELAIS_ST_LIBRARY")
+    query = case.query
+    if context.operation.path == "/api/v1/routing/preview" and library and isinstance(query, dict):
+        if isinstance(query.get("library_id"), str) and re.fullmatch(r"[a-z-]+", query["library_id"]):
+            case.query = {**query, "library_id": library}  # a desk asks about its own library
     body = case.body
     if not isinstance(body, dict):
         return case

@@ -81,6 +81,7 @@ def seed_need(db: Database, at: datetime, *, library: str = "chatelet", status: 
         session.add(
             intake_store.Need(
                 id=need_id,
+                reference=f"CHA-1506-{need_id[:4]}",
                 library_id=library,
                 category="caf",
                 summary="Loyer impayé, M. Dupont",
@@ -89,6 +90,7 @@ def seed_need(db: Database, at: datetime, *, library: str = "chatelet", status: 
                 person_display_name="Marcel Dupont",
                 person_email="marcel@example.org",
                 person_phone="+33261910001",
+                search_text="marcel dupont loyer impaye",
                 preferred_channel="email",
                 recorded_by="desk",
                 recorded_at=at - DAY,
@@ -118,6 +120,7 @@ def need_anonymised(db: Database, need_id: str) -> bool:
         None,
     )
     assert "Vu M. Dupont" not in details and ANONYMISED in details
+    assert need.search_text == need.reference.lower()  # `q=` finds it by its reference only
     assert (need.category, need.library_id, need.status) == ("caf", need.library_id, need.status)  # figures stay
     return True
 
@@ -134,6 +137,7 @@ def seed_case(db: Database, at: datetime, *, status: str = "closed", library: st
                 urgency="normal",
                 person_display_name="Marcel Dupont",
                 person_email="marcel@example.org",
+                search_text="marcel dupont",
                 recorded_at=at - DAY,
             )
         )
@@ -169,6 +173,7 @@ def case_anonymised(db: Database, need_id: str) -> bool:
         assert case.person_email == "marcel@example.org" and "Vu M. D." in details
         return False
     assert case.person_display_name == ANONYMISED and case.person_email is None and "Vu M. D." not in details
+    assert "dupont" not in case.search_text
     return True
 
 

@@ -47,3 +47,12 @@
 
   document.querySelectorAll("[data-live]").forEach(follow);
 }());
+
+/* A "print" button, shown only when this script runs (the page says how to print without it). */
+(function () {
+  "use strict";
+  document.querySelectorAll("button[data-print]").forEach(function (button) {
+    button.hidden = false;
+    button.addEventListener("click", function () { window.print(); });
+  });
+}());
