@@ -81,7 +81,7 @@ def test_the_partner_pages_after_the_need_left(exit, page, check_page, settings,
     sign_in_in_browser(page, sign_in_link(settings, "referral", "op-caf", now=referral.svc.clock())[0])
     page.get_by_label("Statut").select_option(status)
     page.get_by_role("button", name="Filtrer").click()
-    page.wait_for_url(f"**/boite?statut={status}")  # the filtered list, not the one the click left
+    page.wait_for_url(f"**/boite?q=&statut={status}")  # the filtered list, not the one the click left
     expect(page.locator(".cards > li")).to_have_count(1)
     assert page.locator(".cards > li").get_by_text(LEFT).is_visible()
     assert_no_person(page, "the inbox")

@@ -107,7 +107,7 @@ def test_sign_in_inbox_and_referral_pages_on_desk_and_phone(page, check_page, re
     page.get_by_role("link", name="Retour aux demandes").click()
     page.get_by_label("Statut").select_option("closed")
     page.get_by_role("button", name="Filtrer").click()
-    assert page.url.endswith("/boite?statut=closed")
+    assert page.url.endswith("/boite?q=&statut=closed")  # the search box (empty) and the filter are one form
     assert "Aucune demande ne correspond à ce filtre." in page.get_by_role("status").inner_text()
     check_page(page, "inbox-filtered-empty")
 

@@ -31,6 +31,7 @@ A_NEED = {
     "preferred_channel": "sms",
     "language": "fr",
     "consent": "oui",
+    "consent_messages": "oui",  # the person agreed to hear about their need on their channel
 }
 
 
