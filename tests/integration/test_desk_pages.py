@@ -140,7 +140,10 @@ def test_errors_are_in_french_next_to_their_field_and_keep_what_was_typed(intake
             rf'id="{field}"[^>]*aria-invalid="true"[^>]*aria-describedby="[^"]*{field}-erreur"', html, re.S
         ), field
     suggestion = search(r"Vouliez-vous dire :(.*?) \?</p>", html, re.S).group(1)
-    assert re.findall(r'name="choisir" value="([^"]+)"', suggestion) == ["Allocations familiales (CAF)", "Assurance maladie"]
+    assert re.findall(r'name="choisir" value="([^"]+)"', suggestion) == [
+        "Allocations familiales (CAF)",
+        "Assurance maladie",
+    ]
     assert 'value="al"' in html and 'value="m.d@"' in html and 'value="7600"' in html
     assert ">Loyer « impayé » 😟\nsuite</textarea>" in html
     assert hidden(html, "idempotency_key") == typed["idempotency_key"]  # nothing recorded: the same form goes on
