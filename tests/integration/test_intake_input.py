@@ -170,6 +170,7 @@ def test_need_recorded_carries_what_referral_needs_and_the_text_as_typed(intake,
         "person_id",
         "preferred_channel",
         "language",
+        "reference",  # what the person reads out on the phone: the library's code, a date, a counter
         "sealed",
     }
     assert event["need_id"] == need["id"] and event["correlation_id"] == "desk-42" and event["version"] == 2
