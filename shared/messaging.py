@@ -21,9 +21,12 @@ do for Redis Streams is here (see docs/architecture.md):
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
+import sys
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any
@@ -239,6 +242,23 @@ class OutboxRelay:
 # --- consuming ----------------------------------------------------------------------------------
 
 
+async def _wait_or_say(tasks: list[asyncio.Task] | list[asyncio.Future], what: str) -> set:
+    """Wait up to READS_STOP_SECONDS for `tasks`; log those still running, with where each is (its stack, and
+    every thread's, since a task waiting on a worker thread is stuck where that thread is). The ones left."""
+    if not tasks:
+        return set()
+    _, still = await asyncio.wait(tasks, timeout=READS_STOP_SECONDS)
+    if still:
+        where = io.StringIO()
+        for task in still:
+            if isinstance(task, asyncio.Task):
+                task.print_stack(limit=8, file=where)
+        for ident, frame in sys._current_frames().items():
+            where.write(f"thread {ident}:\n{''.join(traceback.format_stack(frame, limit=8))}")
+        log.warning("%s: %d still running after %d s\n%s", what, len(still), READS_STOP_SECONDS, where.getvalue())
+    return still
+
+
 async def dead_letter(
     client: aioredis.Redis, stream: str, group: str, entry_id: bytes | str, fields: dict, error: str
 ) -> None:
@@ -439,9 +459,12 @@ class Bus:
         ]
 
     async def stop(self) -> None:
+        """Stop reading and publishing; bounded, so a SIGTERM always ends (each step waits at most
+        READS_STOP_SECONDS, then says what it left behind, with where it was stuck)."""
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # A task inside a worker thread (the relay's round, a purge) ends when its thread's statement does.
+        await _wait_or_say(self._tasks, f"{self.service}: background task(s)")
         # FastStream's broker.stop() cancels each subscriber's read without waiting for it to end, then closes
         # the connection pool: a read still blocked in XREADGROUP then fails with "Connection closed by server"
         # and is logged as an ERROR on every clean stop. Stop the subscribers first and wait for their reads to
@@ -455,12 +478,11 @@ class Bus:
             log.warning(
                 "%s: subscribers still stopping after %d s; the bus stops anyway", self.service, READS_STOP_SECONDS
             )
-        if reads:
-            _, still = await asyncio.wait(reads, timeout=READS_STOP_SECONDS)
-            if still:  # never seen to happen, but a stop must end: the broker then closes their connections
-                log.warning("%s: %d read(s) still running after the subscribers stopped", self.service, len(still))
-                for task in still:
-                    task.cancel()
+        for task in await _wait_or_say(reads, f"{self.service}: read(s) after the subscribers stopped"):
+            task.cancel()  # a stop must end: the broker then closes their connections
+        await _wait_or_say([asyncio.ensure_future(self._close())], f"{self.service}: closing the connections")
+
+    async def _close(self) -> None:
         await self.broker.stop()
         if self.redis is not None:
             await self.redis.aclose()
