@@ -121,7 +121,8 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "X-Content-Type-Options": "nosniff",
     "Content-Security-Policy": (
-        "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
+        # data: images and self-hosted fonts: the DSFR theme's Marianne block and Marianne font (base.html)
+        "default-src 'none'; style-src 'self'; img-src 'self' data:; font-src 'self'; form-action 'self'; "
         "frame-ancestors 'none'; base-uri 'none'"
     ),
 }
@@ -280,9 +281,13 @@ class Pages:
             session = WebSession(user_id=None, csrf=secrets.token_urlsafe(24))
             request.state.web_session = session
         context.setdefault("csrf", session.csrf)
+        user = self.user(request)
+        directory = self.svc.directory
         html = self.env.get_template(template).render(
             request=request,
-            user=self.user(request),
+            user=user,
+            deployment=directory.deployment,
+            desk_library=directory.library(user.library) if user and user.library else None,
             home=self.home,
             service=self.svc.name,
             session_csrf=session.csrf,
