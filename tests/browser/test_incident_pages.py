@@ -9,8 +9,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from shared.signin import sign_in_link
 from shared.pages import date_fr
+from shared.signin import sign_in_link
 from shared.testing import VIEWPORT_PHONE, focused, sign_in_in_browser, tab_to
 
 pytestmark = [pytest.mark.browser, pytest.mark.date_sensitive]
