@@ -179,7 +179,7 @@ def test_a_france_services_deployment_wears_the_states_design_system(
     intake = start_service("intake", settings.model_copy(update={"directory": directory}))
 
     responses: list = []
-    page.on("response", responses.append)
+    page.on("response", lambda r: responses.append(r))
     sign_in(page, intake, "desk")
     page.goto(f"{intake.url}/nouvelle")
     page.wait_for_load_state("networkidle")
