@@ -43,6 +43,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    StrictBool,
     StrictInt,
     StringConstraints,
     ValidationError,
@@ -98,15 +99,23 @@ def normalize_phone(text: str) -> str:
     raise ValueError(f"not a phone number: {text!r} (write e.g. 02 35 12 34 56, 819 555 0123 or +33235123456)")
 
 
-def national_phone(e164: str | None) -> str:
-    """A stored number as people of its country write it (06 12 34 56 78; 819-555-0110); "" for None."""
+def national_phone(e164: str | None, country: str | None = None) -> str:
+    """A stored number as people of `country` (FR or CA: the library's) write it: 06 12 34 56 78, 819 555-0101;
+    a number of another country in international form (+1 819-555-0101); without `country`, as its own country
+    writes it. "" for None; the text as it is when it is not a number."""
     if not e164:
         return ""
     try:
-        number = phonenumbers.parse(e164, PHONE_REGIONS[0])
+        number = phonenumbers.parse(e164, country or PHONE_REGIONS[0])
     except phonenumbers.NumberParseException:
         return e164
-    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.NATIONAL)
+    region = phonenumbers.region_code_for_number(number)
+    if country and region != country:
+        return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.INTERNATIONAL)
+    text = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.NATIONAL)
+    if number.country_code == 1:  # (819) 555-0101 -> 819 555-0101, as Québec's public services write it
+        text = re.sub(r"^\((\d{3})\) ", r"\1 ", text)
+    return text
 
 
 def normalize_email(text: str) -> str:
@@ -311,6 +320,11 @@ class Library(_Frozen):
         return ZoneInfo(self.timezone)
 
     @property
+    def country(self) -> str:
+        """FR or CA: how its phone numbers are written (shared.directory.national_phone)."""
+        return "CA" if (self.jurisdiction or jurisdiction_of(self)) == "CA-QC" else "FR"
+
+    @property
     def reference_code(self) -> str:
         return self.code or default_reference_code(self.id)
 
@@ -466,6 +480,25 @@ class PrivacyContact(_Frozen):
     address: Text | None = None  # postal address, for requests by letter
 
 
+class Deployment(_Frozen):
+    """How the pages and emails present this deployment (docs/deployment.md, "Look: the deployment block")."""
+
+    name: Text = "Relais"  # in every page's header and title, and in every email
+    # dsfr: the French State's design system (France Services); neutral: Relais's own look (Québec libraries...)
+    theme: Literal["dsfr", "neutral"] = "neutral"
+    # The République française block (Marianne) is shown only for a State service; it needs theme dsfr.
+    state_service: StrictBool = False
+
+    @model_validator(mode="after")
+    def _state_block_needs_dsfr(self) -> Deployment:
+        if self.state_service and self.theme != "dsfr":
+            raise ValueError(
+                "state_service: true shows the République française block, which only the dsfr theme has: "
+                "add theme: dsfr, or set state_service: false"
+            )
+        return self
+
+
 # The France Services window, when the file gives no `sla`, as the file would write it.
 DEFAULT_SLA = {"respond_within": "PT72H", "remind_after": ["PT24H", "PT48H"], "escalate_after": "PT60H"}
 
@@ -475,6 +508,7 @@ def default_sla() -> SlaPolicy:
 
 
 class _DirectoryBase(_Frozen):
+    deployment: Deployment = Field(default_factory=Deployment)
     timezone: TimeZoneName = DEFAULT_TIMEZONE
     sla: SlaPolicy = Field(default_factory=default_sla)
     retention: Retention = Field(default_factory=Retention)
@@ -694,6 +728,7 @@ def _read_yaml(path: Path) -> Any:
 # --- Error messages ---------------------------------------------------------------------------
 
 _SECTIONS = (
+    "deployment",
     "timezone",
     "sla",
     "retention",
@@ -732,6 +767,8 @@ def _message(err: Mapping[str, Any]) -> str:
         if isinstance(value, (int, float, bool)):
             return f"must be text; put {value!r} in quotes"
         return "must be text"
+    if kind in ("bool_type", "bool_parsing"):
+        return f"must be true or false, not {value!r}"
     if kind in ("int_type", "int_parsing", "int_from_float"):
         return f"must be a whole number, not {value!r}"
     if kind == "list_type":

@@ -23,7 +23,7 @@ import io
 import logging
 import secrets
 from collections.abc import Iterable, Sequence
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -86,6 +86,11 @@ def datetime_fr(at: datetime, timezone: str) -> str:
     return f"{DAYS_FR[local.weekday()]} {local.day} {MONTHS_FR[local.month - 1]} {local.year} à {_hour_fr(local)}"
 
 
+def date_fr(day: date | datetime) -> str:
+    """'lundi 23 novembre 2026': a day with no time, worded as the pages' other dates."""
+    return f"{DAYS_FR[day.weekday()]} {day.day} {MONTHS_FR[day.month - 1]} {day.year}"
+
+
 def iso(at: datetime) -> str:
     """For <time datetime="...">."""
     return at.isoformat(timespec="minutes")
@@ -103,7 +108,9 @@ def environment(*template_dirs: Path) -> Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(deadline_fr=deadline_fr, datetime_fr=datetime_fr, iso=iso, phone_national=national_phone)
+    env.filters.update(
+        deadline_fr=deadline_fr, datetime_fr=datetime_fr, date_fr=date_fr, iso=iso, phone_national=national_phone
+    )
     return env
 
 
@@ -121,7 +128,8 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "X-Content-Type-Options": "nosniff",
     "Content-Security-Policy": (
-        "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
+        # data: images and self-hosted fonts: the DSFR theme's Marianne block and Marianne font (base.html)
+        "default-src 'none'; style-src 'self'; img-src 'self' data:; font-src 'self'; form-action 'self'; "
         "frame-ancestors 'none'; base-uri 'none'"
     ),
 }
@@ -280,9 +288,13 @@ class Pages:
             session = WebSession(user_id=None, csrf=secrets.token_urlsafe(24))
             request.state.web_session = session
         context.setdefault("csrf", session.csrf)
+        user = self.user(request)
+        directory = self.svc.directory
         html = self.env.get_template(template).render(
             request=request,
-            user=self.user(request),
+            user=user,
+            deployment=directory.deployment,
+            desk_library=directory.library(user.library) if user and user.library else None,
             home=self.home,
             service=self.svc.name,
             session_csrf=session.csrf,

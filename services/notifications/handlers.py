@@ -127,6 +127,7 @@ def queue_for_staff(
         message=ERASED if erased and getattr(event, "message", None) else getattr(event, "message", None),
         answered=event.type.removeprefix("referral."),
         erased_at=getattr(event, "erased_at", None),
+        deployment=directory.deployment.name,
     )
     for person in people:
         link = link_for(event) if person.role in ("partner_contact", "backup_contact") else None
@@ -157,6 +158,7 @@ def queue_for_staff(
                     "timezone": library.timezone,
                     "link": link,
                     "referral_id": delivery.referral_id,
+                    "deployment": directory.deployment.name,
                 }
             )
     return len(people)
@@ -228,6 +230,8 @@ def on_receipt_requested(
         "library": library.name,
         "library_phone": library.phone,
         "library_hours": library.hours,
+        "country": library.country,
+        "deployment": directory.deployment.name,
         "desk_email": desk.email if desk else None,
         "desk_phone": desk.phone if desk else None,
         "respond_by": event.respond_by.isoformat(),
@@ -341,6 +345,8 @@ def person_facts(event: ReferralEvent, directory: Directory, person: NeedPerson)
         "library": library.name,
         "desk_email": desk.email if desk else None,
         "desk_phone": desk.phone if desk else None,
+        "country": library.country,
+        "deployment": directory.deployment.name,
         "respond_by": respond_by.isoformat() if respond_by else None,
         "timezone": library.timezone,
         "language": person.language,
@@ -475,6 +481,7 @@ def on_access_link_requested(
         link=link_for_request(settings, request),
         expires_at=request.expires_at,
         timezone=directory.timezone,
+        deployment=directory.deployment.name,
     )
     delivery = queue(
         session,

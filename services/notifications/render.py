@@ -30,6 +30,8 @@ _env = Environment(
     keep_trailing_newline=False,
 )
 _env.filters.update(deadline_fr=deadline_fr, datetime_fr=datetime_fr, when_en=when_en, phone_national=national_phone)
+# What a caller does not pass: messages queued before the directory named the deployment, or the library's country.
+_env.globals.update(deployment="Relais", country=None)
 
 
 @dataclass(frozen=True)

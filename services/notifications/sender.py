@@ -52,7 +52,9 @@ class EmailChannel:
         for item in items:
             item["respond_by"] = datetime.fromisoformat(item["respond_by"])
         items.sort(key=lambda item: item["respond_by"])
-        rendered = render_email("digest", recipient_name=items[0]["recipient_name"], items=items)
+        # Digests queued before their facts named the deployment get the render's default.
+        named = {"deployment": items[0]["deployment"]} if "deployment" in items[0] else {}
+        rendered = render_email("digest", recipient_name=items[0]["recipient_name"], items=items, **named)
         return smtp.build_message(
             sender=sender,
             to=first.recipient,

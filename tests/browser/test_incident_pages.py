@@ -9,6 +9,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from shared.pages import date_fr
 from shared.signin import sign_in_link
 from shared.testing import VIEWPORT_PHONE, focused, sign_in_in_browser, tab_to
 
@@ -89,7 +90,7 @@ def test_ops_record_an_incident_with_the_keyboard_and_find_it_in_the_register(
     assert row.count() == 1
     cells = row.first.inner_text()
     assert "Atteinte à la confidentialité" in cells and "environ 12" in cells and "En cours" in cells
-    assert start.strftime("%d/%m/%Y") in cells
+    assert date_fr(start) in cells
     page.set_viewport_size(VIEWPORT_PHONE)
     check_page(page, "incidents-phone")
     items = referral.client("ops").get("/privacy-incidents").json()["items"]

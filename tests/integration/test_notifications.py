@@ -612,3 +612,32 @@ async def test_the_pool_speaks_starttls_or_tls_logs_in_and_reuses_its_connection
     finally:
         sink.controller.stop()
     assert [m["subject"] for m in sink.messages] == ["n°0", "n°1", "n°2", "n°3"]
+
+
+def test_every_email_names_the_deployment_fits_a_phone_and_says_why_it_was_sent(
+    settings, sink, start_service, tmp_path
+):
+    data = directory_data()
+    data["deployment"] = {"name": "France Services de Seine-Maritime", "theme": "dsfr"}
+    data["libraries"][0]["contacts"][0]["phone"] = "0235123456"
+    directory = tmp_path / "deployment.yaml"
+    directory.write_text(yaml.safe_dump(data, allow_unicode=True))
+    notif = start_service("notifications", settings.model_copy(update={"smtp_url": sink.url, "directory": directory}))
+    need = recorded(notif, {"email": "personne@example.org", "preferred_channel": "email"})
+    publish(settings, need, assigned(need.need_id))
+
+    assert wait_for(lambda: sink.to("referent@caf.test.example") and sink.to("personne@example.org"))
+    why = {
+        "referent@caf.test.example": "parce que l'annuaire vous nomme référent de CAF de la Seine-Maritime",
+        "personne@example.org": "parce que vous avez accepté, à l'accueil de Bibliothèque du Châtelet",
+    }
+    for address, reason in why.items():
+        [mail] = sink.to(address)
+        text = mail["message"].get_body(("plain",)).get_content()
+        html = mail["message"].get_body(("html",)).get_content()
+        assert '<meta name="viewport" content="width=device-width, initial-scale=1">' in html
+        assert "max-width: 36rem" in html and "font-size: 16px" in html
+        for part in (text, " ".join(html.split())):
+            assert "France Services de Seine-Maritime" in part and reason in part.replace("&#39;", "'")
+    person_text = sink.to("personne@example.org")[0]["message"].get_body(("plain",)).get_content()
+    assert "appelez le 02 35 12 34 56" in person_text  # the desk's number as France writes it

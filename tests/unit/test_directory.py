@@ -13,6 +13,7 @@ from shared.directory import (
     DirectoryError,
     check_directory_file,
     load_directory,
+    national_phone,
     parse_duration,
 )
 
@@ -547,3 +548,47 @@ def test_consent_texts_need_unique_versions_and_one_in_each_desk_language(tmp_pa
         "consent[1].version: duplicate version 'fr-1' (already consent[0]); give each text its own version id" in errors
     )
     assert "libraries[1].language: no consent text in 'en'; add one to consent with language: en" in errors
+
+
+def test_a_directory_without_deployment_gets_the_neutral_look_named_relais(tmp_path):
+    deployment = load_directory(write(tmp_path, GOOD)).deployment
+    assert (deployment.name, deployment.theme, deployment.state_service) == ("Relais", "neutral", False)
+    state = {"name": "France Services de Seine-Maritime", "theme": "dsfr", "state_service": True}
+    loaded = load_directory(write(tmp_path, {**GOOD, "deployment": state})).deployment
+    assert loaded.model_dump() == state
+
+
+@pytest.mark.parametrize(
+    "deployment, message",
+    [
+        ({"theme": "gouv"}, "deployment.theme: must be 'dsfr' or 'neutral', not 'gouv'"),
+        ({"theme": "dsfr", "state_service": "oui"}, "deployment.state_service: must be true or false, not 'oui'"),
+        ({"name": " "}, "deployment.name: must not be empty"),
+        ({"state_service": True}, "deployment: state_service: true shows the République française block, which only"),
+        ({"logo": "x.png"}, "deployment.logo: unknown field"),
+    ],
+)
+def test_a_bad_deployment_block_says_what_to_fix(tmp_path, deployment, message):
+    errors = check_directory_file(write(tmp_path, {**GOOD, "deployment": deployment}))
+    assert any(e.startswith(message) for e in errors), errors
+
+
+@pytest.mark.parametrize(
+    "e164, country, shown",
+    [
+        ("+33612345678", "FR", "06 12 34 56 78"),
+        ("+18195550101", "CA", "819 555-0101"),
+        ("+18195550101", "FR", "+1 819-555-0101"),  # another country's number: in international form
+        ("+33235123456", "CA", "+33 2 35 12 34 56"),
+        ("+18195550101", None, "819 555-0101"),  # no library: as its own country writes it
+        (None, "FR", ""),
+    ],
+)
+def test_phones_are_shown_as_the_librarys_country_writes_them(e164, country, shown):
+    assert national_phone(e164, country) == shown
+
+
+def test_a_desks_country_follows_its_jurisdiction():
+    demo = load_directory(DEMO_DIRECTORY)
+    assert known(demo.library("rouen-chatelet")).country == "FR"
+    assert known(demo.library("drummondville")).country == "CA"
