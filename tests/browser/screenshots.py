@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from shared.settings import ServiceName
 from shared.signin import sign_in_link
 from shared.testing import sign_in_in_browser, wait_for
+from tests.helpers import RunningService
 
 pytestmark = [pytest.mark.browser]
 
@@ -68,11 +70,11 @@ def test_screenshots_of_every_page(page, settings, mail_sink, start_service):
     assert r.status_code == 200, r.text
     wait_for(lambda: notifications.client("ops").get("/deliveries").json()["items"])
 
-    signed_in: dict[str, tuple] = {
-        "intake": (intake, "desk"),
-        "referral-partner": (referral, "op-caf"),
-        "referral-ops": (referral, "ops"),
-        "notifications": (notifications, "ops"),
+    signed_in: dict[str, tuple[RunningService, ServiceName, str]] = {
+        "intake": (intake, "intake", "desk"),
+        "referral-partner": (referral, "referral", "op-caf"),
+        "referral-ops": (referral, "referral", "ops"),
+        "notifications": (notifications, "notifications", "ops"),
     }
     urls = {
         "intake": [
@@ -103,8 +105,7 @@ def test_screenshots_of_every_page(page, settings, mail_sink, start_service):
     }
     OUT.mkdir(parents=True, exist_ok=True)
     rows = []
-    for who, (service, user) in signed_in.items():
-        service_name = who.split("-")[0]
+    for who, (service, service_name, user) in signed_in.items():
         page.set_viewport_size({"width": 1280, "height": 900})
         sign_in_in_browser(page, sign_in_link(service.settings, service_name, user, now=service.svc.clock())[0])
         for name, path in urls[who]:
