@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
+import time as monotonic
 from collections import Counter, defaultdict
-from datetime import datetime, timedelta
+from datetime import datetime, time, timedelta
 from typing import TYPE_CHECKING
+from zoneinfo import ZoneInfo
 
 import anyio
 import redis
@@ -39,8 +40,11 @@ WINDOW = timedelta(days=30)  # partners' answer times, breaches, declines
 DUE_SOON = timedelta(hours=24)
 ANSWERS = ("accept", "respond")  # a partner's first answer stops the clock (domain.CLOCK_STOPPERS)
 PARTNER_ACTIONS = ("accept", "respond", "decline", "close")  # what shows a partner is at work
-SILENT_AFTER = timedelta(hours=72)  # no action on any referral for this long...
-WAITING_AT_LEAST = timedelta(hours=24)  # ...while one has waited for a first answer this long: stopped answering
+# A partner stopped answering: at least SILENT_ALERTS of its referrals escalated or past their deadline within
+# SILENT_WINDOW, and no action of its own (PARTNER_ACTIONS) on any referral since the first of them.
+SILENT_WINDOW = timedelta(days=7)
+SILENT_ALERTS = 2
+ALERTS = ("escalation", "breach")  # the clock's timers that need a person (a reminder goes to the partner only)
 OVERDUE_TIMER = timedelta(seconds=60)  # a timer still unfired this long after it was due: the clock is stuck
 ANSWER_BUCKETS = ((0, 1), (1, 4), (4, 12), (12, 24), (24, 48), (48, 72), (72, None))  # hours
 BASELINE_AGE = 60.0  # seconds: pending counts are compared with a snapshot at least this old
@@ -96,7 +100,16 @@ class ReferralLine(BaseModel):
     respond_by: datetime
     created_at: datetime
     breached_at: datetime | None = None
+    reference: str | None = None  # intake's reference of the need (CHA-2611-0042); None for older needs
     url: str  # the referral's page (its history)
+    need_url: str  # the coordination's page of the need (what it is, its referrals, the actions on it)
+
+
+class AlertLine(ReferralLine):
+    """A referral the clock escalated, or whose deadline passed, today."""
+
+    kind: str  # escalation | breach
+    at: datetime
 
 
 class StrandedNeed(BaseModel):
@@ -104,6 +117,7 @@ class StrandedNeed(BaseModel):
     `POST /api/v1/needs/{need_id}/assign`. `cause` is one of domain.STRANDED_CAUSES; names come from the directory."""
 
     need_id: str
+    reference: str | None  # intake's reference of the need; None for older needs
     library_id: str
     library_name: str
     category: str
@@ -118,6 +132,7 @@ class StrandedNeed(BaseModel):
     declined_by: list[str]  # names of the partners that declined it, in that order
     takers: list[str]  # names of the partners that take its category (anywhere)
     assign_url: str  # the dashboard's page to hand it to a partner
+    need_url: str  # the coordination's page of the need
 
 
 class Stranded(BaseModel):
@@ -131,6 +146,7 @@ class Deadlines(BaseModel):
     due_soon: list[ReferralLine]  # waiting for a first answer, due within 24 hours, soonest first
     breaches: list[ReferralLine]  # breached within 30 days, newest first
     breaches_count: int
+    today: list[AlertLine]  # escalated or breached since midnight (the directory's time zone), newest first
 
 
 class DeclineReason(BaseModel):
@@ -155,7 +171,9 @@ class PartnerFigures(BaseModel):
     declines_30d: int
     decline_reasons: list[DeclineReason]
     last_action_at: datetime | None
-    stopped_answering: bool
+    alerts_7d: int  # its referrals escalated or past their deadline within 7 days
+    stopped_answering: bool  # SILENT_ALERTS of those or more, and no action of its own since the first of them
+    silent_since: datetime | None  # that first escalation or breach, when it stopped answering
 
 
 class ClockFigures(BaseModel):
@@ -220,9 +238,22 @@ def bucket_label(low: int, high: int | None) -> str:
 # --- figures from referral's own database (queries in views.py; the arithmetic here) -----------------------
 
 
-def referral_line(referral: Referral, directory: Directory, breached_at: datetime | None = None) -> ReferralLine:
+def referral_line(
+    referral: Referral,
+    directory: Directory,
+    references: dict[str, str],
+    breached_at: datetime | None = None,
+) -> ReferralLine:
+    return ReferralLine(**line_fields(referral, directory, references), breached_at=breached_at)
+
+
+def need_url(need_id: str) -> str:
+    return f"/tableau-de-bord/demandes/{need_id}"
+
+
+def line_fields(referral: Referral, directory: Directory, references: dict[str, str]) -> dict:
     partner = directory.partner(referral.partner_id)
-    return ReferralLine(
+    return dict(
         id=referral.id,
         need_id=referral.need_id,
         partner_id=referral.partner_id,
@@ -233,8 +264,9 @@ def referral_line(referral: Referral, directory: Directory, breached_at: datetim
         sla=referral.sla,
         respond_by=referral.respond_by,
         created_at=referral.created_at,
-        breached_at=breached_at,
+        reference=references.get(referral.need_id),
         url=f"/boite/{referral.id}",
+        need_url=need_url(referral.need_id),
     )
 
 
@@ -252,6 +284,7 @@ def stranded(session: Session, directory: Directory) -> Stranded:
         needs.append(
             StrandedNeed(
                 need_id=case.need_id,
+                reference=case.reference,
                 library_id=case.library_id,
                 library_name=library.name if library else case.library_id,
                 category=case.category,
@@ -266,26 +299,43 @@ def stranded(session: Session, directory: Directory) -> Stranded:
                 declined_by=[name_of(p) for p in declined],
                 takers=[p.name for p in directory.partners if case.category in p.categories],
                 assign_url=f"/tableau-de-bord/confirmer/confier?demande={case.need_id}",
+                need_url=need_url(case.need_id),
             )
         )
     return Stranded(count=count, needs=needs)
 
 
-def deadlines(session: Session, directory: Directory, now: datetime) -> Deadlines:
+def start_of_day(now: datetime, timezone: str) -> datetime:
+    """Midnight of `now`'s day in the directory's time zone."""
+    zone = ZoneInfo(timezone)
+    return datetime.combine(now.astimezone(zone).date(), time(0), zone)
+
+
+def deadlines(
+    session: Session, directory: Directory, now: datetime, alerts: list[tuple[Referral, str, datetime]]
+) -> Deadlines:
     by_sla = views.open_by_sla(session)
     open_by_sla = {state: by_sla.get(state, 0) for state in SLA_STATES}
     due = views.due_soon(session, now, now + DUE_SOON, LIST_LIMIT)
     breaches, count = views.breaches_since(session, now - WINDOW, LIST_LIMIT)
+    midnight = start_of_day(now, directory.timezone)
+    today = [(r, kind, at) for r, kind, at in alerts if at >= midnight][:LIST_LIMIT]
+    references = views.references(
+        session, list({r.need_id for r in due} | {r.need_id for r, _ in breaches} | {r.need_id for r, _, _ in today})
+    )
     return Deadlines(
         open_by_sla=open_by_sla,
         open_total=sum(open_by_sla.values()),
-        due_soon=[referral_line(r, directory) for r in due],
-        breaches=[referral_line(r, directory, at) for r, at in breaches],
+        due_soon=[referral_line(r, directory, references) for r in due],
+        breaches=[referral_line(r, directory, references, at) for r, at in breaches],
         breaches_count=count,
+        today=[AlertLine(**line_fields(r, directory, references), kind=kind, at=at) for r, kind, at in today],
     )
 
 
-def partners(session: Session, directory: Directory, now: datetime) -> tuple[list[PartnerFigures], list[float]]:
+def partners(
+    session: Session, directory: Directory, now: datetime, alerts: list[tuple[Referral, str, datetime]]
+) -> tuple[list[PartnerFigures], list[float]]:
     """Each partner's figures, and every first-answer time of the window (for the distribution chart)."""
     since = now - WINDOW
     return partner_figures(
@@ -298,6 +348,7 @@ def partners(session: Session, directory: Directory, now: datetime) -> tuple[lis
         answered_at=views.first_actions(session, since, ANSWERS),
         recent=views.referrals_created_since(session, since),
         declines=views.declines_since(session, since),
+        alerts=[(r.partner_id, r.id, at) for r, _, at in alerts],
     )
 
 
@@ -312,8 +363,10 @@ def partner_figures(
     answered_at: dict[str, datetime],
     recent: list[Referral],
     declines: list[tuple[str, str | None]],
+    alerts: list[tuple[str, str, datetime]],
 ) -> tuple[list[PartnerFigures], list[float]]:
-    """The partners' figures from the rows the queries found (no I/O)."""
+    """The partners' figures from the rows the queries found (no I/O). `alerts`: (partner id, referral id, when) of
+    each escalation or breach within SILENT_WINDOW."""
     times: dict[str, list[float]] = defaultdict(list)
     in_time: Counter = Counter()
     counted: Counter = Counter()
@@ -327,6 +380,11 @@ def partner_figures(
             in_time[referral.partner_id] += first <= referral.respond_by
         elif referral.respond_by <= now and referral.status not in ("declined", "cancelled"):
             counted[referral.partner_id] += 1  # the deadline passed without an answer
+    alerted: dict[str, set[str]] = defaultdict(set)
+    first_alert: dict[str, datetime] = {}
+    for partner_id, referral_id, at in alerts:
+        alerted[partner_id].add(referral_id)
+        first_alert[partner_id] = min(at, first_alert.get(partner_id, at))
     reasons: dict[str, Counter] = defaultdict(Counter)
     for partner_id, detail in declines:
         reasons[partner_id][(detail or "").split(" : ", 1)[0] or "?"] += 1
@@ -335,8 +393,9 @@ def partner_figures(
     for p in directory_partners:
         n_waiting, oldest = waiting.get(p.id, (0, None))
         last = last_action.get(p.id)
+        since_first = first_alert.get(p.id)
         silent = (
-            oldest is not None and oldest <= now - WAITING_AT_LEAST and (last is None or last <= now - SILENT_AFTER)
+            len(alerted[p.id]) >= SILENT_ALERTS and since_first is not None and (last is None or last < since_first)
         )
         pause = pauses.get(p.id)
         result.append(
@@ -357,7 +416,9 @@ def partner_figures(
                 declines_30d=sum(reasons[p.id].values()),
                 decline_reasons=[DeclineReason(reason=r, count=n) for r, n in reasons[p.id].most_common()],
                 last_action_at=last,
+                alerts_7d=len(alerted[p.id]),
                 stopped_answering=silent,
+                silent_since=since_first if silent else None,
             )
         )
     return result, [t for values in times.values() for t in values]
@@ -403,10 +464,11 @@ def recent_actions(session: Session, limit: int = 10) -> list[RecentAction]:
 def local_figures(svc: Runtime, now: datetime) -> dict:
     directory = svc.directory
     with svc.db.read() as session:
-        partner_figures_, answer_times = partners(session, directory, now)
+        alerts = views.alerts_since(session, now - SILENT_WINDOW, ALERTS)
+        partner_figures_, answer_times = partners(session, directory, now, alerts)
         return dict(
             stranded=stranded(session, directory),
-            deadlines=deadlines(session, directory, now),
+            deadlines=deadlines(session, directory, now, alerts),
             partners=partner_figures_,
             clock=clock(session, now),
             charts=charts(session, now, answer_times),
@@ -460,7 +522,7 @@ def stream_figures(report: StreamReport, namespace: str) -> StreamFigures:
 
 
 async def queue_reports(svc: Runtime | Service, watch: QueueWatch) -> list[StreamReport]:
-    now = time.monotonic()
+    now = monotonic.monotonic()
     reports = await queues_report(svc.bus.redis_client, svc.settings.namespace, watch.baseline(now))
     watch.keep(now, reports)
     return reports

@@ -1,8 +1,14 @@
 """The ops dashboard as web pages (French, role ops), served by referral next to the partner pages:
 
-- `/tableau-de-bord`: every figure of `dashboard.build_dashboard`, readable without JavaScript; a small script
-  (`/static/tableau-de-bord.js`) refreshes the figures in place from `/tableau-de-bord/chiffres` (the same
-  template, so the page and its refresh never disagree) and can be paused;
+- `/tableau-de-bord` (tab "À traiter"): what needs a person first (needs without a partner, today's escalations and
+  breaches, partners that stopped answering, deadlines), then partners, monthly reports, charts and the latest
+  actions, with a one-line summary of the technical health;
+- `/tableau-de-bord/technique` (tab "Technique"): queues, outboxes, the clock, deliveries, and closing a user's
+  sessions. Both are figures of `dashboard.build_dashboard`, readable without JavaScript; a small script
+  (`/static/tableau-de-bord.js`) refreshes each tab's figures in place from `.../chiffres` (the same template, so
+  the page and its refresh never disagree) and can be paused;
+- `/tableau-de-bord/demandes/{need_id}`: one need as the coordination sees it (what it is, its referrals, no
+  personal data) with the actions on it (hand it over, reassign, cancel);
 - `/tableau-de-bord/rapports.csv`: intake's monthly report as CSV, fetched server-side;
 - `/tableau-de-bord/confirmer/{action}`: the confirmation step of each action, which asks for the reason (to hand a
   need no partner holds to one, `confier`: first the partner, then the confirmation that names it on its button);
@@ -37,9 +43,11 @@ from services.referral.commands import (
     ResumePartner,
     RevokeSessions,
 )
-from services.referral.dashboard import build_dashboard
+from services.referral.dashboard import Dashboard, build_dashboard
 from services.referral.deps import ClockDep, CommandDeps, DirectoryDep, PagesDep, Runtime, RuntimeDep
 from services.referral.handlers import NotFound, NotPaused, NotStranded, Refused, RemoteFailed, handle
+from services.referral.store import OPEN_STATUSES, NeedCase, Referral
+from shared.directory import Directory
 from shared.events import STREAMS
 from shared.pages import SECURITY_HEADERS, Pages, datetime_fr
 
@@ -55,6 +63,7 @@ ACTION_PATHS = {
     "deconnecter": "revoke_sessions",
 }
 PATH_OF = {action: path for path, action in ACTION_PATHS.items()}
+TECHNICAL_ACTIONS = ("replay", "revoke_sessions")  # done from the technical tab, which then says so
 ACTIONS = tuple(ACTION_PATHS.values())
 MAX_REASON = 2000
 REFRESH_SECONDS = 30
@@ -119,9 +128,73 @@ HEADERS = {"Content-Security-Policy": DASHBOARD_CSP}
 router = APIRouter()
 
 
+def technical_problems(d: Dashboard) -> list[tuple[str, int]]:
+    """What is stuck on the technical tab, as (code, how many), for the first tab's one-line summary (worded in
+    _tableau_labels.html; none: "Tout circule normalement")."""
+    q = d.queues
+    failed = d.deliveries.data.get("totals", {}).get("failed", 0) if d.deliveries.available and d.deliveries.data else 0
+    found = [
+        ("redis_down", 0 if q.available else 1),
+        ("stuck_streams", sum(1 for s in q.streams if s.stuck)),
+        ("dead_letters", sum(s.dead_letters for s in q.streams)),
+        ("outboxes_late", sum(1 for o in q.outboxes if o.available and (o.oldest_age_seconds or 0) > 60)),
+        ("outboxes_down", sum(1 for o in q.outboxes if not o.available)),
+        ("clock_overdue", d.clock.overdue),
+        ("deliveries_failed", failed),
+        ("deliveries_down", 0 if d.deliveries.available else 1),
+        ("reports_down", 0 if d.reports.available else 1),
+    ]
+    return [(code, n) for code, n in found if n]
+
+
+def report_rows(d: Dashboard) -> tuple[list[dict[str, Any]], int]:
+    """The monthly reports' rows worth a line (a library with no need, nobody helped and nothing due that month is
+    left out: the CSV keeps it), and how many were left out."""
+    if not d.reports.available or not d.reports.data:
+        return [], 0
+    rows = [r for m in d.reports.data.get("months", []) for r in m.get("items", [])]
+    shown = [r for r in rows if r.get("needs") or r.get("people") or r.get("due")]
+    return shown, len(rows) - len(shown)
+
+
+def action_targets(d: Dashboard, directory: Directory, references: dict[str, str]) -> list[dict[str, str]]:
+    """What each of the latest actions was about, in names (a need's reference, a partner's name), never ids."""
+
+    def partner(partner_id: str) -> str:
+        found = directory.partner(partner_id)
+        return found.name if found else partner_id
+
+    targets = []
+    for a in d.recent_actions:
+        head, _, partner_id = a.target.partition(":")
+        if a.action in ("pause_partner", "resume_partner"):
+            targets.append({"partner": partner(a.target)})
+        elif a.action in ("assign", "cancel_need"):
+            targets.append({"need_url": f"/tableau-de-bord/demandes/{head}", "reference": references.get(head, "")})
+            if partner_id:
+                targets[-1]["partner"] = partner(partner_id)
+        elif a.action in ("reassign", "reassign_override", "cancel_referral"):
+            targets.append({"referral_url": f"/boite/{head}", "partner": partner(partner_id) if partner_id else ""})
+        elif a.action == "replay":
+            targets.append({"stream": head})  # "needs:*", or the stream and the entry replayed
+        elif a.action.startswith("privacy_incident"):
+            targets.append({"incident_url": f"/tableau-de-bord/incidents/{a.target}"})
+        else:
+            targets.append({"text": a.target})
+    return targets
+
+
 async def figures(runtime: Runtime) -> dict:
     data = await build_dashboard(runtime, runtime.queue_watch)
     directory = runtime.directory
+    need_ids = [a.target.partition(":")[0] for a in data.recent_actions if a.action in ("assign", "cancel_need")]
+
+    def read_references() -> dict[str, str]:
+        with runtime.db.read() as session:
+            return views.references(session, need_ids)
+
+    references = await anyio.to_thread.run_sync(read_references) if need_ids else {}
+    rows = report_rows(data)
     names = dict(
         partners={p.id: p.name for p in directory.partners},
         categories={c.id: c.label for c in directory.categories},
@@ -141,17 +214,28 @@ async def figures(runtime: Runtime) -> dict:
         needs_bars=needs_bars,
         answers_bars=answers_bars,
         problems=PROBLEMS,
+        technical=technical_problems(data),
+        report_rows=rows[0],
+        report_hidden=rows[1],
+        targets=action_targets(data, directory, references),
         refresh=REFRESH_SECONDS,
     )
 
 
-@router.get("/tableau-de-bord")
-async def board(request: Request, pages: PagesDep, runtime: RuntimeDep) -> Response:
+# The two tabs: (page, its figures alone) templates.
+TABS = {
+    "a-traiter": ("tableau_de_bord.html", "_tableau_chiffres.html"),
+    "technique": ("tableau_technique.html", "_tableau_technique.html"),
+}
+
+
+async def tab_page(request: Request, pages: Pages, runtime: Runtime, tab: str) -> Response:
     pages.require_user(request, "ops")
     return pages.render(
         request,
-        "tableau_de_bord.html",
+        TABS[tab][0],
         headers=HEADERS,
+        tab=tab,
         done=ACTION_PATHS.get(request.query_params.get("fait", "")),
         count=request.query_params.get("nombre"),
         users=runtime.directory.users,
@@ -160,11 +244,82 @@ async def board(request: Request, pages: PagesDep, runtime: RuntimeDep) -> Respo
     )
 
 
+@router.get("/tableau-de-bord")
+async def board(request: Request, pages: PagesDep, runtime: RuntimeDep) -> Response:
+    return await tab_page(request, pages, runtime, "a-traiter")
+
+
+@router.get("/tableau-de-bord/technique")
+async def technical_board(request: Request, pages: PagesDep, runtime: RuntimeDep) -> Response:
+    return await tab_page(request, pages, runtime, "technique")
+
+
 @router.get("/tableau-de-bord/chiffres")
 async def board_figures(request: Request, pages: PagesDep, runtime: RuntimeDep) -> Response:
-    """The figures alone, for the page's refresh script."""
+    """The first tab's figures alone, for the page's refresh script."""
     pages.require_user(request, "ops")
-    return pages.render(request, "_tableau_chiffres.html", headers=HEADERS, **await figures(runtime))
+    return pages.render(request, TABS["a-traiter"][1], headers=HEADERS, **await figures(runtime))
+
+
+@router.get("/tableau-de-bord/technique/chiffres")
+async def technical_figures(request: Request, pages: PagesDep, runtime: RuntimeDep) -> Response:
+    """The technical tab's figures alone, for the page's refresh script."""
+    pages.require_user(request, "ops")
+    return pages.render(request, TABS["technique"][1], headers=HEADERS, **await figures(runtime))
+
+
+# --- a need, as the coordination sees it
+
+
+def need_facts(case: NeedCase, directory: Directory) -> dict[str, Any]:
+    """What a need is, in the directory's names (no personal data): for its page and the confirmation pages."""
+    library, category = directory.library(case.library_id), directory.category(case.category)
+    return {
+        "id": case.need_id,
+        "reference": case.reference,
+        "url": f"/tableau-de-bord/demandes/{case.need_id}",
+        "category": category.label if category else case.category,
+        "library": library.name if library else case.library_id,
+        "urgent": case.urgency == "urgent",
+        "postal_code": case.postal_code,
+        "recorded_at": case.recorded_at,
+        "respond_by": case.respond_by,
+        "stranded": case.stranded_since is not None,
+    }
+
+
+def need_page_context(runtime: Runtime, need_id: str) -> dict[str, Any] | None:
+    with runtime.db.read() as session:
+        found = views.person_cases(session, [need_id])
+    if not found:
+        return None
+    case, referrals = found[0]
+    directory = runtime.directory
+
+    def partner_name(referral: Referral) -> str:
+        partner = directory.partner(referral.partner_id)
+        return partner.name if partner else referral.partner_id
+
+    lines = [{"referral": r, "partner": partner_name(r), "history": h} for r, h in reversed(referrals)]
+    current = next((r for r, _ in referrals if r.status in OPEN_STATUSES), None)
+    return {
+        "n": need_facts(case, directory),
+        "case": case,
+        "referrals": lines,
+        "current": current,
+        "current_partner": partner_name(current) if current else None,
+        "stranded_why": case.stranded_cause,
+    }
+
+
+@router.get("/tableau-de-bord/demandes/{need_id}")
+async def need_page(request: Request, need_id: str, pages: PagesDep, runtime: RuntimeDep, clock: ClockDep) -> Response:
+    """One need: what it is, where it stands, its referrals; and the actions on it (hand over, reassign, cancel)."""
+    pages.require_user(request, "ops")
+    context = await anyio.to_thread.run_sync(need_page_context, runtime, need_id[:64])
+    if context is None:
+        raise pages.error(request, 404, "not_found")
+    return pages.render(request, "tableau_demande.html", now=clock(), tz=runtime.directory.timezone, **context)
 
 
 @router.get("/tableau-de-bord/rapports.csv")
@@ -217,13 +372,16 @@ def subject_of(request: Request, pages: Pages, runtime: Runtime, action: str, pa
             found = views.referral_with_case(session, params.get("orientation", ""))
         if found is None:
             raise pages.error(request, 404, "not_found")
-        referral = found[0]
+        referral, need_case, _ = found
+        candidates = [
+            p for p in directory.partners if referral.category in p.categories and p.id != referral.partner_id
+        ]
         return {
             "referral": referral,
+            "need": need_facts(need_case, directory),
             "partner": directory.partner(referral.partner_id),
-            "candidates": [
-                p for p in directory.partners if referral.category in p.categories and p.id != referral.partner_id
-            ],
+            "candidates": candidates,
+            "chosen": next((p for p in candidates if p.id == params.get("partenaire")), None),
         }
     need_id = params.get("demande", "").strip()
     if not need_id or len(need_id) > 64:
@@ -235,6 +393,7 @@ def subject_of(request: Request, pages: Pages, runtime: Runtime, action: str, pa
     return {
         "need_id": need_id,
         "case": case,
+        "need": need_facts(case, directory) if case else None,
         "referral": open_referral,
         "partner": directory.partner(open_referral.partner_id) if open_referral else None,
     }
@@ -260,6 +419,7 @@ def assign_subject(
     return {
         "need_id": case.need_id,
         "case": case,
+        "need": need_facts(case, directory),
         "stranded": case.stranded_since is not None,
         "referral": open_referral,
         "holder": directory.partner(open_referral.partner_id) if open_referral else None,
@@ -410,7 +570,8 @@ async def perform(
         return await again({"not_found": 404, "refused": 409}.get(failed.kind, 502), failure=failed.kind)
     count = done if action in ("replay", "revoke_sessions") else None
     suffix = f"&nombre={count}" if count is not None else ""
-    return pages.redirect(f"/tableau-de-bord?fait={path}{suffix}")
+    tab = "/technique" if action in TECHNICAL_ACTIONS else ""
+    return pages.redirect(f"/tableau-de-bord{tab}?fait={path}{suffix}")
 
 
 router.include_router(incidents_pages.router)  # the register of confidentiality incidents

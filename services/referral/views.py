@@ -234,6 +234,17 @@ def breaches_since(session: Session, since: datetime, limit: int) -> tuple[list[
     return list(rows), session.exec(select(sa.func.count()).select_from(query.subquery())).one()
 
 
+def alerts_since(session: Session, since: datetime, actions: tuple[str, ...]) -> list[tuple[Referral, str, datetime]]:
+    """(referral, action, when) of each of `actions` (the clock's escalations, breaches) since `since`, newest first."""
+    rows = session.exec(
+        select(Referral, ReferralHistory.action, ReferralHistory.at)
+        .join(ReferralHistory, col(ReferralHistory.referral_id) == Referral.id)
+        .where(col(ReferralHistory.action).in_(actions), ReferralHistory.at >= since)
+        .order_by(col(ReferralHistory.at).desc(), col(Referral.id))
+    ).all()
+    return [(referral, action, aware(at)) for referral, action, at in rows]
+
+
 def first_actions(session: Session, since: datetime, actions: tuple[str, ...]) -> dict[str, datetime]:
     """Referral id -> the first time one of `actions` was done on it, for referrals created since `since`."""
     rows = session.exec(

@@ -1,5 +1,5 @@
 // Relais ops dashboard: refresh the figures in place, without reloading the page, and draw the charts.
-// The page is complete without this script; it only fetches the same figures again (/tableau-de-bord/chiffres),
+// The page is complete without this script; it only fetches the same figures again (its data-source: .../chiffres),
 // never while the keyboard focus is inside them, and can be paused (WCAG 2.2.2).
 // Charts: each <figure data-chart> holds its bars as JSON and as a table (open by default: without JavaScript the
 // table is the chart). When uPlot (/static/vendor/uplot) is there, its bars are drawn in the figure's aria-hidden

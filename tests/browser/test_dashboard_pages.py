@@ -125,8 +125,6 @@ def test_the_dashboard_shows_the_apis_figures_refreshes_itself_and_confirms_an_a
         assert cell(page, f'td[data-sla="{state}"]') == str(count)
     caf = next(p for p in board["partners"] if p["id"] == "caf-76")
     assert cell(page, "#partenaire-caf-76 td:nth-of-type(1)") == f"{caf['open']} / ∞" == "2 / ∞"
-    for status, count in board["deliveries"]["data"]["totals"].items():
-        assert cell(page, f'tfoot td[data-status="{status}"]') == str(count)
     month = referral.svc.clock().astimezone(ZoneInfo("Europe/Paris")).strftime("%Y-%m")
     report = next(r for r in board["reports"]["data"]["months"][0]["items"] if r["library_id"] == "chatelet")
     assert (
@@ -135,6 +133,15 @@ def test_the_dashboard_shows_the_apis_figures_refreshes_itself_and_confirms_an_a
         == "3"
     )
     assert page.get_by_role("link", name="Tableau de bord").first.get_attribute("aria-current") == "page"
+    assert page.get_by_role("link", name="À traiter").get_attribute("aria-current") == "page"
+    # the technical tab: the deliveries (and queues, outboxes, clock)
+    page.get_by_role("link", name="Technique", exact=True).click()
+    assert page.url.endswith("/tableau-de-bord/technique")
+    assert page.get_by_role("link", name="Technique", exact=True).get_attribute("aria-current") == "page"
+    for status, count in board["deliveries"]["data"]["totals"].items():
+        assert cell(page, f'tfoot td[data-status="{status}"]') == str(count)
+    check_page(page, "dashboard-technical")
+    page.get_by_role("link", name="À traiter").click()
     page.wait_for_function("() => window.relaisDashboardCharts && window.relaisDashboardCharts() === 2")
     drawn = check_charts(page, ops.get("/dashboard").json())
     assert sum(drawn["graphique-flux"]["data"]["counts"]) >= 3
@@ -200,14 +207,14 @@ def test_the_dashboard_shows_the_apis_figures_refreshes_itself_and_confirms_an_a
     page.get_by_role("link", name="Mettre en pause CAF de la Seine-Maritime").click()
     assert page.get_by_role("heading", level=1).inner_text() == "Mettre un partenaire en pause"
     check_page(page, "dashboard-confirm-pause")
-    page.get_by_role("button", name="Confirmer").click()
+    page.get_by_role("button", name="Mettre CAF de la Seine-Maritime en pause").click()
     assert page.get_by_role("alert").first.inner_text().startswith("Le formulaire contient une erreur")
     assert page.get_by_label("Motif").get_attribute("aria-invalid") == "true"
     check_page(page, "dashboard-confirm-pause-error")
     resume_on = (referral.svc.clock().astimezone(ZoneInfo("Europe/Paris")) + timedelta(days=2)).date().isoformat()
     page.get_by_label("Reprise automatique le").fill(resume_on)
     page.get_by_label("Motif").fill("Fermeture exceptionnelle")
-    page.get_by_role("button", name="Confirmer").click()
+    page.get_by_role("button", name="Mettre CAF de la Seine-Maritime en pause").click()
     assert page.url.endswith("/tableau-de-bord?fait=pause")
     assert "Le partenaire est en pause" in page.get_by_role("status").first.inner_text()
     assert "En pause" in cell(page, "#partenaire-caf-76")
@@ -225,7 +232,12 @@ def test_the_dashboard_shows_the_apis_figures_refreshes_itself_and_confirms_an_a
         "CAF plateforme nationale",
     ]
     check_page(page, "dashboard-confirm-reassign")
-    page.go_back()
+    page.get_by_label("Nouveau partenaire").select_option(label="CAF plateforme nationale")
+    page.get_by_role("button", name="Continuer").click()  # then the confirmation, whose button names the partner
+    assert page.get_by_role("button", name="Réaffecter à CAF plateforme nationale").is_visible()
+    assert "Allocations familiales (CAF) – Bibliothèque du Châtelet" in page.locator("#la-demande").inner_text()
+    check_page(page, "dashboard-confirm-reassign-chosen")
+    page.goto(f"{referral.url}/boite/{referral_id}")
     page.get_by_role("link", name="Annuler la demande (enregistrée par erreur)").click()
     assert page.get_by_role("heading", level=1).inner_text() == "Annuler une demande enregistrée par erreur"
     check_page(page, "dashboard-confirm-cancel")
@@ -273,12 +285,19 @@ def test_with_the_other_services_down_the_page_still_shows_and_partners_get_403(
 
     sign_in(page, referral, "ops")
     page.goto(f"{referral.url}/tableau-de-bord")
+    summary = page.locator("#etat-technique").inner_text()  # the first tab says it in one line
+    assert "1 message en échec à rejouer" in summary and "le service d'envoi ne répond pas" in summary
+    check_page(page, "dashboard-services-down-first-tab")
+    page.locator("#etat-technique").get_by_role("link", name="Voir l'onglet Technique").click()
     alerts = page.locator("#alertes").inner_text()
     assert "1 message en échec" in alerts
     assert "Chiffres des envois : le service d'envoi ne répond pas (notifications unreachable" in alerts
     assert "Rapports mensuels : le service d'accueil ne répond pas (intake unreachable" in alerts
     assert "Chiffres indisponibles" in page.locator("#envois").inner_text()
     check_page(page, "dashboard-services-down")
+    page.goto(f"{referral.url}/tableau-de-bord")
+    assert "Chiffres indisponibles" in page.locator("#rapports").inner_text()
+    page.goto(f"{referral.url}/tableau-de-bord/technique")
     page.get_by_role("link", name=re.compile("1 en échec : voir et rejouer")).click()
     assert "nowhere" in page.locator("table").inner_text()
     check_page(page, "dashboard-confirm-replay")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime, timedelta
+from datetime import datetime, time, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -82,7 +82,7 @@ def seed(db) -> None:
                         referral_id=rid,
                         at=at,
                         action=action,
-                        actor="system" if action == "breach" else "op",
+                        actor="system" if action in ("breach", "escalation") else "op",
                         detail=detail,
                     )
                 )
@@ -114,8 +114,10 @@ def seed(db) -> None:
         referral("d1", "caf-76", NOW - 70 * H, respond_by=NOW + 2 * H, sla="at_risk")
         referral("d2", "caf-76", NOW - 52 * H, respond_by=NOW + 20 * H)
         referral("d3", "caf-76", NOW - 1 * H, respond_by=NOW + 30 * H)
-        # caf-national: waiting for 30 h, nothing done since an answer 40 days ago: it stopped answering
-        referral("s1", "caf-national", NOW - 30 * H)
+        # caf-national: two referrals escalated within 7 days (one since taken back by ops), nothing done since an
+        # answer 40 days ago: it stopped answering (caf-76 had two breaches too, but answered a7 since)
+        referral("s1", "caf-national", NOW - 30 * H, history=[("escalation", NOW - 6 * H, "escalation")])
+        referral("s2", "caf-national", NOW - 4 * D, status="cancelled", history=[("escalation", NOW - 1 * D, None)])
         referral(
             "o1",
             "caf-national",
@@ -186,6 +188,13 @@ def test_every_figure_on_seeded_data(referral):
     assert [r["id"] for r in deadlines["due_soon"]] == ["d1", "d2"]  # soonest first; d3 is due in 30 h
     assert deadlines["due_soon"][0]["url"] == "/boite/d1"
     assert [r["id"] for r in deadlines["breaches"]] == ["a6", "a5"] and deadlines["breaches_count"] == 2
+    # today's escalations and breaches: since midnight in the directory's time zone (s2's was yesterday or before)
+    paris = ZoneInfo("Europe/Paris")
+    midnight = datetime.combine(NOW.astimezone(paris).date(), time(0), paris)
+    assert [(r["id"], r["kind"]) for r in deadlines["today"]] == (
+        [("s1", "escalation")] if NOW - 6 * H >= midnight else []
+    )
+    assert all(r["need_url"] == f"/tableau-de-bord/demandes/{r['need_id']}" for r in deadlines["today"])
 
     partners = {p["id"]: p for p in board["partners"]}
     caf = partners["caf-76"]
@@ -193,9 +202,11 @@ def test_every_figure_on_seeded_data(referral):
     assert caf["median_answer_seconds"] == 2.5 * 3600  # 1, 1, 2, 3, 4, 80 h
     assert caf["p90_answer_seconds"] == pytest.approx(42 * 3600)  # 4 + 0.5 × (80 - 4) h
     assert caf["in_time_share"] == pytest.approx(5 / 7)  # 5 in time; late: a5 answered, a6 never
-    assert not caf["stopped_answering"]
+    assert not caf["stopped_answering"] and caf["alerts_7d"] == 2  # a5 and a6 breached, but a7 answered since
     national = partners["caf-national"]
-    assert national["stopped_answering"] and national["waiting"] == 1 and national["referrals_30d"] == 1
+    assert national["stopped_answering"] and national["alerts_7d"] == 2 and national["waiting"] == 1
+    assert datetime.fromisoformat(national["silent_since"]) == NOW - D  # the first of the two escalations
+    assert national["referrals_30d"] == 2
     assert national["median_answer_seconds"] is None and national["in_time_share"] is None
     cpam = partners["cpam-76"]
     assert cpam["declines_30d"] == 3
@@ -344,7 +355,11 @@ def test_a_stopped_consumer_is_marked_stuck_and_a_dead_letter_replayed_after_a_f
     record_need(referral.svc)
     group = wait_for(lambda: (g := intake_group(ops.get("/dashboard").json()))["stuck"] and g, 20)
     assert group and group["problems"] == ["no_live_consumer"] and group["lag"] >= 1
-    page = signed_in(referral, "ops").get("/tableau-de-bord")
+    browser = signed_in(referral, "ops")
+    page = browser.get("/tableau-de-bord")  # the first tab says it in one line, the technical tab in full
+    summary = search(r'<p class="notice notice-error" id="etat-technique">(.*?)</p>', page.text).group(1)
+    assert "1 file d'attente bloquée" in summary and 'href="/tableau-de-bord/technique"' in summary
+    page = browser.get("/tableau-de-bord/technique")
     assert "Bloquée" in page.text and "aucun lecteur actif alors que des messages attendent" in page.text
 
     # A need from a library the directory does not know yet fails routing every time: it is dead-lettered.
@@ -399,7 +414,8 @@ def test_a_stopped_consumer_is_marked_stuck_and_a_dead_letter_replayed_after_a_f
         "/tableau-de-bord/actions/rejouer",
         data={"csrf": csrf_of(confirm.text), "flux": "needs", "motif": "Bibliothèque ajoutée"},
     )
-    assert done.status_code == 200 and done.url.path == "/tableau-de-bord" and "Messages rejoués : 1" in done.text
+    assert done.status_code == 200 and done.url.path == "/tableau-de-bord/technique"
+    assert "Messages rejoués : 1" in done.text
     routed = wait_for(lambda: ops.get("/referrals", params={"need_id": "n-new-library"}).json()["items"], 30)
     assert routed and routed[0]["partner_id"] == "caf-76"
     assert needs()["dead_letters"] == 0

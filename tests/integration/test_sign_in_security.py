@@ -424,7 +424,7 @@ def test_ops_close_a_users_sessions_from_the_dashboard_with_a_reason(settings, i
     referral = start_service("referral", settings)
     lost_phone, _ = signed_in(intake, "desk")
     ops, board = signed_in(referral, "ops")
-    board = ops.get("/tableau-de-bord")
+    board = ops.get("/tableau-de-bord/technique")  # the dashboard's technical tab
     assert "Fermer les sessions d'un utilisateur" in board.text and '<option value="desk">' in board.text
 
     confirm = ops.get("/tableau-de-bord/confirmer/deconnecter", params={"utilisateur": "desk"})
@@ -440,6 +440,6 @@ def test_ops_close_a_users_sessions_from_the_dashboard_with_a_reason(settings, i
         "/tableau-de-bord/actions/deconnecter",
         data={"csrf": csrf_of(confirm.text), "utilisateur": "desk", "motif": "Téléphone perdu"},
     )
-    assert done.url.path == "/tableau-de-bord" and "Sessions fermées : 1." in done.text
+    assert done.url.path == "/tableau-de-bord/technique" and "Sessions fermées : 1." in done.text
     assert lost_phone.get("/nouvelle").url.path == "/connexion"
     assert "Téléphone perdu" in ops.get("/tableau-de-bord").text  # in the journal of ops actions, with who

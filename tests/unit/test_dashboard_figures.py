@@ -77,3 +77,37 @@ def test_a_validation_error_is_described_without_the_values_it_was_given():
     assert described.startswith("ValidationError: 3 validation errors for NeedRecorded: urgency: Input should be")
     assert "x: Extra inputs are not permitted" in described and "Zoé" not in described
     assert describe_error(LookupError("no partner for zoe@example.org")) == "LookupError: no partner for [email]"
+
+
+def test_a_partner_stopped_answering_after_two_alerts_in_7_days_and_no_answer_since():
+    from datetime import UTC, datetime, timedelta
+
+    from services.referral.dashboard import partner_figures
+    from shared.directory import parse_directory
+    from shared.testing import directory_data
+
+    partners = parse_directory(directory_data()).partners
+    now = datetime(2026, 11, 20, 12, tzinfo=UTC)
+    h = timedelta(hours=1)
+
+    def silent(alerts, last_action=None) -> tuple[bool, int, datetime | None]:
+        figures, _ = partner_figures(
+            partners,
+            now,
+            open_counts={},
+            pauses={},
+            waiting={},
+            last_action={"caf-76": last_action} if last_action else {},
+            answered_at={},
+            recent=[],
+            declines=[],
+            alerts=[("caf-76", rid, now - hours * h) for rid, hours in alerts],
+        )
+        caf = next(p for p in figures if p.id == "caf-76")
+        return caf.stopped_answering, caf.alerts_7d, caf.silent_since
+
+    assert silent([("r1", 30)]) == (False, 1, None)  # one escalation is not enough
+    assert silent([("r1", 30), ("r1", 6)]) == (False, 1, None)  # the same referral escalated, then breached
+    assert silent([("r1", 30), ("r2", 6)]) == (True, 2, now - 30 * h)  # never acted at all
+    assert silent([("r1", 30), ("r2", 6)], last_action=now - 40 * h) == (True, 2, now - 30 * h)
+    assert silent([("r1", 30), ("r2", 6)], last_action=now - 10 * h) == (False, 2, None)  # answered since the first

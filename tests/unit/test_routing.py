@@ -200,9 +200,9 @@ def test_reason_says_the_longest_prefix_won():
 
 def test_reason_for_a_tie_settled_by_id():
     assert route("logement", "76000").reason == (
-        "Thématique « Logement », code postal 76000 : préfixe « 76 » de Logement A ; à égalité, "
-        "départagé par l'identifiant ; écartés : Logement B (à égalité, départagé par "
-        "l'identifiant)."
+        "Thématique « Logement », code postal 76000 : préfixe « 76 » de Logement A ; à égalité parfaite, "
+        "choisi selon un ordre fixe ; écartés : Logement B (à égalité parfaite, venait après dans cet "
+        "ordre)."
     )
 
 
