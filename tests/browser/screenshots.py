@@ -95,7 +95,8 @@ def test_screenshots_of_every_page(page, settings, mail_sink, start_service):
         ],
         "referral-ops": [
             ("ops-dashboard", "/tableau-de-bord"),
-            ("ops-figures", "/tableau-de-bord/chiffres"),
+            ("ops-technical", "/tableau-de-bord/technique"),
+            ("ops-need", f"/tableau-de-bord/demandes/{stranded['id']}"),
             ("ops-incidents", "/tableau-de-bord/incidents"),
             ("ops-new-incident", "/tableau-de-bord/incidents/nouveau"),
         ],
