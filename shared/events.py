@@ -154,8 +154,68 @@ class ReceiptRequested(Event):
     actor: str  # the desk user who sent it
 
 
+class DeskText(BaseModel):
+    """What a desk's action seals (shared.personal_data): a text written about the person's need (a note for the
+    partner, why the need is closed), free text that may name the person, so it travels like the summary."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    text: str
+
+
+class NeedNoteAdded(Event):
+    """The desk added information for the partner holding the need. The text travels sealed with the person's data
+    key (`sealed` opens to DeskText, the need's id as associated data); referral keeps it on the referral's page."""
+
+    type: Literal["need.note_added"] = "need.note_added"
+    need_id: str
+    library_id: str
+    note_id: str
+    actor: str  # the desk user who wrote it
+    sealed: SealedPersonalData
+
+
+class NeedPartnerNudged(Event):
+    """The desk asks the partner holding the need for news (at most once in 24 hours: intake's rule)."""
+
+    type: Literal["need.partner_nudged"] = "need.partner_nudged"
+    need_id: str
+    library_id: str
+    partner_id: str  # as the desk saw it; referral nudges whoever holds the need now
+    actor: str
+
+
+class NeedClosedByDesk(Event):
+    """The desk closed the need: the person no longer needs help. Referral ends the open referral and stops the
+    clock. The reason is sealed like a note (`sealed` opens to DeskText); None when the person's data was erased."""
+
+    type: Literal["need.closed_by_desk"] = "need.closed_by_desk"
+    need_id: str
+    library_id: str
+    actor: str
+    sealed: SealedPersonalData | None = None
+
+
+class NeedRerouteRequested(Event):
+    """After a decline left the need without a partner, the desk asks referral to route it again (partners that
+    declined it stay excluded)."""
+
+    type: Literal["need.reroute_requested"] = "need.reroute_requested"
+    need_id: str
+    library_id: str
+    actor: str
+
+
 NeedEvent = Annotated[
-    NeedRecorded | NeedCancelled | PersonErased | NeedMessagesWithdrawn | ReceiptRequested,
+    NeedRecorded
+    | NeedCancelled
+    | PersonErased
+    | NeedMessagesWithdrawn
+    | ReceiptRequested
+    | NeedNoteAdded
+    | NeedPartnerNudged
+    | NeedClosedByDesk
+    | NeedRerouteRequested,
     Field(discriminator="type"),
 ]
 
@@ -196,7 +256,8 @@ class ReferralDeclined(ReferralEvent):
 
 class ReferralClosed(ReferralEvent):
     type: Literal["referral.closed"] = "referral.closed"
-    outcome: str
+    outcome: str  # empty when the desk closed it (its reason travelled sealed in need.closed_by_desk)
+    by_desk: bool = False  # the desk closed the need (the person no longer needs help), not the partner
 
 
 class ReferralCancelled(ReferralEvent):
@@ -235,6 +296,21 @@ class ReferralPersonErased(ReferralEvent):
     erased_at: AwareDatetime
 
 
+class ReferralNoteAdded(ReferralEvent):
+    """The desk's note reached the partner's referral page; the contact is emailed a link to it (no text here)."""
+
+    type: Literal["referral.note_added"] = "referral.note_added"
+    contact_id: str
+
+
+class ReferralNudged(ReferralEvent):
+    """The desk asked the partner for news: the contact is emailed."""
+
+    type: Literal["referral.nudged"] = "referral.nudged"
+    contact_id: str
+    respond_by: AwareDatetime
+
+
 class NeedUnroutable(Event):
     type: Literal["need.unroutable"] = "need.unroutable"
     need_id: str
@@ -255,6 +331,8 @@ ReferralStreamEvent = Annotated[
     | ReferralEscalated
     | ReferralBreached
     | ReferralPersonErased
+    | ReferralNoteAdded
+    | ReferralNudged
     | NeedUnroutable,
     Field(discriminator="type"),
 ]
@@ -309,6 +387,10 @@ AnyEvent = Annotated[
     | PersonErased
     | NeedMessagesWithdrawn
     | ReceiptRequested
+    | NeedNoteAdded
+    | NeedPartnerNudged
+    | NeedClosedByDesk
+    | NeedRerouteRequested
     | ReferralStreamEvent
     | DeliveryStreamEvent
     | AccessLinkRequested,
@@ -323,6 +405,10 @@ STREAM_OF: dict[str, str] = {
     "person.erased": NEEDS,
     "need.messages_withdrawn": NEEDS,
     "need.receipt_requested": NEEDS,
+    "need.note_added": NEEDS,
+    "need.partner_nudged": NEEDS,
+    "need.closed_by_desk": NEEDS,
+    "need.reroute_requested": NEEDS,
     **{
         t: REFERRALS
         for t in (
@@ -336,6 +422,8 @@ STREAM_OF: dict[str, str] = {
             "referral.escalated",
             "referral.breached",
             "referral.person_erased",
+            "referral.note_added",
+            "referral.nudged",
             "need.unroutable",
         )
     },

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from redis.exceptions import ReadOnlyError
 
-from shared.events import NeedPersonalData, NeedRecorded, SealedPersonalData, utcnow
+from shared.events import DeskText, NeedPersonalData, NeedRecorded, SealedPersonalData, utcnow
 from shared.people import ERASED
 from shared.settings import KEY_BYTES, Settings, parse_personal_data_keys
 
@@ -259,10 +259,10 @@ class PersonalData:
 
     # --- sealing ---
 
-    def seal(self, person_id: str, need_id: str, data: dict[str, Any]) -> SealedPersonalData:
-        """Encrypt `data` (JSON) with the person's data key, created if they have none yet; the need's id is the
-        associated data, so the ciphertext opens only as part of that need's event."""
-        data_key_id, data_key = self.data_key(person_id, create=True)
+    def seal(self, person_id: str, need_id: str, data: dict[str, Any], *, create: bool = True) -> SealedPersonalData:
+        """Encrypt `data` (JSON) with the person's data key, created if they have none yet (unless `create` is
+        False); the need's id is the associated data, so the ciphertext opens only as part of that need's event."""
+        data_key_id, data_key = self.data_key(person_id, create=create)
         nonce = os.urandom(NONCE_BYTES)
         plain = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
         ciphertext = AESGCM(data_key).encrypt(nonce, plain, _seal_aad(need_id))
@@ -293,5 +293,17 @@ class PersonalData:
         ERASED then). Any other failure raises: the event is retried, then dead-lettered."""
         try:
             return NeedPersonalData.model_validate(self.unseal(event.sealed, event.need_id))
+        except DataKeyErased:
+            return None
+
+    def seal_text(self, person_id: str, need_id: str, text: str) -> SealedPersonalData:
+        """Seal a desk's text about the person's need (a note, a closing reason) with their existing data key: never
+        creates one, so an erased person's key is not brought back (DataKeyErased then)."""
+        return self.seal(person_id, need_id, DeskText(text=text).model_dump(), create=False)
+
+    def open_text(self, sealed: SealedPersonalData, need_id: str) -> str | None:
+        """What `seal_text` sealed, or None when the person was erased before it was read."""
+        try:
+            return DeskText.model_validate(self.unseal(sealed, need_id)).text
         except DataKeyErased:
             return None

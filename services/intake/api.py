@@ -5,6 +5,7 @@ deps.py, so a test can override the clock or the database."""
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Callable
 from datetime import date, datetime
 from functools import partial
@@ -17,7 +18,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from services.intake import deps, domain, handlers
-from services.intake.commands import CancelNeed, ErasePerson, RecordNeed, WithdrawMessagesConsent
+from services.intake.commands import (
+    AddNote,
+    CancelNeed,
+    CloseNeed,
+    ErasePerson,
+    NudgePartner,
+    RecordNeed,
+    RerouteNeed,
+    WithdrawMessagesConsent,
+)
 from services.intake.remote import PartUnavailable, parts_of_person
 from services.intake.reports import Reports, csv_response, library_report
 from services.intake.views import NeedPublic, PersonPart, need_page, need_with_history, person_part, public
@@ -25,11 +35,13 @@ from shared.directory import Directory, User, normalize_email, normalize_phone
 from shared.events import PersonContact
 from shared.logs import current_correlation_id, describe_error
 from shared.people import AccessChannel, AccessEntry, AccessLogPage, record_access
+from shared.personal_data import PersonalDataError
 from shared.search import MAX_QUERY, Q_DESCRIPTION
 from shared.service import Cursor, error_responses
 from shared.settings import Settings
 
 MAX_SUMMARY = 2000
+MAX_NOTE = 2000  # a note for the partner, a closing reason
 MAX_IDEMPOTENCY_KEY = 200
 MONTH = r"^(19|2[0-9])[0-9]{2}-(0[1-9]|1[0-2])$"  # 1900-01 to 2999-12: year 0 or 9999's next month is no date
 NEED_STATUSES = ("recorded", "referred", "accepted", "responded", "closed", "unroutable")
@@ -330,6 +342,36 @@ class CancelNeedBody(BaseModel):
     reason: str = Field(min_length=1, max_length=2000)
 
 
+def _not_blank(v: str) -> str:
+    if not v.strip():
+        raise _coded("blank", ValueError("the text is empty: write a few words"))
+    return v.replace("\r\n", "\n")
+
+
+class NoteBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(
+        min_length=1,
+        max_length=MAX_NOTE,
+        description="Information for the partner holding the need (free text about the person's need: it travels "
+        "sealed with the person's data key and is shown on the partner's referral page).",
+    )
+
+    _text = field_validator("text")(classmethod(lambda cls, v: _not_blank(v)))
+
+
+class CloseBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field(
+        min_length=1,
+        max_length=MAX_NOTE,
+        description="Why the need is closed (the person no longer needs help: solved elsewhere, gave up...). Shown to "
+        "the partner; travels sealed like a note.",
+    )
+
+    _reason = field_validator("reason")(classmethod(lambda cls, v: _not_blank(v)))
+
+
 class NeedPage(BaseModel):
     items: list[NeedPublic]
     next_cursor: str | None
@@ -428,6 +470,155 @@ def withdraw_messages_consent(
         found = need_with_history(session, need_id)
         assert found is not None
         return public(*found)
+
+
+# --- the desk's actions on a need (issue 14, point 8) --------------------------------------------------------
+
+
+def _desk_library(user: User) -> str | None:
+    """The library a caller may act for: a desk's own; None for ops (any)."""
+    return user.library if user.role == "front_desk" else None
+
+
+def refused(exc: domain.Refusal, now: datetime | None = None) -> HTTPException:
+    """A desk action the need's state refuses: 409, saying why and, for a nudge, from when (Retry-After too)."""
+    headers = None
+    if exc.until is not None and now is not None:
+        headers = {"Retry-After": str(max(1, math.ceil((exc.until - now).total_seconds())))}
+    return HTTPException(409, str(exc), headers=headers)
+
+
+def _answer(db, need_id: str) -> NeedPublic:
+    with db.read() as session:
+        found = need_with_history(session, need_id)
+        assert found is not None  # it was just acted on
+        return public(*found)
+
+
+def _sealing_failed(exc: Exception) -> HTTPException:
+    log.warning("a desk action could not seal its text (%s)", describe_error(exc))
+    return HTTPException(
+        503,
+        "the text could not be sealed now (the person's data key is unavailable); nothing was recorded: try again "
+        "in a minute",
+        headers={"Retry-After": "60"},
+    )
+
+
+@router.post(
+    "/needs/{need_id}/notes",
+    status_code=201,
+    response_model=NeedPublic,
+    responses=error_responses(409, 503),
+    summary="Add information for the partner",
+)
+async def add_note(
+    need_id: str,
+    body: NoteBody,
+    user: deps.ReaderUser,
+    runtime: deps.RuntimeDep,
+    db: deps.DatabaseDep,
+    clock: deps.ClockDep,
+) -> NeedPublic:
+    """A note for the partner holding the need (status `referred`, `accepted` or `responded`): kept in the need's
+    history, shown on the partner's referral page, and the partner's contact is emailed a link to it. The text
+    travels sealed (`need.note_added`). A desk for its own library's needs, or ops. 409 when no partner holds the
+    need, when it is closed, or when the person's data was erased."""
+    cmd = AddNote(need_id=need_id, text=body.text, actor=user.id, library=_desk_library(user))
+    try:
+        await anyio.to_thread.run_sync(
+            partial(handlers.add_note, db, cmd, now=clock(), personal_data=runtime.personal_data)
+        )
+    except handlers.UnknownNeed:
+        raise HTTPException(404, "no such need") from None
+    except domain.Refusal as exc:
+        raise refused(exc) from None
+    except (redis.RedisError, PersonalDataError) as exc:
+        raise _sealing_failed(exc) from None
+    runtime.bus.relay.wake()
+    return await anyio.to_thread.run_sync(_answer, db, need_id)
+
+
+@router.post(
+    "/needs/{need_id}/nudge",
+    response_model=NeedPublic,
+    responses=error_responses(409),
+    summary="Nudge the partner (once per 24 hours)",
+)
+def nudge(
+    need_id: str, user: deps.ReaderUser, runtime: deps.RuntimeDep, db: deps.DatabaseDep, clock: deps.ClockDep
+) -> NeedPublic:
+    """Ask the partner holding the need, which has not answered yet (status `referred` or `accepted`), for news: its
+    contact is emailed (`need.partner_nudged`, then referral's `referral.nudged`). At most once in 24 hours: sooner
+    gets 409 saying from when it becomes possible, with `Retry-After` in seconds. A desk for its own library's
+    needs, or ops."""
+    cmd = NudgePartner(need_id=need_id, actor=user.id, library=_desk_library(user))
+    try:
+        handlers.nudge_partner(db, cmd, now=clock())
+    except handlers.UnknownNeed:
+        raise HTTPException(404, "no such need") from None
+    except domain.Refusal as exc:
+        raise refused(exc, clock()) from None
+    runtime.bus.relay.wake()
+    return _answer(db, need_id)
+
+
+@router.post(
+    "/needs/{need_id}/close",
+    response_model=NeedPublic,
+    responses=error_responses(409, 503),
+    summary="Close the need (the person no longer needs help)",
+)
+async def close(
+    need_id: str,
+    body: CloseBody,
+    user: deps.ReaderUser,
+    runtime: deps.RuntimeDep,
+    db: deps.DatabaseDep,
+    clock: deps.ClockDep,
+) -> NeedPublic:
+    """The person no longer needs help: the need is closed at once (it still counts in the month's figures, unlike
+    a cancellation), and referral ends its referral (the partner sees it closed by the desk) and stops its clock
+    (`need.closed_by_desk`, the reason sealed). 409 when it is closed already. A desk for its own library's needs,
+    or ops."""
+    cmd = CloseNeed(need_id=need_id, reason=body.reason, actor=user.id, library=_desk_library(user))
+    try:
+        await anyio.to_thread.run_sync(
+            partial(handlers.close_need, db, cmd, now=clock(), personal_data=runtime.personal_data)
+        )
+    except handlers.UnknownNeed:
+        raise HTTPException(404, "no such need") from None
+    except domain.Refusal as exc:
+        raise refused(exc) from None
+    except (redis.RedisError, PersonalDataError) as exc:
+        raise _sealing_failed(exc) from None
+    runtime.bus.relay.wake()
+    return await anyio.to_thread.run_sync(_answer, db, need_id)
+
+
+@router.post(
+    "/needs/{need_id}/reroute",
+    status_code=202,
+    response_model=NeedPublic,
+    responses=error_responses(409),
+    summary="Route the need again after a decline",
+)
+def reroute(
+    need_id: str, user: deps.ReaderUser, runtime: deps.RuntimeDep, db: deps.DatabaseDep, clock: deps.ClockDep
+) -> NeedPublic:
+    """A decline left the need with no partner (status `unroutable` after a `referral.declined`): referral routes
+    it again, the partners that declined it excluded, keeping its deadline (`need.reroute_requested`). Answers 202:
+    the new partner, or `need.unroutable` again, arrives in the need's history within seconds. 409 when no partner
+    declined it, when a partner holds it, when it is closed or the person's data was erased."""
+    cmd = RerouteNeed(need_id=need_id, actor=user.id, library=_desk_library(user))
+    try:
+        handlers.reroute_need(db, cmd, now=clock())
+    except handlers.UnknownNeed:
+        raise HTTPException(404, "no such need") from None
+    except domain.Refusal as exc:
+        raise refused(exc) from None
+    runtime.bus.relay.wake()
+    return _answer(db, need_id)
 
 
 @router.get(

@@ -63,3 +63,49 @@ class SendReceipt:
     library_id: str  # the desk's: a need of another library is not found
     channel: str  # "email" | "sms"
     actor: str
+
+
+@dataclass(frozen=True)
+class AddNote:
+    """The desk adds information for the partner holding the need (it reaches the partner's page and an email)."""
+
+    need_id: str
+    text: str
+    actor: str
+    library: str | None = None  # a desk acts on its own library's needs only; None for ops
+
+
+@dataclass(frozen=True)
+class NudgePartner:
+    """The desk asks the partner holding the need for news, at most once in 24 hours."""
+
+    need_id: str
+    actor: str
+    library: str | None = None
+
+
+@dataclass(frozen=True)
+class CloseNeed:
+    """The desk closes the need: the person no longer needs help."""
+
+    need_id: str
+    reason: str
+    actor: str
+    library: str | None = None
+
+
+@dataclass(frozen=True)
+class RerouteNeed:
+    """After a decline left the need without a partner, the desk asks for it to be routed again."""
+
+    need_id: str
+    actor: str
+    library: str | None = None
+
+
+@dataclass(frozen=True)
+class MarkAnswersRead:
+    """The desk opened the need: the partner answers it holds are read."""
+
+    need_id: str
+    library: str

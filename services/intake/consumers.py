@@ -12,7 +12,8 @@ def register(svc: Service) -> None:
         NEEDS,
         NeedEvent,
         "Needs recorded at a desk, with the person's consent; needs cancelled by ops as recorded in error; "
-        "consent to messages withdrawn by the person.",
+        "consent to messages withdrawn by the person; the desk's actions on a need (a note for the partner, sealed; "
+        "a nudge; a close; a request to route again after a decline).",
     )
 
     @svc.bus.subscriber(REFERRALS, "Referral events update the desk's view: status, partner, SLA, history.")

@@ -7,7 +7,7 @@ import unicodedata
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from shared.directory import normalize_postal_code as directory_postal_code
@@ -94,6 +94,75 @@ def desk_order(status: str, respond_by: datetime, recorded_at: datetime, now: da
     if status in WAITING_FOR_PARTNER:
         return (1, respond_by.timestamp())
     return (2, -recorded_at.timestamp())
+
+
+# --- what the desk may do on a need (issue 14, point 8) ---------------------------------------------------
+
+HELD_BY_PARTNER = ("referred", "accepted", "responded")  # a partner holds the need: a note reaches it
+WAITING_FOR_ANSWER = ("referred", "accepted")  # the partner has not answered yet: the desk may nudge it
+NUDGE_EVERY = timedelta(hours=24)
+# Partner answers the desk reads ("à lire"): a desk's own close of the referral is not one.
+ANSWER_EVENTS = frozenset({"referral.accepted", "referral.responded", "referral.declined", "referral.closed"})
+
+
+class Refusal(Exception):
+    """A desk action the need's state does not allow now; `code` names why (the pages word it in French), `until`
+    says when it becomes possible, if it will."""
+
+    def __init__(self, code: str, message: str, until: datetime | None = None) -> None:
+        super().__init__(message)
+        self.code, self.until = code, until
+
+
+def check_open(status: str, erased: bool, *, text: bool = False) -> None:
+    if status == "closed":
+        raise Refusal("closed", "this need is closed: nothing more can be done on it")
+    if text and erased:
+        raise Refusal("erased", "the person's data was erased: nothing more can be written about this need")
+
+
+def check_note(status: str, erased: bool) -> None:
+    check_open(status, erased, text=True)
+    if status not in HELD_BY_PARTNER:
+        raise Refusal(
+            "no_partner",
+            f"no partner holds this need now (status {status}): a note can only go to the partner holding it",
+        )
+
+
+def check_nudge(status: str, last_nudged_at: datetime | None, now: datetime) -> None:
+    check_open(status, False)
+    if status not in WAITING_FOR_ANSWER:
+        raise Refusal(
+            "not_waiting",
+            f"there is nobody to nudge (status {status}): a partner is nudged while it holds the need and has not "
+            "answered yet",
+        )
+    if last_nudged_at is not None and now < last_nudged_at + NUDGE_EVERY:
+        until = last_nudged_at + NUDGE_EVERY
+        raise Refusal(
+            "too_soon",
+            f"the partner was nudged less than 24 hours ago ({last_nudged_at.isoformat()}); it may be nudged again "
+            f"from {until.isoformat()}",
+            until,
+        )
+
+
+def check_reroute(status: str, erased: bool, declined: bool) -> None:
+    check_open(status, False)
+    if erased:
+        raise Refusal("erased", "the person's data was erased: the need goes to no other partner")
+    if not declined:
+        raise Refusal("not_declined", "no partner declined this need: routing again is for a need a decline left alone")
+    if status != "unroutable":
+        raise Refusal(
+            "held", f"the need is not waiting for a partner (status {status}): it was handed to a partner already"
+        )
+
+
+def has_unread_answers(last_answer_at: datetime | None, answers_read_at: datetime | None) -> bool:
+    """A partner answered since the desk last opened the need."""
+    return last_answer_at is not None and (answers_read_at is None or last_answer_at > answers_read_at)
 
 
 # --- categories as typed at the desk ---------------------------------------------------------------

@@ -12,7 +12,18 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from services.intake import domain
-from services.intake.commands import CancelNeed, ErasePerson, RecordNeed, SendReceipt, WithdrawMessagesConsent
+from services.intake.commands import (
+    AddNote,
+    CancelNeed,
+    CloseNeed,
+    ErasePerson,
+    MarkAnswersRead,
+    NudgePartner,
+    RecordNeed,
+    RerouteNeed,
+    SendReceipt,
+    WithdrawMessagesConsent,
+)
 from services.intake.store import IdempotencyKey, Need, NeedHistory, PersonErasure, needs_of_person, next_reference
 from services.intake.views import public
 from shared import deadlines
@@ -20,13 +31,18 @@ from shared.db import Database, emit
 from shared.directory import Directory
 from shared.events import (
     NeedCancelled,
+    NeedClosedByDesk,
     NeedMessagesWithdrawn,
+    NeedNoteAdded,
+    NeedPartnerNudged,
     NeedPersonalData,
     NeedRecorded,
+    NeedRerouteRequested,
     NeedUnroutable,
     PersonErased,
     ReceiptRequested,
     ReferralAssigned,
+    ReferralClosed,
     ReferralEvent,
     new_id,
 )
@@ -320,6 +336,121 @@ def withdraw_messages_consent(db: Database, cmd: WithdrawMessagesConsent, *, now
     return True
 
 
+# --- the desk's actions on a need (issue 14, point 8) ---------------------------------------------------------
+
+
+def _desk_need(session: Session, need_id: str, library: str | None) -> Need:
+    """The need, locked for the action, if the actor may act on it (a desk: its own library's; ops: any)."""
+    need = session.exec(select(Need).where(Need.id == need_id).with_for_update()).first()
+    if need is None or (library is not None and need.library_id != library):
+        raise UnknownNeed(need_id)
+    return need
+
+
+def add_note(db: Database, cmd: AddNote, *, now: datetime, personal_data: PersonalData) -> Need:
+    """A note for the partner holding the need: kept in the need's history (the desk sees what it wrote), and
+    need.note_added carries it sealed with the person's data key to referral, which shows it on the partner's page
+    and has the contact emailed. Raises UnknownNeed, domain.Refusal; a redis.RedisError records nothing."""
+    with db.transaction() as session:
+        need = _desk_need(session, cmd.need_id, cmd.library)
+        domain.check_note(need.status, need.person_erased_at is not None)
+        session.add(NeedHistory(need_id=need.id, at=now, event="need.note_added", detail=cmd.text))
+        emit(
+            session,
+            NeedNoteAdded(
+                need_id=need.id,
+                library_id=need.library_id,
+                note_id=new_id(),
+                actor=cmd.actor,
+                sealed=personal_data.seal_text(need.person_id, need.id, cmd.text),
+                occurred_at=now,
+            ),
+        )
+    return need
+
+
+def nudge_partner(db: Database, cmd: NudgePartner, *, now: datetime) -> Need:
+    """Ask the partner holding the need for news (referral emails its contact), at most once in 24 hours.
+    Raises UnknownNeed, domain.Refusal (`too_soon` says from when)."""
+    with db.transaction() as session:
+        need = _desk_need(session, cmd.need_id, cmd.library)
+        domain.check_nudge(need.status, need.partner_nudged_at, now)
+        assert need.partner_id is not None  # held by a partner (check_nudge)
+        need.partner_nudged_at = now
+        session.add(need)
+        session.add(NeedHistory(need_id=need.id, at=now, event="need.partner_nudged", partner_id=need.partner_id))
+        emit(
+            session,
+            NeedPartnerNudged(
+                need_id=need.id,
+                library_id=need.library_id,
+                partner_id=need.partner_id,
+                actor=cmd.actor,
+                occurred_at=now,
+            ),
+        )
+    return need
+
+
+def close_need(db: Database, cmd: CloseNeed, *, now: datetime, personal_data: PersonalData) -> Need:
+    """The person no longer needs help: the need is closed at once (it still counts in the figures), its history
+    says why, and need.closed_by_desk (the reason sealed) has referral end the referral and stop the clock.
+    Raises UnknownNeed, domain.Refusal; a redis.RedisError records nothing."""
+    with db.transaction() as session:
+        need = _desk_need(session, cmd.need_id, cmd.library)
+        domain.check_open(need.status, need.person_erased_at is not None)
+        erased = need.person_erased_at is not None
+        need.status, need.closed_by_desk_at = "closed", now
+        session.add(need)
+        session.add(
+            NeedHistory(need_id=need.id, at=now, event="need.closed_by_desk", detail=ERASED if erased else cmd.reason)
+        )
+        emit(
+            session,
+            NeedClosedByDesk(
+                need_id=need.id,
+                library_id=need.library_id,
+                actor=cmd.actor,
+                sealed=None if erased else personal_data.seal_text(need.person_id, need.id, cmd.reason),
+                occurred_at=now,
+            ),
+        )
+    return need
+
+
+def reroute_need(db: Database, cmd: RerouteNeed, *, now: datetime) -> Need:
+    """After a decline left the need with no partner, ask referral to route it again (those that declined stay
+    excluded); the answer (a partner, or none still) comes back as referral events. Raises UnknownNeed,
+    domain.Refusal."""
+    with db.transaction() as session:
+        need = _desk_need(session, cmd.need_id, cmd.library)
+        declined = (
+            session.exec(
+                select(NeedHistory.id).where(NeedHistory.need_id == need.id, NeedHistory.event == "referral.declined")
+            ).first()
+            is not None
+        )
+        domain.check_reroute(need.status, need.person_erased_at is not None, declined)
+        session.add(NeedHistory(need_id=need.id, at=now, event="need.reroute_requested"))
+        emit(
+            session, NeedRerouteRequested(need_id=need.id, library_id=need.library_id, actor=cmd.actor, occurred_at=now)
+        )
+    return need
+
+
+def mark_answers_read(db: Database, cmd: MarkAnswersRead, *, now: datetime) -> bool:
+    """The desk opened the need: its partner answers are read. False (nothing written) when none was unread."""
+    with db.transaction() as session:
+        need = session.get(Need, cmd.need_id)
+        if need is None or need.library_id != cmd.library:
+            return False
+        if not domain.has_unread_answers(need.last_answer_at, need.answers_read_at):
+            return False
+        need.answers_read_at = max(now, need.last_answer_at or now)
+        session.add(need)
+    return True
+
+
 # --- event handlers (called by consumers.py through Bus.process, once per event) ---------------------------
 
 
@@ -328,6 +459,10 @@ def on_referral_event(session: Session, event: ReferralEvent | NeedUnroutable) -
     need = session.get(Need, event.need_id)
     if need is None:
         return  # a need from another deployment sharing the namespace would be a bug; nothing to update
+    if event.type in ("referral.note_added", "referral.nudged") or (
+        isinstance(event, ReferralClosed) and event.by_desk
+    ):
+        return  # the desk's own actions, already in the need's history
     detail = next(
         (text for name in ("reason", "routed_because", "outcome", "message") if (text := getattr(event, name, None))),
         None,
@@ -346,10 +481,12 @@ def on_referral_event(session: Session, event: ReferralEvent | NeedUnroutable) -
     need.sla = domain.next_sla(need.sla, event.type)
     if event.type in ("referral.accepted", "referral.responded") and need.answered_at is None:
         need.answered_at = event.occurred_at
+    if event.type in domain.ANSWER_EVENTS and (need.last_answer_at is None or event.occurred_at > need.last_answer_at):
+        need.last_answer_at = event.occurred_at  # "à lire" until the desk opens the need
     # Retried events can arrive out of order: the newest referral decision (by sequence) sets the status.
     status = domain.status_after(event.type, getattr(event, "reassigned", False))
-    if need.cancelled_at is not None:
-        status = None  # cancelled by ops: stays closed, whatever referral decided before it heard of it
+    if need.cancelled_at is not None or need.closed_by_desk_at is not None:
+        status = None  # cancelled by ops or closed by the desk: stays closed, whatever referral decided before
     if status and event.sequence > need.referral_sequence:
         need.status = status
         need.referral_sequence = event.sequence

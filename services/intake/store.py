@@ -45,6 +45,11 @@ class Need(SQLModel, table=True):
     referral_sequence: int = 0  # of the newest referral event applied to the status
     answered_at: datetime | None = Field(default=None, sa_type=UTCDateTime)  # the partner's first accept or answer
     cancelled_at: datetime | None = Field(default=None, sa_type=UTCDateTime)  # by ops: recorded in error
+    closed_by_desk_at: datetime | None = Field(default=None, sa_type=UTCDateTime)  # the person no longer needs help
+    partner_nudged_at: datetime | None = Field(default=None, sa_type=UTCDateTime)  # the desk's last nudge (24 h rule)
+    # "À lire": the newest partner answer (accept, respond, decline, close) and when the desk last opened the need.
+    last_answer_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    answers_read_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     person_erased_at: datetime | None = Field(default=None, sa_type=UTCDateTime)  # at the person's request
     # The consent the desk recorded (docs/privacy.md, "Consent"): the purposes agreed to ("handoff", "messages",
     # comma-separated), the version of the text shown (the directory's `consent`), who recorded it and when.

@@ -7,6 +7,7 @@ import json
 from datetime import datetime
 
 from pydantic import BaseModel
+from sqlalchemy import func, or_
 from sqlmodel import Session, col, select
 
 from services.intake import domain
@@ -52,6 +53,11 @@ class NeedPublic(BaseModel):
     person_id: str
     person: PersonContact
     consent_record: ConsentRecord | None = None
+    # A partner answered (accepted, responded, declined, closed) since the desk last opened the need's page.
+    answers_unread: bool = False
+    # When the desk last nudged the partner (at most once in 24 hours), and when it closed the need.
+    partner_nudged_at: datetime | None = None
+    closed_by_desk_at: datetime | None = None
     history: list[HistoryEntry] | None = None
 
 
@@ -74,8 +80,11 @@ def public(need: Need, history: list[NeedHistory] | None = None) -> NeedPublic:
                 "answered_at",
                 "sla",
                 "person_id",
+                "partner_nudged_at",
+                "closed_by_desk_at",
             }
         ),
+        answers_unread=domain.has_unread_answers(need.last_answer_at, need.answers_read_at),
         person=PersonContact(
             display_name=need.person_display_name,
             email=need.person_email,
@@ -116,6 +125,7 @@ def desk_needs(
     category: str = "",
     sla: str = "",
     q: str = "",
+    unread: bool = False,
     page: int = 1,
     limit: int,
     overdue_limit: int,
@@ -130,6 +140,8 @@ def desk_needs(
     if category:
         query = query.where(Need.category == category)
     query = query.where(*matches(Need.search_text, q))
+    if unread:
+        query = query.where(*_unread())
     if sla == "overdue":
         query = query.where(col(Need.status).in_(domain.WAITING_FOR_PARTNER), Need.respond_by <= now)
     elif sla:
@@ -146,6 +158,19 @@ def desk_needs(
     by_id = {n.id: n for n in [*late, *newest[:limit]]}
     ordered = sorted(by_id.values(), key=lambda n: domain.desk_order(n.status, n.respond_by, n.recorded_at, now))
     return ordered, len(newest) > limit
+
+
+def _unread() -> tuple:
+    """The needs a partner answered since the desk last opened them (domain.has_unread_answers, in SQL)."""
+    return (
+        col(Need.last_answer_at).is_not(None),
+        or_(col(Need.answers_read_at).is_(None), col(Need.last_answer_at) > col(Need.answers_read_at)),
+    )
+
+
+def unread_answers(session: Session, library_id: str) -> int:
+    """How many of the library's needs hold partner answers the desk has not read ("Réponses à lire (N)")."""
+    return session.exec(select(func.count()).select_from(Need).where(Need.library_id == library_id, *_unread())).one()
 
 
 def need_page(

@@ -35,7 +35,15 @@ from markupsafe import Markup
 
 from services.intake import api, domain, handlers, remote, views
 from services.intake.api import MAX_SUMMARY, NEED_STATUSES, Invalid, record_command, unknown_earlier_need, validate_need
-from services.intake.commands import SendReceipt, WithdrawMessagesConsent
+from services.intake.commands import (
+    AddNote,
+    CloseNeed,
+    MarkAnswersRead,
+    NudgePartner,
+    RerouteNeed,
+    SendReceipt,
+    WithdrawMessagesConsent,
+)
 from services.intake.deps import ClockDep, DatabaseDep, DirectoryDep, PagesDep, RuntimeDep
 from services.intake.remote import PartUnavailable
 from services.intake.reports import CategoryFigures, LibraryReport, csv_response, library_report
@@ -46,6 +54,7 @@ from shared.directory import Category, Directory, Library, User
 from shared.logs import current_correlation_id
 from shared.pages import DASHBOARD_PATH, MONTHS_FR, SECURITY_HEADERS, Pages, page_links, page_number
 from shared.people import record_access
+from shared.personal_data import PersonalDataError
 from shared.search import MAX_QUERY
 from shared.service import Service
 from shared.settings import Settings
@@ -60,6 +69,7 @@ LIVE_EVERY_S = {"enregistree": 2, "demande": 10, "demandes": 20}
 # Pages with a live region load /scripts/suivi.js, which fetches the region again.
 CSP = SECURITY_HEADERS["Content-Security-Policy"] + "; script-src 'self'; connect-src 'self'"
 SLA_FILTERS = ("overdue", "on_track", "at_risk", "met", "breached")
+DONE_NOTICES = ("information", "relance", "cloture", "reorientation")  # ?fait= after a desk action on a need
 STATUS_FILTERS = ("waiting", *NEED_STATUSES)
 FINAL_STATUSES = ("closed",)
 PERSON_FIELDS = ("display_name", "email", "phone", "preferred_channel", "language")
@@ -123,7 +133,17 @@ def desk(request: Request, pages: Pages, directory: Directory) -> Desk:
     return Desk(user, library)
 
 
+def unread_count(request: Request, pages: Pages) -> int | None:
+    """The menu's "Réponses à lire (N)" for a signed-in desk: its library's needs with partner answers not read."""
+    user = pages.user(request)
+    if user is None or user.role != "front_desk" or not user.library:
+        return None
+    with request.app.state.runtime.db.read() as session:  # one indexed count
+        return views.unread_answers(session, user.library)
+
+
 def show(request: Request, pages: Pages, template: str, status: int = 200, **context: Any) -> Response:
+    context.setdefault("unread_answers", unread_count(request, pages))
     response = pages.render(request, template, status=status, **context)
     response.headers["Content-Security-Policy"] = CSP
     return response
@@ -190,6 +210,7 @@ def need_context(directory: Directory, need: Need, now: datetime) -> dict[str, A
         category=category_label(directory, need.category),
         partner=partner_name(directory, need.partner_id),
         overdue=domain.is_overdue(need.status, need.respond_by, now),
+        unread=domain.has_unread_answers(need.last_answer_at, need.answers_read_at),
     )
 
 
@@ -574,10 +595,12 @@ async def needs(
     thematique: str = "",
     delai: str = "",
     q: str = "",
+    lire: str = "",
     page: str = "1",
 ) -> Response:
     desk_ = desk(request, pages, directory)
     q = q.strip()[:MAX_QUERY]
+    unread = lire == "1"
     status = statut if statut in STATUS_FILTERS else ""
     category = thematique if directory.category(thematique) else ""
     sla = delai if delai in SLA_FILTERS else ""
@@ -594,6 +617,7 @@ async def needs(
                 category=category,
                 sla=sla,
                 q=q,
+                unread=unread,
                 page=number,
                 limit=LIST_LIMIT,
                 overdue_limit=OVERDUE_LIMIT,
@@ -601,7 +625,9 @@ async def needs(
 
     found_rows, has_more = await anyio.to_thread.run_sync(rows)
     items = [need_context(directory, n, now) for n in found_rows]
-    filters: dict[str, Any] = dict(filter_status=status, filter_category=category, filter_sla=sla, filter_q=q)
+    filters: dict[str, Any] = dict(
+        filter_status=status, filter_category=category, filter_sla=sla, filter_q=q, filter_unread=unread
+    )
     partial, live_context = live(
         request,
         pages,
@@ -610,7 +636,7 @@ async def needs(
         "demandes",
         final=False,
         items=items,
-        filtered=bool(status or category or sla or q),
+        filtered=bool(status or category or sla or q or unread),
         **page_links(request, number, has_more),
         **filters,
     )
@@ -661,7 +687,48 @@ async def need_page(
     clock: ClockDep,
 ) -> Response:
     desk_, need, history = await need_reader(request, pages, db, directory, need_id)
-    now = clock()
+    if desk_.user.role == "front_desk" and domain.has_unread_answers(need.last_answer_at, need.answers_read_at):
+        # The desk is reading the need: its partner answers are no longer "à lire" (the page shows them flagged once).
+        cmd = MarkAnswersRead(need_id=need.id, library=desk_.library.id)
+        await anyio.to_thread.run_sync(partial(handlers.mark_answers_read, db, cmd, now=clock()))
+    return await render_need_page(request, pages, runtime, db, directory, desk_, need, history, clock())
+
+
+def desk_actions(need: Need, history: list[NeedHistory], now: datetime) -> dict[str, Any]:
+    """Which of the desk's actions the need's state allows now (domain's rules), and when a nudge becomes possible."""
+
+    def allowed(check: Any, *args: Any) -> domain.Refusal | None:
+        try:
+            check(*args)
+        except domain.Refusal as refusal:
+            return refusal
+        return None
+
+    erased = need.person_erased_at is not None
+    declined = any(h.event == "referral.declined" for h in history)
+    nudge = allowed(domain.check_nudge, need.status, need.partner_nudged_at, now)
+    return dict(
+        can_note=allowed(domain.check_note, need.status, erased) is None,
+        can_nudge=nudge is None,
+        nudge_from=nudge.until if nudge is not None else None,
+        can_close=allowed(domain.check_open, need.status, erased) is None,
+        can_reroute=allowed(domain.check_reroute, need.status, erased, declined) is None,
+    )
+
+
+async def render_need_page(
+    request: Request,
+    pages: Pages,
+    runtime: Any,
+    db: Database,
+    directory: Directory,
+    desk_: Desk,
+    need: Need,
+    history: list[NeedHistory],
+    now: datetime,
+    status: int = 200,
+    **extra: Any,
+) -> Response:
     entries = [dict(h=h, partner=partner_name(directory, h.partner_id)) for h in history]
     context = need_context(directory, need, now) | dict(history=entries)
     partial, live_context = live(
@@ -685,16 +752,202 @@ async def need_page(
             )
         )
         access = await access_log_context(runtime.settings, db, need.person_id, desk_.user)
+    done = request.query_params.get("fait")
+    extra.setdefault("action_errors", {})
+    extra.setdefault("action_values", {})
     return show(
         request,
         pages,
         "demande.html",
+        status=status,
         library=desk_.library,
-        erased=request.query_params.get("fait") == "effacement",
+        erased=done == "effacement",
+        done=done if done in DONE_NOTICES else None,
+        max_note=api.MAX_NOTE,
+        **desk_actions(need, history, now),
         **context,
         **live_context,
         **access,
+        **extra,
     )
+
+
+async def desk_action(
+    request: Request,
+    need_id: str,
+    pages: Pages,
+    runtime: Any,
+    db: Database,
+    directory: Directory,
+    now: datetime,
+    run: Any,
+    done: str,
+    action: str,
+    values: dict[str, str] | None = None,
+) -> Response:
+    """Run a desk action's handler (`run()`, in a thread); then back to the need's page saying it is done, or the
+    page again with the refusal next to the action's form (nothing was written)."""
+    desk_ = desk(request, pages, directory)
+    try:
+        await anyio.to_thread.run_sync(run)
+    except handlers.UnknownNeed:
+        raise pages.error(request, 404, "not_found") from None
+    except domain.Refusal as refusal:
+        need, history = await found(request, pages, db, desk_, need_id)
+        return await render_need_page(
+            request,
+            pages,
+            runtime,
+            db,
+            directory,
+            desk_,
+            need,
+            history,
+            now,
+            status=409,
+            action_errors={action: refusal.code},
+            action_values=values or {},
+            refused_until=refusal.until,
+        )
+    except (redis.RedisError, PersonalDataError):  # the text could not be sealed: nothing recorded
+        need, history = await found(request, pages, db, desk_, need_id)
+        return await render_need_page(
+            request,
+            pages,
+            runtime,
+            db,
+            directory,
+            desk_,
+            need,
+            history,
+            now,
+            status=503,
+            action_errors={action: "unavailable"},
+            action_values=values or {},
+        )
+    runtime.bus.relay.wake()
+    return pages.redirect(f"/demandes/{need_id}?fait={done}#actions")
+
+
+async def text_field(
+    request: Request,
+    pages: Pages,
+    runtime: Any,
+    db: Database,
+    directory: Directory,
+    desk_: Desk,
+    need_id: str,
+    action: str,
+    text: str,
+    now: datetime,
+) -> Response | None:
+    """The page again with the field's error (blank, too long) when the action's text is not acceptable."""
+    problem = "required" if not text.strip() else "too_long" if len(text) > api.MAX_NOTE else None
+    if problem is None:
+        return None
+    need, history = await found(request, pages, db, desk_, need_id)
+    return await render_need_page(
+        request,
+        pages,
+        runtime,
+        db,
+        directory,
+        desk_,
+        need,
+        history,
+        now,
+        status=422,
+        action_errors={action: problem},
+        action_values={action: text},
+    )
+
+
+@router.post("/demandes/{need_id}/information")
+async def add_note(
+    request: Request,
+    need_id: str,
+    pages: PagesDep,
+    runtime: RuntimeDep,
+    db: DatabaseDep,
+    directory: DirectoryDep,
+    clock: ClockDep,
+) -> Response:
+    """Information for the partner holding the need: on its referral page, and its contact is emailed."""
+    desk_ = desk(request, pages, directory)
+    fields = await pages.form(request)
+    text, now = fields.get("texte", "").replace("\r\n", "\n"), clock()
+    if (
+        invalid := await text_field(request, pages, runtime, db, directory, desk_, need_id, "note", text, now)
+    ) is not None:
+        return invalid
+    cmd = AddNote(need_id=need_id, text=text, actor=desk_.user.id, library=desk_.library.id)
+    run = partial(handlers.add_note, db, cmd, now=now, personal_data=runtime.personal_data)
+    return await desk_action(
+        request, need_id, pages, runtime, db, directory, now, run, "information", "note", {"note": text}
+    )
+
+
+@router.post("/demandes/{need_id}/relancer")
+async def nudge(
+    request: Request,
+    need_id: str,
+    pages: PagesDep,
+    runtime: RuntimeDep,
+    db: DatabaseDep,
+    directory: DirectoryDep,
+    clock: ClockDep,
+) -> Response:
+    """Ask the partner for news (at most once in 24 hours)."""
+    desk_ = desk(request, pages, directory)
+    await pages.form(request)  # the CSRF check
+    now = clock()
+    cmd = NudgePartner(need_id=need_id, actor=desk_.user.id, library=desk_.library.id)
+    run = partial(handlers.nudge_partner, db, cmd, now=now)
+    return await desk_action(request, need_id, pages, runtime, db, directory, now, run, "relance", "nudge")
+
+
+@router.post("/demandes/{need_id}/cloturer")
+async def close(
+    request: Request,
+    need_id: str,
+    pages: PagesDep,
+    runtime: RuntimeDep,
+    db: DatabaseDep,
+    directory: DirectoryDep,
+    clock: ClockDep,
+) -> Response:
+    """The person no longer needs help: the need is closed, the partner's referral ends."""
+    desk_ = desk(request, pages, directory)
+    fields = await pages.form(request)
+    reason, now = fields.get("motif", "").replace("\r\n", "\n"), clock()
+    if (
+        invalid := await text_field(request, pages, runtime, db, directory, desk_, need_id, "close", reason, now)
+    ) is not None:
+        return invalid
+    cmd = CloseNeed(need_id=need_id, reason=reason, actor=desk_.user.id, library=desk_.library.id)
+    run = partial(handlers.close_need, db, cmd, now=now, personal_data=runtime.personal_data)
+    return await desk_action(
+        request, need_id, pages, runtime, db, directory, now, run, "cloture", "close", {"close": reason}
+    )
+
+
+@router.post("/demandes/{need_id}/reorienter")
+async def reroute(
+    request: Request,
+    need_id: str,
+    pages: PagesDep,
+    runtime: RuntimeDep,
+    db: DatabaseDep,
+    directory: DirectoryDep,
+    clock: ClockDep,
+) -> Response:
+    """After a decline left the need with no partner: route it again, those that declined excluded."""
+    desk_ = desk(request, pages, directory)
+    await pages.form(request)  # the CSRF check
+    now = clock()
+    cmd = RerouteNeed(need_id=need_id, actor=desk_.user.id, library=desk_.library.id)
+    run = partial(handlers.reroute_need, db, cmd, now=now)
+    return await desk_action(request, need_id, pages, runtime, db, directory, now, run, "reorientation", "reroute")
 
 
 async def access_log_context(settings: Settings, db: Database, person_id: str, user: User) -> dict[str, Any]:

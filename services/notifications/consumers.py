@@ -50,8 +50,10 @@ def register(svc: Service, wake_senders: Callable[[], None]) -> None:
             handler = lambda s, e: handlers.on_receipt_requested(  # noqa: E731
                 s, e, svc.directory, svc.clock(), transliterate
             )
-        else:
+        elif event.type == "need.cancelled":
             handler = lambda s, e: handlers.on_need_cancelled(s, e, svc.clock())  # noqa: E731
+        else:
+            return  # the desk's actions on a need reach the partner through referral's events
         if await svc.bus.process(handler, event):
             wake_senders()
 

@@ -35,6 +35,8 @@ KIND_OF = {
     "referral.responded": "partner_answered",
     "need.unroutable": "unroutable",
     "referral.person_erased": "person_erased",
+    "referral.note_added": "desk_note",  # the desk added information for the partner
+    "referral.nudged": "desk_nudge",  # the desk asks the partner for news
 }
 
 # What the person is told, by event type. A referral tells them which organisation will contact them and
@@ -68,7 +70,7 @@ def recipients(
     partner = directory.partner(partner_id) if partner_id else None
     library = directory.library(library_id) if library_id else None
     found: list[Recipient] = []
-    if kind in ("handoff", "reminder", "person_erased") and partner:
+    if kind in ("handoff", "reminder", "person_erased", "desk_note", "desk_nudge") and partner:
         found += [
             Recipient("partner_contact", c.name, c.email, c.digest_at) for c in partner.contacts if c.id == contact_id
         ]

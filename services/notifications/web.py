@@ -45,6 +45,8 @@ KINDS = (
     "sign_in",
     "person_erased",
     "receipt",
+    "desk_note",
+    "desk_nudge",
 )
 CHANNELS = ("email", "sms")
 STATUSES = ("queued", "sent", "delivered", "failed", "suppressed")

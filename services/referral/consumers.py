@@ -15,7 +15,15 @@ from sqlmodel import Session
 
 from services.referral import handlers
 from services.referral.store import next_timer_due
-from shared.events import NEEDS, REFERRALS, NeedEvent, NeedRecorded, ReferralStreamEvent
+from shared.events import (
+    NEEDS,
+    REFERRALS,
+    NeedClosedByDesk,
+    NeedEvent,
+    NeedNoteAdded,
+    NeedRecorded,
+    ReferralStreamEvent,
+)
 from shared.service import Service
 
 log = logging.getLogger("relais.referral.clock")
@@ -43,7 +51,8 @@ def register(svc: Service, clock_wake: asyncio.Event) -> None:
     @svc.bus.subscriber(
         NEEDS,
         "A recorded need is routed to the best candidate partner, or declared unroutable; "
-        "a need cancelled by ops has its open referral cancelled and its clock stopped.",
+        "a need cancelled by ops has its open referral cancelled and its clock stopped; "
+        "the desk's notes, nudges, closes and re-routes reach the partner's referral.",
     )
     async def on_need_event(event: NeedEvent) -> None:
         handler: Callable[[Session, Any], None]
@@ -56,6 +65,18 @@ def register(svc: Service, clock_wake: asyncio.Event) -> None:
             handler = lambda s, e: handlers.on_person_erased(s, e, svc.directory, svc.clock())  # noqa: E731
         elif event.type == "need.cancelled":
             handler = lambda s, e: handlers.on_need_cancelled(s, e, svc.directory, svc.clock())  # noqa: E731
+        elif isinstance(event, NeedNoteAdded):  # the desk's actions (issue 14, point 8); texts sealed
+            text = await anyio.to_thread.run_sync(svc.personal_data.open_text, event.sealed, event.need_id)
+            handler = lambda s, e: handlers.on_desk_note(s, e, text, svc.clock())  # noqa: E731
+        elif isinstance(event, NeedClosedByDesk):
+            reason = None
+            if event.sealed is not None:
+                reason = await anyio.to_thread.run_sync(svc.personal_data.open_text, event.sealed, event.need_id)
+            handler = lambda s, e: handlers.on_closed_by_desk(s, e, reason, svc.directory, svc.clock())  # noqa: E731
+        elif event.type == "need.partner_nudged":
+            handler = lambda s, e: handlers.on_partner_nudged(s, e, svc.clock())  # noqa: E731
+        elif event.type == "need.reroute_requested":
+            handler = lambda s, e: handlers.on_reroute_requested(s, e, svc.directory, svc.clock())  # noqa: E731
         else:
             return  # not referral's concern (need.messages_withdrawn: the partner still has the need)
         if await svc.bus.process(handler, event):

@@ -210,6 +210,7 @@ TRANSITIONS: dict[str, tuple[frozenset[str], str]] = {
     "close": (frozenset({"accepted", "responded"}), "closed"),
     "cancel": (frozenset({"assigned", "accepted", "responded"}), "cancelled"),
     "reassign": (frozenset({"assigned", "accepted", "responded"}), "cancelled"),  # then a new referral
+    "desk_close": (frozenset({"assigned", "accepted", "responded"}), "closed"),  # the person no longer needs help
 }
 CLOCK_STOPPERS = frozenset({"accept", "respond"})  # the partner's first answer meets the SLA
 

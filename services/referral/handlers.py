@@ -61,8 +61,12 @@ from shared.directory import Directory
 from shared.events import (
     STREAMS,
     NeedCancelled,
+    NeedClosedByDesk,
+    NeedNoteAdded,
+    NeedPartnerNudged,
     NeedPersonalData,
     NeedRecorded,
+    NeedRerouteRequested,
     NeedUnroutable,
     PersonErased,
     ReferralAccepted,
@@ -72,6 +76,8 @@ from shared.events import (
     ReferralClosed,
     ReferralDeclined,
     ReferralEscalated,
+    ReferralNoteAdded,
+    ReferralNudged,
     ReferralPersonErased,
     ReferralReminderDue,
     ReferralResponded,
@@ -267,6 +273,8 @@ def transition(
         emit(session, ReferralResponded(**common, message=text or ""))
     elif action == "close":
         emit(session, ReferralClosed(**common, outcome=text or ""))
+    elif action == "desk_close":  # the desk's reason stays here: it travelled sealed
+        emit(session, ReferralClosed(**common, outcome="", by_desk=True))
     elif action == "decline":
         emit(session, ReferralDeclined(**common, reason=text or ""))
         session.flush()
@@ -293,11 +301,94 @@ def on_need_cancelled(session: Session, event: NeedCancelled, directory: Directo
     referral = current_referral(session, event.need_id)
     if referral is not None:
         transition(session, referral.id, "cancel", event.actor, now, directory, event.reason)
+    _stop_clock(session, event.need_id, now, "cancelled")
+
+
+def _stop_clock(session: Session, need_id: str, now: datetime, outcome: str) -> None:
     for timer in session.exec(
-        select(ClockTimer).where(ClockTimer.need_id == event.need_id, col(ClockTimer.fired_at).is_(None))
+        select(ClockTimer).where(ClockTimer.need_id == need_id, col(ClockTimer.fired_at).is_(None))
     ).all():
-        timer.fired_at, timer.outcome = now, "cancelled"
+        timer.fired_at, timer.outcome = now, outcome
         session.add(timer)
+
+
+def _known_case(session: Session, event: Any) -> NeedCase:
+    case = lock_need_case(session, event.need_id)
+    if case is None:  # its need.recorded is still being retried: so is this, until it has been routed
+        raise LookupError(f"need {event.need_id} is not known here yet")
+    return case
+
+
+def on_desk_note(session: Session, event: NeedNoteAdded, text: str | None, now: datetime) -> None:
+    """The desk's note for the partner: kept in the history of the referral holding the need (the partner's page
+    shows it), and referral.note_added has the contact emailed a link. `text` is what the event sealed, None when
+    the person was erased since (nothing is kept then). With no partner holding the need any more, it stays on the
+    last referral, for the record, and nobody is emailed."""
+    case = _known_case(session, event)
+    if text is None or case.person_erased_at is not None:
+        return
+    referral = current_referral(session, event.need_id)
+    if referral is None:
+        referral = session.exec(
+            select(Referral).where(Referral.need_id == event.need_id).order_by(col(Referral.created_at).desc())
+        ).first()
+        if referral is not None:
+            session.add(
+                ReferralHistory(referral_id=referral.id, at=now, action="desk_note", actor=event.actor, detail=text)
+            )
+        return
+    session.add(ReferralHistory(referral_id=referral.id, at=now, action="desk_note", actor=event.actor, detail=text))
+    referral.updated_at = now
+    session.add(referral)
+    emit(
+        session,
+        ReferralNoteAdded(**referral_event_fields(referral, case, event.actor, now), contact_id=referral.contact_id),
+    )
+    session.add(case)  # its sequence moved
+
+
+def on_partner_nudged(session: Session, event: NeedPartnerNudged, now: datetime) -> None:
+    """The desk asks for news: the partner holding the need, if it has not answered yet, gets an email
+    (referral.nudged). Nothing happens when the need moved on meanwhile (answered, closed, declined)."""
+    case = _known_case(session, event)
+    referral = current_referral(session, event.need_id)
+    if referral is None or referral.status not in ("assigned", "accepted"):
+        return
+    session.add(ReferralHistory(referral_id=referral.id, at=now, action="desk_nudge", actor=event.actor))
+    emit(
+        session,
+        ReferralNudged(
+            **referral_event_fields(referral, case, event.actor, now),
+            contact_id=referral.contact_id,
+            respond_by=referral.respond_by,
+        ),
+    )
+    session.add(case)
+
+
+def on_closed_by_desk(
+    session: Session, event: NeedClosedByDesk, reason: str | None, directory: Directory, now: datetime
+) -> None:
+    """The person no longer needs help: the open referral is closed by the desk (its reason in the history, which
+    the partner's page shows; referral.closed with `by_desk`), the clock stops, and a need nobody held leaves ops'
+    "Sans partenaire". `reason` is what the event sealed (None: the person was erased since, or before)."""
+    case = _known_case(session, event)
+    if case.stranded_since is not None:
+        case.stranded_since = case.stranded_cause = case.stranded_reason = None
+        session.add(case)
+    referral = current_referral(session, event.need_id)
+    if referral is not None:
+        transition(session, referral.id, "desk_close", event.actor, now, directory, reason or ERASED)
+    _stop_clock(session, event.need_id, now, "cancelled")
+
+
+def on_reroute_requested(session: Session, event: NeedRerouteRequested, directory: Directory, now: datetime) -> None:
+    """After a decline left the need with no partner, route it again: those that declined stay excluded (route),
+    the deadline is kept. Nothing when a partner holds it meanwhile (ops assigned it) or the person was erased."""
+    case = _known_case(session, event)
+    if case.stranded_since is None or case.person_erased_at is not None:
+        return
+    route(session, case, directory, now, actor=event.actor)
 
 
 def on_person_erased(session: Session, event: PersonErased, directory: Directory, now: datetime) -> None:

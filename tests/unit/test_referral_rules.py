@@ -23,6 +23,9 @@ ALLOWED = {
     ("reassign", "assigned"): "cancelled",
     ("reassign", "accepted"): "cancelled",
     ("reassign", "responded"): "cancelled",
+    ("desk_close", "assigned"): "closed",  # the desk closed the need: the person no longer needs help
+    ("desk_close", "accepted"): "closed",
+    ("desk_close", "responded"): "closed",
 }
 
 
