@@ -14,7 +14,7 @@ from collections.abc import Mapping, Set
 from dataclasses import dataclass, fields
 from dataclasses import replace as dataclass_replace
 from datetime import UTC, date, datetime, timedelta
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, get_args
 from zoneinfo import ZoneInfo
 
 from shared import deadlines  # the partner's clock, shared with intake's deadline at recording
@@ -27,6 +27,7 @@ from shared.directory import (
     Partner,  # noqa: F401
     normalize_postal_code,
 )
+from shared.events import DeclineReasonCode
 from shared.search import search_text
 
 # ==============================================================================================
@@ -216,6 +217,23 @@ CLOCK_STOPPERS = frozenset({"accept", "respond"})  # the partner's first answer 
 
 class TransitionRefused(Exception):
     pass
+
+
+# A partner declines with a reason code and, for "other", its own words; a decline with words only (the API before
+# the codes) is an "other".
+DECLINE_REASON_CODES: tuple[str, ...] = get_args(DeclineReasonCode)
+DECLINE_WITHOUT_CODE = "other"
+
+
+def decline_problem(code: str, text: str) -> Problem | None:
+    """What is wrong with a decline's reason, if anything (the API and the pages run the same rule)."""
+    if code not in DECLINE_REASON_CODES:
+        return Problem("reason_code", "choose", f"reason_code must be one of: {', '.join(DECLINE_REASON_CODES)}")
+    if code == "other" and not text.strip():
+        return Problem(
+            "reason", "required", "reason is required when reason_code is 'other' or absent: say why you decline"
+        )
+    return None
 
 
 def next_status(status: str, action: str) -> str:

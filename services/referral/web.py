@@ -22,7 +22,7 @@ from fastapi.responses import Response
 from services.referral import dashboard_pages, domain, views
 from services.referral.commands import AcceptReferral, CloseReferral, DeclineReferral, RespondToReferral
 from services.referral.deps import ClockDep, CommandDeps, DirectoryDep, PagesDep, Runtime, RuntimeDep
-from services.referral.handlers import Deps, NotFound, handle
+from services.referral.handlers import Deps, NotFound, Refused, handle
 from services.referral.store import NeedCase, Referral, ReferralHistory
 from shared.directory import Directory, User
 from shared.pages import Pages, page_links, page_number
@@ -34,9 +34,10 @@ from shared.signin import TokenExpired, TokenInvalid, read_referral_token
 TEMPLATES = Path(__file__).with_name("templates")
 
 ACTIONS = ("accept", "respond", "decline", "close")  # what a partner may do from its pages
-DECLINE_REASONS = ("hors_champ", "hors_territoire", "capacite", "doublon", "autre")  # labels in _labels.html
+DECLINE_REASONS = domain.DECLINE_REASON_CODES  # labels in _labels.html
 STATUSES = ("assigned", "accepted", "responded", "closed", "declined", "cancelled")
 MAX_TEXT = {"message": 4000, "detail": 2000, "outcome": 2000}  # as the JSON API
+FORM_FIELD = {"reason_code": "reason", "reason": "detail"}  # a decline's command fields -> the form's
 INBOX_LIMIT = 200  # referrals per page of the inbox
 
 
@@ -186,8 +187,9 @@ async def log_read(runtime: Runtime, found: ReferralCase, viewer: Viewer, role: 
 # --- acting
 
 
-def read_action(pages: Pages, action: str, fields: dict[str, str]) -> tuple[str | None, dict[str, str]]:
-    """The text the action records, or the errors of the form (field -> problem code)."""
+def read_action(action: str, fields: dict[str, str]) -> tuple[str | None, dict[str, str]]:
+    """The text the action records (a decline's: the partner's words, its code is the form's `reason`), or the
+    errors of the form (field -> problem code)."""
     errors: dict[str, str] = {}
 
     def text(name: str, required: bool = True) -> str:
@@ -207,18 +209,18 @@ def read_action(pages: Pages, action: str, fields: dict[str, str]) -> tuple[str 
     reason = fields.get("reason", "")
     if reason not in DECLINE_REASONS:
         errors["reason"] = "choose"
-    detail = text("detail", required=reason == "autre")
-    return pages.text("motif_refus.txt", reason=reason, detail=detail) if not errors else None, errors
+    detail = text("detail", required=reason == "other")
+    return detail, errors
 
 
-def command_of(action: str, referral_id: str, viewer: Viewer, text: str | None) -> object:
+def command_of(action: str, referral_id: str, viewer: Viewer, text: str | None, fields: dict[str, str]) -> object:
     if action == "accept":
         return AcceptReferral(referral_id, viewer.actor, viewer.partner_id)
     if action == "respond":
         return RespondToReferral(referral_id, viewer.actor, viewer.partner_id, text or "")
     if action == "close":
         return CloseReferral(referral_id, viewer.actor, viewer.partner_id, text or "")
-    return DeclineReferral(referral_id, viewer.actor, viewer.partner_id, text or "")
+    return DeclineReferral(referral_id, viewer.actor, viewer.partner_id, text or "", fields["reason"])
 
 
 async def perform(
@@ -233,15 +235,28 @@ async def perform(
     directory, now = deps.directory, deps.clock()
     if domain.left_partner(found.referral.status):  # nothing left to do, and no form to show back
         return show(request, pages, directory, now, found, viewer, status=409, refused=action)
-    text, errors = read_action(pages, action, fields)
+    text, errors = read_action(action, fields)
     if errors:
         return show(
             request, pages, directory, now, found, viewer, status=422, errors={action: errors}, values={action: fields}
         )
     try:
-        await handle(command_of(action, referral_id, viewer, text), deps)
+        await handle(command_of(action, referral_id, viewer, text, fields), deps)
     except NotFound:
         raise pages.error(request, 404, "not_found") from None
+    except Refused as refused:  # the handler's rule, which the form's checks above already apply
+        field = FORM_FIELD.get(refused.field, refused.field)
+        return show(
+            request,
+            pages,
+            directory,
+            now,
+            found,
+            viewer,
+            status=422,
+            errors={action: {field: "choose" if field == "reason" else "required"}},
+            values={action: fields},
+        )
     except domain.TransitionRefused:
         found = await anyio.to_thread.run_sync(load, runtime, referral_id)
         if found is None:
