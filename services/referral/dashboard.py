@@ -16,7 +16,8 @@ import math
 import time
 from collections import Counter, defaultdict
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import redis
@@ -24,9 +25,11 @@ from pydantic import BaseModel
 from sqlmodel import Session
 
 from services.referral import remote, views
+from services.referral.domain import DECLINE_REASON_CODES, DECLINE_WITHOUT_CODE
 from services.referral.remote import OutboxFigures, Remote  # parts of the answer
 from services.referral.store import PartnerPause, Referral
 from shared.directory import Directory
+from shared.pages import environment
 from shared.queues import StreamReport, queues_report
 from shared.settings import SERVICES
 
@@ -34,6 +37,8 @@ if TYPE_CHECKING:  # deps imports this module
     from services.referral.deps import Runtime
     from shared.service import Service  # metrics.py's
 
+# the template's variables are the module's attributes, unknown to mypy
+LABELS: Any = environment(Path(__file__).with_name("templates")).get_template("_labels.html").module
 SLA_STATES = ("on_track", "at_risk", "met", "breached")
 WINDOW = timedelta(days=30)  # partners' answer times, breaches, declines
 DUE_SOON = timedelta(hours=24)
@@ -134,7 +139,8 @@ class Deadlines(BaseModel):
 
 
 class DeclineReason(BaseModel):
-    reason: str
+    code: str  # domain.DECLINE_REASON_CODES
+    reason: str  # its French label (templates/_labels.html), as the partner chose it
     count: int
 
 
@@ -195,6 +201,7 @@ class Dashboard(BaseModel):
     clock: ClockFigures
     charts: Charts
     recent_actions: list[RecentAction]
+    declines_by_reason: list[DeclineReason]  # every partner's declines of the last 30 days, by reason, most first
     deliveries: Remote
     reports: Remote
 
@@ -328,8 +335,8 @@ def partner_figures(
         elif referral.respond_by <= now and referral.status not in ("declined", "cancelled"):
             counted[referral.partner_id] += 1  # the deadline passed without an answer
     reasons: dict[str, Counter] = defaultdict(Counter)
-    for partner_id, detail in declines:
-        reasons[partner_id][(detail or "").split(" : ", 1)[0] or "?"] += 1
+    for partner_id, code in declines:
+        reasons[partner_id][code or DECLINE_WITHOUT_CODE] += 1
 
     result = []
     for p in directory_partners:
@@ -355,12 +362,21 @@ def partner_figures(
                 p90_answer_seconds=percentile(times[p.id], 90),
                 in_time_share=in_time[p.id] / counted[p.id] if counted[p.id] else None,
                 declines_30d=sum(reasons[p.id].values()),
-                decline_reasons=[DeclineReason(reason=r, count=n) for r, n in reasons[p.id].most_common()],
+                decline_reasons=decline_reasons(reasons[p.id]),
                 last_action_at=last,
                 stopped_answering=silent,
             )
         )
     return result, [t for values in times.values() for t in values]
+
+
+def decline_reasons(counts: Counter) -> list[DeclineReason]:
+    """Declines by reason code, most first (ties in the codes' order), each with its French label."""
+    order = {code: i for i, code in enumerate(DECLINE_REASON_CODES)}
+    return [
+        DeclineReason(code=code, reason=LABELS.DECLINE_REASON.get(code, code), count=n)
+        for code, n in sorted(counts.items(), key=lambda item: (-item[1], order.get(item[0], len(order))))
+    ]
 
 
 def clock(session: Session, now: datetime) -> ClockFigures:
@@ -404,7 +420,11 @@ def local_figures(svc: Runtime, now: datetime) -> dict:
     directory = svc.directory
     with svc.db.read() as session:
         partner_figures_, answer_times = partners(session, directory, now)
+        all_declines: Counter = Counter()
+        for p in partner_figures_:
+            all_declines.update({r.code: r.count for r in p.decline_reasons})
         return dict(
+            declines_by_reason=decline_reasons(all_declines),
             stranded=stranded(session, directory),
             deadlines=deadlines(session, directory, now),
             partners=partner_figures_,
