@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # deps imports this module
     from shared.service import Service  # metrics.py's
 
 # the template's variables are the module's attributes, unknown to mypy
-LABELS: Any = environment(Path(__file__).with_name("templates")).get_template("_labels.html").module
+LABELS: Any = environment(Path(__file__).with_name("templates")).get_template("_decline_reasons.html").module
 SLA_STATES = ("on_track", "at_risk", "met", "breached")
 WINDOW = timedelta(days=30)  # partners' answer times, breaches, declines
 DUE_SOON = timedelta(hours=24)

@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
-from urllib.parse import urlencode
 from pathlib import Path
+from urllib.parse import urlencode
 from zoneinfo import ZoneInfo
 
 import anyio
@@ -37,7 +37,7 @@ from shared.signin import TokenExpired, TokenInvalid, read_referral_token
 TEMPLATES = Path(__file__).with_name("templates")
 
 ACTIONS = ("accept", "respond", "decline", "close")  # what a partner may do from its pages
-DECLINE_REASONS = domain.DECLINE_REASON_CODES  # labels in _labels.html
+DECLINE_REASONS = domain.DECLINE_REASON_CODES  # labels in shared/templates/_decline_reasons.html
 STATUSES = ("assigned", "accepted", "responded", "closed", "declined", "cancelled")
 MAX_TEXT = {"message": 4000, "detail": 2000, "outcome": 2000}  # as the JSON API
 FORM_FIELD = {"reason_code": "reason", "reason": "detail"}  # a decline's command fields -> the form's
@@ -393,14 +393,24 @@ async def inbox(
     number = page_number(page)
     now = clock()
 
-    scope = dict(partner_id=partner_id, q=q, library_id=library_id, only_open_cases=user.role == "partner")
+    only_open_cases = user.role == "partner"  # a partner's search finds a need that left it by its reference only
 
     def rows() -> tuple[list[tuple[Referral, NeedCase]], dict[str, int], int]:
         with runtime.db.read() as session:
             found = views.inbox(
-                session, status=status, offset=(number - 1) * INBOX_LIMIT, limit=INBOX_LIMIT + 1, **scope
+                session,
+                status=status,
+                offset=(number - 1) * INBOX_LIMIT,
+                limit=INBOX_LIMIT + 1,
+                partner_id=partner_id,
+                q=q,
+                library_id=library_id,
+                only_open_cases=only_open_cases,
             )
-            return found, views.inbox_counts(session, **scope), views.count_to_treat(session, partner_id)
+            counts = views.inbox_counts(
+                session, partner_id=partner_id, q=q, library_id=library_id, only_open_cases=only_open_cases
+            )
+            return found, counts, views.count_to_treat(session, partner_id)
 
     found, counts, to_treat = await anyio.to_thread.run_sync(rows)
     filter_status = status
@@ -408,6 +418,7 @@ async def inbox(
     def tab_url(tab: str) -> str:
         kept = {"statut": tab, "q": q, "partenaire": partenaire if user.role == "ops" else "", "lieu": library_id}
         return "/boite?" + urlencode({k: v for k, v in kept.items() if v})
+
     # A need that left the partner shows as such, without its case (summary, the person) in the page.
     items = [
         dict(
@@ -417,7 +428,7 @@ async def inbox(
             left=left,
             left_at=r.updated_at if left else None,
             late=is_late(r, now),
-            deadline=deadline_words(r.respond_by, now, library.timezone if library else directory.timezone),
+            deadline=deadline_words(r.respond_by, now, (library.timezone if library else None) or directory.timezone),
             library=library,
             partner=directory.partner(r.partner_id),
             category=directory.category(r.category),
