@@ -94,7 +94,18 @@ class RespondBody(BaseModel):
 class DeclineBody(BaseModel):
     """Why the partner declines: a `reason_code`, and in `reason` its own words (required with `other`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={  # domain.decline_problem: a code other than "other", or words in `reason`
+            "anyOf": [
+                {
+                    "properties": {"reason_code": {"enum": [c for c in domain.DECLINE_REASON_CODES if c != "other"]}},
+                    "required": ["reason_code"],
+                },
+                {"properties": {"reason": {"type": "string", "pattern": domain.A_WORD}}, "required": ["reason"]},
+            ]
+        },
+    )
     reason_code: DeclineReasonCode = Field(
         "other",
         description="out_of_scope (hors de nos compétences), out_of_territory (hors de notre territoire), capacity "
