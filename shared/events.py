@@ -249,9 +249,14 @@ class ReferralResponded(ReferralEvent):
     message: str
 
 
+# Why a partner declines, as a code the desk's page words in French and the figures count by.
+DeclineReasonCode = Literal["out_of_scope", "out_of_territory", "capacity", "already_followed", "other"]
+
+
 class ReferralDeclined(ReferralEvent):
     type: Literal["referral.declined"] = "referral.declined"
-    reason: str
+    reason: str  # the partner's own words (may be empty with a code other than "other"); never the person's name
+    reason_code: DeclineReasonCode | None = None  # None: an event from before the codes (its reason is free text)
 
 
 class ReferralClosed(ReferralEvent):

@@ -476,6 +476,7 @@ def on_referral_event(session: Session, event: ReferralEvent | NeedUnroutable) -
             event=event.type,
             partner_id=getattr(event, "partner_id", None),
             detail=detail,
+            reason_code=getattr(event, "reason_code", None),
         )
     )
     need.sla = domain.next_sla(need.sla, event.type)

@@ -80,6 +80,7 @@ class NeedHistory(SQLModel, table=True):
     event: str = Field(max_length=64)
     partner_id: str | None = Field(default=None, max_length=64)
     detail: str | None = None
+    reason_code: str | None = Field(default=None, max_length=32)  # a decline's (shared.events.DeclineReasonCode)
 
 
 class IdempotencyKey(SQLModel, table=True):

@@ -23,6 +23,11 @@ class HistoryEntry(BaseModel):
     event: str
     partner_id: str | None
     detail: str | None
+    # referral.declined: why the partner declined (out_of_scope, out_of_territory, capacity, already_followed, other)
+    reason_code: str | None = None
+
+
+HISTORY_FIELDS = {"at", "event", "partner_id", "detail", "reason_code"}
 
 
 class ConsentRecord(BaseModel):
@@ -99,9 +104,7 @@ def public(need: Need, history: list[NeedHistory] | None = None) -> NeedPublic:
             recorded_at=need.consent_recorded_at,
             messages_withdrawn_at=need.messages_withdrawn_at,
         ),
-        history=None
-        if history is None
-        else [HistoryEntry(**h.model_dump(include={"at", "event", "partner_id", "detail"})) for h in history],
+        history=None if history is None else [HistoryEntry(**h.model_dump(include=HISTORY_FIELDS)) for h in history],
     )
 
 

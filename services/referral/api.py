@@ -41,7 +41,7 @@ from services.referral.deps import (
 from services.referral.handlers import Deps, NotFound, NotPaused, NotStranded, ReferralState, Refused, handle
 from services.referral.store import Referral, ReferralHistory
 from shared.directory import Directory, User, normalize_postal_code
-from shared.events import STREAMS
+from shared.events import STREAMS, DeclineReasonCode
 from shared.people import AccessEntry, AccessLogPage, access_entries
 from shared.search import MAX_QUERY, Q_DESCRIPTION
 from shared.service import Cursor, Service, error_responses, field_error
@@ -75,6 +75,9 @@ class ReferralPublic(BaseModel):
     left_at: datetime | None = None
     # When the person had their data erased at their request (the need's texts and their details are gone).
     person_erased_at: datetime | None = None
+    decline_reason: DeclineReasonCode | None = Field(
+        None, description="Why the partner declined (status `declined`): the reason code of its decline; else null."
+    )
     history: list[HistoryEntry] | None = None
 
 
@@ -89,8 +92,32 @@ class RespondBody(BaseModel):
 
 
 class DeclineBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    reason: str = Field(min_length=1, max_length=2000)
+    """Why the partner declines: a `reason_code`, and in `reason` its own words (required with `other`)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={  # domain.decline_problem: a code other than "other", or words in `reason`
+            "anyOf": [
+                {
+                    "properties": {"reason_code": {"enum": [c for c in domain.DECLINE_REASON_CODES if c != "other"]}},
+                    "required": ["reason_code"],
+                },
+                {"properties": {"reason": {"type": "string", "pattern": domain.A_WORD}}, "required": ["reason"]},
+            ]
+        },
+    )
+    reason_code: DeclineReasonCode = Field(
+        "other",
+        description="out_of_scope (hors de nos compétences), out_of_territory (hors de notre territoire), capacity "
+        "(capacité atteinte), already_followed (personne déjà suivie chez nous), other (autre: say why in `reason`). "
+        "Absent: other, so a decline with `reason` only works as before. The desk sees it and the figures count it.",
+    )
+    reason: str | None = Field(
+        None,
+        max_length=2000,
+        description="Free text for the desk (e.g. whom to send the person to); required when reason_code is other. "
+        "Never name the person: it travels in clear in referral.declined.",
+    )
 
 
 class ReassignBody(BaseModel):
@@ -280,9 +307,21 @@ async def respond(referral_id: str, user: PartnerUser, body: RespondBody, deps: 
     return public(done.referral, done.history, user, reference=done.reference)
 
 
-@router.post("/referrals/{referral_id}/decline", response_model=ReferralPublic, responses=error_responses(409))
+@router.post(
+    "/referrals/{referral_id}/decline",
+    response_model=ReferralPublic,
+    responses=error_responses(409),
+    summary="Decline a referral, with a reason code",
+)
 async def decline(referral_id: str, user: PartnerUser, body: DeclineBody, deps: CommandDeps) -> ReferralPublic:
-    done = await run(DeclineReferral(referral_id, user.id, as_partner(user), body.reason), deps)
+    """The partner declines its referral with a `reason_code` (and its words in `reason`, required for `other`): the
+    need goes at once to the next candidate partner, keeping its deadline, or becomes unroutable. The code is kept on
+    the referral (`decline_reason`), carried by `referral.declined` to the desk's page and counted in the dashboard's
+    figures. 422 names the field to fix (an unknown `reason_code`; `reason` missing with `other`); 409 when the
+    referral is no longer assigned or accepted."""
+    done = await run(
+        DeclineReferral(referral_id, user.id, as_partner(user), (body.reason or "").strip(), body.reason_code), deps
+    )
     return public(done.referral, done.history, user, reference=done.reference)
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from services.referral.domain import PrivacyIncidentFacts
+from services.referral.domain import DECLINE_WITHOUT_CODE, PrivacyIncidentFacts
 
 # --- a partner's answers (its own referrals only) ---
 
@@ -33,7 +33,8 @@ class DeclineReferral:
     referral_id: str
     actor: str
     as_partner: str | None
-    reason: str
+    reason: str  # the partner's words; required with the code "other"
+    reason_code: str = DECLINE_WITHOUT_CODE  # domain.DECLINE_REASON_CODES
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ import math
 import time as monotonic
 from collections import Counter, defaultdict
 from datetime import datetime, time, timedelta
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 import anyio
@@ -25,9 +26,11 @@ from pydantic import BaseModel
 from sqlmodel import Session
 
 from services.referral import remote, views
+from services.referral.domain import DECLINE_REASON_CODES, DECLINE_WITHOUT_CODE
 from services.referral.remote import OutboxFigures, Remote  # parts of the answer
 from services.referral.store import PartnerPause, Referral
 from shared.directory import Directory
+from shared.pages import environment
 from shared.queues import StreamReport, queues_report
 from shared.settings import SERVICES
 
@@ -35,6 +38,8 @@ if TYPE_CHECKING:  # deps imports this module
     from services.referral.deps import Runtime
     from shared.service import Service  # metrics.py's
 
+# the template's variables are the module's attributes, unknown to mypy
+LABELS: Any = environment(Path(__file__).with_name("templates")).get_template("_decline_reasons.html").module
 SLA_STATES = ("on_track", "at_risk", "met", "breached")
 WINDOW = timedelta(days=30)  # partners' answer times, breaches, declines
 DUE_SOON = timedelta(hours=24)
@@ -150,7 +155,8 @@ class Deadlines(BaseModel):
 
 
 class DeclineReason(BaseModel):
-    reason: str
+    code: str  # domain.DECLINE_REASON_CODES
+    reason: str  # its French label (templates/_labels.html), as the partner chose it
     count: int
 
 
@@ -213,6 +219,7 @@ class Dashboard(BaseModel):
     clock: ClockFigures
     charts: Charts
     recent_actions: list[RecentAction]
+    declines_by_reason: list[DeclineReason]  # every partner's declines of the last 30 days, by reason, most first
     deliveries: Remote
     reports: Remote
 
@@ -386,8 +393,8 @@ def partner_figures(
         alerted[partner_id].add(referral_id)
         first_alert[partner_id] = min(at, first_alert.get(partner_id, at))
     reasons: dict[str, Counter] = defaultdict(Counter)
-    for partner_id, detail in declines:
-        reasons[partner_id][(detail or "").split(" : ", 1)[0] or "?"] += 1
+    for partner_id, code in declines:
+        reasons[partner_id][code or DECLINE_WITHOUT_CODE] += 1
 
     result = []
     for p in directory_partners:
@@ -414,7 +421,7 @@ def partner_figures(
                 p90_answer_seconds=percentile(times[p.id], 90),
                 in_time_share=in_time[p.id] / counted[p.id] if counted[p.id] else None,
                 declines_30d=sum(reasons[p.id].values()),
-                decline_reasons=[DeclineReason(reason=r, count=n) for r, n in reasons[p.id].most_common()],
+                decline_reasons=decline_reasons(reasons[p.id]),
                 last_action_at=last,
                 alerts_7d=len(alerted[p.id]),
                 stopped_answering=silent,
@@ -422,6 +429,15 @@ def partner_figures(
             )
         )
     return result, [t for values in times.values() for t in values]
+
+
+def decline_reasons(counts: Counter) -> list[DeclineReason]:
+    """Declines by reason code, most first (ties in the codes' order), each with its French label."""
+    order = {code: i for i, code in enumerate(DECLINE_REASON_CODES)}
+    return [
+        DeclineReason(code=code, reason=LABELS.DECLINE_REASON.get(code, code), count=n)
+        for code, n in sorted(counts.items(), key=lambda item: (-item[1], order.get(item[0], len(order))))
+    ]
 
 
 def clock(session: Session, now: datetime) -> ClockFigures:
@@ -466,7 +482,11 @@ def local_figures(svc: Runtime, now: datetime) -> dict:
     with svc.db.read() as session:
         alerts = views.alerts_since(session, now - SILENT_WINDOW, ALERTS)
         partner_figures_, answer_times = partners(session, directory, now, alerts)
+        all_declines: Counter = Counter()
+        for p in partner_figures_:
+            all_declines.update({r.code: r.count for r in p.decline_reasons})
         return dict(
+            declines_by_reason=decline_reasons(all_declines),
             stranded=stranded(session, directory),
             deadlines=deadlines(session, directory, now, alerts),
             partners=partner_figures_,

@@ -10,11 +10,12 @@ Sections:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Set
 from dataclasses import dataclass, fields
 from dataclasses import replace as dataclass_replace
 from datetime import UTC, date, datetime, timedelta
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, get_args
 from zoneinfo import ZoneInfo
 
 from shared import deadlines  # the partner's clock, shared with intake's deadline at recording
@@ -27,6 +28,7 @@ from shared.directory import (
     Partner,  # noqa: F401
     normalize_postal_code,
 )
+from shared.events import DeclineReasonCode
 from shared.search import search_text
 
 # ==============================================================================================
@@ -217,6 +219,30 @@ CLOCK_STOPPERS = frozenset({"accept", "respond"})  # the partner's first answer 
 
 class TransitionRefused(Exception):
     pass
+
+
+# A partner declines with a reason code and, for "other", its own words; a decline with words only (the API before
+# the codes) is an "other".
+DECLINE_REASON_CODES: tuple[str, ...] = get_args(DeclineReasonCode)
+DECLINE_WITHOUT_CODE = "other"
+# A character that is not blank, for Python's `re` and for the OpenAPI document's (ECMA) patterns alike: the union of
+# both languages' whitespace is spelled out, so the API and its document agree on what "words" are.
+A_WORD = r"[^\t\n\x0b\x0c\r \x1c-\x1f\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]"
+
+
+def has_words(text: str) -> bool:
+    return re.search(A_WORD, text) is not None
+
+
+def decline_problem(code: str, text: str) -> Problem | None:
+    """What is wrong with a decline's reason, if anything (the API and the pages run the same rule)."""
+    if code not in DECLINE_REASON_CODES:
+        return Problem("reason_code", "choose", f"reason_code must be one of: {', '.join(DECLINE_REASON_CODES)}")
+    if code == "other" and not has_words(text):
+        return Problem(
+            "reason", "required", "reason is required when reason_code is 'other' or absent: say why you decline"
+        )
+    return None
 
 
 def next_status(status: str, action: str) -> str:

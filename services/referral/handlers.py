@@ -243,15 +243,19 @@ def transition(
     directory: Directory,
     text: str | None = None,
     partner_id: str | None = None,
+    reason_code: str | None = None,
 ) -> Referral | None:
     """Move a referral by a partner's or ops' action, with its history and event; None when there is no such referral.
-    Raises domain.TransitionRefused when the action is not allowed from the current status."""
+    Raises domain.TransitionRefused when the action is not allowed from the current status. A decline's
+    `reason_code` is kept on the referral and carried by its event (the history keeps the partner's words)."""
     referral = lock_referral(session, referral_id)
     if referral is None:
         return None
     referral.status = domain.next_status(referral.status, action)
     referral.sla = domain.sla_after(referral.sla, action)
     referral.updated_at = now
+    if action == "decline":
+        referral.decline_reason = reason_code or domain.DECLINE_WITHOUT_CODE
     session.add(referral)
     case = session.get_one(NeedCase, referral.need_id, with_for_update=True)  # its sequence moves
     if case.person_erased_at is not None and text:
@@ -276,7 +280,7 @@ def transition(
     elif action == "desk_close":  # the desk's reason stays here: it travelled sealed
         emit(session, ReferralClosed(**common, outcome="", by_desk=True))
     elif action == "decline":
-        emit(session, ReferralDeclined(**common, reason=text or ""))
+        emit(session, ReferralDeclined(**common, reason=text or "", reason_code=referral.decline_reason))
         session.flush()
         if case.person_erased_at is None:  # an erased person's need goes to no other partner
             route(session, case, directory, now)
@@ -549,11 +553,22 @@ def _audit(session: Session, actor: str, action: str, target: str, reason: str, 
     session.add(OpsAction(at=now, actor=actor, action=action, target=target, reason=reason))
 
 
-def _partner_action(session: Session, command: Any, action: str, text: str | None, deps: Deps) -> ReferralState:
+def _partner_action(
+    session: Session, command: Any, action: str, text: str | None, deps: Deps, reason_code: str | None = None
+) -> ReferralState:
     referral = lock_referral(session, command.referral_id)  # locked before its status is read
     if referral is None or (command.as_partner is not None and referral.partner_id != command.as_partner):
         raise NotFound("no such referral")
-    referral = transition(session, command.referral_id, action, command.actor, deps.clock(), deps.directory, text)
+    referral = transition(
+        session,
+        command.referral_id,
+        action,
+        command.actor,
+        deps.clock(),
+        deps.directory,
+        text,
+        reason_code=reason_code,
+    )
     assert referral is not None  # locked above
     return ReferralState(referral, history_of(session, referral.id), _reference_of(session, referral.need_id))
 
@@ -567,8 +582,13 @@ def respond_to_referral(session: Session, command: RespondToReferral, deps: Deps
 
 
 def decline_referral(session: Session, command: DeclineReferral, deps: Deps) -> ReferralState:
-    """The partner declines: the need goes to the next candidate (or is declared unroutable)."""
-    return _partner_action(session, command, "decline", command.reason, deps)
+    """The partner declines with a reason (domain.decline_problem): the need goes to the next candidate (or is
+    declared unroutable)."""
+    reason = command.reason.strip()
+    problem = domain.decline_problem(command.reason_code, reason)
+    if problem is not None:
+        raise Refused(problem.field, problem.message)
+    return _partner_action(session, command, "decline", reason or None, deps, reason_code=command.reason_code)
 
 
 def close_referral(session: Session, command: CloseReferral, deps: Deps) -> ReferralState:

@@ -66,6 +66,7 @@ class Referral(SQLModel, table=True):
     routed_because: str
     created_at: datetime = Field(sa_type=UTCDateTime, index=True)
     updated_at: datetime = Field(sa_type=UTCDateTime)
+    decline_reason: str | None = Field(default=None, max_length=32)  # domain.DECLINE_REASON_CODES, once declined
 
 
 class ReferralHistory(SQLModel, table=True):

@@ -4,6 +4,7 @@ tables (store.py) and of the dead letters in Redis, no rule and no write."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 import sqlalchemy as sa
 from pydantic import BaseModel
@@ -118,23 +119,53 @@ def inbox(
     library_id: str = "",
     only_open_cases: bool = False,
 ) -> list[tuple[Referral, NeedCase]]:
-    """Referrals with their needs, soonest deadline first; `status` "open" means any open status; `q` searches as
-    find_referrals does."""
-    query = select(Referral, NeedCase).join(NeedCase, col(NeedCase.need_id) == Referral.need_id)
+    """Referrals with their needs: those waiting for their partner's first answer (assigned) first, then soonest
+    deadline first; `status` "open" means any open status; `q` searches as find_referrals does."""
+    query = inbox_scope(
+        select(Referral, NeedCase).join(NeedCase, col(NeedCase.need_id) == Referral.need_id),
+        partner_id=partner_id,
+        library_id=library_id,
+        q=q,
+        only_open_cases=only_open_cases,
+    )
+    if status == "open":
+        query = query.where(col(Referral.status).in_(OPEN_STATUSES))
+    elif status != "all":
+        query = query.where(Referral.status == status)
+    untreated_first = sa.case((col(Referral.status) == "assigned", 0), else_=1)
+    query = (
+        query.order_by(untreated_first, col(Referral.respond_by), col(Referral.created_at), col(Referral.id))
+        .offset(offset)
+        .limit(limit)
+    )
+    return list(session.exec(query).all())
+
+
+def inbox_scope(query: Any, *, partner_id: str | None, library_id: str, q: str, only_open_cases: bool) -> Any:
+    """The inbox's filters but its status: whose referrals, from which library, matching the search."""
     if partner_id:
         query = query.where(Referral.partner_id == partner_id)
     if library_id:
         query = query.where(Referral.library_id == library_id)
     if query_terms(q):
         query = query.where(searched(q, only_open_cases))
-    if status == "open":
-        query = query.where(col(Referral.status).in_(OPEN_STATUSES))
-    elif status != "all":
-        query = query.where(Referral.status == status)
-    query = (
-        query.order_by(col(Referral.respond_by), col(Referral.created_at), col(Referral.id)).offset(offset).limit(limit)
+    return query
+
+
+def inbox_counts(
+    session: Session, *, partner_id: str | None, q: str = "", library_id: str = "", only_open_cases: bool = False
+) -> dict[str, int]:
+    """Status -> how many referrals the inbox holds in it, with the inbox's other filters (its tabs' counts)."""
+    query = inbox_scope(
+        select(Referral.status, sa.func.count())
+        .select_from(Referral)
+        .join(NeedCase, col(NeedCase.need_id) == Referral.need_id),
+        partner_id=partner_id,
+        library_id=library_id,
+        q=q,
+        only_open_cases=only_open_cases,
     )
-    return list(session.exec(query).all())
+    return dict(session.exec(query.group_by(Referral.status)).all())
 
 
 def count_to_treat(session: Session, partner_id: str | None) -> int:
@@ -285,10 +316,10 @@ def referrals_created_since(session: Session, since: datetime) -> list[Referral]
 
 
 def declines_since(session: Session, since: datetime) -> list[tuple[str, str | None]]:
-    """(partner id, the decline's recorded reason) of each decline since `since`."""
+    """(partner id, the decline's reason code) of each decline since `since`."""
     return list(
         session.exec(
-            select(Referral.partner_id, ReferralHistory.detail)
+            select(Referral.partner_id, Referral.decline_reason)
             .join(ReferralHistory, col(ReferralHistory.referral_id) == Referral.id)
             .where(ReferralHistory.action == "decline", ReferralHistory.at >= since)
         ).all()

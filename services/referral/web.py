@@ -11,9 +11,11 @@ partner's command through its one handler (handlers.py), as the API does.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
+from urllib.parse import urlencode
+from zoneinfo import ZoneInfo
 
 import anyio
 from fastapi import APIRouter, Request
@@ -22,11 +24,12 @@ from fastapi.responses import Response
 from services.referral import dashboard_pages, domain, views
 from services.referral.commands import AcceptReferral, CloseReferral, DeclineReferral, RespondToReferral
 from services.referral.deps import ClockDep, CommandDeps, DirectoryDep, PagesDep, Runtime, RuntimeDep
-from services.referral.handlers import Deps, NotFound, handle
-from services.referral.store import NeedCase, Referral, ReferralHistory
+from services.referral.handlers import Deps, NotFound, Refused, handle
+from services.referral.store import OPEN_STATUSES, NeedCase, Referral, ReferralHistory
 from shared.directory import Directory, User
-from shared.pages import Pages, page_links, page_number
-from shared.people import record_access
+from shared.pages import DAYS_FR, Pages, page_links, page_number
+from shared.people import ERASED, record_access
+from shared.retention import ANONYMISED
 from shared.search import MAX_QUERY
 from shared.service import Service
 from shared.signin import TokenExpired, TokenInvalid, read_referral_token
@@ -34,10 +37,13 @@ from shared.signin import TokenExpired, TokenInvalid, read_referral_token
 TEMPLATES = Path(__file__).with_name("templates")
 
 ACTIONS = ("accept", "respond", "decline", "close")  # what a partner may do from its pages
-DECLINE_REASONS = ("hors_champ", "hors_territoire", "capacite", "doublon", "autre")  # labels in _labels.html
+DECLINE_REASONS = domain.DECLINE_REASON_CODES  # labels in shared/templates/_decline_reasons.html
 STATUSES = ("assigned", "accepted", "responded", "closed", "declined", "cancelled")
 MAX_TEXT = {"message": 4000, "detail": 2000, "outcome": 2000}  # as the JSON API
-INBOX_LIMIT = 200  # referrals per page of the inbox
+FORM_FIELD = {"reason_code": "reason", "reason": "detail"}  # a decline's command fields -> the form's
+INBOX_LIMIT = 50  # referrals per page of the inbox: one line each, a page readable on a phone
+TABS = ("open", "assigned", "accepted", "responded", "all")  # the inbox's tabs shown even when empty
+SOON = timedelta(days=6)  # a deadline within this is worded by its weekday ("jeudi avant 14 h")
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,41 @@ class ReferralCase:
     history: list[ReferralHistory]
 
 
+def short_name(display_name: str | None) -> str | None:
+    """What an inbox line shows of the person: the first name and the initials of the others ("Marie D."), a
+    single name by its initial only (it may be a surname); the full name is on the referral's page."""
+    if display_name is None or display_name in (ERASED, ANONYMISED):
+        return display_name
+    words = display_name.split()
+    if not words:
+        return None
+    if len(words) == 1:
+        return words[0][0].upper() + "."
+    return " ".join([words[0], *(w[0].upper() + "." for w in words[1:])])  # "Mme Durand": "Mme D."
+
+
+@dataclass(frozen=True)
+class DeadlineWords:
+    """A deadline as the inbox words it (templates: boite.html): `kind` is late, today, tomorrow, soon or later;
+    `local` the deadline on the library's clock; `late_by` how long ago it passed."""
+
+    kind: str
+    local: datetime
+    late_by: float = 0.0
+
+
+def deadline_words(at: datetime, now: datetime, timezone: str) -> DeadlineWords:
+    zone = ZoneInfo(timezone)
+    local, today = at.astimezone(zone), now.astimezone(zone).date()
+    if at <= now:
+        return DeadlineWords("late", local, (now - at).total_seconds())
+    if local.date() == today:
+        return DeadlineWords("today", local)
+    if local.date() == today + timedelta(days=1):
+        return DeadlineWords("tomorrow", local)
+    return DeadlineWords("soon" if local.date() <= today + SOON else "later", local)
+
+
 def allowed_actions(status: str) -> list[str]:
     return [a for a in ACTIONS if status in domain.TRANSITIONS[a][0]]
 
@@ -74,7 +115,13 @@ def pages_for(svc: Service) -> Pages:
     """Referral's pages: the partners' (here) and the ops dashboard's (dashboard_pages.py), one template set."""
     pages = Pages(svc, TEMPLATES, roles=("partner", "ops"), home="/boite")
     dashboard_pages.install_filters(pages)
+    pages.env.filters.update(heure_min=clock_fr, jour=lambda local: DAYS_FR[local.weekday()])
     return pages
+
+
+def clock_fr(local: datetime) -> str:
+    """'14 h 05', '9 h' (a time already on the reader's clock)."""
+    return f"{local.hour} h {local.minute:02d}" if local.minute else f"{local.hour} h"
 
 
 router = APIRouter()
@@ -99,7 +146,9 @@ def show(
     **context,
 ) -> Response:
     if viewer.can_act and domain.left_partner(found.referral.status):
-        return show_left(request, pages, directory, found, viewer, status, refused=context.get("refused"))
+        return show_left(
+            request, pages, directory, found, viewer, status, context.get("refused"), context.get("to_treat")
+        )
     referral = found.referral
     library = directory.library(referral.library_id)
     partner = directory.partner(referral.partner_id)
@@ -139,6 +188,7 @@ def show_left(
     viewer: Viewer,
     status: int = 200,
     refused: str | None = None,
+    to_treat: int | None = None,
 ) -> Response:
     """The need left this partner: its status and since when, and nothing of the person nor of the need
     (the case and the history's texts are not even given to the template)."""
@@ -160,6 +210,7 @@ def show_left(
         viewer=viewer,
         refused=refused,
         done=request.query_params.get("fait") if request.query_params.get("fait") in ACTIONS else None,
+        to_treat=to_treat,
     )
 
 
@@ -186,8 +237,9 @@ async def log_read(runtime: Runtime, found: ReferralCase, viewer: Viewer, role: 
 # --- acting
 
 
-def read_action(pages: Pages, action: str, fields: dict[str, str]) -> tuple[str | None, dict[str, str]]:
-    """The text the action records, or the errors of the form (field -> problem code)."""
+def read_action(action: str, fields: dict[str, str]) -> tuple[str | None, dict[str, str]]:
+    """The text the action records (a decline's: the partner's words, its code is the form's `reason`), or the
+    errors of the form (field -> problem code)."""
     errors: dict[str, str] = {}
 
     def text(name: str, required: bool = True) -> str:
@@ -207,18 +259,18 @@ def read_action(pages: Pages, action: str, fields: dict[str, str]) -> tuple[str 
     reason = fields.get("reason", "")
     if reason not in DECLINE_REASONS:
         errors["reason"] = "choose"
-    detail = text("detail", required=reason == "autre")
-    return pages.text("motif_refus.txt", reason=reason, detail=detail) if not errors else None, errors
+    detail = text("detail", required=reason == "other")
+    return detail, errors
 
 
-def command_of(action: str, referral_id: str, viewer: Viewer, text: str | None) -> object:
+def command_of(action: str, referral_id: str, viewer: Viewer, text: str | None, fields: dict[str, str]) -> object:
     if action == "accept":
         return AcceptReferral(referral_id, viewer.actor, viewer.partner_id)
     if action == "respond":
         return RespondToReferral(referral_id, viewer.actor, viewer.partner_id, text or "")
     if action == "close":
         return CloseReferral(referral_id, viewer.actor, viewer.partner_id, text or "")
-    return DeclineReferral(referral_id, viewer.actor, viewer.partner_id, text or "")
+    return DeclineReferral(referral_id, viewer.actor, viewer.partner_id, text or "", fields["reason"])
 
 
 async def perform(
@@ -233,15 +285,28 @@ async def perform(
     directory, now = deps.directory, deps.clock()
     if domain.left_partner(found.referral.status):  # nothing left to do, and no form to show back
         return show(request, pages, directory, now, found, viewer, status=409, refused=action)
-    text, errors = read_action(pages, action, fields)
+    text, errors = read_action(action, fields)
     if errors:
         return show(
             request, pages, directory, now, found, viewer, status=422, errors={action: errors}, values={action: fields}
         )
     try:
-        await handle(command_of(action, referral_id, viewer, text), deps)
+        await handle(command_of(action, referral_id, viewer, text, fields), deps)
     except NotFound:
         raise pages.error(request, 404, "not_found") from None
+    except Refused as refused:  # the handler's rule, which the form's checks above already apply
+        field = FORM_FIELD.get(refused.field, refused.field)
+        return show(
+            request,
+            pages,
+            directory,
+            now,
+            found,
+            viewer,
+            status=422,
+            errors={action: {field: "choose" if field == "reason" else "required"}},
+            values={action: fields},
+        )
     except domain.TransitionRefused:
         found = await anyio.to_thread.run_sync(load, runtime, referral_id)
         if found is None:
@@ -328,35 +393,49 @@ async def inbox(
     number = page_number(page)
     now = clock()
 
-    def rows() -> tuple[list[tuple[Referral, NeedCase]], int]:
+    only_open_cases = user.role == "partner"  # a partner's search finds a need that left it by its reference only
+
+    def rows() -> tuple[list[tuple[Referral, NeedCase]], dict[str, int], int]:
         with runtime.db.read() as session:
             found = views.inbox(
                 session,
-                partner_id=partner_id,
                 status=status,
                 offset=(number - 1) * INBOX_LIMIT,
                 limit=INBOX_LIMIT + 1,
+                partner_id=partner_id,
                 q=q,
                 library_id=library_id,
-                only_open_cases=user.role == "partner",
+                only_open_cases=only_open_cases,
             )
-            return found, views.count_to_treat(session, partner_id)
+            counts = views.inbox_counts(
+                session, partner_id=partner_id, q=q, library_id=library_id, only_open_cases=only_open_cases
+            )
+            return found, counts, views.count_to_treat(session, partner_id)
 
-    found, to_treat = await anyio.to_thread.run_sync(rows)
+    found, counts, to_treat = await anyio.to_thread.run_sync(rows)
+    filter_status = status
+
+    def tab_url(tab: str) -> str:
+        kept = {"statut": tab, "q": q, "partenaire": partenaire if user.role == "ops" else "", "lieu": library_id}
+        return "/boite?" + urlencode({k: v for k, v in kept.items() if v})
+
     # A need that left the partner shows as such, without its case (summary, the person) in the page.
     items = [
         dict(
             r=r,
             case=None if left else case,
+            person=None if left else short_name(case.person_display_name),
             left=left,
             left_at=r.updated_at if left else None,
             late=is_late(r, now),
-            library=directory.library(r.library_id),
+            deadline=deadline_words(r.respond_by, now, (library.timezone if library else None) or directory.timezone),
+            library=library,
             partner=directory.partner(r.partner_id),
             category=directory.category(r.category),
         )
         for r, case in found[:INBOX_LIMIT]
         for left in [user.role == "partner" and domain.left_partner(r.status)]
+        for library in [directory.library(r.library_id)]
     ]
     return pages.render(
         request,
@@ -365,6 +444,15 @@ async def inbox(
         **page_links(request, number, len(found) > INBOX_LIMIT),
         filter_status=status,
         statuses=STATUSES,
+        tabs=[
+            (tab, count, tab_url(tab))
+            for tab, count in (
+                ("open", sum(counts.get(s, 0) for s in OPEN_STATUSES)),
+                *((s, counts.get(s, 0)) for s in STATUSES),
+                ("all", sum(counts.values())),
+            )
+            if count or tab in TABS or tab == filter_status
+        ],
         partner=directory.partner(user.partner) if user.partner else None,
         partners=directory.partners if user.role == "ops" else [],
         partner_filter=partenaire,
@@ -386,7 +474,14 @@ async def referral_signed_in(
     if found is None or (viewer.partner_id is not None and found.referral.partner_id != viewer.partner_id):
         raise pages.error(request, 404, "not_found")  # never 403: ids cannot be probed
     await log_read(runtime, found, viewer, user.role, clock())
-    return show(request, pages, directory, clock(), found, viewer)
+    to_treat = await anyio.to_thread.run_sync(menu_count, runtime, viewer.partner_id)
+    return show(request, pages, directory, clock(), found, viewer, to_treat=to_treat)
+
+
+def menu_count(runtime: Runtime, partner_id: str | None) -> int:
+    """The menu's "À traiter (n)": referrals waiting for the partner's first answer (every partner's, for ops)."""
+    with runtime.db.read() as session:
+        return views.count_to_treat(session, partner_id)
 
 
 @router.post("/boite/{referral_id}/{action}")

@@ -54,7 +54,7 @@ def test_the_partner_pages_after_the_need_left(exit, page, check_page, settings,
     assert page.get_by_text(NAME).is_visible()  # before: the partner sees the person
 
     if exit == "decline":  # from the page itself, as a partner does
-        page.locator("#decline-reason").select_option("hors_champ")
+        page.locator("#decline-reason").select_option("out_of_scope")
         page.get_by_label("Précisions").fill(f"{NAME} relève du CCAS")
         page.get_by_role("button", name="Décliner la demande").click()
         assert page.get_by_role("status").inner_text().startswith("Vous avez décliné cette demande")

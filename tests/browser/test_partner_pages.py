@@ -42,7 +42,7 @@ def test_a_partner_declines_from_the_email_link_with_the_keyboard_only(page, che
     tab_to(page, "#decline-reason")
     assert focus_is_visible(page)
     page.keyboard.type("Capacit")  # a closed <select> picks the option typed
-    assert page.locator("#decline-reason").input_value() == "capacite"
+    assert page.locator("#decline-reason").input_value() == "capacity"
     tab_to(page, "#decline-detail")
     page.keyboard.type("Plus de place avant janvier ; voir le CCAS de Rouen.")
     tab_to(page, "form[action$='/decline'] button")
@@ -54,14 +54,14 @@ def test_a_partner_declines_from_the_email_link_with_the_keyboard_only(page, che
     assert page.locator("form[action$='/accept']").count() == 0
     check_page(page, "referral-link-declined")
     body = referral.client("ops").get(f"/referrals/{rid}").json()
-    assert body["status"] == "declined"
-    assert body["history"][-1]["detail"] == "Capacité atteinte : Plus de place avant janvier ; voir le CCAS de Rouen."
+    assert body["status"] == "declined" and body["decline_reason"] == "capacity"
+    assert body["history"][-1]["detail"] == "Plus de place avant janvier ; voir le CCAS de Rouen."
 
 
 def test_a_form_error_is_announced_next_to_its_field(page, check_page, referral):
     rid = record_need(referral.svc)
     page.goto(referral_link(referral.settings, rid, "caf-76", now=referral.svc.clock()))
-    page.locator("#decline-reason").select_option("autre")
+    page.locator("#decline-reason").select_option("other")
     page.get_by_role("button", name="Décliner la demande").click()
 
     assert page.get_by_role("alert").first.inner_text().startswith("Le formulaire contient une erreur")

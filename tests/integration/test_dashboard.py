@@ -46,6 +46,7 @@ def seed(db) -> None:
             category="caf",
             history=(),
             recorded=None,
+            decline_reason=None,
         ):
             s.add(
                 NeedCase(
@@ -72,6 +73,7 @@ def seed(db) -> None:
                     routed_because="test",
                     created_at=created,
                     updated_at=created,
+                    decline_reason=decline_reason,
                 )
             )
             s.flush()
@@ -127,11 +129,11 @@ def seed(db) -> None:
             history=[("accept", NOW - 40 * D + H, None), ("breach", NOW - 37 * D, None)],
         )
         # cpam-76: three declines within 30 days (two for capacity), one older
-        for rid, days, detail in (
-            ("c1", 3, "Capacité atteinte : plus de place"),
-            ("c2", 2, "Hors de notre champ"),
-            ("c3", 1, "Capacité atteinte"),
-            ("c4", 40, "Doublon"),
+        for rid, days, code, detail in (
+            ("c1", 3, "capacity", "plus de place"),
+            ("c2", 2, "out_of_scope", None),
+            ("c3", 1, "capacity", None),
+            ("c4", 40, "already_followed", None),
         ):
             referral(
                 rid,
@@ -139,6 +141,7 @@ def seed(db) -> None:
                 NOW - days * D,
                 status="declined",
                 category="sante",
+                decline_reason=code,
                 history=[("decline", NOW - days * D + H, detail)],
             )
         # the clock: four timers fired within 24 h, 1, 2, 3 and 10 s late; older or cancelled ones do not count
@@ -211,9 +214,10 @@ def test_every_figure_on_seeded_data(referral):
     cpam = partners["cpam-76"]
     assert cpam["declines_30d"] == 3
     assert cpam["decline_reasons"] == [
-        {"reason": "Capacité atteinte", "count": 2},
-        {"reason": "Hors de notre champ", "count": 1},
+        {"code": "capacity", "reason": "Capacité atteinte", "count": 2},
+        {"code": "out_of_scope", "reason": "Hors de nos compétences", "count": 1},
     ]
+    assert board["declines_by_reason"] == cpam["decline_reasons"]  # every partner's, counted by reason code
 
     clock = board["clock"]
     assert clock["lag_max_seconds"] == 300 and clock["lag_p50_seconds"] == 3  # 1, 2, 3, 10, 300 s

@@ -80,7 +80,8 @@ def test_the_link_opens_the_referral_as_its_partner_sees_it(referral):
         "+33235123456",
         "À répondre avant",
         "Dans les délais",
-        "Accepter la demande",
+        "Accepter : je prends, je rappellerai",
+        "Répondre : envoyer le message à l'accueil",
         "Décliner la demande",
         "Hors de notre territoire",
     ):
@@ -99,7 +100,7 @@ def test_accepting_through_the_form_changes_the_referral(referral):
 
     assert answer.status_code == 200 and answer.url.path == path and answer.url.params["fait"] == "accept"
     assert "Vous avez accepté cette demande" in answer.text
-    assert "Clôturer la demande" in answer.text and "Accepter la demande" not in answer.text
+    assert "Clôturer la demande" in answer.text and "Accepter : je prends" not in answer.text
     body = referral.client("ops").get(f"/referrals/{rid}").json()
     assert body["status"] == "accepted" and body["sla"] == "met"
     assert body["history"][-1]["actor"] == "link:caf-76"
@@ -115,17 +116,17 @@ def test_declining_records_the_reason_and_routes_the_need_on(referral):
     path = path_of(referral_link(referral.settings, rid, "caf-76", now=referral.svc.clock()))
     csrf = csrf_of(client.get(path).text)
 
-    missing = client.post(f"{path}/decline", data={"csrf": csrf, "reason": "autre", "detail": " "})
-    assert missing.status_code == 422 and "Avec le motif « Autre », expliquez" in missing.text
+    missing = client.post(f"{path}/decline", data={"csrf": csrf, "reason": "other", "detail": " "})
+    assert missing.status_code == 422 and "Avec « Autre motif », expliquez" in missing.text
     assert 'aria-invalid="true"' in missing.text and status_of(referral, rid) == "assigned"
 
     done = client.post(
-        f"{path}/decline", data={"csrf": csrf, "reason": "hors_territoire", "detail": "Voir la CAF du Calvados"}
+        f"{path}/decline", data={"csrf": csrf, "reason": "out_of_territory", "detail": "Voir la CAF du Calvados"}
     )
     assert done.status_code == 200 and "Vous avez décliné cette demande" in done.text
     body = referral.client("ops").get(f"/referrals/{rid}").json()
-    assert body["status"] == "declined"
-    assert body["history"][-1]["detail"] == "Hors de notre territoire : Voir la CAF du Calvados"
+    assert body["status"] == "declined" and body["decline_reason"] == "out_of_territory"
+    assert body["history"][-1]["detail"] == "Voir la CAF du Calvados"  # the partner's words; the code apart
     others = referral.client("ops").get("/referrals", params={"need_id": body["need_id"]}).json()["items"]
     assert {r["partner_id"] for r in others} == {"caf-76", "caf-national"}
 
@@ -281,7 +282,7 @@ def test_the_inbox_lists_the_partners_open_referrals_by_deadline_late_ones_marke
 
     listed = re.findall(r'href="/boite/([0-9a-f]{32})"', html)
     assert listed == [late, soon, later]
-    assert html.count("En retard") >= 1 and "3 demandes" in html and "Une est en retard" in html
+    assert "en retard de" in html and "3 demandes" in html and "Une est en retard" in html
     assert cpam not in html and closed not in html
 
     filtered = client.get("/boite", params={"statut": "closed"}).text
@@ -332,7 +333,7 @@ def test_a_signed_in_partner_acts_from_the_inbox_and_ops_see_everything(referral
     only_cpam = ops.get("/boite", params={"partenaire": "cpam-76"}).text
     assert re.findall(r'href="/boite/([0-9a-f]{32})"', only_cpam) == [cpam]
     view = ops.get(f"/boite/{cpam}")
-    assert view.status_code == 200 and "Consultation seule" in view.text and "Accepter la demande" not in view.text
+    assert view.status_code == 200 and "Consultation seule" in view.text and "Accepter : je prends" not in view.text
     assert ops.post(f"/boite/{cpam}/accept", data={"csrf": csrf_of(view.text)}).status_code == 403
 
 

@@ -28,7 +28,7 @@ def text_of(html: str) -> str:
 
 
 def cards(html: str) -> list[str]:
-    return [text_of(li) for li in re.findall(r"<li(?: class=\"late\")?>\s*<h2>.*?</li>", html, re.S)]
+    return [text_of(li) for li in re.findall(r"<li class=\"[a-z ]*\">\s*<p class=\"line-head\">.*?</li>", html, re.S)]
 
 
 @pytest.fixture
