@@ -34,7 +34,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from jinja2 import ChoiceLoader, Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
-from shared.directory import User, national_phone
+from shared.directory import Directory, User, national_phone
 from shared.sessions import SESSION_MAX_AGE
 from shared.settings import Settings
 from shared.signin import LiveSessions, WebSession, session_cookie, sign, sign_in_router
@@ -112,6 +112,29 @@ def environment(*template_dirs: Path) -> Environment:
         deadline_fr=deadline_fr, datetime_fr=datetime_fr, date_fr=date_fr, iso=iso, phone_national=national_phone
     )
     return env
+
+
+def actor_fr(directory: Directory, actor: str, with_address: bool = False) -> str:
+    """Who did something, as a person reads it: the partner's or the library's name from the directory, "la
+    coordination", "Relais" for the system; never a directory id such as `op-caf76`. `with_address` adds the
+    account's email (the coordination's own pages: who among several people of one team acted)."""
+    if actor == "system":
+        return "Relais"
+    if actor.startswith("link:"):
+        partner = directory.partner(actor.removeprefix("link:"))
+        return f"{partner.name if partner else 'le partenaire'}, par le lien reçu par e-mail"
+    user = directory.user(actor)
+    if user is None:
+        return "un compte qui n'est plus dans l'annuaire"
+    if user.role == "partner":
+        partner = directory.partner(user.partner or "")
+        name = partner.name if partner else "un partenaire"
+    elif user.role == "front_desk":
+        library = directory.library(user.library or "")
+        name = library.name if library else "un lieu d'accueil"
+    else:
+        name = "la coordination"
+    return f"{name} ({user.email})" if with_address and user.email else name
 
 
 class Interrupt(Exception):
@@ -295,6 +318,7 @@ class Pages:
             user=user,
             deployment=directory.deployment,
             desk_library=directory.library(user.library) if user and user.library else None,
+            who=lambda actor, with_address=False: actor_fr(directory, actor, with_address),
             home=self.home,
             service=self.svc.name,
             session_csrf=session.csrf,

@@ -104,6 +104,8 @@ def test_accepting_through_the_form_changes_the_referral(referral):
     body = referral.client("ops").get(f"/referrals/{rid}").json()
     assert body["status"] == "accepted" and body["sla"] == "met"
     assert body["history"][-1]["actor"] == "link:caf-76"
+    # the page says who acted in words, never a directory id
+    assert "(CAF de la Seine-Maritime, par le lien reçu par e-mail)" in answer.text and "link:caf-76" not in answer.text
 
     again = client.post(f"{path}/accept", data={"csrf": csrf})  # e.g. a second tab
     assert again.status_code == 409 and "n'est plus possible" in again.text

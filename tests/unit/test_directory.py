@@ -592,3 +592,17 @@ def test_a_desks_country_follows_its_jurisdiction():
     demo = load_directory(DEMO_DIRECTORY)
     assert known(demo.library("rouen-chatelet")).country == "FR"
     assert known(demo.library("drummondville")).country == "CA"
+
+
+def test_who_acted_reads_as_names_from_the_directory_never_as_ids(tmp_path):
+    from shared.pages import actor_fr
+    from shared.testing import directory_data
+
+    directory = load_directory(write(tmp_path, directory_data()))
+    assert actor_fr(directory, "op-caf") == "CAF de la Seine-Maritime"
+    assert actor_fr(directory, "desk") == "Bibliothèque du Châtelet"
+    assert actor_fr(directory, "ops") == "la coordination"
+    assert actor_fr(directory, "ops", with_address=True) == "la coordination (ops@coordination.test.example)"
+    assert actor_fr(directory, "system") == "Relais"
+    assert actor_fr(directory, "link:caf-76") == "CAF de la Seine-Maritime, par le lien reçu par e-mail"
+    assert actor_fr(directory, "op-gone") == "un compte qui n'est plus dans l'annuaire"
