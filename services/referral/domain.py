@@ -64,7 +64,7 @@ ROUTING_TEXTS = {
     "full": "{partner} (capacité atteinte {open}/{capacity})",
     "declined": "{partner} (a déjà décliné)",
     "paused": "{partner} (en pause)",
-    "by_hand": "Réaffectée à la main par {actor} à {partner}",
+    "by_hand": "Confiée à {partner} par la coordination (réaffectation)",
     "by_hand_stranded": (
         "Confiée à {partner} par la coordination : aucun partenaire ne pouvait la prendre selon l'annuaire"
     ),
@@ -334,7 +334,7 @@ def assign_by_hand(
     if stranded:
         reason = ROUTING_TEXTS["by_hand_stranded"].format(partner=partner.name)
     else:
-        reason = ROUTING_TEXTS["by_hand"].format(actor=actor, partner=partner.name)
+        reason = ROUTING_TEXTS["by_hand"].format(partner=partner.name)  # who: in the history
     return RoutingDecision(
         partner=partner,
         contact=contact or directory.primary_contact(partner),
