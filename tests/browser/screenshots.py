@@ -119,6 +119,18 @@ def test_screenshots_of_every_page(page, settings, mail_sink, start_service):
                         "() => [document.documentElement.scrollHeight, document.documentElement.scrollWidth]"
                     )
                     rows.append((name, size[0], size[0] / height, size[1]))
+    # A partner's full page: 50 referrals in the inbox, measured on a phone (the height one line takes).
+    for i in range(50 - 2):
+        _post_need(intake, summary=f"Demande {i}")
+    wait_for(lambda: len(referral.client("caf").get("/referrals", params={"limit": 100}).json()["items"]) >= 50, 60)
+    page.set_viewport_size({"width": 1280, "height": 900})
+    sign_in_in_browser(page, sign_in_link(referral.settings, "referral", "op-caf", now=referral.svc.clock())[0])
+    page.set_viewport_size({"width": 390, "height": 740})
+    page.goto(f"{referral.url}/boite")
+    page.screenshot(path=str(OUT / "partner-inbox-50-390.png"), full_page=True)
+    lines = page.locator("main li:has(a[href*='/boite/'])").count()
+    height = page.evaluate("() => document.documentElement.scrollHeight")
+    rows.append((f"partner-inbox-{lines}-lines", height, height / 740, 390))
     for name in ("connexion", "donnees-personnelles", "accessibilite"):
         for width, height in WIDTHS.items():
             page.set_viewport_size({"width": width, "height": height})
