@@ -65,7 +65,8 @@ def test_ops_reassign_keeps_the_deadline_and_the_desk_follows(settings, start_se
     items = ops.get("/referrals", params={"need_id": need["id"]}).json()["items"]
     new = [x for x in items if x["status"] == "assigned"]
     assert [x["partner_id"] for x in new] == ["caf-national"] and new[0]["respond_by"] == ref["respond_by"]
-    assert "coord" not in new[0]["routed_because"] and "ops" in new[0]["routed_because"]
+    # in words, no account id: who acted is in the history
+    assert new[0]["routed_because"] == "Confiée à CAF plateforme nationale par la coordination (réaffectation)"
     seen = wait_for(
         lambda: (n := intake.client("desk").get(f"/needs/{need['id']}").json())["partner_id"] == "caf-national" and n
     )
