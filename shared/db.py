@@ -87,6 +87,9 @@ LOGGED_EVENT_FIELDS = (
 )
 
 
+EMITTED = "relais_emitted"  # in Session.info once `emit` put an event in the session's outbox
+
+
 def emit(session: Session, event: Event) -> None:
     """Put an event in the outbox, inside the caller's transaction: it is published only if that commits.
     An event without a correlation id takes the one of the work in hand (the HTTP request or the event consumed)."""
@@ -109,6 +112,7 @@ def emit(session: Session, event: Event) -> None:
             },
         },
     )
+    session.info[EMITTED] = True  # Bus.process wakes the relay only after a commit that emitted
     session.add(
         OutboxMessage(
             event_id=event.event_id,

@@ -34,6 +34,7 @@ from typing import Any
 import anyio
 import redis
 import redis.asyncio as aioredis
+import sqlalchemy as sa
 from faststream import AckPolicy, BaseMiddleware
 from faststream.redis import StreamSub
 from redis.typing import EncodableT, FieldT
@@ -41,7 +42,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from shared import redis_clients
-from shared.db import Database, OutboxMessage, claim_event, purge_technical_rows, was_processed
+from shared.db import EMITTED, Database, OutboxMessage, claim_event, purge_technical_rows, table_of, was_processed
 from shared.events import DEAD_LETTER_SUFFIX, Event, utcnow
 from shared.logs import current_correlation_id, describe_error, log_context
 from shared.settings import Settings, consumer_name
@@ -59,9 +60,10 @@ HEAL_EVERY_S = 1.0  # how often stopped subscribers are looked for
 # Sentinel promotes no replica cut off for longer than ten times down-after-milliseconds (plus the failover): with
 # down-after up to 60 s, a promoted replica misses at most the last ~11 minutes. Older rows are not published again.
 REPUBLISH_WINDOW = timedelta(minutes=15)
+OUTBOX = table_of(OutboxMessage)
 
 
-def stream_fields(row: OutboxMessage) -> dict[FieldT, EncodableT]:
+def stream_fields(row: OutboxMessage | sa.Row) -> dict[FieldT, EncodableT]:
     """A stream entry FastStream can parse (JSON envelope with headers), plus plain fields for people and tools."""
     payload = json.loads(row.payload)
     need_id, correlation_id = payload.get("need_id") or "", payload.get("correlation_id") or row.event_id
@@ -81,29 +83,36 @@ def stream_fields(row: OutboxMessage) -> dict[FieldT, EncodableT]:
 
 
 def publish_pending(
-    db: Database, client: redis.Redis, settings: Settings, limit: int = RELAY_BATCH, watch: MasterWatch | None = None
+    db: Database,
+    client: redis.Redis,
+    settings: Settings,
+    limit: int = RELAY_BATCH,
+    watch: MasterWatch | None = None,
+    *,
+    look_first: bool = True,
 ) -> int:
     """Publish the oldest unpublished outbox rows in one pipeline and mark them published.
 
+    One statement picks the rows, one `UPDATE ... WHERE id IN (...)` marks them (SQLAlchemy Core: no ORM objects).
     Rows are locked (SKIP LOCKED on PostgreSQL) while they are published, so replicas share the
     backlog; a crash between XADD and commit republishes them, which idempotent consumers absorb.
+    `look_first`: first ask, without the write lock, whether there is anything (the idle poll); a relay woken by a
+    commit that emitted events skips that question.
     """
-    with db.read() as session:  # the common case, nothing to publish, takes no write lock
-        if (
-            session.exec(select(OutboxMessage.id).where(col(OutboxMessage.published_at).is_(None)).limit(1)).first()
-            is None
-        ):
-            return 0
+    if look_first:
+        with db.read() as session:  # the common case when idle, nothing to publish, takes no write lock
+            if session.execute(sa.select(OUTBOX.c.id).where(OUTBOX.c.published_at.is_(None)).limit(1)).first() is None:
+                return 0
     with db.transaction() as session:
         query = (
-            select(OutboxMessage)
-            .where(col(OutboxMessage.published_at).is_(None))
-            .order_by(col(OutboxMessage.id))
+            sa.select(OUTBOX.c.id, OUTBOX.c.event_id, OUTBOX.c.stream, OUTBOX.c.type, OUTBOX.c.payload)
+            .where(OUTBOX.c.published_at.is_(None))
+            .order_by(OUTBOX.c.id)
             .limit(limit)
         )
         if not db.is_sqlite:
             query = query.with_for_update(skip_locked=True)
-        rows = session.exec(query).all()
+        rows = session.execute(query).all()
         if not rows:
             return 0
         pipe = client.pipeline(transaction=False)
@@ -116,8 +125,7 @@ def publish_pending(
                 raise result
         confirmed = confirm_replicated(client, role)
         now = utcnow()
-        for row in rows:
-            row.published_at = now
+        session.execute(sa.update(OUTBOX).where(OUTBOX.c.id.in_([row.id for row in rows])).values(published_at=now))
         if watch is not None:
             watch.published(now, confirmed)
     return len(rows)
@@ -207,19 +215,20 @@ class OutboxRelay:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._wake.set)
 
-    def _round(self, client: redis.Redis) -> int:
+    def _round(self, client: redis.Redis, look_first: bool) -> int:
         self.watch.check(self.db, client, self.settings)
-        return publish_pending(self.db, client, self.settings, watch=self.watch)
+        return publish_pending(self.db, client, self.settings, watch=self.watch, look_first=look_first)
 
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
         client = redis_clients.sync_client(self.settings, socket_timeout=5, socket_connect_timeout=5)
         down_since = None
+        look_first = True  # the first round and the idle polls ask first; a wake-up or a full batch means rows
         try:
             while True:
                 self._wake.clear()
                 try:
-                    published = await anyio.to_thread.run_sync(self._round, client)
+                    published = await anyio.to_thread.run_sync(self._round, client, look_first)
                 except redis.RedisError as exc:
                     if down_since is None:
                         down_since = time.monotonic()
@@ -230,11 +239,13 @@ class OutboxRelay:
                     log.info("outbox relay: Redis is back after %.1f s", time.monotonic() - down_since)
                     down_since = None
                 if published == RELAY_BATCH:
+                    look_first = False
                     continue
                 try:
                     await asyncio.wait_for(self._wake.wait(), self.settings.poll_ms / 1000)
+                    look_first = False
                 except TimeoutError:
-                    pass
+                    look_first = True
         finally:
             client.close()
 
@@ -414,12 +425,16 @@ class Bus:
     async def process(self, handler: Callable[[Session, Any], object], event: Event) -> bool:
         """Run `handler(session, event)` once per event for this service; False for a redelivery."""
 
+        emitted = False
+
         def work() -> bool:
+            nonlocal emitted
             try:
                 with self.db.transaction() as session:
                     if not claim_event(session, self.group, event.event_id):
                         return False
                     handler(session, event)
+                    emitted = bool(session.info.get(EMITTED))
                 return True
             except IntegrityError:
                 # Another replica committed the same event between our check and our commit: a redelivery. Any other
@@ -434,7 +449,7 @@ class Bus:
         # the events it emits carry them.
         with log_context(need_id=event.need_id, correlation_id=event.correlation_id or current_correlation_id()):
             done = await anyio.to_thread.run_sync(work)
-        if done:
+        if done and emitted:
             self.relay.wake()
         return done
 
