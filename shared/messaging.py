@@ -7,7 +7,9 @@ do for Redis Streams is here (see docs/architecture.md):
   left pending by a dead consumer;
 - `ReliableDelivery` acks after success, leaves a failed entry pending for a retry, and after
   `max_deliveries` moves it to `<stream>.dlq` atomically with its XACK;
-- `Bus.process` runs a handler and writes the (consumer, event_id) tracking row in one transaction;
+- `Bus.process` runs a handler and writes the (consumer, event_id) tracking row in one transaction; new entries are
+  read in batches whose handlers share one transaction and one XACK, a failed batch being redone entry by entry
+  (`Bus._consume_batch`);
 - `trim_stream` never trims an entry some group has not yet delivered or acknowledged; `Bus.trim` applies it to
   each stream and to its dead-letter stream;
 - `Bus.purge` deletes published outbox rows and processed-event rows past their retention, hourly;
