@@ -421,7 +421,7 @@ BATCH_READ = re.compile(r"relais\.messaging: batch of (\d+) entries read")
 
 def handled_counts(logs: Path) -> dict[str, int]:
     """Stream entries each service's subscribers took in, from FastStream's INFO 'Received' log lines: one per entry
-    claimed, one per batch read, whose size the bus's own 'batch of N entries read' line gives."""
+    claimed, one per batch read, whose size the bus's own 'batch of N entries read' line gives when N > 1."""
     counts: dict[str, int] = {}
     for service in SERVICES:
         try:
@@ -429,7 +429,7 @@ def handled_counts(logs: Path) -> dict[str, int]:
         except OSError:
             continue
         batches = [int(size) for size in BATCH_READ.findall(text)]
-        counts[service] = text.count(f"relais.{service}.broker: Received") - len(batches) + sum(batches)
+        counts[service] = text.count(f"relais.{service}.broker: Received") + sum(size - 1 for size in batches)
     return counts
 
 
