@@ -128,7 +128,11 @@ def claim_event(session: Session, consumer: str, event_id: str) -> bool:
     """Record that `consumer` processes `event_id` now; False when it already did (a redelivery)."""
     if session.get(ProcessedEvent, (consumer, event_id)) is not None:
         return False
-    session.add(ProcessedEvent(consumer=consumer, event_id=event_id, processed_at=utcnow()))
+    # Core, not the ORM's unit of work: one INSERT now (a replica's conflicting row fails it here, an IntegrityError
+    # that Bus.process takes for a redelivery).
+    session.execute(
+        sa.insert(table_of(ProcessedEvent)).values(consumer=consumer, event_id=event_id, processed_at=utcnow())
+    )
     return True
 
 
