@@ -337,7 +337,7 @@ def test_a_round_of_handoffs_is_sent_once_each_and_its_outcomes_recorded_a_few_m
     assert wait_for(lambda: len(sink.to("referent@caf.test.example")) == 12)
     assert wait_for(lambda: all(d.status == "sent" for d in deliveries(notif, kind="handoff")))
     sent = deliveries(notif, kind="handoff")
-    assert sorted(d.referral_id for d in sent) == sorted(h.referral_id for h in handoffs)
+    assert sorted(str(d.referral_id) for d in sent) == sorted(h.referral_id for h in handoffs)
     log = [attempts(notif, d.id) for d in sent]
     assert all([a.outcome for a in one] == ["sent"] for one in log)
     # One transaction queued the twelve, so at most two rounds lease them (a round's `now` may predate that commit),
