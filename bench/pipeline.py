@@ -416,15 +416,20 @@ def stage_times(ts: Timestamps, load: Load, emails: Emails, wall_offset: float) 
 SUBSCRIBES_TO = {"intake": "referrals", "referral": "needs", "notifications": "referrals"}  # services/*/consumers.py
 
 
+BATCH_READ = re.compile(r"relais\.messaging: batch of (\d+) entries read")
+
+
 def handled_counts(logs: Path) -> dict[str, int]:
-    """Stream entries each service's subscribers took in, from FastStream's INFO 'Received' log lines."""
+    """Stream entries each service's subscribers took in, from FastStream's INFO 'Received' log lines: one per entry
+    claimed, one per batch read, whose size the bus's own 'batch of N entries read' line gives when N > 1."""
     counts: dict[str, int] = {}
     for service in SERVICES:
         try:
             text = (logs / f"{service}.log").read_text(errors="replace")
         except OSError:
             continue
-        counts[service] = text.count(f"relais.{service}.broker: Received")
+        batches = [int(size) for size in BATCH_READ.findall(text)]
+        counts[service] = text.count(f"relais.{service}.broker: Received") + sum(size - 1 for size in batches)
     return counts
 
 

@@ -87,6 +87,9 @@ LOGGED_EVENT_FIELDS = (
 )
 
 
+EMITTED = "relais_emitted"  # in Session.info once `emit` put an event in the session's outbox
+
+
 def emit(session: Session, event: Event) -> None:
     """Put an event in the outbox, inside the caller's transaction: it is published only if that commits.
     An event without a correlation id takes the one of the work in hand (the HTTP request or the event consumed)."""
@@ -109,6 +112,7 @@ def emit(session: Session, event: Event) -> None:
             },
         },
     )
+    session.info[EMITTED] = True  # Bus.process wakes the relay only after a commit that emitted
     session.add(
         OutboxMessage(
             event_id=event.event_id,
@@ -124,7 +128,11 @@ def claim_event(session: Session, consumer: str, event_id: str) -> bool:
     """Record that `consumer` processes `event_id` now; False when it already did (a redelivery)."""
     if session.get(ProcessedEvent, (consumer, event_id)) is not None:
         return False
-    session.add(ProcessedEvent(consumer=consumer, event_id=event_id, processed_at=utcnow()))
+    # Core, not the ORM's unit of work: one INSERT now (a replica's conflicting row fails it here, an IntegrityError
+    # that Bus.process takes for a redelivery).
+    session.execute(
+        sa.insert(table_of(ProcessedEvent)).values(consumer=consumer, event_id=event_id, processed_at=utcnow())
+    )
     return True
 
 

@@ -7,7 +7,9 @@ do for Redis Streams is here (see docs/architecture.md):
   left pending by a dead consumer;
 - `ReliableDelivery` acks after success, leaves a failed entry pending for a retry, and after
   `max_deliveries` moves it to `<stream>.dlq` atomically with its XACK;
-- `Bus.process` runs a handler and writes the (consumer, event_id) tracking row in one transaction;
+- `Bus.process` runs a handler and writes the (consumer, event_id) tracking row in one transaction; new entries are
+  read in batches whose handlers share one transaction and one XACK, a failed batch being redone entry by entry
+  (`Bus._consume_batch`);
 - `trim_stream` never trims an entry some group has not yet delivered or acknowledged; `Bus.trim` applies it to
   each stream and to its dead-letter stream;
 - `Bus.purge` deletes published outbox rows and processed-event rows past their retention, hourly;
@@ -21,29 +23,46 @@ do for Redis Streams is here (see docs/architecture.md):
 from __future__ import annotations
 
 import asyncio
+import inspect
 import io
 import json
 import logging
 import sys
 import time
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from contextvars import ContextVar
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 import anyio
 import redis
 import redis.asyncio as aioredis
+import sqlalchemy as sa
 from faststream import AckPolicy, BaseMiddleware
 from faststream.redis import StreamSub
+from faststream.redis.annotations import RedisBatchStreamMessage as BatchMessage
+from faststream.redis.message import RedisBatchStreamMessage
+from faststream.redis.parser import BinaryMessageFormatV1
+from pydantic import TypeAdapter
 from redis.typing import EncodableT, FieldT
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from shared import redis_clients
-from shared.db import Database, OutboxMessage, claim_event, purge_technical_rows, was_processed
+from shared.db import (
+    EMITTED,
+    Database,
+    OutboxMessage,
+    ProcessedEvent,
+    claim_event,
+    purge_technical_rows,
+    table_of,
+    was_processed,
+)
 from shared.events import DEAD_LETTER_SUFFIX, Event, utcnow
-from shared.logs import current_correlation_id, describe_error, log_context
+from shared.logs import current_correlation_id, describe_error, log_context, valid_correlation_id
 from shared.settings import Settings, consumer_name
 
 log = logging.getLogger("relais.messaging")
@@ -59,9 +78,10 @@ HEAL_EVERY_S = 1.0  # how often stopped subscribers are looked for
 # Sentinel promotes no replica cut off for longer than ten times down-after-milliseconds (plus the failover): with
 # down-after up to 60 s, a promoted replica misses at most the last ~11 minutes. Older rows are not published again.
 REPUBLISH_WINDOW = timedelta(minutes=15)
+OUTBOX = table_of(OutboxMessage)
 
 
-def stream_fields(row: OutboxMessage) -> dict[FieldT, EncodableT]:
+def stream_fields(row: OutboxMessage | sa.Row) -> dict[FieldT, EncodableT]:
     """A stream entry FastStream can parse (JSON envelope with headers), plus plain fields for people and tools."""
     payload = json.loads(row.payload)
     need_id, correlation_id = payload.get("need_id") or "", payload.get("correlation_id") or row.event_id
@@ -81,29 +101,36 @@ def stream_fields(row: OutboxMessage) -> dict[FieldT, EncodableT]:
 
 
 def publish_pending(
-    db: Database, client: redis.Redis, settings: Settings, limit: int = RELAY_BATCH, watch: MasterWatch | None = None
+    db: Database,
+    client: redis.Redis,
+    settings: Settings,
+    limit: int = RELAY_BATCH,
+    watch: MasterWatch | None = None,
+    *,
+    look_first: bool = True,
 ) -> int:
     """Publish the oldest unpublished outbox rows in one pipeline and mark them published.
 
+    One statement picks the rows, one `UPDATE ... WHERE id IN (...)` marks them (SQLAlchemy Core: no ORM objects).
     Rows are locked (SKIP LOCKED on PostgreSQL) while they are published, so replicas share the
     backlog; a crash between XADD and commit republishes them, which idempotent consumers absorb.
+    `look_first`: first ask, without the write lock, whether there is anything (the idle poll); a relay woken by a
+    commit that emitted events skips that question.
     """
-    with db.read() as session:  # the common case, nothing to publish, takes no write lock
-        if (
-            session.exec(select(OutboxMessage.id).where(col(OutboxMessage.published_at).is_(None)).limit(1)).first()
-            is None
-        ):
-            return 0
+    if look_first:
+        with db.read() as session:  # the common case when idle, nothing to publish, takes no write lock
+            if session.execute(sa.select(OUTBOX.c.id).where(OUTBOX.c.published_at.is_(None)).limit(1)).first() is None:
+                return 0
     with db.transaction() as session:
         query = (
-            select(OutboxMessage)
-            .where(col(OutboxMessage.published_at).is_(None))
-            .order_by(col(OutboxMessage.id))
+            sa.select(OUTBOX.c.id, OUTBOX.c.event_id, OUTBOX.c.stream, OUTBOX.c.type, OUTBOX.c.payload)
+            .where(OUTBOX.c.published_at.is_(None))
+            .order_by(OUTBOX.c.id)
             .limit(limit)
         )
         if not db.is_sqlite:
             query = query.with_for_update(skip_locked=True)
-        rows = session.exec(query).all()
+        rows = session.execute(query).all()
         if not rows:
             return 0
         pipe = client.pipeline(transaction=False)
@@ -116,8 +143,7 @@ def publish_pending(
                 raise result
         confirmed = confirm_replicated(client, role)
         now = utcnow()
-        for row in rows:
-            row.published_at = now
+        session.execute(sa.update(OUTBOX).where(OUTBOX.c.id.in_([row.id for row in rows])).values(published_at=now))
         if watch is not None:
             watch.published(now, confirmed)
     return len(rows)
@@ -207,19 +233,20 @@ class OutboxRelay:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._wake.set)
 
-    def _round(self, client: redis.Redis) -> int:
+    def _round(self, client: redis.Redis, look_first: bool) -> int:
         self.watch.check(self.db, client, self.settings)
-        return publish_pending(self.db, client, self.settings, watch=self.watch)
+        return publish_pending(self.db, client, self.settings, watch=self.watch, look_first=look_first)
 
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
         client = redis_clients.sync_client(self.settings, socket_timeout=5, socket_connect_timeout=5)
         down_since = None
+        look_first = True  # the first round and the idle polls ask first; a wake-up or a full batch means rows
         try:
             while True:
                 self._wake.clear()
                 try:
-                    published = await anyio.to_thread.run_sync(self._round, client)
+                    published = await anyio.to_thread.run_sync(self._round, client, look_first)
                 except redis.RedisError as exc:
                     if down_since is None:
                         down_since = time.monotonic()
@@ -230,11 +257,13 @@ class OutboxRelay:
                     log.info("outbox relay: Redis is back after %.1f s", time.monotonic() - down_since)
                     down_since = None
                 if published == RELAY_BATCH:
+                    look_first = False
                     continue
                 try:
                     await asyncio.wait_for(self._wake.wait(), self.settings.poll_ms / 1000)
+                    look_first = False
                 except TimeoutError:
-                    pass
+                    look_first = True
         finally:
             client.close()
 
@@ -324,22 +353,60 @@ def reliable_delivery(bus: Bus) -> type[BaseMiddleware]:
         async def failed(
             self, stream: str, group: str, entry_id: bytes, fields: dict, exc: Exception, deliveries: int
         ) -> None:
-            error = describe_error(exc)  # logged and kept with the dead letter: no payload values
-            if deliveries >= bus.settings.max_deliveries:
-                await dead_letter(bus.redis_client, stream, group, entry_id, fields, error)
-                log.error("dead-lettered %s %s after %d deliveries: %s", stream, entry_id, deliveries, error)
-            else:
-                log.warning(
-                    "%s %s failed (delivery %d of %d), retried after %d ms idle: %s",
-                    stream,
-                    entry_id,
-                    deliveries,
-                    bus.settings.max_deliveries,
-                    bus.settings.claim_idle_ms,
-                    error,
-                )
+            await bus.entry_failed(stream, group, entry_id, fields, exc, deliveries)
 
     return ReliableDelivery
+
+
+DATA_KEY = DATA_FIELD.encode()
+PROCESSED = table_of(ProcessedEvent)
+ALONE = object()  # what a batch answers a Bus.process call it did not commit: process this entry alone
+_BATCH_ENTRY: ContextVar[_BatchEntry | None] = ContextVar("relais_batch_entry", default=None)
+
+
+@dataclass(eq=False)
+class _BatchEntry:
+    """One entry of a read batch while its subscriber function runs (`Bus._consume_batch`)."""
+
+    entry_id: bytes
+    fields: dict
+    event: Any
+    need_id: str | None
+    correlation_id: str | None
+    handler: Callable[[Session, Any], object] | None = None  # what the function handed to Bus.process
+    outcome: asyncio.Future | None = None  # Bus.process's answer: done, a redelivery, or ALONE
+    task: asyncio.Task | None = None
+    on_arrival: Callable[[], None] | None = None
+    arrived: bool = False
+
+    def ended(self, _task: asyncio.Task) -> None:
+        self.arrive()
+
+    def arrive(self) -> None:
+        """The function called Bus.process, or ended without: once per entry."""
+        if not self.arrived and self.on_arrival is not None:
+            self.arrived = True
+            self.on_arrival()
+
+
+def event_adapter(fn: Callable) -> TypeAdapter:
+    """Validates a stream entry's payload into the type of the subscriber function's one parameter."""
+    [parameter] = inspect.signature(fn, eval_str=True).parameters.values()
+    return TypeAdapter(parameter.annotation)
+
+
+def _plain_field(fields: dict, name: str) -> str | None:
+    value = fields.get(name.encode())
+    return value.decode(errors="replace") or None if isinstance(value, bytes) else None
+
+
+async def _parse_batch_lazily(message: Any, original: Callable[[Any], Awaitable[Any]]) -> Any:
+    """FastStream's batch parser decodes every entry into one JSON body (and fails the whole batch on an entry it
+    cannot encode): the batch's handler decodes each entry itself, so FastStream parses an empty batch and the
+    message keeps the real entries."""
+    parsed = await original({**message, "data": []})
+    parsed.raw_message = message
+    return parsed
 
 
 def subscriber_name(sub: Any) -> str:
@@ -379,16 +446,27 @@ class Bus:
         return self.redis
 
     def subscriber(self, stream: str, description: str) -> Callable:
-        """Decorate a thin async handler taking the stream's event union: it gets new entries and claimed ones."""
+        """Decorate a thin async handler taking the stream's event union: it gets new entries and claimed ones.
+
+        New entries are read in batches (up to READ_BATCH): the handler runs once per entry, and the `Bus.process`
+        calls of the whole batch share one transaction, one thread hop, one commit and one XACK (see
+        `_consume_batch`). Claimed entries (XAUTOCLAIM) go one by one through today's per-entry path."""
         key = self.settings.key(stream)
         self.streams.append(key)
         reader = self.broker.subscriber(
             stream=StreamSub(
-                key, group=self.group, consumer=self.consumer, polling_interval=1000, max_records=READ_BATCH
+                key,
+                group=self.group,
+                consumer=self.consumer,
+                polling_interval=1000,
+                max_records=READ_BATCH,
+                batch=True,
             ),
             ack_policy=AckPolicy.MANUAL,
-            title=f"{key}:{self.group}",
+            parser=_parse_batch_lazily,
+            title=f"{key}:{self.group}:batch",
             description=description,
+            include_in_schema=False,  # the claimer's handler has the event's type: it documents the subscription
         )
         claimer = self.broker.subscriber(
             stream=StreamSub(
@@ -399,11 +477,21 @@ class Bus:
                 polling_interval=max(100, self.settings.claim_idle_ms // 4),
             ),
             ack_policy=AckPolicy.MANUAL,
-            title=f"{key}:{self.group}:recovery",
-            description="Claims entries left pending by a dead consumer (XAUTOCLAIM).",
-            include_in_schema=False,
+            title=f"{key}:{self.group}",
+            description=f"{description} (Entries left pending by a dead consumer are claimed: XAUTOCLAIM.)",
         )
-        return lambda fn: reader(claimer(fn))
+
+        def register(fn: Callable[[Any], Coroutine[Any, Any, Any]]) -> Any:
+            adapter = event_adapter(fn)
+
+            async def read_batch(msg: BatchMessage) -> None:
+                await self._consume_batch(fn, adapter, msg)
+
+            read_batch.__name__ = read_batch.__qualname__ = fn.__name__
+            reader(read_batch)
+            return claimer(fn)
+
+        return register
 
     def documents_publisher(self, stream: str, schema: Any, description: str) -> None:
         """Declare what this service publishes (through its outbox), for the AsyncAPI document."""
@@ -412,14 +500,33 @@ class Bus:
         )
 
     async def process(self, handler: Callable[[Session, Any], object], event: Event) -> bool:
-        """Run `handler(session, event)` once per event for this service; False for a redelivery."""
+        """Run `handler(session, event)` once per event for this service; False for a redelivery.
+
+        Called from a subscriber on an entry of a batch being read, it only hands (handler, event) to the batch
+        (`_consume_batch`), which runs every entry's handler in one transaction and answers each call after the
+        commit; a batch that fails is redone entry by entry, each through the per-entry path below."""
+        entry = _BATCH_ENTRY.get()
+        if entry is not None and entry.event is event and entry.outcome is None:
+            entry.handler = handler
+            entry.outcome = asyncio.get_running_loop().create_future()
+            entry.arrive()
+            outcome = await entry.outcome
+            if outcome is not ALONE:
+                return bool(outcome)
+        return await self._process_alone(handler, event)
+
+    async def _process_alone(self, handler: Callable[[Session, Any], object], event: Event) -> bool:
+        """The per-entry path: one transaction with the event's tracking row."""
+        emitted = False
 
         def work() -> bool:
+            nonlocal emitted
             try:
                 with self.db.transaction() as session:
                     if not claim_event(session, self.group, event.event_id):
                         return False
                     handler(session, event)
+                    emitted = bool(session.info.get(EMITTED))
                 return True
             except IntegrityError:
                 # Another replica committed the same event between our check and our commit: a redelivery. Any other
@@ -434,9 +541,154 @@ class Bus:
         # the events it emits carry them.
         with log_context(need_id=event.need_id, correlation_id=event.correlation_id or current_correlation_id()):
             done = await anyio.to_thread.run_sync(work)
-        if done:
+        if done and emitted:
             self.relay.wake()
         return done
+
+    def _process_batch(self, entries: list[_BatchEntry]) -> tuple[list[bool], bool]:
+        """In a worker thread: every entry's handler in one transaction, with one processed-event row per entry
+        (Core, one statement); per entry, False for a redelivery. Raises if anything fails: nothing is committed."""
+        event_ids = [entry.event.event_id for entry in entries]
+        with self.db.transaction() as session:
+            done_before = set(
+                session.execute(
+                    sa.select(PROCESSED.c.event_id).where(
+                        PROCESSED.c.consumer == self.group, PROCESSED.c.event_id.in_(set(event_ids))
+                    )
+                ).scalars()
+            )
+            results, rows, now = [], [], utcnow()
+            for entry in entries:
+                event = entry.event
+                if event.event_id in done_before:  # processed already, or twice in this batch
+                    results.append(False)
+                    continue
+                done_before.add(event.event_id)
+                assert entry.handler is not None  # an entry in the batch's transaction has called Bus.process
+                with log_context(need_id=event.need_id, correlation_id=event.correlation_id or entry.correlation_id):
+                    entry.handler(session, event)
+                rows.append({"consumer": self.group, "event_id": event.event_id, "processed_at": now})
+                results.append(True)
+            if rows:
+                session.execute(sa.insert(PROCESSED), rows)
+            emitted = bool(session.info.get(EMITTED))
+        return results, emitted
+
+    async def _consume_batch(
+        self, fn: Callable[[Any], Coroutine[Any, Any, Any]], adapter: TypeAdapter, msg: RedisBatchStreamMessage
+    ) -> None:
+        """One read batch: each entry's subscriber function runs (concurrently, each in its own task) until it calls
+        `Bus.process` or ends; the collected handlers then run in one transaction (`_process_batch`), the calls
+        get their answers, and the ids of the entries whose function ended without an error are acked in one XACK.
+        An entry whose function failed keeps the per-entry rules: it stays pending for a retry by the claimer, and
+        after `max_deliveries` goes to the dead-letter stream alone. If the batch's transaction fails, every entry
+        of it is processed again alone, in stream order, through the per-entry path, so one entry that cannot be
+        processed neither fails nor redoes its neighbours. Nothing is acked before its work is committed: a consumer
+        stopped or killed mid-batch leaves its entries pending, and whoever claims them skips what was committed."""
+        raw = msg.raw_message
+        stream, group = raw["channel"], self.group
+        if len(raw["message_ids"]) > 1:  # FastStream logs one 'Received' per batch: ./dev bench adds the others
+            log.info("batch of %d entries read from %s", len(raw["message_ids"]), stream)
+        entries: list[_BatchEntry] = []
+        failures: list[tuple[bytes, dict, str | None, str | None, Exception]] = []
+        for entry_id, fields in zip(raw["message_ids"], raw["data"], strict=True):
+            need_id = _plain_field(fields, "need_id")
+            try:
+                body, headers = BinaryMessageFormatV1.parse(fields[DATA_KEY])
+                correlation_id = valid_correlation_id(headers.get("correlation_id"))
+                event = adapter.validate_json(body)
+            except Exception as unreadable:  # noqa: BLE001 - an entry that cannot be read fails alone, per entry
+                failures.append((entry_id, fields, need_id, None, unreadable))
+                continue
+            entries.append(_BatchEntry(entry_id, fields, event, need_id, correlation_id))
+
+        tasks: list[asyncio.Task] = []
+        try:
+            if entries:
+                everyone = asyncio.Event()
+                waiting = len(entries)
+
+                def arrived() -> None:
+                    nonlocal waiting
+                    waiting -= 1
+                    if waiting == 0:
+                        everyone.set()
+
+                for entry in entries:
+                    entry.on_arrival = arrived
+                    with log_context(need_id=entry.need_id, correlation_id=entry.correlation_id):
+                        token = _BATCH_ENTRY.set(entry)
+                        try:
+                            entry.task = asyncio.create_task(fn(entry.event))
+                        finally:
+                            _BATCH_ENTRY.reset(token)
+                    entry.task.add_done_callback(entry.ended)
+                    tasks.append(entry.task)
+                await everyone.wait()
+                await self._run_collected([e for e in entries if e.outcome is not None and not e.outcome.done()])
+                await asyncio.wait(tasks)
+        finally:
+            for task in tasks:  # only when this consumption itself is cancelled (a stopping bus): nothing is acked
+                task.cancel()
+        acked: list[bytes] = []
+        for entry in entries:
+            assert entry.task is not None
+            if entry.task.cancelled():  # left pending: claimed again later
+                continue
+            error = entry.task.exception()
+            if error is None:
+                acked.append(entry.entry_id)
+            elif isinstance(error, Exception):
+                failures.append((entry.entry_id, entry.fields, entry.need_id, entry.correlation_id, error))
+        if len(acked) == len(raw["message_ids"]):
+            await msg.ack()  # one XACK with every id
+        elif acked:
+            await self.redis_client.xack(stream, group, *acked)
+        for entry_id, fields, need_id, correlation_id, failure in failures:
+            with log_context(need_id=need_id, correlation_id=correlation_id):
+                pel = await self.redis_client.xpending_range(stream, group, min=entry_id, max=entry_id, count=1)
+                deliveries = int(pel[0]["times_delivered"]) if pel else 1
+                await self.entry_failed(stream, group, entry_id, fields, failure, deliveries)
+
+    async def _run_collected(self, collected: list[_BatchEntry]) -> None:
+        """The handlers the batch's entries handed to `Bus.process`: together, else each alone."""
+        if len(collected) > 1:
+            try:
+                results, emitted = await anyio.to_thread.run_sync(self._process_batch, collected)
+            except Exception as exc:  # noqa: BLE001 - nothing was committed: each entry is processed alone
+                log.warning(
+                    "a batch of %d entries failed (%s); each is processed alone", len(collected), describe_error(exc)
+                )
+            else:
+                if emitted:
+                    self.relay.wake()
+                for entry, done in zip(collected, results, strict=True):
+                    assert entry.outcome is not None
+                    entry.outcome.set_result(done)
+                return
+        for entry in collected:  # in stream order: an entry's work may depend on the one before (recorded, cancelled)
+            assert entry.outcome is not None and entry.task is not None
+            entry.outcome.set_result(ALONE)
+            await asyncio.wait([entry.task])
+
+    async def entry_failed(
+        self, stream: str, group: str, entry_id: bytes, fields: dict, exc: Exception, deliveries: int
+    ) -> None:
+        """An entry's delivery failed: it stays pending for a retry, or after `max_deliveries` it is dead-lettered."""
+        error = describe_error(exc)  # logged and kept with the dead letter: no payload values
+        if deliveries >= self.settings.max_deliveries:
+            await dead_letter(self.redis_client, stream, group, entry_id, fields, error)
+            log.error("dead-lettered %s %s after %d deliveries: %s", stream, entry_id, deliveries, error)
+        else:
+            log.warning(
+                "%s %s failed (delivery %d of %d), retried after %d ms idle: %s",
+                stream,
+                entry_id,
+                deliveries,
+                self.settings.max_deliveries,
+                self.settings.claim_idle_ms,
+                error,
+            )
 
     async def ensure_groups(self) -> None:
         """Create the groups at the start of each stream, so events published before we first ran are read."""

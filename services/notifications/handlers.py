@@ -589,41 +589,54 @@ def lease_due_deliveries(db: Database, channel: str, *, now: datetime, limit: in
 def record_send_outcome(db: Database, ids: list[str], outcome: Outcome, *, now: datetime, settings: Settings) -> None:
     """Write the attempt and move each delivery on: sent, suppressed, failed (with delivery.failed and, for
     an SMS to the person, an email instead), or queued again for a later try."""
+    record_send_outcomes(db, [(ids, outcome)], now=now, settings=settings)
+
+
+def record_send_outcomes(
+    db: Database, sent: list[tuple[list[str], Outcome]], *, now: datetime, settings: Settings
+) -> None:
+    """`record_send_outcome` for several messages (each its delivery ids and outcome), in one transaction: a sender
+    waits for the database's writer once per few messages, not once per message."""
     with db.transaction() as session:
-        for d in (session.get_one(Delivery, i) for i in ids):  # leased by this sender: they exist
-            d.leased_until = None
-            attempt = DeliveryAttempt(delivery_id=d.id, number=d.attempts, at=now, outcome="sent")
-            error = outcome.error
-            if outcome.sent is not None:
-                d.status, d.sent_at, d.last_error = "sent", now, None
-                d.provider, d.provider_message_id = outcome.sent.provider, outcome.sent.provider_message_id
-                d.digest_of = ids[0] if len(ids) > 1 else None
-                if d.kind in REDACT_AFTER_SENDING:
-                    d.body_text, d.body_html = "(lien de connexion envoyé, effacé)", None
-                if d.need_id is not None:  # delivery events are about a need; a sign-in link is not
-                    emit(session, DeliverySent(**event_fields(d, now)))
-            elif outcome.suppressed or (error is not None and error.opted_out):
-                d.status, d.suppressed_reason = "suppressed", outcome.suppressed or "opted_out"
-                attempt.outcome, attempt.error = "suppressed", str(error) if error else d.suppressed_reason
-                if error is not None:
-                    opt_out(session, d.recipient, d.provider or settings.sms_provider, now)
+        for ids, outcome in sent:
+            _record_outcome(session, ids, outcome, now=now, settings=settings)
+
+
+def _record_outcome(session: Session, ids: list[str], outcome: Outcome, *, now: datetime, settings: Settings) -> None:
+    for d in (session.get_one(Delivery, i) for i in ids):  # leased by this sender: they exist
+        d.leased_until = None
+        attempt = DeliveryAttempt(delivery_id=d.id, number=d.attempts, at=now, outcome="sent")
+        error = outcome.error
+        if outcome.sent is not None:
+            d.status, d.sent_at, d.last_error = "sent", now, None
+            d.provider, d.provider_message_id = outcome.sent.provider, outcome.sent.provider_message_id
+            d.digest_of = ids[0] if len(ids) > 1 else None
+            if d.kind in REDACT_AFTER_SENDING:
+                d.body_text, d.body_html = "(lien de connexion envoyé, effacé)", None
+            if d.need_id is not None:  # delivery events are about a need; a sign-in link is not
+                emit(session, DeliverySent(**event_fields(d, now)))
+        elif outcome.suppressed or (error is not None and error.opted_out):
+            d.status, d.suppressed_reason = "suppressed", outcome.suppressed or "opted_out"
+            attempt.outcome, attempt.error = "suppressed", str(error) if error else d.suppressed_reason
+            if error is not None:
+                opt_out(session, d.recipient, d.provider or settings.sms_provider, now)
+        else:
+            assert error is not None  # neither sent nor suppressed: the outcome is an error
+            d.last_error = attempt.error = str(error)[:2000]
+            if error.permanent or d.attempts >= settings.delivery_max_attempts:
+                d.status, attempt.outcome = "failed", "failed"
+                if d.need_id is not None:
+                    emit(session, DeliveryFailed(**event_fields(d, now), error=redact(d.last_error)))
+                fall_back_to_email(session, d, now)
             else:
-                assert error is not None  # neither sent nor suppressed: the outcome is an error
-                d.last_error = attempt.error = str(error)[:2000]
-                if error.permanent or d.attempts >= settings.delivery_max_attempts:
-                    d.status, attempt.outcome = "failed", "failed"
-                    if d.need_id is not None:
-                        emit(session, DeliveryFailed(**event_fields(d, now), error=redact(d.last_error)))
-                    fall_back_to_email(session, d, now)
-                else:
-                    retry_at = now + domain.retry_delay(
-                        d.attempts, settings.delivery_retry_base_s, settings.delivery_retry_max_s, error.retry_after_s
-                    )
-                    if d.quiet_timezone:
-                        retry_at, d.held_reason = quiet_time(d, retry_at)
-                    d.next_attempt_at, attempt.outcome, attempt.retry_at = retry_at, "retry", retry_at
-            session.add(d)
-            session.add(attempt)
+                retry_at = now + domain.retry_delay(
+                    d.attempts, settings.delivery_retry_base_s, settings.delivery_retry_max_s, error.retry_after_s
+                )
+                if d.quiet_timezone:
+                    retry_at, d.held_reason = quiet_time(d, retry_at)
+                d.next_attempt_at, attempt.outcome, attempt.retry_at = retry_at, "retry", retry_at
+        session.add(d)
+        session.add(attempt)
 
 
 # --- queueing ------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The senders: one loop per channel takes the due deliveries (handlers.lease_due_deliveries: leased, so replicas
 never send one twice while it is in hand), sends them through providers/, and records each attempt with what came of
-it (handlers.record_send_outcome).
+it (handlers.record_send_outcomes, a few messages per transaction).
 
 The schedule lives in the database (`delivery.next_attempt_at`): a retry after backoff, a message held for
 quiet hours or for a contact's daily digest all wait there, so a restart forgets none of them.
@@ -97,7 +97,11 @@ def is_suppressed(db, phone: str) -> bool:
         return views.is_suppressed(session, phone)
 
 
-async def send_one(svc, out, batch: list[Delivery], channel: str) -> None:
+RECORD_EVERY = 10  # outcomes written per transaction: a crash before it may send these messages again, never more
+
+
+async def send_one(svc, out, batch: list[Delivery], channel: str) -> Outcome:
+    """Send one message (one delivery, or a digest's), and say what came of it; recorded by `record`."""
     try:
         outcome = await out.send(batch, svc.db)
     except Exception as exc:  # noqa: BLE001 - a bug in one message must not stop the others; retried, then failed
@@ -112,11 +116,25 @@ async def send_one(svc, out, batch: list[Delivery], channel: str) -> None:
             batch[0].attempts,
             outcome.error,
         )
-    await anyio.to_thread.run_sync(
-        partial(
-            handlers.record_send_outcome, svc.db, [d.id for d in batch], outcome, now=svc.clock(), settings=svc.settings
+    return outcome
+
+
+async def record(svc, sent: list[tuple[list[str], Outcome]]) -> None:
+    """Write the outcomes of a few messages in one transaction (the sender then waits once for the database's
+    writer, which the consumer's batches also take); if that fails, each message's outcome alone, so one that
+    cannot be recorded leaves only its own deliveries leased (sent again after the lease)."""
+    now = svc.clock()
+    try:
+        await anyio.to_thread.run_sync(
+            partial(handlers.record_send_outcomes, svc.db, sent, now=now, settings=svc.settings)
         )
-    )
+    except Exception:
+        if len(sent) == 1:
+            raise
+        for ids, outcome in sent:
+            await anyio.to_thread.run_sync(
+                partial(handlers.record_send_outcome, svc.db, ids, outcome, now=now, settings=svc.settings)
+            )
 
 
 async def send_forever(svc, wake: asyncio.Event, channel: str) -> None:
@@ -128,8 +146,14 @@ async def send_forever(svc, wake: asyncio.Event, channel: str) -> None:
                 batches = await anyio.to_thread.run_sync(
                     partial(handlers.lease_due_deliveries, svc.db, channel, now=svc.clock())
                 )
+                sent: list[tuple[list[str], Outcome]] = []
                 for batch in batches:
-                    await send_one(svc, out, batch, channel)
+                    sent.append(([d.id for d in batch], await send_one(svc, out, batch, channel)))
+                    if len(sent) == RECORD_EVERY:
+                        await record(svc, sent)
+                        sent = []
+                if sent:
+                    await record(svc, sent)
             except Exception:  # noqa: BLE001 - the database may be away a moment; leases free what was taken
                 log.exception("%s sender: a round failed; trying again in a second", channel)
                 await asyncio.sleep(1)

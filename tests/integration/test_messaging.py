@@ -410,15 +410,131 @@ def test_a_consumer_killed_after_its_commit_leaves_an_entry_another_claims_and_s
 
 
 def _dying_consumer(config: dict) -> None:
-    """The subprocess of the test above: consume, commit, then die before the ack."""
+    """The subprocess of the tests above and below: consume, commit, then die before the ack; or, given
+    `die_in_handler_of` (an event id), die inside the batch's transaction when its handler reaches that event."""
     settings = Settings(**config["settings"])
-    ledger = Ledger(settings, config["db_url"], after_process=lambda: os.kill(os.getpid(), signal.SIGKILL))
+
+    def die() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def dies_on(event: NeedRecorded) -> bool:
+        if event.event_id == config.get("die_in_handler_of"):
+            die()
+        return False
+
+    if config.get("die_in_handler_of"):
+        ledger = Ledger(settings, config["db_url"], fails=dies_on)
+    else:
+        ledger = Ledger(settings, config["db_url"], after_process=die)
 
     async def serve() -> None:
         await ledger.bus.start()
         await asyncio.Event().wait()
 
     asyncio.run(serve())
+
+
+# --- 2b. batches: read together, committed together, failed and redone entry by entry ---------------
+
+
+def processed_times(db_url: str) -> list[Any]:
+    """processed_at of the ledger's processed-event rows: one value per transaction that recorded events."""
+    db = Database(db_url, [])
+    try:
+        with db.read() as session:
+            return list(
+                session.execute(sa.text("SELECT processed_at FROM processed_event WHERE consumer = :c"), {"c": GROUP})
+                .scalars()
+                .all()
+            )
+    finally:
+        db.dispose()
+
+
+def test_a_batch_is_committed_at_once_and_a_redelivered_batch_is_a_no_op(settings, producer, r, start_ledger):
+    stream = settings.key(NEEDS)
+    events = [need(f"demande {i}") for i in range(12)]
+    commit(producer, *events)
+    assert publish_pending(producer, r, settings) == 12  # all on the stream before the consumer reads: one batch
+
+    ledger = start_ledger()
+
+    assert wait_for(lambda: all_acked(r, stream))
+    assert Counter(ledger.outcomes) == {(e.event_id, True): 1 for e in events}
+    assert len(set(processed_times(start_ledger.db_url))) == 1  # one transaction recorded the twelve events
+    assert sorted(e.event_id for e in ledger_entries(start_ledger.db_url)) == sorted(e.event_id for e in events)
+
+    # The relay published them again (it died before its commit): the second batch finds every event done.
+    with producer.transaction() as session:
+        session.exec(sa.update(OutboxMessage).values(published_at=None))
+    assert publish_pending(producer, r, settings) == 12
+    assert wait_for(lambda: len(ledger.outcomes) == 24 and all_acked(r, stream))
+    assert Counter(ledger.outcomes) == {
+        **{(e.event_id, True): 1 for e in events},
+        **{(e.event_id, False): 1 for e in events},
+    }
+    assert sum(ledger.attempts.values()) == 12  # no handler ran for a redelivery
+    assert sorted(e.event_id for e in ledger_entries(start_ledger.db_url)) == sorted(e.event_id for e in events)
+
+
+def test_a_poison_entry_in_a_batch_is_dead_lettered_alone_and_its_neighbours_are_processed_once(
+    settings, producer, r, start_ledger
+):
+    stream = settings.key(NEEDS)
+    events = [need(f"demande {i}") for i in range(9)]
+    poison = events[4]
+    commit(producer, *events)
+    assert publish_pending(producer, r, settings) == 9  # one batch, the poison in its middle
+    undecodable = r.xadd(stream, {DATA_FIELD: b"\xff{ not json", "type": "need.recorded"})
+
+    ledger = start_ledger(fails=lambda event: event.event_id == poison.event_id)
+
+    assert wait_for(lambda: len(dead_letters(r, stream)) == 2)
+    assert wait_for(lambda: pending(r, stream) == 0)
+    letters = {fields[b"dlq_source_id"]: fields for _, fields in dead_letters(r, stream)}
+    [poison_source] = [entry_id for entry_id, f in r.xrange(stream) if f.get(b"event_id") == poison.event_id.encode()]
+    assert set(letters) == {poison_source, undecodable}  # the poison and the unreadable entry, nothing else
+    assert letters[poison_source][b"dlq_error"].decode().startswith("RuntimeError: cannot file")
+    # The batch's transaction failed on the poison; each entry was then processed alone: the neighbours once, and
+    # the poison until its last delivery (its first delivery ran it twice: in the batch, then alone).
+    neighbours = [e for e in events if e is not poison]
+    assert Counter(ledger.outcomes) == {(e.event_id, True): 1 for e in neighbours}
+    assert ledger.attempts[poison.event_id] == settings.max_deliveries + 1
+    assert all(ledger.attempts[e.event_id] == 2 for e in events[:4])  # in the batch, then alone
+    assert sorted(e.event_id for e in ledger_entries(start_ledger.db_url)) == sorted(e.event_id for e in neighbours)
+
+
+@pytest.mark.parametrize("dies", ["before_its_commit", "after_its_commit"])
+def test_a_consumer_killed_mid_batch_loses_and_duplicates_nothing(settings, producer, r, start_ledger, dies):
+    stream = settings.key(NEEDS)
+    events = [need(f"demande {i}") for i in range(10)]
+    commit(producer, *events)
+    assert publish_pending(producer, r, settings) == 10  # one batch
+
+    config: dict[str, Any] = {"settings": settings.model_dump(mode="json"), "db_url": start_ledger.db_url}
+    if dies == "before_its_commit":
+        config["die_in_handler_of"] = events[6].event_id  # inside the batch's transaction, six handlers done
+    dying = subprocess.run(
+        [sys.executable, __file__, json.dumps(config)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
+    assert dying.returncode == -signal.SIGKILL, dying.stderr
+    assert pending(r, stream) == 10  # read, and none acked
+    committed = ledger_entries(start_ledger.db_url)
+    assert len(committed) == (0 if dies == "before_its_commit" else 10)
+
+    survivor = start_ledger()  # claims the dead consumer's entries
+
+    assert wait_for(lambda: pending(r, stream) == 0)
+    did_the_work = dies == "before_its_commit"
+    assert Counter(survivor.outcomes) == {(e.event_id, did_the_work): 1 for e in events}
+    entries = ledger_entries(start_ledger.db_url)
+    assert sorted(e.event_id for e in entries) == sorted(e.event_id for e in events)
+    assert {e.consumer for e in entries} == {survivor.bus.consumer if did_the_work else committed[0].consumer}
 
 
 # --- 3. poison messages ---------------------------------------------------------------------------

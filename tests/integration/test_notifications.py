@@ -327,6 +327,25 @@ def test_550_on_one_recipient_fails_that_one_at_once_and_the_others_are_sent(set
     ] == [refused.id]
 
 
+def test_a_round_of_handoffs_is_sent_once_each_and_its_outcomes_recorded_a_few_messages_per_transaction(
+    settings, sink, start_service
+):
+    handoffs = [assigned(new_id()) for _ in range(12)]
+    publish(settings, *handoffs)  # before the service reads: one batch, one transaction queues the twelve
+    notif = start_service("notifications", settings.model_copy(update={"smtp_url": sink.url}))
+
+    assert wait_for(lambda: len(sink.to("referent@caf.test.example")) == 12)
+    assert wait_for(lambda: all(d.status == "sent" for d in deliveries(notif, kind="handoff")))
+    sent = deliveries(notif, kind="handoff")
+    assert sorted(str(d.referral_id) for d in sent) == sorted(h.referral_id for h in handoffs)
+    log = [attempts(notif, d.id) for d in sent]
+    assert all([a.outcome for a in one] == ["sent"] for one in log)
+    # One transaction queued the twelve, so at most two rounds lease them (a round's `now` may predate that commit),
+    # and each round writes its outcomes sender.RECORD_EVERY (10) at a time: at most four transactions, not twelve.
+    assert len({one[0].at for one in log}) <= 4
+    assert len(sink.to("referent@caf.test.example")) == 12  # and no message twice
+
+
 # --- SMS -----------------------------------------------------------------------------------------------
 
 
