@@ -384,10 +384,11 @@ def menu(page):
 
 
 def search_for(page, q: str, button: str = "Filtrer") -> None:
+    """Type `q` in the page's search box and send it; back once the page of results has loaded."""
     page.locator("#q").fill(q)
-    page.get_by_role("button", name=button).click()
-    page.wait_for_url(re.compile(r"[?&]q="))
-    page.wait_for_load_state()
+    with page.expect_navigation():  # not the URL alone: the page before may already hold a q=
+        page.get_by_role("button", name=button).click()
+    assert page.locator("#q").input_value() == q  # the page of results says what it searched
 
 
 def test_needs_are_found_by_reference_name_phone_and_words_everywhere_and_menus_count(
