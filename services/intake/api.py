@@ -525,10 +525,17 @@ async def add_note(
     travels sealed (`need.note_added`). A desk for its own library's needs, or ops. 409 when no partner holds the
     need, when it is closed, or when the person's data was erased."""
     cmd = AddNote(need_id=need_id, text=body.text, actor=user.id, library=_desk_library(user))
+    run = partial(handlers.add_note, db, cmd, now=clock(), personal_data=runtime.personal_data)
+    return await _sealing_action(run, runtime, db, need_id)
+
+
+async def _sealing_action(
+    run: Callable[[], object], runtime: deps.RuntimeDep, db: deps.DatabaseDep, need_id: str
+) -> NeedPublic:
+    """Run a desk action whose text is sealed with the person's key (a note, a closing reason), map its refusals,
+    wake the relay and answer the need."""
     try:
-        await anyio.to_thread.run_sync(
-            partial(handlers.add_note, db, cmd, now=clock(), personal_data=runtime.personal_data)
-        )
+        await anyio.to_thread.run_sync(run)
     except handlers.UnknownNeed:
         raise HTTPException(404, "no such need") from None
     except domain.Refusal as exc:
@@ -582,18 +589,8 @@ async def close(
     (`need.closed_by_desk`, the reason sealed). 409 when it is closed already. A desk for its own library's needs,
     or ops."""
     cmd = CloseNeed(need_id=need_id, reason=body.reason, actor=user.id, library=_desk_library(user))
-    try:
-        await anyio.to_thread.run_sync(
-            partial(handlers.close_need, db, cmd, now=clock(), personal_data=runtime.personal_data)
-        )
-    except handlers.UnknownNeed:
-        raise HTTPException(404, "no such need") from None
-    except domain.Refusal as exc:
-        raise refused(exc) from None
-    except (redis.RedisError, PersonalDataError) as exc:
-        raise _sealing_failed(exc) from None
-    runtime.bus.relay.wake()
-    return await anyio.to_thread.run_sync(_answer, db, need_id)
+    run = partial(handlers.close_need, db, cmd, now=clock(), personal_data=runtime.personal_data)
+    return await _sealing_action(run, runtime, db, need_id)
 
 
 @router.post(
