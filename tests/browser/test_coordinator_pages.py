@@ -8,6 +8,7 @@ from its own page, through a confirmation that names it and whose button says th
 from __future__ import annotations
 
 import pytest
+from playwright.sync_api import expect
 
 from shared.signin import sign_in_link
 from shared.testing import VIEWPORT_DESK, sign_in_in_browser, wait_for
@@ -93,7 +94,7 @@ def test_the_coordinator_sees_what_needs_a_person_first_and_cancels_a_need_from_
     tabs = page.get_by_role("navigation", name="Onglets du tableau de bord")
     assert tabs.get_by_role("link", name="Technique").get_attribute("aria-current") == "page"
     for part in ("#alertes", "#files", "#horloge", "#envois", "#fermer-sessions"):
-        assert page.locator(part).is_visible(), part
+        expect(page.locator(part), part).to_be_visible()
     assert "Tout circule normalement" in page.locator("#alertes").inner_text()
     at_both_widths(page, check_page, "coordinator-technical-tab")
     tabs.get_by_role("link", name="À traiter").click()
@@ -113,7 +114,7 @@ def test_the_coordinator_sees_what_needs_a_person_first_and_cancels_a_need_from_
     assert NEED in facts and needs["logement"]["reference"] in facts
     assert needs["logement"]["id"] not in page.locator("main").inner_text()
     button = page.get_by_role("button", name=f"Annuler la demande {NEED}")
-    assert button.is_visible()
+    expect(button).to_be_visible()
     at_both_widths(page, check_page, "coordinator-confirm-cancel")
     button.click()  # without a reason: the form says what to fix, nothing is done
     assert page.get_by_role("alert").first.inner_text().startswith("Le formulaire contient une erreur")

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 import pytest
+from playwright.sync_api import expect
 
 from shared.messaging import DATA_FIELD
 from shared.signin import sign_in_link
@@ -234,7 +235,7 @@ def test_the_dashboard_shows_the_apis_figures_refreshes_itself_and_confirms_an_a
     check_page(page, "dashboard-confirm-reassign")
     page.get_by_label("Nouveau partenaire").select_option(label="CAF plateforme nationale")
     page.get_by_role("button", name="Continuer").click()  # then the confirmation, whose button names the partner
-    assert page.get_by_role("button", name="Réaffecter à CAF plateforme nationale").is_visible()
+    expect(page.get_by_role("button", name="Réaffecter à CAF plateforme nationale")).to_be_visible()
     assert "Allocations familiales (CAF) – Bibliothèque du Châtelet" in page.locator("#la-demande").inner_text()
     check_page(page, "dashboard-confirm-reassign-chosen")
     page.goto(f"{referral.url}/boite/{referral_id}")

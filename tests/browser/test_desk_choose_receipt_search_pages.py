@@ -104,7 +104,7 @@ def test_the_form_says_who_will_receive_the_need_as_the_desk_types(page, check_p
     assert listed.locator("ul").nth(0).locator("li").all_inner_texts() == [CAF, SANTE]
     assert listed.locator("ul").nth(1).locator("li").all_inner_texts() == [LOGEMENT]
     region = page.locator("#apercu")
-    assert page.get_by_role("heading", name="Qui recevra la demande ?").is_visible()
+    expect(page.get_by_role("heading", name="Qui recevra la demande ?")).to_be_visible()
     assert "le partenaire qui recevra la demande et son délai de réponse s'affichent ici" in region.inner_text()
     check_page(page, "choose-new-need")
 
@@ -306,7 +306,7 @@ def test_the_desk_hands_a_receipt_printed_or_sent_and_is_told_when_the_person_ge
     assert f"{CAF_76} vous contactera {deadline}." in " ".join(text.split())
     assert f"Bibliothèque du Châtelet : {LIBRARY_PHONE_NATIONAL}" in text and f"Horaires : {HOURS}" in text
     assert receipt.get_by_role("link", name=LIBRARY_PHONE_NATIONAL).get_attribute("href") == f"tel:{LIBRARY_PHONE}"
-    assert page.get_by_role("button", name="Imprimer le reçu").is_visible()  # with JavaScript
+    expect(page.get_by_role("button", name="Imprimer le reçu")).to_be_visible()  # with JavaScript
     check_page(page, "receipt")
     page.set_viewport_size(VIEWPORT_PHONE)
     assert fits_the_phone(page)
@@ -315,7 +315,7 @@ def test_the_desk_hands_a_receipt_printed_or_sent_and_is_told_when_the_person_ge
 
     # printed: the receipt alone, on one A4 page
     page.emulate_media(media="print")
-    assert receipt.is_visible()
+    expect(receipt).to_be_visible()
     assert not page.get_by_role("heading", name="Reçu pour la personne").is_visible()
     assert not page.get_by_role("button", name="Envoyer par SMS").is_visible()
     assert pdf_pages(page.pdf(format="A4")) == 1
@@ -449,7 +449,7 @@ def test_needs_are_found_by_reference_name_phone_and_words_everywhere_and_menus_
     # --- the partner's inbox: "À traiter (2)", the same searches in the partner's scope
     sign_in(page, referral, "op-caf")
     page.goto(f"{referral.url}/boite")
-    assert menu(page).get_by_role("link", name="À traiter (2)").is_visible()
+    expect(menu(page).get_by_role("link", name="À traiter (2)")).to_be_visible()
     for q in queries:
         search_for(page, q)
         lines = page.locator("ol.cards > li")
@@ -470,7 +470,7 @@ def test_needs_are_found_by_reference_name_phone_and_words_everywhere_and_menus_
     page.get_by_label("Votre message à l'accueil").fill("Pouvez-vous nous transmettre son dernier avis d'imposition ?")
     page.get_by_role("button", name="Répondre : envoyer le message à l'accueil").click()
     page.wait_for_load_state()
-    assert menu(page).get_by_role("link", name="À traiter (1)").is_visible()
+    expect(menu(page).get_by_role("link", name="À traiter (1)")).to_be_visible()
     menu(page).get_by_role("link", name="À traiter (1)").click()
     expect(page.locator("ol.cards > li")).to_have_count(1)
     assert marc["reference"] in page.locator("ol.cards > li").inner_text()
@@ -478,7 +478,7 @@ def test_needs_are_found_by_reference_name_phone_and_words_everywhere_and_menus_
     assert wait_for(lambda: intake.client("desk").get(f"/needs/{elodie['id']}").json()["answers_unread"])
     page.goto(f"{intake.url}/demandes")
     to_read = menu(page).get_by_role("link", name="Réponses à lire (1)")
-    assert to_read.is_visible()
+    expect(to_read).to_be_visible()
     to_read.click()
     expect(page.locator(".cards > li")).to_have_count(1)
     assert ref in page.locator(".cards > li").inner_text()

@@ -146,7 +146,7 @@ def test_a_desk_signs_in_by_email_records_a_need_by_keyboard_and_follows_it(
     check_page(page, "desk-need")
 
     page.get_by_role("link", name="Chiffres du mois").click()
-    assert page.locator(".figures").get_by_text("personne aidée").is_visible()
+    expect(page.locator(".figures").get_by_text("personne aidée")).to_be_visible()
     check_page(page, "desk-figures")
 
     page.get_by_role("button", name="Se déconnecter").click()

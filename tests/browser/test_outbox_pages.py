@@ -109,7 +109,7 @@ def test_ops_see_what_was_sent_as_its_recipients_see_it(page, check_page, notifi
     assert page.get_by_role("heading", level=1).inner_text().startswith("Confirmation à la personne")
     bubble = page.locator(".sms-bubble").inner_text()
     assert "votre demande est transmise à CAF de la Seine-Maritime" in bubble
-    assert page.get_by_text(re.compile(r"2 segments en GSM-7")).is_visible()
+    expect(page.get_by_text(re.compile(r"2 segments en GSM-7"))).to_be_visible()
     check_page(page, "outbox-sms")
 
     page.goto(f"{notifications.url}/envois/{sent[('handoff', 'email')]['id']}")
@@ -117,5 +117,5 @@ def test_ops_see_what_was_sent_as_its_recipients_see_it(page, check_page, notifi
     assert "Reply-To" in headers and "accueil@chatelet.test.example" in headers
     assert page.locator("pre.mail-text").inner_text().startswith("Bonjour Référent,")
     frame = page.frame_locator("iframe.mail-html")
-    assert frame.get_by_role("link", name="Ouvrir la demande").is_visible()
+    expect(frame.get_by_role("link", name="Ouvrir la demande")).to_be_visible()
     check_page(page, "outbox-email")

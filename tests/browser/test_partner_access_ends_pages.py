@@ -51,7 +51,7 @@ def test_the_partner_pages_after_the_need_left(exit, page, check_page, settings,
     rid = wait_for(lambda: ops.get("/referrals", params={"need_id": need["id"]}).json()["items"])[0]["id"]
     link = referral_link(settings, rid, "caf-76", now=referral.svc.clock())
     page.goto(link)
-    assert page.get_by_text(NAME).is_visible()  # before: the partner sees the person
+    expect(page.get_by_text(NAME)).to_be_visible()  # before: the partner sees the person
 
     if exit == "decline":  # from the page itself, as a partner does
         page.locator("#decline-reason").select_option("out_of_scope")
@@ -73,7 +73,7 @@ def test_the_partner_pages_after_the_need_left(exit, page, check_page, settings,
     # The date as the page words it, from the API's left_at: never a pattern (Playwright's \w is ASCII-only).
     left_at = datetime.fromisoformat(ops.get(f"/referrals/{rid}").json()["left_at"])
     LEFT = f"Cette demande n'est plus suivie par votre organisation depuis le {datetime_fr(left_at, 'Europe/Paris')}"
-    assert page.get_by_text(LEFT).is_visible()
+    expect(page.get_by_text(LEFT)).to_be_visible()
     assert page.locator("form[action*='/r/']").count() == 0
     assert_no_person(page, "the link's page")
     check_page(page, f"referral-link-left-{exit}")
@@ -83,11 +83,12 @@ def test_the_partner_pages_after_the_need_left(exit, page, check_page, settings,
     page.get_by_role("button", name="Filtrer").click()
     page.wait_for_url(f"**/boite?q=&statut={status}")  # the filtered list, not the one the click left
     expect(page.locator(".cards > li")).to_have_count(1)
-    assert page.locator(".cards > li").get_by_text(LEFT).is_visible()
+    expect(page.locator(".cards > li").get_by_text(LEFT)).to_be_visible()
     assert_no_person(page, "the inbox")
     check_page(page, f"inbox-left-{exit}")
 
     page.locator(".cards > li a").click()
-    assert page.url.endswith(f"/boite/{rid}") and page.get_by_text(LEFT).is_visible()
+    expect(page.get_by_text(LEFT)).to_be_visible()
+    assert page.url.endswith(f"/boite/{rid}")
     assert_no_person(page, "the inbox's page")
     check_page(page, f"referral-signed-in-left-{exit}")

@@ -10,6 +10,7 @@ import re
 from datetime import timedelta
 
 import pytest
+from playwright.sync_api import expect
 
 from shared.signin import sign_in_link
 from shared.testing import VIEWPORT_DESK, sign_in_in_browser, wait_for
@@ -63,10 +64,10 @@ def test_the_inbox_at_a_glance_and_a_structured_decline_the_desk_reads(
     assert page.url.endswith("/boite")
     assert ids_in_order(page) == [late, soon, fresh_id, accepted]
     menu = page.get_by_role("navigation", name="Menu principal")
-    assert menu.get_by_role("link", name="À traiter (3)").is_visible()
+    expect(menu.get_by_role("link", name="À traiter (3)")).to_be_visible()
     tabs = page.get_by_role("navigation", name="Nombre de demandes par état")
     for name in ("En cours (4)", "À traiter (3)", "Acceptées (1)", "Réponse donnée (0)", "Toutes (4)"):
-        assert tabs.get_by_role("link", name=name).is_visible(), name
+        expect(tabs.get_by_role("link", name=name), name).to_be_visible()
 
     lines = page.locator(".cards > li")
     first = lines.nth(0).inner_text()
@@ -91,8 +92,8 @@ def test_the_inbox_at_a_glance_and_a_structured_decline_the_desk_reads(
 
     # --- the referral: what Accepter and Répondre mean is on the buttons; decline with a structured reason
     page.locator(f".cards > li a[href='/boite/{fresh_id}']").click()
-    assert page.get_by_role("button", name="Accepter : je prends, je rappellerai").is_visible()
-    assert page.get_by_role("button", name="Répondre : envoyer le message à l'accueil").is_visible()
+    expect(page.get_by_role("button", name="Accepter : je prends, je rappellerai")).to_be_visible()
+    expect(page.get_by_role("button", name="Répondre : envoyer le message à l'accueil")).to_be_visible()
     reasons = page.locator("#decline-reason option").all_inner_texts()
     assert reasons == [
         "Choisir un motif",
@@ -114,7 +115,9 @@ def test_the_inbox_at_a_glance_and_a_structured_decline_the_desk_reads(
     assert referral.client("ops").get(f"/referrals/{fresh_id}").json()["decline_reason"] == "already_followed"
 
     page.get_by_role("link", name="Retour aux demandes").click()
-    assert page.get_by_role("navigation", name="Menu principal").get_by_role("link", name="À traiter (2)").is_visible()
+    expect(
+        page.get_by_role("navigation", name="Menu principal").get_by_role("link", name="À traiter (2)")
+    ).to_be_visible()
     assert fresh_id not in ids_in_order(page)  # it left the partner: not among the open ones
 
     # --- the desk reads the reason on its need's page

@@ -8,6 +8,7 @@ import re
 from datetime import datetime, timedelta
 
 import pytest
+from playwright.sync_api import expect
 
 from shared.pages import deadline_fr
 from shared.signin import referral_link, sign_in_link
@@ -31,7 +32,7 @@ def test_a_partner_declines_from_the_email_link_with_the_keyboard_only(page, che
     page.goto(referral_link(referral.settings, rid, "caf-76", now=referral.svc.clock()))
     assert page.get_by_role("heading", level=1).inner_text() == "Demande : Allocations familiales (CAF)"
     respond_by = datetime.fromisoformat(referral.client("ops").get(f"/referrals/{rid}").json()["respond_by"])
-    assert page.get_by_text(f"À répondre {deadline_fr(respond_by, 'Europe/Paris')}.").is_visible()
+    expect(page.get_by_text(f"À répondre {deadline_fr(respond_by, 'Europe/Paris')}.")).to_be_visible()
     check_page(page, "referral-link")
 
     page.keyboard.press("Tab")
@@ -94,7 +95,7 @@ def test_sign_in_inbox_and_referral_pages_on_desk_and_phone(page, check_page, re
     sign_in_in_browser(page, link)
     assert page.url.endswith("/boite")
     assert page.locator(".cards > li").count() == 2
-    assert page.locator(".cards > li").first.get_by_text("En retard").is_visible()
+    expect(page.locator(".cards > li").first.get_by_text("En retard")).to_be_visible()
     check_page(page, "inbox")
     page.set_viewport_size(VIEWPORT_PHONE)
     check_page(page, "inbox-phone")

@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 
 import pytest
+from playwright.sync_api import expect
 
 from shared.pages import deadline_fr
 from shared.signin import sign_in_link
@@ -82,7 +83,7 @@ def test_a_need_nobody_takes_is_handed_to_a_partner_by_ops_and_the_desk_sees_it(
     page.get_by_label("Partenaire").select_option(label=CPAM)
     page.get_by_role("button", name="Continuer").click()
     button = page.get_by_role("button", name=f"Confier à {CPAM}")
-    assert button.is_visible()
+    expect(button).to_be_visible()
     assert page.get_by_label("Référent qui reçoit la demande").input_value() == "cpam-ref"
     button.click()  # without a reason: the form says what to fix, nothing is done
     assert page.get_by_role("alert").first.inner_text().startswith("Le formulaire contient une erreur")
