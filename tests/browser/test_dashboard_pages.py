@@ -185,7 +185,7 @@ def test_the_dashboard_shows_the_apis_figures_refreshes_itself_and_confirms_an_a
     board = ops.get("/dashboard").json()
     shown = check_charts(page, board, opened=("graphique-reponses",))
     assert sum(shown["graphique-flux"]["data"]["counts"]) == sum(drawn["graphique-flux"]["data"]["counts"]) + 1
-    assert page.locator("#chiffres .uplot").count() == 2  # the charts before the refresh are gone
+    expect(page.locator("#chiffres .uplot")).to_have_count(2)  # the charts before the refresh are gone
     pause = page.get_by_role("button", name="Suspendre la mise à jour automatique")
     pause.click()
     assert (

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from playwright.sync_api import expect
 
 from shared.signin import sign_in_link
 from shared.testing import VIEWPORT_DESK, VIEWPORT_PHONE, sign_in_in_browser, wait_for
@@ -58,21 +59,21 @@ def test_the_desk_reads_an_answer_adds_information_nudges_and_closes(
     sign_in_in_browser(page, link)
     page.goto(f"{intake.url}/demandes")
     menu = page.get_by_role("link", name="Réponses à lire (1)")
-    assert menu.count() == 1
+    expect(menu).to_have_count(1)
     cards = page.locator(".cards > li")
     flagged = cards.filter(has_text="Dossier APL bloqué")
     assert "À lire" in flagged.locator(".badges").inner_text()
     assert "À lire" not in cards.filter(has_text="Changement de situation").locator(".badges").inner_text()
     check_page(page, "desk-actions-my-needs")
     menu.click()
-    assert page.locator(".cards > li").count() == 1
+    expect(page.locator(".cards > li")).to_have_count(1)
     assert page.get_by_role("link", name="Réponses à lire (1)").get_attribute("aria-current") == "page"
 
     # --- the need's page: read, so no longer counted; the actions
     flagged_link = page.locator(".cards > li h2 a").first
     flagged_link.click()
     page.wait_for_url(f"**/demandes/{answered['id']}")
-    assert page.get_by_role("heading", name="Agir sur la demande").count() == 1
+    expect(page.get_by_role("heading", name="Agir sur la demande")).to_have_count(1)
     check_page(page, "desk-actions-need")
     page.reload()
     assert page.get_by_role("link", name="Réponses à lire (1)").count() == 0

@@ -428,11 +428,11 @@ def test_needs_are_found_by_reference_name_phone_and_words_everywhere_and_menus_
     # --- the desk's "Mes demandes"
     sign_in(page, intake, "desk")
     page.goto(f"{intake.url}/demandes")
-    assert page.locator(".cards > li").count() == 2
+    expect(page.locator(".cards > li")).to_have_count(2)
     for q in queries:
         search_for(page, q)
         cards = page.locator(".cards > li")
-        assert cards.count() == 1, q
+        expect(cards, q).to_have_count(1)
         assert "Élodie Durand" in cards.inner_text() and ref in cards.inner_text(), q
     check_page(page, "search-my-needs")
     page.set_viewport_size(VIEWPORT_PHONE)
@@ -453,7 +453,7 @@ def test_needs_are_found_by_reference_name_phone_and_words_everywhere_and_menus_
     for q in queries:
         search_for(page, q)
         lines = page.locator("ol.cards > li")
-        assert lines.count() == 1, q
+        expect(lines, q).to_have_count(1)
         assert ref in lines.inner_text(), q
     check_page(page, "search-partner-inbox")
     page.set_viewport_size(VIEWPORT_PHONE)
@@ -491,7 +491,7 @@ def test_needs_are_found_by_reference_name_phone_and_words_everywhere_and_menus_
         search_for(page, q, "Rechercher")
         assert "/boite?" in page.url
         lines = page.locator("ol.cards > li")
-        assert lines.count() == 1, q
+        expect(lines, q).to_have_count(1)
         assert ref in lines.inner_text(), q
     check_page(page, "search-dashboard-results")
     page.goto(f"{referral.url}/tableau-de-bord")

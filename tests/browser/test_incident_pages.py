@@ -8,6 +8,7 @@ from datetime import date, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
+from playwright.sync_api import expect
 
 from shared.pages import date_fr
 from shared.signin import sign_in_link
@@ -87,7 +88,7 @@ def test_ops_record_an_incident_with_the_keyboard_and_find_it_in_the_register(
 
     page.goto(f"{referral.url}/tableau-de-bord/incidents")
     row = page.locator("table tbody tr")
-    assert row.count() == 1
+    expect(row).to_have_count(1)
     cells = row.first.inner_text()
     assert "Atteinte à la confidentialité" in cells and "environ 12" in cells and "En cours" in cells
     assert date_fr(start) in cells

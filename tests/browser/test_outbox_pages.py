@@ -94,7 +94,7 @@ def test_ops_see_what_was_sent_as_its_recipients_see_it(page, check_page, notifi
     sign_in_in_browser(page, link)
     assert page.url.endswith("/envois")
     assert page.get_by_role("heading", level=1).inner_text() == "Messages envoyés"
-    assert page.locator("table.deliveries tbody tr").count() == 2
+    expect(page.locator("table.deliveries tbody tr")).to_have_count(2)
     check_page(page, "outbox")
     page.set_viewport_size(VIEWPORT_PHONE)
     check_page(page, "outbox-phone")

@@ -94,7 +94,7 @@ def test_sign_in_inbox_and_referral_pages_on_desk_and_phone(page, check_page, re
     link, _ = sign_in_link(referral.settings, "referral", "op-caf", now=referral.svc.clock())
     sign_in_in_browser(page, link)
     assert page.url.endswith("/boite")
-    assert page.locator(".cards > li").count() == 2
+    expect(page.locator(".cards > li")).to_have_count(2)
     expect(page.locator(".cards > li").first.get_by_text("En retard")).to_be_visible()
     check_page(page, "inbox")
     page.set_viewport_size(VIEWPORT_PHONE)

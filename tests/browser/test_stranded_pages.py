@@ -70,7 +70,7 @@ def test_a_need_nobody_takes_is_handed_to_a_partner_by_ops_and_the_desk_sees_it(
     assert page.locator("#chiffres > section").first.get_attribute("id") == "sans-partenaire"  # first of all
     assert section.get_by_role("heading", level=2).inner_text() == "Sans partenaire (1)"
     row = section.locator("tbody tr")
-    assert row.count() == 1
+    expect(row).to_have_count(1)
     assert "Logement – Bibliothèque du Châtelet" in row.inner_text()
     assert "Aucun partenaire de l'annuaire ne traite cette thématique." in row.inner_text()
     assert need["id"] not in row.inner_text()  # no internal id shown
