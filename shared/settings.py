@@ -132,6 +132,8 @@ class Settings(BaseSettings):
     notifications_port: int = Field(8003, ge=1, le=65535)
     smtp_url: str | None = None
     mail_from: str = "Relais <relais@localhost>"
+    # Emails in flight at once, each on its own reused SMTP connection (services/notifications/sender.py).
+    smtp_connections: int = Field(4, ge=1, le=32)
     sms_provider: Literal["outbox", "twilio", "brevo"] = "outbox"
     # Notifications: SMS providers, retries and the outbox page (see docs/notifications.md).
     sms_transliterate: bool = True  # French characters outside GSM-7 (ê, ç, ’, « ») become plain ones
