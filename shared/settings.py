@@ -162,6 +162,11 @@ class Settings(BaseSettings):
     # Where referral's dashboard reads the other services' figures (their JSON APIs, server to server).
     intake_url: str | None = None  # default: base_url("intake")
     notifications_url: str | None = None  # default: base_url("notifications")
+    # Intake's push-back (shared.queues.PushBack): POST /api/v1/needs and the desk's form answer 429 while more
+    # than this many needs wait in the pipeline (intake's outbox not yet relayed, plus the most entries of the
+    # needs stream that one consumer group has not yet handled: lag and pending); 0 never pushes back.
+    intake_max_backlog: int = Field(2_000, ge=0)
+    intake_retry_after_s: int = Field(2, ge=1, le=3600)  # the 429's Retry-After
     # Messaging tuning: the defaults suit production; tests shorten them.
     claim_idle_ms: int = 15_000  # a pending entry idle this long belonged to a dead consumer
     max_deliveries: int = 5  # after this many failed deliveries an entry goes to the dead-letter stream
