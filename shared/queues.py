@@ -134,20 +134,20 @@ PUSH_BACK_CHECK_S = 0.25  # the backlog is measured at most this often; the requ
 
 class PushBack:
     """Whether a producer should refuse new work for now, because the pipeline behind it lags: its outbox rows not yet
-    relayed (`unrelayed`, a read of its database) plus the most entries of `stream` that one consumer group has not
-    yet handled (lag + pending), against `bound`. Measured at most every PUSH_BACK_CHECK_S: the request that finds
-    the figure old measures again (the first one too), the others meanwhile use the last figure. Redis unavailable
-    counts as no lag (the outbox keeps the events and is counted)."""
+    relayed (`unrelayed`, a read of its database) plus the most entries that one consumer group of one of `streams`
+    has not yet handled (lag + pending), against `bound`. Measured at most every PUSH_BACK_CHECK_S: the request that
+    finds the figure old measures again (the first one too), the others meanwhile use the last figure. Redis
+    unavailable counts as no lag (the outbox keeps the events and is counted)."""
 
     def __init__(
         self,
         client: Callable[[], aioredis.Redis],
-        stream: str,
+        streams: list[str],
         unrelayed: Callable[[], int],
         bound: int,
         retry_after_s: int,
     ) -> None:
-        self.client, self.stream, self.unrelayed = client, stream, unrelayed
+        self.client, self.streams, self.unrelayed = client, streams, unrelayed
         self.bound, self.retry_after_s = bound, retry_after_s
         self.backlog = 0
         self._measured_at: float | None = None
@@ -156,15 +156,16 @@ class PushBack:
     async def measure(self) -> int:
         outbox = await anyio.to_thread.run_sync(self.unrelayed)
         behind = 0
-        try:
-            client = self.client()
-            for info in await client.xinfo_groups(self.stream):
-                lag = await group_lag(client, self.stream, info, cap=self.bound + 1)
-                behind = max(behind, int(info["pending"]) + lag)
-        except aioredis.ResponseError:  # no such stream yet
-            pass
-        except (aioredis.RedisError, OSError) as exc:
-            log.debug("push-back: the lag of %s is unknown (%s)", self.stream, exc)
+        for stream in self.streams:
+            try:
+                client = self.client()
+                for info in await client.xinfo_groups(stream):
+                    lag = await group_lag(client, stream, info, cap=self.bound + 1)
+                    behind = max(behind, int(info["pending"]) + lag)
+            except aioredis.ResponseError:  # no such stream yet
+                pass
+            except (aioredis.RedisError, OSError) as exc:
+                log.debug("push-back: the lag of %s is unknown (%s)", stream, exc)
         self.backlog = outbox + behind
         self._measured_at = time.monotonic()
         return self.backlog

@@ -164,7 +164,7 @@ class Settings(BaseSettings):
     notifications_url: str | None = None  # default: base_url("notifications")
     # Intake's push-back (shared.queues.PushBack): POST /api/v1/needs and the desk's form answer 429 while more
     # than this many needs wait in the pipeline (intake's outbox not yet relayed, plus the most entries of the
-    # needs stream that one consumer group has not yet handled: lag and pending); 0 never pushes back.
+    # needs or referrals stream that one consumer group has not yet handled: lag and pending); 0 never pushes back.
     intake_max_backlog: int = Field(2_000, ge=0)
     intake_retry_after_s: int = Field(2, ge=1, le=3600)  # the 429's Retry-After
     # Messaging tuning: the defaults suit production; tests shorten them.

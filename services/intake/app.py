@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 from services.intake import api, consumers, web
 from services.intake.store import PURGE_RULES, TABLES
-from shared.events import NEEDS, utcnow
+from shared.events import NEEDS, REFERRALS, utcnow
 from shared.pages import Pages
 from shared.queues import PushBack
 from shared.service import Service, ServiceRuntime
@@ -36,7 +36,7 @@ def bootstrap(settings: Settings | None = None, *, clock: Callable[[], datetime]
     app = service.create_app(api.router, title="Relais intake", pages=[pages.sign_in_router(), web.router])
     push_back = PushBack(
         lambda: service.bus.redis_client,
-        service.settings.key(NEEDS),
+        [service.settings.key(NEEDS), service.settings.key(REFERRALS)],  # routing, then the handoffs' queueing
         service.db.outbox_backlog,
         bound=service.settings.intake_max_backlog,
         retry_after_s=service.settings.intake_retry_after_s,
