@@ -272,7 +272,9 @@ async def post_one(client: httpx.AsyncClient, load: Load, number: int, sent: flo
 
 
 def _client(base_url: str, connections: int) -> httpx.AsyncClient:
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    # Idle connections are dropped before uvicorn's 5 s keep-alive ends, or a POST may go out on one the server is
+    # closing at that moment (a ReadError, and no way to tell whether the need was recorded).
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections, keepalive_expiry=2.0)
     headers = {"Authorization": f"Bearer {TOKENS['desk']}"}
     return httpx.AsyncClient(base_url=base_url, headers=headers, timeout=30, limits=limits, trust_env=False)
 
