@@ -75,6 +75,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also run the open loop: needs posted at this rate (per second) whatever the answers, on a fresh "
         "pipeline after the closed loop",
     )
+    p.add_argument(
+        "--intake-max-backlog",
+        type=int,
+        default=None,
+        help="RELAIS_INTAKE_MAX_BACKLOG for intake (default: the service's, 2000): needs waiting before it answers 429",
+    )
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, databases) and print its path")
     args = p.parse_args(argv)
     if args.duration <= 0 or args.concurrency < 1 or args.max_needs < 1 or args.baseline_seconds <= 0:
@@ -471,6 +477,8 @@ def run_pipelines(
     modes: list[float | None] = [None] + ([args.rate] if args.rate is not None else [])
     for n, mode in enumerate(modes):
         pipeline = Pipeline(procs, workdir / ("closed" if mode is None else "open"), redis_url, f"{namespace}-{n}")
+        if args.intake_max_backlog is not None:
+            pipeline.env["RELAIS_INTAKE_MAX_BACKLOG"] = str(args.intake_max_backlog)
         try:
             ok = run_pipeline(args, procs, pipeline, baseline_rate, mode) and ok
         finally:
