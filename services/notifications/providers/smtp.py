@@ -4,12 +4,17 @@ failure means for a retry (see base.SendError)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.utils
 import re
+import secrets
 import ssl
 import time
 from dataclasses import dataclass
-from email.message import EmailMessage
+from email.charset import QP, Charset
+from email.message import Message
+from email.mime.multipart import MIMEMultipart
+from email.mime.nonmultipart import MIMENonMultipart
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import aiosmtplib
@@ -66,6 +71,46 @@ def message_id(key: str, sender: str) -> str:
     return f"<{key}@{mail_domain(sender)}>"
 
 
+# The compat32 classes (email.mime), not EmailMessage: the modern policy parses and refolds every header when the
+# message is built and again when aiosmtplib flattens it, which was a third of the notifications service's CPU in
+# `./dev bench` (docs/benchmarks.md). The bytes on the wire are the same kind: UTF-8 quoted-printable parts, RFC 2047
+# encoded headers where they are not ASCII.
+_UTF8_QP = Charset("utf-8")
+_UTF8_QP.body_encoding = QP
+
+
+def _text_part(text: str, subtype: str) -> Message:
+    part = MIMENonMultipart("text", subtype)
+    part.set_payload(text, _UTF8_QP)  # UTF-8, quoted-printable: readable in the raw message
+    return part
+
+
+def _header(value: str) -> str:
+    """A header value in ASCII: as it is, or as RFC 2047 base64 words of at most 30 bytes each (whole characters),
+    which the generator folds at their spaces without encoding anything again."""
+    if value.isascii():
+        return value
+    words, word = [], ""
+    for char in value:
+        if len((word + char).encode()) > 30:
+            words.append(word)
+            word = char
+        else:
+            word += char
+    words.append(word)
+    return " ".join(f"=?utf-8?b?{base64.b64encode(w.encode()).decode()}?=" for w in words)
+
+
+def _address(value: str) -> str:
+    """`Name <address>` with a non-ASCII name encoded (RFC 2047); a bare address as it is."""
+    name, address = email.utils.parseaddr(value)
+    if not address:
+        return value
+    if not name:
+        return address
+    return email.utils.formataddr((name, address)) if name.isascii() else f"{_header(name)} <{address}>"
+
+
 def build_message(
     *,
     sender: str,
@@ -76,18 +121,22 @@ def build_message(
     message_id: str,
     reply_to: str | None = None,
     language: str = "fr",
-) -> EmailMessage:
-    msg = EmailMessage()
-    msg["From"], msg["To"], msg["Subject"] = sender, to, subject
+) -> Message:
+    plain = _text_part(text, "plain")
+    if html:
+        # A boundary of ours: the generator would otherwise search both parts for a string they do not hold.
+        msg: Message = MIMEMultipart("alternative", boundary=f"=_relais_{secrets.token_hex(16)}")
+        msg.attach(plain)
+        msg.attach(_text_part(html, "html"))
+    else:
+        msg = plain
+    msg["From"], msg["To"], msg["Subject"] = _address(sender), _address(to), _header(subject)
     msg["Date"] = email.utils.formatdate(localtime=False)
     msg["Message-ID"] = message_id
     if reply_to:
-        msg["Reply-To"] = reply_to
+        msg["Reply-To"] = _address(reply_to)
     msg["Auto-Submitted"] = "auto-generated"  # no out-of-office replies back to the desk
-    msg.set_content(text)
-    if html:
-        msg.add_alternative(html, subtype="html")
-    msg["Content-Language"] = language  # after the parts: set_content clears Content-* headers
+    msg["Content-Language"] = language
     return msg
 
 
@@ -162,7 +211,7 @@ class SmtpPool:
         slot.smtp = await self._connect()
         return slot.smtp, False
 
-    async def send(self, msg: EmailMessage) -> Sent:
+    async def send(self, msg: Message) -> Sent:
         slot = await self._take()
         try:
             await self._send_on(slot, msg)
@@ -171,7 +220,7 @@ class SmtpPool:
             self._give(slot)
         return Sent("smtp")
 
-    async def _send_on(self, slot: _Connection, msg: EmailMessage) -> None:
+    async def _send_on(self, slot: _Connection, msg: Message) -> None:
         try:
             try:
                 smtp, reused = await self._connection(slot)
