@@ -30,6 +30,7 @@ from redis.typing import EncodableT, FieldT
 
 from bench.pipeline import (
     EXPECTED_RECIPIENT,
+    REPOSITORY,
     SUBSCRIBES_TO,
     BenchError,
     Pipeline,
@@ -499,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         redis_url = external or start_redis(procs, workdir / "redis")
         print(f"Relais benchmark, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, commit {_git_commit()}, work dir {workdir}")
+        print(f"  {'services':<13} the code of {os.environ.get('PYTHONPATH') or REPOSITORY} (PYTHONPATH)")
         for name, value in machine_facts(redis_url, embedded=not external):
             print(f"  {name:<13} {value}")
         print()

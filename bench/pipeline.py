@@ -38,6 +38,9 @@ REFERENCE = re.compile(r"Référence de l'orientation : (\w+)")  # in every emai
 HANDOFF_SUBJECT = re.compile(r"^nouvelle demande", re.IGNORECASE)
 
 
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
 class BenchError(Exception):
     """The bench could not do what it set out to do (a process did not start, ...)."""
 
@@ -166,6 +169,9 @@ class Pipeline:
             RELAIS_SMTP_URL=self.sink.url,
             RELAIS_LOG_LEVEL=os.environ.get("RELAIS_LOG_LEVEL", "INFO"),
         )
+        # The services run this checkout's code (a virtual environment shared by several git worktrees has its
+        # editable install in one of them), unless the caller's PYTHONPATH names another checkout to measure.
+        env["PYTHONPATH"] = os.environ.get("PYTHONPATH") or str(REPOSITORY)
         for service in SERVICES:
             env[f"RELAIS_{service.upper()}_DATABASE_URL"] = f"sqlite:///{self.database(service)}"
             env[f"RELAIS_{service.upper()}_PORT"] = str(self.ports[service])
