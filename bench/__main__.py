@@ -30,6 +30,7 @@ from redis.typing import EncodableT, FieldT
 
 from bench.pipeline import (
     EXPECTED_RECIPIENT,
+    REPOSITORY,
     SUBSCRIBES_TO,
     BenchError,
     Pipeline,
@@ -40,6 +41,8 @@ from bench.pipeline import (
     log_problems,
     machine_cpu,
     match_emails,
+    peak_rss_mb,
+    post_at_rate,
     post_needs,
     read_timestamps,
     referral_needs,
@@ -66,10 +69,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=60.0,
         help="after the load, give up waiting for emails when none arrived for this long (default 60 s)",
     )
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="also run the open loop: needs posted at this rate (per second) whatever the answers, on a fresh "
+        "pipeline after the closed loop",
+    )
+    p.add_argument(
+        "--intake-max-backlog",
+        type=int,
+        default=None,
+        help="RELAIS_INTAKE_MAX_BACKLOG for intake (default: the service's, 2000): needs waiting before it answers 429",
+    )
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, databases) and print its path")
     args = p.parse_args(argv)
     if args.duration <= 0 or args.concurrency < 1 or args.max_needs < 1 or args.baseline_seconds <= 0:
         p.error("--duration, --concurrency, --max-needs and --baseline-seconds must be positive")
+    if args.rate is not None and args.rate <= 0:
+        p.error("--rate must be positive")
     return args
 
 
@@ -256,19 +274,24 @@ def run_async(coro_fn, *args):
 # --- the run ----------------------------------------------------------------------------------------
 
 
-def run_pipeline(args: argparse.Namespace, procs: Processes, pipeline: Pipeline, baseline_rate: float) -> bool:
-    """Load, drain, analyse, print; True when every posted need got exactly one email and nothing failed."""
-    print("(P) starting intake, referral, notifications (relais migrate, relais serve) ...", flush=True)
+def run_pipeline(
+    args: argparse.Namespace, procs: Processes, pipeline: Pipeline, baseline_rate: float, rate: float | None = None
+) -> bool:
+    """Load (closed loop, or open loop at `rate` needs/s), drain, analyse, print; True when every need answered 201
+    got exactly one email and nothing failed (429s are counted, not failures)."""
+    tag = "(P)" if rate is None else "(O)"
+    mode = f"{args.concurrency} clients" if rate is None else f"open loop at {rate:g} needs/s"
+    print(f"{tag} starting intake, referral, notifications (relais migrate, relais serve) ...", flush=True)
     pipeline.start()
-    print(
-        f"    ready; {args.concurrency} clients post needs for {args.duration:.0f} s (at most {args.max_needs}) ...",
-        flush=True,
-    )
+    print(f"    ready; {mode}, posting for {args.duration:.0f} s (at most {args.max_needs} needs) ...", flush=True)
     watched = {name: procs.pid(name) for name in (*SERVICES, "redis")} | {"bench (load + SMTP sink)": os.getpid()}
     cpu_before = {name: cpu_seconds(pid) for name, pid in watched.items()}
     machine_before = machine_cpu()
     wall_offset = time.time() - time.perf_counter()
-    load = run_async(post_needs, pipeline.url("intake"), args.concurrency, args.duration, args.max_needs)
+    if rate is None:
+        load = run_async(post_needs, pipeline.url("intake"), args.concurrency, args.duration, args.max_needs)
+    else:
+        load = run_async(post_at_rate, pipeline.url("intake"), rate, args.duration, args.max_needs)
     cpu_after = {name: cpu_seconds(pid) for name, pid in watched.items()}
     machine_after = machine_cpu()
     load_avg = os.getloadavg()[0]
@@ -277,6 +300,8 @@ def run_pipeline(args: argparse.Namespace, procs: Processes, pipeline: Pipeline,
         flush=True,
     )
     waited = drain(pipeline.sink, procs, len(load.posts), quiet=args.drain, cap=max(600.0, args.drain))
+    cpu_drained = {name: cpu_seconds(pid) for name, pid in watched.items()}
+    peak_rss = {name: peak_rss_mb(pid) for name, pid in watched.items()}
 
     referral_to_need = referral_needs(pipeline.url("referral"))
     posted = {need for need, _, _ in load.posts}
@@ -292,11 +317,17 @@ def run_pipeline(args: argparse.Namespace, procs: Processes, pipeline: Pipeline,
     last_email = max(emails.first.values(), default=load.started)
 
     print()
-    print(
-        f"(P) POST /api/v1/needs -> handoff email accepted by the SMTP sink; {args.concurrency} clients, "
-        f"load {window:.1f} s"
-    )
+    print(f"{tag} POST /api/v1/needs -> handoff email accepted by the SMTP sink; {mode}, load {window:.1f} s")
+    if rate is not None:
+        print(
+            f"    POSTs sent on schedule       {load.offered:>7}  {load.offered / window:7.1f} needs/s"
+            f"   ({load.late_starts} left more than 10 ms late: the bench itself was busy)"
+        )
     print(f"    posted (201)                 {len(load.posts):>7}  {len(load.posts) / window:7.1f} needs/s")
+    print(
+        f"    pushed back (429)            {load.statuses.get(429, 0):>7}"
+        + (f"   POST -> 429 {spread(load.pushed_back)}" if load.pushed_back else "")
+    )
     print(
         f"    emailed during the load      {emailed_in_window:>7}  {e2e_rate:7.1f} needs/s   "
         f"<- sustained pipeline throughput"
@@ -366,6 +397,19 @@ def run_pipeline(args: argparse.Namespace, procs: Processes, pipeline: Pipeline,
             f"1-min load average {load_avg:.1f} at the end)"
         )
 
+    print()
+    done = len(emails.first)
+    print(
+        f"    ms of CPU per need, from /proc/<pid>/stat (utime + stime) over the load and the drain, i.e. until the "
+        f"{done} needs were emailed; peak RSS (VmHWM from /proc/<pid>/status):"
+    )
+    for name in watched:
+        before, after, rss = cpu_before[name], cpu_drained[name], peak_rss[name]
+        if before is None or after is None:
+            continue
+        per_need = f"{1000 * (after - before) / done:6.2f} ms" if done else "   n/a"
+        print(f"      {name:<28} {per_need}   peak RSS {f'{rss:.0f} MiB' if rss is not None else 'n/a'}")
+
     handled = handled_counts(pipeline.logs)
     again = {s: n - ts.published[SUBSCRIBES_TO[s]] for s, n in handled.items() if n}
     if any(again.values()):
@@ -380,8 +424,12 @@ def run_pipeline(args: argparse.Namespace, procs: Processes, pipeline: Pipeline,
     print()
     if e2e_rate:
         print(
-            f"P/B = {e2e_rate:.1f} / {baseline_rate:.0f} = {e2e_rate / baseline_rate:.2%}  "
-            f"(one need costs the time of about {baseline_rate / e2e_rate:.0f} one-in-flight Redis messages)"
+            f"{tag[1]}/B = {e2e_rate:.1f} / {baseline_rate:.0f} = {e2e_rate / baseline_rate:.2%}  "
+            + (
+                f"(one need costs the time of about {baseline_rate / e2e_rate:.0f} one-in-flight Redis messages)"
+                if rate is None
+                else "(open loop: at most the offered rate)"
+            )
         )
     else:
         print("P/B: no need made it through during the load")
@@ -405,8 +453,9 @@ def run_pipeline(args: argparse.Namespace, procs: Processes, pipeline: Pipeline,
         problems.append(
             f"{sum(emails.others.values())} email(s) that are not handoffs: {dict(emails.others.most_common(5))}"
         )
-    if load.statuses or load.errors:
-        problems.append(f"POST failures: {dict(load.statuses)} {dict(load.errors)}; first bodies: {load.samples}")
+    refused = {status: n for status, n in load.statuses.items() if status != 429}  # a 429 is push-back, by design
+    if refused or load.errors:
+        problems.append(f"POST failures: {refused} {dict(load.errors)}; first bodies: {load.samples}")
     if dead := procs.dead():
         problems.append("processes died: " + ", ".join(f"{n} (exit {rc}, log {log})" for n, rc, log in dead))
     if problems:
@@ -421,18 +470,37 @@ def run_pipeline(args: argparse.Namespace, procs: Processes, pipeline: Pipeline,
     return True
 
 
+def run_pipelines(
+    args: argparse.Namespace, procs: Processes, workdir: Path, redis_url: str, namespace: str, baseline_rate: float
+) -> bool:
+    """The closed loop, then with --rate the open loop, each on a fresh pipeline (own namespace, own databases)."""
+    ok = True
+    modes: list[float | None] = [None] + ([args.rate] if args.rate is not None else [])
+    for n, mode in enumerate(modes):
+        pipeline = Pipeline(procs, workdir / ("closed" if mode is None else "open"), redis_url, f"{namespace}-{n}")
+        if args.intake_max_backlog is not None:
+            pipeline.env["RELAIS_INTAKE_MAX_BACKLOG"] = str(args.intake_max_backlog)
+        try:
+            ok = run_pipeline(args, procs, pipeline, baseline_rate, mode) and ok
+        finally:
+            procs.stop([name for name, _, _ in procs.children if name != "redis"])
+            pipeline.sink.stop()
+        print(flush=True)
+    return ok
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up like Ctrl-C
     workdir = Path(tempfile.mkdtemp(prefix="relais-bench-"))
     namespace = f"bench-{uuid.uuid4().hex[:10]}"
     procs = Processes()
-    pipeline: Pipeline | None = None
     external = os.environ.get("RELAIS_REDIS_URL")
     keep, status = args.keep, 1
     try:
         redis_url = external or start_redis(procs, workdir / "redis")
         print(f"Relais benchmark, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, commit {_git_commit()}, work dir {workdir}")
+        print(f"  {'services':<13} the code of {os.environ.get('PYTHONPATH') or REPOSITORY} (PYTHONPATH)")
         for name, value in machine_facts(redis_url, embedded=not external):
             print(f"  {name:<13} {value}")
         print()
@@ -448,8 +516,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"this loop and Redis included)"
             )
         print(flush=True)
-        pipeline = Pipeline(procs, workdir, redis_url, namespace)
-        ok = run_pipeline(args, procs, pipeline, rate)
+        ok = run_pipelines(args, procs, workdir, redis_url, namespace, rate)
         status = 0 if ok else 1
         keep = keep or not ok
     except KeyboardInterrupt:
@@ -462,8 +529,6 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the clean-up itself is bounded; let it finish
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         procs.stop([n for n, _, _ in procs.children if n != "redis"])
-        if pipeline is not None:
-            pipeline.sink.stop()
         procs.stop()
         if external:
             _forget_namespace(external, namespace)
@@ -502,7 +567,7 @@ def _forget_namespace(url: str, namespace: str) -> None:
     """On a Redis the bench did not start, remove the streams of its namespace."""
     client = redis.Redis.from_url(url)
     try:
-        keys = list(client.scan_iter(match=f"{namespace}:*", count=1000))
+        keys = list(client.scan_iter(match=f"{namespace}*", count=1000))  # the baselines' and each pipeline's
         if keys:
             client.delete(*keys)
     except redis.RedisError as exc:

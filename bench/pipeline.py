@@ -38,6 +38,9 @@ REFERENCE = re.compile(r"Référence de l'orientation : (\w+)")  # in every emai
 HANDOFF_SUBJECT = re.compile(r"^nouvelle demande", re.IGNORECASE)
 
 
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
 class BenchError(Exception):
     """The bench could not do what it set out to do (a process did not start, ...)."""
 
@@ -118,6 +121,19 @@ def cpu_seconds(pid: int | None) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def peak_rss_mb(pid: int | None) -> float | None:
+    """The most resident memory the process has had (VmHWM), in MiB."""
+    if pid is None:
+        return None
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def machine_cpu() -> tuple[float, float] | None:
     """(busy, total) CPU seconds of the whole machine so far, all cores, from /proc/stat."""
     try:
@@ -153,6 +169,9 @@ class Pipeline:
             RELAIS_SMTP_URL=self.sink.url,
             RELAIS_LOG_LEVEL=os.environ.get("RELAIS_LOG_LEVEL", "INFO"),
         )
+        # The services run this checkout's code (a virtual environment shared by several git worktrees has its
+        # editable install in one of them), unless the caller's PYTHONPATH names another checkout to measure.
+        env["PYTHONPATH"] = os.environ.get("PYTHONPATH") or str(REPOSITORY)
         for service in SERVICES:
             env[f"RELAIS_{service.upper()}_DATABASE_URL"] = f"sqlite:///{self.database(service)}"
             env[f"RELAIS_{service.upper()}_PORT"] = str(self.ports[service])
@@ -220,20 +239,58 @@ class Load:
     posts: list[tuple[str, float, float]] = field(default_factory=list)  # need id, POST sent, 201 received
     started: float = 0.0
     ended: float = 0.0
-    statuses: Counter = field(default_factory=Counter)  # non-201 answers
+    statuses: Counter = field(default_factory=Counter)  # non-201 answers, 429 included
     errors: Counter = field(default_factory=Counter)  # transport errors
     samples: dict = field(default_factory=dict)  # status -> first body
+    pushed_back: list[float] = field(default_factory=list)  # POST sent -> 429 received, seconds
+    offered: int = 0  # POSTs sent (open loop: the schedule's)
+    late_starts: int = 0  # open loop: POSTs that left more than 10 ms after their scheduled time
+
+
+def need_body(number: int) -> dict:
+    return {
+        "library_id": LIBRARY,
+        "category": CATEGORY,
+        "postal_code": POSTAL_CODE,
+        "consent": True,
+        "summary": f"Banc d'essai : dossier APL bloqué, demande n° {number}",
+        "person": {"display_name": "Personne de test"},
+    }
+
+
+async def post_one(client: httpx.AsyncClient, load: Load, number: int, sent: float) -> float | None:
+    """One POST; its outcome goes into `load`. Returns the Retry-After of a 429 (seconds), else None."""
+    try:
+        response = await client.post("/api/v1/needs", json=need_body(number))
+    except httpx.HTTPError as exc:
+        load.errors[f"{type(exc).__name__}: {exc}"[:200]] += 1
+        return None
+    answered = time.perf_counter()
+    if response.status_code == 201:
+        load.posts.append((response.json()["id"], sent, answered))
+        return None
+    load.statuses[response.status_code] += 1
+    load.samples.setdefault(response.status_code, response.text[:300])
+    if response.status_code == 429:
+        load.pushed_back.append(answered - sent)
+        return float(response.headers.get("Retry-After", "1"))
+    return None
+
+
+def _client(base_url: str, connections: int) -> httpx.AsyncClient:
+    # Idle connections are dropped before uvicorn's 5 s keep-alive ends, or a POST may go out on one the server is
+    # closing at that moment (a ReadError, and no way to tell whether the need was recorded).
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections, keepalive_expiry=2.0)
+    headers = {"Authorization": f"Bearer {TOKENS['desk']}"}
+    return httpx.AsyncClient(base_url=base_url, headers=headers, timeout=30, limits=limits, trust_env=False)
 
 
 async def post_needs(base_url: str, concurrency: int, duration: float, max_needs: int) -> Load:
-    """`concurrency` clients, each posting one need after the other, until `duration` or `max_needs`."""
+    """Closed loop: `concurrency` clients, each posting one need after the other, until `duration` or `max_needs`.
+    A client told 429 waits the Retry-After it was given, as a desk would, then posts its next need."""
     load = Load()
     numbers = itertools.count()
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    headers = {"Authorization": f"Bearer {TOKENS['desk']}"}
-    async with httpx.AsyncClient(
-        base_url=base_url, headers=headers, timeout=30, limits=limits, trust_env=False
-    ) as client:
+    async with _client(base_url, concurrency) as client:
         load.started = time.perf_counter()
         deadline = load.started + duration
 
@@ -242,30 +299,35 @@ async def post_needs(base_url: str, concurrency: int, duration: float, max_needs
                 number = next(numbers)
                 if number >= max_needs:
                     return
-                body = {
-                    "library_id": LIBRARY,
-                    "category": CATEGORY,
-                    "postal_code": POSTAL_CODE,
-                    "consent": True,
-                    "summary": f"Banc d'essai : dossier APL bloqué, demande n° {number}",
-                    "person": {"display_name": "Personne de test"},
-                }
-                sent = time.perf_counter()
-                try:
-                    response = await client.post("/api/v1/needs", json=body)
-                except httpx.HTTPError as exc:
-                    load.errors[f"{type(exc).__name__}: {exc}"[:200]] += 1
-                    await asyncio.sleep(0.1)
-                    continue
-                answered = time.perf_counter()
-                if response.status_code == 201:
-                    load.posts.append((response.json()["id"], sent, answered))
-                else:
-                    load.statuses[response.status_code] += 1
-                    load.samples.setdefault(response.status_code, response.text[:300])
+                load.offered += 1
+                retry_after = await post_one(client, load, number, time.perf_counter())
+                if retry_after is not None:
+                    await asyncio.sleep(min(retry_after, max(0.0, deadline - time.perf_counter())))
 
         await asyncio.gather(*(client_loop() for _ in range(concurrency)))
         load.ended = time.perf_counter()
+    return load
+
+
+async def post_at_rate(base_url: str, rate: float, duration: float, max_needs: int) -> Load:
+    """Open loop: one POST every 1/`rate` s whatever the answers (each its own task, none waits for another), until
+    `duration` or `max_needs`. A POST's time counts from when it was scheduled, so a late start is latency too."""
+    load = Load()
+    tasks: set[asyncio.Task] = set()
+    async with _client(base_url, 1_000) as client:
+        load.started = time.perf_counter()
+        for number in range(min(max_needs, int(duration * rate))):
+            scheduled = load.started + number / rate
+            if (wait := scheduled - time.perf_counter()) > 0:
+                await asyncio.sleep(wait)
+            elif wait < -0.01:
+                load.late_starts += 1
+            load.offered += 1
+            task = asyncio.create_task(post_one(client, load, number, scheduled))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        load.ended = max(time.perf_counter(), load.started + duration)
+        await asyncio.gather(*tasks)
     return load
 
 

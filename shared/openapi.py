@@ -26,6 +26,15 @@ class ErrorBody(BaseModel):
     detail: Any
 
 
+class BusyBody(ErrorBody):
+    """429: the pipeline lags; nothing was recorded. `detail` in English, `detail_fr` in French, and the seconds to
+    wait (also in the Retry-After header)."""
+
+    detail: str
+    detail_fr: str
+    retry_after_s: int
+
+
 class FieldError(BaseModel):
     loc: list[str | int]
     msg: str
@@ -44,6 +53,7 @@ _DESCRIPTIONS = {
     409: "Not allowed in the object's current state; nothing was changed",
     413: "Request body larger than the route takes",
     422: "A parameter or field is invalid; `detail` names each one",
+    429: "Too many needs wait in the pipeline; nothing was recorded: send it again after `Retry-After` seconds",
     503: "Another service did not give its part of the answer; `detail` names it, and nothing partial is answered",
 }
 
@@ -51,7 +61,10 @@ _DESCRIPTIONS = {
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """`responses=` for a route: the listed error statuses with their JSON body."""
     return {
-        code: {"model": ValidationErrorBody if code == 422 else ErrorBody, "description": _DESCRIPTIONS[code]}
+        code: {
+            "model": {422: ValidationErrorBody, 429: BusyBody}.get(code, ErrorBody),
+            "description": _DESCRIPTIONS[code],
+        }
         for code in codes
     }
 
@@ -118,6 +131,7 @@ def install(app: FastAPI, refiners: list[Callable[[dict], None]]) -> None:
             for name, schema in document.get("components", {}).get("schemas", {}).items():
                 if name not in (
                     "ErrorBody",
+                    "BusyBody",
                     "FieldError",
                     "ValidationErrorBody",
                     "HTTPValidationError",

@@ -3,8 +3,13 @@ lag and oldest pending age, live consumers, dead letters; and which queue is stu
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import anyio
 import redis.asyncio as aioredis
 
 from shared.events import DEAD_LETTER_SUFFIX, STREAMS
@@ -65,10 +70,10 @@ def _next_id(entry_id: str) -> str:
     return f"{ms}-{int(seq or 0) + 1}"
 
 
-async def group_lag(client: aioredis.Redis, stream: str, info: dict) -> int:
+async def group_lag(client: aioredis.Redis, stream: str, info: dict, cap: int = LAG_COUNT_CAP) -> int:
     if info.get("lag") is not None:  # Redis 7 counts it for us
         return int(info["lag"])
-    unread = await client.xrange(stream, min=_next_id(_decode(info["last-delivered-id"])), count=LAG_COUNT_CAP)
+    unread = await client.xrange(stream, min=_next_id(_decode(info["last-delivered-id"])), count=cap)
     return len(unread or [])  # a list (redis-py types it optional)
 
 
@@ -120,3 +125,60 @@ async def queues_report(
         stream = f"{namespace}:{name}"
         reports.append(await stream_report(client, stream, (previous or {}).get(stream)))
     return reports
+
+
+log = logging.getLogger("relais.queues")
+
+PUSH_BACK_CHECK_S = 0.25  # the backlog is measured at most this often; the requests in between share the figure
+
+
+class PushBack:
+    """Whether a producer should refuse new work for now, because the pipeline behind it lags: its outbox rows not yet
+    relayed (`unrelayed`, a read of its database) plus the most entries that one consumer group of one of `streams`
+    has not yet handled (lag + pending), against `bound`. Measured at most every PUSH_BACK_CHECK_S: the request that
+    finds the figure old measures again (the first one too), the others meanwhile use the last figure. Redis
+    unavailable counts as no lag (the outbox keeps the events and is counted)."""
+
+    def __init__(
+        self,
+        client: Callable[[], aioredis.Redis],
+        streams: list[str],
+        unrelayed: Callable[[], int],
+        bound: int,
+        retry_after_s: int,
+    ) -> None:
+        self.client, self.streams, self.unrelayed = client, streams, unrelayed
+        self.bound, self.retry_after_s = bound, retry_after_s
+        self.backlog = 0
+        self._measured_at: float | None = None
+        self._measuring = asyncio.Lock()
+
+    async def measure(self) -> int:
+        outbox = await anyio.to_thread.run_sync(self.unrelayed)
+        behind = 0
+        for stream in self.streams:
+            try:
+                client = self.client()
+                for info in await client.xinfo_groups(stream):
+                    lag = await group_lag(client, stream, info, cap=self.bound + 1)
+                    behind = max(behind, int(info["pending"]) + lag)
+            except aioredis.ResponseError:  # no such stream yet
+                pass
+            except (aioredis.RedisError, OSError) as exc:
+                log.debug("push-back: the lag of %s is unknown (%s)", stream, exc)
+        self.backlog = outbox + behind
+        self._measured_at = time.monotonic()
+        return self.backlog
+
+    async def retry_after(self) -> int | None:
+        """None when new work may come in; else the seconds to say in Retry-After."""
+        if self.bound <= 0:
+            return None
+        stale = self._measured_at is None or time.monotonic() - self._measured_at >= PUSH_BACK_CHECK_S
+        if stale and not self._measuring.locked():
+            async with self._measuring:
+                await self.measure()
+        elif self._measured_at is None:  # the first figure is being measured: wait for it
+            async with self._measuring:
+                pass
+        return self.retry_after_s if self.backlog > self.bound else None

@@ -132,6 +132,8 @@ class Settings(BaseSettings):
     notifications_port: int = Field(8003, ge=1, le=65535)
     smtp_url: str | None = None
     mail_from: str = "Relais <relais@localhost>"
+    # Emails in flight at once, each on its own reused SMTP connection (services/notifications/sender.py).
+    smtp_connections: int = Field(4, ge=1, le=32)
     sms_provider: Literal["outbox", "twilio", "brevo"] = "outbox"
     # Notifications: SMS providers, retries and the outbox page (see docs/notifications.md).
     sms_transliterate: bool = True  # French characters outside GSM-7 (ê, ç, ’, « ») become plain ones
@@ -160,6 +162,11 @@ class Settings(BaseSettings):
     # Where referral's dashboard reads the other services' figures (their JSON APIs, server to server).
     intake_url: str | None = None  # default: base_url("intake")
     notifications_url: str | None = None  # default: base_url("notifications")
+    # Intake's push-back (shared.queues.PushBack): POST /api/v1/needs and the desk's form answer 429 while more
+    # than this many needs wait in the pipeline (intake's outbox not yet relayed, plus the most entries of the
+    # needs or referrals stream that one consumer group has not yet handled: lag and pending); 0 never pushes back.
+    intake_max_backlog: int = Field(2_000, ge=0)
+    intake_retry_after_s: int = Field(2, ge=1, le=3600)  # the 429's Retry-After
     # Messaging tuning: the defaults suit production; tests shorten them.
     claim_idle_ms: int = 15_000  # a pending entry idle this long belonged to a dead consumer
     max_deliveries: int = 5  # after this many failed deliveries an entry goes to the dead-letter stream

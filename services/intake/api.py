@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 import anyio
 import redis
 from fastapi import APIRouter, Body, Header, HTTPException, Query, Response
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
@@ -34,6 +35,7 @@ from services.intake.views import NeedPublic, PersonPart, need_page, need_with_h
 from shared.directory import Directory, User, normalize_email, normalize_phone
 from shared.events import PersonContact
 from shared.logs import current_correlation_id, describe_error
+from shared.openapi import BusyBody
 from shared.people import AccessChannel, AccessEntry, AccessLogPage, record_access
 from shared.personal_data import PersonalDataError
 from shared.search import MAX_QUERY, Q_DESCRIPTION
@@ -381,18 +383,21 @@ log = logging.getLogger("relais.intake.api")
 router = APIRouter(tags=["needs"])
 
 
-@router.post("/needs", status_code=201, response_model=NeedPublic, responses=error_responses(409))
+@router.post("/needs", status_code=201, response_model=NeedPublic, responses=error_responses(409, 429))
 async def create_need(
     data: Annotated[dict[str, Any], Body(title="NeedCreate", json_schema_extra=NEED_CREATE_SCHEMA)],
     user: deps.FrontDeskUser,
     runtime: deps.RuntimeDep,
     db: deps.DatabaseDep,
     clock: deps.ClockDep,
+    push_back: deps.PushBackDep,
     idempotency_key: Annotated[str | None, Header(max_length=MAX_IDEMPOTENCY_KEY)] = None,
 ) -> Response:
     # The body (documented as NeedCreate) is validated here, not by FastAPI, so that a 422 names every failing
     # field at once, the directory's refusals with pydantic's (validate_need).
     assert user.library is not None  # a front-desk user's library (the directory requires it)
+    if (retry_after := await push_back.retry_after()) is not None:
+        return busy(retry_after)
     try:
         body = validate_need(data, runtime.directory, library=user.library)
         cmd = record_command(body, user, idempotency_key, current_correlation_id(), runtime.directory)
@@ -421,6 +426,22 @@ async def create_need(
         raise HTTPException(422, body_errors(exc)) from None
     runtime.bus.relay.wake()
     return Response(recorded.response_body, status_code=201, media_type="application/json")
+
+
+def busy(retry_after: int) -> Response:
+    """429 while the pipeline lags (shared.queues.PushBack): the desk sends the need again a little later."""
+    body = BusyBody(
+        detail=(
+            f"Relais is receiving more needs than it can pass on right now; nothing was recorded: "
+            f"send this need again in {retry_after} s"
+        ),
+        detail_fr=(
+            f"Relais reçoit plus de demandes qu'il ne peut en transmettre en ce moment ; rien n'a été enregistré : "
+            f"renvoyez cette demande dans {retry_after} s"
+        ),
+        retry_after_s=retry_after,
+    )
+    return JSONResponse(body.model_dump(), status_code=429, headers={"Retry-After": str(retry_after)})
 
 
 def body_errors(invalid: Invalid) -> list[dict]:

@@ -12,17 +12,19 @@ from fastapi import FastAPI
 
 from services.intake import api, consumers, web
 from services.intake.store import PURGE_RULES, TABLES
-from shared.events import utcnow
+from shared.events import NEEDS, REFERRALS, utcnow
 from shared.pages import Pages
+from shared.queues import PushBack
 from shared.service import Service, ServiceRuntime
 from shared.settings import Settings
 
 
 @dataclass(frozen=True)
 class IntakeRuntime(ServiceRuntime):
-    """The intake process: its shared service parts, its app, and the desk's pages."""
+    """The intake process: its shared service parts, its app, the desk's pages, and whether to push back."""
 
     pages: Pages
+    push_back: PushBack  # 429 on new needs while the pipeline lags past RELAIS_INTAKE_MAX_BACKLOG
 
 
 def bootstrap(settings: Settings | None = None, *, clock: Callable[[], datetime] = utcnow) -> IntakeRuntime:
@@ -32,7 +34,14 @@ def bootstrap(settings: Settings | None = None, *, clock: Callable[[], datetime]
     service.openapi_refiners.append(api.directory_ids(service))
     pages = web.pages_for(service)
     app = service.create_app(api.router, title="Relais intake", pages=[pages.sign_in_router(), web.router])
-    runtime = IntakeRuntime(service, app, pages)
+    push_back = PushBack(
+        lambda: service.bus.redis_client,
+        [service.settings.key(NEEDS), service.settings.key(REFERRALS)],  # routing, then the handoffs' queueing
+        service.db.outbox_backlog,
+        bound=service.settings.intake_max_backlog,
+        retry_after_s=service.settings.intake_retry_after_s,
+    )
+    runtime = IntakeRuntime(service, app, pages, push_back)
     app.state.runtime = runtime  # what deps.py gives the routes
     return runtime
 

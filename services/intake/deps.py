@@ -23,6 +23,14 @@ from shared.deps import (  # noqa: F401 - the routes and the tests take them fro
     read_session,
 )
 from shared.directory import User
+from shared.queues import PushBack
 
 FrontDeskUser = Annotated[User, Depends(caller("front_desk"))]
 ReaderUser = Annotated[User, Depends(caller("front_desk", "ops"))]
+
+
+def get_push_back(runtime: RuntimeDep) -> PushBack:
+    return runtime.push_back
+
+
+PushBackDep = Annotated[PushBack, Depends(get_push_back)]  # whether the pipeline lags too far for a new need

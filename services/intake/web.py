@@ -44,7 +44,7 @@ from services.intake.commands import (
     SendReceipt,
     WithdrawMessagesConsent,
 )
-from services.intake.deps import ClockDep, DatabaseDep, DirectoryDep, PagesDep, RuntimeDep
+from services.intake.deps import ClockDep, DatabaseDep, DirectoryDep, PagesDep, PushBackDep, RuntimeDep
 from services.intake.remote import PartUnavailable
 from services.intake.reports import CategoryFigures, LibraryReport, csv_response, library_report
 from services.intake.store import Need, NeedHistory
@@ -274,6 +274,7 @@ def form_page(
     key_reused: str | None = None,
     unavailable: bool = False,
     preview: dict[str, Any] | None = None,
+    busy: bool = False,
 ) -> Response:
     covered, others = category_groups(directory, desk_.library)
     return show(
@@ -292,6 +293,7 @@ def form_page(
         earlier=earlier,
         key_reused=key_reused,
         unavailable=unavailable,
+        busy=busy,
         default_postal_code=default_postal_code(desk_.library),
         max_summary=MAX_SUMMARY,
         consent_text=directory.consent_text(desk_.library.language),
@@ -387,7 +389,13 @@ async def new_need(
 
 @router.post("/nouvelle")
 async def record(
-    request: Request, pages: PagesDep, runtime: RuntimeDep, db: DatabaseDep, directory: DirectoryDep, clock: ClockDep
+    request: Request,
+    pages: PagesDep,
+    runtime: RuntimeDep,
+    db: DatabaseDep,
+    directory: DirectoryDep,
+    clock: ClockDep,
+    push_back: PushBackDep,
 ) -> Response:
     desk_ = desk(request, pages, directory)
     fields = await pages.form(request)
@@ -430,6 +438,12 @@ async def record(
     if values["same_person_as"]:
         loaded = await anyio.to_thread.run_sync(load, db, values["same_person_as"], desk_.library.id)
         earlier = loaded[0] if loaded else None
+    if (retry_after := await push_back.retry_after()) is not None:  # the pipeline lags: nothing recorded, try again
+        response = form_page(
+            request, pages, directory, desk_, values, status=429, suggestions=suggestions, earlier=earlier, busy=True
+        )
+        response.headers["Retry-After"] = str(retry_after)
+        return response
     try:
         body = validate_need(data, directory, library=desk_.library.id)
         cmd = record_command(body, desk_.user, values["idempotency_key"], current_correlation_id(), directory)

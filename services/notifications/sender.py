@@ -1,6 +1,13 @@
-"""The senders: one loop per channel takes the due deliveries (handlers.lease_due_deliveries: leased, so replicas
+"""The senders: one per channel takes the due deliveries (handlers.lease_due_deliveries: leased, so replicas
 never send one twice while it is in hand), sends them through providers/, and records each attempt with what came of
 it (handlers.record_send_outcomes, a few messages per transaction).
+
+A sender is three kinds of task on one queue each, so that talking to the provider and writing to the database never
+wait for each other: the leaser takes the due deliveries (a short write transaction) whenever fewer than `in_flight`
+messages are left to send; `in_flight` workers each send one message at a time (email: one reused SMTP connection
+each, RELAIS_SMTP_CONNECTIONS of them); the recorder writes the outcomes as they come, up to RECORD_EVERY per
+transaction. No transaction is open while a message is on the wire: the leased rows are what keeps replicas (and
+this sender's next lease) off a message in hand.
 
 The schedule lives in the database (`delivery.next_attempt_at`): a retry after backoff, a message held for
 quiet hours or for a contact's daily digest all wait there, so a restart forgets none of them.
@@ -29,7 +36,8 @@ log = logging.getLogger("relais.notifications.sender")
 class EmailChannel:
     def __init__(self, settings) -> None:
         self.settings = settings
-        self.pool = smtp.SmtpPool(smtp.SmtpTarget.from_url(settings.smtp_url))
+        self.in_flight = settings.smtp_connections
+        self.pool = smtp.SmtpPool(smtp.SmtpTarget.from_url(settings.smtp_url), size=self.in_flight)
 
     def message(self, batch: list[Delivery]):
         first = batch[0]
@@ -76,6 +84,8 @@ class EmailChannel:
 
 
 class SmsChannel:
+    in_flight = 1  # SMS as before: one request at a time to the provider
+
     def __init__(self, settings) -> None:
         self.provider = sms_provider(settings)
 
@@ -139,32 +149,63 @@ async def record(svc, sent: list[tuple[list[str], Outcome]]) -> None:
 
 async def send_forever(svc, wake: asyncio.Event, channel: str) -> None:
     out = EmailChannel(svc.settings) if channel == "email" else SmsChannel(svc.settings)
-    try:
+    to_send: asyncio.Queue[list[Delivery]] = asyncio.Queue()
+    outcomes: asyncio.Queue[tuple[list[str], Outcome]] = asyncio.Queue()
+    room = asyncio.Event()  # set when few messages are left to send: time to lease more
+    on_the_wire = 0
+
+    async def sending() -> None:
+        nonlocal on_the_wire
         while True:
-            wake.clear()
+            batch = await to_send.get()
+            if to_send.qsize() < out.in_flight:
+                room.set()
+            on_the_wire += 1
             try:
-                batches = await anyio.to_thread.run_sync(
-                    partial(handlers.lease_due_deliveries, svc.db, channel, now=svc.clock())
-                )
-                sent: list[tuple[list[str], Outcome]] = []
-                for batch in batches:
-                    sent.append(([d.id for d in batch], await send_one(svc, out, batch, channel)))
-                    if len(sent) == RECORD_EVERY:
-                        await record(svc, sent)
-                        sent = []
-                if sent:
-                    await record(svc, sent)
-            except Exception:  # noqa: BLE001 - the database may be away a moment; leases free what was taken
-                log.exception("%s sender: a round failed; trying again in a second", channel)
-                await asyncio.sleep(1)
-                continue
-            if batches:
+                outcome = await send_one(svc, out, batch, channel)
+            finally:
+                on_the_wire -= 1
+            outcomes.put_nowait(([d.id for d in batch], outcome))
+
+    async def recording() -> None:
+        while True:
+            sent = [await outcomes.get()]
+            # RECORD_EVERY outcomes per transaction, or fewer when no other message is in hand.
+            while len(sent) < RECORD_EVERY and (not outcomes.empty() or on_the_wire or not to_send.empty()):
+                sent.append(await outcomes.get())
+            try:
+                await record(svc, sent)
+            except Exception:  # noqa: BLE001 - their leases free them: sent again after handlers.LEASE
+                log.exception("%s sender: %d outcomes could not be recorded", channel, len(sent))
+            else:
                 svc.bus.relay.wake()
-                continue
-            try:
-                await asyncio.wait_for(wake.wait(), svc.settings.poll_ms / 1000)
-            except TimeoutError:
-                pass
+
+    try:
+        async with anyio.create_task_group() as tasks:
+            for _ in range(out.in_flight):
+                tasks.start_soon(sending)
+            tasks.start_soon(recording)
+            while True:
+                wake.clear()
+                room.clear()
+                try:
+                    batches = await anyio.to_thread.run_sync(
+                        partial(handlers.lease_due_deliveries, svc.db, channel, now=svc.clock())
+                    )
+                except Exception:  # noqa: BLE001 - the database may be away a moment; leases free what was taken
+                    log.exception("%s sender: could not take the due deliveries; trying again in a second", channel)
+                    await asyncio.sleep(1)
+                    continue
+                for batch in batches:
+                    to_send.put_nowait(batch)
+                if to_send.qsize() >= out.in_flight:
+                    await room.wait()  # the next lease when the workers are about to need it
+                if len(batches) >= handlers.BATCH:  # maybe more are due
+                    continue
+                try:
+                    await asyncio.wait_for(wake.wait(), svc.settings.poll_ms / 1000)
+                except TimeoutError:
+                    pass
     finally:
         with anyio.CancelScope(shield=True):
             await out.close()

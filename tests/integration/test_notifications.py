@@ -239,7 +239,8 @@ def stream_events(settings, stream: str) -> list[dict]:
 
 
 def test_emails_have_both_parts_reply_to_the_desk_a_message_id_and_share_one_connection(settings, sink, start_service):
-    notif = start_service("notifications", settings.model_copy(update={"smtp_url": sink.url}))
+    # One connection in the pool: the three messages share it (the next test has several in flight).
+    notif = start_service("notifications", settings.model_copy(update={"smtp_url": sink.url, "smtp_connections": 1}))
     need = recorded(notif, {"email": "personne@example.org", "preferred_channel": "email", "language": "en"})
     handoff = assigned(need.need_id)
     reminder = ReferralReminderDue(
@@ -344,6 +345,81 @@ def test_a_round_of_handoffs_is_sent_once_each_and_its_outcomes_recorded_a_few_m
     # and each round writes its outcomes sender.RECORD_EVERY (10) at a time: at most four transactions, not twelve.
     assert len({one[0].at for one in log}) <= 4
     assert len(sink.to("referent@caf.test.example")) == 12  # and no message twice
+
+
+class GatedSink(Sink):
+    """Holds each message in DATA until `gate` messages are in DATA at once (or a safety limit passed, which the
+    test then reports), and meanwhile takes the notifications database's write lock from another connection: a
+    sender that kept a write transaction open while talking SMTP would make that wait, and the gate never open."""
+
+    def __init__(self, gate: int, database: str | None) -> None:  # database: the SQLite file, None on PostgreSQL
+        super().__init__()
+        self.gate, self.database = gate, database
+        self.in_data = self.most_in_data = 0
+        self.opened: asyncio.Event | None = None
+        self.gate_forced = False
+        self.lock_waits: list[str] = []
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802, ANN001
+        if self.opened is None:
+            self.opened = asyncio.Event()
+        self.in_data += 1
+        self.most_in_data = max(self.most_in_data, self.in_data)
+        if self.database is not None:
+            await asyncio.to_thread(self._take_write_lock)
+        if self.in_data >= self.gate:
+            self.opened.set()
+        try:
+            await asyncio.wait_for(self.opened.wait(), 20)
+        except TimeoutError:
+            self.gate_forced = True
+            self.opened.set()
+        self.in_data -= 1
+        return await super().handle_DATA(server, session, envelope)
+
+    def _take_write_lock(self) -> None:
+        import sqlite3
+
+        assert self.database is not None
+        conn = sqlite3.connect(self.database, timeout=20, isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ROLLBACK")
+        except sqlite3.OperationalError as exc:
+            self.lock_waits.append(str(exc))
+        finally:
+            conn.close()
+
+
+def test_several_emails_are_in_flight_at_once_each_sent_once_and_recorded_outside_smtp(settings, start_service):
+    import sqlalchemy as sa
+
+    handoffs = [assigned(new_id()) for _ in range(12)]
+    publish(settings, *handoffs)  # before the service reads: one transaction queues the twelve, one lease takes them
+    url = settings.notifications_database_url or ""
+    sink = GatedSink(gate=4, database=sa.make_url(url).database if url.startswith("sqlite") else None)
+    sink.controller.start()
+    try:
+        four = settings.model_copy(update={"smtp_url": sink.url, "smtp_connections": 4})
+        notif = start_service("notifications", four)
+        assert wait_for(lambda: len(sink.to("referent@caf.test.example")) == 12, timeout=60)
+        assert wait_for(lambda: all(d.status == "sent" for d in deliveries(notif, kind="handoff")), timeout=30)
+    finally:
+        sink.controller.stop()
+    # Four messages were in DATA at once, on four connections, and none waited for the others to be recorded.
+    assert (sink.most_in_data, sink.gate_forced, sink.lock_waits) == (4, False, [])
+    assert len(sink.sessions) == 4
+    sent = deliveries(notif, kind="handoff")
+    assert sorted(str(d.referral_id) for d in sent) == sorted(h.referral_id for h in handoffs)
+    assert all([a.outcome for a in attempts(notif, d.id)] == ["sent"] for d in sent)
+    # Each message once: twelve Message-IDs, one per delivery.
+    ids = [m["message"]["Message-ID"] for m in sink.to("referent@caf.test.example")]
+    assert sorted(ids) == sorted(f"<{d.id}@localhost>" for d in sent)
+
+    def delivery_sent() -> list[dict]:
+        return [e for e in stream_events(settings, "deliveries") if e["type"] == "delivery.sent"]
+
+    assert len(wait_for(lambda: len(delivery_sent()) == 12 and delivery_sent())) == 12  # one event each
 
 
 # --- SMS -----------------------------------------------------------------------------------------------
