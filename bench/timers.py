@@ -30,7 +30,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -46,7 +46,11 @@ SPAN_HOURS = 80.0  # referrals recorded over the last 80 h: some reminded, escal
 TIMERS = (("reminder", 1, 24.0), ("reminder", 2, 48.0), ("escalation", 0, 60.0), ("breach", 0, 72.0))  # test SLA
 QUIET_HOURS = 2.0  # no bulk timer falls due within this long after the load starts
 # (partner, its contact, category, share): the test directory's partners (shared.testing.directory_data)
-PARTNERS = (("caf-76", "caf-ref", "caf", 0.5), ("caf-national", "cafn-ref", "caf", 0.2), ("cpam-76", "cpam-ref", "sante", 0.3))
+PARTNERS = (
+    ("caf-76", "caf-ref", "caf", 0.5),
+    ("caf-national", "cafn-ref", "caf", 0.2),
+    ("cpam-76", "cpam-ref", "sante", 0.3),
+)
 LIBRARIES = (("chatelet", "76000", "CHA", 0.6), ("bihorel", "76420", "BIH", 0.4))
 STATUSES = (("assigned", 0.6), ("accepted", 0.3), ("responded", 0.1))  # all open
 FIRST_NAMES = ("Camille", "Dominique", "Alex", "Sacha", "Claude", "Lou", "Yanis", "Nadia", "Jean", "Inès")
@@ -68,6 +72,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--database", default="relais_timers_bench", help="the database made (and dropped) for the run")
     p.add_argument("--keep", action="store_true", help="keep the database and the work directory")
+    p.add_argument(
+        "--reuse-database",
+        action="store_true",
+        help="keep the referrals a previous run loaded (with --keep): migrate it, replace only the window's referrals",
+    )
     p.add_argument("--seed", type=int, default=15)
     args = p.parse_args(argv)
     if args.referrals < 1 or not 0 < args.due <= args.referrals or args.window <= 0 or args.idle <= 0:
@@ -227,6 +236,25 @@ def load_window(db: str, first: int, k: int, window_start: float, window: float,
         conn.execute("ANALYZE clock_timer")
 
 
+def forget_window(db: str) -> str:
+    """Remove a previous run's window referrals and events; say what the reused database holds."""
+    with psycopg.connect(db) as conn:
+        conn.execute(
+            "DELETE FROM referral_history WHERE referral_id IN (SELECT id FROM referral WHERE need_id LIKE 'w%')"
+        )
+        for table in ("clock_timer", "referral", "need_case"):
+            conn.execute(f"DELETE FROM {table} WHERE need_id LIKE 'w%'")
+        conn.execute("DELETE FROM outbox")
+        referrals = conn.execute("SELECT count(*) FROM referral").fetchone()
+        soon = conn.execute(
+            "SELECT count(*) FROM clock_timer WHERE fired_at IS NULL AND due_at < now() + interval '15 minutes'"
+        ).fetchone()
+        conn.commit()
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute("VACUUM ANALYZE")
+    return f"{referrals[0] if referrals else 0:,} referrals; {soon[0] if soon else 0:,} bulk timers due in 15 min"
+
+
 def lateness(db: str) -> tuple[list[float], list[float], int]:
     """(fired_at - due_at, published_at - due_at) of the window's timers, and how many of them are unfired."""
     with psycopg.connect(db) as conn:
@@ -378,11 +406,18 @@ def measure_pages(base: str, pages: list, requests: int, cap: float = 90.0) -> l
             client.cookies.update(cookies)
             times: list[float] = []
             problem = ""
+            first: float | None = None
             started = time.monotonic()
             for n in range(requests + 2):  # two warm-ups, not counted
                 t0 = time.perf_counter()
-                response = client.get(path, headers=headers)
+                try:
+                    response = client.get(path, headers=headers)
+                except httpx.TimeoutException:
+                    problem = f"no answer in {client.timeout.read:.0f} s"
+                    break
                 elapsed = time.perf_counter() - t0
+                if n == 0:
+                    first = elapsed
                 if response.status_code != 200:
                     problem = f"HTTP {response.status_code}"
                     break
@@ -392,47 +427,79 @@ def measure_pages(base: str, pages: list, requests: int, cap: float = 90.0) -> l
                     problem = f"stopped after {cap:.0f} s"
                     break
             results.append((label, times, problem))
-            print(f"  {label:<38} {spread_s(times)} {problem}", flush=True)
+            cold = f"  first {first * 1000:.0f} ms" if first is not None else ""
+            print(f"  {label:<38} {spread_s(times)}{cold} {problem}", flush=True)
     return results
 
 
-def cpu_share(pid: int, seconds: float) -> tuple[float, float | None]:
-    """(the process's CPU seconds, the whole machine's busy share) over the next `seconds`."""
+def backends(db: str) -> list[int]:
+    """The PostgreSQL server processes connected to the bench's database (the service's pool), but this one."""
+    with psycopg.connect(db) as conn:
+        rows = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchall()
+    return [r[0] for r in rows]
+
+
+@dataclass
+class Cpu:
+    service: float  # CPU seconds of the referral process
+    database: float  # of the PostgreSQL backends serving it
+    machine: float | None  # the whole machine's busy share
+
+    def line(self, seconds: float) -> str:
+        busy = f"; the machine was {self.machine:.0%} busy" if self.machine is not None else ""
+        return (
+            f"referral {self.service:.2f} CPU s = {self.service / seconds:.1%} of a core, its PostgreSQL backends"
+            f" {self.database:.2f} CPU s = {self.database / seconds:.1%}{busy}"
+        )
+
+
+def cpu_share(pid: int, db: str, seconds: float) -> Cpu:
+    """The CPU the service and its database backends used over the next `seconds`."""
+    pg = backends(db)
     before, machine_before = cpu_seconds(pid), machine_cpu()
+    pg_before = {p: cpu_seconds(p) for p in pg}
     time.sleep(seconds)
     after, machine_after = cpu_seconds(pid), machine_cpu()
+    pg_used = sum((cpu_seconds(p) or b or 0.0) - (b or 0.0) for p, b in pg_before.items())
     busy = None
     if machine_before and machine_after:
         busy = (machine_after[0] - machine_before[0]) / (machine_after[1] - machine_before[1])
-    return (after or 0.0) - (before or 0.0), busy
+    return Cpu((after or 0.0) - (before or 0.0), pg_used, busy)
 
 
 def run(args: argparse.Namespace, procs: Processes, workdir: Path) -> int:
     admin = conninfo(args.postgres)
     db = conninfo(args.postgres, args.database)
-    print(f"Timers at scale, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, load average " + " ".join(
-        f"{x:.2f}" for x in os.getloadavg()
-    ))
+    print(
+        f"Timers at scale, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, load average "
+        + " ".join(f"{x:.2f}" for x in os.getloadavg())
+    )
     print(f"  database {args.database} on {admin.rsplit('/', 1)[0].split('@')[-1]}, work dir {workdir}")
     with psycopg.connect(admin) as conn:
         print(f"  PostgreSQL {conn.info.server_version // 10000}.{conn.info.server_version % 10000}")
-    recreate_database(admin, args.database)
+    if not args.reuse_database:
+        recreate_database(admin, args.database)
     redis_url = os.environ.get("RELAIS_REDIS_URL") or start_redis(procs, workdir / "redis")
     service = Referral(procs, workdir, redis_url, "postgresql+psycopg://" + db.split("://", 1)[1])
     t0 = time.monotonic()
     service.migrate()
     print(f"  migrations: {time.monotonic() - t0:.1f} s", flush=True)
-    t0 = time.monotonic()
     bulk = args.referrals - args.due
-    counts = bulk_load(db, bulk, args.seed)
-    load_seconds = time.monotonic() - t0
-    rows = sum(counts.values())
-    print(
-        f"  bulk load (COPY, one transaction, then ANALYZE): {bulk:,} referrals, "
-        + ", ".join(f"{n:,} {t}" for t, n in counts.items())
-        + f": {load_seconds:.0f} s ({rows / load_seconds:,.0f} rows/s)",
-        flush=True,
-    )
+    if args.reuse_database:
+        print(f"  reusing the referrals loaded before: {forget_window(db)}", flush=True)
+    else:
+        t0 = time.monotonic()
+        counts = bulk_load(db, bulk, args.seed)
+        load_seconds = time.monotonic() - t0
+        rows = sum(counts.values())
+        print(
+            f"  bulk load (COPY, one transaction, then ANALYZE): {bulk:,} referrals, "
+            + ", ".join(f"{n:,} {t}" for t, n in counts.items())
+            + f": {load_seconds:.0f} s ({rows / load_seconds:,.0f} rows/s)",
+            flush=True,
+        )
     window_start = time.time() + 30 + args.idle + 15  # start, settle, the idle window, a margin
     load_window(db, bulk, args.due, window_start, args.window, args.seed)
     print(f"  + {args.due:,} referrals whose first reminder falls due over {args.window:.0f} s", flush=True)
@@ -442,19 +509,14 @@ def run(args: argparse.Namespace, procs: Processes, workdir: Path) -> int:
     time.sleep(5)  # start-up work (first queries, the relay's first poll) out of the idle window
     if time.time() + args.idle > window_start:
         print("  (the start took long: the idle window overlaps the firing window)")
-    idle_cpu, idle_busy = cpu_share(pid, args.idle)
-    busy = f"; the machine was {idle_busy:.0%} busy" if idle_busy is not None else ""
-    print(
-        f"\nidle (no timer due), {args.idle:.0f} s: referral used {idle_cpu:.2f} CPU s = "
-        f"{idle_cpu / args.idle:.1%} of a core{busy}",
-        flush=True,
-    )
+    idle = cpu_share(pid, db, args.idle)
+    print(f"\nidle (no timer due), {args.idle:.0f} s: {idle.line(args.idle)}", flush=True)
     time.sleep(max(0.0, window_start - time.time()))
-    fire_cpu, fire_busy = cpu_share(pid, args.window + 5)
+    firing = cpu_share(pid, db, args.window + 5)
     fired, published, unfired = lateness(db)
     print(
         f"firing window, {args.window:.0f} s (+5 s): {len(fired):,} of {args.due:,} timers fired, {unfired:,} not;"
-        f" referral used {fire_cpu:.1f} CPU s = {fire_cpu / (args.window + 5):.0%} of a core"
+        f" {firing.line(args.window + 5)}"
     )
     print(f"  lateness due -> fired_at (the row)        {spread_s(fired)}")
     print(f"  lateness due -> event published (outbox)  {spread_s(published)}")
@@ -462,8 +524,7 @@ def run(args: argparse.Namespace, procs: Processes, workdir: Path) -> int:
     ops = asyncio.run(service.page_cookie("ops"))
     caf = asyncio.run(service.page_cookie("op-caf"))
     results = measure_pages(service.url, pages_to_measure(ops, caf), args.requests)
-    idle_cpu2, _ = cpu_share(pid, 10)
-    print(f"\nidle again, 10 s: referral used {idle_cpu2:.2f} CPU s = {idle_cpu2 / 10:.1%} of a core")
+    print(f"\nidle again, 10 s: {cpu_share(pid, db, 10).line(10)}")
     if dead := procs.dead():
         print(f"bench: {dead[0][0]} died (exit {dead[0][1]}); see {dead[0][2]}", file=sys.stderr)
         return 1

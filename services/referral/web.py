@@ -30,7 +30,7 @@ from shared.directory import Directory, User
 from shared.pages import DAYS_FR, Pages, page_links, page_number
 from shared.people import ERASED, record_access
 from shared.retention import ANONYMISED
-from shared.search import MAX_QUERY
+from shared.search import MAX_QUERY, query_terms
 from shared.service import Service
 from shared.signin import TokenExpired, TokenInvalid, read_referral_token
 
@@ -410,7 +410,8 @@ async def inbox(
             counts = views.inbox_counts(
                 session, partner_id=partner_id, q=q, library_id=library_id, only_open_cases=only_open_cases
             )
-            return found, counts, views.count_to_treat(session, partner_id)
+            unfiltered = not query_terms(q) and not library_id  # then the tab's count is the number to treat
+            return found, counts, counts.get("assigned", 0) if unfiltered else views.count_to_treat(session, partner_id)
 
     found, counts, to_treat = await anyio.to_thread.run_sync(rows)
     filter_status = status
