@@ -78,6 +78,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="keep the referrals a previous run loaded (with --keep): migrate it, replace only the window's referrals",
     )
     p.add_argument("--seed", type=int, default=15)
+    p.add_argument("--no-pages", action="store_true", help="measure the clock only, not the pages")
     args = p.parse_args(argv)
     if args.referrals < 1 or not 0 < args.due <= args.referrals or args.window <= 0 or args.idle <= 0:
         p.error("--referrals, --due, --window and --idle must be positive, and --due at most --referrals")
@@ -520,10 +521,12 @@ def run(args: argparse.Namespace, procs: Processes, workdir: Path) -> int:
     )
     print(f"  lateness due -> fired_at (the row)        {spread_s(fired)}")
     print(f"  lateness due -> event published (outbox)  {spread_s(published)}")
-    print(f"\npages, {args.requests} requests each after 2 warm-ups, one at a time:", flush=True)
-    ops = asyncio.run(service.page_cookie("ops"))
-    caf = asyncio.run(service.page_cookie("op-caf"))
-    results = measure_pages(service.url, pages_to_measure(ops, caf), args.requests)
+    results = []
+    if not args.no_pages:
+        print(f"\npages, {args.requests} requests each after 2 warm-ups, one at a time:", flush=True)
+        ops = asyncio.run(service.page_cookie("ops"))
+        caf = asyncio.run(service.page_cookie("op-caf"))
+        results = measure_pages(service.url, pages_to_measure(ops, caf), args.requests)
     print(f"\nidle again, 10 s: {cpu_share(pid, db, 10).line(10)}")
     if dead := procs.dead():
         print(f"bench: {dead[0][0]} died (exit {dead[0][1]}); see {dead[0][2]}", file=sys.stderr)

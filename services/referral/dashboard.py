@@ -502,27 +502,28 @@ def local_figures(svc: Runtime, now: datetime) -> tuple[dict, int]:
 
 class FiguresReuse:
     """The database figures of a dashboard whose 30-day window holds REUSE_FROM referrals or more (they then take
-    seconds to compute): the last ones are shown, with their time, for REUSE_FOR, and once older (up to
-    REUSE_STALE) while fresh ones are computed in the background, one computation at a time. Smaller deployments
-    (and the tests) compute them on every request, as before. An ops action from the dashboard forgets them."""
+    seconds to compute): the last ones are shown, with their time, while younger than REUSE_FOR or ten times what
+    computing them took (so refreshing costs at most a tenth of a core, however many watch), and, older, up to
+    REUSE_STALE more while fresh ones are computed in the background, one computation at a time. Smaller
+    deployments (and the tests) compute them on every request, as before. An ops action from the dashboard forgets
+    them, so the page it lands on shows it."""
 
     def __init__(self) -> None:
-        self.last: tuple[float, datetime, dict] | None = None  # (monotonic when computed, `now` of them, figures)
+        self.last: tuple[float, float, datetime, dict] | None = None  # (monotonic when, fresh for (s), now, figures)
         self.refresh: asyncio.Task | None = None
 
     def forget(self) -> None:
         self.last = None
 
     async def figures(self, svc: Runtime, now: datetime) -> tuple[datetime, dict]:
-        last = self.last
-        if last is not None:
-            age = monotonic.monotonic() - last[0]
-            if age < REUSE_FOR.total_seconds():
-                return last[1], last[2]
-            if age < REUSE_STALE.total_seconds():
+        if (last := self.last) is not None:
+            started, fresh_for, computed_at, figures = last
+            age = monotonic.monotonic() - started
+            if age >= fresh_for and age < fresh_for + REUSE_STALE.total_seconds():
                 if self.refresh is None or self.refresh.done():
                     self.refresh = asyncio.create_task(self.compute_behind(svc, now))
-                return last[1], last[2]
+            if age < fresh_for + REUSE_STALE.total_seconds():
+                return computed_at, figures
         return await self.compute(svc, now)
 
     async def compute_behind(self, svc: Runtime, now: datetime) -> None:
@@ -534,7 +535,11 @@ class FiguresReuse:
     async def compute(self, svc: Runtime, now: datetime) -> tuple[datetime, dict]:
         started = monotonic.monotonic()
         figures, window_size = await anyio.to_thread.run_sync(local_figures, svc, now)
-        self.last = (started, now, figures) if window_size >= REUSE_FROM else None
+        took = monotonic.monotonic() - started
+        fresh_for = max(REUSE_FOR.total_seconds(), 10 * took)
+        self.last = (started, fresh_for, now, figures) if window_size >= REUSE_FROM else None
+        if self.last is not None:
+            log.info("dashboard figures computed in %.1f s; reused for %.0f s", took, fresh_for)
         return now, figures
 
 
