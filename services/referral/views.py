@@ -172,24 +172,40 @@ def inbox_scope(query: Any, *, partner_id: str | None, library_id: str, q: str, 
     return query
 
 
+# The inbox counts up to this many referrals in each status and says "10 000+" beyond: an exact count of a million rows
+# costs more than the page (docs/benchmarks.md, "Timers at scale").
+COUNT_CAP = 10_000
+
+
 def inbox_counts(
-    session: Session, *, partner_id: str | None, q: str = "", library_id: str = "", only_open_cases: bool = False
+    session: Session,
+    *,
+    partner_id: str | None,
+    statuses: tuple[str, ...],
+    q: str = "",
+    library_id: str = "",
+    only_open_cases: bool = False,
 ) -> dict[str, int]:
-    """Status -> how many referrals the inbox holds in it, with the inbox's other filters (its tabs' counts). The
-    needs are joined only for a search: every referral has its need, and the count then reads an index alone."""
-    query = select(Referral.status, sa.func.count()).select_from(Referral)
-    if query_terms(q):
-        query = query.join(NeedCase, col(NeedCase.need_id) == Referral.need_id)
-    query = inbox_scope(query, partner_id=partner_id, library_id=library_id, q=q, only_open_cases=only_open_cases)
-    return dict(session.exec(query.group_by(Referral.status)).all())
+    """Status -> how many referrals the inbox holds in it (COUNT_CAP + 1: more than COUNT_CAP), with the inbox's
+    other filters (its tabs' counts). Each status is counted off an index, up to the cap; the needs are joined only
+    for a search (every referral has its need)."""
+    counts = {}
+    for status in statuses:
+        query = select(Referral.id).where(Referral.status == status)
+        if query_terms(q):
+            query = query.join(NeedCase, col(NeedCase.need_id) == Referral.need_id)
+        query = inbox_scope(query, partner_id=partner_id, library_id=library_id, q=q, only_open_cases=only_open_cases)
+        counts[status] = session.exec(select(sa.func.count()).select_from(query.limit(COUNT_CAP + 1).subquery())).one()
+    return counts
 
 
 def count_to_treat(session: Session, partner_id: str | None) -> int:
-    """Referrals waiting for their partner's first move (assigned): a partner's own, or every partner's."""
-    query = select(sa.func.count()).select_from(Referral).where(Referral.status == "assigned")
+    """Referrals waiting for their partner's first move (assigned): a partner's own, or every partner's; up to
+    COUNT_CAP + 1 (more than COUNT_CAP)."""
+    query = select(Referral.id).where(Referral.status == "assigned")
     if partner_id:
         query = query.where(Referral.partner_id == partner_id)
-    return session.exec(query).one()
+    return session.exec(select(sa.func.count()).select_from(query.limit(COUNT_CAP + 1).subquery())).one()
 
 
 def need_and_open_referral(session: Session, need_id: str) -> tuple[NeedCase | None, Referral | None]:
