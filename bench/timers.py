@@ -552,6 +552,7 @@ def main(argv: list[str]) -> int:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        procs.stop(["referral"])  # before its Redis, or it logs the lost connection as an error
         procs.stop()
         if not args.keep:
             try:
