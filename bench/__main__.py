@@ -490,6 +490,11 @@ def run_pipelines(
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["timers"]:  # the need's clock at scale, on PostgreSQL: its own scenario (bench/timers.py)
+        from bench import timers
+
+        return timers.main(argv[1:])
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up like Ctrl-C
     workdir = Path(tempfile.mkdtemp(prefix="relais-bench-"))

@@ -491,7 +491,7 @@ dashboard_router = APIRouter(tags=["ops"])
 @dashboard_router.get("/dashboard", response_model=Dashboard)
 async def dashboard(user: OpsUser, runtime: RuntimeDep) -> Dashboard:
     """Every figure of the ops dashboard (the page /tableau-de-bord shows the same)."""
-    return await build_dashboard(runtime, runtime.queue_watch)
+    return await build_dashboard(runtime, runtime.queue_watch, runtime.figures_reuse)
 
 
 dashboard_router.include_router(incidents_api.router)  # the register of confidentiality incidents

@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from prometheus_client import Histogram
 
 from services.referral import api, consumers, dashboard_pages, metrics, web
-from services.referral.dashboard import QueueWatch
+from services.referral.dashboard import FiguresReuse, QueueWatch
 from services.referral.store import PURGE_RULES, TABLES
 from shared.events import utcnow
 from shared.pages import Pages
@@ -29,6 +29,7 @@ class ReferralRuntime(ServiceRuntime):
     clock_wake: asyncio.Event  # set when a need got timers: the clock looks again before its next poll
     timer_lag: Histogram
     queue_watch: QueueWatch  # recent queue reports, for "pending growing"
+    figures_reuse: FiguresReuse  # the dashboard's last database figures, when they are slow to compute
     pages: Pages
 
 
@@ -50,7 +51,7 @@ def bootstrap(settings: Settings | None = None, *, clock: Callable[[], datetime]
         title="Relais referral",
         pages=[pages.sign_in_router(), dashboard_pages.router, web.router],
     )
-    runtime = ReferralRuntime(service, app, clock_wake, timer_lag, queue_watch, pages)
+    runtime = ReferralRuntime(service, app, clock_wake, timer_lag, queue_watch, FiguresReuse(), pages)
     app.state.runtime = runtime  # what deps.py gives the routes
     return runtime
 

@@ -27,7 +27,9 @@ from shared.events import (
 from shared.service import Service
 
 log = logging.getLogger("relais.referral.clock")
-CLOCK_POLL = timedelta(milliseconds=500)  # timers set by another replica are seen within this
+# The clock sleeps until its next timer is due, and is woken at once when this process sets new timers; only a timer
+# another replica set (hours ahead: a reminder at the earliest, which that replica's own clock fires) waits for this.
+CLOCK_POLL = timedelta(seconds=5)
 
 
 def timer_lag_histogram(registry: CollectorRegistry) -> Histogram:

@@ -12,6 +12,7 @@ in remote.py, the Prometheus gauges in metrics.py.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time as monotonic
 from collections import Counter, defaultdict
@@ -38,6 +39,7 @@ if TYPE_CHECKING:  # deps imports this module
     from services.referral.deps import Runtime
     from shared.service import Service  # metrics.py's
 
+log = logging.getLogger("relais.referral.dashboard")
 # the template's variables are the module's attributes, unknown to mypy
 LABELS: Any = environment(Path(__file__).with_name("templates")).get_template("_decline_reasons.html").module
 SLA_STATES = ("on_track", "at_risk", "met", "breached")
@@ -54,6 +56,9 @@ OVERDUE_TIMER = timedelta(seconds=60)  # a timer still unfired this long after i
 ANSWER_BUCKETS = ((0, 1), (1, 4), (4, 12), (12, 24), (24, 48), (48, 72), (72, None))  # hours
 BASELINE_AGE = 60.0  # seconds: pending counts are compared with a snapshot at least this old
 LIST_LIMIT = 50
+REUSE_FROM = 5_000  # referrals in the 30-day window: from there the figures are reused (FiguresReuse)
+REUSE_FOR = timedelta(seconds=60)
+REUSE_STALE = timedelta(minutes=10)
 
 
 # --- the shape of the answer ----------------------------------------------------------------------
@@ -318,15 +323,13 @@ def start_of_day(now: datetime, timezone: str) -> datetime:
     return datetime.combine(now.astimezone(zone).date(), time(0), zone)
 
 
-def deadlines(
-    session: Session, directory: Directory, now: datetime, alerts: list[tuple[Referral, str, datetime]]
-) -> Deadlines:
+def deadlines(session: Session, directory: Directory, now: datetime) -> Deadlines:
     by_sla = views.open_by_sla(session)
     open_by_sla = {state: by_sla.get(state, 0) for state in SLA_STATES}
     due = views.due_soon(session, now, now + DUE_SOON, LIST_LIMIT)
     breaches, count = views.breaches_since(session, now - WINDOW, LIST_LIMIT)
     midnight = start_of_day(now, directory.timezone)
-    today = [(r, kind, at) for r, kind, at in alerts if at >= midnight][:LIST_LIMIT]
+    today = views.alerts_since(session, midnight, ALERTS, LIST_LIMIT)
     references = views.references(
         session, list({r.need_id for r in due} | {r.need_id for r, _ in breaches} | {r.need_id for r, _, _ in today})
     )
@@ -340,12 +343,12 @@ def deadlines(
     )
 
 
-def partners(
-    session: Session, directory: Directory, now: datetime, alerts: list[tuple[Referral, str, datetime]]
-) -> tuple[list[PartnerFigures], list[float]]:
-    """Each partner's figures, and every first-answer time of the window (for the distribution chart)."""
+def partners(session: Session, directory: Directory, now: datetime) -> tuple[list[PartnerFigures], list[float], int]:
+    """Each partner's figures, every first-answer time of the window (for the distribution chart), and how many
+    referrals the window holds."""
     since = now - WINDOW
-    return partner_figures(
+    recent = views.referrals_created_since(session, since)
+    figures, times = partner_figures(
         directory.partners,
         now,
         open_counts=views.open_referral_counts(session),
@@ -353,10 +356,11 @@ def partners(
         waiting=views.waiting_by_partner(session),
         last_action=views.last_action_by_partner(session, PARTNER_ACTIONS),
         answered_at=views.first_actions(session, since, ANSWERS),
-        recent=views.referrals_created_since(session, since),
+        recent=recent,
         declines=views.declines_since(session, since),
-        alerts=[(r.partner_id, r.id, at) for r, _, at in alerts],
+        alerts=views.partner_alerts_since(session, now - SILENT_WINDOW, ALERTS),
     )
+    return figures, times, len(recent)
 
 
 def partner_figures(
@@ -368,7 +372,7 @@ def partner_figures(
     waiting: dict[str, tuple[int, datetime]],
     last_action: dict[str, datetime],
     answered_at: dict[str, datetime],
-    recent: list[Referral],
+    recent: list[views.CreatedReferral],
     declines: list[tuple[str, str | None]],
     alerts: list[tuple[str, str, datetime]],
 ) -> tuple[list[PartnerFigures], list[float]]:
@@ -477,23 +481,66 @@ def recent_actions(session: Session, limit: int = 10) -> list[RecentAction]:
     ]
 
 
-def local_figures(svc: Runtime, now: datetime) -> dict:
+def local_figures(svc: Runtime, now: datetime) -> tuple[dict, int]:
+    """The figures read from referral's database, and how many referrals of the window they went through."""
     directory = svc.directory
     with svc.db.read() as session:
-        alerts = views.alerts_since(session, now - SILENT_WINDOW, ALERTS)
-        partner_figures_, answer_times = partners(session, directory, now, alerts)
+        partner_figures_, answer_times, window_size = partners(session, directory, now)
         all_declines: Counter = Counter()
         for p in partner_figures_:
             all_declines.update({r.code: r.count for r in p.decline_reasons})
         return dict(
             declines_by_reason=decline_reasons(all_declines),
             stranded=stranded(session, directory),
-            deadlines=deadlines(session, directory, now, alerts),
+            deadlines=deadlines(session, directory, now),
             partners=partner_figures_,
             clock=clock(session, now),
             charts=charts(session, now, answer_times),
             recent_actions=recent_actions(session),
-        )
+        ), window_size
+
+
+class FiguresReuse:
+    """The database figures of a dashboard whose 30-day window holds REUSE_FROM referrals or more (they then take
+    seconds to compute): the last ones are shown, with their time, while younger than REUSE_FOR or ten times what
+    computing them took (so refreshing costs at most a tenth of a core, however many watch), and, older, up to
+    REUSE_STALE more while fresh ones are computed in the background, one computation at a time. Smaller
+    deployments (and the tests) compute them on every request, as before. An ops action from the dashboard forgets
+    them, so the page it lands on shows it."""
+
+    def __init__(self) -> None:
+        self.last: tuple[float, float, datetime, dict] | None = None  # (monotonic when, fresh for (s), now, figures)
+        self.refresh: asyncio.Task | None = None
+
+    def forget(self) -> None:
+        self.last = None
+
+    async def figures(self, svc: Runtime, now: datetime) -> tuple[datetime, dict]:
+        if (last := self.last) is not None:
+            started, fresh_for, computed_at, figures = last
+            age = monotonic.monotonic() - started
+            if age >= fresh_for and age < fresh_for + REUSE_STALE.total_seconds():
+                if self.refresh is None or self.refresh.done():
+                    self.refresh = asyncio.create_task(self.compute_behind(svc, now))
+            if age < fresh_for + REUSE_STALE.total_seconds():
+                return computed_at, figures
+        return await self.compute(svc, now)
+
+    async def compute_behind(self, svc: Runtime, now: datetime) -> None:
+        try:
+            await self.compute(svc, now)
+        except Exception:  # noqa: BLE001 - the last figures stay; the next request tries again
+            log.exception("computing the dashboard's figures failed")
+
+    async def compute(self, svc: Runtime, now: datetime) -> tuple[datetime, dict]:
+        started = monotonic.monotonic()
+        figures, window_size = await anyio.to_thread.run_sync(local_figures, svc, now)
+        took = monotonic.monotonic() - started
+        fresh_for = max(REUSE_FOR.total_seconds(), 10 * took)
+        self.last = (started, fresh_for, now, figures) if window_size >= REUSE_FROM else None
+        if self.last is not None:
+            log.info("dashboard figures computed in %.1f s; reused for %.0f s", took, fresh_for)
+        return now, figures
 
 
 # --- queues ---------------------------------------------------------------------------------------
@@ -562,16 +609,16 @@ async def queues(svc: Runtime, watch: QueueWatch) -> Queues:
 # --- all of it --------------------------------------------------------------------------------------
 
 
-async def build_dashboard(svc: Runtime, watch: QueueWatch) -> Dashboard:
+async def build_dashboard(svc: Runtime, watch: QueueWatch, reuse: FiguresReuse) -> Dashboard:
     now = svc.clock()
-    local, queue_part, deliveries, monthly = await asyncio.gather(
-        anyio.to_thread.run_sync(local_figures, svc, now),
+    (computed_at, local), queue_part, deliveries, monthly = await asyncio.gather(
+        reuse.figures(svc, now),
         queues(svc, watch),
         remote.remote_json(svc, "notifications", "/deliveries/stats"),
         remote.reports(svc, now),
     )
     return Dashboard(
-        generated_at=now,
+        generated_at=computed_at,  # when the database figures were computed (FiguresReuse: maybe a minute ago)
         timezone=svc.directory.timezone,
         queues=queue_part,
         deliveries=deliveries,

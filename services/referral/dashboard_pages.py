@@ -185,7 +185,7 @@ def action_targets(d: Dashboard, directory: Directory, references: dict[str, str
 
 
 async def figures(runtime: Runtime) -> dict:
-    data = await build_dashboard(runtime, runtime.queue_watch)
+    data = await build_dashboard(runtime, runtime.queue_watch, runtime.figures_reuse)
     directory = runtime.directory
     need_ids = [a.target.partition(":")[0] for a in data.recent_actions if a.action in ("assign", "cancel_need")]
 
@@ -553,6 +553,7 @@ async def perform(
         return await again(422, errors)
     try:
         done = await handle(command_of(action, fields, subject, until, user.id), deps)
+        runtime.figures_reuse.forget()  # the page the action lands on shows it
     except NotFound:  # gone since the confirmation page was shown
         raise pages.error(request, 404, "not_found") from None
     except domain.TransitionRefused:

@@ -11,7 +11,7 @@ from typing import Annotated, Protocol
 
 from fastapi import Depends
 
-from services.referral.dashboard import QueueWatch
+from services.referral.dashboard import FiguresReuse, QueueWatch
 from services.referral.handlers import Deps
 from shared.db import Database
 from shared.deps import (  # noqa: F401 - the routes and the tests take them from here
@@ -64,6 +64,9 @@ class Runtime(Protocol):
 
     @property
     def queue_watch(self) -> QueueWatch: ...
+
+    @property
+    def figures_reuse(self) -> FiguresReuse: ...
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]

@@ -54,14 +54,23 @@ class NeedCase(SQLModel, table=True):
 
 class Referral(SQLModel, table=True):
     __tablename__ = "referral"
+    # The list's filters, newest first (keyset pages), and the inbox's order (first answer awaited, then deadline),
+    # each with the partner first for a partner's own: a page is read off an index, not sorted out of a million rows.
+    __table_args__ = (
+        sa.Index("ix_referral_partner_created", "partner_id", "created_at", "id"),
+        sa.Index("ix_referral_status_created", "status", "created_at", "id"),
+        sa.Index("ix_referral_sla_created", "sla", "created_at", "id"),
+        sa.Index("ix_referral_inbox", "status", "respond_by", "created_at", "id"),
+        sa.Index("ix_referral_partner_inbox", "partner_id", "status", "respond_by", "created_at", "id"),
+    )
     id: str = Field(primary_key=True, max_length=32)
     need_id: str = Field(index=True, foreign_key="need_case.need_id", max_length=32)
-    partner_id: str = Field(index=True, max_length=64)
+    partner_id: str = Field(max_length=64)
     contact_id: str = Field(max_length=64)
     library_id: str = Field(max_length=64)
     category: str = Field(max_length=64)
-    status: str = Field(default="assigned", index=True, max_length=16)
-    sla: str = Field(default="on_track", index=True, max_length=16)
+    status: str = Field(default="assigned", max_length=16)
+    sla: str = Field(default="on_track", max_length=16)
     respond_by: datetime = Field(sa_type=UTCDateTime, index=True)
     routed_because: str
     created_at: datetime = Field(sa_type=UTCDateTime, index=True)
@@ -71,6 +80,7 @@ class Referral(SQLModel, table=True):
 
 class ReferralHistory(SQLModel, table=True):
     __tablename__ = "referral_history"
+    __table_args__ = (sa.Index("ix_referral_history_action_at", "action", "at"),)  # the clock's alerts, declines since
     id: int | None = Field(default=None, primary_key=True)
     referral_id: str = Field(index=True, foreign_key="referral.id", max_length=32)
     at: datetime = Field(sa_type=UTCDateTime)
@@ -83,12 +93,22 @@ class ClockTimer(SQLModel, table=True):
     """A durable timer of a need's clock; fired (or found moot) once, in the transaction that emits its event."""
 
     __tablename__ = "clock_timer"
-    __table_args__ = (sa.UniqueConstraint("need_id", "kind", "number", name="one_timer_per_step"),)
+    __table_args__ = (
+        sa.UniqueConstraint("need_id", "kind", "number", name="one_timer_per_step"),
+        # The clock's only reads: the unfired timers by due time. Fired ones (nearly all rows, in time) are not in it.
+        sa.Index(
+            "ix_clock_timer_unfired_due",
+            "due_at",
+            "id",
+            postgresql_where=sa.text("fired_at IS NULL"),
+            sqlite_where=sa.text("fired_at IS NULL"),
+        ),
+    )
     id: int | None = Field(default=None, primary_key=True)
     need_id: str = Field(foreign_key="need_case.need_id", max_length=32)
     kind: str = Field(max_length=16)
     number: int = 0
-    due_at: datetime = Field(sa_type=UTCDateTime, index=True)
+    due_at: datetime = Field(sa_type=UTCDateTime)
     fired_at: datetime | None = Field(default=None, sa_type=UTCDateTime, index=True)
     outcome: str | None = Field(default=None, max_length=16)  # "fired" or "moot" (the clock had stopped)
 
@@ -213,7 +233,10 @@ def due_timers(session: Session, now: datetime, skip_locked: bool, limit: int = 
 
 
 def next_timer_due(session: Session) -> datetime | None:
-    return session.exec(select(sa.func.min(ClockTimer.due_at)).where(col(ClockTimer.fired_at).is_(None))).one()
+    """The soonest unfired timer's due time: the first entry of the partial index."""
+    return session.exec(
+        select(ClockTimer.due_at).where(col(ClockTimer.fired_at).is_(None)).order_by(col(ClockTimer.due_at)).limit(1)
+    ).first()
 
 
 def paused_partners(session: Session, now: datetime) -> set[str]:

@@ -4,7 +4,7 @@ tables (store.py) and of the dead letters in Redis, no rule and no write."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from pydantic import BaseModel
@@ -120,25 +120,45 @@ def inbox(
     only_open_cases: bool = False,
 ) -> list[tuple[Referral, NeedCase]]:
     """Referrals with their needs: those waiting for their partner's first answer (assigned) first, then soonest
-    deadline first; `status` "open" means any open status; `q` searches as find_referrals does."""
-    query = inbox_scope(
-        select(Referral, NeedCase).join(NeedCase, col(NeedCase.need_id) == Referral.need_id),
-        partner_id=partner_id,
-        library_id=library_id,
-        q=q,
-        only_open_cases=only_open_cases,
-    )
+    deadline first; `status` "open" means any open status; `q` searches as find_referrals does.
+    Read as one page per status group (assigned, then the others), each off an index in (status, respond_by), so a
+    page costs the same with a million open referrals as with ten."""
+    groups: list[sa.ColumnElement[bool]]
     if status == "open":
-        query = query.where(col(Referral.status).in_(OPEN_STATUSES))
-    elif status != "all":
-        query = query.where(Referral.status == status)
-    untreated_first = sa.case((col(Referral.status) == "assigned", 0), else_=1)
-    query = (
-        query.order_by(untreated_first, col(Referral.respond_by), col(Referral.created_at), col(Referral.id))
-        .offset(offset)
-        .limit(limit)
-    )
-    return list(session.exec(query).all())
+        groups = [col(Referral.status) == "assigned", col(Referral.status).in_(OPEN_STATUSES[1:])]
+    elif status == "all":
+        groups = [col(Referral.status) == "assigned", col(Referral.status) != "assigned"]
+    else:
+        groups = [col(Referral.status) == status]
+    found: list[tuple[Referral, NeedCase]] = []
+    for in_group in groups:
+        if len(found) >= limit:
+            break
+        query = inbox_scope(
+            select(Referral, NeedCase).join(NeedCase, col(NeedCase.need_id) == Referral.need_id).where(in_group),
+            partner_id=partner_id,
+            library_id=library_id,
+            q=q,
+            only_open_cases=only_open_cases,
+        )
+        ordered = query.order_by(col(Referral.respond_by), col(Referral.created_at), col(Referral.id))
+        rows = list(session.exec(ordered.offset(offset).limit(limit - len(found))).all())
+        found.extend(rows)
+        if not rows and offset:  # this group ends before the page: the next group starts at what is left
+            before = inbox_scope(
+                select(sa.func.count())
+                .select_from(Referral)
+                .join(NeedCase, col(NeedCase.need_id) == Referral.need_id)
+                .where(in_group),
+                partner_id=partner_id,
+                library_id=library_id,
+                q=q,
+                only_open_cases=only_open_cases,
+            )
+            offset = max(0, offset - session.exec(before).one())
+        else:
+            offset = 0
+    return found
 
 
 def inbox_scope(query: Any, *, partner_id: str | None, library_id: str, q: str, only_open_cases: bool) -> Any:
@@ -152,28 +172,40 @@ def inbox_scope(query: Any, *, partner_id: str | None, library_id: str, q: str, 
     return query
 
 
+# The inbox counts up to this many referrals in each status and says "10 000+" beyond: an exact count of a million rows
+# costs more than the page (docs/benchmarks.md, "Timers at scale").
+COUNT_CAP = 10_000
+
+
 def inbox_counts(
-    session: Session, *, partner_id: str | None, q: str = "", library_id: str = "", only_open_cases: bool = False
+    session: Session,
+    *,
+    partner_id: str | None,
+    statuses: tuple[str, ...],
+    q: str = "",
+    library_id: str = "",
+    only_open_cases: bool = False,
 ) -> dict[str, int]:
-    """Status -> how many referrals the inbox holds in it, with the inbox's other filters (its tabs' counts)."""
-    query = inbox_scope(
-        select(Referral.status, sa.func.count())
-        .select_from(Referral)
-        .join(NeedCase, col(NeedCase.need_id) == Referral.need_id),
-        partner_id=partner_id,
-        library_id=library_id,
-        q=q,
-        only_open_cases=only_open_cases,
-    )
-    return dict(session.exec(query.group_by(Referral.status)).all())
+    """Status -> how many referrals the inbox holds in it (COUNT_CAP + 1: more than COUNT_CAP), with the inbox's
+    other filters (its tabs' counts). Each status is counted off an index, up to the cap; the needs are joined only
+    for a search (every referral has its need)."""
+    counts = {}
+    for status in statuses:
+        query = select(Referral.id).where(Referral.status == status)
+        if query_terms(q):
+            query = query.join(NeedCase, col(NeedCase.need_id) == Referral.need_id)
+        query = inbox_scope(query, partner_id=partner_id, library_id=library_id, q=q, only_open_cases=only_open_cases)
+        counts[status] = session.exec(select(sa.func.count()).select_from(query.limit(COUNT_CAP + 1).subquery())).one()
+    return counts
 
 
 def count_to_treat(session: Session, partner_id: str | None) -> int:
-    """Referrals waiting for their partner's first move (assigned): a partner's own, or every partner's."""
-    query = select(sa.func.count()).select_from(Referral).where(Referral.status == "assigned")
+    """Referrals waiting for their partner's first move (assigned): a partner's own, or every partner's; up to
+    COUNT_CAP + 1 (more than COUNT_CAP)."""
+    query = select(Referral.id).where(Referral.status == "assigned")
     if partner_id:
         query = query.where(Referral.partner_id == partner_id)
-    return session.exec(query).one()
+    return session.exec(select(sa.func.count()).select_from(query.limit(COUNT_CAP + 1).subquery())).one()
 
 
 def need_and_open_referral(session: Session, need_id: str) -> tuple[NeedCase | None, Referral | None]:
@@ -265,15 +297,31 @@ def breaches_since(session: Session, since: datetime, limit: int) -> tuple[list[
     return list(rows), session.exec(select(sa.func.count()).select_from(query.subquery())).one()
 
 
-def alerts_since(session: Session, since: datetime, actions: tuple[str, ...]) -> list[tuple[Referral, str, datetime]]:
-    """(referral, action, when) of each of `actions` (the clock's escalations, breaches) since `since`, newest first."""
+def alerts_since(
+    session: Session, since: datetime, actions: tuple[str, ...], limit: int
+) -> list[tuple[Referral, str, datetime]]:
+    """(referral, action, when) of the newest `limit` of `actions` (the clock's escalations, breaches) since `since`,
+    newest first."""
     rows = session.exec(
         select(Referral, ReferralHistory.action, ReferralHistory.at)
         .join(ReferralHistory, col(ReferralHistory.referral_id) == Referral.id)
         .where(col(ReferralHistory.action).in_(actions), ReferralHistory.at >= since)
         .order_by(col(ReferralHistory.at).desc(), col(Referral.id))
+        .limit(limit)
     ).all()
     return [(referral, action, aware(at)) for referral, action, at in rows]
+
+
+def partner_alerts_since(
+    session: Session, since: datetime, actions: tuple[str, ...]
+) -> list[tuple[str, str, datetime]]:
+    """(partner id, referral id, when) of each of `actions` since `since`: columns only, there may be many."""
+    rows = session.exec(
+        select(Referral.partner_id, Referral.id, ReferralHistory.at)
+        .join(ReferralHistory, col(ReferralHistory.referral_id) == Referral.id)
+        .where(col(ReferralHistory.action).in_(actions), ReferralHistory.at >= since)
+    ).all()
+    return [(partner_id, referral_id, aware(at)) for partner_id, referral_id, at in rows]
 
 
 def first_actions(session: Session, since: datetime, actions: tuple[str, ...]) -> dict[str, datetime]:
@@ -311,8 +359,28 @@ def last_action_by_partner(session: Session, actions: tuple[str, ...]) -> dict[s
     }
 
 
-def referrals_created_since(session: Session, since: datetime) -> list[Referral]:
-    return list(session.exec(select(Referral).where(Referral.created_at >= since)).all())
+class CreatedReferral(NamedTuple):
+    """What the partners' 30-day figures read of each referral created in the window."""
+
+    id: str
+    partner_id: str
+    status: str
+    created_at: datetime
+    respond_by: datetime
+
+
+def referrals_created_since(session: Session, since: datetime) -> list[CreatedReferral]:
+    """The referrals created since `since`, columns only (a month may hold a million)."""
+    rows = session.execute(
+        sa.select(
+            col(Referral.id),
+            col(Referral.partner_id),
+            col(Referral.status),
+            col(Referral.created_at),
+            col(Referral.respond_by),
+        ).where(col(Referral.created_at) >= since)
+    ).all()
+    return [CreatedReferral(i, p, s, aware(c), aware(r)) for i, p, s, c, r in rows]
 
 
 def declines_since(session: Session, since: datetime) -> list[tuple[str, str | None]]:

@@ -30,7 +30,7 @@ from shared.directory import Directory, User
 from shared.pages import DAYS_FR, Pages, page_links, page_number
 from shared.people import ERASED, record_access
 from shared.retention import ANONYMISED
-from shared.search import MAX_QUERY
+from shared.search import MAX_QUERY, query_terms
 from shared.service import Service
 from shared.signin import TokenExpired, TokenInvalid, read_referral_token
 
@@ -188,7 +188,7 @@ def show_left(
     viewer: Viewer,
     status: int = 200,
     refused: str | None = None,
-    to_treat: int | None = None,
+    to_treat: int | str | None = None,
 ) -> Response:
     """The need left this partner: its status and since when, and nothing of the person nor of the need
     (the case and the history's texts are not even given to the template)."""
@@ -395,7 +395,7 @@ async def inbox(
 
     only_open_cases = user.role == "partner"  # a partner's search finds a need that left it by its reference only
 
-    def rows() -> tuple[list[tuple[Referral, NeedCase]], dict[str, int], int]:
+    def rows() -> tuple[list[tuple[Referral, NeedCase]], dict[str, int], int | str]:
         with runtime.db.read() as session:
             found = views.inbox(
                 session,
@@ -408,9 +408,16 @@ async def inbox(
                 only_open_cases=only_open_cases,
             )
             counts = views.inbox_counts(
-                session, partner_id=partner_id, q=q, library_id=library_id, only_open_cases=only_open_cases
+                session,
+                partner_id=partner_id,
+                statuses=STATUSES,
+                q=q,
+                library_id=library_id,
+                only_open_cases=only_open_cases,
             )
-            return found, counts, views.count_to_treat(session, partner_id)
+            unfiltered = not query_terms(q) and not library_id  # then the tab's count is the number to treat
+            to_treat = counts.get("assigned", 0) if unfiltered else views.count_to_treat(session, partner_id)
+            return found, counts, shown(to_treat)
 
     found, counts, to_treat = await anyio.to_thread.run_sync(rows)
     filter_status = status
@@ -447,9 +454,9 @@ async def inbox(
         tabs=[
             (tab, count, tab_url(tab))
             for tab, count in (
-                ("open", sum(counts.get(s, 0) for s in OPEN_STATUSES)),
-                *((s, counts.get(s, 0)) for s in STATUSES),
-                ("all", sum(counts.values())),
+                ("open", shown(*(counts.get(s, 0) for s in OPEN_STATUSES))),
+                *((s, shown(counts.get(s, 0))) for s in STATUSES),
+                ("all", shown(*counts.values())),
             )
             if count or tab in TABS or tab == filter_status
         ],
@@ -478,10 +485,17 @@ async def referral_signed_in(
     return show(request, pages, directory, clock(), found, viewer, to_treat=to_treat)
 
 
-def menu_count(runtime: Runtime, partner_id: str | None) -> int:
+def menu_count(runtime: Runtime, partner_id: str | None) -> int | str:
     """The menu's "À traiter (n)": referrals waiting for the partner's first answer (every partner's, for ops)."""
     with runtime.db.read() as session:
-        return views.count_to_treat(session, partner_id)
+        return shown(views.count_to_treat(session, partner_id))
+
+
+def shown(*counts: int) -> int | str:
+    """The sum of capped counts (views.COUNT_CAP) as the pages say it: the number, or "10 000+" when one was capped."""
+    if any(n > views.COUNT_CAP for n in counts):
+        return f"{views.COUNT_CAP:,}+".replace(",", "\u202f")
+    return sum(counts)
 
 
 @router.post("/boite/{referral_id}/{action}")

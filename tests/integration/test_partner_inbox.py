@@ -342,3 +342,23 @@ def test_a_signed_in_partner_acts_from_the_inbox_and_ops_see_everything(referral
 def test_the_stylesheet_is_served(referral):
     css = browser(referral).get("/static/relais.css")
     assert css.status_code == 200 and "focus-visible" in css.text
+
+
+@pytest.mark.postgres  # ordering by deadline in SQL
+def test_the_inbox_pages_run_from_the_awaited_first_answers_into_the_other_open_referrals(referral, monkeypatch):
+    import services.referral.web as inbox_web
+
+    monkeypatch.setattr(inbox_web, "INBOX_LIMIT", 1)  # each page boundary falls between or inside the two groups
+    svc, now = referral.svc, referral.svc.clock()
+    late_accepted, awaited, soon_accepted = (
+        record_need(svc, summary=f"Demande {hours}", recorded_at=now - timedelta(hours=hours)) for hours in (60, 10, 50)
+    )
+    caf = referral.client("caf")
+    for accepted in (late_accepted, soon_accepted):
+        assert caf.post(f"/referrals/{accepted}/accept").status_code == 200
+
+    client = signed_in(referral, "op-caf")
+    pages = [
+        re.findall(r'href="/boite/([0-9a-f]{32})"', client.get("/boite", params={"page": n}).text) for n in (1, 2, 3, 4)
+    ]
+    assert pages == [[awaited], [late_accepted], [soon_accepted], []]  # awaited first, then by deadline

@@ -111,3 +111,41 @@ def test_a_partner_stopped_answering_after_two_alerts_in_7_days_and_no_answer_si
     assert silent([("r1", 30), ("r2", 6)]) == (True, 2, now - 30 * h)  # never acted at all
     assert silent([("r1", 30), ("r2", 6)], last_action=now - 40 * h) == (True, 2, now - 30 * h)
     assert silent([("r1", 30), ("r2", 6)], last_action=now - 10 * h) == (False, 2, None)  # answered since the first
+
+
+async def test_slow_figures_of_a_large_deployment_are_reused_then_refreshed_behind_and_forgotten_after_an_action(
+    monkeypatch,
+):
+    from datetime import UTC, datetime, timedelta
+    from typing import Any, cast
+
+    from services.referral import dashboard
+
+    window = {"size": 10}  # referrals of the 30-day window: below dashboard.REUSE_FROM at first
+    computed: list[datetime] = []
+
+    def local_figures(svc, now):  # the database part, counted
+        computed.append(now)
+        return {"n": len(computed)}, window["size"]
+
+    monkeypatch.setattr(dashboard, "local_figures", local_figures)
+    reuse, t = dashboard.FiguresReuse(), datetime(2026, 11, 20, 12, tzinfo=UTC)
+    svc = cast(Any, None)  # local_figures, replaced, does not read it
+
+    assert await reuse.figures(svc, t) == (t, {"n": 1})
+    assert await reuse.figures(svc, t) == (t, {"n": 2})  # a small deployment computes them every time
+
+    window["size"] = dashboard.REUSE_FROM
+    assert await reuse.figures(svc, t) == (t, {"n": 3})
+    assert await reuse.figures(svc, t + timedelta(seconds=5)) == (t, {"n": 3})  # reused, with their time
+
+    assert reuse.last is not None
+    started, fresh_for, at, figures = reuse.last
+    reuse.last = (started - fresh_for - 1, fresh_for, at, figures)  # older than fresh: still shown, refreshed behind
+    assert await reuse.figures(svc, t + timedelta(minutes=2)) == (t, {"n": 3})
+    assert reuse.refresh is not None
+    await reuse.refresh
+    assert await reuse.figures(svc, t + timedelta(minutes=2)) == (t + timedelta(minutes=2), {"n": 4})
+
+    reuse.forget()  # an action from the dashboard
+    assert await reuse.figures(svc, t + timedelta(minutes=3)) == (t + timedelta(minutes=3), {"n": 5})
