@@ -323,6 +323,14 @@
   }
 
   function offlineNotice() {
+    var preview = document.getElementById("apercu");
+    if (!navigator.onLine && preview) {
+      preview.textContent = "";
+      var line = document.createElement("p");
+      line.textContent = "Hors connexion : Relais choisira le partenaire quand il recevra la demande, et le délai " +
+        "de réponse commencera à ce moment-là.";
+      preview.appendChild(line);
+    }
     if (!navigator.onLine) {
       say("Hors connexion : vous pouvez enregistrer des demandes ; elles sont gardées sur cet ordinateur (chiffrées) " +
         "et envoyées dès le retour du réseau.");
