@@ -19,6 +19,7 @@ import base64
 import hashlib
 import hmac
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
@@ -64,7 +65,7 @@ def session_key(settings: Settings, session_id: str) -> SessionKey:
     return SessionKey(tag=tag, public_key=_b64(public), private=private)
 
 
-def open_sealed(key: SessionKey, sealed: dict[str, object]) -> dict[str, str]:
+def open_sealed(key: SessionKey, sealed: Mapping[str, object]) -> dict[str, str]:
     """The form fields the browser sealed: `{"tag", "epk", "iv", "ct"}` (base64url) -> {field: value}."""
     try:
         if sealed.get("tag") != key.tag:
