@@ -535,7 +535,7 @@ async def service_worker() -> Response:
 
 
 @router.get("/manifest.webmanifest")
-async def manifest(request: Request, pages: PagesDep, directory: DirectoryDep) -> Response:
+async def manifest(directory: DirectoryDep) -> Response:
     """What makes the desk's pages an installable web app: its name, start page and icons."""
     name = directory.deployment.name
     body = {
