@@ -35,14 +35,22 @@ function forget(except) {
   });
 }
 
-/* The session's copy of each page and file, fetched now with the session's cookie; a page that is not the
-   signed-in page itself (a redirect to the sign-in page) is not kept. */
+var LIST = "/demandes/recentes";
+var LIST_FRESH_MS = 5 * 60 * 1000;
+
+/* The session's copy of each page and file, fetched with the session's cookie when missing (and the recent list when
+   older than a few minutes; the pages visited online refresh their own copy); a page that is not the signed-in page
+   itself (a redirect to the sign-in page) is not kept. */
 function keep(name, paths) {
   return caches.open(name).then(function (cache) {
     return Promise.all(paths.map(function (path) {
-      return fetch(path, { credentials: "same-origin", cache: "no-store" }).then(function (response) {
-        if (!response.ok || response.redirected) { throw new Error("not kept: " + path); }
-        return cache.put(path, response);
+      return cache.match(path).then(function (found) {
+        var age = found ? Date.now() - Date.parse(found.headers.get("date") || "") : Infinity;
+        if (found && (path !== LIST || age < LIST_FRESH_MS)) { return null; }
+        return fetch(path, { credentials: "same-origin", cache: "no-store" }).then(function (response) {
+          if (!response.ok || response.redirected) { throw new Error("not kept: " + path); }
+          return cache.put(path, response);
+        });
       });
     }));
   });
