@@ -156,7 +156,10 @@ def test_needs_kept_offline_are_sent_once_when_the_network_returns(page, check_p
     page.goto(f"{base}/nouvelle")
     expect(page.get_by_role("heading", level=1)).to_have_text("Nouvelle demande")
     assert "Le délai de réponse du partenaire commence quand Relais l'enregistre" in page.inner_text("form.need-form")
-    keep_offline(page, "Premier dossier hors connexion", 1)
+    fill_need(page, "Premier dossier hors connexion")
+    page.get_by_role("button", name="Enregistrer la demande").dblclick()  # one need kept, not two
+    expect(page.locator("#hors-ligne-etat")).to_contain_text("gardée sur cet ordinateur (chiffrée)")
+    expect(page.locator("#en-attente-menu")).to_have_text("En attente d'envoi (1)")
     keep_offline(page, "Dossier sans accord", 2, consent=False)
     keep_offline(page, "Troisième dossier hors connexion", 3)
     check_page(page, "desk-offline-form-kept")
@@ -251,3 +254,32 @@ def test_a_browser_restarted_offline_keeps_and_later_sends_its_needs(chromium, d
         assert sorted(n.summary for n in needs_of(intake)) == ["Après le redémarrage", "Avant le redémarrage"]
     finally:
         context.close()
+
+
+def test_kept_needs_of_a_revoked_session_are_unreadable_and_said_so(page, check_page, desk_network):
+    """The laptop is lost with a need kept on it: ops revoke the desk's sessions. The kept need can no longer be
+    sent nor read, by anyone; signed in again, the desk is told to type it again, and may delete it."""
+    intake, base = desk_network.intake, desk_network.url
+    context = page.context
+    sign_in(page, intake, base)
+    context.set_offline(True)
+    page.goto(f"{base}/nouvelle")
+    keep_offline(page, "Sur l'ordinateur perdu", 1)
+    revoked = intake.client("ops").post("/users/desk/sessions/revoke")
+    assert revoked.status_code == 200 and revoked.json()["revoked"] >= 1
+
+    context.set_offline(False)
+    expect(page.locator("html")).to_have_attribute("data-sending", "stopped")  # the session is over: nothing sent
+    expect(page.locator("#hors-ligne-etat")).to_contain_text("Votre session est terminée")
+    assert needs_of(intake) == []
+    sign_in(page, intake, base)
+    page.goto(f"{base}/demandes/recentes")
+    expect(page.locator("html")).to_have_attribute("data-sending", "done")
+    kept = page.locator("#en-attente li[data-state=unreadable]")
+    expect(kept).to_have_count(1)
+    assert "Relais ne peut plus la lire ni l'envoyer" in kept.inner_text()
+    check_page(page, "desk-offline-unreadable")
+    kept.get_by_role("button", name="Supprimer cette demande de l'ordinateur").click()
+    expect(page.locator("#en-attente")).to_contain_text("Aucune demande n'attend d'être envoyée")
+    expect(page.locator("#en-attente-menu")).to_be_hidden()
+    assert needs_of(intake) == [] and stored_rows(page) == []

@@ -57,17 +57,28 @@
 
   // --- the session's key: from the server while online, else as last seen
 
+  var asked = null;  // one request for the key per page while online
+  var signedOut = false;
+
   function sessionKey() {
     var stored = run("state", "readonly", function (s) { return s.get("key"); });
     if (!navigator.onLine) { return stored; }
-    return fetch("/hors-ligne/cle", { credentials: "same-origin", cache: "no-store" }).then(function (response) {
-      if (response.status === 401) { return null; }
+    if (asked) { return asked; }
+    asked = fetch("/hors-ligne/cle", { credentials: "same-origin", cache: "no-store" }).then(function (response) {
+      if (response.status === 401) {  // the session ended (signed out elsewhere, revoked, expired)
+        signedOut = true;
+        return null;
+      }
       if (!response.ok) { throw new Error("key"); }
       return response.json().then(function (key) {
         var row = { name: "key", tag: key.tag, public_key: key.public_key };
         return run("state", "readwrite", function (s) { s.put(row); }).then(function () { return row; });
       });
-    })["catch"](function () { return stored; });
+    })["catch"](function () {
+      asked = null;
+      return stored;
+    });
+    return asked;
   }
 
   function b64(bytes) {
@@ -104,7 +115,7 @@
 
   // --- what the page shows
 
-  function say(text, links) {
+  function say(text, links, warn) {
     if (!status) { return; }
     status.textContent = "";
     var p = document.createElement("p");
@@ -117,7 +128,7 @@
       p.appendChild(a);
     });
     status.appendChild(p);
-    status.className = "notice" + (navigator.onLine ? " notice-ok" : " notice-warn");
+    status.className = "notice" + (navigator.onLine && !warn ? " notice-ok" : " notice-warn");
   }
 
   // "mardi 1 décembre à 10 h 15" in the library's time zone, as the server words dates.
@@ -222,20 +233,27 @@
   // --- keeping a need typed offline
 
   var form = document.querySelector("form.need-form");
+  var keeping = false;
   if (form) {
     form.addEventListener("submit", function (event) {
       if (navigator.onLine) { return; }  // online: the form posts as usual
       event.preventDefault();
       if (event.submitter && event.submitter.name) {  // "Vérifier", a suggestion: they need the server
         say("Hors connexion : Relais ne peut pas vérifier qui recevra la demande. Vous pouvez l'enregistrer quand même : " +
-          "elle sera envoyée dès le retour du réseau.");
+          "elle sera envoyée dès le retour du réseau.", [], true);
         return;
       }
+      if (keeping) { return; }  // a double click keeps one need
       var fields = {};
       new FormData(form).forEach(function (value, name) {
         if (name !== "csrf" && typeof value === "string") { fields[name] = value; }
       });
+      if (!(fields.category || "").trim() && !(fields.summary || "").trim()) {
+        say("Hors connexion : le formulaire est vide, rien n'a été gardé.", [], true);
+        return;
+      }
       fields.idempotency_key = "hl-" + window.crypto.randomUUID();
+      keeping = true;
       sessionKey().then(function (key) {
         if (!key) { throw new Error("no key"); }
         return seal(key, fields);
@@ -246,10 +264,12 @@
         say("Hors connexion : la demande est gardée sur cet ordinateur (chiffrée) et sera envoyée dès le retour du " +
           "réseau. Le délai de réponse commencera quand Relais l'enregistrera.");
         status.focus();
+        keeping = false;
         return show();
       })["catch"](function () {
+        keeping = false;
         say("Hors connexion : la demande n'a pas pu être gardée sur cet ordinateur. Notez-la sur papier et " +
-          "saisissez-la au retour du réseau.");
+          "saisissez-la au retour du réseau.", [], true);
         status.focus();
       });
     });
@@ -269,7 +289,15 @@
     return Promise.all([sessionKey(), allKept()]).then(function (found) {
       var key = found[0];
       var rows = found[1].filter(function (r) { return r.state !== "unreadable"; });
-      if (!key) { return; }
+      if (!key) {
+        stopped = true;
+        if (signedOut && found[1].length) {
+          say("Votre session est terminée : Relais ne peut plus lire les demandes gardées sur cet ordinateur pendant " +
+            "cette session. Reconnectez-vous, puis saisissez-les de nouveau.", [{ url: "/connexion", text: "Se reconnecter" }],
+            true);
+        }
+        return;
+      }
       return rows.reduce(function (previous, row) {
         return previous.then(function (go) {
           if (go === false) { return false; }
