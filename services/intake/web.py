@@ -7,6 +7,10 @@
 - `/demandes`: "Mes demandes", the library's needs, overdue first, with filters; `/demandes/{id}`: one need and
   its history as the desk may see it;
 - `/chiffres` and `/chiffres.csv`: the library's monthly figures;
+- offline (docs/offline.md): `/manifest.webmanifest`, the service worker `/sw.js`, `/demandes/recentes` (the recent
+  list without names, which opens offline), `/hors-ligne/cle` (the session's public key), `/hors-ligne/envoyer` (a
+  need kept sealed in the browser, sent when the network returns) and `/hors-ligne/corriger` (one the server
+  refused, opened on the form);
 - `/connexion`, `/deconnexion`: sign-in by emailed link (shared.signin).
 
 Live parts: a page's `[data-live]` region is fetched again with `?partiel=1` by /scripts/suivi.js and replaced
