@@ -11,7 +11,7 @@ from sqlalchemy import func, or_
 from sqlmodel import Session, col, select
 
 from services.intake import domain
-from services.intake.store import Need, NeedHistory, PersonErasure, needs_of_person
+from services.intake.store import IdempotencyKey, Need, NeedHistory, PersonErasure, needs_of_person
 from shared.events import PersonContact
 from shared.people import AccessEntry, access_entries
 from shared.search import matches
@@ -246,3 +246,9 @@ def person_part(session: Session, person_id: str) -> PersonPart | None:
         erasure=erasure_of(session, person_id),
         access_log=access_entries(session, [n.id for n in needs]),
     )
+
+
+def need_of_key(session: Session, user_id: str, key: str) -> Need | None:
+    """The need a user's idempotency key recorded, if it did (a need kept offline, then fixed on the form)."""
+    seen = session.get(IdempotencyKey, (user_id, key))
+    return session.get(Need, seen.need_id) if seen is not None else None

@@ -7,6 +7,10 @@
 - `/demandes`: "Mes demandes", the library's needs, overdue first, with filters; `/demandes/{id}`: one need and
   its history as the desk may see it;
 - `/chiffres` and `/chiffres.csv`: the library's monthly figures;
+- offline (docs/offline.md): `/manifest.webmanifest`, the service worker `/sw.js`, `/demandes/recentes` (the recent
+  list without names, which opens offline), `/hors-ligne/cle` (the session's public key), `/hors-ligne/envoyer` (a
+  need kept sealed in the browser, sent when the network returns) and `/hors-ligne/corriger` (one the server
+  refused, opened on the form);
 - `/connexion`, `/deconnexion`: sign-in by emailed link (shared.signin).
 
 Live parts: a page's `[data-live]` region is fetched again with `?partiel=1` by /scripts/suivi.js and replaced
@@ -33,7 +37,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response
 from markupsafe import Markup
 
-from services.intake import api, domain, handlers, remote, views
+from services.intake import api, domain, handlers, offline, remote, views
 from services.intake.api import MAX_SUMMARY, NEED_STATUSES, Invalid, record_command, unknown_earlier_need, validate_need
 from services.intake.commands import (
     AddNote,
@@ -55,6 +59,7 @@ from shared.logs import current_correlation_id
 from shared.pages import DASHBOARD_PATH, MONTHS_FR, SECURITY_HEADERS, Pages, page_links, page_number
 from shared.people import record_access
 from shared.personal_data import PersonalDataError
+from shared.queues import PushBack
 from shared.search import MAX_QUERY
 from shared.service import Service
 from shared.settings import Settings
@@ -67,7 +72,11 @@ OVERDUE_LIMIT = 500
 MONTHS_OFFERED = 13  # this month and the twelve before
 LIVE_EVERY_S = {"enregistree": 2, "demande": 10, "demandes": 20}
 # Pages with a live region load /scripts/suivi.js, which fetches the region again.
-CSP = SECURITY_HEADERS["Content-Security-Policy"] + "; script-src 'self'; connect-src 'self'"
+# Every desk page also loads /scripts/hors-ligne.js: the service worker (/sw.js), the manifest, needs kept offline.
+CSP = (
+    SECURITY_HEADERS["Content-Security-Policy"]
+    + "; script-src 'self'; connect-src 'self'; worker-src 'self'; manifest-src 'self'"
+)
 SLA_FILTERS = ("overdue", "on_track", "at_risk", "met", "breached")
 DONE_NOTICES = ("information", "relance", "cloture", "reorientation")  # ?fait= after a desk action on a need
 STATUS_FILTERS = ("waiting", *NEED_STATUSES)
@@ -144,6 +153,7 @@ def unread_count(request: Request, pages: Pages) -> int | None:
 
 def show(request: Request, pages: Pages, template: str, status: int = 200, **context: Any) -> Response:
     context.setdefault("unread_answers", unread_count(request, pages))
+    context.setdefault("offline_script", True)  # the layout loads hors-ligne.js (this CSP allows it)
     response = pages.render(request, template, status=status, **context)
     response.headers["Content-Security-Policy"] = CSP
     return response
@@ -219,7 +229,7 @@ def need_context(directory: Directory, need: Need, now: datetime) -> dict[str, A
 
 @router.get("/scripts/{name}")
 async def script(name: str) -> Response:
-    if name not in ("suivi.js", "nouvelle.js", "accueil.css"):
+    if name not in ("suivi.js", "nouvelle.js", "accueil.css", *OFFLINE_SHELL_FILES):
         return Response(status_code=404)
     return FileResponse(
         STATIC / name, headers={"Cache-Control": "public, max-age=3600", "X-Content-Type-Options": "nosniff"}
@@ -275,9 +285,10 @@ def form_page(
     unavailable: bool = False,
     preview: dict[str, Any] | None = None,
     busy: bool = False,
+    retry_after: int | None = None,
 ) -> Response:
     covered, others = category_groups(directory, desk_.library)
-    return show(
+    response = show(
         request,
         pages,
         "nouvelle.html",
@@ -298,6 +309,9 @@ def form_page(
         max_summary=MAX_SUMMARY,
         consent_text=directory.consent_text(desk_.library.language),
     )
+    if retry_after is not None:  # intake's push-back: the desk may send the same form again after this
+        response.headers["Retry-After"] = str(retry_after)
+    return response
 
 
 def category_groups(directory: Directory, library: Library) -> tuple[list[Category], list[Category]]:
@@ -387,32 +401,41 @@ async def new_need(
     return form_page(request, pages, directory, desk_, values, earlier=earlier)
 
 
-@router.post("/nouvelle")
-async def record(
-    request: Request,
-    pages: PagesDep,
-    runtime: RuntimeDep,
-    db: DatabaseDep,
-    directory: DirectoryDep,
-    clock: ClockDep,
-    push_back: PushBackDep,
-) -> Response:
-    desk_ = desk(request, pages, directory)
-    fields = await pages.form(request)
-    values = {name: fields.get(name, "") for name in blank_form(desk_.library)}
+def form_values(library: Library, fields: dict[str, str]) -> dict[str, str]:
+    """The need form's fields as posted (or as a need kept offline holds them), with their defaults."""
+    values = {name: str(fields.get(name, "")) for name in blank_form(library)}
     values["urgency"] = values["urgency"] or "normal"
     values["language"] = values["language"] or "fr"
     values["summary"] = values["summary"].replace("\r\n", "\n")  # browsers send a textarea's lines with CRLF
     values["idempotency_key"] = values["idempotency_key"][:200] or secrets.token_urlsafe(18)
-    if chosen := fields.get("choisir", "").strip():  # a "Vouliez-vous dire" suggestion: fills the field
-        values["category"] = chosen[:200]
-    if chosen or "verifier" in fields:  # "Vérifier": the form again, with who would receive the need; nothing sent
-        earlier_need = None
-        if values["same_person_as"]:
-            loaded = await anyio.to_thread.run_sync(load, db, values["same_person_as"], desk_.library.id)
-            earlier_need = loaded[0] if loaded else None
-        preview = await preview_of(runtime.settings, directory, desk_, values["category"], values["postal_code"])
-        return form_page(request, pages, directory, desk_, values, earlier=earlier_need, preview=preview)
+    return values
+
+
+@dataclass
+class Submitted:
+    """What sending the need form gave: the need recorded (`recorded`), or why not (nothing was recorded)."""
+
+    recorded: handlers.Recorded | None = None
+    status: int = 201
+    errors: dict[str, str] | None = None
+    suggestions: list[str] | None = None
+    earlier: Need | None = None
+    key_reused: str | None = None
+    unavailable: bool = False
+    retry_after: int | None = None  # the pipeline lags (intake's push-back): nothing recorded, send again after this
+
+
+async def submit_need(
+    runtime: Any,
+    db: Database,
+    directory: Directory,
+    now: datetime,
+    desk_: Desk,
+    values: dict[str, str],
+    push_back: PushBack,
+) -> Submitted:
+    """Record the need the form's `values` describe, by the API's rules and command (the form's POST and a need kept
+    offline, sent when the network is back, both come here); the idempotency key makes a repeat record nothing."""
     category_id, suggestions = domain.find_category(values["category"], [(c.id, c.label) for c in directory.categories])
     person = {
         "display_name": values["display_name"].strip() or None,
@@ -439,56 +462,282 @@ async def record(
         loaded = await anyio.to_thread.run_sync(load, db, values["same_person_as"], desk_.library.id)
         earlier = loaded[0] if loaded else None
     if (retry_after := await push_back.retry_after()) is not None:  # the pipeline lags: nothing recorded, try again
-        response = form_page(
-            request, pages, directory, desk_, values, status=429, suggestions=suggestions, earlier=earlier, busy=True
-        )
-        response.headers["Retry-After"] = str(retry_after)
-        return response
+        return Submitted(status=429, suggestions=suggestions, earlier=earlier, retry_after=retry_after)
     try:
         body = validate_need(data, directory, library=desk_.library.id)
         cmd = record_command(body, desk_.user, values["idempotency_key"], current_correlation_id(), directory)
-        need = await anyio.to_thread.run_sync(
+        recorded = await anyio.to_thread.run_sync(
             partial(
                 handlers.record_need,
                 db,
                 cmd,
                 directory=directory,
-                now=clock(),
+                now=now,
                 personal_data=runtime.personal_data,
             )
         )
     except (Invalid, handlers.UnknownNeed) as exc:
         invalid = exc if isinstance(exc, Invalid) else unknown_earlier_need(str(exc))
-        return form_page(
-            request,
-            pages,
-            directory,
-            desk_,
-            values,
-            status=422,
-            errors=form_errors(invalid.errors),
-            suggestions=suggestions,
-            earlier=earlier,
-        )
+        return Submitted(status=422, errors=form_errors(invalid.errors), suggestions=suggestions, earlier=earlier)
     except (
         redis.RedisError
     ):  # the person's data key could not be stored (Redis away past the retries): nothing recorded
-        return form_page(
-            request,
-            pages,
-            directory,
-            desk_,
-            values,
-            status=503,
-            suggestions=suggestions,
-            earlier=earlier,
-            unavailable=True,
-        )
+        return Submitted(status=503, suggestions=suggestions, earlier=earlier, unavailable=True)
     except handlers.KeyReused as exc:  # this form already recorded a need, then was changed and sent again
-        values["idempotency_key"] = secrets.token_urlsafe(18)
-        return form_page(request, pages, directory, desk_, values, status=409, key_reused=exc.need_id, earlier=earlier)
+        return Submitted(status=409, key_reused=exc.need_id, earlier=earlier)
     runtime.bus.relay.wake()
-    return pages.redirect(f"/demandes/{need.id}/enregistree")
+    return Submitted(recorded=recorded)
+
+
+@router.post("/nouvelle")
+async def record(
+    request: Request,
+    pages: PagesDep,
+    runtime: RuntimeDep,
+    db: DatabaseDep,
+    directory: DirectoryDep,
+    clock: ClockDep,
+    push_back: PushBackDep,
+) -> Response:
+    desk_ = desk(request, pages, directory)
+    fields = await pages.form(request)
+    values = form_values(desk_.library, fields)
+    if chosen := fields.get("choisir", "").strip():  # a "Vouliez-vous dire" suggestion: fills the field
+        values["category"] = chosen[:200]
+    if chosen or "verifier" in fields:  # "Vérifier": the form again, with who would receive the need; nothing sent
+        earlier_need = None
+        if values["same_person_as"]:
+            loaded = await anyio.to_thread.run_sync(load, db, values["same_person_as"], desk_.library.id)
+            earlier_need = loaded[0] if loaded else None
+        preview = await preview_of(runtime.settings, directory, desk_, values["category"], values["postal_code"])
+        return form_page(request, pages, directory, desk_, values, earlier=earlier_need, preview=preview)
+    sent = await submit_need(runtime, db, directory, clock(), desk_, values, push_back)
+    if sent.recorded is not None:
+        return pages.redirect(f"/demandes/{sent.recorded.id}/enregistree")
+    if sent.key_reused:
+        values["idempotency_key"] = secrets.token_urlsafe(18)  # a genuinely new need gets a fresh key
+    return form_page(
+        request,
+        pages,
+        directory,
+        desk_,
+        values,
+        status=sent.status,
+        errors=sent.errors,
+        suggestions=sent.suggestions,
+        earlier=sent.earlier,
+        key_reused=sent.key_reused,
+        unavailable=sent.unavailable,
+        busy=sent.retry_after is not None,
+        retry_after=sent.retry_after,
+    )
+
+
+# --- the desk offline (issue 16, docs/offline.md): installable pages; needs kept sealed in the browser, sent later
+
+OFFLINE_SHELL_FILES = ("hors-ligne.js", "icone-192.png", "icone-512.png")
+RECENT_LIMIT = 50  # needs on the list that opens offline
+
+
+def json_answer(status: int, **body: Any) -> Response:
+    return Response(
+        json.dumps(body, ensure_ascii=False),
+        status_code=status,
+        media_type="application/json",
+        headers={**SECURITY_HEADERS, "Cache-Control": "no-store"},
+    )
+
+
+@router.get("/sw.js")
+async def service_worker() -> Response:
+    """The service worker, at the root so that it may answer for the desk's pages (scope "/")."""
+    return FileResponse(
+        STATIC / "sw.js",
+        media_type="text/javascript",
+        headers={
+            "Cache-Control": "no-cache",
+            "X-Content-Type-Options": "nosniff",
+            "Content-Security-Policy": "default-src 'none'; connect-src 'self'",
+        },
+    )
+
+
+@router.get("/manifest.webmanifest")
+async def manifest(directory: DirectoryDep) -> Response:
+    """What makes the desk's pages an installable web app: its name, start page and icons."""
+    name = directory.deployment.name
+    body = {
+        "name": f"{name} – Accueil",
+        "short_name": name,
+        "lang": "fr",
+        "start_url": HOME,
+        "scope": "/",
+        "display": "standalone",
+        "background_color": "#ffffff",
+        "theme_color": "#000091",
+        "icons": [
+            {"src": "/scripts/icone-192.png", "sizes": "192x192", "type": "image/png"},
+            {"src": "/scripts/icone-512.png", "sizes": "512x512", "type": "image/png"},
+        ],
+    }
+    return Response(
+        json.dumps(body, ensure_ascii=False),
+        media_type="application/manifest+json",
+        headers={"Cache-Control": "public, max-age=3600", "X-Content-Type-Options": "nosniff"},
+    )
+
+
+def signed_in_desk(request: Request, pages: Pages, directory: Directory) -> tuple[Desk, offline.SessionKey] | None:
+    """The desk and its session's key, for the offline calls (JSON: no redirect to the sign-in page)."""
+    user, session = pages.user(request), pages.session(request)
+    library = directory.library(user.library or "") if user is not None and user.role == "front_desk" else None
+    if user is None or library is None or session is None or not session.session_id:
+        return None
+    return Desk(user, library), offline.session_key(pages.settings, session.session_id)
+
+
+@router.get("/hors-ligne/cle")
+async def offline_key(request: Request, pages: PagesDep, directory: DirectoryDep) -> Response:
+    """The public key the browser seals the needs it keeps offline to; its private half lives with the session."""
+    found = signed_in_desk(request, pages, directory)
+    if found is None:
+        return json_answer(401, detail="signed_out")
+    return json_answer(200, tag=found[1].tag, public_key=found[1].public_key)
+
+
+def sealed_of(fields: dict[str, Any]) -> dict[str, object]:
+    return {name: fields.get(name, "") for name in ("tag", "epk", "iv", "ct")}
+
+
+def refusal_messages(pages: Pages, library: Library, errors: dict[str, str]) -> list[str]:
+    """The form's own French message for each refused field, in the form's order."""
+    module = pages.env.get_template("_messages_demande.html").module
+    return [
+        Markup(module.field_message(field, errors[field], MAX_SUMMARY)).unescape().strip()  # type: ignore[attr-defined]
+        for field in blank_form(library)
+        if field in errors
+    ]
+
+
+@router.post("/hors-ligne/envoyer")
+async def send_kept_need(
+    request: Request,
+    pages: PagesDep,
+    runtime: RuntimeDep,
+    db: DatabaseDep,
+    directory: DirectoryDep,
+    clock: ClockDep,
+    push_back: PushBackDep,
+) -> Response:
+    """A need the browser kept while offline, sent now: recorded when the server records it (its deadline starts
+    now), once whatever the repeats (its idempotency key); refused fields come back worded for the desk to fix."""
+    found = signed_in_desk(request, pages, directory)
+    if found is None:
+        return json_answer(401, state="signed_out")
+    desk_, key = found
+    session = pages.session(request)
+    if pages.cross_site(request) or session is None or request.headers.get("x-csrf-token") != session.csrf:
+        return json_answer(403, state="csrf")
+    try:
+        sealed = await request.json()
+        fields = offline.open_sealed(key, sealed_of(sealed if isinstance(sealed, dict) else {}))
+    except (ValueError, offline.Unreadable):
+        return json_answer(400, state="unreadable")
+    values = form_values(desk_.library, fields)
+
+    def fixed_on_the_form() -> tuple[str, str] | None:
+        with db.read() as session:
+            need = views.need_of_key(session, desk_.user.id, values["idempotency_key"])
+            return (need.id, need.reference) if need is not None else None
+
+    sent = await submit_need(runtime, db, directory, clock(), desk_, values, push_back)
+    if sent.recorded is not None:
+        need = json.loads(sent.recorded.response_body)
+        return json_answer(
+            201, state="recorded", id=sent.recorded.id, reference=need.get("reference"), url=f"/demandes/{need['id']}"
+        )
+    if sent.key_reused:  # refused once, then fixed and recorded on the form with its key: this copy is done
+        return json_answer(409, state="recorded_before", id=sent.key_reused, url=f"/demandes/{sent.key_reused}")
+    if sent.unavailable:
+        return json_answer(503, state="unavailable")
+    if sent.retry_after is not None:  # the pipeline lags: the browser keeps the need and sends it again later
+        return json_answer(429, state="busy", retry_after_s=sent.retry_after)
+    # Refused once, then opened on the form, fixed and recorded there with its key: this copy is done.
+    if (earlier := await anyio.to_thread.run_sync(fixed_on_the_form)) is not None:
+        need_id, reference = earlier
+        return json_answer(200, state="recorded_before", id=need_id, reference=reference, url=f"/demandes/{need_id}")
+    return json_answer(422, state="to_fix", messages=refusal_messages(pages, desk_.library, sent.errors or {}))
+
+
+@router.post("/hors-ligne/corriger")
+async def fix_kept_need(
+    request: Request,
+    pages: PagesDep,
+    runtime: RuntimeDep,
+    db: DatabaseDep,
+    directory: DirectoryDep,
+    clock: ClockDep,
+    push_back: PushBackDep,
+) -> Response:
+    """A kept need the server refused, opened on the form with its errors; the form keeps its idempotency key, so
+    sending it records the need once (and the kept copy is then known as recorded)."""
+    desk_ = desk(request, pages, directory)
+    fields = await pages.form(request)
+    found = signed_in_desk(request, pages, directory)
+    try:
+        values = form_values(desk_.library, offline.open_sealed(found[1], sealed_of(fields))) if found else None
+    except offline.Unreadable:
+        values = None
+    if values is None:
+        raise pages.error(request, 400, "form")
+    sent = await submit_need(runtime, db, directory, clock(), desk_, values, push_back)
+    if sent.recorded is not None:
+        return pages.redirect(f"/demandes/{sent.recorded.id}/enregistree")
+    return form_page(
+        request,
+        pages,
+        directory,
+        desk_,
+        values,
+        status=sent.status,
+        errors=sent.errors,
+        suggestions=sent.suggestions,
+        earlier=sent.earlier,
+        key_reused=sent.key_reused,
+        unavailable=sent.unavailable,
+        busy=sent.retry_after is not None,
+        retry_after=sent.retry_after,
+    )
+
+
+@router.get("/demandes/recentes")
+async def recent_needs(
+    request: Request, pages: PagesDep, db: DatabaseDep, directory: DirectoryDep, clock: ClockDep
+) -> Response:
+    """The library's recent needs without the people's names nor the summaries (this page is kept by the browser to
+    open offline), and the needs kept on this computer waiting to be sent (filled in by /scripts/hors-ligne.js)."""
+    desk_ = desk(request, pages, directory)
+    now = clock()
+
+    def rows() -> list[Need]:
+        with db.read() as session:
+            found, _ = views.desk_needs(
+                session,
+                desk_.library.id,
+                now,
+                status="",
+                category="",
+                sla="",
+                q="",
+                unread=False,
+                page=1,
+                limit=RECENT_LIMIT,
+                overdue_limit=RECENT_LIMIT,
+            )
+            return found
+
+    items = [need_context(directory, n, now) for n in await anyio.to_thread.run_sync(rows)]
+    return show(request, pages, "recentes.html", library=desk_.library, items=items, updated_at=now)
 
 
 # --- the confirmation
