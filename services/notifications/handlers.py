@@ -63,8 +63,10 @@ def on_referral_event(
     now: datetime,
     link_for: Callable[[ReferralEvent | NeedUnroutable], str | None],
     transliterate: bool = True,
+    reply_address: Callable[[ReferralEvent | NeedUnroutable, str], str | None] | None = None,
 ) -> int:
-    """Queue one rendered message per recipient the event concerns; returns how many."""
+    """Queue one rendered message per recipient the event concerns; returns how many. `reply_address(event, role)`
+    gives a partner's messages their per-referral Reply-To (inbound.py), when replies by email are received."""
     if event.type == "referral.closed":
         lock_person_of(session, event.need_id)
         if (person := session.get(NeedPerson, event.need_id)) is None or person.erased_at is None:
@@ -73,7 +75,7 @@ def on_referral_event(
     kind = domain.KIND_OF.get(event.type)
     count = 0
     if kind is not None:
-        count += queue_for_staff(session, event, kind, directory, now, link_for)
+        count += queue_for_staff(session, event, kind, directory, now, link_for, reply_address)
     if isinstance(event, ReferralEvent) and event.type in domain.PERSON_KIND_OF:
         lock_person_of(session, event.need_id)
         person = session.get(NeedPerson, event.need_id)
@@ -93,6 +95,7 @@ def queue_for_staff(
     directory: Directory,
     now: datetime,
     link_for: Callable[[ReferralEvent | NeedUnroutable], str | None],
+    reply_address: Callable[[ReferralEvent | NeedUnroutable, str], str | None] | None = None,
 ) -> int:
     partner_id = getattr(event, "partner_id", None)
     library = directory.library(event.library_id)
@@ -141,7 +144,8 @@ def queue_for_staff(
             recipient_role=person.role,
             recipient=person.email,
             rendered=rendered,
-            reply_to=domain.reply_to(directory, event.library_id, person.role),
+            reply_to=(reply_address and reply_address(event, person.role))
+            or domain.reply_to(directory, event.library_id, person.role),
         )
         if kind == "handoff" and person.digest_at is not None:
             assert partner is not None and respond_by is not None  # a handoff (referral.assigned) names both
@@ -179,7 +183,11 @@ def on_need_recorded(
     the event sealed (consumers.py opens it), None when the person was erased before it was read: then nothing
     goes to them (no address, channel none)."""
     lock_person_of(session, event.need_id)
-    session.merge(NeedReference(need_id=event.need_id, reference=event.reference, library_id=event.library_id))
+    session.merge(
+        NeedReference(
+            need_id=event.need_id, reference=event.reference, library_id=event.library_id, person_id=event.person_id
+        )
+    )
     if (erased := session.get(NeedPerson, event.need_id)) is not None and erased.erased_at is not None:
         return 0  # a late or replayed need.recorded of a person since erased: nothing of them is kept
     person = session.get(NeedPerson, event.need_id) or NeedPerson(
