@@ -619,6 +619,38 @@ def register(svc: Service) -> None:
     )
     if svc.settings.inbound_smtp_port:
         svc.background.append(partial(serve_smtp, svc.settings, taker(svc)))
+    svc.openapi_refiners.append(document_inbound)
+
+
+# What the OpenAPI document says of replies by email: outside /api/v1 (a provider holds no bearer token, SMTP is not
+# HTTP), so as an extension that API tools skip, and in the description people read.
+INBOUND_SETTINGS = {
+    "RELAIS_INBOUND_SMTP_PORT": "port of the SMTP listener for partners' replies; off when unset (`relais up` sets it)",
+    "RELAIS_INBOUND_DOMAIN": "domain of the reply addresses reponse+TOKEN@domain; default RELAIS_MAIL_FROM's",
+    "RELAIS_INBOUND_MAX_BYTES": "largest message taken (1000000): SMTP 552, webhook 413 beyond it",
+    "RELAIS_MAILGUN_WEBHOOK_SIGNING_KEY": "Mailgun's webhook signing key: turns POST /webhooks/mail/mailgun on",
+    "RELAIS_INBOUND_AWAY_ESCALATES": "true: an out-of-office on a handoff escalates to the backup contact at once",
+}
+
+
+def document_inbound(document: dict) -> None:
+    document["x-relais-inbound-mail"] = {
+        "settings": INBOUND_SETTINGS,
+        "webhooks": {
+            "/webhooks/mail/mailgun": "POST, Mailgun's inbound route (forward), form fields signed with "
+            "HMAC-SHA256(signing key, timestamp + token): 200 kept, 403 bad signature, 406 not set up, 413 too large"
+        },
+        "events": ["partner.reply_received (stream inbound)", "referral.reply_recorded (stream referrals)"],
+        "docs": "docs/inbound-mail.md",
+    }
+    info = document.setdefault("info", {})
+    lines = "\n".join(f"- `{name}`: {what}" for name, what in INBOUND_SETTINGS.items())
+    info["description"] = (
+        (info.get("description") or "")
+        + "\n\n**Replies by email** (docs/inbound-mail.md): `POST /webhooks/mail/mailgun` (Mailgun's inbound route) and"
+        + " an SMTP listener. Settings:\n"
+        + lines
+    ).strip()
 
 
 # --- the webhook ---------------------------------------------------------------------------------------------------
