@@ -22,10 +22,12 @@ from services.notifications.render import Rendered, render, render_email
 from services.notifications.store import (
     Delivery,
     DeliveryAttempt,
+    InboundMail,
     NeedPerson,
     NeedReference,
     SmsSuppression,
     WaitingForPerson,
+    forget_replies,
     lock_person_of,
 )
 from shared.db import Database, emit
@@ -306,6 +308,8 @@ def on_person_erased(session: Session, event: PersonErased, now: datetime) -> No
         session.add(person)
         for row in session.exec(select(WaitingForPerson).where(WaitingForPerson.need_id == need_id)).all():
             session.delete(row)
+        replies = session.exec(select(InboundMail.id).where(InboundMail.need_id == need_id)).all()
+        forget_replies(session, replies, event.erased_at)  # partners' replies by email about the need
 
 
 def on_messages_withdrawn(session: Session, event: NeedMessagesWithdrawn, now: datetime) -> None:

@@ -213,8 +213,22 @@ def forget_people(session: Session, need_ids: Sequence[Any], now: datetime) -> N
     session.exec(sa.delete(WaitingForPerson).where(col(WaitingForPerson.need_id).in_(need_ids)))
 
 
+def _replies_due(session: Session, when: Due) -> Sequence[Any]:
+    return session.exec(
+        select(InboundMail.id).where(
+            col(InboundMail.text).is_not(None), col(InboundMail.received_at) < when.shortest_cutoff("message_bodies")
+        )
+    ).all()
+
+
+def forget_replies(session: Session, ids: Sequence[Any], now: datetime) -> None:
+    """A reply's words and subject go; the row stays (when, where from, what was made of it)."""
+    session.exec(sa.update(InboundMail).where(col(InboundMail.id).in_(ids)).values(text=None, subject=""))
+
+
 # One line per kind of row retention removes; shared.service.Service runs them after the technical rows.
 PURGE_RULES = [
     PurgeRule("email and SMS texts, deleted", "message_bodies", _bodies_due, forget_bodies),
+    PurgeRule("texts of partners' replies by email, deleted", "message_bodies", _replies_due, forget_replies),
     PurgeRule("contacts of people whose need never closed, deleted", "open_needs", _people_due, forget_people),
 ]
