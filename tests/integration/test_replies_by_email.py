@@ -95,6 +95,7 @@ def mailgun_fields(recipient: str, text: str, *, sender: str = REFERENT, spf: st
     }
 
 
+@pytest.mark.postgres  # the whole path on the production database
 def test_a_reply_over_smtp_accepts_and_a_later_one_is_kept_in_the_history(system, mail_sink):
     settings, intake, referral, notifications = system
     referral_id, reply_to = handed_off(intake, referral, mail_sink)
@@ -158,6 +159,7 @@ def test_a_decline_by_email_reroutes_and_a_reply_after_it_gets_a_polite_answer(s
     assert referral_of(referral, referral_id)["status"] == "declined"
 
 
+@pytest.mark.postgres
 def test_out_of_office_tells_the_coordinator_and_escalates_to_the_backup_bounces_are_never_answers(system, mail_sink):
     settings, intake, referral, notifications = system
     referral_id, reply_to = handed_off(intake, referral, mail_sink)
