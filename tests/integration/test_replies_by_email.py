@@ -187,6 +187,19 @@ def test_out_of_office_tells_the_coordinator_and_escalates_to_the_backup_bounces
     with notifications.svc.db.read() as session:
         verdicts = sorted(m.verdict for m in session.exec(select(InboundMail)).all())
     assert verdicts == ["bounce", "out_of_office"]
+    # The same escalation by hand (ops): once only.
+    again = referral.client("ops").post(f"/referrals/{referral_id}/escalate", json={"reason": "absent"})
+    assert again.status_code == 409, again.text
+
+
+def test_ops_escalate_a_referral_now(system, mail_sink):
+    settings, intake, referral, notifications = system
+    referral_id, _ = handed_off(intake, referral, mail_sink)
+    assert referral.client("caf").post(f"/referrals/{referral_id}/escalate", json={"reason": "x"}).status_code == 403
+    r = referral.client("ops").post(f"/referrals/{referral_id}/escalate", json={"reason": "référent en congé"})
+    assert r.status_code == 200, r.text
+    assert r.json()["sla"] == "at_risk" and r.json()["history"][-1]["action"] == "escalation"
+    assert wait_for(lambda: mail_sink.to("backup@caf.test.example"))
 
 
 def test_only_the_partners_addresses_and_our_reply_addresses_are_taken(system, mail_sink):
