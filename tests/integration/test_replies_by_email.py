@@ -243,6 +243,14 @@ def test_mailgun_inbound_route_posts_a_signed_answer(system, mail_sink):
     assert any(h["detail"] == "Nous avons déjà ce dossier : rendez-vous le 4." for h in responded["history"])
     assert sorted(m.verdict for m in _inbound(notifications)) == ["answer", "unauthenticated"]
 
+    # The person's erasure takes the partner's words with it, here and in referral's history.
+    person_id = intake.client("desk").get(f"/needs/{responded['need_id']}").json()["person_id"]
+    erased = intake.client("desk").post(f"/people/{person_id}/erase", json={"reason": "demande au guichet"})
+    assert erased.status_code == 202, erased.text
+    assert wait_for(lambda: all(m.text is None and m.subject == "" for m in _inbound(notifications)))
+    history = wait_for(lambda: (x := referral_of(referral, referral_id))["person_erased_at"] and x["history"])
+    assert history and all("rendez-vous" not in (h["detail"] or "") for h in history)
+
 
 def test_the_contract_documents_list_the_inbound_stream_and_webhook(system):
     settings, intake, referral, notifications = system
