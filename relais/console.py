@@ -39,6 +39,8 @@ KIND = {
     "unroutable": "the 'no partner' alert",
     "sign_in": "a sign-in link",
     "digest": "the daily digest",
+    "reply_not_applied": "the automatic answer to a late reply",
+    "contact_away": "the out-of-office alert",
 }
 ROLE = {
     "partner_contact": "the partner's contact",
@@ -169,5 +171,6 @@ def describe(event: str, record: dict[str, Any], directory: Directory) -> str | 
         "referral.escalated": f"escalated: {partner} has not answered",
         "referral.breached": f"deadline passed without an answer from {partner}",
         "need.cancelled": f"cancelled{by_hand}",
+        "partner.reply_received": f"{partner} replied by email",
     }
     return simple.get(event)

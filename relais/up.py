@@ -21,7 +21,7 @@ from pathlib import Path
 from relais.console import Console
 from relais.diagnostics import hide_password, load_settings, print_directory_errors
 from shared import logs
-from shared.devstack import MailSink, die_with_parent, start_embedded_redis
+from shared.devstack import MailSink, die_with_parent, free_port, start_embedded_redis
 from shared.settings import DEMO_DIRECTORY, DEMO_TOKENS, SERVICES, private_dir
 
 
@@ -80,6 +80,8 @@ class Up:
             if not self.settings.smtp_url:
                 self.sink = MailSink(self.data_dir / "mail")
                 env.update(self.sink.start())
+            # Partners' replies by email: notifications listens for them (docs/inbound-mail.md).
+            env["RELAIS_INBOUND_SMTP_PORT"] = str(self.settings.inbound_smtp_port or free_port())
             for service in SERVICES:
                 if not self._migrate(service, env):
                     return 2  # the migration said why
@@ -209,6 +211,10 @@ class Up:
             )
         else:
             lines.append(f"  {'smtp':<14} {env['RELAIS_SMTP_URL']}")
+        lines.append(
+            f"  {'inbound smtp':<14} smtp://{self.settings.host}:{env['RELAIS_INBOUND_SMTP_PORT']}   "
+            "(partners' replies to handoff emails: their reponse+...@ Reply-To)"
+        )
         lines.append(f"  {'data':<14} {self.data_dir}")
         lines.append(f"  {'logs':<14} {self.log_path}   (every service's full logs, JSON lines)")
         for service in SERVICES:

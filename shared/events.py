@@ -20,7 +20,8 @@ NEEDS = "needs"  # published by intake
 REFERRALS = "referrals"  # published by referral
 DELIVERIES = "deliveries"  # published by notifications
 ACCESS = "access"  # sign-in links asked for on any service's web pages, sent by notifications
-STREAMS = (NEEDS, REFERRALS, DELIVERIES, ACCESS)
+INBOUND = "inbound"  # partners' replies by email, received by notifications, acted on by referral
+STREAMS = (NEEDS, REFERRALS, DELIVERIES, ACCESS, INBOUND)
 DEAD_LETTER_SUFFIX = ".dlq"
 
 
@@ -316,6 +317,21 @@ class ReferralNudged(ReferralEvent):
     respond_by: AwareDatetime
 
 
+# What referral did with a partner's reply by email (partner.reply_received).
+ReplyOutcome = Literal["accepted", "responded", "declined", "noted", "left_partner", "away"]
+
+
+class ReferralReplyRecorded(ReferralEvent):
+    """A partner's reply by email was taken: `outcome` says how. An acceptance, answer or decline also has its own
+    event; notifications answers the sender when the referral had left the partner (`left_partner`) and tells the
+    coordinators of an out-of-office (`away`)."""
+
+    type: Literal["referral.reply_recorded"] = "referral.reply_recorded"
+    reply_id: str
+    contact_id: str
+    outcome: ReplyOutcome
+
+
 class NeedUnroutable(Event):
     type: Literal["need.unroutable"] = "need.unroutable"
     need_id: str
@@ -338,6 +354,7 @@ ReferralStreamEvent = Annotated[
     | ReferralPersonErased
     | ReferralNoteAdded
     | ReferralNudged
+    | ReferralReplyRecorded
     | NeedUnroutable,
     Field(discriminator="type"),
 ]
@@ -365,6 +382,30 @@ class DeliveryFailed(DeliveryEvent):
 
 
 DeliveryStreamEvent = Annotated[DeliverySent | DeliveryFailed, Field(discriminator="type")]
+
+# --- inbound -------------------------------------------------------------------------------------
+
+ReplyIntent = Literal["accept", "decline", "respond", "out_of_office"]
+
+
+class PartnerReplyReceived(Event):
+    """A partner's contact replied to a handoff email (notifications checked the reply address's token, the sender
+    and, through a provider, SPF/DKIM). `intent` is what its first line says; the new text of the reply (quoted
+    history and signature stripped) travels sealed with the person's data key like a desk's note (`sealed` opens to
+    DeskText); None for an out-of-office, or when the person was erased. Referral applies it by its API's rules."""
+
+    type: Literal["partner.reply_received"] = "partner.reply_received"
+    need_id: str
+    referral_id: str
+    partner_id: str
+    reply_id: str  # notifications' record of the message: what an automatic answer goes back to
+    contact_id: str  # the partner's contact who wrote (the handoff's, or another of the same partner)
+    intent: ReplyIntent
+    reason_code: DeclineReasonCode | None = None  # a decline's, from its first line
+    sealed: SealedPersonalData | None = None
+
+
+InboundEvent = PartnerReplyReceived
 
 # --- access -------------------------------------------------------------------------------------
 
@@ -398,6 +439,7 @@ AnyEvent = Annotated[
     | NeedRerouteRequested
     | ReferralStreamEvent
     | DeliveryStreamEvent
+    | PartnerReplyReceived
     | AccessLinkRequested,
     Field(discriminator="type"),
 ]
@@ -429,12 +471,14 @@ STREAM_OF: dict[str, str] = {
             "referral.person_erased",
             "referral.note_added",
             "referral.nudged",
+            "referral.reply_recorded",
             "need.unroutable",
         )
     },
     "delivery.sent": DELIVERIES,
     "delivery.failed": DELIVERIES,
     "access.link_requested": ACCESS,
+    "partner.reply_received": INBOUND,
 }
 
 

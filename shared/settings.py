@@ -150,6 +150,14 @@ class Settings(BaseSettings):
     delivery_retry_max_s: float = 3600.0
     delivery_max_attempts: int = Field(6, ge=1)
     mail_sink_dir: Path | None = None  # set by `relais up`: the embedded SMTP sink's folder of .eml files
+    # Partners' replies by email (docs/inbound-mail.md): the SMTP listener's port (off when unset; `relais up` sets
+    # it), the domain of the per-referral Reply-To addresses (default: RELAIS_MAIL_FROM's), the largest message taken,
+    # Mailgun's webhook signing key, and whether an out-of-office on a handoff escalates to the backup at once.
+    inbound_smtp_port: int | None = Field(None, ge=1, le=65535)
+    inbound_domain: str | None = Field(None, pattern=r"^[A-Za-z0-9.-]+$")
+    inbound_max_bytes: int = Field(1_000_000, ge=10_000)
+    mailgun_webhook_signing_key: str | None = Field(None, repr=False)
+    inbound_away_escalates: bool = True
     secret_key: str | None = None
     # Key-encryption keys of the personal data that events carry (shared.personal_data): `id:base64,...`, the first
     # wraps new data keys, the others only open old ones; unset, one key is derived from the signing key.

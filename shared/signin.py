@@ -120,6 +120,38 @@ def read_referral_token(settings: Settings, token: str, now: datetime | None = N
         raise TokenInvalid(REFERRAL_LINK) from None
 
 
+# --- reply addresses (docs/inbound-mail.md) -----------------------------------------------------------------
+# The handoff email's Reply-To is `reponse+TOKEN@<inbound domain>`. Mail systems may change the case of an address's
+# local part and refuse one longer than 64 characters, so this token is lower-case hex rather than an itsdangerous
+# string: the referral's id (32 hex) and 20 hex of an HMAC-SHA256, keyed like every token here, over the purpose,
+# the referral and the contact it was sent to. It does not expire: the referral's status decides what a reply does.
+
+REPLY_ADDRESS = "reply-address"
+REPLY_LOCAL_PART = "reponse"
+_REPLY_MAC_HEX = 20
+
+
+def _reply_mac(settings: Settings, referral_id: str, contact_id: str) -> str:
+    message = f"{REPLY_ADDRESS}:{referral_id}:{contact_id}".encode()
+    return hmac.new(settings.signing_key.encode(), message, hashlib.sha256).hexdigest()[:_REPLY_MAC_HEX]
+
+
+def reply_token(settings: Settings, referral_id: str, contact_id: str) -> str:
+    return f"{referral_id}{_reply_mac(settings, referral_id, contact_id)}"
+
+
+def referral_of_reply_token(token: str) -> str | None:
+    """The referral a reply token names (not yet checked: `reply_token_matches` does that), or None."""
+    token = token.strip().lower()
+    if len(token) != 32 + _REPLY_MAC_HEX or any(c not in "0123456789abcdef" for c in token):
+        return None
+    return token[:32]
+
+
+def reply_token_matches(settings: Settings, token: str, referral_id: str, contact_id: str) -> bool:
+    return hmac.compare_digest(token.strip().lower(), reply_token(settings, referral_id, contact_id))
+
+
 @dataclass(frozen=True)
 class SignInGrant:
     user_id: str

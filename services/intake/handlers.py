@@ -459,7 +459,7 @@ def on_referral_event(session: Session, event: ReferralEvent | NeedUnroutable) -
     need = session.get(Need, event.need_id)
     if need is None:
         return  # a need from another deployment sharing the namespace would be a bug; nothing to update
-    if event.type in ("referral.note_added", "referral.nudged") or (
+    if event.type in ("referral.note_added", "referral.nudged", "referral.reply_recorded") or (
         isinstance(event, ReferralClosed) and event.by_desk
     ):
         return  # the desk's own actions, already in the need's history

@@ -14,7 +14,7 @@ from functools import partial
 from fastapi import FastAPI
 from prometheus_client import Gauge
 
-from services.notifications import api, consumers, providers, sender, views, web
+from services.notifications import api, consumers, inbound, providers, sender, views, web
 from services.notifications.store import PURGE_RULES, TABLES
 from services.notifications.views import MailSinkFolder
 from shared.events import utcnow
@@ -62,10 +62,13 @@ def bootstrap(settings: Settings | None = None, *, clock: Callable[[], datetime]
             wake.set()
 
     consumers.register(service, wake_senders)
+    inbound.register(service)
     service.on_scrape.append(_deliveries_gauge(service))
     pages = web.pages_for(service)
     app = service.create_app(
-        api.router, title="Relais notifications", pages=[pages.sign_in_router(), web.router, api.webhooks]
+        api.router,
+        title="Relais notifications",
+        pages=[pages.sign_in_router(), web.router, api.webhooks, inbound.webhooks],
     )
     runtime = NotificationsRuntime(service, app, wakes, pages, web.mail_sink_for(settings))
     app.state.runtime = runtime  # what deps.py gives the routes

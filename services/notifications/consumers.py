@@ -8,7 +8,7 @@ from typing import Any
 import anyio
 from sqlmodel import Session
 
-from services.notifications import handlers
+from services.notifications import handlers, inbound
 from shared.events import (
     ACCESS,
     DELIVERIES,
@@ -18,6 +18,7 @@ from shared.events import (
     DeliveryStreamEvent,
     NeedEvent,
     NeedRecorded,
+    ReferralReplyRecorded,
     ReferralStreamEvent,
 )
 from shared.service import Service
@@ -57,11 +58,21 @@ def register(svc: Service, wake_senders: Callable[[], None]) -> None:
         if await svc.bus.process(handler, event):
             wake_senders()
 
+    def reply_address(event, role: str) -> str | None:
+        """The per-referral Reply-To of a message to the partner (inbound.py), when replies can reach us."""
+        return inbound.reply_address(svc.settings, event, role)
+
+    def on_referral(session: Session, event) -> object:
+        if isinstance(event, ReferralReplyRecorded):  # what referral made of a reply by email
+            return inbound.on_reply_recorded(session, event, svc.directory, svc.settings, svc.clock())
+        inbound.remember_route(session, event)  # referral.assigned: who its reply address is bound to
+        return handlers.on_referral_event(
+            session, event, svc.directory, svc.clock(), link_for, transliterate, reply_address
+        )
+
     @svc.bus.subscriber(REFERRALS, "Referral events are turned into emails and SMS to the people concerned.")
     async def on_referral_event(event: ReferralStreamEvent) -> None:
-        if await svc.bus.process(
-            lambda s, e: handlers.on_referral_event(s, e, svc.directory, svc.clock(), link_for, transliterate), event
-        ):
+        if await svc.bus.process(on_referral, event):
             wake_senders()
 
     @svc.bus.subscriber(ACCESS, "Sign-in links asked for on any service's pages are emailed.")

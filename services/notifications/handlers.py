@@ -22,10 +22,12 @@ from services.notifications.render import Rendered, render, render_email
 from services.notifications.store import (
     Delivery,
     DeliveryAttempt,
+    InboundMail,
     NeedPerson,
     NeedReference,
     SmsSuppression,
     WaitingForPerson,
+    forget_replies,
     lock_person_of,
 )
 from shared.db import Database, emit
@@ -63,8 +65,10 @@ def on_referral_event(
     now: datetime,
     link_for: Callable[[ReferralEvent | NeedUnroutable], str | None],
     transliterate: bool = True,
+    reply_address: Callable[[ReferralEvent | NeedUnroutable, str], str | None] | None = None,
 ) -> int:
-    """Queue one rendered message per recipient the event concerns; returns how many."""
+    """Queue one rendered message per recipient the event concerns; returns how many. `reply_address(event, role)`
+    gives a partner's messages their per-referral Reply-To (inbound.py), when replies by email are received."""
     if event.type == "referral.closed":
         lock_person_of(session, event.need_id)
         if (person := session.get(NeedPerson, event.need_id)) is None or person.erased_at is None:
@@ -73,7 +77,7 @@ def on_referral_event(
     kind = domain.KIND_OF.get(event.type)
     count = 0
     if kind is not None:
-        count += queue_for_staff(session, event, kind, directory, now, link_for)
+        count += queue_for_staff(session, event, kind, directory, now, link_for, reply_address)
     if isinstance(event, ReferralEvent) and event.type in domain.PERSON_KIND_OF:
         lock_person_of(session, event.need_id)
         person = session.get(NeedPerson, event.need_id)
@@ -93,6 +97,7 @@ def queue_for_staff(
     directory: Directory,
     now: datetime,
     link_for: Callable[[ReferralEvent | NeedUnroutable], str | None],
+    reply_address: Callable[[ReferralEvent | NeedUnroutable, str], str | None] | None = None,
 ) -> int:
     partner_id = getattr(event, "partner_id", None)
     library = directory.library(event.library_id)
@@ -141,7 +146,8 @@ def queue_for_staff(
             recipient_role=person.role,
             recipient=person.email,
             rendered=rendered,
-            reply_to=domain.reply_to(directory, event.library_id, person.role),
+            reply_to=(reply_address and reply_address(event, person.role))
+            or domain.reply_to(directory, event.library_id, person.role),
         )
         if kind == "handoff" and person.digest_at is not None:
             assert partner is not None and respond_by is not None  # a handoff (referral.assigned) names both
@@ -179,7 +185,11 @@ def on_need_recorded(
     the event sealed (consumers.py opens it), None when the person was erased before it was read: then nothing
     goes to them (no address, channel none)."""
     lock_person_of(session, event.need_id)
-    session.merge(NeedReference(need_id=event.need_id, reference=event.reference, library_id=event.library_id))
+    session.merge(
+        NeedReference(
+            need_id=event.need_id, reference=event.reference, library_id=event.library_id, person_id=event.person_id
+        )
+    )
     if (erased := session.get(NeedPerson, event.need_id)) is not None and erased.erased_at is not None:
         return 0  # a late or replayed need.recorded of a person since erased: nothing of them is kept
     person = session.get(NeedPerson, event.need_id) or NeedPerson(
@@ -298,6 +308,8 @@ def on_person_erased(session: Session, event: PersonErased, now: datetime) -> No
         session.add(person)
         for row in session.exec(select(WaitingForPerson).where(WaitingForPerson.need_id == need_id)).all():
             session.delete(row)
+        replies = session.exec(select(InboundMail.id).where(InboundMail.need_id == need_id)).all()
+        forget_replies(session, replies, event.erased_at)  # partners' replies by email about the need
 
 
 def on_messages_withdrawn(session: Session, event: NeedMessagesWithdrawn, now: datetime) -> None:

@@ -91,6 +91,41 @@ class NeedReference(SQLModel, table=True):
     need_id: str = Field(primary_key=True, max_length=32)
     reference: str | None = Field(default=None, index=True, max_length=24)
     library_id: str = Field(index=True, max_length=64)
+    # The person's pseudonymous id: a partner's reply by email is sealed with their data key (inbound.py).
+    person_id: str | None = Field(default=None, max_length=64)
+
+
+class ReplyRoute(SQLModel, table=True):
+    """Who a handoff went to, from `referral.assigned`: what a reply to its `reponse+TOKEN@` address is checked
+    against (the token is bound to the referral and this contact; the sender must be one of the partner's)."""
+
+    __tablename__ = "reply_route"
+    referral_id: str = Field(primary_key=True, max_length=32)
+    need_id: str = Field(index=True, max_length=32)
+    partner_id: str = Field(max_length=64)
+    contact_id: str = Field(max_length=64)
+    library_id: str = Field(max_length=64)
+    category: str = Field(max_length=64)
+
+
+class InboundMail(SQLModel, table=True):
+    """Every message received on the reply addresses (SMTP listener or a provider's webhook), with what was made of
+    it: nothing received is lost, even what was not taken as an answer."""
+
+    __tablename__ = "inbound_mail"
+    id: str = Field(primary_key=True, max_length=32)
+    received_at: datetime = Field(sa_type=UTCDateTime, index=True)
+    source: str = Field(max_length=16)  # smtp | mailgun
+    referral_id: str | None = Field(default=None, index=True, max_length=32)
+    need_id: str | None = Field(default=None, index=True, max_length=32)
+    sender: str = Field(max_length=254)  # the envelope or From address (a partner's, when it is taken)
+    contact_id: str | None = Field(default=None, max_length=64)
+    subject: str = ""
+    text: str | None = None  # the reply's new text (quoted history and signature stripped)
+    # answer | auto_reply | bounce | no_token | bad_token | unknown_sender | unauthenticated
+    verdict: str = Field(max_length=32)
+    intent: str | None = Field(default=None, max_length=16)  # accept | decline | respond | out_of_office
+    outcome: str | None = Field(default=None, max_length=16)  # referral's (referral.reply_recorded)
 
 
 class WaitingForPerson(SQLModel, table=True):
@@ -119,6 +154,8 @@ TABLES = [
     table_of(NeedReference),
     table_of(WaitingForPerson),
     table_of(SmsSuppression),
+    table_of(ReplyRoute),
+    table_of(InboundMail),
     USED_TOKEN_TABLE,
     ACCESS_LOG_TABLE,
 ]
@@ -176,8 +213,22 @@ def forget_people(session: Session, need_ids: Sequence[Any], now: datetime) -> N
     session.exec(sa.delete(WaitingForPerson).where(col(WaitingForPerson.need_id).in_(need_ids)))
 
 
+def _replies_due(session: Session, when: Due) -> Sequence[Any]:
+    return session.exec(
+        select(InboundMail.id).where(
+            col(InboundMail.text).is_not(None), col(InboundMail.received_at) < when.shortest_cutoff("message_bodies")
+        )
+    ).all()
+
+
+def forget_replies(session: Session, ids: Sequence[Any], now: datetime) -> None:
+    """A reply's words and subject go; the row stays (when, where from, what was made of it)."""
+    session.exec(sa.update(InboundMail).where(col(InboundMail.id).in_(ids)).values(text=None, subject=""))
+
+
 # One line per kind of row retention removes; shared.service.Service runs them after the technical rows.
 PURGE_RULES = [
     PurgeRule("email and SMS texts, deleted", "message_bodies", _bodies_due, forget_bodies),
+    PurgeRule("texts of partners' replies by email, deleted", "message_bodies", _replies_due, forget_replies),
     PurgeRule("contacts of people whose need never closed, deleted", "open_needs", _people_due, forget_people),
 ]

@@ -47,6 +47,8 @@ KINDS = (
     "receipt",
     "desk_note",
     "desk_nudge",
+    "reply_not_applied",
+    "contact_away",
 )
 CHANNELS = ("email", "sms")
 STATUSES = ("queued", "sent", "delivered", "failed", "suppressed")

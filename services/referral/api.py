@@ -20,6 +20,7 @@ from services.referral.commands import (
     CancelReferral,
     CloseReferral,
     DeclineReferral,
+    EscalateReferral,
     PausePartner,
     ReassignReferral,
     ReplayDeadLetters,
@@ -136,6 +137,11 @@ class AssignBody(BaseModel):
 
 
 class CancelBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field(min_length=1, max_length=2000)
+
+
+class EscalateBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     reason: str = Field(min_length=1, max_length=2000)
 
@@ -354,6 +360,15 @@ async def assign(need_id: str, user: OpsUser, body: AssignBody, deps: CommandDep
 @router.post("/referrals/{referral_id}/cancel", response_model=ReferralPublic, responses=error_responses(409))
 async def cancel(referral_id: str, user: OpsUser, body: CancelBody, deps: CommandDeps) -> ReferralPublic:
     done = await run(CancelReferral(referral_id, user.id, body.reason), deps)
+    return public(done.referral, done.history, user, reference=done.reference)
+
+
+@router.post("/referrals/{referral_id}/escalate", response_model=ReferralPublic, responses=error_responses(409))
+async def escalate(referral_id: str, user: OpsUser, body: EscalateBody, deps: CommandDeps) -> ReferralPublic:
+    """Ops escalate now, before the clock does: the backup contact and the coordinators get the escalation email
+    (referral.escalated), `sla` becomes at_risk. 409 when the need is no longer waiting for a first answer or was
+    escalated already. (An out-of-office reply to the handoff does the same: docs/inbound-mail.md.)"""
+    done = await run(EscalateReferral(referral_id, user.id, body.reason), deps)
     return public(done.referral, done.history, user, reference=done.reference)
 
 

@@ -41,6 +41,7 @@ def bootstrap(settings: Settings | None = None, *, clock: Callable[[], datetime]
     queue_watch = QueueWatch()
     pages = web.pages_for(service)
     consumers.register(service, clock_wake)
+    consumers.register_inbound(service, clock_wake)  # partners' replies by email
     service.background.append(lambda: consumers.run_clock(service, clock_wake, timer_lag))
     metrics.register(service, queue_watch)
     service.openapi_refiners.append(api.directory_ids(service))

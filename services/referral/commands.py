@@ -49,6 +49,16 @@ class CloseReferral:
 
 
 @dataclass(frozen=True)
+class EscalateReferral:
+    """Escalate now, before the clock does: the backup contact and the coordinators are told (referral.escalated).
+    Also what an out-of-office reply to a handoff does when RELAIS_INBOUND_AWAY_ESCALATES is true."""
+
+    referral_id: str
+    actor: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class CancelReferral:
     referral_id: str
     actor: str

@@ -16,8 +16,10 @@ from sqlmodel import Session
 from services.referral import handlers
 from services.referral.store import next_timer_due
 from shared.events import (
+    INBOUND,
     NEEDS,
     REFERRALS,
+    InboundEvent,
     NeedClosedByDesk,
     NeedEvent,
     NeedNoteAdded,
@@ -83,6 +85,25 @@ def register(svc: Service, clock_wake: asyncio.Event) -> None:
             return  # not referral's concern (need.messages_withdrawn: the partner still has the need)
         if await svc.bus.process(handler, event):
             clock_wake.set()  # the need may have new timers: the clock looks again at once
+
+
+def register_inbound(svc: Service, clock_wake: asyncio.Event) -> None:
+    """The subscriber of partners' replies by email, which notifications received and checked."""
+
+    @svc.bus.subscriber(
+        INBOUND,
+        "A partner's reply by email to a handoff is applied by the API's rules (accept, decline, respond), kept in the "
+        "referral's history otherwise; an out-of-office may escalate to the backup contact at once.",
+    )
+    async def on_inbound_event(event: InboundEvent) -> None:
+        text = None
+        if event.sealed is not None:
+            text = await anyio.to_thread.run_sync(svc.personal_data.open_text, event.sealed, event.need_id)
+        escalates = svc.settings.inbound_away_escalates
+        if await svc.bus.process(
+            lambda s, e: handlers.on_partner_reply(s, e, text, svc.directory, svc.clock(), escalates), event
+        ):
+            clock_wake.set()
 
 
 async def run_clock(svc: Service, clock_wake: asyncio.Event, timer_lag: Histogram) -> None:

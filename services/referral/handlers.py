@@ -26,6 +26,7 @@ from services.referral.commands import (
     CancelReferral,
     CloseReferral,
     DeclineReferral,
+    EscalateReferral,
     PausePartner,
     ReassignReferral,
     RecordPrivacyIncident,
@@ -68,6 +69,7 @@ from shared.events import (
     NeedRecorded,
     NeedRerouteRequested,
     NeedUnroutable,
+    PartnerReplyReceived,
     PersonErased,
     ReferralAccepted,
     ReferralAssigned,
@@ -80,7 +82,9 @@ from shared.events import (
     ReferralNudged,
     ReferralPersonErased,
     ReferralReminderDue,
+    ReferralReplyRecorded,
     ReferralResponded,
+    ReplyOutcome,
     new_id,
 )
 from shared.messaging import replay
@@ -484,6 +488,109 @@ def fire_due_timers(
     return fired
 
 
+def escalate_now(session: Session, referral: Referral, now: datetime, actor: str, detail: str) -> bool:
+    """Fire the need's escalation timer now (the backup contact and the coordinators are told by
+    referral.escalated), if the need still waits for its first answer and the clock has not escalated yet."""
+    if not domain.timer_fires(referral.status, referral.sla):
+        return False
+    timer = session.exec(
+        select(ClockTimer).where(
+            ClockTimer.need_id == referral.need_id, ClockTimer.kind == "escalation", col(ClockTimer.fired_at).is_(None)
+        )
+    ).first()
+    if timer is None:
+        return False
+    timer.fired_at, timer.outcome = now, "fired"
+    referral.sla, referral.updated_at = domain.SLA_AFTER_TIMER["escalation"], now
+    session.add_all(
+        [
+            timer,
+            referral,
+            ReferralHistory(referral_id=referral.id, at=now, action="escalation", actor=actor, detail=detail),
+        ]
+    )
+    case = session.get_one(NeedCase, referral.need_id, with_for_update=True)  # its sequence moves
+    emit(
+        session,
+        ReferralEscalated(
+            **referral_event_fields(referral, case, actor, now),
+            contact_id=referral.contact_id,
+            respond_by=referral.respond_by,
+        ),
+    )
+    session.add(case)
+    return True
+
+
+# --- a partner's reply by email (notifications received it: services/notifications/inbound.py) -------------------
+
+
+def on_partner_reply(
+    session: Session,
+    event: PartnerReplyReceived,
+    text: str | None,
+    directory: Directory,
+    now: datetime,
+    away_escalates: bool = True,
+) -> ReplyOutcome:
+    """Apply a partner's reply by the API's rules: the first line's acceptance accepts, a decline declines with its
+    reason code, anything else is the `respond` message. What no transition allows (a second answer, an unclear
+    line after an acceptance) is kept in the referral's history, where the desk and the coordinator read it: nothing
+    is lost. A referral that has left the partner takes nothing (notifications answers the sender politely). An
+    out-of-office is recorded and, with `away_escalates`, escalates to the backup contact at once. `text` is what the
+    event sealed (None: an out-of-office, or the person was erased). referral.reply_recorded says what was done."""
+    referral = lock_referral(session, event.referral_id)
+    if referral is None:  # notifications knew it from referral.assigned: this replica is only behind
+        raise LookupError(f"referral {event.referral_id} is not known here yet")
+    actor = f"email:{event.contact_id}"
+    current = current_referral(session, referral.need_id)
+    outcome: ReplyOutcome
+    if referral.partner_id != event.partner_id or current is None or current.id != referral.id:
+        outcome = "left_partner"
+    elif event.intent == "out_of_office":
+        session.add(ReferralHistory(referral_id=referral.id, at=now, action="out_of_office", actor=actor, detail=None))
+        if away_escalates:
+            escalate_now(session, referral, now, "system", "escalation (out-of-office reply)")
+        outcome = "away"
+    else:
+        words = text if text is not None else ERASED
+        status = referral.status
+        if event.intent == "accept" and status == "assigned":
+            transition(session, referral.id, "accept", actor, now, directory)
+            if text:
+                session.add(
+                    ReferralHistory(referral_id=referral.id, at=now, action="email_reply", actor=actor, detail=words)
+                )
+            outcome = "accepted"
+        elif event.intent == "decline" and status in ("assigned", "accepted"):
+            transition(
+                session, referral.id, "decline", actor, now, directory, text or None, reason_code=event.reason_code
+            )
+            outcome = "declined"
+        elif event.intent != "accept" and status in ("assigned", "accepted") and words.strip():
+            transition(session, referral.id, "respond", actor, now, directory, words)
+            outcome = "responded"
+        else:
+            detail = words if text else f"({event.intent})"
+            session.add(
+                ReferralHistory(referral_id=referral.id, at=now, action="email_reply", actor=actor, detail=detail)
+            )
+            outcome = "noted"
+    session.flush()
+    case = session.get_one(NeedCase, referral.need_id, with_for_update=True)  # its sequence moves
+    emit(
+        session,
+        ReferralReplyRecorded(
+            **referral_event_fields(referral, case, actor, now),
+            reply_id=event.reply_id,
+            contact_id=event.contact_id,
+            outcome=outcome,
+        ),
+    )
+    session.add(case)
+    return outcome
+
+
 # --- commands -------------------------------------------------------------------------------------------------
 
 
@@ -593,6 +700,19 @@ def decline_referral(session: Session, command: DeclineReferral, deps: Deps) -> 
 
 def close_referral(session: Session, command: CloseReferral, deps: Deps) -> ReferralState:
     return _partner_action(session, command, "close", command.outcome, deps)
+
+
+def escalate_referral(session: Session, command: EscalateReferral, deps: Deps) -> ReferralState:
+    """Ops escalate a referral now (the backup contact and the coordinators are told); recorded in the ops log.
+    Refused (TransitionRefused) once the need was answered or its clock escalated already."""
+    now = deps.clock()
+    referral = lock_referral(session, command.referral_id)
+    if referral is None:
+        raise NotFound("no such referral")
+    if not escalate_now(session, referral, now, command.actor, f"escalation (ops: {command.reason})"):
+        raise domain.TransitionRefused("the need is not waiting for a first answer, or was escalated already")
+    _audit(session, command.actor, "escalate", referral.id, command.reason, now)
+    return ReferralState(referral, history_of(session, referral.id), _reference_of(session, referral.need_id))
 
 
 def cancel_referral(session: Session, command: CancelReferral, deps: Deps) -> ReferralState:
@@ -807,6 +927,7 @@ COMMAND_HANDLERS: dict[type, Callable[..., Any]] = {
     DeclineReferral: decline_referral,
     CloseReferral: close_referral,
     CancelReferral: cancel_referral,
+    EscalateReferral: escalate_referral,
     ReassignReferral: reassign_referral,
     AssignNeed: assign_need,
     PausePartner: pause_partner,

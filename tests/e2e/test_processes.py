@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
+import smtplib
 import subprocess
 import sys
 import uuid
 from email import message_from_bytes, policy
+from email.message import EmailMessage
 from pathlib import Path
 
 import httpx
@@ -328,6 +331,26 @@ def test_relais_up_runs_everything_and_stops_its_whole_tree(processes, tmp_path,
     assert msg is not None, up.output()
     assert "nouvelle demande" in str(msg["subject"]).lower()
     assert (data_dir / "intake.db").exists() and (data_dir / "referral.db").exists()
+
+    # The partner answers by replying to the handoff: `relais up` listens for replies and says where.
+    listener = re.search(r"inbound smtp\s+smtp://127\.0\.0\.1:(\d+)", up.output())
+    assert listener, up.output()
+    assert str(msg["reply-to"]).startswith("reponse+"), msg["reply-to"]
+    answer = EmailMessage()
+    answer["From"], answer["To"], answer["Subject"] = "referent@caf.test.example", str(msg["reply-to"]), "Re: demande"
+    answer.set_content("Je prends.\n\nLe lundi, Relais a écrit :\n> Nouvelle demande")
+    with smtplib.SMTP("127.0.0.1", int(listener.group(1)), timeout=30) as smtp:
+        smtp.send_message(answer)
+    accepted = wait_for(
+        lambda: (
+            api(urls["referral"], "ops")
+            .get("/referrals", params={"need_id": r.json()["id"]})
+            .json()["items"][0]["status"]
+            == "accepted"
+        ),
+        START_TIMEOUT,
+    )
+    assert accepted, up.output()
 
     # SIGHUP: the directory is checked, then each service loads it again; nothing stops.
     need_id = r.json()["id"]

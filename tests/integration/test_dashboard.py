@@ -241,7 +241,7 @@ def test_every_figure_on_seeded_data(referral):
         "referral": True,
         "notifications": False,
     }
-    assert [s["name"] for s in board["queues"]["streams"]] == ["needs", "referrals", "deliveries", "access"]
+    assert [s["name"] for s in board["queues"]["streams"]] == ["needs", "referrals", "deliveries", "access", "inbound"]
 
     metrics = httpx.get(f"{referral.url}/metrics").text
     assert 'relais_open_referrals{sla="breached"} 2.0' in metrics

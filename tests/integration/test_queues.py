@@ -28,7 +28,7 @@ async def test_a_streams_figures_are_read_from_redis(redis_url, namespace):
 
         everything = await queues_report(client, namespace)
         assert [r.stream for r in everything] == [
-            f"{namespace}:{s}" for s in ("needs", "referrals", "deliveries", "access")
+            f"{namespace}:{s}" for s in ("needs", "referrals", "deliveries", "access", "inbound")
         ]
     finally:
         await client.aclose()
