@@ -52,6 +52,12 @@ def referral_of(referral, need_id: str) -> dict:
     return referral.client("ops").get(f"/referrals/{items[0]['id']}").json()
 
 
+def csrf_of(page: str) -> str:
+    found = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert found is not None, page
+    return found[1]
+
+
 def questions(notif) -> list[Delivery]:
     with notif.svc.db.transaction() as session:
         return list(session.exec(select(Delivery).where(Delivery.kind == "contact_question")).all())
@@ -149,7 +155,7 @@ def test_the_email_buttons_open_a_confirmation_page_and_only_its_post_answers(
         assert page.status_code == 200 and "Confirmer : oui" in page.text
         assert 'lang="fr"' in page.text and "<h1>" in page.text
         assert referral_of(referral, need["id"])["person_contacted"] is None
-        csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)[1]
+        csrf = csrf_of(page.text)
         assert browser.post(yes, data={"csrf": "forged"}).status_code == 403
         done = browser.post(yes, data={"csrf": csrf})
         assert done.status_code == 303 and done.headers["location"] == yes.removeprefix(str(referral.url))
@@ -158,7 +164,7 @@ def test_the_email_buttons_open_a_confirmation_page_and_only_its_post_answers(
 
         other = browser.get(no)  # the other button afterwards: the first answer stays
         assert "Merci pour votre réponse" in other.text and "la première" in other.text
-        browser.post(no, data={"csrf": re.search(r'name="csrf" value="([^"]+)"', page.text)[1]})
+        assert browser.post(no, data={"csrf": csrf}).status_code == 403  # the CSRF token is bound to its link
         assert browser.get(yes[:-3] + "xyz").status_code == 400  # an altered link
 
     found = referral_of(referral, need["id"])
