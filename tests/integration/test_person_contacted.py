@@ -188,3 +188,20 @@ def test_a_person_who_withdrew_consent_to_messages_is_not_asked(settings, mail_s
     clock.advance(timedelta(days=3, minutes=1))
     question = wait_for(lambda: questions(notif))[0]
     assert (question.status, question.suppressed_reason) == ("suppressed", "no_consent")
+
+
+def test_the_contract_documents_carry_person_contacted_and_its_events(settings):
+    from services.notifications.app import bootstrap as notifications_app
+    from services.referral.app import bootstrap as referral_app
+
+    referral = referral_app(settings)
+    schemas = referral.service.asyncapi()["components"]["schemas"]
+    assert schemas["ReferralContactQuestionDue"]["properties"]["type"]["const"] == "referral.contact_question_due"
+    assert schemas["ReferralPersonContacted"]["properties"]["person_contacted"]["enum"] == ["yes", "no"]
+    assert "PersonContactAnswered" in schemas  # referral reads it from the deliveries stream
+    with_smtp = settings.model_copy(update={"smtp_url": "smtp://127.0.0.1:25"})  # not used: the document only
+    notifications = notifications_app(with_smtp).service.asyncapi()["components"]["schemas"]
+    assert notifications["PersonContactAnswered"]["properties"]["answer"]["enum"] == ["yes", "no"]
+
+    public = referral.app.openapi()["components"]["schemas"]["ReferralPublic"]["properties"]["person_contacted"]
+    assert {"enum": ["yes", "no"], "type": "string"} in public["anyOf"] and {"type": "null"} in public["anyOf"]
