@@ -111,6 +111,12 @@ def test_a_no_by_sms_is_recorded_alerts_the_desk_and_the_coordinator_and_no_seco
         assert reference in text and "Marie" not in text and PHONE not in text  # the reference, no personal data
     assert not [m for m in mail_sink.to("referent@caf.test.example") if "contactée" in m["subject"]]
 
+    # The dashboard's figures: the partner's and everyone's "contact confirmé par la personne".
+    dashboard = referral.client("ops").get("/dashboard").json()
+    caf76 = next(p for p in dashboard["partners"] if p["id"] == "caf-76")
+    assert caf76["contact"] == {"asked": 1, "yes": 0, "no": 1, "no_answer": 0, "confirmed_share": 0.0}
+    assert dashboard["person_contacted"]["no"] == 1
+
     # A second answer changes nothing; the desk sees the answer in the need's history.
     signed_twilio_post(notif, {"MessageSid": "SM2", "From": PHONE, "To": "+33700000000", "Body": "Oui."})
     seen = wait_for(
