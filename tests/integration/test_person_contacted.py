@@ -127,6 +127,8 @@ def test_a_no_by_sms_is_recorded_alerts_the_desk_and_the_coordinator_and_no_seco
         )
     )
     assert referral_of(referral, need["id"])["person_contacted"] == "no"
+    assert ("referral.person_contacted", "no") in [(h["event"], h.get("detail")) for h in seen["history"]]
+    assert "referral.contact_question_due" in [h["event"] for h in seen["history"]]
 
     # STOP works as before; and however long we wait, no second question about this referral goes.
     assert signed_twilio_post(notif, {"MessageSid": "SM3", "From": PHONE, "Body": "STOP"}).status_code == 200
