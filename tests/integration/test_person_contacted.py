@@ -160,7 +160,7 @@ def test_the_email_buttons_open_a_confirmation_page_and_only_its_post_answers(
 
     with httpx.Client(follow_redirects=False) as browser:
         page = browser.get(yes)  # what a mail scanner does: nothing is recorded
-        assert page.status_code == 200 and "Confirmer : oui" in page.text
+        assert page.status_code == 200 and "Confirmer&nbsp;: oui" in page.text
         assert 'lang="fr"' in page.text and "<h1>" in page.text
         assert referral_of(referral, need["id"])["person_contacted"] is None
         csrf = csrf_of(page.text)
