@@ -74,6 +74,7 @@ def ask(notif, clock, days: int = 3) -> Delivery:
     return wait_for(lambda: (d := questions(notif)[0]).status == "sent" and d)
 
 
+@pytest.mark.postgres  # the clock takes its timers FOR UPDATE SKIP LOCKED there
 def test_a_no_by_sms_is_recorded_alerts_the_desk_and_the_coordinator_and_no_second_question_goes(
     settings, mail_sink, twilio, clock, start_service
 ):
