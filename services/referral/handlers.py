@@ -324,7 +324,7 @@ def _schedule_contact_question(
                 need_id=case.need_id,
                 referral_id=referral.id,
                 kind=domain.CONTACT_QUESTION,
-                number=case.sequence + 1,  # the sequence of the event this answer emits: unique within the need
+                number=case.sequence,  # that of the event this answer emits (numbered above): unique within the need
                 due_at=domain.contact_question_due(now, partner),
             )
         )

@@ -214,3 +214,54 @@ def test_the_contract_documents_carry_person_contacted_and_its_events(settings):
 
     public = referral.app.openapi()["components"]["schemas"]["ReferralPublic"]["properties"]["person_contacted"]
     assert {"enum": ["yes", "no"], "type": "string"} in public["anyOf"] and {"type": "null"} in public["anyOf"]
+
+
+def test_after_a_decline_only_the_partner_that_holds_the_need_has_the_person_asked(settings, clock, start_service):
+    from services.referral import handlers
+    from services.referral.store import ClockTimer, Referral
+    from tests.helpers import record_need
+
+    referral = start_service("referral", settings)
+    svc = referral.svc
+    first = record_need(svc, person={"email": "marie@example.org", "preferred_channel": "email"})
+    caf = referral.client("caf")
+    assert caf.post(f"/referrals/{first}/accept").status_code == 200
+    declined = caf.post(f"/referrals/{first}/decline", json={"reason_code": "capacity", "reason": ""})
+    assert declined.status_code == 200, declined.text
+    with svc.db.transaction() as session:  # the national platform, which took the need, answers (it has no token)
+        second = session.exec(select(Referral.id).where(Referral.partner_id == "caf-national")).one()
+        handlers.transition(session, second, "accept", "test", svc.clock(), svc.directory)
+        handlers.transition(session, second, "respond", "test", svc.clock(), svc.directory, "Rendez-vous fixé")
+
+    clock.advance(timedelta(days=3, minutes=1))
+
+    def timers() -> dict[str | None, str | None]:
+        with svc.db.transaction() as session:
+            rows = session.exec(select(ClockTimer).where(ClockTimer.kind == "contact_question")).all()
+            return {t.referral_id: t.outcome for t in rows}
+
+    assert wait_for(lambda: all(timers().values())) and timers() == {first: "moot", second: "fired"}
+    ops = referral.client("ops")
+    assert ops.get(f"/referrals/{first}").json()["contact_question_at"] is None
+    assert ops.get(f"/referrals/{second}").json()["contact_question_at"] is not None
+
+
+def test_a_need_the_desk_closed_is_not_asked_about(settings, clock, start_service):
+    from services.referral import handlers
+    from services.referral.store import ClockTimer
+    from tests.helpers import record_need
+
+    referral = start_service("referral", settings)
+    svc = referral.svc
+    rid = record_need(svc, person={"email": "marie@example.org", "preferred_channel": "email"})
+    assert referral.client("caf").post(f"/referrals/{rid}/accept").status_code == 200
+    with svc.db.transaction() as session:  # as need.closed_by_desk does: the person no longer needs help
+        handlers.transition(session, rid, "desk_close", "desk", svc.clock(), svc.directory, "Plus besoin")
+    clock.advance(timedelta(days=3, minutes=1))
+
+    def outcome() -> str | None:
+        with svc.db.transaction() as session:
+            return session.exec(select(ClockTimer.outcome).where(ClockTimer.kind == "contact_question")).one()
+
+    assert wait_for(outcome) == "moot"
+    assert referral.client("ops").get(f"/referrals/{rid}").json()["contact_question_at"] is None
