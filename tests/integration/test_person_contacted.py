@@ -265,3 +265,30 @@ def test_a_need_the_desk_closed_is_not_asked_about(settings, clock, start_servic
 
     assert wait_for(outcome) == "moot"
     assert referral.client("ops").get(f"/referrals/{rid}").json()["contact_question_at"] is None
+
+
+def test_a_partner_that_closes_before_the_question_is_due_still_has_the_person_asked(
+    settings, mail_sink, clock, start_service
+):
+    from services.notifications.store import NeedPerson
+
+    settings = settings.model_copy(update={"smtp_url": mail_sink.url})
+    intake = start_service("intake", settings)
+    referral = start_service("referral", settings)
+    notif = start_service("notifications", settings)
+    need = record(intake, {"email": "marie@example.org", "preferred_channel": "email"})
+    r = referral_of(referral, need["id"])
+    caf = referral.client("caf")
+    assert caf.post(f"/referrals/{r['id']}/accept").status_code == 200
+    assert caf.post(f"/referrals/{r['id']}/close", json={"outcome": "Rappelée, dossier réglé"}).status_code == 200
+    wait_for(lambda: intake.client("desk").get(f"/needs/{need['id']}").json()["status"] == "closed")
+
+    def person_kept() -> bool:
+        with notif.svc.db.transaction() as session:
+            return session.get(NeedPerson, need["id"]) is not None
+
+    # referral.closed comes before referral.contact_question_due on the same stream: the question reaching the
+    # person's address shows the close kept their contact for it.
+    ask(notif, clock)
+    assert wait_for(lambda: [m for m in mail_sink.to("marie@example.org") if "contacté(e)" in m["subject"]])
+    assert not person_kept()  # forgotten once the question was queued, as at any close
