@@ -299,7 +299,7 @@ def is_start_reply(text: str) -> bool:
     return _first_word(text) in START_WORDS
 
 
-CONTACT_ANSWERS = {"oui": "yes", "non": "no"}
+CONTACT_ANSWERS = {"oui": "yes", "non": "no", "yes": "yes", "no": "no"}  # YES/NO: the English question's
 
 
 def contact_answer(text: str) -> str | None:

@@ -22,6 +22,8 @@ from shared.testing import directory_data
         ("Non merci", "no"),
         ("NON !", "no"),
         ("«non»", "no"),
+        ("Yes", "yes"),  # the English question's
+        ("no thanks", "no"),
         ("Nonante", None),
         ("peut-être", None),
         ("", None),
