@@ -1,6 +1,7 @@
 """The rules of the question "were you contacted?" (issue 16, part 3): reading OUI/NON, when it goes, the figures."""
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -96,3 +97,28 @@ def test_the_rate_counts_unanswered_questions_only_after_a_week():
     assert figures.confirmed_share == 0.5
     assert dashboard.contact_figures([], now).confirmed_share is None
     assert dashboard.total_contact([figures, figures]).confirmed_share == 0.5
+
+
+@pytest.mark.parametrize("language", ["fr", "en"])
+def test_the_question_renders_in_the_persons_language_with_its_two_links_and_no_summary(language):
+    from services.notifications.render import render
+
+    links = {"link_yes": "https://relais.example/contact/oui", "link_no": "https://relais.example/contact/non"}
+    facts: dict[str, Any] = dict(
+        links,
+        partner="CAF de la Seine-Maritime",
+        library="Bibliothèque du Châtelet",
+        desk_email="accueil@example.org",
+        desk_phone=None,
+        country="FR",
+        deployment="Relais",
+        respond_by=None,
+        timezone="Europe/Paris",
+        recorded_at="2026-12-01T10:15:00+01:00",
+    )
+    email = render("contact_question", "email", language, **facts)
+    sms = render("contact_question", "sms", language, **facts)
+    greeting, ask = ("Bonjour", "OUI ou NON") if language == "fr" else ("Hello", "YES or NO")
+    assert email.text.startswith(greeting) and email.html and greeting in email.html
+    assert links["link_yes"] in email.html and links["link_no"] in email.html
+    assert ask in sms.text and "STOP" in sms.text and "http" not in sms.text
