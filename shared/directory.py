@@ -356,6 +356,8 @@ class _PartnerBase(_Frozen):
     clock: Literal["continuous", "business_hours"] = "continuous"
     business_hours: BusinessHours = BusinessHours()  # used when clock is business_hours
     contacts: list[Contact]
+    # How long after the partner's first answer (accept or respond) the person is asked whether they were contacted.
+    contact_question_after: Duration = timedelta(days=3)
 
 
 class Partner(_PartnerBase):

@@ -264,6 +264,9 @@ class ReferralClosed(ReferralEvent):
     type: Literal["referral.closed"] = "referral.closed"
     outcome: str  # empty when the desk closed it (its reason travelled sealed in need.closed_by_desk)
     by_desk: bool = False  # the desk closed the need (the person no longer needs help), not the partner
+    # The person is still to be asked whether they were contacted (referral.contact_question_due will follow):
+    # notifications keeps their contact until then.
+    contact_question_pending: bool = False
 
 
 class ReferralCancelled(ReferralEvent):
@@ -332,6 +335,27 @@ class ReferralReplyRecorded(ReferralEvent):
     outcome: ReplyOutcome
 
 
+class ReferralContactQuestionDue(ReferralEvent):
+    """Some days after the partner's first answer (the partner's `contact_question_after`), the person is asked once
+    whether the partner contacted them: notifications sends the question on their channel (issue 16)."""
+
+    type: Literal["referral.contact_question_due"] = "referral.contact_question_due"
+    referral_closed: bool = False  # the partner closed it already: notifications forgets the contact once asked
+
+
+PersonContactedAnswer = Literal["yes", "no"]
+
+
+class ReferralPersonContacted(ReferralEvent):
+    """The person answered the question: `person_contacted` is now on the referral. A "no" alerts the desk and the
+    coordinator (notifications)."""
+
+    type: Literal["referral.person_contacted"] = "referral.person_contacted"
+    person_contacted: PersonContactedAnswer
+    channel: Literal["email", "sms"]  # how the person answered
+    reference: str | None = None  # the need's (CHA-2611-0042), for the alert
+
+
 class NeedUnroutable(Event):
     type: Literal["need.unroutable"] = "need.unroutable"
     need_id: str
@@ -355,6 +379,8 @@ ReferralStreamEvent = Annotated[
     | ReferralNoteAdded
     | ReferralNudged
     | ReferralReplyRecorded
+    | ReferralContactQuestionDue
+    | ReferralPersonContacted
     | NeedUnroutable,
     Field(discriminator="type"),
 ]
@@ -381,7 +407,18 @@ class DeliveryFailed(DeliveryEvent):
     error: str
 
 
-DeliveryStreamEvent = Annotated[DeliverySent | DeliveryFailed, Field(discriminator="type")]
+class PersonContactAnswered(Event):
+    """The person answered OUI or NON by SMS to the question about a referral (the last one sent to that number):
+    referral records it (`person_contacted`). No phone number: the referral is what the answer is about."""
+
+    type: Literal["person.contact_answered"] = "person.contact_answered"
+    need_id: str
+    referral_id: str
+    answer: PersonContactedAnswer
+    channel: Literal["sms"] = "sms"
+
+
+DeliveryStreamEvent = Annotated[DeliverySent | DeliveryFailed | PersonContactAnswered, Field(discriminator="type")]
 
 # --- inbound -------------------------------------------------------------------------------------
 
@@ -472,11 +509,14 @@ STREAM_OF: dict[str, str] = {
             "referral.note_added",
             "referral.nudged",
             "referral.reply_recorded",
+            "referral.contact_question_due",
+            "referral.person_contacted",
             "need.unroutable",
         )
     },
     "delivery.sent": DELIVERIES,
     "delivery.failed": DELIVERIES,
+    "person.contact_answered": DELIVERIES,
     "access.link_requested": ACCESS,
     "partner.reply_received": INBOUND,
 }

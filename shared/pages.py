@@ -120,6 +120,8 @@ def actor_fr(directory: Directory, actor: str, with_address: bool = False) -> st
     account's email (the coordination's own pages: who among several people of one team acted)."""
     if actor == "system":
         return "Relais"
+    if actor == "person":  # the person's own answer (issue 16: "were you contacted?")
+        return "la personne"
     if actor.startswith("link:"):
         partner = directory.partner(actor.removeprefix("link:"))
         return f"{partner.name if partner else 'le partenaire'}, par le lien reçu par e-mail"

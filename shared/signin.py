@@ -51,6 +51,8 @@ if TYPE_CHECKING:
 REFERRAL_LINK = "referral-link"
 SIGN_IN = "sign-in"
 SIGN_IN_REQUEST = "sign-in-request"  # the reference in access.link_requested: not itself a sign-in token
+PERSON_ANSWER = "person-contacted"  # the person's answer to "La CAF vous a-t-elle contacté(e) ?" (issue 16)
+PERSON_ANSWER_MAX_AGE = timedelta(days=30)
 REFERRAL_LINK_MAX_AGE = timedelta(days=30)
 SIGN_IN_MAX_AGE = timedelta(minutes=15)
 SIGN_IN_REQUESTS_PER_WINDOW = 5  # per email address, whether known or not: no address gets more links
@@ -150,6 +152,31 @@ def referral_of_reply_token(token: str) -> str | None:
 
 def reply_token_matches(settings: Settings, token: str, referral_id: str, contact_id: str) -> bool:
     return hmac.compare_digest(token.strip().lower(), reply_token(settings, referral_id, contact_id))
+
+
+@dataclass(frozen=True)
+class PersonAnswer:
+    """What the person's link allows: one answer ("yes" or "no") about one referral, nothing else."""
+
+    referral_id: str
+    answer: str
+
+
+def person_answer_link(settings: Settings, referral_id: str, answer: str, now: datetime | None = None) -> str:
+    """A button of the question email: opens a confirmation page on referral (no sign-in); only its POST answers."""
+    token = sign(settings, PERSON_ANSWER, {"r": referral_id, "a": answer}, now)
+    return f"{settings.link_base('referral')}/contact/{token}"
+
+
+def read_person_answer_token(settings: Settings, token: str, now: datetime | None = None) -> PersonAnswer:
+    payload = unsign(settings, PERSON_ANSWER, token, PERSON_ANSWER_MAX_AGE, now)
+    try:
+        answer = PersonAnswer(referral_id=str(payload["r"]), answer=str(payload["a"]))
+    except (TypeError, KeyError):
+        raise TokenInvalid(PERSON_ANSWER) from None
+    if answer.answer not in ("yes", "no"):
+        raise TokenInvalid(PERSON_ANSWER)
+    return answer
 
 
 @dataclass(frozen=True)

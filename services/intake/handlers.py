@@ -464,7 +464,11 @@ def on_referral_event(session: Session, event: ReferralEvent | NeedUnroutable) -
     ):
         return  # the desk's own actions, already in the need's history
     detail = next(
-        (text for name in ("reason", "routed_because", "outcome", "message") if (text := getattr(event, name, None))),
+        (
+            text
+            for name in ("reason", "routed_because", "outcome", "message", "person_contacted")
+            if (text := getattr(event, name, None))
+        ),
         None,
     )
     if need.person_erased_at is not None and detail is not None:

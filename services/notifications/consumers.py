@@ -22,7 +22,7 @@ from shared.events import (
     ReferralStreamEvent,
 )
 from shared.service import Service
-from shared.signin import referral_link
+from shared.signin import person_answer_link, referral_link
 
 
 def register(svc: Service, wake_senders: Callable[[], None]) -> None:
@@ -30,9 +30,16 @@ def register(svc: Service, wake_senders: Callable[[], None]) -> None:
         """The signed link that opens the referral for its partner, without an account."""
         return referral_link(svc.settings, event.referral_id, event.partner_id, svc.clock())
 
+    def answer_link(referral_id: str, answer: str) -> str:
+        """A button of the contact question's email: the person's answer, confirmed on referral's page."""
+        return person_answer_link(svc.settings, referral_id, answer, svc.clock())
+
     transliterate = svc.settings.sms_transliterate
     svc.bus.documents_publisher(
-        DELIVERIES, DeliveryStreamEvent, "What was sent, and what failed after its last attempt."
+        DELIVERIES,
+        DeliveryStreamEvent,
+        "What was sent, and what failed after its last attempt; the person's OUI or NON by SMS to the question "
+        "whether they were contacted (person.contact_answered, for referral).",
     )
 
     @svc.bus.subscriber(NEEDS, "The person's contact and choices (channel, language) for the messages meant for them.")
@@ -41,7 +48,7 @@ def register(svc: Service, wake_senders: Callable[[], None]) -> None:
         if isinstance(event, NeedRecorded):
             details = await anyio.to_thread.run_sync(svc.personal_data.open_need, event)  # None: the person was erased
             handler = lambda s, e: handlers.on_need_recorded(  # noqa: E731
-                s, e, details, svc.directory, svc.clock(), transliterate
+                s, e, details, svc.directory, svc.clock(), transliterate, answer_link
             )
         elif event.type == "person.erased":
             handler = lambda s, e: handlers.on_person_erased(s, e, svc.clock())  # noqa: E731
@@ -67,7 +74,7 @@ def register(svc: Service, wake_senders: Callable[[], None]) -> None:
             return inbound.on_reply_recorded(session, event, svc.directory, svc.settings, svc.clock())
         inbound.remember_route(session, event)  # referral.assigned: who its reply address is bound to
         return handlers.on_referral_event(
-            session, event, svc.directory, svc.clock(), link_for, transliterate, reply_address
+            session, event, svc.directory, svc.clock(), link_for, transliterate, reply_address, answer_link
         )
 
     @svc.bus.subscriber(REFERRALS, "Referral events are turned into emails and SMS to the people concerned.")

@@ -37,6 +37,7 @@ KIND_OF = {
     "referral.person_erased": "person_erased",
     "referral.note_added": "desk_note",  # the desk added information for the partner
     "referral.nudged": "desk_nudge",  # the desk asks the partner for news
+    "referral.person_contacted": "person_not_contacted",  # only a "no" (staff_kind): the desk and the coordinator
 }
 
 # What the person is told, by event type. A referral tells them which organisation will contact them and
@@ -45,7 +46,16 @@ KIND_OF = {
 PERSON_KIND_OF = {
     "referral.assigned": "person_confirmation",
     "referral.accepted": "partner_answered",
+    "referral.contact_question_due": "contact_question",  # "were you contacted?", once per referral (issue 16)
 }
+
+
+def staff_kind(event_type: str, person_contacted: str | None = None) -> str | None:
+    """The kind of message staff get for an event, if any: the person's answer alerts only when it is "no"."""
+    if event_type == "referral.person_contacted" and person_contacted != "no":
+        return None
+    return KIND_OF.get(event_type)
+
 
 STAFF_ROLES = ("partner_contact", "backup_contact", "escalation", "front_desk")
 
@@ -76,9 +86,9 @@ def recipients(
         ]
     if kind == "escalation" and partner and (backup := directory.backup_contact(partner)):
         found.append(Recipient("backup_contact", backup.name, backup.email))
-    if kind in ("breach", "partner_answered", "unroutable") and library:
+    if kind in ("breach", "partner_answered", "unroutable", "person_not_contacted") and library:
         found += [Recipient("front_desk", c.name, c.email) for c in library.contacts]
-    if kind in ("escalation", "breach", "unroutable"):
+    if kind in ("escalation", "breach", "unroutable", "person_not_contacted"):
         found += [Recipient("escalation", c.name, c.email) for c in directory.escalation_contacts]
     seen: set[str] = set()
     unique = []
@@ -287,3 +297,15 @@ def is_stop_reply(text: str) -> bool:
 
 def is_start_reply(text: str) -> bool:
     return _first_word(text) in START_WORDS
+
+
+CONTACT_ANSWERS = {"oui": "yes", "non": "no", "yes": "yes", "no": "no"}  # YES/NO: the English question's
+
+
+def contact_answer(text: str) -> str | None:
+    """OUI or NON, as the first word of a reply to the contact question ("oui", "Oui.", "NON !", "non merci"):
+    "yes" or "no"; None for anything else."""
+    bare = "".join(ch for ch in unicodedata.normalize("NFD", text.strip()) if not unicodedata.combining(ch))
+    words = bare.replace(",", " ").split()
+    first = words[0].strip(".!?;:…'\"«»()").casefold() if words else ""
+    return CONTACT_ANSWERS.get(first)

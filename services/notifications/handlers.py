@@ -41,8 +41,10 @@ from shared.events import (
     NeedPersonalData,
     NeedRecorded,
     NeedUnroutable,
+    PersonContactAnswered,
     PersonErased,
     ReceiptRequested,
+    ReferralContactQuestionDue,
     ReferralEvent,
     new_id,
     parse_event,
@@ -53,6 +55,8 @@ from shared.settings import Settings
 from shared.signin import TokenExpired, TokenInvalid, link_for_request, read_sign_in_reference
 
 log = logging.getLogger("relais.notifications")
+
+AnswerLink = Callable[[str, str], str]  # (referral id, "yes" | "no") -> the signed link of that answer's page
 
 
 # --- referral events: staff by email, the person on their channel -------------------------------------
@@ -66,15 +70,18 @@ def on_referral_event(
     link_for: Callable[[ReferralEvent | NeedUnroutable], str | None],
     transliterate: bool = True,
     reply_address: Callable[[ReferralEvent | NeedUnroutable, str], str | None] | None = None,
+    answer_link: AnswerLink | None = None,
 ) -> int:
     """Queue one rendered message per recipient the event concerns; returns how many. `reply_address(event, role)`
     gives a partner's messages their per-referral Reply-To (inbound.py), when replies by email are received."""
     if event.type == "referral.closed":
+        if getattr(event, "contact_question_pending", False):
+            return 0  # the person is still to be asked whether they were contacted: their contact waits for it
         lock_person_of(session, event.need_id)
         if (person := session.get(NeedPerson, event.need_id)) is None or person.erased_at is None:
             forget_person(session, event.need_id)  # an erased person's tombstone stays: nothing reaches them again
         return 0
-    kind = domain.KIND_OF.get(event.type)
+    kind = domain.staff_kind(event.type, getattr(event, "person_contacted", None))
     count = 0
     if kind is not None:
         count += queue_for_staff(session, event, kind, directory, now, link_for, reply_address)
@@ -86,7 +93,10 @@ def on_referral_event(
                 WaitingForPerson(event_id=event.event_id, need_id=event.need_id, payload=event.model_dump_json())
             )
         else:
-            count += queue_for_person(session, event, person, directory, now, transliterate)
+            count += queue_for_person(session, event, person, directory, now, transliterate, answer_link)
+        if isinstance(event, ReferralContactQuestionDue) and event.referral_closed and person is not None:
+            if person.erased_at is None:
+                forget_person(session, event.need_id)  # kept past the close for this question only
     return count
 
 
@@ -127,6 +137,7 @@ def queue_for_staff(
         routed_because=getattr(event, "routed_because", None),
         referral_id=getattr(event, "referral_id", None),
         need_id=event.need_id,
+        reference=getattr(event, "reference", None),
         reminder_number=getattr(event, "reminder_number", None),
         reason=ERASED if erased and getattr(event, "reason", None) else getattr(event, "reason", None),
         message=ERASED if erased and getattr(event, "message", None) else getattr(event, "message", None),
@@ -180,6 +191,7 @@ def on_need_recorded(
     directory: Directory,
     now: datetime,
     transliterate: bool = True,
+    answer_link: AnswerLink | None = None,
 ) -> int:
     """Keep the person's contact for this need; handle the referral events that came before it. `details` is what
     the event sealed (consumers.py opens it), None when the person was erased before it was read: then nothing
@@ -207,7 +219,7 @@ def on_need_recorded(
     for row in sorted(waiting, key=lambda w: parse_event(w.payload).occurred_at):
         waited = parse_event(row.payload)
         assert isinstance(waited, ReferralEvent)  # only referral events wait for their person (on_referral_event)
-        count += queue_for_person(session, waited, person, directory, now, transliterate)
+        count += queue_for_person(session, waited, person, directory, now, transliterate, answer_link)
         session.delete(row)
     return count
 
@@ -339,9 +351,12 @@ def forget_person(session: Session, need_id: str) -> None:
         session.delete(row)
 
 
-def person_facts(event: ReferralEvent, directory: Directory, person: NeedPerson) -> dict:
+def person_facts(
+    event: ReferralEvent, directory: Directory, person: NeedPerson, answer_link: AnswerLink | None = None
+) -> dict:
     """What a message to the person says: who will contact them and by when, and how to reach the desk;
-    nothing about the need itself."""
+    nothing about the need itself. The contact question carries its two answer links (kept for an email fallback
+    of its SMS)."""
     library = directory.library(event.library_id)
     partner = directory.partner(event.partner_id)
     if library is None or partner is None:
@@ -351,8 +366,16 @@ def person_facts(event: ReferralEvent, directory: Directory, person: NeedPerson)
         )
     desk = library.contacts[0] if library.contacts else None
     respond_by = getattr(event, "respond_by", None)
+    template = PERSON_TEMPLATE.get(event.type, "partner_answered_person")
+    links = {}
+    if template == "contact_question":
+        links = {
+            "link_yes": answer_link(event.referral_id, "yes") if answer_link else None,
+            "link_no": answer_link(event.referral_id, "no") if answer_link else None,
+        }
     return {
-        "template": "person_confirmation" if event.type == "referral.assigned" else "partner_answered_person",
+        **links,
+        "template": template,
         "partner": partner.name,
         "library": library.name,
         "desk_email": desk.email if desk else None,
@@ -364,6 +387,9 @@ def person_facts(event: ReferralEvent, directory: Directory, person: NeedPerson)
         "language": person.language,
         "recorded_at": person.recorded_at.isoformat(),
     }
+
+
+PERSON_TEMPLATE = {"referral.assigned": "person_confirmation", "referral.contact_question_due": "contact_question"}
 
 
 def render_for_person(facts: dict, channel: str, transliterate: bool = True) -> Rendered:
@@ -379,12 +405,13 @@ def queue_for_person(
     directory: Directory,
     now: datetime,
     transliterate: bool = True,
+    answer_link: AnswerLink | None = None,
 ) -> int:
     kind = domain.PERSON_KIND_OF[event.type]
     route = domain.person_route(
         person.preferred_channel, person.email, person.phone, consent=person.messages_withdrawn_at is None
     )
-    facts = person_facts(event, directory, person)
+    facts = person_facts(event, directory, person, answer_link)
     suppressed = "person_erased" if person.erased_at is not None else route.suppressed
     if not suppressed and route.channel == "sms" and session.get(SmsSuppression, route.address) is not None:
         suppressed = "opted_out"
@@ -533,7 +560,9 @@ def record_sms_receipt(db: Database, cmd: RecordSmsReceipt, *, now: datetime) ->
 
 
 def record_sms_reply(db: Database, cmd: RecordSmsReply, *, now: datetime) -> str | None:
-    """STOP or ARRET: no more SMS to that number (queued ones are suppressed); START: they may come again."""
+    """STOP or ARRET: no more SMS to that number (queued ones are suppressed); START: they may come again.
+    OUI or NON: the answer to the last contact question sent to that number, for referral to record
+    (person.contact_answered through the outbox); referral keeps the first answer to each question."""
     with db.transaction() as session:
         if domain.is_stop_reply(cmd.text):
             opt_out(session, cmd.phone, cmd.provider, now)
@@ -541,6 +570,30 @@ def record_sms_reply(db: Database, cmd: RecordSmsReply, *, now: datetime) -> str
         if domain.is_start_reply(cmd.text) and (row := session.get(SmsSuppression, cmd.phone)) is not None:
             session.delete(row)
             return "start"
+        if (answer := domain.contact_answer(cmd.text)) is not None:
+            asked = session.exec(
+                select(Delivery)
+                .where(
+                    Delivery.kind == "contact_question",
+                    Delivery.channel == "sms",
+                    Delivery.recipient == cmd.phone,
+                    col(Delivery.status).in_(("sent", "delivered")),
+                )
+                .order_by(col(Delivery.sent_at).desc())
+            ).first()
+            if asked is None or asked.need_id is None or asked.referral_id is None:
+                return None  # nothing was asked of this number: an ordinary reply
+            emit(
+                session,
+                PersonContactAnswered(
+                    need_id=asked.need_id,
+                    referral_id=asked.referral_id,
+                    answer=answer,  # domain.contact_answer: "yes" or "no"
+                    occurred_at=now,
+                    correlation_id=asked.correlation_id,
+                ),
+            )
+            return answer
     return None
 
 

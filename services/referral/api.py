@@ -79,6 +79,13 @@ class ReferralPublic(BaseModel):
     decline_reason: DeclineReasonCode | None = Field(
         None, description="Why the partner declined (status `declined`): the reason code of its decline; else null."
     )
+    person_contacted: Literal["yes", "no"] | None = Field(
+        None,
+        description="The person's answer to « La CAF vous a-t-elle contacté(e) ? », asked once some days after the "
+        "partner's first answer: yes, no, or null (not asked yet, or no answer).",
+    )
+    contact_question_at: datetime | None = Field(None, description="When the person was asked; null: not yet.")
+    person_contacted_at: datetime | None = Field(None, description="When the person answered; null: no answer.")
     history: list[HistoryEntry] | None = None
 
 

@@ -13,7 +13,7 @@ from datetime import datetime
 from fastapi import FastAPI
 from prometheus_client import Histogram
 
-from services.referral import api, consumers, dashboard_pages, metrics, web
+from services.referral import api, consumers, dashboard_pages, metrics, person_pages, web
 from services.referral.dashboard import FiguresReuse, QueueWatch
 from services.referral.store import PURGE_RULES, TABLES
 from shared.events import utcnow
@@ -50,7 +50,7 @@ def bootstrap(settings: Settings | None = None, *, clock: Callable[[], datetime]
         api.dashboard_router,
         api.people_router,
         title="Relais referral",
-        pages=[pages.sign_in_router(), dashboard_pages.router, web.router],
+        pages=[pages.sign_in_router(), dashboard_pages.router, web.router, person_pages.router],
     )
     runtime = ReferralRuntime(service, app, clock_wake, timer_lag, queue_watch, FiguresReuse(), pages)
     app.state.runtime = runtime  # what deps.py gives the routes

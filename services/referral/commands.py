@@ -45,6 +45,19 @@ class CloseReferral:
     outcome: str
 
 
+# --- the person (issue 16) ---
+
+
+@dataclass(frozen=True)
+class RecordPersonContacted:
+    """The person answered "were you contacted?": by the signed link of the question's email (web.py), or OUI/NON by
+    SMS (notifications' person.contact_answered). Only the first answer to a question that was asked counts."""
+
+    referral_id: str
+    answer: str  # yes | no
+    channel: str  # email | sms
+
+
 # --- ops (each leaves an ops_action row) ---
 
 

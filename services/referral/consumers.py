@@ -16,14 +16,17 @@ from sqlmodel import Session
 from services.referral import handlers
 from services.referral.store import next_timer_due
 from shared.events import (
+    DELIVERIES,
     INBOUND,
     NEEDS,
     REFERRALS,
+    DeliveryStreamEvent,
     InboundEvent,
     NeedClosedByDesk,
     NeedEvent,
     NeedNoteAdded,
     NeedRecorded,
+    PersonContactAnswered,
     ReferralStreamEvent,
 )
 from shared.service import Service
@@ -85,6 +88,15 @@ def register(svc: Service, clock_wake: asyncio.Event) -> None:
             return  # not referral's concern (need.messages_withdrawn: the partner still has the need)
         if await svc.bus.process(handler, event):
             clock_wake.set()  # the need may have new timers: the clock looks again at once
+
+    @svc.bus.subscriber(
+        DELIVERIES,
+        "The person's OUI or NON by SMS to the question whether the partner contacted them (person.contact_answered) "
+        "is recorded on its referral; deliveries' other events are not referral's concern.",
+    )
+    async def on_delivery_event(event: DeliveryStreamEvent) -> None:
+        if isinstance(event, PersonContactAnswered):
+            await svc.bus.process(lambda s, e: handlers.on_person_contact_answered(s, e, svc.clock()), event)
 
 
 def register_inbound(svc: Service, clock_wake: asyncio.Event) -> None:

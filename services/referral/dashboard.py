@@ -16,6 +16,7 @@ import logging
 import math
 import time as monotonic
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from datetime import datetime, time, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +28,7 @@ from pydantic import BaseModel
 from sqlmodel import Session
 
 from services.referral import remote, views
-from services.referral.domain import DECLINE_REASON_CODES, DECLINE_WITHOUT_CODE
+from services.referral.domain import DECLINE_REASON_CODES, DECLINE_WITHOUT_CODE, NO_ANSWER_AFTER, contacted_rate
 from services.referral.remote import OutboxFigures, Remote  # parts of the answer
 from services.referral.store import PartnerPause, Referral
 from shared.directory import Directory
@@ -165,6 +166,17 @@ class DeclineReason(BaseModel):
     count: int
 
 
+class ContactFigures(BaseModel):
+    """ "Contact confirmé par la personne" (issue 16): the people asked, within the window, whether the partner
+    contacted them. A question unanswered after domain.NO_ANSWER_AFTER counts as "no answer"; a younger one as none."""
+
+    asked: int = 0
+    yes: int = 0
+    no: int = 0
+    no_answer: int = 0
+    confirmed_share: float | None = None  # yes / (yes + no + no_answer)
+
+
 class PartnerFigures(BaseModel):
     id: str
     name: str
@@ -185,6 +197,7 @@ class PartnerFigures(BaseModel):
     alerts_7d: int  # its referrals escalated or past their deadline within 7 days
     stopped_answering: bool  # SILENT_ALERTS of those or more, and no action of its own since the first of them
     silent_since: datetime | None  # that first escalation or breach, when it stopped answering
+    contact: ContactFigures = ContactFigures()  # the people asked within 30 days whether it contacted them
 
 
 class ClockFigures(BaseModel):
@@ -225,6 +238,7 @@ class Dashboard(BaseModel):
     charts: Charts
     recent_actions: list[RecentAction]
     declines_by_reason: list[DeclineReason]  # every partner's declines of the last 30 days, by reason, most first
+    person_contacted: ContactFigures  # every partner's, over the same 30 days
     deliveries: Remote
     reports: Remote
 
@@ -359,6 +373,7 @@ def partners(session: Session, directory: Directory, now: datetime) -> tuple[lis
         recent=recent,
         declines=views.declines_since(session, since),
         alerts=views.partner_alerts_since(session, now - SILENT_WINDOW, ALERTS),
+        contact_answers=views.contact_answers_since(session, since),
     )
     return figures, times, len(recent)
 
@@ -375,9 +390,13 @@ def partner_figures(
     recent: list[views.CreatedReferral],
     declines: list[tuple[str, str | None]],
     alerts: list[tuple[str, str, datetime]],
+    contact_answers: Sequence[tuple[str, str | None, datetime]] = (),
 ) -> tuple[list[PartnerFigures], list[float]]:
     """The partners' figures from the rows the queries found (no I/O). `alerts`: (partner id, referral id, when) of
-    each escalation or breach within SILENT_WINDOW."""
+    each escalation or breach within SILENT_WINDOW; `contact_answers`: (partner id, the person's answer, asked at)."""
+    answers: dict[str, list[tuple[str | None, datetime]]] = defaultdict(list)
+    for partner_id, answer, asked_at in contact_answers:
+        answers[partner_id].append((answer, asked_at))
     times: dict[str, list[float]] = defaultdict(list)
     in_time: Counter = Counter()
     counted: Counter = Counter()
@@ -430,9 +449,31 @@ def partner_figures(
                 alerts_7d=len(alerted[p.id]),
                 stopped_answering=silent,
                 silent_since=since_first if silent else None,
+                contact=contact_figures(answers[p.id], now),
             )
         )
     return result, [t for values in times.values() for t in values]
+
+
+def contact_figures(answers: Sequence[tuple[str | None, datetime]], now: datetime) -> ContactFigures:
+    """The people's answers to "were you contacted?" (answer or None, asked at), counted."""
+    yes = sum(1 for a, _ in answers if a == "yes")
+    no = sum(1 for a, _ in answers if a == "no")
+    no_answer = sum(1 for a, at in answers if a is None and at <= now - NO_ANSWER_AFTER)
+    return ContactFigures(
+        asked=len(answers), yes=yes, no=no, no_answer=no_answer, confirmed_share=contacted_rate(yes, no, no_answer)
+    )
+
+
+def total_contact(figures: Sequence[ContactFigures]) -> ContactFigures:
+    yes, no, no_answer = (sum(getattr(f, name) for f in figures) for name in ("yes", "no", "no_answer"))
+    return ContactFigures(
+        asked=sum(f.asked for f in figures),
+        yes=yes,
+        no=no,
+        no_answer=no_answer,
+        confirmed_share=contacted_rate(yes, no, no_answer),
+    )
 
 
 def decline_reasons(counts: Counter) -> list[DeclineReason]:
@@ -491,6 +532,7 @@ def local_figures(svc: Runtime, now: datetime) -> tuple[dict, int]:
             all_declines.update({r.code: r.count for r in p.decline_reasons})
         return dict(
             declines_by_reason=decline_reasons(all_declines),
+            person_contacted=total_contact([p.contact for p in partner_figures_]),
             stranded=stranded(session, directory),
             deadlines=deadlines(session, directory, now),
             partners=partner_figures_,

@@ -315,6 +315,38 @@ def timer_fires(referral_status: str | None, referral_sla: str | None) -> bool:
 SLA_AFTER_TIMER = {"reminder": "at_risk", "escalation": "at_risk", "breach": "breached"}
 
 
+# --- The person says whether they were contacted (issue 16) ---------------------------------------------------
+
+CONTACT_QUESTION = "contact_question"  # the clock_timer kind: not part of the 72-hour promise, never moves the SLA
+PERSON_CONTACTED_ANSWERS = ("yes", "no")
+NO_ANSWER_AFTER = timedelta(days=7)  # a question still unanswered this long after it went counts as "no answer"
+
+
+def contact_question_due(answered_at: datetime, partner: Partner) -> datetime:
+    """When the person is asked: the partner's `contact_question_after` (3 days by default) after its first answer,
+    in calendar time (the person's days, not the partner's opening hours)."""
+    return answered_at + partner.contact_question_after
+
+
+def contact_question_goes(status: str, closed_by_desk: bool, asked_at: datetime | None, erased: bool) -> bool:
+    """Asked once per referral, while the partner holds the need or after it closed it; not after a decline, a
+    cancellation, a close by the desk (the person no longer needs help) or the person's erasure."""
+    if asked_at is not None or erased or closed_by_desk:
+        return False
+    return status in ("accepted", "responded", "closed")
+
+
+def person_answer_counts(asked_at: datetime | None, answered: str | None) -> bool:
+    """The first answer to a question that was asked is the one kept; later ones change nothing."""
+    return asked_at is not None and answered is None
+
+
+def contacted_rate(yes: int, no: int, no_answer: int) -> float | None:
+    """ "Contact confirmé par la personne": yes / (yes + no + questions unanswered after NO_ANSWER_AFTER)."""
+    asked = yes + no + no_answer
+    return yes / asked if asked else None
+
+
 def takes_category(partner: Partner, category: str) -> bool:
     """Whether ops may hand the partner a need of this category without an explicit override."""
     return category in partner.categories

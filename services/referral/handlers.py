@@ -29,6 +29,7 @@ from services.referral.commands import (
     EscalateReferral,
     PausePartner,
     ReassignReferral,
+    RecordPersonContacted,
     RecordPrivacyIncident,
     ReplayDeadLetters,
     RespondToReferral,
@@ -70,16 +71,19 @@ from shared.events import (
     NeedRerouteRequested,
     NeedUnroutable,
     PartnerReplyReceived,
+    PersonContactAnswered,
     PersonErased,
     ReferralAccepted,
     ReferralAssigned,
     ReferralBreached,
     ReferralCancelled,
     ReferralClosed,
+    ReferralContactQuestionDue,
     ReferralDeclined,
     ReferralEscalated,
     ReferralNoteAdded,
     ReferralNudged,
+    ReferralPersonContacted,
     ReferralPersonErased,
     ReferralReminderDue,
     ReferralReplyRecorded,
@@ -275,12 +279,21 @@ def transition(
     )
     common = referral_event_fields(referral, case, actor, now)
     session.add(case)
+    if action in ("accept", "respond"):
+        _schedule_contact_question(session, referral, case, directory, now)
     if action == "accept":
         emit(session, ReferralAccepted(**common))
     elif action == "respond":
         emit(session, ReferralResponded(**common, message=text or ""))
     elif action == "close":
-        emit(session, ReferralClosed(**common, outcome=text or ""))
+        pending = session.exec(
+            select(ClockTimer.id).where(
+                ClockTimer.referral_id == referral.id,
+                ClockTimer.kind == domain.CONTACT_QUESTION,
+                col(ClockTimer.fired_at).is_(None),
+            )
+        ).first()
+        emit(session, ReferralClosed(**common, outcome=text or "", contact_question_pending=pending is not None))
     elif action == "desk_close":  # the desk's reason stays here: it travelled sealed
         emit(session, ReferralClosed(**common, outcome="", by_desk=True))
     elif action == "decline":
@@ -295,6 +308,30 @@ def transition(
         session.flush()
         route(session, case, directory, now, actor=actor, partner_id=partner_id)
     return referral
+
+
+def _schedule_contact_question(
+    session: Session, referral: Referral, case: NeedCase, directory: Directory, now: datetime
+) -> None:
+    """At the partner's first answer (accept or respond), the timer that will ask the person whether they were
+    contacted: one per referral (a later answer schedules nothing more), numbered by the need's sequence so that
+    a need's second referral gets its own row."""
+    partner = directory.partner(referral.partner_id)
+    if partner is None or referral.contact_question_at is not None:
+        return
+    scheduled = session.exec(
+        select(ClockTimer.id).where(ClockTimer.referral_id == referral.id, ClockTimer.kind == domain.CONTACT_QUESTION)
+    ).first()
+    if scheduled is None:
+        session.add(
+            ClockTimer(
+                need_id=case.need_id,
+                referral_id=referral.id,
+                kind=domain.CONTACT_QUESTION,
+                number=case.sequence,  # that of the event this answer emits (numbered above): unique within the need
+                due_at=domain.contact_question_due(now, partner),
+            )
+        )
 
 
 def on_need_cancelled(session: Session, event: NeedCancelled, directory: Directory, now: datetime) -> None:
@@ -447,6 +484,11 @@ def fire_due_timers(
     `observe_lag(kind, seconds)` is told how late each timer fired."""
     fired = 0
     for timer in due_timers(session, now, skip_locked):
+        if timer.kind == domain.CONTACT_QUESTION:
+            if observe_lag is not None:
+                observe_lag(timer.kind, (now - timer.due_at).total_seconds())
+            fired += _ask_whether_contacted(session, timer, now)
+            continue
         referral = current_referral(session, timer.need_id)
         timer.fired_at = now
         if observe_lag is not None:
@@ -522,6 +564,86 @@ def escalate_now(session: Session, referral: Referral, now: datetime, actor: str
     return True
 
 
+def _ask_whether_contacted(session: Session, timer: ClockTimer, now: datetime) -> int:
+    """The contact question's timer: once, referral.contact_question_due has notifications ask the person on their
+    channel; moot when the referral went elsewhere, the desk closed it, the person was erased or it was asked."""
+    timer.fired_at = now
+    referral = lock_referral(session, timer.referral_id) if timer.referral_id else None
+    case = session.get(NeedCase, timer.need_id, with_for_update=True)
+    closed_by_desk = referral is not None and (
+        session.exec(
+            select(ReferralHistory.id).where(
+                ReferralHistory.referral_id == referral.id, ReferralHistory.action == "desk_close"
+            )
+        ).first()
+        is not None
+    )
+    if (
+        referral is None
+        or case is None
+        or not domain.contact_question_goes(
+            referral.status, closed_by_desk, referral.contact_question_at, case.person_erased_at is not None
+        )
+    ):
+        timer.outcome = "moot"
+        session.add(timer)
+        return 0
+    timer.outcome = "fired"
+    referral.contact_question_at = now
+    session.add_all(
+        [
+            timer,
+            referral,
+            ReferralHistory(referral_id=referral.id, at=now, action="contact_question", actor="system"),
+        ]
+    )
+    emit(
+        session,
+        ReferralContactQuestionDue(
+            **referral_event_fields(referral, case, "system", now), referral_closed=referral.status == "closed"
+        ),
+    )
+    session.add(case)
+    return 1
+
+
+def _record_person_contacted(session: Session, referral_id: str, answer: str, channel: str, now: datetime) -> bool:
+    """The person's answer on the referral, its history line and referral.person_contacted (a "no" alerts the desk
+    and the coordinator). False, and nothing recorded, when no question was asked or it was answered already."""
+    if answer not in domain.PERSON_CONTACTED_ANSWERS:
+        raise Refused("answer", "the answer is yes or no")
+    referral = lock_referral(session, referral_id)
+    if referral is None:
+        raise NotFound("no such referral")
+    if not domain.person_answer_counts(referral.contact_question_at, referral.person_contacted):
+        return False
+    case = session.get_one(NeedCase, referral.need_id, with_for_update=True)  # its sequence moves
+    referral.person_contacted, referral.person_contacted_at = answer, now
+    session.add_all(
+        [
+            referral,
+            ReferralHistory(
+                referral_id=referral.id,
+                at=now,
+                action="person_contacted",
+                actor="person",
+                detail=f"{answer} ({channel})",
+            ),
+        ]
+    )
+    emit(
+        session,
+        ReferralPersonContacted(
+            **referral_event_fields(referral, case, "person", now),
+            person_contacted=answer,
+            channel=channel,
+            reference=case.reference,
+        ),
+    )
+    session.add(case)
+    return True
+
+
 # --- a partner's reply by email (notifications received it: services/notifications/inbound.py) -------------------
 
 
@@ -589,6 +711,14 @@ def on_partner_reply(
     )
     session.add(case)
     return outcome
+
+
+def on_person_contact_answered(session: Session, event: PersonContactAnswered, now: datetime) -> None:
+    """OUI or NON by SMS, read by notifications: recorded like an answer by the email's link."""
+    try:
+        _record_person_contacted(session, event.referral_id, event.answer, event.channel, now)
+    except NotFound:
+        return  # a referral of another deployment sharing the namespace: nothing to record
 
 
 # --- commands -------------------------------------------------------------------------------------------------
@@ -678,6 +808,19 @@ def _partner_action(
     )
     assert referral is not None  # locked above
     return ReferralState(referral, history_of(session, referral.id), _reference_of(session, referral.need_id))
+
+
+@dataclass(frozen=True)
+class PersonContactedState:
+    """The referral the person answered about, and whether this answer was the one recorded."""
+
+    referral: Referral
+    recorded: bool
+
+
+def record_person_contacted(session: Session, command: RecordPersonContacted, deps: Deps) -> PersonContactedState:
+    recorded = _record_person_contacted(session, command.referral_id, command.answer, command.channel, deps.clock())
+    return PersonContactedState(session.get_one(Referral, command.referral_id), recorded)
 
 
 def accept_referral(session: Session, command: AcceptReferral, deps: Deps) -> ReferralState:
@@ -937,6 +1080,7 @@ COMMAND_HANDLERS: dict[type, Callable[..., Any]] = {
     CancelNeed: cancel_need,
     RecordPrivacyIncident: record_privacy_incident,
     UpdatePrivacyIncident: update_privacy_incident,
+    RecordPersonContacted: record_person_contacted,
 }
 
 

@@ -76,6 +76,10 @@ class Referral(SQLModel, table=True):
     created_at: datetime = Field(sa_type=UTCDateTime, index=True)
     updated_at: datetime = Field(sa_type=UTCDateTime)
     decline_reason: str | None = Field(default=None, max_length=32)  # domain.DECLINE_REASON_CODES, once declined
+    # The person's answer to "were you contacted?" (issue 16): asked once, some days after the partner's first answer.
+    contact_question_at: datetime | None = Field(default=None, sa_type=UTCDateTime)  # when it was asked
+    person_contacted: str | None = Field(default=None, max_length=3)  # yes | no; None: not asked or no answer (yet)
+    person_contacted_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
 
 class ReferralHistory(SQLModel, table=True):
@@ -111,6 +115,7 @@ class ClockTimer(SQLModel, table=True):
     due_at: datetime = Field(sa_type=UTCDateTime)
     fired_at: datetime | None = Field(default=None, sa_type=UTCDateTime, index=True)
     outcome: str | None = Field(default=None, max_length=16)  # "fired" or "moot" (the clock had stopped)
+    referral_id: str | None = Field(default=None, max_length=32)  # the referral a contact_question is about
 
 
 class PartnerPause(SQLModel, table=True):

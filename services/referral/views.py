@@ -394,6 +394,16 @@ def declines_since(session: Session, since: datetime) -> list[tuple[str, str | N
     )
 
 
+def contact_answers_since(session: Session, since: datetime) -> list[tuple[str, str | None, datetime]]:
+    """(partner id, the person's answer or None, when they were asked) of each contact question asked since `since`."""
+    rows = session.exec(
+        select(Referral.partner_id, Referral.person_contacted, Referral.contact_question_at).where(
+            col(Referral.contact_question_at) >= since
+        )
+    ).all()
+    return [(partner_id, answer, asked_at) for partner_id, answer, asked_at in rows if asked_at is not None]
+
+
 def timers_settled_since(session: Session, since: datetime) -> list[tuple[datetime, datetime]]:
     """(due, fired) of each timer fired or found moot since `since`."""
     rows = session.exec(
