@@ -81,7 +81,7 @@ def seed_need(db: Database, at: datetime, *, library: str = "chatelet", status: 
         session.add(
             intake_store.Need(
                 id=need_id,
-                reference=f"CHA-1506-{need_id[:4]}",
+                reference=f"CHA-1506-{need_id[:12]}",  # unique: the racing test seeds hundreds
                 library_id=library,
                 category="caf",
                 summary="Loyer impayé, M. Dupont",
