@@ -489,6 +489,29 @@ async def submit_need(
     return Submitted(recorded=recorded)
 
 
+def submitted_page(
+    request: Request, pages: Pages, directory: Directory, desk_: Desk, values: dict[str, str], sent: Submitted
+) -> Response:
+    """The form's answer once sent: the need's confirmation, or the form again saying why nothing was recorded."""
+    if sent.recorded is not None:
+        return pages.redirect(f"/demandes/{sent.recorded.id}/enregistree")
+    return form_page(
+        request,
+        pages,
+        directory,
+        desk_,
+        values,
+        status=sent.status,
+        errors=sent.errors,
+        suggestions=sent.suggestions,
+        earlier=sent.earlier,
+        key_reused=sent.key_reused,
+        unavailable=sent.unavailable,
+        busy=sent.retry_after is not None,
+        retry_after=sent.retry_after,
+    )
+
+
 @router.post("/nouvelle")
 async def record(
     request: Request,
@@ -512,25 +535,9 @@ async def record(
         preview = await preview_of(runtime.settings, directory, desk_, values["category"], values["postal_code"])
         return form_page(request, pages, directory, desk_, values, earlier=earlier_need, preview=preview)
     sent = await submit_need(runtime, db, directory, clock(), desk_, values, push_back)
-    if sent.recorded is not None:
-        return pages.redirect(f"/demandes/{sent.recorded.id}/enregistree")
     if sent.key_reused:
         values["idempotency_key"] = secrets.token_urlsafe(18)  # a genuinely new need gets a fresh key
-    return form_page(
-        request,
-        pages,
-        directory,
-        desk_,
-        values,
-        status=sent.status,
-        errors=sent.errors,
-        suggestions=sent.suggestions,
-        earlier=sent.earlier,
-        key_reused=sent.key_reused,
-        unavailable=sent.unavailable,
-        busy=sent.retry_after is not None,
-        retry_after=sent.retry_after,
-    )
+    return submitted_page(request, pages, directory, desk_, values, sent)
 
 
 # --- the desk offline (issue 16, docs/offline.md): installable pages; needs kept sealed in the browser, sent later
@@ -691,23 +698,7 @@ async def fix_kept_need(
     if values is None:
         raise pages.error(request, 400, "form")
     sent = await submit_need(runtime, db, directory, clock(), desk_, values, push_back)
-    if sent.recorded is not None:
-        return pages.redirect(f"/demandes/{sent.recorded.id}/enregistree")
-    return form_page(
-        request,
-        pages,
-        directory,
-        desk_,
-        values,
-        status=sent.status,
-        errors=sent.errors,
-        suggestions=sent.suggestions,
-        earlier=sent.earlier,
-        key_reused=sent.key_reused,
-        unavailable=sent.unavailable,
-        busy=sent.retry_after is not None,
-        retry_after=sent.retry_after,
-    )
+    return submitted_page(request, pages, directory, desk_, values, sent)
 
 
 @router.get("/demandes/recentes")
