@@ -34,7 +34,7 @@ from shared.db import Database, OutboxMessage
 from shared.directory import Directory, User, load_directory
 from shared.edges import EdgeGuard, UnexpectedErrors
 from shared.events import utcnow
-from shared.logs import EventLogContext, current_correlation_id, log_context, new_correlation_id
+from shared.logs import EventLogContext
 from shared.messaging import Bus
 from shared.migrations import check_current
 from shared.openapi import error_responses  # noqa: F401 - routes declare their own statuses (409) with it
@@ -70,6 +70,45 @@ def internal_token_refused(settings: Settings) -> str | None:
         return None if settings.demo else "RELAIS_SECRET_KEY is not set (outside the demo)"
     why = weak_secret(settings.secret_key)
     return f"RELAIS_SECRET_KEY {why}" if why else None
+
+
+class RequestMeasure:
+    """Counts, times and logs each HTTP request (`relais_http_requests`, `relais_http_request_seconds`, one
+    `relais.http` line, under EdgeGuard's correlation id). Plain ASGI, not Starlette's BaseHTTPMiddleware: that one
+    runs the rest of the app in a task group fed through memory streams, a few percent of intake's CPU per request
+    (docs/benchmarks.md)."""
+
+    def __init__(self, app, service: Service) -> None:
+        self.app, self.service = app, service
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500  # unless the app starts an answer
+
+        async def send_seen(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_seen)
+        finally:
+            self.measured(scope, status, time.perf_counter() - start)
+
+    def measured(self, scope, status: int, elapsed: float) -> None:
+        path: str = scope["path"]
+        route = getattr(scope.get("route"), "path", None)  # the template: no token in it
+        # FastAPI keeps an included router's paths without its prefix; put /api/v1 back for people reading.
+        route = "unmatched" if route is None else ("/api/v1" + route if path.startswith("/api/v1/") else route)
+        service = self.service
+        service.http_requests.labels(service.name, scope["method"], route, status).inc()
+        service.http_seconds.labels(service.name, route).observe(elapsed)
+        if not path.startswith(QUIET_PATHS):
+            http_log.info("%s %s %s", scope["method"], route, status, extra={"duration_ms": round(elapsed * 1000, 1)})
 
 
 class Service:
@@ -231,33 +270,7 @@ class Service:
 
         app.add_middleware(UnexpectedErrors)  # innermost: next to the routes
 
-        @app.middleware("http")
-        async def measure(request: Request, call_next):
-            start = time.perf_counter()
-            correlation_id = current_correlation_id() or new_correlation_id()  # EdgeGuard's, validated
-            with log_context(correlation_id=correlation_id):
-                response = await call_next(request)
-                route = getattr(request.scope.get("route"), "path", None)  # the template: no token in it
-                # FastAPI keeps an included router's paths without its prefix; put /api/v1 back for people reading.
-                route = (
-                    "unmatched"
-                    if route is None
-                    else ("/api/v1" + route if request.url.path.startswith("/api/v1/") else route)
-                )
-                elapsed = time.perf_counter() - start
-                self.http_requests.labels(self.name, request.method, route, response.status_code).inc()
-                self.http_seconds.labels(self.name, route).observe(elapsed)
-                if not request.url.path.startswith(QUIET_PATHS):
-                    http_log.info(
-                        "%s %s %s",
-                        request.method,
-                        route,
-                        response.status_code,
-                        extra={"duration_ms": round(elapsed * 1000, 1)},
-                    )
-            response.headers["X-Correlation-ID"] = correlation_id
-            return response
-
+        app.add_middleware(RequestMeasure, service=self)
         app.add_middleware(EdgeGuard, routes=lambda: app.routes)  # outermost: refuses before anything reads
 
         @app.exception_handler(RequestValidationError)
