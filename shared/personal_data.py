@@ -15,6 +15,7 @@ erasing the person deletes the key, which makes every copy unreadable at once (c
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
+import anyio
 import redis
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -55,6 +57,7 @@ DERIVATION_INFO = b"relais personal data key-encryption key v1"
 KEYS_HASH = "person-keys"  # in the deployment's namespace: <namespace>:person-keys
 NONCE_BYTES = 12
 KEY_STORE_PATIENCE_S = 15.0  # how long recording a need waits for an absent Redis (a failover takes a few seconds)
+KEY_STORE_THREADS = 4  # worker threads opening sealed data at once, per process (PersonalData.open_need_async)
 
 # Create the person's data key unless a live one is there (an erasure mark is replaced): one key per person even
 # when two needs of the same person are recorded at once.
@@ -152,6 +155,7 @@ class PersonalData:
         self._client = client
         self._lock = threading.Lock()
         self.patience_s = KEY_STORE_PATIENCE_S
+        self._threads: tuple[object, anyio.CapacityLimiter] | None = None  # (event loop, limiter): open_need_async
 
     @property
     def client(self) -> redis.Redis:
@@ -295,6 +299,15 @@ class PersonalData:
             return NeedPersonalData.model_validate(self.unseal(event.sealed, event.need_id))
         except DataKeyErased:
             return None
+
+    async def open_need_async(self, event: NeedRecorded) -> NeedPersonalData | None:
+        """`open_need` from the event loop: in a worker thread (it reads the key store), at most
+        KEY_STORE_THREADS at once. The entries of a batch are opened concurrently, one task each: without the limit
+        each took a thread of its own (40 threads in notifications under load, their memory and switches)."""
+        loop = asyncio.get_running_loop()
+        if self._threads is None or self._threads[0] is not loop:
+            self._threads = (loop, anyio.CapacityLimiter(KEY_STORE_THREADS))
+        return await anyio.to_thread.run_sync(self.open_need, event, limiter=self._threads[1])
 
     def seal_text(self, person_id: str, need_id: str, text: str) -> SealedPersonalData:
         """Seal a desk's text about the person's need (a note, a closing reason) with their existing data key: never

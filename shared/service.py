@@ -85,19 +85,20 @@ class RequestMeasure:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        start = time.perf_counter()
-        status = 500  # unless the app starts an answer
+        start, answered = time.perf_counter(), False
 
         async def send_seen(message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
+            nonlocal answered
+            if message["type"] == "http.response.start":  # measured when the answer starts, as it is sent
+                answered = True
+                self.measured(scope, message["status"], time.perf_counter() - start)
             await send(message)
 
         try:
             await self.app(scope, receive, send_seen)
         finally:
-            self.measured(scope, status, time.perf_counter() - start)
+            if not answered:  # UnexpectedErrors answers an error itself: only a request torn down mid-way
+                self.measured(scope, 500, time.perf_counter() - start)
 
     def measured(self, scope, status: int, elapsed: float) -> None:
         path: str = scope["path"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import anyio
 from sqlmodel import Session
 
 from services.notifications import handlers, inbound
@@ -46,7 +45,7 @@ def register(svc: Service, wake_senders: Callable[[], None]) -> None:
     async def on_need_event(event: NeedEvent) -> None:
         handler: Callable[[Session, Any], object]
         if isinstance(event, NeedRecorded):
-            details = await anyio.to_thread.run_sync(svc.personal_data.open_need, event)  # None: the person was erased
+            details = await svc.personal_data.open_need_async(event)  # None: the person was erased
             handler = lambda s, e: handlers.on_need_recorded(  # noqa: E731
                 s, e, details, svc.directory, svc.clock(), transliterate, answer_link
             )
