@@ -11,7 +11,7 @@ Sections:
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Set
+from collections.abc import Callable, Set
 from dataclasses import dataclass, fields
 from dataclasses import replace as dataclass_replace
 from datetime import UTC, date, datetime, timedelta
@@ -96,7 +96,7 @@ def route_need(
     category: str,
     postal_code: str | None,
     library_id: str,
-    open_referrals: Mapping[str, int],
+    open_referrals: Callable[[str], int],
     excluded_partner_ids: Set[str] = frozenset(),
     paused_partner_ids: Set[str] = frozenset(),
 ) -> RoutingDecision:
@@ -114,6 +114,13 @@ def route_need(
     known_category = directory.category(category)
     label = known_category.label if known_category else category
 
+    counted: dict[str, int] = {}
+
+    def load(partner_id: str) -> int:  # asked only of a partner with a capacity, or to break a tie
+        if partner_id not in counted:
+            counted[partner_id] = open_referrals(partner_id)
+        return counted[partner_id]
+
     takers = [p for p in directory.partners if category in p.categories]
     covering: list[tuple[Partner, str]] = []  # (partner, its longest prefix of the code)
     for partner in takers:
@@ -126,13 +133,12 @@ def route_need(
     excluded: list[str] = []
     declined = 0
     for partner, prefix in covering:
-        open_now = open_referrals.get(partner.id, 0)
         if partner.id in excluded_partner_ids:
             excluded.append(t["declined"].format(partner=partner.name))
             declined += 1
         elif partner.id in paused_partner_ids:
             excluded.append(t["paused"].format(partner=partner.name))
-        elif partner.capacity is not None and open_now >= partner.capacity:
+        elif partner.capacity is not None and (open_now := load(partner.id)) >= partner.capacity:
             excluded.append(t["full"].format(partner=partner.name, open=open_now, capacity=partner.capacity))
         else:
             candidates.append((partner, prefix))
@@ -154,20 +160,21 @@ def route_need(
             cause = "declined" if declined == len(covering) else "unavailable"
         return RoutingDecision(partner=None, contact=None, reason=reason + ".", cause=cause)
 
+    longest = max(len(prefix) for _, prefix in candidates)
+    tied = sum(len(prefix) == longest for _, prefix in candidates) > 1
+
     def rank(candidate: tuple[Partner, str]) -> tuple[int, int, str]:
         partner, prefix = candidate
-        return (-len(prefix), open_referrals.get(partner.id, 0), partner.id)
+        return (-len(prefix), load(partner.id) if tied and len(prefix) == longest else 0, partner.id)
 
     candidates.sort(key=rank)
     winner, prefix = candidates[0]
-    winner_open = open_referrals.get(winner.id, 0)
     losers: list[str] = []
     tie_note = ""
     for partner, other_prefix in candidates[1:]:
-        other_open = open_referrals.get(partner.id, 0)
         if len(other_prefix) < len(prefix):
             losers.append(t["shorter"].format(partner=partner.name))
-        elif other_open > winner_open:
+        elif (other_open := load(partner.id)) > (winner_open := load(winner.id)):
             losers.append(t["more_open"].format(partner=partner.name, open=other_open))
             tie_note = tie_note or t["fewest_open"].format(open=winner_open)
         else:

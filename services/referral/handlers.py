@@ -56,7 +56,7 @@ from services.referral.store import (
     partners_who_declined,
     paused_partners,
 )
-from services.referral.views import open_referral_counts
+from services.referral.views import open_referrals_of
 from shared import deadlines
 from shared.db import Database, emit
 from shared.directory import Directory
@@ -155,7 +155,7 @@ def route(
             category=case.category,
             postal_code=case.postal_code,
             library_id=case.library_id,
-            open_referrals=open_referral_counts(session),
+            open_referrals=lambda partner_id: open_referrals_of(session, partner_id),
             excluded_partner_ids=partners_who_declined(session, case.need_id),
             paused_partner_ids=paused_partners(session, now),
         )

@@ -46,7 +46,11 @@ def a_directory():
 def test_the_deadline_at_recording_is_the_window_of_the_partner_routing_picks(category, postal_code, library_id):
     directory = a_directory()
     chosen = route_need(
-        directory, category=category, postal_code=postal_code, library_id=library_id, open_referrals={}
+        directory,
+        category=category,
+        postal_code=postal_code,
+        library_id=library_id,
+        open_referrals=lambda partner_id: 0,
     ).partner
     due = expected_respond_by(
         directory, category=category, postal_code=postal_code, library_id=library_id, recorded_at=RECORDED_AT

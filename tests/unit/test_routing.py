@@ -71,7 +71,7 @@ def route(category, postal_code, library_id="rouen-chatelet", open_referrals=Non
         category=category,
         postal_code=postal_code,
         library_id=library_id,
-        open_referrals=open_referrals or {},
+        open_referrals=lambda partner_id: (open_referrals or {}).get(partner_id, 0),
         **kwargs,
     )
 

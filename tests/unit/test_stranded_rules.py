@@ -12,7 +12,12 @@ NOW = datetime(2026, 12, 1, 9, 15, tzinfo=UTC)
 
 def route(directory, category="sante", **changes):
     return domain.route_need(
-        directory, category=category, postal_code="76000", library_id="chatelet", open_referrals={}, **changes
+        directory,
+        category=category,
+        postal_code="76000",
+        library_id="chatelet",
+        open_referrals=lambda partner_id: 0,
+        **changes,
     )
 
 
