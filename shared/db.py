@@ -13,6 +13,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from shared.events import STREAM_OF, Event, utcnow
@@ -88,6 +89,14 @@ LOGGED_EVENT_FIELDS = (
 
 
 EMITTED = "relais_emitted"  # in Session.info once `emit` put an event in the session's outbox
+
+
+def upsert(session: Session, table: sa.Table, key: str, row: dict, update: dict | None = None) -> sa.Insert:
+    """INSERT ... ON CONFLICT (key) DO UPDATE in the session's dialect (SQLite and PostgreSQL both have it): `update`
+    (default: the row's other columns) on a conflict. One statement, no SELECT first, unlike Session.merge."""
+    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    changes = update if update is not None else {k: v for k, v in row.items() if k != key}
+    return insert(table).values(**row).on_conflict_do_update(index_elements=[key], set_=changes)
 
 
 def emit(session: Session, event: Event) -> None:

@@ -8,11 +8,10 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from services.intake.domain import CountedNeed
-from shared.db import UTCDateTime, table_of
+from shared.db import UTCDateTime, table_of, upsert
 from shared.people import ACCESS_LOG_TABLE
 from shared.retention import ANONYMISED, Due, PurgeRule
 from shared.signin import USED_TOKEN_TABLE
@@ -120,14 +119,9 @@ TABLES = [
 def next_reference(session: Session, prefix: str) -> str:
     """The next reference after `prefix` (CHA-2611 -> CHA-2611-0042), counted in this transaction. One upsert: on
     PostgreSQL a concurrent recording with the same prefix waits for this transaction's row lock, then counts on."""
-    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
     counter = ReferenceCounter.__table__  # type: ignore[attr-defined]
-    statement = (
-        insert(counter)
-        .values(prefix=prefix, last=1)
-        .on_conflict_do_update(index_elements=["prefix"], set_={"last": counter.c.last + 1})
-        .returning(counter.c.last)
-    )
+    statement = upsert(session, counter, "prefix", {"prefix": prefix, "last": 1}, {"last": counter.c.last + 1})
+    statement = statement.returning(counter.c.last)
     number = session.execute(statement).scalar_one()
     return f"{prefix}-{number:04d}"
 

@@ -37,7 +37,7 @@ from services.notifications.mail_reading import (
 )
 from services.notifications.render import render_email
 from services.notifications.store import InboundMail, NeedReference, ReplyRoute
-from shared.db import Database, emit
+from shared.db import Database, emit, upsert
 from shared.deps import RuntimeDep, SettingsDep
 from shared.directory import Contact, Directory
 from shared.edges import body_limit
@@ -206,18 +206,18 @@ def receive(
 
 
 def remember_route(session: Session, event: ReferralEvent | NeedUnroutable) -> None:
-    """On referral.assigned: who the reply address of this referral is bound to."""
+    """On referral.assigned: who the reply address of this referral is bound to. One upsert (a referral is assigned
+    once; the same event read twice writes the same row)."""
     if isinstance(event, ReferralAssigned):
-        session.merge(
-            ReplyRoute(
-                referral_id=event.referral_id,
-                need_id=event.need_id,
-                partner_id=event.partner_id,
-                contact_id=event.contact_id,
-                library_id=event.library_id,
-                category=event.category,
-            )
+        row = dict(
+            referral_id=event.referral_id,
+            need_id=event.need_id,
+            partner_id=event.partner_id,
+            contact_id=event.contact_id,
+            library_id=event.library_id,
+            category=event.category,
         )
+        session.execute(upsert(session, ReplyRoute.__table__, "referral_id", row))  # type: ignore[attr-defined]
 
 
 def on_reply_recorded(

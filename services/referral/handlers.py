@@ -133,8 +133,7 @@ def on_need_recorded(
         ),
     )
     session.add(case)
-    session.flush()
-    route(session, case, directory, now)
+    route(session, case, directory, now)  # its queries flush the case first (autoflush)
 
 
 def route(
@@ -209,8 +208,7 @@ def route(
         created_at=now,
         updated_at=now,
     )
-    session.add(referral)
-    session.flush()
+    session.add(referral)  # the unit of work inserts it before its history row (their foreign key orders them)
     session.add(
         ReferralHistory(referral_id=referral.id, at=now, action="assigned", actor=actor, detail=decision.reason)
     )
