@@ -214,15 +214,16 @@ class PersonalData:
     def data_key(self, person_id: str, *, create: bool = False) -> tuple[str, bytes]:
         """(data key id, data key) of the person; with `create`, a new one unless a live one exists. Raises
         DataKeyErased or DataKeyMissing without `create`."""
-        get_or_create = self.client.register_script(_GET_OR_CREATE)
-        record = _record(self._patiently(lambda: self.client.hget(self.hash, person_id)))
-        if (record is None or "wrapped" not in record) and create:
+        if create:  # one round trip: the script keeps a live key, else stores this candidate (cheaper than a read)
+            get_or_create = self.client.register_script(_GET_OR_CREATE)
             data_key_id, data_key = os.urandom(8).hex(), AESGCM.generate_key(bit_length=8 * KEY_BYTES)
             candidate = self._wrap(person_id, data_key_id, data_key)
             stored = self._patiently(lambda: get_or_create(keys=[self.hash], args=[person_id, candidate]))
             if stored in (candidate, candidate.encode()):
                 return data_key_id, data_key
-            record = _record(stored)  # another need of the person created it first
+            record = _record(stored)  # the person's live key: another need of theirs created it first
+        else:
+            record = _record(self._patiently(lambda: self.client.hget(self.hash, person_id)))
         if record is None:
             raise DataKeyMissing(f"no data key for person {person_id} in {self.hash}")
         if "wrapped" not in record:
