@@ -30,7 +30,7 @@ from services.notifications.store import (
     forget_replies,
     lock_person_of,
 )
-from shared.db import Database, emit
+from shared.db import Database, emit, upsert
 from shared.directory import Directory
 from shared.events import (
     AccessLinkRequested,
@@ -197,11 +197,10 @@ def on_need_recorded(
     the event sealed (consumers.py opens it), None when the person was erased before it was read: then nothing
     goes to them (no address, channel none)."""
     lock_person_of(session, event.need_id)
-    session.merge(
-        NeedReference(
-            need_id=event.need_id, reference=event.reference, library_id=event.library_id, person_id=event.person_id
-        )
+    reference = dict(
+        need_id=event.need_id, reference=event.reference, library_id=event.library_id, person_id=event.person_id
     )
+    session.execute(upsert(session, NeedReference.__table__, "need_id", reference))  # type: ignore[attr-defined]
     if (erased := session.get(NeedPerson, event.need_id)) is not None and erased.erased_at is not None:
         return 0  # a late or replayed need.recorded of a person since erased: nothing of them is kept
     person = session.get(NeedPerson, event.need_id) or NeedPerson(
