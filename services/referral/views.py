@@ -383,6 +383,12 @@ def referrals_created_since(session: Session, since: datetime) -> list[CreatedRe
     return [CreatedReferral(i, p, s, aware(c), aware(r)) for i, p, s, c, r in rows]
 
 
+def referrals_created_since_count(session: Session, since: datetime, at_most: int) -> int:
+    """How many referrals were created since `since`, counted off the index up to `at_most`."""
+    created = select(Referral.id).where(col(Referral.created_at) >= since).limit(at_most)
+    return session.exec(select(sa.func.count()).select_from(created.subquery())).one()
+
+
 def declines_since(session: Session, since: datetime) -> list[tuple[str, str | None]]:
     """(partner id, the decline's reason code) of each decline since `since`."""
     return list(
