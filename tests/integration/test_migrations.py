@@ -29,8 +29,11 @@ def test_the_head_revision_is_what_the_models_declare(service, database_url_fact
     engine = sa.create_engine(url)
     try:
         with engine.connect() as connection:
-            context = MigrationContext.configure(connection, opts={"compare_type": True})
-            differences = compare_metadata(context, migrations.metadata_of(TABLES[service]))
+            metadata = migrations.metadata_of(TABLES[service])
+            context = MigrationContext.configure(
+                connection, opts={"compare_type": True, "include_object": migrations.leaves_aside(metadata)}
+            )
+            differences = compare_metadata(context, metadata)
     finally:
         engine.dispose()
     assert not differences, f"{service}: models and migrations differ: {differences}"
