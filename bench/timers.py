@@ -444,29 +444,36 @@ def measure_pages(base: str, pages: list, requests: int, cap: float = 90.0) -> l
 
 
 def dashboard_at_start(service: Referral, settle_until: float) -> None:
-    """One dashboard page right after the start, timed (the month's figures are then being computed: a service that
-    computes them behind answers without them at once), then the JSON polled until its figures are there, or until
+    """The dashboard page right after the start, timed, then again every second while the month's figures are being
+    computed (a service that computes them behind answers without them at once), until they are there or until
     `settle_until` (time.time()), so that computation stays out of the idle window."""
     cookie = asyncio.run(service.page_cookie("ops"))
-    bearer = {"Authorization": f"Bearer {TOKENS['ops']}"}
-    with httpx.Client(base_url=service.url, timeout=120, trust_env=False) as client:
+    with httpx.Client(base_url=service.url, timeout=120, trust_env=False, cookies=cookie) as client:
         started = time.perf_counter()
-        page = client.get("/tableau-de-bord", cookies=cookie)
-        took = time.perf_counter() - started
-        pending = "en cours de calcul" in page.text
-        print(
-            f"  /tableau-de-bord right after the start: HTTP {page.status_code} in {took * 1000:.0f} ms, "
-            + ("figures being computed (the notice)" if pending else "with the figures"),
-            flush=True,
-        )
-        while pending and time.time() < settle_until:
+        times: list[float] = []
+        while True:
+            t0 = time.perf_counter()
+            page = client.get("/tableau-de-bord")
+            times.append(time.perf_counter() - t0)
+            pending = page.status_code == 200 and "en cours de calcul" in page.text
+            if len(times) == 1:
+                print(
+                    f"  /tableau-de-bord right after the start: HTTP {page.status_code} in {times[0] * 1000:.0f} ms, "
+                    + ("figures being computed (the notice)" if pending else "with the figures"),
+                    flush=True,
+                )
+            if not pending or time.time() >= settle_until:
+                break
             time.sleep(1)
-            pending = client.get("/api/v1/dashboard", headers=bearer).json().get("figures_pending", False)
         after = time.perf_counter() - started
         if pending:
-            print(f"  the figures were still being computed {after:.0f} s after that request (see --settle)")
-        elif took < after - 1:
-            print(f"  the figures computed in the background were there {after:.0f} s after that request")
+            print(f"  the figures were still being computed {after:.0f} s after the first request (see --settle)")
+        elif len(times) > 1:
+            print(
+                f"  the figures computed in the background were there {after:.0f} s after the first request; the"
+                f" {len(times) - 1} requests meanwhile (one a second): {spread_s(times[:-1])}",
+                flush=True,
+            )
 
 
 def backends(db: str) -> list[int]:
