@@ -215,3 +215,39 @@ async def test_a_small_window_is_not_computed_at_start_but_on_each_request(monke
     assert reuse.large is False and reuse.refresh is None and computed == []
     assert await reuse.figures(svc, t) == (t, {"n": 1})
     assert await reuse.figures(svc, t) == (t, {"n": 2})
+
+
+async def test_a_stopping_service_does_not_wait_for_the_figures_computed_behind(monkeypatch):
+    """The computation started at start runs in a worker thread; cancelling the start (the service stops) returns
+    without waiting for that thread to finish its queries."""
+    import threading
+    from datetime import UTC, datetime
+    from types import SimpleNamespace
+    from typing import Any, cast
+
+    import anyio
+
+    from services.referral import dashboard
+
+    t = datetime(2026, 11, 20, 12, tzinfo=UTC)
+    running, release, finished = threading.Event(), threading.Event(), threading.Event()
+
+    def local_figures(svc, now):  # a computation still in its queries when the service stops
+        running.set()
+        release.wait(30)
+        finished.set()
+        return {}, 7
+
+    monkeypatch.setattr(dashboard, "local_figures", local_figures)
+    monkeypatch.setattr(dashboard, "window_holds", lambda svc, since, at_least: True)
+    reuse = dashboard.FiguresReuse(reuse_from=5)
+    try:
+        async with anyio.create_task_group() as tasks:  # as the service's lifespan runs its background tasks
+            tasks.start_soon(reuse.start, cast(Any, SimpleNamespace(clock=lambda: t)))
+            while not running.is_set():
+                await anyio.sleep(0.01)
+            tasks.cancel_scope.cancel()  # the service stops
+        assert not finished.is_set()  # the stop did not wait for the thread
+        assert reuse.refresh is not None and reuse.refresh.done() and reuse.last is None
+    finally:
+        release.set()
