@@ -8,7 +8,7 @@ an empty database (a first start, a test) is brought up to date at start.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -22,6 +22,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 class MigrationNeeded(RuntimeError):
     pass
+
+
+# A table's `info` key listing indexes made by a migration on PostgreSQL only (an extension's operator class, such as
+# pg_trgm's): the models cannot declare them without SQLite getting an index too, so Alembic's comparison leaves
+# them aside (`leaves_aside`).
+POSTGRESQL_ONLY_INDEXES = "postgresql_only_indexes"
+
+
+def leaves_aside(metadata: sa.MetaData) -> Callable[..., bool]:
+    """Alembic's `include_object` for `metadata`: everything but the indexes its tables list under
+    POSTGRESQL_ONLY_INDEXES."""
+    names = {name for table in metadata.tables.values() for name in table.info.get(POSTGRESQL_ONLY_INDEXES, ())}
+
+    def include(obj: object, name: str | None, type_: str, reflected: bool, compare_to: object) -> bool:
+        return not (type_ == "index" and name in names)
+
+    return include
 
 
 def metadata_of(tables: Sequence[sa.Table]) -> sa.MetaData:
@@ -95,6 +112,7 @@ def run_env(context, tables: Sequence[sa.Table]) -> None:  # noqa: ANN001 - Alem
             target_metadata=metadata,
             render_as_batch=connection.dialect.name == "sqlite",
             compare_type=True,
+            include_object=leaves_aside(metadata),
         )
         with context.begin_transaction():
             context.run_migrations()

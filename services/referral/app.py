@@ -54,6 +54,7 @@ def bootstrap(settings: Settings | None = None, *, clock: Callable[[], datetime]
     )
     runtime = ReferralRuntime(service, app, clock_wake, timer_lag, queue_watch, FiguresReuse(), pages)
     app.state.runtime = runtime  # what deps.py gives the routes
+    service.background.append(lambda: runtime.figures_reuse.start(runtime))  # a large window's, before anyone asks
     return runtime
 
 

@@ -228,19 +228,24 @@ class RecentAction(BaseModel):
 
 
 class Dashboard(BaseModel):
-    generated_at: datetime
+    """`figures_pending`: the figures read from referral's database (every field that may be null here) are being
+    computed in the background (FiguresReuse, a large window): they are null until then; the queues, outboxes,
+    deliveries and reports are there."""
+
+    generated_at: datetime  # when the database figures were computed (maybe a minute ago); pending: now
     timezone: str
-    stranded: Stranded
+    figures_pending: bool = False
     queues: Queues
-    deadlines: Deadlines
-    partners: list[PartnerFigures]
-    clock: ClockFigures
-    charts: Charts
-    recent_actions: list[RecentAction]
-    declines_by_reason: list[DeclineReason]  # every partner's declines of the last 30 days, by reason, most first
-    person_contacted: ContactFigures  # every partner's, over the same 30 days
     deliveries: Remote
     reports: Remote
+    stranded: Stranded | None = None
+    deadlines: Deadlines | None = None
+    partners: list[PartnerFigures] | None = None
+    clock: ClockFigures | None = None
+    charts: Charts | None = None
+    recent_actions: list[RecentAction] | None = None
+    declines_by_reason: list[DeclineReason] | None = None  # every partner's declines of the last 30 days, most first
+    person_contacted: ContactFigures | None = None  # every partner's, over the same 30 days
 
 
 # --- small arithmetic -----------------------------------------------------------------------------
@@ -543,46 +548,94 @@ def local_figures(svc: Runtime, now: datetime) -> tuple[dict, int]:
 
 
 class FiguresReuse:
-    """The database figures of a dashboard whose 30-day window holds REUSE_FROM referrals or more (they then take
-    seconds to compute): the last ones are shown, with their time, while younger than REUSE_FOR or ten times what
-    computing them took (so refreshing costs at most a tenth of a core, however many watch), and, older, up to
-    REUSE_STALE more while fresh ones are computed in the background, one computation at a time. Smaller
-    deployments (and the tests) compute them on every request, as before. An ops action from the dashboard forgets
-    them, so the page it lands on shows it."""
+    """The database figures of a dashboard whose 30-day window holds `reuse_from` (REUSE_FROM) referrals or more:
+    they then take seconds to compute (about 25 s for a million), so no request waits for them. Such a window is
+    found at start (`start`, a background task counting the window up to `reuse_from`, which then computes the
+    figures) or by the first request; from then on the figures are computed in the background, one computation at a
+    time, and a request that finds none yet answers without them (`figures` returns None: the pages say they are
+    being computed, the JSON says `figures_pending`). The last ones are shown, with their time, while younger than
+    REUSE_FOR or ten times what computing them took (so refreshing costs at most a tenth of a core, however many
+    watch), and, older, up to REUSE_STALE more while fresh ones are computed behind. An ops action from the dashboard
+    forgets them (`forget`), so no page shows figures from before it. Smaller windows (and the tests) are computed on
+    every request, as before."""
 
-    def __init__(self) -> None:
+    def __init__(self, reuse_from: int | None = None) -> None:
+        self.reuse_from = REUSE_FROM if reuse_from is None else reuse_from
+        self.large: bool | None = None  # the window holds reuse_from referrals or more; None: not counted yet
         self.last: tuple[float, float, datetime, dict] | None = None  # (monotonic when, fresh for (s), now, figures)
+        self.forgotten = 0  # how many times the figures were forgotten: a computation started before is not kept
         self.refresh: asyncio.Task | None = None
 
     def forget(self) -> None:
         self.last = None
+        self.forgotten += 1
 
-    async def figures(self, svc: Runtime, now: datetime) -> tuple[datetime, dict]:
+    async def start(self, svc: Runtime) -> None:
+        """At start (a background task of the service): a large window's figures are computed before anyone asks."""
+        try:
+            if await self.window_is_large(svc, svc.clock()):
+                self.compute_behind_soon(svc, svc.clock())
+                if self.refresh is not None:
+                    await self.refresh  # a stopping service cancels it with this task
+        except Exception:  # noqa: BLE001 - the first request counts the window again
+            log.exception("counting the dashboard's window at start failed")
+
+    async def window_is_large(self, svc: Runtime, now: datetime) -> bool:
+        if self.large is None:
+            self.large = await anyio.to_thread.run_sync(window_holds, svc, now - WINDOW, self.reuse_from)
+        return self.large
+
+    async def figures(self, svc: Runtime, now: datetime) -> tuple[datetime, dict] | None:
+        """The database figures and when they were computed; None while a large window's are being computed."""
         if (last := self.last) is not None:
             started, fresh_for, computed_at, figures = last
             age = monotonic.monotonic() - started
             if age >= fresh_for and age < fresh_for + REUSE_STALE.total_seconds():
-                if self.refresh is None or self.refresh.done():
-                    self.refresh = asyncio.create_task(self.compute_behind(svc, now))
+                self.compute_behind_soon(svc, now)
             if age < fresh_for + REUSE_STALE.total_seconds():
                 return computed_at, figures
+        if await self.window_is_large(svc, now):
+            self.compute_behind_soon(svc, now)
+            return None
         return await self.compute(svc, now)
+
+    def compute_behind_soon(self, svc: Runtime, now: datetime) -> None:
+        """Starts computing the figures in the background, unless a computation is already running."""
+        if self.refresh is None or self.refresh.done():
+            self.refresh = asyncio.create_task(self.compute_behind(svc, now))
 
     async def compute_behind(self, svc: Runtime, now: datetime) -> None:
         try:
-            await self.compute(svc, now)
+            while True:
+                forgotten = self.forgotten
+                await self.compute(svc, now, keep_unless_forgotten=forgotten)
+                if forgotten == self.forgotten:
+                    return
+                now = svc.clock()  # an action forgot the figures meanwhile: compute them again, after it
         except Exception:  # noqa: BLE001 - the last figures stay; the next request tries again
             log.exception("computing the dashboard's figures failed")
 
-    async def compute(self, svc: Runtime, now: datetime) -> tuple[datetime, dict]:
+    async def compute(
+        self, svc: Runtime, now: datetime, keep_unless_forgotten: int | None = None
+    ) -> tuple[datetime, dict]:
+        """Computes the figures in a worker thread; behind (`keep_unless_forgotten` given), a stopping service does
+        not wait for it."""
         started = monotonic.monotonic()
-        figures, window_size = await anyio.to_thread.run_sync(local_figures, svc, now)
+        behind = keep_unless_forgotten is not None
+        figures, window_size = await anyio.to_thread.run_sync(local_figures, svc, now, abandon_on_cancel=behind)
         took = monotonic.monotonic() - started
         fresh_for = max(REUSE_FOR.total_seconds(), 10 * took)
-        self.last = (started, fresh_for, now, figures) if window_size >= REUSE_FROM else None
-        if self.last is not None:
+        self.large = window_size >= self.reuse_from
+        if not behind or keep_unless_forgotten == self.forgotten:
+            self.last = (started, fresh_for, now, figures) if self.large else None
+        if self.large:
             log.info("dashboard figures computed in %.1f s; reused for %.0f s", took, fresh_for)
         return now, figures
+
+
+def window_holds(svc: Runtime, since: datetime, at_least: int) -> bool:
+    with svc.db.read() as session:
+        return views.referrals_created_since_count(session, since, at_least) >= at_least
 
 
 # --- queues ---------------------------------------------------------------------------------------
@@ -653,15 +706,17 @@ async def queues(svc: Runtime, watch: QueueWatch) -> Queues:
 
 async def build_dashboard(svc: Runtime, watch: QueueWatch, reuse: FiguresReuse) -> Dashboard:
     now = svc.clock()
-    (computed_at, local), queue_part, deliveries, monthly = await asyncio.gather(
+    database, queue_part, deliveries, monthly = await asyncio.gather(
         reuse.figures(svc, now),
         queues(svc, watch),
         remote.remote_json(svc, "notifications", "/deliveries/stats"),
         remote.reports(svc, now),
     )
+    computed_at, local = database if database is not None else (now, {})
     return Dashboard(
         generated_at=computed_at,  # when the database figures were computed (FiguresReuse: maybe a minute ago)
         timezone=svc.directory.timezone,
+        figures_pending=database is None,
         queues=queue_part,
         deliveries=deliveries,
         reports=monthly,

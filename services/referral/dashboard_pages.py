@@ -43,7 +43,7 @@ from services.referral.commands import (
     ResumePartner,
     RevokeSessions,
 )
-from services.referral.dashboard import Dashboard, build_dashboard
+from services.referral.dashboard import Charts, Dashboard, build_dashboard
 from services.referral.deps import ClockDep, CommandDeps, DirectoryDep, PagesDep, Runtime, RuntimeDep
 from services.referral.handlers import NotFound, NotPaused, NotStranded, Refused, RemoteFailed, handle
 from services.referral.store import OPEN_STATUSES, NeedCase, Referral
@@ -139,7 +139,7 @@ def technical_problems(d: Dashboard) -> list[tuple[str, int]]:
         ("dead_letters", sum(s.dead_letters for s in q.streams)),
         ("outboxes_late", sum(1 for o in q.outboxes if o.available and (o.oldest_age_seconds or 0) > 60)),
         ("outboxes_down", sum(1 for o in q.outboxes if not o.available)),
-        ("clock_overdue", d.clock.overdue),
+        ("clock_overdue", d.clock.overdue if d.clock else 0),
         ("deliveries_failed", failed),
         ("deliveries_down", 0 if d.deliveries.available else 1),
         ("reports_down", 0 if d.reports.available else 1),
@@ -165,7 +165,7 @@ def action_targets(d: Dashboard, directory: Directory, references: dict[str, str
         return found.name if found else partner_id
 
     targets = []
-    for a in d.recent_actions:
+    for a in d.recent_actions or []:
         head, _, partner_id = a.target.partition(":")
         if a.action in ("pause_partner", "resume_partner"):
             targets.append({"partner": partner(a.target)})
@@ -187,7 +187,8 @@ def action_targets(d: Dashboard, directory: Directory, references: dict[str, str
 async def figures(runtime: Runtime) -> dict:
     data = await build_dashboard(runtime, runtime.queue_watch, runtime.figures_reuse)
     directory = runtime.directory
-    need_ids = [a.target.partition(":")[0] for a in data.recent_actions if a.action in ("assign", "cancel_need")]
+    actions = data.recent_actions or []  # none while the database figures are being computed (figures_pending)
+    need_ids = [a.target.partition(":")[0] for a in actions if a.action in ("assign", "cancel_need")]
 
     def read_references() -> dict[str, str]:
         with runtime.db.read() as session:
@@ -201,12 +202,13 @@ async def figures(runtime: Runtime) -> dict:
         libraries={lib.id: lib.name for lib in directory.libraries},
     )
     # the bars of each chart (label, count): its table and its drawing both come from these
+    charts = data.charts or Charts(needs_per_hour=[], answer_times=[])
     needs_bars = [
         {"label": hour_fr(b.start, data.timezone), "count": b.count}
-        for b in data.charts.needs_per_hour
+        for b in charts.needs_per_hour
         if b.start is not None  # every hour's bar has its start
     ]
-    answers_bars = [{"label": b.label, "count": b.count} for b in data.charts.answer_times]
+    answers_bars = [{"label": b.label, "count": b.count} for b in charts.answer_times]
     return dict(
         d=data,
         tz=data.timezone,

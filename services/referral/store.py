@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from shared.db import UTCDateTime, table_of
+from shared.migrations import POSTGRESQL_ONLY_INDEXES
 from shared.people import ACCESS_LOG_TABLE
 from shared.retention import ANONYMISED, Due, PurgeRule
 from shared.signin import USED_TOKEN_TABLE  # sign-in links on the partner pages are single use
@@ -23,6 +24,8 @@ class NeedCase(SQLModel, table=True):
     """A need as referral knows it from `need.recorded`; its clock (`respond_by`) is fixed at first routing."""
 
     __tablename__ = "need_case"
+    # pg_trgm indexes for the search's LIKE, made by migration c7d2e4a8f913 on PostgreSQL only
+    __table_args__ = {"info": {POSTGRESQL_ONLY_INDEXES: ("ix_need_case_search_trgm", "ix_need_case_reference_trgm")}}
     need_id: str = Field(primary_key=True, max_length=32)
     reference: str | None = Field(default=None, index=True, max_length=24)  # intake's (CHA-2611-0042); None: older
     library_id: str = Field(max_length=64)

@@ -397,6 +397,7 @@ async def inbox(
 
     def rows() -> tuple[list[tuple[Referral, NeedCase]], dict[str, int], int | str]:
         with runtime.db.read() as session:
+            need_ids = views.search_candidates(session, q, only_open_cases)  # a narrow search: once, not per query
             found = views.inbox(
                 session,
                 status=status,
@@ -406,6 +407,7 @@ async def inbox(
                 q=q,
                 library_id=library_id,
                 only_open_cases=only_open_cases,
+                need_ids=need_ids,
             )
             counts = views.inbox_counts(
                 session,
@@ -414,6 +416,7 @@ async def inbox(
                 q=q,
                 library_id=library_id,
                 only_open_cases=only_open_cases,
+                need_ids=need_ids,
             )
             unfiltered = not query_terms(q) and not library_id  # then the tab's count is the number to treat
             to_treat = counts.get("assigned", 0) if unfiltered else views.count_to_treat(session, partner_id)

@@ -126,3 +126,49 @@ def test_a_need_is_cancelled_from_its_page_with_a_confirmation_that_names_it(set
     partner = signed_in(referral, "op-caf")
     for path in (url, "/tableau-de-bord/technique", "/tableau-de-bord/technique/chiffres"):
         assert partner.get(path).status_code == 403, path
+
+
+def test_a_large_deployments_dashboard_answers_at_once_while_its_months_figures_are_computed(
+    settings, start_service, monkeypatch
+):
+    """A 30-day window of REUSE_FROM referrals or more takes seconds to compute (docs/benchmarks.md, "Timers at
+    scale"): the service starts computing it at start, and meanwhile every tab answers with the live parts and a notice
+    in place of the month's figures, which its refresh then replaces."""
+    import threading
+
+    from services.referral import dashboard
+
+    release = threading.Event()
+    compute = dashboard.local_figures
+
+    def held(svc, now):  # the month's figures, computed only once the test has seen the pages without them
+        assert release.wait(60), "never released"
+        return compute(svc, now)
+
+    monkeypatch.setattr(dashboard, "REUSE_FROM", 0)  # every window is a large one
+    monkeypatch.setattr(dashboard, "local_figures", held)
+    referral = start_service("referral", settings)
+    ops, browser = referral.client("ops"), signed_in(referral, "ops")
+    notice = "Chiffres du mois en cours de calcul : ils s'affichent dès qu'ils sont prêts."
+
+    try:
+        for path in ("/tableau-de-bord", "/tableau-de-bord/chiffres"):
+            answer = browser.get(path)
+            assert answer.status_code == 200, answer.text
+            page = text_of(answer.text)
+            assert notice in page and 'id="partenaire-caf-76"' not in answer.text
+            for section in ("sans-partenaire", "du-jour", "partenaires", "graphiques", "actions-recentes", "rapports"):
+                assert f'id="{section}"' in answer.text  # the tab's links still land
+            assert "Technique :" in page  # the live summary
+        technical = browser.get("/tableau-de-bord/technique")
+        assert technical.status_code == 200 and notice in text_of(technical.text)
+        assert 'id="files"' in technical.text and 'id="horloge"' in technical.text
+        body = ops.get("/dashboard").json()
+        assert body["figures_pending"] is True and body["partners"] is None and body["queues"]["available"]
+    finally:
+        release.set()
+
+    assert wait_for(lambda: not ops.get("/dashboard").json()["figures_pending"]), "the figures never came"
+    answer = browser.get("/tableau-de-bord/chiffres")
+    assert notice not in text_of(answer.text) and 'id="partenaire-caf-76"' in answer.text
+    assert notice not in text_of(browser.get("/tableau-de-bord/technique").text)

@@ -36,7 +36,18 @@ def referral(settings, start_service):
     return start_service("referral", settings)
 
 
-def test_the_partner_inbox_is_searched_in_the_partners_scope(referral):
+@pytest.fixture(params=["by its candidates", "in each query"])
+def inbox_search(request, monkeypatch) -> str:
+    """The inbox runs a search matching few needs once, then reads by their ids (views.search_candidates); a broader
+    one in each of its queries. Both ways find the same."""
+    from services.referral import views
+
+    if request.param == "in each query":
+        monkeypatch.setattr(views, "SEARCH_CANDIDATES", 1)  # a search matching two needs or more is "broad"
+    return request.param
+
+
+def test_the_partner_inbox_is_searched_in_the_partners_scope(referral, inbox_search):
     elodie = {"display_name": "Élodie Durand", "phone": "+33612345678"}
     record_need(referral.svc, person=elodie, reference="CHA-0101-0001")
     record_need(referral.svc, person={"display_name": "Marc"}, summary="Prime d'activité", reference="CHA-0101-0002")
@@ -57,7 +68,7 @@ def test_the_partner_inbox_is_searched_in_the_partners_scope(referral):
     assert re.search(r'<form method="get" action="/boite"[^>]*role="search"', board)
 
 
-def test_a_declined_need_is_found_by_its_reference_only(referral):
+def test_a_declined_need_is_found_by_its_reference_only(referral, inbox_search):
     referral_id = record_need(referral.svc, person={"display_name": "Élodie Durand"}, reference="CHA-0101-0009")
     answer = referral.client("caf").post(f"/referrals/{referral_id}/decline", json={"reason": "hors zone"})
     assert answer.status_code == 200, answer.text

@@ -129,6 +129,7 @@ async def test_slow_figures_of_a_large_deployment_are_reused_then_refreshed_behi
         return {"n": len(computed)}, window["size"]
 
     monkeypatch.setattr(dashboard, "local_figures", local_figures)
+    monkeypatch.setattr(dashboard, "window_holds", lambda svc, since, at_least: window["size"] >= at_least)
     reuse, t = dashboard.FiguresReuse(), datetime(2026, 11, 20, 12, tzinfo=UTC)
     svc = cast(Any, None)  # local_figures, replaced, does not read it
 
@@ -136,7 +137,7 @@ async def test_slow_figures_of_a_large_deployment_are_reused_then_refreshed_behi
     assert await reuse.figures(svc, t) == (t, {"n": 2})  # a small deployment computes them every time
 
     window["size"] = dashboard.REUSE_FROM
-    assert await reuse.figures(svc, t) == (t, {"n": 3})
+    assert await reuse.figures(svc, t) == (t, {"n": 3})  # the window grew: found so by this computation
     assert await reuse.figures(svc, t + timedelta(seconds=5)) == (t, {"n": 3})  # reused, with their time
 
     assert reuse.last is not None
@@ -147,5 +148,106 @@ async def test_slow_figures_of_a_large_deployment_are_reused_then_refreshed_behi
     await reuse.refresh
     assert await reuse.figures(svc, t + timedelta(minutes=2)) == (t + timedelta(minutes=2), {"n": 4})
 
-    reuse.forget()  # an action from the dashboard
+    reuse.forget()  # an action from the dashboard: no figures until fresh ones are computed behind
+    assert await reuse.figures(svc, t + timedelta(minutes=3)) is None
+    await reuse.refresh
     assert await reuse.figures(svc, t + timedelta(minutes=3)) == (t + timedelta(minutes=3), {"n": 5})
+
+
+async def test_a_large_window_is_computed_from_the_start_and_no_request_waits_for_it(monkeypatch):
+    """At start, a window of REUSE_FROM referrals or more is computed behind; a request meanwhile gets None (the
+    pages' notice) at once, and starts no second computation; an action during a computation makes it start again."""
+    import asyncio
+    import threading
+    from datetime import UTC, datetime, timedelta
+    from types import SimpleNamespace
+    from typing import Any, cast
+
+    from services.referral import dashboard
+
+    t = datetime(2026, 11, 20, 12, tzinfo=UTC)
+    release, computed = threading.Event(), []
+
+    def local_figures(svc, now):  # the database part, held until the test releases it
+        assert release.wait(30), "never released"
+        computed.append(now)
+        return {"n": len(computed)}, 7
+
+    monkeypatch.setattr(dashboard, "local_figures", local_figures)
+    monkeypatch.setattr(dashboard, "window_holds", lambda svc, since, at_least: at_least <= 7)
+    svc = cast(Any, SimpleNamespace(clock=lambda: t))
+    reuse = dashboard.FiguresReuse(reuse_from=5)
+
+    starting = asyncio.create_task(reuse.start(svc))
+    while reuse.refresh is None:
+        await asyncio.sleep(0.01)  # the window counted, the computation started
+    first = reuse.refresh
+    assert await reuse.figures(svc, t) is None  # answered at once, without figures
+    assert await reuse.figures(svc, t + timedelta(seconds=1)) is None
+    assert reuse.refresh is first and computed == []  # one computation at a time
+
+    reuse.forget()  # an action while it runs: its figures predate the action, so it is computed again
+    release.set()
+    await starting
+    await reuse.refresh
+    assert computed == [t, t] and reuse.last is not None
+    assert await reuse.figures(svc, t) == (t, {"n": 2})
+
+
+async def test_a_small_window_is_not_computed_at_start_but_on_each_request(monkeypatch):
+    from datetime import UTC, datetime
+    from types import SimpleNamespace
+    from typing import Any, cast
+
+    from services.referral import dashboard
+
+    t, computed = datetime(2026, 11, 20, 12, tzinfo=UTC), []
+
+    def local_figures(svc, now):
+        computed.append(now)
+        return {"n": len(computed)}, 4
+
+    monkeypatch.setattr(dashboard, "local_figures", local_figures)
+    monkeypatch.setattr(dashboard, "window_holds", lambda svc, since, at_least: at_least <= 4)
+    svc = cast(Any, SimpleNamespace(clock=lambda: t))
+    reuse = dashboard.FiguresReuse(reuse_from=5)
+    await reuse.start(svc)
+    assert reuse.large is False and reuse.refresh is None and computed == []
+    assert await reuse.figures(svc, t) == (t, {"n": 1})
+    assert await reuse.figures(svc, t) == (t, {"n": 2})
+
+
+async def test_a_stopping_service_does_not_wait_for_the_figures_computed_behind(monkeypatch):
+    """The computation started at start runs in a worker thread; cancelling the start (the service stops) returns
+    without waiting for that thread to finish its queries."""
+    import threading
+    from datetime import UTC, datetime
+    from types import SimpleNamespace
+    from typing import Any, cast
+
+    import anyio
+
+    from services.referral import dashboard
+
+    t = datetime(2026, 11, 20, 12, tzinfo=UTC)
+    running, release, finished = threading.Event(), threading.Event(), threading.Event()
+
+    def local_figures(svc, now):  # a computation still in its queries when the service stops
+        running.set()
+        release.wait(30)
+        finished.set()
+        return {}, 7
+
+    monkeypatch.setattr(dashboard, "local_figures", local_figures)
+    monkeypatch.setattr(dashboard, "window_holds", lambda svc, since, at_least: True)
+    reuse = dashboard.FiguresReuse(reuse_from=5)
+    try:
+        async with anyio.create_task_group() as tasks:  # as the service's lifespan runs its background tasks
+            tasks.start_soon(reuse.start, cast(Any, SimpleNamespace(clock=lambda: t)))
+            while not running.is_set():
+                await anyio.sleep(0.01)
+            tasks.cancel_scope.cancel()  # the service stops
+        assert not finished.is_set()  # the stop did not wait for the thread
+        assert reuse.refresh is not None and reuse.refresh.done() and reuse.last is None
+    finally:
+        release.set()
