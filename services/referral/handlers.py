@@ -133,7 +133,7 @@ def on_need_recorded(
         ),
     )
     session.add(case)
-    route(session, case, directory, now)  # its queries flush the case first (autoflush)
+    route(session, case, directory, now)  # its first query flushes the case alone (autoflush), before its timers
 
 
 def route(
@@ -208,7 +208,8 @@ def route(
         created_at=now,
         updated_at=now,
     )
-    session.add(referral)  # the unit of work inserts it before its history row (their foreign key orders them)
+    session.add(referral)
+    session.flush()  # before its history row: without relationship(), the unit of work does not order by foreign key
     session.add(
         ReferralHistory(referral_id=referral.id, at=now, action="assigned", actor=actor, detail=decision.reason)
     )
