@@ -106,6 +106,9 @@ def _service_module(service: ServiceName):
     return importlib.import_module(f"services.{service}.app")
 
 
+M_ARENA_MAX = -8  # glibc's malloc.h
+
+
 def fewer_malloc_arenas(arenas: int = 2) -> bool:
     """Cap glibc's malloc arenas for this process, unless MALLOC_ARENA_MAX says otherwise. glibc gives each thread
     that allocates an arena of its own, up to eight per core, and the worker threads of a service (its database
@@ -121,9 +124,6 @@ def fewer_malloc_arenas(arenas: int = 2) -> bool:
     except (OSError, AttributeError):
         return False
     return bool(mallopt(M_ARENA_MAX, arenas))
-
-
-M_ARENA_MAX = -8  # glibc's malloc.h
 
 
 def serve_one(service: ServiceName) -> int:

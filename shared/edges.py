@@ -245,11 +245,11 @@ class UnexpectedErrors:
             await self.app(scope, receive, watch)
         except Exception:  # noqa: BLE001 - the one place that catches them all
             correlation_id = current_correlation_id()
-            log.exception("unexpected error in %s %s", scope["method"], _route_of(scope))
+            log.exception("unexpected error in %s %s", scope["method"], route_of(scope))
             if not started:
                 await _answer(send, 500, f"internal error; quote {correlation_id} to ops")
 
 
-def _route_of(scope: Scope) -> str:
+def route_of(scope: Scope) -> str:
     route = scope.get("route")
     return getattr(route, "path", None) or "unmatched"  # the template: no id or token in it

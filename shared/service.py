@@ -32,7 +32,7 @@ from sqlmodel import col, select
 from shared import openapi
 from shared.db import Database, OutboxMessage
 from shared.directory import Directory, User, load_directory
-from shared.edges import EdgeGuard, UnexpectedErrors
+from shared.edges import EdgeGuard, UnexpectedErrors, route_of
 from shared.events import utcnow
 from shared.logs import EventLogContext
 from shared.messaging import Bus
@@ -102,9 +102,9 @@ class RequestMeasure:
 
     def measured(self, scope, status: int, elapsed: float) -> None:
         path: str = scope["path"]
-        route = getattr(scope.get("route"), "path", None)  # the template: no token in it
-        # FastAPI keeps an included router's paths without its prefix; put /api/v1 back for people reading.
-        route = "unmatched" if route is None else ("/api/v1" + route if path.startswith("/api/v1/") else route)
+        route = route_of(scope)  # the template: no token in it
+        if route != "unmatched" and path.startswith("/api/v1/"):
+            route = "/api/v1" + route  # FastAPI keeps an included router's paths without its prefix: put it back
         service = self.service
         service.http_requests.labels(service.name, scope["method"], route, status).inc()
         service.http_seconds.labels(service.name, route).observe(elapsed)

@@ -30,7 +30,7 @@ from services.notifications.store import (
     forget_replies,
     lock_person_of,
 )
-from shared.db import Database, emit, upsert
+from shared.db import Database, emit, table_of, upsert
 from shared.directory import Directory
 from shared.events import (
     AccessLinkRequested,
@@ -200,7 +200,7 @@ def on_need_recorded(
     reference = dict(
         need_id=event.need_id, reference=event.reference, library_id=event.library_id, person_id=event.person_id
     )
-    session.execute(upsert(session, NeedReference.__table__, "need_id", reference))  # type: ignore[attr-defined]
+    session.execute(upsert(session, table_of(NeedReference), "need_id", reference))
     if (erased := session.get(NeedPerson, event.need_id)) is not None and erased.erased_at is not None:
         return 0  # a late or replayed need.recorded of a person since erased: nothing of them is kept
     person = session.get(NeedPerson, event.need_id) or NeedPerson(

@@ -37,7 +37,7 @@ from services.notifications.mail_reading import (
 )
 from services.notifications.render import render_email
 from services.notifications.store import InboundMail, NeedReference, ReplyRoute
-from shared.db import Database, emit, upsert
+from shared.db import Database, emit, table_of, upsert
 from shared.deps import RuntimeDep, SettingsDep
 from shared.directory import Contact, Directory
 from shared.edges import body_limit
@@ -217,7 +217,7 @@ def remember_route(session: Session, event: ReferralEvent | NeedUnroutable) -> N
             library_id=event.library_id,
             category=event.category,
         )
-        session.execute(upsert(session, ReplyRoute.__table__, "referral_id", row))  # type: ignore[attr-defined]
+        session.execute(upsert(session, table_of(ReplyRoute), "referral_id", row))
 
 
 def on_reply_recorded(

@@ -93,13 +93,21 @@ def find_referrals(
     return page(query, Referral.created_at, Referral.id, limit, cursor, session)
 
 
+def _in_case(q: str | None) -> sa.ColumnElement[bool]:
+    """A need's words match the search."""
+    return sa.and_(*matches(NeedCase.search_text, q))
+
+
+def _by_reference(q: str | None) -> sa.ColumnElement[bool]:
+    """A need's reference matches the search (the expression of the trigram index, migration c7d2e4a8f913)."""
+    return sa.and_(*matches(sa.func.lower(sa.func.coalesce(NeedCase.reference, "")), q))
+
+
 def searched(q: str | None, only_open_cases: bool) -> sa.ColumnElement[bool]:
     """The WHERE clause of a search of referrals joined with their needs (see find_referrals)."""
-    in_case = sa.and_(*matches(NeedCase.search_text, q))
     if not only_open_cases:
-        return in_case
-    by_reference = sa.and_(*matches(sa.func.lower(sa.func.coalesce(NeedCase.reference, "")), q))
-    return sa.or_(sa.and_(col(Referral.status).not_in(LEFT_PARTNER), in_case), by_reference)
+        return _in_case(q)
+    return sa.or_(sa.and_(col(Referral.status).not_in(LEFT_PARTNER), _in_case(q)), _by_reference(q))
 
 
 def routing_preview(
@@ -215,9 +223,7 @@ def search_candidates(session: Session, q: str, only_open_cases: bool) -> list[s
     (on PostgreSQL each run reads the trigram indexes again: about 50 ms for a reference among a million needs)."""
     if not query_terms(q):
         return None
-    in_case = sa.and_(*matches(NeedCase.search_text, q))
-    if only_open_cases:
-        in_case = sa.or_(in_case, sa.and_(*matches(sa.func.lower(sa.func.coalesce(NeedCase.reference, "")), q)))
+    in_case = sa.or_(_in_case(q), _by_reference(q)) if only_open_cases else _in_case(q)
     found = list(session.exec(select(NeedCase.need_id).where(in_case).limit(SEARCH_CANDIDATES + 1)).all())
     return found if len(found) <= SEARCH_CANDIDATES else None
 
