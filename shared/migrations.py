@@ -4,18 +4,26 @@ Each service's history covers only its own tables (and the messaging tables ever
 keeps its version in its own database. `relais serve` checks the database is at the newest revision
 and refuses to start otherwise, so a forgotten migration is a clear error rather than a missing column;
 an empty database (a first start, a test) is brought up to date at start.
+
+That check at start does not import Alembic: importing any of it costs about 10 MiB of memory in every serving
+process, kept for its life, for one question. `head_revision` reads the revision ids of the version files (each
+file's `revision` and `down_revision` lines, as Alembic writes them) and the database's `alembic_version` row is
+read with one SELECT; tests/integration/test_migrations.py checks that `head_revision` is Alembic's own head for
+every service. Migrating (`relais migrate`, an empty database) imports Alembic.
 """
 
 from __future__ import annotations
 
+import ast
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,6 +60,8 @@ def metadata_of(tables: Sequence[sa.Table]) -> sa.MetaData:
 
 
 def config(service: str, url: str) -> Config:
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(ROOT / "services" / service / "migrations"))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
@@ -71,6 +81,8 @@ def upgrade(service: str, url: str) -> None:
             f"{service}: the database at {_safe(url)} has tables but no migration history (it was made by a "
             "version of Relais before its first release); delete it, or the data dir, and start again"
         )
+    from alembic import command
+
     command.upgrade(config(service, url), "head")
 
 
@@ -85,15 +97,38 @@ def check_current(service: str, engine: sa.Engine, url: str) -> None:
         )
 
 
+_REVISION_LINE = re.compile(r"^(revision|down_revision)\s*(?::[^=]*)?=\s*(.+?)\s*$", re.MULTILINE)
+
+
+def head_revision(service: str) -> str:
+    """The newest revision of a service's history, read from its version files without Alembic (see the module's
+    docstring): the one revision no other revises."""
+    revisions: set[str] = set()
+    revised: set[str] = set()
+    for path in (ROOT / "services" / service / "migrations" / "versions").glob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        lines = {match[1]: match[2] for match in _REVISION_LINE.finditer(text)}
+        if "revision" not in lines:  # the package's __init__.py
+            continue
+        revisions.add(ast.literal_eval(lines["revision"]))
+        down = ast.literal_eval(lines.get("down_revision", "None"))
+        revised.update([down] if isinstance(down, str) else down or ())
+    heads = revisions - revised
+    if len(heads) != 1:
+        raise MigrationNeeded(f"{service}: the migration history has {len(heads)} heads {sorted(heads)}; chain them")
+    return heads.pop()
+
+
 def _state(service: str, engine: sa.Engine) -> str:
-    head = ScriptDirectory.from_config(config(service, str(engine.url))).get_current_head()
+    head = head_revision(service)
     with engine.connect() as conn:
         names = set(sa.inspect(conn).get_table_names())
         if not names:
             return "empty"
         if "alembic_version" not in names:
             return "unversioned"
-        revision = MigrationContext.configure(conn).get_current_revision()
+        versions = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalars().all()
+    revision = versions[0] if len(versions) == 1 else None
     return "current" if revision == head else f"at {revision}, newest is {head}"
 
 
@@ -122,6 +157,8 @@ def run_env(context, tables: Sequence[sa.Table]) -> None:  # noqa: ANN001 - Alem
 def new_revision(service: str, message: str) -> None:
     """Write the next revision of `service` from the difference between its tables and its history."""
     import tempfile
+
+    from alembic import command
 
     with tempfile.TemporaryDirectory() as folder:
         url = f"sqlite:///{folder}/{service}.db"
