@@ -70,7 +70,8 @@ def table_of(model: type[SQLModel]) -> sa.Table:
     return model.__table__  # type: ignore[attr-defined]
 
 
-MESSAGING_TABLES = (table_of(OutboxMessage), table_of(ProcessedEvent))
+OUTBOX, PROCESSED = table_of(OutboxMessage), table_of(ProcessedEvent)
+MESSAGING_TABLES = (OUTBOX, PROCESSED)
 
 
 # Fields of events that are the directory's ids, user ids, codes or times, never a person's data: logged with the event.
@@ -94,9 +95,13 @@ EMITTED = "relais_emitted"  # in Session.info once `emit` put an event in the se
 def upsert(session: Session, table: sa.Table, key: str, row: dict, update: dict | None = None) -> sa.Insert:
     """INSERT ... ON CONFLICT (key) DO UPDATE in the session's dialect (SQLite and PostgreSQL both have it): `update`
     (default: the row's other columns) on a conflict. One statement, no SELECT first, unlike Session.merge."""
-    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
     changes = update if update is not None else {k: v for k, v in row.items() if k != key}
-    return insert(table).values(**row).on_conflict_do_update(index_elements=[key], set_=changes)
+    return _insert(session, table).values(**row).on_conflict_do_update(index_elements=[key], set_=changes)
+
+
+def _insert(session: Session, table: sa.Table) -> postgresql.Insert | sqlite.Insert:
+    """An INSERT with ON CONFLICT clauses, in the session's dialect."""
+    return (postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert)(table)
 
 
 def emit(session: Session, event: Event) -> None:
@@ -122,8 +127,9 @@ def emit(session: Session, event: Event) -> None:
         },
     )
     session.info[EMITTED] = True  # Bus.process wakes the relay only after a commit that emitted
-    session.add(
-        OutboxMessage(
+    # Core, one INSERT now: the outbox row needs none of the ORM's unit of work, and rows keep the order of emits.
+    session.execute(
+        sa.insert(OUTBOX).values(
             event_id=event.event_id,
             stream=STREAM_OF[event.type],
             type=event.type,
@@ -134,15 +140,13 @@ def emit(session: Session, event: Event) -> None:
 
 
 def claim_event(session: Session, consumer: str, event_id: str) -> bool:
-    """Record that `consumer` processes `event_id` now; False when it already did (a redelivery)."""
-    if session.get(ProcessedEvent, (consumer, event_id)) is not None:
-        return False
-    # Core, not the ORM's unit of work: one INSERT now (a replica's conflicting row fails it here, an IntegrityError
-    # that Bus.process takes for a redelivery).
-    session.execute(
-        sa.insert(table_of(ProcessedEvent)).values(consumer=consumer, event_id=event_id, processed_at=utcnow())
-    )
-    return True
+    """Record that `consumer` processes `event_id` now; False when it already did (a redelivery).
+
+    One INSERT ... ON CONFLICT DO NOTHING, no SELECT first: the row is written with the handler's work, or not at
+    all. On PostgreSQL, a replica processing the same event in an open transaction makes this one wait for its end;
+    once it committed, this finds the row and says False (rolled back, this one claims the event)."""
+    statement = _insert(session, PROCESSED).values(consumer=consumer, event_id=event_id, processed_at=utcnow())
+    return session.execute(statement.on_conflict_do_nothing().returning(PROCESSED.c.event_id)).first() is not None
 
 
 def was_processed(session: Session, consumer: str, event_id: str) -> bool:

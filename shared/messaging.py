@@ -53,12 +53,12 @@ from sqlmodel import Session, col, select
 from shared import redis_clients
 from shared.db import (
     EMITTED,
+    OUTBOX,
+    PROCESSED,
     Database,
     OutboxMessage,
-    ProcessedEvent,
     claim_event,
     purge_technical_rows,
-    table_of,
     was_processed,
 )
 from shared.events import DEAD_LETTER_SUFFIX, Event, utcnow
@@ -78,7 +78,6 @@ HEAL_EVERY_S = 1.0  # how often stopped subscribers are looked for
 # Sentinel promotes no replica cut off for longer than ten times down-after-milliseconds (plus the failover): with
 # down-after up to 60 s, a promoted replica misses at most the last ~11 minutes. Older rows are not published again.
 REPUBLISH_WINDOW = timedelta(minutes=15)
-OUTBOX = table_of(OutboxMessage)
 
 
 def stream_fields(row: OutboxMessage | sa.Row) -> dict[FieldT, EncodableT]:
@@ -359,7 +358,6 @@ def reliable_delivery(bus: Bus) -> type[BaseMiddleware]:
 
 
 DATA_KEY = DATA_FIELD.encode()
-PROCESSED = table_of(ProcessedEvent)
 ALONE = object()  # what a batch answers a Bus.process call it did not commit: process this entry alone
 _BATCH_ENTRY: ContextVar[_BatchEntry | None] = ContextVar("relais_batch_entry", default=None)
 
@@ -529,9 +527,10 @@ class Bus:
                     emitted = bool(session.info.get(EMITTED))
                 return True
             except IntegrityError:
-                # Another replica committed the same event between our check and our commit: a redelivery. Any other
-                # conflict is the handler's own and fails this delivery (retried, then dead-lettered). The check only
-                # reads: recording the event here would mark it processed without its handler's work.
+                # The claim skips an event already processed (ON CONFLICT DO NOTHING): a conflict is the handler's
+                # own, unless the event was processed meanwhile (kept as a safety net); otherwise this delivery fails
+                # (retried, then dead-lettered). The check only reads: recording the event here would mark it
+                # processed without its handler's work.
                 with self.db.read() as session:
                     if was_processed(session, self.group, event.event_id):
                         return False
