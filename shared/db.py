@@ -4,12 +4,14 @@ service has for reliable messaging: the transactional outbox and the processed-e
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
@@ -101,7 +103,7 @@ def upsert(session: Session, table: sa.Table, key: str, row: dict, update: dict 
 
 def _insert(session: Session, table: sa.Table) -> postgresql.Insert | sqlite.Insert:
     """An INSERT with ON CONFLICT clauses, in the session's dialect."""
-    return (postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert)(table)
+    return (postgresql.insert if _postgresql(session) else sqlite.insert)(table)
 
 
 def emit(session: Session, event: Event) -> None:
@@ -247,13 +249,71 @@ def _private_sqlite_file(url: str) -> None:
         path.chmod(0o600)
 
 
+# --- figures computed by the database (the dashboard's: a month may hold a million rows) ----------------------------
+
+
+def percentile(values: list[float], p: float) -> float | None:
+    """The p-th percentile with linear interpolation between closest ranks (numpy's default, PostgreSQL's
+    percentile_cont)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * p / 100
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def _postgresql(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def seconds_between(session: Session, later: Any, earlier: Any) -> sa.ColumnElement[float]:
+    """`later - earlier` in seconds, computed by the database (SQLite: `relais_seconds`, registered on each
+    connection)."""
+    if _postgresql(session):
+        return sa.cast(sa.extract("epoch", later - earlier), sa.Float)
+    return sa.func.relais_seconds(later, earlier, type_=sa.Float)
+
+
+def percentile_of(session: Session, value: sa.ColumnElement[float], p: float) -> sa.ColumnElement[float]:
+    """The aggregate: the p-th percentile of `value` over a group, as `percentile` computes it (NULLs left out).
+    PostgreSQL's percentile_cont; on SQLite `relais_percentile`, registered on each connection."""
+    if _postgresql(session):
+        return sa.func.percentile_cont(p / 100).within_group(value)
+    return sa.func.relais_percentile(value, p, type_=sa.Float)
+
+
+def _sqlite_seconds(later: str | None, earlier: str | None) -> float | None:
+    if later is None or earlier is None:
+        return None
+    return (datetime.fromisoformat(later) - datetime.fromisoformat(earlier)).total_seconds()
+
+
+class _SqlitePercentile:
+    def __init__(self) -> None:
+        self.values: list[float] = []
+        self.p = 50.0
+
+    def step(self, value: float | None, p: float) -> None:
+        self.p = p
+        if value is not None:
+            self.values.append(value)
+
+    def finalize(self) -> float | None:
+        return percentile(self.values, self.p)
+
+
 def _sqlite_pragmas(engine: sa.Engine, begin: str) -> None:
     """WAL, and BEGIN IMMEDIATE for writers: readers never block, and writers queue on the lock instead of
-    failing with 'database is locked' when two transactions both try to upgrade a read lock."""
+    failing with 'database is locked' when two transactions both try to upgrade a read lock. And the two
+    functions PostgreSQL has and SQLite lacks (seconds_between, percentile_of)."""
 
     @sa_event.listens_for(engine, "connect")
     def _connect(dbapi_conn, _record):  # noqa: ANN001
         dbapi_conn.isolation_level = None
+        dbapi_conn.create_function("relais_seconds", 2, _sqlite_seconds, deterministic=True)
+        dbapi_conn.create_aggregate("relais_percentile", 2, _SqlitePercentile)
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")

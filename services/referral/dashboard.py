@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time as monotonic
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime, time, timedelta
 from pathlib import Path
@@ -251,17 +250,6 @@ class Dashboard(BaseModel):
 # --- small arithmetic -----------------------------------------------------------------------------
 
 
-def percentile(values: list[float], p: float) -> float | None:
-    """The p-th percentile with linear interpolation between closest ranks (numpy's default)."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * p / 100
-    low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
 def bucket_label(low: int, high: int | None) -> str:
     return f"{low}-{high} h" if high is not None else f"≥ {low} h"
 
@@ -362,25 +350,24 @@ def deadlines(session: Session, directory: Directory, now: datetime) -> Deadline
     )
 
 
-def partners(session: Session, directory: Directory, now: datetime) -> tuple[list[PartnerFigures], list[float], int]:
-    """Each partner's figures, every first-answer time of the window (for the distribution chart), and how many
+def partners(session: Session, directory: Directory, now: datetime) -> tuple[list[PartnerFigures], int]:
+    """Each partner's figures, counted by the database (a month may hold a million referrals), and how many
     referrals the window holds."""
     since = now - WINDOW
-    recent = views.referrals_created_since(session, since)
-    figures, times = partner_figures(
+    windows = views.partner_windows(session, since, now, ANSWERS)
+    figures = partner_figures(
         directory.partners,
         now,
         open_counts=views.open_referral_counts(session),
         pauses=views.active_pauses(session, now),
         waiting=views.waiting_by_partner(session),
         last_action=views.last_action_by_partner(session, PARTNER_ACTIONS),
-        answered_at=views.first_actions(session, since, ANSWERS),
-        recent=recent,
-        declines=views.declines_since(session, since),
-        alerts=views.partner_alerts_since(session, now - SILENT_WINDOW, ALERTS),
-        contact_answers=views.contact_answers_since(session, since),
+        windows=windows,
+        declines=views.decline_counts_since(session, since),
+        alerts=views.alert_counts_since(session, now - SILENT_WINDOW, ALERTS),
+        contacts=views.contact_counts_since(session, since, now - NO_ANSWER_AFTER),
     )
-    return figures, times, len(recent)
+    return figures, sum(window.received for window in windows.values())
 
 
 def partner_figures(
@@ -391,48 +378,25 @@ def partner_figures(
     pauses: dict[str, PartnerPause],
     waiting: dict[str, tuple[int, datetime]],
     last_action: dict[str, datetime],
-    answered_at: dict[str, datetime],
-    recent: list[views.CreatedReferral],
-    declines: list[tuple[str, str | None]],
-    alerts: list[tuple[str, str, datetime]],
-    contact_answers: Sequence[tuple[str, str | None, datetime]] = (),
-) -> tuple[list[PartnerFigures], list[float]]:
-    """The partners' figures from the rows the queries found (no I/O). `alerts`: (partner id, referral id, when) of
-    each escalation or breach within SILENT_WINDOW; `contact_answers`: (partner id, the person's answer, asked at)."""
-    answers: dict[str, list[tuple[str | None, datetime]]] = defaultdict(list)
-    for partner_id, answer, asked_at in contact_answers:
-        answers[partner_id].append((answer, asked_at))
-    times: dict[str, list[float]] = defaultdict(list)
-    in_time: Counter = Counter()
-    counted: Counter = Counter()
-    received: Counter = Counter()
-    for referral in recent:
-        received[referral.partner_id] += 1
-        first = answered_at.get(referral.id)
-        if first is not None:
-            times[referral.partner_id].append((first - referral.created_at).total_seconds())
-            counted[referral.partner_id] += 1
-            in_time[referral.partner_id] += first <= referral.respond_by
-        elif referral.respond_by <= now and referral.status not in ("declined", "cancelled"):
-            counted[referral.partner_id] += 1  # the deadline passed without an answer
-    alerted: dict[str, set[str]] = defaultdict(set)
-    first_alert: dict[str, datetime] = {}
-    for partner_id, referral_id, at in alerts:
-        alerted[partner_id].add(referral_id)
-        first_alert[partner_id] = min(at, first_alert.get(partner_id, at))
-    reasons: dict[str, Counter] = defaultdict(Counter)
-    for partner_id, code in declines:
-        reasons[partner_id][code or DECLINE_WITHOUT_CODE] += 1
-
+    windows: dict[str, views.PartnerWindow],
+    declines: dict[str, dict[str | None, int]],
+    alerts: dict[str, tuple[int, datetime]],
+    contacts: dict[str, views.ContactCounts] | None = None,
+) -> list[PartnerFigures]:
+    """The partners' figures from what the queries counted (no I/O). `alerts`: per partner, how many of its referrals
+    escalated or breached within SILENT_WINDOW and the first of those alerts."""
     result = []
+    nothing = views.PartnerWindow(0, 0, 0, 0, None, None)
     for p in directory_partners:
         n_waiting, oldest = waiting.get(p.id, (0, None))
         last = last_action.get(p.id)
-        since_first = first_alert.get(p.id)
-        silent = (
-            len(alerted[p.id]) >= SILENT_ALERTS and since_first is not None and (last is None or last < since_first)
-        )
+        alerted, since_first = alerts.get(p.id, (0, None))
+        silent = alerted >= SILENT_ALERTS and since_first is not None and (last is None or last < since_first)
         pause = pauses.get(p.id)
+        window = windows.get(p.id, nothing)
+        reasons: Counter = Counter()
+        for code, n in declines.get(p.id, {}).items():
+            reasons[code or DECLINE_WITHOUT_CODE] += n
         result.append(
             PartnerFigures(
                 id=p.id,
@@ -443,30 +407,28 @@ def partner_figures(
                 pause_reason=pause.reason if pause else None,
                 waiting=n_waiting,
                 oldest_waiting_since=oldest,
-                referrals_30d=received[p.id],
-                answered_30d=len(times[p.id]),
-                median_answer_seconds=percentile(times[p.id], 50),
-                p90_answer_seconds=percentile(times[p.id], 90),
-                in_time_share=in_time[p.id] / counted[p.id] if counted[p.id] else None,
-                declines_30d=sum(reasons[p.id].values()),
-                decline_reasons=decline_reasons(reasons[p.id]),
+                referrals_30d=window.received,
+                answered_30d=window.answered,
+                median_answer_seconds=window.median_seconds,
+                p90_answer_seconds=window.p90_seconds,
+                in_time_share=window.in_time / window.counted if window.counted else None,
+                declines_30d=sum(reasons.values()),
+                decline_reasons=decline_reasons(reasons),
                 last_action_at=last,
-                alerts_7d=len(alerted[p.id]),
+                alerts_7d=alerted,
                 stopped_answering=silent,
                 silent_since=since_first if silent else None,
-                contact=contact_figures(answers[p.id], now),
+                contact=contact_figures((contacts or {}).get(p.id)),
             )
         )
-    return result, [t for values in times.values() for t in values]
+    return result
 
 
-def contact_figures(answers: Sequence[tuple[str | None, datetime]], now: datetime) -> ContactFigures:
-    """The people's answers to "were you contacted?" (answer or None, asked at), counted."""
-    yes = sum(1 for a, _ in answers if a == "yes")
-    no = sum(1 for a, _ in answers if a == "no")
-    no_answer = sum(1 for a, at in answers if a is None and at <= now - NO_ANSWER_AFTER)
+def contact_figures(counts: views.ContactCounts | None) -> ContactFigures:
+    """The people's answers to "were you contacted?", as counted."""
+    asked, yes, no, no_answer = counts or (0, 0, 0, 0)
     return ContactFigures(
-        asked=len(answers), yes=yes, no=no, no_answer=no_answer, confirmed_share=contacted_rate(yes, no, no_answer)
+        asked=asked, yes=yes, no=no, no_answer=no_answer, confirmed_share=contacted_rate(yes, no, no_answer)
     )
 
 
@@ -491,33 +453,29 @@ def decline_reasons(counts: Counter) -> list[DeclineReason]:
 
 
 def clock(session: Session, now: datetime) -> ClockFigures:
-    lags = [
-        max(0.0, (fired_at - due_at).total_seconds())
-        for due_at, fired_at in views.timers_settled_since(session, now - timedelta(hours=24))
-    ]
+    lags = views.timer_lags_since(session, now - timedelta(hours=24))
     return ClockFigures(
-        fired_24h=len(lags),
-        lag_p50_seconds=percentile(lags, 50),
-        lag_p90_seconds=percentile(lags, 90),
-        lag_max_seconds=max(lags) if lags else None,
+        fired_24h=lags.fired,
+        lag_p50_seconds=lags.p50_seconds,
+        lag_p90_seconds=lags.p90_seconds,
+        lag_max_seconds=lags.max_seconds,
         overdue=views.overdue_timers(session, now - OVERDUE_TIMER),
     )
 
 
-def charts(session: Session, now: datetime, answer_times: list[float]) -> Charts:
+def charts(session: Session, now: datetime) -> Charts:
+    """Needs recorded in each of the last 24 hours; first answers of the window by how long they took."""
     start = now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=23)
-    return chart_bars(start, views.needs_recorded_since(session, start), answer_times)
-
-
-def chart_bars(start: datetime, recorded: list[datetime], answer_times: list[float]) -> Charts:
     hours = [start + timedelta(hours=i) for i in range(24)]
-    per_hour = Counter(at.replace(minute=0, second=0, microsecond=0) for at in recorded)
-    needs = [ChartBar(label=h.isoformat(), start=h, count=per_hour.get(h, 0)) for h in hours]
-    answers = []
-    for low, high in ANSWER_BUCKETS:
-        count = sum(1 for t in answer_times if t >= low * 3600 and (high is None or t < high * 3600))
-        answers.append(ChartBar(label=bucket_label(low, high), count=count))
-    return Charts(needs_per_hour=needs, answer_times=answers)
+    needs = [
+        ChartBar(label=h.isoformat(), start=h, count=n)
+        for h, n in zip(hours, views.needs_per_hour(session, hours), strict=True)
+    ]
+    answers = views.answer_time_counts(session, now - WINDOW, ANSWERS, ANSWER_BUCKETS)
+    return Charts(
+        needs_per_hour=needs,
+        answer_times=[ChartBar(label=bucket_label(*b), count=n) for b, n in zip(ANSWER_BUCKETS, answers, strict=True)],
+    )
 
 
 def recent_actions(session: Session, limit: int = 10) -> list[RecentAction]:
@@ -531,7 +489,7 @@ def local_figures(svc: Runtime, now: datetime) -> tuple[dict, int]:
     """The figures read from referral's database, and how many referrals of the window they went through."""
     directory = svc.directory
     with svc.db.read() as session:
-        partner_figures_, answer_times, window_size = partners(session, directory, now)
+        partner_figures_, window_size = partners(session, directory, now)
         all_declines: Counter = Counter()
         for p in partner_figures_:
             all_declines.update({r.code: r.count for r in p.decline_reasons})
@@ -542,7 +500,7 @@ def local_figures(svc: Runtime, now: datetime) -> tuple[dict, int]:
             deadlines=deadlines(session, directory, now),
             partners=partner_figures_,
             clock=clock(session, now),
-            charts=charts(session, now, answer_times),
+            charts=charts(session, now),
             recent_actions=recent_actions(session),
         ), window_size
 

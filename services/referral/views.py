@@ -3,7 +3,7 @@ tables (store.py) and of the dead letters in Redis, no rule and no write."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
 import sqlalchemy as sa
@@ -25,6 +25,7 @@ from services.referral.store import (
     history_of,
     paused_partners,
 )
+from shared.db import percentile_of, seconds_between
 from shared.directory import Directory
 from shared.events import DEAD_LETTER_SUFFIX
 from shared.search import matches, query_terms
@@ -371,29 +372,6 @@ def alerts_since(
     return [(referral, action, aware(at)) for referral, action, at in rows]
 
 
-def partner_alerts_since(
-    session: Session, since: datetime, actions: tuple[str, ...]
-) -> list[tuple[str, str, datetime]]:
-    """(partner id, referral id, when) of each of `actions` since `since`: columns only, there may be many."""
-    rows = session.exec(
-        select(Referral.partner_id, Referral.id, ReferralHistory.at)
-        .join(ReferralHistory, col(ReferralHistory.referral_id) == Referral.id)
-        .where(col(ReferralHistory.action).in_(actions), ReferralHistory.at >= since)
-    ).all()
-    return [(partner_id, referral_id, aware(at)) for partner_id, referral_id, at in rows]
-
-
-def first_actions(session: Session, since: datetime, actions: tuple[str, ...]) -> dict[str, datetime]:
-    """Referral id -> the first time one of `actions` was done on it, for referrals created since `since`."""
-    rows = session.exec(
-        select(ReferralHistory.referral_id, sa.func.min(ReferralHistory.at))
-        .join(Referral, col(Referral.id) == ReferralHistory.referral_id)
-        .where(Referral.created_at >= since, col(ReferralHistory.action).in_(actions))
-        .group_by(ReferralHistory.referral_id)
-    ).all()
-    return {referral_id: aware(at) for referral_id, at in rows}
-
-
 def waiting_by_partner(session: Session) -> dict[str, tuple[int, datetime]]:
     """Partner id -> (referrals waiting for a first answer, the oldest one's creation)."""
     return {
@@ -418,28 +396,74 @@ def last_action_by_partner(session: Session, actions: tuple[str, ...]) -> dict[s
     }
 
 
-class CreatedReferral(NamedTuple):
-    """What the partners' 30-day figures read of each referral created in the window."""
+class PartnerWindow(NamedTuple):
+    """A partner's referrals created in the window, counted by the database: how many, how many answered (and in
+    time), how many count for the in-time share (answered, or past their deadline unless declined or cancelled), and
+    the median and 90th percentile of the first answer's time in seconds."""
 
-    id: str
-    partner_id: str
-    status: str
-    created_at: datetime
-    respond_by: datetime
+    received: int
+    answered: int
+    in_time: int
+    counted: int
+    median_seconds: float | None
+    p90_seconds: float | None
 
 
-def referrals_created_since(session: Session, since: datetime) -> list[CreatedReferral]:
-    """The referrals created since `since`, columns only (a month may hold a million)."""
+def _first_answers(since: datetime, actions: tuple[str, ...]) -> Any:
+    """referral_id, first_at: the first of `actions` on each referral created since `since`."""
+    return (
+        sa.select(col(ReferralHistory.referral_id), sa.func.min(ReferralHistory.at).label("first_at"))
+        .join(Referral, col(Referral.id) == ReferralHistory.referral_id)
+        .where(col(Referral.created_at) >= since, col(ReferralHistory.action).in_(actions))
+        .group_by(col(ReferralHistory.referral_id))
+        .subquery("first_answer")
+    )
+
+
+def partner_windows(
+    session: Session, since: datetime, now: datetime, actions: tuple[str, ...]
+) -> dict[str, PartnerWindow]:
+    """Partner id -> its PartnerWindow for the referrals created since `since` (the first of `actions` answers)."""
+    first = _first_answers(since, actions)
+    answered = first.c.first_at.is_not(None)
+    seconds = seconds_between(session, first.c.first_at, col(Referral.created_at))
+    late_unanswered = sa.and_(col(Referral.respond_by) <= now, col(Referral.status).not_in(("declined", "cancelled")))
     rows = session.execute(
         sa.select(
-            col(Referral.id),
             col(Referral.partner_id),
-            col(Referral.status),
-            col(Referral.created_at),
-            col(Referral.respond_by),
-        ).where(col(Referral.created_at) >= since)
+            sa.func.count(),
+            sa.func.count(first.c.first_at),
+            sa.func.sum(sa.case((sa.and_(answered, first.c.first_at <= col(Referral.respond_by)), 1), else_=0)),
+            sa.func.sum(sa.case((sa.or_(answered, late_unanswered), 1), else_=0)),
+            percentile_of(session, seconds, 50),
+            percentile_of(session, seconds, 90),
+        )
+        .select_from(Referral)
+        .outerjoin(first, first.c.referral_id == col(Referral.id))
+        .where(col(Referral.created_at) >= since)
+        .group_by(col(Referral.partner_id))
     ).all()
-    return [CreatedReferral(i, p, s, aware(c), aware(r)) for i, p, s, c, r in rows]
+    return {partner_id: PartnerWindow(*figures) for partner_id, *figures in rows}
+
+
+def answer_time_counts(
+    session: Session, since: datetime, actions: tuple[str, ...], buckets: tuple[tuple[int, int | None], ...]
+) -> list[int]:
+    """How many referrals created since `since` had their first answer within each (low, high) hours bucket."""
+    first = _first_answers(since, actions)
+    seconds = seconds_between(session, first.c.first_at, col(Referral.created_at))
+    counts = [
+        sa.func.sum(
+            sa.case(
+                (sa.and_(seconds >= low * 3600, seconds < high * 3600 if high is not None else sa.true()), 1), else_=0
+            )
+        )
+        for low, high in buckets
+    ]
+    row = session.execute(
+        sa.select(*counts).select_from(Referral).join(first, first.c.referral_id == col(Referral.id))
+    ).one()
+    return [n or 0 for n in row]
 
 
 def referrals_created_since_count(session: Session, since: datetime, at_most: int) -> int:
@@ -448,39 +472,85 @@ def referrals_created_since_count(session: Session, since: datetime, at_most: in
     return session.exec(select(sa.func.count()).select_from(created.subquery())).one()
 
 
-def declines_since(session: Session, since: datetime) -> list[tuple[str, str | None]]:
-    """(partner id, the decline's reason code) of each decline since `since`."""
-    return list(
-        session.exec(
-            select(Referral.partner_id, Referral.decline_reason)
-            .join(ReferralHistory, col(ReferralHistory.referral_id) == Referral.id)
-            .where(ReferralHistory.action == "decline", ReferralHistory.at >= since)
-        ).all()
-    )
-
-
-def contact_answers_since(session: Session, since: datetime) -> list[tuple[str, str | None, datetime]]:
-    """(partner id, the person's answer or None, when they were asked) of each contact question asked since `since`."""
-    rows = session.exec(
-        select(Referral.partner_id, Referral.person_contacted, Referral.contact_question_at).where(
-            col(Referral.contact_question_at) >= since
-        )
+def decline_counts_since(session: Session, since: datetime) -> dict[str, dict[str | None, int]]:
+    """Partner id -> the declines since `since` by reason code (None: declined without one)."""
+    rows = session.execute(
+        sa.select(col(Referral.partner_id), col(Referral.decline_reason), sa.func.count())
+        .join(ReferralHistory, col(ReferralHistory.referral_id) == Referral.id)
+        .where(col(ReferralHistory.action) == "decline", col(ReferralHistory.at) >= since)
+        .group_by(col(Referral.partner_id), col(Referral.decline_reason))
     ).all()
-    return [(partner_id, answer, asked_at) for partner_id, answer, asked_at in rows if asked_at is not None]
+    counts: dict[str, dict[str | None, int]] = {}
+    for partner_id, code, n in rows:
+        counts.setdefault(partner_id, {})[code] = n
+    return counts
 
 
-def timers_settled_since(session: Session, since: datetime) -> list[tuple[datetime, datetime]]:
-    """(due, fired) of each timer fired or found moot since `since`."""
-    rows = session.exec(
-        select(ClockTimer.due_at, ClockTimer.fired_at).where(
-            col(ClockTimer.fired_at) >= since, col(ClockTimer.outcome).in_(("fired", "moot"))
+class ContactCounts(NamedTuple):
+    asked: int
+    yes: int
+    no: int
+    no_answer: int
+
+
+def contact_counts_since(session: Session, since: datetime, unanswered_before: datetime) -> dict[str, ContactCounts]:
+    """Partner id -> the person's answers to the contact questions asked since `since`; a question asked before
+    `unanswered_before` and still unanswered counts as no answer."""
+    answer = col(Referral.person_contacted)
+    rows = session.execute(
+        sa.select(
+            col(Referral.partner_id),
+            sa.func.count(),
+            sa.func.sum(sa.case((answer == "yes", 1), else_=0)),
+            sa.func.sum(sa.case((answer == "no", 1), else_=0)),
+            sa.func.sum(
+                sa.case((sa.and_(answer.is_(None), col(Referral.contact_question_at) <= unanswered_before), 1), else_=0)
+            ),
         )
+        .where(col(Referral.contact_question_at) >= since)
+        .group_by(col(Referral.partner_id))
     ).all()
-    return [(due, fired) for due, fired in rows if fired is not None]  # all of them: fired_at >= since
+    return {partner_id: ContactCounts(*counts) for partner_id, *counts in rows}
 
 
-def needs_recorded_since(session: Session, since: datetime) -> list[datetime]:
-    return [aware(at) for at in session.exec(select(NeedCase.recorded_at).where(NeedCase.recorded_at >= since)).all()]
+def alert_counts_since(session: Session, since: datetime, actions: tuple[str, ...]) -> dict[str, tuple[int, datetime]]:
+    """Partner id -> (how many of its referrals had one of `actions` since `since`, the first of them)."""
+    rows = session.execute(
+        sa.select(
+            col(Referral.partner_id), sa.func.count(sa.distinct(col(Referral.id))), sa.func.min(ReferralHistory.at)
+        )
+        .join(ReferralHistory, col(ReferralHistory.referral_id) == Referral.id)
+        .where(col(ReferralHistory.action).in_(actions), col(ReferralHistory.at) >= since)
+        .group_by(col(Referral.partner_id))
+    ).all()
+    return {partner_id: (n, aware(first)) for partner_id, n, first in rows}
+
+
+class TimerLags(NamedTuple):
+    fired: int
+    p50_seconds: float | None
+    p90_seconds: float | None
+    max_seconds: float | None
+
+
+def timer_lags_since(session: Session, since: datetime) -> TimerLags:
+    """The timers fired or found moot since `since`, and how late (never less than 0) they fired."""
+    late = seconds_between(session, col(ClockTimer.fired_at), col(ClockTimer.due_at))
+    lag = sa.case((late < 0, 0.0), else_=late)
+    row = session.execute(
+        sa.select(sa.func.count(), percentile_of(session, lag, 50), percentile_of(session, lag, 90), sa.func.max(lag))
+        .select_from(ClockTimer)
+        .where(col(ClockTimer.fired_at) >= since, col(ClockTimer.outcome).in_(("fired", "moot")))
+    ).one()
+    return TimerLags(*row)
+
+
+def needs_per_hour(session: Session, hours: list[datetime]) -> list[int]:
+    """How many needs were recorded in each hour starting at `hours` (consecutive)."""
+    at = col(NeedCase.recorded_at)
+    counts = [sa.func.sum(sa.case((sa.and_(at >= hour, at < hour + timedelta(hours=1)), 1), else_=0)) for hour in hours]
+    row = session.execute(sa.select(*counts).where(at >= hours[0])).one()
+    return [n or 0 for n in row]
 
 
 def recent_ops_actions(session: Session, limit: int) -> list[OpsAction]:

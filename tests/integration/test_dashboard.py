@@ -180,6 +180,32 @@ def referral(settings, start_service):
     return service
 
 
+def test_the_peoples_answers_count_a_question_unanswered_only_after_a_week(referral):
+    # The contact question's figures are counted by the database (views.contact_counts_since): a question still
+    # unanswered counts as "no answer" once a week old (domain.NO_ANSWER_AFTER), not before.
+    with referral.svc.db.transaction() as s:
+        for rid, days_ago, answer in (("a1", 10, "yes"), ("a2", 2, "yes"), ("a3", 3, "no"), ("a4", 8, None)):
+            r = s.get(Referral, rid)
+            r.contact_question_at, r.person_contacted = NOW - days_ago * D, answer
+            s.add(r)
+        r = s.get(Referral, "a5")
+        r.contact_question_at = NOW - 1 * D  # may still answer: not counted yet
+        s.add(r)
+    board = referral.client("ops").get("/dashboard").json()
+    caf = next(p for p in board["partners"] if p["id"] == "caf-76")
+    assert caf["contact"] == {"asked": 5, "yes": 2, "no": 1, "no_answer": 1, "confirmed_share": 0.5}
+    assert board["person_contacted"] == caf["contact"]  # the only partner asked
+
+
+def test_a_referral_escalated_then_breached_counts_once_among_its_partners_alerts(referral):
+    with referral.svc.db.transaction() as s:
+        s.add(ReferralHistory(referral_id="s1", at=NOW - 2 * H, action="breach", actor="system"))
+    board = referral.client("ops").get("/dashboard").json()
+    national = next(p for p in board["partners"] if p["id"] == "caf-national")
+    assert national["alerts_7d"] == 2 and national["stopped_answering"]  # s1 (escalated, then breached) and s2
+    assert datetime.fromisoformat(national["silent_since"]) == NOW - D
+
+
 def test_every_figure_on_seeded_data(referral):
     ops = referral.client("ops")
     board = wait_for(lambda: (b := ops.get("/dashboard").json())["clock"]["fired_24h"] == 5 and b)

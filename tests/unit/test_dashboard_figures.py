@@ -3,8 +3,9 @@ baseline, and the log guard that masks addresses and phone numbers."""
 
 import pytest
 
-from services.referral.dashboard import QueueWatch, bucket_label, percentile
+from services.referral.dashboard import QueueWatch, bucket_label
 from services.referral.dashboard_pages import duration_fr, percent_fr
+from shared.db import percentile
 from shared.logs import redact, valid_correlation_id
 
 
@@ -90,27 +91,27 @@ def test_a_partner_stopped_answering_after_two_alerts_in_7_days_and_no_answer_si
     now = datetime(2026, 11, 20, 12, tzinfo=UTC)
     h = timedelta(hours=1)
 
-    def silent(alerts, last_action=None) -> tuple[bool, int, datetime | None]:
-        figures, _ = partner_figures(
+    def silent(alerted: int, first_hours_ago: int, last_action=None) -> tuple[bool, int, datetime | None]:
+        # `alerted`: its referrals escalated or breached in 7 days (one referral escalated then breached counts
+        # once: views.alert_counts_since, tests/integration/test_dashboard.py)
+        figures = partner_figures(
             partners,
             now,
             open_counts={},
             pauses={},
             waiting={},
             last_action={"caf-76": last_action} if last_action else {},
-            answered_at={},
-            recent=[],
-            declines=[],
-            alerts=[("caf-76", rid, now - hours * h) for rid, hours in alerts],
+            windows={},
+            declines={},
+            alerts={"caf-76": (alerted, now - first_hours_ago * h)},
         )
         caf = next(p for p in figures if p.id == "caf-76")
         return caf.stopped_answering, caf.alerts_7d, caf.silent_since
 
-    assert silent([("r1", 30)]) == (False, 1, None)  # one escalation is not enough
-    assert silent([("r1", 30), ("r1", 6)]) == (False, 1, None)  # the same referral escalated, then breached
-    assert silent([("r1", 30), ("r2", 6)]) == (True, 2, now - 30 * h)  # never acted at all
-    assert silent([("r1", 30), ("r2", 6)], last_action=now - 40 * h) == (True, 2, now - 30 * h)
-    assert silent([("r1", 30), ("r2", 6)], last_action=now - 10 * h) == (False, 2, None)  # answered since the first
+    assert silent(1, 30) == (False, 1, None)  # one escalation is not enough
+    assert silent(2, 30) == (True, 2, now - 30 * h)  # never acted at all
+    assert silent(2, 30, last_action=now - 40 * h) == (True, 2, now - 30 * h)
+    assert silent(2, 30, last_action=now - 10 * h) == (False, 2, None)  # answered since the first
 
 
 async def test_slow_figures_of_a_large_deployment_are_reused_then_refreshed_behind_and_forgotten_after_an_action(
