@@ -1,5 +1,6 @@
 """Databases: one per service, SQLite by default and PostgreSQL in production, plus the two tables every
-service has for reliable messaging: the transactional outbox and the processed-event tracking rows."""
+service has for reliable messaging: the transactional outbox and the processed-event tracking rows; and the two
+expressions a figure counted by the database needs on both (`seconds_between`, `percentile_of`)."""
 
 from __future__ import annotations
 

@@ -23,6 +23,7 @@ from zoneinfo import ZoneInfo
 
 import anyio
 import redis
+import sqlalchemy as sa
 from pydantic import BaseModel
 from sqlmodel import Session
 
@@ -489,6 +490,8 @@ def local_figures(svc: Runtime, now: datetime) -> tuple[dict, int]:
     """The figures read from referral's database, and how many referrals of the window they went through."""
     directory = svc.directory
     with svc.db.read() as session:
+        if not svc.db.is_sqlite:  # one core for these counts, done in the background: the pages keep the other
+            session.execute(sa.text("SET LOCAL max_parallel_workers_per_gather = 0"))
         partner_figures_, window_size = partners(session, directory, now)
         all_declines: Counter = Counter()
         for p in partner_figures_:
