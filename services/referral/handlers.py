@@ -155,7 +155,8 @@ def route(
             postal_code=case.postal_code,
             library_id=case.library_id,
             open_referrals=lambda partner_id: open_referrals_of(session, partner_id),
-            excluded_partner_ids=partners_who_declined(session, case.need_id),
+            # A case this transaction just added (need.recorded) has no referral yet, so none declined: no query.
+            excluded_partner_ids=set() if case in session.new else partners_who_declined(session, case.need_id),
             paused_partner_ids=paused_partners(session, now),
         )
     else:
