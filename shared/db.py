@@ -288,7 +288,13 @@ def percentile_of(session: Session, value: sa.ColumnElement[float], p: float) ->
 def _sqlite_seconds(later: str | None, earlier: str | None) -> float | None:
     if later is None or earlier is None:
         return None
-    return (datetime.fromisoformat(later) - datetime.fromisoformat(earlier)).total_seconds()
+    return (_stored_utc(later) - _stored_utc(earlier)).total_seconds()
+
+
+def _stored_utc(text: str) -> datetime:
+    """A datetime as SQLite holds it: UTCDateTime writes UTC without an offset (one with an offset is read so)."""
+    value = datetime.fromisoformat(text)
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 class _SqlitePercentile:

@@ -409,7 +409,7 @@ class PartnerWindow(NamedTuple):
     p90_seconds: float | None
 
 
-def _first_answers(since: datetime, actions: tuple[str, ...]) -> Any:
+def _first_answers(since: datetime, actions: tuple[str, ...]) -> sa.Subquery:
     """referral_id, first_at: the first of `actions` on each referral created since `since`."""
     return (
         sa.select(col(ReferralHistory.referral_id), sa.func.min(ReferralHistory.at).label("first_at"))

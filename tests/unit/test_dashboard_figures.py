@@ -252,3 +252,35 @@ async def test_a_stopping_service_does_not_wait_for_the_figures_computed_behind(
         assert reuse.refresh is not None and reuse.refresh.done() and reuse.last is None
     finally:
         release.set()
+
+
+def test_sqlite_gets_the_seconds_between_two_datetimes_and_percentiles_as_postgresql_computes_them(tmp_path):
+    import sqlalchemy as sa
+
+    from shared.db import Database
+
+    db = Database(f"sqlite:///{tmp_path}/figures.db", [])
+    try:
+        with db.read() as session:
+            seconds = "SELECT relais_seconds(:later, :earlier)"
+            assert (
+                session.execute(
+                    sa.text(seconds), {"later": "2026-12-01 10:00:01.500000", "earlier": "2026-12-01 10:00:00"}
+                ).scalar_one()
+                == 1.5
+            )
+            # a value written with an offset (not by UTCDateTime) is read with it
+            assert (
+                session.execute(
+                    sa.text(seconds), {"later": "2026-12-01T10:00:00+01:00", "earlier": "2026-12-01 08:59:00"}
+                ).scalar_one()
+                == 60.0
+            )
+            values = " UNION ALL ".join(f"SELECT {v} AS v" for v in (4, 1, 3, 2, 80, "NULL"))
+            p50, p90 = session.execute(
+                sa.text(f"SELECT relais_percentile(v, 50), relais_percentile(v, 90) FROM ({values})")
+            ).one()
+            assert (p50, p90) == (3, pytest.approx(49.6))  # NULL left out, as percentile_cont does
+            assert session.execute(sa.text("SELECT relais_percentile(NULL, 50)")).scalar_one() is None
+    finally:
+        db.dispose()
