@@ -351,11 +351,13 @@ def deadlines(session: Session, directory: Directory, now: datetime) -> Deadline
     )
 
 
-def partners(session: Session, directory: Directory, now: datetime) -> tuple[list[PartnerFigures], int]:
-    """Each partner's figures, counted by the database (a month may hold a million referrals), and how many
-    referrals the window holds."""
+def partners(
+    session: Session, directory: Directory, now: datetime
+) -> tuple[list[PartnerFigures], dict[str, views.PartnerWindow]]:
+    """Each partner's figures, counted by the database (a month may hold a million referrals), and every partner's
+    window as counted (the charts' answer times, the window's size)."""
     since = now - WINDOW
-    windows = views.partner_windows(session, since, now, ANSWERS)
+    windows = views.partner_windows(session, since, now, ANSWERS, ANSWER_BUCKETS)
     figures = partner_figures(
         directory.partners,
         now,
@@ -368,7 +370,7 @@ def partners(session: Session, directory: Directory, now: datetime) -> tuple[lis
         alerts=views.alert_counts_since(session, now - SILENT_WINDOW, ALERTS),
         contacts=views.contact_counts_since(session, since, now - NO_ANSWER_AFTER),
     )
-    return figures, sum(window.received for window in windows.values())
+    return figures, windows
 
 
 def partner_figures(
@@ -382,12 +384,12 @@ def partner_figures(
     windows: dict[str, views.PartnerWindow],
     declines: dict[str, dict[str | None, int]],
     alerts: dict[str, tuple[int, datetime]],
-    contacts: dict[str, views.ContactCounts] | None = None,
+    contacts: dict[str, views.ContactCounts],
 ) -> list[PartnerFigures]:
     """The partners' figures from what the queries counted (no I/O). `alerts`: per partner, how many of its referrals
     escalated or breached within SILENT_WINDOW and the first of those alerts."""
     result = []
-    nothing = views.PartnerWindow(0, 0, 0, 0, None, None)
+    nothing = views.PartnerWindow(0, 0, 0, 0, None, None, ())
     for p in directory_partners:
         n_waiting, oldest = waiting.get(p.id, (0, None))
         last = last_action.get(p.id)
@@ -419,7 +421,7 @@ def partner_figures(
                 alerts_7d=alerted,
                 stopped_answering=silent,
                 silent_since=since_first if silent else None,
-                contact=contact_figures((contacts or {}).get(p.id)),
+                contact=contact_figures(contacts.get(p.id)),
             )
         )
     return result
@@ -464,15 +466,16 @@ def clock(session: Session, now: datetime) -> ClockFigures:
     )
 
 
-def charts(session: Session, now: datetime) -> Charts:
-    """Needs recorded in each of the last 24 hours; first answers of the window by how long they took."""
+def charts(session: Session, now: datetime, windows: dict[str, views.PartnerWindow]) -> Charts:
+    """Needs recorded in each of the last 24 hours; first answers of the window by how long they took (every
+    partner's, counted with its window)."""
     start = now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=23)
     hours = [start + timedelta(hours=i) for i in range(24)]
     needs = [
         ChartBar(label=h.isoformat(), start=h, count=n)
         for h, n in zip(hours, views.needs_per_hour(session, hours), strict=True)
     ]
-    answers = views.answer_time_counts(session, now - WINDOW, ANSWERS, ANSWER_BUCKETS)
+    answers = [sum(w.answered_within[i] for w in windows.values()) for i in range(len(ANSWER_BUCKETS))]
     return Charts(
         needs_per_hour=needs,
         answer_times=[ChartBar(label=bucket_label(*b), count=n) for b, n in zip(ANSWER_BUCKETS, answers, strict=True)],
@@ -492,7 +495,7 @@ def local_figures(svc: Runtime, now: datetime) -> tuple[dict, int]:
     with svc.db.read() as session:
         if not svc.db.is_sqlite:  # one core for these counts, done in the background: the pages keep the other
             session.execute(sa.text("SET LOCAL max_parallel_workers_per_gather = 0"))
-        partner_figures_, window_size = partners(session, directory, now)
+        partner_figures_, windows = partners(session, directory, now)
         all_declines: Counter = Counter()
         for p in partner_figures_:
             all_declines.update({r.code: r.count for r in p.decline_reasons})
@@ -503,9 +506,9 @@ def local_figures(svc: Runtime, now: datetime) -> tuple[dict, int]:
             deadlines=deadlines(session, directory, now),
             partners=partner_figures_,
             clock=clock(session, now),
-            charts=charts(session, now),
+            charts=charts(session, now, windows),
             recent_actions=recent_actions(session),
-        ), window_size
+        ), sum(window.received for window in windows.values())
 
 
 class FiguresReuse:

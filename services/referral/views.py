@@ -398,8 +398,9 @@ def last_action_by_partner(session: Session, actions: tuple[str, ...]) -> dict[s
 
 class PartnerWindow(NamedTuple):
     """A partner's referrals created in the window, counted by the database: how many, how many answered (and in
-    time), how many count for the in-time share (answered, or past their deadline unless declined or cancelled), and
-    the median and 90th percentile of the first answer's time in seconds."""
+    time), how many count for the in-time share (answered, or past their deadline unless declined or cancelled), the
+    median and 90th percentile of the first answer's time in seconds, and how many were first answered within each
+    (low, high) hours bucket asked for."""
 
     received: int
     answered: int
@@ -407,6 +408,7 @@ class PartnerWindow(NamedTuple):
     counted: int
     median_seconds: float | None
     p90_seconds: float | None
+    answered_within: tuple[int, ...]
 
 
 def _first_answers(since: datetime, actions: tuple[str, ...]) -> sa.Subquery:
@@ -421,13 +423,26 @@ def _first_answers(since: datetime, actions: tuple[str, ...]) -> sa.Subquery:
 
 
 def partner_windows(
-    session: Session, since: datetime, now: datetime, actions: tuple[str, ...]
+    session: Session,
+    since: datetime,
+    now: datetime,
+    actions: tuple[str, ...],
+    buckets: tuple[tuple[int, int | None], ...],
 ) -> dict[str, PartnerWindow]:
-    """Partner id -> its PartnerWindow for the referrals created since `since` (the first of `actions` answers)."""
+    """Partner id -> its PartnerWindow for the referrals created since `since` (the first of `actions` answers), in
+    one pass over the window."""
     first = _first_answers(since, actions)
     answered = first.c.first_at.is_not(None)
     seconds = seconds_between(session, first.c.first_at, col(Referral.created_at))
     late_unanswered = sa.and_(col(Referral.respond_by) <= now, col(Referral.status).not_in(("declined", "cancelled")))
+    within = [
+        sa.func.sum(
+            sa.case(
+                (sa.and_(seconds >= low * 3600, seconds < high * 3600 if high is not None else sa.true()), 1), else_=0
+            )
+        )
+        for low, high in buckets
+    ]
     rows = session.execute(
         sa.select(
             col(Referral.partner_id),
@@ -437,33 +452,17 @@ def partner_windows(
             sa.func.sum(sa.case((sa.or_(answered, late_unanswered), 1), else_=0)),
             percentile_of(session, seconds, 50),
             percentile_of(session, seconds, 90),
+            *within,
         )
         .select_from(Referral)
         .outerjoin(first, first.c.referral_id == col(Referral.id))
         .where(col(Referral.created_at) >= since)
         .group_by(col(Referral.partner_id))
     ).all()
-    return {partner_id: PartnerWindow(*figures) for partner_id, *figures in rows}
-
-
-def answer_time_counts(
-    session: Session, since: datetime, actions: tuple[str, ...], buckets: tuple[tuple[int, int | None], ...]
-) -> list[int]:
-    """How many referrals created since `since` had their first answer within each (low, high) hours bucket."""
-    first = _first_answers(since, actions)
-    seconds = seconds_between(session, first.c.first_at, col(Referral.created_at))
-    counts = [
-        sa.func.sum(
-            sa.case(
-                (sa.and_(seconds >= low * 3600, seconds < high * 3600 if high is not None else sa.true()), 1), else_=0
-            )
-        )
-        for low, high in buckets
-    ]
-    row = session.execute(
-        sa.select(*counts).select_from(Referral).join(first, first.c.referral_id == col(Referral.id))
-    ).one()
-    return [n or 0 for n in row]
+    return {
+        partner_id: PartnerWindow(received, answered, in_time, counted, median, p90, tuple(answered_within))
+        for partner_id, received, answered, in_time, counted, median, p90, *answered_within in rows
+    }
 
 
 def referrals_created_since_count(session: Session, since: datetime, at_most: int) -> int:

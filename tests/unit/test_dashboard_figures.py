@@ -104,6 +104,7 @@ def test_a_partner_stopped_answering_after_two_alerts_in_7_days_and_no_answer_si
             windows={},
             declines={},
             alerts={"caf-76": (alerted, now - first_hours_ago * h)},
+            contacts={},
         )
         caf = next(p for p in figures if p.id == "caf-76")
         return caf.stopped_answering, caf.alerts_7d, caf.silent_since
