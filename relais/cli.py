@@ -193,16 +193,15 @@ def _serve(service: ServiceName, settings: Settings) -> int:
     return 0
 
 
-def freeze_what_start_made() -> int:
+def freeze_what_start_made() -> None:
     """Move every object alive after start (modules, classes, the directory, compiled templates: some 150,000) out
     of the garbage collector's reach. Otherwise each full collection walks them all, a pause of tens of ms in
     whichever request or event it falls on; frozen, a collection walks only what was made since. Open loop at 50
-    needs/s: POST -> email p99 156 -> 128 ms, POST -> 201 max 122 -> 42 ms (docs/benchmarks.md). How many froze."""
+    needs/s: POST -> email p99 156 -> 128 ms, POST -> 201 max 122 -> 42 ms (docs/benchmarks.md)."""
     import gc
 
     gc.collect()
     gc.freeze()
-    return gc.get_freeze_count()
 
 
 def serve_app(app, host: str, port: int) -> None:  # noqa: ANN001

@@ -8,7 +8,7 @@ an empty database (a first start, a test) is brought up to date at start.
 That check at start does not import Alembic: importing any of it costs about 10 MiB of memory in every serving
 process, kept for its life, for one question. `head_revision` reads the revision ids of the version files (each
 file's `revision` and `down_revision` lines, as Alembic writes them) and the database's `alembic_version` row is
-read with one SELECT; tests/integration/test_migrations.py checks that `head_revision` is Alembic's own head for
+read with one SELECT; tests/unit/test_migration_check.py checks that `head_revision` is Alembic's own head for
 every service. Migrating (`relais migrate`, an empty database) imports Alembic.
 """
 
