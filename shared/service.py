@@ -10,7 +10,7 @@ import logging
 import re
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -200,10 +200,10 @@ class Service:
             raise HTTPException(401, "missing or unknown bearer token", headers={"WWW-Authenticate": "Bearer"})
         return user
 
-    def require(self, *roles: str) -> Callable[..., User]:
+    def require(self, *roles: str) -> Callable[..., Awaitable[User]]:
         """A dependency giving the signed-in user, 401 without a known token, 403 when their role may not call."""
 
-        def dependency(
+        async def dependency(
             request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
         ) -> User:
             user = self.caller(credentials, request.headers.get(ACTOR_HEADER))

@@ -29,7 +29,7 @@ FrontDeskUser = Annotated[User, Depends(caller("front_desk"))]
 ReaderUser = Annotated[User, Depends(caller("front_desk", "ops"))]
 
 
-def get_push_back(runtime: RuntimeDep) -> PushBack:
+async def get_push_back(runtime: RuntimeDep) -> PushBack:
     return runtime.push_back
 
 

@@ -26,7 +26,7 @@ from shared.deps import (  # noqa: F401 - the routes and the tests take them fro
 )
 
 
-def get_mail_sink(runtime: RuntimeDep) -> MailSinkFolder | None:
+async def get_mail_sink(runtime: RuntimeDep) -> MailSinkFolder | None:
     return runtime.mail_sink
 
 

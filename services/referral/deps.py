@@ -72,7 +72,7 @@ class Runtime(Protocol):
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
-def get_command_deps(runtime: RuntimeDep, clock: ClockDep, directory: DirectoryDep) -> Deps:
+async def get_command_deps(runtime: RuntimeDep, clock: ClockDep, directory: DirectoryDep) -> Deps:
     return Deps(
         db=runtime.db,
         redis=runtime.bus.redis,
