@@ -34,15 +34,15 @@ from collections.abc import Awaitable, Callable, Coroutine
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
 import redis
 import redis.asyncio as aioredis
 import sqlalchemy as sa
 from faststream import AckPolicy, BaseMiddleware
+from faststream._internal.context import Context as ContextField  # the class behind faststream.Context()
 from faststream.redis import StreamSub
-from faststream.redis.annotations import RedisBatchStreamMessage as BatchMessage
 from faststream.redis.message import RedisBatchStreamMessage
 from faststream.redis.parser import BinaryMessageFormatV1
 from pydantic import TypeAdapter
@@ -357,6 +357,15 @@ def reliable_delivery(bus: Bus) -> type[BaseMiddleware]:
     return ReliableDelivery
 
 
+class _OnTheLoop(ContextField):
+    """FastStream's `Context("message")`, resolved on the event loop: fast_depends runs a custom field's plain `use`
+    in a worker thread, a thread hop per read for a dictionary lookup."""
+
+    async def use(self, /, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]  # fast_depends awaits it
+        return super().use(**kwargs)
+
+
+BatchMessage = Annotated[RedisBatchStreamMessage, _OnTheLoop("message")]
 DATA_KEY = DATA_FIELD.encode()
 ALONE = object()  # what a batch answers a Bus.process call it did not commit: process this entry alone
 _BATCH_ENTRY: ContextVar[_BatchEntry | None] = ContextVar("relais_batch_entry", default=None)

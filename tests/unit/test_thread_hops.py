@@ -1,10 +1,12 @@
-"""No request waits for a thread hop it does not need: FastAPI runs a plain `def` dependency in its thread pool, so
-every dependency of the services' routes that neither blocks nor waits is a coroutine (shared/deps.py). A dependency
-that reads the database (`read_session`) is a generator, run in the pool on purpose."""
+"""No request and no read of a stream waits for a thread hop it does not need. FastAPI runs a plain `def` dependency in
+its thread pool, so every dependency of the services' routes that neither blocks nor waits is a coroutine
+(shared/deps.py); a dependency that reads the database (`read_session`) is a generator, run in the pool on purpose.
+fast_depends does the same with a custom field's plain `use`, such as FastStream's `Context("message")`."""
 
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,6 +19,7 @@ from services.notifications import api as notifications_api
 from services.referral import api as referral_api
 from services.referral import dashboard_pages, person_pages
 from services.referral import web as referral_web
+from shared import messaging
 
 
 def _routes() -> Iterator[APIRoute]:
@@ -58,8 +61,12 @@ def test_the_routes_dependencies_run_on_the_event_loop() -> None:
 
 
 def test_recording_a_need_hops_to_a_thread_only_to_write_it() -> None:
-    [route] = [
-        r for r in intake_api.router.routes if isinstance(r, APIRoute) and r.path == "/needs" and "POST" in r.methods
-    ]
+    [route] = [r for r in _routes() if r.path == "/needs" and "POST" in (r.methods or ())]
     assert list(_thread_hops(route.dependant, "/needs")) == []
     assert inspect.iscoroutinefunction(route.endpoint)
+
+
+def test_a_read_batch_gets_its_message_on_the_event_loop() -> None:
+    [field] = typing.get_args(messaging.BatchMessage)[1:]
+    assert field.name == "message"
+    assert inspect.iscoroutinefunction(field.use)
