@@ -201,9 +201,9 @@ def on_need_recorded(
         need_id=event.need_id, reference=event.reference, library_id=event.library_id, person_id=event.person_id
     )
     session.execute(upsert(session, table_of(NeedReference), "need_id", reference))
-    if (erased := session.get(NeedPerson, event.need_id)) is not None and erased.erased_at is not None:
+    if (kept := session.get(NeedPerson, event.need_id)) is not None and kept.erased_at is not None:
         return 0  # a late or replayed need.recorded of a person since erased: nothing of them is kept
-    person = session.get(NeedPerson, event.need_id) or NeedPerson(
+    person = kept or NeedPerson(
         need_id=event.need_id, library_id=event.library_id, preferred_channel="none", recorded_at=event.recorded_at
     )
     person.library_id = event.library_id
