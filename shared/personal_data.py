@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
-import anyio
 import redis
+import redis.asyncio as aioredis
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hashes import SHA256
@@ -57,7 +57,6 @@ DERIVATION_INFO = b"relais personal data key-encryption key v1"
 KEYS_HASH = "person-keys"  # in the deployment's namespace: <namespace>:person-keys
 NONCE_BYTES = 12
 KEY_STORE_PATIENCE_S = 15.0  # how long recording a need waits for an absent Redis (a failover takes a few seconds)
-KEY_STORE_THREADS = 4  # worker threads opening sealed data at once, per process (PersonalData.open_need_async)
 
 # Create the person's data key unless a live one is there (an erasure mark is replaced): one key per person even
 # when two needs of the same person are recorded at once.
@@ -146,7 +145,7 @@ class Rewrapped:
 
 class PersonalData:
     """The deployment's data keys (a Redis hash) and its key-encryption keys (settings): seal, unseal, forget,
-    rewrap. Blocking calls: services use it from their worker threads."""
+    rewrap. Blocking calls, which services make from their worker threads, except `open_need_async`."""
 
     def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
         self.settings = settings
@@ -155,7 +154,6 @@ class PersonalData:
         self._client = client
         self._lock = threading.Lock()
         self.patience_s = KEY_STORE_PATIENCE_S
-        self._threads: tuple[object, anyio.CapacityLimiter] | None = None  # (event loop, limiter): open_need_async
 
     @property
     def client(self) -> redis.Redis:
@@ -224,6 +222,10 @@ class PersonalData:
             record = _record(stored)  # the person's live key: another need of theirs created it first
         else:
             record = _record(self._patiently(lambda: self.client.hget(self.hash, person_id)))
+        return self._live_key(person_id, record)
+
+    def _live_key(self, person_id: str, record: dict[str, Any] | None) -> tuple[str, bytes]:
+        """(data key id, data key) from the person's stored record; DataKeyMissing or DataKeyErased."""
         if record is None:
             raise DataKeyMissing(f"no data key for person {person_id} in {self.hash}")
         if "wrapped" not in record:
@@ -278,7 +280,10 @@ class PersonalData:
     def unseal(self, sealed: SealedPersonalData, need_id: str) -> dict[str, Any]:
         """The data `seal` sealed for this need. DataKeyErased when the person was erased (or their key replaced
         since), DataKeyMissing, UnknownKeyId or SealBroken otherwise."""
-        data_key_id, data_key = self.data_key(sealed.person_id)
+        return self._open(sealed, need_id, self.data_key(sealed.person_id))
+
+    def _open(self, sealed: SealedPersonalData, need_id: str, key: tuple[str, bytes]) -> dict[str, Any]:
+        data_key_id, data_key = key
         if data_key_id != sealed.key_id:  # only an erasure lets a person's key be replaced
             raise DataKeyErased(f"the data key that sealed this data for person {sealed.person_id} is gone")
         try:
@@ -301,14 +306,27 @@ class PersonalData:
         except DataKeyErased:
             return None
 
-    async def open_need_async(self, event: NeedRecorded) -> NeedPersonalData | None:
-        """`open_need` from the event loop: in a worker thread (it reads the key store), at most
-        KEY_STORE_THREADS at once. The entries of a batch are opened concurrently, one task each: without the limit
-        each took a thread of its own (40 threads in notifications under load, their memory and switches)."""
-        loop = asyncio.get_running_loop()
-        if self._threads is None or self._threads[0] is not loop:
-            self._threads = (loop, anyio.CapacityLimiter(KEY_STORE_THREADS))
-        return await anyio.to_thread.run_sync(self.open_need, event, limiter=self._threads[1])
+    async def open_need_async(self, event: NeedRecorded, client: aioredis.Redis) -> NeedPersonalData | None:
+        """`open_need` from the event loop, reading the key store with `client` (the bus's asyncio client): one
+        HGET, then the key's unwrapping and the data's decryption, a few microseconds each, on the loop. A thread
+        per entry cost more than the work (a hop, and 40 threads in notifications under load before they were
+        limited). Waits for an absent Redis as `data_key` does."""
+        sealed = event.sealed
+        deadline, pause = time.monotonic() + self.patience_s, 0.05
+        while True:
+            try:
+                raw = await client.hget(self.hash, sealed.person_id)
+                break
+            except (redis.ConnectionError, redis.TimeoutError, ReadOnlyError):
+                if time.monotonic() + pause > deadline:
+                    raise
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 1.0)
+        try:
+            key = self._live_key(sealed.person_id, _record(raw))
+            return NeedPersonalData.model_validate(self._open(sealed, event.need_id, key))
+        except DataKeyErased:
+            return None
 
     def seal_text(self, person_id: str, need_id: str, text: str) -> SealedPersonalData:
         """Seal a desk's text about the person's need (a note, a closing reason) with their existing data key: never

@@ -45,7 +45,8 @@ def register(svc: Service, wake_senders: Callable[[], None]) -> None:
     async def on_need_event(event: NeedEvent) -> None:
         handler: Callable[[Session, Any], object]
         if isinstance(event, NeedRecorded):
-            details = await svc.personal_data.open_need_async(event)  # None: the person was erased
+            # None: the person was erased
+            details = await svc.personal_data.open_need_async(event, svc.bus.redis_client)
             handler = lambda s, e: handlers.on_need_recorded(  # noqa: E731
                 s, e, details, svc.directory, svc.clock(), transliterate, answer_link
             )

@@ -69,7 +69,8 @@ def register(svc: Service, clock_wake: asyncio.Event) -> None:
         if event.type == "need.receipt_requested":
             return  # for notifications: the person's receipt
         if isinstance(event, NeedRecorded):
-            details = await svc.personal_data.open_need_async(event)  # None: the person was erased
+            # None: the person was erased
+            details = await svc.personal_data.open_need_async(event, svc.bus.redis_client)
             handler = lambda s, e: handlers.on_need_recorded(s, e, details, svc.directory, svc.clock())  # noqa: E731
         elif event.type == "person.erased":
             handler = lambda s, e: handlers.on_person_erased(s, e, svc.directory, svc.clock())  # noqa: E731

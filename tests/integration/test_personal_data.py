@@ -3,12 +3,14 @@ only for its need, erased by deleting the key, and key-encryption keys rotated w
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
 
 import pytest
 import redis
+import redis.asyncio as aioredis
 
 from relais.cli import main
 from shared.events import NeedPersonalData
@@ -78,6 +80,29 @@ def test_forget_makes_every_copy_unreadable(settings, client):
     later = pd.seal(event.person_id, "n-later", {"summary": "Nouvelle demande"})
     assert later.key_id != event.sealed.key_id and pd.unseal(later, "n-later") == {"summary": "Nouvelle demande"}
     assert pd.open_need(event) is None
+
+
+def test_the_consumers_open_a_need_on_the_event_loop_as_in_a_thread(settings, client, redis_url):
+    """`open_need_async` (the consumers', with the bus's asyncio client) answers what `open_need` answers."""
+    pd = keys(settings, client)
+    event = need_recorded(pd, summary="Loyer impayé", person={"display_name": "Zoé Martin"})
+    moved = event.model_copy(update={"need_id": "N-other"})  # its sealed data in another need's event
+
+    async def opened(*events):
+        async_client = aioredis.Redis.from_url(redis_url)
+        try:
+            return [await pd.open_need_async(e, async_client) for e in events]
+        finally:
+            await async_client.aclose()
+
+    assert asyncio.run(opened(event)) == [NeedPersonalData(summary="Loyer impayé", display_name="Zoé Martin")]
+    with pytest.raises(SealBroken):
+        asyncio.run(opened(moved))
+    pd.forget(event.person_id)
+    assert asyncio.run(opened(event)) == [None]  # erased before it was read: consumers record the marker
+    client.delete(settings.key("person-keys"))
+    with pytest.raises(DataKeyMissing):  # lost, not erased: retried, then dead-lettered
+        asyncio.run(opened(event))
 
 
 def test_a_lost_key_is_an_error_not_an_erasure(settings, client):
