@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from services.intake import handlers
 from shared.events import NEEDS, REFERRALS, NeedEvent, ReferralStreamEvent
+from shared.messaging import LINGER_MS
 from shared.service import Service
 
 
@@ -16,6 +17,9 @@ def register(svc: Service) -> None:
         "a nudge; a close; a request to route again after a decline).",
     )
 
-    @svc.bus.subscriber(REFERRALS, "Referral events update the desk's view: status, partner, SLA, history.")
+    # Nobody waits on this stream to the second (the desk's page shows the status when next loaded): read in batches.
+    @svc.bus.subscriber(
+        REFERRALS, "Referral events update the desk's view: status, partner, SLA, history.", linger_ms=LINGER_MS
+    )
     async def on_referral_event(event: ReferralStreamEvent) -> None:
         await svc.bus.process(handlers.on_referral_event, event)

@@ -30,6 +30,7 @@ from shared.events import (
     PersonContactAnswered,
     ReferralStreamEvent,
 )
+from shared.messaging import LINGER_MS
 from shared.service import Service
 
 log = logging.getLogger("relais.referral.clock")
@@ -97,6 +98,7 @@ def register(svc: Service, clock_wake: asyncio.Event) -> None:
         DELIVERIES,
         "The person's OUI or NON by SMS to the question whether the partner contacted them (person.contact_answered) "
         "is recorded on its referral; deliveries' other events are not referral's concern.",
+        linger_ms=LINGER_MS,  # mostly delivery.sent, which referral skips: read in batches
     )
     async def on_delivery_event(event: DeliveryStreamEvent) -> None:
         if isinstance(event, PersonContactAnswered):

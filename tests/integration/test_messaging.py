@@ -107,6 +107,7 @@ class Ledger:
         replica: str = "",
         fails: Callable[[NeedRecorded], bool] = lambda event: False,
         after_process: Callable[[], None] = lambda: None,
+        linger_ms: int = 0,
     ) -> None:
         self.db = Database(db_url, [table_of(LedgerEntry)])
         self.db.create_all()
@@ -116,7 +117,7 @@ class Ledger:
         self.attempts: Counter[str] = Counter()  # event_id -> handler runs (failed ones included)
         self.outcomes: list[tuple[str, bool]] = []  # (event_id, did the work) per delivery Bus.process handled
 
-        @self.bus.subscriber(NEEDS, "Needs, each written to the ledger once.")
+        @self.bus.subscriber(NEEDS, "Needs, each written to the ledger once.", linger_ms=linger_ms)
         async def on_need(event: NeedRecorded) -> None:
             done = await self.bus.process(self.record, event)
             self.outcomes.append((event.event_id, done))
@@ -437,6 +438,19 @@ def _dying_consumer(config: dict) -> None:
 # --- 2b. batches: read together, committed together, failed and redone entry by entry ---------------
 
 
+def processed_at_by_event(db_url: str) -> dict[str, Any]:
+    """event_id -> processed_at of the ledger's processed-event rows."""
+    db = Database(db_url, [])
+    try:
+        with db.read() as session:
+            rows = session.execute(
+                sa.text("SELECT event_id, processed_at FROM processed_event WHERE consumer = :c"), {"c": GROUP}
+            )
+            return {event_id: at for event_id, at in rows}
+    finally:
+        db.dispose()
+
+
 def processed_times(db_url: str) -> list[Any]:
     """processed_at of the ledger's processed-event rows: one value per transaction that recorded events."""
     db = Database(db_url, [])
@@ -475,6 +489,49 @@ def test_a_batch_is_committed_at_once_and_a_redelivered_batch_is_a_no_op(setting
     }
     assert sum(ledger.attempts.values()) == 12  # no handler ran for a redelivery
     assert sorted(e.event_id for e in ledger_entries(start_ledger.db_url)) == sorted(e.event_id for e in events)
+
+
+def test_a_lingering_subscriber_reads_entries_that_came_one_by_one_together(settings, producer, r, start_ledger):
+    stream = settings.key(NEEDS)
+    first, later = need("demande 0"), [need(f"demande {i}") for i in range(1, 6)]
+    ledger = start_ledger(linger_ms=3000)
+    commit(producer, first)
+    assert publish_pending(producer, r, settings) == 1
+    assert wait_for(lambda: all_acked(r, stream))  # read alone and acked at once; then the subscriber waits
+    for event in later:  # published one by one, as needs come, within the wait
+        commit(producer, event)
+        assert publish_pending(producer, r, settings) == 1
+
+    assert wait_for(lambda: all_acked(r, stream))
+    times = processed_at_by_event(start_ledger.db_url)
+    assert len({times[e.event_id] for e in later}) == 1  # one read, one transaction for the five
+    assert Counter(ledger.outcomes) == {(e.event_id, True): 1 for e in [first, *later]}
+
+
+def test_a_stop_ends_a_lingering_subscribers_wait_and_loses_nothing(settings, producer, r, start_ledger, caplog):
+    stream = settings.key(NEEDS)
+    caplog.set_level(logging.WARNING)
+    first, later = need("demande 0"), [need(f"demande {i}") for i in range(1, 6)]
+    ledger = start_ledger(linger_ms=600_000)  # ten minutes: only the stop ends its wait
+    commit(producer, first)
+    assert publish_pending(producer, r, settings) == 1
+    assert wait_for(lambda: all_acked(r, stream))
+    [first_id] = [entry_id for entry_id, _ in r.xrange(stream)]
+    for event in later:
+        commit(producer, event)
+        assert publish_pending(producer, r, settings) == 1
+    time.sleep(1)  # a subscriber that does not linger reads each of them within milliseconds
+    [group] = [g for g in r.xinfo_groups(stream) if g["name"].decode() == GROUP]
+    assert group["last-delivered-id"] == first_id  # they wait, unread
+
+    start_ledger.loop_thread.run(ledger.bus.stop())  # returns at once, not after ten minutes
+    start_ledger.started.remove(ledger)
+    ledger.db.dispose()
+    start_ledger(replica="-next")  # reads them, or claims what the stopping one read last
+
+    assert wait_for(lambda: all_acked(r, stream))
+    assert Counter(e.event_id for e in ledger_entries(start_ledger.db_url)) == {e.event_id: 1 for e in [first, *later]}
+    assert [record.getMessage() for record in caplog.records if "still running" in record.getMessage()] == []
 
 
 def test_a_poison_entry_in_a_batch_is_dead_lettered_alone_and_its_neighbours_are_processed_once(
