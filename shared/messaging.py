@@ -227,12 +227,19 @@ class OutboxRelay:
         self.db, self.settings = db, settings
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._soon: asyncio.TimerHandle | None = None  # a lingering wake-up to come (wake(linger=True))
         self.watch = MasterWatch()
 
-    def wake(self) -> None:
-        """Called after a commit that emitted events, from any thread, so they go out at once."""
+    def wake(self, linger: bool = False) -> None:
+        """Called after a commit that emitted events, from any thread, so they go out at once; with `linger`, for
+        events nobody waits on to the second (notifications' delivery.sent), within LINGER_MS, so that those of
+        messages sent one by one go out together, in one round."""
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._wake.set)
+            self._loop.call_soon_threadsafe(self._wake_soon if linger else self._wake.set)
+
+    def _wake_soon(self) -> None:
+        if self._soon is None and self._loop is not None:
+            self._soon = self._loop.call_later(LINGER_MS / 1000, self._wake.set)
 
     def _round(self, client: redis.Redis, look_first: bool) -> int:
         self.watch.check(self.db, client, self.settings)
@@ -246,6 +253,9 @@ class OutboxRelay:
         try:
             while True:
                 self._wake.clear()
+                if self._soon is not None:  # this round publishes what a lingering wake-up was for
+                    self._soon.cancel()
+                    self._soon = None
                 try:
                     published = await anyio.to_thread.run_sync(self._round, client, look_first)
                 except redis.RedisError as exc:

@@ -178,7 +178,7 @@ async def send_forever(svc, wake: asyncio.Event, channel: str) -> None:
             except Exception:  # noqa: BLE001 - their leases free them: sent again after handlers.LEASE
                 log.exception("%s sender: %d outcomes could not be recorded", channel, len(sent))
             else:
-                svc.bus.relay.wake()
+                svc.bus.relay.wake(linger=True)  # delivery.sent: nobody waits for it to the second
 
     try:
         async with anyio.create_task_group() as tasks:

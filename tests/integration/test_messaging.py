@@ -696,6 +696,37 @@ def test_the_relay_loop_publishes_by_itself_once_redis_comes_back(settings, prod
             server.wait(10)
 
 
+def test_lingering_wake_ups_of_the_relay_publish_events_committed_one_by_one_in_one_round(
+    settings, producer, r, loop_thread
+):
+    quiet = settings.model_copy(update={"poll_ms": 600_000})  # no idle poll: only wake-ups make rounds
+    stream = quiet.key(NEEDS)
+    first = need("demande 0")
+    commit(producer, first)
+    relay = OutboxRelay(producer, quiet)
+    running = loop_thread.spawn(relay.run())
+    try:
+        assert wait_for(lambda: producer.outbox_backlog() == 0)  # its first round: the relay now waits
+        events = [need(f"demande {i}") for i in range(1, 6)]
+        for event in events:  # as the sender records outcomes one message at a time
+            commit(producer, event)
+            relay.wake(linger=True)
+        assert wait_for(lambda: producer.outbox_backlog() == 0)
+        with producer.read() as session:
+            marked = session.exec(
+                select(OutboxMessage.published_at).where(col(OutboxMessage.event_id) != first.event_id)
+            ).all()
+        assert len(set(marked)) == 1  # one round published the five
+        assert [f[b"event_id"].decode() for _, f in xrange_bytes(r, stream)] == [e.event_id for e in [first, *events]]
+
+        late = need("demande pressée")  # a plain wake-up does not wait for the linger
+        commit(producer, late)
+        relay.wake()
+        assert wait_for(lambda: r.xlen(stream) == 7)
+    finally:
+        running.cancel()
+
+
 # --- 5. trimming ----------------------------------------------------------------------------------
 
 
