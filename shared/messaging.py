@@ -9,7 +9,9 @@ do for Redis Streams is here (see docs/architecture.md):
   `max_deliveries` moves it to `<stream>.dlq` atomically with its XACK;
 - `Bus.process` runs a handler and writes the (consumer, event_id) tracking row in one transaction; new entries are
   read in batches whose handlers share one transaction and one XACK, a failed batch being redone entry by entry
-  (`Bus._consume_batch`);
+  (`Bus._consume_batch`); a subscriber off the path from a need to its handoff lingers after a small batch, so
+  entries that come one by one are read together (`Bus.subscriber(linger_ms=...)`), and so does the relay when the
+  notifications sender wakes it (`OutboxRelay.wake(linger=True)`);
 - `trim_stream` never trims an entry some group has not yet delivered or acknowledged; `Bus.trim` applies it to
   each stream and to its dead-letter stream;
 - `Bus.purge` deletes published outbox rows and processed-event rows past their retention, hourly;
@@ -474,7 +476,7 @@ class Bus:
 
         `linger_ms`, for a stream whose entries nobody waits for (off the path from a need to its handoff): after a
         batch smaller than READ_BATCH, wait that long before reading again, so entries that come one by one are
-        read together. Reading and processing an entry alone costs about 1.7 ms of CPU, in a batch of fifty about
+        read together. Reading and processing an entry alone costs about 1.8 ms of CPU, in a batch of fifty about
         0.1 ms each (docs/benchmarks.md). The wait ends at once when the bus stops; FastStream's processing time of
         such a batch includes it."""
         key = self.settings.key(stream)
