@@ -21,7 +21,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -128,6 +128,18 @@ def _seal_aad(need_id: str) -> bytes:
     return f"relais need|{need_id}".encode()
 
 
+KEY_STORE_AWAY = (redis.ConnectionError, redis.TimeoutError, ReadOnlyError)  # tried again, up to the patience
+
+
+def _pauses(deadline: float) -> Iterator[float]:
+    """The waits between tries at a key store that is away (50 ms, doubling up to 1 s), while the next one ends
+    before `deadline` (`time.monotonic()`); then the caller raises what it got."""
+    pause = 0.05
+    while time.monotonic() + pause <= deadline:
+        yield pause
+        pause = min(pause * 2, 1.0)
+
+
 def _record(raw: bytes | str | None) -> dict[str, Any] | None:
     """A stored record: a wrapped data key (`kek`, `id`, `nonce`, `wrapped`) or an erasure mark (`erased_at`)."""
     return None if raw is None else json.loads(raw)
@@ -169,15 +181,14 @@ class PersonalData:
         writes the person's data key, and a Redis restart or a Sentinel failover (each new connection goes to the
         master Sentinel names then) should delay the desk, not refuse it. Past that the error is raised: intake
         answers 503 with Retry-After and records nothing."""
-        deadline, pause = time.monotonic() + self.patience_s, 0.05
+        pauses = _pauses(time.monotonic() + self.patience_s)
         while True:
             try:
                 return call()
-            except (redis.ConnectionError, redis.TimeoutError, ReadOnlyError):
-                if time.monotonic() + pause > deadline:
+            except KEY_STORE_AWAY:
+                if (pause := next(pauses, None)) is None:
                     raise
                 time.sleep(pause)
-                pause = min(pause * 2, 1.0)
 
     @property
     def current_key_id(self) -> str:
@@ -301,8 +312,11 @@ class PersonalData:
     def open_need(self, event: NeedRecorded) -> NeedPersonalData | None:
         """What `need.recorded` sealed, or None when the person was erased before it was read (consumers record
         ERASED then). Any other failure raises: the event is retried, then dead-lettered."""
+        return self._need_details(event, lambda: self.data_key(event.sealed.person_id))
+
+    def _need_details(self, event: NeedRecorded, key: Callable[[], tuple[str, bytes]]) -> NeedPersonalData | None:
         try:
-            return NeedPersonalData.model_validate(self.unseal(event.sealed, event.need_id))
+            return NeedPersonalData.model_validate(self._open(event.sealed, event.need_id, key()))
         except DataKeyErased:
             return None
 
@@ -311,22 +325,17 @@ class PersonalData:
         HGET, then the key's unwrapping and the data's decryption, a few microseconds each, on the loop. A thread
         per entry cost more than the work (a hop, and 40 threads in notifications under load before they were
         limited). Waits for an absent Redis as `data_key` does."""
-        sealed = event.sealed
-        deadline, pause = time.monotonic() + self.patience_s, 0.05
+        person_id = event.sealed.person_id
+        pauses = _pauses(time.monotonic() + self.patience_s)
         while True:
             try:
-                raw = await client.hget(self.hash, sealed.person_id)
+                raw = await client.hget(self.hash, person_id)
                 break
-            except (redis.ConnectionError, redis.TimeoutError, ReadOnlyError):
-                if time.monotonic() + pause > deadline:
+            except KEY_STORE_AWAY:
+                if (pause := next(pauses, None)) is None:
                     raise
                 await asyncio.sleep(pause)
-                pause = min(pause * 2, 1.0)
-        try:
-            key = self._live_key(sealed.person_id, _record(raw))
-            return NeedPersonalData.model_validate(self._open(sealed, event.need_id, key))
-        except DataKeyErased:
-            return None
+        return self._need_details(event, lambda: self._live_key(person_id, _record(raw)))
 
     def seal_text(self, person_id: str, need_id: str, text: str) -> SealedPersonalData:
         """Seal a desk's text about the person's need (a note, a closing reason) with their existing data key: never
