@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
 from services.notifications import domain
@@ -623,26 +624,45 @@ REDACT_AFTER_SENDING = {"sign_in"}  # the body holds a credential: keep it only 
 BATCH = 50
 
 
+def _lease_statement(postgresql: bool) -> Any:
+    """UPDATE ... WHERE id IN (the due ones, oldest first) RETURNING them, as Delivery objects; built once per
+    dialect, its values bound at each lease (building the statement cost more than running it)."""
+    now: sa.BindParameter[datetime] = sa.bindparam("now")
+    due = (
+        select(col(Delivery.id))
+        .where(col(Delivery.status) == "queued", col(Delivery.channel) == sa.bindparam("of_channel"))
+        .where(col(Delivery.next_attempt_at) <= now)
+        .where(col(Delivery.leased_until).is_(None) | (col(Delivery.leased_until) < now))
+        .order_by(col(Delivery.next_attempt_at))
+        .limit(sa.bindparam("limit"))
+    )
+    if postgresql:  # replicas at the same instant take different rows
+        due = due.with_for_update(skip_locked=True)
+    leasing = (
+        sa.update(Delivery)
+        .where(col(Delivery.id).in_(due.scalar_subquery()))
+        .values(leased_until=sa.bindparam("lease_until"), attempts=col(Delivery.attempts) + 1)
+        .returning(Delivery)
+    )
+    return select(Delivery).from_statement(leasing)
+
+
+_LEASES = {postgresql: _lease_statement(postgresql) for postgresql in (False, True)}
+
+
 def lease_due_deliveries(db: Database, channel: str, *, now: datetime, limit: int = BATCH) -> list[list[Delivery]]:
     """Take the due queued deliveries of `channel` for this sender, as messages to send: one delivery each,
-    except a contact's digest, where every handoff held for the slot goes in one email."""
+    except a contact's digest, where every handoff held for the slot goes in one email.
+
+    One statement, no ORM flush: the due rows are leased (`leased_until`, one attempt more) and returned; on
+    PostgreSQL they are locked SKIP LOCKED, so replicas take different ones."""
+    values = {"of_channel": channel, "now": now, "limit": limit, "lease_until": now + LEASE}
     with db.transaction() as session:
-        query = (
-            select(Delivery)
-            .where(Delivery.status == "queued", Delivery.channel == channel, Delivery.next_attempt_at <= now)
-            .where((col(Delivery.leased_until).is_(None)) | (col(Delivery.leased_until) < now))
-            .order_by(col(Delivery.next_attempt_at))
-            .limit(limit)
-        )
-        if not db.is_sqlite:
-            query = query.with_for_update(skip_locked=True)
-        due = list(session.exec(query).all())
-        for d in due:
-            d.leased_until, d.attempts = now + LEASE, d.attempts + 1
-            session.add(d)
+        leased = session.scalars(_LEASES[not db.is_sqlite], values).all()
+    due_first = sorted(leased, key=lambda d: (d.next_attempt_at, d.id))  # RETURNING keeps no order
     messages: list[list[Delivery]] = []
     digests: dict[str, list[Delivery]] = {}
-    for d in due:
+    for d in due_first:
         if d.held_reason == "digest":
             digests.setdefault(d.recipient.lower(), []).append(d)
         else:

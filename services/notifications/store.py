@@ -18,7 +18,11 @@ from shared.signin import USED_TOKEN_TABLE  # sign-in links on the outbox pages:
 
 class Delivery(SQLModel, table=True):
     __tablename__ = "delivery"
-    __table_args__ = (sa.UniqueConstraint("event_id", "recipient", "channel", name="one_message_per_recipient"),)
+    __table_args__ = (
+        sa.UniqueConstraint("event_id", "recipient", "channel", name="one_message_per_recipient"),
+        # The senders' lease: queued deliveries of a channel, by due time (the sent ones, nearly all, are elsewhere).
+        sa.Index("ix_delivery_due", "status", "channel", "next_attempt_at"),
+    )
     id: str = Field(primary_key=True, max_length=32)
     event_id: str = Field(max_length=64)
     need_id: str | None = Field(default=None, index=True, max_length=32)  # None for sign-in links
@@ -32,11 +36,11 @@ class Delivery(SQLModel, table=True):
     body_text: str
     body_html: str | None = None
     reply_to: str | None = Field(default=None, max_length=254)
-    status: str = Field(default="queued", index=True, max_length=16)
+    status: str = Field(default="queued", max_length=16)
     suppressed_reason: str | None = Field(default=None, max_length=32)
     attempts: int = 0
     last_error: str | None = None
-    next_attempt_at: datetime = Field(sa_type=UTCDateTime, index=True)  # the retry schedule lives here
+    next_attempt_at: datetime = Field(sa_type=UTCDateTime)  # the retry schedule lives here
     leased_until: datetime | None = Field(default=None, sa_type=UTCDateTime)  # a sender is on it until then
     held_reason: str | None = Field(default=None, max_length=16)  # quiet_hours | digest: why it waits
     quiet_timezone: str | None = Field(default=None, max_length=64)  # SMS to the person: retries keep quiet hours
