@@ -5,9 +5,11 @@ it (handlers.record_send_outcomes, a few messages per transaction).
 A sender is three kinds of task on one queue each, so that talking to the provider and writing to the database never
 wait for each other: the leaser takes the due deliveries (a short write transaction) whenever fewer than `in_flight`
 messages are left to send; `in_flight` workers each send one message at a time (email: one reused SMTP connection
-each, RELAIS_SMTP_CONNECTIONS of them); the recorder writes the outcomes as they come, up to RECORD_EVERY per
-transaction. No transaction is open while a message is on the wire: the leased rows are what keeps replicas (and
-this sender's next lease) off a message in hand.
+each, RELAIS_SMTP_CONNECTIONS of them); the recorder writes the outcomes, up to RECORD_EVERY per transaction: while
+messages are in hand it waits for theirs, and when the last one is out it lingers (RECORD_LINGER_S) for more, so
+messages sent one by one are recorded a few at a time. No transaction is open while a message is on the wire: the
+leased rows are what keeps replicas (and this sender's next lease) off a message in hand; a sender that stops
+records the outcomes it holds before it ends, or their messages would be sent again once their lease ran out.
 
 The schedule lives in the database (`delivery.next_attempt_at`): a retry after backoff, a message held for
 quiet hours or for a contact's daily digest all wait there, so a restart forgets none of them.
@@ -16,6 +18,7 @@ quiet hours or for a contact's daily digest all wait there, so a restart forgets
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from datetime import datetime
@@ -29,6 +32,7 @@ from services.notifications.providers import sms_provider, smtp
 from services.notifications.providers.base import SendError
 from services.notifications.render import render_email
 from services.notifications.store import Delivery
+from shared.messaging import LINGER_MS
 
 log = logging.getLogger("relais.notifications.sender")
 
@@ -108,6 +112,9 @@ def is_suppressed(db, phone: str) -> bool:
 
 
 RECORD_EVERY = 10  # outcomes written per transaction: a crash before it may send these messages again, never more
+# When no other message is in hand, the recorder waits this long for more outcomes (or RECORD_EVERY of them): one
+# transaction for the messages of a quarter second, not one each (nobody waits for the outcome, only for the email).
+RECORD_LINGER_S = LINGER_MS / 1000
 
 
 async def send_one(svc, out, batch: list[Delivery], channel: str) -> Outcome:
@@ -147,12 +154,23 @@ async def record(svc, sent: list[tuple[list[str], Outcome]]) -> None:
             )
 
 
+async def _record_or_say(svc, channel: str, sent: list[tuple[list[str], Outcome]]) -> None:
+    try:
+        await record(svc, sent)
+    except Exception:  # noqa: BLE001 - their leases free them: sent again after handlers.LEASE
+        log.exception("%s sender: %d outcomes could not be recorded", channel, len(sent))
+
+
 async def send_forever(svc, wake: asyncio.Event, channel: str) -> None:
     out = EmailChannel(svc.settings) if channel == "email" else SmsChannel(svc.settings)
     to_send: asyncio.Queue[list[Delivery]] = asyncio.Queue()
     outcomes: asyncio.Queue[tuple[list[str], Outcome]] = asyncio.Queue()
     room = asyncio.Event()  # set when few messages are left to send: time to lease more
+    enough = asyncio.Event()  # set when RECORD_EVERY outcomes wait: the recorder stops lingering
     on_the_wire = 0
+
+    def in_hand() -> bool:
+        return bool(on_the_wire or not to_send.empty())
 
     async def sending() -> None:
         nonlocal on_the_wire
@@ -166,19 +184,31 @@ async def send_forever(svc, wake: asyncio.Event, channel: str) -> None:
             finally:
                 on_the_wire -= 1
             outcomes.put_nowait(([d.id for d in batch], outcome))
+            if outcomes.qsize() >= RECORD_EVERY:
+                enough.set()
 
     async def recording() -> None:
-        while True:
-            sent = [await outcomes.get()]
-            # RECORD_EVERY outcomes per transaction, or fewer when no other message is in hand.
-            while len(sent) < RECORD_EVERY and (not outcomes.empty() or on_the_wire or not to_send.empty()):
+        sent: list[tuple[list[str], Outcome]] = []
+        try:
+            while True:
                 sent.append(await outcomes.get())
-            try:
-                await record(svc, sent)
-            except Exception:  # noqa: BLE001 - their leases free them: sent again after handlers.LEASE
-                log.exception("%s sender: %d outcomes could not be recorded", channel, len(sent))
-            else:
+                if not in_hand() and outcomes.qsize() + 1 < RECORD_EVERY:
+                    enough.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(enough.wait(), RECORD_LINGER_S)
+                # RECORD_EVERY outcomes per transaction, or fewer when no other message is in hand.
+                while len(sent) < RECORD_EVERY and (not outcomes.empty() or in_hand()):
+                    sent.append(await outcomes.get())
+                await _record_or_say(svc, channel, sent)
+                sent = []
                 svc.bus.relay.wake(linger=True)  # delivery.sent: nobody waits for it to the second
+        finally:  # stopping: the messages already sent are recorded, or they would go again after their lease
+            with anyio.CancelScope(shield=True):
+                while sent or not outcomes.empty():
+                    while not outcomes.empty():
+                        sent.append(outcomes.get_nowait())
+                    await _record_or_say(svc, channel, sent)
+                    sent = []
 
     try:
         async with anyio.create_task_group() as tasks:

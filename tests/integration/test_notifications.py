@@ -7,6 +7,8 @@ import asyncio
 import base64
 import json
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -19,11 +21,11 @@ import redis
 import yaml
 from sqlmodel import col, select
 
-from services.notifications import handlers
+from services.notifications import handlers, sender
 from services.notifications.providers import smtp
 from services.notifications.providers.twilio import twilio_signature
-from services.notifications.store import Delivery, DeliveryAttempt, SmsSuppression
-from shared.db import OutboxMessage
+from services.notifications.store import TABLES, Delivery, DeliveryAttempt, SmsSuppression
+from shared.db import Database, OutboxMessage
 from shared.events import (
     STREAM_OF,
     AccessLinkRequested,
@@ -347,6 +349,74 @@ def test_a_round_of_handoffs_is_sent_once_each_and_its_outcomes_recorded_a_few_m
     assert len(sink.to("referent@caf.test.example")) == 12  # and no message twice
 
 
+@pytest.mark.postgres  # two senders at once: SKIP LOCKED
+def test_a_lease_takes_each_due_delivery_once_oldest_first_and_again_once_its_lease_ran_out(settings):
+    db = Database(settings.notifications_database_url or "", TABLES)
+    now = clock_start()
+
+    def queued(due: datetime, status: str = "queued") -> Delivery:
+        return Delivery(
+            id=new_id(),
+            event_id=new_id(),
+            kind="handoff",
+            channel="email",
+            recipient_role="partner",
+            recipient="referent@caf.test.example",
+            subject="Nouvelle orientation",
+            body_text="Bonjour",
+            status=status,
+            next_attempt_at=due,
+            created_at=now,
+        )
+
+    due = [queued(now - timedelta(minutes=m)) for m in (1, 6, 3, 5, 2, 4)]
+    with db.transaction() as session:
+        session.add_all([*due, queued(now + timedelta(hours=1)), queued(now - timedelta(hours=1), status="sent")])
+    try:
+        # Two senders at once (replicas: on PostgreSQL the rows one locks are skipped by the other), three each.
+        with ThreadPoolExecutor(2) as pool:
+            taken = list(pool.map(lambda _: handlers.lease_due_deliveries(db, "email", now=now, limit=3), range(2)))
+        leased = [[d for [d] in messages] for messages in taken]
+        oldest_first = sorted(due, key=lambda d: d.next_attempt_at)
+        assert sorted(map(len, leased)) == [3, 3]
+        assert sorted(d.id for one in leased for d in one) == sorted(d.id for d in due)  # each once, none else
+        for one in leased:  # each sender's share, oldest first: the three oldest went to one of them
+            assert [d.next_attempt_at for d in one] == sorted(d.next_attempt_at for d in one)
+        assert {d.id for d in oldest_first[:3]} in [{d.id for d in one} for one in leased]
+        assert {(d.attempts, d.leased_until) for one in leased for d in one} == {(1, now + handlers.LEASE)}
+        assert handlers.lease_due_deliveries(db, "email", now=now + timedelta(minutes=1)) == []  # all in hand
+
+        later = now + handlers.LEASE + timedelta(seconds=1)  # their sender died: the leases ran out
+        again = [d for [d] in handlers.lease_due_deliveries(db, "email", now=later)]
+        assert [d.id for d in again] == [d.id for d in oldest_first]
+        assert {(d.attempts, d.leased_until) for d in again} == {(2, later + handlers.LEASE)}
+    finally:
+        db.dispose()
+
+
+def test_messages_sent_one_by_one_are_recorded_together_and_a_stopping_sender_records_what_it_holds(
+    settings, sink, start_service, monkeypatch
+):
+    monkeypatch.setattr(sender, "RECORD_LINGER_S", 600.0)  # ten minutes: only RECORD_EVERY outcomes or a stop end it
+    notif = start_service("notifications", settings.model_copy(update={"smtp_url": sink.url}))
+    first, second = assigned(new_id()), assigned(new_id())
+    publish(settings, first)
+    assert wait_for(lambda: len(sink.to("referent@caf.test.example")) == 1)
+    publish(settings, second)  # sent alone too, while the first one's outcome waits
+    assert wait_for(lambda: len(sink.to("referent@caf.test.example")) == 2)
+    time.sleep(1)  # the sink's "250 OK" reaches the sender: both outcomes are in the recorder's hands
+    assert [(d.status, d.leased_until is not None) for d in deliveries(notif, kind="handoff")] == [("queued", True)] * 2
+
+    notif.stop()  # the lifespan ends: the sender records what it holds before the database is closed
+
+    handoffs = deliveries(notif, kind="handoff")
+    assert [(d.status, d.leased_until) for d in handoffs] == [("sent", None)] * 2  # not sent again after the lease
+    log = [attempts(notif, d.id) for d in handoffs]
+    assert [[a.outcome for a in one] for one in log] == [["sent"], ["sent"]]
+    assert len({one[0].at for one in log}) == 1  # one transaction for the two
+    assert len(sink.to("referent@caf.test.example")) == 2
+
+
 class GatedSink(Sink):
     """Holds each message in DATA until `gate` messages are in DATA at once (or a safety limit passed, which the
     test then reports), and meanwhile takes the notifications database's write lock from another connection: a
@@ -608,6 +678,9 @@ def test_quiet_hours_and_the_daily_digest_wait_in_the_database_for_their_time(se
     # A reminder is never held back by a digest.
     [sent] = wait_for(lambda: sink.to("referent@caf.test.example"))
     assert sent["subject"].startswith("Relance")
+    # Recorded before the clock jumps an hour: an outcome still in the sender's hands when its lease (two minutes)
+    # runs out would make the message go again.
+    assert wait_for(lambda: settled(notif, kind="reminder")).status == "sent"
     held = wait_for(
         lambda: [d for d in deliveries(notif, kind="handoff")] if len(deliveries(notif, kind="handoff")) == 2 else None
     )
