@@ -131,15 +131,15 @@ def emit(session: Session, event: Event) -> None:
     )
     session.info[EMITTED] = True  # Bus.process wakes the relay only after a commit that emitted
     # Core, one INSERT now: the outbox row needs none of the ORM's unit of work, and rows keep the order of emits.
-    session.execute(
-        sa.insert(OUTBOX).values(
-            event_id=event.event_id,
-            stream=STREAM_OF[event.type],
-            type=event.type,
-            payload=event.model_dump_json(),
-            created_at=utcnow(),
-        )
-    )
+    # One statement for every emit, the row's values bound (building it for each event cost 3/4 of the emit).
+    row = {
+        "event_id": event.event_id,
+        "stream": STREAM_OF[event.type],
+        "type": event.type,
+        "payload": event.model_dump_json(),
+        "created_at": utcnow(),
+    }
+    session.execute(_OUTBOX_INSERT, row)
 
 
 def claim_event(session: Session, consumer: str, event_id: str) -> bool:
@@ -152,6 +152,8 @@ def claim_event(session: Session, consumer: str, event_id: str) -> bool:
     claimed = session.execute(statement, {"consumer": consumer, "event_id": event_id, "processed_at": utcnow()})
     return claimed.first() is not None
 
+
+_OUTBOX_INSERT = sa.insert(OUTBOX)
 
 # claim_event's statement, built once per dialect (building it again for each entry read alone was a third of the
 # claim's cost): its values are bound at each execution.
