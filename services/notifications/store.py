@@ -20,7 +20,7 @@ class Delivery(SQLModel, table=True):
     __tablename__ = "delivery"
     __table_args__ = (
         sa.UniqueConstraint("event_id", "recipient", "channel", name="one_message_per_recipient"),
-        # The senders' lease: queued deliveries of a channel, by due time (the sent ones, nearly all, are elsewhere).
+        # The senders' lease: the queued deliveries of a channel, in due order (the status filters use its prefix).
         sa.Index("ix_delivery_due", "status", "channel", "next_attempt_at"),
     )
     id: str = Field(primary_key=True, max_length=32)

@@ -4,11 +4,11 @@ Revision ID: e3396417fec3
 Revises: b7e3c1d2a9f0
 Create Date: 2026-12-01 20:00:00.000000
 
-The lease (handlers.lease_due_deliveries) asks for the queued deliveries due by now, oldest first. The databases
-answered it from the index of every delivery's due time: a delivery sent long ago was due in the past too, so each
-lease walked every delivery ever sent, more of them every day. The composite index (status, channel, due time) holds
-the queued ones together, in due order. The single-column indexes on status and due time go: the first is its
-prefix, and only the lease read the second (docs/benchmarks.md).
+The lease (handlers.lease_due_deliveries) asks for the queued deliveries of one channel due by now, oldest first.
+SQLite answered it from the index on status (every queued delivery, of both channels) and sorted them; the
+composite index (status, channel, due time) holds them in the order the lease wants, so it reads the first ones
+and stops. The single-column indexes on status and due time go: the first is its prefix, and only the lease read
+the second (docs/benchmarks.md).
 """
 from collections.abc import Sequence
 
