@@ -103,6 +103,22 @@ def stream_fields(row: OutboxMessage | sa.Row) -> dict[FieldT, EncodableT]:
 # --- outbox relay -------------------------------------------------------------------------------
 
 
+# The relay's statements, built once (a round's values are bound): building them cost more than running them.
+_ANYTHING = sa.select(OUTBOX.c.id).where(OUTBOX.c.published_at.is_(None)).limit(1)
+_OLDEST_UNPUBLISHED = (
+    sa.select(OUTBOX.c.id, OUTBOX.c.event_id, OUTBOX.c.stream, OUTBOX.c.type, OUTBOX.c.payload)
+    .where(OUTBOX.c.published_at.is_(None))
+    .order_by(OUTBOX.c.id)
+    .limit(sa.bindparam("limit"))
+)
+_UNPUBLISHED = {False: _OLDEST_UNPUBLISHED, True: _OLDEST_UNPUBLISHED.with_for_update(skip_locked=True)}
+_MARK_PUBLISHED = (
+    sa.update(OUTBOX)
+    .where(OUTBOX.c.id.in_(sa.bindparam("ids", expanding=True)))
+    .values(published_at=sa.bindparam("at"))
+)
+
+
 def publish_pending(
     db: Database,
     client: redis.Redis,
@@ -122,18 +138,10 @@ def publish_pending(
     """
     if look_first:
         with db.read() as session:  # the common case when idle, nothing to publish, takes no write lock
-            if session.execute(sa.select(OUTBOX.c.id).where(OUTBOX.c.published_at.is_(None)).limit(1)).first() is None:
+            if session.execute(_ANYTHING).first() is None:
                 return 0
     with db.transaction() as session:
-        query = (
-            sa.select(OUTBOX.c.id, OUTBOX.c.event_id, OUTBOX.c.stream, OUTBOX.c.type, OUTBOX.c.payload)
-            .where(OUTBOX.c.published_at.is_(None))
-            .order_by(OUTBOX.c.id)
-            .limit(limit)
-        )
-        if not db.is_sqlite:
-            query = query.with_for_update(skip_locked=True)
-        rows = session.execute(query).all()
+        rows = session.execute(_UNPUBLISHED[not db.is_sqlite], {"limit": limit}).all()
         if not rows:
             return 0
         pipe = client.pipeline(transaction=False)
@@ -146,7 +154,7 @@ def publish_pending(
                 raise result
         confirmed = confirm_replicated(client, role)
         now = utcnow()
-        session.execute(sa.update(OUTBOX).where(OUTBOX.c.id.in_([row.id for row in rows])).values(published_at=now))
+        session.execute(_MARK_PUBLISHED, {"ids": [row.id for row in rows], "at": now})
         if watch is not None:
             watch.published(now, confirmed)
     return len(rows)
