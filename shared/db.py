@@ -95,11 +95,29 @@ LOGGED_EVENT_FIELDS = (
 EMITTED = "relais_emitted"  # in Session.info once `emit` put an event in the session's outbox
 
 
-def upsert(session: Session, table: sa.Table, key: str, row: dict, update: dict | None = None) -> sa.Insert:
-    """INSERT ... ON CONFLICT (key) DO UPDATE in the session's dialect (SQLite and PostgreSQL both have it): `update`
-    (default: the row's other columns) on a conflict. One statement, no SELECT first, unlike Session.merge."""
-    changes = update if update is not None else {k: v for k, v in row.items() if k != key}
-    return _insert(session, table).values(**row).on_conflict_do_update(index_elements=[key], set_=changes)
+def upsert(
+    session: Session, table: sa.Table, key: str, row: dict, *, add: str | None = None, returning: str | None = None
+) -> sa.Result:
+    """INSERT ... ON CONFLICT (key) DO UPDATE in the session's dialect (SQLite and PostgreSQL both have it), executed:
+    on a conflict the row's other columns take its values, or only `add` is increased by the row's value of it (a
+    counter). One statement, no SELECT first, unlike Session.merge; built once per table and columns, its values
+    bound at each call (building it cost more than running it)."""
+    dialect = "postgresql" if _postgresql(session) else "sqlite"
+    shape = (dialect, table, key, tuple(row), add, returning)
+    if (statement := _UPSERTS.get(shape)) is None:
+        insert = _insert(session, table).values({column: sa.bindparam(column) for column in row})
+        if add is not None:
+            changes = {add: table.c[add] + insert.excluded[add]}
+        else:
+            changes = {column: insert.excluded[column] for column in row if column != key}
+        statement = insert.on_conflict_do_update(index_elements=[key], set_=changes)
+        if returning is not None:
+            statement = statement.returning(table.c[returning])
+        statement = _UPSERTS.setdefault(shape, statement)
+    return session.execute(statement, row)
+
+
+_UPSERTS: dict[tuple, sa.Insert] = {}  # a few per service: its upserts' shapes
 
 
 def _insert(session: Session, table: sa.Table) -> postgresql.Insert | sqlite.Insert:

@@ -119,10 +119,10 @@ TABLES = [
 def next_reference(session: Session, prefix: str) -> str:
     """The next reference after `prefix` (CHA-2611 -> CHA-2611-0042), counted in this transaction. One upsert: on
     PostgreSQL a concurrent recording with the same prefix waits for this transaction's row lock, then counts on."""
-    counter = table_of(ReferenceCounter)
-    statement = upsert(session, counter, "prefix", {"prefix": prefix, "last": 1}, {"last": counter.c.last + 1})
-    statement = statement.returning(counter.c.last)
-    number = session.execute(statement).scalar_one()
+    counted = upsert(
+        session, table_of(ReferenceCounter), "prefix", {"prefix": prefix, "last": 1}, add="last", returning="last"
+    )
+    number = counted.scalar_one()
     return f"{prefix}-{number:04d}"
 
 

@@ -201,7 +201,7 @@ def on_need_recorded(
     reference = dict(
         need_id=event.need_id, reference=event.reference, library_id=event.library_id, person_id=event.person_id
     )
-    session.execute(upsert(session, table_of(NeedReference), "need_id", reference))
+    upsert(session, table_of(NeedReference), "need_id", reference)
     if (kept := session.get(NeedPerson, event.need_id)) is not None and kept.erased_at is not None:
         return 0  # a late or replayed need.recorded of a person since erased: nothing of them is kept
     person = kept or NeedPerson(

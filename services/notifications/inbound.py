@@ -217,7 +217,7 @@ def remember_route(session: Session, event: ReferralEvent | NeedUnroutable) -> N
             library_id=event.library_id,
             category=event.category,
         )
-        session.execute(upsert(session, table_of(ReplyRoute), "referral_id", row))
+        upsert(session, table_of(ReplyRoute), "referral_id", row)
 
 
 def on_reply_recorded(
