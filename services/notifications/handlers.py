@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -633,6 +633,7 @@ def _lease_statement(postgresql: bool) -> Any:
         .where(col(Delivery.status) == "queued", col(Delivery.channel) == sa.bindparam("of_channel"))
         .where(col(Delivery.next_attempt_at) <= now)
         .where(col(Delivery.leased_until).is_(None) | (col(Delivery.leased_until) < now))
+        .where(col(Delivery.id).not_in(sa.bindparam("held", expanding=True)))
         .order_by(col(Delivery.next_attempt_at))
         .limit(sa.bindparam("limit"))
     )
@@ -650,13 +651,17 @@ def _lease_statement(postgresql: bool) -> Any:
 _LEASES = {postgresql: _lease_statement(postgresql) for postgresql in (False, True)}
 
 
-def lease_due_deliveries(db: Database, channel: str, *, now: datetime, limit: int = BATCH) -> list[list[Delivery]]:
+def lease_due_deliveries(
+    db: Database, channel: str, *, now: datetime, limit: int = BATCH, held: Collection[str] = ()
+) -> list[list[Delivery]]:
     """Take the due queued deliveries of `channel` for this sender, as messages to send: one delivery each,
-    except a contact's digest, where every handoff held for the slot goes in one email.
+    except a contact's digest, where every handoff held for the slot goes in one email. `held`: the deliveries this
+    sender leased and has not recorded yet (sent, their outcome waiting to be written), never taken again, even if
+    their lease seems over (a clock set forward, as tests do).
 
     One statement, no ORM flush: the due rows are leased (`leased_until`, one attempt more) and returned; on
     PostgreSQL they are locked SKIP LOCKED, so replicas take different ones."""
-    values = {"of_channel": channel, "now": now, "limit": limit, "lease_until": now + LEASE}
+    values = {"of_channel": channel, "now": now, "limit": limit, "lease_until": now + LEASE, "held": list(held)}
     with db.transaction() as session:
         leased = session.scalars(_LEASES[not db.is_sqlite], values).all()
     due_first = sorted(leased, key=lambda d: (d.next_attempt_at, d.id))  # RETURNING keeps no order

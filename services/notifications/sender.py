@@ -154,11 +154,13 @@ async def record(svc, sent: list[tuple[list[str], Outcome]]) -> None:
             )
 
 
-async def _record_or_say(svc, channel: str, sent: list[tuple[list[str], Outcome]]) -> None:
+async def _record_or_say(svc, channel: str, sent: list[tuple[list[str], Outcome]], held: set[str]) -> None:
     try:
         await record(svc, sent)
     except Exception:  # noqa: BLE001 - their leases free them: sent again after handlers.LEASE
         log.exception("%s sender: %d outcomes could not be recorded", channel, len(sent))
+    finally:
+        held.difference_update(i for ids, _ in sent for i in ids)
 
 
 async def send_forever(svc, wake: asyncio.Event, channel: str) -> None:
@@ -168,6 +170,7 @@ async def send_forever(svc, wake: asyncio.Event, channel: str) -> None:
     room = asyncio.Event()  # set when few messages are left to send: time to lease more
     enough = asyncio.Event()  # set when RECORD_EVERY outcomes wait: the recorder stops lingering
     on_the_wire = 0
+    held: set[str] = set()  # leased here and not recorded yet: the next leases leave them alone
 
     def in_hand() -> bool:
         return bool(on_the_wire or not to_send.empty())
@@ -199,7 +202,7 @@ async def send_forever(svc, wake: asyncio.Event, channel: str) -> None:
                 # RECORD_EVERY outcomes per transaction, or fewer when no other message is in hand.
                 while len(sent) < RECORD_EVERY and (not outcomes.empty() or in_hand()):
                     sent.append(await outcomes.get())
-                await _record_or_say(svc, channel, sent)
+                await _record_or_say(svc, channel, sent, held)
                 sent = []
                 svc.bus.relay.wake(linger=True)  # delivery.sent: nobody waits for it to the second
         finally:  # stopping: the messages already sent are recorded, or they would go again after their lease
@@ -207,7 +210,7 @@ async def send_forever(svc, wake: asyncio.Event, channel: str) -> None:
                 while sent or not outcomes.empty():
                     while not outcomes.empty():
                         sent.append(outcomes.get_nowait())
-                    await _record_or_say(svc, channel, sent)
+                    await _record_or_say(svc, channel, sent, held)
                     sent = []
 
     try:
@@ -220,13 +223,14 @@ async def send_forever(svc, wake: asyncio.Event, channel: str) -> None:
                 room.clear()
                 try:
                     batches = await anyio.to_thread.run_sync(
-                        partial(handlers.lease_due_deliveries, svc.db, channel, now=svc.clock())
+                        partial(handlers.lease_due_deliveries, svc.db, channel, now=svc.clock(), held=set(held))
                     )
                 except Exception:  # noqa: BLE001 - the database may be away a moment; leases free what was taken
                     log.exception("%s sender: could not take the due deliveries; trying again in a second", channel)
                     await asyncio.sleep(1)
                     continue
                 for batch in batches:
+                    held.update(d.id for d in batch)
                     to_send.put_nowait(batch)
                 if to_send.qsize() >= out.in_flight:
                     await room.wait()  # the next lease when the workers are about to need it
