@@ -186,12 +186,9 @@ class MasterWatch:
     had acknowledged (the master had none online). Should another master take over (a replica cut off, then
     promoted), it may lack those rows: they are published again (consumers skip what they have by event_id)."""
 
-    CHECK_EVERY_S = 1.0  # INFO at most once a second, not before every round: a new master is seen within it
-
     def __init__(self) -> None:
         self.run_id: str | None = None
         self.unconfirmed_since: datetime | None = None
-        self.checked_at: float | None = None  # time.monotonic() of the last INFO
 
     def published(self, at: datetime, confirmed: bool) -> None:
         if confirmed:  # a replica acknowledged the master's offset: it holds every earlier write too
@@ -200,12 +197,8 @@ class MasterWatch:
             self.unconfirmed_since = at
 
     def check(self, db: Database, client: redis.Redis, settings: Settings) -> int:
-        """Before a relay round (at most every CHECK_EVERY_S): after a change of master, publish again the rows
-        published unconfirmed on the previous one; how many. Seeing the change a second late loses nothing: what
-        was marked published meanwhile went to the new master, and `unconfirmed_since` still dates the rest."""
-        if self.checked_at is not None and time.monotonic() - self.checked_at < self.CHECK_EVERY_S:
-            return 0
-        self.checked_at = time.monotonic()
+        """Before each relay round: after a change of master, publish again the rows published unconfirmed on the
+        previous one; how many."""
         try:
             run_id = client.info("server")["run_id"]
         except (redis.ResponseError, KeyError):  # a Redis that hides INFO: nothing to compare
