@@ -154,13 +154,17 @@ async def record(svc, sent: list[tuple[list[str], Outcome]]) -> None:
             )
 
 
-async def _record_or_say(svc, channel: str, sent: list[tuple[list[str], Outcome]], held: set[str]) -> None:
+async def _record_or_say(
+    svc, channel: str, sent: list[tuple[list[str], Outcome]], held: dict[str, datetime | None]
+) -> None:
     try:
         await record(svc, sent)
     except Exception:  # noqa: BLE001 - their leases free them: sent again after handlers.LEASE
         log.exception("%s sender: %d outcomes could not be recorded", channel, len(sent))
     finally:
-        held.difference_update(i for ids, _ in sent for i in ids)
+        for ids, _ in sent:
+            for i in ids:
+                held.pop(i, None)
 
 
 async def send_forever(svc, wake: asyncio.Event, channel: str) -> None:
@@ -170,7 +174,9 @@ async def send_forever(svc, wake: asyncio.Event, channel: str) -> None:
     room = asyncio.Event()  # set when few messages are left to send: time to lease more
     enough = asyncio.Event()  # set when RECORD_EVERY outcomes wait: the recorder stops lingering
     on_the_wire = 0
-    held: set[str] = set()  # leased here and not recorded yet: the next leases leave them alone
+    # Leased here and not recorded yet (id -> end of its lease): the next leases leave them alone, even once their
+    # lease seems over. Only those are named to the lease (none, but after a clock set forward), so its SQL stays one.
+    held: dict[str, datetime | None] = {}
 
     def in_hand() -> bool:
         return bool(on_the_wire or not to_send.empty())
@@ -221,16 +227,18 @@ async def send_forever(svc, wake: asyncio.Event, channel: str) -> None:
             while True:
                 wake.clear()
                 room.clear()
+                now = svc.clock()
+                over = [i for i, until in held.items() if until is None or until <= now]
                 try:
                     batches = await anyio.to_thread.run_sync(
-                        partial(handlers.lease_due_deliveries, svc.db, channel, now=svc.clock(), held=set(held))
+                        partial(handlers.lease_due_deliveries, svc.db, channel, now=now, held=over)
                     )
                 except Exception:  # noqa: BLE001 - the database may be away a moment; leases free what was taken
                     log.exception("%s sender: could not take the due deliveries; trying again in a second", channel)
                     await asyncio.sleep(1)
                     continue
                 for batch in batches:
-                    held.update(d.id for d in batch)
+                    held.update((d.id, d.leased_until) for d in batch)
                     to_send.put_nowait(batch)
                 if to_send.qsize() >= out.in_flight:
                     await room.wait()  # the next lease when the workers are about to need it
