@@ -20,7 +20,6 @@ from shared.events import (
     ReferralReplyRecorded,
     ReferralStreamEvent,
 )
-from shared.messaging import LINGER_MS
 from shared.service import Service
 from shared.signin import person_answer_link, referral_link
 
@@ -42,11 +41,7 @@ def register(svc: Service, wake_senders: Callable[[], None]) -> None:
         "whether they were contacted (person.contact_answered, for referral).",
     )
 
-    @svc.bus.subscriber(
-        NEEDS,
-        "The person's contact and choices (channel, language) for the messages meant for them.",
-        linger_ms=LINGER_MS,  # off the handoff's path: a referral event that comes first waits for its person
-    )
+    @svc.bus.subscriber(NEEDS, "The person's contact and choices (channel, language) for the messages meant for them.")
     async def on_need_event(event: NeedEvent) -> None:
         handler: Callable[[Session, Any], object]
         if isinstance(event, NeedRecorded):
