@@ -102,8 +102,7 @@ def upsert(
     on a conflict the row's other columns take its values, or only `add` is increased by the row's value of it (a
     counter). One statement, no SELECT first, unlike Session.merge; built once per table and columns, its values
     bound at each call (building it cost more than running it)."""
-    dialect = "postgresql" if _postgresql(session) else "sqlite"
-    shape = (dialect, table, key, tuple(row), add, returning)
+    shape = (_dialect(session), table, key, tuple(row), add, returning)
     if (statement := _UPSERTS.get(shape)) is None:
         insert = _insert(session, table).values({column: sa.bindparam(column) for column in row})
         if add is not None:
@@ -166,7 +165,7 @@ def claim_event(session: Session, consumer: str, event_id: str) -> bool:
     One INSERT ... ON CONFLICT DO NOTHING, no SELECT first: the row is written with the handler's work, or not at
     all. On PostgreSQL, a replica processing the same event in an open transaction makes this one wait for its end;
     once it committed, this finds the row and says False (rolled back, this one claims the event)."""
-    statement = _CLAIMS["postgresql" if _postgresql(session) else "sqlite"]
+    statement = _CLAIMS[_dialect(session)]
     claimed = session.execute(statement, {"consumer": consumer, "event_id": event_id, "processed_at": utcnow()})
     return claimed.first() is not None
 
@@ -176,11 +175,11 @@ _OUTBOX_INSERT = sa.insert(OUTBOX)
 # claim_event's statement, built once per dialect (building it again for each entry read alone was a third of the
 # claim's cost): its values are bound at each execution.
 _CLAIMS = {
-    dialect.__name__.rpartition(".")[2]: dialect.insert(PROCESSED)
+    name: dialect.insert(PROCESSED)
     .values({c: sa.bindparam(c) for c in ("consumer", "event_id", "processed_at")})
     .on_conflict_do_nothing()
     .returning(PROCESSED.c.event_id)
-    for dialect in (postgresql, sqlite)
+    for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
 }
 
 
@@ -297,8 +296,13 @@ def percentile(values: list[float], p: float) -> float | None:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
+def _dialect(session: Session) -> str:
+    """The session's database: "postgresql" or "sqlite"."""
+    return session.get_bind().dialect.name
+
+
 def _postgresql(session: Session) -> bool:
-    return session.get_bind().dialect.name == "postgresql"
+    return _dialect(session) == "postgresql"
 
 
 def seconds_between(session: Session, later: Any, earlier: Any) -> sa.ColumnElement[float]:
