@@ -29,21 +29,44 @@ log = logging.getLogger("relais")
 _PORTS_GIVEN: set[int] = set()
 
 
-def free_port() -> int:
-    """A free loopback port below the kernel's ephemeral range: between this call and the server's bind, an
-    outgoing connection (to Redis, PostgreSQL...) could otherwise be given the same port. Never the same
-    port twice in one process, so the ports picked for one system do not collide either; test processes running
-    side by side (pytest-xdist's workers) each take their own slice of the range."""
+def _port_slice() -> tuple[int, int]:
+    """This process's slice of the port range, as (index, count): test processes running side by side each
+    have one. pytest-xdist's workers are numbered by xdist (gw0, gw1...); the date sweep's pytest runs
+    (`./dev test-dates`, several at once) by RELAIS_TEST_PORT_SLICE ("index/count"). Both can apply: a sweep
+    run's slice is cut again between its workers."""
+    index, count = 0, 1
+    sweep = os.environ.get("RELAIS_TEST_PORT_SLICE", "")
+    if sweep.count("/") == 1 and all(part.isdigit() for part in sweep.split("/")) and int(sweep.split("/")[1]) > 1:
+        index, count = (int(part) for part in sweep.split("/"))
+        index %= count
+    worker, workers = os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker.startswith("gw") and worker[2:].isdigit() and workers > 1:
+        index, count = index * workers + int(worker[2:]) % workers, count * workers
+    return index, count
+
+
+def port_range() -> tuple[int, int]:
+    """The ports (lowest, highest) free_port picks from in this process: below the kernel's ephemeral range,
+    and this process's slice of it."""
     try:
         ephemeral_start = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         ephemeral_start = 32768
     low, high = 20000, max(20500, ephemeral_start - 1)
-    worker, workers = os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if worker.startswith("gw") and worker[2:].isdigit() and workers > 1:
-        width = (high - low) // workers
-        low += int(worker[2:]) % workers * width
+    index, count = _port_slice()
+    if count > 1:
+        width = (high - low) // count
+        low += index * width
         high = low + width - 1
+    return low, high
+
+
+def free_port() -> int:
+    """A free loopback port below the kernel's ephemeral range: between this call and the server's bind, an
+    outgoing connection (to Redis, PostgreSQL...) could otherwise be given the same port. Never the same
+    port twice in one process, so the ports picked for one system do not collide either; test processes running
+    side by side (pytest-xdist's workers, the date sweep's runs) each take their own slice of the range."""
+    low, high = port_range()
     for _ in range(500):
         port = random.randint(low, high)
         if port in _PORTS_GIVEN:
