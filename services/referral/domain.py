@@ -272,8 +272,7 @@ def sla_after(sla: str, action: str) -> str:
 # and survive re-routing; the partner's first accept or respond stops it.
 
 
-@dataclass(frozen=True)
-class ClockTimer:
+class ClockTimer(NamedTuple):  # a tuple: written as one row each by store.add_clock_timers
     kind: str  # "reminder" | "escalation" | "breach"
     number: int  # 1, 2... for reminders; 0 otherwise
     due_at: datetime

@@ -7,6 +7,7 @@ its handler inside `Bus.process`'s transaction."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -46,6 +47,8 @@ from services.referral.store import (
     PrivacyIncident,
     Referral,
     ReferralHistory,
+    add_clock_timers,
+    add_history,
     current_referral,
     due_timers,
     has_clock_timers,
@@ -133,7 +136,7 @@ def on_need_recorded(
         ),
     )
     session.add(case)
-    route(session, case, directory, now)  # its first query flushes the case alone (autoflush), before its timers
+    route(session, case, directory, now)
 
 
 def route(
@@ -149,16 +152,19 @@ def route(
     then it is stranded (no partner holds it) until ops assign it (`assign_need`)."""
     stranded = case.stranded_since is not None
     if partner_id is None:
-        decision = domain.route_need(
-            directory,
-            category=case.category,
-            postal_code=case.postal_code,
-            library_id=case.library_id,
-            open_referrals=lambda partner_id: open_referrals_of(session, partner_id),
-            # A case this transaction just added (need.recorded) has no referral yet, so none declined: no query.
-            excluded_partner_ids=set() if case in session.new else partners_who_declined(session, case.need_id),
-            paused_partner_ids=paused_partners(session, now),
-        )
+        # A case this transaction just added (need.recorded) has no referral yet, so none declined: no query. And
+        # the queries do not flush it: it is written once, with its deadline, by the first write below.
+        just_recorded = case in session.new
+        with session.no_autoflush if just_recorded else contextlib.nullcontext():
+            decision = domain.route_need(
+                directory,
+                category=case.category,
+                postal_code=case.postal_code,
+                library_id=case.library_id,
+                open_referrals=lambda partner_id: open_referrals_of(session, partner_id),
+                excluded_partner_ids=set() if just_recorded else partners_who_declined(session, case.need_id),
+                paused_partner_ids=paused_partners(session, now),
+            )
     else:
         decision = domain.assign_by_hand(directory, partner_id, actor, contact_id, stranded=stranded)
     if decision.partner is None:
@@ -190,11 +196,11 @@ def route(
         timers = domain.clock_timers(case.recorded_at, decision.partner)
         case.respond_by = timers[-1].due_at
         session.add(case)
-        for timer in timers:
-            session.add(ClockTimer(need_id=case.need_id, kind=timer.kind, number=timer.number, due_at=timer.due_at))
+        add_clock_timers(session, case.need_id, timers)
     elif not has_clock_timers(session, case.need_id):  # stranded at recording: its deadline is kept
-        for timer in domain.clock_timers_until(case.recorded_at, decision.partner, case.respond_by, now):
-            session.add(ClockTimer(need_id=case.need_id, kind=timer.kind, number=timer.number, due_at=timer.due_at))
+        add_clock_timers(
+            session, case.need_id, domain.clock_timers_until(case.recorded_at, decision.partner, case.respond_by, now)
+        )
     case.stranded_since = case.stranded_cause = case.stranded_reason = None
     assert decision.contact is not None  # a partner comes with its contact
     referral = Referral(
@@ -210,10 +216,7 @@ def route(
         updated_at=now,
     )
     session.add(referral)
-    session.flush()  # before its history row: without relationship(), the unit of work does not order by foreign key
-    session.add(
-        ReferralHistory(referral_id=referral.id, at=now, action="assigned", actor=actor, detail=decision.reason)
-    )
+    add_history(session, referral.id, now, "assigned", actor, decision.reason)
     emit(
         session,
         ReferralAssigned(
@@ -268,14 +271,13 @@ def transition(
     case = session.get_one(NeedCase, referral.need_id, with_for_update=True)  # its sequence moves
     if case.person_erased_at is not None and text:
         text = ERASED  # written after the person's erasure: kept nowhere, carried by no event
-    session.add(
-        ReferralHistory(
-            referral_id=referral.id,
-            at=now,
-            action=action,
-            actor=actor,
-            detail=text if partner_id is None else f"{partner_id} : {text or ''}".strip(" :"),
-        )
+    add_history(
+        session,
+        referral.id,
+        now,
+        action,
+        actor,
+        text if partner_id is None else f"{partner_id} : {text or ''}".strip(" :"),
     )
     common = referral_event_fields(referral, case, actor, now)
     session.add(case)
@@ -323,15 +325,9 @@ def _schedule_contact_question(
         select(ClockTimer.id).where(ClockTimer.referral_id == referral.id, ClockTimer.kind == domain.CONTACT_QUESTION)
     ).first()
     if scheduled is None:
-        session.add(
-            ClockTimer(
-                need_id=case.need_id,
-                referral_id=referral.id,
-                kind=domain.CONTACT_QUESTION,
-                number=case.sequence,  # that of the event this answer emits (numbered above): unique within the need
-                due_at=domain.contact_question_due(now, partner),
-            )
-        )
+        # numbered by the sequence of the event this answer emits (numbered above): unique within the need
+        question = (domain.CONTACT_QUESTION, case.sequence, domain.contact_question_due(now, partner))
+        add_clock_timers(session, case.need_id, [question], referral_id=referral.id)
 
 
 def on_need_cancelled(session: Session, event: NeedCancelled, directory: Directory, now: datetime) -> None:
@@ -378,11 +374,9 @@ def on_desk_note(session: Session, event: NeedNoteAdded, text: str | None, now: 
             select(Referral).where(Referral.need_id == event.need_id).order_by(col(Referral.created_at).desc())
         ).first()
         if referral is not None:
-            session.add(
-                ReferralHistory(referral_id=referral.id, at=now, action="desk_note", actor=event.actor, detail=text)
-            )
+            add_history(session, referral.id, now, "desk_note", event.actor, text)
         return
-    session.add(ReferralHistory(referral_id=referral.id, at=now, action="desk_note", actor=event.actor, detail=text))
+    add_history(session, referral.id, now, "desk_note", event.actor, text)
     referral.updated_at = now
     session.add(referral)
     emit(
@@ -399,7 +393,7 @@ def on_partner_nudged(session: Session, event: NeedPartnerNudged, now: datetime)
     referral = current_referral(session, event.need_id)
     if referral is None or referral.status not in ("assigned", "accepted"):
         return
-    session.add(ReferralHistory(referral_id=referral.id, at=now, action="desk_nudge", actor=event.actor))
+    add_history(session, referral.id, now, "desk_nudge", event.actor)
     emit(
         session,
         ReferralNudged(
@@ -465,7 +459,7 @@ def on_person_erased(session: Session, event: PersonErased, directory: Directory
             timer.fired_at, timer.outcome = now, "erased"
             session.add(timer)
         if (referral := current_referral(session, case.need_id)) is not None:
-            session.add(ReferralHistory(referral_id=referral.id, at=now, action="person_erased", actor=event.actor))
+            add_history(session, referral.id, now, "person_erased", event.actor)
             emit(
                 session,
                 ReferralPersonErased(
@@ -500,18 +494,14 @@ def fire_due_timers(
         timer.outcome = "fired"
         referral.sla = domain.SLA_AFTER_TIMER[timer.kind]
         referral.updated_at = now
-        session.add_all(
-            [
-                timer,
-                referral,
-                ReferralHistory(
-                    referral_id=referral.id,
-                    at=now,
-                    action=timer.kind,
-                    actor="system",
-                    detail=f"{timer.kind} {timer.number}" if timer.number else timer.kind,
-                ),
-            ]
+        session.add_all([timer, referral])
+        add_history(
+            session,
+            referral.id,
+            now,
+            timer.kind,
+            "system",
+            f"{timer.kind} {timer.number}" if timer.number else timer.kind,
         )
         case = session.get_one(NeedCase, referral.need_id, with_for_update=True)  # its sequence moves
         common = dict(
@@ -544,13 +534,8 @@ def escalate_now(session: Session, referral: Referral, now: datetime, actor: str
         return False
     timer.fired_at, timer.outcome = now, "fired"
     referral.sla, referral.updated_at = domain.SLA_AFTER_TIMER["escalation"], now
-    session.add_all(
-        [
-            timer,
-            referral,
-            ReferralHistory(referral_id=referral.id, at=now, action="escalation", actor=actor, detail=detail),
-        ]
-    )
+    session.add_all([timer, referral])
+    add_history(session, referral.id, now, "escalation", actor, detail)
     case = session.get_one(NeedCase, referral.need_id, with_for_update=True)  # its sequence moves
     emit(
         session,
@@ -590,13 +575,8 @@ def _ask_whether_contacted(session: Session, timer: ClockTimer, now: datetime) -
         return 0
     timer.outcome = "fired"
     referral.contact_question_at = now
-    session.add_all(
-        [
-            timer,
-            referral,
-            ReferralHistory(referral_id=referral.id, at=now, action="contact_question", actor="system"),
-        ]
-    )
+    session.add_all([timer, referral])
+    add_history(session, referral.id, now, "contact_question", "system")
     emit(
         session,
         ReferralContactQuestionDue(
@@ -619,18 +599,8 @@ def _record_person_contacted(session: Session, referral_id: str, answer: str, ch
         return False
     case = session.get_one(NeedCase, referral.need_id, with_for_update=True)  # its sequence moves
     referral.person_contacted, referral.person_contacted_at = answer, now
-    session.add_all(
-        [
-            referral,
-            ReferralHistory(
-                referral_id=referral.id,
-                at=now,
-                action="person_contacted",
-                actor="person",
-                detail=f"{answer} ({channel})",
-            ),
-        ]
-    )
+    session.add(referral)
+    add_history(session, referral.id, now, "person_contacted", "person", f"{answer} ({channel})")
     emit(
         session,
         ReferralPersonContacted(
@@ -670,7 +640,7 @@ def on_partner_reply(
     if referral.partner_id != event.partner_id or current is None or current.id != referral.id:
         outcome = "left_partner"
     elif event.intent == "out_of_office":
-        session.add(ReferralHistory(referral_id=referral.id, at=now, action="out_of_office", actor=actor, detail=None))
+        add_history(session, referral.id, now, "out_of_office", actor)
         if away_escalates:
             escalate_now(session, referral, now, "system", "escalation (out-of-office reply)")
         outcome = "away"
@@ -680,9 +650,7 @@ def on_partner_reply(
         if event.intent == "accept" and status == "assigned":
             transition(session, referral.id, "accept", actor, now, directory)
             if text:
-                session.add(
-                    ReferralHistory(referral_id=referral.id, at=now, action="email_reply", actor=actor, detail=words)
-                )
+                add_history(session, referral.id, now, "email_reply", actor, words)
             outcome = "accepted"
         elif event.intent == "decline" and status in ("assigned", "accepted"):
             transition(
@@ -694,9 +662,7 @@ def on_partner_reply(
             outcome = "responded"
         else:
             detail = words if text else f"({event.intent})"
-            session.add(
-                ReferralHistory(referral_id=referral.id, at=now, action="email_reply", actor=actor, detail=detail)
-            )
+            add_history(session, referral.id, now, "email_reply", actor, detail)
             outcome = "noted"
     session.flush()
     case = session.get_one(NeedCase, referral.need_id, with_for_update=True)  # its sequence moves
@@ -894,11 +860,7 @@ def reassign_referral(session: Session, command: ReassignReferral, deps: Deps) -
         raise Refused("reason", "an override (force: true for a partner outside the need's category) needs a reason")
     transition(session, referral.id, "reassign", command.actor, now, directory, reason, command.partner_id)
     if override:
-        session.add(
-            ReferralHistory(
-                referral_id=referral.id, at=now, action="reassign_override", actor=command.actor, detail=reason
-            )
-        )
+        add_history(session, referral.id, now, "reassign_override", command.actor, reason)
     _audit(
         session,
         command.actor,

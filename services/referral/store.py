@@ -187,6 +187,39 @@ TABLES = [
 ]
 
 
+# The rows routing and the clock write most, inserted by Core, each by one statement built once: no ORM object, no
+# unit of work (SQLModel's constructor and the flush cost more than the INSERT, docs/benchmarks.md). Written at
+# once, in the order of the calls; `Session.execute` flushes the pending ORM changes first (autoflush), so the need
+# or referral a row refers to is written before it.
+_HISTORY_INSERT = sa.insert(table_of(ReferralHistory))
+_TIMERS_INSERT = sa.insert(table_of(ClockTimer))
+_PAUSED = select(PartnerPause.partner_id).where(PartnerPause.until > sa.bindparam("now"))
+
+
+def add_history(
+    session: Session, referral_id: str, at: datetime, action: str, actor: str, detail: str | None = None
+) -> None:
+    """A line of the referral's history, written now (read in the order written: by `at`, then `id`)."""
+    session.execute(
+        _HISTORY_INSERT,
+        {"referral_id": referral_id, "at": at, "action": action, "actor": actor, "detail": detail},
+    )
+
+
+def add_clock_timers(
+    session: Session, need_id: str, timers: Sequence[tuple[str, int, datetime]], referral_id: str | None = None
+) -> None:
+    """The need's clock timers (kind, number, due_at), written now in one statement."""
+    if timers:
+        session.execute(
+            _TIMERS_INSERT,
+            [
+                {"need_id": need_id, "kind": kind, "number": number, "due_at": due_at, "referral_id": referral_id}
+                for kind, number, due_at in timers
+            ],
+        )
+
+
 def partners_who_declined(session: Session, need_id: str) -> set[str]:
     return set(
         session.exec(
@@ -248,7 +281,7 @@ def next_timer_due(session: Session) -> datetime | None:
 
 
 def paused_partners(session: Session, now: datetime) -> set[str]:
-    return set(session.exec(select(PartnerPause.partner_id).where(PartnerPause.until > now)).all())
+    return set(session.exec(_PAUSED, params={"now": now}).all())
 
 
 # --- the register of confidentiality incidents ----------------------------------------------------------------

@@ -49,13 +49,16 @@ def open_referrals_of(session: Session, partner_id: str, cap: int = LOAD_COUNT_C
     routing asks this of a partner with a capacity, or of partners tied on territory (domain.route_need), so routing
     a need costs the same with a thousand open referrals or a million (a GROUP BY over every open referral took
     380 ms per need at a million, docs/benchmarks.md)."""
-    held = (
-        select(Referral.id)
-        .where(Referral.partner_id == partner_id, col(Referral.status).in_(OPEN_STATUSES))
-        .limit(cap)
-        .subquery()
-    )
-    return session.exec(select(sa.func.count()).select_from(held)).one()
+    return session.exec(_OPEN_REFERRALS, params={"partner_id": partner_id, "cap": cap}).one()
+
+
+_HELD = (
+    select(Referral.id)
+    .where(Referral.partner_id == sa.bindparam("partner_id"), col(Referral.status).in_(OPEN_STATUSES))
+    .limit(sa.bindparam("cap"))
+    .subquery()
+)
+_OPEN_REFERRALS = select(sa.func.count()).select_from(_HELD)  # built once: routing asks it for each candidate
 
 
 def active_pauses(session: Session, now: datetime) -> dict[str, PartnerPause]:
