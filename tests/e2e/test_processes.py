@@ -213,7 +213,7 @@ def test_three_service_processes_hand_a_need_to_the_partner(processes, served_en
 
     for url in urls.values():
         assert httpx.get(f"{url}/healthz").status_code == 200
-        assert httpx.get(f"{url}/openapi.json").json()["openapi"]
+        assert httpx.get(f"{url}/openapi.json", timeout=60).json()["openapi"]  # built at its first request
         assert "relais_http_requests" in httpx.get(f"{url}/metrics").text
 
     r = api(urls["intake"], "desk").post("/needs", json=NEED)

@@ -108,7 +108,7 @@ def test_the_dashboard_counts_declines_by_reason(system):
 
 
 def test_the_openapi_document_lists_the_codes(system):
-    document = httpx.get(f"{system.referral.url}/openapi.json").json()
+    document = httpx.get(f"{system.referral.url}/openapi.json", timeout=60).json()  # built at its first request
     body = document["components"]["schemas"]["DeclineBody"]
     assert body["properties"]["reason_code"]["enum"] == list(CODES)
     assert "other" in body["properties"]["reason"]["description"]

@@ -254,10 +254,11 @@ def test_mailgun_inbound_route_posts_a_signed_answer(system, mail_sink):
 
 def test_the_contract_documents_list_the_inbound_stream_and_webhook(system):
     settings, intake, referral, notifications = system
-    asyncapi = httpx.get(f"{notifications.url}/asyncapi.json").text
+    # The documents are built at their first request: on a loaded machine (CI, once) longer than httpx's 5 s default
+    asyncapi = httpx.get(f"{notifications.url}/asyncapi.json", timeout=60).text
     assert "partner.reply_received" in asyncapi
-    assert "referral.reply_recorded" in httpx.get(f"{referral.url}/asyncapi.json").text
-    openapi = httpx.get(f"{notifications.url}/openapi.json").json()
+    assert "referral.reply_recorded" in httpx.get(f"{referral.url}/asyncapi.json", timeout=60).text
+    openapi = httpx.get(f"{notifications.url}/openapi.json", timeout=60).json()
     assert "/webhooks/mail/mailgun" in openapi["x-relais-inbound-mail"]["webhooks"]
     assert "RELAIS_INBOUND_SMTP_PORT" in openapi["x-relais-inbound-mail"]["settings"]
     assert "RELAIS_INBOUND_SMTP_PORT" in openapi["info"]["description"]
