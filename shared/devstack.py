@@ -35,10 +35,9 @@ def _port_slice() -> tuple[int, int]:
     (`./dev test-dates`, several at once) by RELAIS_TEST_PORT_SLICE ("index/count"). Both can apply: a sweep
     run's slice is cut again between its workers."""
     index, count = 0, 1
-    sweep = os.environ.get("RELAIS_TEST_PORT_SLICE", "")
-    if sweep.count("/") == 1 and all(part.isdigit() for part in sweep.split("/")) and int(sweep.split("/")[1]) > 1:
-        index, count = (int(part) for part in sweep.split("/"))
-        index %= count
+    run, _, runs = os.environ.get("RELAIS_TEST_PORT_SLICE", "").partition("/")
+    if run.isdigit() and runs.isdigit() and int(runs) > 1:
+        index, count = int(run) % int(runs), int(runs)
     worker, workers = os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if worker.startswith("gw") and worker[2:].isdigit() and workers > 1:
         index, count = index * workers + int(worker[2:]) % workers, count * workers
