@@ -31,7 +31,7 @@ from services.notifications.store import (
     forget_replies,
     lock_person_of,
 )
-from shared.db import Database, emit, table_of, upsert
+from shared.db import Database, UTCDateTime, emit, table_of, upsert
 from shared.directory import Directory
 from shared.events import (
     AccessLinkRequested,
@@ -83,12 +83,16 @@ def on_referral_event(
             forget_person(session, event.need_id)  # an erased person's tombstone stays: nothing reaches them again
         return 0
     kind = domain.staff_kind(event.type, getattr(event, "person_contacted", None))
+    for_person = isinstance(event, ReferralEvent) and event.type in domain.PERSON_KIND_OF
+    if for_person:
+        lock_person_of(session, event.need_id)
+    person = session.get(NeedPerson, event.need_id)  # read once: kept while this handler holds it
     count = 0
     if kind is not None:
-        count += queue_for_staff(session, event, kind, directory, now, link_for, reply_address)
-    if isinstance(event, ReferralEvent) and event.type in domain.PERSON_KIND_OF:
-        lock_person_of(session, event.need_id)
-        person = session.get(NeedPerson, event.need_id)
+        erased = person is not None and person.erased_at is not None
+        count += queue_for_staff(session, event, kind, directory, now, link_for, reply_address, erased)
+    if for_person:
+        assert isinstance(event, ReferralEvent)  # for_person says so
         if person is None:  # need.recorded comes on another stream: wait for it
             session.add(
                 WaitingForPerson(event_id=event.event_id, need_id=event.need_id, payload=event.model_dump_json())
@@ -109,7 +113,10 @@ def queue_for_staff(
     now: datetime,
     link_for: Callable[[ReferralEvent | NeedUnroutable], str | None],
     reply_address: Callable[[ReferralEvent | NeedUnroutable, str], str | None] | None = None,
+    erased: bool = False,
 ) -> int:
+    """Queue the event's emails to staff. `erased`: the need's person was erased (the partner's words are not
+    copied again)."""
     partner_id = getattr(event, "partner_id", None)
     library = directory.library(event.library_id)
     partner = directory.partner(partner_id) if partner_id else None
@@ -127,7 +134,6 @@ def queue_for_staff(
     category = directory.category(event.category)
     respond_by = getattr(event, "respond_by", None)
     # An event written before its need's person was erased may carry a partner's text: it is not copied again.
-    erased = (kept := session.get(NeedPerson, event.need_id)) is not None and kept.erased_at is not None
     context: dict[str, Any] = dict(
         partner=partner,
         library=library,
@@ -149,7 +155,26 @@ def queue_for_staff(
     for person in people:
         link = link_for(event) if person.role in ("partner_contact", "backup_contact") else None
         rendered = render_email(kind, recipient=person, link=link, **context)
-        delivery = queue(
+        digest: dict[str, Any] = {}
+        if kind == "handoff" and person.digest_at is not None:  # held for the contact's daily digest
+            assert partner is not None and respond_by is not None  # a handoff (referral.assigned) names both
+            zone = domain.digest_timezone(directory, partner)
+            digest = dict(
+                due_at=domain.next_digest_at(now, person.digest_at, zone),
+                held_reason="digest",
+                facts={
+                    "recipient_name": person.name,
+                    "library": library.name,
+                    "partner": partner.name,
+                    "category": category.label if category else event.category,
+                    "respond_by": respond_by.isoformat(),
+                    "timezone": library.timezone,
+                    "link": link,
+                    "referral_id": getattr(event, "referral_id", None),
+                    "deployment": directory.deployment.name,
+                },
+            )
+        queue(
             session,
             event,
             now,
@@ -160,25 +185,8 @@ def queue_for_staff(
             rendered=rendered,
             reply_to=(reply_address and reply_address(event, person.role))
             or domain.reply_to(directory, event.library_id, person.role),
+            **digest,
         )
-        if kind == "handoff" and person.digest_at is not None:
-            assert partner is not None and respond_by is not None  # a handoff (referral.assigned) names both
-            zone = domain.digest_timezone(directory, partner)
-            delivery.next_attempt_at = domain.next_digest_at(now, person.digest_at, zone)
-            delivery.held_reason = "digest"
-            delivery.facts = json.dumps(
-                {
-                    "recipient_name": person.name,
-                    "library": library.name,
-                    "partner": partner.name,
-                    "category": category.label if category else event.category,
-                    "respond_by": respond_by.isoformat(),
-                    "timezone": library.timezone,
-                    "link": link,
-                    "referral_id": delivery.referral_id,
-                    "deployment": directory.deployment.name,
-                }
-            )
     return len(people)
 
 
@@ -202,26 +210,44 @@ def on_need_recorded(
         need_id=event.need_id, reference=event.reference, library_id=event.library_id, person_id=event.person_id
     )
     upsert(session, table_of(NeedReference), "need_id", reference)
-    if (kept := session.get(NeedPerson, event.need_id)) is not None and kept.erased_at is not None:
+    kept = session.execute(_PERSON_KEPT, {"need_id": event.need_id}).first()
+    if kept is not None and kept.erased_at is not None:
         return 0  # a late or replayed need.recorded of a person since erased: nothing of them is kept
-    person = kept or NeedPerson(
-        need_id=event.need_id, library_id=event.library_id, preferred_channel="none", recorded_at=event.recorded_at
+    withdrawn = kept is not None and kept.messages_withdrawn_at is not None  # before this reached us: no address
+    email, phone = (details.email, details.phone) if details and not withdrawn else (None, None)
+    person = dict(
+        need_id=event.need_id,
+        library_id=event.library_id,
+        email=email,
+        phone=phone,
+        preferred_channel=event.preferred_channel if details else "none",
+        language=event.language,
+        recorded_at=event.recorded_at,
     )
-    person.library_id = event.library_id
-    person.email, person.phone = (details.email, details.phone) if details else (None, None)
-    person.preferred_channel = event.preferred_channel if details else "none"
-    person.language, person.recorded_at = event.language, event.recorded_at
-    if person.messages_withdrawn_at is not None:  # withdrawn before this reached us: the address is not kept
-        person.email = person.phone = None
-    session.add(person)
+    upsert(session, table_of(NeedPerson), "need_id", person)  # erased_at and messages_withdrawn_at stay as they are
+    waiting = session.execute(_WAITING, {"need_id": event.need_id}).all()
+    if not waiting:
+        return 0
+    stored = session.get_one(NeedPerson, event.need_id, populate_existing=True)
     count = 0
-    waiting = session.exec(select(WaitingForPerson).where(WaitingForPerson.need_id == event.need_id)).all()
     for row in sorted(waiting, key=lambda w: parse_event(w.payload).occurred_at):
         waited = parse_event(row.payload)
         assert isinstance(waited, ReferralEvent)  # only referral events wait for their person (on_referral_event)
-        count += queue_for_person(session, waited, person, directory, now, transliterate, answer_link)
-        session.delete(row)
+        count += queue_for_person(session, waited, stored, directory, now, transliterate, answer_link)
+    session.execute(
+        sa.delete(WaitingForPerson).where(col(WaitingForPerson.event_id).in_([w.event_id for w in waiting]))
+    )
     return count
+
+
+# Built once: what is kept of a need's person already (an erased person's tombstone, a consent withdrawn), and the
+# referral events that waited for them.
+_PERSON_KEPT = select(col(NeedPerson.erased_at), col(NeedPerson.messages_withdrawn_at)).where(
+    col(NeedPerson.need_id) == sa.bindparam("need_id")
+)
+_WAITING = select(col(WaitingForPerson.event_id), col(WaitingForPerson.payload)).where(
+    col(WaitingForPerson.need_id) == sa.bindparam("need_id")
+)
 
 
 def on_receipt_requested(
@@ -266,7 +292,7 @@ def on_receipt_requested(
         if not suppressed
         else Rendered(subject="", text="", html=None)
     )
-    delivery = queue(
+    queue(
         session,
         event,
         now,
@@ -278,9 +304,9 @@ def on_receipt_requested(
         language=language,
         reply_to=domain.reply_to(directory, event.library_id, "person"),
         facts=facts,
+        status="suppressed" if suppressed else "queued",
+        suppressed_reason=suppressed,
     )
-    if suppressed:
-        delivery.status, delivery.suppressed_reason = "suppressed", suppressed
     return 1
 
 
@@ -420,7 +446,10 @@ def queue_for_person(
         if not suppressed
         else Rendered(subject="", text="", html=None)
     )
-    delivery = queue(
+    # An SMS waits for the end of quiet hours, and so do its retries (quiet_timezone).
+    zone = facts["timezone"] if route.channel == "sms" and not suppressed else None
+    due_at, held_reason = held_until(kind, "person", route.channel, person.recorded_at, zone, now)
+    queue(
         session,
         event,
         now,
@@ -432,21 +461,28 @@ def queue_for_person(
         language=person.language,
         reply_to=domain.reply_to(directory, event.library_id, "person"),
         facts=facts,
+        status="suppressed" if suppressed else "queued",
+        suppressed_reason=suppressed,
+        due_at=due_at,
+        held_reason=held_reason,
+        quiet_timezone=zone,
     )
-    if suppressed:
-        delivery.status, delivery.suppressed_reason = "suppressed", suppressed
-    elif route.channel == "sms":
-        delivery.quiet_timezone = facts["timezone"]  # its retries keep quiet hours too
-        delivery.next_attempt_at, delivery.held_reason = quiet_time(delivery, now)
     return 1
 
 
 def quiet_time(d: Delivery, at: datetime) -> tuple[datetime, str | None]:
-    """When an SMS to the person due `at` may go, and why it waits if it does."""
+    """When a queued SMS to the person due `at` may go, and why it waits if it does."""
     recorded_at = datetime.fromisoformat(json.loads(d.facts)["recorded_at"]) if d.facts else None
-    if not d.quiet_timezone or not domain.held_by_quiet_hours(d.kind, d.recipient_role, d.channel, recorded_at, at):
+    return held_until(d.kind, d.recipient_role, d.channel, recorded_at, d.quiet_timezone, at)
+
+
+def held_until(
+    kind: str, role: str, channel: str, recorded_at: datetime | None, zone: str | None, at: datetime
+) -> tuple[datetime, str | None]:
+    """When a message of this kind due `at` may go (quiet hours of `zone`; none without), and why it waits."""
+    if not zone or not domain.held_by_quiet_hours(kind, role, channel, recorded_at, at):
         return at, None
-    allowed = domain.sms_allowed_at(at, d.quiet_timezone)
+    allowed = domain.sms_allowed_at(at, zone)
     return allowed, "quiet_hours" if allowed > at else None
 
 
@@ -522,7 +558,7 @@ def on_access_link_requested(
         timezone=directory.timezone,
         deployment=directory.deployment.name,
     )
-    delivery = queue(
+    queue(
         session,
         event,
         now,
@@ -531,8 +567,8 @@ def on_access_link_requested(
         recipient_role=role,
         recipient=user.email,
         rendered=rendered,
+        event_id=once,
     )
-    delivery.event_id = once
 
 
 # --- what the SMS providers tell us --------------------------------------------------------------------
@@ -619,6 +655,8 @@ class Outcome:
     suppressed: str | None = None
 
 
+_DELIVERY = table_of(Delivery)
+_ADD_DELIVERY = sa.insert(_DELIVERY)
 LEASE = timedelta(minutes=2)  # a sender that died mid-send frees its deliveries after this
 REDACT_AFTER_SENDING = {"sign_in"}  # the body holds a credential: keep it only until it is sent
 BATCH = 50
@@ -687,24 +725,68 @@ def record_send_outcomes(
     """`record_send_outcome` for several messages (each its delivery ids and outcome), in one transaction: a sender
     waits for the database's writer once per few messages, not once per message."""
     with db.transaction() as session:
+        attempts: list[dict] = []
         for ids, outcome in sent:
-            _record_outcome(session, ids, outcome, now=now, settings=settings)
+            if outcome.sent is not None:
+                attempts += _record_sent(session, ids, outcome.sent, now)
+            else:
+                _record_not_sent(session, ids, outcome, now=now, settings=settings)
+        if attempts:
+            session.execute(_ADD_ATTEMPTS, attempts)
 
 
-def _record_outcome(session: Session, ids: list[str], outcome: Outcome, *, now: datetime, settings: Settings) -> None:
+SIGN_IN_SENT = "(lien de connexion envoyé, effacé)"
+# A message sent (its delivery, or a digest's): one statement built once, no ORM object; it returns what the
+# delivery.sent events and the attempts say. A sign-in link's body is a credential: kept only until it is sent.
+_redacted = _DELIVERY.c.kind.in_(REDACT_AFTER_SENDING)
+_MARK_SENT = (
+    sa.update(_DELIVERY)
+    .where(_DELIVERY.c.id.in_(sa.bindparam("ids", expanding=True)))
+    .values(
+        status="sent",
+        sent_at=sa.bindparam("now", type_=UTCDateTime()),
+        last_error=None,
+        leased_until=None,
+        provider=sa.bindparam("provider"),
+        provider_message_id=sa.bindparam("message_id"),
+        digest_of=sa.bindparam("digest_of"),
+        body_text=sa.case((_redacted, SIGN_IN_SENT), else_=_DELIVERY.c.body_text),
+        body_html=sa.case((_redacted, sa.null()), else_=_DELIVERY.c.body_html),
+    )
+    .returning(
+        *(
+            _DELIVERY.c[name]
+            for name in ("id", "need_id", "referral_id", "kind", "channel", "recipient_role", "correlation_id")
+        ),
+        _DELIVERY.c.attempts,
+    )
+)
+_ADD_ATTEMPTS = sa.insert(table_of(DeliveryAttempt))
+
+
+def _record_sent(session: Session, ids: list[str], sent: Sent, now: datetime) -> list[dict]:
+    """Mark one message's deliveries sent (a digest's: each names the first, `digest_of`); returns their attempts."""
+    values = {
+        "ids": ids,
+        "now": now,
+        "provider": sent.provider,
+        "message_id": sent.provider_message_id,
+        "digest_of": ids[0] if len(ids) > 1 else None,
+    }
+    attempts = []
+    for d in session.execute(_MARK_SENT, values).all():
+        attempts.append({"delivery_id": d.id, "number": d.attempts, "at": now, "outcome": "sent"})
+        if d.need_id is not None:  # delivery events are about a need; a sign-in link is not
+            emit(session, DeliverySent(**event_fields(d, now)))
+    return attempts
+
+
+def _record_not_sent(session: Session, ids: list[str], outcome: Outcome, *, now: datetime, settings: Settings) -> None:
     for d in (session.get_one(Delivery, i) for i in ids):  # leased by this sender: they exist
         d.leased_until = None
-        attempt = DeliveryAttempt(delivery_id=d.id, number=d.attempts, at=now, outcome="sent")
         error = outcome.error
-        if outcome.sent is not None:
-            d.status, d.sent_at, d.last_error = "sent", now, None
-            d.provider, d.provider_message_id = outcome.sent.provider, outcome.sent.provider_message_id
-            d.digest_of = ids[0] if len(ids) > 1 else None
-            if d.kind in REDACT_AFTER_SENDING:
-                d.body_text, d.body_html = "(lien de connexion envoyé, effacé)", None
-            if d.need_id is not None:  # delivery events are about a need; a sign-in link is not
-                emit(session, DeliverySent(**event_fields(d, now)))
-        elif outcome.suppressed or (error is not None and error.opted_out):
+        attempt = DeliveryAttempt(delivery_id=d.id, number=d.attempts, at=now, outcome="retry")
+        if outcome.suppressed or (error is not None and error.opted_out):
             d.status, d.suppressed_reason = "suppressed", outcome.suppressed or "opted_out"
             attempt.outcome, attempt.error = "suppressed", str(error) if error else d.suppressed_reason
             if error is not None:
@@ -748,32 +830,49 @@ def queue(
     language: str = "fr",
     reply_to: str | None = None,
     facts: dict | None = None,
-) -> Delivery:
-    delivery = Delivery(
-        id=new_id(),
-        event_id=event.event_id,
-        need_id=event.need_id,
-        referral_id=getattr(event, "referral_id", None),
-        kind=kind,
-        channel=channel,
-        recipient_role=recipient_role,
-        recipient=recipient,
-        language=language,
-        reply_to=reply_to,
-        next_attempt_at=now,
-        created_at=now,
-        correlation_id=event.correlation_id,
-        facts=json.dumps(facts) if facts else None,
-        **_bodies(rendered),
-    )
-    if channel == "sms" and rendered.text:
-        count = domain.sms_count(rendered.text)
-        delivery.sms_encoding, delivery.sms_segments = count.encoding, count.segments
-    session.add(delivery)
-    return delivery
+    status: str = "queued",
+    suppressed_reason: str | None = None,
+    due_at: datetime | None = None,
+    held_reason: str | None = None,
+    quiet_timezone: str | None = None,
+    event_id: str | None = None,
+) -> str:
+    """Queue one rendered message of `event` (its `event_id` unless given), due now unless `due_at` (held for quiet
+    hours or a digest: `held_reason`), or recorded `suppressed` with its reason; returns the delivery's id. One prebuilt
+    INSERT: building a Delivery object and flushing it cost more than the insert itself."""
+    delivery_id = new_id()
+    sms = domain.sms_count(rendered.text) if channel == "sms" and rendered.text else None
+    row = {
+        "id": delivery_id,
+        "event_id": event_id or event.event_id,
+        "need_id": event.need_id,
+        "referral_id": getattr(event, "referral_id", None),
+        "kind": kind,
+        "channel": channel,
+        "recipient_role": recipient_role,
+        "recipient": recipient,
+        "language": language,
+        "subject": rendered.subject,
+        "body_text": rendered.text,
+        "body_html": rendered.html,
+        "reply_to": reply_to,
+        "status": status,
+        "suppressed_reason": suppressed_reason,
+        "attempts": 0,
+        "next_attempt_at": due_at or now,
+        "held_reason": held_reason,
+        "quiet_timezone": quiet_timezone,
+        "facts": json.dumps(facts) if facts else None,
+        "sms_encoding": sms.encoding if sms else None,
+        "sms_segments": sms.segments if sms else None,
+        "created_at": now,
+        "correlation_id": event.correlation_id,
+    }
+    session.execute(_ADD_DELIVERY, row)
+    return delivery_id
 
 
-def event_fields(d: Delivery, now: datetime) -> dict:
+def event_fields(d: Delivery | sa.Row[Any], now: datetime) -> dict:
     """What delivery.sent and delivery.failed say of a delivery (no address)."""
     return dict(
         need_id=d.need_id,

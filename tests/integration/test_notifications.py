@@ -24,7 +24,14 @@ from sqlmodel import col, select
 from services.notifications import handlers, sender
 from services.notifications.providers import smtp
 from services.notifications.providers.twilio import twilio_signature
-from services.notifications.store import TABLES, Delivery, DeliveryAttempt, SmsSuppression
+from services.notifications.store import (
+    TABLES,
+    Delivery,
+    DeliveryAttempt,
+    NeedPerson,
+    SmsSuppression,
+    WaitingForPerson,
+)
 from shared.db import Database, OutboxMessage
 from shared.events import (
     STREAM_OF,
@@ -269,6 +276,28 @@ def test_emails_have_both_parts_reply_to_the_desk_a_message_id_and_share_one_con
     assert to_person["message"]["Content-Language"] == "en"
     assert to_person["message"]["Reply-To"] == "accueil@chatelet.test.example"
     assert len(sink.sessions) == 1  # three messages, one SMTP connection
+
+
+def test_a_handoff_read_before_its_need_reaches_the_person_once_their_contact_arrives(settings, sink, start_service):
+    # need.recorded and referral.assigned come on two streams: here the handoff is read first, alone.
+    notif = start_service("notifications", settings.model_copy(update={"smtp_url": sink.url}))
+    need = recorded(notif, {"email": "personne@example.org", "preferred_channel": "email"})
+    handoff = assigned(need.need_id)
+    publish(settings, handoff)
+
+    assert wait_for(lambda: settled(notif, kind="handoff"))  # the partner's email does not wait for the person
+    with notif.svc.db.read() as session:
+        [waiting] = session.exec(select(WaitingForPerson).where(WaitingForPerson.need_id == need.need_id)).all()
+    assert waiting.event_id == handoff.event_id and not deliveries(notif, kind="person_confirmation")
+
+    publish(settings, need)
+    to_person = wait_for(lambda: settled(notif, kind="person_confirmation"))
+    assert (to_person.status, to_person.channel, to_person.event_id) == ("sent", "email", handoff.event_id)
+    with notif.svc.db.read() as session:
+        assert not session.exec(select(WaitingForPerson)).all()
+        person = session.get_one(NeedPerson, need.need_id)
+    assert (person.email, person.preferred_channel) == ("personne@example.org", "email")
+    assert len(sink.to("personne@example.org")) == 1
 
 
 def test_a_sign_in_link_is_emailed_but_kept_out_of_the_contracts_deliveries_and_events(settings, sink, start_service):

@@ -240,6 +240,7 @@ def test_the_outbox_page_never_shows_a_live_sign_in_link_not_even_to_ops(setting
         assert body is not None
         live = search(r"https?://\S+/connexion/[A-Za-z0-9_.\-]+", body.get_content()).group(0)
         token = live.rsplit("/", 1)[1]
+        assert token not in delivery.body_text and delivery.body_html is None  # the credential is not kept, once sent
 
         listing = ops.get("/envois")
         page = ops.get(f"/envois/{delivery.id}")
