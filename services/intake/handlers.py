@@ -24,7 +24,15 @@ from services.intake.commands import (
     SendReceipt,
     WithdrawMessagesConsent,
 )
-from services.intake.store import IdempotencyKey, Need, NeedHistory, PersonErasure, needs_of_person, next_reference
+from services.intake.store import (
+    IdempotencyKey,
+    Need,
+    NeedHistory,
+    PersonErasure,
+    add_history,
+    needs_of_person,
+    next_reference,
+)
 from services.intake.views import public
 from shared import deadlines
 from shared.db import Database, emit
@@ -165,7 +173,7 @@ def _new_need(
         ),
     )
     session.add(need)
-    session.add(NeedHistory(need_id=need.id, at=now, event="need.recorded"))
+    add_history(session, need.id, now, "need.recorded")
     emit(
         session,
         NeedRecorded(
@@ -208,7 +216,7 @@ def cancel_need(db: Database, cmd: CancelNeed, *, now: datetime) -> Need:
             raise AlreadyClosed(need.id)
         need.status, need.cancelled_at = "closed", now
         session.add(need)
-        session.add(NeedHistory(need_id=need.id, at=now, event="need.cancelled", detail=cmd.reason))
+        add_history(session, need.id, now, "need.cancelled", detail=cmd.reason)
         emit(
             session,
             NeedCancelled(
@@ -232,7 +240,7 @@ def send_receipt(db: Database, cmd: SendReceipt, *, now: datetime) -> Need:
         address = need.person_email if cmd.channel == "email" else need.person_phone if cmd.channel == "sms" else None
         if not address or need.person_erased_at is not None:
             raise NoAddress(cmd.channel)
-        session.add(NeedHistory(need_id=need.id, at=now, event=f"receipt.sent_{cmd.channel}"))
+        add_history(session, need.id, now, f"receipt.sent_{cmd.channel}")
         emit(
             session,
             ReceiptRequested(
@@ -293,7 +301,7 @@ def _erase_person(db: Database, cmd: ErasePerson, now: datetime, personal_data: 
             need.person_erased_at = now
             need.search_text = domain.need_search_text(need.reference, None, None, None, None)
             session.add(need)
-            session.add(NeedHistory(need_id=need.id, at=now, event="person.erased", detail=cmd.actor))
+            add_history(session, need.id, now, "person.erased", detail=cmd.actor)
         for row in session.exec(select(NeedHistory).where(col(NeedHistory.need_id).in_(need_ids))).all():
             if row.detail is not None and row.event != "person.erased":
                 row.detail = ERASED
@@ -328,7 +336,7 @@ def withdraw_messages_consent(db: Database, cmd: WithdrawMessagesConsent, *, now
             return False
         need.messages_withdrawn_at, need.messages_withdrawn_by = now, cmd.actor
         session.add(need)
-        session.add(NeedHistory(need_id=need.id, at=now, event="need.messages_withdrawn"))
+        add_history(session, need.id, now, "need.messages_withdrawn")
         emit(
             session,
             NeedMessagesWithdrawn(need_id=need.id, library_id=need.library_id, actor=cmd.actor, occurred_at=now),
@@ -354,7 +362,7 @@ def add_note(db: Database, cmd: AddNote, *, now: datetime, personal_data: Person
     with db.transaction() as session:
         need = _desk_need(session, cmd.need_id, cmd.library)
         domain.check_note(need.status, need.person_erased_at is not None)
-        session.add(NeedHistory(need_id=need.id, at=now, event="need.note_added", detail=cmd.text))
+        add_history(session, need.id, now, "need.note_added", detail=cmd.text)
         emit(
             session,
             NeedNoteAdded(
@@ -378,7 +386,7 @@ def nudge_partner(db: Database, cmd: NudgePartner, *, now: datetime) -> Need:
         assert need.partner_id is not None  # held by a partner (check_nudge)
         need.partner_nudged_at = now
         session.add(need)
-        session.add(NeedHistory(need_id=need.id, at=now, event="need.partner_nudged", partner_id=need.partner_id))
+        add_history(session, need.id, now, "need.partner_nudged", partner_id=need.partner_id)
         emit(
             session,
             NeedPartnerNudged(
@@ -402,9 +410,7 @@ def close_need(db: Database, cmd: CloseNeed, *, now: datetime, personal_data: Pe
         erased = need.person_erased_at is not None
         need.status, need.closed_by_desk_at = "closed", now
         session.add(need)
-        session.add(
-            NeedHistory(need_id=need.id, at=now, event="need.closed_by_desk", detail=ERASED if erased else cmd.reason)
-        )
+        add_history(session, need.id, now, "need.closed_by_desk", detail=ERASED if erased else cmd.reason)
         emit(
             session,
             NeedClosedByDesk(
@@ -431,7 +437,7 @@ def reroute_need(db: Database, cmd: RerouteNeed, *, now: datetime) -> Need:
             is not None
         )
         domain.check_reroute(need.status, need.person_erased_at is not None, declined)
-        session.add(NeedHistory(need_id=need.id, at=now, event="need.reroute_requested"))
+        add_history(session, need.id, now, "need.reroute_requested")
         emit(
             session, NeedRerouteRequested(need_id=need.id, library_id=need.library_id, actor=cmd.actor, occurred_at=now)
         )
@@ -473,15 +479,14 @@ def on_referral_event(session: Session, event: ReferralEvent | NeedUnroutable) -
     )
     if need.person_erased_at is not None and detail is not None:
         detail = ERASED  # an event written before it heard of the erasure may still carry a text
-    session.add(
-        NeedHistory(
-            need_id=need.id,
-            at=event.occurred_at,
-            event=event.type,
-            partner_id=getattr(event, "partner_id", None),
-            detail=detail,
-            reason_code=getattr(event, "reason_code", None),
-        )
+    add_history(
+        session,
+        need.id,
+        event.occurred_at,
+        event.type,
+        partner_id=getattr(event, "partner_id", None),
+        detail=detail,
+        reason_code=getattr(event, "reason_code", None),
     )
     need.sla = domain.next_sla(need.sla, event.type)
     if event.type in ("referral.accepted", "referral.responded") and need.answered_at is None:
