@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime
 
+import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
@@ -35,7 +36,7 @@ from services.intake.store import (
 )
 from services.intake.views import public
 from shared import deadlines
-from shared.db import Database, emit
+from shared.db import Database, emit, table_of
 from shared.directory import Directory
 from shared.events import (
     NeedCancelled,
@@ -96,7 +97,7 @@ def record_need(
     def replayed(session: Session) -> Recorded | None:
         if cmd.idempotency_key is None:
             return None
-        seen = session.get(IdempotencyKey, (cmd.recorded_by, cmd.idempotency_key))
+        seen = session.execute(_KEY_SEEN, {"user_id": cmd.recorded_by, "key": cmd.idempotency_key}).first()
         if seen is None:
             return None
         if seen.request_hash != cmd.request_hash:
@@ -112,16 +113,9 @@ def record_need(
             need = _new_need(session, cmd, directory, now, personal_data)
             recorded = Recorded(need.id, public(need).model_dump_json())
             if cmd.idempotency_key is not None:
-                session.add(
-                    IdempotencyKey(
-                        user_id=cmd.recorded_by,
-                        key=cmd.idempotency_key,
-                        request_hash=cmd.request_hash or "",
-                        need_id=need.id,
-                        created_at=now,
-                        response_body=recorded.response_body,
-                    )
-                )
+                key = {"user_id": cmd.recorded_by, "key": cmd.idempotency_key, "request_hash": cmd.request_hash or ""}
+                answered = {"need_id": need.id, "created_at": now, "response_body": recorded.response_body}
+                session.execute(_ADD_KEY, key | answered)
     except IntegrityError:  # the same key committed concurrently: answer what it answered
         with db.read() as session:
             earlier = replayed(session)
@@ -129,6 +123,12 @@ def record_need(
             raise
         return earlier
     return recorded
+
+
+# Built once: the key a request came with, as already seen, and as recorded with its answer.
+_KEYS = table_of(IdempotencyKey)
+_KEY_SEEN = sa.select(_KEYS).where(_KEYS.c.user_id == sa.bindparam("user_id"), _KEYS.c.key == sa.bindparam("key"))
+_ADD_KEY = sa.insert(_KEYS)
 
 
 def _new_need(
