@@ -16,6 +16,7 @@ import json
 import logging
 import logging.handlers
 import re
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -145,6 +146,22 @@ class LogFile(logging.handlers.RotatingFileHandler):
         return record.msg if getattr(record, "json_line", False) else super().format(record)
 
 
+class StderrHandler(logging.StreamHandler):
+    """Writes to `sys.stderr` as it is when a record comes, like logging's last resort: a process (or a test) that
+    replaces stderr after configuring gets its lines there, and nothing writes to a stream since closed."""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self)
+
+    @property
+    def stream(self) -> Any:  # noqa: ANN401 - whatever sys.stderr is
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:  # noqa: ANN401 - StreamHandler.setStream's; the stream is always stderr
+        pass
+
+
 def configure(
     service: str | None = None,
     fmt: str = "json",
@@ -155,7 +172,7 @@ def configure(
 ) -> None:
     """Log to stderr, one JSON object per line (`fmt="text"` for people reading a terminal); with `file`, every
     record goes there too (JSON lines) while the terminal gets those of `screen_level` and above."""
-    handler = logging.StreamHandler()
+    handler = StderrHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     if screen_level:
         handler.setLevel(screen_level)

@@ -52,6 +52,30 @@ def test_logs_mask_addresses_and_phones_but_not_ids():
     assert valid_correlation_id("req-42\n") is None and valid_correlation_id("a:b") is None  # the safe alphabet only
 
 
+def test_log_lines_go_to_stderr_as_it_is_when_they_are_written(monkeypatch):
+    # `relais` commands run in-process by tests configure logging; a later test's stderr is another (capture) stream,
+    # and the first one is closed by then: the lines must follow sys.stderr, not the stream of the configure call.
+    import io
+    import logging
+
+    from shared import logs
+
+    root = logging.getLogger()
+    kept = list(root.handlers), root.level  # put back after: the test configures the root logger
+    try:
+        first, later = io.StringIO(), io.StringIO()
+        monkeypatch.setattr("sys.stderr", first)
+        logs.configure(service="intake", fmt="text")
+        first.close()
+        monkeypatch.setattr("sys.stderr", later)
+        logging.getLogger("relais.test").warning("written after stderr changed")
+        written = later.getvalue()
+        assert "written after stderr changed" in written and "Logging error" not in written
+    finally:
+        root.handlers[:] = kept[0]
+        root.setLevel(kept[1])
+
+
 def test_a_validation_error_is_described_without_the_values_it_was_given():
     from pydantic import ValidationError
 
