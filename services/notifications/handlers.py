@@ -838,8 +838,8 @@ def queue(
     event_id: str | None = None,
 ) -> str:
     """Queue one rendered message of `event` (its `event_id` unless given), due now unless `due_at` (held for quiet
-    hours or a digest: `held_reason`), or recorded `suppressed` with its reason; returns the delivery's id. One prebuilt
-    INSERT: building a Delivery object and flushing it cost more than the insert itself."""
+    hours or a digest: `held_reason`), or record it with status "suppressed" and its `suppressed_reason`; returns the
+    delivery's id. One prebuilt INSERT: building a Delivery object and flushing it cost more than the insert."""
     delivery_id = new_id()
     sms = domain.sms_count(rendered.text) if channel == "sms" and rendered.text else None
     row = {
