@@ -84,6 +84,8 @@ def on_referral_event(
         return 0
     kind = domain.staff_kind(event.type, getattr(event, "person_contacted", None))
     for_person = isinstance(event, ReferralEvent) and event.type in domain.PERSON_KIND_OF
+    if kind is None and not for_person:
+        return 0  # nobody is told of this one
     if for_person:
         lock_person_of(session, event.need_id)
     person = session.get(NeedPerson, event.need_id)  # read once: kept while this handler holds it
@@ -486,38 +488,33 @@ def held_until(
     return allowed, "quiet_hours" if allowed > at else None
 
 
-def fall_back_to_email(session: Session, sms: Delivery, now: datetime) -> Delivery | None:
-    """An SMS to the person that failed goes again by email, when the person gave an address."""
+def fall_back_to_email(session: Session, sms: Delivery, now: datetime) -> None:
+    """An SMS to the person that failed goes again by email, when the person gave an address: queued as a message of
+    the SMS's event (its ids, kind, language, facts), naming the SMS it replaces."""
     person = session.get(NeedPerson, sms.need_id) if sms.need_id else None
     if sms.channel != "sms" or sms.recipient_role != "person" or person is None or not person.email or not sms.facts:
-        return None
-    facts = json.loads(sms.facts)
+        return
     if session.exec(
         select(Delivery.id).where(
             Delivery.event_id == sms.event_id, Delivery.channel == "email", Delivery.recipient == person.email
         )
     ).first():
-        return None
-    delivery = Delivery(
-        id=new_id(),
-        event_id=sms.event_id,
-        need_id=sms.need_id,
-        referral_id=sms.referral_id,
+        return
+    facts = json.loads(sms.facts)
+    queue(
+        session,
+        sms,
+        now,
         kind=sms.kind,
         channel="email",
         recipient_role="person",
         recipient=person.email,
+        rendered=render_for_person(facts, "email"),
         language=sms.language,
         reply_to=sms.reply_to,
-        facts=sms.facts,
+        facts=facts,
         fallback_for=sms.id,
-        next_attempt_at=now,
-        created_at=now,
-        correlation_id=sms.correlation_id,
-        **_bodies(render_for_person(facts, "email")),
     )
-    session.add(delivery)
-    return delivery
 
 
 # --- sign-in links -------------------------------------------------------------------------------------
@@ -813,10 +810,6 @@ def _record_not_sent(session: Session, ids: list[str], outcome: Outcome, *, now:
 # --- queueing ------------------------------------------------------------------------------------------
 
 
-def _bodies(rendered: Rendered) -> dict:
-    return dict(subject=rendered.subject, body_text=rendered.text, body_html=rendered.html)
-
-
 def queue(
     session: Session,
     event,
@@ -836,10 +829,12 @@ def queue(
     held_reason: str | None = None,
     quiet_timezone: str | None = None,
     event_id: str | None = None,
+    fallback_for: str | None = None,
 ) -> str:
     """Queue one rendered message of `event` (its `event_id` unless given), due now unless `due_at` (held for quiet
     hours or a digest: `held_reason`), or record it with status "suppressed" and its `suppressed_reason`; returns the
-    delivery's id. One prebuilt INSERT: building a Delivery object and flushing it cost more than the insert."""
+    delivery's id. `event` is the event, or the failed SMS an email replaces (`fallback_for`: its id). One prebuilt
+    INSERT: building a Delivery object and flushing it cost more than the insert."""
     delivery_id = new_id()
     sms = domain.sms_count(rendered.text) if channel == "sms" and rendered.text else None
     row = {
@@ -865,6 +860,7 @@ def queue(
         "facts": json.dumps(facts) if facts else None,
         "sms_encoding": sms.encoding if sms else None,
         "sms_segments": sms.segments if sms else None,
+        "fallback_for": fallback_for,
         "created_at": now,
         "correlation_id": event.correlation_id,
     }
