@@ -7,7 +7,6 @@ its handler inside `Bus.process`'s transaction."""
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -17,6 +16,7 @@ from typing import Any
 
 import anyio
 import httpx
+import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
 from services.referral import domain
@@ -49,10 +49,12 @@ from services.referral.store import (
     ReferralHistory,
     add_clock_timers,
     add_history,
+    add_referral,
     current_referral,
     due_timers,
     has_clock_timers,
     history_of,
+    keep_case,
     lock_need_case,
     lock_privacy_incident,
     lock_referral,
@@ -135,8 +137,7 @@ def on_need_recorded(
             None if erased else details.summary,
         ),
     )
-    session.add(case)
-    route(session, case, directory, now)
+    route(session, case, directory, now)  # writes the case (store.keep_case), once, with its deadline and sequence
 
 
 def route(
@@ -152,19 +153,17 @@ def route(
     then it is stranded (no partner holds it) until ops assign it (`assign_need`)."""
     stranded = case.stranded_since is not None
     if partner_id is None:
-        # A case this transaction just added (need.recorded) has no referral yet, so none declined: no query. And
-        # the queries do not flush it: it is written once, with its deadline, by the first write below.
-        just_recorded = case in session.new
-        with session.no_autoflush if just_recorded else contextlib.nullcontext():
-            decision = domain.route_need(
-                directory,
-                category=case.category,
-                postal_code=case.postal_code,
-                library_id=case.library_id,
-                open_referrals=lambda partner_id: open_referrals_of(session, partner_id),
-                excluded_partner_ids=set() if just_recorded else partners_who_declined(session, case.need_id),
-                paused_partner_ids=paused_partners(session, now),
-            )
+        # A case not yet written (need.recorded's) has no referral yet, so none declined: no query.
+        just_recorded = sa.inspect(case).transient
+        decision = domain.route_need(
+            directory,
+            category=case.category,
+            postal_code=case.postal_code,
+            library_id=case.library_id,
+            open_referrals=lambda partner_id: open_referrals_of(session, partner_id),
+            excluded_partner_ids=set() if just_recorded else partners_who_declined(session, case.need_id),
+            paused_partner_ids=paused_partners(session, now),
+        )
     else:
         decision = domain.assign_by_hand(directory, partner_id, actor, contact_id, stranded=stranded)
     if decision.partner is None:
@@ -178,29 +177,27 @@ def route(
             )
         case.stranded_since = case.stranded_since or now
         case.stranded_cause, case.stranded_reason = decision.cause, decision.reason
-        session.add(case)
-        emit(
-            session,
-            NeedUnroutable(
-                need_id=case.need_id,
-                library_id=case.library_id,
-                category=case.category,
-                reason=decision.reason,
-                occurred_at=now,
-                correlation_id=case.correlation_id,
-                sequence=case.next_sequence(),
-            ),
+        unroutable = NeedUnroutable(
+            need_id=case.need_id,
+            library_id=case.library_id,
+            category=case.category,
+            reason=decision.reason,
+            occurred_at=now,
+            correlation_id=case.correlation_id,
+            sequence=case.next_sequence(),
         )
+        keep_case(session, case)
+        emit(session, unroutable)
         return None
+    # The case's new state (its deadline, no longer stranded, the event's sequence number) is all set before its
+    # first write below: it is written once (inserted, for need.recorded), not inserted then updated. The referral
+    # and the timers are Core inserts (store.py).
+    timers: list[domain.ClockTimer] | None = None
     if case.respond_by is None:  # the clock belongs to the need: set at the first routing, kept after
         timers = domain.clock_timers(case.recorded_at, decision.partner)
         case.respond_by = timers[-1].due_at
-        session.add(case)
-        add_clock_timers(session, case.need_id, timers)
     elif not has_clock_timers(session, case.need_id):  # stranded at recording: its deadline is kept
-        add_clock_timers(
-            session, case.need_id, domain.clock_timers_until(case.recorded_at, decision.partner, case.respond_by, now)
-        )
+        timers = domain.clock_timers_until(case.recorded_at, decision.partner, case.respond_by, now)
     case.stranded_since = case.stranded_cause = case.stranded_reason = None
     assert decision.contact is not None  # a partner comes with its contact
     referral = Referral(
@@ -215,18 +212,18 @@ def route(
         created_at=now,
         updated_at=now,
     )
-    session.add(referral)
-    add_history(session, referral.id, now, "assigned", actor, decision.reason)
-    emit(
-        session,
-        ReferralAssigned(
-            **referral_event_fields(referral, case, actor, now),
-            contact_id=referral.contact_id,
-            respond_by=referral.respond_by,
-            routed_because=decision.reason,
-        ),
+    assigned = ReferralAssigned(
+        **referral_event_fields(referral, case, actor, now),
+        contact_id=referral.contact_id,
+        respond_by=referral.respond_by,
+        routed_because=decision.reason,
     )
-    session.add(case)
+    keep_case(session, case)
+    if timers:
+        add_clock_timers(session, case.need_id, timers)
+    add_referral(session, referral)
+    add_history(session, referral.id, now, "assigned", actor, decision.reason)
+    emit(session, assigned)
     return referral
 
 

@@ -193,6 +193,10 @@ TABLES = [
 # or referral a row refers to is written before it.
 _HISTORY_INSERT = sa.insert(table_of(ReferralHistory))
 _TIMERS_INSERT = sa.insert(table_of(ClockTimer))
+_CASE_INSERT = sa.insert(table_of(NeedCase))
+_CASE_COLUMNS = tuple(table_of(NeedCase).c.keys())
+_REFERRAL_INSERT = sa.insert(table_of(Referral))
+_REFERRAL_COLUMNS = tuple(table_of(Referral).c.keys())
 _PAUSED = select(PartnerPause.partner_id).where(PartnerPause.until > sa.bindparam("now"))
 
 
@@ -204,6 +208,21 @@ def add_history(
         _HISTORY_INSERT,
         {"referral_id": referral_id, "at": at, "action": action, "actor": actor, "detail": detail},
     )
+
+
+def keep_case(session: Session, case: NeedCase) -> None:
+    """Write the case's changes: a new one (need.recorded's, not in the session) now, by Core, and no longer in the
+    session's care; one read from the database with the session's next flush."""
+    if sa.inspect(case).transient:
+        session.execute(_CASE_INSERT, {column: getattr(case, column) for column in _CASE_COLUMNS})
+    else:
+        session.add(case)
+
+
+def add_referral(session: Session, referral: Referral) -> None:
+    """Write a new referral now, by Core: the object stays out of the session (to change the referral later in the
+    transaction, read it: `lock_referral`)."""
+    session.execute(_REFERRAL_INSERT, {column: getattr(referral, column) for column in _REFERRAL_COLUMNS})
 
 
 def add_clock_timers(

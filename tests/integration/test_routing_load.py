@@ -7,10 +7,11 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+import sqlalchemy as sa
 from sqlmodel import select
 
 from services.referral import handlers
-from services.referral.store import TABLES, Referral
+from services.referral.store import TABLES, NeedCase, Referral
 from services.referral.views import open_referrals_of
 from shared.db import Database
 from shared.directory import parse_directory
@@ -67,3 +68,31 @@ def test_partners_tied_on_territory_share_needs_by_fewest_open(db):
     directory = parse_directory(data)
     chosen = [route_a_need(db, directory).partner_id for _ in range(4)]
     assert chosen == ["caf-76", "caf-national", "caf-76", "caf-national"]  # fewest open, then the id
+
+
+@pytest.mark.postgres
+def test_routing_a_recorded_need_writes_each_row_once(db):
+    """The case is written once, with its deadline and its event's sequence, and the referral by one INSERT
+    (services/referral/store.py `keep_case`, `add_referral`): not inserted, then updated by the unit of work."""
+    written: list[str] = []
+
+    def seen(conn, cursor, statement, parameters, context, executemany):  # noqa: ANN001 - SQLAlchemy's event hook
+        if statement.startswith(("INSERT", "UPDATE", "DELETE")):
+            written.append(" ".join(statement.split()[:3]))
+
+    sa.event.listen(db.engine, "before_cursor_execute", seen)
+    try:
+        referral = route_a_need(db, parse_directory(directory_data()))
+    finally:
+        sa.event.remove(db.engine, "before_cursor_execute", seen)
+    assert sorted(written) == [
+        "INSERT INTO clock_timer",
+        "INSERT INTO need_case",
+        "INSERT INTO outbox",
+        "INSERT INTO referral",
+        "INSERT INTO referral_history",
+    ]
+    with db.transaction() as s:
+        case = s.get(NeedCase, referral.need_id)
+        assert case is not None and case.sequence == 1 and case.respond_by == referral.respond_by
+        assert case.stranded_since is None
