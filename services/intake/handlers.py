@@ -31,6 +31,7 @@ from services.intake.store import (
     NeedHistory,
     PersonErasure,
     add_history,
+    add_need,
     needs_of_person,
     next_reference,
 )
@@ -172,7 +173,7 @@ def _new_need(
             reference, cmd.person.display_name, cmd.person.email, cmd.person.phone, cmd.summary
         ),
     )
-    session.add(need)
+    add_need(session, need)
     add_history(session, need.id, now, "need.recorded")
     emit(
         session,

@@ -9,6 +9,7 @@ import json
 from datetime import UTC, datetime, timedelta
 
 import httpx
+import sqlalchemy as sa
 from sqlmodel import select
 
 from services.intake import deps
@@ -156,3 +157,31 @@ def test_a_test_overrides_the_clock_the_routes_depend_on(intake, desk):
     assert datetime.fromisoformat(need["recorded_at"]) == fixed
     assert datetime.fromisoformat(need["respond_by"]) == fixed + timedelta(hours=72)
     assert datetime.fromisoformat(desk.post("/needs", json=API_NEED).json()["recorded_at"]) != fixed
+
+
+def test_a_need_is_recorded_by_one_insert_of_what_the_201_answers(intake, desk):
+    """The need is one INSERT with every value it is recorded with (services/intake/store.py `add_need`), never
+    inserted then updated; the 201 answers what was written."""
+    written: list[str] = []
+
+    def seen(conn, cursor, statement, parameters, context, executemany):  # noqa: ANN001 - SQLAlchemy's event hook
+        if statement.startswith(("INSERT INTO need ", "UPDATE need ")):
+            written.append(" ".join(statement.split()[:3]))
+
+    sa.event.listen(intake.svc.db.engine, "before_cursor_execute", seen)
+    try:
+        response = desk.post("/needs", json=API_NEED)
+    finally:
+        sa.event.remove(intake.svc.db.engine, "before_cursor_execute", seen)
+    assert response.status_code == 201
+    assert written == ["INSERT INTO need"]
+    body = response.json()
+    need, history, event = recorded(intake, body["id"])
+    assert history == ["need.recorded"] and event["reference"] == need.reference == body["reference"]
+    assert (need.status, need.sla, need.consent_purposes, need.person_email) == (
+        "recorded",
+        "on_track",
+        "handoff,messages",
+        "m.d@example.org",
+    )
+    assert datetime.fromisoformat(body["respond_by"]) == need.respond_by
