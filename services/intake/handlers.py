@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
@@ -461,9 +462,27 @@ def mark_answers_read(db: Database, cmd: MarkAnswersRead, *, now: datetime) -> b
 # --- event handlers (called by consumers.py through Bus.process, once per event) ---------------------------
 
 
+# The need's handoff state, which referral's events move: read and written by Core (no ORM object for an event).
+_NEEDS = table_of(Need)
+_HANDOFF_STATE = sa.select(
+    _NEEDS.c.id,
+    _NEEDS.c.status,
+    _NEEDS.c.sla,
+    _NEEDS.c.referral_sequence,
+    _NEEDS.c.answered_at,
+    _NEEDS.c.last_answer_at,
+    _NEEDS.c.cancelled_at,
+    _NEEDS.c.closed_by_desk_at,
+    _NEEDS.c.person_erased_at,
+    _NEEDS.c.partner_id,
+    _NEEDS.c.referral_id,
+    _NEEDS.c.respond_by,
+).where(_NEEDS.c.id == sa.bindparam("need_id"))
+
+
 def on_referral_event(session: Session, event: ReferralEvent | NeedUnroutable) -> None:
     """Keep the desk's view of the handoff in step with the referral service."""
-    need = session.get(Need, event.need_id)
+    need = session.execute(_HANDOFF_STATE, {"need_id": event.need_id}).first()
     if need is None:
         return  # a need from another deployment sharing the namespace would be a bug; nothing to update
     if event.type in ("referral.note_added", "referral.nudged", "referral.reply_recorded") or (
@@ -489,20 +508,21 @@ def on_referral_event(session: Session, event: ReferralEvent | NeedUnroutable) -
         detail=detail,
         reason_code=getattr(event, "reason_code", None),
     )
-    need.sla = domain.next_sla(need.sla, event.type)
+    changes: dict[str, Any] = {"sla": domain.next_sla(need.sla, event.type)}
     if event.type in ("referral.accepted", "referral.responded") and need.answered_at is None:
-        need.answered_at = event.occurred_at
+        changes["answered_at"] = event.occurred_at
     if event.type in domain.ANSWER_EVENTS and (need.last_answer_at is None or event.occurred_at > need.last_answer_at):
-        need.last_answer_at = event.occurred_at  # "à lire" until the desk opens the need
+        changes["last_answer_at"] = event.occurred_at  # "à lire" until the desk opens the need
     # Retried events can arrive out of order: the newest referral decision (by sequence) sets the status.
     status = domain.status_after(event.type, getattr(event, "reassigned", False))
     if need.cancelled_at is not None or need.closed_by_desk_at is not None:
         status = None  # cancelled by ops or closed by the desk: stays closed, whatever referral decided before
     if status and event.sequence > need.referral_sequence:
-        need.status = status
-        need.referral_sequence = event.sequence
+        changes.update(status=status, referral_sequence=event.sequence)
         if isinstance(event, ReferralAssigned):
-            need.partner_id, need.referral_id, need.respond_by = event.partner_id, event.referral_id, event.respond_by
+            changes.update(partner_id=event.partner_id, referral_id=event.referral_id, respond_by=event.respond_by)
         elif status in ("recorded", "unroutable"):
-            need.partner_id = need.referral_id = None
-    session.add(need)
+            changes.update(partner_id=None, referral_id=None)
+    changed = {name: value for name, value in changes.items() if value != getattr(need, name)}
+    if changed:  # only what moved: the desk's own changes to the need (a nudge, a close) are left as they are
+        session.execute(sa.update(_NEEDS).where(_NEEDS.c.id == need.id).values(changed))

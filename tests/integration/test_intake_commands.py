@@ -9,13 +9,21 @@ import json
 from datetime import UTC, datetime, timedelta
 
 import httpx
+import pytest
 import sqlalchemy as sa
 from sqlmodel import select
 
 from services.intake import deps
+from services.intake import handlers as intake_handlers
 from services.intake.store import Need, NeedHistory
 from shared.db import OutboxMessage
-from shared.events import NeedRecorded
+from shared.events import (
+    NeedRecorded,
+    ReferralAccepted,
+    ReferralAssigned,
+    ReferralCancelled,
+    ReferralResponded,
+)
 from shared.service import ACTOR_HEADER, internal_token
 from shared.signin import sign_in_link
 from shared.testing import use_sign_in_link
@@ -35,6 +43,7 @@ A_NEED = {
     "consent_messages": "oui",  # the second, optional choice: messages to the person on their channel
 }  # as the desk types it
 
+HOUR = timedelta(hours=1)
 API_NEED = {
     "library_id": "chatelet",
     "category": "caf",
@@ -159,6 +168,7 @@ def test_a_test_overrides_the_clock_the_routes_depend_on(intake, desk):
     assert datetime.fromisoformat(desk.post("/needs", json=API_NEED).json()["recorded_at"]) != fixed
 
 
+@pytest.mark.postgres  # every column written by one INSERT, read back through another driver
 def test_a_need_is_recorded_by_one_insert_of_what_the_201_answers(intake, desk):
     """The need is one INSERT with every value it is recorded with (services/intake/store.py `add_need`), never
     inserted then updated; the 201 answers what was written."""
@@ -185,3 +195,73 @@ def test_a_need_is_recorded_by_one_insert_of_what_the_201_answers(intake, desk):
         "m.d@example.org",
     )
     assert datetime.fromisoformat(body["respond_by"]) == need.respond_by
+
+
+@pytest.mark.postgres  # datetimes and NULLs read back through another driver
+def test_referral_events_move_the_desks_view_newest_decision_first(intake, desk):
+    """Intake's view of the handoff (services/intake/handlers.py `on_referral_event`): each event adds a line of
+    history; the newest decision by sequence sets the status and the partner, an older one arriving late does not;
+    the first answer is kept; a reassignment clears the partner until the next one; a need closed by the desk stays
+    closed."""
+    need_id = desk.post("/needs", json=API_NEED).json()["id"]
+    db, t0 = intake.svc.db, datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
+    common = {"need_id": need_id, "library_id": "chatelet", "category": "caf", "actor": "system"}
+
+    def apply(event) -> Need:  # noqa: ANN001 - a referral event
+        with db.transaction() as session:
+            intake_handlers.on_referral_event(session, event)
+        with db.read() as session:
+            need = session.get(Need, need_id)
+            assert need is not None
+            return need
+
+    def assigned(referral_id: str, partner_id: str, sequence: int, at: datetime) -> ReferralAssigned:
+        return ReferralAssigned(
+            **common,
+            referral_id=referral_id,
+            partner_id=partner_id,
+            sequence=sequence,
+            contact_id="referent",
+            respond_by=at + timedelta(days=3),
+            routed_because="territoire",
+            occurred_at=at,
+        )
+
+    need = apply(assigned("r-1", "caf-76", 1, t0))
+    assert (need.status, need.partner_id, need.referral_id, need.respond_by) == (
+        "referred",
+        "caf-76",
+        "r-1",
+        t0 + timedelta(days=3),
+    )
+    accepted = ReferralAccepted(**common, referral_id="r-1", partner_id="caf-76", sequence=2, occurred_at=t0 + HOUR)
+    need = apply(accepted)
+    assert (need.status, need.sla, need.answered_at, need.last_answer_at) == ("accepted", "met", t0 + HOUR, t0 + HOUR)
+    need = apply(assigned("r-1", "caf-76", 1, t0))  # delivered again, late: only its history line
+    assert (need.status, need.sla, need.answered_at) == ("accepted", "met", t0 + HOUR)
+    cancelled = ReferralCancelled(
+        **common, referral_id="r-1", partner_id="caf-76", sequence=3, reason="erreur", reassigned=True
+    )
+    need = apply(cancelled)
+    assert (need.status, need.partner_id, need.referral_id) == ("recorded", None, None)
+    need = apply(assigned("r-2", "caf-national", 4, t0 + 2 * HOUR))
+    assert (need.status, need.partner_id, need.referral_id) == ("referred", "caf-national", "r-2")
+    assert need.answered_at == t0 + HOUR  # the first answer is the need's, whoever holds it now
+    with db.transaction() as session:
+        session.execute(sa.update(Need).where(Need.id == need_id).values(closed_by_desk_at=t0, status="closed"))
+    responded = ReferralResponded(
+        **common, referral_id="r-2", partner_id="caf-national", sequence=5, message="Rappel fait", occurred_at=t0
+    )
+    need = apply(responded)
+    assert need.status == "closed" and need.partner_id == "caf-national"
+    with db.read() as session:
+        history = session.exec(select(NeedHistory).where(NeedHistory.need_id == need_id).order_by(NeedHistory.id))
+        assert [(h.event, h.detail) for h in history] == [
+            ("need.recorded", None),
+            ("referral.assigned", "territoire"),
+            ("referral.accepted", None),
+            ("referral.assigned", "territoire"),
+            ("referral.cancelled", "erreur"),
+            ("referral.assigned", "territoire"),
+            ("referral.responded", "Rappel fait"),
+        ]
