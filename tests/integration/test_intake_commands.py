@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 import sqlalchemy as sa
-from sqlmodel import select
+from sqlmodel import col, select
 
 from services.intake import deps
 from services.intake import handlers as intake_handlers
@@ -255,7 +255,7 @@ def test_referral_events_move_the_desks_view_newest_decision_first(intake, desk)
     need = apply(responded)
     assert need.status == "closed" and need.partner_id == "caf-national"
     with db.read() as session:
-        history = session.exec(select(NeedHistory).where(NeedHistory.need_id == need_id).order_by(NeedHistory.id))
+        history = session.exec(select(NeedHistory).where(NeedHistory.need_id == need_id).order_by(col(NeedHistory.id)))
         assert [(h.event, h.detail) for h in history] == [
             ("need.recorded", None),
             ("referral.assigned", "territoire"),
