@@ -187,10 +187,10 @@ TABLES = [
 ]
 
 
-# The rows routing and the clock write most, inserted by Core, each by one statement built once: no ORM object, no
-# unit of work (SQLModel's constructor and the flush cost more than the INSERT, docs/benchmarks.md). Written at
-# once, in the order of the calls; `Session.execute` flushes the pending ORM changes first (autoflush), so the need
-# or referral a row refers to is written before it.
+# The rows routing and the clock write most (a new case, its referral, history lines, timers), inserted by Core, each
+# by one statement built once: no unit of work (SQLModel's constructor and the flush cost more than the INSERT,
+# docs/benchmarks.md). Written at once, in the order of the calls; `Session.execute` flushes the pending ORM changes
+# first (autoflush), so the need or referral a row refers to is written before it.
 _HISTORY_INSERT = sa.insert(table_of(ReferralHistory))
 _TIMERS_INSERT = sa.insert(table_of(ClockTimer))
 _CASE_INSERT = sa.insert(table_of(NeedCase))
@@ -211,8 +211,8 @@ def add_history(
 
 
 def keep_case(session: Session, case: NeedCase) -> None:
-    """Write the case's changes: a new one (need.recorded's, not in the session) now, by Core, and no longer in the
-    session's care; one read from the database with the session's next flush."""
+    """Write the case's new state: a new case (need.recorded's, never added to the session) now, by one INSERT; a
+    case read from the database with the session's next flush."""
     if sa.inspect(case).transient:
         session.execute(_CASE_INSERT, {column: getattr(case, column) for column in _CASE_COLUMNS})
     else:
