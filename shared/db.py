@@ -11,6 +11,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime, timedelta
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,21 @@ def table_of(model: type[SQLModel]) -> sa.Table:
     """The table of a `table=True` model. SQLAlchemy's declarative mapping sets `__table__` when the class is
     created; SQLModel's annotations do not declare it, hence the one ignore."""
     return model.__table__  # type: ignore[attr-defined]
+
+
+@cache
+def _insert_of(model: type[SQLModel]) -> tuple[sa.Insert, tuple[str, ...]]:
+    table = table_of(model)
+    return sa.insert(table), tuple(table.c.keys())
+
+
+def insert_new(session: Session, row: SQLModel) -> None:
+    """Write a new model object's row now, by one INSERT built once per model, not through the unit of work (building
+    the object is cheap; flushing it cost more than the INSERT, docs/benchmarks.md). The object stays out of the
+    session: to change the row later in the transaction, read it. Pending ORM changes are flushed first (autoflush),
+    so a row it refers to is written before it."""
+    insert, columns = _insert_of(type(row))
+    session.execute(insert, {column: getattr(row, column) for column in columns})
 
 
 OUTBOX, PROCESSED = table_of(OutboxMessage), table_of(ProcessedEvent)

@@ -32,13 +32,12 @@ from services.intake.store import (
     NeedHistory,
     PersonErasure,
     add_history,
-    add_need,
     needs_of_person,
     next_reference,
 )
 from services.intake.views import public
 from shared import deadlines
-from shared.db import Database, emit, table_of
+from shared.db import Database, emit, insert_new, table_of
 from shared.directory import Directory
 from shared.events import (
     NeedCancelled,
@@ -174,7 +173,7 @@ def _new_need(
             reference, cmd.person.display_name, cmd.person.email, cmd.person.phone, cmd.summary
         ),
     )
-    add_need(session, need)
+    insert_new(session, need)
     add_history(session, need.id, now, "need.recorded")
     emit(
         session,

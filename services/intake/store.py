@@ -82,17 +82,9 @@ class NeedHistory(SQLModel, table=True):
     reason_code: str | None = Field(default=None, max_length=32)  # a decline's (shared.events.DeclineReasonCode)
 
 
-# Built once: a new need, and a line of a need's history, inserted by Core (no ORM object in the session, no unit of
-# work: SQLModel's flush cost more than the INSERT, docs/benchmarks.md).
-_NEED_INSERT = sa.insert(table_of(Need))
-_NEED_COLUMNS = tuple(table_of(Need).c.keys())
+# Built once: a line of a need's history, inserted by Core (no unit of work: the flush cost more than the INSERT,
+# docs/benchmarks.md). A new need is written the same way, by shared.db.insert_new.
 _HISTORY_INSERT = sa.insert(table_of(NeedHistory))
-
-
-def add_need(session: Session, need: Need) -> None:
-    """Write a new need now; the object stays out of the session (to change the need later in the transaction, read
-    it)."""
-    session.execute(_NEED_INSERT, {column: getattr(need, column) for column in _NEED_COLUMNS})
 
 
 def add_history(

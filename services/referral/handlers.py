@@ -49,7 +49,6 @@ from services.referral.store import (
     ReferralHistory,
     add_clock_timers,
     add_history,
-    add_referral,
     current_referral,
     due_timers,
     has_clock_timers,
@@ -63,7 +62,7 @@ from services.referral.store import (
 )
 from services.referral.views import open_referrals_of
 from shared import deadlines
-from shared.db import Database, emit
+from shared.db import Database, emit, insert_new
 from shared.directory import Directory
 from shared.events import (
     STREAMS,
@@ -221,7 +220,7 @@ def route(
     keep_case(session, case)
     if timers:
         add_clock_timers(session, case.need_id, timers)
-    add_referral(session, referral)
+    insert_new(session, referral)
     add_history(session, referral.id, now, "assigned", actor, decision.reason)
     emit(session, assigned)
     return referral

@@ -11,7 +11,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Field, Session, SQLModel, col, select
 
-from shared.db import UTCDateTime, table_of
+from shared.db import UTCDateTime, insert_new, table_of
 from shared.migrations import POSTGRESQL_ONLY_INDEXES
 from shared.people import ACCESS_LOG_TABLE
 from shared.retention import ANONYMISED, Due, PurgeRule
@@ -187,16 +187,12 @@ TABLES = [
 ]
 
 
-# The rows routing and the clock write most (a new case, its referral, history lines, timers), inserted by Core, each
-# by one statement built once: no unit of work (SQLModel's constructor and the flush cost more than the INSERT,
+# The rows routing and the clock write most (history lines, timers; a new case and referral: shared.db.insert_new),
+# each by one statement built once: no unit of work (SQLModel's constructor and the flush cost more than the INSERT,
 # docs/benchmarks.md). Written at once, in the order of the calls; `Session.execute` flushes the pending ORM changes
 # first (autoflush), so the need or referral a row refers to is written before it.
 _HISTORY_INSERT = sa.insert(table_of(ReferralHistory))
 _TIMERS_INSERT = sa.insert(table_of(ClockTimer))
-_CASE_INSERT = sa.insert(table_of(NeedCase))
-_CASE_COLUMNS = tuple(table_of(NeedCase).c.keys())
-_REFERRAL_INSERT = sa.insert(table_of(Referral))
-_REFERRAL_COLUMNS = tuple(table_of(Referral).c.keys())
 _PAUSED = select(PartnerPause.partner_id).where(PartnerPause.until > sa.bindparam("now"))
 
 
@@ -214,15 +210,9 @@ def keep_case(session: Session, case: NeedCase) -> None:
     """Write the case's new state: a new case (need.recorded's, never added to the session) now, by one INSERT; a
     case read from the database with the session's next flush."""
     if sa.inspect(case).transient:
-        session.execute(_CASE_INSERT, {column: getattr(case, column) for column in _CASE_COLUMNS})
+        insert_new(session, case)
     else:
         session.add(case)
-
-
-def add_referral(session: Session, referral: Referral) -> None:
-    """Write a new referral now, by Core: the object stays out of the session (to change the referral later in the
-    transaction, read it: `lock_referral`)."""
-    session.execute(_REFERRAL_INSERT, {column: getattr(referral, column) for column in _REFERRAL_COLUMNS})
 
 
 def add_clock_timers(

@@ -170,7 +170,7 @@ def test_a_test_overrides_the_clock_the_routes_depend_on(intake, desk):
 
 @pytest.mark.postgres  # every column written by one INSERT, read back through another driver
 def test_a_need_is_recorded_by_one_insert_of_what_the_201_answers(intake, desk):
-    """The need is one INSERT with every value it is recorded with (services/intake/store.py `add_need`), never
+    """The need is one INSERT with every value it is recorded with (shared/db.py `insert_new`), never
     inserted then updated; the 201 answers what was written."""
     written: list[str] = []
 

@@ -73,7 +73,8 @@ def test_partners_tied_on_territory_share_needs_by_fewest_open(db):
 @pytest.mark.postgres
 def test_routing_a_recorded_need_writes_each_row_once(db):
     """The case is written once, with its deadline and its event's sequence, and the referral by one INSERT
-    (services/referral/store.py `keep_case`, `add_referral`): not inserted, then updated by the unit of work."""
+    (services/referral/store.py `keep_case`, shared/db.py `insert_new`): not inserted, then updated by the unit of
+    work."""
     written: list[str] = []
 
     def seen(conn, cursor, statement, parameters, context, executemany):  # noqa: ANN001 - SQLAlchemy's event hook
