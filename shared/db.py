@@ -7,7 +7,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime, timedelta
@@ -24,6 +26,8 @@ from shared.events import STREAM_OF, Event, utcnow
 from shared.logs import current_correlation_id
 
 log = logging.getLogger("relais.events")
+
+WAL_SWITCH_SECONDS = 30  # how long a connection tries to put a new SQLite file in WAL mode while another holds it
 
 
 class UTCDateTime(sa.TypeDecorator):
@@ -363,6 +367,24 @@ class _SqlitePercentile:
         return percentile(self.values, self.p)
 
 
+def _use_wal(cur: sqlite3.Cursor) -> None:
+    """Put the database file in WAL mode, once: the mode is kept in the file, so a connection to a file already in
+    WAL only asks. Switching takes the file's exclusive lock, and SQLite's busy handler does not wait for it: a
+    second replica starting beside a running one failed with "database is locked" when every connection asked for
+    the switch. A switch refused that way is tried again for up to WAL_SWITCH_SECONDS."""
+    if cur.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+        return
+    deadline = time.monotonic() + WAL_SWITCH_SECONDS
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")  # an in-memory database stays "memory": asked once, not looped on
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def _sqlite_pragmas(engine: sa.Engine, begin: str) -> None:
     """WAL, and BEGIN IMMEDIATE for writers: readers never block, and writers queue on the lock instead of
     failing with 'database is locked' when two transactions both try to upgrade a read lock. And the two
@@ -374,9 +396,9 @@ def _sqlite_pragmas(engine: sa.Engine, begin: str) -> None:
         dbapi_conn.create_function("relais_seconds", 2, _sqlite_seconds, deterministic=True)
         dbapi_conn.create_aggregate("relais_percentile", 2, _SqlitePercentile)
         cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA busy_timeout=30000")
+        _use_wal(cur)
+        cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
 

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import os
 import smtplib
+import sqlite3
 import stat
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy import event as sa_event
 
 from shared.db import Database
 from shared.devstack import MailSink, start_embedded_redis
@@ -79,3 +82,31 @@ def test_the_embedded_redis_files_are_private(tmp_path, open_umask):
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+def test_a_database_file_waits_for_a_writer_to_be_put_in_wal_and_is_switched_only_once(tmp_path):
+    """Switching a file to WAL takes its exclusive lock, and SQLite's busy timeout does not wait for it: a
+    connection asking for the switch while another process writes used to fail at once with "database is locked"
+    (a second replica starting beside the first). It now waits for the writer; once the file is in WAL (a mode
+    kept in the file), a new connection only asks."""
+    path = tmp_path / "referral.db"
+    writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    writer.execute("CREATE TABLE t (x)")
+    writer.execute("BEGIN IMMEDIATE")  # an older process's write, in the default rollback journal
+    writer.execute("INSERT INTO t VALUES (1)")
+    threading.Timer(0.3, writer.execute, ["COMMIT"]).start()
+
+    db = Database(f"sqlite:///{path}", [])
+    with db.read() as session:
+        assert session.connection().exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert session.connection().exec_driver_sql("SELECT x FROM t").scalars().all() == [1]
+    db.dispose()
+    writer.close()
+
+    statements: list[str] = []
+    again = Database(f"sqlite:///{path}", [])
+    sa_event.listen(again.engine, "connect", lambda conn, _: conn.set_trace_callback(statements.append), insert=True)
+    with again.transaction() as session:
+        session.connection().exec_driver_sql("SELECT 1")
+    again.dispose()
+    assert "PRAGMA journal_mode" in statements and "PRAGMA journal_mode=WAL" not in statements
