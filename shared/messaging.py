@@ -70,6 +70,7 @@ from shared.settings import Settings, consumer_name
 
 log = logging.getLogger("relais.messaging")
 READS_STOP_SECONDS = 10  # how long a stopping bus waits for its subscribers and their reads
+BROKER_START_ATTEMPTS = 3  # starts of the subscribers before a service gives up (each first read has 3 s)
 
 DATA_FIELD = "__data__"  # FastStream's field for the message envelope
 DLQ_FIELDS = ("dlq_error", "dlq_source_id", "dlq_group", "dlq_failed_at")
@@ -743,7 +744,7 @@ class Bus:
         self._stopping.clear()
         self.redis = redis_clients.async_client(self.settings)
         await self.ensure_groups()
-        await self.broker.start()
+        await self._start_broker()
         self._tasks = [
             asyncio.create_task(self.relay.run(), name="outbox-relay"),
             asyncio.create_task(self._heal_forever(), name="subscriber-heal"),
@@ -763,6 +764,29 @@ class Bus:
         # the connection pool: a read still blocked in XREADGROUP then fails with "Connection closed by server"
         # and is logged as an ERROR on every clean stop. Stop the subscribers first and wait for their reads to
         # be gone; the broker then closes connections nobody uses.
+        await self._stop_reads()
+        await _wait_or_say([asyncio.ensure_future(self._close())], f"{self.service}: closing the connections")
+
+    async def _start_broker(self) -> None:
+        """FastStream gives each subscriber's first read 3 s to begin (its PING, `fail_after(3.0)` in its Redis
+        subscriber's start) and fails the whole start when one is late: on a loaded machine a service then died at
+        start while Redis answered. A late start is tried again, its subscribers stopped first so none reads twice."""
+        for attempt in range(1, BROKER_START_ATTEMPTS + 1):
+            try:
+                await self.broker.start()
+                return
+            except TimeoutError:
+                if attempt == BROKER_START_ATTEMPTS:
+                    raise
+                log.warning(
+                    "%s: a subscriber's first read did not begin within 3 s (start %d of %d); starting them again",
+                    self.service,
+                    attempt,
+                    BROKER_START_ATTEMPTS,
+                )
+                await self._stop_reads()
+
+    async def _stop_reads(self) -> None:
         subscribers = list(self.broker.subscribers)
         reads = [task for sub in subscribers for task in getattr(sub, "tasks", ())]
         stopping = asyncio.gather(*(sub.stop() for sub in subscribers), return_exceptions=True)
@@ -774,7 +798,6 @@ class Bus:
             )
         for task in await _wait_or_say(reads, f"{self.service}: read(s) after the subscribers stopped"):
             task.cancel()  # a stop must end: the broker then closes their connections
-        await _wait_or_say([asyncio.ensure_future(self._close())], f"{self.service}: closing the connections")
 
     async def _close(self) -> None:
         await self.broker.stop()
