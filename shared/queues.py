@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import anyio
@@ -130,14 +130,19 @@ async def queues_report(
 log = logging.getLogger("relais.queues")
 
 PUSH_BACK_CHECK_S = 0.25  # the backlog is measured at most this often; the requests in between share the figure
+# Notifications' messages queued and due but not yet sent, per channel (a Redis key in the namespace, written by its
+# senders while they have a backlog, kept UNSENT_TTL_S): the part of the pipeline intake cannot see in the streams.
+UNSENT_KEYS = {channel: f"notifications:unsent:{channel}" for channel in ("email", "sms")}
+UNSENT_TTL_S = 5
 
 
 class PushBack:
     """Whether a producer should refuse new work for now, because the pipeline behind it lags: its outbox rows not yet
-    relayed (`unrelayed`, a read of its database) plus the most entries that one consumer group of one of `streams`
-    has not yet handled (lag + pending), against `bound`. Measured at most every PUSH_BACK_CHECK_S: the request that
-    finds the figure old measures again (the first one too), the others meanwhile use the last figure. Redis
-    unavailable counts as no lag (the outbox keeps the events and is counted)."""
+    relayed (`unrelayed`, a read of its database), plus the most entries that one consumer group of one of `streams`
+    has not yet handled (lag + pending), plus the counts found at `unsent_keys` (notifications' messages not yet
+    sent, UNSENT_KEYS), against `bound`. Measured at most every PUSH_BACK_CHECK_S: the request that finds the figure
+    old measures again (the first one too), the others meanwhile use the last figure. Redis unavailable counts as no
+    lag (the outbox keeps the events and is counted)."""
 
     def __init__(
         self,
@@ -146,8 +151,9 @@ class PushBack:
         unrelayed: Callable[[], int],
         bound: int,
         retry_after_s: int,
+        unsent_keys: Sequence[str] = (),
     ) -> None:
-        self.client, self.streams, self.unrelayed = client, streams, unrelayed
+        self.client, self.streams, self.unrelayed, self.unsent_keys = client, streams, unrelayed, list(unsent_keys)
         self.bound, self.retry_after_s = bound, retry_after_s
         self.backlog = 0
         self._measured_at: float | None = None
@@ -166,7 +172,13 @@ class PushBack:
                 pass
             except (aioredis.RedisError, OSError) as exc:
                 log.debug("push-back: the lag of %s is unknown (%s)", stream, exc)
-        self.backlog = outbox + behind
+        unsent = 0
+        if self.unsent_keys:
+            try:
+                unsent = sum(int(count) for count in await self.client().mget(self.unsent_keys) if count)
+            except (aioredis.RedisError, OSError) as exc:
+                log.debug("push-back: the messages not yet sent are unknown (%s)", exc)
+        self.backlog = outbox + behind + unsent
         self._measured_at = time.monotonic()
         return self.backlog
 

@@ -14,7 +14,7 @@ from services.intake import api, consumers, web
 from services.intake.store import PURGE_RULES, TABLES
 from shared.events import NEEDS, REFERRALS, utcnow
 from shared.pages import Pages
-from shared.queues import PushBack
+from shared.queues import UNSENT_KEYS, PushBack
 from shared.service import Service, ServiceRuntime
 from shared.settings import Settings
 
@@ -40,6 +40,7 @@ def bootstrap(settings: Settings | None = None, *, clock: Callable[[], datetime]
         service.db.outbox_backlog,
         bound=service.settings.intake_max_backlog,
         retry_after_s=service.settings.intake_retry_after_s,
+        unsent_keys=[service.settings.key(key) for key in UNSENT_KEYS.values()],  # notifications' queue
     )
     runtime = IntakeRuntime(service, app, pages, push_back)
     app.state.runtime = runtime  # what deps.py gives the routes

@@ -710,6 +710,22 @@ def lease_due_deliveries(
     return messages + list(digests.values())
 
 
+_UNSENT = select(sa.func.count()).select_from(
+    select(col(Delivery.id))
+    .where(col(Delivery.status) == "queued", col(Delivery.channel) == sa.bindparam("of_channel"))
+    .where(col(Delivery.next_attempt_at) <= sa.bindparam("now"))
+    .limit(sa.bindparam("cap"))
+    .subquery()
+)
+
+
+def count_unsent(db: Database, channel: str, *, now: datetime, cap: int) -> int:
+    """How many deliveries of `channel` are due and not yet sent (leased ones included: they are not sent either),
+    counting at most `cap` (the due-deliveries index, read to `cap` rows at most)."""
+    with db.read() as session:
+        return session.scalar(_UNSENT, {"of_channel": channel, "now": now, "cap": cap}) or 0
+
+
 def record_send_outcome(db: Database, ids: list[str], outcome: Outcome, *, now: datetime, settings: Settings) -> None:
     """Write the attempt and move each delivery on: sent, suppressed, failed (with delivery.failed and, for
     an SMS to the person, an email instead), or queued again for a later try."""

@@ -33,6 +33,7 @@ from services.notifications.providers.base import SendError
 from services.notifications.render import render_email
 from services.notifications.store import Delivery
 from shared.messaging import LINGER_MS
+from shared.queues import LAG_COUNT_CAP, PUSH_BACK_CHECK_S, UNSENT_KEYS, UNSENT_TTL_S
 
 log = logging.getLogger("relais.notifications.sender")
 
@@ -167,6 +168,35 @@ async def _record_or_say(
                 held.pop(i, None)
 
 
+class UnsentGauge:
+    """Tells intake how many messages of a channel wait here to be sent (UNSENT_KEYS, in Redis), so that its
+    push-back counts them: intake sees the streams, not this database, and under a sustained load this queue was the
+    longest of the pipeline (docs/front-desk.md). A task of the sender counts every PUSH_BACK_CHECK_S from the
+    moment it leases messages until the count is back to 0 (a COUNT of at most LAG_COUNT_CAP rows of the
+    due-deliveries index); an idle sender counts nothing. The figure is kept UNSENT_TTL_S in Redis, so a stopped
+    sender's last count goes away (its stream's lag is then what intake sees)."""
+
+    def __init__(self, svc, channel: str) -> None:
+        self.svc, self.channel = svc, channel
+        self.key = svc.settings.key(UNSENT_KEYS[channel])
+        self.backlog = asyncio.Event()  # set by the leaser when it took messages to send
+
+    async def run(self) -> None:
+        while True:
+            await self.backlog.wait()
+            try:
+                unsent = await anyio.to_thread.run_sync(
+                    partial(handlers.count_unsent, self.svc.db, self.channel, now=self.svc.clock(), cap=LAG_COUNT_CAP)
+                )
+                await self.svc.bus.redis_client.set(self.key, unsent, ex=UNSENT_TTL_S)
+            except Exception as exc:  # noqa: BLE001 - a figure for intake's push-back: the sending goes on without it
+                log.debug("%s sender: the count of messages not yet sent was not updated (%s)", self.channel, exc)
+            else:
+                if not unsent:
+                    self.backlog.clear()
+            await asyncio.sleep(PUSH_BACK_CHECK_S)
+
+
 async def send_forever(svc, wake: asyncio.Event, channel: str) -> None:
     out = EmailChannel(svc.settings) if channel == "email" else SmsChannel(svc.settings)
     to_send: asyncio.Queue[list[Delivery]] = asyncio.Queue()
@@ -177,6 +207,7 @@ async def send_forever(svc, wake: asyncio.Event, channel: str) -> None:
     # Leased here and not recorded yet (id -> end of its lease): the next leases leave them alone, even once their
     # lease seems over. Only those are named to the lease (none, but after a clock set forward), so its SQL stays one.
     held: dict[str, datetime | None] = {}
+    unsent = UnsentGauge(svc, channel)
 
     def in_hand() -> bool:
         return bool(on_the_wire or not to_send.empty())
@@ -224,6 +255,7 @@ async def send_forever(svc, wake: asyncio.Event, channel: str) -> None:
             for _ in range(out.in_flight):
                 tasks.start_soon(sending)
             tasks.start_soon(recording)
+            tasks.start_soon(unsent.run)
             while True:
                 wake.clear()
                 room.clear()
@@ -240,6 +272,8 @@ async def send_forever(svc, wake: asyncio.Event, channel: str) -> None:
                 for batch in batches:
                     held.update((d.id, d.leased_until) for d in batch)
                     to_send.put_nowait(batch)
+                if batches:
+                    unsent.backlog.set()
                 if to_send.qsize() >= out.in_flight:
                     await room.wait()  # the next lease when the workers are about to need it
                 if len(batches) >= handlers.BATCH:  # maybe more are due

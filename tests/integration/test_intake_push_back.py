@@ -9,6 +9,7 @@ from sqlmodel import select
 
 from services.intake.store import Need
 from shared.events import NEEDS
+from shared.queues import UNSENT_KEYS
 from shared.testing import wait_for
 from tests.integration.test_desk_pages import A_NEED, form_of, signed_in
 from tests.integration.test_intake_api import a_need
@@ -56,6 +57,24 @@ def test_a_consumer_group_behind_the_bound_gets_429_with_retry_after_until_it_ca
 
         # Handled: the next needs are recorded.
         client.xack(stream, "referral", *ids)
+        assert wait_for(lambda: api.post("/needs", json=a_need()).status_code == 201)
+        assert len(needs_of(intake)) == 1
+    finally:
+        client.close()
+
+
+def test_messages_notifications_has_not_yet_sent_count_in_the_backlog(settings, start_service):
+    # Notifications keeps the count of its unsent messages in Redis while it has a backlog (its sender): intake adds
+    # it to what it sees on the streams, and takes needs again once the count is back under the bound.
+    client = redis.Redis.from_url(settings.redis_url)
+    email, sms = (settings.key(UNSENT_KEYS[channel]) for channel in ("email", "sms"))
+    try:
+        client.set(email, BOUND - 1, ex=60)
+        client.set(sms, 2, ex=60)
+        intake = start_service("intake", settings.model_copy(update={"intake_max_backlog": BOUND}))
+        api = intake.client("desk")
+        assert api.post("/needs", json=a_need()).status_code == 429
+        client.set(email, 0, ex=60)
         assert wait_for(lambda: api.post("/needs", json=a_need()).status_code == 201)
         assert len(needs_of(intake)) == 1
     finally:

@@ -44,6 +44,7 @@ from shared.events import (
     utcnow,
 )
 from shared.messaging import stream_fields
+from shared.queues import UNSENT_KEYS, UNSENT_TTL_S
 from shared.signin import link_for_request, new_sign_in_request, sign_in_reference
 from shared.testing import (
     DESK_EMAIL,
@@ -520,6 +521,43 @@ def test_several_emails_are_in_flight_at_once_each_sent_once_and_recorded_outsid
         return [e for e in stream_events(settings, "deliveries") if e["type"] == "delivery.sent"]
 
     assert len(wait_for(lambda: len(delivery_sent()) == 12 and delivery_sent())) == 12  # one event each
+
+
+class HeldSink(Sink):
+    """Holds every message in DATA until the test releases them (at most 60 s)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.released = threading.Event()
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802, ANN001
+        await asyncio.to_thread(self.released.wait, 60)
+        return await super().handle_DATA(server, session, envelope)
+
+
+def test_a_sender_with_messages_waiting_tells_intakes_push_back_how_many_until_they_are_sent(settings, start_service):
+    # Intake sees the streams, not notifications' database: the messages queued here and not yet sent are counted
+    # for its push-back through Redis (shared.queues.UNSENT_KEYS), while there are more than one lease takes.
+    handoffs = [assigned(new_id()) for _ in range(handlers.BATCH + 10)]
+    publish(settings, *handoffs)
+    held = HeldSink()
+    held.controller.start()
+    r = redis.Redis.from_url(settings.redis_url)
+    key = settings.key(UNSENT_KEYS["email"])
+    try:
+        notif = start_service(
+            "notifications", settings.model_copy(update={"smtp_url": held.url, "smtp_connections": 1})
+        )
+        assert wait_for(lambda: r.get(key) == str(len(handoffs)).encode(), timeout=30)  # one on the wire: none sent
+        assert 0 < r.ttl(key) <= UNSENT_TTL_S
+        held.released.set()
+        assert wait_for(lambda: len(held.to("referent@caf.test.example")) == len(handoffs), timeout=60)
+        assert wait_for(lambda: r.get(key) == b"0", timeout=30)  # all recorded as sent
+        assert all(d.status == "sent" for d in deliveries(notif, kind="handoff"))
+    finally:
+        held.released.set()
+        held.controller.stop()
+        r.close()
 
 
 # --- SMS -----------------------------------------------------------------------------------------------
