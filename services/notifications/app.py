@@ -6,7 +6,7 @@ deps.py."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -57,9 +57,9 @@ def bootstrap(settings: Settings | None = None, *, clock: Callable[[], datetime]
     for channel, wake in wakes.items():
         service.background.append(partial(sender.send_forever, service, wake, channel))
 
-    def wake_senders() -> None:
-        for wake in wakes.values():
-            wake.set()
+    def wake_senders(channels: Iterable[str]) -> None:
+        for channel in channels:
+            wakes[channel].set()
 
     consumers.register(service, wake_senders)
     inbound.register(service)

@@ -825,6 +825,8 @@ def _record_not_sent(session: Session, ids: list[str], outcome: Outcome, *, now:
 
 # --- queueing ------------------------------------------------------------------------------------------
 
+DUE_NOW = "relais.due_now"  # session.info: the channels a transaction queued a message due now on (their senders wake)
+
 
 def queue(
     session: Session,
@@ -881,6 +883,8 @@ def queue(
         "correlation_id": event.correlation_id,
     }
     session.execute(_ADD_DELIVERY, row)
+    if status == "queued" and row["next_attempt_at"] <= now:
+        session.info.setdefault(DUE_NOW, set()).add(channel)
     return delivery_id
 
 

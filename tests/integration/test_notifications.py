@@ -8,6 +8,7 @@ import base64
 import json
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -32,7 +33,7 @@ from services.notifications.store import (
     SmsSuppression,
     WaitingForPerson,
 )
-from shared.db import Database, OutboxMessage
+from shared.db import Database, OutboxMessage, ProcessedEvent
 from shared.events import (
     STREAM_OF,
     AccessLinkRequested,
@@ -558,6 +559,41 @@ def test_a_sender_with_messages_waiting_tells_intakes_push_back_how_many_until_t
         held.released.set()
         held.controller.stop()
         r.close()
+
+
+def test_an_event_wakes_only_the_senders_of_the_channels_it_queued_a_message_on(
+    settings, sink, twilio, start_service, monkeypatch
+):
+    # Each woken sender leases (a write transaction): waking both after every event made three empty leases of the
+    # four a need caused. No poll here: only a wake-up makes a sender lease after its first lease at start.
+    leases: Counter[str] = Counter()
+    lease = handlers.lease_due_deliveries
+
+    def counted(db, channel: str, **options):  # noqa: ANN001
+        leases[channel] += 1
+        return lease(db, channel, **options)
+
+    monkeypatch.setattr(handlers, "lease_due_deliveries", counted)
+    notif = start_service("notifications", with_twilio(settings, sink, twilio).model_copy(update={"poll_ms": 600_000}))
+    assert wait_for(lambda: leases == {"email": 1, "sms": 1})
+
+    def processed(event) -> bool:
+        with notif.svc.db.read() as session:
+            return session.get(ProcessedEvent, ("notifications", event.event_id)) is not None
+
+    quiet = recorded(notif)  # no contact for the person: nothing to send (a message recorded as suppressed)
+    publish(settings, quiet)
+    assert wait_for(lambda: processed(quiet))
+    assert leases == {"email": 1, "sms": 1}
+    publish(settings, assigned(quiet.need_id))  # the partner's email
+    assert wait_for(lambda: settled(notif, kind="handoff"))
+    assert leases == {"email": 2, "sms": 1}
+    texted = recorded(notif, {"phone": PHONE, "preferred_channel": "sms"})  # the person's SMS, with the partner's email
+    publish(settings, texted, assigned(texted.need_id))
+    sms = wait_for(lambda: settled(notif, kind="person_confirmation", need_id=texted.need_id))
+    assert (sms.channel, sms.status) == ("sms", "sent")
+    assert wait_for(lambda: len(deliveries(notif, kind="handoff", status="sent")) == 2)
+    assert leases == {"email": 3, "sms": 2}
 
 
 # --- SMS -----------------------------------------------------------------------------------------------
