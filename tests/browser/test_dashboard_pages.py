@@ -228,10 +228,10 @@ def test_the_dashboard_shows_the_apis_figures_refreshes_itself_and_confirms_an_a
     page.goto(f"{referral.url}/boite/{referral_id}")
     check_page(page, "referral-as-ops")
     page.get_by_role("link", name="Réaffecter cette orientation à un autre partenaire").click()
-    assert page.get_by_label("Nouveau partenaire").locator("option").all_inner_texts() == [
-        "Choisir un partenaire",
-        "CAF plateforme nationale",
-    ]
+    # expect() waits for the page the click opens (all_inner_texts() read the old one once: [] in CI)
+    expect(page.get_by_label("Nouveau partenaire").locator("option")).to_have_text(
+        ["Choisir un partenaire", "CAF plateforme nationale"]
+    )
     check_page(page, "dashboard-confirm-reassign")
     page.get_by_label("Nouveau partenaire").select_option(label="CAF plateforme nationale")
     page.get_by_role("button", name="Continuer").click()  # then the confirmation, whose button names the partner
