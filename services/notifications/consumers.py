@@ -24,21 +24,20 @@ from shared.service import Service
 from shared.signin import person_answer_link, referral_link
 
 
-def due_now(handler: Callable[[Session, Any], object]) -> tuple[Callable[[Session, Any], object], set[str]]:
-    """`handler`, noting the channels on which it queued a message due now (handlers.DUE_NOW): only their senders
-    are woken after the commit. Waking every sender after every event cost an empty lease (a write transaction) per
-    sender and event: three of the four leases a need caused."""
-    channels: set[str] = set()
-
-    def noting(session: Session, event: Any) -> object:
-        result = handler(session, event)
-        channels.update(session.info.pop(handlers.DUE_NOW, ()))
-        return result
-
-    return noting, channels
-
-
 def register(svc: Service, wake_senders: Callable[[Iterable[str]], None]) -> None:
+    async def process(handler: Callable[[Session, Any], object], event: Any) -> None:
+        """`svc.bus.process`, then wake the senders of the channels on which the handler queued a message due now
+        (handlers.DUE_NOW), and only those. Waking every sender after every event cost an empty lease (a write
+        transaction) per sender and event: three of the four leases a need caused."""
+        channels: set[str] = set()
+
+        def noting(session: Session, event: Any) -> None:
+            handler(session, event)
+            channels.update(session.info.pop(handlers.DUE_NOW, ()))
+
+        if await svc.bus.process(noting, event):
+            wake_senders(channels)
+
     def link_for(event) -> str:
         """The signed link that opens the referral for its partner, without an account."""
         return referral_link(svc.settings, event.referral_id, event.partner_id, svc.clock())
@@ -76,9 +75,7 @@ def register(svc: Service, wake_senders: Callable[[Iterable[str]], None]) -> Non
             handler = lambda s, e: handlers.on_need_cancelled(s, e, svc.clock())  # noqa: E731
         else:
             return  # the desk's actions on a need reach the partner through referral's events
-        handler, channels = due_now(handler)
-        if await svc.bus.process(handler, event):
-            wake_senders(channels)
+        await process(handler, event)
 
     def reply_address(event, role: str) -> str | None:
         """The per-referral Reply-To of a message to the partner (inbound.py), when replies can reach us."""
@@ -94,14 +91,10 @@ def register(svc: Service, wake_senders: Callable[[Iterable[str]], None]) -> Non
 
     @svc.bus.subscriber(REFERRALS, "Referral events are turned into emails and SMS to the people concerned.")
     async def on_referral_event(event: ReferralStreamEvent) -> None:
-        handler, channels = due_now(on_referral)
-        if await svc.bus.process(handler, event):
-            wake_senders(channels)
+        await process(on_referral, event)
 
     @svc.bus.subscriber(ACCESS, "Sign-in links asked for on any service's pages are emailed.")
     async def on_access_event(event: AccessLinkRequested) -> None:
-        handler, channels = due_now(
-            lambda s, e: handlers.on_access_link_requested(s, e, svc.directory, svc.settings, svc.clock())
+        await process(
+            lambda s, e: handlers.on_access_link_requested(s, e, svc.directory, svc.settings, svc.clock()), event
         )
-        if await svc.bus.process(handler, event):
-            wake_senders(channels)
